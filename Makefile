@@ -1,0 +1,35 @@
+# Quick start: `make demo`, `make test`. Both create .venv on first use.
+PY      ?= python3
+VENV    := .venv
+PYBIN   := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export JAX_PLATFORMS ?= cpu
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test test-slow bench lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYBIN) || $(PY) -m venv $(VENV)
+	$(PYBIN) -m pip install -q --upgrade pip
+	$(PYBIN) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PYBIN) scripts/demo.py --workdir runs/demo
+
+test: $(STAMP)
+	$(PYBIN) -m pytest -n 2 --dist loadfile -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PYBIN) -m pytest -m slow tests
+
+bench: $(STAMP)
+	$(PYBIN) scripts/bench.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ttt_jax scripts tests configs
+
+clean:
+	rm -rf runs .pytest_cache

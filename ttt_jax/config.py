@@ -1,0 +1,308 @@
+"""Config presets and the single place that validates them.
+
+A config is an `ml_collections.ConfigDict` with sections `model`, `data`, `train`, `mesh`,
+`checkpoint`, `eval`. `build_config(arg)` builds a preset from a comma list of `key=value`;
+`validate(config)` rejects bad knobs with one line that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+MODEL_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
+MIXERS = ("full", "swa", "ttt_linear", "ttt_mlp")
+E2E_TRAIN_MODES = ("meta", "pretrain")
+TTT_IMPLS = ("dual", "primal")
+TTT_BACKBONES = ("mamba", "base")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+# name: (num_layers, d_model, num_heads, intermediate_size)
+# Widths/depths follow the TTT-E2E paper's 125M ... 3B ladder (Llama-style SwiGLU MLPs).
+SCALES = {
+    "tiny": (4, 128, 4, 384),
+    "125m": (12, 768, 12, 2048),
+    "350m": (24, 1024, 16, 2736),
+    "760m": (24, 1536, 16, 4096),
+    "1b": (24, 2048, 32, 5504),
+    "3b": (32, 2560, 32, 6912),
+}
+# Sliding window (tokens) per scale: 8K at full scale as in the paper, small for tiny.
+SWA_WINDOW = {"tiny": 256, "125m": 8192, "350m": 8192, "760m": 8192, "1b": 8192, "3b": 8192}
+# E2E inner mini-batch (chunk) size per scale: 1K in the paper, small for tiny.
+E2E_CHUNK = {"tiny": 128, "125m": 1024, "350m": 1024, "760m": 1024, "1b": 1024, "3b": 1024}
+
+BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message names the key and what is allowed."""
+
+
+def parse_ctx(value: str | int) -> int:
+  """'8k' -> 8192, '128K' -> 131072, '1000' -> 1000."""
+  s = str(value).strip().lower()
+  try:
+    if s.endswith("k"):
+      return int(float(s[:-1]) * 1024)
+    return int(s)
+  except ValueError:
+    raise ConfigError(f"ctx={value!r}: expected an integer or a size like 2k, 8k, 128k") from None
+
+
+def round_up(x: float, multiple: int) -> int:
+  return int(math.ceil(x / multiple) * multiple)
+
+
+def _parse_arg(arg: str | None) -> dict[str, str]:
+  out = {"model": "transformer", "scale": "tiny", "ctx": "2k", "mode": "meta"}
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    if "=" not in item:
+      raise ConfigError(f"config arg {item!r}: expected key=value (keys: {', '.join(out)})")
+    k, v = (s.strip() for s in item.split("=", 1))
+    if k not in out:
+      raise ConfigError(f"config arg key {k!r} unknown; allowed: {', '.join(out)}")
+    out[k] = v
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  m = c.model = ml_collections.ConfigDict()
+  m.kind = "transformer"
+  m.mixer = "full"
+  m.vocab_size = BYTE_VOCAB  # true tokenizer vocab; the embedding is padded to a multiple of 128
+  m.num_layers = 4
+  m.d_model = 128
+  m.num_heads = 4
+  m.intermediate_size = 384
+  m.window = 256  # sliding-window size (mixer=swa and e2e)
+  m.rope_theta = 10000.0
+  m.qk_norm = False
+  m.post_norm = False
+  m.tie_embeddings = False
+  m.norm_eps = 1e-6
+  m.init_std = 0.02
+  m.compute_dtype = "float32"
+  m.param_dtype = "float32"
+  m.remat = "none"
+  m.scan_layers = False
+
+  t = m.ttt = ml_collections.ConfigDict()
+  t.mini_batch_size = 16
+  t.base_lr = 1.0
+  t.impl = "dual"
+  t.backbone = "mamba"
+  t.remat_group = 4  # mini-batches per jax.checkpoint group (remat through time); 0 = off
+  t.conv_width = 4
+
+  e = m.e2e = ml_collections.ConfigDict()
+  e.train_mode = "meta"
+  e.suffix_len = 1
+  e.mini_batch_size = 128
+  e.prime_intermediate_size = 384
+  e.inner_lr = 1.0
+  e.ilr_init = 0.0
+  e.ilr_warmup_steps = 100
+  e.inner_clip = 1.0
+  e.remat_chunks = True
+
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "embedded"
+  d.tokenizer = "bytes"
+  d.seq_len = 2048
+  d.batch_size = 8
+  d.val_fraction = 0.05
+  d.shuffle = True
+  d.prefetch = 2
+
+  tr = c.train = ml_collections.ConfigDict()
+  tr.steps = 300
+  tr.lr = 3e-3
+  tr.warmup_steps = 30
+  tr.schedule = "cosine"
+  tr.min_lr_ratio = 0.1
+  tr.weight_decay = 0.1
+  tr.b1 = 0.9
+  tr.b2 = 0.95
+  tr.grad_clip = 1.0
+  tr.grad_accum = 1
+  tr.log_every = 10
+  tr.eval_every = 100
+  tr.eval_batches = 4
+
+  ms = c.mesh = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+  ms.distributed = False
+
+  ck = c.checkpoint = ml_collections.ConfigDict()
+  ck.every_steps = 100
+  ck.keep = 3
+  ck.resume = True
+  ck.overwrite = False
+  ck.load_part = ""  # "" | "params": start a new run from another run's params
+  ck.load_from = ""  # workdir (or checkpoint dir) for load_part
+
+  ev = c.eval = ml_collections.ConfigDict()
+  ev.ctx = "1k,2k"
+  ev.max_docs = 8
+  return c
+
+
+def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = _parse_arg(arg)
+  kind, scale, mode = a["model"], a["scale"], a["mode"]
+  if kind not in MODEL_KINDS:
+    raise ConfigError(f"config arg model={kind!r} unknown; allowed: {', '.join(MODEL_KINDS)}")
+  if scale not in SCALES:
+    raise ConfigError(f"config arg scale={scale!r} unknown; allowed: {', '.join(SCALES)}")
+  if mode not in E2E_TRAIN_MODES:
+    raise ConfigError(f"config arg mode={mode!r} unknown; allowed: {', '.join(E2E_TRAIN_MODES)}")
+  ctx = parse_ctx(a["ctx"])
+
+  c = base_config()
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size = SCALES[scale]
+  m.kind = kind
+  m.window = min(SWA_WINDOW[scale], ctx)
+  c.data.seq_len = ctx
+  if scale != "tiny":
+    c.train.lr = 3e-4
+    c.train.steps = 10000
+    c.train.warmup_steps = 500
+    c.data.batch_size = 32
+    c.model.tie_embeddings = False
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = "full"
+
+  if kind == "transformer":
+    m.mixer = "full"
+  elif kind == "swa":
+    m.mixer = "swa"
+  elif kind in ("ttt_linear", "ttt_mlp"):
+    m.mixer = kind
+    m.ttt.base_lr = 1.0 if kind == "ttt_linear" else 0.1
+  elif kind == "e2e":
+    # TTT-E2E: SWA Transformer, qk-norm, pre+post norms, RoPE theta 5e5, prime MLPs in the
+    # last quarter of the blocks; the MLP width shrinks so the parameter count matches the
+    # full-attention baseline (125M: 2048 -> 1664).
+    m.mixer = "swa"
+    m.qk_norm = True
+    m.post_norm = True
+    m.rope_theta = 5e5
+    e = m.e2e
+    e.train_mode = mode
+    e.suffix_len = max(1, m.num_layers // 4)
+    e.mini_batch_size = min(E2E_CHUNK[scale], ctx)
+    width = round_up(m.intermediate_size * m.num_layers / (m.num_layers + e.suffix_len), 128)
+    m.intermediate_size = width
+    e.prime_intermediate_size = width
+  return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_choice(key: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _check_positive(key: str, value, allow_zero: bool = False) -> None:
+  ok = value >= 0 if allow_zero else value > 0
+  if not ok:
+    raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _compare_keys(cfg, ref, prefix: str) -> None:
+  for key in cfg.keys():
+    full = f"{prefix}{key}"
+    if key not in ref:
+      raise ConfigError(f"unknown config key {full!r}; allowed here: {', '.join(sorted(ref))}")
+    v, r = cfg[key], ref[key]
+    if isinstance(r, ml_collections.ConfigDict):
+      if not isinstance(v, ml_collections.ConfigDict):
+        raise ConfigError(f"{full} must be a section, got {type(v).__name__}")
+      _compare_keys(v, r, full + ".")
+    elif r is not None and not isinstance(v, type(r)):
+      if isinstance(r, float) and isinstance(v, int) and not isinstance(v, bool):
+        continue
+      raise ConfigError(f"{full}={v!r} has type {type(v).__name__}; expected {type(r).__name__}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every knob once at start-up. Returns the config for chaining."""
+  _compare_keys(c, base_config(), "")
+  m, d, tr = c.model, c.data, c.train
+  _check_choice("model.kind", m.kind, MODEL_KINDS)
+  _check_choice("model.mixer", m.mixer, MIXERS)
+  _check_choice("model.remat", m.remat, REMAT_POLICIES)
+  _check_choice("model.compute_dtype", m.compute_dtype, DTYPES)
+  _check_choice("model.param_dtype", m.param_dtype, DTYPES)
+  _check_choice("model.ttt.impl", m.ttt.impl, TTT_IMPLS)
+  _check_choice("model.ttt.backbone", m.ttt.backbone, TTT_BACKBONES)
+  _check_choice("model.e2e.train_mode", m.e2e.train_mode, E2E_TRAIN_MODES)
+  _check_choice("train.schedule", tr.schedule, SCHEDULES)
+  for key in ("num_layers", "d_model", "num_heads", "intermediate_size", "vocab_size", "window"):
+    _check_positive(f"model.{key}", m[key])
+  for key in ("seq_len", "batch_size"):
+    _check_positive(f"data.{key}", d[key])
+  for key in ("steps", "grad_accum", "log_every", "eval_every"):
+    _check_positive(f"train.{key}", tr[key])
+  _check_positive("train.lr", tr.lr, allow_zero=True)
+  if m.d_model % m.num_heads:
+    raise ConfigError(
+        f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}")
+  if (m.d_model // m.num_heads) % 2:
+    raise ConfigError(f"model.d_model/model.num_heads={m.d_model // m.num_heads} must be even "
+                      "(RoPE rotates pairs of features)")
+  if m.mixer == "swa" and m.window > d.seq_len:
+    raise ConfigError(f"model.window={m.window} must be <= data.seq_len={d.seq_len}")
+  if m.mixer in ("ttt_linear", "ttt_mlp"):
+    b = m.ttt.mini_batch_size
+    _check_positive("model.ttt.mini_batch_size", b)
+    if d.seq_len % b:
+      raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
+                        f"model.ttt.mini_batch_size={b}")
+  if m.kind == "e2e":
+    e = m.e2e
+    if m.mixer != "swa":
+      raise ConfigError(f"model.mixer={m.mixer!r} not allowed with model.kind='e2e'; use 'swa'")
+    if not 1 <= e.suffix_len <= m.num_layers:
+      raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, "
+                        f"model.num_layers={m.num_layers}]")
+    _check_positive("model.e2e.mini_batch_size", e.mini_batch_size)
+    if d.seq_len % e.mini_batch_size:
+      raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
+                        f"model.e2e.mini_batch_size={e.mini_batch_size}")
+    if m.scan_layers:
+      raise ConfigError("model.scan_layers=True not supported with model.kind='e2e'; set False")
+  elif m.kind in ("ttt_linear", "ttt_mlp") and m.mixer != m.kind:
+    raise ConfigError(f"model.mixer={m.mixer!r} does not match model.kind={m.kind!r}")
+  if d.batch_size % tr.grad_accum:
+    raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of "
+                      f"train.grad_accum={tr.grad_accum}")
+  for key in ("data", "fsdp", "tensor"):
+    v = c.mesh[key]
+    if v == 0 or v < -1:
+      raise ConfigError(f"mesh.{key}={v} must be a positive size or -1 (fill the rest)")
+  if c.checkpoint.load_part not in ("", "params"):
+    raise ConfigError(f"checkpoint.load_part={c.checkpoint.load_part!r} not allowed; "
+                      "choose '' or 'params'")
+  if c.checkpoint.load_part and not c.checkpoint.load_from:
+    raise ConfigError("checkpoint.load_part='params' needs checkpoint.load_from=<workdir>")
+  return c

@@ -1,0 +1,1 @@
+"""Data: tokenizers, document sources and grain pipelines."""

@@ -1,0 +1,1 @@
+"""Pure Flax NNX building blocks (no training or data code)."""

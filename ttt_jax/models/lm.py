@@ -1,0 +1,212 @@
+"""Decoder-only language model: embed -> N blocks (mixer + SwiGLU) -> RMSNorm -> head.
+
+The sequence mixer of every block is chosen by `model.mixer` (see `make_mixer`). Blocks are a
+Python list (`model.scan_layers=False`) or one stacked block applied with `jax.lax.scan`.
+All blocks follow the mixer contract of layers/attention.py, so the whole model streams:
+`model(tokens, positions, cache) -> (logits, new_cache)` with `cache = model.init_cache(...)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from ttt_jax.layers.attention import Attention
+from ttt_jax.layers.common import dtype, normal_init
+from ttt_jax.layers.mlp import InnerParam, SwiGLU
+from ttt_jax.layers.norms import RMSNorm
+
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(vocab_size: int) -> int:
+  """Embedding rows: the vocab rounded up to a multiple of 128 (padding ids never predicted)."""
+  return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The sequence mixer named by `cfg.mixer`."""
+  std = cfg.init_std
+  out_std = std / (2 * cfg.num_layers) ** 0.5
+  common = dict(compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
+                rngs=rngs)
+  if cfg.mixer in ("full", "swa"):
+    return Attention(cfg.d_model, cfg.num_heads, window=cfg.window if cfg.mixer == "swa" else None,
+                     rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                     std=std, out_std=out_std, **common)
+  if cfg.mixer in ("ttt_linear", "ttt_mlp"):
+    from ttt_jax.layers.ttt import TTTMixer  # noqa: PLC0415 (keeps attention-only imports light)
+
+    return TTTMixer(cfg, **common)
+  raise ValueError(f"model.mixer={cfg.mixer!r} unknown")
+
+
+class Block(nnx.Module):
+  """h += mixer(norm(h)); [h += prime_mlp(norm(h))]; h += mlp(norm(h)) (optional post-norms).
+
+  `prime=True` adds TTT-E2E's prime SwiGLU MLP, whose weights are `InnerParam`s.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, prime: bool = False):
+    pdt = dtype(cfg.param_dtype)
+    d = cfg.d_model
+    std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    mlp_kw = dict(std=std, out_std=out_std, compute_dtype=dtype(cfg.compute_dtype),
+                  param_dtype=pdt, rngs=rngs)
+    norm = lambda: RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)  # noqa: E731
+    self.post_norm = cfg.post_norm
+    self.mixer_norm = norm()
+    self.mixer = make_mixer(cfg, rngs)
+    self.mixer_post_norm = norm() if cfg.post_norm else None
+    if prime:
+      self.prime_norm = norm()
+      self.prime_mlp = SwiGLU(d, cfg.e2e.prime_intermediate_size, param_type=InnerParam,
+                              **mlp_kw)
+      self.prime_post_norm = norm() if cfg.post_norm else None
+    else:
+      self.prime_mlp = None
+    self.mlp_norm = norm()
+    self.mlp = SwiGLU(d, cfg.intermediate_size, **mlp_kw)
+    self.mlp_post_norm = norm() if cfg.post_norm else None
+
+  def init_state(self, batch_size: int, capacity: int | None = None):
+    return self.mixer.init_state(batch_size, capacity)
+
+  @staticmethod
+  def _branch(h, pre, fn, post):
+    y = fn(pre(h))
+    return h + (post(y) if post is not None else y).astype(h.dtype)
+
+  def __call__(self, h: jax.Array, positions: jax.Array, state=None):
+    y, state = self.mixer(self.mixer_norm(h), positions, state)
+    if self.mixer_post_norm is not None:
+      y = self.mixer_post_norm(y)
+    h = h + y.astype(h.dtype)
+    if self.prime_mlp is not None:
+      h = self._branch(h, self.prime_norm, self.prime_mlp, self.prime_post_norm)
+    h = self._branch(h, self.mlp_norm, self.mlp, self.mlp_post_norm)
+    return h, state
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply_block(block: Block, h, positions, state, remat: str):
+  """Runs one block, under `jax.checkpoint` unless remat == 'none' (functional split/merge)."""
+  if remat == "none":
+    return block(h, positions, state)
+  graphdef, params = nnx.split(block)
+
+  def run(params, h, state):
+    return nnx.merge(graphdef, params)(h, positions, state)
+
+  return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(params, h, state)
+
+
+class LanguageModel(nnx.Module):
+  """The decoder-only LM shared by every model kind."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.vocab_size = cfg.vocab_size
+    vocab = padded_vocab(cfg.vocab_size)
+    pdt, cdt = dtype(cfg.param_dtype), dtype(cfg.compute_dtype)
+    self.compute_dtype = cdt
+    self.embed = nnx.Embed(vocab, cfg.d_model, dtype=cdt, param_dtype=pdt, rngs=rngs,
+                           embedding_init=normal_init(cfg.init_std, ("vocab", "embed")))
+    n_suffix = cfg.e2e.suffix_len if cfg.kind == "e2e" else 0
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_stack(rngs):
+        return Block(cfg, rngs=rngs)
+
+      self.blocks = make_stack(rngs)
+    else:
+      self.blocks = nnx.List([
+          Block(cfg, rngs=rngs, prime=i >= cfg.num_layers - n_suffix)
+          for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+    if cfg.tie_embeddings:
+      self.head = None
+    else:
+      self.head = nnx.Param(normal_init(cfg.init_std, ("embed", "vocab"))(
+          rngs.params(), (cfg.d_model, vocab), pdt))
+
+  # -- pieces (models/e2e.py composes them) ------------------------------------------------------
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    return self.embed(tokens).astype(self.compute_dtype)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """fp32 logits; padded vocabulary rows are masked so they are never predicted."""
+    h = self.final_norm(h)
+    w = self.embed.embedding[...].T if self.head is None else self.head[...]
+    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    if logits.shape[-1] > self.vocab_size:
+      valid = jnp.arange(logits.shape[-1]) < self.vocab_size
+      logits = jnp.where(valid, logits, -1e9)
+    return logits
+
+  def init_cache(self, batch_size: int, capacity: int | None = None):
+    """Per-block streaming state (KV windows, TTT hidden states, ...)."""
+    if self.cfg.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+      one = lambda p: nnx.merge(graphdef, p).init_state(batch_size, capacity)  # noqa: E731
+      return jax.vmap(one)(params)
+    return [blk.init_state(batch_size, capacity) for blk in self.blocks]
+
+  def run_blocks(self, h, positions, cache=None, blocks=None):
+    remat = self.cfg.remat
+    if self.cfg.scan_layers:
+      graphdef, params = nnx.split(self.blocks)
+
+      def body(h, xs):
+        p, st = xs
+        return apply_block(nnx.merge(graphdef, p), h, positions, st, remat)
+
+      return jax.lax.scan(body, h, (params, cache))
+    blocks = self.blocks if blocks is None else blocks
+    new_cache = []
+    for i, blk in enumerate(blocks):
+      h, st = apply_block(blk, h, positions, None if cache is None else cache[i], remat)
+      new_cache.append(st)
+    return h, (None if cache is None else new_cache)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None):
+    """tokens [B, T] -> (logits [B, T, V] fp32, new cache)."""
+    if positions is None:
+      positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    h, cache = self.run_blocks(self.embed_tokens(tokens), positions, cache)
+    return self.logits(h), cache
+
+  def compute_loss(self, batch: dict, step: jax.Array | None = None):
+    """Mean next-token cross-entropy over `batch['tokens']` [B, T+1]. Returns (loss, metrics)."""
+    del step
+    inputs, targets = split_batch(batch)
+    logits, _ = self(inputs)
+    loss = token_nll(logits, targets, batch)
+    return loss, {"loss": loss}
+
+
+def split_batch(batch: dict):
+  tokens = batch["tokens"]
+  return tokens[:, :-1], tokens[:, 1:]
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, batch: dict | None = None,
+              reduce: bool = True) -> jax.Array:
+  """Next-token NLL; `batch['loss_mask']` [B, T] (optional) weights the mean."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if not reduce:
+    return nll
+  mask = None if batch is None else batch.get("loss_mask")
+  if mask is None:
+    return jnp.mean(nll)
+  mask = mask.astype(nll.dtype)
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -1,0 +1,1 @@
+"""Training: optimizer, sharding, train state and loop, checkpoints."""

@@ -1,0 +1,232 @@
+"""Train state, the jitted (pjit-style) train/eval steps, and the training loop.
+
+Functional core: the model is built once, split into `graphdef` + parameters (a pure dict of
+arrays); every step is a pure function that merges them back (`nnx.merge`) inside `jax.jit`,
+with explicit in/out shardings over the ('data', 'fsdp', 'tensor') mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from ttt_jax.config import validate
+from ttt_jax.data import pipeline
+from ttt_jax.models import build_model
+from ttt_jax.train import sharding as shd
+from ttt_jax.train.optim import lr_schedule, make_optimizer
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: number of completed optimizer updates
+  params: Any  # pure dict of arrays
+  opt_state: Any
+  rng: jax.Array  # uint32 key data
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything compiled for one config on one mesh."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  abstract_params: Any  # pure dict of ShapeDtypeStruct
+  optimizer: optax.GradientTransformation
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    validate(config)
+    mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
+    graphdef, abstract = abstract_model(config.model, config.seed)
+    optimizer = make_optimizer(config.train)
+    p_shard = shd.param_shardings(abstract, mesh)
+    abstract_params = abstract.to_pure_dict()
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    repl = shd.replicated(mesh)
+    opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
+                                      transform_non_params=lambda _: repl)
+    state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard, rng=repl)
+    return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
+               shd.batch_sharding(mesh))
+
+  # -- pure functions --------------------------------------------------------------------------
+  def model(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, params)
+
+  def loss_fn(self, params, batch, step):
+    return self.model(params).compute_loss(batch, step)
+
+  def _init(self, seed) -> TrainState:
+    _, state = nnx.split(build_model(self.config.model, self.config.seed))
+    params = state.to_pure_dict()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+  def _train_step(self, state: TrainState, batch):
+    accum = self.config.train.grad_accum
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(state.params, batch, state.step)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        (loss, metrics), grads = grad_fn(state.params, mb, state.step)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+          lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), state.step)))
+      (loss, metrics), grads = zeros
+      (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), micro)
+      loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   lr=lr_schedule(self.config.train)(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  def _eval_step(self, params, batch, step):
+    loss, metrics = self.loss_fn(params, batch, step)
+    return dict(metrics, loss=loss)
+
+  # -- compiled entry points ----------------------------------------------------------------------
+  def init_state(self, seed: int | None = None) -> TrainState:
+    seed = self.config.seed if seed is None else seed
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)(seed)
+
+  @property
+  def train_step(self):
+    if not hasattr(self, "_train_step_jit"):
+      self._train_step_jit = jax.jit(
+          self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+          out_shardings=(self.state_shardings, None), donate_argnums=0)
+    return self._train_step_jit
+
+  @property
+  def eval_step(self):
+    if not hasattr(self, "_eval_step_jit"):
+      self._eval_step_jit = jax.jit(
+          self._eval_step,
+          in_shardings=(self.state_shardings.params, self.batch_sharding, None))
+    return self._eval_step_jit
+
+  def device_batch(self, local_batch: dict) -> dict:
+    """Host batch (this process's rows) -> global jax.Arrays sharded over data x fsdp."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def local_batch_size(self) -> int:
+    bs = self.config.data.batch_size
+    if bs % jax.process_count():
+      raise ValueError(f"data.batch_size={bs} must be divisible by the process count "
+                       f"{jax.process_count()}")
+    return bs // jax.process_count()
+
+  def dataset(self, split: str, shuffle: bool | None = None):
+    dc = self.config.data
+    return pipeline.windows_dataset(
+        dc, split, seed=self.config.seed, shuffle=dc.shuffle if shuffle is None else shuffle,
+        batch_size=self.local_batch_size(), process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  def evaluate(self, params, step: int, num_batches: int) -> dict[str, float]:
+    """Mean validation metrics over the first `num_batches` (unshuffled) validation batches."""
+    ds = self.dataset("validation", shuffle=False)
+    totals: dict[str, float] = {}
+    for i in range(num_batches):
+      m = self.eval_step(params, self.device_batch(ds[i]), jnp.int32(step))
+      for k, v in m.items():
+        totals[k] = totals.get(k, 0.0) + float(v) / num_batches
+    return totals
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict, seed: int = 0):
+  """(graphdef, abstract nnx.State of parameters) without allocating any weights."""
+  model = nnx.eval_shape(lambda: build_model(model_cfg, seed))
+  graphdef, state = nnx.split(model)
+  return graphdef, state
+
+
+def count_params(abstract_params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
+
+
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+  return config.data.batch_size * config.data.seq_len
+
+
+class Throughput:
+  """Tokens/s between calls, excluding the first (compiling) interval."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self._t = None
+    self._step = None
+
+  def update(self, step: int) -> float | None:
+    now = time.perf_counter()
+    rate = None
+    if self._t is not None and step > self._step:
+      rate = (step - self._step) * self.tokens_per_step / (now - self._t)
+    self._t, self._step = now, step
+    return rate
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
+                       *, echo=print) -> dict[str, Any]:
+  """Trains `config.train.steps` updates. Returns the final train/val metrics and history."""
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  from ttt_jax.train.metrics import MetricWriter  # noqa: PLC0415
+
+  trainer = Trainer.create(config)
+  tr = config.train
+  writer = MetricWriter(workdir, echo=lambda s: tqdm.write(s) if echo is print else echo(s))
+  n_params = count_params(trainer.abstract_params)
+  echo(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "
+       f"mesh {dict(trainer.mesh.shape)}, seq_len {config.data.seq_len}, "
+       f"batch {config.data.batch_size}")
+  state = trainer.init_state()
+  it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
+  start = int(state.step)
+  history: list[dict[str, float]] = []
+  speed = Throughput(tokens_per_step(config))
+  speed.update(start)
+  last_val: dict[str, float] = {}
+  bar = tqdm(total=tr.steps, initial=start, desc="train", unit="step",
+             disable=jax.process_index() != 0, dynamic_ncols=True)
+  try:
+    for step in range(start, tr.steps):
+      state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
+      done = step + 1
+      if done % tr.log_every == 0 or done == tr.steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        rate = speed.update(done)
+        if rate is not None:
+          metrics["tokens_per_s"] = rate
+        history.append({"step": done, **metrics})
+        writer.write(done, metrics, "train")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+      if done % tr.eval_every == 0 or done == tr.steps:
+        last_val = trainer.evaluate(state.params, done, tr.eval_batches)
+        writer.write(done, last_val, "validation")
+        speed.update(done)  # do not count eval time as training time
+      bar.update(1)
+  finally:
+    bar.close()
+    writer.close()
+  return {"state": state, "history": history, "val": last_val, "trainer": trainer}
