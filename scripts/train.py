@@ -1,4 +1,4 @@
-"""Pretrain from a config: `python scripts/train.py --config configs/pretrain.py:... --workdir W`."""
+"""Pretrain from a config: `scripts/train.py --config configs/pretrain.py:... --workdir W`."""
 
 from ttt_jax.cli import train_main
 

@@ -1,4 +1,4 @@
-"""Metric logging: stdout, `metrics.jsonl` and TensorBoard events in the workdir (process 0 only)."""
+"""Metric logging: stdout, `metrics.jsonl`, TensorBoard events in the workdir (process 0 only)."""
 
 from __future__ import annotations
 
