@@ -41,14 +41,90 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
   return mask
 
 
-def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
-  """Softmax attention with a position-derived mask. q [B,Tq,H,d], k/v [B,Tk,H,d]."""
+# Above this many scores per (batch, head) the attention runs blockwise (online softmax), so
+# long contexts (a 128K KV cache, a long one-shot input) never materialize a [Tq, Tk] matrix.
+DENSE_MAX_SCORES = 1 << 22
+Q_BLOCK = 512
+K_BLOCK = 512
+
+
+def dense_attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
+  """Softmax attention over the full [Tq, Tk] score matrix. q [B,Tq,H,d], k/v [B,Tk,H,d]."""
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   mask = attention_mask(q_pos, k_pos, window)
   logits = jnp.where(mask[None, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _pad_to(x: jax.Array, n: int, axis: int, value=0) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, n - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: int = Q_BLOCK,
+                        k_block: int = K_BLOCK) -> jax.Array:
+  """The same attention as `dense_attention`, computed one (query block, key block) at a time.
+
+  Query blocks run sequentially (`lax.map`); each scans the key blocks carrying the running
+  max, normaliser and weighted sum (online softmax), so memory is O(q_block * k_block) per head.
+  Key blocks with no visible key (future keys, empty cache slots, outside the window) are
+  skipped. The block body is rematerialised, so gradients need no [Tq, Tk] residuals either.
+  """
+  b, tq, h, d = q.shape
+  tk = k.shape[1]
+  qb, kb = min(q_block, tq), min(k_block, tk)
+  nq, nk = -(-tq // qb), -(-tk // kb)
+  scale = d ** -0.5
+  q_pos = _pad_to(q_pos.astype(jnp.int32), nq * qb, 0, -1)
+  k_pos = _pad_to(k_pos.astype(jnp.int32), nk * kb, 0, -1)  # -1 = never visible
+  qs = _pad_to(q, nq * qb, 1).reshape(b, nq, qb, h, d).swapaxes(0, 1)
+  ks = _pad_to(k, nk * kb, 1).reshape(b, nk, kb, h, d).swapaxes(0, 1)
+  vs = _pad_to(v, nk * kb, 1).reshape(b, nk, kb, h, d).swapaxes(0, 1)
+  kps = k_pos.reshape(nk, kb)
+
+  def query_block(args):
+    qi, qpi = args
+
+    @jax.checkpoint
+    def update(carry, kj, vj, mask):
+      m, norm, acc = carry
+      s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+      s = jnp.where(mask, s, NEG_INF)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vj.dtype), vj,
+                      preferred_element_type=jnp.float32)
+      return m_new, norm * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    def body(carry, xs):
+      kj, vj, kpj = xs
+      mask = attention_mask(qpi, kpj, window)
+      carry = jax.lax.cond(mask.any(), lambda c: update(c, kj, vj, mask), lambda c: c, carry)
+      return carry, None
+
+    init = (jnp.full((b, h, qb), NEG_INF, jnp.float32), jnp.zeros((b, h, qb), jnp.float32),
+            jnp.zeros((b, h, qb, d), jnp.float32))
+    (_, norm, acc), _ = jax.lax.scan(body, init, (ks, vs, kps))
+    out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]
+    return out.transpose(0, 2, 1, 3).astype(v.dtype)  # [B, qb, H, d]
+
+  out = jax.lax.map(query_block, (qs, q_pos.reshape(nq, qb)))  # [nq, B, qb, H, d]
+  return out.swapaxes(0, 1).reshape(b, nq * qb, h, d)[:, :tq]
+
+
+def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
+  """Softmax attention with a position-derived mask. q [B,Tq,H,d], k/v [B,Tk,H,d].
+
+  Dense for short inputs; blockwise (online softmax, constant memory in Tk) once the score
+  matrix would exceed `DENSE_MAX_SCORES` entries per (batch, head).
+  """
+  if q.shape[1] * k.shape[1] <= DENSE_MAX_SCORES:
+    return dense_attention(q, k, v, q_pos, k_pos, window)
+  return blockwise_attention(q, k, v, q_pos, k_pos, window)
 
 
 class Attention(nnx.Module):
