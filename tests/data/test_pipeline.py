@@ -1,0 +1,107 @@
+"""Embedded corpus, token stream and grain windows: order, BOS, determinism, split, restart."""
+
+import numpy as np
+import pytest
+
+from ttt_jax.config import build_config
+from ttt_jax.data import pipeline, sources
+from ttt_jax.data.tokenizers import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def data_cfg():
+  c = build_config("model=swa,scale=tiny,ctx=256").data
+  return c
+
+
+@pytest.fixture(scope="module")
+def train_stream(data_cfg):
+  return pipeline.load_stream(data_cfg.source, data_cfg.tokenizer, "train", data_cfg.val_fraction)
+
+
+def test_embedded_corpus_is_real_and_split_disjoint(data_cfg):
+  files = sources.embedded_files()
+  assert len(files) > 300
+  assert not any(part.startswith("test") for f in files for part in f.split("/")[:-1])
+  train = {n for n, _ in sources.embedded_documents("train", data_cfg.val_fraction)}
+  val = {n for n, _ in sources.embedded_documents("validation", data_cfg.val_fraction)}
+  assert train and val and not (train & val)
+  assert train | val == set(files) - {f for f in files if not _has_text(f)}
+
+
+def _has_text(rel):
+  with open(f"{sources.stdlib_dir()}/{rel}", "rb") as f:
+    return bool(f.read().decode("utf-8", errors="replace").strip())
+
+
+def test_stream_is_documents_in_order_with_bos_eos(train_stream):
+  tok = ByteTokenizer()
+  s = train_stream
+  assert (s.tokens[s.doc_starts] == tok.bos_id).all()
+  assert (s.tokens[s.doc_starts[1:] - 1] == tok.eos_id).all()
+  # the third document comes back byte for byte
+  name = s.names[2]
+  with open(f"{sources.stdlib_dir()}/{name}", "rb") as f:
+    text = f.read().decode("utf-8", errors="replace")
+  start, length = s.doc_starts[2], s.doc_lengths[2]
+  np.testing.assert_array_equal(s.tokens[start + 1:start + length - 1], tok.encode(text))
+
+
+def test_windows_cover_the_stream_in_order(train_stream, data_cfg):
+  src = pipeline.WindowSource(train_stream.tokens, data_cfg.seq_len)
+  L = data_cfg.seq_len
+  assert len(src) == (len(train_stream.tokens) - 1) // L
+  w0, w1 = src[0]["tokens"], src[1]["tokens"]
+  assert w0.shape == (L + 1,)
+  assert w0[-1] == w1[0]  # the target of window i's last position starts window i+1
+  np.testing.assert_array_equal(np.concatenate([w0[:-1], w1[:-1]]), train_stream.tokens[:2 * L])
+
+
+def test_unshuffled_batches_are_consecutive_windows(data_cfg, train_stream):
+  ds = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=3)
+  L = data_cfg.seq_len
+  b = ds[1]["tokens"]
+  np.testing.assert_array_equal(b[0, :-1], train_stream.tokens[3 * L:4 * L])
+
+
+def test_shuffle_is_deterministic_per_seed(data_cfg):
+  a = pipeline.windows_dataset(data_cfg, "train", seed=3, shuffle=True, batch_size=4)
+  b = pipeline.windows_dataset(data_cfg, "train", seed=3, shuffle=True, batch_size=4)
+  c = pipeline.windows_dataset(data_cfg, "train", seed=4, shuffle=True, batch_size=4)
+  np.testing.assert_array_equal(a[5]["tokens"], b[5]["tokens"])
+  assert not np.array_equal(a[5]["tokens"], c[5]["tokens"])
+
+
+def test_iterator_restarts_from_saved_state(data_cfg):
+  ds = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=True, batch_size=2)
+  it = pipeline.make_iterator(ds)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["tokens"] for _ in range(2)]
+  it2 = pipeline.make_iterator(ds)
+  it2.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(it2)["tokens"], e)
+
+
+def test_processes_read_disjoint_windows(data_cfg):
+  a = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=2,
+                               process_index=0, process_count=2)
+  b = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=2,
+                               process_index=1, process_count=2)
+  full = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=4)
+  f = full[0]["tokens"]
+  np.testing.assert_array_equal(a[0]["tokens"], f[[0, 2]])
+  np.testing.assert_array_equal(b[0]["tokens"], f[[1, 3]])
+
+
+def test_unigram_entropy():
+  tokens = np.array([0, 0, 1, 2])
+  p = np.array([0.5, 0.25, 0.25])
+  assert abs(pipeline.unigram_entropy(tokens, 259) - float(-(p * np.log(p)).sum())) < 1e-12
+
+
+def test_too_long_seq_len_is_a_clear_error():
+  with pytest.raises(ValueError, match="seq_len"):
+    pipeline.WindowSource(np.zeros(10, np.int32), 64)

@@ -1,0 +1,103 @@
+"""Attention against a NumPy reference; SWA band; chunked streaming; causality."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.layers.attention import Attention
+from ttt_jax.layers.rope import apply_rope
+
+B, T, D, H = 2, 48, 32, 4
+
+
+def make(window=None, qk_norm=False, seed=0):
+  return Attention(D, H, window=window, rope_theta=1e4, qk_norm=qk_norm, norm_eps=1e-6, std=0.3,
+                   out_std=0.3, compute_dtype=jnp.float32, param_dtype=jnp.float32,
+                   rngs=nnx.Rngs(params=seed))
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def reference(attn: Attention, x, mask):
+  """Naive attention in NumPy: explicit projections, RoPE, masked softmax, output projection."""
+  x = np.asarray(x, np.float64)
+  d = D // H
+  q = (x @ np.asarray(attn.wq.kernel[...])).reshape(B, T, H, d)
+  k = (x @ np.asarray(attn.wk.kernel[...])).reshape(B, T, H, d)
+  v = (x @ np.asarray(attn.wv.kernel[...])).reshape(B, T, H, d)
+  pos = jnp.arange(T)
+  q = np.asarray(apply_rope(jnp.asarray(q, jnp.float32), pos, 1e4), np.float64)
+  k = np.asarray(apply_rope(jnp.asarray(k, jnp.float32), pos, 1e4), np.float64)
+  out = np.zeros((B, T, H, d))
+  for b in range(B):
+    for h in range(H):
+      s = q[b, :, h] @ k[b, :, h].T / np.sqrt(d)
+      s = np.where(mask, s, -np.inf)
+      p = np.exp(s - s.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[b, :, h] = p @ v[b, :, h]
+  return out.reshape(B, T, D) @ np.asarray(attn.wo.kernel[...])
+
+
+@pytest.fixture(scope="module")
+def x():
+  return jax.random.normal(jax.random.key(1), (B, T, D))
+
+
+def test_full_attention_matches_naive_reference(x):
+  attn = make()
+  y, _ = attn(x, jnp.arange(T))
+  causal = np.tril(np.ones((T, T), bool))
+  assert rel_err(y, reference(attn, x, causal)) < 1e-5
+
+
+@pytest.mark.parametrize("window", [1, 7, 16])
+def test_swa_equals_band_masked_attention(x, window):
+  attn = make(window=window)
+  y, _ = attn(x, jnp.arange(T))
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  band = (j <= i) & (i - j < window)
+  assert rel_err(y, reference(attn, x, band)) < 1e-5
+
+
+@pytest.mark.parametrize("window,chunk", [(16, 8), (16, 16), (12, 24), (5, 1)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_chunked_swa_with_carried_kv_equals_one_shot(x, window, chunk, qk_norm):
+  attn = make(window=window, qk_norm=qk_norm)
+  full, _ = attn(x, jnp.arange(T))
+  state = attn.init_state(B)
+  outs = []
+  for s in range(0, T, chunk):
+    y, state = attn(x[:, s:s + chunk], jnp.arange(s, s + chunk), state)
+    outs.append(y)
+  assert state.k.shape[1] == window  # memory is the window, not the sequence
+  assert rel_err(jnp.concatenate(outs, 1), full) < 1e-5
+
+
+def test_full_attention_streams_with_a_capacity_cache(x):
+  attn = make(qk_norm=True)
+  full, _ = attn(x, jnp.arange(T))
+  state = attn.init_state(B, capacity=T)
+  outs = []
+  for s in range(0, T, 12):
+    y, state = attn(x[:, s:s + 12], jnp.arange(s, s + 12), state)
+    outs.append(y)
+  assert rel_err(jnp.concatenate(outs, 1), full) < 1e-5
+  with pytest.raises(ValueError, match="capacity"):
+    attn.init_state(B)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_causality(x, window):
+  attn = make(window=window)
+  t = 20
+  y1, _ = attn(x, jnp.arange(T))
+  x2 = x.at[:, t + 1:].set(jax.random.normal(jax.random.key(9), (B, T - t - 1, D)))
+  y2, _ = attn(x2, jnp.arange(T))
+  np.testing.assert_array_equal(np.asarray(y1[:, :t + 1]), np.asarray(y2[:, :t + 1]))
+  assert not np.allclose(y1[:, t + 1:], y2[:, t + 1:])
