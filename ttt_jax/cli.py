@@ -16,12 +16,19 @@ def train_main(argv=None) -> None:
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(_):
+    from absl import logging  # noqa: PLC0415
+
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+      logging.set_verbosity(logging.WARNING)
     from ttt_jax.config import ConfigError  # noqa: PLC0415
+    from ttt_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
     from ttt_jax.train.trainer import train_and_evaluate  # noqa: PLC0415
 
     try:
       train_and_evaluate(config.value, workdir.value)
     except ConfigError as e:
       sys.exit(f"config error: {e}")
+    except CheckpointError as e:
+      sys.exit(f"checkpoint error: {e}")
 
   app.run(main, argv=argv)

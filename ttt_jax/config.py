@@ -154,6 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
   ck.overwrite = False
   ck.load_part = ""  # "" | "params": start a new run from another run's params
   ck.load_from = ""  # workdir (or checkpoint dir) for load_part
+  ck.step = -1  # step to restore (resume or load_from); -1 = the latest complete one
 
   ev = c.eval = ml_collections.ConfigDict()
   ev.ctx = "1k,2k"
@@ -305,4 +306,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "choose '' or 'params'")
   if c.checkpoint.load_part and not c.checkpoint.load_from:
     raise ConfigError("checkpoint.load_part='params' needs checkpoint.load_from=<workdir>")
+  _check_positive("checkpoint.every_steps", c.checkpoint.every_steps, allow_zero=True)
+  _check_positive("checkpoint.keep", c.checkpoint.keep)
+  if c.checkpoint.step < -1:
+    raise ConfigError(f"checkpoint.step={c.checkpoint.step} must be a saved step or -1 (latest)")
   return c

@@ -18,17 +18,53 @@ def demo_config(arg: str = "model=swa,scale=tiny,ctx=512"):
 
 
 def run_demo(workdir: str, arg: str = "model=swa,scale=tiny,ctx=512") -> dict:
-  from ttt_jax.train.trainer import train_and_evaluate  # noqa: PLC0415
-
   config = demo_config(arg)
   stream = pipeline.load_stream(config.data.source, config.data.tokenizer, "train",
                                 config.data.val_fraction)
   h = pipeline.unigram_entropy(stream.tokens, config.model.vocab_size)
   print(f"embedded corpus: {len(stream.names)} train documents, {len(stream.tokens):,} tokens; "
         f"byte-unigram entropy {h:.3f} nats/token (ppl {math.exp(h):.2f})")
-  out = train_and_evaluate(config, workdir)
+  out = train_with_preemption(config, workdir, at_step=config.train.steps // 3)
   train_loss = out["history"][-1]["loss"]
   val_loss = out["val"]["loss"]
   print(f"\nfinal train loss {train_loss:.3f}, validation loss {val_loss:.3f} nats/token vs "
         f"unigram entropy {h:.3f}: {h - val_loss:.3f} nats/token below the no-context baseline")
   return {"unigram_entropy": h, "train_loss": train_loss, "val_loss": val_loss}
+
+
+def train_with_preemption(config, workdir: str, at_step: int) -> dict:
+  """Trains from scratch, sends this process SIGTERM once the checkpoint at `at_step` exists
+  (as a preemptible machine would), then resumes in a second call and reports the continuation."""
+  import os  # noqa: PLC0415
+  import signal  # noqa: PLC0415
+  import threading  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  from ttt_jax.train.trainer import train_and_evaluate  # noqa: PLC0415
+
+  fresh = config.copy_and_resolve_references()
+  fresh.checkpoint.resume, fresh.checkpoint.overwrite = False, True
+  fresh.checkpoint.every_steps = at_step
+  marker, finished = os.path.join(workdir, "checkpoints", str(at_step)), threading.Event()
+
+  def preempt():
+    while not finished.is_set():
+      if os.path.isdir(marker):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.02)
+
+  threading.Thread(target=preempt, daemon=True).start()
+  first = train_and_evaluate(fresh, workdir)
+  finished.set()
+  if not first["preempted"]:
+    return first
+  print("\nsimulated preemption: the run saved its state and exited; starting it again")
+  second = train_and_evaluate(config, workdir)
+  before, after = first["history"][-1], second["history"][0]
+  print(f"resumed from step {second['start_step']}: train loss {before['loss']:.3f} at step "
+        f"{before['step']} before the preemption, {after['loss']:.3f} at step {after['step']} "
+        f"after it (step-{first['history'][0]['step']} loss was "
+        f"{first['history'][0]['loss']:.3f}); the curve continues where it stopped")
+  second["history"] = first["history"] + second["history"]
+  return second

@@ -188,45 +188,72 @@ class Throughput:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
                        *, echo=print) -> dict[str, Any]:
-  """Trains `config.train.steps` updates. Returns the final train/val metrics and history."""
+  """Trains to `config.train.steps` updates, resuming from `workdir`'s latest checkpoint.
+
+  Saves a checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (then returns
+  with `preempted=True`). Returns the final state, train history, validation metrics.
+  """
   from tqdm.auto import tqdm  # noqa: PLC0415
 
+  from ttt_jax.train import checkpoint as ckpt  # noqa: PLC0415
   from ttt_jax.train.metrics import MetricWriter  # noqa: PLC0415
 
+  def log(s: str) -> None:
+    if jax.process_index() == 0:
+      tqdm.write(s) if echo is print else echo(s)
+
   trainer = Trainer.create(config)
-  tr = config.train
-  writer = MetricWriter(workdir, echo=lambda s: tqdm.write(s) if echo is print else echo(s))
+  tr, every = config.train, config.checkpoint.every_steps
   n_params = count_params(trainer.abstract_params)
-  echo(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "
-       f"mesh {dict(trainer.mesh.shape)}, seq_len {config.data.seq_len}, "
-       f"batch {config.data.batch_size}")
-  state = trainer.init_state()
+  log(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "
+      f"mesh {dict(trainer.mesh.shape)}, seq_len {config.data.seq_len}, "
+      f"batch {config.data.batch_size}")
+  run = ckpt.start_run(config, workdir, trainer, echo=log)
+  state, start, checkpoints = run.state, run.step, run.checkpoints
+  writer = MetricWriter(workdir, echo=log)
   it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
-  start = int(state.step)
+  if run.data_state:
+    it.set_state(run.data_state)
   history: list[dict[str, float]] = []
   speed = Throughput(tokens_per_step(config))
   speed.update(start)
   last_val: dict[str, float] = {}
+  preempted = False
   bar = tqdm(total=tr.steps, initial=start, desc="train", unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True)
   try:
-    for step in range(start, tr.steps):
-      state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
-      done = step + 1
-      if done % tr.log_every == 0 or done == tr.steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        rate = speed.update(done)
-        if rate is not None:
-          metrics["tokens_per_s"] = rate
-        history.append({"step": done, **metrics})
-        writer.write(done, metrics, "train")
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-      if done % tr.eval_every == 0 or done == tr.steps:
-        last_val = trainer.evaluate(state.params, done, tr.eval_batches)
-        writer.write(done, last_val, "validation")
-        speed.update(done)  # do not count eval time as training time
-      bar.update(1)
+    with ckpt.PreemptionWatch() as watch:
+      for step in range(start, tr.steps):
+        state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
+        done = step + 1
+        if done % tr.log_every == 0 or done == tr.steps:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          rate = speed.update(done)
+          if rate is not None:
+            metrics["tokens_per_s"] = rate
+          history.append({"step": done, **metrics})
+          writer.write(done, metrics, "train")
+          bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if checkpoints is not None and ((every and done % every == 0) or done == tr.steps):
+          checkpoints.save(done, state, it.get_state(), config)
+        if watch.reached(done):
+          if checkpoints is not None:
+            checkpoints.save(done, state, it.get_state(), config, wait=True)
+          log(f"preempted (SIGTERM): saved checkpoint at step {done}; exiting")
+          preempted = True
+          break
+        if done % tr.eval_every == 0 or done == tr.steps:
+          last_val = trainer.evaluate(state.params, done, tr.eval_batches)
+          writer.write(done, last_val, "validation")
+          speed.update(done)  # do not count eval time as training time
+        bar.update(1)
+    if start >= tr.steps and not preempted:
+      log(f"run already complete at step {start} (train.steps={tr.steps})")
+      last_val = trainer.evaluate(state.params, start, tr.eval_batches)
   finally:
     bar.close()
     writer.close()
-  return {"state": state, "history": history, "val": last_val, "trainer": trainer}
+    if checkpoints is not None:
+      checkpoints.close()  # waits for an async save in flight
+  return {"state": state, "history": history, "val": last_val, "trainer": trainer,
+          "start_step": start, "preempted": preempted}

@@ -1,0 +1,203 @@
+"""Checkpoints: bit-exact resume after SIGKILL and SIGTERM (real subprocesses), skipped incomplete
+saves, params-only warm start at a longer context, clear errors for shape changes and corruption.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ttt_jax.config import ConfigError, build_config
+from ttt_jax.train import checkpoint as ckpt
+from ttt_jax.train.metrics import read_metrics
+from ttt_jax.train.trainer import Trainer, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS, EVERY = 16, 4
+OVERRIDES = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2,
+             "model.intermediate_size": 64, "data.batch_size": 2, "train.steps": STEPS,
+             "train.warmup_steps": 4, "checkpoint.every_steps": EVERY, "checkpoint.keep": 10,
+             "train.log_every": 1, "train.eval_every": 100, "train.eval_batches": 1}
+# The killed runs evaluate after every step only to slow them down (eval never touches the
+# train state), so that the kill lands mid-run.
+SLOW = {"train.eval_every": 1, "train.eval_batches": 8}
+
+
+def tiny_config(**extra):
+  c = build_config("model=swa,ctx=64")
+  for k, v in {**OVERRIDES, **extra}.items():
+    section, key = k.rsplit(".", 1)
+    c[section][key] = v if not isinstance(c[section][key], str) else str(v)
+  return c
+
+
+def launch(workdir, **extra) -> subprocess.Popen:
+  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **extra}.items()]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+       "--config", os.path.join(ROOT, "configs", "pretrain.py") + ":model=swa,ctx=64",
+       "--workdir", str(workdir), *flags],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def wait_for(pred, proc, timeout=120.0):
+  end = time.time() + timeout
+  while not pred():
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    assert time.time() < end, "timed out"
+    time.sleep(0.002)
+
+
+def steps_on_disk(workdir) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in read_metrics(str(workdir), "train")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Run A uninterrupted; run B SIGKILLed, resumed and SIGTERMed, resumed again to the end."""
+  a_dir, b_dir = tmp_path_factory.mktemp("run_a"), tmp_path_factory.mktemp("run_b")
+  a = launch(a_dir)
+  b1 = launch(b_dir, **SLOW)
+  wait_for(lambda: EVERY in steps_on_disk(b_dir), b1)
+  b1.send_signal(signal.SIGKILL)
+  b1.communicate()
+  killed_at = max(losses(b_dir))
+  assert killed_at < STEPS
+  b2 = launch(b_dir, **SLOW)
+  wait_for(lambda: any(s > killed_at for s in steps_on_disk(b_dir)), b2)
+  b2.send_signal(signal.SIGTERM)
+  out2, _ = b2.communicate(timeout=120)
+  assert b2.returncode == 0, out2
+  b3 = launch(b_dir)
+  out3, _ = b3.communicate(timeout=240)
+  out_a, _ = a.communicate(timeout=240)
+  assert a.returncode == 0 and b3.returncode == 0, out_a + out3
+  return {"a": a_dir, "b": b_dir, "out2": out2, "out3": out3}
+
+
+def test_resume_after_sigkill_and_sigterm_is_bit_exact(runs):
+  out2, out3 = runs["out2"], runs["out3"]
+  assert "resumed from step" in out2
+  saved = int(re.search(r"preempted \(SIGTERM\): saved checkpoint at step (\d+)", out2)[1])
+  assert saved < STEPS
+  assert f"resumed from step {saved} (" in out3
+  la, lb = losses(runs["a"]), losses(runs["b"])
+  assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+  for s in la:
+    assert la[s] == lb[s], (s, la[s], lb[s])  # bit for bit
+  assert steps_on_disk(runs["b"])[-1] == STEPS
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  return Trainer.create(tiny_config())
+
+
+def copy_run(src, dst) -> str:
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_incomplete_checkpoint_is_skipped(runs, trainer, tmp_path):
+  wd = copy_run(runs["a"], tmp_path / "w")
+  # What a crash mid-save leaves: a tmp directory for a later step with only part of the files.
+  partial = os.path.join(wd, "checkpoints", f"{STEPS + EVERY}.orbax-checkpoint-tmp-1234")
+  shutil.copytree(os.path.join(wd, "checkpoints", str(STEPS), "params"),
+                  os.path.join(partial, "params.orbax-checkpoint-tmp-1234"))
+  logs = []
+  run = ckpt.start_run(tiny_config(), wd, trainer, echo=logs.append)
+  run.checkpoints.close()
+  assert run.step == STEPS and int(run.state.step) == STEPS
+  assert any("skipping incomplete checkpoint" in s and partial in s for s in logs), logs
+  assert f"resumed from step {STEPS} ({os.path.join(wd, 'checkpoints', str(STEPS))})" in logs
+  assert not os.path.exists(partial)  # cleaned up once reported
+
+
+def test_truncated_file_names_step_and_fallback(runs, trainer, tmp_path):
+  wd = copy_run(runs["a"], tmp_path / "w")
+  step_dir = os.path.join(wd, "checkpoints", str(STEPS))
+  files = [f for f in glob.glob(os.path.join(step_dir, "params", "**", "d", "*"), recursive=True)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  with pytest.raises(ckpt.CheckpointError) as e:
+    ckpt.start_run(tiny_config(), wd, trainer, echo=lambda s: None)
+  msg = str(e.value)
+  assert f"checkpoint step {STEPS} ({step_dir})" in msg
+  assert "--config.checkpoint.step=N" in msg and str(STEPS - EVERY) in msg
+  # The suggested fallback works and moves the unusable later step aside.
+  logs = []
+  run = ckpt.start_run(tiny_config(**{"checkpoint.step": STEPS - EVERY}), wd, trainer,
+                       echo=logs.append)
+  run.checkpoints.close()
+  assert run.step == STEPS - EVERY and run.data_state
+  assert steps_on_disk(wd)[-1] == STEPS - EVERY
+  assert os.path.isdir(os.path.join(wd, ckpt.DISCARDED_DIR, str(STEPS)))
+
+
+def test_resume_with_changed_model_shape_names_parameter(runs, tmp_path):
+  wd = copy_run(runs["a"], tmp_path / "w")
+  bigger = tiny_config(**{"model.intermediate_size": 96})
+  with pytest.raises(ckpt.CheckpointError, match=r"parameter 'blocks/0/mlp/w1' has shape "
+                     r"\(32, 64\).*\(32, 96\).*model.intermediate_size: 64 -> 96"):
+    ckpt.start_run(bigger, wd, Trainer.create(bigger), echo=lambda s: None)
+
+
+def test_resume_false_refuses_then_overwrite_starts_over(runs, trainer, tmp_path):
+  wd = copy_run(runs["a"], tmp_path / "w")
+  with pytest.raises(ConfigError, match="checkpoint.overwrite=True"):
+    ckpt.start_run(tiny_config(**{"checkpoint.resume": False}), wd, trainer, echo=print)
+  run = ckpt.start_run(tiny_config(**{"checkpoint.resume": False, "checkpoint.overwrite": True}),
+                       wd, trainer, echo=print)
+  run.checkpoints.close()
+  assert run.step == 0 and steps_on_disk(wd) == []
+  assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
+
+
+def test_load_params_into_longer_context_run(runs, tmp_path):
+  src = str(runs["a"])
+  long = tiny_config(**{"data.seq_len": 128, "train.steps": 2, "checkpoint.load_part": "params",
+                        "checkpoint.load_from": src, "train.eval_batches": 1})
+  logs = []
+  out = train_and_evaluate(long, str(tmp_path / "long"), echo=logs.append)
+  assert out["start_step"] == 0 and int(out["state"].step) == 2
+  assert any(s.startswith(f"loaded params from step {STEPS}") for s in logs), logs
+  assert np.isfinite(out["history"][-1]["loss"])
+  # Step 0 of the new run starts from exactly the source run's final parameters.
+  t = Trainer.create(long)
+  src_ck = ckpt.RunCheckpoints(os.path.join(src, "checkpoints"), read_only=True)
+  params = src_ck.restore_params(STEPS, t)
+  src_ck.close()
+  logs.clear()
+  fresh = ckpt.start_run(tiny_config(**{"data.seq_len": 128, "checkpoint.load_part": "params",
+                                        "checkpoint.load_from": src}),
+                         str(tmp_path / "long2"), t, echo=logs.append)
+  fresh.checkpoints.close()
+  assert fresh.step == 0 and int(fresh.state.step) == 0
+  same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), fresh.state.params, params)
+  assert all(jax.tree.leaves(same))
+  # A new optimizer: Adam moments and counts all zero.
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(fresh.state.opt_state))
+
+
+def test_load_params_with_mismatched_shape_names_parameter(runs, tmp_path):
+  wide = tiny_config(**{"model.intermediate_size": 96, "checkpoint.load_part": "params",
+                        "checkpoint.load_from": str(runs["a"])})
+  with pytest.raises(ckpt.CheckpointError, match=r"parameter 'blocks/0/mlp/w1' has shape"):
+    ckpt.start_run(wide, str(tmp_path / "w"), Trainer.create(wide), echo=lambda s: None)

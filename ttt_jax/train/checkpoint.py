@@ -1,0 +1,364 @@
+"""Orbax checkpoints of a training run: exact resume, params-only warm start, clear failures.
+
+Layout: `<workdir>/checkpoints/<step>/`, one directory per saved step, with the items
+  params  the parameter dict (arrays; restored with the Trainer's shardings, so any mesh works)
+  train   {"step", "opt_state", "rng"}
+  data    the grain iterator state (JSON), so the data order continues exactly
+  config  the resolved config (JSON)
+Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete, so
+a crash mid-save leaves the earlier checkpoints usable; such leftovers are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import signal
+import threading
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ttt_jax.config import ConfigError
+
+CKPT_DIR = "checkpoints"
+DISCARDED_DIR = "checkpoints_discarded"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+_ITEMS = {"params": "standard", "train": "standard", "data": "json", "config": "json"}
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used; the message names the step, the path and a way out."""
+
+
+def _log(echo, msg: str) -> None:
+  if jax.process_index() == 0:
+    echo(msg)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for name, kind in _ITEMS.items():
+    if kind == "standard":
+      reg.add(name, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+      reg.add(name, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    else:
+      reg.add(name, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+      reg.add(name, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  return reg
+
+
+def key_name(path) -> str:
+  """'blocks/0/mlp/w1' for a jax key path."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {key_name(p): tuple(x.shape) for p, x in leaves}
+
+
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(saved: dict, config: dict, prefix: str = "") -> list[str]:
+  """'key: saved -> now' for every leaf that differs (restricted to keys starting with prefix)."""
+  a, b = flat_config(saved), flat_config(config)
+  keys = sorted(k for k in set(a) | set(b) if k.startswith(prefix))
+  return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys
+          if a.get(k) != b.get(k)]
+
+
+def check_param_shapes(saved: dict[str, tuple], expected: dict[str, tuple], where: str,
+                       model_diff: list[str]) -> None:
+  """Raises CheckpointError naming the first parameter whose name or shape does not match."""
+  hint = f"; model config differs: {', '.join(model_diff)}" if model_diff else ""
+  for name, shape in expected.items():
+    if name not in saved:
+      raise CheckpointError(f"{where} has no parameter {name!r} (the config expects shape "
+                            f"{shape}){hint}")
+    if tuple(saved[name]) != shape:
+      raise CheckpointError(f"parameter {name!r} has shape {tuple(saved[name])} in {where} but "
+                            f"{shape} in this config{hint}")
+  extra = sorted(set(saved) - set(expected))
+  if extra:
+    raise CheckpointError(f"{where} has parameter {extra[0]!r} that this config does not "
+                          f"(and {len(extra) - 1} more){hint}")
+
+
+class RunCheckpoints:
+  """The checkpoints of one run directory (`<workdir>/checkpoints`)."""
+
+  def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.read_only = read_only
+    opts = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep) if not read_only else None,
+        create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1)
+    self._mngr = ocp.CheckpointManager(self.directory, options=opts,
+                                       handler_registry=_registry())
+
+  # -- what is on disk -----------------------------------------------------------------------
+  @staticmethod
+  def incomplete(directory: str) -> list[str]:
+    """Leftover directories of saves that never finished (skipped by restore)."""
+    if not os.path.isdir(directory):
+      return []
+    return sorted(os.path.join(directory, n) for n in os.listdir(directory) if TMP_MARKER in n)
+
+  def steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    s = self.steps()
+    return s[-1] if s else None
+
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _where(self, step: int) -> str:
+    return f"checkpoint step {step} ({self.step_path(step)})"
+
+  def _unreadable(self, step: int, err: Exception) -> CheckpointError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    earlier = [s for s in self.steps() if s < step]
+    way_out = (f"resume from an earlier step with --config.checkpoint.step=N (available: "
+               f"{', '.join(map(str, earlier))})" if earlier else
+               "no earlier checkpoint exists; start over with --config.checkpoint.resume=False "
+               "--config.checkpoint.overwrite=True")
+    return CheckpointError(f"{self._where(step)} could not be read, it may be corrupted "
+                           f"({type(err).__name__}: {first}); {way_out}")
+
+  def saved_config(self, step: int) -> dict:
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return dict(out["config"])
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+
+  def param_shapes(self, step: int) -> dict[str, tuple]:
+    try:
+      md = self._mngr.item_metadata(step)["params"]
+      return shapes_by_name(getattr(md, "tree", md))
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+
+  # -- save / restore ----------------------------------------------------------------------------
+  def save(self, step: int, state, data_state: dict | None, config: ml_collections.ConfigDict,
+           *, wait: bool = False) -> bool:
+    """Saves (collectively, on every process); async unless `wait`. Skips an existing step."""
+    if step in self._mngr.all_steps():
+      return False
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                     "rng": state.rng}),
+        data=ocp.args.JsonSave(data_state or {}),
+        config=ocp.args.JsonSave(config.to_dict()))
+    saved = self._mngr.save(step, args=args, force=True)
+    if wait:
+      self._mngr.wait_until_finished()
+    return saved
+
+  def check_model(self, step: int, trainer, saved_cfg: dict | None = None) -> None:
+    saved_cfg = self.saved_config(step) if saved_cfg is None else saved_cfg
+    diff = config_diff(saved_cfg, trainer.config.to_dict(), "model.")
+    check_param_shapes(self.param_shapes(step), shapes_by_name(trainer.abstract_params),
+                       self._where(step), diff)
+
+  def restore(self, step: int, trainer):
+    """(TrainState, data_state, saved config) at `step`, sharded as `trainer.state_shardings`."""
+    self.check_model(step, trainer)
+    abstract = jax.eval_shape(functools.partial(trainer._init, trainer.config.seed))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, trainer.state_shardings)
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params),
+        train=ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
+                                        "rng": target.rng}),
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
+    try:
+      out = self._mngr.restore(step, args=args)
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+    tr = out["train"]
+    state = target.replace(step=tr["step"], params=out["params"], opt_state=tr["opt_state"],
+                           rng=tr["rng"])
+    return state, dict(out["data"] or {}), dict(out["config"])
+
+  def restore_params(self, step: int, trainer):
+    """Only the parameters at `step`, sharded as `trainer.state_shardings.params`."""
+    self.check_model(step, trainer)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          trainer.abstract_params, trainer.state_shardings.params)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(target)))
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+    return out["params"]
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+@dataclasses.dataclass
+class RunStart:
+  """Where a run starts: its checkpoints (None without a workdir), state and data position."""
+
+  checkpoints: RunCheckpoints | None
+  state: Any
+  data_state: dict | None
+  step: int
+
+
+def _choose_step(ck: RunCheckpoints, wanted: int) -> int:
+  steps = ck.steps()
+  if wanted < 0:
+    return steps[-1]
+  if wanted not in steps:
+    raise CheckpointError(f"checkpoint.step={wanted} not found in {ck.directory}; available: "
+                          f"{', '.join(map(str, steps))}")
+  return wanted
+
+
+def _discard_after(ck: RunCheckpoints, workdir: str, step: int, echo) -> None:
+  """Moves checkpoints later than `step` aside so that the run continues from `step`."""
+  later = [s for s in ck.steps() if s > step]
+  if not later:
+    return
+  dest = os.path.join(workdir, DISCARDED_DIR)
+  if jax.process_index() == 0:
+    os.makedirs(dest, exist_ok=True)
+    for s in later:
+      target = os.path.join(dest, str(s))
+      n = 1
+      while os.path.exists(target):
+        target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+      shutil.move(ck.step_path(s), target)
+  _sync("ttt_jax_discard_checkpoints")
+  _log(echo, f"warning: resuming from step {step} as requested; moved later checkpoints "
+             f"{later} to {dest}")
+  ck._mngr.reload()
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
+              echo=print) -> RunStart:
+  """Fresh state, or resume from the latest complete checkpoint, or params from another run."""
+  ckc = config.checkpoint
+  if workdir is None:
+    return RunStart(None, _fresh_or_loaded(config, trainer, echo), None, 0)
+  directory = os.path.join(workdir, CKPT_DIR)
+  for path in RunCheckpoints.incomplete(directory):
+    _log(echo, f"skipping incomplete checkpoint {path} (a save that did not finish)")
+  ck = RunCheckpoints(directory, keep=ckc.keep)
+  if ck.steps() and not ckc.resume:
+    if not ckc.overwrite:
+      ck.close()
+      raise ConfigError(
+          f"{workdir} already holds a run (checkpoints up to step {ck.latest_step()}) and "
+          "checkpoint.resume=False; set checkpoint.resume=True to continue it or "
+          "checkpoint.overwrite=True to delete it and start over")
+    ck.close()
+    if jax.process_index() == 0:
+      shutil.rmtree(directory)
+      metrics = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(metrics):
+        os.remove(metrics)
+    _sync("ttt_jax_overwrite")
+    _log(echo, f"checkpoint.overwrite=True: deleted the previous run's checkpoints in {directory}")
+    ck = RunCheckpoints(directory, keep=ckc.keep)
+  if ck.steps():
+    step = _choose_step(ck, ckc.step)
+    state, data_state, saved = ck.restore(step, trainer)
+    if ckc.step >= 0:
+      _discard_after(ck, workdir, step, echo)
+    _log(echo, f"resumed from step {step} ({ck.step_path(step)})")
+    changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
+    if changed:
+      _log(echo, f"note: config changed since the checkpoint: {'; '.join(changed)}")
+    return RunStart(ck, state, data_state, step)
+  return RunStart(ck, _fresh_or_loaded(config, trainer, echo), None, 0)
+
+
+def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
+  ckc = config.checkpoint
+  state = trainer.init_state()
+  if ckc.load_part != "params":
+    return state
+  src = ckc.load_from
+  directory = src if os.path.basename(os.path.normpath(src)) == CKPT_DIR else os.path.join(
+      src, CKPT_DIR)
+  if not os.path.isdir(directory):
+    raise ConfigError(f"checkpoint.load_from={src!r}: no checkpoints directory {directory}")
+  other = RunCheckpoints(directory, read_only=True)
+  try:
+    if not other.steps():
+      raise ConfigError(f"checkpoint.load_from={src!r}: no complete checkpoint in {directory}")
+    step = _choose_step(other, ckc.step)
+    params = other.restore_params(step, trainer)
+  finally:
+    other.close()
+  _log(echo, f"loaded params from step {step} of {directory} (new optimizer state, step 0)")
+  return state.replace(params=params)
+
+
+class PreemptionWatch:
+  """Notices SIGTERM (one process) or JAX's preemption sync point (several processes)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # preemption service not enabled in jax.distributed
+        return False
+    return self.requested
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
