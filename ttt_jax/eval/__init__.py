@@ -1,0 +1,1 @@
+"""Evaluation: perplexity per context length and per position (streaming), generation, plots."""

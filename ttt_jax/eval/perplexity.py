@@ -1,0 +1,299 @@
+"""Perplexity at each context length and loss per position, by streaming with carried state.
+
+Every model kind is evaluated through the model contract
+`model(tokens, positions, cache) -> (logits, cache)`, `cache = model.init_cache(batch, capacity)`:
+a sequence of L tokens is fed in fixed-size chunks by one jitted step (compiled once per shape),
+and the cache (KV window, TTT hidden state, E2E inner weights + KV window) is the carry. Memory
+for SWA / TTT / E2E models therefore does not grow with L; full attention carries a KV cache of
+capacity L and attends to it blockwise (layers/attention.py), never forming an L x L matrix.
+
+Document rule (same documents at every length, so numbers are comparable): the first
+`max_docs` validation documents (in stream order) with at least `max(ctx) + 1` tokens
+(`[BOS] text [EOS]`). The sequence of length L of a document is its first L + 1 tokens (inputs
+plus shifted targets), starting at BOS; the NLL is averaged over all L predicted positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from ttt_jax.config import ConfigError, parse_ctx
+
+
+class EvalDocs(NamedTuple):
+  names: tuple[str, ...]
+  tokens: np.ndarray  # int32 [N, max_ctx + 1], each row a document prefix starting at BOS
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def parse_ctx_list(value: str | Sequence[int | str]) -> list[int]:
+  """'1k,2k,512' -> [512, 1024, 2048] (sorted, unique)."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  ctxs = sorted({parse_ctx(v) for v in items if str(v).strip()})
+  if not ctxs or ctxs[0] <= 0:
+    raise ConfigError(f"ctx={value!r}: expected a comma list of positive lengths like 1k,2k,8k")
+  return ctxs
+
+
+def stream_alignment(model_cfg: ml_collections.ConfigDict) -> int:
+  """Streamed chunks must be whole multiples of this: the TTT / E2E inner mini-batch size."""
+  align = 1
+  if model_cfg.mixer in ("ttt_linear", "ttt_mlp"):
+    align = math.lcm(align, model_cfg.ttt.mini_batch_size)
+  if model_cfg.kind == "e2e":
+    align = math.lcm(align, model_cfg.e2e.mini_batch_size)
+  return align
+
+
+def chunk_for(ctx: int, chunk: int, align: int = 1) -> int:
+  """The chunk size used at context `ctx`: `chunk`, or `ctx` itself when shorter."""
+  c = min(chunk, ctx)
+  if ctx % c:
+    raise ConfigError(f"ctx={ctx} is not a multiple of the chunk size eval.chunk={chunk}; "
+                      f"use context lengths that are multiples of {chunk}")
+  if c % align:
+    raise ConfigError(f"chunk size {c} (ctx={ctx}, eval.chunk={chunk}) must be a multiple of the "
+                      f"model's inner mini-batch size {align}")
+  return c
+
+
+def select_documents(stream, max_ctx: int, max_docs: int) -> EvalDocs:
+  """The first `max_docs` documents of `stream` with >= max_ctx + 1 tokens (module docstring)."""
+  need = max_ctx + 1
+  lengths = stream.doc_lengths
+  idx = np.flatnonzero(lengths >= need)[:max_docs]
+  if len(idx) == 0:
+    longest = int(lengths.max())
+    raise ConfigError(f"ctx={max_ctx} is larger than the data allows: no validation document has "
+                      f"{need} tokens (the longest has {longest}, so ctx <= {longest - 1})")
+  rows = np.stack([stream.tokens[s:s + need] for s in stream.doc_starts[idx]]).astype(np.int32)
+  return EvalDocs(tuple(stream.names[i] for i in idx), rows)
+
+
+# -- streaming ----------------------------------------------------------------------------------
+def make_chunk_step(graphdef) -> Callable:
+  """jit(params, cache, inputs [B,c], targets [B,c], start) -> (nll [B,c] fp32, new cache)."""
+
+  def step(params, cache, inputs, targets, start):
+    model = nnx.merge(graphdef, params)
+    positions = start + jnp.arange(inputs.shape[1], dtype=jnp.int32)
+    logits, cache = model(inputs, positions, cache)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), cache
+
+  return jax.jit(step, donate_argnums=1)
+
+
+def init_cache(graphdef, params, batch_size: int, capacity: int):
+  """The model's empty streaming state (built under jit: E2E copies its inner weights in)."""
+  return jax.jit(lambda p: nnx.merge(graphdef, p).init_cache(batch_size, capacity))(params)
+
+
+def stream_nll(graphdef, params, tokens: np.ndarray, chunk: int, *,
+               step_fn: Callable | None = None, capacity: int | None = None,
+               progress=None) -> np.ndarray:
+  """Per-position NLL [B, L] of `tokens` [B, L+1], fed chunk by chunk with the cache carried.
+
+  `capacity` is the KV capacity for full attention (default L: the whole context stays
+  visible); windowed / recurrent mixers ignore it.
+  """
+  batch, length = tokens.shape[0], tokens.shape[1] - 1
+  if length % chunk:
+    raise ConfigError(f"sequence length {length} is not a multiple of the chunk size {chunk}")
+  step_fn = make_chunk_step(graphdef) if step_fn is None else step_fn
+  cache = init_cache(graphdef, params, batch, length if capacity is None else capacity)
+  out = np.empty((batch, length), np.float32)
+  for s in range(0, length, chunk):
+    nll, cache = step_fn(params, cache, tokens[:, s:s + chunk], tokens[:, s + 1:s + chunk + 1],
+                         jnp.int32(s))
+    out[:, s:s + chunk] = np.asarray(nll)
+    if progress is not None:
+      progress.update(batch * chunk)
+  return out
+
+
+def one_shot_nll(graphdef, params, tokens: np.ndarray) -> np.ndarray:
+  """Per-position NLL [B, L] from a single forward pass without a cache (the reference)."""
+
+  def fwd(params, tokens):
+    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+  return np.asarray(jax.jit(fwd)(params, tokens))
+
+
+# -- summaries ----------------------------------------------------------------------------------
+def bucket_edges(length: int, first: int) -> list[int]:
+  """Log-spaced position buckets [0, first), [first, 2 first), [2 first, 4 first) ... up to L."""
+  edges, e = [0], first
+  while e < length:
+    edges.append(e)
+    e *= 2
+  return edges + [length]
+
+
+def position_buckets(nll: np.ndarray, first: int) -> list[dict[str, float]]:
+  """Mean NLL per log-spaced position bucket of `nll` [B, L] (position = index of the input)."""
+  edges = bucket_edges(nll.shape[1], first)
+  out = []
+  for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    part = nll[:, lo:hi].astype(np.float64)
+    out.append({"start": lo, "end": hi, "mean_nll": float(part.mean()), "tokens": part.size})
+  return out
+
+
+def context_summary(ctx: int, nll: np.ndarray) -> dict[str, float]:
+  mean = float(nll.astype(np.float64).mean())
+  return {"ctx": ctx, "mean_nll": mean, "ppl": math.exp(mean), "tokens": int(nll.size),
+          "docs": int(nll.shape[0])}
+
+
+def validation_metrics(eval_fn: Callable[[Any], dict], batches: Iterable) -> dict[str, float]:
+  """Mean of `eval_fn(batch)` metrics over equally sized batches, plus `ppl = exp(loss)`."""
+  totals: dict[str, float] = {}
+  n = 0
+  for batch in batches:
+    for k, v in eval_fn(batch).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    n += 1
+  out = {k: v / max(n, 1) for k, v in totals.items()}
+  if "loss" in out:
+    out["ppl"] = math.exp(min(out["loss"], 700.0))
+  return out
+
+
+# -- whole evaluation ---------------------------------------------------------------------------
+def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs: EvalDocs,
+                   ctxs: Sequence[int], *, chunk: int, batch_size: int, first_bucket: int,
+                   progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
+  """Perplexity at every context length in `ctxs` + loss per position bucket at the longest."""
+  from tqdm.auto import tqdm  # noqa: PLC0415
+
+  ctxs = sorted(ctxs)
+  if docs.tokens.shape[1] < ctxs[-1] + 1:
+    raise ConfigError(f"ctx={ctxs[-1]} needs documents of {ctxs[-1] + 1} tokens; "
+                      f"the selected ones have {docs.tokens.shape[1]}")
+  align = stream_alignment(model_cfg)
+  chunks = {L: chunk_for(L, chunk, align) for L in ctxs}  # fail before any compute
+  step_fn = make_chunk_step(graphdef)
+  n_docs = docs.tokens.shape[0]
+  per_ctx, buckets = [], []
+  for L in ctxs:
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_docs * L, desc=f"eval ctx {L}", unit="tok", unit_scale=True,
+               disable=not progress, dynamic_ncols=True, leave=False)
+    parts = [stream_nll(graphdef, params, docs.tokens[i:i + batch_size, :L + 1], chunks[L],
+                        step_fn=step_fn, progress=bar)
+             for i in range(0, n_docs, batch_size)]
+    bar.close()
+    nll = np.concatenate(parts)
+    summary = dict(context_summary(L, nll), chunk=chunks[L],
+                   seconds=round(time.perf_counter() - t0, 3))
+    per_ctx.append(summary)
+    if echo is not None:
+      echo(f"ctx {L:>7}: ppl {summary['ppl']:9.3f}  nll {summary['mean_nll']:.4f}  "
+           f"({summary['tokens']:,} tokens, {summary['seconds']:.1f}s)")
+    if L == ctxs[-1]:
+      buckets = position_buckets(nll, first_bucket)
+  return {"contexts": per_ctx, "position_buckets": {"ctx": ctxs[-1], "buckets": buckets},
+          "documents": list(docs.names)}
+
+
+# -- trained runs -------------------------------------------------------------------------------
+class Run(NamedTuple):
+  workdir: str
+  step: int
+  config: ml_collections.ConfigDict
+  graphdef: Any
+  params: Any
+
+
+def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config on top of today's defaults (knobs added since keep their default)."""
+  from ttt_jax.config import base_config, validate  # noqa: PLC0415
+  from ttt_jax.train.checkpoint import flat_config  # noqa: PLC0415
+
+  config = base_config()
+  known = flat_config(config.to_dict())
+  config.update_from_flattened_dict({k: v for k, v in flat_config(saved).items() if k in known})
+  # Any mesh works for restore; evaluate on whatever devices this process has.
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  return validate(config)
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+  """Config + parameters of a run's latest (or `step`) checkpoint, opened read-only."""
+  from ttt_jax.train import checkpoint as ckpt  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  if not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir}: no such directory")
+  directory = os.path.join(workdir, ckpt.CKPT_DIR)
+  if not os.path.isdir(directory):
+    raise ConfigError(f"--workdir {workdir}: no checkpoints directory {directory} "
+                      "(train with scripts/train.py --workdir first)")
+  checkpoints = ckpt.RunCheckpoints(directory, read_only=True)
+  try:
+    steps = checkpoints.steps()
+    if not steps:
+      raise ConfigError(f"--workdir {workdir}: no complete checkpoint in {directory}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available: "
+                        f"{', '.join(map(str, steps))}")
+    config = config_from_saved(checkpoints.saved_config(step))
+    trainer = Trainer.create(config)
+    params = checkpoints.restore_params(step, trainer)
+  finally:
+    checkpoints.close()
+  return Run(workdir, step, config, trainer.graphdef, params)
+
+
+def evaluate_run(run: Run, ctxs: Sequence[int], *, max_docs: int | None = None,
+                 chunk: int | None = None, batch_size: int | None = None,
+                 progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
+  """Selects the documents for max(ctxs) from the run's validation split and evaluates."""
+  from ttt_jax.data import pipeline  # noqa: PLC0415
+
+  ev, dc = run.config.eval, run.config.data
+  ctxs = sorted(ctxs)
+  max_docs = ev.max_docs if max_docs is None else max_docs
+  chunk = ev.chunk if chunk is None else chunk
+  batch_size = ev.batch_size if batch_size is None else batch_size
+  align = stream_alignment(run.config.model)
+  for L in ctxs:
+    chunk_for(L, chunk, align)
+  stream = pipeline.load_stream(dc.source, dc.tokenizer, "validation", dc.val_fraction)
+  docs = select_documents(stream, ctxs[-1], max_docs)
+  if echo is not None:
+    echo(f"{run.workdir} (step {run.step}, {run.config.model.kind}/{run.config.model.mixer}): "
+         f"{len(docs.names)} validation documents of >= {ctxs[-1] + 1} tokens, chunk {chunk}")
+  out = evaluate_model(run.graphdef, run.params, run.config.model, docs, ctxs, chunk=chunk,
+                       batch_size=batch_size, first_bucket=ev.first_bucket, progress=progress,
+                       echo=echo)
+  m = run.config.model
+  return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
+          "train_ctx": run.config.data.seq_len, "chunk": chunk, "max_docs": max_docs,
+          "selection": f"first {max_docs} validation documents with >= max(ctx)+1 tokens",
+          **out}
+
+
+def write_results(results: dict, workdir: str) -> str:
+  """Writes `workdir/eval/results.json` (never touches the checkpoints). Returns its path."""
+  path = os.path.join(workdir, "eval", "results.json")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  return path

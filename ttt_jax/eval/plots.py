@@ -1,0 +1,112 @@
+"""PNG plots and text tables of evaluation results (matplotlib, Agg backend).
+
+Input is one or more `results.json` dicts (see eval/perplexity.py:evaluate_run): perplexity vs
+context length, loss vs position bucket (one line per run), and the "loss delta vs full
+attention" table that compares methods at each context length.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+
+def run_label(res: dict) -> str:
+  name = os.path.basename(os.path.normpath(res.get("workdir", ""))) or "run"
+  return f"{name} ({res.get('kind', '?')})"
+
+
+def _pyplot():
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt
+
+
+def plot_ppl_vs_ctx(runs: Sequence[dict], path: str) -> str:
+  """Perplexity (log y) against context length (log2 x), one line per run."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for res in runs:
+    xs = [c["ctx"] for c in res["contexts"]]
+    ax.plot(xs, [c["ppl"] for c in res["contexts"]], marker="o", label=run_label(res))
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("context length (tokens)")
+  ax.set_ylabel("perplexity (validation)")
+  ax.set_title("Perplexity vs context length")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_loss_vs_position(runs: Sequence[dict], path: str) -> str:
+  """Mean NLL per log-spaced position bucket at each run's longest context."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for res in runs:
+    buckets = res["position_buckets"]["buckets"]
+    xs = [max(b["start"], 1) * 0.5 + b["end"] * 0.5 for b in buckets]  # bucket middle
+    ax.plot(xs, [b["mean_nll"] for b in buckets], marker="o",
+            label=f"{run_label(res)}, ctx {res['position_buckets']['ctx']}")
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("position in the sequence (bucket middle, tokens)")
+  ax.set_ylabel("mean NLL (nats/token)")
+  ax.set_title("Loss vs position")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def write_plots(runs: Sequence[dict], out_dir: str, prefix: str = "") -> list[str]:
+  """`ppl_vs_ctx.png` and `loss_vs_position.png` (prefixed, e.g. 'compare_') in out_dir."""
+  return [plot_ppl_vs_ctx(runs, os.path.join(out_dir, f"{prefix}ppl_vs_ctx.png")),
+          plot_loss_vs_position(runs, os.path.join(out_dir, f"{prefix}loss_vs_position.png"))]
+
+
+def ppl_table(res: dict) -> str:
+  """Per-context-length table of one run."""
+  lines = [f"{'ctx':>8} {'ppl':>10} {'nll':>8} {'tokens':>12}"]
+  for c in res["contexts"]:
+    lines.append(f"{c['ctx']:>8} {c['ppl']:>10.3f} {c['mean_nll']:>8.4f} {c['tokens']:>12,}")
+  return "\n".join(lines)
+
+
+def baseline_index(runs: Sequence[dict]) -> int:
+  """The full-attention run (mixer 'full', not E2E) if there is one, else the first run."""
+  for i, res in enumerate(runs):
+    if res.get("mixer") == "full" and res.get("kind") != "e2e":
+      return i
+  return 0
+
+
+def compare_table(runs: Sequence[dict]) -> str:
+  """Rows = runs, columns = context lengths: mean NLL minus the baseline's (negative = better)."""
+  base = runs[baseline_index(runs)]
+  base_nll = {c["ctx"]: c["mean_nll"] for c in base["contexts"]}
+  ctxs = sorted(set().union(*({c["ctx"] for c in r["contexts"]} for r in runs)))
+  width = max(len(run_label(r)) for r in runs) + 2
+  head = f"loss delta vs {run_label(base)} (nats/token; negative = better)"
+  lines = [head, f"{'run':<{width}}" + "".join(f"{x:>10}" for x in ctxs)]
+  for res in runs:
+    nll = {c["ctx"]: c["mean_nll"] for c in res["contexts"]}
+    cells = [f"{nll[x] - base_nll[x]:>+10.4f}" if x in nll and x in base_nll else f"{'-':>10}"
+             for x in ctxs]
+    lines.append(f"{run_label(res):<{width}}" + "".join(cells))
+  docs = {tuple(r.get("documents", ())) for r in runs}
+  if len(docs) > 1:
+    lines.append("warning: the runs were evaluated on different documents (data config or ctx "
+                 "differ); deltas are not like for like")
+  return "\n".join(lines)
