@@ -58,6 +58,15 @@ class Block(nnx.Module):
                   param_dtype=pdt, rngs=rngs)
     norm = lambda: RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)  # noqa: E731
     self.post_norm = cfg.post_norm
+    if cfg.mixer in ("ttt_linear", "ttt_mlp") and cfg.ttt.backbone == "mamba":
+      from ttt_jax.layers.ttt import CausalConv  # noqa: PLC0415
+
+      # TTT "Mamba backbone": h += conv(norm(h)) before the mixer (own streaming state).
+      self.conv_norm = norm()
+      self.conv = CausalConv(d, cfg.ttt.conv_width, axis="embed",
+                             compute_dtype=dtype(cfg.compute_dtype), param_dtype=pdt, rngs=rngs)
+    else:
+      self.conv = None
     self.mixer_norm = norm()
     self.mixer = make_mixer(cfg, rngs)
     self.mixer_post_norm = norm() if cfg.post_norm else None
@@ -73,7 +82,10 @@ class Block(nnx.Module):
     self.mlp_post_norm = norm() if cfg.post_norm else None
 
   def init_state(self, batch_size: int, capacity: int | None = None):
-    return self.mixer.init_state(batch_size, capacity)
+    state = self.mixer.init_state(batch_size, capacity)
+    if self.conv is not None:
+      return {"conv": self.conv.init_state(batch_size), "mixer": state}
+    return state
 
   @staticmethod
   def _branch(h, pre, fn, post):
@@ -81,7 +93,14 @@ class Block(nnx.Module):
     return h + (post(y) if post is not None else y).astype(h.dtype)
 
   def __call__(self, h: jax.Array, positions: jax.Array, state=None):
-    y, state = self.mixer(self.mixer_norm(h), positions, state)
+    if self.conv is not None:
+      y, conv_state = self.conv(self.conv_norm(h), None if state is None else state["conv"])
+      h = h + y.astype(h.dtype)
+      y, mixer_state = self.mixer(self.mixer_norm(h), positions,
+                                  None if state is None else state["mixer"])
+      state = None if state is None else {"conv": conv_state, "mixer": mixer_state}
+    else:
+      y, state = self.mixer(self.mixer_norm(h), positions, state)
     if self.mixer_post_norm is not None:
       y = self.mixer_post_norm(y)
     h = h + y.astype(h.dtype)

@@ -1,0 +1,317 @@
+"""TTT-Linear / TTT-MLP: dual == primal == autodiff references, learning, causality, streaming."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.config import ConfigError, build_config, validate
+from ttt_jax.layers import ttt_inner
+from ttt_jax.layers.ttt import TTTMixer
+
+BASE_LR = {"linear": 1.0, "mlp": 0.1}
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def tree_rel_err(a, b) -> float:
+  return max(jax.tree.leaves(jax.tree.map(rel_err, a, b)))
+
+
+# -- inner loop on raw views ---------------------------------------------------------------------
+
+
+def random_inputs(kind: str, batch: int, heads: int, length: int, d: int, b: int, seed: int):
+  """Random views, gates, tau, inner LN params and initial inner weights (all non-trivial)."""
+  rng = np.random.default_rng(seed)  # numpy: no per-op compilation for test inputs
+  n = lambda s, std=1.0: jnp.asarray(std * rng.standard_normal(s), jnp.float32)  # noqa: E731
+  views = [n((batch, heads, length, d)) for _ in range(3)]
+  gate = jnp.asarray(rng.uniform(0.1, 0.9, (batch, heads, length)), jnp.float32)
+  tau = n((b,), 0.1)
+  ln = (1.0 + n((heads, 1, d), 0.1), n((heads, 1, d), 0.1))
+  if kind == "linear":
+    params = {"w": n((heads, d, d), 0.3), "b": n((heads, 1, d), 0.1)}
+  else:
+    params = {"w1": n((heads, d, 4 * d), 0.3), "b1": n((heads, 1, 4 * d), 0.1),
+              "w2": n((heads, 4 * d, d), 0.3), "b2": n((heads, 1, d), 0.1)}
+  params = jax.tree.map(lambda p: jnp.broadcast_to(p, (batch, *p.shape)), params)
+  return params, ln, views, gate, tau
+
+
+def run_inner(kind, impl, params, ln, xq, xk, xv, gate, tau, b, remat_group=0):
+  """Sequence-level inner loop via ttt_inner (what the mixer calls). z [B,H,T,d]."""
+  bsz, h, length, d = xq.shape
+  n = length // b
+  to_mb = lambda a: jnp.moveaxis(a.reshape(bsz, h, n, b, *a.shape[3:]), 2, 0)  # noqa: E731
+  eta = ttt_inner.token_lr(to_mb(gate), tau, BASE_LR[kind], d)
+  final, z = ttt_inner.scan_minibatches(ttt_inner.STEPS[(kind, impl)], params, ln,
+                                        (to_mb(xq), to_mb(xk), to_mb(xv), eta), remat_group)
+  return final, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
+
+
+def g_fn(kind, p, z):
+  """The inner model's g(z; W) for one token (no batch/head axes)."""
+  if kind == "linear":
+    return z @ p["w"] + p["b"][0]
+  return jax.nn.gelu(z @ p["w1"] + p["b1"][0], approximate=True) @ p["w2"] + p["b2"][0]
+
+
+def ln_ref(x, scale, bias, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * scale + bias
+
+
+def reference_one_head(kind, params, ln, xq, xk, xv, gate, tau, b):
+  """Mini-batch TTT from its definition, one sequence and one head, with autodiff gradients.
+
+  params: inner weights for the head; xq/xk/xv [T, d]; gate [T]. Returns (z [T, d], final W).
+  """
+  d = xq.shape[-1]
+  scale, bias = ln[0][0], ln[1][0]
+
+  @jax.jit
+  @jax.grad
+  def grad(p, k, v):
+    return 0.5 * jnp.sum((ln_ref(g_fn(kind, p, k), scale, bias) - (v - k)) ** 2)
+
+  out, w = [], params
+  for i in range(xq.shape[0] // b):
+    sl = slice(i * b, (i + 1) * b)
+    grads = [grad(w, xk[s], xv[s]) for s in range(sl.start, sl.stop)]
+    for t in range(b):  # token t of the mini-batch (1-based index t + 1)
+      c = BASE_LR[kind] * max(0.0, 1.0 / (t + 1) + float(tau[t]))
+      w_t = w
+      for s in range(t + 1):
+        eta = c * float(gate[i * b + s]) / d
+        w_t = jax.tree.map(lambda a, g, e=eta: a - e * g, w_t, grads[s])
+      q = xq[i * b + t]
+      out.append(q + ln_ref(g_fn(kind, w_t, q), scale, bias))
+    w = w_t  # W_{i+1} = W_{i, b}
+  return jnp.stack(out), w
+
+
+def online_gd_one_head(kind, params, ln, xq, xk, xv, gate, tau):
+  """Textbook online GD: for each token, one gradient step on its loss, then read it out."""
+  d = xq.shape[-1]
+  scale, bias = ln[0][0], ln[1][0]
+
+  @jax.jit
+  @jax.grad
+  def grad(p, k, v):
+    return 0.5 * jnp.sum((ln_ref(g_fn(kind, p, k), scale, bias) - (v - k)) ** 2)
+
+  lr = BASE_LR[kind] * max(0.0, 1.0 + float(tau[0]))
+  w, out = params, []
+  for t in range(xq.shape[0]):
+    g = grad(w, xk[t], xv[t])
+    w = jax.tree.map(lambda a, gg, e=lr * float(gate[t]) / d: a - e * gg, w, g)
+    out.append(xq[t] + ln_ref(g_fn(kind, w, xq[t]), scale, bias))
+  return jnp.stack(out), w
+
+
+def head_slice(tree, bi, hi):
+  return jax.tree.map(lambda a: a[bi, hi], tree)
+
+
+@pytest.mark.parametrize("kind,b,heads", [
+    ("linear", 4, 3), ("mlp", 2, 2),
+    pytest.param("linear", 1, 2, marks=pytest.mark.slow),
+    pytest.param("mlp", 8, 1, marks=pytest.mark.slow)])
+def test_dual_equals_primal_and_grads(kind, b, heads):
+  """Outputs, final inner weights and gradients w.r.t. every input agree (fp32)."""
+  params, ln, (xq, xk, xv), gate, tau = random_inputs(kind, 2, heads, 16, 8, b, seed=b + heads)
+  probe = jnp.asarray(np.random.default_rng(7).standard_normal(xq.shape), jnp.float32)
+  res = {}
+  for impl in ("dual", "primal"):
+    def objective(*args, impl=impl):
+      final, z = run_inner(kind, impl, *args, b=b)
+      value = jnp.sum(z * probe) + sum(jnp.sum(jnp.sin(w)) for w in jax.tree.leaves(final))
+      return value, (final, z)
+
+    grad_fn = jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True)
+    res[impl] = jax.jit(grad_fn)(params, ln, xq, xk, xv, gate, tau)
+  (_, (final_d, z_d)), grads_d = res["dual"]
+  (_, (final_p, z_p)), grads_p = res["primal"]
+  assert rel_err(z_d, z_p) <= 1e-5
+  assert tree_rel_err(final_d, final_p) <= 1e-5
+  assert tree_rel_err(grads_d, grads_p) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_matches_minibatch_definition_with_autodiff(kind):
+  b = 4
+  params, ln, (xq, xk, xv), gate, tau = random_inputs(kind, 1, 2, 12, 8, b, seed=3)
+  final, z = run_inner(kind, "dual", params, ln, xq, xk, xv, gate, tau, b)
+  for hi in range(2):
+    ref_z, ref_w = reference_one_head(kind, head_slice(params, 0, hi), ln_slice(ln, hi), xq[0, hi],
+                                      xk[0, hi], xv[0, hi], gate[0, hi], tau, b)
+    assert rel_err(z[0, hi], ref_z) <= 1e-5
+    assert tree_rel_err(head_slice(final, 0, hi), ref_w) <= 1e-5
+
+
+def ln_slice(ln, hi):
+  return (ln[0][hi], ln[1][hi])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_b1_is_online_gradient_descent(kind):
+  params, ln, (xq, xk, xv), gate, tau = random_inputs(kind, 1, 1, 10, 8, 1, seed=5)
+  for impl in ("dual", "primal"):
+    final, z = run_inner(kind, impl, params, ln, xq, xk, xv, gate, tau, 1)
+    ref_z, ref_w = online_gd_one_head(kind, head_slice(params, 0, 0), ln_slice(ln, 0), xq[0, 0],
+                                      xk[0, 0], xv[0, 0], gate[0, 0], tau)
+    assert rel_err(z[0, 0], ref_z) <= 1e-5
+    assert tree_rel_err(head_slice(final, 0, 0), ref_w) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_inner_loss_decreases_after_update(kind):
+  """Mean inner loss of a mini-batch at W_{i+1} is below the loss at W_i (random data)."""
+  b = 8
+  params, ln, (_, xk, xv), gate, tau = random_inputs(kind, 4, 4, b, 16, b, seed=11)
+  tau = jnp.zeros_like(tau)
+  xv = xk + 0.5 * xv  # labels related to the training view, so there is something to learn
+
+  @jax.jit
+  def losses(params, ln, xk, xv, gate, tau):
+    eta = ttt_inner.token_lr(gate, tau, BASE_LR[kind], 16)
+    new, _ = ttt_inner.STEPS[(kind, "dual")](params, ln, xk, xk, xv, eta)
+    return (ttt_inner.inner_loss(kind, params, ln, xk, xv),
+            ttt_inner.inner_loss(kind, new, ln, xk, xv))
+
+  before, after = losses(params, ln, xk, xv, gate, tau)
+  assert float(jnp.mean(after)) < float(jnp.mean(before))
+  assert float(jnp.mean(after < before)) > 0.6
+
+
+# -- the mixer ---------------------------------------------------------------------------------
+
+
+def mixer_cfg(mixer="ttt_linear", backbone="mamba", b=4, impl="dual", remat_group=0, heads=2):
+  c = build_config(f"model={mixer}").model
+  c.d_model, c.num_heads, c.num_layers = 32, heads, 2
+  c.ttt.mini_batch_size, c.ttt.backbone, c.ttt.impl = b, backbone, impl
+  c.ttt.remat_group = remat_group
+  return c
+
+
+def make_mixer(**kw):
+  return TTTMixer(mixer_cfg(**kw), compute_dtype=jnp.float32, param_dtype=jnp.float32,
+                  rngs=nnx.Rngs(0))
+
+
+def randomize(module, seed=1, std=0.3):
+  """Perturbs every parameter (zeros/ones at init would hide errors in the biases and norms)."""
+  graphdef, state = nnx.split(module)
+  leaves, tree = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  leaves = [x + jnp.asarray(std * rng.standard_normal(x.shape), x.dtype) for x in leaves]
+  return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
+
+
+def functional(module):
+  """(graphdef, params, jitted f(params, x, positions, state) -> (y, state))."""
+  graphdef, params = nnx.split(module)
+
+  @jax.jit
+  def f(p, x, positions, state):
+    return nnx.merge(graphdef, p)(x, positions, state)
+
+  return params, f
+
+
+X = jnp.asarray(np.random.default_rng(42).standard_normal((2, 24, 32)), jnp.float32)
+POS = jnp.arange(24, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("mixer", ["ttt_linear", pytest.param("ttt_mlp", marks=pytest.mark.slow)])
+def test_mixer_dual_equals_primal_grads_all_params(mixer):
+  outs = {}
+  for impl in ("dual", "primal"):
+    m = randomize(make_mixer(mixer=mixer, impl=impl, heads=4), std=0.1)
+    params, _ = functional(m)
+    graphdef = nnx.graphdef(m)
+
+    def loss(p, x, graphdef=graphdef):
+      y, _ = nnx.merge(graphdef, p)(x, POS, None)
+      return jnp.sum(jnp.sin(y)), y
+
+    (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, X)
+    outs[impl] = (y, g)
+  assert rel_err(outs["dual"][0], outs["primal"][0]) <= 1e-5
+  assert tree_rel_err(outs["dual"][1], outs["primal"][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("backbone", ["mamba", "base"])
+def test_mixer_causal(backbone):
+  m = randomize(make_mixer(mixer="ttt_mlp", backbone=backbone))
+  params, f = functional(m)
+  y, _ = f(params, X, POS, None)
+  p = 13
+  x2 = X.at[:, p].add(1.0)
+  y2, _ = f(params, x2, POS, None)
+  assert float(jnp.max(jnp.abs(y2[:, :p] - y[:, :p]))) == 0.0
+  assert float(jnp.max(jnp.abs(y2[:, p] - y[:, p]))) > 1e-4
+
+
+@pytest.mark.parametrize("mixer,backbone,chunks", [
+    ("ttt_linear", "mamba", (1,) * 24), ("ttt_mlp", "base", (1,) * 24),
+    ("ttt_linear", "base", (8, 8, 8)), ("ttt_mlp", "mamba", (5, 5, 5, 5, 4))])
+def test_mixer_streaming_equals_one_shot(mixer, backbone, chunks):
+  m = randomize(make_mixer(mixer=mixer, backbone=backbone))
+  params, f = functional(m)
+  y, _ = f(params, X, POS, None)
+  state, ys, t = m.init_state(2), [], 0
+  for c in chunks:
+    yc, state = f(params, X[:, t:t + c], POS[t:t + c], state)
+    ys.append(yc)
+    t += c
+  assert t == X.shape[1]
+  assert rel_err(jnp.concatenate(ys, axis=1), y) <= 1e-5
+  assert int(state.count) == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_remat_through_time_identical(kind):
+  """remat_group 0 (plain scan) vs 4 over 6 mini-batches (a group of 4 + a tail of 2)."""
+  params, ln, (xq, xk, xv), gate, tau = random_inputs(kind, 1, 2, 12, 8, 2, seed=13)
+  res = []
+  for k in (0, 4):
+    def objective(*args, k=k):
+      _, z = run_inner(kind, "dual", *args, b=2, remat_group=k)
+      return jnp.sum(z * z), z
+
+    grad_fn = jax.value_and_grad(objective, argnums=tuple(range(7)), has_aux=True)
+    res.append(jax.jit(grad_fn)(params, ln, xq, xk, xv, gate, tau))
+  (_, z0), g0 = res[0]
+  (_, z1), g1 = res[1]
+  assert rel_err(z1, z0) <= 1e-6
+  assert tree_rel_err(g1, g0) <= 1e-5
+
+
+def test_mixer_remat_group_knob():
+  """The config knob reaches the layer: remat through time shows up in the jaxpr."""
+  for k, expected in ((0, False), (2, True)):
+    m = make_mixer(remat_group=k)
+    graphdef, params = nnx.split(m)
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(X, POS, None)[0])))(params)
+    assert ("checkpoint" in str(jaxpr) or "remat" in str(jaxpr)) == expected
+
+
+def test_one_shot_length_must_be_multiple_of_b():
+  m = make_mixer(b=8)
+  with pytest.raises(ValueError, match="multiple of model.ttt.mini_batch_size=8"):
+    m(X[:, :20], POS[:20], None)
+
+
+def test_config_rejects_seq_len_not_multiple_of_b():
+  c = build_config("model=ttt_linear,ctx=100")
+  with pytest.raises(ConfigError, match="data.seq_len=100"):
+    validate(c)

@@ -1,0 +1,222 @@
+"""TTT-Linear / TTT-MLP sequence mixers (mini-batch TTT with a learnable token-dependent LR).
+
+Per head the layer keeps an inner model (see layers/ttt_inner.py) whose weights W are the hidden
+state: every mini-batch of b tokens takes one gradient step of the self-supervised inner loss on
+its training view XK -> label view XV, and tokens read the test view XQ through the causally
+updated W. Views come from learned projections (RoPE at position `t mod b` on XQ/XK):
+  backbone 'mamba' (`ttt_*`): XQ, XK share one projection followed by their own causal depthwise
+    convs; the output is gated by gelu_tanh(theta_G x).
+  backbone 'base' (`ttt_*_base`): separate theta_Q/theta_K/theta_V, no conv, no gate.
+Output: merge heads -> LayerNorm(D) -> [gate] -> theta_O.
+
+Mixer contract (see layers/attention.py): `mixer(x [B,T,D], positions [T], state)`.
+`state=None` runs a fresh sequence in one shot (T must be a multiple of b). With a `TTTState`
+any T works: the state holds W at the start of the current mini-batch plus the buffered views
+and LR gates of its first `count` tokens, so chunked or token-by-token calls reproduce the
+one-shot outputs exactly; the update of a mini-batch is applied once its b-th token arrives.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ttt_jax.layers import ttt_inner
+from ttt_jax.layers.common import const_init, linear, normal_init
+from ttt_jax.layers.rope import apply_rope
+
+POST_NORM_EPS = 1e-6
+
+
+class CausalConv(nnx.Module):
+  """Depthwise causal 1-D conv with bias: y_t = sum_j w_j * x_{t-width+1+j} + bias.
+
+  Streaming state: the last `width - 1` inputs [B, width-1, D] (zeros at sequence start).
+  """
+
+  def __init__(self, dim: int, width: int, *, axis: str | None, compute_dtype, param_dtype,
+               rngs: nnx.Rngs):
+    self.width = width
+    self.dim = dim
+    self.compute_dtype = compute_dtype
+    self.kernel = nnx.Param(normal_init(width ** -0.5, (None, axis))(
+        rngs.params(), (width, dim), param_dtype))
+    self.bias = nnx.Param(const_init(0.0, (axis,))(None, (dim,), param_dtype))
+
+  def init_state(self, batch_size: int) -> jax.Array:
+    return jnp.zeros((batch_size, self.width - 1, self.dim), self.compute_dtype)
+
+  def __call__(self, x: jax.Array, state: jax.Array | None = None):
+    x = x.astype(self.compute_dtype)
+    t = x.shape[1]
+    prev = self.init_state(x.shape[0]) if state is None else state.astype(x.dtype)
+    xp = jnp.concatenate([prev, x], axis=1)
+    w = self.kernel[...].astype(x.dtype)
+    y = sum(xp[:, j:j + t] * w[j] for j in range(self.width)) + self.bias[...].astype(x.dtype)
+    new_state = None if state is None else xp[:, xp.shape[1] - (self.width - 1):]
+    return y, new_state
+
+
+class TTTState(NamedTuple):
+  """Streaming state of one TTT mixer."""
+
+  params: dict  # inner weights at the start of the current mini-batch, each [B, H, ...] fp32
+  xk: jax.Array  # [B, H, b, d] training views of the current mini-batch's first `count` tokens
+  xv: jax.Array  # [B, H, b, d] label views
+  gate: jax.Array  # [B, H, b] LR gates
+  count: jax.Array  # int32 scalar: tokens of the current mini-batch seen so far (0..b-1)
+  conv: jax.Array | None  # [B, width-1, D] Q/K conv input history (mamba backbone)
+
+
+class TTTMixer(nnx.Module):
+  """Multi-head TTT layer; `cfg` is the model config section (uses cfg.mixer and cfg.ttt)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, compute_dtype, param_dtype,
+               rngs: nnx.Rngs):
+    t = cfg.ttt
+    self.kind = {"ttt_linear": "linear", "ttt_mlp": "mlp"}[cfg.mixer]
+    self.num_heads, d_model = cfg.num_heads, cfg.d_model
+    self.head_dim = d = d_model // cfg.num_heads
+    self.mini_batch_size = t.mini_batch_size
+    self.base_lr = float(t.base_lr)
+    self.impl = t.impl
+    self.remat_group = int(t.remat_group)
+    self.mamba = t.backbone == "mamba"
+    self.rope_theta = cfg.rope_theta
+    self.compute_dtype = compute_dtype
+    h, std = self.num_heads, cfg.init_std
+    out_std = std / (2 * cfg.num_layers) ** 0.5
+    kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
+    self.wq = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
+    self.wk = None if self.mamba else linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
+    self.wv = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
+    self.wo = linear(d_model, d_model, ("heads", "embed"), std=out_std, **kw)
+    if self.mamba:
+      self.conv_q = CausalConv(d_model, t.conv_width, axis="heads", **kw)
+      self.conv_k = CausalConv(d_model, t.conv_width, axis="heads", **kw)
+      self.wg = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
+    else:
+      self.conv_q = self.conv_k = self.wg = None
+    # Token-dependent inner LR: gate_s = sigmoid(x_s . lr_w[h] + lr_b[h]); per-position tau.
+    key = rngs.params
+    self.lr_w = nnx.Param(normal_init(std, ("heads", "embed"))(key(), (h, d_model), param_dtype))
+    self.lr_b = nnx.Param(const_init(0.0, ("heads",))(None, (h,), param_dtype))
+    self.tau = nnx.Param(const_init(0.0, (None,))(None, (t.mini_batch_size,), param_dtype))
+    # Initial inner weights W0 (outer-loop parameters) and the per-head inner LayerNorm.
+    w_axes = ("heads", "head_dim", "head_dim")
+    b_axes = ("heads", None, "head_dim")
+    if self.kind == "linear":
+      self.w0 = nnx.Param(normal_init(std, w_axes)(key(), (h, d, d), param_dtype))
+      self.b0 = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
+    else:
+      self.w1 = nnx.Param(normal_init(std, w_axes)(key(), (h, d, 4 * d), param_dtype))
+      self.b1 = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, 4 * d), param_dtype))
+      self.w2 = nnx.Param(normal_init(std, w_axes)(key(), (h, 4 * d, d), param_dtype))
+      self.b2 = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
+    self.ln_scale = nnx.Param(const_init(1.0, b_axes)(None, (h, 1, d), param_dtype))
+    self.ln_bias = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
+    self.post_scale = nnx.Param(const_init(1.0, ("heads",))(None, (d_model,), param_dtype))
+    self.post_bias = nnx.Param(const_init(0.0, ("heads",))(None, (d_model,), param_dtype))
+
+  # -- state --------------------------------------------------------------------------------------
+  def initial_params(self, batch_size: int) -> dict:
+    """W0 broadcast over the batch, fp32."""
+    names = ("w0", "b0") if self.kind == "linear" else ("w1", "b1", "w2", "b2")
+    keys = ("w", "b") if self.kind == "linear" else names
+    return {k: jnp.broadcast_to(getattr(self, n)[...].astype(jnp.float32),
+                                (batch_size, *getattr(self, n).shape))
+            for k, n in zip(keys, names, strict=True)}
+
+  def init_state(self, batch_size: int, capacity: int | None = None) -> TTTState:
+    """Fresh streaming state (`capacity` is unused: the TTT state has constant size)."""
+    del capacity
+    shape = (batch_size, self.num_heads, self.mini_batch_size, self.head_dim)
+    return TTTState(
+        params=self.initial_params(batch_size), xk=jnp.zeros(shape, jnp.float32),
+        xv=jnp.zeros(shape, jnp.float32), gate=jnp.zeros(shape[:3], jnp.float32),
+        count=jnp.zeros((), jnp.int32),
+        conv=self.conv_q.init_state(batch_size) if self.mamba else None)
+
+  # -- views --------------------------------------------------------------------------------------
+  def _views(self, x, positions, conv_state):
+    """(xq, xk, xv [B,H,T,d] fp32, gate [B,H,T] fp32, new conv state)."""
+    bsz, t, _ = x.shape
+    new_conv = None
+    if self.mamba:
+      xqk = self.wq(x)
+      xq, new_conv = self.conv_q(xqk, conv_state)
+      xk, _ = self.conv_k(xqk, conv_state)
+    else:
+      xq, xk = self.wq(x), self.wk(x)
+    xv = self.wv(x)
+    split = lambda a: a.reshape(bsz, t, self.num_heads, self.head_dim)  # noqa: E731
+    rope_pos = positions % self.mini_batch_size
+    xq = apply_rope(split(xq), rope_pos, self.rope_theta)
+    xk = apply_rope(split(xk), rope_pos, self.rope_theta)
+    heads_first = lambda a: jnp.swapaxes(a, 1, 2).astype(jnp.float32)  # noqa: E731
+    logit = jnp.einsum("btc,hc->bht", x.astype(jnp.float32), self.lr_w[...].astype(jnp.float32))
+    gate = jax.nn.sigmoid(logit + self.lr_b[...].astype(jnp.float32)[:, None])
+    return heads_first(xq), heads_first(xk), heads_first(split(xv)), gate, new_conv
+
+  def _run(self, params, xq, xk, xv, gate, complete=None):
+    """Mini-batch TTT over [B,H,n*b,d] views. Returns (final params, z [B,H,n*b,d])."""
+    bsz, h, length, d = xq.shape
+    b, n = self.mini_batch_size, xq.shape[2] // self.mini_batch_size
+    to_mb = lambda a: jnp.moveaxis(a.reshape(bsz, h, n, b, *a.shape[3:]), 2, 0)  # noqa: E731
+    eta = ttt_inner.token_lr(to_mb(gate), self.tau[...].astype(jnp.float32), self.base_lr, d)
+    ln = (self.ln_scale[...].astype(jnp.float32), self.ln_bias[...].astype(jnp.float32))
+    step = ttt_inner.STEPS[(self.kind, self.impl)]
+    params, z = ttt_inner.scan_minibatches(
+        step, params, ln, (to_mb(xq), to_mb(xk), to_mb(xv), eta), self.remat_group, complete)
+    return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
+
+  def _stream(self, state: TTTState, xq, xk, xv, gate):
+    """Prepends the buffered partial mini-batch, runs, and re-buffers the new partial one."""
+    bsz, h, t, d = xq.shape
+    b, m = self.mini_batch_size, state.count
+    length = b * (-(-t // b) + 1)  # room for the buffered tokens (< b) plus the new ones
+
+    def place(buf, new):  # buffer at slots [0, b), new tokens at [m, m + t)
+      pad = jnp.zeros((*buf.shape[:2], length - b, *buf.shape[3:]), buf.dtype)
+      full = jnp.concatenate([buf, pad], axis=2)
+      start = (0, 0, m) + (0,) * (buf.ndim - 3)
+      return jax.lax.dynamic_update_slice(full, new.astype(buf.dtype), start)
+
+    zero_q = jnp.zeros_like(state.xk)
+    xq_all, xk_all, xv_all = place(zero_q, xq), place(state.xk, xk), place(state.xv, xv)
+    gate_all = place(state.gate, gate)
+    end = m + t
+    complete = (jnp.arange(length // b) + 1) * b <= end
+    params, z = self._run(state.params, xq_all, xk_all, xv_all, gate_all, complete)
+    z = jax.lax.dynamic_slice_in_dim(z, m, t, axis=2)
+    start = (end // b) * b
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, b, axis=2)  # noqa: E731
+    new = TTTState(params=params, xk=take(xk_all), xv=take(xv_all), gate=take(gate_all),
+                   count=(end % b).astype(jnp.int32), conv=state.conv)
+    return z, new
+
+  def __call__(self, x: jax.Array, positions: jax.Array, state: TTTState | None = None):
+    x = x.astype(self.compute_dtype)
+    bsz, t, d_model = x.shape
+    if state is None and t % self.mini_batch_size:
+      raise ValueError(f"TTT layer: sequence length {t} must be a multiple of "
+                       f"model.ttt.mini_batch_size={self.mini_batch_size} (or pass a state from "
+                       "init_state to stream any length)")
+    xq, xk, xv, gate, new_conv = self._views(x, positions, None if state is None else state.conv)
+    if state is None:
+      _, z = self._run(self.initial_params(bsz), xq, xk, xv, gate)
+      new_state = None
+    else:
+      z, new_state = self._stream(state, xq, xk, xv, gate)
+      new_state = new_state._replace(conv=new_conv)
+    y = jnp.swapaxes(z, 1, 2).reshape(bsz, t, d_model)
+    y = ttt_inner.layer_norm(y, self.post_scale[...].astype(jnp.float32),
+                             self.post_bias[...].astype(jnp.float32), POST_NORM_EPS)
+    y = y.astype(self.compute_dtype)
+    if self.mamba:
+      y = y * ttt_inner.gelu(self.wg(x))
+    return self.wo(y), new_state

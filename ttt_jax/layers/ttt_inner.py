@@ -1,0 +1,207 @@
+"""The TTT inner loop: mini-batch gradient descent on a per-head inner model, dual and primal.
+
+Shapes: B batch, H heads, b mini-batch size, d head dim, n mini-batches. Every function here is
+pure JAX on fp32 arrays laid out [B, H, b, d] (one mini-batch) or [n, B, H, b, d] (a sequence).
+
+Inner model f(z) = z + LN_h(g(z; W)) with
+  TTT-Linear: g(z) = z W + b                       W (d, d), b (1, d)
+  TTT-MLP:    g(z) = gelu_tanh(z W1 + b1) W2 + b2  W1 (d, 4d), W2 (4d, d)
+and inner loss l_s(W) = 1/2 |LN_h(g(XK_s; W)) - (XV_s - XK_s)|^2. Inside mini-batch i every
+gradient is taken at the mini-batch's initial weights W_i and token t sees
+W_{i,t} = W_i - sum_{s<=t} eta[t, s] grad l_s(W_i); the output is XQ_t + LN_h(g(XQ_t; W_{i,t})).
+
+`primal` materialises every W_{i,t} (the readable reference); `dual` gets the same outputs from
+matmuls only (never forming a per-token W) and forms W_{i+1} = W_{i,b} once per mini-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+LN_EPS = 1e-6
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+InnerParams = dict[str, jax.Array]  # each [B, H, ...]
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = LN_EPS):
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+  return (x - mu) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def ln_l2_grad(z: jax.Array, target: jax.Array, scale: jax.Array, bias: jax.Array,
+               eps: float = LN_EPS) -> jax.Array:
+  """d/dz of 1/2 |LN(z) - target|^2 (LN over the last axis with scale/bias), written out."""
+  mu = jnp.mean(z, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(z - mu), axis=-1, keepdims=True)
+  inv_std = jax.lax.rsqrt(var + eps)
+  xhat = (z - mu) * inv_std
+  g_xhat = (scale * xhat + bias - target) * scale
+  return inv_std * (g_xhat - jnp.mean(g_xhat, axis=-1, keepdims=True)
+                    - xhat * jnp.mean(g_xhat * xhat, axis=-1, keepdims=True))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_grad(x: jax.Array) -> jax.Array:
+  """Derivative of the tanh-approximated GELU."""
+  th = jnp.tanh(_GELU_C * (x + 0.044715 * x ** 3))
+  return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
+
+
+def _mm(a, b):
+  return jnp.einsum("...ij,...jk->...ik", a, b)
+
+
+def _mm_t(a, b):  # a @ b^T
+  return jnp.einsum("...ik,...jk->...ij", a, b)
+
+
+def _t_mm(a, b):  # a^T @ b
+  return jnp.einsum("...ki,...kj->...ij", a, b)
+
+
+def _causal(m: jax.Array) -> jax.Array:
+  return jnp.tril(m)
+
+
+# -- one mini-batch --------------------------------------------------------------------------------
+# Signature: step(params, ln, xq, xk, xv, eta) -> (params after the mini-batch, z [B,H,b,d]).
+# ln = (scale, bias) each [H, 1, d]; eta [B, H, b, b] (entries above the diagonal are ignored).
+
+
+def linear_dual(params: InnerParams, ln, xq, xk, xv, eta):
+  w, b = params["w"], params["b"]
+  grad = ln_l2_grad(_mm(xk, w) + b, xv - xk, *ln)  # dl_s/d(z_s), [B,H,b,d]
+  eta_c = _causal(eta)
+  z = _mm(xq, w) + b - _mm(eta_c * _causal(_mm_t(xq, xk)), grad) - _mm(eta_c, grad)
+  last = eta[..., -1, :, None]  # eta[b, s] as a column
+  new = {"w": w - _t_mm(last * xk, grad), "b": b - jnp.sum(last * grad, axis=-2, keepdims=True)}
+  return new, xq + layer_norm(z, *ln)
+
+
+def linear_primal(params: InnerParams, ln, xq, xk, xv, eta):
+  w, b = params["w"], params["b"]
+  grad = ln_l2_grad(_mm(xk, w) + b, xv - xk, *ln)
+  grad_w = jnp.einsum("...si,...sj->...sij", xk, grad)  # per-token dl_s/dW, [B,H,b,d,d]
+  eta_c = _causal(eta)
+  w_t = w[..., None, :, :] - jnp.einsum("...ts,...sij->...tij", eta_c, grad_w)
+  b_t = b - jnp.einsum("...ts,...sj->...tj", eta_c, grad)  # [B,H,b,d]
+  z = jnp.einsum("...ti,...tij->...tj", xq, w_t) + b_t
+  new = {"w": w_t[..., -1, :, :], "b": b_t[..., -1:, :]}
+  return new, xq + layer_norm(z, *ln)
+
+
+def _mlp_grads(params, ln, xk, xv):
+  z1 = _mm(xk, params["w1"]) + params["b1"]
+  x2 = gelu(z1)
+  g2 = ln_l2_grad(_mm(x2, params["w2"]) + params["b2"], xv - xk, *ln)
+  g1 = _mm_t(g2, params["w2"]) * gelu_grad(z1)
+  return x2, g1, g2
+
+
+def mlp_dual(params: InnerParams, ln, xq, xk, xv, eta):
+  x2, g1, g2 = _mlp_grads(params, ln, xk, xv)
+  eta_c = _causal(eta)
+  z1 = (_mm(xq, params["w1"]) + params["b1"] - _mm(eta_c * _causal(_mm_t(xq, xk)), g1)
+        - _mm(eta_c, g1))
+  xq2 = gelu(z1)
+  z2 = (_mm(xq2, params["w2"]) + params["b2"] - _mm(eta_c * _causal(_mm_t(xq2, x2)), g2)
+        - _mm(eta_c, g2))
+  last = eta[..., -1, :, None]
+  new = {"w1": params["w1"] - _t_mm(last * xk, g1),
+         "b1": params["b1"] - jnp.sum(last * g1, axis=-2, keepdims=True),
+         "w2": params["w2"] - _t_mm(last * x2, g2),
+         "b2": params["b2"] - jnp.sum(last * g2, axis=-2, keepdims=True)}
+  return new, xq + layer_norm(z2, *ln)
+
+
+def mlp_primal(params: InnerParams, ln, xq, xk, xv, eta):
+  x2, g1, g2 = _mlp_grads(params, ln, xk, xv)
+  eta_c = _causal(eta)
+
+  def per_token(w, gw):  # w [B,H,i,j], gw [B,H,b,i,j] -> W_t [B,H,b,i,j]
+    return w[..., None, :, :] - jnp.einsum("...ts,...sij->...tij", eta_c, gw)
+
+  w1_t = per_token(params["w1"], jnp.einsum("...si,...sj->...sij", xk, g1))
+  w2_t = per_token(params["w2"], jnp.einsum("...si,...sj->...sij", x2, g2))
+  b1_t = params["b1"] - jnp.einsum("...ts,...sj->...tj", eta_c, g1)
+  b2_t = params["b2"] - jnp.einsum("...ts,...sj->...tj", eta_c, g2)
+  h = gelu(jnp.einsum("...ti,...tij->...tj", xq, w1_t) + b1_t)
+  z = jnp.einsum("...ti,...tij->...tj", h, w2_t) + b2_t
+  new = {"w1": w1_t[..., -1, :, :], "b1": b1_t[..., -1:, :],
+         "w2": w2_t[..., -1, :, :], "b2": b2_t[..., -1:, :]}
+  return new, xq + layer_norm(z, *ln)
+
+
+STEPS: dict[tuple[str, str], Callable] = {
+    ("linear", "dual"): linear_dual, ("linear", "primal"): linear_primal,
+    ("mlp", "dual"): mlp_dual, ("mlp", "primal"): mlp_primal,
+}
+
+
+def inner_loss(kind: str, params: InnerParams, ln, xk, xv) -> jax.Array:
+  """Per-token inner loss [B, H, b] of the mini-batch (xk, xv) at `params`."""
+  if kind == "linear":
+    pred = _mm(xk, params["w"]) + params["b"]
+  else:
+    pred = _mm(gelu(_mm(xk, params["w1"]) + params["b1"]), params["w2"]) + params["b2"]
+  return 0.5 * jnp.sum(jnp.square(layer_norm(pred, *ln) - (xv - xk)), axis=-1)
+
+
+# -- a sequence of mini-batches -------------------------------------------------------------------
+
+
+def token_lr(gate: jax.Array, tau: jax.Array, base_lr: float, head_dim: int,
+             lr_mult: float | jax.Array = 1.0) -> jax.Array:
+  """eta[t, s] = lr_mult * base_lr * max(0, 1/t + tau_t) * gate_s / d, t = 1..b.
+
+  gate [..., b] (sigmoid outputs) -> eta [..., b, b].
+  """
+  b = tau.shape[-1]
+  c = base_lr * jnp.maximum(0.0, 1.0 / jnp.arange(1, b + 1, dtype=jnp.float32) + tau)
+  return lr_mult * c[:, None] * gate[..., None, :] / head_dim
+
+
+def scan_minibatches(step: Callable, params: InnerParams, ln, xs, remat_group: int,
+                     complete: jax.Array | None = None):
+  """Runs `step` over mini-batches xs = (xq, xk, xv, eta), each with a leading axis n.
+
+  `remat_group` k > 0: scan over groups of k mini-batches, each group under `jax.checkpoint`
+  (remat through time: only the W at group boundaries is kept for the backward pass, and one
+  group is recomputed at a time); k = 0: a plain scan. `complete` [n] bool (streaming): the
+  update of an incomplete (partial) mini-batch is not applied. Returns (final params, z [n,...]).
+  """
+
+  def body(p, inp):
+    x, ok = inp
+    new, z = step(p, ln, *x)
+    if ok is not None:
+      new = jax.tree.map(lambda a, c: jnp.where(ok, a, c), new, p)
+    return new, z
+
+  n = xs[0].shape[0]
+  inp = (xs, complete)
+  if remat_group <= 0:
+    return jax.lax.scan(body, params, inp)
+
+  @jax.checkpoint
+  def group(p, g):
+    return jax.lax.scan(body, p, g)
+
+  k = min(remat_group, n)
+  n_full = n // k
+  head = jax.tree.map(lambda a: a[: n_full * k].reshape(n_full, k, *a.shape[1:]), inp)
+  params, z = jax.lax.scan(group, params, head)
+  z = z.reshape(n_full * k, *z.shape[2:])
+  if n % k:
+    params, z_tail = group(params, jax.tree.map(lambda a: a[n_full * k:], inp))
+    z = jnp.concatenate([z, z_tail], axis=0)
+  return params, z
