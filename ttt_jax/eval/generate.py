@@ -9,8 +9,8 @@ tokens completes). Temperature 0 is greedy decoding.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,38 +21,43 @@ from flax import nnx
 from ttt_jax.eval.perplexity import init_cache, stream_alignment
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-  """Token ids [B] from fp32 logits [B, V]: argmax at temperature 0, else top-k sampling."""
-  if temperature <= 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k) -> jax.Array:
+  """Token ids [B] from fp32 logits [B, V]: argmax at temperature <= 0, else sampling from the
+  `top_k` most likely tokens (all when top_k <= 0). Both knobs may be traced values."""
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+  ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
+  k = jnp.clip(jnp.where(top_k > 0, top_k, logits.shape[-1]), 1, logits.shape[-1])
+  kth = jax.lax.dynamic_slice_in_dim(ranked, k - 1, 1, axis=-1)
+  scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+  sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
 
 
-def make_forward(graphdef) -> Callable:
-  """jit(params, cache, tokens [B,T], start) -> (last-position logits [B,V], new cache)."""
+_STEPS: dict[int, tuple[Any, Callable]] = {}  # id(graphdef) -> (graphdef kept alive, step)
 
-  def fwd(params, cache, tokens, start):
+
+def make_step(graphdef) -> Callable:
+  """jit(params, cache, tokens [B,T], start, key, temperature, top_k) -> (next token [B], cache).
+
+  One function for prefill pieces and decoding, compiled once per T and kept per model (graph
+  definitions hold the unhashable config, so they are keyed by identity).
+  """
+  hit = _STEPS.get(id(graphdef))
+  if hit is not None and hit[0] is graphdef:
+    return hit[1]
+
+  def step(params, cache, tokens, start, key, temperature, top_k):
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache)
-    return logits[:, -1], cache
+    return sample_logits(logits[:, -1], key, temperature, top_k), cache
 
-  return jax.jit(fwd, donate_argnums=1)
-
-
-def make_decode_step(graphdef, temperature: float, top_k: int) -> Callable:
-  """jit(params, cache, token [B], pos, key) -> (next token [B], new cache)."""
-  forward = make_forward(graphdef)
-
-  @functools.partial(jax.jit, donate_argnums=1)
-  def step(params, cache, token, pos, key):
-    logits, cache = forward(params, cache, token[:, None], pos)
-    return sample_logits(logits, key, temperature, top_k), cache
-
-  return step
+  if len(_STEPS) >= 8:
+    _STEPS.pop(next(iter(_STEPS)))
+  _STEPS[id(graphdef)] = (graphdef, jax.jit(step, donate_argnums=1))
+  return _STEPS[id(graphdef)][1]
 
 
 def prefill_pieces(length: int, chunk: int, align: int) -> list[int]:
@@ -80,15 +85,13 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
   if plen < 1 or max_new_tokens < 1:
     raise ValueError("generate needs a prompt of >= 1 token and max_new_tokens >= 1")
   cache = init_cache(graphdef, params, batch, plen + max_new_tokens)
-  forward = make_forward(graphdef)
-  decode = make_decode_step(graphdef, float(temperature), int(top_k))
+  step = make_step(graphdef)
+  knobs = (jnp.float32(temperature), jnp.int32(top_k))
+  keys = iter(jax.random.split(jax.random.key(seed), plen + max_new_tokens))
   pos = 0
   for n in prefill_pieces(plen, chunk, stream_alignment(model_cfg)):
-    logits, cache = forward(params, cache, prompt[:, pos:pos + n], jnp.int32(pos))
+    token, cache = step(params, cache, prompt[:, pos:pos + n], jnp.int32(pos), next(keys), *knobs)
     pos += n
-  key = jax.random.key(seed)
-  key, sub = jax.random.split(key)
-  token = sample_logits(logits, sub, float(temperature), int(top_k))
   out = [np.asarray(token)]
   done = np.zeros(batch, bool)
   for _ in tqdm(range(max_new_tokens - 1), desc="decode", unit="tok", disable=not progress,
@@ -97,8 +100,7 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
       done |= out[-1] == eos_id
       if done.all():
         break
-    key, sub = jax.random.split(key)
-    token, cache = decode(params, cache, token, jnp.int32(pos), sub)
+    token, cache = step(params, cache, token[:, None], jnp.int32(pos), next(keys), *knobs)
     pos += 1
     out.append(np.asarray(token))
   return np.stack(out, axis=1)
