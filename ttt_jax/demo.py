@@ -29,7 +29,9 @@ def run_demo(workdir: str, arg: str = "model=swa,scale=tiny,ctx=512") -> dict:
   val_loss = out["val"]["loss"]
   print(f"\nfinal train loss {train_loss:.3f}, validation loss {val_loss:.3f} nats/token vs "
         f"unigram entropy {h:.3f}: {h - val_loss:.3f} nats/token below the no-context baseline")
-  return {"unigram_entropy": h, "train_loss": train_loss, "val_loss": val_loss}
+  results = evaluate_contexts(workdir, "256,512,1k,2k,4k")
+  return {"unigram_entropy": h, "train_loss": train_loss, "val_loss": val_loss,
+          "eval": results}
 
 
 def train_with_preemption(config, workdir: str, at_step: int) -> dict:
@@ -68,3 +70,21 @@ def train_with_preemption(config, workdir: str, at_step: int) -> dict:
         f"{first['history'][0]['loss']:.3f}); the curve continues where it stopped")
   second["history"] = first["history"] + second["history"]
   return second
+
+
+def evaluate_contexts(workdir: str, ctx: str) -> dict:
+  """Streams the trained run over validation documents at several context lengths and prints
+  the per-context perplexity table; writes workdir/eval/results.json and the PNG plots."""
+  import os  # noqa: PLC0415
+
+  from ttt_jax.eval import perplexity, plots  # noqa: PLC0415
+
+  run = perplexity.load_run(workdir)
+  print(f"\nperplexity per context length (trained at {run.config.data.seq_len} tokens):")
+  res = perplexity.evaluate_run(run, perplexity.parse_ctx_list(ctx), echo=None)
+  perplexity.write_results(res, workdir)
+  pngs = plots.write_plots([res], os.path.join(workdir, "eval"))
+  print(plots.ppl_table(res))
+  print(f"{len(res['documents'])} validation documents; results in "
+        f"{os.path.join(workdir, 'eval', 'results.json')}; plots {', '.join(pngs)}")
+  return res
