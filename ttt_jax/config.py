@@ -157,8 +157,11 @@ def base_config() -> ml_collections.ConfigDict:
   ck.step = -1  # step to restore (resume or load_from); -1 = the latest complete one
 
   ev = c.eval = ml_collections.ConfigDict()
-  ev.ctx = "1k,2k"
-  ev.max_docs = 8
+  ev.ctx = "1k,2k"  # context lengths for scripts/evaluate.py (comma list)
+  ev.max_docs = 8  # validation documents with >= max(ctx)+1 tokens, the same at every length
+  ev.chunk = 1024  # tokens per streamed chunk (contexts must be multiples of it, or shorter)
+  ev.batch_size = 4  # documents per streamed batch
+  ev.first_bucket = 128  # loss-per-position buckets: [0, b), [b, 2b), [2b, 4b), ...
   return c
 
 
@@ -301,6 +304,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     v = c.mesh[key]
     if v == 0 or v < -1:
       raise ConfigError(f"mesh.{key}={v} must be a positive size or -1 (fill the rest)")
+  for key in ("max_docs", "chunk", "batch_size", "first_bucket"):
+    _check_positive(f"eval.{key}", c.eval[key])
+  for item in str(c.eval.ctx).split(","):
+    if parse_ctx(item) <= 0:
+      raise ConfigError(f"eval.ctx={c.eval.ctx!r}: lengths must be positive, e.g. 1k,2k,8k")
   if c.checkpoint.load_part not in ("", "params"):
     raise ConfigError(f"checkpoint.load_part={c.checkpoint.load_part!r} not allowed; "
                       "choose '' or 'params'")

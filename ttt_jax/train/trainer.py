@@ -144,14 +144,13 @@ class Trainer:
         process_count=jax.process_count())
 
   def evaluate(self, params, step: int, num_batches: int) -> dict[str, float]:
-    """Mean validation metrics over the first `num_batches` (unshuffled) validation batches."""
+    """Mean validation metrics (+ perplexity) over the first `num_batches` (unshuffled)
+    validation windows at the training context (ttt_jax.eval.perplexity.validation_metrics)."""
+    from ttt_jax.eval.perplexity import validation_metrics  # noqa: PLC0415
+
     ds = self.dataset("validation", shuffle=False)
-    totals: dict[str, float] = {}
-    for i in range(num_batches):
-      m = self.eval_step(params, self.device_batch(ds[i]), jnp.int32(step))
-      for k, v in m.items():
-        totals[k] = totals.get(k, 0.0) + float(v) / num_batches
-    return totals
+    batches = (self.device_batch(ds[i]) for i in range(num_batches))
+    return validation_metrics(lambda b: self.eval_step(params, b, jnp.int32(step)), batches)
 
 
 def abstract_model(model_cfg: ml_collections.ConfigDict, seed: int = 0):
