@@ -312,12 +312,10 @@ def text_samples(docs: list[tuple[str, str]], tokenizer, seq_len: int) -> np.nda
   from ttt_jax.data.pipeline import build_stream  # noqa: PLC0415
 
   tokens = build_stream(docs, tokenizer).tokens
-  n = (len(tokens) - 1) // seq_len
-  if n < 2:
+  if (len(tokens) - 1) // seq_len < 2:
     raise ValueError(f"the text has {len(tokens)} tokens: fewer than two samples of "
                      f"seq_len={seq_len}")
-  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-  return tokens[idx].astype(np.int32)
+  return text_samples_from_tokens(tokens, seq_len)
 
 
 def split_heldout(samples: np.ndarray, fraction: float, max_samples: int = 0):
@@ -375,3 +373,40 @@ def run_adaptation(model: nnx.Module, config: ml_collections.ConfigDict, adapt: 
   if records is not None:
     report["samples"] = records
   return tlm, lora, report
+
+
+def adapt_workdir(workdir: str, data: str, config: ml_collections.ConfigDict,
+                  step: int | None = None, echo=print) -> dict:
+  """scripts/adapt.py: base run + text -> adapter in `<workdir>/adapters/<name>` and a report."""
+  import os  # noqa: PLC0415
+
+  from ttt_jax.data.pipeline import load_stream  # noqa: PLC0415
+  from ttt_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+  from ttt_jax.eval.perplexity import load_run  # noqa: PLC0415
+
+  validate_config(config)
+  run = load_run(workdir, step)
+  from ttt_jax.models import build_model  # noqa: PLC0415
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(run.config.model)))
+  nnx.replace_by_pure_dict(state, run.params)
+  model = nnx.merge(graphdef, state)
+  dc = run.config.data
+  samples = text_samples(read_texts(data), get_tokenizer(dc.tokenizer), config.seq_len)
+  adapt, held = split_heldout(samples, config.heldout_fraction, config.max_samples)
+  original = None
+  if config.original_samples:
+    stream = load_stream(dc.source, dc.tokenizer, "validation", dc.val_fraction)
+    original = evenly_spaced(text_samples_from_tokens(stream.tokens, config.seq_len),
+                             config.original_samples)
+  echo(f"{workdir} step {run.step} ({run.config.model.kind}): {len(adapt)} adaptation and "
+       f"{len(held)} held-out samples of {config.seq_len} tokens from {data}")
+  _, lora, report = run_adaptation(model, config, adapt, held, original)
+  out = os.path.join(workdir, "adapters", config.name)
+  save_adapter(out, lora, config, {"base_workdir": os.path.abspath(workdir), "base_step": run.step})
+  return {"adapter_dir": out, "base_step": run.step, "data": os.path.abspath(data), **report}
+
+
+def text_samples_from_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+  n = (len(tokens) - 1) // seq_len
+  return tokens[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]].astype(np.int32)
