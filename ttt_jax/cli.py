@@ -21,10 +21,12 @@ def train_main(argv=None) -> None:
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
       logging.set_verbosity(logging.WARNING)
     from ttt_jax.config import ConfigError  # noqa: PLC0415
+    from ttt_jax.train import distributed  # noqa: PLC0415
     from ttt_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
     from ttt_jax.train.trainer import train_and_evaluate  # noqa: PLC0415
 
     try:
+      distributed.initialize(config.value)  # before anything touches devices
       train_and_evaluate(config.value, workdir.value)
     except ConfigError as e:
       sys.exit(f"config error: {e}")

@@ -145,7 +145,13 @@ def base_config() -> ml_collections.ConfigDict:
   ms.data = -1
   ms.fsdp = 1
   ms.tensor = 1
-  ms.distributed = False
+  ms.distributed = False  # call jax.distributed.initialize() before touching devices
+  # logical-axis overrides, e.g. "embed=fsdp,mlp=tensor,batch=data+fsdp,vocab=" ("" = defaults)
+  ms.rules = ""
+  # jax.distributed.initialize arguments; ""/-1 = auto-detect (TPU pods, SLURM, Open MPI, env)
+  ms.coordinator_address = ""
+  ms.num_processes = -1
+  ms.process_id = -1
 
   ck = c.checkpoint = ml_collections.ConfigDict()
   ck.every_steps = 100
@@ -304,6 +310,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     v = c.mesh[key]
     if v == 0 or v < -1:
       raise ConfigError(f"mesh.{key}={v} must be a positive size or -1 (fill the rest)")
+  from ttt_jax.train.sharding import parse_rules  # noqa: PLC0415 (sharding imports this module)
+
+  parse_rules(c.mesh.rules)
   for key in ("max_docs", "chunk", "batch_size", "first_bucket"):
     _check_positive(f"eval.{key}", c.eval[key])
   for item in str(c.eval.ctx).split(","):

@@ -18,8 +18,11 @@ from ttt_jax.layers.attention import Attention
 from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
+from ttt_jax.train.sharding import constrain
 
 VOCAB_MULTIPLE = 128
+# logical axes of the residual stream [B, T, D] at block boundaries (see train/sharding.py)
+ACT_AXES = ("batch", "seq", None)
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -160,13 +163,17 @@ class LanguageModel(nnx.Module):
 
   # -- pieces (models/e2e.py composes them) ------------------------------------------------------
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-    return self.embed(tokens).astype(self.compute_dtype)
+    # gather the table's width shards (FSDP) first: a lookup into a width-sharded table cannot
+    # be resharded to the batch-sharded residual stream efficiently
+    table = constrain(self.embed.embedding[...], ("vocab", None))
+    return constrain(jnp.take(table, tokens, axis=0).astype(self.compute_dtype), ACT_AXES)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """fp32 logits; padded vocabulary rows are masked so they are never predicted."""
     h = self.final_norm(h)
     w = self.embed.embedding[...].T if self.head is None else self.head[...]
     logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "seq", "vocab"))
     if logits.shape[-1] > self.vocab_size:
       valid = jnp.arange(logits.shape[-1]) < self.vocab_size
       logits = jnp.where(valid, logits, -1e9)
@@ -187,13 +194,16 @@ class LanguageModel(nnx.Module):
 
       def body(h, xs):
         p, st = xs
-        return apply_block(nnx.merge(graphdef, p), h, positions, st, remat)
+        h, st = apply_block(nnx.merge(graphdef, p), h, positions, st, remat)
+        return constrain(h, ACT_AXES), st
 
-      return jax.lax.scan(body, h, (params, cache))
+      return jax.lax.scan(body, constrain(h, ACT_AXES), (params, cache))
     blocks = self.blocks if blocks is None else blocks
     new_cache = []
+    h = constrain(h, ACT_AXES)
     for i, blk in enumerate(blocks):
       h, st = apply_block(blk, h, positions, None if cache is None else cache[i], remat)
+      h = constrain(h, ACT_AXES)
       new_cache.append(st)
     return h, (None if cache is None else new_cache)
 

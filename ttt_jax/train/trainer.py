@@ -43,14 +43,17 @@ class Trainer:
   optimizer: optax.GradientTransformation
   state_shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
+  rules: shd.Rules = shd.LOGICAL_RULES  # logical axis -> mesh axes (mesh.rules)
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    pipeline.sync_vocab(config)  # model.vocab_size follows the data tokenizer
     validate(config)
     mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
     optimizer = make_optimizer(config.train)
-    p_shard = shd.param_shardings(abstract, mesh)
+    rules = shd.rules_from_config(config)
+    p_shard = shd.param_shardings(abstract, mesh, rules)
     abstract_params = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     repl = shd.replicated(mesh)
@@ -58,14 +61,15 @@ class Trainer:
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard, rng=repl)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
-               shd.batch_sharding(mesh))
+               shd.batch_sharding(mesh, rules), rules)
 
   # -- pure functions --------------------------------------------------------------------------
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
 
   def loss_fn(self, params, batch, step):
-    return self.model(params).compute_loss(batch, step)
+    with shd.activation_sharding(self.mesh, self.rules):  # active while jit traces this
+      return self.model(params).compute_loss(batch, step)
 
   def _init(self, seed) -> TrainState:
     _, state = nnx.split(build_model(self.config.model, self.config.seed))

@@ -1,0 +1,228 @@
+"""Subprocess side of tests/train/test_sharding.py (needs its own XLA device flags).
+
+`meshes`: for each model kind, trains 3 steps on 1 device and on the (data, fsdp, tensor) meshes
+(8,1,1), (1,8,1), (2,2,2) of 8 forced host devices; saves a checkpoint on (2,2,2) and restores
+it on (1,8,1) and on 1 device; with --proc-ckpt, trains 3 steps on pipeline batches on 1 device
+(the reference of the two-process run) and restores that run's checkpoint. Prints one JSON line.
+`process`: one of two processes of a localhost `jax.distributed` job (4 CPU devices each) that
+trains the tiny model 3 steps on its own shard of the data and saves a checkpoint collectively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1), "2,2,2": (2, 2, 2)}
+STEPS = 3
+BATCH, SEQ = 8, 32
+LAYERS = {"e2e": 2}  # one prefix + one suffix block; one block for the other kinds
+
+
+def tiny_config(kind: str, mesh=(1, 1, 1)):
+  from ttt_jax.config import build_config  # noqa: PLC0415
+
+  c = build_config(f"model={kind},ctx={SEQ}")
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size = LAYERS.get(kind, 1), 64, 4, 128
+  m.window = 16
+  m.ttt.mini_batch_size = 8
+  m.e2e.suffix_len, m.e2e.mini_batch_size, m.e2e.prime_intermediate_size = 1, 16, 128
+  m.e2e.ilr_warmup_steps = 1
+  c.data.batch_size, c.data.seq_len, c.data.shuffle, c.data.prefetch = BATCH, SEQ, False, 0
+  c.train.steps, c.train.warmup_steps, c.train.lr = STEPS, 1, 1e-2
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+  return c
+
+
+def _flat(tree) -> dict[str, object]:
+  import jax  # noqa: PLC0415
+
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _run(trainer, batches, state=None):
+  import jax  # noqa: PLC0415
+
+  state = trainer.init_state() if state is None else state
+  losses = []
+  for b in batches:
+    state, metrics = trainer.train_step(state, trainer.device_batch(b))
+    losses.append(float(jax.device_get(metrics["loss"])))
+  return state, losses
+
+
+def _max_rel(a: dict, b: dict) -> float:
+  worst = 0.0
+  for k, x in a.items():
+    x, y = np.asarray(x, np.float64), np.asarray(b[k], np.float64)
+    worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)))
+  return worst
+
+
+def _bytes_per_device(params) -> tuple[int, int]:
+  import jax  # noqa: PLC0415
+
+  total = sum(x.nbytes for x in jax.tree.leaves(params))
+  local = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
+  return local, total
+
+
+def _spec(x) -> list:
+  return [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+
+
+def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
+  import jax  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from ttt_jax.train import sharding as shd  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  devices = jax.devices()
+  rng = np.random.default_rng(0)
+  out: dict = {"num_devices": len(devices), "kinds": {}}
+  reference = None  # the 1-device transformer trainer (compiled once, reused below)
+  for kind in kinds:
+    res: dict = {}
+    t0 = time.perf_counter()
+    out["kinds"][kind] = res
+    try:
+      batches = [{"tokens": rng.integers(0, 259, (BATCH, SEQ + 1), dtype=np.int32)}
+                 for _ in range(STEPS)]
+      cfg = tiny_config(kind)
+      single = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices[:1]))
+      # eager init, kept on the host (steps donate their input); every mesh starts from it
+      ref_init = jax.device_get(single._init(cfg.seed))
+      ref_state, ref_losses = _run(single, batches,
+                                   jax.device_put(ref_init, single.state_shardings))
+      ref_params = _flat(jax.device_get(ref_state.params))
+      res["single"] = {"losses": ref_losses}
+      if kind == "transformer":
+        reference = single
+      trainers = {}
+      for name, shape in MESHES.items():
+        cfg = tiny_config(kind, shape)
+        tr = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices))
+        trainers[name] = tr
+        init = jax.device_put(ref_init, tr.state_shardings)  # same init, resharded
+        local, total = _bytes_per_device(init.params)
+        params = _flat(init.params)
+        mu = _flat(init.opt_state)
+        state, losses = _run(tr, batches, init)
+        res[name] = {
+            "losses": losses,
+            "param_max_rel_diff": _max_rel(_flat(jax.device_get(state.params)), ref_params),
+            "bytes_per_device": local, "bytes_total": total,
+            "specs": {k: _spec(x) for k, x in params.items()},
+            "opt_specs": {k: _spec(x) for k, x in mu.items() if ".mu" in k},
+            "batch_spec": _spec(tr.device_batch(batches[0])["tokens"]),
+        }
+        if name == "2,2,2":
+          ck_state = state
+      # checkpoint: save on (2,2,2), restore on (1,8,1) and on one device
+      path = os.path.join(ckpt_dir, kind)
+      saved = _flat(jax.device_get(ck_state.params))
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(path, ck_state.params)
+      ckptr.wait_until_finished()
+      restored = {}
+      for name, tr in (("1,8,1", trainers["1,8,1"]), ("single", single)):
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              tr.abstract_params, tr.state_shardings.params)
+        params = ckptr.restore(path, target)
+        flat = _flat(params)
+        restored[name] = {
+            "max_abs_diff": max(float(np.max(np.abs(np.asarray(jax.device_get(flat[k]))
+                                                     - saved[k]))) for k in saved),
+            "specs_match": all(flat[k].sharding.spec == s.spec for k, s in
+                               _flat(tr.state_shardings.params).items()),
+        }
+      res["restore"] = restored
+      res["seconds"] = time.perf_counter() - t0
+    except ImportError as e:  # a model kind whose module is not in the tree
+      res["import_error"] = f"{type(e).__name__}: {e}"
+    except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
+      res["error"] = traceback.format_exc()
+  if not proc_ckpt:
+    return out
+  # pipeline batches on one device: the reference of the two-process run
+  if reference is None:
+    cfg = tiny_config("transformer")
+    reference = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices[:1]))
+  ds = reference.dataset("train")
+  state, losses = _run(reference, [ds[i] for i in range(STEPS)])
+  out["pipeline_single"] = {"losses": losses}
+  # the two-process run's checkpoint, restored on one device
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        reference.abstract_params, reference.state_shardings.params)
+  restored = _flat(ocp.StandardCheckpointer().restore(proc_ckpt, target))
+  out["proc_ckpt_max_rel_diff"] = _max_rel(restored, _flat(jax.device_get(state.params)))
+  return out
+
+
+def process(pid: int, nproc: int, port: int, workdir: str) -> dict:
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.train import distributed  # noqa: PLC0415
+
+  cfg = tiny_config("transformer", (2, 2, 2))
+  cfg.mesh.distributed = True
+  cfg.mesh.coordinator_address = f"127.0.0.1:{port}"
+  cfg.mesh.num_processes, cfg.mesh.process_id = nproc, pid
+  distributed.initialize(cfg)
+
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from ttt_jax.train.metrics import MetricWriter  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  trainer = Trainer.create(cfg)
+  ds = trainer.dataset("train")
+  local = [ds[i] for i in range(STEPS)]
+  state, losses = _run(trainer, local)
+  writer = MetricWriter(os.path.join(workdir, "run"), echo=lambda s: None)
+  writer.write(STEPS, {"loss": losses[-1]})
+  writer.close()
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(workdir, "ckpt"), state.params)
+  ckptr.wait_until_finished()
+  distributed.barrier("saved")
+  embed = state.params["embed"]["embedding"]
+  return {
+      "pid": pid, "process_index": jax.process_index(), "process_count": jax.process_count(),
+      "global_devices": jax.device_count(), "local_devices": jax.local_device_count(),
+      "mesh": dict(trainer.mesh.shape), "losses": losses,
+      "local_rows": int(local[0]["tokens"].shape[0]),
+      "first_window_head": local[0]["tokens"][:, :4].tolist(),
+      "embed_spec": _spec(embed), "writer_enabled": writer.enabled,
+      "ckpt_exists": os.path.isdir(os.path.join(workdir, "ckpt")),
+  }
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("mode", choices=["meshes", "process"])
+  ap.add_argument("--kinds", default="transformer,swa")
+  ap.add_argument("--dir", required=True)
+  ap.add_argument("--pid", type=int, default=0)
+  ap.add_argument("--nproc", type=int, default=2)
+  ap.add_argument("--port", type=int, default=0)
+  ap.add_argument("--proc-ckpt", default="")
+  a = ap.parse_args(argv)
+  if a.mode == "meshes":
+    out = meshes(a.kinds.split(","), a.dir, a.proc_ckpt)
+  else:
+    out = process(a.pid, a.nproc, a.port, a.dir)
+  sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,263 @@
+"""Sharding over the (data, fsdp, tensor) mesh: same numbers as one device, really sharded.
+
+The multi-device checks run in subprocesses (tests/train/sharding_worker.py) with 8 forced host
+CPU devices, or as two `jax.distributed` processes on localhost with 4 devices each. All model
+kinds and meshes are computed in one subprocess to pay the start-up cost once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from ttt_jax.config import ConfigError, base_config, validate
+from ttt_jax.train import distributed
+from ttt_jax.train import sharding as shd
+
+WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
+KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
+MESHES = ("8,1,1", "1,8,1", "2,2,2")
+# unoptimized CPU code generation: the tiny steps run in milliseconds, compiling dominates
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+  env.pop("JAX_COORDINATOR_ADDRESS", None)
+  return env
+
+
+def _result(stdout: str, stderr: str) -> dict:
+  for line in stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  raise AssertionError(f"worker printed no result; stderr tail:\n{stderr[-3000:]}")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  """Two localhost processes x 4 CPU devices train 3 steps on a (2,2,2) mesh."""
+  workdir = str(tmp_path_factory.mktemp("two_proc"))
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, WORKER, "process", "--pid", str(i), "--nproc", "2", "--port", str(port),
+       "--dir", workdir], env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  results = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=300)
+      assert p.returncode == 0, err[-3000:]
+      results.append(_result(out, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return {"workdir": workdir, "procs": results}
+
+
+@pytest.fixture(scope="module")
+def meshes(two_processes, tmp_path_factory):
+  """Every kind x mesh, in two concurrent subprocesses (compiling dominates; CI has 2 cores)."""
+  ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
+  groups = [["--kinds", "transformer,swa,e2e",
+             "--proc-ckpt", os.path.join(two_processes["workdir"], "ckpt")],
+            ["--kinds", "ttt_linear,ttt_mlp"]]
+  procs = [subprocess.Popen([sys.executable, WORKER, "meshes", "--dir", ckpt_dir, *args],
+                            env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for args in groups]
+  out = {"kinds": {}}
+  try:
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=600)
+      assert p.returncode == 0, stderr[-3000:]
+      res = _result(stdout, stderr)
+      assert res.pop("num_devices") == 8
+      out["kinds"].update(res.pop("kinds"))
+      out.update(res)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert set(out["kinds"]) == set(KINDS)
+  return out
+
+
+def _kind(meshes, kind) -> dict:
+  res = meshes["kinds"][kind]
+  if "import_error" in res:
+    pytest.skip(f"model kind {kind!r} not importable: {res['import_error']}")
+  assert "error" not in res, res["error"]
+  return res
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def _find(specs: dict, suffix: str):
+  hits = [v for k, v in specs.items() if k.endswith(suffix)]
+  assert hits, f"no parameter path ends with {suffix}: {sorted(specs)[:8]} ..."
+  return hits[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_losses_match_single_device(meshes, kind):
+  res = _kind(meshes, kind)
+  ref = res["single"]["losses"]
+  assert len(ref) == 3 and all(np.isfinite(ref))
+  for mesh in MESHES:
+    assert _rel(res[mesh]["losses"], ref) <= 1e-5, (mesh, res[mesh]["losses"], ref)
+    # after 3 Adam steps the parameters still agree. Not to 1e-5: Adam divides out the gradient
+    # scale, so for entries whose gradient is ~0 reduction-order noise can move an entry by up
+    # to the step size (lr 1e-2); the bound is relative to the array's largest entry
+    assert res[mesh]["param_max_rel_diff"] < 2e-2, mesh
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_params_really_sharded(meshes, kind):
+  res = _kind(meshes, kind)
+  # (8,1,1): pure data parallelism, every parameter replicated, batch split 8 ways
+  dp = res["8,1,1"]
+  assert all(not s for s in dp["specs"].values())
+  assert dp["bytes_per_device"] == dp["bytes_total"]
+  for mesh in MESHES:
+    assert res[mesh]["batch_spec"] == [["data", "fsdp"]]
+  # (1,8,1): FSDP over the model width; each device holds ~1/8 of the parameters
+  fs = res["1,8,1"]
+  assert _find(fs["specs"], "['embed']['embedding']") == [None, "fsdp"]
+  assert _find(fs["specs"], "['mlp']['w1']") == ["fsdp"]
+  assert _find(fs["specs"], "['mlp']['w2']") == [None, "fsdp"]
+  # (TTT's per-head inner weights W0 [H, d, d] split over heads = 'tensor' only)
+  assert fs["bytes_per_device"] <= 0.3 * fs["bytes_total"]
+  # (2,2,2): FSDP x tensor parallel (heads / MLP hidden / vocab over 'tensor')
+  tp = res["2,2,2"]
+  assert _find(tp["specs"], "['embed']['embedding']") == ["tensor", "fsdp"]
+  assert _find(tp["specs"], "['mlp']['w1']") == ["fsdp", "tensor"]
+  assert _find(tp["specs"], "['mlp']['w2']") == ["tensor", "fsdp"]
+  mixer = [s for k, s in tp["specs"].items() if "['mixer']" in k and s]
+  assert any("tensor" in s for s in mixer) and any("fsdp" in s for s in mixer), mixer
+  assert tp["bytes_per_device"] <= 0.35 * tp["bytes_total"]
+  # optimizer moments are sharded exactly like their parameters
+  for mesh in MESHES:
+    for path, spec in res[mesh]["opt_specs"].items():
+      param = path.split(".mu", 1)[1]
+      assert spec == res[mesh]["specs"][param], (mesh, path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpoint_restores_on_other_meshes(meshes, kind):
+  res = _kind(meshes, kind)
+  for target in ("1,8,1", "single"):
+    r = res["restore"][target]
+    assert r["max_abs_diff"] == 0.0, (target, r)
+    assert r["specs_match"], target
+
+
+def test_two_processes_match_single_process(two_processes, meshes):
+  p0, p1 = two_processes["procs"]
+  ref = meshes["pipeline_single"]["losses"]
+  for p in (p0, p1):
+    assert p["process_count"] == 2 and p["global_devices"] == 8 and p["local_devices"] == 4
+    assert p["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert p["embed_spec"] == ["tensor", "fsdp"]
+    assert p["local_rows"] == 4  # each process loads only its half of the global batch of 8
+    assert _rel(p["losses"], ref) <= 1e-5, (p["losses"], ref)
+  assert p0["first_window_head"] != p1["first_window_head"]
+  # only process 0 writes metrics
+  assert p0["writer_enabled"] and not p1["writer_enabled"]
+  with open(os.path.join(two_processes["workdir"], "run", "metrics.jsonl")) as f:
+    assert len(f.readlines()) == 1
+  # the collectively written checkpoint restores on one device and matches the 1-process run
+  assert meshes["proc_ckpt_max_rel_diff"] < 2e-2
+
+
+# -- in-process unit checks (no subprocess) ------------------------------------------------------
+
+
+class _FakeMesh:
+  def __init__(self, **shape):
+    self.shape = shape
+
+
+def test_logical_to_mesh_rules():
+  mesh = _FakeMesh(data=2, fsdp=4, tensor=2)
+  to = shd.logical_to_mesh
+  assert to(("embed", "mlp"), (64, 128), mesh) == PartitionSpec("fsdp", "tensor")
+  assert to(("batch", None, "embed"), (8, 3, 64), mesh) == PartitionSpec(("data", "fsdp"))
+  # a dimension the axes do not divide stays replicated; a partial prefix is kept
+  assert to(("embed", "heads"), (6, 3), mesh) == PartitionSpec()
+  assert to(("batch",), (2,), mesh) == PartitionSpec("data")
+  # size-1 mesh axes are dropped; no names -> replicated
+  assert to(("embed",), (64,), _FakeMesh(data=8, fsdp=1, tensor=1)) == PartitionSpec()
+  assert to(None, (4,), mesh) == PartitionSpec()
+
+
+def test_rules_from_config_override_defaults():
+  rules = dict(shd.parse_rules("embed=,mlp=fsdp+tensor,batch=data,expert=tensor"))
+  assert rules["embed"] is None and rules["mlp"] == ("fsdp", "tensor")
+  assert rules["batch"] == "data" and rules["expert"] == "tensor"
+  assert rules["heads"] == "tensor"  # untouched default
+  mesh = _FakeMesh(data=2, fsdp=2, tensor=2)
+  spec = shd.logical_to_mesh(("embed", "mlp"), (64, 128), mesh, tuple(rules.items()))
+  assert spec == PartitionSpec(None, ("fsdp", "tensor"))
+  for bad in ("embed", "embed=model", "=fsdp"):
+    with pytest.raises(ConfigError, match="mesh.rules"):
+      shd.parse_rules(bad)
+  c = base_config()
+  c.mesh.rules = "mlp=pipeline"
+  with pytest.raises(ConfigError, match="mesh.rules"):
+    validate(c)
+
+
+def test_mesh_shape_from_config():
+  m = ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 2})
+  assert shd.resolve_mesh_shape(m, 8) == (2, 2, 2)
+  m.data = 4
+  with pytest.raises(ConfigError, match="= 16 but there are 8 devices"):
+    shd.resolve_mesh_shape(m, 8)
+  m.data, m.fsdp = -1, -1
+  with pytest.raises(ConfigError, match="at most one"):
+    shd.resolve_mesh_shape(m, 8)
+  m.fsdp, m.tensor = 3, 1
+  with pytest.raises(ConfigError, match="does not divide"):
+    shd.resolve_mesh_shape(m, 8)
+
+
+def test_constrain_is_noop_without_mesh():
+  x = np.ones((4, 8), np.float32)
+  assert shd.constrain(x, ("batch", "embed")) is x
+  import jax  # noqa: PLC0415
+
+  one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), shd.MESH_AXES)
+  with shd.activation_sharding(one):
+    assert shd.constrain(x, ("batch", "embed")) is x
+
+
+def test_distributed_init_kwargs():
+  m = base_config().mesh
+  assert distributed.init_kwargs(m, environ={}) == {}
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "3"}
+  assert distributed.init_kwargs(m, environ=env) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+  m.coordinator_address, m.process_id = "host:99", 1
+  assert distributed.init_kwargs(m, environ=env)["coordinator_address"] == "host:99"
+  assert distributed.init_kwargs(m, environ=env)["process_id"] == 1
+  assert not distributed.initialize(base_config())  # mesh.distributed=False: nothing to do
