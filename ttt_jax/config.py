@@ -125,6 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
   d.val_fraction = 0.05
   d.shuffle = True
   d.prefetch = 2
+  d.text_field = "text"  # field holding the text in .jsonl / TFDS examples
+  d.tfds_data_dir = ""  # where data.source=tfds:... is prepared ("" = TFDS default)
+  d.min_doc_len = 0  # use only documents with >= this many tokens
+  d.pack_docs = True  # True: windows run across documents; False: each window in one document
 
   tr = c.train = ml_collections.ConfigDict()
   tr.steps = 300
@@ -271,6 +275,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(f"model.{key}", m[key])
   for key in ("seq_len", "batch_size"):
     _check_positive(f"data.{key}", d[key])
+  _check_positive("data.min_doc_len", d.min_doc_len, allow_zero=True)
   for key in ("steps", "grad_accum", "log_every", "eval_every"):
     _check_positive(f"train.{key}", tr[key])
   _check_positive("train.lr", tr.lr, allow_zero=True)

@@ -7,6 +7,9 @@ Documents shorter than L are packed with their neighbours; attention is *not* ma
 boundaries (the model sees BOS/EOS and learns to reset), which is what the papers' pretraining does.
 
 The grain iterator's state is small (the next index) and is checkpointed for exact resume.
+Prepared folders (`ttt_jax.data.prepare`) are read document by document from ArrayRecord shards
+through the same windowing (`DocumentWindows`); `data.pack_docs=False` keeps every window inside
+one document and `data.min_doc_len` drops shorter documents (long-context evaluation).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import functools
 import grain
 import numpy as np
 
-from ttt_jax.data.sources import get_documents
+from ttt_jax.config import BYTE_VOCAB, ConfigError
+from ttt_jax.data import prepare, sources
 from ttt_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 
@@ -50,9 +54,50 @@ def build_stream(documents, tokenizer: Tokenizer) -> TokenStream:
 
 
 @functools.lru_cache(maxsize=8)
-def load_stream(source: str, tokenizer: str, split: str, val_fraction: float) -> TokenStream:
-  """The token stream of one split (cached per process)."""
-  return build_stream(get_documents(source, split, val_fraction), get_tokenizer(tokenizer))
+def load_stream(source: str, tokenizer: str, split: str, val_fraction: float, *,
+                text_field: str = "text", tfds_data_dir: str = "") -> TokenStream:
+  """The token stream of one split (cached per process). Prepared folders are read from shards."""
+  if sources.source_kind(source) == "prepared":
+    data = prepare.PreparedData(source)
+    tok = get_tokenizer(prepare.check_tokenizer(data, tokenizer))
+    part = data.split(split)
+    return build_stream_from_arrays((part[i] for i in range(len(part))), part.names, tok)
+  docs = sources.get_documents(source, split, val_fraction, text_field=text_field,
+                               tfds_data_dir=tfds_data_dir)
+  return build_stream(docs, get_tokenizer(tokenizer))
+
+
+def build_stream_from_arrays(arrays, names, tokenizer: Tokenizer) -> TokenStream:
+  """`[BOS] ids [EOS]` of already tokenized documents."""
+  pieces, starts, offset = [], [], 0
+  bos = np.array([tokenizer.bos_id], np.int32)
+  eos = np.array([tokenizer.eos_id], np.int32)
+  for ids in arrays:
+    starts.append(offset)
+    pieces += [bos, ids, eos]
+    offset += len(ids) + 2
+  if not pieces:
+    raise ValueError("the data source produced no documents")
+  return TokenStream(np.concatenate(pieces), np.asarray(starts, np.int64), tuple(names))
+
+
+def data_tokenizer(data_cfg) -> Tokenizer:
+  """The tokenizer a data config reads with (a prepared folder brings its own)."""
+  if sources.source_kind(data_cfg.source) == "prepared":
+    return get_tokenizer(prepare.check_tokenizer(prepare.PreparedData(data_cfg.source),
+                                                 data_cfg.tokenizer))
+  return get_tokenizer(data_cfg.tokenizer)
+
+
+def sync_vocab(config) -> None:
+  """Sets `model.vocab_size` from the data tokenizer (an explicit different value is an error)."""
+  tok = data_tokenizer(config.data)
+  v = config.model.vocab_size
+  if v != tok.vocab_size:
+    if v != BYTE_VOCAB:
+      raise ConfigError(f"model.vocab_size={v} does not match data.tokenizer={tok.name!r} "
+                        f"(vocab {tok.vocab_size}); leave model.vocab_size unset")
+    config.model.vocab_size = tok.vocab_size
 
 
 class WindowSource:
@@ -74,22 +119,111 @@ class WindowSource:
     return {"tokens": self.tokens[start:start + self.seq_len + 1]}
 
 
+class DocumentWindows:
+  """Random-access grain source of `seq_len + 1`-token windows over documents read on demand.
+
+  `get_doc(d)` returns document d's ids (no BOS/EOS); `lengths[d]` its length. Only documents
+  with at least `min_len` tokens are used. `pack=True`: windows tile the virtual flat stream
+  `[BOS] doc [EOS] [BOS] doc [EOS] ...` exactly like `WindowSource`. `pack=False`: windows never
+  cross a document; each `[BOS] doc [EOS]` gives `(len + 1) // seq_len` windows, tail dropped.
+  """
+
+  def __init__(self, lengths, get_doc, seq_len: int, bos_id: int, eos_id: int, *,
+               pack: bool = True, min_len: int = 0, cache_docs: int = 4):
+    self.seq_len, self.pack = seq_len, pack
+    self.bos, self.eos = bos_id, eos_id
+    self.get_doc = get_doc
+    lengths = np.asarray(lengths, np.int64)
+    self.docs = np.flatnonzero(lengths >= min_len)
+    full = lengths[self.docs] + 2
+    self.starts = np.concatenate([[0], np.cumsum(full)])  # offsets in the (virtual) stream
+    if pack:
+      self._len = max(0, int(self.starts[-1]) - 1) // seq_len
+    else:
+      per_doc = (full - 1) // seq_len
+      self.first_window = np.concatenate([[0], np.cumsum(per_doc)])
+      self._len = int(self.first_window[-1])
+    if self._len == 0:
+      raise ValueError(f"no window of data.seq_len={seq_len} fits the data "
+                       f"({len(self.docs)} documents with >= {min_len} tokens)")
+    self._cache: dict[int, np.ndarray] = {}
+    self._cache_size = cache_docs
+
+  def __len__(self) -> int:
+    return self._len
+
+  def _full_doc(self, k: int) -> np.ndarray:
+    """`[BOS] ids [EOS]` of the k-th used document (small LRU cache: long docs span windows)."""
+    arr = self._cache.pop(k, None)
+    if arr is None:
+      ids = np.asarray(self.get_doc(int(self.docs[k])), np.int32)
+      arr = np.concatenate([[self.bos], ids, [self.eos]]).astype(np.int32)
+      while len(self._cache) >= self._cache_size:
+        self._cache.pop(next(iter(self._cache)))
+    self._cache[k] = arr
+    return arr
+
+  def _read(self, a: int, b: int) -> np.ndarray:
+    k = int(np.searchsorted(self.starts, a, side="right")) - 1
+    out = []
+    while a < b:
+      doc = self._full_doc(k)
+      lo = a - int(self.starts[k])
+      piece = doc[lo:lo + (b - a)]
+      out.append(piece)
+      a += len(piece)
+      k += 1
+    return np.concatenate(out)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    i, L = int(i), self.seq_len
+    if self.pack:
+      return {"tokens": self._read(i * L, i * L + L + 1)}
+    k = int(np.searchsorted(self.first_window, i, side="right")) - 1
+    start = int(self.starts[k]) + (i - int(self.first_window[k])) * L
+    return {"tokens": self._read(start, start + L + 1)}
+
+  def __getstate__(self):
+    return {**self.__dict__, "_cache": {}}
+
+
+def window_source(data_cfg, split: str):
+  """The grain source of `data_cfg.seq_len` windows of one split, for any data source."""
+  seq_len = data_cfg.seq_len
+  pack, min_len = data_cfg.get("pack_docs", True), data_cfg.get("min_doc_len", 0)
+  if sources.source_kind(data_cfg.source) == "prepared":
+    data = prepare.PreparedData(data_cfg.source)
+    tok = get_tokenizer(prepare.check_tokenizer(data, data_cfg.tokenizer))
+    part = data.split(split)
+    return DocumentWindows(part.lengths, part.__getitem__, seq_len, tok.bos_id, tok.eos_id,
+                           pack=pack, min_len=min_len)
+  stream = load_stream(data_cfg.source, data_cfg.tokenizer, split, data_cfg.val_fraction,
+                       text_field=data_cfg.get("text_field", "text"),
+                       tfds_data_dir=data_cfg.get("tfds_data_dir", ""))
+  if pack and min_len == 0:
+    return WindowSource(stream.tokens, seq_len)
+  tok = get_tokenizer(data_cfg.tokenizer)
+  starts, lengths = stream.doc_starts, stream.doc_lengths - 2
+  return DocumentWindows(lengths, lambda d: stream.tokens[starts[d] + 1:starts[d] + 1 +
+                                                          lengths[d]],
+                         seq_len, tok.bos_id, tok.eos_id, pack=pack, min_len=min_len)
+
+
 def windows_dataset(data_cfg, split: str, *, seed: int, shuffle: bool, batch_size: int,
                     process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """A batched, infinitely repeated MapDataset of windows for this process.
 
   `batch_size` is the per-process batch. Processes read disjoint, interleaved windows.
   """
-  stream = load_stream(data_cfg.source, data_cfg.tokenizer, split, data_cfg.val_fraction)
-  ds = grain.MapDataset.source(WindowSource(stream.tokens, data_cfg.seq_len))
+  ds = grain.MapDataset.source(window_source(data_cfg, split))
   if process_count > 1:
     ds = ds[process_index::process_count]
   if len(ds) < batch_size:
     raise ValueError(f"split {split!r} has {len(ds)} windows of data.seq_len={data_cfg.seq_len} "
                      f"per process, fewer than the batch size {batch_size}")
-  ds = ds.repeat(None)
-  if shuffle:
+  if shuffle:  # a fresh permutation every epoch: each window once per epoch
     ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(None, reseed_each_epoch=True)
   return ds.batch(batch_size, drop_remainder=True)
 
 

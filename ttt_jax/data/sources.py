@@ -1,21 +1,73 @@
-"""Document sources. The default, `embedded`, exists on every machine: the CPython standard
-library's own source files (long real documents), without its test folders.
+"""Document sources. A document is `(name, text)`.
 
-A document is `(name, text)`. Train/validation split is a deterministic hash of the name.
+Source specs (`data.source` / `prepare_data.py --source`):
+  embedded               the CPython standard library's own .py files (exists on every machine)
+  PATH/                  a folder: every .txt/.md/.py/.rst file below it, sorted by path
+  PATH.jsonl             one JSON object per line; its `data.text_field` is the text
+  tfds:NAME[/CONFIG][:SPLIT]   a TFDS dataset already prepared in `data.tfds_data_dir` (offline)
+  a prepared folder      (holds metadata.json) is read by `ttt_jax.data.prepare`, not here
+
+Train/validation split is a deterministic hash of the document name (for TFDS without :SPLIT,
+the dataset's own train/validation|test splits). Bytes that are not valid UTF-8 are replaced by
+U+FFFD and counted (`DecodeStats`).
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import hashlib
+import json
 import os
 import sysconfig
 from collections.abc import Iterator
 
+from ttt_jax.config import ConfigError
+
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                  "lib2to3", "turtledemo", "idlelib"}
 SPLITS = ("train", "validation")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+SOURCE_HELP = ("embedded, a folder of .txt/.md/.py/.rst files, a .jsonl file, "
+               "tfds:NAME[/CONFIG][:SPLIT], or a folder made by scripts/prepare_data.py")
 
 
+# -- decoding with a count of bad bytes ---------------------------------------------------------
+_bad_bytes = [0]
+
+
+def _count_and_replace(err: UnicodeDecodeError):
+  _bad_bytes[0] += err.end - err.start
+  return "\ufffd", err.end
+
+
+codecs.register_error("ttt_jax_count_replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+  """(text, number of undecodable bytes, each run replaced by U+FFFD)."""
+  try:
+    return data.decode("utf-8"), 0
+  except UnicodeDecodeError:
+    _bad_bytes[0] = 0
+    text = data.decode("utf-8", errors="ttt_jax_count_replace")
+    return text, _bad_bytes[0]
+
+
+@dataclasses.dataclass
+class DecodeStats:
+  """Undecodable input seen while reading a source."""
+
+  bad_bytes: int = 0
+  bad_docs: int = 0
+
+  def add(self, n: int) -> None:
+    if n:
+      self.bad_bytes += n
+      self.bad_docs += 1
+
+
+# -- the embedded corpus ------------------------------------------------------------------------
 def stdlib_dir() -> str:
   return sysconfig.get_paths()["stdlib"]
 
@@ -38,24 +90,161 @@ def split_of(name: str, val_fraction: float) -> str:
   return "validation" if (h / 2**64) < val_fraction else "train"
 
 
-def embedded_documents(split: str, val_fraction: float = 0.05) -> Iterator[tuple[str, str]]:
-  """Yields (relative path, text) of the embedded corpus for one split, in sorted order.
-
-  Files that are not valid UTF-8 are decoded with replacement characters.
-  """
+def _check_split(split: str) -> None:
   if split not in SPLITS:
     raise ValueError(f"split={split!r} unknown; allowed: {', '.join(SPLITS)}")
-  root = stdlib_dir()
-  for rel in embedded_files():
-    if split_of(rel, val_fraction) != split:
+
+
+def embedded_documents(split: str, val_fraction: float = 0.05,
+                       stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
+  """Yields (relative path, text) of the embedded corpus for one split, in sorted order."""
+  _check_split(split)
+  yield from _file_documents(stdlib_dir(), embedded_files(), split, val_fraction, stats)
+
+
+def _file_documents(root, rels, split, val_fraction, stats) -> Iterator[tuple[str, str]]:
+  for rel in rels:
+    if split is not None and split_of(rel, val_fraction) != split:
       continue
     with open(os.path.join(root, rel), "rb") as f:
-      text = f.read().decode("utf-8", errors="replace")
+      text, bad = decode_utf8(f.read())
+    if stats is not None:
+      stats.add(bad)
     if text.strip():
       yield rel, text
 
 
-def get_documents(source: str, split: str, val_fraction: float = 0.05):
+# -- local folders and jsonl --------------------------------------------------------------------
+def folder_files(root: str) -> list[str]:
+  """Sorted relative paths of the text files below `root` (hidden folders skipped)."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for f in filenames:
+      if f.endswith(TEXT_SUFFIXES) and not f.startswith("."):
+        out.append(os.path.relpath(os.path.join(dirpath, f), root))
+  return sorted(out)
+
+
+def jsonl_documents(path: str, split: str | None, val_fraction: float, text_field: str,
+                    stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
+  base = os.path.basename(path)
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      name = f"{base}:{lineno}"
+      if split is not None and split_of(name, val_fraction) != split:
+        continue
+      line, bad = decode_utf8(raw)
+      if stats is not None:
+        stats.add(bad)
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+      if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+        raise ConfigError(f"{path}:{lineno}: no string field {text_field!r} "
+                          "(set data.text_field / --text_field)")
+      if rec[text_field].strip():
+        yield name, rec[text_field]
+
+
+# -- tensorflow-datasets ------------------------------------------------------------------------
+def parse_tfds(spec: str) -> tuple[str, str | None]:
+  """'tfds:NAME/CONFIG:SPLIT' -> ('NAME/CONFIG', 'SPLIT' or None)."""
+  body = spec[len("tfds:"):]
+  name, _, split = body.partition(":")
+  if not name:
+    raise ConfigError(f"data.source={spec!r}: expected tfds:NAME[/CONFIG][:SPLIT]")
+  return name, split or None
+
+
+def tfds_source(name: str, split: str, data_dir: str):
+  """A random-access ArrayRecord source for a TFDS split prepared in `data_dir` (no network)."""
+  try:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+  except ImportError:
+    raise ConfigError("data.source=tfds:... needs tensorflow-datasets: "
+                      "pip install -e '.[tfds]'") from None
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+  except Exception as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"data.source=tfds:{name}:{split} (data.tfds_data_dir={data_dir!r}): "
+                      f"{msg[:300]}") from None
+
+
+def _tfds_split_name(name: str, split: str, data_dir: str) -> str:
+  if split == "train":
+    return "train"
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  splits = tfds.builder(name, data_dir=data_dir or None).info.splits
+  for cand in ("validation", "test"):
+    if cand in splits:
+      return cand
+  raise ConfigError(f"data.source=tfds:{name} has no validation or test split; "
+                    "name one split (tfds:NAME:SPLIT) to split it by document hash")
+
+
+def tfds_documents(spec: str, split: str | None, val_fraction: float, text_field: str,
+                   data_dir: str, stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
+  name, tsplit = parse_tfds(spec)
+  hashed = tsplit is not None
+  if tsplit is None:
+    tsplit = _tfds_split_name(name, split or "train", data_dir)
+  src = tfds_source(name, tsplit, data_dir)
+  for i in range(len(src)):
+    doc_name = f"{name}:{tsplit}:{i}"
+    if hashed and split is not None and split_of(doc_name, val_fraction) != split:
+      continue
+    rec = src[i]
+    if text_field not in rec:
+      raise ConfigError(f"data.source={spec!r}: examples have no field {text_field!r} "
+                        f"(fields: {', '.join(rec)}); set data.text_field")
+    value = rec[text_field]
+    if isinstance(value, bytes):
+      value, bad = decode_utf8(value)
+      if stats is not None:
+        stats.add(bad)
+    if value.strip():
+      yield doc_name, value
+
+
+# -- dispatch -----------------------------------------------------------------------------------
+def source_kind(source: str) -> str:
+  """'embedded' | 'tfds' | 'prepared' | 'folder' | 'jsonl'; one clear line if none fits."""
   if source == "embedded":
-    return embedded_documents(split, val_fraction)
-  raise ValueError(f"data.source={source!r} unknown; allowed: embedded")
+    return "embedded"
+  if source.startswith("tfds:"):
+    return "tfds"
+  path = os.path.expanduser(source)
+  if os.path.isdir(path):
+    return "prepared" if os.path.exists(os.path.join(path, "metadata.json")) else "folder"
+  if os.path.isfile(path) and path.endswith(".jsonl"):
+    return "jsonl"
+  if os.path.exists(path):
+    raise ConfigError(f"data.source={source!r} is a file that is not .jsonl; allowed: "
+                      f"{SOURCE_HELP}")
+  raise ConfigError(f"data.source={source!r}: no such file or folder; allowed: {SOURCE_HELP}")
+
+
+def get_documents(source: str, split: str | None, val_fraction: float = 0.05, *,
+                  text_field: str = "text", tfds_data_dir: str = "",
+                  stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
+  """(name, text) of one split (`None`: every document) of a raw-text source, in a fixed order."""
+  if split is not None:
+    _check_split(split)
+  kind = source_kind(source)
+  if kind == "embedded":
+    return _file_documents(stdlib_dir(), embedded_files(), split, val_fraction, stats)
+  if kind == "folder":
+    root = os.path.expanduser(source)
+    return _file_documents(root, folder_files(root), split, val_fraction, stats)
+  if kind == "jsonl":
+    return jsonl_documents(os.path.expanduser(source), split, val_fraction, text_field, stats)
+  if kind == "tfds":
+    return tfds_documents(source, split, val_fraction, text_field, tfds_data_dir, stats)
+  raise ConfigError(f"data.source={source!r} is a prepared folder; read it with "
+                    "ttt_jax.data.prepare.PreparedData")
