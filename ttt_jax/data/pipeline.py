@@ -67,6 +67,13 @@ def load_stream(source: str, tokenizer: str, split: str, val_fraction: float, *,
   return build_stream(docs, get_tokenizer(tokenizer))
 
 
+def split_stream(data_cfg, split: str) -> TokenStream:
+  """`load_stream` for a data config (passes the TFDS / jsonl options along)."""
+  return load_stream(data_cfg.source, data_cfg.tokenizer, split, data_cfg.val_fraction,
+                     text_field=data_cfg.get("text_field", "text"),
+                     tfds_data_dir=data_cfg.get("tfds_data_dir", ""))
+
+
 def build_stream_from_arrays(arrays, names, tokenizer: Tokenizer) -> TokenStream:
   """`[BOS] ids [EOS]` of already tokenized documents."""
   pieces, starts, offset = [], [], 0
@@ -197,9 +204,7 @@ def window_source(data_cfg, split: str):
     part = data.split(split)
     return DocumentWindows(part.lengths, part.__getitem__, seq_len, tok.bos_id, tok.eos_id,
                            pack=pack, min_len=min_len)
-  stream = load_stream(data_cfg.source, data_cfg.tokenizer, split, data_cfg.val_fraction,
-                       text_field=data_cfg.get("text_field", "text"),
-                       tfds_data_dir=data_cfg.get("tfds_data_dir", ""))
+  stream = split_stream(data_cfg, split)
   if pack and min_len == 0:
     return WindowSource(stream.tokens, seq_len)
   tok = get_tokenizer(data_cfg.tokenizer)

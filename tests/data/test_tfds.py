@@ -1,0 +1,83 @@
+"""A TFDS dataset built offline from text files reads back the same tokens as the files."""
+
+import numpy as np
+import pytest
+
+from ttt_jax.config import build_config
+from ttt_jax.data import pipeline, prepare, sources
+from ttt_jax.data.tokenizers import get_tokenizer
+
+tfds = pytest.importorskip("tensorflow_datasets",
+                           reason="tensorflow-datasets not installed (pip install -e '.[tfds]')")
+
+DOCS = {f"doc{i:02d}.txt": " ".join(f"w{i}_{j} Grüße" for j in range(30 + 7 * i))
+        for i in range(12)}
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder):
+  """Text files -> examples {'name', 'text'}; train and validation splits."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  root = None
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"name": tfds.features.Text(), "text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    names = sorted(DOCS)
+    return {"train": self._generate_examples(names[:9]),
+            "validation": self._generate_examples(names[9:])}
+
+  def _generate_examples(self, names):
+    for n in names:
+      yield n, {"name": n, "text": (self.root / n).read_text(encoding="utf-8")}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("texts")
+  for n, t in DOCS.items():
+    (root / n).write_text(t, encoding="utf-8")
+  LocalText.root = root
+  data_dir = tmp_path_factory.mktemp("tfds")
+  LocalText(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return root, data_dir
+
+
+def _by_name(src):
+  return {src[i]["name"].decode(): src[i]["text"].decode() for i in range(len(src))}
+
+
+def test_tfds_source_gives_the_text_files_tokens(built):
+  root, data_dir = built
+  tok = get_tokenizer("bytes")
+  src = sources.tfds_source("local_text", "train", str(data_dir))
+  docs = list(sources.get_documents("tfds:local_text", "train", tfds_data_dir=str(data_dir)))
+  names = _by_name(src)
+  assert len(docs) == 9
+  for (doc_name, text), i in zip(docs, range(len(src)), strict=True):
+    name = src[i]["name"].decode()
+    assert doc_name == f"local_text:train:{i}"
+    np.testing.assert_array_equal(tok.encode(text),
+                                  tok.encode((root / name).read_text(encoding="utf-8")))
+  assert sorted(names) == sorted(DOCS)[:9]
+  val = list(sources.get_documents("tfds:local_text", "validation", tfds_data_dir=str(data_dir)))
+  assert sorted(t for _, t in val) == sorted(DOCS[n] for n in sorted(DOCS)[9:])
+
+
+def test_tfds_through_the_pipeline_and_prepare(built, tmp_path):
+  root, data_dir = built
+  c = build_config("model=swa,scale=tiny,ctx=32").data
+  c.source, c.tfds_data_dir = "tfds:local_text", str(data_dir)
+  stream = pipeline.load_stream(c.source, c.tokenizer, "train", c.val_fraction,
+                                tfds_data_dir=c.tfds_data_dir)
+  ds = pipeline.windows_dataset(c, "train", seed=0, shuffle=False, batch_size=2)
+  np.testing.assert_array_equal(ds[0]["tokens"][1], stream.tokens[32:65])
+  meta = prepare.prepare("tfds:local_text:train", str(tmp_path / "p"), val_fraction=0.0,
+                         num_shards=2, tfds_data_dir=str(data_dir), echo=lambda s: 0)
+  assert meta["splits"]["train"]["tokens"] == sum(len(t.encode()) for t in
+                                                  [DOCS[n] for n in sorted(DOCS)[:9]])
+  part = prepare.PreparedData(str(tmp_path / "p")).split("train")
+  got = sorted(get_tokenizer("bytes").decode(part[i]) for i in range(len(part)))
+  assert got == sorted(DOCS[n] for n in sorted(DOCS)[:9])
