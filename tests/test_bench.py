@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark: every section at toy sizes, the JSON and report it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from ttt_jax.benchmarks import run as bench_run
+from ttt_jax.benchmarks.common import SECTIONS, attended_keys, interleaved
+from ttt_jax.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("bench"))
+  args = bench_run.build_parser().parse_args([
+      "--quick", "--out_dir", out, "--sections", ",".join(SECTIONS),
+      "--kinds", "transformer,e2e-meta", "--stream_kinds", "transformer,swa,e2e",
+      "--ttt_layers", "ttt_linear"])
+  results = bench_run.run(args, echo=lambda s: None)
+  return out, results
+
+
+def _positive(d: dict, *keys):
+  for k in keys:
+    assert d[k] > 0, (k, d)
+
+
+def test_writes_json_markdown_and_figures(bench):
+  out, results = bench
+  with open(os.path.join(out, "benchmarks.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  with open(os.path.join(out, "benchmarks.md")) as f:
+    md = f.read()
+  for title in ("Matmul ceiling", "Training step", "dual vs primal", "Prefill latency",
+                "Decode latency", "Peak memory"):
+    assert title in md
+  pngs = [n for n in os.listdir(out) if n.endswith(".png")]
+  assert {p.rsplit("_", 1)[1] for p in pngs} >= {"train.png", "prefill.png", "decode.png",
+                                                 "memory.png"}
+
+
+def test_sections_have_positive_numbers(bench):
+  _, results = bench
+  (entry,) = results["machines"].values()
+  assert entry["machine"]["cores"] > 0 and entry["machine"]["jax"]
+  sec = entry["sections"]
+  for r in sec["matmul"].values():
+    _positive(r, "median_s", "flops_per_s")
+  for r in sec["train"]["kinds"].values():
+    _positive(r, "params", "tokens_per_s", "mfu", "median_s", "model_flops_per_token")
+    _positive(r["memory"], "peak_bytes", "temp_bytes")
+  assert sec["train"]["ratios"]["step_time_over_transformer"]["transformer"] == 1.0
+  for r in sec["ttt_impl"]["impls"].values():
+    _positive(r, "median_s")
+  assert sec["ttt_impl"]["ratios"]["ttt_linear_primal_over_dual"] > 0
+  stream = sec["streaming"]
+  for kind, r in stream["kinds"].items():
+    for n in stream["lengths"]:
+      _positive(r[str(n)]["prefill"], "per_token_s")
+      _positive(r[str(n)]["decode"], "per_token_s")
+      _positive(r[str(n)]["memory"], "peak_bytes", "cache_bytes")
+    assert stream["ratios"]["prefill"][kind]["longest_over_shortest"] > 0
+  # Carried state: full attention's KV grows with the context, the others' state does not.
+  lo, hi = (str(n) for n in stream["lengths"])
+  mem = {k: (r[lo]["memory"]["cache_bytes"], r[hi]["memory"]["cache_bytes"])
+         for k, r in stream["kinds"].items()}
+  assert mem["transformer"][1] > mem["transformer"][0]
+  for kind in ("swa", "e2e"):
+    assert mem[kind][0] == mem[kind][1]
+
+
+def test_attended_keys_matches_counting():
+  for t, w in ((10, None), (10, 3), (7, 7), (9, 20)):
+    count = sum(min(i + 1, w or t) for i in range(t)) / t
+    assert attended_keys(t, w) == pytest.approx(count)
+
+
+def test_interleaved_runs_round_robin():
+  calls = []
+  times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                      repeats=3, warmup=1, echo=lambda s: None)
+  assert calls == ["a", "b"] * 4
+  assert times["a"]["runs"] == 3 and times["b"]["median_s"] >= 0
+
+
+def test_bad_flags_fail_with_one_line():
+  parse = bench_run.build_parser().parse_args
+  with pytest.raises(ConfigError, match="--sections"):
+    bench_run.resolve(parse(["--quick", "--sections", "train,bogus"]))
+  with pytest.raises(ConfigError, match="multiples"):
+    bench_run.resolve(parse(["--quick", "--lengths", "100"]))

@@ -1,0 +1,1 @@
+"""Speed / memory benchmarks (`scripts/bench.py`) and the small-scale E2E reproduction."""
