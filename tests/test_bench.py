@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from ttt_jax.benchmarks import run as bench_run
@@ -92,3 +93,60 @@ def test_bad_flags_fail_with_one_line():
     bench_run.resolve(parse(["--quick", "--sections", "train,bogus"]))
   with pytest.raises(ConfigError, match="multiples"):
     bench_run.resolve(parse(["--quick", "--lengths", "100"]))
+
+
+# -- small-scale E2E reproduction (benchmarks/reproduce.py) ------------------------------------
+def _repro_args(tmp, *extra):
+  from ttt_jax.benchmarks import reproduce  # noqa: PLC0415
+
+  return reproduce.build_parser().parse_args([
+      "--ctx", "128", "--eval_ctx", "64,128", "--batch_size", "2", "--eval_docs", "2",
+      "--workdir", os.path.join(tmp, "runs"), "--out", os.path.join(tmp, "e2e_small.md"),
+      *extra])
+
+
+def test_reproduction_models_match_parameter_count(tmp_path):
+  from ttt_jax.benchmarks import reproduce  # noqa: PLC0415
+
+  configs = reproduce.configs_for(_repro_args(str(tmp_path)), steps=10)
+  counts = {k: reproduce.count_params_of(c) for k, c in configs.items()}
+  for kind, n in counts.items():
+    assert abs(n / counts["transformer"] - 1) < 0.02, counts
+    assert configs[kind].data.seq_len == 128 and configs[kind].seed == 0
+
+
+def test_reproduction_report_from_results(tmp_path):
+  from ttt_jax.benchmarks.common import machine_info  # noqa: PLC0415
+  from ttt_jax.benchmarks.reproduce_report import write_reproduction  # noqa: PLC0415
+
+  rng = np.random.default_rng(1)
+  results = {}
+  for kind in ("transformer", "swa", "e2e"):
+    per = rng.uniform(1.0, 3.0, 128)
+    results[kind] = {"params": 1000, "intermediate_size": 64, "train_loss": 2.0,
+                     "train_seconds": 1.0, "per_position": per.tolist(),
+                     "loss_at_ctx": {str(n): float(per[:n].mean()) for n in (64, 128)}}
+  report = {"args": {"seed": 0, "ctx": "128"}, "steps": 5, "batch_size": 2, "train_ctx": 128,
+            "tokens_per_model": 1280, "window": 32, "e2e_mini_batch": 32, "eval_ctx": [64, 128],
+            "eval_docs": ["a", "b"], "results": results, "machine": machine_info(),
+            "wall_seconds": 1.0}
+  md_path = write_reproduction(report, str(tmp_path / "r.md"))
+  md = open(md_path).read()
+  d = results["e2e"]["loss_at_ctx"]["128"] - results["transformer"]["loss_at_ctx"]["128"]
+  assert f"({d:+.4f})" in md
+  d_swa = results["e2e"]["loss_at_ctx"]["128"] - results["swa"]["loss_at_ctx"]["128"]
+  assert f"{abs(d_swa):.4f} nats/token {'lower' if d_swa < 0 else 'higher'} than SWA" in md
+  assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_reproduction_end_to_end(tmp_path):
+  from ttt_jax.benchmarks import reproduce  # noqa: PLC0415
+
+  args = _repro_args(str(tmp_path), "--steps", "2", "--kinds", "transformer,e2e")
+  report = reproduce.run(args, echo=lambda s: None)
+  for r in report["results"].values():
+    assert r["loss_at_ctx"]["128"] > 0 and len(r["per_position"]) == 128
+    # loss at 128 is the mean of the per-position losses
+    assert r["loss_at_ctx"]["128"] == pytest.approx(np.mean(r["per_position"]))
+  assert (tmp_path / "e2e_small.md").exists() and (tmp_path / "e2e_small.png").exists()

@@ -1,0 +1,7 @@
+"""Loss vs context length of full attention, SWA, TTT-Linear, TTT-MLP and TTT-E2E trained on
+the same tokens at equal size; writes docs/results/e2e_small.md (+ PNG, JSON)."""
+
+from ttt_jax.benchmarks.reproduce import main
+
+if __name__ == "__main__":
+  main()
