@@ -43,6 +43,22 @@ def test_writes_json_markdown_and_figures(bench):
                                                  "memory.png"}
 
 
+def test_report_keeps_notes_block(bench):
+  from ttt_jax.benchmarks.report import NOTES_BEGIN, NOTES_END, write_report  # noqa: PLC0415
+
+  out, results = bench
+  path = os.path.join(out, "benchmarks.md")
+  with open(path) as f:
+    text = f.read()
+  with open(path, "w") as f:
+    f.write(text.replace(NOTES_BEGIN + "\n", NOTES_BEGIN + "\nbefore/after: 2x\n"))
+  write_report(results, out)
+  with open(path) as f:
+    text = f.read()
+  assert f"{NOTES_BEGIN}\nbefore/after: 2x\n{NOTES_END}" in text
+  assert text.count("## cpu-") + text.count("## gpu") + text.count("## cuda") >= 1
+
+
 def test_sections_have_positive_numbers(bench):
   _, results = bench
   (entry,) = results["machines"].values()
