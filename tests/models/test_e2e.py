@@ -1,0 +1,187 @@
+"""TTT-E2E: inner loop vs an unrolled reference, second-order outer gradient, streaming."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.config import build_config
+from ttt_jax.layers.mlp import InnerParam
+from ttt_jax.models import build_model
+from ttt_jax.models.lm import LanguageModel, token_nll
+
+B, T, CHUNK, WINDOW, LR, CLIP = 2, 48, 16, 16, 3.0, 0.5
+VOCAB = 259
+
+
+def tiny_model_cfg(inner_lr=LR, clip=CLIP, layers=3, suffix=2):
+  c = build_config("model=e2e,scale=tiny,ctx=64")
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size = layers, 32, 2, 64
+  m.window = WINDOW
+  e = m.e2e
+  e.prime_intermediate_size, e.suffix_len, e.mini_batch_size = 64, suffix, CHUNK
+  e.inner_lr, e.inner_clip, e.ilr_init, e.ilr_warmup_steps = inner_lr, clip, 0.0, 0
+  return m
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def tree_dot(a, b):
+  return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return jax.random.randint(jax.random.key(1), (B, T + 1), 0, VOCAB)
+
+
+class Setup:
+  """One tiny E2E model (3 blocks, 2 with prime MLPs) and its jitted inner-loop functions."""
+
+  def __init__(self):
+    self.model = build_model(tiny_model_cfg(), 0)
+    self.graphdef, self.inner, self.outer = nnx.split(self.model, InnerParam, ...)
+
+    @functools.partial(jax.jit, static_argnums=4)
+    def meta(inner, outer, seqs, lr, second_order=True):
+      out = nnx.merge(self.graphdef, inner, outer).meta_forward(
+          seqs[:, :-1], seqs[:, 1:], None, lr, second_order=second_order)
+      return jnp.mean(out.losses), (out.losses, out.hidden, out.nll)
+
+    self.meta = meta
+    self.grad = jax.jit(jax.value_and_grad(meta, (0, 1), has_aux=True), static_argnums=4)
+
+  def logits(self, seqs, lr):
+    """One-shot logits of seqs[:, :-1] through the training inner loop."""
+    _, (_, hidden, _) = self.meta(self.inner, self.outer, seqs, jnp.float32(lr))
+    return self.model.logits(hidden)[..., :VOCAB]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return Setup()
+
+
+def reference_chunk_losses(graphdef, inner, outer, seq, lr, clip):  # noqa: PLR0913
+  """One sequence [T+1]: the full LM streamed chunk by chunk (KV windows carried by the LM's own
+  cache); between chunks the prime weights take one explicit, clipped SGD step on that chunk's
+  loss, its gradient taken with the carried cache held fixed."""
+  lm = nnx.merge(graphdef, inner, outer)
+  cache = LanguageModel.init_cache(lm, 1)
+  w, losses = inner, []
+  for i in range((seq.shape[0] - 1) // CHUNK):
+    lo, hi = i * CHUNK, (i + 1) * CHUNK
+    x, y, pos = seq[None, lo:hi], seq[None, lo + 1:hi + 1], jnp.arange(lo, hi)
+
+    def chunk_loss(w, cache, x=x, y=y, pos=pos):
+      logits, new_cache = LanguageModel.__call__(nnx.merge(graphdef, w, outer), x, pos, cache)
+      return token_nll(logits, y), new_cache
+
+    (loss, cache), g = jax.value_and_grad(chunk_loss, has_aux=True)(w, cache)
+    norm = jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(g)))
+    scale = jnp.minimum(1.0, clip / norm)
+    w = jax.tree.map(lambda p, q, scale=scale: p - lr * scale * q, w, g)
+    losses.append(loss)
+  return jnp.stack(losses)
+
+
+def test_inner_loop_matches_unrolled_reference(setup, tokens):
+  graphdef, inner, outer = setup.graphdef, setup.inner, setup.outer
+
+  def ref(inner, outer):  # every sequence on its own (vmap = a loop over the batch)
+    one = lambda seq: reference_chunk_losses(graphdef, inner, outer, seq, LR, CLIP)  # noqa: E731
+    losses = jax.vmap(one, out_axes=1)(tokens)  # [n, B]
+    return jnp.mean(losses), losses
+
+  (l_ref, c_ref), g_ref = jax.jit(jax.value_and_grad(ref, (0, 1), has_aux=True))(inner, outer)
+  (l_our, (c_our, _, _)), g_our = setup.grad(inner, outer, tokens, jnp.float32(LR))
+  assert rel_err(c_our, c_ref) < 1e-5
+  for a, b in zip(jax.tree.leaves(g_our), jax.tree.leaves(g_ref), strict=True):
+    assert rel_err(a, b) < 1e-5
+  # compute_loss (meta mode) is the mean of the chunk losses
+  loss, metrics = setup.model.compute_loss({"tokens": tokens}, None)
+  assert rel_err(loss, l_ref) < 1e-5
+  assert rel_err(metrics["loss_last_chunk"], c_ref[-1].mean()) < 1e-5
+  # the updates really change the later chunks
+  no_lr = reference_chunk_losses(graphdef, inner, outer, tokens[0], 0.0, CLIP)
+  assert rel_err(no_lr[1:], c_ref[1:, 0]) > 1e-4
+
+
+def _direction(params, key, select):
+  """A unit random direction in the leaves whose path satisfies `select` (zero elsewhere)."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  keys = jax.random.split(key, len(flat))
+  leaves = [jax.random.normal(k, x.shape) if select(jax.tree_util.keystr(p)) else jnp.zeros_like(x)
+            for (p, x), k in zip(flat, keys, strict=True)]
+  norm = jnp.sqrt(sum(jnp.sum(v * v) for v in leaves))
+  return jax.tree.unflatten(jax.tree.structure(params), [v / norm for v in leaves])
+
+
+@pytest.mark.parametrize("part", ["prime", "attention"])
+def test_outer_gradient_matches_finite_differences(setup, tokens, part):
+  inner, outer, lr, eps = setup.inner, setup.outer, jnp.float32(1.0), 1e-2
+  _, exact_g = setup.grad(inner, outer, tokens, lr)
+  _, first_g = setup.grad(inner, outer, tokens, lr, False)
+  for seed in range(2):
+    key = jax.random.key(10 + seed)
+    if part == "prime":
+      u, which = _direction(inner, key, lambda p: True), 0
+      shift = lambda s, u=u: (jax.tree.map(lambda a, b: a + s * b, inner, u), outer)  # noqa: E731
+    else:  # the attention weights of the last (suffix) block
+      u, which = _direction(outer, key, lambda p: "[2]['mixer']" in p), 1
+      shift = lambda s, u=u: (inner, jax.tree.map(lambda a, b: a + s * b, outer, u))  # noqa: E731
+    plus, _ = setup.meta(*shift(eps), tokens, lr)
+    minus, _ = setup.meta(*shift(-eps), tokens, lr)
+    fd = float((plus - minus) / (2 * eps))
+    exact = float(tree_dot(exact_g[which], u))
+    first = float(tree_dot(first_g[which], u))
+    assert abs(exact - fd) < 0.02 * abs(fd), (exact, fd)
+    # without the second-order path (stop_gradient on the update) the check fails
+    assert abs(first - fd) > 0.1 * abs(fd), (first, fd)
+
+
+def test_zero_inner_lr_is_sliding_window_attention(setup, tokens):
+  swa_logits, _ = jax.jit(lambda t: LanguageModel.__call__(setup.model, t))(tokens[:, :-1])
+  assert rel_err(setup.logits(tokens, 0.0), swa_logits[..., :VOCAB]) < 1e-5
+  assert rel_err(setup.logits(tokens, LR), swa_logits[..., :VOCAB]) > 1e-3
+
+
+def test_test_time_learning_uses_context_beyond_the_window(setup):
+  doc = jax.random.randint(jax.random.key(7), (B, 3 * CHUNK), 0, VOCAB)
+  seqs = jnp.concatenate([doc, doc, doc[:, :1]], axis=1)  # the copy starts 48 > window back
+  later = slice(4 * CHUNK, 6 * CHUNK)  # second-copy chunks whose window lies inside the copy
+  nll = {lr: setup.meta(setup.inner, setup.outer, seqs, jnp.float32(lr))[1][2]
+         for lr in (0.0, 1.0)}
+  assert float(nll[1.0][:, later].mean()) < float(nll[0.0][:, later].mean()) - 0.05
+  assert float(nll[1.0][:, later].mean()) < float(nll[1.0][:, :3 * CHUNK].mean()) - 0.05
+
+
+def _stream(model, tokens, sizes):
+  step = jax.jit(lambda t, p, c: model(t, p, c))
+  cache, outs, lo = model.init_cache(tokens.shape[0]), [], 0
+  for n in sizes:
+    out, cache = step(tokens[:, lo:lo + n], jnp.arange(lo, lo + n, dtype=jnp.int32), cache)
+    outs.append(out)
+    lo += n
+  return jnp.concatenate(outs, axis=1)[..., :VOCAB]
+
+
+def test_streaming_matches_one_shot(setup, tokens):
+  one_shot = setup.logits(tokens, LR)
+  x = tokens[:, :-1]
+  for sizes in ([CHUNK] * (T // CHUNK), [5, 11, 16, 5, 11]):
+    assert rel_err(_stream(setup.model, x, sizes), one_shot[:, :sum(sizes)]) < 1e-5, sizes
+  direct, _ = setup.model(x)  # no cache: the one-shot path of __call__
+  assert rel_err(direct[..., :VOCAB], one_shot) < 1e-5
+
+
+def test_token_by_token_decoding_matches_one_shot(setup, tokens):
+  one_shot = setup.logits(tokens, LR)
+  assert rel_err(_stream(setup.model, tokens[:, :-1], [1] * T), one_shot) < 1e-5

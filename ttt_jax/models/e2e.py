@@ -1,0 +1,227 @@
+"""TTT-E2E: a sliding-window Transformer whose last blocks keep learning while it reads.
+
+The model is `LanguageModel` (SWA, qk-norm, pre+post norms, RoPE 5e5) whose last `suffix_len`
+blocks carry a prime SwiGLU MLP with `InnerParam` weights (the inner weights W). Reading a
+sequence split into chunks of `mini_batch_size` = b positions, for chunk i:
+  loss_i = mean next-token NLL of chunk i with W_i (attention sees the carried KV window);
+  W_{i+1} = W_i - ilr * clip(d loss_i / d W_i)   (one global norm over all prime MLPs).
+Each sequence of a batch has its own inner weights. The prefix blocks (no inner weights) run
+once over the whole input.
+
+Training (`compute_loss`): `train_mode=meta` minimises mean_i loss_i, differentiating through
+every inner update (second order), so the initial W and all other weights are meta-learned;
+`train_mode=pretrain` is the plain LM loss with W as ordinary weights.
+
+Inference (`__call__`) runs the same inner loop with no outer gradient. Logits of a chunk's
+tokens are made with the weights before that chunk's update (as in training). Chunk i's loss
+needs the targets of all its positions, and the target of its last position is the first token
+of chunk i+1; so when streaming, the update for chunk i happens when that token arrives, just
+before its own logits are computed. The cache holds the per-sequence inner weights, the KV
+windows of every block (suffix windows hold `window + b` keys so the KV window at the start of
+the pending chunk stays available), and the pending chunk's suffix inputs and tokens. Calls may
+have any length T (T=1 decoding included); positions must continue the stream contiguously, and
+chunks are counted from the start of the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from ttt_jax.layers.attention import KVCache
+from ttt_jax.layers.mlp import InnerParam
+from ttt_jax.models.e2e_inner import KV_AXES, SuffixRunner, inner_loop, inner_lr
+from ttt_jax.models.lm import LanguageModel, split_batch
+
+
+class E2ECache(NamedTuple):
+  """Streaming state of an E2E model (batch B, pending chunk of up to b positions)."""
+
+  inner: Any  # nnx.State of per-sequence inner weights, leaves [B, ...]
+  prefix: list  # KVCache per prefix block (capacity = window)
+  suffix: list  # KVCache per suffix block (capacity = window + b)
+  buf_h: jax.Array  # [B, b, D] suffix inputs of the pending chunk
+  buf_tok: jax.Array  # [B, b] int32 input tokens of the pending chunk
+  count: jax.Array  # int32 scalar: positions in the pending chunk, 0..b
+
+
+class E2EOutput(NamedTuple):
+  losses: jax.Array  # [n_chunks, B] chunk losses (each with the weights before its update)
+  hidden: jax.Array  # [B, T, D] outputs of the last block
+  nll: jax.Array  # [B, T] per-token NLL
+  inner: Any  # per-sequence inner weights after the last update
+
+
+class E2EModel(LanguageModel):
+  """`LanguageModel` with the TTT-E2E inner loop in its loss, forward and streaming cache."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if cfg.kind != "e2e" or cfg.scan_layers:
+      raise ValueError("E2EModel needs model.kind='e2e' and model.scan_layers=False")
+    super().__init__(cfg, rngs=rngs)
+    self.n_prefix = cfg.num_layers - cfg.e2e.suffix_len
+
+  # -- pieces ------------------------------------------------------------------------------------
+  def split_inner(self):
+    """(runner over graphdef, inner state, outer state): the functional view of this model."""
+    graphdef, inner, outer = nnx.split(self, InnerParam, ...)
+    return SuffixRunner(graphdef, self.n_prefix, self.cfg.remat), inner, outer
+
+  @staticmethod
+  def inner_axes(inner) -> list[tuple]:
+    specs = nnx.get_partition_spec(inner)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return [tuple(p) for p in jax.tree.leaves(specs, is_leaf=is_spec)]
+
+  def run_prefix(self, tokens: jax.Array, positions: jax.Array, caches=None):
+    """Embeddings through the prefix blocks: the suffix inputs [B, T, D] (+ new prefix caches)."""
+    h = self.embed_tokens(tokens)
+    return self.run_blocks(h, positions, caches, blocks=list(self.blocks)[:self.n_prefix])
+
+  def suffix_blocks(self):
+    return list(self.blocks)[self.n_prefix:]
+
+  # -- training ----------------------------------------------------------------------------------
+  def meta_forward(self, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None, lr,
+                   second_order: bool = True) -> E2EOutput:
+    """The inner loop over a batch of whole sequences [B, T] (T a multiple of b)."""
+    e = self.cfg.e2e
+    bsz, t = inputs.shape
+    if t % e.mini_batch_size:
+      raise ValueError(f"sequence length {t} must be a multiple of model.e2e.mini_batch_size="
+                       f"{e.mini_batch_size}")
+    runner, inner, outer = self.split_inner()
+    positions = jnp.arange(t, dtype=jnp.int32)
+    h, _ = self.run_prefix(inputs, positions)
+    kv0 = [blk.mixer.init_state(bsz) for blk in self.suffix_blocks()]
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    losses, hidden, nll, inner = inner_loop(
+        runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,
+        clip=e.inner_clip, remat_chunks=e.remat_chunks, second_order=second_order,
+        inner_axes=self.inner_axes(inner))
+    return E2EOutput(losses, hidden, nll, inner)
+
+  def compute_loss(self, batch: dict, step: jax.Array | None = None):
+    """meta: mean of the chunk losses (token-weighted mean NLL under a loss mask), second-order
+    outer gradient; pretrain: the plain LM loss with the prime MLPs as ordinary weights."""
+    if self.cfg.e2e.train_mode == "pretrain":
+      return super().compute_loss(batch, step)
+    inputs, targets = split_batch(batch)
+    mask = batch.get("loss_mask")
+    lr = inner_lr(self.cfg.e2e, step)
+    out = self.meta_forward(inputs, targets, mask, lr)
+    if mask is None:
+      loss = jnp.mean(out.losses)
+    else:
+      m = mask.astype(jnp.float32)
+      loss = jnp.sum(out.nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+    chunk = jnp.mean(out.losses, axis=1)
+    return loss, {"loss": loss, "inner_lr": lr, "loss_first_chunk": chunk[0],
+                  "loss_last_chunk": chunk[-1]}
+
+  # -- inference ---------------------------------------------------------------------------------
+  def init_cache(self, batch_size: int, capacity: int | None = None) -> E2ECache:
+    """Fresh streaming state: the initial inner weights for every sequence, empty KV windows.
+
+    `capacity` is ignored: every window is fixed by `model.window`.
+    """
+    del capacity
+    b = self.cfg.e2e.mini_batch_size
+    _, inner, _ = nnx.split(self, InnerParam, ...)
+    inner = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch_size, *w.shape)), inner)
+    prefix = [blk.init_state(batch_size) for blk in list(self.blocks)[:self.n_prefix]]
+    suffix = []
+    for blk in self.suffix_blocks():
+      att = blk.mixer
+      shape = (batch_size, att.window + b, att.num_heads, att.head_dim)
+      zeros = jnp.zeros(shape, att.compute_dtype)
+      suffix.append(KVCache(zeros, zeros, jnp.full((shape[1],), -1, jnp.int32)))
+    return E2ECache(inner, prefix, suffix,
+                    jnp.zeros((batch_size, b, self.cfg.d_model), self.compute_dtype),
+                    jnp.zeros((batch_size, b), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def one_shot_logits(self, tokens: jax.Array) -> jax.Array:
+    """Logits of whole sequences [B, T] (T a multiple of b) through the training inner loop."""
+    targets = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # last one never used
+    out = self.meta_forward(tokens, targets, None, inner_lr(self.cfg.e2e, None))
+    return self.logits(out.hidden)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               cache: E2ECache | None = None):
+    """tokens [B, T] -> (logits [B, T, V] fp32, new cache). No cache = a fresh sequence."""
+    b = self.cfg.e2e.mini_batch_size
+    bsz, t = tokens.shape
+    if positions is None:
+      positions = jnp.arange(t, dtype=jnp.int32)
+    if cache is None:
+      if t % b == 0:
+        return self.one_shot_logits(tokens), None
+      logits, _ = self.stream(tokens, positions, self.init_cache(bsz))
+      return logits, None
+    return self.stream(tokens, positions, cache)
+
+  def stream(self, tokens: jax.Array, positions: jax.Array, cache: E2ECache):
+    """Reads T more tokens of each sequence (positions contiguous), learning as chunks complete.
+
+    The new tokens are taken in segments of s = min(T, b) slots that never cross a chunk
+    boundary; before a segment that starts a new chunk, the completed chunk's update runs
+    (`lax.cond`, so only when a chunk completes).
+    """
+    e = self.cfg.e2e
+    b = e.mini_batch_size
+    bsz, t = tokens.shape
+    runner, _, outer = self.split_inner()
+    h, prefix = self.run_prefix(tokens, positions, cache.prefix)
+    s = min(t, b)
+    n_seg = -(-t // s) + (0 if t == 1 else 1)
+    h_pad = jnp.pad(h, ((0, 0), (0, s), (0, 0)))
+    tok_pad = jnp.pad(tokens, ((0, 0), (0, s)))
+    p0 = positions[0].astype(jnp.int32)
+    lr = inner_lr(e, None)
+    kv_axes = [KV_AXES] * len(cache.suffix)
+
+    def update_one(inner, kvs, hc, pos, tgt):
+      ones = jnp.ones(tgt.shape, jnp.float32)
+      return runner.inner_step(inner, outer, kvs, hc, pos, tgt, ones, lr, e.inner_clip)[0]
+
+    update = jax.vmap(update_one, in_axes=(0, kv_axes, 0, None, 0))
+    forward = jax.vmap(lambda w, kvs, hs, pos, n: runner.hidden(w, outer, hs, pos, kvs, n),
+                       in_axes=(0, kv_axes, 0, None, None), out_axes=(0, kv_axes))
+    slot = jnp.arange(s, dtype=jnp.int32)
+
+    def segment(carry, _):
+      inner, kvs, buf_h, buf_tok, count, done, out = carry
+
+      def learn(inner):
+        start = p0 + done - b  # first position of the completed chunk
+        views = [KVCache(kv.k, kv.v, jnp.where(kv.pos >= start, -1, kv.pos)) for kv in kvs]
+        nxt = jax.lax.dynamic_slice_in_dim(tok_pad, done, 1, axis=1)
+        targets = jnp.concatenate([buf_tok[:, 1:b], nxt], axis=1)
+        pos = start + jnp.arange(b, dtype=jnp.int32)
+        return update(inner, views, buf_h[:, :b], pos, targets)
+
+      full = (count == b) & (done < t)
+      inner = jax.lax.cond(full, learn, lambda w: w, inner)
+      count = jnp.where(full, 0, count)
+      take = jnp.minimum(jnp.minimum(b - count, t - done), s)
+      hs = jax.lax.dynamic_slice_in_dim(h_pad, done, s, axis=1)
+      ts = jax.lax.dynamic_slice_in_dim(tok_pad, done, s, axis=1)
+      pos = jnp.where(slot < take, p0 + done + slot, -1)
+      h_out, kvs = forward(inner, kvs, hs, pos, take)
+      out = jax.lax.dynamic_update_slice_in_dim(out, h_out.astype(out.dtype), done, axis=1)
+      buf_h = jax.lax.dynamic_update_slice_in_dim(buf_h, hs.astype(buf_h.dtype), count, axis=1)
+      buf_tok = jax.lax.dynamic_update_slice_in_dim(buf_tok, ts.astype(jnp.int32), count, axis=1)
+      return (inner, kvs, buf_h, buf_tok, count + take, done + take, out), None
+
+    carry = (cache.inner, cache.suffix, jnp.pad(cache.buf_h, ((0, 0), (0, s), (0, 0))),
+             jnp.pad(cache.buf_tok, ((0, 0), (0, s))), cache.count, jnp.zeros((), jnp.int32),
+             jnp.zeros_like(h_pad))
+    (inner, suffix, buf_h, buf_tok, count, _, out), _ = jax.lax.scan(
+        segment, carry, None, length=n_seg)
+    new_cache = E2ECache(inner, prefix, suffix, buf_h[:, :b], buf_tok[:, :b], count)
+    return self.logits(out[:, :t]), new_cache

@@ -1,0 +1,163 @@
+"""TTT-E2E inner loop as pure functions of (inner weights, outer weights, KV windows, chunk).
+
+The model state is split by variable type: `inner` holds the prime MLPs' `InnerParam`s (w1, w2,
+w3 of every suffix block), `outer` everything else. Each sequence of the batch has its own inner
+weights (leading batch axis); the per-sequence functions here are `jax.vmap`ped over it.
+
+One inner step on a chunk of `b` positions (one sequence):
+  loss_i, (kv_{i+1}, h) = chunk_loss(W_i, outer, kv_i, chunk)        # logits made with W_i
+  g_i = d loss_i / d W_i      (kv_i enters as an argument: constant for this gradient)
+  W_{i+1} = W_i - lr * clip(g_i)                                     # one global norm over W
+The outer gradient of mean_i loss_i flows through every W_i, g_i and kv_i (second order), unless
+`second_order=False` (first-order approximation: the update is `stop_gradient`ed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ttt_jax.layers.attention import KVCache
+from ttt_jax.models.lm import apply_block
+from ttt_jax.train.sharding import constrain
+
+# vmap axes of one KV window: keys/values per sequence, positions shared by the batch
+KV_AXES = KVCache(k=0, v=0, pos=None)
+
+
+def inner_lr(e2e_cfg, step) -> jax.Array:
+  """ilr = ilr_init + (inner_lr - ilr_init) * min(1, (step+1)/ilr_warmup_steps); no step = full."""
+  lr = jnp.float32(e2e_cfg.inner_lr)
+  if step is None or e2e_cfg.ilr_warmup_steps <= 0:
+    return lr
+  progress = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / e2e_cfg.ilr_warmup_steps)
+  return e2e_cfg.ilr_init + (lr - e2e_cfg.ilr_init) * progress
+
+
+def clip_by_global_norm(grads, max_norm: float):
+  """g * max_norm / max(|g|, max_norm) with one norm over every leaf; max_norm <= 0 = no clip."""
+  if max_norm <= 0:
+    return grads
+  norm = optax.global_norm(grads)
+  scale = max_norm / jnp.maximum(norm, max_norm)
+  return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+
+def sgd_update(inner, grads, lr, clip: float, second_order: bool = True):
+  """W - lr * clip(g); `second_order=False` hides the update from the outer gradient."""
+  step = jax.tree.map(lambda g: lr * g, clip_by_global_norm(grads, clip))
+  if not second_order:
+    step = jax.tree.map(jax.lax.stop_gradient, step)
+  return jax.tree.map(lambda w, s: w - s.astype(w.dtype), inner, step)
+
+
+def constrain_inner(inner, logical_axes: list[tuple]):
+  """Pins per-sequence inner weights [B, ...] to ('batch', <the parameter's logical axes>).
+
+  `logical_axes` lists the axes of `inner`'s leaves in `jax.tree.leaves` order.
+  """
+  leaves, treedef = jax.tree.flatten(inner)
+  leaves = [constrain(w, ("batch", *axes)) for w, axes in zip(leaves, logical_axes, strict=True)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+class SuffixRunner:
+  """Applies the suffix blocks (+ final norm and head) of a model split as graphdef/inner/outer.
+
+  All methods see ONE sequence: h [s, D], KV windows with k/v [C, H, d] and pos [C].
+  """
+
+  def __init__(self, graphdef, n_prefix: int, remat: str):
+    self.graphdef = graphdef
+    self.n_prefix = n_prefix
+    self.remat = remat
+
+  def model(self, inner, outer):
+    return nnx.merge(self.graphdef, inner, outer)
+
+  def hidden(self, inner, outer, h, positions, kvs, valid: jax.Array | None = None):
+    """(h_out [s, D] before the final norm, new KV windows).
+
+    `valid=None`: every position is real and each window shifts by s (the block's own rule).
+    `valid=n` (traced): only the first n positions are real (the rest have position -1); each
+    window takes exactly those n keys, so a partly filled segment can be streamed.
+    """
+    model = self.model(inner, outer)
+    x = h[None]
+    new = []
+    for blk, kv in zip(model.blocks[self.n_prefix:], kvs, strict=True):
+      st = KVCache(kv.k[None], kv.v[None], kv.pos)
+      if valid is None:
+        x, st = apply_block(blk, x, positions, st, self.remat)
+      else:
+        s, cap = positions.shape[0], kv.pos.shape[0]
+        pad = jnp.zeros((1, s, *kv.k.shape[1:]), kv.k.dtype)
+        st = KVCache(jnp.concatenate([pad, st.k], 1), jnp.concatenate([pad, st.v], 1),
+                     jnp.concatenate([jnp.full((s,), -1, jnp.int32), st.pos]))
+        x, st = apply_block(blk, x, positions, st, self.remat)  # st = old window ++ segment
+        st = KVCache(jax.lax.dynamic_slice_in_dim(st.k, valid, cap, axis=1),
+                     jax.lax.dynamic_slice_in_dim(st.v, valid, cap, axis=1),
+                     jax.lax.dynamic_slice_in_dim(st.pos, valid, cap, axis=0))
+      new.append(KVCache(st.k[0], st.v[0], st.pos))
+    return x[0], new
+
+  def logits(self, inner, outer, h_out):
+    return self.model(inner, outer).logits(h_out)
+
+  def chunk_loss(self, inner, outer, kvs, h, positions, targets, mask):
+    """Masked mean next-token NLL of one chunk with inner weights `inner`."""
+    h_out, new_kvs = self.hidden(inner, outer, h, positions, kvs)
+    logits = self.logits(inner, outer, h_out)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    m = mask.astype(nll.dtype)
+    loss = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return loss, (new_kvs, h_out, nll)
+
+  def inner_step(self, inner, outer, kvs, h, positions, targets, mask, lr, clip: float,
+                 second_order: bool = True):
+    """One chunk: loss and gradient from one forward pass, then the SGD update of `inner`."""
+    grad_fn = jax.value_and_grad(self.chunk_loss, has_aux=True)
+    (loss, (new_kvs, h_out, nll)), grads = grad_fn(inner, outer, kvs, h, positions, targets, mask)
+    new_inner = sgd_update(inner, grads, lr, clip, second_order)
+    return new_inner, new_kvs, loss, h_out, nll
+
+
+def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *,
+               chunk: int, clip: float, remat_chunks: bool, second_order: bool = True,
+               inner_axes: Any = None):
+  """The inner loop over all chunks of a batch of sequences (training and one-shot inference).
+
+  inner0: unbatched inner weights (broadcast to every sequence); kv0: batched empty KV windows
+  of the suffix blocks; h [B, T, D] suffix inputs (prefix output); targets, mask [B, T].
+  Returns (chunk losses [n, B], suffix outputs [B, T, D], nll [B, T], final inner weights).
+  """
+  bsz, t, d = h.shape
+  n = t // chunk
+  inner = jax.tree.map(lambda w: jnp.broadcast_to(w, (bsz, *w.shape)), inner0)
+  per_chunk = lambda x: x.reshape(bsz, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+  positions = jnp.arange(t, dtype=jnp.int32).reshape(n, chunk)
+  xs = (per_chunk(h), positions, per_chunk(targets), per_chunk(mask))
+
+  def one(inner, kvs, h, pos, tgt, m):
+    return runner.inner_step(inner, outer, kvs, h, pos, tgt, m, lr, clip, second_order)
+
+  batched = jax.vmap(one, in_axes=(0, [KV_AXES] * len(kv0), 0, None, 0, 0),
+                     out_axes=(0, [KV_AXES] * len(kv0), 0, 0, 0))
+
+  def body(carry, x):
+    inner, kvs = carry
+    hc, pos, tgt, m = x
+    inner, kvs, loss, h_out, nll = batched(inner, kvs, hc, pos, tgt, m)
+    if inner_axes is not None:
+      inner = constrain_inner(inner, inner_axes)
+    return (inner, kvs), (loss, h_out, nll)
+
+  if remat_chunks:
+    body = jax.checkpoint(body)
+  (inner, _), (losses, h_out, nll) = jax.lax.scan(body, (inner, kv0), xs)
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(bsz, t, *x.shape[3:])  # noqa: E731
+  return losses, unchunk(h_out), unchunk(nll), inner
