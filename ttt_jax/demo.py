@@ -1,4 +1,4 @@
-"""`make demo`: pretrain a tiny model on the embedded corpus and report what it learned."""
+"""`make demo`: meta-train a tiny TTT-E2E model on the embedded corpus, report what it learned."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import math
 from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
 
+# TTT-E2E, meta-learned: a sliding-window Transformer whose last block keeps learning as it reads
+DEMO_ARG = "model=e2e,scale=tiny,ctx=512,mode=meta"
 
-def demo_config(arg: str = "model=swa,scale=tiny,ctx=512"):
+
+def demo_config(arg: str = DEMO_ARG):
   c = build_config(arg)
   c.train.steps = 300
   c.train.log_every = 25
@@ -17,7 +20,7 @@ def demo_config(arg: str = "model=swa,scale=tiny,ctx=512"):
   return c
 
 
-def run_demo(workdir: str, arg: str = "model=swa,scale=tiny,ctx=512") -> dict:
+def run_demo(workdir: str, arg: str = DEMO_ARG) -> dict:
   config = demo_config(arg)
   stream = pipeline.load_stream(config.data.source, config.data.tokenizer, "train",
                                 config.data.val_fraction)
