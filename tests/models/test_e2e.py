@@ -1,6 +1,7 @@
 """TTT-E2E: inner loop vs an unrolled reference, second-order outer gradient, streaming."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -209,3 +210,26 @@ def test_tiny_e2e_meta_trains_on_the_embedded_corpus():
   last = np.mean([h["loss"] for h in history[-3:]])
   assert last < first - 1.0, (first, last)
   assert all(np.isfinite(h["grad_norm"]) for h in history)
+
+
+def test_experiment_grid_configs_build():
+  import importlib.util  # noqa: PLC0415
+
+  from ttt_jax.config import validate  # noqa: PLC0415
+  from ttt_jax.train.trainer import abstract_model, count_params  # noqa: PLC0415
+
+  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "e2e.py"
+  spec = importlib.util.spec_from_file_location("e2e_configs", path)
+  grid = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(grid)
+  for scale in ("tiny", "125m", "350m", "760m", "1b", "3b"):
+    for stage in grid.STAGES:
+      c = validate(grid.get_config(f"scale={scale},stage={stage},from=/tmp/run"))
+      assert c.checkpoint.load_part == "params" and c.model.kind == "e2e"
+  c = grid.get_config("scale=3b,stage=ext128k")
+  assert (c.data.seq_len, c.data.batch_size, c.model.e2e.suffix_len) == (131072, 16, 8)
+  assert c.model.intermediate_size == 5632 and c.model.e2e.mini_batch_size == 1024
+  e2e, full = (grid.get_config(f"scale=125m,model={k}").model for k in ("e2e", "transformer"))
+  assert (e2e.intermediate_size, full.intermediate_size, e2e.e2e.suffix_len) == (1664, 2048, 3)
+  n_e2e, n_full = (count_params(abstract_model(m)[1].to_pure_dict()) for m in (e2e, full))
+  assert abs(n_e2e / n_full - 1) < 0.02
