@@ -23,7 +23,7 @@ from ttt_jax.train.metrics import read_metrics
 from ttt_jax.train.trainer import Trainer, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 40, 4
 OVERRIDES = {"model.d_model": 32, "model.num_layers": 1, "model.num_heads": 2,
              "model.intermediate_size": 64, "data.batch_size": 2, "train.steps": STEPS,
              "train.warmup_steps": 4, "checkpoint.every_steps": EVERY, "checkpoint.keep": 10,
