@@ -39,18 +39,14 @@ class TokenStream:
 
 def build_stream(documents, tokenizer: Tokenizer) -> TokenStream:
   """Concatenates `[BOS] tokens [EOS]` of every (name, text) document."""
-  pieces, starts, names, offset = [], [], [], 0
-  bos = np.array([tokenizer.bos_id], np.int32)
-  eos = np.array([tokenizer.eos_id], np.int32)
-  for name, text in documents:
-    ids = np.asarray(tokenizer.encode(text), np.int32)
-    starts.append(offset)
-    names.append(name)
-    pieces += [bos, ids, eos]
-    offset += len(ids) + 2
-  if not pieces:
-    raise ValueError("the data source produced no documents")
-  return TokenStream(np.concatenate(pieces), np.asarray(starts, np.int64), tuple(names))
+  names: list[str] = []
+
+  def encoded():
+    for name, text in documents:
+      names.append(name)
+      yield np.asarray(tokenizer.encode(text), np.int32)
+
+  return build_stream_from_arrays(encoded(), names, tokenizer)
 
 
 @functools.lru_cache(maxsize=8)
