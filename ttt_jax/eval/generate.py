@@ -109,9 +109,9 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
 def generate_text(run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, seed: int = 0, progress: bool = True) -> str:
   """Continuation of `prompt` (text) by a loaded run (perplexity.load_run), cut at EOS."""
-  from ttt_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+  from ttt_jax.data.pipeline import data_tokenizer  # noqa: PLC0415
 
-  tok = get_tokenizer(run.config.data.tokenizer)
+  tok = data_tokenizer(run.config.data)
   ids = np.concatenate([[tok.bos_id], np.asarray(tok.encode(prompt), np.int32)])[None]
   new = generate(run.graphdef, run.params, run.config.model, ids, max_new_tokens,
                  temperature=temperature, top_k=top_k, seed=seed, chunk=run.config.eval.chunk,

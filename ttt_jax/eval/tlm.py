@@ -380,8 +380,7 @@ def adapt_workdir(workdir: str, data: str, config: ml_collections.ConfigDict,
   """scripts/adapt.py: base run + text -> adapter in `<workdir>/adapters/<name>` and a report."""
   import os  # noqa: PLC0415
 
-  from ttt_jax.data.pipeline import load_stream  # noqa: PLC0415
-  from ttt_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+  from ttt_jax.data.pipeline import data_tokenizer, load_stream  # noqa: PLC0415
   from ttt_jax.eval.perplexity import load_run  # noqa: PLC0415
 
   validate_config(config)
@@ -392,7 +391,7 @@ def adapt_workdir(workdir: str, data: str, config: ml_collections.ConfigDict,
   nnx.replace_by_pure_dict(state, run.params)
   model = nnx.merge(graphdef, state)
   dc = run.config.data
-  samples = text_samples(read_texts(data), get_tokenizer(dc.tokenizer), config.seq_len)
+  samples = text_samples(read_texts(data), data_tokenizer(dc), config.seq_len)
   adapt, held = split_heldout(samples, config.heldout_fraction, config.max_samples)
   original = None
   if config.original_samples:
