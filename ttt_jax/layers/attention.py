@@ -5,10 +5,12 @@ Mixer contract (shared by every sequence mixer in this package):
   `mixer.init_state(batch_size, capacity) -> state`
 `state=None` processes a fresh sequence in one shot and returns `None` as the new state.
 
-The KV state is a fixed-capacity window of the most recent keys/values (keys cached after
-qk-norm and before RoPE, with their absolute positions; empty slots hold position -1). New keys
-are shifted in at the end, so the same code serves sliding-window attention (capacity = window)
-and full attention (capacity = the longest context to be streamed).
+The KV state is a fixed-capacity window of the most recent keys/values with their absolute
+positions (empty slots hold position -1). New keys are shifted in at the end, so the same code
+serves sliding-window attention (capacity = window) and full attention (capacity = the longest
+context to be streamed). Keys are cached after qk-norm *and* RoPE: RoPE at absolute positions
+makes q·k depend only on the distance, so rotating each key once when it enters is exact, and a
+decode step costs O(1) rotations instead of re-rotating the whole cache.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
-  k: jax.Array  # [B, C, H, d] after qk-norm, before RoPE
+  k: jax.Array  # [B, C, H, d] after qk-norm and RoPE (at the key's absolute position)
   v: jax.Array  # [B, C, H, d]
   pos: jax.Array  # [C] int32 absolute positions, -1 = empty
 
@@ -168,6 +170,8 @@ class Attention(nnx.Module):
     v = self._split_heads(self.wv(x))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, self.rope_theta)
+    k = apply_rope(k, positions, self.rope_theta)
     if state is None:
       k_all, v_all, k_pos = k, v, positions
       new_state = None
@@ -177,8 +181,6 @@ class Attention(nnx.Module):
       k_pos = jnp.concatenate([state.pos, positions.astype(jnp.int32)])
       cap = state.pos.shape[0]
       new_state = KVCache(k=k_all[:, -cap:], v=v_all[:, -cap:], pos=k_pos[-cap:])
-    q = apply_rope(q, positions, self.rope_theta)
-    k_all = apply_rope(k_all, k_pos, self.rope_theta)
     out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window)
     out = out.reshape(*out.shape[:-2], -1)
     return self.wo(out), new_state
