@@ -35,8 +35,8 @@ def test_writes_json_markdown_and_figures(bench):
     assert json.load(f) == json.loads(json.dumps(results))
   with open(os.path.join(out, "benchmarks.md")) as f:
     md = f.read()
-  for title in ("Matmul ceiling", "Training step", "dual vs primal", "Prefill latency",
-                "Decode latency", "Peak memory"):
+  for title in ("Matmul ceiling", "Training step", "dual vs primal", "remat through time",
+                "Prefill latency", "Decode latency", "Peak memory"):
     assert title in md
   pngs = [n for n in os.listdir(out) if n.endswith(".png")]
   assert {p.rsplit("_", 1)[1] for p in pngs} >= {"train.png", "prefill.png", "decode.png",
@@ -73,6 +73,13 @@ def test_sections_have_positive_numbers(bench):
   for r in sec["ttt_impl"]["impls"].values():
     _positive(r, "median_s")
   assert sec["ttt_impl"]["ratios"]["ttt_linear_primal_over_dual"] > 0
+  mem = sec["ttt_memory"]["layers"]["ttt_linear"]
+  for row in mem.values():
+    _positive(row["remat"], "peak_bytes")
+    _positive(row["no_remat"], "peak_bytes")
+  # Remat through time keeps fewer per-mini-batch residuals than a plain scan.
+  longest = mem[str(max(int(t) for t in mem))]
+  assert longest["remat"]["peak_bytes"] < longest["no_remat"]["peak_bytes"]
   stream = sec["streaming"]
   for kind, r in stream["kinds"].items():
     for n in stream["lengths"]:

@@ -18,7 +18,7 @@ from ttt_jax.config import build_config, parse_ctx, round_up, validate
 
 TRAIN_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e-pretrain", "e2e-meta")
 STREAM_KINDS = ("transformer", "swa", "ttt_linear", "e2e")
-SECTIONS = ("matmul", "train", "ttt_impl", "prefill", "decode", "memory")
+SECTIONS = ("matmul", "train", "ttt_impl", "ttt_memory", "prefill", "decode", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Size:
   decode_steps: int
   dtype: str = "float32"
   remat: str = "none"
+  ttt_memory_lengths: tuple[int, ...] = (8192, 32768)  # TTT layer fwd+bwd memory, remat on/off
 
   def describe(self) -> str:
     return (f"d_model={self.d_model}, layers={self.num_layers}, heads={self.num_heads}, "
@@ -51,7 +52,8 @@ class Size:
 
 PRESETS = {
     # Toy sizes: every section in seconds (smoke test).
-    "quick": Size(32, 1, 2, 96, 64, 1, 32, 16, 32, (64, 128), 128, 2, 1, 2),
+    "quick": Size(32, 1, 2, 96, 64, 1, 32, 16, 32, (64, 128), 128, 2, 1, 2,
+                  ttt_memory_lengths=(128, 256)),
     # 2 CPU cores: the whole bench in well under 30 minutes.
     "cpu": Size(256, 4, 4, 768, 1024, 2, 512, 16, 256, (2048, 4096, 8192, 16384), 2048, 5, 1,
                 16),

@@ -105,6 +105,20 @@ def _ttt(sec: dict) -> list[str]:
           + _table(["layer", "dual ms", "primal ms", "primal / dual"], rows))
 
 
+def _ttt_memory(sec: dict) -> list[str]:
+  rows = []
+  for kind, per in sec["layers"].items():
+    for t, row in per.items():
+      cells = [_status(row.get(k, {})) or fmt_bytes(row[k]["peak_bytes"])
+               for k in ("no_remat", "remat")]
+      ratio = row.get("no_remat_over_remat")
+      rows.append([kind, fmt_len(int(t))] + cells + [f"{ratio:.1f}x" if ratio else "-"])
+  return ([f"### TTT layer: peak memory of forward + backward, remat through time off / on "
+           f"(one sequence, d_model {sec['d_model']}, mini-batch {sec['mini_batch']}, "
+           f"{sec['remat_group']} mini-batches per checkpoint)", ""]
+          + _table(["layer", "T", "no remat", "remat", "ratio"], rows))
+
+
 def _latency(sec: dict, phase: str, fig: str | None) -> list[str]:
   lengths = sec["lengths"]
   ratios = sec["ratios"].get(phase, {})
@@ -191,6 +205,8 @@ def machine_markdown(key: str, entry: dict, figs: dict[str, str]) -> list[str]:
     out += _train(sec["train"], figs.get("train"))
   if "ttt_impl" in sec:
     out += _ttt(sec["ttt_impl"])
+  if "ttt_memory" in sec:
+    out += _ttt_memory(sec["ttt_memory"])
   if "streaming" in sec:
     for phase in ("prefill", "decode"):
       if phase in entry.get("phases", ()):

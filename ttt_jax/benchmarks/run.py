@@ -93,6 +93,9 @@ def run(args, echo=print) -> dict:
   if "ttt_impl" in sections:
     layers = _choose(args.ttt_layers, ("ttt_linear", "ttt_mlp"), "--ttt_layers")
     out["ttt_impl"] = training.bench_ttt_impl(size, layers, echo)
+  if "ttt_memory" in sections:
+    layers = _choose(args.ttt_layers, ("ttt_linear", "ttt_mlp"), "--ttt_layers")
+    out["ttt_memory"] = training.ttt_memory(size, layers, echo)
   phases = [p for p in ("prefill", "decode") if p in sections]
   if phases:
     out["streaming"] = streaming.bench_streaming(

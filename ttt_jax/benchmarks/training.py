@@ -136,28 +136,34 @@ def train_memory(size: Size, kinds, echo=print) -> dict:
   return out
 
 
-def bench_ttt_impl(size: Size, layers=("ttt_linear", "ttt_mlp"), echo=print) -> dict:
-  """One TTT layer, forward + backward (w.r.t. parameters and input), dual vs primal form."""
+def _ttt_fwd_bwd(kind: str, size: Size, impl: str, x, remat_group: int | None = None):
+  """(jitted value_and_grad of one TTT layer w.r.t. parameters and input, parameters)."""
   from ttt_jax.models.lm import make_mixer  # noqa: PLC0415
 
+  cfg = model_config(kind, size)
+  cfg.model.ttt.impl = impl
+  if remat_group is not None:
+    cfg.model.ttt.remat_group = remat_group
+  graphdef, params, rest = nnx.split(make_mixer(cfg.model, nnx.Rngs(0)), nnx.Param, ...)
+  positions = jnp.arange(x.shape[1], dtype=jnp.int32)
+
+  def loss(params, x):
+    y, _ = nnx.merge(graphdef, params, rest)(x, positions, None)
+    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
+
+
+def bench_ttt_impl(size: Size, layers=("ttt_linear", "ttt_mlp"), echo=print) -> dict:
+  """One TTT layer, forward + backward (w.r.t. parameters and input), dual vs primal form."""
   results, fns = {}, {}
   b, t, d = size.batch, size.seq_len, size.d_model
   x = jax.random.normal(jax.random.key(0), (b, t, d), jnp.float32)
-  positions = jnp.arange(t, dtype=jnp.int32)
   for kind in layers:
     for impl in ("dual", "primal"):
       name = f"{kind}/{impl}"
       try:
-        cfg = model_config(kind, size)
-        cfg.model.ttt.impl = impl
-        mixer = make_mixer(cfg.model, nnx.Rngs(0))
-        graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
-
-        def loss(params, x, graphdef=graphdef, rest=rest):
-          y, _ = nnx.merge(graphdef, params, rest)(x, positions, None)
-          return jnp.mean(jnp.square(y.astype(jnp.float32)))
-
-        fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        fwd_bwd, params = _ttt_fwd_bwd(kind, size, impl, x)
         compiled = fwd_bwd.lower(params, x).compile()
       except Exception as e:  # noqa: BLE001
         results[name] = _failure(name, e, echo)
@@ -174,3 +180,32 @@ def bench_ttt_impl(size: Size, layers=("ttt_linear", "ttt_mlp"), echo=print) -> 
     if "median_s" in dual and "median_s" in primal:
       ratios[f"{kind}_primal_over_dual"] = primal["median_s"] / dual["median_s"]
   return {"shape": [b, t, d], "impls": results, "ratios": ratios}
+
+
+def ttt_memory(size: Size, layers=("ttt_linear", "ttt_mlp"), echo=print) -> dict:
+  """Peak memory (compile-time buffer assignment, nothing allocated) of one TTT layer's
+  forward + backward on one sequence at each of `size.ttt_memory_lengths`, with remat through
+  time off (a plain scan keeps every mini-batch's residuals) and on (the config default group of
+  mini-batches per checkpoint)."""
+  from ttt_jax.config import base_config  # noqa: PLC0415
+
+  group = int(base_config().model.ttt.remat_group)
+  out: dict = {"d_model": size.d_model, "mini_batch": size.ttt_mini_batch,
+               "remat_group": group, "layers": {}}
+  for kind in layers:
+    per = out["layers"][kind] = {}
+    for t in size.ttt_memory_lengths:
+      x = jax.ShapeDtypeStruct((1, t, size.d_model), jnp.float32)
+      row = per[str(t)] = {}
+      for label, g in (("no_remat", 0), ("remat", group)):
+        try:
+          fwd_bwd, params = _ttt_fwd_bwd(kind, size, "dual", x, remat_group=g)
+          row[label] = memory_stats(fwd_bwd.lower(params, x).compile())
+        except Exception as e:  # noqa: BLE001
+          row[label] = _failure(f"{kind}@{t}/{label}", e, echo)
+      if "peak_bytes" in row["no_remat"] and "peak_bytes" in row["remat"]:
+        row["no_remat_over_remat"] = row["no_remat"]["peak_bytes"] / row["remat"]["peak_bytes"]
+      echo(f"TTT memory {kind} T={t}: " + ", ".join(
+          f"{k} {v['peak_bytes'] / 2**20:.1f} MiB" for k, v in row.items()
+          if isinstance(v, dict) and "peak_bytes" in v))
+  return out
