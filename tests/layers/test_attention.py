@@ -101,3 +101,46 @@ def test_causality(x, window):
   y2, _ = attn(x2, jnp.arange(T))
   np.testing.assert_array_equal(np.asarray(y1[:, :t + 1]), np.asarray(y2[:, :t + 1]))
   assert not np.allclose(y1[:, t + 1:], y2[:, t + 1:])
+
+
+@pytest.mark.parametrize("window,cache", [(None, 0), (70, 0), (None, 50), (45, 50)])
+def test_causal_blocked_attention_equals_dense(window, cache):
+  """Query blocks against only their visible key range == the dense masked softmax (values and
+  gradients), one-shot and after a cache with empty (-1) slots."""
+  from ttt_jax.layers import attention as A  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(7), 3)
+  b, tq, h, d = 2, 200, 3, 8
+  q = jax.random.normal(keys[0], (b, tq, h, d))
+  k = jax.random.normal(keys[1], (b, cache + tq, h, d))
+  v = jax.random.normal(keys[2], (b, cache + tq, h, d))
+  filled = cache // 2  # the first half of the cache is empty
+  k_pos = jnp.concatenate([jnp.full((cache - filled,), -1), jnp.arange(filled + tq)])
+  q_pos = jnp.arange(filled, filled + tq)
+  dense = lambda q, k, v: A.dense_attention(q, k, v, q_pos, k_pos, window)  # noqa: E731
+  blocked = lambda q, k, v: A.causal_blocked_attention(  # noqa: E731
+      q, k, v, q_pos, k_pos, window, q_block=48)
+  assert rel_err(blocked(q, k, v), dense(q, k, v)) < 1e-6
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))  # noqa: E731
+  g_ref = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+  g_blk = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+  for a, r in zip(g_blk, g_ref, strict=True):
+    assert rel_err(a, r) < 1e-6
+
+
+def test_attention_layer_uses_blocked_path_for_long_inputs(monkeypatch):
+  """The layer's output is unchanged when one-shot inputs go through the blocked path."""
+  from ttt_jax.layers import attention as A  # noqa: PLC0415
+
+  attn = make(window=20, qk_norm=True)
+  x = jax.random.normal(jax.random.key(2), (B, T, D))
+  pos = jnp.arange(T)
+  ref, _ = attn(x, pos)
+  calls = []
+  real = A.causal_blocked_attention
+  monkeypatch.setattr(A, "TRI_BLOCK", 16)
+  monkeypatch.setattr(A, "causal_blocked_attention",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  got, _ = attn(x, pos)
+  assert calls == [{"q_block": 16}]
+  assert rel_err(got, ref) < 1e-6
