@@ -160,6 +160,12 @@ def test_reproduction_report_from_results(tmp_path):
   d_swa = results["e2e"]["loss_at_ctx"]["128"] - results["swa"]["loss_at_ctx"]["128"]
   assert f"{abs(d_swa):.4f} nats/token {'lower' if d_swa < 0 else 'higher'} than SWA" in md
   assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r.json").exists()
+  # hand-written notes survive a regeneration
+  from ttt_jax.benchmarks.report import NOTES_BEGIN  # noqa: PLC0415
+
+  open(md_path, "w").write(md.replace(NOTES_BEGIN + "\n", NOTES_BEGIN + "\nE2E note\n"))
+  write_reproduction(report, md_path)
+  assert f"{NOTES_BEGIN}\nE2E note\n" in open(md_path).read()
 
 
 @pytest.mark.slow

@@ -217,18 +217,23 @@ def machine_markdown(key: str, entry: dict, figs: dict[str, str]) -> list[str]:
   return out
 
 
+def read_notes(path: str) -> str:
+  """The hand-written notes block of an existing generated report (empty block if none), so a
+  regenerated report keeps it."""
+  if os.path.exists(path):
+    with open(path) as f:
+      found = re.search(re.escape(NOTES_BEGIN) + ".*?" + re.escape(NOTES_END), f.read(), re.S)
+    if found:
+      return found.group(0)
+  return f"{NOTES_BEGIN}\n{NOTES_END}"
+
+
 def write_report(results: dict, out_dir: str, md_name: str = "benchmarks.md") -> str:
   """Writes `out_dir/benchmarks.md` and the PNGs; keeps the notes block of an existing file."""
   from ttt_jax.benchmarks.plots import machine_figures  # noqa: PLC0415
 
   path = os.path.join(out_dir, md_name)
-  notes = f"{NOTES_BEGIN}\n{NOTES_END}"
-  if os.path.exists(path):
-    with open(path) as f:
-      found = re.search(re.escape(NOTES_BEGIN) + ".*?" + re.escape(NOTES_END), f.read(), re.S)
-    if found:
-      notes = found.group(0)
-  lines = [INTRO, notes, ""]
+  lines = [INTRO, read_notes(path), ""]
   for key, entry in results["machines"].items():
     figs = machine_figures(key, entry, out_dir)
     lines += machine_markdown(key, entry, figs)
