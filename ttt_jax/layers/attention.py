@@ -6,9 +6,10 @@ Mixer contract (shared by every sequence mixer in this package):
 `state=None` processes a fresh sequence in one shot and returns `None` as the new state.
 
 The KV state is a fixed-capacity window of the most recent keys/values with their absolute
-positions (empty slots hold position -1). New keys are shifted in at the end, so the same code
-serves sliding-window attention (capacity = window) and full attention (capacity = the longest
-context to be streamed). Keys are cached after qk-norm *and* RoPE: RoPE at absolute positions
+positions (empty slots hold position -1). Sliding-window attention (capacity = window) shifts
+new keys in at the end; full attention (capacity = the longest context to be streamed, which it
+must not exceed) fills its slots left to right in place, so a decode step copies nothing.
+Keys are cached after qk-norm *and* RoPE: RoPE at absolute positions
 makes q·k depend only on the distance, so rotating each key once when it enters is exact, and a
 decode step costs O(1) rotations instead of re-rotating the whole cache.
 """
@@ -213,13 +214,24 @@ class Attention(nnx.Module):
     if state is None:
       k_all, v_all, k_pos = k, v, positions
       new_state = None
+    elif self.window is None:
+      # Full attention: slots fill left to right and the new keys are written in place after
+      # the filled ones (with a donated cache no copy of it is made, unlike a shift).
+      filled = jnp.sum(state.pos >= 0)
+      k_all, v_all = (jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), filled,
+                                                          axis=1)
+                      for buf, new in ((state.k, k), (state.v, v)))
+      k_pos = jax.lax.dynamic_update_slice_in_dim(state.pos, positions.astype(jnp.int32), filled,
+                                                  axis=0)
+      new_state = KVCache(k=k_all, v=v_all, pos=k_pos)
     else:
       k_all = jnp.concatenate([state.k, k.astype(state.k.dtype)], axis=1)
       v_all = jnp.concatenate([state.v, v.astype(state.v.dtype)], axis=1)
       k_pos = jnp.concatenate([state.pos, positions.astype(jnp.int32)])
       cap = state.pos.shape[0]
       new_state = KVCache(k=k_all[:, -cap:], v=v_all[:, -cap:], pos=k_pos[-cap:])
-    # keys = [cache, new]: the queries are the last keys, and positions only grow
-    out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window, ordered=True)
+    # one-shot, or keys = [window, new]: the queries are the last keys and positions only grow
+    ordered = state is None or self.window is not None
+    out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window, ordered=ordered)
     out = out.reshape(*out.shape[:-2], -1)
     return self.wo(out), new_state
