@@ -67,6 +67,17 @@ def ln_ref(x, scale, bias, eps=1e-6):
   return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * scale + bias
 
 
+def token_grad(kind, scale, bias):
+  """d/dW of one token's inner loss 0.5 * |LN(g(k; W)) - (v - k)|^2, by autodiff."""
+
+  @jax.jit
+  @jax.grad
+  def grad(p, k, v):
+    return 0.5 * jnp.sum((ln_ref(g_fn(kind, p, k), scale, bias) - (v - k)) ** 2)
+
+  return grad
+
+
 def reference_one_head(kind, params, ln, xq, xk, xv, gate, tau, b):
   """Mini-batch TTT from its definition, one sequence and one head, with autodiff gradients.
 
@@ -74,11 +85,7 @@ def reference_one_head(kind, params, ln, xq, xk, xv, gate, tau, b):
   """
   d = xq.shape[-1]
   scale, bias = ln[0][0], ln[1][0]
-
-  @jax.jit
-  @jax.grad
-  def grad(p, k, v):
-    return 0.5 * jnp.sum((ln_ref(g_fn(kind, p, k), scale, bias) - (v - k)) ** 2)
+  grad = token_grad(kind, scale, bias)
 
   out, w = [], params
   for i in range(xq.shape[0] // b):
@@ -100,11 +107,7 @@ def online_gd_one_head(kind, params, ln, xq, xk, xv, gate, tau):
   """Textbook online GD: for each token, one gradient step on its loss, then read it out."""
   d = xq.shape[-1]
   scale, bias = ln[0][0], ln[1][0]
-
-  @jax.jit
-  @jax.grad
-  def grad(p, k, v):
-    return 0.5 * jnp.sum((ln_ref(g_fn(kind, p, k), scale, bias) - (v - k)) ** 2)
+  grad = token_grad(kind, scale, bias)
 
   lr = BASE_LR[kind] * max(0.0, 1.0 + float(tau[0]))
   w, out = params, []

@@ -10,11 +10,9 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import build_config
-from ttt_jax.data import pipeline
 from ttt_jax.layers.mlp import InnerParam
 from ttt_jax.models import build_model
 from ttt_jax.models.lm import LanguageModel, token_nll
-from ttt_jax.train.trainer import Trainer
 
 B, T, CHUNK, WINDOW, LR, CLIP = 2, 48, 16, 16, 3.0, 0.5
 VOCAB = 259
@@ -191,20 +189,14 @@ def test_token_by_token_decoding_matches_one_shot(setup, tokens):
   assert rel_err(_stream(setup.model, tokens[:, :-1], [1] * T), one_shot) < 1e-5
 
 
-def test_tiny_e2e_meta_trains_on_the_embedded_corpus():
+def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):
   c = build_config("model=e2e,scale=tiny,ctx=64,mode=meta")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size, m.window = 2, 32, 2, 64, 32
   m.e2e.prime_intermediate_size, m.e2e.mini_batch_size, m.e2e.ilr_warmup_steps = 64, 16, 10
   c.data.batch_size = 4
   c.train.steps, c.train.warmup_steps, c.train.lr = 30, 3, 1e-2
-  trainer = Trainer.create(c)
-  state = trainer.init_state()
-  it = pipeline.make_iterator(trainer.dataset("train"), prefetch=0)
-  history = []
-  for _ in range(c.train.steps):
-    state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
-    history.append({k: float(v) for k, v in metrics.items()})
+  history, _ = train_steps(c, c.train.steps)
   assert history[0]["inner_lr"] < history[-1]["inner_lr"] == m.e2e.inner_lr  # warmup
   first = np.mean([h["loss"] for h in history[:3]])
   last = np.mean([h["loss"] for h in history[-3:]])

@@ -9,9 +9,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import build_config
-from ttt_jax.data import pipeline
 from ttt_jax.models import build_model
-from ttt_jax.train.trainer import Trainer
 
 
 def tiny_config(kind: str, backbone: str = "mamba", steps: int = 20):
@@ -47,14 +45,9 @@ def test_lm_streaming_equals_one_shot():
 
 
 @pytest.mark.parametrize("kind,backbone", [("ttt_linear", "mamba"), ("ttt_mlp", "base")])
-def test_tiny_ttt_lm_learns(kind, backbone):
+def test_tiny_ttt_lm_learns(kind, backbone, train_steps):
   config = tiny_config(kind, backbone)
-  trainer = Trainer.create(config)
-  state = trainer.init_state()
-  it = pipeline.make_iterator(trainer.dataset("train"), prefetch=0)
-  losses = []
-  for _ in range(config.train.steps):
-    state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
-    losses.append(float(metrics["loss"]))
+  history, _ = train_steps(config, config.train.steps)
+  losses = [h["loss"] for h in history]
   assert all(np.isfinite(losses)), losses
   assert np.mean(losses[-3:]) < losses[0] - 1.0, losses  # starts near ln(259) = 5.56

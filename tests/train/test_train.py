@@ -20,15 +20,9 @@ def tiny_config(kind="swa", steps=40):
   return c
 
 
-def run_steps(config, n):
-  trainer = Trainer.create(config)
-  state = trainer.init_state()
-  it = pipeline.make_iterator(trainer.dataset("train"), prefetch=0)
-  losses = []
-  for _ in range(n):
-    state, m = trainer.train_step(state, trainer.device_batch(next(it)))
-    losses.append(float(m["loss"]))
-  return losses, state
+def losses_of(run):
+  history, state = run
+  return [h["loss"] for h in history], state
 
 
 def test_tiny_model_learns_the_embedded_corpus(tmp_path):
@@ -44,17 +38,17 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["transformer", "swa"])
-def test_same_seed_same_losses(kind):
-  a, _ = run_steps(tiny_config(kind), 4)
-  b, _ = run_steps(tiny_config(kind), 4)
+def test_same_seed_same_losses(kind, train_steps):
+  a, _ = losses_of(train_steps(tiny_config(kind), 4))
+  b, _ = losses_of(train_steps(tiny_config(kind), 4))
   assert a == b
 
 
-def test_grad_accumulation_matches_one_big_batch():
-  one, s1 = run_steps(tiny_config(), 2)
+def test_grad_accumulation_matches_one_big_batch(train_steps):
+  one, s1 = losses_of(train_steps(tiny_config(), 2))
   cfg = tiny_config()
   cfg.train.grad_accum = 4
-  four, s4 = run_steps(cfg, 2)
+  four, s4 = losses_of(train_steps(cfg, 2))
   np.testing.assert_allclose(one, four, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)

@@ -76,6 +76,7 @@ def run(args, echo=print) -> dict:
   preset, size, sections = resolve(args)
   kinds = _choose(args.kinds, common.TRAIN_KINDS, "--kinds")
   stream_kinds = _choose(args.stream_kinds, common.STREAM_KINDS, "--stream_kinds")
+  ttt_layers = _choose(args.ttt_layers, ("ttt_linear", "ttt_mlp"), "--ttt_layers")
   out_dir = args.out_dir or ("runs/bench_quick" if preset == "quick" else "docs")
   os.makedirs(out_dir, exist_ok=True)
   info = common.machine_info()
@@ -91,11 +92,9 @@ def run(args, echo=print) -> dict:
     out["train"] = training.bench_train(size, kinds, ceiling, echo)
     out["train"]["context"], out["train"]["batch"] = size.seq_len, size.batch
   if "ttt_impl" in sections:
-    layers = _choose(args.ttt_layers, ("ttt_linear", "ttt_mlp"), "--ttt_layers")
-    out["ttt_impl"] = training.bench_ttt_impl(size, layers, echo)
+    out["ttt_impl"] = training.bench_ttt_impl(size, ttt_layers, echo)
   if "ttt_memory" in sections:
-    layers = _choose(args.ttt_layers, ("ttt_linear", "ttt_mlp"), "--ttt_layers")
-    out["ttt_memory"] = training.ttt_memory(size, layers, echo)
+    out["ttt_memory"] = training.ttt_memory(size, ttt_layers, echo)
   phases = [p for p in ("prefill", "decode") if p in sections]
   if phases:
     out["streaming"] = streaming.bench_streaming(
