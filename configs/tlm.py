@@ -1,7 +1,9 @@
 """TLM adaptation knobs: `--config configs/tlm.py[:key=value,...]` (see ttt_jax/eval/tlm.py).
 
-Defaults follow the paper (LoRA on the projections, Adam lr 5e-5, batch 1, λ = 0.1,
-log P0 = 3). Override any knob on the command line, e.g. `--config.lr=1e-3`.
+Defaults follow the paper (LoRA on the projections, Adam lr 5e-5, batch 1, λ = 0.1, objective
+S·P = `perplexity`) except the threshold: `log_p0=default` is `auto` (validation log-perplexity
++ log_p0_margin) for byte-level runs and the paper's 3 for subword tokenizers. Override any knob
+on the command line, e.g. `--config.lr=1e-3 --config.log_p0=2.5 --config.objective=log_perplexity`.
 """
 
 from ttt_jax.config import ConfigError
@@ -18,5 +20,9 @@ def get_config(arg: str | None = None):
     key, value = (s.strip() for s in item.split("=", 1))
     if key not in c:
       raise ConfigError(f"configs/tlm.py arg key {key!r} unknown; allowed: {', '.join(sorted(c))}")
-    c[key] = type(c[key])(value) if not isinstance(c[key], bool) else value.lower() == "true"
+    try:
+      c[key] = type(c[key])(value) if not isinstance(c[key], bool) else value.lower() == "true"
+    except ValueError:
+      raise ConfigError(f"configs/tlm.py arg {key}={value!r}: expected a "
+                        f"{type(c[key]).__name__}") from None
   return validate_config(c)

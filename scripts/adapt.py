@@ -8,12 +8,15 @@ Writes the adapter (Orbax) and report.json to W/adapters/<config.name>/; base we
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-config = config_flags.DEFINE_config_file("config", "configs/tlm.py", "TLM config file.")
+from ttt_jax.cli import define_config_file, run_absl, user_errors
+from ttt_jax.eval import tlm
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "tlm.py")
+config = define_config_file("config", DEFAULT_CONFIG, "TLM config file.")
 flags.DEFINE_string("workdir", None, "Trained run (its checkpoints are read, never written).")
 flags.DEFINE_string("data", None, "Unlabeled text: a file or a folder of text files.")
 flags.DEFINE_enum("mode", None, ["offline", "online"], "Overrides config.mode.")
@@ -23,17 +26,12 @@ FLAGS = flags.FLAGS
 
 
 def main(_):
-  from ttt_jax.config import ConfigError
-  from ttt_jax.eval import tlm
-
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   c = config.value
   if FLAGS.mode:
     c.mode = FLAGS.mode
-  try:
+  with user_errors(FileNotFoundError, ValueError):
     report = tlm.adapt_workdir(FLAGS.workdir, FLAGS.data, c, step=FLAGS.step)
-  except (ConfigError, FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
   out = report["adapter_dir"]
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
@@ -45,4 +43,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_absl(main)

@@ -1,6 +1,9 @@
-"""TLM: selection weights, zero gradient below P0, frozen base, adaptation to a shifted domain."""
+"""TLM: selection weights, objectives' gradients, the log P0 threshold (fixed / auto) and its
+low-selection warning, zero gradient below P0, frozen base, adaptation to a shifted domain."""
 
+import importlib.util
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +15,21 @@ from flax import nnx
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import tlm as tlm_lib
+from ttt_jax.eval import tlm_run
 from ttt_jax.layers.lora import merge_lora
 from ttt_jax.models import build_model
 from ttt_jax.models.lm import split_batch, token_nll
 
 SEQ = 32
+
+
+def tlm_configs():
+  """configs/tlm.py as a module (the configs folder is not a package)."""
+  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tlm.py"
+  spec = importlib.util.spec_from_file_location("tlm_configs", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_model_config():
@@ -121,9 +134,10 @@ def test_offline_adaptation_lowers_shifted_domain_ppl_base_frozen(trained_model_
   cfg = tlm_config(lr=3e-3, log_p0=0.0, epochs=2, batch_size=4)
   adapt, held = domain("B", 32, seed=10), domain("B", 8, seed=11)
   original = domain("A", 8, seed=12)
-  tlm, lora, report = tlm_lib.run_adaptation(model, cfg, adapt, held, original, progress=False)
+  tlm, lora, report = tlm_run.run_adaptation(model, cfg, adapt, held, original, progress=False)
   assert report["heldout_ppl_after"] < 0.8 * report["heldout_ppl_before"], report
   assert report["fraction_selected"] == 1.0 and report["updates"] == report["steps"] == 16
+  assert report["warnings"] == [] and report["log_p0"] == 0.0
   # Base weights are bit-identical; every LoRA B moved away from zero.
   _, base_after = nnx.split(tlm.model(lora), tlm_lib.LoRAParam, ...)[1:]
   after = base_after.to_pure_dict()
@@ -133,9 +147,9 @@ def test_offline_adaptation_lowers_shifted_domain_ppl_base_frozen(trained_model_
         if str(p[-1]).endswith("'b']")]
   assert bs and all(np.abs(np.asarray(b)).max() > 0 for b in bs)
   # The adapter checkpoint restores into a fresh copy of the base model with the same results.
-  path = tlm_lib.save_adapter(str(tmp_path / "adapter"), lora, cfg)
+  path = tlm_run.save_adapter(str(tmp_path / "adapter"), lora, cfg)
   fresh = fresh_model(trained_model_state)
-  restored, scale = tlm_lib.load_adapter(path, fresh)
+  restored, scale = tlm_run.load_adapter(path, fresh)
   assert scale == cfg.alpha / cfg.rank
   loaded = nnx.state(fresh, tlm_lib.LoRAParam).to_pure_dict()
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(lora.to_pure_dict()), strict=True):
@@ -169,14 +183,157 @@ def test_online_mode_records_and_config_errors(trained_model_state):
     tlm_lib.TLM.create(fresh_model(trained_model_state), tlm_config(targets="q_proj"))
 
 
+def random_lora(lora, rng, scale=0.05):
+  """The adapter state with every factor random (a fresh B = 0 would zero A's gradient)."""
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, scale, x.shape), x.dtype), lora)
+
+
+def flat(tree) -> np.ndarray:
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("objective,seed", [("perplexity", 0), ("log_perplexity", 1),
+                                            ("perplexity", 2)])
+def test_objective_gradient_matches_slow_reference(trained_model_state, objective, seed):
+  """grad of mean_i S_i·P_i (or S_i·log P_i), S a constant, against the chain rule done by hand:
+  (1/B) Σ_i S_i · P_i · ∇log P_i (or without P_i), one sample at a time."""
+  rng = np.random.default_rng(seed)
+  model = fresh_model(trained_model_state)
+  tlm, lora = tlm_lib.TLM.create(model, tlm_config(objective=objective, log_p0=0.0))
+  lora = random_lora(lora, rng)
+  noise = rng.integers(0, 259, size=(1, SEQ + 1)).astype(np.int32)
+  x = np.concatenate([domain("A", 1, 100 + seed), domain("B", 1, 100 + seed), noise])
+  x = x[rng.permutation(3)]
+
+  def sample_log_p(adapters, tokens):
+    logits, _ = nnx.merge(tlm.graphdef, adapters, tlm.base)(tokens[None, :-1])
+    return token_nll(logits, tokens[None, 1:])
+
+  log_p = np.array([float(sample_log_p(lora, jnp.asarray(t))) for t in x], np.float64)
+  assert np.ptp(log_p) > 0.5, log_p  # the samples' perplexities differ: P_i is not one scale
+  tlm.log_p0 = float(np.sort(log_p)[0] + 0.1)  # the easiest sample is not selected
+  lam = tlm.config.lam
+  s = np.where(log_p > tlm.log_p0, lam * np.exp(log_p - tlm.log_p0), 0.0)
+  assert (s > 0).sum() == 2
+  factor = np.exp(log_p) if objective == "perplexity" else np.ones_like(log_p)
+  ref = sum(s[i] * factor[i] * flat(jax.grad(sample_log_p)(lora, jnp.asarray(x[i])))
+            for i in range(len(x))) / len(x)
+  got_log_p, got_s, grads = tlm.grads(lora, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got_log_p), log_p, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_s), s, rtol=1e-4)
+  g = flat(grads)
+  assert np.linalg.norm(g - ref) <= 1e-4 * np.linalg.norm(ref), (np.linalg.norm(g - ref),
+                                                                np.linalg.norm(ref))
+  # The other objective's gradient misses by far more than the tolerance, even rescaled.
+  other = np.ones_like(log_p) if objective == "perplexity" else np.exp(log_p)
+  alt = sum(s[i] * other[i] * flat(jax.grad(sample_log_p)(lora, jnp.asarray(x[i])))
+            for i in range(len(x))) / len(x)
+  residual = g - (g @ alt) / (alt @ alt) * alt
+  assert np.linalg.norm(residual) > 1e-2 * np.linalg.norm(g), np.linalg.norm(residual) / np.linalg.norm(g)
+
+
+def test_log_p0_rules_resolve_documented_threshold():
+  rng = np.random.default_rng(3)
+  home = rng.uniform(1.0, 3.0, size=int(rng.integers(4, 20)))
+  margin = float(rng.uniform(0.0, 0.5))
+  expected = float(np.mean(home)) + margin  # log of the validation perplexity, plus the margin
+  for value, byte_level in [("auto", True), ("auto", False), ("default", True), ("AUTO", True)]:
+    c = tlm_lib.validate_config(tlm_config(log_p0=value, log_p0_margin=margin))
+    got, rule = tlm_lib.resolve_log_p0(c, byte_level, home)
+    assert abs(got - expected) <= 1e-12 * abs(expected) and "auto" in rule, (value, got, rule)
+  c = tlm_lib.validate_config(tlm_config())
+  assert c.log_p0 == "default" and c.objective == "perplexity"
+  assert tlm_lib.resolve_log_p0(c, False, home)[0] == tlm_lib.PAPER_LOG_P0 == 3.0
+  fixed = float(rng.uniform(0.5, 4.0))
+  for value in (fixed, str(fixed)):  # a number from Python or from a command-line string
+    c = tlm_lib.validate_config(tlm_config(log_p0=value))
+    assert tlm_lib.resolve_log_p0(c, True, home)[0] == fixed
+  with pytest.raises(ConfigError, match="log_p0"):
+    tlm_lib.resolve_log_p0(tlm_lib.validate_config(tlm_config(log_p0="auto")), True, None)
+
+
+def test_auto_threshold_from_validation_perplexity_in_a_run(trained_model_state):
+  model = fresh_model(trained_model_state)
+  original = domain("A", 6, seed=30)
+  ref = np.array([float(token_nll(*((lambda i, t: (model(i)[0], t))(
+      *split_batch({"tokens": jnp.asarray(original[j:j + 1])}))))) for j in range(6)])
+  margin = float(np.random.default_rng(4).uniform(0.05, 0.3))
+  cfg = tlm_config(log_p0="auto", log_p0_margin=margin, batch_size=4, lr=1e-3)
+  lines = []
+  _, _, report = tlm_run.run_adaptation(model, cfg, domain("B", 8, seed=31), domain("B", 4, 32),
+                                        original, progress=False, echo=lines.append)
+  expected = float(np.mean(ref)) + margin
+  assert abs(report["log_p0"] - expected) <= 1e-5 * expected, (report["log_p0"], expected)
+  assert math.isclose(math.log(report["original_ppl_before"]) + margin, report["log_p0"],
+                      rel_tol=1e-6)
+  assert "auto" in report["log_p0_rule"] and "auto" in lines[0], lines
+  # Shifted-domain samples are far harder than the home domain: all of them pass the threshold.
+  assert report["adapt_fraction_above_p0"] == 1.0 and report["warnings"] == []
+  with pytest.raises(ConfigError, match="log_p0"):
+    tlm_run.run_adaptation(fresh_model(trained_model_state), cfg, domain("B", 4, 33),
+                           domain("B", 2, 34), None, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_low_selection_warns_in_report_and_console(trained_model_state, mode, capsys):
+  model = fresh_model(trained_model_state)
+  adapt = domain("A", 8, seed=40)
+  cfg = tlm_config(mode=mode, log_p0=float(np.random.default_rng(5).uniform(20, 30)),
+                   batch_size=4)
+  _, _, report = tlm_run.run_adaptation(model, cfg, adapt, domain("A", 2, 41), None,
+                                        progress=False)
+  assert report["fraction_selected"] == 0.0 and report["updates"] == 0
+  assert len(report["warnings"]) == 1
+  warning = report["warnings"][0]
+  assert warning.startswith("WARNING") and "tlm.log_p0" in warning and "\n" not in warning
+  assert "0 of 8" in warning, warning
+  lines = tlm_run.report_lines(report)
+  assert lines[-1] == warning
+  for line in lines:
+    print(line)
+  assert "WARNING" in capsys.readouterr().out
+  # Every sample above the threshold: no warning.
+  _, _, report = tlm_run.run_adaptation(fresh_model(trained_model_state),
+                                        tlm_config(mode=mode, log_p0=0.0, batch_size=4), adapt,
+                                        domain("A", 2, 41), None, progress=False)
+  assert report["fraction_selected"] == 1.0 and report["warnings"] == []
+  assert not any("WARNING" in line for line in tlm_run.report_lines(report))
+
+
+def test_low_selection_warning_threshold():
+  rng = np.random.default_rng(6)
+  seen = int(rng.integers(100, 2000))
+  few = int(seen * tlm_lib.LOW_SELECTION) - 1
+  enough = math.ceil(seen * tlm_lib.LOW_SELECTION)
+  assert "tlm.log_p0" in tlm_lib.low_selection_warning(few, seen, 3.0, "fixed")
+  assert tlm_lib.low_selection_warning(enough, seen, 3.0, "fixed") is None
+  assert tlm_lib.low_selection_warning(0, 0, 3.0, "fixed") is not None
+
+
+@pytest.mark.parametrize("key,value", [
+    ("objective", "ppl"), ("objective", "perplexity2"), ("log_p0", "high"), ("log_p0", "nan"),
+    ("log_p0", float("inf")), ("log_p0", True), ("log_p0_margin", -0.5),
+    ("log_p0_margin", float("nan")),
+])
+def test_bad_knob_values_fail_with_one_line_naming_the_key(key, value):
+  with pytest.raises(ConfigError) as e:
+    tlm_lib.validate_config(tlm_config(**{key: value}))
+  msg = str(e.value)
+  assert msg.startswith(f"{key}=") and "\n" not in msg, msg
+  with pytest.raises(ConfigError, match=r"log_p0=auto.*original_samples"):
+    tlm_lib.validate_config(tlm_config(log_p0="auto", original_samples=0))
+  with pytest.raises(ConfigError, match="objective"):
+    tlm_configs().get_config("objective=nats")
+
+
 def test_text_samples_and_split(tmp_path):
   (tmp_path / "a.txt").write_text("hello world " * 20)
   (tmp_path / "b.txt").write_text("second document " * 10)
-  docs = tlm_lib.read_texts(str(tmp_path))
+  docs = tlm_run.read_texts(str(tmp_path))
   assert [n for n, _ in docs] == ["a.txt", "b.txt"]
-  s = tlm_lib.text_samples(docs, ByteTokenizer(), 16)
+  s = tlm_run.text_samples(docs, ByteTokenizer(), 16)
   assert s.shape[1] == 17 and s[0, 0] == ByteTokenizer.bos_id
   np.testing.assert_array_equal(s[1, 0], s[0, -1])  # consecutive windows share one token
-  adapt, held = tlm_lib.split_heldout(s, 0.25)
+  adapt, held = tlm_run.split_heldout(s, 0.25)
   assert len(held) == round(len(s) * 0.25) and len(adapt) + len(held) == len(s)
   np.testing.assert_array_equal(held[-1], s[-1])
