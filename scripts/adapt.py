@@ -1,9 +1,10 @@
 """Test-time learning (TLM) of a trained run on unlabeled text.
 
   scripts/adapt.py --workdir W --data prose.txt|folder/ --mode offline|online \
-      [--config configs/tlm.py --config.lr=1e-3 ...]
+      [--config configs/tlm.py --config.objective=log_perplexity --config.log_p0=auto ...]
 
 Writes the adapter (Orbax) and report.json to W/adapters/<config.name>/; base weights untouched.
+Prints a WARNING line when the selection threshold (config.log_p0) let almost no sample through.
 """
 
 import json
@@ -12,7 +13,7 @@ import os
 from absl import flags, logging
 
 from ttt_jax.cli import define_config_file, run_absl, user_errors
-from ttt_jax.eval import tlm
+from ttt_jax.eval import tlm_run
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "tlm.py")
@@ -31,14 +32,12 @@ def main(_):
   if FLAGS.mode:
     c.mode = FLAGS.mode
   with user_errors(FileNotFoundError, ValueError):
-    report = tlm.adapt_workdir(FLAGS.workdir, FLAGS.data, c, step=FLAGS.step)
+    report = tlm_run.adapt_workdir(FLAGS.workdir, FLAGS.data, c, step=FLAGS.step)
   out = report["adapter_dir"]
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  keys = [k for k in report if k.endswith(("_ppl_before", "_ppl_after"))]
-  for k in keys + ["fraction_selected", "updates", "adapt_seconds"]:
-    print(f"{k:>26}: {report[k]:.4f}" if isinstance(report[k], float) else
-          f"{k:>26}: {report[k]}")
+  for line in tlm_run.report_lines(report):
+    print(line, flush=True)
   print(f"adapter + report.json: {out}")
 
 

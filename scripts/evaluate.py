@@ -11,28 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from absl import logging as absl_logging
-
-from ttt_jax.config import ConfigError
+from ttt_jax.cli import ArgumentParser, positive_int, user_errors
 from ttt_jax.eval import perplexity, plots
-from ttt_jax.train.checkpoint import CheckpointError
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
   ap.add_argument("--ctx", default=None, help="context lengths, e.g. 1k,2k,4k (default eval.ctx)")
-  ap.add_argument("--max_docs", type=int, default=None, help="documents (default eval.max_docs)")
-  ap.add_argument("--chunk", type=int, default=None, help="streamed chunk (default eval.chunk)")
-  ap.add_argument("--batch_size", type=int, default=None, help="documents per streamed batch")
+  ap.add_argument("--max_docs", type=positive_int, default=None,
+                  help="documents (default eval.max_docs)")
+  ap.add_argument("--chunk", type=positive_int, default=None,
+                  help="streamed chunk (default eval.chunk)")
+  ap.add_argument("--batch_size", type=positive_int, default=None,
+                  help="documents per streamed batch")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--compare", nargs="*", default=[], help="more workdirs to evaluate and overlay")
   ap.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = ap.parse_args(argv)
-  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's read-only notices
-  try:
+  with user_errors():
+    if args.ctx:  # a bad --ctx fails before any checkpoint is read
+      perplexity.parse_ctx_list(args.ctx)
     results = []
     for workdir in [args.workdir, *args.compare]:
       run = perplexity.load_run(workdir, args.step if workdir == args.workdir else None)
@@ -44,8 +44,6 @@ def main(argv=None) -> None:
       print(plots.ppl_table(res))
       print(f"wrote {path}, {', '.join(pngs)}\n")
       results.append(res)
-  except (ConfigError, CheckpointError) as e:
-    sys.exit(f"error: {e}")
   if len(results) > 1:
     print(plots.compare_table(results))
     out = os.path.join(args.workdir, "eval")

@@ -5,12 +5,13 @@
 Sources: embedded | a folder of .txt/.md/.py/.rst | a .jsonl file | tfds:NAME[/CONFIG][:SPLIT].
 """
 
-import argparse
 import os
-import sys
+
+from ttt_jax.cli import ArgumentParser, user_errors
+from ttt_jax.data.prepare import prepare
 
 if __name__ == "__main__":
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--source", required=True)
   p.add_argument("--out_dir", required=True)
   p.add_argument("--tokenizer", default="bytes",
@@ -25,13 +26,8 @@ if __name__ == "__main__":
   p.add_argument("--force", action="store_true", help="redo even if already prepared")
   args = p.parse_args()
 
-  from ttt_jax.config import ConfigError
-  from ttt_jax.data.prepare import prepare
-
-  try:
+  with user_errors():
     prepare(args.source, args.out_dir, args.tokenizer, val_fraction=args.val_fraction,
             num_shards=args.num_shards, workers=args.workers, force=args.force,
             text_field=args.text_field, tfds_data_dir=args.tfds_data_dir,
             train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")

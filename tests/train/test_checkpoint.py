@@ -129,6 +129,33 @@ def test_incomplete_checkpoint_is_skipped(runs, trainer, tmp_path):
   assert not os.path.exists(partial)  # cleaned up once reported
 
 
+def test_step_without_completion_markers_is_skipped(runs, trainer, tmp_path, caplog):
+  wd = copy_run(runs["a"], tmp_path / "w")
+  last = os.path.join(wd, "checkpoints", str(STEPS))
+  for marker in (ckpt.COMMIT_FILE, ckpt.STEP_METADATA):  # e.g. an interrupted copy of the run
+    os.remove(os.path.join(last, marker))
+  # Opened read-only (evaluation): one notice, the previous complete step is the latest.
+  logs = []
+  with caplog.at_level("WARNING"):
+    ro = ckpt.RunCheckpoints(os.path.join(wd, "checkpoints"), read_only=True, echo=logs.append)
+  assert ro.steps()[-1] == STEPS - EVERY and ro.unmarked_steps() == [STEPS]
+  ro.close()
+  assert len(logs) == 1, logs
+  assert f"skipping checkpoint step {STEPS} ({last})" in logs[0]
+  assert f"using step {STEPS - EVERY}" in logs[0]
+  assert "Given directory is read only" not in caplog.text  # Orbax's notice is silenced
+  # Resumed: the same notice, the step is moved aside and the run continues from the previous.
+  logs = []
+  run = ckpt.start_run(tiny_config(), wd, trainer, echo=logs.append)
+  run.checkpoints.close()
+  assert run.step == STEPS - EVERY and int(run.state.step) == STEPS - EVERY
+  skipped = [s for s in logs if s.startswith("skipping checkpoint step")]
+  assert len(skipped) == 1 and f"resuming from step {STEPS - EVERY}" in skipped[0], logs
+  assert any(s.startswith(f"resumed from step {STEPS - EVERY} (") for s in logs), logs
+  assert steps_on_disk(wd)[-1] == STEPS - EVERY
+  assert os.path.isdir(os.path.join(wd, ckpt.DISCARDED_DIR, str(STEPS)))
+
+
 def test_truncated_file_names_step_and_fallback(runs, trainer, tmp_path):
   wd = copy_run(runs["a"], tmp_path / "w")
   step_dir = os.path.join(wd, "checkpoints", str(STEPS))

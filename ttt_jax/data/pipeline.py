@@ -25,6 +25,10 @@ from ttt_jax.data import prepare, sources
 from ttt_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 
+class NoDocuments(ConfigError):
+  """A split without a single (non-empty) document."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenStream:
   tokens: np.ndarray  # int32 [N]
@@ -53,14 +57,17 @@ def build_stream(documents, tokenizer: Tokenizer) -> TokenStream:
 def load_stream(source: str, tokenizer: str, split: str, val_fraction: float, *,
                 text_field: str = "text", tfds_data_dir: str = "") -> TokenStream:
   """The token stream of one split (cached per process). Prepared folders are read from shards."""
-  if sources.source_kind(source) == "prepared":
-    data = prepare.PreparedData(source)
-    tok = get_tokenizer(prepare.check_tokenizer(data, tokenizer))
-    part = data.split(split)
-    return build_stream_from_arrays((part[i] for i in range(len(part))), part.names, tok)
-  docs = sources.get_documents(source, split, val_fraction, text_field=text_field,
-                               tfds_data_dir=tfds_data_dir)
-  return build_stream(docs, get_tokenizer(tokenizer))
+  try:
+    if sources.source_kind(source) == "prepared":
+      data = prepare.PreparedData(source)
+      tok = get_tokenizer(prepare.check_tokenizer(data, tokenizer))
+      part = data.split(split)
+      return build_stream_from_arrays((part[i] for i in range(len(part))), part.names, tok)
+    docs = sources.get_documents(source, split, val_fraction, text_field=text_field,
+                                 tfds_data_dir=tfds_data_dir)
+    return build_stream(docs, get_tokenizer(tokenizer))
+  except NoDocuments:
+    raise ConfigError(empty_split_message(source, split, val_fraction)) from None
 
 
 def split_stream(data_cfg, split: str) -> TokenStream:
@@ -68,6 +75,28 @@ def split_stream(data_cfg, split: str) -> TokenStream:
   return load_stream(data_cfg.source, data_cfg.tokenizer, split, data_cfg.val_fraction,
                      text_field=data_cfg.get("text_field", "text"),
                      tfds_data_dir=data_cfg.get("tfds_data_dir", ""))
+
+
+def empty_split_message(source: str, split: str, val_fraction: float) -> str:
+  """Why a split of `source` has no documents, naming the knob that changes it."""
+  kind = sources.source_kind(source)
+  if kind == "prepared":
+    meta = prepare.PreparedData(source).meta
+    return (f"prepared data {source!r} has 0 {split} documents (prepared with --val_fraction="
+            f"{meta.get('val_fraction')}); prepare it again with scripts/prepare_data.py "
+            f"--force and a {'larger' if split == 'validation' else 'smaller'} --val_fraction")
+  if kind == "tfds" and sources.parse_tfds(source)[1] is None:
+    return f"data.source={source!r}: the dataset's {split} split has no non-empty documents"
+  if split == "validation":
+    return (f"data.source={source!r} has no validation documents at data.val_fraction="
+            f"{val_fraction} (documents are assigned by a hash of their name); raise "
+            "data.val_fraction, e.g. --config.data.val_fraction=0.05")
+  if val_fraction >= 1:
+    return (f"data.val_fraction={val_fraction} puts every document of data.source={source!r} in "
+            "the validation split; use a fraction below 1, e.g. 0.05")
+  what = {"folder": " (a folder is read for .txt/.md/.py/.rst files below it)",
+          "jsonl": " (every line's data.text_field is empty)"}.get(kind, "")
+  return f"data.source={source!r} has no non-empty documents for the train split{what}"
 
 
 def build_stream_from_arrays(arrays, names, tokenizer: Tokenizer) -> TokenStream:
@@ -80,7 +109,7 @@ def build_stream_from_arrays(arrays, names, tokenizer: Tokenizer) -> TokenStream
     pieces += [bos, ids, eos]
     offset += len(ids) + 2
   if not pieces:
-    raise ValueError("the data source produced no documents")
+    raise NoDocuments("the data source produced no documents")
   return TokenStream(np.concatenate(pieces), np.asarray(starts, np.int64), tuple(names))
 
 
@@ -208,6 +237,71 @@ def window_source(data_cfg, split: str):
   return DocumentWindows(lengths, lambda d: stream.tokens[starts[d] + 1:starts[d] + 1 +
                                                           lengths[d]],
                          seq_len, tok.bos_id, tok.eos_id, pack=pack, min_len=min_len)
+
+
+def window_count(lengths, seq_len: int, *, pack: bool = True, min_len: int = 0) -> int:
+  """Windows of `seq_len` (+1) tokens that documents of these lengths (no BOS/EOS) give; the
+  count `WindowSource` / `DocumentWindows` produce."""
+  lengths = np.asarray(lengths, np.int64)
+  full = lengths[lengths >= min_len] + 2
+  if pack:
+    return max(0, int(full.sum()) - 1) // seq_len
+  return int(((full - 1) // seq_len).sum())
+
+
+def split_doc_lengths(data_cfg, split: str) -> np.ndarray:
+  """Token counts (no BOS/EOS) of the split's documents; ConfigError if it has none."""
+  if sources.source_kind(data_cfg.source) == "prepared":
+    lengths = prepare.PreparedData(data_cfg.source).split(split).lengths
+    if not len(lengths):
+      raise ConfigError(empty_split_message(data_cfg.source, split, data_cfg.val_fraction))
+    return lengths
+  return split_stream(data_cfg, split).doc_lengths - 2
+
+
+def check_splits(data_cfg, batch_size: int, process_count: int = 1) -> dict[str, int]:
+  """Start-up check that the train and validation splits each fill one batch of windows.
+
+  `batch_size` is the global batch. Raises ConfigError naming the knob to change (data.source,
+  data.val_fraction, data.seq_len, data.min_doc_len, data.pack_docs, data.batch_size); returns
+  the number of windows per split (per process).
+  """
+  if batch_size % process_count:
+    raise ConfigError(f"data.batch_size={batch_size} must be divisible by the process count "
+                      f"{process_count}")
+  local, out = batch_size // process_count, {}
+  seq_len, pack = data_cfg.seq_len, data_cfg.get("pack_docs", True)
+  min_len = data_cfg.get("min_doc_len", 0)
+  prepared = sources.source_kind(data_cfg.source) == "prepared"
+  for split in sources.SPLITS:
+    lengths = split_doc_lengths(data_cfg, split)
+    n = window_count(lengths, seq_len, pack=pack, min_len=min_len) // process_count
+    out[split] = n
+    if n >= local:
+      continue
+    more = ""
+    if split == "validation":
+      more = (" or prepare the data again with a larger --val_fraction" if prepared else
+              f" or raise data.val_fraction={data_cfg.val_fraction}")
+    used = lengths[lengths >= min_len]
+    longest = int(lengths.max())
+    if not len(used):
+      msg = (f"no {split} document has >= data.min_doc_len={min_len} tokens (longest: "
+             f"{longest}); lower data.min_doc_len")
+    elif n == 0 and pack:
+      msg = (f"data.seq_len={seq_len} is longer than the whole {split} split ({int(used.sum())} "
+             f"tokens in {len(used)} document{'s' * (len(used) != 1)}); lower data.seq_len{more}")
+    elif n == 0:
+      msg = (f"no {split} document fills one window of data.seq_len={seq_len} with "
+             f"data.pack_docs=False (longest: {longest} tokens); lower data.seq_len or set "
+             "data.pack_docs=True")
+    else:
+      per = " per process" if process_count > 1 else ""
+      msg = (f"the {split} split gives {n} windows of data.seq_len={seq_len}{per}, fewer than "
+             f"data.batch_size={batch_size}{f' ({local}{per})' if per else ''}; lower "
+             f"data.batch_size or data.seq_len{more}")
+    raise ConfigError(f"data.source={data_cfg.source!r}: {msg}")
+  return out
 
 
 def windows_dataset(data_cfg, split: str, *, seed: int, shuffle: bool, batch_size: int,

@@ -257,6 +257,16 @@ def _tokenizer_record(tok: Tokenizer, tmp: str, name: str) -> dict:
   raise ConfigError(f"tokenizer {name!r} cannot be stored in prepared data")
 
 
+def warn_empty_validation(meta: dict, out_dir: str, echo: Callable[[str], None]) -> None:
+  """A loud warning when the prepared validation split holds no document."""
+  if meta["splits"]["validation"]["documents"]:
+    return
+  echo(f"warning: the validation split is EMPTY: 0 of {meta['splits']['train']['documents']:,} "
+       f"documents at --val_fraction={meta['val_fraction']}; training on {out_dir} stops at "
+       "start-up and evaluation has nothing to read: prepare again with --force and a larger "
+       "--val_fraction (e.g. 0.05)")
+
+
 def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction: float = 0.05,
             num_shards: int = 8, workers: int = 1, force: bool = False,
             text_field: str = "text", tfds_data_dir: str = "", train_tokenizer: str = "",
@@ -273,6 +283,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
     raise ConfigError("--train_tokenizer and --tokenizer exclude each other; pass one")
   if num_shards < 1:
     raise ConfigError(f"--num_shards={num_shards} must be >= 1")
+  if not 0 <= val_fraction < 1:
+    raise ConfigError(f"--val_fraction={val_fraction} must be in [0, 1), e.g. 0.05")
   tok_key = f"train:{train_tokenizer}:{vocab_size}" if train_tokenizer else \
       get_tokenizer(tokenizer).fingerprint()
   settings = {"format": FORMAT_VERSION, "source": source,
@@ -285,6 +297,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
       old = json.load(f)
     if old.get("fingerprint") == fingerprint:
       echo(f"{out_dir}: already prepared from this input (pass --force to redo)")
+      warn_empty_validation(old, out_dir, echo)
       return old
     raise ConfigError(f"--out_dir={out_dir!r} holds data prepared from other input or settings; "
                       "pass --force to replace it")
@@ -335,6 +348,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
   echo(f"{out_dir}: train {tr['documents']:,} docs / {tr['tokens']:,} tokens in "
        f"{len(tr['shards'])} shards, validation {va['documents']:,} docs / {va['tokens']:,} "
        f"tokens; tokenizer {name} (vocab {tok.vocab_size}); {meta['seconds']:.1f} s")
+  warn_empty_validation(meta, out_dir, echo)
   if stats.bad_bytes:
     echo(f"warning: {stats.bad_bytes:,} undecodable bytes in {stats.bad_docs:,} documents were "
          "replaced by U+FFFD")

@@ -7,15 +7,21 @@ Layout: `<workdir>/checkpoints/<step>/`, one directory per saved step, with the 
   config  the resolved config (JSON)
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete, so
 a crash mid-save leaves the earlier checkpoints usable; such leftovers are reported and skipped.
+Before the rename it writes the step's completion markers (`commit_success.txt` and the commit
+time in `_CHECKPOINT_METADATA`); a step directory without them (an interrupted copy or sync of a
+run directory) is skipped with a notice, and a resumed run moves it aside.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -28,6 +34,8 @@ from ttt_jax.config import ConfigError
 CKPT_DIR = "checkpoints"
 DISCARDED_DIR = "checkpoints_discarded"
 TMP_MARKER = ".orbax-checkpoint-tmp"
+COMMIT_FILE = "commit_success.txt"  # Orbax's completion markers of a step directory
+STEP_METADATA = "_CHECKPOINT_METADATA"
 _ITEMS = {"params": "standard", "train": "standard", "data": "json", "config": "json"}
 
 
@@ -35,9 +43,36 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; the message names the step, the path and a way out."""
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's 'Given directory is read only' warning: evaluation opens checkpoints
+  read-only on purpose, so the line tells a user nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())  # Orbax logs through absl's logger
+
+
+def is_complete_step(path: str) -> bool:
+  """True if a step directory carries Orbax's completion markers: `commit_success.txt` and a
+  commit time in `_CHECKPOINT_METADATA` (both written just before the final rename)."""
+  if not os.path.isfile(os.path.join(path, COMMIT_FILE)):
+    return False
+  try:
+    with open(os.path.join(path, STEP_METADATA), encoding="utf-8") as f:
+      return json.load(f).get("commit_timestamp_nsecs") is not None
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
 def _log(echo, msg: str) -> None:
   if jax.process_index() == 0:
     echo(msg)
+
+
+def _stderr(msg: str) -> None:
+  print(msg, file=sys.stderr)
 
 
 def _sync(name: str) -> None:
@@ -116,7 +151,9 @@ class RunCheckpoints:
   """The checkpoints of one run directory (`<workdir>/checkpoints`)."""
 
   def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False,
-               async_save: bool = True):
+               async_save: bool = True, echo=None):
+    """`echo` (default: stderr) gets a notice for each step skipped for lack of completion
+    markers when opened `read_only` (a writable opening leaves them to `start_run`)."""
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
     opts = ocp.CheckpointManagerOptions(
@@ -125,6 +162,16 @@ class RunCheckpoints:
         cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1)
     self._mngr = ocp.CheckpointManager(self.directory, options=opts,
                                        handler_registry=_registry())
+    if read_only:
+      for step in self.unmarked_steps():
+        _log(echo or _stderr, self._unmarked_notice(step, "using"))
+
+  def _unmarked_notice(self, step: int, verb: str) -> str:
+    earlier = [s for s in self.steps() if s < step]
+    then = f"{verb} step {earlier[-1]}" if earlier else "no earlier complete step"
+    return (f"skipping checkpoint step {step} ({self.step_path(step)}): its completion markers "
+            f"({COMMIT_FILE}, commit time in {STEP_METADATA}) are missing, so its save or a copy "
+            f"of it did not finish; {then}")
 
   # -- what is on disk -----------------------------------------------------------------------
   @staticmethod
@@ -134,8 +181,13 @@ class RunCheckpoints:
       return []
     return sorted(os.path.join(directory, n) for n in os.listdir(directory) if TMP_MARKER in n)
 
+  def unmarked_steps(self) -> list[int]:
+    """Step directories without completion markers (not usable; see `is_complete_step`)."""
+    return sorted(s for s in self._mngr.all_steps() if not is_complete_step(self.step_path(s)))
+
   def steps(self) -> list[int]:
-    return sorted(self._mngr.all_steps())
+    """The complete steps, oldest first."""
+    return sorted(s for s in self._mngr.all_steps() if is_complete_step(self.step_path(s)))
 
   def latest_step(self) -> int | None:
     s = self.steps()
@@ -253,24 +305,65 @@ def _choose_step(ck: RunCheckpoints, wanted: int) -> int:
   return wanted
 
 
-def _discard_after(ck: RunCheckpoints, workdir: str, step: int, echo) -> None:
-  """Moves checkpoints later than `step` aside so that the run continues from `step`."""
-  later = [s for s in ck.steps() if s > step]
-  if not later:
-    return
+def _move_aside(ck: RunCheckpoints, workdir: str, steps: list[int]) -> str:
+  """Moves step directories to `<workdir>/checkpoints_discarded/` (process 0; all sync)."""
   dest = os.path.join(workdir, DISCARDED_DIR)
   if jax.process_index() == 0:
     os.makedirs(dest, exist_ok=True)
-    for s in later:
+    for s in steps:
       target = os.path.join(dest, str(s))
       n = 1
       while os.path.exists(target):
         target, n = os.path.join(dest, f"{s}.{n}"), n + 1
       shutil.move(ck.step_path(s), target)
   _sync("ttt_jax_discard_checkpoints")
+  ck._mngr.reload()
+  return dest
+
+
+def _discard_after(ck: RunCheckpoints, workdir: str, step: int, echo) -> None:
+  """Moves checkpoints later than `step` aside so that the run continues from `step`."""
+  later = [s for s in ck.steps() if s > step]
+  if not later:
+    return
+  dest = _move_aside(ck, workdir, later)
   _log(echo, f"warning: resuming from step {step} as requested; moved later checkpoints "
              f"{later} to {dest}")
-  ck._mngr.reload()
+
+
+def _discard_unmarked(ck: RunCheckpoints, workdir: str, echo) -> None:
+  """Moves step directories without completion markers aside (one notice each): Orbax would
+  otherwise restore them as complete and never save over their step again."""
+  unmarked = ck.unmarked_steps()
+  if not unmarked:
+    return
+  notices = [ck._unmarked_notice(s, "resuming from") for s in unmarked]
+  dest = _move_aside(ck, workdir, unmarked)
+  for notice in notices:
+    _log(echo, f"{notice} (moved to {dest})")
+
+
+def check_load_from(config: ml_collections.ConfigDict) -> None:
+  """Start-up check of `checkpoint.load_from` (before the workdir is touched): ConfigError
+  unless it holds a checkpoints directory with a complete step."""
+  ckc = config.checkpoint
+  if ckc.load_part != "params":
+    return
+  directory = load_from_dir(ckc.load_from)
+  if not os.path.isdir(directory):
+    raise ConfigError(f"checkpoint.load_from={ckc.load_from!r}: no checkpoints directory "
+                      f"{directory}")
+  if not any(n.isdigit() and is_complete_step(os.path.join(directory, n))
+             for n in os.listdir(directory)):
+    raise ConfigError(f"checkpoint.load_from={ckc.load_from!r}: no complete checkpoint in "
+                      f"{directory}")
+
+
+def load_from_dir(src: str) -> str:
+  """The checkpoints directory of `checkpoint.load_from` (a workdir or its checkpoints/)."""
+  if os.path.basename(os.path.normpath(src)) == CKPT_DIR:
+    return src
+  return os.path.join(src, CKPT_DIR)
 
 
 def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
@@ -283,6 +376,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
   for path in RunCheckpoints.incomplete(directory):
     _log(echo, f"skipping incomplete checkpoint {path} (a save that did not finish)")
   ck = RunCheckpoints(directory, keep=ckc.keep)
+  _discard_unmarked(ck, workdir, echo)
   if ck.steps() and not ckc.resume:
     if not ckc.overwrite:
       ck.close()
@@ -318,11 +412,10 @@ def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
   if ckc.load_part != "params":
     return state
   src = ckc.load_from
-  directory = src if os.path.basename(os.path.normpath(src)) == CKPT_DIR else os.path.join(
-      src, CKPT_DIR)
+  directory = load_from_dir(src)
   if not os.path.isdir(directory):
     raise ConfigError(f"checkpoint.load_from={src!r}: no checkpoints directory {directory}")
-  other = RunCheckpoints(directory, read_only=True)
+  other = RunCheckpoints(directory, read_only=True, echo=echo)
   try:
     if not other.steps():
       raise ConfigError(f"checkpoint.load_from={src!r}: no complete checkpoint in {directory}")

@@ -23,6 +23,7 @@ from ttt_jax.data import pipeline
 from ttt_jax.models import build_model
 from ttt_jax.train import sharding as shd
 from ttt_jax.train.optim import lr_schedule, make_optimizer
+from ttt_jax.train.workdir import exclusive_workdir
 
 
 class TrainState(struct.PyTreeNode):
@@ -198,6 +199,7 @@ class Throughput:
     return rate
 
 
+@exclusive_workdir  # config + data checked before the workdir is touched; one run per workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
                        *, echo=print) -> dict[str, Any]:
   """Trains to `config.train.steps` updates, resuming from `workdir`'s latest checkpoint.
