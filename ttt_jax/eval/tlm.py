@@ -335,6 +335,7 @@ def low_selection_warning(selected: int, seen: int, log_p0: float, rule: str,
   above = "" if adapt_above is None else (
       f"; {100 * adapt_above:.1f}% of the adaptation samples were above it before adapting")
   return (f"WARNING: TLM selected only {selected} of {seen} samples "
-          f"({100 * selected / max(seen, 1):.2f}% < {100 * LOW_SELECTION:g}%), so the adapters "
-          f"barely moved: threshold log P0 = {log_p0:.4f} (P0 = {math.exp(log_p0):.3f}; {rule})"
+          f"({100 * selected / max(seen, 1):.2f}% < {100 * LOW_SELECTION:g}%), so adaptation "
+          f"changed (almost) nothing: threshold log P0 = {log_p0:.4f} (P0 = "
+          f"{math.exp(log_p0):.3f}; {rule})"
           f"{above}. The knob is tlm.log_p0 (--config.log_p0=auto, or a lower number)")
