@@ -18,6 +18,7 @@ import re
 import runpy
 import sys
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -43,7 +44,7 @@ def one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
-def fail(message: str, code: int = 1):
+def fail(message: str, code: int = 1) -> NoReturn:
   """Exits with `code` after printing `<script>: error: <message>` (one line) to stderr."""
   print(f"{prog_name()}: error: {one_line(message)}", file=sys.stderr)
   sys.exit(code)
@@ -59,11 +60,16 @@ def user_errors(*more: type[BaseException]) -> Iterator[None]:
 
 
 # -- argparse ---------------------------------------------------------------------------------
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse with one-line usage errors (`<script>: error: ... (see --help)`)."""
+def usage_error(message: str) -> NoReturn:
+  """argparse's `error`, in one line: `<script>: error: <message> (see --help)`, status 2."""
+  fail(f"{message} (see --help)", code=2)
 
-  def error(self, message: str):
-    fail(f"{message} (see --help)", code=2)
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with one-line usage errors."""
+
+  def error(self, message: str) -> NoReturn:
+    usage_error(message)
 
 
 def positive_int(text: str) -> int:
@@ -84,7 +90,7 @@ def run_argparse_main(main: Callable[[list[str]], object],
   checked first with one-line usage errors, USER_ERRORS become one line too."""
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser()
-  parser.error = lambda message: fail(f"{message} (see --help)", code=2)
+  parser.error = usage_error
   parser.parse_args(argv)
   with user_errors():
     main(argv)
@@ -110,6 +116,7 @@ def run_absl(main: Callable, argv: list[str] | None = None) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run`, with `fail(one line)` instead of a traceback or usage."""
   try:
     rest = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 (explained in one line below, or re-raised)

@@ -1,9 +1,11 @@
 """Embedded corpus, token stream and grain windows: order, BOS, determinism, split, restart."""
 
+import re
+
 import numpy as np
 import pytest
 
-from ttt_jax.config import build_config
+from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import pipeline, sources
 from ttt_jax.data.tokenizers import ByteTokenizer
 
@@ -105,3 +107,30 @@ def test_unigram_entropy():
 def test_too_long_seq_len_is_a_clear_error():
   with pytest.raises(ValueError, match="seq_len"):
     pipeline.WindowSource(np.zeros(10, np.int32), 64)
+
+
+@pytest.mark.parametrize("pack,min_len", [(True, 0), (False, 0), (False, 100), (True, 100)])
+def test_window_count_is_what_the_sources_give(tmp_path, pack, min_len):
+  for i in range(12):
+    (tmp_path / f"d{i:02d}.txt").write_text("x" * (20 + 37 * i))
+  c = build_config("model=swa,scale=tiny,ctx=64").data
+  c.source, c.val_fraction, c.pack_docs, c.min_doc_len = str(tmp_path), 0.3, pack, min_len
+  counts = pipeline.check_splits(c, batch_size=1)
+  for split in sources.SPLITS:
+    assert counts[split] == len(pipeline.window_source(c, split)) > 0
+
+
+@pytest.mark.parametrize("knob,value,needle", [
+    ("val_fraction", 0.0, "raise data.val_fraction"),
+    ("seq_len", 4096, "data.seq_len=4096 is longer than the whole"),
+    ("min_doc_len", 10_000, "data.min_doc_len=10000"),
+    ("batch_size", 1000, "fewer than data.batch_size=1000"),
+])
+def test_check_splits_names_the_knob(tmp_path, knob, value, needle):
+  for i in range(12):
+    (tmp_path / f"d{i:02d}.txt").write_text("x" * (20 + 37 * i))
+  c = build_config("model=swa,scale=tiny,ctx=64").data
+  c.source, c.val_fraction = str(tmp_path), 0.3
+  c[knob] = value
+  with pytest.raises(ConfigError, match=re.escape(needle)):
+    pipeline.check_splits(c, batch_size=c.batch_size)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import functools
 import json
@@ -33,6 +34,7 @@ from ttt_jax.data import pipeline
 from ttt_jax.train.checkpoint import check_load_from
 
 LOCK_FILE = "run.lock"
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 class WorkdirBusy(RuntimeError):
@@ -89,13 +91,24 @@ class WorkdirLock:
 
   def _open_locked(self) -> int:
     """An fd of the lock file with our flock on it; WorkdirBusy while another process has it."""
+    dying_until = time.monotonic() + 10
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
+      except OSError as e:
+        if e.errno in _NO_FLOCK:  # a filesystem without locks: the recorded holder decides
+          return fd
+        if not isinstance(e, BlockingIOError):
+          os.close(fd)
+          raise
         holder = self._read(fd, wait=True)
         os.close(fd)
+        if (holder.get("pid") and holder.get("host") == socket.gethostname()
+            and time.monotonic() < dying_until
+            and not _alive(int(holder["pid"]), holder.get("start_ticks"))):
+          time.sleep(0.1)  # a killed holder whose threads still exit: its flock goes soon
+          continue
         raise WorkdirBusy(f"workdir {self.workdir} is in use by another run ("
                           f"{_describe(holder) if holder else 'holder unknown'}; lock "
                           f"{self.path}); wait for it to finish or choose another --workdir"
