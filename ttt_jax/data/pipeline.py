@@ -273,8 +273,8 @@ def check_splits(data_cfg, batch_size: int, process_count: int = 1) -> dict[str,
   seq_len, pack = data_cfg.seq_len, data_cfg.get("pack_docs", True)
   min_len = data_cfg.get("min_doc_len", 0)
   prepared = sources.source_kind(data_cfg.source) == "prepared"
-  for split in sources.SPLITS:
-    lengths = split_doc_lengths(data_cfg, split)
+  all_lengths = {s: split_doc_lengths(data_cfg, s) for s in sources.SPLITS}  # empty split first
+  for split, lengths in all_lengths.items():
     n = window_count(lengths, seq_len, pack=pack, min_len=min_len) // process_count
     out[split] = n
     if n >= local:
