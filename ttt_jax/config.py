@@ -19,6 +19,7 @@ TTT_BACKBONES = ("mamba", "base")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
+ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 
 # name: (num_layers, d_model, num_heads, intermediate_size)
 # Widths/depths follow the TTT-E2E paper's 125M ... 3B ladder (Llama-style SwiGLU MLPs).
@@ -97,6 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"
   m.remat = "none"
   m.scan_layers = False
+  # exact attention algorithm (layers/attention.py AttentionAlgorithm): auto | dense | blocked |
+  # blockwise; query rows per block of the blocked path; tile of the online-softmax path
+  m.attention_algorithm = "auto"
+  m.attention_block = 256
+  m.attention_flash_block = 512
 
   t = m.ttt = ml_collections.ConfigDict()
   t.mini_batch_size = 16
@@ -265,6 +271,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice("model.kind", m.kind, MODEL_KINDS)
   _check_choice("model.mixer", m.mixer, MIXERS)
   _check_choice("model.remat", m.remat, REMAT_POLICIES)
+  _check_choice("model.attention_algorithm", m.attention_algorithm, ATTENTION_ALGORITHMS)
+  _check_positive("model.attention_block", m.attention_block)
+  _check_positive("model.attention_flash_block", m.attention_flash_block)
   _check_choice("model.compute_dtype", m.compute_dtype, DTYPES)
   _check_choice("model.param_dtype", m.param_dtype, DTYPES)
   _check_choice("model.ttt.impl", m.ttt.impl, TTT_IMPLS)

@@ -3,8 +3,6 @@ sampling (top-k, seeds)."""
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,19 +13,11 @@ from ttt_jax.config import build_config
 from ttt_jax.eval import generate as G
 from ttt_jax.models import build_model
 
-NEEDS = {"ttt_linear": "ttt_jax.layers.ttt", "ttt_mlp": "ttt_jax.layers.ttt",
-         "e2e": "ttt_jax.models.e2e"}
-
 
 def tiny_model(kind: str):
   """(model config, graphdef, params): d_model 32, window 16, inner mini-batch 8; one layer
   (E2E: two, a prefix block and a suffix block). Streaming over several layers is covered by
   test_perplexity.py."""
-  if kind in NEEDS:
-    try:
-      importlib.import_module(NEEDS[kind])
-    except ImportError as e:
-      pytest.skip(f"{kind}: {NEEDS[kind]} not importable ({e})")
   m = build_config(f"model={kind},ctx=64").model
   m.num_layers = 2 if kind == "e2e" else 1
   m.d_model, m.num_heads, m.intermediate_size = 32, 2, 64

@@ -3,7 +3,6 @@ buckets, document selection, bad input, blockwise attention vs dense, 128K const
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -23,8 +22,7 @@ from ttt_jax.layers import attention as A
 from ttt_jax.models import build_model
 
 KINDS = ["transformer", "swa", "ttt_linear", "ttt_mlp", "e2e"]
-NEEDS = {"ttt_linear": "ttt_jax.layers.ttt", "ttt_mlp": "ttt_jax.layers.ttt",
-         "e2e": "ttt_jax.models.e2e"}
+TOKENS = np.random.default_rng(1).integers(0, 259, (2, 65)).astype(np.int32)
 
 
 def tiny_config(kind: str):
@@ -39,16 +37,15 @@ def tiny_config(kind: str):
   return c
 
 
-def tiny_model(kind: str):
-  """(config, graphdef, params) of a random-weight tiny model; skips if its module is absent."""
-  if kind in NEEDS:
-    try:
-      importlib.import_module(NEEDS[kind])
-    except ImportError as e:
-      pytest.skip(f"{kind}: {NEEDS[kind]} not importable ({e})")
-  c = tiny_config(kind)
+def tiny_graph(c):
   graphdef, state = nnx.split(build_model(c.model, seed=1))
-  return c, graphdef, state.to_pure_dict()
+  return graphdef, state.to_pure_dict()
+
+
+def tiny_model(kind: str):
+  """(config, graphdef, params) of a random-weight tiny model."""
+  c = tiny_config(kind)
+  return (c, *tiny_graph(c))
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -164,16 +161,17 @@ def test_blockwise_attention_equals_dense(window):
     assert rel_err(a, r) < 1e-5
 
 
-def test_full_attention_streams_blockwise(monkeypatch):
-  """With a tiny dense threshold the model's attention runs blockwise; NLL is unchanged."""
-  c, graphdef, params = tiny_model("transformer")
-  tokens = np.random.default_rng(1).integers(0, 259, (2, 65)).astype(np.int32)
-  ref = P.one_shot_nll(graphdef, params, tokens)
-  monkeypatch.setattr(A, "DENSE_MAX_SCORES", 64)
-  monkeypatch.setattr(A, "K_BLOCK", 24)
-  monkeypatch.setattr(A, "Q_BLOCK", 8)
-  got = P.stream_nll(graphdef, params, tokens, chunk=16)
-  assert rel_err(got, ref) < 1e-5
+@pytest.mark.parametrize("algorithm", ["blockwise", "blocked", "dense"])
+def test_full_attention_streams_with_every_algorithm(algorithm):
+  """Forcing an attention algorithm (small blocks, so several are used) leaves NLL unchanged,
+  one-shot and streamed against the KV cache."""
+  c = tiny_config("transformer")
+  ref = P.one_shot_nll(*tiny_graph(c), TOKENS)
+  c.model.attention_algorithm = algorithm
+  c.model.attention_block, c.model.attention_flash_block = 16, 8
+  graphdef, params = tiny_graph(c)
+  assert rel_err(P.one_shot_nll(graphdef, params, TOKENS), ref) < 1e-5
+  assert rel_err(P.stream_nll(graphdef, params, TOKENS, chunk=16), ref) < 1e-5
 
 
 def test_validation_metrics_adds_perplexity():
@@ -183,7 +181,7 @@ def test_validation_metrics_adds_perplexity():
 
 
 LONG_WORKER = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from flax import nnx
 from ttt_jax.config import build_config
@@ -198,7 +196,10 @@ m.ttt.mini_batch_size = 16
 graphdef, state = nnx.split(build_model(m, seed=0))
 params = state.to_pure_dict()
 tokens = np.random.default_rng(0).integers(0, 256, (1, length + 1)).astype(np.int32)
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# peak RSS of this process image: VmHWM (ru_maxrss would keep the parent's peak across exec)
+def rss():
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 step = P.make_chunk_step(graphdef)
 P.stream_nll(graphdef, params, tokens[:, :4 * chunk + 1], chunk, step_fn=step)  # compile, warm
 t0, rss_warm = time.perf_counter(), rss()
@@ -213,8 +214,6 @@ print(json.dumps({"kind": kind, "tokens": int(nll.size), "mean_nll": float(nll.m
 def test_128k_streaming_memory_is_constant(kind, tmp_path):
   """128K tokens through a tiny model in 2K chunks, in a fresh process: peak RSS stays far below
   one 128K x 128K fp32 score matrix (64 GiB) and barely grows after the first 8K tokens."""
-  if kind in NEEDS:
-    tiny_model(kind)  # skips when the mixer's module is absent
   length, chunk = 128 * 1024, 2048
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   t0 = time.perf_counter()

@@ -138,9 +138,94 @@ def test_attention_layer_uses_blocked_path_for_long_inputs(monkeypatch):
   ref, _ = attn(x, pos)
   calls = []
   real = A.causal_blocked_attention
-  monkeypatch.setattr(A, "TRI_BLOCK", 16)
+  attn.algorithm = A.AttentionAlgorithm(block=16)
   monkeypatch.setattr(A, "causal_blocked_attention",
                       lambda *a, **kw: calls.append(kw) or real(*a, **kw))
   got, _ = attn(x, pos)
   assert calls == [{"q_block": 16}]
   assert rel_err(got, ref) < 1e-6
+
+
+def _gapped_inputs(window):
+  """Queries = the last 24 keys; the 40 cached keys have empty (-1) slots in the middle."""
+  keys = jax.random.split(jax.random.key(11), 3)
+  tq, cache, h, d = 24, 40, 2, 8
+  q = jax.random.normal(keys[0], (B, tq, h, d))
+  k = jax.random.normal(keys[1], (B, cache + tq, h, d))
+  v = jax.random.normal(keys[2], (B, cache + tq, h, d))
+  cached = jnp.arange(cache)
+  k_pos = jnp.concatenate([jnp.where((cached >= 10) & (cached < 22), -1, cached),
+                           jnp.arange(cache, cache + tq)])
+  return q, k, v, jnp.arange(cache, cache + tq), k_pos
+
+
+def _naive(q, k, v, q_pos, k_pos, window):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  qp, kp = np.asarray(q_pos)[:, None], np.asarray(k_pos)[None, :]
+  mask = (kp >= 0) & (kp <= qp) & (True if window is None else (qp - kp) < window)
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(mask, s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("window", [None, 30])
+def test_caches_with_empty_slots_in_the_middle(window):
+  """Dense and online-softmax attention are exact for any slot layout; the blocked path, whose
+  static key ranges assume one contiguous run of keys, refuses (NaN) instead of being wrong."""
+  from ttt_jax.layers import attention as A  # noqa: PLC0415
+
+  q, k, v, q_pos, k_pos = _gapped_inputs(window)
+  ref = _naive(q, k, v, q_pos, k_pos, window)
+  assert not bool(A.ordered_layout(q_pos, k_pos))
+  for algo in (A.AttentionAlgorithm("dense"), A.AttentionAlgorithm("blockwise", flash_block=8),
+               A.AttentionAlgorithm("auto", block=8)):  # auto: not ordered -> dense
+    got = A.dot_product_attention(q, k, v, q_pos, k_pos, window, algorithm=algo)
+    assert rel_err(got, ref) < 1e-5, algo
+  blocked = A.causal_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=8)
+  assert np.isnan(np.asarray(blocked)).all()
+  # the same keys without the gap (the layout windows keep) pass the check and are exact
+  filled = jnp.concatenate([jnp.arange(40), q_pos])
+  assert bool(A.ordered_layout(q_pos, filled))
+  got = A.causal_blocked_attention(q, k, v, q_pos, filled, window, q_block=8)
+  assert rel_err(got, _naive(q, k, v, q_pos, filled, window)) < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_every_algorithm_gives_the_same_layer_output_and_gradient(x, window):
+  """model.attention_algorithm changes how, not what: values and input gradients agree, one-shot
+  and streamed against a cache, with blocks small enough that several are used."""
+  from ttt_jax.layers import attention as A  # noqa: PLC0415
+
+  attn = make(window=window, qk_norm=True)
+  pos = jnp.arange(T)
+
+  def run(algo):
+    attn.algorithm = algo
+    y, _ = attn(x, pos)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(attn(x, pos)[0])))(x)
+    st = attn.init_state(B, T)
+    outs = []
+    for lo in range(0, T, 12):
+      yc, st = attn(x[:, lo:lo + 12], pos[lo:lo + 12], st)
+      outs.append(yc)
+    return y, g, jnp.concatenate(outs, axis=1)
+
+  y_ref, g_ref, s_ref = run(A.AttentionAlgorithm("dense"))
+  assert rel_err(s_ref, y_ref) < 1e-5
+  for algo in (A.AttentionAlgorithm("blocked", block=8),
+               A.AttentionAlgorithm("blockwise", flash_block=8)):
+    y, g, s = run(algo)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(g, g_ref) < 1e-5 and rel_err(s, y_ref) < 1e-5
+
+
+def test_full_attention_cache_overflow_is_an_error(x):
+  """Streaming more positions than a full-attention cache holds fails and names the capacity
+  (before, the write was clamped and overwrote the newest keys silently)."""
+  attn = make(window=None)
+  step = jax.jit(lambda x, p, st: attn(x, p, st))
+  st = attn.init_state(B, 40)
+  _, st = step(x[:, :24], jnp.arange(24), st)
+  with pytest.raises(Exception, match="capacity 40"):
+    y, _ = step(x[:, 24:], jnp.arange(24, T), st)
+    jax.block_until_ready(y)

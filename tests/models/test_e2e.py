@@ -189,6 +189,48 @@ def test_token_by_token_decoding_matches_one_shot(setup, tokens):
   assert rel_err(_stream(setup.model, tokens[:, :-1], [1] * T), one_shot) < 1e-5
 
 
+@pytest.mark.parametrize("algorithm", ["blocked", "blockwise", "auto"])
+def test_streaming_matches_one_shot_on_every_attention_algorithm(setup, tokens, algorithm):
+  """Streamed (chunks, odd segments, token by token) == the one-shot inner loop with dense
+  attention, when attention runs query-blocked / online-softmax with blocks smaller than the
+  chunk (the path b=1024 > 256 takes at every preset; `auto` with a 4-row block picks the
+  blocked path for the chunk updates)."""
+  ref = setup.logits(tokens, LR)  # the setup model attends densely (blocks larger than inputs)
+  cfg = tiny_model_cfg()
+  cfg.attention_algorithm, cfg.attention_block, cfg.attention_flash_block = algorithm, 4, 8
+  model = build_model(cfg, 0)
+  x = tokens[:, :-1]
+  for sizes in ([CHUNK] * (T // CHUNK), [5, 11, 16, 5, 11], [1] * T):
+    assert rel_err(_stream(model, x, sizes), ref[:, :sum(sizes)]) < 1e-5, sizes
+  one_shot, _ = fast_jit(lambda t: model(t))(x)
+  assert rel_err(one_shot[..., :VOCAB], ref) < 1e-5
+
+
+def test_pretrain_mode_is_the_plain_lm_loss(tokens):
+  """train_mode=pretrain: no inner update at all. Its loss and gradient equal the meta loss at
+  inner LR 0 and differ from the meta loss at the real inner LR."""
+  batch = {"tokens": tokens}
+  models = {}
+  for mode, lr in (("pretrain", LR), ("meta", 0.0), ("meta", LR)):
+    cfg = tiny_model_cfg(inner_lr=lr)
+    cfg.e2e.train_mode = mode
+    models[mode, lr] = build_model(cfg, 0)
+
+  def loss_and_grad(model):
+    graphdef, params = nnx.split(model)
+    fn = lambda p: nnx.merge(graphdef, p).compute_loss(batch, jnp.int32(0))[0]  # noqa: E731
+    return fast_jit(jax.value_and_grad(fn))(params)
+
+  (pre, g_pre), (meta0, g_meta0), (meta, _) = (loss_and_grad(models[k]) for k in models)
+  assert rel_err(pre, meta0) < 1e-6
+  for a, b in zip(jax.tree.leaves(g_pre), jax.tree.leaves(g_meta0), strict=True):
+    assert rel_err(a, b) < 1e-5
+  assert abs(float(pre) - float(meta)) > 1e-3
+  # and it is the plain forward pass of the same weights
+  plain, _ = fast_jit(lambda t: models["pretrain", LR].forward(t))(tokens[:, :-1])
+  assert rel_err(pre, token_nll(plain, tokens[:, 1:])) < 1e-6
+
+
 def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):
   c = build_config("model=e2e,scale=tiny,ctx=64,mode=meta")
   m = c.model

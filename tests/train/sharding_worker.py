@@ -146,8 +146,6 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         }
       res["restore"] = restored
       res["seconds"] = time.perf_counter() - t0
-    except ImportError as e:  # a model kind whose module is not in the tree
-      res["import_error"] = f"{type(e).__name__}: {e}"
     except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
       res["error"] = traceback.format_exc()
   if not proc_ckpt:

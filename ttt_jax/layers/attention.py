@@ -16,6 +16,7 @@ decode step costs O(1) rotations instead of re-rotating the whole cache.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -44,11 +45,29 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
   return mask
 
 
-# Above this many scores per (batch, head) the attention runs blockwise (online softmax), so
-# long contexts (a 128K KV cache, a long one-shot input) never materialize a [Tq, Tk] matrix.
-DENSE_MAX_SCORES = 1 << 22
-Q_BLOCK = 512
-K_BLOCK = 512
+@dataclasses.dataclass(frozen=True)
+class AttentionAlgorithm:
+  """Which exact algorithm computes the softmax (`model.attention_algorithm` and friends).
+
+  All of them give the same result; they trade speed against memory:
+    dense      one [Tq, Tk] score matrix per (batch, head);
+    blocked    (one-shot / window caches only) query blocks of `block` rows, each against only
+               the keys it can see: skips the work above the causal diagonal / outside the window;
+    blockwise  online softmax over (`flash_block` x `flash_block`) tiles: memory O(block^2);
+    auto       blocked for ordered inputs of >= 2 blocks (at most `max_blocks` of them), else
+               dense up to `dense_max_scores` scores per (batch, head), else blockwise.
+  `blocked` asked for where keys are not ordered (a full-attention cache) falls back to auto.
+  """
+
+  name: str = "auto"
+  block: int = 256
+  max_blocks: int = 8
+  flash_block: int = 512
+  dense_max_scores: int = 1 << 22
+
+
+ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
+DEFAULT_ALGORITHM = AttentionAlgorithm()
 
 
 def dense_attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
@@ -67,8 +86,8 @@ def _pad_to(x: jax.Array, n: int, axis: int, value=0) -> jax.Array:
   return jnp.pad(x, pad, constant_values=value)
 
 
-def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: int = Q_BLOCK,
-                        k_block: int = K_BLOCK) -> jax.Array:
+def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: int = 512,
+                        k_block: int = 512) -> jax.Array:
   """The same attention as `dense_attention`, computed one (query block, key block) at a time.
 
   Query blocks run sequentially (`lax.map`); each scans the key blocks carrying the running
@@ -119,23 +138,35 @@ def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: i
   return out.swapaxes(0, 1).reshape(b, nq * qb, h, d)[:, :tq]
 
 
-# One-shot inputs of at least 2 query blocks (and at most TRI_MAX_BLOCKS) run query block by
-# query block, each against only the keys it can see (causal_blocked_attention).
-TRI_BLOCK = 256
-TRI_MAX_BLOCKS = 8
+def ordered_layout(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+  """bool scalar: the key layout `causal_blocked_attention` relies on holds.
+
+  The layout: the real keys (position >= 0) form ONE run of consecutive slots holding
+  consecutive positions (empty slots only before or after it), and every real query is the key
+  in its own slot among the last Tq (query i = key Tk - Tq + i). Sliding windows that shift keys
+  in, and one-shot inputs, have it; a cache with empty slots between real keys does not.
+  O(Tk) work, computed once per call.
+  """
+  k_pos, q_pos = k_pos.astype(jnp.int32), q_pos.astype(jnp.int32)
+  valid = k_pos >= 0
+  steps_ok = jnp.all(~(valid[:-1] & valid[1:]) | (k_pos[1:] == k_pos[:-1] + 1))
+  runs = valid[0].astype(jnp.int32) + jnp.sum(valid[1:] & ~valid[:-1])
+  own = k_pos[k_pos.shape[0] - q_pos.shape[0]:]
+  queries_ok = jnp.all((q_pos < 0) | (own == q_pos))
+  return steps_ok & (runs <= 1) & queries_ok
 
 
 def causal_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *,
                              q_block: int) -> jax.Array:
   """The same attention as `dense_attention`, skipping keys a query block cannot see.
 
-  Precondition (what `Attention` guarantees): the queries are the last Tq of the Tk keys and the
-  visible keys (position >= 0) have strictly increasing positions along the key axis. Then query
-  i (key index o + i, o = Tk - Tq) sees no key after index o + i, and none before
-  o + i - window + 1 (those are >= window positions older). Each query block therefore takes a
-  static key range: a causal T x T product costs about (n + 1) / 2n of the dense one for n
-  blocks, and a window shrinks it further. Every block is a dense masked softmax, so the result
-  is exact; the unrolled loop keeps the blocks few (at most TRI_MAX_BLOCKS).
+  Precondition: the layout of `ordered_layout` (queries = the last keys, real keys one run of
+  consecutive positions). Then query i (key index o + i, o = Tk - Tq) sees no key after index
+  o + i, and none before o + i - window + 1 (those are >= window positions older). Each query
+  block therefore takes a static key range: a causal T x T product costs about (n + 1) / 2n of
+  the dense one for n blocks, and a window shrinks it further. Every block is a dense masked
+  softmax, so the result is exact. The precondition is checked on every call (O(Tk)): if it
+  does not hold the output is NaN, never silently wrong numbers.
   """
   tq, tk = q.shape[1], k.shape[1]
   off = tk - tq
@@ -146,26 +177,53 @@ def causal_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *,
     hi = off + e
     outs.append(dense_attention(q[:, s:e], k[:, lo:hi], v[:, lo:hi], q_pos[s:e], k_pos[lo:hi],
                                 window))
-  return jnp.concatenate(outs, axis=1)
+  out = jnp.concatenate(outs, axis=1)
+  return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
 
 
-def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *,
-                          ordered: bool = False) -> jax.Array:
+def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered: bool = False,
+                          algorithm: AttentionAlgorithm = DEFAULT_ALGORITHM) -> jax.Array:
   """Softmax attention with a position-derived mask. q [B,Tq,H,d], k/v [B,Tk,H,d].
 
-  Dense for short inputs; blockwise (online softmax, constant memory in Tk) once the score
-  matrix would exceed `DENSE_MAX_SCORES` entries per (batch, head). `ordered=True` promises the
-  layout of `causal_blocked_attention` (queries = the last keys, positions increasing), which
-  lets long enough one-shot inputs skip the keys above the causal diagonal / outside the window.
+  `algorithm` picks how (see `AttentionAlgorithm`). `ordered=True` says the inputs have the
+  layout of `ordered_layout` (one-shot inputs, window caches), which allows the blocked path.
   """
   tq, tk = q.shape[1], k.shape[1]
-  n_blocks = -(-tq // TRI_BLOCK)
-  q_block = -(-tq // min(n_blocks, TRI_MAX_BLOCKS))
-  if ordered and n_blocks >= 2 and q_block * tk <= DENSE_MAX_SCORES:
-    return causal_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=q_block)
-  if tq * tk <= DENSE_MAX_SCORES:
+  name = algorithm.name
+  if name == "dense":
     return dense_attention(q, k, v, q_pos, k_pos, window)
-  return blockwise_attention(q, k, v, q_pos, k_pos, window)
+  if name == "blockwise":
+    fb = algorithm.flash_block
+    return blockwise_attention(q, k, v, q_pos, k_pos, window, q_block=fb, k_block=fb)
+  if ordered and name == "blocked":
+    return causal_blocked_attention(q, k, v, q_pos, k_pos, window,
+                                    q_block=min(algorithm.block, tq))
+  n_blocks = -(-tq // algorithm.block)
+  q_block = -(-tq // min(n_blocks, algorithm.max_blocks))
+  if ordered and n_blocks >= 2 and q_block * tk <= algorithm.dense_max_scores:
+    return causal_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=q_block)
+  if tq * tk <= algorithm.dense_max_scores:
+    return dense_attention(q, k, v, q_pos, k_pos, window)
+  fb = algorithm.flash_block
+  return blockwise_attention(q, k, v, q_pos, k_pos, window, q_block=fb, k_block=fb)
+
+
+class KVCacheOverflow(ValueError):
+  """More positions were streamed into a full-attention KV cache than it can hold."""
+
+
+def _raise_overflow(filled, new, capacity) -> None:
+  raise KVCacheOverflow(
+      f"full-attention KV cache overflow: capacity {int(capacity)} positions, {int(filled)} "
+      f"filled, {int(new)} more given; create the cache with a larger capacity "
+      "(model.init_cache(batch, capacity) >= the longest context to be streamed)")
+
+
+def check_capacity(filled: jax.Array, new: int, capacity: int) -> None:
+  """Raises `KVCacheOverflow` (at run time, also under jit) if `new` keys do not fit."""
+  jax.lax.cond(filled + new > capacity,
+               lambda: jax.debug.callback(_raise_overflow, filled, new, capacity),
+               lambda: None)
 
 
 class Attention(nnx.Module):
@@ -173,7 +231,9 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, *, window: int | None, rope_theta: float,
                qk_norm: bool, norm_eps: float, std: float, out_std: float, compute_dtype,
-               param_dtype, rngs: nnx.Rngs):
+               param_dtype, rngs: nnx.Rngs,
+               algorithm: AttentionAlgorithm = DEFAULT_ALGORITHM):
+    self.algorithm = algorithm
     self.num_heads = num_heads
     self.head_dim = d_model // num_heads
     self.window = window
@@ -218,6 +278,7 @@ class Attention(nnx.Module):
       # Full attention: slots fill left to right and the new keys are written in place after
       # the filled ones (with a donated cache no copy of it is made, unlike a shift).
       filled = jnp.sum(state.pos >= 0)
+      check_capacity(filled, positions.shape[0], state.pos.shape[0])
       k_all, v_all = (jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), filled,
                                                           axis=1)
                       for buf, new in ((state.k, k), (state.v, v)))
@@ -232,6 +293,7 @@ class Attention(nnx.Module):
       new_state = KVCache(k=k_all[:, -cap:], v=v_all[:, -cap:], pos=k_pos[-cap:])
     # one-shot, or keys = [window, new]: the queries are the last keys and positions only grow
     ordered = state is None or self.window is not None
-    out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window, ordered=ordered)
+    out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window, ordered=ordered,
+                                algorithm=self.algorithm)
     out = out.reshape(*out.shape[:-2], -1)
     return self.wo(out), new_state

@@ -50,6 +50,18 @@ class E2ECache(NamedTuple):
   count: jax.Array  # int32 scalar: positions in the pending chunk, 0..b
 
 
+def window_before_chunk(kv: KVCache, b: int) -> KVCache:
+  """The KV window a chunk was read with, from a suffix window that ends with that chunk.
+
+  Suffix windows hold `window + b` slots and keys are only shifted in, so when a chunk of b
+  positions has just completed, its keys are the last b slots and the `window` slots before
+  them are the window it saw. Slicing (not masking) keeps the real keys one contiguous run,
+  the layout attention's blocked path requires (layers/attention.py `ordered_layout`).
+  """
+  cap = kv.pos.shape[-1] - b
+  return KVCache(kv.k[:, :cap], kv.v[:, :cap], kv.pos[:cap])
+
+
 class E2EOutput(NamedTuple):
   losses: jax.Array  # [n_chunks, B] chunk losses (each with the weights before its update)
   hidden: jax.Array  # [B, T, D] outputs of the last block
@@ -109,7 +121,7 @@ class E2EModel(LanguageModel):
   def compute_loss(self, batch: dict, step: jax.Array | None = None):
     """meta: mean of the chunk losses (token-weighted mean NLL under a loss mask), second-order
     outer gradient; pretrain: the plain LM loss with the prime MLPs as ordinary weights."""
-    if self.cfg.e2e.train_mode == "pretrain":
+    if self.cfg.e2e.train_mode == "pretrain":  # plain forward: no inner loop at all
       return super().compute_loss(batch, step)
     inputs, targets = split_batch(batch)
     mask = batch.get("loss_mask")
@@ -199,7 +211,9 @@ class E2EModel(LanguageModel):
 
       def learn(inner):
         start = p0 + done - b  # first position of the completed chunk
-        views = [KVCache(kv.k, kv.v, jnp.where(kv.pos >= start, -1, kv.pos)) for kv in kvs]
+        # The completed chunk's keys are the last b slots of each suffix window (window + b
+        # slots, keys only ever shifted in); the window it was read with is the slots before.
+        views = [window_before_chunk(kv, b) for kv in kvs]
         nxt = jax.lax.dynamic_slice_in_dim(tok_pad, done, 1, axis=1)
         targets = jnp.concatenate([buf_tok[:, 1:b], nxt], axis=1)
         pos = start + jnp.arange(b, dtype=jnp.int32)

@@ -14,7 +14,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from ttt_jax.layers.attention import Attention
+from ttt_jax.layers.attention import Attention, AttentionAlgorithm
 from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
@@ -30,6 +30,11 @@ def padded_vocab(vocab_size: int) -> int:
   return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def attention_algorithm(cfg: ml_collections.ConfigDict) -> AttentionAlgorithm:
+  return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
+                            flash_block=cfg.attention_flash_block)
+
+
 def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
   """The sequence mixer named by `cfg.mixer`."""
   std = cfg.init_std
@@ -39,7 +44,7 @@ def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.mixer in ("full", "swa"):
     return Attention(cfg.d_model, cfg.num_heads, window=cfg.window if cfg.mixer == "swa" else None,
                      rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                     std=std, out_std=out_std, **common)
+                     std=std, out_std=out_std, algorithm=attention_algorithm(cfg), **common)
   if cfg.mixer in ("ttt_linear", "ttt_mlp"):
     from ttt_jax.layers.ttt import TTTMixer  # noqa: PLC0415 (keeps attention-only imports light)
 
@@ -207,18 +212,24 @@ class LanguageModel(nnx.Module):
       new_cache.append(st)
     return h, (None if cache is None else new_cache)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None):
-    """tokens [B, T] -> (logits [B, T, V] fp32, new cache)."""
+  def forward(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None):
+    """The plain forward pass (no test-time learning): tokens [B, T] -> (logits, new cache)."""
     if positions is None:
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
     h, cache = self.run_blocks(self.embed_tokens(tokens), positions, cache)
     return self.logits(h), cache
 
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None):
+    """tokens [B, T] -> (logits [B, T, V] fp32, new cache). Models that learn at test time
+    (models/e2e.py) override this; `forward` stays the plain pass."""
+    return self.forward(tokens, positions, cache)
+
   def compute_loss(self, batch: dict, step: jax.Array | None = None):
-    """Mean next-token cross-entropy over `batch['tokens']` [B, T+1]. Returns (loss, metrics)."""
+    """Mean next-token cross-entropy of the plain forward pass over `batch['tokens']` [B, T+1].
+    Returns (loss, metrics)."""
     del step
     inputs, targets = split_batch(batch)
-    logits, _ = self(inputs)
+    logits, _ = self.forward(inputs)
     loss = token_nll(logits, targets, batch)
     return loss, {"loss": loss}
 
