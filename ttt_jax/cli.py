@@ -27,11 +27,11 @@ from ml_collections import config_flags
 from ttt_jax.config import ConfigError
 from ttt_jax.train import distributed
 from ttt_jax.train.checkpoint import CheckpointError
-from ttt_jax.train.trainer import train_and_evaluate
+from ttt_jax.train.trainer import NonFiniteError, train_and_evaluate
 from ttt_jax.train.workdir import WorkdirBusy
 
 # What a user can cause and fix: reported in one line. Anything else keeps its traceback.
-USER_ERRORS = (ConfigError, CheckpointError, WorkdirBusy)
+USER_ERRORS = (ConfigError, CheckpointError, WorkdirBusy, NonFiniteError)
 
 _CONFIG_FLAGS: dict[str, str | None] = {}  # config flag name -> default config file
 

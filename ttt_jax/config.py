@@ -150,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.log_every = 10
   tr.eval_every = 100
   tr.eval_batches = 4
+  tr.skip_nonfinite = 0  # steps with a non-finite loss/gradient skipped before the run stops
 
   ms = c.mesh = ml_collections.ConfigDict()
   ms.data = -1
@@ -288,6 +289,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("steps", "grad_accum", "log_every", "eval_every"):
     _check_positive(f"train.{key}", tr[key])
   _check_positive("train.lr", tr.lr, allow_zero=True)
+  _check_positive("train.skip_nonfinite", tr.skip_nonfinite, allow_zero=True)
   if m.d_model % m.num_heads:
     raise ConfigError(
         f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}")

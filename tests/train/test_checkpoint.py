@@ -5,6 +5,7 @@ saves, params-only warm start at a longer context, clear errors for shape change
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -68,16 +69,30 @@ def losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in read_metrics(str(workdir), "train")}
 
 
+def raw_steps(workdir) -> list[int]:
+  """Train steps in metrics.jsonl in file order, duplicates kept."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Run A uninterrupted; run B SIGKILLed, resumed and SIGTERMed, resumed again to the end."""
+  """Run A uninterrupted; run B SIGKILLed at 3 random points in a row (each at least one
+  checkpoint later than the last), resumed and SIGTERMed, resumed again to the end."""
   a_dir, b_dir = tmp_path_factory.mktemp("run_a"), tmp_path_factory.mktemp("run_b")
   a = launch(a_dir)
-  b1 = launch(b_dir, **SLOW)
-  wait_for(lambda: EVERY in steps_on_disk(b_dir), b1)
-  b1.send_signal(signal.SIGKILL)
-  b1.communicate()
-  killed_at = max(losses(b_dir))
+  rng = np.random.default_rng(int(time.time()))
+  kills = []
+  for _ in range(3):
+    last = max(steps_on_disk(b_dir), default=0)
+    target = min(last + EVERY + int(rng.integers(0, EVERY)), STEPS - 2 * EVERY)
+    b = launch(b_dir, **SLOW)
+    wait_for(lambda t=target: max(losses(b_dir), default=0) >= t, b)
+    time.sleep(float(rng.uniform(0, 0.3)))
+    b.send_signal(signal.SIGKILL)
+    b.communicate()
+    kills.append(max(losses(b_dir)))
+  killed_at = kills[-1]
   assert killed_at < STEPS
   b2 = launch(b_dir, **SLOW)
   wait_for(lambda: any(s > killed_at for s in steps_on_disk(b_dir)), b2)
@@ -88,7 +103,7 @@ def runs(tmp_path_factory):
   out3, _ = b3.communicate(timeout=240)
   out_a, _ = a.communicate(timeout=240)
   assert a.returncode == 0 and b3.returncode == 0, out_a + out3
-  return {"a": a_dir, "b": b_dir, "out2": out2, "out3": out3}
+  return {"a": a_dir, "b": b_dir, "out2": out2, "out3": out3, "kills": kills}
 
 
 def test_resume_after_sigkill_and_sigterm_is_bit_exact(runs):
@@ -102,6 +117,8 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(runs):
   for s in la:
     assert la[s] == lb[s], (s, la[s], lb[s])  # bit for bit
   assert steps_on_disk(runs["b"])[-1] == STEPS
+  # after 3 kills, a SIGTERM and the resumes, every step is in metrics.jsonl exactly once
+  assert raw_steps(runs["b"]) == list(range(1, STEPS + 1)), runs["kills"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from ttt_jax.config import ConfigError, parse_ctx
+from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 
 
 class EvalDocs(NamedTuple):
@@ -157,20 +158,6 @@ def context_summary(ctx: int, nll: np.ndarray) -> dict[str, float]:
   mean = float(nll.astype(np.float64).mean())
   return {"ctx": ctx, "mean_nll": mean, "ppl": math.exp(mean), "tokens": int(nll.size),
           "docs": int(nll.shape[0])}
-
-
-def validation_metrics(eval_fn: Callable[[Any], dict], batches: Iterable) -> dict[str, float]:
-  """Mean of `eval_fn(batch)` metrics over equally sized batches, plus `ppl = exp(loss)`."""
-  totals: dict[str, float] = {}
-  n = 0
-  for batch in batches:
-    for k, v in eval_fn(batch).items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    n += 1
-  out = {k: v / max(n, 1) for k, v in totals.items()}
-  if "loss" in out:
-    out["ppl"] = math.exp(min(out["loss"], 700.0))
-  return out
 
 
 # -- whole evaluation ---------------------------------------------------------------------------

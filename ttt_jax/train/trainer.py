@@ -8,8 +8,9 @@ with explicit in/out shardings over the ('data', 'fsdp', 'tensor') mesh.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +18,14 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
+from tqdm.auto import tqdm
 
 from ttt_jax.config import validate
 from ttt_jax.data import pipeline
 from ttt_jax.models import build_model
+from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train import sharding as shd
+from ttt_jax.train.metrics import MetricWriter, validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
 from ttt_jax.train.workdir import exclusive_workdir
 
@@ -107,9 +111,18 @@ class Trainer:
       loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   lr=lr_schedule(self.config.train)(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    grad_norm = optax.global_norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is dropped (the batch
+    # still counts as a step) and `finite`=0 tells the loop, which stops or skips it
+    # (train.skip_nonfinite). The state is donated, so this is the only place to keep it clean.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(updates)))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                   lr=lr_schedule(self.config.train)(state.step),
+                   finite=finite.astype(jnp.float32))
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
     return new_state, metrics
 
   def _eval_step(self, params, batch, step):
@@ -159,11 +172,11 @@ class Trainer:
 
   def evaluate(self, params, step: int, num_batches: int) -> dict[str, float]:
     """Mean validation metrics (+ perplexity) over the first `num_batches` (unshuffled)
-    validation windows at the training context (ttt_jax.eval.perplexity.validation_metrics)."""
-    from ttt_jax.eval.perplexity import validation_metrics  # noqa: PLC0415
-
+    validation windows at the training context, with its own progress bar."""
     ds = self.dataset("validation", shuffle=False)
-    batches = (self.device_batch(ds[i]) for i in range(num_batches))
+    batches = (self.device_batch(ds[i]) for i in tqdm(
+        range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
+        disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
     return validation_metrics(lambda b: self.eval_step(params, b, jnp.int32(step)), batches)
 
 
@@ -199,18 +212,29 @@ class Throughput:
     return rate
 
 
+class NonFiniteError(RuntimeError):
+  """Training met more non-finite losses/gradients than `train.skip_nonfinite` allows."""
+
+
+class _Dispatched(NamedTuple):
+  step: int  # the step this update completes (1-based)
+  metrics: dict  # device scalars, not yet fetched
+  position: str  # the data iterator's state before this batch (where the batch came from)
+
+
 @exclusive_workdir  # config + data checked before the workdir is touched; one run per workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
                        *, echo=print) -> dict[str, Any]:
   """Trains to `config.train.steps` updates, resuming from `workdir`'s latest checkpoint.
 
   Saves a checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (then returns
-  with `preempted=True`). Returns the final state, train history, validation metrics.
+  with `preempted=True`). A step whose loss or gradient is not finite is not applied; past
+  `train.skip_nonfinite` such steps the run stops with `NonFiniteError` naming the step and the
+  batch's data position (the last checkpoint, all finite, stays). Steps run one ahead of the
+  host: step n is dispatched before step n-1's metrics are read, so the progress bar counts
+  finished steps without stalling the device. Returns the final state, train history,
+  validation metrics.
   """
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
-  from ttt_jax.train import checkpoint as ckpt  # noqa: PLC0415
-  from ttt_jax.train.metrics import MetricWriter  # noqa: PLC0415
 
   def log(s: str) -> None:
     if jax.process_index() == 0:
@@ -224,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       f"batch {config.data.batch_size}")
   run = ckpt.start_run(config, workdir, trainer, echo=log)
   state, start, checkpoints = run.state, run.step, run.checkpoints
-  writer = MetricWriter(workdir, echo=log)
+  writer = MetricWriter(workdir, echo=log, first_step=start)
   it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
   if run.data_state:
     it.set_state(run.data_state)
@@ -233,22 +257,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   speed.update(start)
   last_val: dict[str, float] = {}
   preempted = False
+  skipped = 0
   bar = tqdm(total=tr.steps, initial=start, desc="train", unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True)
+
+  def finish(d: _Dispatched) -> None:
+    """Waits for step d.step; stops on (or skips) a non-finite one; logs; advances the bar."""
+    nonlocal skipped
+    finite = bool(jax.device_get(d.metrics["finite"]))
+    if finite and not (d.step % tr.log_every == 0 or d.step == tr.steps):
+      bar.update(1)
+      return
+    metrics = {k: float(v) for k, v in jax.device_get(d.metrics).items()}
+    if finite:
+      rate = speed.update(d.step)
+      if rate is not None:
+        metrics["tokens_per_s"] = rate
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+    history.append({"step": d.step, **metrics})
+    writer.write(d.step, metrics, "train")
+    bar.update(1)
+    if finite:
+      return
+    skipped += 1
+    what = (f"non-finite loss={metrics['loss']:.4g} / grad_norm={metrics['grad_norm']:.4g} at "
+            f"step {d.step} (batch at data position {d.position}); its update was not applied")
+    if skipped > tr.skip_nonfinite:
+      last = None if checkpoints is None else checkpoints.latest_step()
+      raise NonFiniteError(
+          f"{what}; stopping after {skipped} such step(s) (train.skip_nonfinite="
+          f"{tr.skip_nonfinite}); last checkpoint: "
+          f"{'none' if last is None else f'step {last}'}. Lower train.lr or raise "
+          "train.warmup_steps, or allow skips with train.skip_nonfinite=N")
+    log(f"warning: {what}; skipped ({skipped} of train.skip_nonfinite={tr.skip_nonfinite})")
+
+  pending: _Dispatched | None = None
   try:
     with ckpt.PreemptionWatch() as watch:
       for step in range(start, tr.steps):
+        position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
         state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
         done = step + 1
-        if done % tr.log_every == 0 or done == tr.steps:
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          rate = speed.update(done)
-          if rate is not None:
-            metrics["tokens_per_s"] = rate
-          history.append({"step": done, **metrics})
-          writer.write(done, metrics, "train")
-          bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if checkpoints is not None and ((every and done % every == 0) or done == tr.steps):
+        if pending is not None:
+          finish(pending)
+        pending = _Dispatched(done, metrics, position)
+        save = checkpoints is not None and ((every and done % every == 0) or done == tr.steps)
+        evaluate = done % tr.eval_every == 0 or done == tr.steps
+        if save or evaluate or watch.reached(done):
+          finish(pending)  # never save or evaluate past a step that has not been checked
+          pending = None
+        if save:
           checkpoints.save(done, state, it.get_state(), config)
         if watch.reached(done):
           if checkpoints is not None:
@@ -256,11 +314,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
           log(f"preempted (SIGTERM): saved checkpoint at step {done}; exiting")
           preempted = True
           break
-        if done % tr.eval_every == 0 or done == tr.steps:
+        if evaluate:
           last_val = trainer.evaluate(state.params, done, tr.eval_batches)
           writer.write(done, last_val, "validation")
           speed.update(done)  # do not count eval time as training time
-        bar.update(1)
+      if pending is not None:
+        finish(pending)
     if start >= tr.steps and not preempted:
       log(f"run already complete at step {start} (train.steps={tr.steps})")
       last_val = trainer.evaluate(state.params, start, tr.eval_batches)
@@ -270,4 +329,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     if checkpoints is not None:
       checkpoints.close()  # waits for an async save in flight
   return {"state": state, "history": history, "val": last_val, "trainer": trainer,
-          "start_step": start, "preempted": preempted}
+          "start_step": start, "preempted": preempted, "skipped_nonfinite": skipped}

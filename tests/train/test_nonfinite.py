@@ -1,0 +1,160 @@
+"""A run never trains on after a non-finite loss/gradient; metrics stay strict JSON; every step is
+logged once after a rollback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax.config import build_config
+from ttt_jax.train import checkpoint as ckpt
+from ttt_jax.train.metrics import METRICS_FILE, MetricWriter, truncate_metrics
+from ttt_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(steps=8):
+  c = build_config("model=swa,scale=tiny,ctx=64")
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size, m.window = 1, 32, 2, 64, 32
+  c.data.batch_size = 2
+  c.train.steps, c.train.warmup_steps = steps, 2
+  c.train.log_every, c.train.eval_every, c.train.eval_batches = 1, 100, 1
+  c.checkpoint.every_steps, c.checkpoint.keep = 2, 10
+  return c
+
+
+def strict_records(workdir) -> list[dict]:
+  """metrics.jsonl parsed by a strict reader (bare NaN/Infinity rejected)."""
+  def reject(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line, parse_constant=reject) for line in f]
+
+
+def poison_steps(monkeypatch, bad: set[int]):
+  """The loss is NaN at the (0-based) optimizer steps in `bad`, real elsewhere."""
+  real = Trainer.loss_fn
+
+  def loss_fn(self, params, batch, step):
+    loss, metrics = real(self, params, batch, step)
+    is_bad = jnp.isin(step, jnp.asarray(sorted(bad), jnp.int32))
+    loss = jnp.where(is_bad, jnp.nan, loss)
+    return loss, dict(metrics, loss=loss)
+
+  monkeypatch.setattr(Trainer, "loss_fn", loss_fn)
+
+
+def test_huge_lr_stops_the_run_with_one_line_and_keeps_finite_checkpoints(tmp_path):
+  """The reported probe: lr=1e9 goes non-finite within a few steps. The run exits != 0 with one
+  line naming the step and data position; the checkpoints on disk are finite; JSON is strict."""
+  workdir = tmp_path / "run"
+  flags = ["--config.train.lr=1e9", "--config.train.warmup_steps=1", "--config.train.steps=20",
+           "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=3",
+           "--config.model.d_model=32", "--config.model.num_layers=1",
+           "--config.model.num_heads=2", "--config.data.batch_size=2",
+           "--config.train.log_every=1"]
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config",
+       os.path.join(ROOT, "configs", "pretrain.py") + ":model=transformer,ctx=64",
+       "--workdir", str(workdir), *flags],
+      capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=ROOT,
+      timeout=300)
+  assert proc.returncode != 0
+  last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+  assert "Traceback" not in proc.stderr
+  bad_step = int(last.split(" at step ")[1].split()[0])
+  assert "non-finite" in last and "data position" in last and "train.skip_nonfinite" in last
+  assert bad_step < 20
+  records = strict_records(workdir)
+  assert [r["step"] for r in records] == list(range(1, bad_step + 1))
+  assert records[-1]["loss"] is None or records[-1]["grad_norm"] is None
+  steps = ckpt.RunCheckpoints(str(workdir / "checkpoints"), read_only=True).steps()
+  assert steps and max(steps) == bad_step - 1  # nothing saved at or after the bad step
+  trainer = Trainer.create(_probe_config())
+  run = ckpt.RunCheckpoints(str(workdir / "checkpoints"), read_only=True)
+  state, _, _ = run.restore(max(steps), trainer)
+  run.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def _probe_config():
+  c = build_config("model=transformer,ctx=64")
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 1, 2
+  c.data.batch_size = 2
+  c.train.lr, c.train.warmup_steps, c.train.steps = 1e9, 1, 20
+  return c
+
+
+def test_skip_nonfinite_skips_then_stops(tmp_path, monkeypatch):
+  """train.skip_nonfinite=2: two bad batches are skipped (their update is not applied, the run
+  goes on); the third stops the run, naming it; the checkpoints on disk precede it."""
+  poison_steps(monkeypatch, {2, 4, 6})  # the updates completing steps 3, 5, 7
+  c = tiny_config(steps=8)
+  c.train.skip_nonfinite = 2
+  lines = []
+  with pytest.raises(NonFiniteError, match=r"at step 7 \(batch at data position"):
+    train_and_evaluate(c, str(tmp_path), echo=lines.append)
+  warnings = [s for s in lines if s.startswith("warning: non-finite")]
+  assert len(warnings) == 2 and "step 3" in warnings[0] and "step 5" in warnings[1]
+  records = strict_records(tmp_path)
+  assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 8))
+  assert [r["finite"] for r in records] == [1, 1, 0, 1, 0, 1, 0]
+  assert ckpt.RunCheckpoints(str(tmp_path / "checkpoints"), read_only=True).steps() == [2, 4, 6]
+
+
+def test_a_skipped_step_leaves_params_and_optimizer_unchanged(monkeypatch):
+  poison_steps(monkeypatch, {1})
+  c = tiny_config()
+  trainer = Trainer.create(c)
+  state = trainer.init_state()
+  batch = {"tokens": np.random.default_rng(0).integers(0, 259, (2, 65)).astype(np.int32)}
+  state, m0 = trainer.train_step(state, trainer.device_batch(batch))
+  before = jax.device_get((state.params, state.opt_state))
+  state, m1 = trainer.train_step(state, trainer.device_batch(batch))
+  after = jax.device_get((state.params, state.opt_state))
+  assert float(m0["finite"]) == 1 and float(m1["finite"]) == 0 and int(state.step) == 2
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+    np.testing.assert_array_equal(a, b)
+  state, m2 = trainer.train_step(state, trainer.device_batch(batch))
+  assert float(m2["finite"]) == 1
+  now = jax.tree.leaves(jax.device_get(state.params))
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[0]), now, strict=True))
+
+
+def test_rollback_logs_every_step_once(tmp_path):
+  """checkpoint.step=N rolls back: the records past N are dropped, then logged again once."""
+  c = tiny_config(steps=8)
+  train_and_evaluate(c, str(tmp_path), echo=lambda s: None)
+  c.checkpoint.step = 4
+  lines = []
+  train_and_evaluate(c, str(tmp_path), echo=lines.append)
+  assert any("dropped" in s and "past step 4" in s for s in lines)
+  train = [r["step"] for r in strict_records(tmp_path) if r["split"] == "train"]
+  assert train == list(range(1, 9))
+
+
+def test_truncate_metrics_drops_later_and_broken_records(tmp_path):
+  path = tmp_path / METRICS_FILE
+  rows = [{"step": s, "split": "train", "loss": float(s)} for s in range(1, 6)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "spl')
+  assert truncate_metrics(str(tmp_path), 3) == 3
+  assert [r["step"] for r in strict_records(tmp_path)] == [1, 2, 3]
+  assert truncate_metrics(str(tmp_path), 3) == 0
+
+
+def test_metric_writer_writes_nonfinite_as_null(tmp_path):
+  w = MetricWriter(str(tmp_path), echo=lambda s: None)
+  w.write(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})
+  w.close()
+  (rec,) = strict_records(tmp_path)
+  assert rec["loss"] is None and rec["grad_norm"] is None and rec["lr"] == 0.5
