@@ -4,29 +4,44 @@ import ml_collections
 import pytest
 
 from ttt_jax.config import (
-    MODEL_KINDS,
-    SCALES,
-    ConfigError,
-    build_config,
-    parse_ctx,
-    validate,
+  MODEL_KINDS,
+  SCALES,
+  ConfigError,
+  build_config,
+  parse_ctx,
+  validate,
 )
+from ttt_jax.train.trainer import abstract_model, count_params
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("scale", list(SCALES))
 def test_every_preset_builds_and_validates(kind, scale):
-  c = build_config(f"model={kind},scale={scale},ctx=8k")
-  validate(c)
-  assert c.model.kind == kind
-  assert c.data.seq_len == 8192
-  layers, width, heads, _ = SCALES[scale]
-  assert (c.model.num_layers, c.model.d_model, c.model.num_heads) == (layers, width, heads)
+  c = validate(build_config(f"model={kind},scale={scale},ctx=8k"))
+  assert c.model.kind == kind and c.data.seq_len == 8192
+  assert c.model.d_model % c.model.num_heads == 0
 
 
-def test_published_widths():
-  assert SCALES["125m"][:3] == (12, 768, 12)
-  assert SCALES["3b"][:3] == (32, 2560, 32)
+# The papers' ladder (layers, width, heads) written out independently of config.SCALES.
+PAPER_LADDER = {"125m": (12, 768, 12), "350m": (24, 1024, 16), "760m": (24, 1536, 16),
+                "1b": (24, 2048, 32), "3b": (32, 2560, 32)}
+
+
+@pytest.mark.parametrize("scale", list(PAPER_LADDER))
+def test_transformer_presets_have_the_published_shape_and_parameter_count(scale):
+  """The model a preset builds (not the table it reads) has the published depth/width and the
+  parameter count of a Llama-style decoder with those sizes, counted by hand here."""
+  c = build_config(f"model=transformer,scale={scale},ctx=8k")
+  m = c.model
+  assert (m.num_layers, m.d_model, m.num_heads) == PAPER_LADDER[scale]
+  layers, d, f = m.num_layers, m.d_model, m.intermediate_size
+  vocab = -(-m.vocab_size // 128) * 128
+  per_block = 4 * d * d + 3 * d * f + 2 * d  # q,k,v,o + SwiGLU + two RMSNorm scales
+  expected = layers * per_block + d + vocab * d * (1 if m.tie_embeddings else 2)
+  assert count_params(abstract_model(m)[1].to_pure_dict()) == expected
+  # the non-embedding size is the scale's name to within the papers' rounding
+  nominal = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1b": 1.3e9, "3b": 2.7e9}[scale]
+  assert 0.6 < layers * per_block / nominal < 1.1, layers * per_block
 
 
 def test_e2e_preset_matches_paper_choices():
