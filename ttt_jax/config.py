@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.backbone = "mamba"
   t.remat_group = 4  # mini-batches per jax.checkpoint group (remat through time); 0 = off
   t.conv_width = 4
+  t.lr_warmup_steps = 0  # inner-LR multiplier min(1, (step+1)/n) over the first n steps; 0 = off
 
   e = m.e2e = ml_collections.ConfigDict()
   e.train_mode = "meta"
@@ -215,6 +216,8 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif kind in ("ttt_linear", "ttt_mlp"):
     m.mixer = kind
     m.ttt.base_lr = 1.0 if kind == "ttt_linear" else 0.1
+    # TTT-MLP warms its inner LR up over the outer warm-up (as the reference does); Linear not.
+    m.ttt.lr_warmup_steps = 0 if kind == "ttt_linear" else c.train.warmup_steps
   elif kind == "e2e":
     # TTT-E2E: SWA Transformer, qk-norm, pre+post norms, RoPE theta 5e5, prime MLPs in the
     # last quarter of the blocks; the MLP width shrinks so the parameter count matches the
@@ -301,6 +304,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.mixer in ("ttt_linear", "ttt_mlp"):
     b = m.ttt.mini_batch_size
     _check_positive("model.ttt.mini_batch_size", b)
+    _check_positive("model.ttt.lr_warmup_steps", m.ttt.lr_warmup_steps, allow_zero=True)
     if d.seq_len % b:
       raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
                         f"model.ttt.mini_batch_size={b}")

@@ -11,6 +11,7 @@ from flax import nnx
 from ttt_jax.config import ConfigError, build_config, validate
 from ttt_jax.layers import ttt_inner
 from ttt_jax.layers.ttt import TTTMixer
+from ttt_jax.models import build_model
 
 BASE_LR = {"linear": 1.0, "mlp": 0.1}
 
@@ -318,3 +319,91 @@ def test_config_rejects_seq_len_not_multiple_of_b():
   c = build_config("model=ttt_linear,ctx=100")
   with pytest.raises(ConfigError, match="data.seq_len=100"):
     validate(c)
+
+
+# -- inner-LR warm-up --------------------------------------------------------------------------
+
+
+def test_preset_inner_lr_warmup_and_validation():
+  mlp, lin = build_config("model=ttt_mlp"), build_config("model=ttt_linear")
+  assert mlp.model.ttt.lr_warmup_steps == mlp.train.warmup_steps > 0
+  assert lin.model.ttt.lr_warmup_steps == 0
+  mlp.model.ttt.lr_warmup_steps = -1
+  with pytest.raises(ConfigError, match="model.ttt.lr_warmup_steps=-1"):
+    validate(mlp)
+
+
+@pytest.mark.parametrize("mixer,backbone", [("ttt_linear", "mamba"), ("ttt_mlp", "base")])
+def test_mixer_inner_lr_warmup_equals_scaled_base_lr(mixer, backbone):
+  """At step s the layer equals the same layer with base_lr * min(1, (s+1)/W) and no warm-up;
+  without a step it is the layer at full base_lr (evaluation / generation)."""
+  warmup = 8
+
+  def build(base_lr, lr_warmup_steps):
+    cfg = mixer_cfg(mixer=mixer, backbone=backbone)
+    cfg.ttt.base_lr, cfg.ttt.lr_warmup_steps = base_lr, lr_warmup_steps
+    m = randomize(TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32,
+                           rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(m)
+    run = jax.jit(lambda p, x, pos, st, step: nnx.merge(graphdef, p)(x, pos, st, step))
+    return m, params, run
+
+  base = BASE_LR[mixer[4:]]
+  m, params, run = build(base, warmup)
+  outs = {}
+  for s in (0, 3, 20):
+    scale = min(1.0, (s + 1) / warmup)
+    _, ref_params, ref_run = build(base * scale, 0)
+    y, _ = run(params, X, POS, None, jnp.int32(s))
+    ref, _ = ref_run(ref_params, X, POS, None, None)
+    assert rel_err(y, ref) <= 1e-5, s
+    outs[s] = y
+    if s == 3:  # streaming with a step uses the same multiplier
+      state, ys = m.init_state(2), []
+      for t0, t1 in ((0, 10), (10, 24)):
+        yc, state = run(params, X[:, t0:t1], POS[t0:t1], state, jnp.int32(s))
+        ys.append(yc)
+      assert rel_err(jnp.concatenate(ys, axis=1), ref) <= 1e-5
+  full, _ = run(params, X, POS, None, None)
+  assert rel_err(full, outs[20]) <= 1e-6  # past the warm-up = no step = full base_lr
+  assert rel_err(outs[0], full) > 1e-3  # the warm-up changes the output (the test can fail)
+
+
+def lm_config(scan_layers=False, remat="none", warmup=4):
+  c = build_config("model=ttt_mlp,ctx=16")
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size = 2, 32, 2, 64
+  m.ttt.mini_batch_size, m.ttt.lr_warmup_steps = 4, warmup
+  m.scan_layers, m.remat = scan_layers, remat
+  c.data.batch_size = 2
+  return c
+
+
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "full")])
+def test_lm_loss_passes_the_step_to_the_mixers(scan_layers, remat):
+  """compute_loss(batch, step) of the LM == the loss of the LM with the scaled base_lr."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 17)), jnp.int32)
+  batch = {"tokens": tokens}
+
+  def loss_of(cfg, step):
+    graphdef, params = nnx.split(build_model(cfg.model, seed=0))
+    params = nnx.split(randomize(nnx.merge(graphdef, params)))[1]
+    return jax.jit(lambda p, s: nnx.merge(graphdef, p).compute_loss(batch, s))(params, step)
+
+  cfg = lm_config(scan_layers, remat)
+  loss, metrics = loss_of(cfg, jnp.int32(1))
+  assert float(metrics["ttt_lr_mult"]) == 0.5
+  ref_cfg = lm_config(scan_layers, remat, warmup=0)
+  ref_cfg.model.ttt.base_lr *= 0.5
+  ref, ref_metrics = loss_of(ref_cfg, jnp.int32(1))
+  assert float(ref_metrics["ttt_lr_mult"]) == 1.0
+  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+  full, _ = loss_of(cfg, jnp.int32(10))
+  assert abs(float(full) - float(loss)) > 1e-6
+
+
+def test_train_step_metrics_expose_ttt_lr_mult(train_steps):
+  cfg = lm_config(warmup=4)
+  cfg.train.warmup_steps = 2
+  history, _ = train_steps(cfg, 3)
+  assert [h["ttt_lr_mult"] for h in history] == [0.25, 0.5, 0.75]

@@ -9,7 +9,10 @@ updated W. Views come from learned projections (RoPE at position `t mod b` on XQ
   backbone 'base' (`ttt_*_base`): separate theta_Q/theta_K/theta_V, no conv, no gate.
 Output: merge heads -> LayerNorm(D) -> [gate] -> theta_O.
 
-Mixer contract (see layers/attention.py): `mixer(x [B,T,D], positions [T], state)`.
+Mixer contract (see layers/attention.py): `mixer(x [B,T,D], positions [T], state)`. A TTT mixer
+also takes `step`, the outer training step: the inner LR is multiplied by
+lr_mult = min(1, (step+1)/model.ttt.lr_warmup_steps) (warm-up of the inner LR during training);
+without a step (evaluation, generation) lr_mult = 1.
 `state=None` runs a fresh sequence in one shot (T must be a multiple of b). With a `TTTState`
 any T works: the state holds W at the start of the current mini-batch plus the buffered views
 and LR gates of its first `count` tokens, so chunked or token-by-token calls reproduce the
@@ -83,6 +86,7 @@ class TTTMixer(nnx.Module):
     self.head_dim = d = d_model // cfg.num_heads
     self.mini_batch_size = t.mini_batch_size
     self.base_lr = float(t.base_lr)
+    self.lr_warmup_steps = int(t.lr_warmup_steps)
     self.impl = t.impl
     self.remat_group = int(t.remat_group)
     self.mamba = t.backbone == "mamba"
@@ -162,19 +166,20 @@ class TTTMixer(nnx.Module):
     gate = jax.nn.sigmoid(logit + self.lr_b[...].astype(jnp.float32)[:, None])
     return heads_first(xq), heads_first(xk), heads_first(split(xv)), gate, new_conv
 
-  def _run(self, params, xq, xk, xv, gate, complete=None):
+  def _run(self, params, xq, xk, xv, gate, lr_mult, complete=None):
     """Mini-batch TTT over [B,H,n*b,d] views. Returns (final params, z [B,H,n*b,d])."""
     bsz, h, length, d = xq.shape
     b, n = self.mini_batch_size, xq.shape[2] // self.mini_batch_size
     to_mb = lambda a: jnp.moveaxis(a.reshape(bsz, h, n, b, *a.shape[3:]), 2, 0)  # noqa: E731
-    eta = ttt_inner.token_lr(to_mb(gate), self.tau[...].astype(jnp.float32), self.base_lr, d)
+    eta = ttt_inner.token_lr(to_mb(gate), self.tau[...].astype(jnp.float32), self.base_lr, d,
+                             lr_mult)
     ln = (self.ln_scale[...].astype(jnp.float32), self.ln_bias[...].astype(jnp.float32))
     step = ttt_inner.STEPS[(self.kind, self.impl)]
     params, z = ttt_inner.scan_minibatches(
         step, params, ln, (to_mb(xq), to_mb(xk), to_mb(xv), eta), self.remat_group, complete)
     return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
 
-  def _stream(self, state: TTTState, xq, xk, xv, gate):
+  def _stream(self, state: TTTState, xq, xk, xv, gate, lr_mult):
     """Prepends the buffered partial mini-batch, runs, and re-buffers the new partial one."""
     bsz, h, t, d = xq.shape
     b, m = self.mini_batch_size, state.count
@@ -191,7 +196,7 @@ class TTTMixer(nnx.Module):
     gate_all = place(state.gate, gate)
     end = m + t
     complete = (jnp.arange(length // b) + 1) * b <= end
-    params, z = self._run(state.params, xq_all, xk_all, xv_all, gate_all, complete)
+    params, z = self._run(state.params, xq_all, xk_all, xv_all, gate_all, lr_mult, complete)
     z = jax.lax.dynamic_slice_in_dim(z, m, t, axis=2)
     start = (end // b) * b
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, b, axis=2)  # noqa: E731
@@ -199,7 +204,10 @@ class TTTMixer(nnx.Module):
                    count=(end % b).astype(jnp.int32), conv=state.conv)
     return z, new
 
-  def __call__(self, x: jax.Array, positions: jax.Array, state: TTTState | None = None):
+  def __call__(self, x: jax.Array, positions: jax.Array, state: TTTState | None = None,
+               step: jax.Array | int | None = None):
+    """x [B,T,D] -> (y [B,T,D], new state). `step`: the outer training step (inner-LR warm-up);
+    None = lr_mult 1."""
     x = x.astype(self.compute_dtype)
     bsz, t, d_model = x.shape
     if state is None and t % self.mini_batch_size:
@@ -207,11 +215,12 @@ class TTTMixer(nnx.Module):
                        f"model.ttt.mini_batch_size={self.mini_batch_size} (or pass a state from "
                        "init_state to stream any length)")
     xq, xk, xv, gate, new_conv = self._views(x, positions, None if state is None else state.conv)
+    lr_mult = ttt_inner.warmup_lr_mult(step, self.lr_warmup_steps)
     if state is None:
-      _, z = self._run(self.initial_params(bsz), xq, xk, xv, gate)
+      _, z = self._run(self.initial_params(bsz), xq, xk, xv, gate, lr_mult)
       new_state = None
     else:
-      z, new_state = self._stream(state, xq, xk, xv, gate)
+      z, new_state = self._stream(state, xq, xk, xv, gate, lr_mult)
       new_state = new_state._replace(conv=new_conv)
     y = jnp.swapaxes(z, 1, 2).reshape(bsz, t, d_model)
     y = ttt_inner.layer_norm(y, self.post_scale[...].astype(jnp.float32),

@@ -159,6 +159,15 @@ def inner_loss(kind: str, params: InnerParams, ln, xk, xv) -> jax.Array:
 # -- a sequence of mini-batches -------------------------------------------------------------------
 
 
+def warmup_lr_mult(step: int | jax.Array | None, warmup_steps: int) -> jax.Array:
+  """Inner-LR multiplier lr_mult = min(1, (step + 1) / warmup_steps) at outer step `step`
+  (0-based: the number of completed optimizer updates). No step (evaluation, generation,
+  streaming) or warmup_steps = 0 gives 1."""
+  if step is None or warmup_steps <= 0:
+    return jnp.float32(1.0)
+  return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
+
+
 def token_lr(gate: jax.Array, tau: jax.Array, base_lr: float, head_dim: int,
              lr_mult: float | jax.Array = 1.0) -> jax.Array:
   """eta[t, s] = lr_mult * base_lr * max(0, 1/t + tau_t) * gate_s / d, t = 1..b.

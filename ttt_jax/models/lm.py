@@ -18,6 +18,7 @@ from ttt_jax.layers.attention import Attention, AttentionAlgorithm
 from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
+from ttt_jax.layers.ttt_inner import warmup_lr_mult
 from ttt_jax.train.sharding import constrain
 
 VOCAB_MULTIPLE = 128
@@ -77,6 +78,7 @@ class Block(nnx.Module):
       self.conv = None
     self.mixer_norm = norm()
     self.mixer = make_mixer(cfg, rngs)
+    self.mixer_takes_step = cfg.mixer in ("ttt_linear", "ttt_mlp")  # inner-LR warm-up
     self.mixer_post_norm = norm() if cfg.post_norm else None
     if prime:
       self.prime_norm = norm()
@@ -100,15 +102,17 @@ class Block(nnx.Module):
     y = fn(pre(h))
     return h + (post(y) if post is not None else y).astype(h.dtype)
 
-  def __call__(self, h: jax.Array, positions: jax.Array, state=None):
+  def __call__(self, h: jax.Array, positions: jax.Array, state=None, step=None):
+    """`step`: the outer training step, passed to mixers that warm up an inner LR (TTT)."""
+    kw = {"step": step} if step is not None and self.mixer_takes_step else {}
     if self.conv is not None:
       y, conv_state = self.conv(self.conv_norm(h), None if state is None else state["conv"])
       h = h + y.astype(h.dtype)
       y, mixer_state = self.mixer(self.mixer_norm(h), positions,
-                                  None if state is None else state["mixer"])
+                                  None if state is None else state["mixer"], **kw)
       state = None if state is None else {"conv": conv_state, "mixer": mixer_state}
     else:
-      y, state = self.mixer(self.mixer_norm(h), positions, state)
+      y, state = self.mixer(self.mixer_norm(h), positions, state, **kw)
     if self.mixer_post_norm is not None:
       y = self.mixer_post_norm(y)
     h = h + y.astype(h.dtype)
@@ -124,16 +128,16 @@ _REMAT_POLICIES = {
 }
 
 
-def apply_block(block: Block, h, positions, state, remat: str):
+def apply_block(block: Block, h, positions, state, remat: str, step=None):
   """Runs one block, under `jax.checkpoint` unless remat == 'none' (functional split/merge)."""
   if remat == "none":
-    return block(h, positions, state)
+    return block(h, positions, state, step)
   graphdef, params = nnx.split(block)
 
-  def run(params, h, state):
-    return nnx.merge(graphdef, params)(h, positions, state)
+  def run(params, h, state, step):
+    return nnx.merge(graphdef, params)(h, positions, state, step)
 
-  return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(params, h, state)
+  return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(params, h, state, step)
 
 
 class LanguageModel(nnx.Module):
@@ -192,14 +196,14 @@ class LanguageModel(nnx.Module):
       return jax.vmap(one)(params)
     return [blk.init_state(batch_size, capacity) for blk in self.blocks]
 
-  def run_blocks(self, h, positions, cache=None, blocks=None):
+  def run_blocks(self, h, positions, cache=None, blocks=None, step=None):
     remat = self.cfg.remat
     if self.cfg.scan_layers:
       graphdef, params = nnx.split(self.blocks)
 
       def body(h, xs):
         p, st = xs
-        h, st = apply_block(nnx.merge(graphdef, p), h, positions, st, remat)
+        h, st = apply_block(nnx.merge(graphdef, p), h, positions, st, remat, step)
         return constrain(h, ACT_AXES), st
 
       return jax.lax.scan(body, constrain(h, ACT_AXES), (params, cache))
@@ -207,16 +211,18 @@ class LanguageModel(nnx.Module):
     new_cache = []
     h = constrain(h, ACT_AXES)
     for i, blk in enumerate(blocks):
-      h, st = apply_block(blk, h, positions, None if cache is None else cache[i], remat)
+      h, st = apply_block(blk, h, positions, None if cache is None else cache[i], remat, step)
       h = constrain(h, ACT_AXES)
       new_cache.append(st)
     return h, (None if cache is None else new_cache)
 
-  def forward(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None):
-    """The plain forward pass (no test-time learning): tokens [B, T] -> (logits, new cache)."""
+  def forward(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None,
+              step=None):
+    """The plain forward pass (no test-time learning): tokens [B, T] -> (logits, new cache).
+    `step` (training) reaches the mixers that warm up an inner LR; None = no warm-up."""
     if positions is None:
       positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    h, cache = self.run_blocks(self.embed_tokens(tokens), positions, cache)
+    h, cache = self.run_blocks(self.embed_tokens(tokens), positions, cache, step=step)
     return self.logits(h), cache
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None):
@@ -226,12 +232,14 @@ class LanguageModel(nnx.Module):
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):
     """Mean next-token cross-entropy of the plain forward pass over `batch['tokens']` [B, T+1].
-    Returns (loss, metrics)."""
-    del step
+    Returns (loss, metrics); TTT mixers' inner-LR multiplier at `step` is `ttt_lr_mult`."""
     inputs, targets = split_batch(batch)
-    logits, _ = self.forward(inputs)
+    logits, _ = self.forward(inputs, step=step)
     loss = token_nll(logits, targets, batch)
-    return loss, {"loss": loss}
+    metrics = {"loss": loss}
+    if self.cfg.mixer in ("ttt_linear", "ttt_mlp"):
+      metrics["ttt_lr_mult"] = warmup_lr_mult(step, self.cfg.ttt.lr_warmup_steps)
+    return loss, metrics
 
 
 def split_batch(batch: dict):

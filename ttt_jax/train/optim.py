@@ -23,9 +23,42 @@ def lr_schedule(tr: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, tr.lr, warmup), decay], [warmup])
 
 
+# Weight decay is decided by a parameter's role, read from the last key of its path (the
+# attribute name the layer gives it; the same name means the same role across the project).
+# Decayed, the weight matrices:
+DECAYED_NAMES = frozenset({
+    "kernel",  # every nnx.Linear projection (attention / TTT Q, K, V, O, gate) and the depthwise
+               # causal conv kernels (a linear map over time, per channel)
+    "w1", "w2", "w3",  # SwiGLU matrices (prime MLPs included); TTT-MLP's initial inner W1, W2
+    "w0",  # TTT-Linear's initial inner W
+    "head",  # the untied output projection
+})
+# Everything else is not decayed: the token embedding `embedding` (also the output head when
+# tied), norm scales and biases (`scale`; TTT `ln_scale/ln_bias/post_scale/post_bias`), biases
+# (`bias`, TTT `b0/b1/b2`) and the learnable inner-LR parameters (`lr_w`, `lr_b`, `tau`).
+# A new weight matrix must add its name here (tests/train/test_optim.py classifies every leaf).
+
+
+def _leaf_name(path) -> str:
+  key = path[-1]
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
 def decay_mask(params):
-  """Weight decay on matrices only: no decay on norm scales, biases or other vectors."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """True for the leaves weight decay applies to: the weight matrices named in DECAYED_NAMES.
+
+  Decided by role (path name), never by shape: norm scales, biases and the inner-LR parameters
+  stay undecayed however they are shaped ([H, 1, d] per-head TTT norms and biases; [L, D] norm
+  scales stacked by `model.scan_layers`). The token embedding is not decayed: it is a lookup
+  table whose row for a token gets a gradient only when that token occurs, so decay would
+  shrink the rows of rare tokens towards zero between occurrences; with tied embeddings the
+  table is also the output head and stays undecayed. An untied output head is decayed.
+  """
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED_NAMES,
+                                          params)
 
 
 def make_optimizer(tr: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -1,0 +1,126 @@
+"""Optimizer: weight decay reaches exactly the weight matrices, for every model kind and layout."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ttt_jax.config import build_config
+from ttt_jax.train.optim import decay_mask, make_optimizer
+from ttt_jax.train.trainer import abstract_model
+
+# The rule, written out by full path ("blocks/<i>/" without scan_layers, "blocks/" with it).
+# Every parameter must match exactly one pattern: a new parameter fails this test until it is
+# classified here.
+_BLOCK = r"blocks/(\d+/)?"
+DECAYED = [  # weight matrices
+    _BLOCK + r"mixer/(wq|wk|wv|wo|wg)/kernel",  # attention / TTT projections
+    _BLOCK + r"(mlp|prime_mlp)/(w1|w2|w3)",  # SwiGLU and E2E prime MLPs
+    _BLOCK + r"(conv|mixer/conv_q|mixer/conv_k)/kernel",  # depthwise causal convs
+    _BLOCK + r"mixer/(w0|w1|w2)",  # TTT initial inner weight matrices W0 (outer parameters)
+    r"head",  # untied output projection
+]
+NOT_DECAYED = [
+    r"embed/embedding",  # token embedding (also the head when tied)
+    _BLOCK + r"(conv_norm|mixer_norm|mixer_post_norm|prime_norm|prime_post_norm|mlp_norm"
+             r"|mlp_post_norm)/scale",  # block RMSNorms
+    _BLOCK + r"mixer/(q_norm|k_norm)/scale",  # qk-norm
+    r"final_norm/scale",
+    _BLOCK + r"mixer/(ln_scale|ln_bias|post_scale|post_bias)",  # TTT inner LN and output LN
+    _BLOCK + r"(conv|mixer/conv_q|mixer/conv_k)/bias",  # conv biases
+    _BLOCK + r"mixer/(b0|b1|b2)",  # TTT inner biases
+    _BLOCK + r"mixer/(lr_w|lr_b|tau)",  # learnable inner LR: gate weights/bias, tau
+]
+
+CASES = [(kind, backbone, scan)
+         for kind, backbone in [("transformer", None), ("swa", None), ("ttt_linear", "mamba"),
+                                ("ttt_linear", "base"), ("ttt_mlp", "mamba"),
+                                ("ttt_mlp", "base"), ("e2e", None)]
+         for scan in (False, True) if not (kind == "e2e" and scan)]  # e2e forbids scan_layers
+
+
+def model_config(kind, backbone, scan, tie=False):
+  c = build_config(f"model={kind},scale=tiny").model
+  c.scan_layers, c.tie_embeddings = scan, tie
+  if backbone is not None:
+    c.ttt.backbone = backbone
+  return c
+
+
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def expected_decay(path: str) -> bool:
+  hits = [p for p in DECAYED if re.fullmatch(p, path)]
+  misses = [p for p in NOT_DECAYED if re.fullmatch(p, path)]
+  assert len(hits) + len(misses) == 1, f"{path}: matches {hits + misses} (need exactly one)"
+  return bool(hits)
+
+
+def abstract_params(cfg):
+  _, state = abstract_model(cfg)
+  return state.to_pure_dict()
+
+
+def leaves_by_path(tree) -> dict:
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("kind,backbone,scan", CASES)
+def test_decay_mask_is_exactly_the_weight_matrices(kind, backbone, scan):
+  params = abstract_params(model_config(kind, backbone, scan))
+  shapes = leaves_by_path(params)
+  mask = leaves_by_path(decay_mask(params))
+  assert mask.keys() == shapes.keys()
+  wrong = {p: m for p, m in mask.items() if m != expected_decay(p)}
+  assert not wrong, f"decay mask disagrees with the rule at {wrong}"
+  # The rule is not an ndim rule in disguise: matrices-shaped leaves that must stay undecayed
+  # exist in every model (the embedding; stacked norm scales; TTT per-head norms and biases).
+  assert any(not m and shapes[p].ndim >= 2 for p, m in mask.items())
+  if scan:
+    assert not mask["blocks/mixer_norm/scale"] and shapes["blocks/mixer_norm/scale"].ndim == 2
+  if kind.startswith("ttt"):
+    n = "blocks/mixer/" if scan else "blocks/0/mixer/"
+    assert not any(mask[n + k] for k in ("ln_scale", "ln_bias", "lr_w", "lr_b", "tau"))
+    assert mask[n + ("w0" if kind == "ttt_linear" else "w2")]
+
+
+def test_tied_embeddings_stay_undecayed():
+  mask = leaves_by_path(decay_mask(abstract_params(model_config("transformer", None, False,
+                                                                 tie=True))))
+  assert "head" not in mask and not mask["embed/embedding"]
+
+
+def nonzero_params(cfg, seed=0):
+  """Parameters with every entry away from zero (so decay would move each one)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(1.0 + rng.uniform(0.1, 1.0, s.shape), s.dtype),
+                      abstract_params(cfg))
+
+
+@pytest.mark.parametrize("kind,backbone,scan", [("ttt_mlp", "mamba", True),
+                                                ("ttt_linear", "base", False),
+                                                ("e2e", None, False)])
+def test_zero_gradient_step_moves_only_decayed_leaves(kind, backbone, scan):
+  """lr > 0, zero gradients, weight_decay > 0: Adam's moment terms are 0, so an update is
+  pure decay, -lr * wd * p on decayed leaves and exactly nothing elsewhere."""
+  tr = build_config(f"model={kind},scale=tiny").train
+  tr.lr, tr.warmup_steps, tr.schedule, tr.weight_decay = 1e-2, 0, "constant", 0.1
+  params = nonzero_params(model_config(kind, backbone, scan))
+  opt = make_optimizer(tr)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  new = leaves_by_path(optax.apply_updates(params, updates))
+  old = leaves_by_path(params)
+  moved = {p for p in old if not np.array_equal(np.asarray(new[p]), np.asarray(old[p]))}
+  decayed = {p for p in old if expected_decay(p)}
+  assert moved == decayed
+  for p in decayed:
+    np.testing.assert_allclose(np.asarray(new[p]), np.asarray(old[p]) * (1 - 1e-2 * 0.1),
+                               rtol=1e-6)
