@@ -267,3 +267,19 @@ def test_experiment_grid_configs_build():
   assert (e2e.intermediate_size, full.intermediate_size, e2e.e2e.suffix_len) == (1664, 2048, 3)
   n_e2e, n_full = (count_params(abstract_model(m)[1].to_pure_dict()) for m in (e2e, full))
   assert abs(n_e2e / n_full - 1) < 0.02
+
+
+def test_streaming_call_that_does_not_continue_the_stream_fails(setup, tokens):
+  """The cache's invariants are checked in one place: a call must start where the stream
+  stopped, with contiguous positions (before, a gap or a replay gave silently wrong logits)."""
+  x = tokens[:, :-1]
+  step = fast_jit(lambda t, p, c: setup.model(t, p, c))
+  _, cache = step(x[:, :5], jnp.arange(5, dtype=jnp.int32), setup.model.init_cache(B))
+  for pos, needle in ((jnp.arange(6, 11), "continue at position 5"),
+                      (jnp.arange(0, 5), "continue at position 5"),
+                      (jnp.array([5, 6, 8, 9, 10]), "contiguous")):
+    with pytest.raises(Exception, match=needle):
+      out, _ = step(x[:, 5:10], pos.astype(jnp.int32), cache)
+      jax.block_until_ready(out)
+  out, _ = step(x[:, 5:10], jnp.arange(5, 10, dtype=jnp.int32), cache)  # the right call works
+  assert np.isfinite(np.asarray(out)).all()

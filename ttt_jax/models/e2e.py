@@ -35,31 +35,9 @@ from jax.sharding import PartitionSpec
 
 from ttt_jax.layers.attention import KVCache
 from ttt_jax.layers.mlp import InnerParam
-from ttt_jax.models.e2e_inner import KV_AXES, SuffixRunner, inner_loop, inner_lr
+from ttt_jax.models.e2e_inner import SuffixRunner, inner_loop, inner_lr
+from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
 from ttt_jax.models.lm import LanguageModel, split_batch
-
-
-class E2ECache(NamedTuple):
-  """Streaming state of an E2E model (batch B, pending chunk of up to b positions)."""
-
-  inner: Any  # nnx.State of per-sequence inner weights, leaves [B, ...]
-  prefix: list  # KVCache per prefix block (capacity = window)
-  suffix: list  # KVCache per suffix block (capacity = window + b)
-  buf_h: jax.Array  # [B, b, D] suffix inputs of the pending chunk
-  buf_tok: jax.Array  # [B, b] int32 input tokens of the pending chunk
-  count: jax.Array  # int32 scalar: positions in the pending chunk, 0..b
-
-
-def window_before_chunk(kv: KVCache, b: int) -> KVCache:
-  """The KV window a chunk was read with, from a suffix window that ends with that chunk.
-
-  Suffix windows hold `window + b` slots and keys are only shifted in, so when a chunk of b
-  positions has just completed, its keys are the last b slots and the `window` slots before
-  them are the window it saw. Slicing (not masking) keeps the real keys one contiguous run,
-  the layout attention's blocked path requires (layers/attention.py `ordered_layout`).
-  """
-  cap = kv.pos.shape[-1] - b
-  return KVCache(kv.k[:, :cap], kv.v[:, :cap], kv.pos[:cap])
 
 
 class E2EOutput(NamedTuple):
@@ -178,64 +156,14 @@ class E2EModel(LanguageModel):
     return self.stream(tokens, positions, cache)
 
   def stream(self, tokens: jax.Array, positions: jax.Array, cache: E2ECache):
-    """Reads T more tokens of each sequence (positions contiguous), learning as chunks complete.
+    """Reads T more tokens of each sequence, learning as chunks complete (models/e2e_stream.py).
 
-    The new tokens are taken in segments of s = min(T, b) slots that never cross a chunk
-    boundary; before a segment that starts a new chunk, the completed chunk's update runs
-    (`lax.cond`, so only when a chunk completes).
+    `positions` must continue the cache's stream contiguously (checked: `StreamError`).
     """
     e = self.cfg.e2e
-    b = e.mini_batch_size
-    bsz, t = tokens.shape
+    check_continuation(cache, positions, e.mini_batch_size, self.cfg.window)
     runner, _, outer = self.split_inner()
     h, prefix = self.run_prefix(tokens, positions, cache.prefix)
-    s = min(t, b)
-    n_seg = -(-t // s) + (0 if t == 1 else 1)
-    h_pad = jnp.pad(h, ((0, 0), (0, s), (0, 0)))
-    tok_pad = jnp.pad(tokens, ((0, 0), (0, s)))
-    p0 = positions[0].astype(jnp.int32)
-    lr = inner_lr(e, None)
-    kv_axes = [KV_AXES] * len(cache.suffix)
-
-    def update_one(inner, kvs, hc, pos, tgt):
-      ones = jnp.ones(tgt.shape, jnp.float32)
-      return runner.inner_step(inner, outer, kvs, hc, pos, tgt, ones, lr, e.inner_clip)[0]
-
-    update = jax.vmap(update_one, in_axes=(0, kv_axes, 0, None, 0))
-    forward = jax.vmap(lambda w, kvs, hs, pos, n: runner.hidden(w, outer, hs, pos, kvs, n),
-                       in_axes=(0, kv_axes, 0, None, None), out_axes=(0, kv_axes))
-    slot = jnp.arange(s, dtype=jnp.int32)
-
-    def segment(carry, _):
-      inner, kvs, buf_h, buf_tok, count, done, out = carry
-
-      def learn(inner):
-        start = p0 + done - b  # first position of the completed chunk
-        # The completed chunk's keys are the last b slots of each suffix window (window + b
-        # slots, keys only ever shifted in); the window it was read with is the slots before.
-        views = [window_before_chunk(kv, b) for kv in kvs]
-        nxt = jax.lax.dynamic_slice_in_dim(tok_pad, done, 1, axis=1)
-        targets = jnp.concatenate([buf_tok[:, 1:b], nxt], axis=1)
-        pos = start + jnp.arange(b, dtype=jnp.int32)
-        return update(inner, views, buf_h[:, :b], pos, targets)
-
-      full = (count == b) & (done < t)
-      inner = jax.lax.cond(full, learn, lambda w: w, inner)
-      count = jnp.where(full, 0, count)
-      take = jnp.minimum(jnp.minimum(b - count, t - done), s)
-      hs = jax.lax.dynamic_slice_in_dim(h_pad, done, s, axis=1)
-      ts = jax.lax.dynamic_slice_in_dim(tok_pad, done, s, axis=1)
-      pos = jnp.where(slot < take, p0 + done + slot, -1)
-      h_out, kvs = forward(inner, kvs, hs, pos, take)
-      out = jax.lax.dynamic_update_slice_in_dim(out, h_out.astype(out.dtype), done, axis=1)
-      buf_h = jax.lax.dynamic_update_slice_in_dim(buf_h, hs.astype(buf_h.dtype), count, axis=1)
-      buf_tok = jax.lax.dynamic_update_slice_in_dim(buf_tok, ts.astype(jnp.int32), count, axis=1)
-      return (inner, kvs, buf_h, buf_tok, count + take, done + take, out), None
-
-    carry = (cache.inner, cache.suffix, jnp.pad(cache.buf_h, ((0, 0), (0, s), (0, 0))),
-             jnp.pad(cache.buf_tok, ((0, 0), (0, s))), cache.count, jnp.zeros((), jnp.int32),
-             jnp.zeros_like(h_pad))
-    (inner, suffix, buf_h, buf_tok, count, _, out), _ = jax.lax.scan(
-        segment, carry, None, length=n_seg)
-    new_cache = E2ECache(inner, prefix, suffix, buf_h[:, :b], buf_tok[:, :b], count)
-    return self.logits(out[:, :t]), new_cache
+    reader = ChunkReader(runner, outer, e, inner_lr(e, None), h, tokens, positions[0])
+    hidden, new_cache = reader.run(cache, prefix)
+    return self.logits(hidden), new_cache
