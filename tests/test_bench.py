@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from ttt_jax.benchmarks import run as bench_run
-from ttt_jax.benchmarks.common import SECTIONS, attended_keys, interleaved
+from ttt_jax.benchmarks.common import SECTIONS, interleaved
 from ttt_jax.config import ConfigError
+from ttt_jax.train.flops import attended_keys
 
 
 @pytest.fixture(scope="module")

@@ -196,34 +196,6 @@ def xla_flops(compiled) -> float | None:
   return float(ca["flops"])
 
 
-def attended_keys(seq_len: int, window: int | None) -> float:
-  """Mean number of keys a causal query attends to (within `window` if given)."""
-  if window is None or window >= seq_len:
-    return (seq_len + 1) / 2
-  w = window
-  # positions 0..w-1 see t+1 keys, the rest see w keys
-  return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
-
-
-def train_flops_per_token(config: ml_collections.ConfigDict, n_params: int) -> float:
-  """Model FLOPs of one training token: 6·N (N without the embedding lookup table) plus
-  3 x 4·D·(mean attended keys) per attention layer (QK^T and PV, forward + backward).
-
-  TTT inner-loop work and E2E's inner gradient / meta backward are not counted: for those
-  kinds this is the cost of the equally sized Transformer, so their MFU reads as 'useful work
-  at Transformer cost' (XLA's own count is reported beside it).
-  """
-  m = config.model
-  from ttt_jax.models.lm import padded_vocab  # noqa: PLC0415
-
-  n = n_params - padded_vocab(m.vocab_size) * m.d_model
-  attn = 0.0
-  if m.mixer in ("full", "swa"):
-    keys = attended_keys(config.data.seq_len, m.window if m.mixer == "swa" else None)
-    attn = 3 * 4 * m.d_model * keys * m.num_layers
-  return 6 * n + attn
-
-
 def fmt_bytes(n: float) -> str:
   for unit in ("B", "KiB", "MiB", "GiB"):
     if abs(n) < 1024 or unit == "GiB":

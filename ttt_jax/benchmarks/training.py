@@ -15,9 +15,9 @@ from ttt_jax.benchmarks.common import (
     interleaved,
     memory_stats,
     model_config,
-    train_flops_per_token,
     xla_flops,
 )
+from ttt_jax.train.flops import train_flops_per_token
 
 
 def _failure(kind: str, err: BaseException, echo) -> dict[str, str]:

@@ -25,6 +25,7 @@ from ttt_jax.data import pipeline
 from ttt_jax.models import build_model
 from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train import sharding as shd
+from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from ttt_jax.train.metrics import MetricWriter, validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
 from ttt_jax.train.workdir import exclusive_workdir
@@ -254,6 +255,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     it.set_state(run.data_state)
   history: list[dict[str, float]] = []
   speed = Throughput(tokens_per_step(config))
+  flops_per_token = train_flops_per_token(config, n_params)
+  peak, peak_source = peak_flops_per_device(config.model.compute_dtype)
+  if peak:
+    peak *= jax.device_count()
+    log(f"MFU against {peak / 1e12:.3g} TFLOP/s peak ({jax.device_count()} x {peak_source}), "
+        f"{flops_per_token / 1e6:.3g} MFLOP per token")
   speed.update(start)
   last_val: dict[str, float] = {}
   preempted = False
@@ -273,7 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       rate = speed.update(d.step)
       if rate is not None:
         metrics["tokens_per_s"] = rate
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if peak:
+          metrics["mfu"] = flops_per_token * rate / peak
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                      **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
     history.append({"step": d.step, **metrics})
     writer.write(d.step, metrics, "train")
     bar.update(1)
