@@ -151,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.log_every = 10
   tr.eval_every = 100
   tr.eval_batches = 4
+  tr.allow_bf16_params = False  # model.param_dtype=bfloat16 under AdamW needs this opt-in
   tr.skip_nonfinite = 0  # steps with a non-finite loss/gradient skipped before the run stops
 
   ms = c.mesh = ml_collections.ConfigDict()
@@ -293,6 +294,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_positive(f"train.{key}", tr[key])
   _check_positive("train.lr", tr.lr, allow_zero=True)
   _check_positive("train.skip_nonfinite", tr.skip_nonfinite, allow_zero=True)
+  if m.param_dtype == "bfloat16" and not tr.allow_bf16_params:
+    raise ConfigError("model.param_dtype='bfloat16' keeps the AdamW moments and updates in "
+                      "bfloat16 (small updates round away); use float32 parameters with "
+                      "model.compute_dtype='bfloat16', or set train.allow_bf16_params=True")
   if m.d_model % m.num_heads:
     raise ConfigError(
         f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}")
