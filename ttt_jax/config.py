@@ -20,6 +20,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
+ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
 
 # name: (num_layers, d_model, num_heads, intermediate_size)
 # Widths/depths follow the TTT-E2E paper's 125M ... 3B ladder (Llama-style SwiGLU MLPs).
@@ -103,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_algorithm = "auto"
   m.attention_block = 256
   m.attention_flash_block = 512
+  # attention backend: auto (cudnn on GPU with bf16 compute, splash on TPU, else blockwise) |
+  # blockwise (the algorithms above) | xla | cudnn | splash  (layers/attention_kernels.py)
+  m.attention_impl = "auto"
 
   t = m.ttt = ml_collections.ConfigDict()
   t.mini_batch_size = 16
@@ -277,6 +281,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice("model.mixer", m.mixer, MIXERS)
   _check_choice("model.remat", m.remat, REMAT_POLICIES)
   _check_choice("model.attention_algorithm", m.attention_algorithm, ATTENTION_ALGORITHMS)
+  _check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
   _check_positive("model.attention_block", m.attention_block)
   _check_positive("model.attention_flash_block", m.attention_flash_block)
   _check_choice("model.compute_dtype", m.compute_dtype, DTYPES)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt_jax.layers.attention_kernels import library_attention, splash_attention, splash_block
 from ttt_jax.layers.common import linear
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
@@ -64,6 +65,10 @@ class AttentionAlgorithm:
   max_blocks: int = 8
   flash_block: int = 512
   dense_max_scores: int = 1 << 22
+  # backend (layers/attention_kernels.py, `model.attention_impl` resolved for this platform):
+  # blockwise = the algorithms above; xla / cudnn / splash = library kernels
+  impl: str = "blockwise"
+  interpret: bool = False  # run Pallas kernels (splash) in interpret mode (tests on CPU)
 
 
 ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
@@ -189,6 +194,12 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   layout of `ordered_layout` (one-shot inputs, window caches), which allows the blocked path.
   """
   tq, tk = q.shape[1], k.shape[1]
+  one_shot = ordered and tq == tk  # keys = queries (no cache)
+  if algorithm.impl in ("xla", "cudnn"):
+    return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
+                             one_shot=one_shot)
+  if algorithm.impl == "splash" and one_shot and splash_block(tq) is not None:
+    return splash_attention(q, k, v, window, interpret=algorithm.interpret)
   name = algorithm.name
   if name == "dense":
     return dense_attention(q, k, v, q_pos, k_pos, window)

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from ttt_jax.layers.attention import Attention, AttentionAlgorithm
+from ttt_jax.layers.attention_kernels import resolve_impl
 from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
@@ -33,7 +34,8 @@ def padded_vocab(vocab_size: int) -> int:
 
 def attention_algorithm(cfg: ml_collections.ConfigDict) -> AttentionAlgorithm:
   return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
-                            flash_block=cfg.attention_flash_block)
+                            flash_block=cfg.attention_flash_block,
+                            impl=resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype)))
 
 
 def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
