@@ -14,7 +14,7 @@ import ml_collections
 MODEL_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 MIXERS = ("full", "swa", "ttt_linear", "ttt_mlp")
 E2E_TRAIN_MODES = ("meta", "pretrain")
-TTT_IMPLS = ("dual", "primal")
+TTT_IMPLS = ("dual", "primal", "pallas")
 TTT_BACKBONES = ("mamba", "base")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from ttt_jax.layers import ttt_inner
+from ttt_jax.layers import ttt_inner, ttt_pallas
 from ttt_jax.layers.common import const_init, linear, normal_init
 from ttt_jax.layers.rope import apply_rope
 
@@ -174,7 +174,10 @@ class TTTMixer(nnx.Module):
     eta = ttt_inner.token_lr(to_mb(gate), self.tau[...].astype(jnp.float32), self.base_lr, d,
                              lr_mult)
     ln = (self.ln_scale[...].astype(jnp.float32), self.ln_bias[...].astype(jnp.float32))
-    step = ttt_inner.STEPS[(self.kind, self.impl)]
+    if self.impl == "pallas":  # the fused kernel; interpreted where Pallas cannot compile
+      step = ttt_pallas.pallas_step(self.kind, jax.default_backend() not in ("gpu", "tpu"))
+    else:
+      step = ttt_inner.STEPS[(self.kind, self.impl)]
     params, z = ttt_inner.scan_minibatches(
         step, params, ln, (to_mb(xq), to_mb(xk), to_mb(xv), eta), self.remat_group, complete)
     return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
