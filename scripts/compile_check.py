@@ -1,0 +1,15 @@
+"""Compile-only check of paper-scale train steps: per-device memory and compile time.
+
+  python scripts/compile_check.py --scales 125m,350m --kinds transformer,swa,ttt_linear,ttt_mlp,e2e
+
+Each preset (configs/pretrain.py:model=KIND,scale=SCALE,ctx=8k; configs/e2e.py:scale=SCALE for
+e2e) is AOT-compiled on 8 forced CPU devices (mesh data=1, fsdp=-1) without allocating weights;
+the table of XLA's per-device buffer sizes is printed and written to --json.
+"""
+
+from absl import app
+
+from ttt_jax.benchmarks.compile_check import main
+
+if __name__ == "__main__":
+  app.run(main)

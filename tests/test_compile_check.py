@@ -1,0 +1,107 @@
+"""scripts/compile_check.py: AOT compile of every model kind's train step on 8 forced CPU devices.
+
+The fast test compiles the tiny presets (1 layer, unoptimized code generation); the slow one the
+125M presets at 8K, as in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from ttt_jax.benchmarks import compile_check as cc
+from ttt_jax.config import MODEL_KINDS, ConfigError, build_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "compile_check.py")
+
+
+def _run_script(tmp_path, *args, timeout=900) -> tuple[dict, str]:
+  out = tmp_path / "compile_check.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  p = subprocess.run([sys.executable, SCRIPT, *args, "--json", str(out)], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=timeout)
+  assert p.returncode == 0, p.stderr[-3000:]
+  with open(out) as f:
+    return json.load(f), p.stdout
+
+
+def _check_compiled(report: dict, stdout: str, scale: str) -> None:
+  assert [r["kind"] for r in report["results"]] == list(MODEL_KINDS)
+  for r in report["results"]:
+    assert r["status"] == "ok", r
+    assert r["devices"] == 8 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    m = r["memory"]
+    for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes"):
+      assert m[key] > 0, (r["kind"], key, m)
+    assert m["generated_code_bytes"] >= 0  # XLA:CPU reports 0
+    assert m["peak_bytes"] == (m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+                               + m["temp_bytes"])
+    # the arguments are the train state and the batch as their shardings lay them out; the
+    # donated state is aliased to the new one, only the batch is not
+    assert r["batch_bytes"] == r["per_device_batch"] * (r["seq_len"] + 1) * 4
+    assert m["argument_bytes"] == r["state_bytes"] + r["batch_bytes"], (r["kind"], m)
+    assert m["alias_bytes"] == r["state_bytes"], (r["kind"], m)
+    assert r["compile_s"] > 0 and r["lower_s"] > 0
+    assert f"| {scale} | {r['kind']} | {r['seq_len']} |" in stdout
+
+
+def test_script_compiles_every_kind_tiny(tmp_path):
+  report, stdout = _run_script(tmp_path, "--scales", "tiny", "--ctx", "256", "--fast_compile",
+                               "--set", "model.num_layers=1", timeout=600)
+  _check_compiled(report, stdout, "tiny")
+  assert "per-device memory (MiB)" in stdout
+
+
+@pytest.mark.slow
+def test_script_compiles_every_kind_125m(tmp_path):
+  report, stdout = _run_script(tmp_path, "--scales", "125m", "--timeout", "600",
+                               "--total_budget", "3000", timeout=3600)
+  _check_compiled(report, stdout, "125m")
+  for r in report["results"]:
+    assert r["seq_len"] == 8192
+    # params + Adam's two moments in fp32, split 8 ways (some small arrays stay replicated)
+    assert 12 * r["params"] / 8 <= r["state_bytes"] <= 1.6 * 12 * r["params"] / 8, r
+
+
+def test_timeout_is_reported_not_raised():
+  r = cc.run_config("transformer", "tiny", "256", (1, -1, 1), devices=8, batch_size=0,
+                    overrides=[], timeout=0.01, fast_compile=True)
+  assert r["status"] == "timeout" and "within" in r["error"]
+
+
+def test_presets_and_overrides():
+  assert cc.preset_spec("ttt_mlp", "350m", "8k") == (
+      "configs/pretrain.py:model=ttt_mlp,scale=350m,ctx=8k")
+  e2e = cc.load_preset(cc.preset_spec("e2e", "125m", "2k"))  # the e2e preset fixes ctx: 8K
+  assert e2e.model.kind == "e2e" and e2e.data.seq_len == 8192 and e2e.data.batch_size == 64
+  cfg = build_config("model=transformer,scale=tiny")
+  cc.apply_overrides(cfg, ["model.num_layers=2", "model.remat=dots", "train.lr=0.5",
+                           "model.qk_norm=true"])
+  m = cfg.model
+  assert (m.num_layers, m.remat, cfg.train.lr, m.qk_norm) == (2, "dots", 0.5, True)
+  for bad in ("model.layers=2", "model.num_layers", "model.num_layers=two", "nope.x=1",
+              "model.qk_norm=maybe"):
+    with pytest.raises(ConfigError, match="--set"):
+      cc.apply_overrides(cfg, [bad])
+  with pytest.raises(ConfigError, match="--mesh"):
+    cc.parse_mesh("1,8")
+  assert cc.parse_mesh("1,-1,1") == (1, -1, 1)
+
+
+def test_table_lists_failures():
+  ok = {"kind": "swa", "scale": "125m", "status": "ok", "seq_len": 8192, "batch_size": 32,
+        "per_device_batch": 4.0, "params": 86e6, "lower_s": 1.0, "compile_s": 2.0,
+        "memory": {"argument_bytes": 2**30, "output_bytes": 2**30, "alias_bytes": 2**30,
+                   "temp_bytes": 3 * 2**30, "generated_code_bytes": 0, "peak_bytes": 4 * 2**30}}
+  bad = {"kind": "e2e", "scale": "350m", "status": "timeout", "error": "not compiled within 9 s"}
+  text = cc.table({"results": [ok, bad]})
+  assert "| 125m | swa | 8192 | 32 (4) | 86M | 1.00 | 1.00 | 1.00 | 3.00 | 0.000 | 4.00 |" in text
+  assert "| 350m | e2e | | | | timeout: not compiled within 9 s |" in text
+  assert "arguments GiB" in text
+  assert isinstance(cc.load_preset("configs/pretrain.py:model=swa"), ml_collections.ConfigDict)

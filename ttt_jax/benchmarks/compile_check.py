@@ -1,0 +1,327 @@
+"""Paper-scale compile check: AOT-compile the real train step of a preset on a forced-device mesh.
+
+For every (model kind, scale) the train step that `scripts/train.py` would run is lowered with
+abstract inputs (`jax.ShapeDtypeStruct`s carrying the Trainer's shardings; no weight is ever
+allocated) and compiled by XLA, without executing it. `compiled.memory_analysis()` then gives
+XLA's per-device buffer assignment: argument, output, aliased (donated), temporary and
+generated-code bytes.
+
+Each config compiles in its own subprocess with `--xla_force_host_platform_device_count` set,
+under a wall-clock budget: a compile that runs over it is stopped and reported as a timeout, and
+one that fails is reported with its error, without stopping the others. Results are printed as a
+table and written as JSON.
+
+The numbers are XLA:CPU's buffer assignment for the partitioned per-device program; GPU and TPU
+compilers fuse and lay out differently, so treat them as the size of the program's working set,
+not as an exact accelerator figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+
+from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
+from ttt_jax.train.trainer import Trainer, TrainState, count_params
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+# unoptimized CPU code generation: the program and its buffer assignment are the same, only the
+# machine code is slower (and smaller); for quick checks of tiny configs
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+MEMORY_KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+               "generated_code_bytes", "peak_bytes")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("kinds", list(MODEL_KINDS), "Model kinds to compile.")
+flags.DEFINE_list("scales", ["125m"], f"Scales ({', '.join(SCALES)}).")
+flags.DEFINE_string("ctx", "8k", "Training context of the configs/pretrain.py presets (the e2e "
+                    "preset, configs/e2e.py stage=pretrain, fixes its own: 8K, tiny 512).")
+flags.DEFINE_integer("devices", 8, "Forced host CPU devices.")
+flags.DEFINE_string("mesh", "1,-1,1", "Mesh sizes data,fsdp,tensor (-1 = the remaining devices).")
+flags.DEFINE_integer("batch_size", 0, "Global batch in sequences (0 = the preset's).")
+flags.DEFINE_list("set", [], "Config overrides key=value applied to every preset, e.g. "
+                  "model.remat=dots,data.tokenizer=sp:/path/tokenizer.model")
+flags.DEFINE_float("timeout", 300.0, "Wall-clock budget of one config, seconds.")
+flags.DEFINE_float("total_budget", 1500.0, "Configs not started within this many seconds "
+                   "are skipped.")
+flags.DEFINE_bool("fast_compile", False, "Unoptimized CPU code generation (" + FAST_COMPILE
+                  + ").")
+flags.DEFINE_string("json", "runs/compile_check.json", "Where to write the results ('' = no).")
+
+
+# -- one config (runs in the child process) -----------------------------------------------------
+def preset_spec(kind: str, scale: str, ctx: str) -> str:
+  """The config file spec of a kind's pretraining preset."""
+  if kind == "e2e":
+    return f"configs/e2e.py:scale={scale},stage=pretrain"
+  return f"configs/pretrain.py:model={kind},scale={scale},ctx={ctx}"
+
+
+def load_preset(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `configs/<file>.py:<arg>` (paths relative to the repository)."""
+  path, _, arg = spec.partition(":")
+  path = os.path.join(CONFIG_DIR, os.path.basename(path))
+  return runpy.run_path(path)["get_config"](arg or None)
+
+
+def abstract_inputs(trainer: Trainer, batch_size: int, seq_len: int):
+  """(TrainState, batch) of ShapeDtypeStructs with the Trainer's shardings: nothing allocated."""
+  opt = jax.eval_shape(trainer.optimizer.init, trainer.abstract_params)
+  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainer.abstract_params,
+                     opt_state=opt, rng=rng)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       state, trainer.state_shardings)
+  tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32,
+                                sharding=trainer.batch_sharding)
+  return state, {"tokens": tokens}
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs, as laid out by their shardings."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def memory_of(compiled) -> dict[str, int]:
+  """Per-device bytes of XLA's buffer assignment; `peak_bytes` = arguments + outputs - aliased
+  (donated) + temporaries, the live-buffer bound of one call."""
+  ma = compiled.memory_analysis()
+  if ma is None:
+    return {}
+  out = {"argument_bytes": int(ma.argument_size_in_bytes),
+         "output_bytes": int(ma.output_size_in_bytes),
+         "alias_bytes": int(ma.alias_size_in_bytes),
+         "temp_bytes": int(ma.temp_size_in_bytes),
+         "generated_code_bytes": int(ma.generated_code_size_in_bytes)}
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                       + out["temp_bytes"])
+  return out
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, items) -> None:
+  """`key=value` strings (dotted keys of existing fields) parsed as the field's type."""
+  for item in items:
+    key, sep, text = item.partition("=")
+    node, *path = cfg, *key.strip().split(".")
+    for part in path[:-1]:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not sep or not isinstance(node, ml_collections.ConfigDict) or path[-1] not in node:
+      raise ConfigError(f"--set {item!r}: expected key=value with an existing dotted key, "
+                        "e.g. model.remat=dots")
+    old, text = node[path[-1]], text.strip()
+    if isinstance(old, bool):
+      if text.lower() not in ("1", "0", "true", "false"):
+        raise ConfigError(f"--set {item!r}: {key} takes true or false")
+      value = text.lower() in ("1", "true")
+    elif isinstance(old, int | float):
+      try:
+        value = type(old)(text)
+      except ValueError:
+        raise ConfigError(f"--set {item!r}: {key} takes a {type(old).__name__}") from None
+    else:
+      value = text
+    node[path[-1]] = value
+
+
+def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
+                batch_size: int = 0, overrides=()) -> dict:
+  """Lowers and compiles the train step of one preset on all visible devices."""
+  spec = preset_spec(kind, scale, ctx)
+  cfg = load_preset(spec)
+  apply_overrides(cfg, overrides)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  if batch_size:
+    cfg.data.batch_size = batch_size
+  t0 = time.perf_counter()
+  trainer = Trainer.create(cfg)
+  state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
+  lowered = trainer.train_step.lower(state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  batch_devices = math.prod(trainer.mesh.shape[a] for a in ("data", "fsdp"))
+  return {
+      "kind": kind, "scale": scale, "config": spec, "seq_len": cfg.data.seq_len,
+      "batch_size": cfg.data.batch_size,
+      "per_device_batch": cfg.data.batch_size / batch_devices,
+      "mesh": dict(trainer.mesh.shape), "devices": jax.device_count(),
+      "params": count_params(trainer.abstract_params),
+      "compute_dtype": cfg.model.compute_dtype, "remat": cfg.model.remat,
+      "state_bytes": bytes_per_device(state), "batch_bytes": bytes_per_device(batch),
+      "lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory_of(compiled),
+  }
+
+
+def child_main(request: str) -> None:
+  """Child process: compile the config described by the JSON `request`, print one JSON line."""
+  r = json.loads(request)
+  try:
+    out = compile_one(r["kind"], r["scale"], r["ctx"], tuple(r["mesh"]), r["batch_size"],
+                      r["overrides"])
+    out["status"] = "ok"
+  except ConfigError as e:
+    out = {"status": "error", "error": f"config error: {e}"}
+  except Exception as e:  # reported in the table; the other configs still run
+    out = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+           "traceback": traceback.format_exc()[-3000:]}
+  sys.stdout.write("RESULT " + json.dumps(out) + "\n")
+  sys.stdout.flush()
+
+
+# -- the parent: one subprocess per config, a table, a JSON file ---------------------------------
+def child_env(devices: int, fast_compile: bool) -> dict[str, str]:
+  xla = [f for f in os.environ.get("XLA_FLAGS", "").split()
+         if not f.startswith("--xla_force_host_platform_device_count")]
+  xla.append(f"--xla_force_host_platform_device_count={devices}")
+  if fast_compile:
+    xla.append(FAST_COMPILE)
+  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=" ".join(xla))
+
+
+def run_config(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int], *, devices: int,
+               batch_size: int, overrides, timeout: float, fast_compile: bool) -> dict:
+  """Compiles one config in a subprocess under `timeout` seconds of wall clock."""
+  request = json.dumps({"kind": kind, "scale": scale, "ctx": ctx, "mesh": list(mesh),
+                        "batch_size": batch_size, "overrides": list(overrides)})
+  cmd = [sys.executable, "-c", "import sys; from ttt_jax.benchmarks.compile_check import "
+         "child_main; child_main(sys.argv[1])", request]
+  base = {"kind": kind, "scale": scale, "config": preset_spec(kind, scale, ctx)}
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, env=child_env(devices, fast_compile), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.communicate()
+    return dict(base, status="timeout", error=f"not compiled within {timeout:.0f} s",
+                wall_s=time.perf_counter() - t0)
+  wall = time.perf_counter() - t0
+  for line in stdout.splitlines():
+    if line.startswith("RESULT "):
+      return dict(base, **json.loads(line[len("RESULT "):]), wall_s=wall)
+  tail = stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+  return dict(base, status="error", error=f"no result ({tail[0][:300]})", wall_s=wall)
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  parts = [s.strip() for s in text.split(",")]
+  try:
+    sizes = tuple(int(s) for s in parts)
+  except ValueError:
+    sizes = ()
+  if len(sizes) != 3:
+    raise ConfigError(f"--mesh={text!r}: expected data,fsdp,tensor sizes, e.g. 1,-1,1")
+  return sizes
+
+
+def check(kinds, scales, ctx: str = "8k", mesh=(1, -1, 1), *, devices: int = 8,
+          batch_size: int = 0, overrides=(), timeout: float = 300.0,
+          total_budget: float = 1500.0, fast_compile: bool = False, echo=print) -> dict:
+  """Compiles every (scale, kind), one at a time. Returns {"config": ..., "results": [...]}."""
+  for kind in kinds:
+    if kind not in MODEL_KINDS:
+      raise ConfigError(f"--kinds: {kind!r} unknown; allowed: {', '.join(MODEL_KINDS)}")
+  for scale in scales:
+    if scale not in SCALES:
+      raise ConfigError(f"--scales: {scale!r} unknown; allowed: {', '.join(SCALES)}")
+  parse_ctx(ctx)
+  apply_overrides(load_preset(preset_spec(kinds[0], scales[0], ctx)), overrides)  # fail early
+  results, start = [], time.perf_counter()
+  for scale in scales:
+    for kind in kinds:
+      if time.perf_counter() - start > total_budget:
+        results.append({"kind": kind, "scale": scale, "config": preset_spec(kind, scale, ctx),
+                        "status": "skipped",
+                        "error": f"total budget of {total_budget:.0f} s spent"})
+        echo(f"{scale} {kind}: skipped (total budget spent)")
+        continue
+      echo(f"{scale} {kind}: compiling {preset_spec(kind, scale, ctx)} ...")
+      r = run_config(kind, scale, ctx, mesh, devices=devices, batch_size=batch_size,
+                     overrides=overrides, timeout=timeout, fast_compile=fast_compile)
+      results.append(r)
+      if r["status"] == "ok":
+        echo(f"  compiled in {r['compile_s']:.1f} s (lowering {r['lower_s']:.1f} s), peak "
+             f"{r['memory'].get('peak_bytes', 0) / 2**30:.3f} GiB per device")
+      else:
+        echo(f"  {r['status']}: {r['error']}")
+  return {"config": {"kinds": list(kinds), "scales": list(scales), "ctx": ctx,
+                     "mesh": list(mesh), "devices": devices, "batch_size": batch_size,
+                     "overrides": list(overrides),
+                     "timeout_s": timeout, "fast_compile": fast_compile,
+                     "backend": "cpu (forced host devices)", "jax": jax.__version__},
+          "total_s": time.perf_counter() - start, "results": results}
+
+
+def unit_of(report: dict) -> tuple[str, int]:
+  """GiB, or MiB when every peak is under 1 GiB."""
+  peaks = [r["memory"].get("peak_bytes", 0) for r in report["results"] if r["status"] == "ok"]
+  return ("MiB", 2**20) if peaks and max(peaks) < 2**30 else ("GiB", 2**30)
+
+
+def table(report: dict) -> str:
+  """Markdown table: per-device memory and compile time of every config."""
+  unit, size = unit_of(report)
+  fmt = lambda n: f"{n / size:.3f}" if n < size else f"{n / size:.2f}"
+  head = (f"| scale | kind | ctx | batch (per device) | params | arguments {unit} "
+          f"| outputs | aliased | temporaries | code | peak {unit} | lower s | compile s |")
+  lines = [head, "|" + "---|" * 13]
+  for r in report["results"]:
+    if r["status"] != "ok":
+      lines.append(f"| {r['scale']} | {r['kind']} | | | | {r['status']}: {r['error']} "
+                   "| | | | | | | |")
+      continue
+    m = r["memory"]
+    per = r["per_device_batch"]
+    per = int(per) if float(per).is_integer() else per
+    lines.append(
+        f"| {r['scale']} | {r['kind']} | {r['seq_len']} | {r['batch_size']} ({per}) "
+        f"| {r['params'] / 1e6:.0f}M | {fmt(m['argument_bytes'])} | {fmt(m['output_bytes'])} "
+        f"| {fmt(m['alias_bytes'])} | {fmt(m['temp_bytes'])} "
+        f"| {fmt(m['generated_code_bytes'])} | {fmt(m['peak_bytes'])} "
+        f"| {r['lower_s']:.1f} | {r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(report, f, indent=2)
+
+
+def main(argv) -> None:
+  """scripts/compile_check.py (absl flags above)."""
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    report = check(FLAGS.kinds, FLAGS.scales, FLAGS.ctx, parse_mesh(FLAGS.mesh),
+                   devices=FLAGS.devices, batch_size=FLAGS.batch_size, overrides=FLAGS.set,
+                   timeout=FLAGS.timeout,
+                   total_budget=FLAGS.total_budget, fast_compile=FLAGS.fast_compile)
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from None
+  print()
+  print(f"per-device memory ({unit_of(report)[0]}) of the compiled train step, {FLAGS.devices} "
+        f"forced CPU devices, mesh data,fsdp,tensor = {FLAGS.mesh}; "
+        f"{report['total_s']:.0f} s in all")
+  print(table(report))
+  if FLAGS.json:
+    write_json(report, FLAGS.json)
+    print(f"wrote {FLAGS.json}")
+  if any(r["status"] != "ok" for r in report["results"]):
+    print("not compiled: " + ", ".join(f"{r['scale']} {r['kind']} ({r['status']})"
+                                       for r in report["results"] if r["status"] != "ok"))
