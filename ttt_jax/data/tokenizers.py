@@ -21,6 +21,9 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
+import sentencepiece as spm
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ttt_jax.config import ConfigError
 
@@ -95,8 +98,6 @@ class HFTokenizer:
 
   @classmethod
   def from_path(cls, path: str, name: str | None = None) -> HFTokenizer:
-    import tokenizers  # noqa: PLC0415
-
     name = name or f"hf:{path}"
     try:
       if os.path.isdir(path):
@@ -145,8 +146,6 @@ class SentencePieceTokenizer:
   kind = "sp"
 
   def __init__(self, path: str, name: str | None = None):
-    import sentencepiece as spm  # noqa: PLC0415
-
     self.name = name or f"sp:{path}"
     if not os.path.isfile(path):
       raise TokenizerError(f"data.tokenizer={self.name!r}: no such file {path!r}")
@@ -214,9 +213,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str,
 
   BOS/EOS/PAD are `<s>`, `</s>`, `<pad>` (ids 0, 1, 2). Returns the loaded tokenizer.
   """
-  import tokenizers  # noqa: PLC0415
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-
   if vocab_size < 256 + len(BPE_SPECIALS):
     raise TokenizerError(f"--vocab_size={vocab_size} must be >= {256 + len(BPE_SPECIALS)} "
                          "(256 byte symbols + BOS/EOS/PAD)")
