@@ -6,6 +6,7 @@ import math
 
 from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
+from ttt_jax.data.dataset import Dataset
 
 # TTT-E2E, meta-learned: a sliding-window Transformer whose last block keeps learning as it reads
 # (context 256, window 128, inner mini-batches of 64 tokens: two chunks per training sequence)
@@ -32,8 +33,7 @@ def run_demo(workdir: str, arg: str = DEMO_ARG) -> dict:
   print(f"make demo: meta-trains a tiny TTT-E2E model for {config.train.steps} steps, is "
         f"preempted and resumes, then evaluates perplexity at contexts {DEMO_CTX}; about "
         f"{EXPECTED_MINUTES} minutes on 2 idle CPU cores")
-  stream = pipeline.load_stream(config.data.source, config.data.tokenizer, "train",
-                                config.data.val_fraction)
+  stream = Dataset.from_config(config.data).stream("train")  # tokenized once, cached
   h = pipeline.unigram_entropy(stream.tokens, config.model.vocab_size)
   print(f"embedded corpus: {len(stream.names)} train documents, {len(stream.tokens):,} tokens; "
         f"byte-unigram entropy {h:.3f} nats/token (ppl {math.exp(h):.2f})")

@@ -7,6 +7,7 @@ import pytest
 
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import pipeline, sources
+from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.tokenizers import ByteTokenizer
 
 
@@ -17,8 +18,13 @@ def data_cfg():
 
 
 @pytest.fixture(scope="module")
-def train_stream(data_cfg):
-  return pipeline.load_stream(data_cfg.source, data_cfg.tokenizer, "train", data_cfg.val_fraction)
+def data(data_cfg):
+  return Dataset.from_config(data_cfg)
+
+
+@pytest.fixture(scope="module")
+def train_stream(data):
+  return data.stream("train")
 
 
 def test_embedded_corpus_is_real_and_split_disjoint(data_cfg):
@@ -59,23 +65,22 @@ def test_windows_cover_the_stream_in_order(train_stream, data_cfg):
   np.testing.assert_array_equal(np.concatenate([w0[:-1], w1[:-1]]), train_stream.tokens[:2 * L])
 
 
-def test_unshuffled_batches_are_consecutive_windows(data_cfg, train_stream):
-  ds = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=3)
+def test_unshuffled_batches_are_consecutive_windows(data, data_cfg, train_stream):
+  ds = data.windows("train", data_cfg.seq_len, seed=0, shuffle=False, batch_size=3)
   L = data_cfg.seq_len
   b = ds[1]["tokens"]
   np.testing.assert_array_equal(b[0, :-1], train_stream.tokens[3 * L:4 * L])
 
 
-def test_shuffle_is_deterministic_per_seed(data_cfg):
-  a = pipeline.windows_dataset(data_cfg, "train", seed=3, shuffle=True, batch_size=4)
-  b = pipeline.windows_dataset(data_cfg, "train", seed=3, shuffle=True, batch_size=4)
-  c = pipeline.windows_dataset(data_cfg, "train", seed=4, shuffle=True, batch_size=4)
+def test_shuffle_is_deterministic_per_seed(data, data_cfg):
+  a, b, c = (data.windows("train", data_cfg.seq_len, seed=seed, shuffle=True, batch_size=4)
+             for seed in (3, 3, 4))
   np.testing.assert_array_equal(a[5]["tokens"], b[5]["tokens"])
   assert not np.array_equal(a[5]["tokens"], c[5]["tokens"])
 
 
-def test_iterator_restarts_from_saved_state(data_cfg):
-  ds = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=True, batch_size=2)
+def test_iterator_restarts_from_saved_state(data, data_cfg):
+  ds = data.windows("train", data_cfg.seq_len, seed=0, shuffle=True, batch_size=2)
   it = pipeline.make_iterator(ds)
   for _ in range(3):
     next(it)
@@ -87,12 +92,11 @@ def test_iterator_restarts_from_saved_state(data_cfg):
     np.testing.assert_array_equal(next(it2)["tokens"], e)
 
 
-def test_processes_read_disjoint_windows(data_cfg):
-  a = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=2,
-                               process_index=0, process_count=2)
-  b = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=2,
-                               process_index=1, process_count=2)
-  full = pipeline.windows_dataset(data_cfg, "train", seed=0, shuffle=False, batch_size=4)
+def test_processes_read_disjoint_windows(data, data_cfg):
+  get = lambda **kw: data.windows("train", data_cfg.seq_len, seed=0, shuffle=False, **kw)
+  a = get(batch_size=2, process_index=0, process_count=2)
+  b = get(batch_size=2, process_index=1, process_count=2)
+  full = get(batch_size=4)
   f = full[0]["tokens"]
   np.testing.assert_array_equal(a[0]["tokens"], f[[0, 2]])
   np.testing.assert_array_equal(b[0]["tokens"], f[[1, 3]])
@@ -115,9 +119,10 @@ def test_window_count_is_what_the_sources_give(tmp_path, pack, min_len):
     (tmp_path / f"d{i:02d}.txt").write_text("x" * (20 + 37 * i))
   c = build_config("model=swa,scale=tiny,ctx=64").data
   c.source, c.val_fraction, c.pack_docs, c.min_doc_len = str(tmp_path), 0.3, pack, min_len
-  counts = pipeline.check_splits(c, batch_size=1)
+  data = Dataset.from_config(c)
+  counts = data.check_splits(c.seq_len, batch_size=1)
   for split in sources.SPLITS:
-    assert counts[split] == len(pipeline.window_source(c, split)) > 0
+    assert counts[split] == len(data.window_source(split, c.seq_len)) > 0
 
 
 @pytest.mark.parametrize("knob,value,needle", [
@@ -133,4 +138,4 @@ def test_check_splits_names_the_knob(tmp_path, knob, value, needle):
   c.source, c.val_fraction = str(tmp_path), 0.3
   c[knob] = value
   with pytest.raises(ConfigError, match=re.escape(needle)):
-    pipeline.check_splits(c, batch_size=c.batch_size)
+    Dataset.from_config(c).check_splits(c.seq_len, batch_size=c.batch_size)

@@ -8,6 +8,7 @@ import pytest
 
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import pipeline, prepare, sources
+from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.tokenizers import get_tokenizer
 
 TEXTS = {
@@ -46,6 +47,10 @@ def _cfg(source, seq_len=32, **kw):
   return c
 
 
+def _windows(source, seq_len=32, split="train", **kw):
+  return Dataset.from_config(_cfg(source, seq_len, **kw)).window_source(split, seq_len)
+
+
 def test_every_document_comes_back_exactly(corpus, prepared):
   out, meta = prepared
   data = prepare.PreparedData(str(out))
@@ -67,7 +72,7 @@ def test_every_document_comes_back_exactly(corpus, prepared):
 def test_packed_windows_equal_the_in_memory_stream(corpus, prepared):
   out, _ = prepared
   L = 32
-  src = pipeline.window_source(_cfg(out, L), "train")
+  src = _windows(out, L)
   part = prepare.PreparedData(str(out)).split("train")
   stream = pipeline.build_stream_from_arrays((part[i] for i in range(len(part))), part.names,
                                              get_tokenizer("bytes"))
@@ -80,7 +85,7 @@ def test_packed_windows_equal_the_in_memory_stream(corpus, prepared):
 def test_long_document_windows_stay_inside_documents(prepared):
   out, _ = prepared
   L = 64
-  src = pipeline.window_source(_cfg(out, L, pack_docs=False, min_doc_len=L), "train")
+  src = _windows(out, L, pack_docs=False, min_doc_len=L)
   part = prepare.PreparedData(str(out)).split("train")
   tok = get_tokenizer("bytes")
   expect = []
@@ -95,29 +100,29 @@ def test_long_document_windows_stay_inside_documents(prepared):
 
 def test_order_is_deterministic_per_seed_and_processes_are_disjoint(prepared):
   out, _ = prepared
-  cfg = _cfg(out, 16)
-  n = len(pipeline.window_source(cfg, "train"))
-  get = lambda seed, pi=0, pc=1: pipeline.windows_dataset(
-      cfg, "train", seed=seed, shuffle=True, batch_size=2, process_index=pi, process_count=pc)
+  data = Dataset.from_config(_cfg(out, 16))
+  n = len(data.window_source("train", 16))
+  get = lambda seed, pi=0, pc=1: data.windows(
+      "train", 16, seed=seed, shuffle=True, batch_size=2, process_index=pi, process_count=pc)
   a, b, c = get(1), get(1), get(2)
   np.testing.assert_array_equal(a[3]["tokens"], b[3]["tokens"])
   assert not all(np.array_equal(a[i]["tokens"], c[i]["tokens"]) for i in range(4))
   # two processes: disjoint windows that together cover an epoch
-  src = pipeline.window_source(cfg, "train")
+  src = data.window_source("train", 16)
   key = {src[i]["tokens"].tobytes(): i for i in range(n)}
   seen = []
   for pi in range(2):
-    ds = pipeline.windows_dataset(cfg, "train", seed=0, shuffle=False, batch_size=1,
-                                  process_index=pi, process_count=2)
+    ds = data.windows("train", 16, seed=0, shuffle=False, batch_size=1, process_index=pi,
+                      process_count=2)
     seen.append({key[ds[j]["tokens"][0].tobytes()] for j in range(len(range(pi, n, 2)))})
   assert not (seen[0] & seen[1]) and seen[0] | seen[1] == set(range(n))
 
 
 def test_resume_mid_epoch_continues_with_next_unseen_window(prepared):
   out, _ = prepared
-  cfg = _cfg(out, 16)
-  n = len(pipeline.window_source(cfg, "train"))
-  ds = pipeline.windows_dataset(cfg, "train", seed=5, shuffle=True, batch_size=1)
+  data = Dataset.from_config(_cfg(out, 16))
+  n = len(data.window_source("train", 16))
+  ds = data.windows("train", 16, seed=5, shuffle=True, batch_size=1)
   it = pipeline.make_iterator(ds)
   first = [next(it)["tokens"][0].tobytes() for _ in range(n // 2)]
   state = it.get_state()
@@ -127,7 +132,7 @@ def test_resume_mid_epoch_continues_with_next_unseen_window(prepared):
   expect = [next(it)["tokens"][0].tobytes() for _ in range(n - n // 2)]
   assert rest == expect
   # one epoch = every window exactly once
-  src = pipeline.window_source(cfg, "train")
+  src = data.window_source("train", 16)
   assert sorted(first + rest) == sorted(src[i]["tokens"].tobytes() for i in range(n))
 
 
@@ -178,8 +183,10 @@ def test_jsonl_bpe_parallel_and_vocab_follows_tokenizer(tmp_path):
   assert meta["splits"]["train"]["documents"] + meta["splits"]["validation"]["documents"] == 40
   c = build_config("model=e2e,scale=tiny,ctx=128")
   c.data.source = str(out)
-  pipeline.sync_vocab(c)
+  resolved = Dataset.from_config(c.data)
+  assert resolved.prepared is not None and resolved.vocab_size == tok.vocab_size
+  resolved.sync_vocab(c)
   assert c.model.vocab_size == tok.vocab_size
   c.model.vocab_size = 512
   with pytest.raises(ConfigError, match="model.vocab_size=512"):
-    pipeline.sync_vocab(c)
+    resolved.sync_vocab(c)

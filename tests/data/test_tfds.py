@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ttt_jax.config import build_config
-from ttt_jax.data import pipeline, prepare, sources
+from ttt_jax.data import prepare, sources
+from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.tokenizers import get_tokenizer
 
 tfds = pytest.importorskip("tensorflow_datasets",
@@ -70,9 +71,10 @@ def test_tfds_through_the_pipeline_and_prepare(built, tmp_path):
   root, data_dir = built
   c = build_config("model=swa,scale=tiny,ctx=32").data
   c.source, c.tfds_data_dir = "tfds:local_text", str(data_dir)
-  stream = pipeline.load_stream(c.source, c.tokenizer, "train", c.val_fraction,
-                                tfds_data_dir=c.tfds_data_dir)
-  ds = pipeline.windows_dataset(c, "train", seed=0, shuffle=False, batch_size=2)
+  data = Dataset.from_config(c)
+  assert data.kind == "tfds"
+  stream = data.stream("train")
+  ds = data.windows("train", 32, seed=0, shuffle=False, batch_size=2)
   np.testing.assert_array_equal(ds[0]["tokens"][1], stream.tokens[32:65])
   meta = prepare.prepare("tfds:local_text:train", str(tmp_path / "p"), val_fraction=0.0,
                          num_shards=2, tfds_data_dir=str(data_dir), echo=lambda s: 0)

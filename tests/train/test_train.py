@@ -31,7 +31,7 @@ def test_tiny_model_learns_the_embedded_corpus(tmp_path):
   out = train_and_evaluate(config, str(tmp_path))
   losses = [h["loss"] for h in out["history"]]
   assert losses[-1] < losses[0] - 1.0, losses  # starts near ln(259) = 5.56
-  stream = pipeline.load_stream("embedded", "bytes", "train", config.data.val_fraction)
+  stream = out["trainer"].data.stream("train")  # the run's own data, resolved once
   assert out["val"]["loss"] < pipeline.unigram_entropy(stream.tokens, 259)
   assert (tmp_path / "metrics.jsonl").exists()
   assert any((tmp_path / "tensorboard").iterdir())

@@ -148,7 +148,7 @@ def evaluate_nll(trainer, params, config, docs, progress: bool = True) -> np.nda
 def run(args, echo=print) -> dict:
   import jax  # noqa: PLC0415
 
-  from ttt_jax.data import pipeline  # noqa: PLC0415
+  from ttt_jax.data.dataset import Dataset  # noqa: PLC0415
   from ttt_jax.eval import perplexity  # noqa: PLC0415
   from ttt_jax.train.trainer import count_params, train_and_evaluate  # noqa: PLC0415
 
@@ -157,8 +157,7 @@ def run(args, echo=print) -> dict:
   steps, probe = choose_steps(args, echo)
   configs = configs_for(args, steps)
   first = next(iter(configs.values()))
-  val = pipeline.load_stream(first.data.source, first.data.tokenizer, "validation",
-                             first.data.val_fraction)
+  val = Dataset.from_config(first.data).stream("validation")
   docs = perplexity.select_documents(val, max(eval_ctx), args.eval_docs)
   results = {}
   for kind, config in configs.items():

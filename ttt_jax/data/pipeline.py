@@ -7,22 +7,21 @@ Documents shorter than L are packed with their neighbours; attention is *not* ma
 boundaries (the model sees BOS/EOS and learns to reset), which is what the papers' pretraining does.
 
 The grain iterator's state is small (the next index) and is checkpointed for exact resume.
-Prepared folders (`ttt_jax.data.prepare`) are read document by document from ArrayRecord shards
-through the same windowing (`DocumentWindows`); `data.pack_docs=False` keeps every window inside
-one document and `data.min_doc_len` drops shorter documents (long-context evaluation).
+Documents read on demand (prepared ArrayRecord shards) go through the same windowing
+(`DocumentWindows`), which can also keep every window inside one document and drop short
+documents (long-context evaluation). This module is the mechanics only; which source, tokenizer
+and knobs a run uses is resolved once by `ttt_jax.data.dataset.Dataset`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import grain
 import numpy as np
 
-from ttt_jax.config import BYTE_VOCAB, ConfigError
-from ttt_jax.data import prepare, sources
-from ttt_jax.data.tokenizers import Tokenizer, get_tokenizer
+from ttt_jax.config import ConfigError
+from ttt_jax.data.tokenizers import Tokenizer
 
 
 class NoDocuments(ConfigError):
@@ -53,52 +52,6 @@ def build_stream(documents, tokenizer: Tokenizer) -> TokenStream:
   return build_stream_from_arrays(encoded(), names, tokenizer)
 
 
-@functools.lru_cache(maxsize=8)
-def load_stream(source: str, tokenizer: str, split: str, val_fraction: float, *,
-                text_field: str = "text", tfds_data_dir: str = "") -> TokenStream:
-  """The token stream of one split (cached per process). Prepared folders are read from shards."""
-  try:
-    if sources.source_kind(source) == "prepared":
-      data = prepare.PreparedData(source)
-      tok = get_tokenizer(prepare.check_tokenizer(data, tokenizer))
-      part = data.split(split)
-      return build_stream_from_arrays((part[i] for i in range(len(part))), part.names, tok)
-    docs = sources.get_documents(source, split, val_fraction, text_field=text_field,
-                                 tfds_data_dir=tfds_data_dir)
-    return build_stream(docs, get_tokenizer(tokenizer))
-  except NoDocuments:
-    raise ConfigError(empty_split_message(source, split, val_fraction)) from None
-
-
-def split_stream(data_cfg, split: str) -> TokenStream:
-  """`load_stream` for a data config (passes the TFDS / jsonl options along)."""
-  return load_stream(data_cfg.source, data_cfg.tokenizer, split, data_cfg.val_fraction,
-                     text_field=data_cfg.get("text_field", "text"),
-                     tfds_data_dir=data_cfg.get("tfds_data_dir", ""))
-
-
-def empty_split_message(source: str, split: str, val_fraction: float) -> str:
-  """Why a split of `source` has no documents, naming the knob that changes it."""
-  kind = sources.source_kind(source)
-  if kind == "prepared":
-    meta = prepare.PreparedData(source).meta
-    return (f"prepared data {source!r} has 0 {split} documents (prepared with --val_fraction="
-            f"{meta.get('val_fraction')}); prepare it again with scripts/prepare_data.py "
-            f"--force and a {'larger' if split == 'validation' else 'smaller'} --val_fraction")
-  if kind == "tfds" and sources.parse_tfds(source)[1] is None:
-    return f"data.source={source!r}: the dataset's {split} split has no non-empty documents"
-  if split == "validation":
-    return (f"data.source={source!r} has no validation documents at data.val_fraction="
-            f"{val_fraction} (documents are assigned by a hash of their name); raise "
-            "data.val_fraction, e.g. --config.data.val_fraction=0.05")
-  if val_fraction >= 1:
-    return (f"data.val_fraction={val_fraction} puts every document of data.source={source!r} in "
-            "the validation split; use a fraction below 1, e.g. 0.05")
-  what = {"folder": " (a folder is read for .txt/.md/.py/.rst files below it)",
-          "jsonl": " (every line's data.text_field is empty)"}.get(kind, "")
-  return f"data.source={source!r} has no non-empty documents for the train split{what}"
-
-
 def build_stream_from_arrays(arrays, names, tokenizer: Tokenizer) -> TokenStream:
   """`[BOS] ids [EOS]` of already tokenized documents."""
   pieces, starts, offset = [], [], 0
@@ -111,25 +64,6 @@ def build_stream_from_arrays(arrays, names, tokenizer: Tokenizer) -> TokenStream
   if not pieces:
     raise NoDocuments("the data source produced no documents")
   return TokenStream(np.concatenate(pieces), np.asarray(starts, np.int64), tuple(names))
-
-
-def data_tokenizer(data_cfg) -> Tokenizer:
-  """The tokenizer a data config reads with (a prepared folder brings its own)."""
-  if sources.source_kind(data_cfg.source) == "prepared":
-    return get_tokenizer(prepare.check_tokenizer(prepare.PreparedData(data_cfg.source),
-                                                 data_cfg.tokenizer))
-  return get_tokenizer(data_cfg.tokenizer)
-
-
-def sync_vocab(config) -> None:
-  """Sets `model.vocab_size` from the data tokenizer (an explicit different value is an error)."""
-  tok = data_tokenizer(config.data)
-  v = config.model.vocab_size
-  if v != tok.vocab_size:
-    if v != BYTE_VOCAB:
-      raise ConfigError(f"model.vocab_size={v} does not match data.tokenizer={tok.name!r} "
-                        f"(vocab {tok.vocab_size}); leave model.vocab_size unset")
-    config.model.vocab_size = tok.vocab_size
 
 
 class WindowSource:
@@ -219,26 +153,6 @@ class DocumentWindows:
     return {**self.__dict__, "_cache": {}}
 
 
-def window_source(data_cfg, split: str):
-  """The grain source of `data_cfg.seq_len` windows of one split, for any data source."""
-  seq_len = data_cfg.seq_len
-  pack, min_len = data_cfg.get("pack_docs", True), data_cfg.get("min_doc_len", 0)
-  if sources.source_kind(data_cfg.source) == "prepared":
-    data = prepare.PreparedData(data_cfg.source)
-    tok = get_tokenizer(prepare.check_tokenizer(data, data_cfg.tokenizer))
-    part = data.split(split)
-    return DocumentWindows(part.lengths, part.__getitem__, seq_len, tok.bos_id, tok.eos_id,
-                           pack=pack, min_len=min_len)
-  stream = split_stream(data_cfg, split)
-  if pack and min_len == 0:
-    return WindowSource(stream.tokens, seq_len)
-  tok = get_tokenizer(data_cfg.tokenizer)
-  starts, lengths = stream.doc_starts, stream.doc_lengths - 2
-  return DocumentWindows(lengths, lambda d: stream.tokens[starts[d] + 1:starts[d] + 1 +
-                                                          lengths[d]],
-                         seq_len, tok.bos_id, tok.eos_id, pack=pack, min_len=min_len)
-
-
 def window_count(lengths, seq_len: int, *, pack: bool = True, min_len: int = 0) -> int:
   """Windows of `seq_len` (+1) tokens that documents of these lengths (no BOS/EOS) give; the
   count `WindowSource` / `DocumentWindows` produce."""
@@ -249,72 +163,27 @@ def window_count(lengths, seq_len: int, *, pack: bool = True, min_len: int = 0) 
   return int(((full - 1) // seq_len).sum())
 
 
-def split_doc_lengths(data_cfg, split: str) -> np.ndarray:
-  """Token counts (no BOS/EOS) of the split's documents; ConfigError if it has none."""
-  if sources.source_kind(data_cfg.source) == "prepared":
-    lengths = prepare.PreparedData(data_cfg.source).split(split).lengths
-    if not len(lengths):
-      raise ConfigError(empty_split_message(data_cfg.source, split, data_cfg.val_fraction))
-    return lengths
-  return split_stream(data_cfg, split).doc_lengths - 2
+def stack_windows(source, indices=None) -> np.ndarray:
+  """Windows of a window source (`WindowSource`, `DocumentWindows`) as one int32 array
+  [n, seq_len + 1], exactly what indexing the source gives; all of them unless `indices`."""
+  indices = range(len(source)) if indices is None else indices
+  rows = [source[int(i)]["tokens"] for i in indices]
+  if not rows:
+    return np.zeros((0, source.seq_len + 1), np.int32)
+  return np.stack(rows).astype(np.int32)
 
 
-def check_splits(data_cfg, batch_size: int, process_count: int = 1) -> dict[str, int]:
-  """Start-up check that the train and validation splits each fill one batch of windows.
-
-  `batch_size` is the global batch. Raises ConfigError naming the knob to change (data.source,
-  data.val_fraction, data.seq_len, data.min_doc_len, data.pack_docs, data.batch_size); returns
-  the number of windows per split (per process).
-  """
-  if batch_size % process_count:
-    raise ConfigError(f"data.batch_size={batch_size} must be divisible by the process count "
-                      f"{process_count}")
-  local, out = batch_size // process_count, {}
-  seq_len, pack = data_cfg.seq_len, data_cfg.get("pack_docs", True)
-  min_len = data_cfg.get("min_doc_len", 0)
-  prepared = sources.source_kind(data_cfg.source) == "prepared"
-  all_lengths = {s: split_doc_lengths(data_cfg, s) for s in sources.SPLITS}  # empty split first
-  for split, lengths in all_lengths.items():
-    n = window_count(lengths, seq_len, pack=pack, min_len=min_len) // process_count
-    out[split] = n
-    if n >= local:
-      continue
-    more = ""
-    if split == "validation":
-      more = (" or prepare the data again with a larger --val_fraction" if prepared else
-              f" or raise data.val_fraction={data_cfg.val_fraction}")
-    used = lengths[lengths >= min_len]
-    longest = int(lengths.max())
-    if not len(used):
-      msg = (f"no {split} document has >= data.min_doc_len={min_len} tokens (longest: "
-             f"{longest}); lower data.min_doc_len")
-    elif n == 0 and pack:
-      msg = (f"data.seq_len={seq_len} is longer than the whole {split} split ({int(used.sum())} "
-             f"tokens in {len(used)} document{'s' * (len(used) != 1)}); lower data.seq_len{more}")
-    elif n == 0:
-      msg = (f"no {split} document fills one window of data.seq_len={seq_len} with "
-             f"data.pack_docs=False (longest: {longest} tokens); lower data.seq_len or set "
-             "data.pack_docs=True")
-    else:
-      per = " per process" if process_count > 1 else ""
-      msg = (f"the {split} split gives {n} windows of data.seq_len={seq_len}{per}, fewer than "
-             f"data.batch_size={batch_size}{f' ({local}{per})' if per else ''}; lower "
-             f"data.batch_size or data.seq_len{more}")
-    raise ConfigError(f"data.source={data_cfg.source!r}: {msg}")
-  return out
-
-
-def windows_dataset(data_cfg, split: str, *, seed: int, shuffle: bool, batch_size: int,
+def batched_windows(source, split: str, *, seed: int, shuffle: bool, batch_size: int,
                     process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """A batched, infinitely repeated MapDataset of windows for this process.
+  """A batched, infinitely repeated MapDataset of a window source's windows for this process.
 
   `batch_size` is the per-process batch. Processes read disjoint, interleaved windows.
   """
-  ds = grain.MapDataset.source(window_source(data_cfg, split))
+  ds = grain.MapDataset.source(source)
   if process_count > 1:
     ds = ds[process_index::process_count]
   if len(ds) < batch_size:
-    raise ValueError(f"split {split!r} has {len(ds)} windows of data.seq_len={data_cfg.seq_len} "
+    raise ValueError(f"split {split!r} has {len(ds)} windows of data.seq_len={source.seq_len} "
                      f"per process, fewer than the batch size {batch_size}")
   if shuffle:  # a fresh permutation every epoch: each window once per epoch
     ds = ds.shuffle(seed=seed)

@@ -22,7 +22,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError
 from ttt_jax.data import sources
@@ -58,8 +61,6 @@ class PreparedSplit:
   @property
   def source(self):
     if self._source is None and self._paths:
-      import grain  # noqa: PLC0415
-
       self._source = grain.sources.ArrayRecordDataSource(self._paths)
     return self._source
 
@@ -185,9 +186,6 @@ def length_histogram(lengths: np.ndarray) -> dict:
 
 def _write_split(tmp: str, split: str, docs, spec: str, dtype, num_shards: int, workers: int,
                  echo: Callable) -> dict:
-  from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
   writers: dict[int, ArrayRecordWriter] = {}
   per_shard_lengths: list[list[int]] = [[] for _ in range(num_shards)]
   per_shard_names: list[list[str]] = [[] for _ in range(num_shards)]
@@ -220,10 +218,12 @@ def _write_split(tmp: str, split: str, docs, spec: str, dtype, num_shards: int, 
           "length_histogram": length_histogram(lengths)}
 
 
-def input_fingerprint(source: str, text_field: str, tfds_data_dir: str) -> str:
-  """Changes when the input files change (paths, sizes, modification times)."""
+def input_fingerprint(source: str, text_field: str, tfds_data_dir: str,
+                      kind: str | None = None) -> str:
+  """Changes when the input files change (paths, sizes, modification times). `kind`: the
+  source's `sources.source_kind` when already known."""
   h = hashlib.sha256(json.dumps([source, text_field, tfds_data_dir]).encode())
-  kind = sources.source_kind(source)
+  kind = sources.source_kind(source) if kind is None else kind
   if kind in ("embedded", "folder"):
     root = sources.stdlib_dir() if kind == "embedded" else os.path.expanduser(source)
     files = sources.embedded_files() if kind == "embedded" else sources.folder_files(root)
@@ -285,10 +285,12 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
     raise ConfigError(f"--num_shards={num_shards} must be >= 1")
   if not 0 <= val_fraction < 1:
     raise ConfigError(f"--val_fraction={val_fraction} must be in [0, 1), e.g. 0.05")
-  tok_key = f"train:{train_tokenizer}:{vocab_size}" if train_tokenizer else \
-      get_tokenizer(tokenizer).fingerprint()
+  # the tokenizer and the source are resolved once, here
+  given = None if train_tokenizer else get_tokenizer(tokenizer)
+  kind = sources.source_kind(source)
+  tok_key = f"train:{train_tokenizer}:{vocab_size}" if given is None else given.fingerprint()
   settings = {"format": FORMAT_VERSION, "source": source,
-              "input": input_fingerprint(source, text_field, tfds_data_dir),
+              "input": input_fingerprint(source, text_field, tfds_data_dir, kind),
               "tokenizer": tok_key, "val_fraction": val_fraction, "num_shards": num_shards}
   fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
   meta_path = os.path.join(out_dir, METADATA)
@@ -306,7 +308,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
 
   stats = sources.DecodeStats()
   docs = lambda split: sources.get_documents(source, split, val_fraction, text_field=text_field,
-                                             tfds_data_dir=tfds_data_dir, stats=stats)
+                                             tfds_data_dir=tfds_data_dir, stats=stats, kind=kind)
   tmp = f"{out_dir}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -317,7 +319,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
       tok = train_bpe((t for _, t in docs("train")), vocab_size, os.path.join(tmp, "bpe"))
       name = f"bpe:{os.path.join(out_dir, 'tokenizer')}"
     else:
-      tok, name = get_tokenizer(tokenizer), tokenizer
+      tok, name = given, tokenizer
     tok_rec = _tokenizer_record(tok, tmp, name)
     # workers load the copy inside the folder: exactly what readers will use
     spec = "bytes" if tok_rec["kind"] == "bytes" else \

@@ -163,7 +163,7 @@ def parse_tfds(spec: str) -> tuple[str, str | None]:
 def tfds_source(name: str, split: str, data_dir: str):
   """A random-access ArrayRecord source for a TFDS split prepared in `data_dir` (no network)."""
   try:
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    import tensorflow_datasets as tfds  # optional dependency (.[tfds])
   except ImportError:
     raise ConfigError("data.source=tfds:... needs tensorflow-datasets: "
                       "pip install -e '.[tfds]'") from None
@@ -178,7 +178,7 @@ def tfds_source(name: str, split: str, data_dir: str):
 def _tfds_split_name(name: str, split: str, data_dir: str) -> str:
   if split == "train":
     return "train"
-  import tensorflow_datasets as tfds  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # optional dependency (.[tfds])
 
   splits = tfds.builder(name, data_dir=data_dir or None).info.splits
   for cand in ("validation", "test"):
@@ -232,11 +232,15 @@ def source_kind(source: str) -> str:
 
 def get_documents(source: str, split: str | None, val_fraction: float = 0.05, *,
                   text_field: str = "text", tfds_data_dir: str = "",
-                  stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
-  """(name, text) of one split (`None`: every document) of a raw-text source, in a fixed order."""
+                  stats: DecodeStats | None = None,
+                  kind: str | None = None) -> Iterator[tuple[str, str]]:
+  """(name, text) of one split (`None`: every document) of a raw-text source, in a fixed order.
+
+  `kind`: the source's `source_kind`, when the caller has resolved it already.
+  """
   if split is not None:
     _check_split(split)
-  kind = source_kind(source)
+  kind = source_kind(source) if kind is None else kind
   if kind == "embedded":
     return _file_documents(stdlib_dir(), embedded_files(), split, val_fraction, stats)
   if kind == "folder":

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
-from ttt_jax.eval.perplexity import init_cache, stream_alignment
+from ttt_jax.eval.perplexity import Run, init_cache, stream_alignment
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k) -> jax.Array:
@@ -78,8 +79,6 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
   Stops early once every row has produced `eos_id` (rows that stopped first keep producing
   tokens, which callers cut at their EOS).
   """
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
   prompt = np.asarray(prompt, np.int32)
   batch, plen = prompt.shape
   if plen < 1 or max_new_tokens < 1:
@@ -106,12 +105,11 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
   return np.stack(out, axis=1)
 
 
-def generate_text(run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
+def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, seed: int = 0, progress: bool = True) -> str:
-  """Continuation of `prompt` (text) by a loaded run (perplexity.load_run), cut at EOS."""
-  from ttt_jax.data.pipeline import data_tokenizer  # noqa: PLC0415
-
-  tok = data_tokenizer(run.config.data)
+  """Continuation of `prompt` (text) by a loaded run (perplexity.load_run), cut at EOS; the
+  text is encoded and decoded with the run's own tokenizer (`run.data`)."""
+  tok = run.data.tokenizer
   ids = np.concatenate([[tok.bos_id], np.asarray(tok.encode(prompt), np.int32)])[None]
   new = generate(run.graphdef, run.params, run.config.model, ids, max_new_tokens,
                  temperature=temperature, top_k=top_k, seed=seed, chunk=run.config.eval.chunk,

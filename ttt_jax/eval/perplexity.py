@@ -28,9 +28,13 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
-from ttt_jax.config import ConfigError, parse_ctx
+from ttt_jax.config import ConfigError, base_config, parse_ctx, validate
+from ttt_jax.data.dataset import Dataset
+from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
+from ttt_jax.train.trainer import Trainer
 
 
 class EvalDocs(NamedTuple):
@@ -165,8 +169,6 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
                    ctxs: Sequence[int], *, chunk: int, batch_size: int, first_bucket: int,
                    progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
   """Perplexity at every context length in `ctxs` + loss per position bucket at the longest."""
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
   ctxs = sorted(ctxs)
   if docs.tokens.shape[1] < ctxs[-1] + 1:
     raise ConfigError(f"ctx={ctxs[-1]} needs documents of {ctxs[-1] + 1} tokens; "
@@ -204,26 +206,23 @@ class Run(NamedTuple):
   config: ml_collections.ConfigDict
   graphdef: Any
   params: Any
+  data: Dataset  # the run's config.data, resolved once (tokenizer, validation split)
 
 
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A run's saved config on top of today's defaults (knobs added since keep their default)."""
-  from ttt_jax.config import base_config, validate  # noqa: PLC0415
-  from ttt_jax.train.checkpoint import flat_config  # noqa: PLC0415
-
   config = base_config()
-  known = flat_config(config.to_dict())
-  config.update_from_flattened_dict({k: v for k, v in flat_config(saved).items() if k in known})
+  known = ckpt.flat_config(config.to_dict())
+  config.update_from_flattened_dict({k: v for k, v in ckpt.flat_config(saved).items()
+                                     if k in known})
   # Any mesh works for restore; evaluate on whatever devices this process has.
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   return validate(config)
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
-  """Config + parameters of a run's latest (or `step`) checkpoint, opened read-only."""
-  from ttt_jax.train import checkpoint as ckpt  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
-
+  """Config + parameters + resolved data of a run's latest (or `step`) checkpoint, opened
+  read-only."""
   if not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir}: no such directory")
   directory = os.path.join(workdir, ckpt.CKPT_DIR)
@@ -241,20 +240,18 @@ def load_run(workdir: str, step: int | None = None) -> Run:
       raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available: "
                         f"{', '.join(map(str, steps))}")
     config = config_from_saved(checkpoints.saved_config(step))
-    trainer = Trainer.create(config)
+    trainer = Trainer.create(config)  # resolves config.data once: trainer.data
     params = checkpoints.restore_params(step, trainer)
   finally:
     checkpoints.close()
-  return Run(workdir, step, config, trainer.graphdef, params)
+  return Run(workdir, step, config, trainer.graphdef, params, trainer.data)
 
 
 def evaluate_run(run: Run, ctxs: Sequence[int], *, max_docs: int | None = None,
                  chunk: int | None = None, batch_size: int | None = None,
                  progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
   """Selects the documents for max(ctxs) from the run's validation split and evaluates."""
-  from ttt_jax.data import pipeline  # noqa: PLC0415
-
-  ev, dc = run.config.eval, run.config.data
+  ev = run.config.eval
   ctxs = sorted(ctxs)
   max_docs = ev.max_docs if max_docs is None else max_docs
   chunk = ev.chunk if chunk is None else chunk
@@ -262,8 +259,7 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, max_docs: int | None = None,
   align = stream_alignment(run.config.model)
   for L in ctxs:
     chunk_for(L, chunk, align)
-  stream = pipeline.load_stream(dc.source, dc.tokenizer, "validation", dc.val_fraction)
-  docs = select_documents(stream, ctxs[-1], max_docs)
+  docs = select_documents(run.data.stream("validation"), ctxs[-1], max_docs)
   if echo is not None:
     echo(f"{run.workdir} (step {run.step}, {run.config.model.kind}/{run.config.model.mixer}): "
          f"{len(docs.names)} validation documents of >= {ctxs[-1] + 1} tokens, chunk {chunk}")

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ttt_jax.data.pipeline import build_stream, data_tokenizer, load_stream
+from ttt_jax.data.pipeline import WindowSource, build_stream, stack_windows
 from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval.perplexity import load_run
 from ttt_jax.eval.tlm import (
@@ -96,18 +96,14 @@ def read_texts(path: str) -> list[tuple[str, str]]:
   return docs
 
 
-def text_samples_from_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-  n = (len(tokens) - 1) // seq_len
-  return tokens[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]].astype(np.int32)
-
-
 def text_samples(docs: list[tuple[str, str]], tokenizer, seq_len: int) -> np.ndarray:
-  """Consecutive non-overlapping samples [S, seq_len + 1] of the stream [BOS] doc [EOS] ..."""
+  """Consecutive samples [S, seq_len + 1] of the stream [BOS] doc [EOS] ..., cut as training
+  cuts it (`pipeline.WindowSource`: sample i+1 starts with sample i's last token)."""
   tokens = build_stream(docs, tokenizer).tokens
   if (len(tokens) - 1) // seq_len < 2:
     raise ValueError(f"the text has {len(tokens)} tokens: fewer than two samples of "
                      f"seq_len={seq_len}")
-  return text_samples_from_tokens(tokens, seq_len)
+  return stack_windows(WindowSource(tokens, seq_len))
 
 
 def split_heldout(samples: np.ndarray, fraction: float, max_samples: int = 0):
@@ -195,14 +191,12 @@ def adapt_workdir(workdir: str, data: str, config: ml_collections.ConfigDict,
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(run.config.model)))
   nnx.replace_by_pure_dict(state, run.params)
   model = nnx.merge(graphdef, state)
-  dc = run.config.data
-  tokenizer = data_tokenizer(dc)
+  tokenizer = run.data.tokenizer
   samples = text_samples(read_texts(data), tokenizer, config.seq_len)
   adapt, held = split_heldout(samples, config.heldout_fraction, config.max_samples)
   original = None
-  if config.original_samples:
-    stream = load_stream(dc.source, dc.tokenizer, "validation", dc.val_fraction)
-    original = evenly_spaced(text_samples_from_tokens(stream.tokens, config.seq_len),
+  if config.original_samples:  # the run's own validation data, windowed the same way
+    original = evenly_spaced(run.data.samples("validation", config.seq_len),
                              config.original_samples)
   echo(f"{workdir} step {run.step} ({run.config.model.kind}): {len(adapt)} adaptation and "
        f"{len(held)} held-out samples of {config.seq_len} tokens from {data}")

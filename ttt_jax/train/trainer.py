@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ttt_jax.config import validate
 from ttt_jax.data import pipeline
+from ttt_jax.data.dataset import Dataset
 from ttt_jax.models import build_model
 from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train import sharding as shd
@@ -50,10 +51,14 @@ class Trainer:
   state_shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
   rules: shd.Rules = shd.LOGICAL_RULES  # logical axis -> mesh axes (mesh.rules)
+  data: Dataset | None = None  # config.data resolved once (source, tokenizer, splits)
 
   @classmethod
-  def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-    pipeline.sync_vocab(config)  # model.vocab_size follows the data tokenizer
+  def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+             data: Dataset | None = None):
+    """`data`: the run's resolved `config.data` (built here when not given)."""
+    data = Dataset.from_config(config.data) if data is None else data
+    data.sync_vocab(config)  # model.vocab_size follows the data tokenizer
     validate(config)
     mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
@@ -67,7 +72,7 @@ class Trainer:
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard, rng=repl)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
-               shd.batch_sharding(mesh, rules), rules)
+               shd.batch_sharding(mesh, rules), rules, data)
 
   # -- pure functions --------------------------------------------------------------------------
   def model(self, params) -> nnx.Module:
@@ -166,10 +171,10 @@ class Trainer:
 
   def dataset(self, split: str, shuffle: bool | None = None):
     dc = self.config.data
-    return pipeline.windows_dataset(
-        dc, split, seed=self.config.seed, shuffle=dc.shuffle if shuffle is None else shuffle,
-        batch_size=self.local_batch_size(), process_index=jax.process_index(),
-        process_count=jax.process_count())
+    return self.data.windows(
+        split, dc.seq_len, seed=self.config.seed,
+        shuffle=dc.shuffle if shuffle is None else shuffle, batch_size=self.local_batch_size(),
+        process_index=jax.process_index(), process_count=jax.process_count())
 
   def evaluate(self, params, step: int, num_batches: int) -> dict[str, float]:
     """Mean validation metrics (+ perplexity) over the first `num_batches` (unshuffled)
@@ -225,7 +230,7 @@ class _Dispatched(NamedTuple):
 
 @exclusive_workdir  # config + data checked before the workdir is touched; one run per workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
-                       *, echo=print) -> dict[str, Any]:
+                       *, echo=print, data: Dataset | None = None) -> dict[str, Any]:
   """Trains to `config.train.steps` updates, resuming from `workdir`'s latest checkpoint.
 
   Saves a checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (then returns
@@ -234,14 +239,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   batch's data position (the last checkpoint, all finite, stays). Steps run one ahead of the
   host: step n is dispatched before step n-1's metrics are read, so the progress bar counts
   finished steps without stalling the device. Returns the final state, train history,
-  validation metrics.
+  validation metrics. `data`: `config.data` resolved (`exclusive_workdir` passes the one its
+  start-up check built).
   """
 
   def log(s: str) -> None:
     if jax.process_index() == 0:
       tqdm.write(s) if echo is print else echo(s)
 
-  trainer = Trainer.create(config)
+  trainer = Trainer.create(config, data=data)
   tr, every = config.train, config.checkpoint.every_steps
   n_params = count_params(trainer.abstract_params)
   log(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "

@@ -1,15 +1,16 @@
 """One run per workdir: start-up checks, then an exclusive lock for the length of the run.
 
 `claim(config, workdir)` first checks everything that can be checked without writing: the
-config (`ttt_jax.config.validate`), both data splits (`pipeline.check_splits`) and
-`checkpoint.load_from`. Only then does it create the workdir and take its lock file
-`<workdir>/run.lock` (JSON: pid, host, start time of the holder). A second run on the same
-workdir stops with `WorkdirBusy` naming the holder. A lock left by a process of this host that is
-no longer running (killed, crashed) is taken over with a notice; one from another host is only
-reported, since its liveness cannot be checked from here. The lock is an `flock` on the file,
-which the kernel drops when its process dies, plus the holder's identity inside it. On
-multi-process runs process 0 alone takes it and tells the others whether it got it.
-`exclusive_workdir` applies all this around a training function.
+data config, resolved once into the run's `Dataset` (source, tokenizer, both splits:
+`Dataset.check_splits`), the config (`ttt_jax.config.validate`) and `checkpoint.load_from`.
+Only then does it create the workdir and take its lock file `<workdir>/run.lock` (JSON: pid,
+host, start time of the holder). A second run on the same workdir stops with `WorkdirBusy`
+naming the holder. A lock left by a process of this host that is no longer running (killed,
+crashed) is taken over with a notice; one from another host is only reported, since its
+liveness cannot be checked from here. The lock is an `flock` on the file, which the kernel
+drops when its process dies, plus the holder's identity inside it. On multi-process runs
+process 0 alone takes it and tells the others whether it got it. `exclusive_workdir` applies
+all this around a training function and hands it the `Dataset`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError, validate
-from ttt_jax.data import pipeline
+from ttt_jax.data.dataset import Dataset
 from ttt_jax.train.checkpoint import check_load_from
 
 LOCK_FILE = "run.lock"
@@ -41,12 +42,17 @@ class WorkdirBusy(RuntimeError):
   """Another run holds the workdir; the message names it (pid, host, start time)."""
 
 
-def check_run(config: ml_collections.ConfigDict) -> None:
-  """Everything a training run can check before it writes anything (raises ConfigError)."""
-  pipeline.sync_vocab(config)  # model.vocab_size follows the data tokenizer
+def check_run(config: ml_collections.ConfigDict, data: Dataset | None = None) -> Dataset:
+  """Everything a training run can check before it writes anything (raises ConfigError).
+
+  Returns the run's data (`data`, or `config.data` resolved here), its splits checked.
+  """
+  data = Dataset.from_config(config.data) if data is None else data
+  data.sync_vocab(config)  # model.vocab_size follows the data tokenizer
   validate(config)
-  pipeline.check_splits(config.data, config.data.batch_size, jax.process_count())
+  data.check_splits(config.data.seq_len, config.data.batch_size, jax.process_count())
   check_load_from(config)
+  return data
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -193,11 +199,13 @@ class WorkdirLock:
 
 
 @contextlib.contextmanager
-def claim(config: ml_collections.ConfigDict, workdir: str | None, *, echo=print):
-  """Start-up checks, then the workdir lock (process 0 only) until the block ends."""
-  check_run(config)
+def claim(config: ml_collections.ConfigDict, workdir: str | None, *, echo=print,
+          data: Dataset | None = None):
+  """Start-up checks, then the workdir lock (process 0 only) until the block ends; yields the
+  run's `Dataset` (`check_run`)."""
+  data = check_run(config, data)
   if workdir is None:
-    yield
+    yield data
     return
   lock = WorkdirLock(workdir, echo=echo)
   error = None
@@ -215,17 +223,18 @@ def claim(config: ml_collections.ConfigDict, workdir: str | None, *, echo=print)
   if error is not None:
     raise error
   try:
-    yield
+    yield data
   finally:
     lock.release()
 
 
 def exclusive_workdir(train_fn):
-  """Decorates `train_fn(config, workdir, ..., echo=print)`: runs it inside `claim`."""
+  """Decorates `train_fn(config, workdir, ..., echo=print, data=None)`: runs it inside `claim`
+  and passes it the checked `Dataset` as `data` (a caller's own `data` is checked and passed)."""
 
   @functools.wraps(train_fn)
-  def wrapper(config, workdir, *args, echo=print, **kwargs):
-    with claim(config, workdir, echo=echo):
-      return train_fn(config, workdir, *args, echo=echo, **kwargs)
+  def wrapper(config, workdir, *args, echo=print, data=None, **kwargs):
+    with claim(config, workdir, echo=echo, data=data) as checked:
+      return train_fn(config, workdir, *args, echo=echo, data=checked, **kwargs)
 
   return wrapper
