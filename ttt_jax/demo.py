@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
+import time
 
 from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
+from ttt_jax.eval import perplexity, plots
+from ttt_jax.train.trainer import train_and_evaluate
 
 # TTT-E2E, meta-learned: a sliding-window Transformer whose last block keeps learning as it reads
 # (context 256, window 128, inner mini-batches of 64 tokens: two chunks per training sequence)
@@ -50,13 +56,6 @@ def run_demo(workdir: str, arg: str = DEMO_ARG) -> dict:
 def train_with_preemption(config, workdir: str, at_step: int) -> dict:
   """Trains from scratch, sends this process SIGTERM once the checkpoint at `at_step` exists
   (as a preemptible machine would), then resumes in a second call and reports the continuation."""
-  import os  # noqa: PLC0415
-  import signal  # noqa: PLC0415
-  import threading  # noqa: PLC0415
-  import time  # noqa: PLC0415
-
-  from ttt_jax.train.trainer import train_and_evaluate  # noqa: PLC0415
-
   fresh = config.copy_and_resolve_references()
   fresh.checkpoint.resume, fresh.checkpoint.overwrite = False, True
   fresh.checkpoint.every_steps = at_step
@@ -88,10 +87,6 @@ def train_with_preemption(config, workdir: str, at_step: int) -> dict:
 def evaluate_contexts(workdir: str, ctx: str) -> dict:
   """Streams the trained run over validation documents at several context lengths and prints
   the per-context perplexity table; writes workdir/eval/results.json and the PNG plots."""
-  import os  # noqa: PLC0415
-
-  from ttt_jax.eval import perplexity, plots  # noqa: PLC0415
-
   run = perplexity.load_run(workdir)
   print(f"\nperplexity per context length (trained at {run.config.data.seq_len} tokens):")
   res = perplexity.evaluate_run(run, perplexity.parse_ctx_list(ctx), echo=None)

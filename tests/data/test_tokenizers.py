@@ -4,6 +4,8 @@ import itertools
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ttt_jax.config import ConfigError
 from ttt_jax.data import sources
@@ -26,8 +28,6 @@ def bpe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-  import sentencepiece as spm
-
   out = tmp_path_factory.mktemp("sp")
   text = "\n".join(t[:4000] for t in _corpus(30)) + "\n" + TEXT
   spm.SentencePieceTrainer.train(
@@ -63,8 +63,6 @@ def test_hf_bpe_round_trip_and_specs(bpe_dir):
 
 
 def test_hf_tokenizer_without_specials_gets_extra_ids(tmp_path):
-  from tokenizers import Tokenizer, models, pre_tokenizers
-
   vocab = {chr(c): i for i, c in enumerate(range(ord("a"), ord("z") + 1))}
   vocab["[UNK]"] = len(vocab)
   tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
