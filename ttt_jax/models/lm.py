@@ -131,7 +131,11 @@ _REMAT_POLICIES = {
 
 
 def apply_block(block: Block, h, positions, state, remat: str, step=None):
-  """Runs one block, under `jax.checkpoint` unless remat == 'none' (functional split/merge)."""
+  """Runs one block, under `jax.checkpoint` unless remat == 'none' (functional split/merge).
+
+  Measured on XLA:CPU: a Python loop of checkpointed blocks saves no memory, while the scanned
+  stack (`model.scan_layers=True`) does (docs/scaling.md).
+  """
   if remat == "none":
     return block(h, positions, state, step)
   graphdef, params = nnx.split(block)
