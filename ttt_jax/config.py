@@ -39,6 +39,24 @@ E2E_CHUNK = {"tiny": 128, "125m": 1024, "350m": 1024, "760m": 1024, "1b": 1024, 
 
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
 
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
+# logical axis -> mesh axis (or None = replicated); `mesh.rules` overrides entries. FSDP shards
+# the model width of every weight (and so its optimizer moments); tensor parallelism splits
+# heads, MLP hidden units and the vocab. ttt_jax/sharding.py applies them.
+LOGICAL_RULES: Rules = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("head_dim", None),
+    ("seq", None),
+)
+
 
 class ConfigError(ValueError):
   """A bad config value; the message names the key and what is allowed."""
@@ -53,6 +71,30 @@ def parse_ctx(value: str | int) -> int:
     return int(s)
   except ValueError:
     raise ConfigError(f"ctx={value!r}: expected an integer or a size like 2k, 8k, 128k") from None
+
+
+def parse_rules(text: str) -> Rules:
+  """'embed=fsdp,mlp=tensor,batch=data+fsdp,vocab=' -> rules overriding `LOGICAL_RULES`.
+
+  Each item is `logical=mesh_axis[+mesh_axis...]`; an empty right side means replicated.
+  Logical names not mentioned keep their default rule.
+  """
+  overrides: dict[str, MeshAxes] = {}
+  for item in (s.strip() for s in text.split(",")):
+    if not item:
+      continue
+    if "=" not in item:
+      raise ConfigError(f"mesh.rules item {item!r}: expected logical=mesh_axis "
+                        f"(mesh axes: {', '.join(MESH_AXES)}; empty = replicated)")
+    name, rhs = (s.strip() for s in item.split("=", 1))
+    axes = tuple(a.strip() for a in rhs.split("+") if a.strip())
+    bad = [a for a in axes if a not in MESH_AXES]
+    if not name or bad:
+      raise ConfigError(f"mesh.rules item {item!r}: mesh axes must be among "
+                        f"{', '.join(MESH_AXES)} (joined with '+')")
+    overrides[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+  rules = [(k, overrides.pop(k, v)) for k, v in LOGICAL_RULES]
+  return tuple(rules) + tuple(overrides.items())
 
 
 def round_up(x: float, multiple: int) -> int:
@@ -340,8 +382,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     v = c.mesh[key]
     if v == 0 or v < -1:
       raise ConfigError(f"mesh.{key}={v} must be a positive size or -1 (fill the rest)")
-  from ttt_jax.train.sharding import parse_rules  # noqa: PLC0415 (sharding imports this module)
-
   parse_rules(c.mesh.rules)
   for key in ("max_docs", "chunk", "batch_size", "first_bucket"):
     _check_positive(f"eval.{key}", c.eval[key])

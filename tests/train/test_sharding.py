@@ -13,12 +13,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from ttt_jax.config import ConfigError, base_config, validate
+from ttt_jax.config import MESH_AXES, ConfigError, base_config, parse_rules, validate
+from ttt_jax.sharding import activation_sharding, constrain, logical_to_mesh
 from ttt_jax.train import distributed
 from ttt_jax.train import sharding as shd
 
@@ -196,7 +198,7 @@ class _FakeMesh:
 
 def test_logical_to_mesh_rules():
   mesh = _FakeMesh(data=2, fsdp=4, tensor=2)
-  to = shd.logical_to_mesh
+  to = logical_to_mesh
   assert to(("embed", "mlp"), (64, 128), mesh) == PartitionSpec("fsdp", "tensor")
   assert to(("batch", None, "embed"), (8, 3, 64), mesh) == PartitionSpec(("data", "fsdp"))
   # a dimension the axes do not divide stays replicated; a partial prefix is kept
@@ -208,16 +210,16 @@ def test_logical_to_mesh_rules():
 
 
 def test_rules_from_config_override_defaults():
-  rules = dict(shd.parse_rules("embed=,mlp=fsdp+tensor,batch=data,expert=tensor"))
+  rules = dict(parse_rules("embed=,mlp=fsdp+tensor,batch=data,expert=tensor"))
   assert rules["embed"] is None and rules["mlp"] == ("fsdp", "tensor")
   assert rules["batch"] == "data" and rules["expert"] == "tensor"
   assert rules["heads"] == "tensor"  # untouched default
   mesh = _FakeMesh(data=2, fsdp=2, tensor=2)
-  spec = shd.logical_to_mesh(("embed", "mlp"), (64, 128), mesh, tuple(rules.items()))
+  spec = logical_to_mesh(("embed", "mlp"), (64, 128), mesh, tuple(rules.items()))
   assert spec == PartitionSpec(None, ("fsdp", "tensor"))
   for bad in ("embed", "embed=model", "=fsdp"):
     with pytest.raises(ConfigError, match="mesh.rules"):
-      shd.parse_rules(bad)
+      parse_rules(bad)
   c = base_config()
   c.mesh.rules = "mlp=pipeline"
   with pytest.raises(ConfigError, match="mesh.rules"):
@@ -240,12 +242,10 @@ def test_mesh_shape_from_config():
 
 def test_constrain_is_noop_without_mesh():
   x = np.ones((4, 8), np.float32)
-  assert shd.constrain(x, ("batch", "embed")) is x
-  import jax  # noqa: PLC0415
-
-  one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), shd.MESH_AXES)
-  with shd.activation_sharding(one):
-    assert shd.constrain(x, ("batch", "embed")) is x
+  assert constrain(x, ("batch", "embed")) is x
+  one = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
+  with activation_sharding(one):
+    assert constrain(x, ("batch", "embed")) is x
 
 
 def test_distributed_init_kwargs():

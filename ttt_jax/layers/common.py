@@ -13,7 +13,7 @@ def dtype(name: str):
 
 
 def normal_init(std: float, axes: tuple[str | None, ...]):
-  """A N(0, std²) initializer tagged with logical axis names (see train/sharding.py)."""
+  """A N(0, std²) initializer tagged with logical axis names (see ttt_jax/sharding.py)."""
   return nnx.with_partitioning(nnx.initializers.normal(std), axes)
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 
 from ttt_jax.layers.attention import KVCache
 from ttt_jax.models.lm import apply_block
-from ttt_jax.train.sharding import constrain
+from ttt_jax.sharding import constrain
 
 # vmap axes of one KV window: keys/values per sequence, positions shared by the batch
 KV_AXES = KVCache(k=0, v=0, pos=None)

@@ -20,10 +20,10 @@ from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.ttt_inner import warmup_lr_mult
-from ttt_jax.train.sharding import constrain
+from ttt_jax.sharding import constrain
 
 VOCAB_MULTIPLE = 128
-# logical axes of the residual stream [B, T, D] at block boundaries (see train/sharding.py)
+# logical axes of the residual stream [B, T, D] at block boundaries (see ttt_jax/sharding.py)
 ACT_AXES = ("batch", "seq", None)
 
 

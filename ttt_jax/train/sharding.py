@@ -1,21 +1,12 @@
-"""Device mesh ('data', 'fsdp', 'tensor') and logical-axis -> mesh-axis rules.
+"""Device mesh ('data', 'fsdp', 'tensor') from the config, and the shardings of a train state.
 
-Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, `layers`, ...) in their
-`out_sharding` metadata. `logical_to_mesh` maps them through the rules (`LOGICAL_RULES`, or
-`mesh.rules` in the config); a dimension that the mesh axes do not divide stays replicated, so
-tiny models still run on big meshes.
-
-Activations are constrained the same way: models call `constrain(x, ("batch", None, "embed"))`
-at block boundaries. Inside `activation_sharding(mesh, rules)` (the trainer enters it while
-tracing its steps) this becomes `jax.lax.with_sharding_constraint`; outside it is a no-op.
+The logical-axis rules live in config.py (`LOGICAL_RULES`, `mesh.rules`); ttt_jax/sharding.py
+maps logical names to PartitionSpecs and constrains activations inside models.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -23,94 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ttt_jax.config import ConfigError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-MeshAxes = str | tuple[str, ...] | None
-Rules = tuple[tuple[str, MeshAxes], ...]
-
-# logical axis -> mesh axis (or None = replicated). FSDP shards the model width of every weight
-# (and so its optimizer moments); tensor parallelism splits heads, MLP hidden units and the vocab.
-LOGICAL_RULES: Rules = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("head_dim", None),
-    ("seq", None),
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rules
-# ----------------------------------------------------------------------------------------------
-
-
-def parse_rules(text: str) -> Rules:
-  """'embed=fsdp,mlp=tensor,batch=data+fsdp,vocab=' -> rules overriding `LOGICAL_RULES`.
-
-  Each item is `logical=mesh_axis[+mesh_axis...]`; an empty right side means replicated.
-  Logical names not mentioned keep their default rule.
-  """
-  overrides: dict[str, MeshAxes] = {}
-  for item in (s.strip() for s in text.split(",")):
-    if not item:
-      continue
-    if "=" not in item:
-      raise ConfigError(f"mesh.rules item {item!r}: expected logical=mesh_axis "
-                        f"(mesh axes: {', '.join(MESH_AXES)}; empty = replicated)")
-    name, rhs = (s.strip() for s in item.split("=", 1))
-    axes = tuple(a.strip() for a in rhs.split("+") if a.strip())
-    bad = [a for a in axes if a not in MESH_AXES]
-    if not name or bad:
-      raise ConfigError(f"mesh.rules item {item!r}: mesh axes must be among "
-                        f"{', '.join(MESH_AXES)} (joined with '+')")
-    overrides[name] = None if not axes else axes[0] if len(axes) == 1 else axes
-  rules = [(k, overrides.pop(k, v)) for k, v in LOGICAL_RULES]
-  return tuple(rules) + tuple(overrides.items())
-
-
-def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
-  return parse_rules(config.mesh.get("rules", ""))
-
-
-def _rule(name: str, rules: Rules) -> MeshAxes:
-  for logical, mesh_axis in rules:
-    if logical == name:
-      return mesh_axis
-  return None
-
-
-def logical_to_mesh(logical: Sequence | PartitionSpec | None, shape: Sequence[int],
-                    mesh: Mesh, rules: Rules = LOGICAL_RULES) -> PartitionSpec:
-  """Mesh PartitionSpec for an array of `shape` with logical axis names `logical`.
-
-  A mesh axis is used at most once per array (first dimension wins); axes of size 1 and axes
-  that do not divide the dimension are dropped (that dimension is then replicated).
-  """
-  if not logical:
-    return PartitionSpec()
-  out, used = [], set()
-  for name, dim in zip(logical, shape, strict=False):
-    axis = _rule(name, rules) if name is not None else None
-    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    # keep the longest prefix of axes whose product divides the dimension
-    while axes and dim % math.prod(mesh.shape[a] for a in axes):
-      axes = axes[:-1]
-    if not axes:
-      out.append(None)
-      continue
-    used.update(axes)
-    out.append(axes[0] if len(axes) == 1 else axes)
-  while out and out[-1] is None:
-    out.pop()
-  return PartitionSpec(*out)
-
+from ttt_jax.config import LOGICAL_RULES, MESH_AXES, ConfigError, Rules
+from ttt_jax.sharding import logical_to_mesh, mesh_axes_of
 
 # ----------------------------------------------------------------------------------------------
 # Mesh
@@ -165,7 +70,7 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = LOGICA
 
 def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
   """Batch dimension over the mesh axes of the logical `batch` axis (data x fsdp by default)."""
-  axes = _rule("batch", rules)
+  axes = mesh_axes_of("batch", rules)
   return NamedSharding(mesh, PartitionSpec(axes))
 
 
@@ -177,40 +82,3 @@ def sharded_fraction(x: jax.Array) -> float:
   """Elements held by one device / total elements (1.0 = fully replicated)."""
   shard = x.addressable_shards[0].data
   return float(np.prod(shard.shape)) / max(float(np.prod(x.shape)), 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Activation constraints
-# ----------------------------------------------------------------------------------------------
-
-
-class _Context(threading.local):
-  mesh: Mesh | None = None
-  rules: Rules = LOGICAL_RULES
-
-
-_CONTEXT = _Context()
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None, rules: Rules = LOGICAL_RULES):
-  """Within this context (entered while tracing), `constrain` pins activations to `mesh`."""
-  prev = (_CONTEXT.mesh, _CONTEXT.rules)
-  _CONTEXT.mesh, _CONTEXT.rules = mesh, rules
-  try:
-    yield
-  finally:
-    _CONTEXT.mesh, _CONTEXT.rules = prev
-
-
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-  """`with_sharding_constraint` of `x` to its logical axes, or `x` unchanged without a mesh.
-
-  `logical` names the leading dimensions of `x` (missing trailing names = replicated).
-  """
-  mesh = _CONTEXT.mesh
-  if mesh is None or mesh.size == 1:
-    return x
-  spec = logical_to_mesh(tuple(logical), x.shape, mesh, _CONTEXT.rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-

@@ -20,10 +20,11 @@ import optax
 from flax import nnx, struct
 from tqdm.auto import tqdm
 
-from ttt_jax.config import validate
+from ttt_jax.config import LOGICAL_RULES, Rules, validate
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.models import build_model
+from ttt_jax.sharding import activation_sharding, constrain, rules_from_config
 from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train import sharding as shd
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
@@ -50,7 +51,7 @@ class Trainer:
   optimizer: optax.GradientTransformation
   state_shardings: TrainState
   batch_sharding: jax.sharding.NamedSharding
-  rules: shd.Rules = shd.LOGICAL_RULES  # logical axis -> mesh axes (mesh.rules)
+  rules: Rules = LOGICAL_RULES  # logical axis -> mesh axes (mesh.rules)
   data: Dataset | None = None  # config.data resolved once (source, tokenizer, splits)
 
   @classmethod
@@ -63,7 +64,7 @@ class Trainer:
     mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
     optimizer = make_optimizer(config.train)
-    rules = shd.rules_from_config(config)
+    rules = rules_from_config(config)
     p_shard = shd.param_shardings(abstract, mesh, rules)
     abstract_params = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -79,7 +80,7 @@ class Trainer:
     return nnx.merge(self.graphdef, params)
 
   def loss_fn(self, params, batch, step):
-    with shd.activation_sharding(self.mesh, self.rules):  # active while jit traces this
+    with activation_sharding(self.mesh, self.rules):  # active while jit traces this
       return self.model(params).compute_loss(batch, step)
 
   def _init(self, seed) -> TrainState:
@@ -99,14 +100,14 @@ class Trainer:
       # groups of `accum` consecutive rows, so every microbatch stays sharded over the batch
       # axes. (A contiguous split would put microbatch j on 1/accum of the devices: an
       # all-gather of the batch per step and accum-fold redundant compute on every device.)
-      with shd.activation_sharding(self.mesh, self.rules):
+      with activation_sharding(self.mesh, self.rules):
         micro = jax.tree.map(
-            lambda x: shd.constrain(x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1),
-                                    (None, "batch")), batch)
+            lambda x: constrain(x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1),
+                                (None, "batch")), batch)
 
       def body(carry, mb):
-        with shd.activation_sharding(self.mesh, self.rules):
-          mb = jax.tree.map(lambda x: shd.constrain(x, ("batch",)), mb)
+        with activation_sharding(self.mesh, self.rules):
+          mb = jax.tree.map(lambda x: constrain(x, ("batch",)), mb)
         (loss, metrics), grads = grad_fn(state.params, mb, state.step)
         return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
