@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ttt_jax.benchmarks import run as bench_run
+from ttt_jax.benchmarks import training
 from ttt_jax.benchmarks.common import PRESETS, SECTIONS, interleaved
 from ttt_jax.config import ConfigError
 from ttt_jax.train.flops import attended_keys
@@ -196,8 +197,6 @@ def test_reproduction_end_to_end(tmp_path):
 
 def test_compile_only_train_memory():
   """The memory section's compile-only path (no allocation) works for a plain and an E2E kind."""
-  from ttt_jax.benchmarks import training  # noqa: PLC0415
-
   out = training.train_memory(PRESETS["quick"], ["transformer", "e2e-meta"], echo=print)
   for r in out.values():
     _positive(r, "argument_bytes", "temp_bytes", "peak_bytes")
