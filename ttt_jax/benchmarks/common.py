@@ -206,3 +206,32 @@ def fmt_bytes(n: float) -> str:
 
 def fmt_len(n: int) -> str:
   return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+# -- reading results (tables and figures) --------------------------------------------------------
+def result_status(r: dict) -> str | None:
+  """'skipped (why)' / 'error (what)' for a result that has no numbers, else None."""
+  if "skipped" in r:
+    return f"skipped ({r['skipped']})"
+  if "error" in r:
+    return f"error ({r['error']})"
+  return None
+
+
+def stream_memory_of(sections: dict) -> dict | None:
+  if "memory" in sections and "stream" in sections["memory"]:
+    return sections["memory"]["stream"]
+  st = sections.get("streaming")
+  if not st:
+    return None
+  return {k: (r if result_status(r) else {n: e["memory"] for n, e in r.items() if "memory" in e})
+          for k, r in st["kinds"].items()}
+
+
+def train_memory_of(sections: dict) -> dict | None:
+  if "memory" in sections and "train" in sections["memory"]:
+    return sections["memory"]["train"]
+  tr = sections.get("train")
+  if not tr:
+    return None
+  return {k: (r if result_status(r) else r["memory"]) for k, r in tr["kinds"].items()}

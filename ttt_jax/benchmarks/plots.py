@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
-from ttt_jax.benchmarks.common import fmt_len
+from ttt_jax.benchmarks.common import fmt_len, stream_memory_of
 
 
 def _plt():
-  import matplotlib  # noqa: PLC0415
+  # imported when a figure is drawn: the Agg backend must be chosen before pyplot loads
+  import matplotlib
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   return plt
 
@@ -80,8 +81,6 @@ def machine_figures(key: str, entry: dict, out_dir: str) -> dict[str, str]:
       _footer(fig, entry)
       figs[phase] = _save(fig, out_dir, f"benchmarks_{tag}_{phase}.png")
       plt.close(fig)
-  from ttt_jax.benchmarks.report import stream_memory_of  # noqa: PLC0415
-
   mem = stream_memory_of(sec)
   if mem and any(_ok(r) and r for r in mem.values()):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

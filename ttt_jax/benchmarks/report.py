@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 import re
 
-from ttt_jax.benchmarks.common import fmt_bytes, fmt_len
+from ttt_jax.benchmarks.common import (
+  fmt_bytes,
+  fmt_len,
+  result_status,
+  stream_memory_of,
+  train_memory_of,
+)
+from ttt_jax.benchmarks.plots import machine_figures
 
 NOTES_BEGIN, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
@@ -40,14 +47,6 @@ def _us(s: float) -> str:
   return f"{s * 1e6:.1f}"
 
 
-def _status(r: dict) -> str | None:
-  if "skipped" in r:
-    return f"skipped ({r['skipped']})"
-  if "error" in r:
-    return f"error ({r['error']})"
-  return None
-
-
 def _caption(entry: dict) -> str:
   m = entry["machine"]
   return (f"{m['cpu']}, {m['cores']} cores, device {m['device_kind']} x{m['device_count']}; "
@@ -69,7 +68,7 @@ def _matmul(sec: dict) -> list[str]:
 def _train(sec: dict, fig: str | None) -> list[str]:
   rows = []
   for kind, r in sec["kinds"].items():
-    st = _status(r)
+    st = result_status(r)
     if st:
       rows.append([kind, st] + [""] * 6)
       continue
@@ -97,7 +96,7 @@ def _ttt(sec: dict) -> list[str]:
   rows = []
   for kind in dict.fromkeys(name.split("/")[0] for name in sec["impls"]):
     dual, primal = sec["impls"].get(f"{kind}/dual", {}), sec["impls"].get(f"{kind}/primal", {})
-    cells = [_status(x) or _ms(x["median_s"]) for x in (dual, primal)]
+    cells = [result_status(x) or _ms(x["median_s"]) for x in (dual, primal)]
     ratio = sec["ratios"].get(f"{kind}_primal_over_dual")
     rows.append([kind] + cells + [f"{ratio:.2f}x" if ratio else "-"])
   b, t, d = sec["shape"]
@@ -109,7 +108,7 @@ def _ttt_memory(sec: dict) -> list[str]:
   rows = []
   for kind, per in sec["layers"].items():
     for t, row in per.items():
-      cells = [_status(row.get(k, {})) or fmt_bytes(row[k]["peak_bytes"])
+      cells = [result_status(row.get(k, {})) or fmt_bytes(row[k]["peak_bytes"])
                for k in ("no_remat", "remat")]
       ratio = row.get("no_remat_over_remat")
       rows.append([kind, fmt_len(int(t))] + cells + [f"{ratio:.1f}x" if ratio else "-"])
@@ -124,14 +123,14 @@ def _latency(sec: dict, phase: str, fig: str | None) -> list[str]:
   ratios = sec["ratios"].get(phase, {})
   rows = []
   for kind, r in sec["kinds"].items():
-    st = _status(r)
+    st = result_status(r)
     if st:
       rows.append([kind, st] + [""] * (len(lengths) + 1))
       continue
     cells = []
     for n in lengths:
       p = r.get(str(n), {}).get(phase, {})
-      cells.append(_us(p["per_token_s"]) if "per_token_s" in p else (_status(p) or "-"))
+      cells.append(_us(p["per_token_s"]) if "per_token_s" in p else (result_status(p) or "-"))
     rt = ratios.get(kind, {})
     cells.append(f"{rt['longest_over_shortest']:.2f}x" if rt else "-")
     sp = rt.get("speedup_over_full_attention_at_longest")
@@ -154,15 +153,15 @@ def _memory(train_mem: dict | None, stream: dict | None, fig: str | None) -> lis
   if train_mem:
     rows = []
     for kind, m in train_mem.items():
-      st = _status(m)
+      st = result_status(m)
       rows.append([kind, st or fmt_bytes(m["peak_bytes"]), "" if st else
                    fmt_bytes(m["argument_bytes"]), "" if st else fmt_bytes(m["temp_bytes"])])
     out += ["Training step:", ""] + _table(["kind", "peak", "arguments", "temporaries"], rows)
   if stream:
-    lengths = sorted({int(n) for r in stream.values() if not _status(r) for n in r})
+    lengths = sorted({int(n) for r in stream.values() if not result_status(r) for n in r})
     rows = []
     for kind, r in stream.items():
-      st = _status(r)
+      st = result_status(r)
       if st:
         rows.append([kind, st] + [""] * (len(lengths) - 1))
         continue
@@ -174,25 +173,6 @@ def _memory(train_mem: dict | None, stream: dict | None, fig: str | None) -> lis
   if fig:
     out += [f"![streaming memory]({fig})", ""]
   return out
-
-
-def stream_memory_of(sections: dict) -> dict | None:
-  if "memory" in sections and "stream" in sections["memory"]:
-    return sections["memory"]["stream"]
-  st = sections.get("streaming")
-  if not st:
-    return None
-  return {k: (r if _status(r) else {n: e["memory"] for n, e in r.items() if "memory" in e})
-          for k, r in st["kinds"].items()}
-
-
-def train_memory_of(sections: dict) -> dict | None:
-  if "memory" in sections and "train" in sections["memory"]:
-    return sections["memory"]["train"]
-  tr = sections.get("train")
-  if not tr:
-    return None
-  return {k: (r if _status(r) else r["memory"]) for k, r in tr["kinds"].items()}
 
 
 def machine_markdown(key: str, entry: dict, figs: dict[str, str]) -> list[str]:
@@ -230,8 +210,6 @@ def read_notes(path: str) -> str:
 
 def write_report(results: dict, out_dir: str, md_name: str = "benchmarks.md") -> str:
   """Writes `out_dir/benchmarks.md` and the PNGs; keeps the notes block of an existing file."""
-  from ttt_jax.benchmarks.plots import machine_figures  # noqa: PLC0415
-
   path = os.path.join(out_dir, md_name)
   lines = [INTRO, read_notes(path), ""]
   for key, entry in results["machines"].items():
