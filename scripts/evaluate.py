@@ -14,6 +14,7 @@ import os
 
 from ttt_jax.cli import ArgumentParser, positive_int, user_errors
 from ttt_jax.eval import perplexity, plots
+from ttt_jax.train.runs import load_run
 
 
 def main(argv=None) -> None:
@@ -35,7 +36,7 @@ def main(argv=None) -> None:
       perplexity.parse_ctx_list(args.ctx)
     results = []
     for workdir in [args.workdir, *args.compare]:
-      run = perplexity.load_run(workdir, args.step if workdir == args.workdir else None)
+      run = load_run(workdir, args.step if workdir == args.workdir else None)
       ctxs = perplexity.parse_ctx_list(args.ctx or run.config.eval.ctx)
       res = perplexity.evaluate_run(run, ctxs, max_docs=args.max_docs, chunk=args.chunk,
                                     batch_size=args.batch_size, progress=not args.no_progress)

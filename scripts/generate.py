@@ -13,7 +13,7 @@ import sys
 
 from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
 from ttt_jax.eval.generate import generate_text
-from ttt_jax.eval.perplexity import load_run
+from ttt_jax.train.runs import load_run
 
 
 def main(argv=None) -> None:

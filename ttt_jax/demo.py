@@ -12,6 +12,7 @@ from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity, plots
+from ttt_jax.train.runs import load_run
 from ttt_jax.train.trainer import train_and_evaluate
 
 # TTT-E2E, meta-learned: a sliding-window Transformer whose last block keeps learning as it reads
@@ -87,7 +88,7 @@ def train_with_preemption(config, workdir: str, at_step: int) -> dict:
 def evaluate_contexts(workdir: str, ctx: str) -> dict:
   """Streams the trained run over validation documents at several context lengths and prints
   the per-context perplexity table; writes workdir/eval/results.json and the PNG plots."""
-  run = perplexity.load_run(workdir)
+  run = load_run(workdir)
   print(f"\nperplexity per context length (trained at {run.config.data.seq_len} tokens):")
   res = perplexity.evaluate_run(run, perplexity.parse_ctx_list(ctx), echo=None)
   perplexity.write_results(res, workdir)

@@ -14,6 +14,7 @@ from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import perplexity, tlm_run
 from ttt_jax.eval.generate import generate_text
 from ttt_jax.eval.tlm import default_config as tlm_default_config
+from ttt_jax.train.runs import load_run
 from ttt_jax.train.trainer import train_and_evaluate
 
 
@@ -107,7 +108,7 @@ def test_every_entry_point_resolves_the_data_config_once(folders, tmp_path, monk
   assert calls == {"source_kind": 1, "get_tokenizer": 1, "PreparedData": 1}, calls
 
   calls.clear()
-  run = perplexity.load_run(workdir)
+  run = load_run(workdir)
   res = perplexity.evaluate_run(run, [32], progress=False, echo=None)
   text = generate_text(run, "word1", 5, progress=False)
   assert res["contexts"][0]["docs"] >= 1 and isinstance(text, str)

@@ -21,6 +21,7 @@ import pytest
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train.metrics import read_metrics
+from ttt_jax.train.resume import start_run
 from ttt_jax.train.trainer import Trainer, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -138,7 +139,7 @@ def test_incomplete_checkpoint_is_skipped(runs, trainer, tmp_path):
   shutil.copytree(os.path.join(wd, "checkpoints", str(STEPS), "params"),
                   os.path.join(partial, "params.orbax-checkpoint-tmp-1234"))
   logs = []
-  run = ckpt.start_run(tiny_config(), wd, trainer, echo=logs.append)
+  run = start_run(tiny_config(), wd, trainer, echo=logs.append)
   run.checkpoints.close()
   assert run.step == STEPS and int(run.state.step) == STEPS
   assert any("skipping incomplete checkpoint" in s and partial in s for s in logs), logs
@@ -163,7 +164,7 @@ def test_step_without_completion_markers_is_skipped(runs, trainer, tmp_path, cap
   assert "Given directory is read only" not in caplog.text  # Orbax's notice is silenced
   # Resumed: the same notice, the step is moved aside and the run continues from the previous.
   logs = []
-  run = ckpt.start_run(tiny_config(), wd, trainer, echo=logs.append)
+  run = start_run(tiny_config(), wd, trainer, echo=logs.append)
   run.checkpoints.close()
   assert run.step == STEPS - EVERY and int(run.state.step) == STEPS - EVERY
   skipped = [s for s in logs if s.startswith("skipping checkpoint step")]
@@ -181,14 +182,14 @@ def test_truncated_file_names_step_and_fallback(runs, trainer, tmp_path):
   with open(biggest, "r+b") as f:
     f.truncate(os.path.getsize(biggest) // 2)
   with pytest.raises(ckpt.CheckpointError) as e:
-    ckpt.start_run(tiny_config(), wd, trainer, echo=lambda s: None)
+    start_run(tiny_config(), wd, trainer, echo=lambda s: None)
   msg = str(e.value)
   assert f"checkpoint step {STEPS} ({step_dir})" in msg
   assert "--config.checkpoint.step=N" in msg and str(STEPS - EVERY) in msg
   # The suggested fallback works and moves the unusable later step aside.
   logs = []
-  run = ckpt.start_run(tiny_config(**{"checkpoint.step": STEPS - EVERY}), wd, trainer,
-                       echo=logs.append)
+  run = start_run(tiny_config(**{"checkpoint.step": STEPS - EVERY}), wd, trainer,
+                  echo=logs.append)
   run.checkpoints.close()
   assert run.step == STEPS - EVERY and run.data_state
   assert steps_on_disk(wd)[-1] == STEPS - EVERY
@@ -200,15 +201,15 @@ def test_resume_with_changed_model_shape_names_parameter(runs, tmp_path):
   bigger = tiny_config(**{"model.intermediate_size": 96})
   with pytest.raises(ckpt.CheckpointError, match=r"parameter 'blocks/0/mlp/w1' has shape "
                      r"\(32, 64\).*\(32, 96\).*model.intermediate_size: 64 -> 96"):
-    ckpt.start_run(bigger, wd, Trainer.create(bigger), echo=lambda s: None)
+    start_run(bigger, wd, Trainer.create(bigger), echo=lambda s: None)
 
 
 def test_resume_false_refuses_then_overwrite_starts_over(runs, trainer, tmp_path):
   wd = copy_run(runs["a"], tmp_path / "w")
   with pytest.raises(ConfigError, match="checkpoint.overwrite=True"):
-    ckpt.start_run(tiny_config(**{"checkpoint.resume": False}), wd, trainer, echo=print)
-  run = ckpt.start_run(tiny_config(**{"checkpoint.resume": False, "checkpoint.overwrite": True}),
-                       wd, trainer, echo=print)
+    start_run(tiny_config(**{"checkpoint.resume": False}), wd, trainer, echo=print)
+  run = start_run(tiny_config(**{"checkpoint.resume": False, "checkpoint.overwrite": True}),
+                  wd, trainer, echo=print)
   run.checkpoints.close()
   assert run.step == 0 and steps_on_disk(wd) == []
   assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
@@ -229,9 +230,9 @@ def test_load_params_into_longer_context_run(runs, tmp_path):
   params = src_ck.restore_params(STEPS, t)
   src_ck.close()
   logs.clear()
-  fresh = ckpt.start_run(tiny_config(**{"data.seq_len": 128, "checkpoint.load_part": "params",
-                                        "checkpoint.load_from": src}),
-                         str(tmp_path / "long2"), t, echo=logs.append)
+  fresh = start_run(tiny_config(**{"data.seq_len": 128, "checkpoint.load_part": "params",
+                                   "checkpoint.load_from": src}),
+                    str(tmp_path / "long2"), t, echo=logs.append)
   fresh.checkpoints.close()
   assert fresh.step == 0 and int(fresh.state.step) == 0
   same = jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), fresh.state.params, params)
@@ -244,4 +245,4 @@ def test_load_params_with_mismatched_shape_names_parameter(runs, tmp_path):
   wide = tiny_config(**{"model.intermediate_size": 96, "checkpoint.load_part": "params",
                         "checkpoint.load_from": str(runs["a"])})
   with pytest.raises(ckpt.CheckpointError, match=r"parameter 'blocks/0/mlp/w1' has shape"):
-    ckpt.start_run(wide, str(tmp_path / "w"), Trainer.create(wide), echo=lambda s: None)
+    start_run(wide, str(tmp_path / "w"), Trainer.create(wide), echo=lambda s: None)

@@ -5,7 +5,7 @@ a prepared folder (its metadata, and its own tokenizer checked against `data.tok
 the tokenizer `data.tokenizer` names, and keeps the knobs that say how documents become windows
 (`data.pack_docs`, `data.min_doc_len`). Every entry point receives this one object: training
 (`workdir.check_run` builds it, the `Trainer` reads its windows), evaluation, generation and TLM
-(`perplexity.load_run` puts it in the `Run`). Nothing else looks at the data config again.
+(`runs.load_run` puts it in the `Run`). Nothing else looks at the data config again.
 
 Token streams of raw sources are tokenized on first use and cached per process (a few streams),
 so the start-up check (`check_splits`) and the run that follows read the same arrays.

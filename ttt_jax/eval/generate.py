@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ttt_jax.eval.perplexity import Run, init_cache, stream_alignment
+from ttt_jax.eval.perplexity import init_cache, stream_alignment
+from ttt_jax.train.runs import Run
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k) -> jax.Array:
@@ -107,7 +108,7 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
 
 def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, seed: int = 0, progress: bool = True) -> str:
-  """Continuation of `prompt` (text) by a loaded run (perplexity.load_run), cut at EOS; the
+  """Continuation of `prompt` (text) by a loaded run (runs.load_run), cut at EOS; the
   text is encoded and decoded with the run's own tokenizer (`run.data`)."""
   tok = run.data.tokenizer
   ids = np.concatenate([[tok.bos_id], np.asarray(tok.encode(prompt), np.int32)])[None]

@@ -22,7 +22,6 @@ from flax import nnx
 
 from ttt_jax.data.pipeline import WindowSource, build_stream, stack_windows
 from ttt_jax.data.tokenizers import ByteTokenizer
-from ttt_jax.eval.perplexity import load_run
 from ttt_jax.eval.tlm import (
   TLM,
   low_selection_warning,
@@ -32,6 +31,7 @@ from ttt_jax.eval.tlm import (
 )
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models import build_model
+from ttt_jax.train.runs import load_run
 
 ADAPTER_META = "adapter.json"
 

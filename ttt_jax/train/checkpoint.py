@@ -14,12 +14,10 @@ run directory) is skipped with a notice, and a resumed run moves it aside.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -28,6 +26,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
 
@@ -66,7 +65,8 @@ def is_complete_step(path: str) -> bool:
     return False
 
 
-def _log(echo, msg: str) -> None:
+def log_main(echo, msg: str) -> None:
+  """`echo(msg)` on process 0 only."""
   if jax.process_index() == 0:
     echo(msg)
 
@@ -75,10 +75,9 @@ def _stderr(msg: str) -> None:
   print(msg, file=sys.stderr)
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+  """Barrier across processes (no-op with one)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     multihost_utils.sync_global_devices(name)
 
 
@@ -164,9 +163,9 @@ class RunCheckpoints:
                                        handler_registry=_registry())
     if read_only:
       for step in self.unmarked_steps():
-        _log(echo or _stderr, self._unmarked_notice(step, "using"))
+        log_main(echo or _stderr, self.unmarked_notice(step, "using"))
 
-  def _unmarked_notice(self, step: int, verb: str) -> str:
+  def unmarked_notice(self, step: int, verb: str) -> str:
     earlier = [s for s in self.steps() if s < step]
     then = f"{verb} step {earlier[-1]}" if earlier else "no earlier complete step"
     return (f"skipping checkpoint step {step} ({self.step_path(step)}): its completion markers "
@@ -278,69 +277,15 @@ class RunCheckpoints:
       raise self._unreadable(step, e) from e
     return out["params"]
 
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after step directories were moved)."""
+    self._mngr.reload()
+
   def wait(self) -> None:
     self._mngr.wait_until_finished()
 
   def close(self) -> None:
     self._mngr.close()
-
-
-@dataclasses.dataclass
-class RunStart:
-  """Where a run starts: its checkpoints (None without a workdir), state and data position."""
-
-  checkpoints: RunCheckpoints | None
-  state: Any
-  data_state: dict | None
-  step: int
-
-
-def _choose_step(ck: RunCheckpoints, wanted: int) -> int:
-  steps = ck.steps()
-  if wanted < 0:
-    return steps[-1]
-  if wanted not in steps:
-    raise CheckpointError(f"checkpoint.step={wanted} not found in {ck.directory}; available: "
-                          f"{', '.join(map(str, steps))}")
-  return wanted
-
-
-def _move_aside(ck: RunCheckpoints, workdir: str, steps: list[int]) -> str:
-  """Moves step directories to `<workdir>/checkpoints_discarded/` (process 0; all sync)."""
-  dest = os.path.join(workdir, DISCARDED_DIR)
-  if jax.process_index() == 0:
-    os.makedirs(dest, exist_ok=True)
-    for s in steps:
-      target = os.path.join(dest, str(s))
-      n = 1
-      while os.path.exists(target):
-        target, n = os.path.join(dest, f"{s}.{n}"), n + 1
-      shutil.move(ck.step_path(s), target)
-  _sync("ttt_jax_discard_checkpoints")
-  ck._mngr.reload()
-  return dest
-
-
-def _discard_after(ck: RunCheckpoints, workdir: str, step: int, echo) -> None:
-  """Moves checkpoints later than `step` aside so that the run continues from `step`."""
-  later = [s for s in ck.steps() if s > step]
-  if not later:
-    return
-  dest = _move_aside(ck, workdir, later)
-  _log(echo, f"warning: resuming from step {step} as requested; moved later checkpoints "
-             f"{later} to {dest}")
-
-
-def _discard_unmarked(ck: RunCheckpoints, workdir: str, echo) -> None:
-  """Moves step directories without completion markers aside (one notice each): Orbax would
-  otherwise restore them as complete and never save over their step again."""
-  unmarked = ck.unmarked_steps()
-  if not unmarked:
-    return
-  notices = [ck._unmarked_notice(s, "resuming from") for s in unmarked]
-  dest = _move_aside(ck, workdir, unmarked)
-  for notice in notices:
-    _log(echo, f"{notice} (moved to {dest})")
 
 
 def check_load_from(config: ml_collections.ConfigDict) -> None:
@@ -366,67 +311,6 @@ def load_from_dir(src: str) -> str:
   return os.path.join(src, CKPT_DIR)
 
 
-def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
-              echo=print) -> RunStart:
-  """Fresh state, or resume from the latest complete checkpoint, or params from another run."""
-  ckc = config.checkpoint
-  if workdir is None:
-    return RunStart(None, _fresh_or_loaded(config, trainer, echo), None, 0)
-  directory = os.path.join(workdir, CKPT_DIR)
-  for path in RunCheckpoints.incomplete(directory):
-    _log(echo, f"skipping incomplete checkpoint {path} (a save that did not finish)")
-  ck = RunCheckpoints(directory, keep=ckc.keep)
-  _discard_unmarked(ck, workdir, echo)
-  if ck.steps() and not ckc.resume:
-    if not ckc.overwrite:
-      ck.close()
-      raise ConfigError(
-          f"{workdir} already holds a run (checkpoints up to step {ck.latest_step()}) and "
-          "checkpoint.resume=False; set checkpoint.resume=True to continue it or "
-          "checkpoint.overwrite=True to delete it and start over")
-    ck.close()
-    if jax.process_index() == 0:
-      shutil.rmtree(directory)
-      metrics = os.path.join(workdir, "metrics.jsonl")
-      if os.path.exists(metrics):
-        os.remove(metrics)
-    _sync("ttt_jax_overwrite")
-    _log(echo, f"checkpoint.overwrite=True: deleted the previous run's checkpoints in {directory}")
-    ck = RunCheckpoints(directory, keep=ckc.keep)
-  if ck.steps():
-    step = _choose_step(ck, ckc.step)
-    state, data_state, saved = ck.restore(step, trainer)
-    if ckc.step >= 0:
-      _discard_after(ck, workdir, step, echo)
-    _log(echo, f"resumed from step {step} ({ck.step_path(step)})")
-    changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
-    if changed:
-      _log(echo, f"note: config changed since the checkpoint: {'; '.join(changed)}")
-    return RunStart(ck, state, data_state, step)
-  return RunStart(ck, _fresh_or_loaded(config, trainer, echo), None, 0)
-
-
-def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
-  ckc = config.checkpoint
-  state = trainer.init_state()
-  if ckc.load_part != "params":
-    return state
-  src = ckc.load_from
-  directory = load_from_dir(src)
-  if not os.path.isdir(directory):
-    raise ConfigError(f"checkpoint.load_from={src!r}: no checkpoints directory {directory}")
-  other = RunCheckpoints(directory, read_only=True, echo=echo)
-  try:
-    if not other.steps():
-      raise ConfigError(f"checkpoint.load_from={src!r}: no complete checkpoint in {directory}")
-    step = _choose_step(other, ckc.step)
-    params = other.restore_params(step, trainer)
-  finally:
-    other.close()
-  _log(echo, f"loaded params from step {step} of {directory} (new optimizer state, step 0)")
-  return state.replace(params=params)
-
-
 class PreemptionWatch:
   """Notices SIGTERM (one process) or JAX's preemption sync point (several processes)."""
 
@@ -444,8 +328,6 @@ class PreemptionWatch:
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-
       try:
         return bool(multihost_utils.reached_preemption_sync_point(step))
       except RuntimeError:  # preemption service not enabled in jax.distributed

@@ -30,6 +30,7 @@ from ttt_jax.train import sharding as shd
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from ttt_jax.train.metrics import MetricWriter, validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
+from ttt_jax.train.resume import start_run
 from ttt_jax.train.workdir import exclusive_workdir
 
 
@@ -254,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   log(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "
       f"mesh {dict(trainer.mesh.shape)}, seq_len {config.data.seq_len}, "
       f"batch {config.data.batch_size}")
-  run = ckpt.start_run(config, workdir, trainer, echo=log)
+  run = start_run(config, workdir, trainer, echo=log)
   state, start, checkpoints = run.state, run.step, run.checkpoints
   writer = MetricWriter(workdir, echo=log, first_step=start)
   it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)

@@ -1,0 +1,150 @@
+"""Where a training run starts: fresh, resumed from its own checkpoints, or with the parameters
+of another run (`checkpoint.load_part=params`).
+
+Resuming restores the latest complete step (or `checkpoint.step`) with the Trainer's shardings;
+steps without completion markers, and with `checkpoint.step` the steps after it, are moved to
+`<workdir>/checkpoints_discarded/` so the run continues from the chosen step. The checkpoint
+store itself is train/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+
+from ttt_jax.config import ConfigError
+from ttt_jax.train.checkpoint import (
+  CKPT_DIR,
+  DISCARDED_DIR,
+  CheckpointError,
+  RunCheckpoints,
+  config_diff,
+  load_from_dir,
+  log_main,
+  sync_processes,
+)
+
+
+@dataclasses.dataclass
+class RunStart:
+  """Where a run starts: its checkpoints (None without a workdir), state and data position."""
+
+  checkpoints: RunCheckpoints | None
+  state: Any
+  data_state: dict | None
+  step: int
+
+
+def _choose_step(ck: RunCheckpoints, wanted: int) -> int:
+  steps = ck.steps()
+  if wanted < 0:
+    return steps[-1]
+  if wanted not in steps:
+    raise CheckpointError(f"checkpoint.step={wanted} not found in {ck.directory}; available: "
+                          f"{', '.join(map(str, steps))}")
+  return wanted
+
+
+def _move_aside(ck: RunCheckpoints, workdir: str, steps: list[int]) -> str:
+  """Moves step directories to `<workdir>/checkpoints_discarded/` (process 0; all sync)."""
+  dest = os.path.join(workdir, DISCARDED_DIR)
+  if jax.process_index() == 0:
+    os.makedirs(dest, exist_ok=True)
+    for s in steps:
+      target = os.path.join(dest, str(s))
+      n = 1
+      while os.path.exists(target):
+        target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+      shutil.move(ck.step_path(s), target)
+  sync_processes("ttt_jax_discard_checkpoints")
+  ck.reload()
+  return dest
+
+
+def _discard_after(ck: RunCheckpoints, workdir: str, step: int, echo) -> None:
+  """Moves checkpoints later than `step` aside so that the run continues from `step`."""
+  later = [s for s in ck.steps() if s > step]
+  if not later:
+    return
+  dest = _move_aside(ck, workdir, later)
+  log_main(echo, f"warning: resuming from step {step} as requested; moved later checkpoints "
+                 f"{later} to {dest}")
+
+
+def _discard_unmarked(ck: RunCheckpoints, workdir: str, echo) -> None:
+  """Moves step directories without completion markers aside (one notice each): Orbax would
+  otherwise restore them as complete and never save over their step again."""
+  unmarked = ck.unmarked_steps()
+  if not unmarked:
+    return
+  notices = [ck.unmarked_notice(s, "resuming from") for s in unmarked]
+  dest = _move_aside(ck, workdir, unmarked)
+  for notice in notices:
+    log_main(echo, f"{notice} (moved to {dest})")
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
+              echo=print) -> RunStart:
+  """Fresh state, or resume from the latest complete checkpoint, or params from another run."""
+  ckc = config.checkpoint
+  if workdir is None:
+    return RunStart(None, _fresh_or_loaded(config, trainer, echo), None, 0)
+  directory = os.path.join(workdir, CKPT_DIR)
+  for path in RunCheckpoints.incomplete(directory):
+    log_main(echo, f"skipping incomplete checkpoint {path} (a save that did not finish)")
+  ck = RunCheckpoints(directory, keep=ckc.keep)
+  _discard_unmarked(ck, workdir, echo)
+  if ck.steps() and not ckc.resume:
+    if not ckc.overwrite:
+      ck.close()
+      raise ConfigError(
+          f"{workdir} already holds a run (checkpoints up to step {ck.latest_step()}) and "
+          "checkpoint.resume=False; set checkpoint.resume=True to continue it or "
+          "checkpoint.overwrite=True to delete it and start over")
+    ck.close()
+    if jax.process_index() == 0:
+      shutil.rmtree(directory)
+      metrics = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(metrics):
+        os.remove(metrics)
+    sync_processes("ttt_jax_overwrite")
+    log_main(echo, "checkpoint.overwrite=True: deleted the previous run's checkpoints in "
+                   f"{directory}")
+    ck = RunCheckpoints(directory, keep=ckc.keep)
+  if ck.steps():
+    step = _choose_step(ck, ckc.step)
+    state, data_state, saved = ck.restore(step, trainer)
+    if ckc.step >= 0:
+      _discard_after(ck, workdir, step, echo)
+    log_main(echo, f"resumed from step {step} ({ck.step_path(step)})")
+    changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
+    if changed:
+      log_main(echo, f"note: config changed since the checkpoint: {'; '.join(changed)}")
+    return RunStart(ck, state, data_state, step)
+  return RunStart(ck, _fresh_or_loaded(config, trainer, echo), None, 0)
+
+
+def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
+  ckc = config.checkpoint
+  state = trainer.init_state()
+  if ckc.load_part != "params":
+    return state
+  src = ckc.load_from
+  directory = load_from_dir(src)
+  if not os.path.isdir(directory):
+    raise ConfigError(f"checkpoint.load_from={src!r}: no checkpoints directory {directory}")
+  other = RunCheckpoints(directory, read_only=True, echo=echo)
+  try:
+    if not other.steps():
+      raise ConfigError(f"checkpoint.load_from={src!r}: no complete checkpoint in {directory}")
+    step = _choose_step(other, ckc.step)
+    params = other.restore_params(step, trainer)
+  finally:
+    other.close()
+  log_main(echo, f"loaded params from step {step} of {directory} (new optimizer state, step 0)")
+  return state.replace(params=params)
