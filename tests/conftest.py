@@ -7,15 +7,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from ttt_jax.data import pipeline  # noqa: E402
+from ttt_jax.train.trainer import Trainer  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def _train_steps(config, n: int):
   """Runs `n` train steps of `config` in memory on the training stream (no checkpoints, no
   evaluation); returns (per-step metrics as floats, final state)."""
-  from ttt_jax.data import pipeline  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
-
   trainer = Trainer.create(config)
   state = trainer.init_state()
   it = pipeline.make_iterator(trainer.dataset("train"), prefetch=0)

@@ -8,9 +8,11 @@ import os
 import numpy as np
 import pytest
 
+from ttt_jax.benchmarks import reproduce, training
 from ttt_jax.benchmarks import run as bench_run
-from ttt_jax.benchmarks import training
-from ttt_jax.benchmarks.common import PRESETS, SECTIONS, interleaved
+from ttt_jax.benchmarks.common import PRESETS, SECTIONS, interleaved, machine_info
+from ttt_jax.benchmarks.report import NOTES_BEGIN, NOTES_END, write_report
+from ttt_jax.benchmarks.reproduce_report import write_reproduction
 from ttt_jax.config import ConfigError
 from ttt_jax.train.flops import attended_keys
 
@@ -46,8 +48,6 @@ def test_writes_json_markdown_and_figures(bench):
 
 
 def test_report_keeps_notes_block(bench):
-  from ttt_jax.benchmarks.report import NOTES_BEGIN, NOTES_END, write_report  # noqa: PLC0415
-
   out, results = bench
   path = os.path.join(out, "benchmarks.md")
   with open(path) as f:
@@ -134,8 +134,6 @@ def test_bad_flags_fail_with_one_line():
 
 # -- small-scale E2E reproduction (benchmarks/reproduce.py) ------------------------------------
 def _repro_args(tmp, *extra):
-  from ttt_jax.benchmarks import reproduce  # noqa: PLC0415
-
   return reproduce.build_parser().parse_args([
       "--ctx", "128", "--eval_ctx", "64,128", "--batch_size", "2", "--eval_docs", "2",
       "--workdir", os.path.join(tmp, "runs"), "--out", os.path.join(tmp, "e2e_small.md"),
@@ -143,8 +141,6 @@ def _repro_args(tmp, *extra):
 
 
 def test_reproduction_models_match_parameter_count(tmp_path):
-  from ttt_jax.benchmarks import reproduce  # noqa: PLC0415
-
   configs = reproduce.configs_for(_repro_args(str(tmp_path)), steps=10)
   counts = {k: reproduce.count_params_of(c) for k, c in configs.items()}
   for kind, n in counts.items():
@@ -153,9 +149,6 @@ def test_reproduction_models_match_parameter_count(tmp_path):
 
 
 def test_reproduction_report_from_results(tmp_path):
-  from ttt_jax.benchmarks.common import machine_info  # noqa: PLC0415
-  from ttt_jax.benchmarks.reproduce_report import write_reproduction  # noqa: PLC0415
-
   rng = np.random.default_rng(1)
   results = {}
   for kind in ("transformer", "swa", "e2e"):
@@ -175,8 +168,6 @@ def test_reproduction_report_from_results(tmp_path):
   assert f"{abs(d_swa):.4f} nats/token {'lower' if d_swa < 0 else 'higher'} than SWA" in md
   assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r.json").exists()
   # hand-written notes survive a regeneration
-  from ttt_jax.benchmarks.report import NOTES_BEGIN  # noqa: PLC0415
-
   open(md_path, "w").write(md.replace(NOTES_BEGIN + "\n", NOTES_BEGIN + "\nE2E note\n"))
   write_reproduction(report, md_path)
   assert f"{NOTES_BEGIN}\nE2E note\n" in open(md_path).read()
@@ -184,8 +175,6 @@ def test_reproduction_report_from_results(tmp_path):
 
 @pytest.mark.slow
 def test_reproduction_end_to_end(tmp_path):
-  from ttt_jax.benchmarks import reproduce  # noqa: PLC0415
-
   args = _repro_args(str(tmp_path), "--steps", "2", "--kinds", "transformer,e2e")
   report = reproduce.run(args, echo=lambda s: None)
   for r in report["results"].values():

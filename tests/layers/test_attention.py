@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ttt_jax.layers import attention as A
 from ttt_jax.layers.attention import Attention
 from ttt_jax.layers.rope import apply_rope
 
@@ -107,8 +108,6 @@ def test_causality(x, window):
 def test_causal_blocked_attention_equals_dense(window, cache):
   """Query blocks against only their visible key range == the dense masked softmax (values and
   gradients), one-shot and after a cache with empty (-1) slots."""
-  from ttt_jax.layers import attention as A  # noqa: PLC0415
-
   keys = jax.random.split(jax.random.key(7), 3)
   b, tq, h, d = 2, 200, 3, 8
   q = jax.random.normal(keys[0], (b, tq, h, d))
@@ -130,8 +129,6 @@ def test_causal_blocked_attention_equals_dense(window, cache):
 
 def test_attention_layer_uses_blocked_path_for_long_inputs(monkeypatch):
   """The layer's output is unchanged when one-shot inputs go through the blocked path."""
-  from ttt_jax.layers import attention as A  # noqa: PLC0415
-
   attn = make(window=20, qk_norm=True)
   x = jax.random.normal(jax.random.key(2), (B, T, D))
   pos = jnp.arange(T)
@@ -173,8 +170,6 @@ def _naive(q, k, v, q_pos, k_pos, window):
 def test_caches_with_empty_slots_in_the_middle(window):
   """Dense and online-softmax attention are exact for any slot layout; the blocked path, whose
   static key ranges assume one contiguous run of keys, refuses (NaN) instead of being wrong."""
-  from ttt_jax.layers import attention as A  # noqa: PLC0415
-
   q, k, v, q_pos, k_pos = _gapped_inputs(window)
   ref = _naive(q, k, v, q_pos, k_pos, window)
   assert not bool(A.ordered_layout(q_pos, k_pos))
@@ -195,8 +190,6 @@ def test_caches_with_empty_slots_in_the_middle(window):
 def test_every_algorithm_gives_the_same_layer_output_and_gradient(x, window):
   """model.attention_algorithm changes how, not what: values and input gradients agree, one-shot
   and streamed against a cache, with blocks small enough that several are used."""
-  from ttt_jax.layers import attention as A  # noqa: PLC0415
-
   attn = make(window=window, qk_norm=True)
   pos = jnp.arange(T)
 

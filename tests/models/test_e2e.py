@@ -1,6 +1,7 @@
 """TTT-E2E: inner loop vs an unrolled reference, second-order outer gradient, streaming."""
 
 import functools
+import importlib.util
 import pathlib
 
 import jax
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.config import build_config
+from ttt_jax.config import build_config, validate
 from ttt_jax.layers.mlp import InnerParam
 from ttt_jax.models import build_model
 from ttt_jax.models.lm import LanguageModel, token_nll
+from ttt_jax.train.trainer import abstract_model, count_params
 
 B, T, CHUNK, WINDOW, LR, CLIP = 2, 48, 16, 16, 3.0, 0.5
 VOCAB = 259
@@ -247,11 +249,6 @@ def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):
 
 
 def test_experiment_grid_configs_build():
-  import importlib.util  # noqa: PLC0415
-
-  from ttt_jax.config import validate  # noqa: PLC0415
-  from ttt_jax.train.trainer import abstract_model, count_params  # noqa: PLC0415
-
   path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "e2e.py"
   spec = importlib.util.spec_from_file_location("e2e_configs", path)
   grid = importlib.util.module_from_spec(spec)

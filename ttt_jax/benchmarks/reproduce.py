@@ -15,9 +15,15 @@ import argparse
 import os
 import time
 
+import jax
 import numpy as np
 
+from ttt_jax.benchmarks.common import machine_info
+from ttt_jax.benchmarks.reproduce_report import write_reproduction
 from ttt_jax.config import ConfigError, build_config, parse_ctx, validate
+from ttt_jax.data.dataset import Dataset
+from ttt_jax.eval import perplexity
+from ttt_jax.train.trainer import Trainer, abstract_model, count_params, train_and_evaluate
 
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 
@@ -44,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def count_params_of(config) -> int:
-  from ttt_jax.train.trainer import abstract_model, count_params  # noqa: PLC0415
-
   return count_params(abstract_model(config.model, config.seed)[1].to_pure_dict())
 
 
@@ -101,10 +105,6 @@ def configs_for(args, steps: int) -> dict:
 
 def measure_step_seconds(config, steps: int = 3) -> float:
   """Median wall time of a compiled train step (after one warm-up step)."""
-  import jax  # noqa: PLC0415
-
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
-
   trainer = Trainer.create(config)
   state = trainer.init_state()
   rng = np.random.default_rng(0)
@@ -136,8 +136,6 @@ def choose_steps(args, echo=print) -> tuple[int, dict[str, float]]:
 
 def evaluate_nll(trainer, params, config, docs, progress: bool = True) -> np.ndarray:
   """Per-position NLL [docs, L] of the validation document prefixes, streamed in chunks."""
-  from ttt_jax.eval import perplexity  # noqa: PLC0415
-
   align = perplexity.stream_alignment(config.model)
   chunk = max(align, 128)
   parts = [perplexity.stream_nll(trainer.graphdef, params, docs.tokens[i:i + 8], chunk)
@@ -146,12 +144,6 @@ def evaluate_nll(trainer, params, config, docs, progress: bool = True) -> np.nda
 
 
 def run(args, echo=print) -> dict:
-  import jax  # noqa: PLC0415
-
-  from ttt_jax.data.dataset import Dataset  # noqa: PLC0415
-  from ttt_jax.eval import perplexity  # noqa: PLC0415
-  from ttt_jax.train.trainer import count_params, train_and_evaluate  # noqa: PLC0415
-
   eval_ctx = perplexity.parse_ctx_list(args.eval_ctx)
   t_start = time.perf_counter()
   steps, probe = choose_steps(args, echo)
@@ -178,8 +170,6 @@ def run(args, echo=print) -> dict:
     }
     echo(f"{kind}: " + ", ".join(f"L={n}: {v:.4f}" for n, v in
                                  results[kind]["loss_at_ctx"].items()))
-  from ttt_jax.benchmarks.common import machine_info  # noqa: PLC0415
-
   report = {
       "args": vars(args), "steps": steps, "probe_step_seconds": probe,
       "train_ctx": first.data.seq_len, "batch_size": first.data.batch_size,
@@ -190,8 +180,6 @@ def run(args, echo=print) -> dict:
       "machine": machine_info(), "devices": jax.device_count(),
       "wall_seconds": time.perf_counter() - t_start,
   }
-  from ttt_jax.benchmarks.reproduce_report import write_reproduction  # noqa: PLC0415
-
   path = write_reproduction(report, args.out)
   echo(f"wrote {path}")
   return report

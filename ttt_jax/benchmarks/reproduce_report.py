@@ -19,10 +19,11 @@ def _command(args: dict) -> str:
 
 
 def _plot(report: dict, png: str) -> None:
-  import matplotlib  # noqa: PLC0415
+  # imported when the figure is drawn: the Agg backend must be chosen before pyplot loads
+  import matplotlib
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   res, ctxs = report["results"], report["eval_ctx"]
   fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))

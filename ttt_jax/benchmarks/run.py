@@ -8,7 +8,8 @@ import json
 import os
 import time
 
-from ttt_jax.benchmarks import common
+from ttt_jax.benchmarks import common, streaming, training
+from ttt_jax.benchmarks.report import write_report
 from ttt_jax.config import ConfigError, parse_ctx
 
 
@@ -70,9 +71,6 @@ def resolve(args) -> tuple[str, common.Size, list[str]]:
 
 def run(args, echo=print) -> dict:
   """Runs the benchmark; returns the merged results (also written to <out_dir>)."""
-  from ttt_jax.benchmarks import streaming, training  # noqa: PLC0415
-  from ttt_jax.benchmarks.report import write_report  # noqa: PLC0415
-
   preset, size, sections = resolve(args)
   kinds = _choose(args.kinds, common.TRAIN_KINDS, "--kinds")
   stream_kinds = _choose(args.stream_kinds, common.STREAM_KINDS, "--stream_kinds")

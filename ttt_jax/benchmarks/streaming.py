@@ -18,14 +18,13 @@ from flax import nnx
 
 from ttt_jax.benchmarks.common import Size, interleaved, memory_stats, model_config
 from ttt_jax.benchmarks.training import _failure
+from ttt_jax.models import build_model
 
 
 class Streamer:
   """Compiled chunk and decode steps of one model kind (compiled once per cache shape)."""
 
   def __init__(self, kind: str, size: Size, seed: int = 0):
-    from ttt_jax.models import build_model  # noqa: PLC0415
-
     self.kind = kind
     self.size = size
     cfg = model_config(kind, size)

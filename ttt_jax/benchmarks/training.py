@@ -17,7 +17,10 @@ from ttt_jax.benchmarks.common import (
     model_config,
     xla_flops,
 )
+from ttt_jax.config import base_config
+from ttt_jax.models.lm import make_mixer
 from ttt_jax.train.flops import train_flops_per_token
+from ttt_jax.train.trainer import Trainer, count_params
 
 
 def _failure(kind: str, err: BaseException, echo) -> dict[str, str]:
@@ -50,8 +53,6 @@ def bench_matmul(size: Size, echo=print) -> dict:
 
 
 def _train_setup(kind: str, size: Size, compile_only: bool = False):
-  from ttt_jax.train.trainer import Trainer, count_params  # noqa: PLC0415
-
   cfg = model_config(kind, size)
   trainer = Trainer.create(cfg)
   rng = np.random.default_rng(0)
@@ -138,8 +139,6 @@ def train_memory(size: Size, kinds, echo=print) -> dict:
 
 def _ttt_fwd_bwd(kind: str, size: Size, impl: str, x, remat_group: int | None = None):
   """(jitted value_and_grad of one TTT layer w.r.t. parameters and input, parameters)."""
-  from ttt_jax.models.lm import make_mixer  # noqa: PLC0415
-
   cfg = model_config(kind, size)
   cfg.model.ttt.impl = impl
   if remat_group is not None:
@@ -187,8 +186,6 @@ def ttt_memory(size: Size, layers=("ttt_linear", "ttt_mlp"), echo=print) -> dict
   forward + backward on one sequence at each of `size.ttt_memory_lengths`, with remat through
   time off (a plain scan keeps every mini-batch's residuals) and on (the config default group of
   mini-batches per checkpoint)."""
-  from ttt_jax.config import base_config  # noqa: PLC0415
-
   group = int(base_config().model.ttt.remat_group)
   out: dict = {"d_model": size.d_model, "mini_batch": size.ttt_mini_batch,
                "remat_group": group, "layers": {}}

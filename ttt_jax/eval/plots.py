@@ -17,10 +17,11 @@ def run_label(res: dict) -> str:
 
 
 def _pyplot():
-  import matplotlib  # noqa: PLC0415
+  # imported when a plot is drawn: the Agg backend must be chosen before pyplot loads
+  import matplotlib
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   return plt
 
@@ -61,8 +62,7 @@ def plot_loss_vs_position(runs: Sequence[dict], path: str) -> str:
 
 
 def _save(fig, path: str) -> str:
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
+  plt = _pyplot()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
