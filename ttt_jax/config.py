@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_layers = 4
   m.d_model = 128
   m.num_heads = 4
+  m.num_kv_heads = 0  # key/value heads (grouped-query attention); 0 = num_heads
   m.intermediate_size = 384
   m.window = 256  # sliding-window size (mixer=swa and e2e)
   m.rope_theta = 10000.0
@@ -348,6 +349,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if m.d_model % m.num_heads:
     raise ConfigError(
         f"model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}")
+  if m.num_kv_heads < 0 or (m.num_kv_heads and m.num_heads % m.num_kv_heads):
+    raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads="
+                      f"{m.num_heads} (0 = num_heads)")
   if (m.d_model // m.num_heads) % 2:
     raise ConfigError(f"model.d_model/model.num_heads={m.d_model // m.num_heads} must be even "
                       "(RoPE rotates pairs of features)")

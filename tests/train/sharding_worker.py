@@ -32,6 +32,7 @@ def tiny_config(kind: str, mesh=(1, 1, 1)):
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size = LAYERS.get(kind, 1), 64, 4, 128
   m.window = 16
+  m.num_kv_heads = 0 if kind.startswith("ttt") else 2  # attention: grouped-query, sharded too
   m.ttt.mini_batch_size = 8
   m.e2e.suffix_len, m.e2e.mini_batch_size, m.e2e.prime_intermediate_size = 1, 16, 128
   m.e2e.ilr_warmup_steps = 1

@@ -32,8 +32,8 @@ NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
-  k: jax.Array  # [B, C, H, d] after qk-norm and RoPE (at the key's absolute position)
-  v: jax.Array  # [B, C, H, d]
+  k: jax.Array  # [B, C, Hkv, d] after qk-norm and RoPE (at the key's absolute position)
+  v: jax.Array  # [B, C, Hkv, d]  (Hkv = num_kv_heads, < H for grouped-query attention)
   pos: jax.Array  # [C] int32 absolute positions, -1 = empty
 
 
@@ -75,14 +75,26 @@ ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 DEFAULT_ALGORITHM = AttentionAlgorithm()
 
 
+def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, T, H, d] -> [B, T, Hkv, G, d]: query head h reads key/value head h // G (G = H/Hkv)."""
+  b, t, h, d = q.shape
+  return q.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
 def dense_attention(q, k, v, q_pos, k_pos, window: int | None) -> jax.Array:
-  """Softmax attention over the full [Tq, Tk] score matrix. q [B,Tq,H,d], k/v [B,Tk,H,d]."""
+  """Softmax attention over the full [Tq, Tk] score matrix. q [B,Tq,H,d], k/v [B,Tk,Hkv,d]
+  (grouped-query attention when Hkv < H: each key/value head serves H/Hkv query heads)."""
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   mask = attention_mask(q_pos, k_pos, window)
-  logits = jnp.where(mask[None, None], logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  if k.shape[2] == q.shape[2]:  # multi-head: no grouping axis
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask[None, None], logits, NEG_INF), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  qg = group_queries(q, k.shape[2])
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+  probs = jax.nn.softmax(jnp.where(mask[None, None, None], logits, NEG_INF), axis=-1)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
+  return out.reshape(q.shape[:3] + v.shape[3:])
 
 
 def _pad_to(x: jax.Array, n: int, axis: int, value=0) -> jax.Array:
@@ -101,15 +113,16 @@ def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: i
   skipped. The block body is rematerialised, so gradients need no [Tq, Tk] residuals either.
   """
   b, tq, h, d = q.shape
-  tk = k.shape[1]
+  tk, hk = k.shape[1], k.shape[2]
+  g = h // hk
   qb, kb = min(q_block, tq), min(k_block, tk)
   nq, nk = -(-tq // qb), -(-tk // kb)
   scale = d ** -0.5
   q_pos = _pad_to(q_pos.astype(jnp.int32), nq * qb, 0, -1)
   k_pos = _pad_to(k_pos.astype(jnp.int32), nk * kb, 0, -1)  # -1 = never visible
-  qs = _pad_to(q, nq * qb, 1).reshape(b, nq, qb, h, d).swapaxes(0, 1)
-  ks = _pad_to(k, nk * kb, 1).reshape(b, nk, kb, h, d).swapaxes(0, 1)
-  vs = _pad_to(v, nk * kb, 1).reshape(b, nk, kb, h, d).swapaxes(0, 1)
+  qs = _pad_to(q, nq * qb, 1).reshape(b, nq, qb, hk, g, d).swapaxes(0, 1)
+  ks = _pad_to(k, nk * kb, 1).reshape(b, nk, kb, hk, d).swapaxes(0, 1)
+  vs = _pad_to(v, nk * kb, 1).reshape(b, nk, kb, hk, d).swapaxes(0, 1)
   kps = k_pos.reshape(nk, kb)
 
   def query_block(args):
@@ -118,12 +131,12 @@ def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: i
     @jax.checkpoint
     def update(carry, kj, vj, mask):
       m, norm, acc = carry
-      s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * scale
+      s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
       s = jnp.where(mask, s, NEG_INF)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(vj.dtype), vj,
+      pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vj.dtype), vj,
                       preferred_element_type=jnp.float32)
       return m_new, norm * corr + p.sum(-1), acc * corr[..., None] + pv
 
@@ -133,11 +146,11 @@ def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: i
       carry = jax.lax.cond(mask.any(), lambda c: update(c, kj, vj, mask), lambda c: c, carry)
       return carry, None
 
-    init = (jnp.full((b, h, qb), NEG_INF, jnp.float32), jnp.zeros((b, h, qb), jnp.float32),
-            jnp.zeros((b, h, qb, d), jnp.float32))
+    init = (jnp.full((b, hk, g, qb), NEG_INF, jnp.float32),
+            jnp.zeros((b, hk, g, qb), jnp.float32), jnp.zeros((b, hk, g, qb, d), jnp.float32))
     (_, norm, acc), _ = jax.lax.scan(body, init, (ks, vs, kps))
     out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]
-    return out.transpose(0, 2, 1, 3).astype(v.dtype)  # [B, qb, H, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, qb, h, d).astype(v.dtype)  # [B, qb, H, d]
 
   out = jax.lax.map(query_block, (qs, q_pos.reshape(nq, qb)))  # [nq, B, qb, H, d]
   return out.swapaxes(0, 1).reshape(b, nq * qb, h, d)[:, :tq]
@@ -188,7 +201,7 @@ def causal_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *,
 
 def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered: bool = False,
                           algorithm: AttentionAlgorithm = DEFAULT_ALGORITHM) -> jax.Array:
-  """Softmax attention with a position-derived mask. q [B,Tq,H,d], k/v [B,Tk,H,d].
+  """Softmax attention with a position-derived mask. q [B,Tq,H,d], k/v [B,Tk,Hkv,d].
 
   `algorithm` picks how (see `AttentionAlgorithm`). `ordered=True` says the inputs have the
   layout of `ordered_layout` (one-shot inputs, window caches), which allows the blocked path.
@@ -238,22 +251,30 @@ def check_capacity(filled: jax.Array, new: int, capacity: int) -> None:
 
 
 class Attention(nnx.Module):
-  """Multi-head causal self-attention. `window=None` is full attention."""
+  """Multi-head causal self-attention. `window=None` is full attention.
+
+  `num_kv_heads` < `num_heads` is grouped-query attention: keys and values have `num_kv_heads`
+  heads (so does the KV cache), each shared by `num_heads / num_kv_heads` query heads.
+  """
 
   def __init__(self, d_model: int, num_heads: int, *, window: int | None, rope_theta: float,
                qk_norm: bool, norm_eps: float, std: float, out_std: float, compute_dtype,
                param_dtype, rngs: nnx.Rngs,
-               algorithm: AttentionAlgorithm = DEFAULT_ALGORITHM):
+               algorithm: AttentionAlgorithm = DEFAULT_ALGORITHM, num_kv_heads: int | None = None):
     self.algorithm = algorithm
     self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads or num_heads
+    if num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     self.head_dim = d_model // num_heads
+    kv_dim = self.num_kv_heads * self.head_dim
     self.window = window
     self.rope_theta = rope_theta
     self.compute_dtype = compute_dtype
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.wq = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
-    self.wk = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
-    self.wv = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
+    self.wk = linear(d_model, kv_dim, ("embed", "heads"), std=std, **kw)
+    self.wv = linear(d_model, kv_dim, ("embed", "heads"), std=std, **kw)
     self.wo = linear(d_model, d_model, ("heads", "embed"), std=out_std, **kw)
     if qk_norm:
       self.q_norm = RMSNorm(self.head_dim, eps=norm_eps, axis_name=None, param_dtype=param_dtype)
@@ -266,12 +287,12 @@ class Attention(nnx.Module):
     capacity = capacity if self.window is None else self.window
     if capacity is None:
       raise ValueError("full attention needs an explicit KV capacity (the longest context)")
-    shape = (batch_size, capacity, self.num_heads, self.head_dim)
+    shape = (batch_size, capacity, self.num_kv_heads, self.head_dim)
     return KVCache(k=jnp.zeros(shape, self.compute_dtype), v=jnp.zeros(shape, self.compute_dtype),
                    pos=jnp.full((capacity,), -1, jnp.int32))
 
   def _split_heads(self, x):
-    return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // self.head_dim, self.head_dim)
 
   def __call__(self, x: jax.Array, positions: jax.Array, state: KVCache | None = None):
     x = x.astype(self.compute_dtype)

@@ -52,7 +52,8 @@ def resolve_impl(impl: str, compute_dtype, platform: str | None = None) -> str:
 
 def library_attention(q, k, v, q_pos, k_pos, window: int | None, *, impl: str,
                       one_shot: bool) -> jax.Array:
-  """`jax.nn.dot_product_attention` with this package's masking. q [B,Tq,H,d], k/v [B,Tk,H,d]."""
+  """`jax.nn.dot_product_attention` with this package's masking. q [B,Tq,H,d], k/v [B,Tk,Hkv,d]
+  (grouped-query attention natively when Hkv < H)."""
   if one_shot:
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local,
@@ -82,8 +83,8 @@ def _splash_kernel(t: int, heads: int, window: int | None, interpret: bool):
 
 
 def splash_attention(q, k, v, window: int | None, *, interpret: bool = False) -> jax.Array:
-  """One-shot causal (optionally local) attention with the splash kernel. [B, T, H, d] in/out;
-  T must be a multiple of 128 (`splash_block`)."""
+  """One-shot causal (optionally local) attention with the splash kernel. q [B, T, H, d], k/v
+  [B, T, Hkv, d] (the kernel groups query heads itself); T a multiple of 128 (`splash_block`)."""
   _, t, h, d = q.shape
   if splash_block(t) is None:
     raise ConfigError(f"model.attention_impl='splash' needs sequence lengths that are multiples "

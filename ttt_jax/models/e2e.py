@@ -128,7 +128,7 @@ class E2EModel(LanguageModel):
     suffix = []
     for blk in self.suffix_blocks():
       att = blk.mixer
-      shape = (batch_size, att.window + b, att.num_heads, att.head_dim)
+      shape = (batch_size, att.window + b, att.num_kv_heads, att.head_dim)
       zeros = jnp.zeros(shape, att.compute_dtype)
       suffix.append(KVCache(zeros, zeros, jnp.full((shape[1],), -1, jnp.int32)))
     return E2ECache(inner, prefix, suffix,

@@ -47,7 +47,8 @@ def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.mixer in ("full", "swa"):
     return Attention(cfg.d_model, cfg.num_heads, window=cfg.window if cfg.mixer == "swa" else None,
                      rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                     std=std, out_std=out_std, algorithm=attention_algorithm(cfg), **common)
+                     std=std, out_std=out_std, algorithm=attention_algorithm(cfg),
+                     num_kv_heads=cfg.num_kv_heads, **common)
   if cfg.mixer in ("ttt_linear", "ttt_mlp"):
     from ttt_jax.layers.ttt import TTTMixer  # noqa: PLC0415 (keeps attention-only imports light)
 
