@@ -28,13 +28,16 @@ def main(argv=None) -> None:
   ap.add_argument("--out", required=True, help="run directory to write (HF folder for --export)")
   ap.add_argument("--tokenizer", default=None, help="data.tokenizer spec overriding the model's")
   ap.add_argument("--data_source", default="embedded", help="data.source of the new run")
+  ap.add_argument("--val_fraction", type=float, default=0.05,
+                  help="data.val_fraction of the new run (documents held out for evaluation)")
   ap.add_argument("--seq_len", type=positive_int, default=2048, help="data.seq_len of the run")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step to export")
   ap.add_argument("--overwrite", action="store_true", help="replace --out's checkpoints")
   args = ap.parse_args(argv)
   if (args.src is None) == (args.export is None):
     fail("give exactly one of --from SRC or --export WORKDIR", code=2)
-  kw = dict(seq_len=args.seq_len, data_source=args.data_source, overwrite=args.overwrite)
+  kw = dict(seq_len=args.seq_len, data_source=args.data_source, val_fraction=args.val_fraction,
+            overwrite=args.overwrite)
   with user_errors(pretrained.FetchError):
     if args.export:
       export_hf(args.export, args.out, step=args.step)

@@ -154,7 +154,7 @@ def gguf_tokenizer(reader: gguf.GGUFReader, where: str) -> HFTokenizer:
 
 
 def import_gguf(path: str, out: str, *, seq_len: int = 2048, data_source: str = "embedded",
-                overwrite: bool = False, echo=print):
+                val_fraction: float = 0.05, overwrite: bool = False, echo=print):
   """A GGUF Llama file -> a run directory (config, Orbax params, tokenizer.json)."""
   where = f"gguf:{path}"
   try:
@@ -165,4 +165,4 @@ def import_gguf(path: str, out: str, *, seq_len: int = 2048, data_source: str = 
   tok = gguf_tokenizer(reader, where)
   params = hf_to_params(read_tensors(reader, spec), spec, tok.vocab_size, where)
   return write_workdir(out, params, spec, tok, seq_len=seq_len, data_source=data_source,
-                       overwrite=overwrite, echo=echo)
+                       val_fraction=val_fraction, overwrite=overwrite, echo=echo)

@@ -71,7 +71,8 @@ def load_hf(folder: str) -> tuple[LlamaSpec, dict[str, np.ndarray]]:
 
 
 def import_hf(folder: str, out: str, *, tokenizer: str | None = None, seq_len: int = 2048,
-              data_source: str = "embedded", overwrite: bool = False, echo=print):
+              data_source: str = "embedded", val_fraction: float = 0.05,
+              overwrite: bool = False, echo=print):
   """A HF Llama folder -> a run directory. `tokenizer`: a `data.tokenizer` spec to use instead
   of the folder's tokenizer.json."""
   spec, tensors = load_hf(folder)
@@ -87,7 +88,7 @@ def import_hf(folder: str, out: str, *, tokenizer: str | None = None, seq_len: i
          "embedding rows: the rows no token reaches are dropped")
   params = hf_to_params(tensors, spec, tok.vocab_size, f"hf:{folder}")
   return write_workdir(out, params, spec, tok, seq_len=seq_len, data_source=data_source,
-                       overwrite=overwrite, echo=echo)
+                       val_fraction=val_fraction, overwrite=overwrite, echo=echo)
 
 
 def jax_to_numpy(tree):

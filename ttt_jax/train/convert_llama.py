@@ -196,7 +196,8 @@ def params_to_hf(params: dict, spec: LlamaSpec) -> dict[str, np.ndarray]:
 
 
 def write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer: HFTokenizer | Tokenizer,
-                  *, seq_len: int = 2048, data_source: str = "embedded", overwrite: bool = False,
+                  *, seq_len: int = 2048, data_source: str = "embedded",
+                  val_fraction: float = 0.05, overwrite: bool = False,
                   echo=print) -> ml_collections.ConfigDict:
   """A run directory at `out` holding `params` as the step-0 checkpoint. Returns its config.
 
@@ -218,6 +219,7 @@ def write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer: HFTokenize
     spec_str = tokenizer.name
   config = model_config(spec, tokenizer, seq_len)
   config.data.tokenizer, config.data.source = spec_str, data_source
+  config.data.val_fraction = val_fraction
   config.mesh.data = 1
   validate(config)
   trainer = Trainer.create(config)
