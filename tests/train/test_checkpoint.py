@@ -16,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ttt_jax.config import ConfigError, build_config
@@ -125,6 +126,26 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(runs):
 @pytest.fixture(scope="module")
 def trainer():
   return Trainer.create(tiny_config())
+
+
+def test_checkpoint_with_the_former_rng_leaf_still_resumes(trainer, tmp_path):
+  """Checkpoints written while the train state still carried its (never read) `rng` key resume
+  with the same step, parameters and optimizer state."""
+  state = trainer.init_state()
+  state = state.replace(step=state.step + EVERY)
+  old = ckpt.RunCheckpoints(str(tmp_path / ckpt.CKPT_DIR), async_save=False)
+  old._mngr.save(EVERY, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(state.params),
+      train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                   "rng": jax.random.key_data(jax.random.key(0))}),
+      data=ocp.args.JsonSave({}), config=ocp.args.JsonSave(trainer.config.to_dict())))
+  old.close()
+  run = start_run(trainer.config, str(tmp_path), trainer, echo=lambda s: None)
+  run.checkpoints.close()
+  assert run.step == EVERY and int(run.state.step) == EVERY
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                      (state.params, state.opt_state), (run.state.params, run.state.opt_state))
+  assert all(jax.tree.leaves(same))
 
 
 def copy_run(src, dst) -> str:

@@ -79,9 +79,8 @@ def load_preset(spec: str) -> ml_collections.ConfigDict:
 def abstract_inputs(trainer: Trainer, batch_size: int, seq_len: int):
   """(TrainState, batch) of ShapeDtypeStructs with the Trainer's shardings: nothing allocated."""
   opt = jax.eval_shape(trainer.optimizer.init, trainer.abstract_params)
-  rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
   state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainer.abstract_params,
-                     opt_state=opt, rng=rng)
+                     opt_state=opt)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        state, trainer.state_shardings)
   tokens = jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32,

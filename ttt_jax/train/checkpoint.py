@@ -2,7 +2,7 @@
 
 Layout: `<workdir>/checkpoints/<step>/`, one directory per saved step, with the items
   params  the parameter dict (arrays; restored with the Trainer's shardings, so any mesh works)
-  train   {"step", "opt_state", "rng"}
+  train   {"step", "opt_state"} (older checkpoints also hold "rng", which restore reads past)
   data    the grain iterator state (JSON), so the data order continues exactly
   config  the resolved config (JSON)
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete, so
@@ -36,6 +36,9 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 COMMIT_FILE = "commit_success.txt"  # Orbax's completion markers of a step directory
 STEP_METADATA = "_CHECKPOINT_METADATA"
 _ITEMS = {"params": "standard", "train": "standard", "data": "json", "config": "json"}
+# Leaves of the `train` item that older checkpoints hold and the train state no longer has:
+# `rng` (a PRNG key that was seeded and saved but never read).
+LEGACY_TRAIN_LEAVES = ("rng",)
 
 
 class CheckpointError(RuntimeError):
@@ -230,8 +233,7 @@ class RunCheckpoints:
       return False
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
-        train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                     "rng": state.rng}),
+        train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
         data=ocp.args.JsonSave(data_state or {}),
         config=ocp.args.JsonSave(config.to_dict()))
     saved = self._mngr.save(step, args=args, force=True)
@@ -251,19 +253,30 @@ class RunCheckpoints:
     abstract = jax.eval_shape(functools.partial(trainer._init, trainer.config.seed))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, trainer.state_shardings)
+    legacy = self._legacy_train_leaves(step, target.step.sharding)
     args = ocp.args.Composite(
         params=ocp.args.StandardRestore(target.params),
         train=ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
-                                        "rng": target.rng}),
+                                        **legacy}),
         data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
     try:
       out = self._mngr.restore(step, args=args)
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, e) from e
     tr = out["train"]
-    state = target.replace(step=tr["step"], params=out["params"], opt_state=tr["opt_state"],
-                           rng=tr["rng"])
+    state = target.replace(step=tr["step"], params=out["params"], opt_state=tr["opt_state"])
     return state, dict(out["data"] or {}), dict(out["config"])
+
+  def _legacy_train_leaves(self, step: int, sharding) -> dict:
+    """Restore targets for the `LEGACY_TRAIN_LEAVES` that `step`'s train item holds (Orbax
+    restores only a tree that matches the one on disk); restored, then dropped."""
+    try:
+      md = self._mngr.item_metadata(step)["train"]
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+    tree = getattr(md, "tree", md) or {}
+    return {k: jax.ShapeDtypeStruct(tuple(tree[k].shape), tree[k].dtype, sharding=sharding)
+            for k in LEGACY_TRAIN_LEAVES if k in tree}
 
   def restore_params(self, step: int, trainer):
     """Only the parameters at `step`, sharded as `trainer.state_shardings.params`."""

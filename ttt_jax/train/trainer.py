@@ -38,7 +38,6 @@ class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: number of completed optimizer updates
   params: Any  # pure dict of arrays
   opt_state: Any
-  rng: jax.Array  # uint32 key data
 
 
 @dataclasses.dataclass
@@ -72,7 +71,7 @@ class Trainer:
     repl = shd.replicated(mesh)
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
                                       transform_non_params=lambda _: repl)
-    state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard, rng=repl)
+    state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
                shd.batch_sharding(mesh, rules), rules, data)
 
@@ -85,11 +84,10 @@ class Trainer:
       return self.model(params).compute_loss(batch, step)
 
   def _init(self, seed) -> TrainState:
-    _, state = nnx.split(build_model(self.config.model, self.config.seed))
+    _, state = nnx.split(build_model(self.config.model, seed))
     params = state.to_pure_dict()
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+                      opt_state=self.optimizer.init(params))
 
   def _train_step(self, state: TrainState, batch):
     accum = self.config.train.grad_accum
@@ -139,6 +137,7 @@ class Trainer:
 
   # -- compiled entry points ----------------------------------------------------------------------
   def init_state(self, seed: int | None = None) -> TrainState:
+    """Step 0: parameters initialised from `seed` (default `config.seed`), fresh optimizer."""
     seed = self.config.seed if seed is None else seed
     with jax.set_mesh(self.mesh):
       return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)(seed)
