@@ -17,7 +17,15 @@ import sys
 import time
 import traceback
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+
+from ttt_jax.config import build_config
+from ttt_jax.train import distributed
+from ttt_jax.train import sharding as shd
+from ttt_jax.train.metrics import MetricWriter
+from ttt_jax.train.trainer import Trainer
 
 MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1), "2,2,2": (2, 2, 2)}
 STEPS = 3
@@ -26,8 +34,6 @@ LAYERS = {"e2e": 2}  # one prefix + one suffix block; one block for the other ki
 
 
 def tiny_config(kind: str, mesh=(1, 1, 1)):
-  from ttt_jax.config import build_config  # noqa: PLC0415
-
   c = build_config(f"model={kind},ctx={SEQ}")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size = LAYERS.get(kind, 1), 64, 4, 128
@@ -43,14 +49,10 @@ def tiny_config(kind: str, mesh=(1, 1, 1)):
 
 
 def _flat(tree) -> dict[str, object]:
-  import jax  # noqa: PLC0415
-
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _run(trainer, batches, state=None):
-  import jax  # noqa: PLC0415
-
   state = trainer.init_state() if state is None else state
   losses = []
   for b in batches:
@@ -68,8 +70,6 @@ def _max_rel(a: dict, b: dict) -> float:
 
 
 def _bytes_per_device(params) -> tuple[int, int]:
-  import jax  # noqa: PLC0415
-
   total = sum(x.nbytes for x in jax.tree.leaves(params))
   local = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
   return local, total
@@ -80,12 +80,6 @@ def _spec(x) -> list:
 
 
 def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
-  import jax  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  from ttt_jax.train import sharding as shd  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
-
   devices = jax.devices()
   rng = np.random.default_rng(0)
   out: dict = {"num_devices": len(devices), "kinds": {}}
@@ -167,21 +161,11 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
 
 
 def process(pid: int, nproc: int, port: int, workdir: str) -> dict:
-  import jax  # noqa: PLC0415
-
-  from ttt_jax.train import distributed  # noqa: PLC0415
-
   cfg = tiny_config("transformer", (2, 2, 2))
   cfg.mesh.distributed = True
   cfg.mesh.coordinator_address = f"127.0.0.1:{port}"
   cfg.mesh.num_processes, cfg.mesh.process_id = nproc, pid
   distributed.initialize(cfg)
-
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  from ttt_jax.train.metrics import MetricWriter  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
-
   trainer = Trainer.create(cfg)
   ds = trainer.dataset("train")
   local = [ds[i] for i in range(STEPS)]

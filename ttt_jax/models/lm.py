@@ -19,6 +19,7 @@ from ttt_jax.layers.attention_kernels import resolve_impl
 from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
+from ttt_jax.layers.ttt import CausalConv, TTTMixer
 from ttt_jax.layers.ttt_inner import warmup_lr_mult
 from ttt_jax.sharding import constrain
 
@@ -50,8 +51,6 @@ def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
                      std=std, out_std=out_std, algorithm=attention_algorithm(cfg),
                      num_kv_heads=cfg.num_kv_heads, **common)
   if cfg.mixer in ("ttt_linear", "ttt_mlp"):
-    from ttt_jax.layers.ttt import TTTMixer  # noqa: PLC0415 (keeps attention-only imports light)
-
     return TTTMixer(cfg, **common)
   raise ValueError(f"model.mixer={cfg.mixer!r} unknown")
 
@@ -71,8 +70,6 @@ class Block(nnx.Module):
     norm = lambda: RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)  # noqa: E731
     self.post_norm = cfg.post_norm
     if cfg.mixer in ("ttt_linear", "ttt_mlp") and cfg.ttt.backbone == "mamba":
-      from ttt_jax.layers.ttt import CausalConv  # noqa: PLC0415
-
       # TTT "Mamba backbone": h += conv(norm(h)) before the mixer (own streaming state).
       self.conv_norm = norm()
       self.conv = CausalConv(d, cfg.ttt.conv_width, axis="embed",
