@@ -59,7 +59,7 @@ def _train_setup(kind: str, size: Size, compile_only: bool = False):
   tokens = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
   batch = trainer.device_batch({"tokens": tokens})
   if compile_only:
-    state = jax.eval_shape(trainer._init, cfg.seed)  # shapes only: no mesh context needed
+    state = jax.eval_shape(lambda: trainer._init(cfg.seed))  # shapes only, no mesh context
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          state, trainer.state_shardings)
   else:
