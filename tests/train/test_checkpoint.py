@@ -54,7 +54,7 @@ def launch(workdir, **extra) -> subprocess.Popen:
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
-def wait_for(pred, proc, timeout=120.0):
+def wait_for(pred, proc, timeout=300.0):  # generous: the machine may be busy
   end = time.time() + timeout
   while not pred():
     assert proc.poll() is None, "training finished before it could be interrupted"
