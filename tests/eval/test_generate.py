@@ -56,12 +56,14 @@ def test_prefill_pieces():
 def test_sampling_top_k_and_seed():
   m, graphdef, params = tiny_model("swa")
   prompt = np.random.default_rng(1).integers(0, 256, (1, 10)).astype(np.int32)
-  greedy = G.generate(graphdef, params, m, prompt, 12, chunk=8)
-  top1 = G.generate(graphdef, params, m, prompt, 12, chunk=8, temperature=1.0, top_k=1, seed=5)
+  gen = G.Generator(graphdef, params, m, chunk=8)  # one compiled step for the five calls
+  greedy = gen(prompt, 12)
+  top1 = gen(prompt, 12, temperature=1.0, top_k=1, seed=5)
   np.testing.assert_array_equal(top1, greedy)
-  a = G.generate(graphdef, params, m, prompt, 12, chunk=8, temperature=1.5, top_k=20, seed=7)
-  b = G.generate(graphdef, params, m, prompt, 12, chunk=8, temperature=1.5, top_k=20, seed=7)
-  c = G.generate(graphdef, params, m, prompt, 12, chunk=8, temperature=1.5, top_k=20, seed=8)
+  a = gen(prompt, 12, temperature=1.5, top_k=20, seed=7)
+  b = gen(prompt, 12, temperature=1.5, top_k=20, seed=7)
+  c = gen(prompt, 12, temperature=1.5, top_k=20, seed=8)
+  assert gen.step._cache_size() == 3  # prefill pieces of 8 and 2, decode steps of 1: no more
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
   # each sampled token is among the 20 most likely under the full forward

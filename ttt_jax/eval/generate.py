@@ -10,7 +10,6 @@ tokens completes). Temperature 0 is greedy decoding.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,28 +37,19 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k) -> jax.
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-_STEPS: dict[int, tuple[Any, Callable]] = {}  # id(graphdef) -> (graphdef kept alive, step)
-
-
 def make_step(graphdef) -> Callable:
   """jit(params, cache, tokens [B,T], start, key, temperature, top_k) -> (next token [B], cache).
 
-  One function for prefill pieces and decoding, compiled once per T and kept per model (graph
-  definitions hold the unhashable config, so they are keyed by identity).
+  One function for prefill pieces and decoding, compiled once per piece length T. Build it once
+  per model and reuse it (`Generator`), so repeated generations do not compile again.
   """
-  hit = _STEPS.get(id(graphdef))
-  if hit is not None and hit[0] is graphdef:
-    return hit[1]
 
   def step(params, cache, tokens, start, key, temperature, top_k):
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache)
     return sample_logits(logits[:, -1], key, temperature, top_k), cache
 
-  if len(_STEPS) >= 8:
-    _STEPS.pop(next(iter(_STEPS)))
-  _STEPS[id(graphdef)] = (graphdef, jax.jit(step, donate_argnums=1))
-  return _STEPS[id(graphdef)][1]
+  return jax.jit(step, donate_argnums=1)
 
 
 def prefill_pieces(length: int, chunk: int, align: int) -> list[int]:
@@ -72,38 +62,53 @@ def prefill_pieces(length: int, chunk: int, align: int) -> list[int]:
   return pieces + [1] * (length - aligned)
 
 
-def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.ndarray,
-             max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-             chunk: int = 512, eos_id: int | None = None, progress: bool = False) -> np.ndarray:
-  """New tokens [B, <= max_new_tokens] after `prompt` [B, P] (P >= 1, e.g. starting with BOS).
+class Generator:
+  """A model ready to generate: its compiled step is built once and reused by every call."""
 
-  Stops early once every row has produced `eos_id` (rows that stopped first keep producing
-  tokens, which callers cut at their EOS).
-  """
-  prompt = np.asarray(prompt, np.int32)
-  batch, plen = prompt.shape
-  if plen < 1 or max_new_tokens < 1:
-    raise ValueError("generate needs a prompt of >= 1 token and max_new_tokens >= 1")
-  cache = init_cache(graphdef, params, batch, plen + max_new_tokens)
-  step = make_step(graphdef)
-  knobs = (jnp.float32(temperature), jnp.int32(top_k))
-  keys = iter(jax.random.split(jax.random.key(seed), plen + max_new_tokens))
-  pos = 0
-  for n in prefill_pieces(plen, chunk, stream_alignment(model_cfg)):
-    token, cache = step(params, cache, prompt[:, pos:pos + n], jnp.int32(pos), next(keys), *knobs)
-    pos += n
-  out = [np.asarray(token)]
-  done = np.zeros(batch, bool)
-  for _ in tqdm(range(max_new_tokens - 1), desc="decode", unit="tok", disable=not progress,
-                leave=False):
-    if eos_id is not None:
-      done |= out[-1] == eos_id
-      if done.all():
-        break
-    token, cache = step(params, cache, token[:, None], jnp.int32(pos), next(keys), *knobs)
-    pos += 1
-    out.append(np.asarray(token))
-  return np.stack(out, axis=1)
+  def __init__(self, graphdef, params, model_cfg: ml_collections.ConfigDict, *, chunk: int = 512):
+    self.graphdef, self.params, self.chunk = graphdef, params, chunk
+    self.align = stream_alignment(model_cfg)
+    self.step = make_step(graphdef)
+
+  def __call__(self, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: int = 0, seed: int = 0, eos_id: int | None = None,
+               progress: bool = False) -> np.ndarray:
+    """New tokens [B, <= max_new_tokens] after `prompt` [B, P] (P >= 1, e.g. starting with BOS).
+
+    Stops early once every row has produced `eos_id` (rows that stopped first keep producing
+    tokens, which callers cut at their EOS).
+    """
+    prompt = np.asarray(prompt, np.int32)
+    batch, plen = prompt.shape
+    if plen < 1 or max_new_tokens < 1:
+      raise ValueError("generate needs a prompt of >= 1 token and max_new_tokens >= 1")
+    params, step = self.params, self.step
+    cache = init_cache(self.graphdef, params, batch, plen + max_new_tokens)
+    knobs = (jnp.float32(temperature), jnp.int32(top_k))
+    keys = iter(jax.random.split(jax.random.key(seed), plen + max_new_tokens))
+    pos = 0
+    for n in prefill_pieces(plen, self.chunk, self.align):
+      token, cache = step(params, cache, prompt[:, pos:pos + n], jnp.int32(pos), next(keys),
+                          *knobs)
+      pos += n
+    out = [np.asarray(token)]
+    done = np.zeros(batch, bool)
+    for _ in tqdm(range(max_new_tokens - 1), desc="decode", unit="tok", disable=not progress,
+                  leave=False):
+      if eos_id is not None:
+        done |= out[-1] == eos_id
+        if done.all():
+          break
+      token, cache = step(params, cache, token[:, None], jnp.int32(pos), next(keys), *knobs)
+      pos += 1
+      out.append(np.asarray(token))
+    return np.stack(out, axis=1)
+
+
+def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.ndarray,
+             max_new_tokens: int, *, chunk: int = 512, **kwargs) -> np.ndarray:
+  """One generation (`Generator.__call__`); build a `Generator` to generate more than once."""
+  return Generator(graphdef, params, model_cfg, chunk=chunk)(prompt, max_new_tokens, **kwargs)
 
 
 def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
