@@ -138,6 +138,13 @@ def test_no_module_imports_a_higher_layer():
   assert not bad, "imports against the layer order:\n  " + "\n  ".join(bad)
 
 
+def test_no_module_over_400_lines():
+  """Modules stay readable in one sitting: a file that grows past this is split along a seam."""
+  long = {name: n for name, path in all_modules().items()
+          if (n := len(path.read_text().splitlines())) > 400}
+  assert not long, f"modules over 400 lines: {long}"
+
+
 def test_no_import_cycle():
   cycles = find_cycles(import_graph(all_modules()))
   assert not cycles, "import cycles:\n  " + "\n  ".join(" -> ".join(c) for c in cycles)

@@ -320,19 +320,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every knob once at start-up. Returns the config for chaining."""
   _compare_keys(c, base_config(), "")
   m, d, tr = c.model, c.data, c.train
-  _check_choice("model.kind", m.kind, MODEL_KINDS)
-  _check_choice("model.mixer", m.mixer, MIXERS)
-  _check_choice("model.remat", m.remat, REMAT_POLICIES)
-  _check_choice("model.attention_algorithm", m.attention_algorithm, ATTENTION_ALGORITHMS)
-  _check_choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+  for key, allowed in (("model.kind", MODEL_KINDS), ("model.mixer", MIXERS),
+                       ("model.remat", REMAT_POLICIES), ("model.compute_dtype", DTYPES),
+                       ("model.attention_algorithm", ATTENTION_ALGORITHMS),
+                       ("model.attention_impl", ATTENTION_IMPLS), ("model.param_dtype", DTYPES),
+                       ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
+                       ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES)):
+    _check_choice(key, c[key], allowed)
   _check_positive("model.attention_block", m.attention_block)
   _check_positive("model.attention_flash_block", m.attention_flash_block)
-  _check_choice("model.compute_dtype", m.compute_dtype, DTYPES)
-  _check_choice("model.param_dtype", m.param_dtype, DTYPES)
-  _check_choice("model.ttt.impl", m.ttt.impl, TTT_IMPLS)
-  _check_choice("model.ttt.backbone", m.ttt.backbone, TTT_BACKBONES)
-  _check_choice("model.e2e.train_mode", m.e2e.train_mode, E2E_TRAIN_MODES)
-  _check_choice("train.schedule", tr.schedule, SCHEDULES)
   for key in ("num_layers", "d_model", "num_heads", "intermediate_size", "vocab_size", "window"):
     _check_positive(f"model.{key}", m[key])
   for key in ("seq_len", "batch_size"):
