@@ -98,13 +98,18 @@ class E2EModel(LanguageModel):
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):
     """meta: mean of the chunk losses (token-weighted mean NLL under a loss mask), second-order
-    outer gradient; pretrain: the plain LM loss with the prime MLPs as ordinary weights."""
+    outer gradient; pretrain: the plain LM loss with the prime MLPs as ordinary weights.
+
+    `batch['loss_mask']` [B, T] weights the outer loss and, by default, the inner loop's chunk
+    losses too (padding is neither scored nor learned from). `batch['inner_loss_mask']` sets the
+    inner loop's weights apart: a task that scores only its answer tokens (eval/needle_train.py)
+    passes all ones, so the inner loop reads the whole prompt as it does at evaluation."""
     if self.cfg.e2e.train_mode == "pretrain":  # plain forward: no inner loop at all
       return super().compute_loss(batch, step)
     inputs, targets = split_batch(batch)
     mask = batch.get("loss_mask")
     lr = inner_lr(self.cfg.e2e, step)
-    out = self.meta_forward(inputs, targets, mask, lr)
+    out = self.meta_forward(inputs, targets, batch.get("inner_loss_mask", mask), lr)
     if mask is None:
       loss = jnp.mean(out.losses)
     else:
