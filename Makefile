@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PYBIN) scripts/demo.py --workdir runs/demo
 
 test: $(STAMP)
-	$(PYBIN) -m pytest -n 2 --dist loadfile -m "not slow" tests
+	$(PYBIN) -m pytest -n 2 --dist loadfile -m "not slow" --durations=25 tests
 
 test-slow: $(STAMP)
 	$(PYBIN) -m pytest -m slow tests
