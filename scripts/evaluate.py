@@ -2,7 +2,11 @@
 
   python scripts/evaluate.py --workdir runs/swa --ctx 1k,2k,4k,8k [--max_docs 8] [--step S]
   python scripts/evaluate.py --workdir runs/full --compare runs/swa runs/ttt --ctx 1k,4k,16k
+  python scripts/evaluate.py --workdir runs/swa --data books/ --ctx 4k,16k   # any text
 
+Without --data: the run's own validation split. --data SOURCE (embedded, a folder, a .jsonl file,
+tfds:NAME:SPLIT or a prepared folder) is tokenized with the run's tokenizer; --split all (the
+default with --data: every document), train or validation (the hash split of data.val_fraction).
 Writes <workdir>/eval/results.json and PNGs (compare: <first workdir>/eval/compare_*.png).
 """
 
@@ -13,6 +17,8 @@ import json
 import os
 
 from ttt_jax.cli import ArgumentParser, positive_int, user_errors
+from ttt_jax.data.dataset import ALL
+from ttt_jax.data.sources import SOURCE_HELP, SPLITS, source_kind
 from ttt_jax.eval import perplexity, plots
 from ttt_jax.train.runs import load_run
 
@@ -20,6 +26,10 @@ from ttt_jax.train.runs import load_run
 def main(argv=None) -> None:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
+  ap.add_argument("--data", default=None,
+                  help=f"evaluate on this text, not the run's validation split: {SOURCE_HELP}")
+  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
+                  help="documents of the source (default: all with --data, else validation)")
   ap.add_argument("--ctx", default=None, help="context lengths, e.g. 1k,2k,4k (default eval.ctx)")
   ap.add_argument("--max_docs", type=positive_int, default=None,
                   help="documents (default eval.max_docs)")
@@ -32,13 +42,16 @@ def main(argv=None) -> None:
   ap.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = ap.parse_args(argv)
   with user_errors():
-    if args.ctx:  # a bad --ctx fails before any checkpoint is read
+    if args.ctx:  # a bad --ctx or --data fails before any checkpoint is read
       perplexity.parse_ctx_list(args.ctx)
+    if args.data:
+      source_kind(args.data, "--data")
     results = []
     for workdir in [args.workdir, *args.compare]:
       run = load_run(workdir, args.step if workdir == args.workdir else None)
       ctxs = perplexity.parse_ctx_list(args.ctx or run.config.eval.ctx)
-      res = perplexity.evaluate_run(run, ctxs, max_docs=args.max_docs, chunk=args.chunk,
+      res = perplexity.evaluate_run(run, ctxs, data=args.data, split=args.split,
+                                    max_docs=args.max_docs, chunk=args.chunk,
                                     batch_size=args.batch_size, progress=not args.no_progress)
       path = perplexity.write_results(res, workdir)
       pngs = plots.write_plots([res], os.path.join(workdir, "eval"))

@@ -6,6 +6,7 @@ the tokenizer `data.tokenizer` names, and keeps the knobs that say how documents
 (`data.pack_docs`, `data.min_doc_len`). Every entry point receives this one object: training
 (`workdir.check_run` builds it, the `Trainer` reads its windows), evaluation, generation and TLM
 (`runs.load_run` puts it in the `Run`). Nothing else looks at the data config again.
+Evaluation on other text (`--data`) swaps only the source: `Dataset.with_source`.
 
 Token streams of raw sources are tokenized on first use and cached per process (a few streams),
 so the start-up check (`check_splits`) and the run that follows read the same arrays.
@@ -25,6 +26,8 @@ from ttt_jax.data import pipeline, prepare, sources
 from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.data.tokenizers import Tokenizer, get_tokenizer
 
+ALL = "all"  # the split of every document (no train/validation filter): evaluation on any text
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
@@ -39,6 +42,7 @@ class Dataset:
   pack_docs: bool = True
   min_doc_len: int = 0
   prepared: prepare.PreparedData | None = None  # the opened folder when kind == 'prepared'
+  flag: str = "data.source"  # the option the source came from, named in error messages
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict) -> Dataset:
@@ -56,6 +60,25 @@ class Dataset:
                pack_docs=data_cfg.get("pack_docs", True),
                min_doc_len=data_cfg.get("min_doc_len", 0), prepared=prepared)
 
+  def with_source(self, source: str, flag: str = "--data") -> Dataset:
+    """The same tokenizer and knobs reading `source` instead: evaluation on any text.
+
+    Raw text is tokenized with this run's tokenizer, as a model can only score its own ids. A
+    prepared folder holds ids already, so it must have been prepared with the very same
+    tokenizer (compared by fingerprint: a run trained on prepared data uses the folder's
+    tokenizer whatever `data.tokenizer` says).
+    """
+    kind = sources.source_kind(source, flag)
+    prepared = None
+    if kind == "prepared":
+      prepared = prepare.PreparedData(source)
+      theirs = prepared.meta["tokenizer"]
+      if theirs["fingerprint"] != self.tokenizer.fingerprint():
+        raise ConfigError(f"{flag} {source!r} was prepared with the tokenizer {theirs['name']!r}, "
+                          f"not the run's {self.tokenizer.name!r}; give the raw text instead "
+                          "(it is tokenized with the run's tokenizer)")
+    return dataclasses.replace(self, source=source, kind=kind, prepared=prepared, flag=flag)
+
   @property
   def vocab_size(self) -> int:
     return self.tokenizer.vocab_size
@@ -72,19 +95,20 @@ class Dataset:
 
   # -- documents ---------------------------------------------------------------------------------
   def stream(self, split: str) -> TokenStream:
-    """The flat token stream `[BOS] doc [EOS] ...` of one split (cached per process)."""
+    """The flat token stream `[BOS] doc [EOS] ...` of one split, or of every document with
+    split 'all' (cached per process)."""
     try:
       if self.prepared is not None:
         return _prepared_stream(self.prepared, self.tokenizer, split)
-      return _raw_stream(self.source, self.kind, self.tokenizer, split, self.val_fraction,
-                         self.text_field, self.tfds_data_dir)
+      return _raw_stream(self.source, self.kind, self.tokenizer, None if split == ALL else split,
+                         self.val_fraction, self.text_field, self.tfds_data_dir)
     except pipeline.NoDocuments:
       raise ConfigError(self.empty_split_message(split)) from None
 
   def doc_lengths(self, split: str) -> np.ndarray:
     """Token counts (no BOS/EOS) of the split's documents; ConfigError if it has none."""
     if self.prepared is not None:
-      lengths = self.prepared.split(split).lengths
+      lengths = np.concatenate([self.prepared.split(s).lengths for s in _parts(split)])
       if not len(lengths):
         raise ConfigError(self.empty_split_message(split))
       return lengths
@@ -93,6 +117,10 @@ class Dataset:
   def empty_split_message(self, split: str) -> str:
     """Why a split has no documents, naming the knob that changes it."""
     source, val_fraction = self.source, self.val_fraction
+    if self.flag != "data.source":
+      which = "non-empty" if split == ALL else split
+      return (f"{self.flag} {source!r} has no {which} documents"
+              f"{'' if split == ALL else f'; --split {ALL} reads every document'}")
     if self.prepared is not None:
       meta = self.prepared.meta
       return (f"prepared data {source!r} has 0 {split} documents (prepared with --val_fraction="
@@ -204,7 +232,13 @@ def _raw_stream(source: str, kind: str, tokenizer: Tokenizer, split: str, val_fr
 
 @functools.lru_cache(maxsize=8)
 def _prepared_stream(data: prepare.PreparedData, tokenizer: Tokenizer, split: str) -> TokenStream:
-  """A prepared split read from its shards into one stream (cached per opened folder)."""
-  part = data.split(split)
-  return pipeline.build_stream_from_arrays((part[i] for i in range(len(part))), part.names,
-                                           tokenizer)
+  """A prepared split (or 'all': train then validation) read from its shards into one stream
+  (cached per opened folder)."""
+  parts = [data.split(s) for s in _parts(split)]
+  return pipeline.build_stream_from_arrays((p[i] for p in parts for i in range(len(p))),
+                                           [n for p in parts for n in p.names], tokenizer)
+
+
+def _parts(split: str) -> tuple[str, ...]:
+  """The splits that make up `split` ('all' is every one)."""
+  return sources.SPLITS if split == ALL else (split,)

@@ -192,6 +192,11 @@ def tfds_documents(spec: str, split: str | None, val_fraction: float, text_field
                    data_dir: str, stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
   name, tsplit = parse_tfds(spec)
   hashed = tsplit is not None
+  if tsplit is None and split is None:  # every document: the dataset's train + held-out split
+    for part in ("train", "validation"):
+      yield from tfds_documents(f"tfds:{name}:{_tfds_split_name(name, part, data_dir)}", None,
+                                val_fraction, text_field, data_dir, stats)
+    return
   if tsplit is None:
     tsplit = _tfds_split_name(name, split or "train", data_dir)
   src = tfds_source(name, tsplit, data_dir)
@@ -213,8 +218,9 @@ def tfds_documents(spec: str, split: str | None, val_fraction: float, text_field
 
 
 # -- dispatch -----------------------------------------------------------------------------------
-def source_kind(source: str) -> str:
-  """'embedded' | 'tfds' | 'prepared' | 'folder' | 'jsonl'; one clear line if none fits."""
+def source_kind(source: str, flag: str = "data.source") -> str:
+  """'embedded' | 'tfds' | 'prepared' | 'folder' | 'jsonl'; one clear line (naming `flag`, the
+  option the source came from) if none fits."""
   if source == "embedded":
     return "embedded"
   if source.startswith("tfds:"):
@@ -225,9 +231,8 @@ def source_kind(source: str) -> str:
   if os.path.isfile(path) and path.endswith(".jsonl"):
     return "jsonl"
   if os.path.exists(path):
-    raise ConfigError(f"data.source={source!r} is a file that is not .jsonl; allowed: "
-                      f"{SOURCE_HELP}")
-  raise ConfigError(f"data.source={source!r}: no such file or folder; allowed: {SOURCE_HELP}")
+    raise ConfigError(f"{flag}={source!r} is a file that is not .jsonl; allowed: {SOURCE_HELP}")
+  raise ConfigError(f"{flag}={source!r}: no such file or folder; allowed: {SOURCE_HELP}")
 
 
 def get_documents(source: str, split: str | None, val_fraction: float = 0.05, *,

@@ -8,9 +8,11 @@ for SWA / TTT / E2E models therefore does not grow with L; full attention carrie
 capacity L and attends to it blockwise (layers/attention.py), never forming an L x L matrix.
 
 Document rule (same documents at every length, so numbers are comparable): the first
-`max_docs` validation documents (in stream order) with at least `max(ctx) + 1` tokens
-(`[BOS] text [EOS]`). The sequence of length L of a document is its first L + 1 tokens (inputs
-plus shifted targets), starting at BOS; the NLL is averaged over all L predicted positions.
+`max_docs` documents (in stream order) of the run's validation split, or of any source given with
+`--data` (`open_source`), with at least `max(ctx) + 1` tokens (`[BOS] text [EOS]`); shorter ones
+are counted and reported, never dropped silently. The sequence of length L of a document is its
+first L + 1 tokens (inputs plus shifted targets), starting at BOS; the NLL is averaged over all L
+predicted positions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -31,6 +33,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError, parse_ctx
+from ttt_jax.data.dataset import Dataset
+from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 from ttt_jax.train.runs import Run
 
@@ -38,6 +42,8 @@ from ttt_jax.train.runs import Run
 class EvalDocs(NamedTuple):
   names: tuple[str, ...]
   tokens: np.ndarray  # int32 [N, max_ctx + 1], each row a document prefix starting at BOS
+  skipped_short: int = 0  # documents of the source with fewer than max_ctx + 1 tokens
+  longest_skipped: int = 0  # tokens of the longest of them
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -72,17 +78,42 @@ def chunk_for(ctx: int, chunk: int, align: int = 1) -> int:
   return c
 
 
-def select_documents(stream, max_ctx: int, max_docs: int) -> EvalDocs:
-  """The first `max_docs` documents of `stream` with >= max_ctx + 1 tokens (module docstring)."""
+def select_documents(stream, max_ctx: int, max_docs: int,
+                     what: str = "the validation split") -> EvalDocs:
+  """The first `max_docs` documents of `stream` with >= max_ctx + 1 tokens (module docstring);
+  `what` names the documents in the error when none is long enough."""
   need = max_ctx + 1
   lengths = stream.doc_lengths
+  short = lengths[lengths < need]
   idx = np.flatnonzero(lengths >= need)[:max_docs]
   if len(idx) == 0:
     longest = int(lengths.max())
-    raise ConfigError(f"ctx={max_ctx} is larger than the data allows: no validation document has "
+    raise ConfigError(f"ctx={max_ctx} is larger than the data allows: no document of {what} has "
                       f"{need} tokens (the longest has {longest}, so ctx <= {longest - 1})")
   rows = np.stack([stream.tokens[s:s + need] for s in stream.doc_starts[idx]]).astype(np.int32)
-  return EvalDocs(tuple(stream.names[i] for i in idx), rows)
+  return EvalDocs(tuple(stream.names[i] for i in idx), rows, len(short),
+                  int(short.max()) if len(short) else 0)
+
+
+def open_source(run: Run, source: str | None, split: str) -> tuple[Dataset, TokenStream]:
+  """The documents a run is evaluated on: `split` of the run's own data (`source` None) or of
+  `source` (`--data`: any source kind, tokenized with the run's tokenizer). Any problem with
+  `source` is one line naming --data."""
+  data = run.data
+  try:
+    if source is not None:
+      data = run.data.with_source(source)
+    return data, data.stream(split)
+  except ConfigError as e:
+    if source is None or "--data" in str(e):
+      raise
+    raise ConfigError(f"--data {source!r}: {e}") from None
+
+
+def skipped_note(docs_skipped: int, longest: int, need: int) -> str:
+  """The line that reports documents too short to be scored."""
+  return (f"skipped {docs_skipped} document{'s' * (docs_skipped != 1)} shorter than {need:,} "
+          f"tokens (the longest of them has {longest:,})")
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -103,26 +134,42 @@ def init_cache(graphdef, params, batch_size: int, capacity: int):
   return jax.jit(lambda p: nnx.merge(graphdef, p).init_cache(batch_size, capacity))(params)
 
 
+def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
+                  step_fn: Callable | None = None, capacity: int | None = None,
+                  progress=None) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (start, NLL [B, n]) of the L = tokens.shape[1] - 1 positions of `tokens`, fed
+  `chunk` tokens at a time with the cache carried (the one streaming loop of evaluation).
+
+  A last partial chunk is padded to `chunk`, so every length runs through one compiled shape;
+  the padding comes after the real tokens, which a causal model (and the TTT / E2E inner loop,
+  which updates only after a mini-batch is scored) never lets influence them; only the n real
+  positions are yielded. `capacity` is the KV capacity for full attention (default: L rounded
+  up to the chunk, the whole context stays visible); windowed / recurrent mixers ignore it.
+  """
+  batch, length = tokens.shape[0], tokens.shape[1] - 1
+  step_fn = make_chunk_step(graphdef) if step_fn is None else step_fn
+  padded = -(-length // chunk) * chunk
+  cache = init_cache(graphdef, params, batch, padded if capacity is None else capacity)
+  for s in range(0, length, chunk):
+    part = tokens[:, s:s + chunk + 1]
+    n = part.shape[1] - 1
+    if n < chunk:
+      part = np.pad(part, ((0, 0), (0, chunk - n)))
+    nll, cache = step_fn(params, cache, part[:, :-1], part[:, 1:], jnp.int32(s))
+    out = np.asarray(nll)[:, :n]
+    if progress is not None:
+      progress.update(batch * n)
+    yield s, out
+
+
 def stream_nll(graphdef, params, tokens: np.ndarray, chunk: int, *,
                step_fn: Callable | None = None, capacity: int | None = None,
                progress=None) -> np.ndarray:
-  """Per-position NLL [B, L] of `tokens` [B, L+1], fed chunk by chunk with the cache carried.
-
-  `capacity` is the KV capacity for full attention (default L: the whole context stays
-  visible); windowed / recurrent mixers ignore it.
-  """
-  batch, length = tokens.shape[0], tokens.shape[1] - 1
-  if length % chunk:
-    raise ConfigError(f"sequence length {length} is not a multiple of the chunk size {chunk}")
-  step_fn = make_chunk_step(graphdef) if step_fn is None else step_fn
-  cache = init_cache(graphdef, params, batch, length if capacity is None else capacity)
-  out = np.empty((batch, length), np.float32)
-  for s in range(0, length, chunk):
-    nll, cache = step_fn(params, cache, tokens[:, s:s + chunk], tokens[:, s + 1:s + chunk + 1],
-                         jnp.int32(s))
-    out[:, s:s + chunk] = np.asarray(nll)
-    if progress is not None:
-      progress.update(batch * chunk)
+  """Per-position NLL [B, L] of `tokens` [B, L+1], streamed by `stream_chunks`."""
+  out = np.empty((tokens.shape[0], tokens.shape[1] - 1), np.float32)
+  for s, nll in stream_chunks(graphdef, params, tokens, chunk, step_fn=step_fn,
+                              capacity=capacity, progress=progress):
+    out[:, s:s + nll.shape[1]] = nll
   return out
 
 
@@ -198,10 +245,13 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
 
 
 # -- trained runs (loaded by train/runs.py) ----------------------------------------------------
-def evaluate_run(run: Run, ctxs: Sequence[int], *, max_docs: int | None = None,
+def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
+                 split: str | None = None, max_docs: int | None = None,
                  chunk: int | None = None, batch_size: int | None = None,
                  progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
-  """Selects the documents for max(ctxs) from the run's validation split and evaluates."""
+  """Selects the documents for max(ctxs) from `split` (default: validation) of the run's data, or
+  of the source `data` (default split: all), and evaluates."""
+  split = split or ("validation" if data is None else "all")
   ev = run.config.eval
   ctxs = sorted(ctxs)
   max_docs = ev.max_docs if max_docs is None else max_docs
@@ -210,18 +260,25 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, max_docs: int | None = None,
   align = stream_alignment(run.config.model)
   for L in ctxs:
     chunk_for(L, chunk, align)
-  docs = select_documents(run.data.stream("validation"), ctxs[-1], max_docs)
+  dataset, stream = open_source(run, data, split)
+  what = f"documents of {dataset.source} ({split})"
+  need = ctxs[-1] + 1
+  docs = select_documents(stream, ctxs[-1], max_docs, f"the {split} split" if data is None
+                          else f"--data {data} (--split {split})")
   if echo is not None:
     echo(f"{run.workdir} (step {run.step}, {run.config.model.kind}/{run.config.model.mixer}): "
-         f"{len(docs.names)} validation documents of >= {ctxs[-1] + 1} tokens, chunk {chunk}")
+         f"{len(docs.names)} {what} with >= {need} tokens, chunk {chunk}")
+    if docs.skipped_short:
+      echo(skipped_note(docs.skipped_short, docs.longest_skipped, need))
   out = evaluate_model(run.graphdef, run.params, run.config.model, docs, ctxs, chunk=chunk,
                        batch_size=batch_size, first_bucket=ev.first_bucket, progress=progress,
                        echo=echo)
   m = run.config.model
   return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
           "train_ctx": run.config.data.seq_len, "chunk": chunk, "max_docs": max_docs,
-          "selection": f"first {max_docs} validation documents with >= max(ctx)+1 tokens",
-          **out}
+          "source": dataset.source, "split": split, "tokenizer": dataset.tokenizer.name,
+          "selection": f"first {max_docs} {what} with >= max(ctx)+1 tokens",
+          "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped, **out}
 
 
 def write_results(results: dict, workdir: str) -> str:

@@ -2,7 +2,8 @@
 
 Input is one or more `results.json` dicts (see eval/perplexity.py:evaluate_run): perplexity vs
 context length, loss vs position bucket (one line per run), and the "loss delta vs full
-attention" table that compares methods at each context length.
+attention" table that compares methods at each context length; or `reading.json` dicts
+(eval/reading.py:read_run): loss vs position over whole documents, with the reading slope.
 """
 
 from __future__ import annotations
@@ -61,6 +62,50 @@ def plot_loss_vs_position(runs: Sequence[dict], path: str) -> str:
   return _save(fig, path)
 
 
+def plot_reading(runs: Sequence[dict], path: str) -> str:
+  """Reading curves: mean NLL per position bucket (bucket's geometric middle, log2 x) over whole
+  documents, one line per run, labelled with its reading slope."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for res in runs:
+    buckets = res["buckets"]
+    xs = [max(b["start"], 1) ** 0.5 * b["end"] ** 0.5 for b in buckets]
+    slope = res.get("reading_slope")
+    label = run_label(res) + ("" if slope is None else f", slope {slope:+.3f}")
+    ax.plot(xs, [b["mean_nll"] for b in buckets], marker="o", label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("position in the document (tokens)")
+  ax.set_ylabel("mean NLL (nats/token)")
+  sources = sorted({f"{r.get('source')} ({r.get('split')})" for r in runs})
+  ax.set_title(f"Reading curve: {', '.join(sources)}", fontsize=9)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def reading_table(res: dict) -> str:
+  """Per-bucket table of one run's reading curve, with its slope."""
+  lines = [f"{run_label(res)}: {res['docs']} documents of {res['source']} ({res['split']}), "
+           f"{res['tokens']:,} tokens, mean NLL {res['mean_nll']:.4f}",
+           f"{'from':>9} {'to':>9} {'nll':>8} {'tokens':>12} {'docs':>5}"]
+  for b in res["buckets"]:
+    lines.append(f"{b['start']:>9,} {b['end']:>9,} {b['mean_nll']:>8.4f} {b['tokens']:>12,} "
+                 f"{b['docs']:>5}")
+  slope = res["reading_slope"]
+  lines.append("reading slope: " + ("n/a (fewer than 3 buckets)" if slope is None else
+                                    f"{slope:+.4f} nats per doubling of the position"))
+  return "\n".join(lines)
+
+
+def tokenizer_warning(runs: Sequence[dict]) -> str | None:
+  """A warning when runs tokenize the text differently (their NLL per token is not comparable)."""
+  names = sorted({r["tokenizer"] for r in runs if r.get("tokenizer")})
+  if len(names) < 2:
+    return None
+  return (f"warning: the runs use different tokenizers ({', '.join(names)}): the same text gives "
+          "different token counts, so NLL per token and positions are not like for like")
+
+
 def _save(fig, path: str) -> str:
   plt = _pyplot()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -77,8 +122,11 @@ def write_plots(runs: Sequence[dict], out_dir: str, prefix: str = "") -> list[st
 
 
 def ppl_table(res: dict) -> str:
-  """Per-context-length table of one run."""
-  lines = [f"{'ctx':>8} {'ppl':>10} {'nll':>8} {'tokens':>12}"]
+  """Per-context-length table of one run, headed by the run and the documents it scored."""
+  head = f"{run_label(res)}, step {res.get('step')}"
+  if res.get("source") is not None:
+    head += f", on {res['source']} ({res['split']})"
+  lines = [head, f"{'ctx':>8} {'ppl':>10} {'nll':>8} {'tokens':>12}"]
   for c in res["contexts"]:
     lines.append(f"{c['ctx']:>8} {c['ppl']:>10.3f} {c['mean_nll']:>8.4f} {c['tokens']:>12,}")
   return "\n".join(lines)
@@ -109,4 +157,5 @@ def compare_table(runs: Sequence[dict]) -> str:
   if len(docs) > 1:
     lines.append("warning: the runs were evaluated on different documents (data config or ctx "
                  "differ); deltas are not like for like")
-  return "\n".join(lines)
+  warning = tokenizer_warning(runs)
+  return "\n".join(lines + ([warning] if warning else []))

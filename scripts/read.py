@@ -1,0 +1,77 @@
+"""Reading curves: the loss at each position of whole documents (books), read once from start to
+end with the model's state carried, in log-spaced position buckets.
+
+  python scripts/read.py --workdir runs/e2e --data books/ --min_len 64k --max_docs 4
+  python scripts/read.py --workdir runs/full --compare runs/swa runs/e2e --data books/ \\
+      --capacity 128k --max_len 128k
+
+--data SOURCE (embedded, a folder, a .jsonl file, tfds:NAME:SPLIT or a prepared folder) is
+tokenized with each run's tokenizer; without it the run's own validation split is read. --split
+all (the default with --data), train or validation. Documents shorter than --min_len are skipped
+and counted; --max_len truncates. Full attention keeps a KV cache of --capacity tokens (default
+max(eval.ctx)) and longer documents are truncated to it; SWA / TTT / E2E read any length in
+constant memory. Writes <workdir>/eval/reading.json and reading.png (compare: the first
+workdir's eval/compare_reading.json and compare_reading.png, one line per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ttt_jax.cli import ArgumentParser, positive_int, user_errors
+from ttt_jax.data.dataset import ALL
+from ttt_jax.data.sources import SOURCE_HELP, SPLITS, source_kind
+from ttt_jax.eval import plots, reading
+from ttt_jax.train.runs import load_run
+
+
+def main(argv=None) -> None:
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
+  ap.add_argument("--data", default=None,
+                  help=f"read this text instead of the run's validation split: {SOURCE_HELP}")
+  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
+                  help="documents of the source (default: all with --data, else validation)")
+  ap.add_argument("--min_len", type=reading.parse_length, default=reading.DEFAULT_MIN_LEN,
+                  help="skip (and count) documents with fewer tokens (default 64k)")
+  ap.add_argument("--max_len", type=reading.parse_length, default=None,
+                  help="truncate documents to this many tokens")
+  ap.add_argument("--max_docs", type=positive_int, default=None,
+                  help="documents to read (default eval.max_docs)")
+  ap.add_argument("--capacity", type=reading.parse_length, default=None,
+                  help="full attention's KV capacity (default max(eval.ctx))")
+  ap.add_argument("--chunk", type=positive_int, default=None,
+                  help="streamed chunk (default eval.chunk)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--compare", nargs="*", default=[], help="more workdirs to read and overlay")
+  ap.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args = ap.parse_args(argv)
+  results = []
+  with user_errors():
+    if args.data:  # a bad --data fails before any checkpoint is read
+      source_kind(args.data, "--data")
+    for workdir in [args.workdir, *args.compare]:
+      run = load_run(workdir, args.step if workdir == args.workdir else None)
+      res = reading.read_run(run, data=args.data, split=args.split, min_len=args.min_len,
+                             max_docs=args.max_docs, max_len=args.max_len,
+                             capacity=args.capacity, chunk=args.chunk,
+                             progress=not args.no_progress)
+      out = os.path.join(workdir, "eval")
+      path = reading.write_reading(res, os.path.join(out, "reading.json"))
+      png = plots.plot_reading([res], os.path.join(out, "reading.png"))
+      print(plots.reading_table(res))
+      print(f"wrote {path}, {png}\n")
+      results.append(res)
+  if len(results) > 1:
+    out = os.path.join(args.workdir, "eval")
+    warning = plots.tokenizer_warning(results)
+    if warning:
+      print(warning)
+    path = reading.write_reading(results, os.path.join(out, "compare_reading.json"))
+    png = plots.plot_reading(results, os.path.join(out, "compare_reading.png"))
+    print(f"wrote {path}, {png}")
+
+
+if __name__ == "__main__":
+  main()
