@@ -21,8 +21,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,8 @@ def init_cache(graphdef, params, batch_size: int, capacity: int):
 
 def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
                   step_fn: Callable | None = None, capacity: int | None = None,
-                  progress=None) -> Iterator[tuple[int, np.ndarray]]:
+                  progress=None, cache=None,
+                  start: int = 0) -> Generator[tuple[int, np.ndarray], None, Any]:
   """Yields (start, NLL [B, n]) of the L = tokens.shape[1] - 1 positions of `tokens`, fed
   `chunk` tokens at a time with the cache carried (the one streaming loop of evaluation).
 
@@ -145,21 +146,25 @@ def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
   which updates only after a mini-batch is scored) never lets influence them; only the n real
   positions are yielded. `capacity` is the KV capacity for full attention (default: L rounded
   up to the chunk, the whole context stays visible); windowed / recurrent mixers ignore it.
+  With `cache`, the tokens continue a stream at position `start` instead of starting one; the
+  generator returns the cache after the last chunk (`stream_with_cache`).
   """
   batch, length = tokens.shape[0], tokens.shape[1] - 1
   step_fn = make_chunk_step(graphdef) if step_fn is None else step_fn
   padded = -(-length // chunk) * chunk
-  cache = init_cache(graphdef, params, batch, padded if capacity is None else capacity)
+  if cache is None:
+    cache = init_cache(graphdef, params, batch, padded if capacity is None else capacity)
   for s in range(0, length, chunk):
     part = tokens[:, s:s + chunk + 1]
     n = part.shape[1] - 1
     if n < chunk:
       part = np.pad(part, ((0, 0), (0, chunk - n)))
-    nll, cache = step_fn(params, cache, part[:, :-1], part[:, 1:], jnp.int32(s))
+    nll, cache = step_fn(params, cache, part[:, :-1], part[:, 1:], jnp.int32(start + s))
     out = np.asarray(nll)[:, :n]
     if progress is not None:
       progress.update(batch * n)
     yield s, out
+  return cache
 
 
 def stream_nll(graphdef, params, tokens: np.ndarray, chunk: int, *,
@@ -171,6 +176,21 @@ def stream_nll(graphdef, params, tokens: np.ndarray, chunk: int, *,
                               capacity=capacity, progress=progress):
     out[:, s:s + nll.shape[1]] = nll
   return out
+
+
+def stream_with_cache(graphdef, params, tokens: np.ndarray, chunk: int, **kwargs):
+  """(NLL [B, L], cache after the last position) of `tokens` [B, L+1], L a multiple of `chunk`
+  (no padding enters the cache); `kwargs` as `stream_chunks`. With `cache` / `start` it continues
+  a stream: eval/needle.py scores several continuations from copies of one prompt's cache."""
+  if (tokens.shape[1] - 1) % chunk:
+    raise ValueError(f"{tokens.shape[1] - 1} positions are not a multiple of the chunk {chunk}")
+  parts, it = [], stream_chunks(graphdef, params, tokens, chunk, **kwargs)
+  while True:
+    try:
+      parts.append(next(it)[1])
+    except StopIteration as done:
+      nll = np.concatenate(parts, axis=1) if parts else np.zeros((len(tokens), 0), np.float32)
+      return nll, done.value
 
 
 def one_shot_nll(graphdef, params, tokens: np.ndarray) -> np.ndarray:

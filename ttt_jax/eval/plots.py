@@ -159,3 +159,52 @@ def compare_table(runs: Sequence[dict]) -> str:
                  "differ); deltas are not like for like")
   warning = tokenizer_warning(runs)
   return "\n".join(lines + ([warning] if warning else []))
+
+
+# -- needle-in-a-haystack (eval/needle.py) -----------------------------------------------------
+def _needle_cells(res: dict) -> dict:
+  return {(c["ctx"], c["depth"]): c for c in res["cells"]}
+
+
+def needle_table(res: dict) -> str:
+  """Exact match / candidate accuracy per context length (rows) and needle depth (columns)."""
+  task, cells = res["task"], _needle_cells(res)
+  lines = [f"{run_label(res)}, step {res.get('step')}: exact match / candidate accuracy "
+           f"(chance {task['chance']:.2f}), {task['needles']} needles per cell",
+           f"{'ctx':>8}" + "".join(f"{f'{d:g}%':>13}" for d in task["depths"])]
+  for ctx in task["ctxs"]:
+    row = [cells[ctx, d] for d in task["depths"]]
+    lines.append(f"{ctx:>8}" + "".join(
+        f"{c['exact_match']:>6.2f} / {c['candidate_accuracy']:.2f}" for c in row))
+  return "\n".join(lines)
+
+
+def plot_needle_heatmap(res: dict, path: str) -> str:
+  """Two heatmaps, context length (rows) x needle depth (columns): greedy exact match and
+  candidate accuracy, each cell annotated with its value."""
+  plt = _pyplot()
+  task, cells = res["task"], _needle_cells(res)
+  ctxs, depths = task["ctxs"], task["depths"]
+  fig, axes = plt.subplots(1, 2, figsize=(4 + 1.4 * len(depths), 2.2 + 0.55 * len(ctxs)),
+                           layout="constrained")  # places the colorbar and the title too
+  panels = (("exact_match", "exact match (greedy)"),
+            ("candidate_accuracy", f"candidate accuracy (chance {task['chance']:.2f})"))
+  for ax, (key, title) in zip(axes, panels, strict=True):
+    grid = [[cells[c, d][key] for d in depths] for c in ctxs]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+    for i, row in enumerate(grid):
+      for j, v in enumerate(row):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                color="black" if v > 0.6 else "white")
+    ax.set_xticks(range(len(depths)), [f"{d:g}%" for d in depths])
+    ax.set_yticks(range(len(ctxs)), [str(c) for c in ctxs])
+    ax.set_xlabel("needle depth (haystack before the needle)")
+    ax.set_ylabel("context length (tokens)")
+    ax.set_title(title, fontsize=9)
+  fig.colorbar(image, ax=list(axes), shrink=0.8)
+  fig.suptitle(f"Needle retrieval: {run_label(res)}, {task['needles']} needles per cell",
+               fontsize=10)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

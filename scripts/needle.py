@@ -1,0 +1,104 @@
+"""Needle-in-a-haystack retrieval per context length and needle depth (ttt_jax/eval/needle.py).
+
+  python scripts/needle.py --workdir runs/swa --ctx 256,512,1k --depths 0,25,50,75,100
+  python scripts/needle.py --workdir runs/full --compare runs/swa runs/e2e --ctx 1k,4k
+  python scripts/needle.py --workdir runs/tiny --train_task 300 --ctx 256,512
+
+A fact "The secret number of <name> is <number>." sits at each depth of real text (the run's
+validation split, or --data SOURCE: embedded, a folder, a .jsonl file, tfds:NAME:SPLIT or a
+prepared folder; --split all is the default with --data); the prompt of exactly ctx tokens ends
+with the question. Scored by greedy exact match and by the answer's rank among --distractors
+other numbers. --train_task STEPS first fine-tunes a copy of each run on the same format with
+disjoint names and numbers (into <workdir>/needle_ft, or --ft_workdir) and evaluates the copy.
+Writes <evaluated workdir>/eval/needle.json and needle.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
+from ttt_jax.data.dataset import ALL
+from ttt_jax.data.sources import SOURCE_HELP, SPLITS, source_kind
+from ttt_jax.eval import needle, needle_train, plots
+from ttt_jax.train.runs import load_run
+
+
+def build_parser() -> ArgumentParser:
+  ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
+  ap.add_argument("--ctx", default="256,512,1k", help="context lengths (prompt tokens)")
+  ap.add_argument("--depths", default="0,25,50,75,100",
+                  help="needle depths, percent of the haystack before the needle")
+  ap.add_argument("--needles", type=positive_int, default=4, help="prompts per cell")
+  ap.add_argument("--distractors", type=int, default=9,
+                  help="other numbers scored against the answer (>= 1)")
+  ap.add_argument("--seed", type=int, default=0, help="chooses names, numbers and haystacks")
+  ap.add_argument("--data", default=None, help=f"haystack text (default: the run's validation "
+                  f"split): {SOURCE_HELP}")
+  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
+                  help="documents of the source (default: all with --data, else validation)")
+  ap.add_argument("--chunk", type=positive_int, default=None,
+                  help="largest streamed chunk (default eval.chunk)")
+  ap.add_argument("--batch_size", type=positive_int, default=None,
+                  help="prompts per streamed batch (default eval.batch_size)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--compare", nargs="*", default=[], help="more workdirs, same prompts")
+  ap.add_argument("--train_task", type=int, default=0, metavar="STEPS",
+                  help="fine-tune a copy on the task format for STEPS steps first (0: no)")
+  ap.add_argument("--ft_workdir", default=None,
+                  help="where the fine-tuned copy goes (default <workdir>/needle_ft)")
+  ap.add_argument("--ft_seq_len", type=positive_int, default=None,
+                  help="fine-tuning length (default: the run's data.seq_len)")
+  ap.add_argument("--ft_batch_size", type=positive_int, default=None,
+                  help="fine-tuning batch (default: the run's data.batch_size)")
+  ap.add_argument("--ft_lr", type=float, default=None, help="fine-tuning peak lr (default "
+                  "train.lr)")
+  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
+  return ap
+
+
+def main(argv=None) -> None:
+  args = build_parser().parse_args(argv)
+  if args.distractors < 1:
+    fail(f"--distractors {args.distractors} must be >= 1", code=2)
+  if args.train_task < 0:
+    fail(f"--train_task {args.train_task} must be >= 0 (0: no fine-tuning)", code=2)
+  if args.ft_workdir and args.compare:
+    fail("--ft_workdir names one fine-tuned copy; with --compare each run's copy goes to "
+         "<workdir>/needle_ft", code=2)
+  results = []
+  with user_errors():
+    ctxs, depths = needle.parse_ctxs(args.ctx), needle.parse_depths(args.depths)
+    if args.data:  # a bad --data fails before any checkpoint is read
+      source_kind(args.data, "--data")
+    for workdir in [args.workdir, *args.compare]:
+      run = load_run(workdir, args.step if workdir == args.workdir else None)
+      needle.context_chunks(run.config.model, ctxs, args.chunk or run.config.eval.chunk)
+      fine_tuned = None
+      if args.train_task:
+        run, fine_tuned = needle_train.fine_tune(
+            run, args.train_task, args.ft_workdir or os.path.join(workdir, "needle_ft"),
+            seq_len=args.ft_seq_len, batch_size=args.ft_batch_size, lr=args.ft_lr,
+            seed=args.seed, progress=not args.no_progress)
+      res = needle.evaluate_run(run, ctxs, depths, data=args.data, split=args.split,
+                                needles=args.needles, distractors=args.distractors,
+                                seed=args.seed, chunk=args.chunk, batch_size=args.batch_size,
+                                progress=not args.no_progress)
+      res["fine_tune"] = fine_tuned
+      path = needle.write_results(res, run.workdir)
+      png = plots.plot_needle_heatmap(res, os.path.join(run.workdir, "eval", "needle.png"))
+      print(plots.needle_table(res))
+      print(f"wrote {path}, {png}\n")
+      results.append(res)
+  if len(results) > 1:
+    if len({r["prompt_fingerprint"] for r in results}) > 1:
+      print("warning: the runs were given different prompts (their tokenizers or haystack "
+            "sources differ); the cells are not like for like")
+    path = needle.write_results(results, args.workdir, "needle_compare.json")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
