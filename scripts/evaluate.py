@@ -16,30 +16,20 @@ import argparse
 import json
 import os
 
-from ttt_jax.cli import ArgumentParser, positive_int, user_errors
-from ttt_jax.data.dataset import ALL
-from ttt_jax.data.sources import SOURCE_HELP, SPLITS, source_kind
+from ttt_jax.cli import ArgumentParser, add_eval_arguments, positive_int, user_errors
+from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import perplexity, plots
 from ttt_jax.train.runs import load_run
 
 
 def main(argv=None) -> None:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
-  ap.add_argument("--data", default=None,
-                  help=f"evaluate on this text, not the run's validation split: {SOURCE_HELP}")
-  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
-                  help="documents of the source (default: all with --data, else validation)")
+  add_eval_arguments(ap, "evaluate")
   ap.add_argument("--ctx", default=None, help="context lengths, e.g. 1k,2k,4k (default eval.ctx)")
   ap.add_argument("--max_docs", type=positive_int, default=None,
                   help="documents (default eval.max_docs)")
-  ap.add_argument("--chunk", type=positive_int, default=None,
-                  help="streamed chunk (default eval.chunk)")
   ap.add_argument("--batch_size", type=positive_int, default=None,
                   help="documents per streamed batch")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  ap.add_argument("--compare", nargs="*", default=[], help="more workdirs to evaluate and overlay")
-  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
   args = ap.parse_args(argv)
   with user_errors():
     if args.ctx:  # a bad --ctx or --data fails before any checkpoint is read

@@ -19,20 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ttt_jax.cli import ArgumentParser, positive_int, user_errors
-from ttt_jax.data.dataset import ALL
-from ttt_jax.data.sources import SOURCE_HELP, SPLITS, source_kind
+from ttt_jax.cli import ArgumentParser, add_eval_arguments, positive_int, user_errors
+from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import plots, reading
 from ttt_jax.train.runs import load_run
 
 
 def main(argv=None) -> None:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
-  ap.add_argument("--data", default=None,
-                  help=f"read this text instead of the run's validation split: {SOURCE_HELP}")
-  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
-                  help="documents of the source (default: all with --data, else validation)")
+  add_eval_arguments(ap, "read")
   ap.add_argument("--min_len", type=reading.parse_length, default=reading.DEFAULT_MIN_LEN,
                   help="skip (and count) documents with fewer tokens (default 64k)")
   ap.add_argument("--max_len", type=reading.parse_length, default=None,
@@ -41,11 +36,6 @@ def main(argv=None) -> None:
                   help="documents to read (default eval.max_docs)")
   ap.add_argument("--capacity", type=reading.parse_length, default=None,
                   help="full attention's KV capacity (default max(eval.ctx))")
-  ap.add_argument("--chunk", type=positive_int, default=None,
-                  help="streamed chunk (default eval.chunk)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  ap.add_argument("--compare", nargs="*", default=[], help="more workdirs to read and overlay")
-  ap.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
   results = []
   with user_errors():

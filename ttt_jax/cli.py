@@ -25,6 +25,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ttt_jax.config import ConfigError
+from ttt_jax.data.dataset import ALL
+from ttt_jax.data.sources import SOURCE_HELP, SPLITS
 from ttt_jax.train import distributed
 from ttt_jax.train.checkpoint import CheckpointError
 from ttt_jax.train.trainer import NonFiniteError, train_and_evaluate
@@ -81,6 +83,21 @@ def positive_int(text: str) -> int:
   if value < 1:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
   return value
+
+
+def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
+  """The options scripts/evaluate.py and scripts/read.py share (`verb`: what the command does to
+  the text): the run(s), the text read, the chunk, the checkpoint step, the progress bars."""
+  ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
+  ap.add_argument("--data", default=None,
+                  help=f"{verb} this text, not the run's validation split: {SOURCE_HELP}")
+  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
+                  help="documents of the source (default: all with --data, else validation)")
+  ap.add_argument("--chunk", type=positive_int, default=None,
+                  help="streamed chunk (default eval.chunk)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--compare", nargs="*", default=[], help=f"more workdirs to {verb} and overlay")
+  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def run_argparse_main(main: Callable[[list[str]], object],

@@ -110,10 +110,15 @@ def open_source(run: Run, source: str | None, split: str) -> tuple[Dataset, Toke
     raise ConfigError(f"--data {source!r}: {e}") from None
 
 
+def count_of(n: int, noun: str) -> str:
+  """'1 document', '3 documents'."""
+  return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def skipped_note(docs_skipped: int, longest: int, need: int) -> str:
   """The line that reports documents too short to be scored."""
-  return (f"skipped {docs_skipped} document{'s' * (docs_skipped != 1)} shorter than {need:,} "
-          f"tokens (the longest of them has {longest:,})")
+  return (f"skipped {count_of(docs_skipped, 'document')} shorter than {need:,} tokens (the "
+          f"longest of them has {longest:,})")
 
 
 # -- streaming ----------------------------------------------------------------------------------
@@ -281,13 +286,13 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
   for L in ctxs:
     chunk_for(L, chunk, align)
   dataset, stream = open_source(run, data, split)
-  what = f"documents of {dataset.source} ({split})"
+  what = f"of {dataset.source} ({split})"
   need = ctxs[-1] + 1
   docs = select_documents(stream, ctxs[-1], max_docs, f"the {split} split" if data is None
                           else f"--data {data} (--split {split})")
   if echo is not None:
     echo(f"{run.workdir} (step {run.step}, {run.config.model.kind}/{run.config.model.mixer}): "
-         f"{len(docs.names)} {what} with >= {need} tokens, chunk {chunk}")
+         f"{count_of(len(docs.names), 'document')} {what} with >= {need} tokens, chunk {chunk}")
     if docs.skipped_short:
       echo(skipped_note(docs.skipped_short, docs.longest_skipped, need))
   out = evaluate_model(run.graphdef, run.params, run.config.model, docs, ctxs, chunk=chunk,
@@ -297,7 +302,7 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
   return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
           "train_ctx": run.config.data.seq_len, "chunk": chunk, "max_docs": max_docs,
           "source": dataset.source, "split": split, "tokenizer": dataset.tokenizer.name,
-          "selection": f"first {max_docs} {what} with >= max(ctx)+1 tokens",
+          "selection": f"first {max_docs} documents {what} with >= max(ctx)+1 tokens",
           "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped, **out}
 
 

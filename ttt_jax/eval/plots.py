@@ -85,7 +85,8 @@ def plot_reading(runs: Sequence[dict], path: str) -> str:
 
 def reading_table(res: dict) -> str:
   """Per-bucket table of one run's reading curve, with its slope."""
-  lines = [f"{run_label(res)}: {res['docs']} documents of {res['source']} ({res['split']}), "
+  docs = f"{res['docs']} document{'s' * (res['docs'] != 1)}"
+  lines = [f"{run_label(res)}: {docs} of {res['source']} ({res['split']}), "
            f"{res['tokens']:,} tokens, mean NLL {res['mean_nll']:.4f}",
            f"{'from':>9} {'to':>9} {'nll':>8} {'tokens':>12} {'docs':>5}"]
   for b in res["buckets"]:

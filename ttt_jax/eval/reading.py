@@ -150,28 +150,27 @@ def read_run(run: Run, *, data: str | None = None, split: str | None = None,
   split = split or ("validation" if data is None else "all")
   max_docs = ev.max_docs if max_docs is None else max_docs
   chunk = ev.chunk if chunk is None else chunk
-  if max_len is not None and max_len < min_len:
-    raise ConfigError(f"--max_len {max_len} is shorter than --min_len {min_len}")
   dataset, stream = P.open_source(run, data, split)
-  what = f"documents of {dataset.source} ({split})"
+  what = f"of {dataset.source} ({split})"
   lengths = stream.doc_lengths - 1  # positions scored per document
   idx = np.flatnonzero(lengths >= min_len)[:max_docs]
   short = lengths[lengths < min_len]
   if not len(idx):
-    raise ConfigError(f"--min_len {min_len}: none of the {what} is that long (the longest has "
-                      f"{int(lengths.max())} tokens); lower --min_len")
+    raise ConfigError(f"--min_len {min_len}: none of the documents {what} is that long (the "
+                      f"longest has {int(lengths.max())} tokens); lower --min_len")
   limit = max_len
   if grows_with_length(m):
     capacity = max(P.parse_ctx_list(ev.ctx)) if capacity is None else capacity
     limit = capacity if limit is None else min(limit, capacity)
   docs = [(stream.names[i], stream.tokens[s:s + 1 + min(int(lengths[i]), limit or lengths[i])])
           for i, s in zip(idx, stream.doc_starts[idx], strict=True)]
-  cut = int(sum(lengths[idx] > capacity)) if grows_with_length(m) else 0
+  wanted = lengths[idx] if max_len is None else np.minimum(lengths[idx], max_len)
+  cut = int(sum(wanted > capacity)) if grows_with_length(m) else 0
   if echo is not None:
     if capacity is not None and not grows_with_length(m):
       echo(f"note: --capacity is ignored: {m.kind}/{m.mixer} keeps a fixed-size state")
-    echo(f"{run.workdir} (step {run.step}, {m.kind}/{m.mixer}): reading {len(docs)} {what} "
-         f"with >= {min_len:,} tokens, chunk {chunk}")
+    echo(f"{run.workdir} (step {run.step}, {m.kind}/{m.mixer}): reading "
+         f"{P.count_of(len(docs), 'document')} {what} with >= {min_len:,} tokens, chunk {chunk}")
     if len(short):
       echo(P.skipped_note(len(short), int(short.max()), min_len))
     if cut:
