@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
-from ttt_jax.data.dataset import ALL
-from ttt_jax.data.sources import SOURCE_HELP, SPLITS, source_kind
+from ttt_jax.cli import ArgumentParser, add_eval_arguments, fail, positive_int, user_errors
+from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import needle, needle_train, plots
 from ttt_jax.train.runs import load_run
 
 
 def build_parser() -> ArgumentParser:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
+  add_eval_arguments(ap, "evaluate")  # --data: the haystack text
   ap.add_argument("--ctx", default="256,512,1k", help="context lengths (prompt tokens)")
   ap.add_argument("--depths", default="0,25,50,75,100",
                   help="needle depths, percent of the haystack before the needle")
@@ -35,16 +34,8 @@ def build_parser() -> ArgumentParser:
   ap.add_argument("--distractors", type=int, default=9,
                   help="other numbers scored against the answer (>= 1)")
   ap.add_argument("--seed", type=int, default=0, help="chooses names, numbers and haystacks")
-  ap.add_argument("--data", default=None, help=f"haystack text (default: the run's validation "
-                  f"split): {SOURCE_HELP}")
-  ap.add_argument("--split", choices=(ALL, *SPLITS), default=None,
-                  help="documents of the source (default: all with --data, else validation)")
-  ap.add_argument("--chunk", type=positive_int, default=None,
-                  help="largest streamed chunk (default eval.chunk)")
   ap.add_argument("--batch_size", type=positive_int, default=None,
                   help="prompts per streamed batch (default eval.batch_size)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  ap.add_argument("--compare", nargs="*", default=[], help="more workdirs, same prompts")
   ap.add_argument("--train_task", type=int, default=0, metavar="STEPS",
                   help="fine-tune a copy on the task format for STEPS steps first (0: no)")
   ap.add_argument("--ft_workdir", default=None,
@@ -55,7 +46,6 @@ def build_parser() -> ArgumentParser:
                   help="fine-tuning batch (default: the run's data.batch_size)")
   ap.add_argument("--ft_lr", type=float, default=None, help="fine-tuning peak lr (default "
                   "train.lr)")
-  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
   return ap
 
 
