@@ -1,0 +1,79 @@
+"""Modules of another git revision in the running process, for side-by-side timing.
+
+Timings on a shared machine drift by tens of percent between runs, so an old-vs-new speed
+comparison is only trustworthy when both programs run in ONE process, alternating. `swapped(rev,
+modules)` makes that possible: inside the `with` block the named package modules are replaced by
+their source at `rev` (read with `git show`, executed as fresh module objects), and every name
+other loaded package modules imported from them (`from ttt_jax.layers.ttt import TTTMixer`
+binds the class in `ttt_jax.models.lm`) points at the old object. Models built and programs
+traced inside the block therefore use the old code; compiled executables keep it after the block
+exits, when everything is restored.
+
+Modules are loaded in the given order, each seeing the earlier ones already swapped in, so list
+dependencies first (ttt_inner before ttt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+
+PACKAGE = "ttt_jax"
+
+
+def source_at(rev: str, module: str, repo: str = ".") -> str:
+  """The source of package module `module` (dotted name) at git revision `rev`."""
+  path = module.replace(".", "/") + ".py"
+  return subprocess.run(["git", "-C", repo, "show", f"{rev}:{path}"], check=True,
+                        capture_output=True, text=True).stdout
+
+
+def _rebind(old_to_new: dict[int, object]) -> list[tuple[object, str, object]]:
+  """Points every loaded package module's attribute that is one of the replaced objects at its
+  replacement; returns (module, name, previous value) to undo it."""
+  undo = []
+  for name, mod in list(sys.modules.items()):
+    if not (name == PACKAGE or name.startswith(PACKAGE + ".")) or mod is None:
+      continue
+    for attr, value in list(vars(mod).items()):
+      new = old_to_new.get(id(value))
+      if new is not None and new is not value:
+        undo.append((mod, attr, value))
+        setattr(mod, attr, new)
+  return undo
+
+
+@contextlib.contextmanager
+def swapped(rev: str, modules: list[str], repo: str = ".") -> Iterator[dict[str, object]]:
+  """Within the block, package modules `modules` run their code at git revision `rev`.
+
+  Yields {module name: the old module object}. Restores every binding on exit.
+  """
+  undo: list[tuple[object, str, object]] = []
+  loaded: dict[str, object] = {}
+  try:
+    for name in modules:
+      current = importlib.import_module(name)
+      old = types.ModuleType(name)
+      old.__file__ = f"{rev}:{name.replace('.', '/')}.py"
+      old.__package__ = name.rpartition(".")[0]
+      exec(compile(source_at(rev, name, repo), old.__file__, "exec"), old.__dict__)  # noqa: S102
+      mapping = {id(current): old}
+      for attr, value in vars(current).items():
+        if attr in vars(old) and getattr(value, "__module__", None) == name:
+          mapping[id(value)] = vars(old)[attr]
+      undo.extend(_rebind(mapping))
+      undo.append((sys.modules, name, current))
+      sys.modules[name] = old
+      loaded[name] = old
+    yield loaded
+  finally:
+    for target, attr, value in reversed(undo):
+      if target is sys.modules:
+        sys.modules[attr] = value
+      else:
+        setattr(target, attr, value)

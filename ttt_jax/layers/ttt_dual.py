@@ -1,0 +1,109 @@
+"""The dual form over a whole sequence, with all work that does not depend on W out of the scan.
+
+`ttt_inner.linear_dual` / `mlp_dual` state one mini-batch plainly; scanned as they are, every
+mini-batch step recomputes per-mini-batch quantities that do not depend on the inner weights and
+ends with the output LayerNorm, and on CPU a step of a few dozen small ops is dominated by the
+per-op cost, not by FLOPs. Here (same math, same outputs to fp32 rounding; tests compare the two):
+
+- Biases ride in the matrices: z·W + b = [z, 1]·[W; b]. The views get a column of ones once
+  (X̃ = [X, 1]) and the scan carries W̃ = [W; b], so one matmul gives the prediction with bias,
+  one outer product updates W and b together (W̃_{i+1} = W̃_i − (η[b,:] ⊙ X̃K)ᵀ·G), and the dual
+  correction (η ⊙ tril(XQ·XKᵀ))·G + tril(η)·G is (η ⊙ X̃Q·X̃Kᵀ)·G (η is already causal).
+- XQ·W and XK·W are one matmul over the stacked [X̃Q; X̃K].
+- Before the scan, batched over all mini-batches: the first layer's causal attention matrix
+  A = tril(η) ⊙ X̃Q·X̃Kᵀ, the LR-weighted keys η[b,:] ⊙ X̃K, the label XV − XK.
+- After the scan: the output XQ + LN_h(z) of every token at once.
+
+The step of one mini-batch is then a handful of matmuls and the LayerNorm gradient, and the
+backward pass of the scan differentiates only those.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.layers.ttt_inner import (
+    InnerParams,
+    gelu,
+    gelu_grad,
+    layer_norm,
+    ln_l2_grad,
+    scan_minibatches,
+)
+
+
+def _mm(a, b):
+  return jnp.einsum("...ij,...jk->...ik", a, b)
+
+
+def _mm_t(a, b):  # a @ b^T
+  return jnp.einsum("...ik,...jk->...ij", a, b)
+
+
+def _t_mm(a, b):  # a^T @ b
+  return jnp.einsum("...ki,...kj->...ij", a, b)
+
+
+def with_ones(x: jax.Array) -> jax.Array:
+  """[..., m] -> [..., m + 1] with a last column of ones (the bias input)."""
+  return jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], axis=-1)
+
+
+def augment(kind: str, params: InnerParams) -> dict[str, jax.Array]:
+  """{'w', 'b'} / {'w1', 'b1', 'w2', 'b2'} -> the bias-augmented matrices [W; b]."""
+  if kind == "linear":
+    return {"w": jnp.concatenate([params["w"], params["b"]], axis=-2)}
+  return {"w1": jnp.concatenate([params["w1"], params["b1"]], axis=-2),
+          "w2": jnp.concatenate([params["w2"], params["b2"]], axis=-2)}
+
+
+def split_augmented(kind: str, aug: dict[str, jax.Array]) -> InnerParams:
+  """Inverse of `augment`."""
+  names = [("w", "b")] if kind == "linear" else [("w1", "b1"), ("w2", "b2")]
+  out = {}
+  for w, b in names:
+    out[w], out[b] = aug[w][..., :-1, :], aug[w][..., -1:, :]
+  return out
+
+
+def _linear_step(aug, ln, qk, attn, k_last, target):
+  b = attn.shape[-1]
+  w = aug["w"]
+  pred = _mm(qk, w)  # [X̃Q; X̃K]·W̃
+  grad = ln_l2_grad(pred[..., b:, :], target, *ln)
+  z = pred[..., :b, :] - _mm(attn, grad)
+  return {"w": w + _t_mm(k_last, grad)}, z  # k_last = -η[b,:] ⊙ X̃K
+
+
+def _mlp_step(aug, ln, qk, attn, k_last, target, eta_c, last):
+  b = attn.shape[-1]
+  w1, w2 = aug["w1"], aug["w2"]
+  pred1 = _mm(qk, w1)
+  zk1 = pred1[..., b:, :]
+  x2 = with_ones(gelu(zk1))
+  g2 = ln_l2_grad(_mm(x2, w2), target, *ln)
+  g1 = _mm_t(g2, w2)[..., :-1] * gelu_grad(zk1)  # slice the product, not W̃2
+  xq2 = with_ones(gelu(pred1[..., :b, :] - _mm(attn, g1)))
+  z = _mm(xq2, w2) - _mm(eta_c * _mm_t(xq2, x2), g2)
+  return {"w1": w1 + _t_mm(k_last, g1), "w2": w2 + _t_mm(last * x2, g2)}, z  # last = -η[b,:]
+
+
+def dual_sequence(kind: str, params: InnerParams, ln, xq, xk, xv, eta, remat_group: int,
+                  complete: jax.Array | None = None):
+  """The dual form over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b].
+
+  Same contract as `ttt_inner.scan_minibatches(STEPS[(kind, 'dual')], ...)`: returns (final
+  params, outputs XQ + LN_h(z) [n, B, H, b, d]); `remat_group` and `complete` as there.
+  """
+  eta_c = jnp.tril(eta)
+  q, k = with_ones(xq), with_ones(xk)
+  attn = eta_c * _mm_t(q, k)
+  neg_last = -eta[..., -1, :, None]  # -eta[b, s] as a column: the update is W̃ + (...)ᵀ·G
+  xs = (jnp.concatenate([q, k], axis=-2), attn, neg_last * k, xv - xk)
+  if kind == "linear":
+    step = _linear_step
+  else:
+    step, xs = _mlp_step, (*xs, eta_c, neg_last)
+  final, z = scan_minibatches(step, augment(kind, params), ln, xs, remat_group, complete)
+  return split_augmented(kind, final), xq + layer_norm(z, *ln)
