@@ -119,8 +119,13 @@ def test_bad_sources_name_data(run_data, tmp_path):
     run_data.with_source(str(tmp_path / "notes.csv"))
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "x.txt").write_text("   ")
-  with pytest.raises(ConfigError, match="--data .* has no non-empty documents$"):
+  with pytest.raises(ConfigError, match=r"--data .* has no non-empty documents \(a folder is read "
+                     r"for .txt/.md/.py/.rst files below it\)$"):
     run_data.with_source(str(tmp_path / "empty")).stream("all")
+  (tmp_path / "licences").mkdir()  # files without a text suffix are not read
+  (tmp_path / "licences" / "Apache-2.0").write_text("Licensed under the Apache License")
+  with pytest.raises(ConfigError, match=r"has no non-empty documents \(a folder is read for"):
+    run_data.with_source(str(tmp_path / "licences")).stream("all")
   (tmp_path / "one").mkdir()
   (tmp_path / "one" / "note00.txt").write_text("only a train document")
   with pytest.raises(ConfigError, match="has no validation documents; --split all reads every"):

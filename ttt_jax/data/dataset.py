@@ -117,10 +117,12 @@ class Dataset:
   def empty_split_message(self, split: str) -> str:
     """Why a split has no documents, naming the knob that changes it."""
     source, val_fraction = self.source, self.val_fraction
+    folder = " (a folder is read for .txt/.md/.py/.rst files below it)" if self.kind == "folder" \
+        else ""
     if self.flag != "data.source":
       which = "non-empty" if split == ALL else split
       return (f"{self.flag} {source!r} has no {which} documents"
-              f"{'' if split == ALL else f'; --split {ALL} reads every document'}")
+              f"{folder if split == ALL else f'; --split {ALL} reads every document'}")
     if self.prepared is not None:
       meta = self.prepared.meta
       return (f"prepared data {source!r} has 0 {split} documents (prepared with --val_fraction="
@@ -135,8 +137,7 @@ class Dataset:
     if val_fraction >= 1:
       return (f"data.val_fraction={val_fraction} puts every document of data.source={source!r} "
               "in the validation split; use a fraction below 1, e.g. 0.05")
-    what = {"folder": " (a folder is read for .txt/.md/.py/.rst files below it)",
-            "jsonl": " (every line's data.text_field is empty)"}.get(self.kind, "")
+    what = folder or (" (every line's data.text_field is empty)" if self.kind == "jsonl" else "")
     return f"data.source={source!r} has no non-empty documents for the train split{what}"
 
   # -- windows -----------------------------------------------------------------------------------
