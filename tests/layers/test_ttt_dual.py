@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt_jax.layers import ttt_dual, ttt_inner
+from ttt_jax.benchmarks import revisions
+from ttt_jax.layers import ttt, ttt_dual, ttt_inner
 from ttt_jax.layers.ttt import CausalConv, causal_conv
+from ttt_jax.models import lm
 
 from .test_ttt import BASE_LR, random_inputs, rel_err, tree_rel_err
 
@@ -96,3 +98,14 @@ def test_causal_conv_gradients_equal_autodiff_of_the_sum():
   grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a)) * probe), argnums=(0, 1, 2))(
       xp, w, bias) for f in (plain, causal_conv)]
   assert tree_rel_err(grads[1], grads[0]) <= 1e-6
+
+
+def test_revision_swap_restores_every_binding():
+  """scripts/compare_speed.py times old code beside new through revisions.swapped: inside the
+  block the mixer class the LM builds comes from the old source, after it everything is back."""
+  before = (lm.TTTMixer, ttt.ttt_inner, lm.CausalConv)
+  with revisions.swapped("HEAD", ["ttt_jax.layers.ttt_inner", "ttt_jax.layers.ttt"]) as old:
+    assert lm.TTTMixer is old["ttt_jax.layers.ttt"].TTTMixer is not before[0]
+    assert lm.CausalConv is not before[2]
+    assert old["ttt_jax.layers.ttt"].ttt_inner is old["ttt_jax.layers.ttt_inner"]
+  assert (lm.TTTMixer, ttt.ttt_inner, lm.CausalConv) == before

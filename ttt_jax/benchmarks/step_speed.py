@@ -29,8 +29,8 @@ SWAPPED_MODULES = ["ttt_jax.layers.ttt_inner", "ttt_jax.layers.ttt", "ttt_jax.mo
                    "ttt_jax.models.e2e"]
 
 
-def _layer_program(kind: str, size: Size, length: int, impl: str = "dual"):
-  x = jax.random.normal(jax.random.key(0), (1, length, size.d_model), jnp.float32)
+def _layer_program(kind: str, size: Size, length: int, batch: int = 1, impl: str = "dual"):
+  x = jax.random.normal(jax.random.key(0), (batch, length, size.d_model), jnp.float32)
   fwd_bwd, params = training._ttt_fwd_bwd(kind, size, impl, x)  # noqa: SLF001
   t0 = time.perf_counter()
   compiled = fwd_bwd.lower(params, x).compile()
@@ -38,11 +38,11 @@ def _layer_program(kind: str, size: Size, length: int, impl: str = "dual"):
   return (lambda: compiled(params, x)), compiled, compile_s
 
 
-def _layer_outputs(kind: str, size: Size, length: int) -> Callable:
-  """The layer's outputs y [1, length, D] (for the value comparison of old and new code)."""
+def _layer_outputs(kind: str, size: Size, length: int, batch: int = 1) -> Callable:
+  """The layer's outputs y [batch, length, D] (for the value comparison of old and new code)."""
   cfg = model_config(kind, size)
   graphdef, state = nnx.split(make_mixer(cfg.model, nnx.Rngs(0)))
-  x = jax.random.normal(jax.random.key(0), (1, length, size.d_model), jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (batch, length, size.d_model), jnp.float32)
   positions = jnp.arange(length, dtype=jnp.int32)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, positions, None)[0])
   return lambda: fwd(state, x)
@@ -59,11 +59,11 @@ def _train_program(kind: str, size: Size):
   return step, compiled, info["compile_s"]
 
 
-def build(target: str, size: Size, layer_len: int):
+def build(target: str, size: Size, layer_len: int, layer_batch: int = 1):
   """(callable, compiled, compile seconds) of one target with the code currently loaded."""
   what, _, kind = target.partition(":")
   if what == "layer":
-    return _layer_program(kind, size, layer_len)
+    return _layer_program(kind, size, layer_len, layer_batch)
   if what == "train":
     return _train_program(kind, size)
   raise ValueError(f"unknown target {target!r}: layer:<kind> or train:<kind>")
@@ -76,7 +76,7 @@ def _rel_diff(a, b) -> float:
 
 
 def compare(baseline: str, targets: list[str], size: Size, layer_len: int = 2048,
-            repeats: int = 5, warmup: int = 1, echo=print) -> dict:
+            repeats: int = 5, warmup: int = 1, echo=print, layer_batch: int = 1) -> dict:
   """Per target: old and new medians, new/old speedup, XLA FLOPs / ceiling, compile times, and
   for layer targets the largest relative difference of the outputs (values and gradients)."""
   fns, info = {}, {}
@@ -85,16 +85,16 @@ def compare(baseline: str, targets: list[str], size: Size, layer_len: int = 2048
       echo(f"compiling {target} ({label})")
       if label == "old":
         with revisions.swapped(baseline, SWAPPED_MODULES):
-          fn, compiled, cs = build(target, size, layer_len)
+          fn, compiled, cs = build(target, size, layer_len, layer_batch)
       else:
-        fn, compiled, cs = build(target, size, layer_len)
+        fn, compiled, cs = build(target, size, layer_len, layer_batch)
       fns[f"{target}/{label}"] = fn
       info[f"{target}/{label}"] = {"compile_s": cs, "xla_flops": xla_flops(compiled)}
     if target.startswith("layer:"):  # values (outputs y) and gradients, new vs old
       kind = target.partition(":")[2]
-      y_new = _layer_outputs(kind, size, layer_len)()
+      y_new = _layer_outputs(kind, size, layer_len, layer_batch)()
       with revisions.swapped(baseline, SWAPPED_MODULES):
-        y_old = _layer_outputs(kind, size, layer_len)()
+        y_old = _layer_outputs(kind, size, layer_len, layer_batch)()
       info[f"{target}/new"]["max_rel_diff_y"] = _rel_diff(y_new, y_old)
       info[f"{target}/new"]["max_rel_diff_grads"] = max(
           _rel_diff(a, b) for a, b in zip(jax.tree.leaves(fns[f"{target}/new"]()),
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma list of layer:<ttt_linear|ttt_mlp> and train:<bench kind>")
   p.add_argument("--preset", choices=sorted(common.PRESETS), default="cpu")
   p.add_argument("--layer_len", type=int, default=2048, help="sequence length of layer targets")
+  p.add_argument("--layer_batch", type=int, default=1, help="batch of layer targets")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--json", default="", help="also write the results here")
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
   targets = [s.strip() for s in args.targets.split(",") if s.strip()]
   result = compare(args.baseline, targets, common.PRESETS[args.preset], args.layer_len,
-                   args.repeats, args.warmup)
+                   args.repeats, args.warmup, layer_batch=args.layer_batch)
   print(format_table(result))
   if args.json:
     with open(args.json, "w") as f:

@@ -29,20 +29,11 @@ from ttt_jax.layers.ttt_inner import (
     gelu_grad,
     layer_norm,
     ln_l2_grad,
+    mm,
+    mm_t,
     scan_minibatches,
+    t_mm,
 )
-
-
-def _mm(a, b):
-  return jnp.einsum("...ij,...jk->...ik", a, b)
-
-
-def _mm_t(a, b):  # a @ b^T
-  return jnp.einsum("...ik,...jk->...ij", a, b)
-
-
-def _t_mm(a, b):  # a^T @ b
-  return jnp.einsum("...ki,...kj->...ij", a, b)
 
 
 def with_ones(x: jax.Array) -> jax.Array:
@@ -70,23 +61,23 @@ def split_augmented(kind: str, aug: dict[str, jax.Array]) -> InnerParams:
 def _linear_step(aug, ln, qk, attn, k_last, target):
   b = attn.shape[-1]
   w = aug["w"]
-  pred = _mm(qk, w)  # [X̃Q; X̃K]·W̃
+  pred = mm(qk, w)  # [X̃Q; X̃K]·W̃
   grad = ln_l2_grad(pred[..., b:, :], target, *ln)
-  z = pred[..., :b, :] - _mm(attn, grad)
-  return {"w": w + _t_mm(k_last, grad)}, z  # k_last = -η[b,:] ⊙ X̃K
+  z = pred[..., :b, :] - mm(attn, grad)
+  return {"w": w + t_mm(k_last, grad)}, z  # k_last = -η[b,:] ⊙ X̃K
 
 
 def _mlp_step(aug, ln, qk, attn, k_last, target, eta_c, last):
   b = attn.shape[-1]
   w1, w2 = aug["w1"], aug["w2"]
-  pred1 = _mm(qk, w1)
+  pred1 = mm(qk, w1)
   zk1 = pred1[..., b:, :]
   x2 = with_ones(gelu(zk1))
-  g2 = ln_l2_grad(_mm(x2, w2), target, *ln)
-  g1 = _mm_t(g2, w2)[..., :-1] * gelu_grad(zk1)  # slice the product, not W̃2
-  xq2 = with_ones(gelu(pred1[..., :b, :] - _mm(attn, g1)))
-  z = _mm(xq2, w2) - _mm(eta_c * _mm_t(xq2, x2), g2)
-  return {"w1": w1 + _t_mm(k_last, g1), "w2": w2 + _t_mm(last * x2, g2)}, z  # last = -η[b,:]
+  g2 = ln_l2_grad(mm(x2, w2), target, *ln)
+  g1 = mm_t(g2, w2)[..., :-1] * gelu_grad(zk1)  # slice the product, not W̃2
+  xq2 = with_ones(gelu(pred1[..., :b, :] - mm(attn, g1)))
+  z = mm(xq2, w2) - mm(eta_c * mm_t(xq2, x2), g2)
+  return {"w1": w1 + t_mm(k_last, g1), "w2": w2 + t_mm(last * x2, g2)}, z  # last = -η[b,:]
 
 
 def dual_sequence(kind: str, params: InnerParams, ln, xq, xk, xv, eta, remat_group: int,
@@ -98,7 +89,7 @@ def dual_sequence(kind: str, params: InnerParams, ln, xq, xk, xv, eta, remat_gro
   """
   eta_c = jnp.tril(eta)
   q, k = with_ones(xq), with_ones(xk)
-  attn = eta_c * _mm_t(q, k)
+  attn = eta_c * mm_t(q, k)
   neg_last = -eta[..., -1, :, None]  # -eta[b, s] as a column: the update is W̃ + (...)ᵀ·G
   xs = (jnp.concatenate([q, k], axis=-2), attn, neg_last * k, xv - xk)
   if kind == "linear":

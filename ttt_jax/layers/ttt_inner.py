@@ -56,15 +56,15 @@ def gelu_grad(x: jax.Array) -> jax.Array:
   return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_C * (1 + 3 * 0.044715 * x * x)
 
 
-def _mm(a, b):
+def mm(a, b):  # a @ b over the last two axes
   return jnp.einsum("...ij,...jk->...ik", a, b)
 
 
-def _mm_t(a, b):  # a @ b^T
+def mm_t(a, b):  # a @ b^T
   return jnp.einsum("...ik,...jk->...ij", a, b)
 
 
-def _t_mm(a, b):  # a^T @ b
+def t_mm(a, b):  # a^T @ b
   return jnp.einsum("...ki,...kj->...ij", a, b)
 
 
@@ -79,17 +79,17 @@ def _causal(m: jax.Array) -> jax.Array:
 
 def linear_dual(params: InnerParams, ln, xq, xk, xv, eta):
   w, b = params["w"], params["b"]
-  grad = ln_l2_grad(_mm(xk, w) + b, xv - xk, *ln)  # dl_s/d(z_s), [B,H,b,d]
+  grad = ln_l2_grad(mm(xk, w) + b, xv - xk, *ln)  # dl_s/d(z_s), [B,H,b,d]
   eta_c = _causal(eta)
-  z = _mm(xq, w) + b - _mm(eta_c * _causal(_mm_t(xq, xk)), grad) - _mm(eta_c, grad)
+  z = mm(xq, w) + b - mm(eta_c * _causal(mm_t(xq, xk)), grad) - mm(eta_c, grad)
   last = eta[..., -1, :, None]  # eta[b, s] as a column
-  new = {"w": w - _t_mm(last * xk, grad), "b": b - jnp.sum(last * grad, axis=-2, keepdims=True)}
+  new = {"w": w - t_mm(last * xk, grad), "b": b - jnp.sum(last * grad, axis=-2, keepdims=True)}
   return new, xq + layer_norm(z, *ln)
 
 
 def linear_primal(params: InnerParams, ln, xq, xk, xv, eta):
   w, b = params["w"], params["b"]
-  grad = ln_l2_grad(_mm(xk, w) + b, xv - xk, *ln)
+  grad = ln_l2_grad(mm(xk, w) + b, xv - xk, *ln)
   grad_w = jnp.einsum("...si,...sj->...sij", xk, grad)  # per-token dl_s/dW, [B,H,b,d,d]
   eta_c = _causal(eta)
   w_t = w[..., None, :, :] - jnp.einsum("...ts,...sij->...tij", eta_c, grad_w)
@@ -100,25 +100,25 @@ def linear_primal(params: InnerParams, ln, xq, xk, xv, eta):
 
 
 def _mlp_grads(params, ln, xk, xv):
-  z1 = _mm(xk, params["w1"]) + params["b1"]
+  z1 = mm(xk, params["w1"]) + params["b1"]
   x2 = gelu(z1)
-  g2 = ln_l2_grad(_mm(x2, params["w2"]) + params["b2"], xv - xk, *ln)
-  g1 = _mm_t(g2, params["w2"]) * gelu_grad(z1)
+  g2 = ln_l2_grad(mm(x2, params["w2"]) + params["b2"], xv - xk, *ln)
+  g1 = mm_t(g2, params["w2"]) * gelu_grad(z1)
   return x2, g1, g2
 
 
 def mlp_dual(params: InnerParams, ln, xq, xk, xv, eta):
   x2, g1, g2 = _mlp_grads(params, ln, xk, xv)
   eta_c = _causal(eta)
-  z1 = (_mm(xq, params["w1"]) + params["b1"] - _mm(eta_c * _causal(_mm_t(xq, xk)), g1)
-        - _mm(eta_c, g1))
+  z1 = (mm(xq, params["w1"]) + params["b1"] - mm(eta_c * _causal(mm_t(xq, xk)), g1)
+        - mm(eta_c, g1))
   xq2 = gelu(z1)
-  z2 = (_mm(xq2, params["w2"]) + params["b2"] - _mm(eta_c * _causal(_mm_t(xq2, x2)), g2)
-        - _mm(eta_c, g2))
+  z2 = (mm(xq2, params["w2"]) + params["b2"] - mm(eta_c * _causal(mm_t(xq2, x2)), g2)
+        - mm(eta_c, g2))
   last = eta[..., -1, :, None]
-  new = {"w1": params["w1"] - _t_mm(last * xk, g1),
+  new = {"w1": params["w1"] - t_mm(last * xk, g1),
          "b1": params["b1"] - jnp.sum(last * g1, axis=-2, keepdims=True),
-         "w2": params["w2"] - _t_mm(last * x2, g2),
+         "w2": params["w2"] - t_mm(last * x2, g2),
          "b2": params["b2"] - jnp.sum(last * g2, axis=-2, keepdims=True)}
   return new, xq + layer_norm(z2, *ln)
 
@@ -150,9 +150,9 @@ STEPS: dict[tuple[str, str], Callable] = {
 def inner_loss(kind: str, params: InnerParams, ln, xk, xv) -> jax.Array:
   """Per-token inner loss [B, H, b] of the mini-batch (xk, xv) at `params`."""
   if kind == "linear":
-    pred = _mm(xk, params["w"]) + params["b"]
+    pred = mm(xk, params["w"]) + params["b"]
   else:
-    pred = _mm(gelu(_mm(xk, params["w1"]) + params["b1"]), params["w2"]) + params["b2"]
+    pred = mm(gelu(mm(xk, params["w1"]) + params["b1"]), params["w2"]) + params["b2"]
   return 0.5 * jnp.sum(jnp.square(layer_norm(pred, *ln) - (xv - xk)), axis=-1)
 
 
