@@ -189,15 +189,17 @@ def tiny(kind: str):
   return m, graphdef, nnx.to_pure_dict(state)
 
 
+@pytest.mark.parametrize("chunk", [32, 64, 512])  # ctx > chunk, ctx == chunk, ctx < chunk
 @pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e"])
-def test_candidate_logprobs_equal_one_shot(kind):
+def test_candidate_logprobs_equal_one_shot(kind, chunk):
   m, graphdef, params = tiny(kind)
   rng = np.random.default_rng(0)
   ctx, width = 64, 5
   prompt = rng.integers(0, 256, (2, ctx)).astype(np.int32)
   cands = rng.integers(0, 256, (2, 3, width)).astype(np.int32)
   lengths = np.array([[5, 3, 1], [2, 5, 4]])
-  got = N.NeedleScorer(graphdef, params, m, chunk=32).candidate_logprobs(prompt, cands, lengths)
+  scorer = N.NeedleScorer(graphdef, params, m, chunk=chunk)
+  got = scorer.candidate_logprobs(prompt, cands, lengths)
   for j in range(3):  # one forward over prompt + candidate, padded to whole mini-batches
     seq = np.concatenate([prompt, cands[:, j], np.zeros((2, 12), np.int32)], axis=1)
     nll = P.one_shot_nll(graphdef, params, seq)  # 80 positions

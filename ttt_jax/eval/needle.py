@@ -22,9 +22,9 @@ state carried, so E2E runs its inner loop while it reads) starts with the number
 digits after optional white space equals it. (b) Candidates: the log-probability of ` <number>`
 and of K distractor numbers (same partition, distinct) after the prompt; the answer's rank among
 the K + 1 (a tie counts against it), accuracy = rank 1 (chance 1 / (K + 1)), and its mean
-log-probability. The prompt is streamed once in whole inner mini-batches (perplexity.py's step)
-up to its last chunk; each candidate continues a copy of that state through the last chunk (whose
-last target is the candidate's first token) and then token by token.
+log-probability. The prompt is streamed once in whole inner mini-batches (perplexity.py's
+log-prob step), which gives every candidate's first token; each candidate then continues a copy
+of that state token by token (its last token, a target only, never enters the state).
 """
 
 from __future__ import annotations
@@ -252,28 +252,28 @@ class NeedleScorer:
     self.graphdef, self.params, self.chunk = graphdef, params, chunk
     self.align = P.stream_alignment(model_cfg)
     self.step_fn = P.make_chunk_step(graphdef)
+    self.logprob_fn = P.make_logprob_step(graphdef)
     self.generator = Generator(graphdef, params, model_cfg, chunk=chunk)
 
   def candidate_logprobs(self, prompts: np.ndarray, cands: np.ndarray,
                          lengths: np.ndarray) -> np.ndarray:
     """log p(candidate | prompt) [B, C] of `cands` [B, C, A] (row b's candidate c is its first
-    `lengths[b, c]` tokens) after `prompts` [B, ctx]: the prompt's state up to its last chunk is
-    computed once and each candidate continues a copy of it (module docstring)."""
+    `lengths[b, c]` tokens) after `prompts` [B, ctx]: the prompt is streamed once, and each
+    candidate continues a copy of its state token by token (module docstring)."""
     b, ctx = prompts.shape
     c, a = needle_chunk(ctx, self.chunk, self.align), cands.shape[2]
     cache = P.init_cache(self.graphdef, self.params, b, ctx + a)
-    if ctx > c:
-      _, cache = P.stream_with_cache(self.graphdef, self.params, prompts[:, :ctx - c + 1], c,
-                                     step_fn=self.step_fn, cache=cache)
+    for s in range(0, ctx, c):  # whole chunks: ctx is a multiple of c
+      first, cache = self.logprob_fn(self.params, cache, prompts[:, s:s + c], jnp.int32(s))
+    first = np.asarray(first, np.float64)
     out = np.zeros(cands.shape[:2], np.float64)
     for j in range(cands.shape[1]):
-      seq = np.concatenate([prompts[:, ctx - c:], cands[:, j]], axis=1)
-      state = jax.tree.map(jnp.copy, cache)
-      last, state = P.stream_with_cache(self.graphdef, self.params, seq[:, :c + 1], c,
-                                        step_fn=self.step_fn, cache=state, start=ctx - c)
-      rest, _ = P.stream_with_cache(self.graphdef, self.params, seq[:, c:], 1,
-                                    step_fn=self.step_fn, cache=state, start=ctx)
-      nll = np.concatenate([last[:, -1:], rest], axis=1).astype(np.float64)
+      nll = np.zeros((b, a), np.float64)
+      nll[:, 0] = -np.take_along_axis(first, cands[:, j, :1].astype(np.int64), axis=1)[:, 0]
+      if a > 1:  # the candidate's own tokens but its last (targets never enter the cache)
+        state = jax.tree.map(jnp.copy, cache)
+        nll[:, 1:], _ = P.stream_with_cache(self.graphdef, self.params, cands[:, j], 1,
+                                            step_fn=self.step_fn, cache=state, start=ctx)
       out[:, j] = -(nll * (np.arange(a) < lengths[:, j, None])).sum(axis=1)
     return out
 

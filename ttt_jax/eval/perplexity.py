@@ -134,6 +134,18 @@ def make_chunk_step(graphdef) -> Callable:
   return jax.jit(step, donate_argnums=1)
 
 
+def make_logprob_step(graphdef) -> Callable:
+  """jit(params, cache, inputs [B,c], start) -> (log-softmax of the last position [B, V] fp32,
+  new cache): streams a prompt whose continuation is not known yet (eval/needle.py)."""
+
+  def step(params, cache, inputs, start):
+    positions = start + jnp.arange(inputs.shape[1], dtype=jnp.int32)
+    logits, cache = nnx.merge(graphdef, params)(inputs, positions, cache)
+    return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache
+
+  return jax.jit(step, donate_argnums=1)
+
+
 def init_cache(graphdef, params, batch_size: int, capacity: int):
   """The model's empty streaming state (built under jit: E2E copies its inner weights in)."""
   return jax.jit(lambda p: nnx.merge(graphdef, p).init_cache(batch_size, capacity))(params)
