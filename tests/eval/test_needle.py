@@ -177,6 +177,28 @@ def test_scores_of_a_copying_and_a_constant_model(constant):
       assert all(r["greedy"].startswith(f" {r['number']}.") for r in cell["records"])
 
 
+class NaNScorer:
+  """Log-probs NaN for every candidate (a diverged model), or only for the answer."""
+
+  def __init__(self, answer_only: bool):
+    self.answer_only = answer_only
+
+  def candidate_logprobs(self, prompts, cands, lengths):
+    out = np.full(cands.shape[:2], np.nan) if not self.answer_only else -np.ones(cands.shape[:2])
+    out[:, 0] = np.nan
+    return out
+
+  def greedy(self, prompts, max_new_tokens, eos_id):
+    return np.zeros((len(prompts), max_new_tokens), np.int32)
+
+
+@pytest.mark.parametrize("answer_only", [False, True])
+def test_nan_log_probs_never_rank_the_answer_first(answer_only):
+  cell = prompts(ctxs=(200,), depths=(0.5,))[200, 0.5]
+  records = N.score_prompts(NaNScorer(answer_only), cell, TOK, batch_size=2)
+  assert [r["rank"] for r in records] == [4] * 3  # last of the 3 distractors + 1
+
+
 # -- candidate log-probs are the one-shot forward's ------------------------------------------------
 def tiny(kind: str):
   m = build_config(f"model={kind},ctx=64").model

@@ -305,7 +305,7 @@ def score_prompts(scorer: NeedleScorer, prompts: Sequence[NeedlePrompt], tok: To
       records.append({
           "name": p.needle.name, "number": p.needle.number, "needle_start": p.needle_start,
           "greedy": text, "exact": bool(digits and digits.group(1) == str(p.needle.number)),
-          "rank": 1 + int((logp[r, 1:] >= logp[r, 0]).sum()),
+          "rank": 1 + int((~(logp[r, 1:] < logp[r, 0])).sum()),  # ties, NaN: against it
           "answer_logprob": float(logp[r, 0])})
   return records
 
