@@ -18,9 +18,16 @@ from __future__ import annotations
 import argparse
 import os
 
-from ttt_jax.cli import ArgumentParser, add_eval_arguments, fail, positive_int, user_errors
+from ttt_jax.cli import (
+  ArgumentParser,
+  add_eval_arguments,
+  fail,
+  non_negative_int,
+  positive_int,
+  user_errors,
+)
 from ttt_jax.data.sources import source_kind
-from ttt_jax.eval import needle, needle_train, plots
+from ttt_jax.eval import needle, needle_run, needle_train, plots
 from ttt_jax.train.runs import load_run
 
 
@@ -33,10 +40,11 @@ def build_parser() -> ArgumentParser:
   ap.add_argument("--needles", type=positive_int, default=4, help="prompts per cell")
   ap.add_argument("--distractors", type=int, default=9,
                   help="other numbers scored against the answer (>= 1)")
-  ap.add_argument("--seed", type=int, default=0, help="chooses names, numbers and haystacks")
+  ap.add_argument("--seed", type=non_negative_int, default=0,
+                  help="chooses names, numbers and haystacks")
   ap.add_argument("--batch_size", type=positive_int, default=None,
                   help="prompts per streamed batch (default eval.batch_size)")
-  ap.add_argument("--train_task", type=int, default=0, metavar="STEPS",
+  ap.add_argument("--train_task", type=non_negative_int, default=0, metavar="STEPS",
                   help="fine-tune a copy on the task format for STEPS steps first (0: no)")
   ap.add_argument("--ft_workdir", default=None,
                   help="where the fine-tuned copy goes (default <workdir>/needle_ft)")
@@ -51,10 +59,10 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
-  if args.distractors < 1:
-    fail(f"--distractors {args.distractors} must be >= 1", code=2)
-  if args.train_task < 0:
-    fail(f"--train_task {args.train_task} must be >= 0 (0: no fine-tuning)", code=2)
+  most = len(needle.partition(needle.EVAL)[1]) - 1  # numbers other than the answer
+  if not 1 <= args.distractors <= most:
+    fail(f"--distractors {args.distractors} must be in [1, {most}] (the evaluation numbers "
+         "other than the answer)", code=2)
   if args.ft_workdir and args.compare:
     fail("--ft_workdir names one fine-tuned copy; with --compare each run's copy goes to "
          "<workdir>/needle_ft", code=2)
@@ -65,19 +73,21 @@ def main(argv=None) -> None:
       source_kind(args.data, "--data")
     for workdir in [args.workdir, *args.compare]:
       run = load_run(workdir, args.step if workdir == args.workdir else None)
-      needle.context_chunks(run.config.model, ctxs, args.chunk or run.config.eval.chunk)
+      grid = dict(data=args.data, split=args.split, needles=args.needles,
+                  distractors=args.distractors, seed=args.seed, chunk=args.chunk)
+      needle_run.check_grid(run, ctxs, depths, **grid)  # before any fine-tuning
       fine_tuned = None
       if args.train_task:
         run, fine_tuned = needle_train.fine_tune(
             run, args.train_task, args.ft_workdir or os.path.join(workdir, "needle_ft"),
             seq_len=args.ft_seq_len, batch_size=args.ft_batch_size, lr=args.ft_lr,
             seed=args.seed, progress=not args.no_progress)
-      res = needle.evaluate_run(run, ctxs, depths, data=args.data, split=args.split,
-                                needles=args.needles, distractors=args.distractors,
-                                seed=args.seed, chunk=args.chunk, batch_size=args.batch_size,
-                                progress=not args.no_progress)
+      res = needle_run.evaluate_run(
+          run, ctxs, depths, **grid, batch_size=args.batch_size, progress=not args.no_progress,
+          partial=lambda r, ft=fine_tuned, w=run.workdir: needle_run.write_results(
+              {**r, "fine_tune": ft}, w))
       res["fine_tune"] = fine_tuned
-      path = needle.write_results(res, run.workdir)
+      path = needle_run.write_results(res, run.workdir)
       png = plots.plot_needle_heatmap(res, os.path.join(run.workdir, "eval", "needle.png"))
       print(plots.needle_table(res))
       print(f"wrote {path}, {png}\n")
@@ -86,7 +96,7 @@ def main(argv=None) -> None:
     if len({r["prompt_fingerprint"] for r in results}) > 1:
       print("warning: the runs were given different prompts (their tokenizers or haystack "
             "sources differ); the cells are not like for like")
-    path = needle.write_results(results, args.workdir, "needle_compare.json")
+    path = needle_run.write_results(results, args.workdir, "needle_compare.json")
     print(f"wrote {path}")
 
 

@@ -85,6 +85,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def non_negative_int(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+  return value
+
+
 def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
   """The options scripts/evaluate.py and scripts/read.py share (`verb`: what the command does to
   the text): the run(s), the text read, the chunk, the checkpoint step, the progress bars."""

@@ -279,3 +279,14 @@ def test_cli_fine_tunes_evaluates_and_writes(trained_run, tmp_path, capsys):
   with pytest.raises(SystemExit):  # the copy exists: one line, nothing overwritten
     main(args)
   assert "already holds a run" in capsys.readouterr().err
+
+
+def test_cli_checks_the_grid_before_fine_tuning(trained_run, tmp_path, capsys):
+  main = runpy.run_path(str(SCRIPT))["main"]
+  ft = str(tmp_path / "ft")
+  with pytest.raises(SystemExit):
+    main(["--workdir", trained_run, "--ctx", "60", "--train_task", "2", "--ft_workdir", ft,
+          "--no_progress"])
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and "--ctx 60 is too short" in err[0], err
+  assert not os.path.exists(ft)

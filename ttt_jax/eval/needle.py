@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
-import os
 import re
 import time
 import zlib
@@ -49,7 +47,6 @@ from ttt_jax.config import ConfigError
 from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval import perplexity as P
 from ttt_jax.eval.generate import Generator
-from ttt_jax.train.runs import Run
 
 FIRST_NAMES = ("Amara", "Bodil", "Caspian", "Dalia", "Emeka", "Farida", "Gideon", "Hana", "Ilse",
                "Joaquin", "Kofi", "Leona", "Matteo", "Nadia", "Orla", "Priya", "Quentin",
@@ -323,65 +320,34 @@ def cell_summary(ctx: int, depth: float, chunk: int, records: list[dict]) -> dic
 def evaluate_needles(graphdef, params, model_cfg: ml_collections.ConfigDict, tok: Tokenizer,
                      hay: np.ndarray, ctxs: Sequence[int], depths: Sequence[float], *,
                      needles: int, distractors: int, seed: int, chunk: int, batch_size: int,
-                     progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
+                     progress: bool = True, echo: Callable[[str], None] | None = print,
+                     partial: Callable[[dict], None] | None = None) -> dict:
   """Every (ctx, depth) cell of the grid (`depths` as fractions): summaries and per-needle
-  records. Bad context lengths fail before anything is computed."""
+  records, "complete": True. Bad context lengths fail before anything is computed. `partial`
+  gets the results so far ("complete": False) after each cell."""
   chunks = context_chunks(model_cfg, ctxs, chunk)
   prompts = grid_prompts(hay, tok, ctxs, depths, needles, distractors, seed)
   scorer = NeedleScorer(graphdef, params, model_cfg, chunk=chunk)
+  task = {"ctxs": list(ctxs), "depths": [round(d * 100, 6) for d in depths],
+          "needles": needles, "distractors": distractors, "chance": 1 / (distractors + 1),
+          "seed": seed, "needle": NEEDLE + ANSWER + AFTER, "question": QUESTION,
+          "answer": ANSWER, "snap_tokens": SNAP}
+  res = {"task": task, "prompt_fingerprint": prompt_fingerprint(prompts), "cells": [],
+         "complete": False}
   bar = tqdm(total=len(prompts) * needles, desc="needles", unit="prompt", disable=not progress,
              dynamic_ncols=True, leave=False)
-  cells = []
   for (ctx, depth), cell in prompts.items():
     t0 = time.perf_counter()
     summary = cell_summary(ctx, depth, chunks[ctx], score_prompts(scorer, cell, tok, batch_size))
     summary["seconds"] = round(time.perf_counter() - t0, 3)
-    cells.append(summary)
+    res["cells"].append(summary)
     bar.update(len(cell))
     if echo is not None:
       (tqdm.write if echo is print else echo)(
           f"ctx {ctx:>6} depth {depth * 100:5.1f}%: exact match {summary['exact_match']:.2f}, "
           f"candidates {summary['candidate_accuracy']:.2f} (mean rank "
           f"{summary['mean_rank']:.2f}), answer log-prob {summary['mean_answer_logprob']:.3f}")
+    if partial is not None and len(res["cells"]) < len(prompts):
+      partial(res)
   bar.close()
-  task = {"ctxs": list(ctxs), "depths": [round(d * 100, 6) for d in depths],
-          "needles": needles, "distractors": distractors, "chance": 1 / (distractors + 1),
-          "seed": seed, "needle": NEEDLE + ANSWER + AFTER, "question": QUESTION,
-          "answer": ANSWER, "snap_tokens": SNAP}
-  return {"task": task, "prompt_fingerprint": prompt_fingerprint(prompts), "cells": cells}
-
-
-def evaluate_run(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
-                 data: str | None = None, split: str | None = None, needles: int = 4,
-                 distractors: int = 9, seed: int = 0, chunk: int | None = None,
-                 batch_size: int | None = None, progress: bool = True,
-                 echo: Callable[[str], None] | None = print) -> dict:
-  """The grid on a loaded run, haystacks from `split` (default validation) of its data or of
-  the source `data` (default split: all of it)."""
-  split = split or ("validation" if data is None else "all")
-  chunk = run.config.eval.chunk if chunk is None else chunk
-  context_chunks(run.config.model, ctxs, chunk)  # before the data is read
-  dataset, stream = P.open_source(run, data, split)
-  tok = run.data.tokenizer
-  hay = haystack_tokens(stream, tok)
-  if echo is not None:
-    echo(f"{run.workdir} (step {run.step}, {run.config.model.kind}/{run.config.model.mixer}): "
-         f"haystacks from {dataset.source} ({split}, {len(hay):,} tokens), {needles} needles "
-         f"x {len(ctxs)} contexts x {len(depths)} depths, {distractors} distractors")
-  res = evaluate_needles(run.graphdef, run.params, run.config.model, tok, hay, ctxs, depths,
-                         needles=needles, distractors=distractors, seed=seed, chunk=chunk,
-                         batch_size=run.config.eval.batch_size if batch_size is None
-                         else batch_size, progress=progress, echo=echo)
-  m = run.config.model
-  return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
-          "train_ctx": run.config.data.seq_len, "source": dataset.source, "split": split,
-          "tokenizer": tok.name, **res}
-
-
-def write_results(res: dict, workdir: str, name: str = "needle.json") -> str:
-  """Writes `workdir/eval/<name>` (never touches the checkpoints). Returns its path."""
-  path = os.path.join(workdir, "eval", name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(res, f, indent=2)
-  return path
+  return {**res, "complete": True}

@@ -1,0 +1,74 @@
+"""The needle grid (eval/needle.py) on a loaded run: the haystack text, the grid checked before
+anything is computed (or fine-tuned), the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from ttt_jax.data.dataset import Dataset
+from ttt_jax.eval import needle as N
+from ttt_jax.eval import perplexity as P
+from ttt_jax.train.runs import Run
+
+
+class Grid(NamedTuple):
+  dataset: Dataset  # the haystacks' source
+  split: str
+  hay: np.ndarray  # its running text without document markers
+
+
+def check_grid(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
+               data: str | None = None, split: str | None = None, needles: int = 4,
+               distractors: int = 9, seed: int = 0, chunk: int | None = None) -> Grid:
+  """Reads the haystack text and builds every prompt of the grid (cheap), so that a context
+  length the model cannot stream or the text cannot fill fails in one line naming --ctx (or
+  --data) before anything is computed, fine-tuning included."""
+  split = split or ("validation" if data is None else "all")
+  N.context_chunks(run.config.model, ctxs, run.config.eval.chunk if chunk is None else chunk)
+  dataset, stream = P.open_source(run, data, split)
+  hay = N.haystack_tokens(stream, run.data.tokenizer)
+  N.grid_prompts(hay, run.data.tokenizer, ctxs, depths, needles, distractors, seed)
+  return Grid(dataset, split, hay)
+
+
+def evaluate_run(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
+                 data: str | None = None, split: str | None = None, needles: int = 4,
+                 distractors: int = 9, seed: int = 0, chunk: int | None = None,
+                 batch_size: int | None = None, progress: bool = True,
+                 echo: Callable[[str], None] | None = print,
+                 partial: Callable[[dict], None] | None = None) -> dict:
+  """The grid on a loaded run, haystacks from `split` (default validation) of its data or of
+  the source `data` (default split: all of it). `partial` gets the results so far after each
+  cell ("complete": False)."""
+  chunk = run.config.eval.chunk if chunk is None else chunk
+  grid = check_grid(run, ctxs, depths, data=data, split=split, needles=needles,
+                    distractors=distractors, seed=seed, chunk=chunk)
+  tok, m = run.data.tokenizer, run.config.model
+  if echo is not None:
+    echo(f"{run.workdir} (step {run.step}, {m.kind}/{m.mixer}): haystacks from "
+         f"{grid.dataset.source} ({grid.split}, {len(grid.hay):,} tokens), {needles} needles "
+         f"x {len(ctxs)} contexts x {len(depths)} depths, {distractors} distractors")
+  head = {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
+          "train_ctx": run.config.data.seq_len, "source": grid.dataset.source,
+          "split": grid.split, "tokenizer": tok.name}
+  res = N.evaluate_needles(
+      run.graphdef, run.params, m, tok, grid.hay, ctxs, depths, needles=needles,
+      distractors=distractors, seed=seed, chunk=chunk,
+      batch_size=run.config.eval.batch_size if batch_size is None else batch_size,
+      progress=progress, echo=echo,
+      partial=None if partial is None else lambda r: partial({**head, **r}))
+  return {**head, **res}
+
+
+def write_results(res: dict | list, workdir: str, name: str = "needle.json") -> str:
+  """Writes `workdir/eval/<name>` (never touches the checkpoints). Returns its path."""
+  path = os.path.join(workdir, "eval", name)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(res, f, indent=2)
+  return path
