@@ -21,10 +21,12 @@ from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import needle as N
+from ttt_jax.eval import needle_train
 from ttt_jax.eval import perplexity as P
 from ttt_jax.models import build_model
 from ttt_jax.models.lm import split_batch
 from ttt_jax.train.runs import load_run
+from ttt_jax.train.trainer import Trainer
 
 TOK = ByteTokenizer()
 LINES = [f"line {i}: {' '.join(f'w{i}x{j}' for j in range(1 + i % 7))}\n" for i in range(400)]
@@ -275,10 +277,45 @@ def test_cli_fine_tunes_evaluates_and_writes(trained_run, tmp_path, capsys):
   assert report["steps"] == 2 and report["seq_len"] == 256
   assert np.isfinite(report["probe_loss_before"]) and np.isfinite(report["probe_loss_after"])
   assert load_run(ft).step == 2 and load_run(ft).config.data.seq_len == 256
-  assert "exact match / candidate accuracy" in out and "wrote" in out
-  with pytest.raises(SystemExit):  # the copy exists: one line, nothing overwritten
-    main(args)
-  assert "already holds a run" in capsys.readouterr().err
+  assert "exact match / candidate accuracy" in out and "wrote" in out and res["complete"]
+  main(args)  # the same fine-tune again: reused, not trained again
+  assert "reusing the needle fine-tune" in capsys.readouterr().out
+  assert load_run(ft).step == 2
+  with pytest.raises(SystemExit):  # another fine-tune there: one line, nothing overwritten
+    main([*args, "--ft_lr", "0.5"])
+  assert "already holds another fine-tune (lr" in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # a config error names the flags typed
+    main([*args[:-5], "--ft_seq_len", "8", "--ft_workdir", str(tmp_path / "ft8"),
+          "--no_progress"])
+  err = capsys.readouterr().err
+  assert "--train_task 2 --ft_seq_len 8: model.window=16 must be <= data.seq_len=8" in err, err
+  assert not os.path.exists(tmp_path / "ft8")
+
+
+def test_an_interrupted_fine_tune_resumes_where_it_stopped(trained_run, tmp_path, monkeypatch):
+  run = load_run(trained_run)
+  kw = dict(seq_len=256, progress=False, echo=lambda s: None)
+  whole, _ = needle_train.fine_tune(run, 4, str(tmp_path / "whole"), **kw)
+  train_step, calls = Trainer.train_step, []
+
+  def interrupted(self):
+    def step(state, batch):
+      calls.append(1)
+      if len(calls) > 2:
+        raise KeyboardInterrupt
+      return train_step.fget(self)(state, batch)
+    return step
+
+  monkeypatch.setattr(Trainer, "train_step", property(interrupted))
+  part = str(tmp_path / "part")
+  with pytest.raises(KeyboardInterrupt):
+    needle_train.fine_tune(run, 4, part, **kw)
+  assert load_run(part).step == 2  # saved every steps // 4 = 1 step
+  monkeypatch.setattr(Trainer, "train_step", train_step)
+  resumed, report = needle_train.fine_tune(run, 4, part, **kw)
+  assert report["resumed_at"] == 2 and resumed.step == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               whole.params, resumed.params)
 
 
 def test_cli_checks_the_grid_before_fine_tuning(trained_run, tmp_path, capsys):

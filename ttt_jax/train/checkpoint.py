@@ -218,6 +218,13 @@ class RunCheckpoints:
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, e) from e
 
+  def saved_data_state(self, step: int) -> dict:
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+      return dict(out["data"] or {})
+    except Exception as e:  # noqa: BLE001
+      raise self._unreadable(step, e) from e
+
   def param_shapes(self, step: int) -> dict[str, tuple]:
     try:
       md = self._mngr.item_metadata(step)["params"]
