@@ -91,7 +91,8 @@ def test_reading_curve_equals_bucketed_one_shot_nll(kind, random_run):
 
 def test_state_does_not_grow_with_the_document(random_run, monkeypatch):
   """Every document's cache has the same bytes (SWA / TTT / E2E: whatever their length; full
-  attention: the fixed KV capacity); what is kept across positions is O(buckets)."""
+  attention: the fixed KV capacity), the state of SWA / TTT / E2E does not grow with the capacity
+  asked for (full attention's does); what is kept across positions is O(buckets)."""
   made = []
 
   def recording_init_cache(graphdef, params, batch, capacity):
@@ -111,6 +112,13 @@ def test_state_does_not_grow_with_the_document(random_run, monkeypatch):
                            first_bucket=FIRST, capacity=2048, progress=False)
     assert len(made) == 2 and made[0] == made[1], (kind, made)
     assert all(set(d) == {"name", "tokens", "mean_nll"} for d in out["documents"])
+    # the state itself: the same bytes at a capacity of 64 tokens and of 1M (full attention's
+    # KV cache grows with it); shapes only, nothing allocated
+    nbytes = [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(
+        lambda p, c=cap, g=run.graphdef: nnx.merge(g, p).init_cache(1, c), run.params)))
+        for cap in (64, 1 << 20)]
+    assert (nbytes[0] == nbytes[1]) == (kind != "transformer"), (kind, nbytes)
+    assert nbytes[0] > 0
   sums = R.PositionSums(P.bucket_edges(1 << 20, FIRST))  # a 1M-token document: 18 buckets
   assert sums.nll.shape == sums.tokens.shape == sums.docs.shape == (18,)
 
