@@ -18,6 +18,7 @@ from flax import nnx
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.eval import perplexity as P
+from ttt_jax.eval.generate import Generator
 from ttt_jax.layers import attention as A
 from ttt_jax.models import build_model
 
@@ -65,6 +66,18 @@ def test_streaming_equals_one_shot(model):
   got = P.stream_nll(graphdef, params, tokens, chunk=16)
   assert got.shape == (2, 64)
   assert rel_err(got, ref) < 1e-5, kind
+
+
+def test_cache_initializer_compiles_once_per_shape():
+  c, graphdef, params = tiny_model("swa")
+  init_fn, step_fn = P.make_init_cache(graphdef), P.make_chunk_step(graphdef)
+  for rows in (TOKENS, TOKENS[::-1], TOKENS[:1]):
+    P.stream_nll(graphdef, params, rows, 16, step_fn=step_fn, init_fn=init_fn)
+  assert init_fn._cache_size() == 2  # batch 2 (twice), batch 1
+  gen = Generator(graphdef, params, c.model, chunk=16)
+  for _ in range(2):
+    gen(TOKENS[:, :20], 3)
+  assert gen.init_fn._cache_size() == 1
 
 
 def naive_ppl(graphdef, params, rows: np.ndarray):

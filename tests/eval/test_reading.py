@@ -95,8 +95,8 @@ def test_state_does_not_grow_with_the_document(random_run, monkeypatch):
   asked for (full attention's does); what is kept across positions is O(buckets)."""
   made = []
 
-  def recording_init_cache(graphdef, params, batch, capacity):
-    cache = init_cache(graphdef, params, batch, capacity)
+  def recording_init_cache(graphdef, params, batch, capacity, **kw):
+    cache = init_cache(graphdef, params, batch, capacity, **kw)
     made.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
     return cache
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ttt_jax.eval.perplexity import init_cache, stream_alignment
+from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.train.runs import Run
 
 
@@ -63,12 +63,14 @@ def prefill_pieces(length: int, chunk: int, align: int) -> list[int]:
 
 
 class Generator:
-  """A model ready to generate: its compiled step is built once and reused by every call."""
+  """A model ready to generate: its compiled step and cache initializer are built once and reused
+  by every call."""
 
   def __init__(self, graphdef, params, model_cfg: ml_collections.ConfigDict, *, chunk: int = 512):
     self.graphdef, self.params, self.chunk = graphdef, params, chunk
     self.align = stream_alignment(model_cfg)
     self.step = make_step(graphdef)
+    self.init_fn = make_init_cache(graphdef)
 
   def __call__(self, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int = 0, seed: int = 0, eos_id: int | None = None,
@@ -83,7 +85,7 @@ class Generator:
     if plen < 1 or max_new_tokens < 1:
       raise ValueError("generate needs a prompt of >= 1 token and max_new_tokens >= 1")
     params, step = self.params, self.step
-    cache = init_cache(self.graphdef, params, batch, plen + max_new_tokens)
+    cache = self.init_fn(params, batch, plen + max_new_tokens)
     knobs = (jnp.float32(temperature), jnp.int32(top_k))
     keys = iter(jax.random.split(jax.random.key(seed), plen + max_new_tokens))
     pos = 0

@@ -250,6 +250,7 @@ class NeedleScorer:
     self.align = P.stream_alignment(model_cfg)
     self.step_fn = P.make_chunk_step(graphdef)
     self.logprob_fn = P.make_logprob_step(graphdef)
+    self.init_fn = P.make_init_cache(graphdef)
     self.generator = Generator(graphdef, params, model_cfg, chunk=chunk)
 
   def candidate_logprobs(self, prompts: np.ndarray, cands: np.ndarray,
@@ -259,7 +260,7 @@ class NeedleScorer:
     candidate continues a copy of its state token by token (module docstring)."""
     b, ctx = prompts.shape
     c, a = needle_chunk(ctx, self.chunk, self.align), cands.shape[2]
-    cache = P.init_cache(self.graphdef, self.params, b, ctx + a)
+    cache = self.init_fn(self.params, b, ctx + a)
     for s in range(0, ctx, c):  # whole chunks: ctx is a multiple of c
       first, cache = self.logprob_fn(self.params, cache, prompts[:, s:s + c], jnp.int32(s))
     first = np.asarray(first, np.float64)

@@ -146,14 +146,28 @@ def make_logprob_step(graphdef) -> Callable:
   return jax.jit(step, donate_argnums=1)
 
 
-def init_cache(graphdef, params, batch_size: int, capacity: int):
-  """The model's empty streaming state (built under jit: E2E copies its inner weights in)."""
-  return jax.jit(lambda p: nnx.merge(graphdef, p).init_cache(batch_size, capacity))(params)
+def make_init_cache(graphdef) -> Callable:
+  """jit(params, batch_size, capacity) -> the model's empty streaming state (built under jit: E2E
+  copies its inner weights in), compiled once per (batch_size, capacity). Build it once per model
+  and reuse it, as the steps."""
+
+  def init(params, batch_size, capacity):
+    return nnx.merge(graphdef, params).init_cache(batch_size, capacity)
+
+  return jax.jit(init, static_argnums=(1, 2))
+
+
+def init_cache(graphdef, params, batch_size: int, capacity: int, *,
+               init_fn: Callable | None = None):
+  """The model's empty streaming state, by `init_fn` (a `make_init_cache`; default: a new one,
+  which compiles again)."""
+  init_fn = make_init_cache(graphdef) if init_fn is None else init_fn
+  return init_fn(params, batch_size, capacity)
 
 
 def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
                   step_fn: Callable | None = None, capacity: int | None = None,
-                  progress=None, cache=None,
+                  init_fn: Callable | None = None, progress=None, cache=None,
                   start: int = 0) -> Generator[tuple[int, np.ndarray], None, Any]:
   """Yields (start, NLL [B, n]) of the L = tokens.shape[1] - 1 positions of `tokens`, fed
   `chunk` tokens at a time with the cache carried (the one streaming loop of evaluation).
@@ -163,6 +177,8 @@ def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
   which updates only after a mini-batch is scored) never lets influence them; only the n real
   positions are yielded. `capacity` is the KV capacity for full attention (default: L rounded
   up to the chunk, the whole context stays visible); windowed / recurrent mixers ignore it.
+  `step_fn` / `init_fn` (make_chunk_step / make_init_cache) are built once by callers that
+  stream more than once, so nothing compiles again.
   With `cache`, the tokens continue a stream at position `start` instead of starting one; the
   generator returns the cache after the last chunk (`stream_with_cache`).
   """
@@ -170,7 +186,8 @@ def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
   step_fn = make_chunk_step(graphdef) if step_fn is None else step_fn
   padded = -(-length // chunk) * chunk
   if cache is None:
-    cache = init_cache(graphdef, params, batch, padded if capacity is None else capacity)
+    cache = init_cache(graphdef, params, batch, padded if capacity is None else capacity,
+                       init_fn=init_fn)
   for s in range(0, length, chunk):
     part = tokens[:, s:s + chunk + 1]
     n = part.shape[1] - 1
@@ -186,11 +203,11 @@ def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
 
 def stream_nll(graphdef, params, tokens: np.ndarray, chunk: int, *,
                step_fn: Callable | None = None, capacity: int | None = None,
-               progress=None) -> np.ndarray:
+               init_fn: Callable | None = None, progress=None) -> np.ndarray:
   """Per-position NLL [B, L] of `tokens` [B, L+1], streamed by `stream_chunks`."""
   out = np.empty((tokens.shape[0], tokens.shape[1] - 1), np.float32)
   for s, nll in stream_chunks(graphdef, params, tokens, chunk, step_fn=step_fn,
-                              capacity=capacity, progress=progress):
+                              capacity=capacity, init_fn=init_fn, progress=progress):
     out[:, s:s + nll.shape[1]] = nll
   return out
 
@@ -257,7 +274,7 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
                       f"the selected ones have {docs.tokens.shape[1]}")
   align = stream_alignment(model_cfg)
   chunks = {L: chunk_for(L, chunk, align) for L in ctxs}  # fail before any compute
-  step_fn = make_chunk_step(graphdef)
+  step_fn, init_fn = make_chunk_step(graphdef), make_init_cache(graphdef)
   n_docs = docs.tokens.shape[0]
   per_ctx, buckets = [], []
   for L in ctxs:
@@ -265,7 +282,7 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
     bar = tqdm(total=n_docs * L, desc=f"eval ctx {L}", unit="tok", unit_scale=True,
                disable=not progress, dynamic_ncols=True, leave=False)
     parts = [stream_nll(graphdef, params, docs.tokens[i:i + batch_size, :L + 1], chunks[L],
-                        step_fn=step_fn, progress=bar)
+                        step_fn=step_fn, init_fn=init_fn, progress=bar)
              for i in range(0, n_docs, batch_size)]
     bar.close()
     nll = np.concatenate(parts)

@@ -118,14 +118,14 @@ def read_documents(graphdef, params, model_cfg: ml_collections.ConfigDict,
                         f"capacity {capacity}; truncate it (read_run does)")
     kv = -(-capacity // chunk) * chunk
   sums = PositionSums(P.bucket_edges(max(lengths), first_bucket))
-  step_fn = P.make_chunk_step(graphdef)
+  step_fn, init_fn = P.make_chunk_step(graphdef), P.make_init_cache(graphdef)
   bar = tqdm(total=sum(lengths), desc="reading", unit="tok", unit_scale=True,
              disable=not progress, dynamic_ncols=True, leave=False)
   per_doc = []
   for (name, tokens), length in zip(docs, lengths, strict=True):
     total = 0.0
     for start, nll in P.stream_chunks(graphdef, params, tokens[None], chunk, step_fn=step_fn,
-                                      capacity=kv, progress=bar):
+                                      init_fn=init_fn, capacity=kv, progress=bar):
       sums.add(start, nll[0])
       total += float(nll.sum(dtype=np.float64))
     sums.end_document(length)
