@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ttt_jax.config import build_config
+from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import prepare, sources
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.tokenizers import get_tokenizer
@@ -33,6 +33,13 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, names):
     for n in names:
       yield n, {"name": n, "text": (self.root / n).read_text(encoding="utf-8")}
+
+
+class LocalTrainOnly(LocalText):
+  """The same files, all in one train split."""
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(sorted(DOCS))}
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,16 @@ def test_tfds_through_the_pipeline_and_prepare(built, tmp_path):
   part = prepare.PreparedData(str(tmp_path / "p")).split("train")
   got = sorted(get_tokenizer("bytes").decode(part[i]) for i in range(len(part)))
   assert got == sorted(DOCS[n] for n in sorted(DOCS)[:9])
+
+
+def test_every_document_of_a_dataset_without_a_held_out_split(built):
+  root, data_dir = built
+  LocalTrainOnly(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  docs = list(sources.get_documents("tfds:local_train_only", None, tfds_data_dir=str(data_dir)))
+  assert sorted(t for _, t in docs) == sorted(DOCS.values())
+  both = list(sources.get_documents("tfds:local_text", None, tfds_data_dir=str(data_dir)))
+  assert sorted(t for _, t in both) == sorted(DOCS.values())  # train + validation
+  assert sources.tfds_all_splits("x", ["test", "train"]) == ["train", "test"]
+  assert sources.tfds_all_splits("x", ["validation"]) == ["validation"]
+  with pytest.raises(ConfigError, match="no train, validation or test split"):
+    sources.tfds_all_splits("x", ["extra"])

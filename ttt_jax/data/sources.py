@@ -175,12 +175,25 @@ def tfds_source(name: str, split: str, data_dir: str):
                       f"{msg[:300]}") from None
 
 
+def _tfds_splits(name: str, data_dir: str):
+  """The split names of a prepared TFDS dataset; one line naming the source otherwise."""
+  try:
+    import tensorflow_datasets as tfds  # optional dependency (.[tfds])
+  except ImportError:
+    raise ConfigError("data.source=tfds:... needs tensorflow-datasets: "
+                      "pip install -e '.[tfds]'") from None
+  try:
+    return list(tfds.builder(name, data_dir=data_dir or None).info.splits)
+  except Exception as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"data.source=tfds:{name} (data.tfds_data_dir={data_dir!r}): "
+                      f"{msg[:300]}") from None
+
+
 def _tfds_split_name(name: str, split: str, data_dir: str) -> str:
   if split == "train":
     return "train"
-  import tensorflow_datasets as tfds  # optional dependency (.[tfds])
-
-  splits = tfds.builder(name, data_dir=data_dir or None).info.splits
+  splits = _tfds_splits(name, data_dir)
   for cand in ("validation", "test"):
     if cand in splits:
       return cand
@@ -188,14 +201,25 @@ def _tfds_split_name(name: str, split: str, data_dir: str) -> str:
                     "name one split (tfds:NAME:SPLIT) to split it by document hash")
 
 
+def tfds_all_splits(name: str, splits) -> list[str]:
+  """The splits that hold every document of a TFDS dataset whose splits are `splits`: train and
+  its held-out split (validation, else test), whichever of them exist."""
+  held = next((c for c in ("validation", "test") if c in splits), None)
+  out = [s for s in ("train", held) if s is not None and s in splits]
+  if not out:
+    raise ConfigError(f"data.source=tfds:{name} has no train, validation or test split (splits: "
+                      f"{', '.join(sorted(splits))}); name one: tfds:NAME:SPLIT")
+  return out
+
+
 def tfds_documents(spec: str, split: str | None, val_fraction: float, text_field: str,
                    data_dir: str, stats: DecodeStats | None = None) -> Iterator[tuple[str, str]]:
   name, tsplit = parse_tfds(spec)
   hashed = tsplit is not None
   if tsplit is None and split is None:  # every document: the dataset's train + held-out split
-    for part in ("train", "validation"):
-      yield from tfds_documents(f"tfds:{name}:{_tfds_split_name(name, part, data_dir)}", None,
-                                val_fraction, text_field, data_dir, stats)
+    for part in tfds_all_splits(name, _tfds_splits(name, data_dir)):
+      yield from tfds_documents(f"tfds:{name}:{part}", None, val_fraction, text_field, data_dir,
+                                stats)
     return
   if tsplit is None:
     tsplit = _tfds_split_name(name, split or "train", data_dir)
