@@ -137,6 +137,9 @@ def test_short_documents_are_reported():
                          np.array([0, 10, 50, 75]), ("a", "b", "c", "d"))
   docs = P.select_documents(stream, 32, 8)
   assert docs.names == ("b", "d") and (docs.skipped_short, docs.longest_skipped) == (2, 25)
+  # only the short documents the selection passed over: not "c", after the one selected
+  docs = P.select_documents(stream, 32, 1)
+  assert docs.names == ("b",) and (docs.skipped_short, docs.longest_skipped) == (1, 10)
   with pytest.raises(ConfigError, match=r"no document of --data x \(--split all\) has 101"):
     P.select_documents(stream, 100, 8, "--data x (--split all)")
 

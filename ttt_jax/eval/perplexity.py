@@ -42,7 +42,7 @@ from ttt_jax.train.runs import Run
 class EvalDocs(NamedTuple):
   names: tuple[str, ...]
   tokens: np.ndarray  # int32 [N, max_ctx + 1], each row a document prefix starting at BOS
-  skipped_short: int = 0  # documents of the source with fewer than max_ctx + 1 tokens
+  skipped_short: int = 0  # documents with fewer than max_ctx + 1 tokens passed over (`passed_over`)
   longest_skipped: int = 0  # tokens of the longest of them
 
 
@@ -78,14 +78,22 @@ def chunk_for(ctx: int, chunk: int, align: int = 1) -> int:
   return c
 
 
+def passed_over(lengths: np.ndarray, idx: np.ndarray, max_docs: int, need: int) -> np.ndarray:
+  """Lengths of the documents shorter than `need` that a selection `idx` (the first `max_docs`
+  long enough) passed over: those before its last document, or every one when it ran out."""
+  end = int(idx[-1]) + 1 if len(idx) and len(idx) == max_docs else len(lengths)
+  head = lengths[:end]
+  return head[head < need]
+
+
 def select_documents(stream, max_ctx: int, max_docs: int,
                      what: str = "the validation split") -> EvalDocs:
   """The first `max_docs` documents of `stream` with >= max_ctx + 1 tokens (module docstring);
   `what` names the documents in the error when none is long enough."""
   need = max_ctx + 1
   lengths = stream.doc_lengths
-  short = lengths[lengths < need]
   idx = np.flatnonzero(lengths >= need)[:max_docs]
+  short = passed_over(lengths, idx, max_docs, need)
   if len(idx) == 0:
     longest = int(lengths.max())
     raise ConfigError(f"ctx={max_ctx} is larger than the data allows: no document of {what} has "

@@ -154,7 +154,7 @@ def read_run(run: Run, *, data: str | None = None, split: str | None = None,
   what = f"of {dataset.source} ({split})"
   lengths = stream.doc_lengths - 1  # positions scored per document
   idx = np.flatnonzero(lengths >= min_len)[:max_docs]
-  short = lengths[lengths < min_len]
+  short = P.passed_over(lengths, idx, max_docs, min_len)
   if not len(idx):
     raise ConfigError(f"--min_len {min_len}: none of the documents {what} is that long (the "
                       f"longest has {int(lengths.max())} tokens); lower --min_len")
