@@ -13,13 +13,11 @@ Writes <workdir>/eval/results.json and PNGs (compare: <first workdir>/eval/compa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from ttt_jax.cli import ArgumentParser, add_eval_arguments, positive_int, user_errors
+from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import perplexity, plots
-from ttt_jax.train.runs import load_run
 
 
 def main(argv=None) -> None:
@@ -37,8 +35,7 @@ def main(argv=None) -> None:
     if args.data:
       source_kind(args.data, "--data")
     results = []
-    for workdir in [args.workdir, *args.compare]:
-      run = load_run(workdir, args.step if workdir == args.workdir else None)
+    for workdir, run in each_run(args):
       ctxs = perplexity.parse_ctx_list(args.ctx or run.config.eval.ctx)
       res = perplexity.evaluate_run(run, ctxs, data=args.data, split=args.split,
                                     max_docs=args.max_docs, chunk=args.chunk,
@@ -52,8 +49,7 @@ def main(argv=None) -> None:
     print(plots.compare_table(results))
     out = os.path.join(args.workdir, "eval")
     pngs = plots.write_plots(results, out, prefix="compare_")
-    with open(os.path.join(out, "compare.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    perplexity.write_results(results, args.workdir, "compare.json")
     print(f"wrote {', '.join(pngs)}")
 
 

@@ -21,6 +21,7 @@ import os
 from ttt_jax.cli import (
   ArgumentParser,
   add_eval_arguments,
+  each_run,
   fail,
   non_negative_int,
   positive_int,
@@ -28,7 +29,6 @@ from ttt_jax.cli import (
 )
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import needle, needle_run, needle_train, plots
-from ttt_jax.train.runs import load_run
 
 
 def build_parser() -> ArgumentParser:
@@ -71,8 +71,7 @@ def main(argv=None) -> None:
     ctxs, depths = needle.parse_ctxs(args.ctx), needle.parse_depths(args.depths)
     if args.data:  # a bad --data fails before any checkpoint is read
       source_kind(args.data, "--data")
-    for workdir in [args.workdir, *args.compare]:
-      run = load_run(workdir, args.step if workdir == args.workdir else None)
+    for workdir, run in each_run(args):
       grid = dict(data=args.data, split=args.split, needles=args.needles,
                   distractors=args.distractors, seed=args.seed, chunk=args.chunk)
       needle_run.check_grid(run, ctxs, depths, **grid)  # before any fine-tuning

@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ttt_jax.cli import ArgumentParser, add_eval_arguments, positive_int, user_errors
+from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import plots, reading
-from ttt_jax.train.runs import load_run
 
 
 def main(argv=None) -> None:
@@ -41,8 +40,7 @@ def main(argv=None) -> None:
   with user_errors():
     if args.data:  # a bad --data fails before any checkpoint is read
       source_kind(args.data, "--data")
-    for workdir in [args.workdir, *args.compare]:
-      run = load_run(workdir, args.step if workdir == args.workdir else None)
+    for workdir, run in each_run(args):
       res = reading.read_run(run, data=args.data, split=args.split, min_len=args.min_len,
                              max_docs=args.max_docs, max_len=args.max_len,
                              capacity=args.capacity, chunk=args.chunk,

@@ -29,6 +29,7 @@ from ttt_jax.data.dataset import ALL
 from ttt_jax.data.sources import SOURCE_HELP, SPLITS
 from ttt_jax.train import distributed
 from ttt_jax.train.checkpoint import CheckpointError
+from ttt_jax.train.runs import Run, load_run
 from ttt_jax.train.trainer import NonFiniteError, train_and_evaluate
 from ttt_jax.train.workdir import WorkdirBusy
 
@@ -109,6 +110,12 @@ def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--compare", nargs="*", default=[], help=f"more workdirs to {verb} and overlay")
   ap.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def each_run(args: argparse.Namespace) -> Iterator[tuple[str, Run]]:
+  """(workdir, loaded run) of --workdir (at --step) and of each --compare workdir (latest)."""
+  for workdir in [args.workdir, *args.compare]:
+    yield workdir, load_run(workdir, args.step if workdir == args.workdir else None)
 
 
 def run_argparse_main(main: Callable[[list[str]], object],

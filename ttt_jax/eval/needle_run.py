@@ -3,8 +3,6 @@ anything is computed (or fine-tuned), the results file."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -67,8 +65,4 @@ def evaluate_run(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
 
 def write_results(res: dict | list, workdir: str, name: str = "needle.json") -> str:
   """Writes `workdir/eval/<name>` (never touches the checkpoints). Returns its path."""
-  path = os.path.join(workdir, "eval", name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(res, f, indent=2)
-  return path
+  return P.write_results(res, workdir, name)

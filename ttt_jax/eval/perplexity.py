@@ -343,10 +343,14 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
           "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped, **out}
 
 
-def write_results(results: dict, workdir: str) -> str:
-  """Writes `workdir/eval/results.json` (never touches the checkpoints). Returns its path."""
-  path = os.path.join(workdir, "eval", "results.json")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+def write_json(obj: dict | list, path: str) -> str:
+  """Writes `obj` as indented JSON at `path`, making its folder. Returns the path."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+    json.dump(obj, f, indent=2)
   return path
+
+
+def write_results(results: dict | list, workdir: str, name: str = "results.json") -> str:
+  """Writes `workdir/eval/<name>` (never touches the checkpoints). Returns its path."""
+  return write_json(results, os.path.join(workdir, "eval", name))

@@ -107,10 +107,12 @@ def tokenizer_warning(runs: Sequence[dict]) -> str | None:
           "different token counts, so NLL per token and positions are not like for like")
 
 
-def _save(fig, path: str) -> str:
+def _save(fig, path: str, tight: bool = True) -> str:
+  """Saves and closes `fig` (laid out tight unless it has its own layout)."""
   plt = _pyplot()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.tight_layout()
+  if tight:
+    fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
@@ -205,7 +207,4 @@ def plot_needle_heatmap(res: dict, path: str) -> str:
   fig.colorbar(image, ax=list(axes), shrink=0.8)
   fig.suptitle(f"Needle retrieval: {run_label(res)}, {task['needles']} needles per cell",
                fontsize=10)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(fig, path, tight=False)

@@ -20,9 +20,7 @@ model keeps gaining from what it has read, zero that it stopped using the contex
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -189,7 +187,4 @@ def read_run(run: Run, *, data: str | None = None, split: str | None = None,
 
 def write_reading(results: dict | list, path: str) -> str:
   """Writes reading results as JSON at `path` (under a run's eval/ folder). Returns the path."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
-  return path
+  return P.write_json(results, path)
