@@ -103,3 +103,19 @@ def test_every_document_of_a_dataset_without_a_held_out_split(built):
   assert sources.tfds_all_splits("x", ["validation"]) == ["validation"]
   with pytest.raises(ConfigError, match="no train, validation or test split"):
     sources.tfds_all_splits("x", ["extra"])
+
+
+def test_data_flag_with_a_tfds_source(built):
+  """`--data tfds:NAME` through Dataset.with_source: 'all' is train + validation (9 + 3 documents),
+  tokenized with the run's tokenizer; `:validation` restricts it."""
+  root, data_dir = built
+  c = build_config("model=swa,scale=tiny,ctx=32").data
+  c.tfds_data_dir = str(data_dir)
+  data = Dataset.from_config(c).with_source("tfds:local_text")
+  assert (data.kind, data.flag) == ("tfds", "--data")
+  every = data.stream("all")
+  assert len(every.names) == len(DOCS) == 12 and len(data.stream("validation").names) == 3
+  tok = get_tokenizer("bytes")
+  assert sorted(every.doc_lengths - 2) == sorted(len(tok.encode(t)) for t in DOCS.values())
+  only_val = Dataset.from_config(c).with_source("tfds:local_text:validation")
+  assert len(only_val.stream("all").names) == 3

@@ -4,7 +4,6 @@ documents too short reported, and scripts/evaluate.py --data end to end on a tra
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -77,27 +76,6 @@ def test_every_source_kind_with_the_run_tokenizer(run_data, texts, text_docs, tm
 
   embedded = run_data.with_source("embedded")
   assert embedded.kind == "embedded" and len(embedded.stream("validation").names) > 5
-
-
-def test_tfds_source_all_is_train_plus_validation(run_data, tmp_path):
-  """The offline TFDS builder of tests/data/test_tfds.py: 9 train + 3 validation documents."""
-  pytest.importorskip("tensorflow_datasets")
-  tfds_test = load_module(ROOT / "tests" / "data" / "test_tfds.py", "tfds_builder")
-  (tmp_path / "texts").mkdir()
-  for name, text in tfds_test.DOCS.items():
-    (tmp_path / "texts" / name).write_text(text, encoding="utf-8")
-  tfds_test.LocalText.root = tmp_path / "texts"
-  tfds_test.LocalText(data_dir=str(tmp_path / "tfds"),
-                      file_format="array_record").download_and_prepare()
-  local = dataclasses.replace(run_data, tfds_data_dir=str(tmp_path / "tfds"))
-  data = local.with_source("tfds:local_text")
-  assert data.kind == "tfds"
-  assert len(data.stream("all").names) == len(tfds_test.DOCS) == 12
-  assert len(data.stream("validation").names) == 3
-  tok = ByteTokenizer()
-  assert sorted(len(t) - 2 for t in by_name(data.stream("all")).values()) == sorted(
-      len(tok.encode(t)) for t in tfds_test.DOCS.values())
-  assert len(local.with_source("tfds:local_text:validation").stream("all").names) == 3
 
 
 def test_prepared_folder_of_another_tokenizer_is_refused(run_data, texts, tmp_path):
