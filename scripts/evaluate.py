@@ -7,17 +7,29 @@
 Without --data: the run's own validation split. --data SOURCE (embedded, a folder, a .jsonl file,
 tfds:NAME:SPLIT or a prepared folder) is tokenized with the run's tokenizer; --split all (the
 default with --data: every document), train or validation (the hash split of data.val_fraction).
-Writes <workdir>/eval/results.json and PNGs (compare: <first workdir>/eval/compare_*.png).
+Writes <workdir>/eval/results.json and PNGs (compare: <first workdir>/eval/compare_*.png); with
+--data they go to <workdir>/eval/data-<source>-<split>/ instead, so results on other text never
+replace the run's own (or each other's).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import perplexity, plots
+
+
+def output_dir(workdir: str, data: str | None, split: str | None) -> str:
+  """`W/eval`, or for --data `W/eval/data-<source name>-<split>` (a readable, file-safe name)."""
+  if not data:
+    return os.path.join(workdir, "eval")
+  name = os.path.basename(os.path.normpath(data)) or data
+  slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_.") or "source"
+  return os.path.join(workdir, "eval", f"data-{slug}-{split or 'all'}")
 
 
 def main(argv=None) -> None:
@@ -40,16 +52,17 @@ def main(argv=None) -> None:
       res = perplexity.evaluate_run(run, ctxs, data=args.data, split=args.split,
                                     max_docs=args.max_docs, chunk=args.chunk,
                                     batch_size=args.batch_size, progress=not args.no_progress)
-      path = perplexity.write_results(res, workdir)
-      pngs = plots.write_plots([res], os.path.join(workdir, "eval"))
+      out = output_dir(workdir, args.data, args.split)
+      path = perplexity.write_json(res, os.path.join(out, "results.json"))
+      pngs = plots.write_plots([res], out)
       print(plots.ppl_table(res))
       print(f"wrote {path}, {', '.join(pngs)}\n")
       results.append(res)
   if len(results) > 1:
     print(plots.compare_table(results))
-    out = os.path.join(args.workdir, "eval")
+    out = output_dir(args.workdir, args.data, args.split)
     pngs = plots.write_plots(results, out, prefix="compare_")
-    perplexity.write_results(results, args.workdir, "compare.json")
+    perplexity.write_json(results, os.path.join(out, "compare.json"))
     print(f"wrote {', '.join(pngs)}")
 
 

@@ -127,10 +127,15 @@ def test_evaluate_script_with_data(trained_run, texts, text_docs, capsys):
   the run's validation ones with --split validation), source and split recorded and printed, and
   --compare over the same source."""
   evaluate = load_module(ROOT / "scripts" / "evaluate.py", "evaluate_script")
+  own = pathlib.Path(trained_run) / "eval"
+  own_before = (own / "results.json").read_text() if (own / "results.json").exists() else None
   evaluate.main(["--workdir", trained_run, "--data", str(texts), "--ctx", "32,64",
                  "--max_docs", "30", "--no_progress", "--compare", trained_run])
   out = capsys.readouterr().out
-  res = json.loads((pathlib.Path(trained_run) / "eval" / "results.json").read_text())
+  folder = own / f"data-{texts.name}-all"  # other text never replaces the run's own results
+  res = json.loads((folder / "results.json").read_text())
+  own_after = (own / "results.json").read_text() if (own / "results.json").exists() else None
+  assert (folder / "ppl_vs_ctx.png").exists() and own_after == own_before
   lengths = {n: len(t.encode()) + 2 for n, t in text_docs.items()}  # BOS text EOS
   long_enough = sorted(n for n, v in lengths.items() if v >= 65)
   short = [v for v in lengths.values() if v < 65]
@@ -140,12 +145,13 @@ def test_evaluate_script_with_data(trained_run, texts, text_docs, capsys):
   assert f"on {texts} (all)" in out and f"documents of {texts} (all) with >= 65 tokens" in out
   assert f"skipped {len(short)} document{'s' * (len(short) > 1)} shorter than 65" in out
   assert "loss delta vs" in out and "different tokenizers" not in out
-  compared = json.loads((pathlib.Path(trained_run) / "eval" / "compare.json").read_text())
+  compared = json.loads((folder / "compare.json").read_text())
   assert [r["documents"] for r in compared] == [long_enough, long_enough]
 
   evaluate.main(["--workdir", trained_run, "--data", str(texts), "--split", "validation",
                  "--ctx", "32", "--no_progress"])
-  res = json.loads((pathlib.Path(trained_run) / "eval" / "results.json").read_text())
+  res = json.loads((own / f"data-{texts.name}-validation" / "results.json").read_text())
+  assert json.loads((folder / "results.json").read_text())["split"] == "all"  # kept
   run = load_run(trained_run)
   val = run.data.with_source(str(texts)).stream("validation")
   assert res["split"] == "validation" and set(res["documents"]) <= set(val.names)
