@@ -67,6 +67,12 @@ def steps_on_disk(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def complete_steps(workdir) -> list[int]:
+  """Steps on disk that carry Orbax's completion markers (what a resume can restore)."""
+  d = os.path.join(workdir, "checkpoints")
+  return [s for s in steps_on_disk(workdir) if ckpt.is_complete_step(os.path.join(d, str(s)))]
+
+
 def losses(workdir) -> dict[int, float]:
   return {r["step"]: r["loss"] for r in read_metrics(str(workdir), "train")}
 
@@ -86,10 +92,14 @@ def runs(tmp_path_factory):
   rng = np.random.default_rng(int(time.time()))
   kills = []
   for _ in range(3):
-    last = max(steps_on_disk(b_dir), default=0)
+    last = max(complete_steps(b_dir), default=0)
     target = min(last + EVERY + int(rng.integers(0, EVERY)), STEPS - 2 * EVERY)
     b = launch(b_dir, **SLOW)
-    wait_for(lambda t=target: max(losses(b_dir), default=0) >= t, b)
+    # killed once this process has committed a checkpoint past the last one (so every kill
+    # leaves something to resume from: metrics.jsonl still holds the killed run's later steps
+    # until the new one truncates it) and has logged the random target step
+    wait_for(lambda t=target, s=last: max(complete_steps(b_dir), default=0) > s
+             and max(losses(b_dir), default=0) >= t, b)
     time.sleep(float(rng.uniform(0, 0.3)))
     b.send_signal(signal.SIGKILL)
     b.communicate()
