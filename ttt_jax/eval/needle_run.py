@@ -8,16 +8,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import needle as N
 from ttt_jax.eval import perplexity as P
 from ttt_jax.train.runs import Run
 
 
 class Grid(NamedTuple):
-  dataset: Dataset  # the haystacks' source
-  split: str
-  hay: np.ndarray  # its running text without document markers
+  source: P.Source  # the haystacks' documents
+  hay: np.ndarray  # their running text without document markers
 
 
 def check_grid(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
@@ -26,12 +24,11 @@ def check_grid(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
   """Reads the haystack text and builds every prompt of the grid (cheap), so that a context
   length the model cannot stream or the text cannot fill fails in one line naming --ctx (or
   --data) before anything is computed, fine-tuning included."""
-  split = split or ("validation" if data is None else "all")
   N.context_chunks(run.config.model, ctxs, run.config.eval.chunk if chunk is None else chunk)
-  dataset, stream = P.open_source(run, data, split)
-  hay = N.haystack_tokens(stream, run.data.tokenizer)
+  src = P.open_source(run, data, split)
+  hay = N.haystack_tokens(src.stream, run.data.tokenizer)
   N.grid_prompts(hay, run.data.tokenizer, ctxs, depths, needles, distractors, seed)
-  return Grid(dataset, split, hay)
+  return Grid(src, hay)
 
 
 def evaluate_run(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
@@ -49,11 +46,10 @@ def evaluate_run(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
   tok, m = run.data.tokenizer, run.config.model
   if echo is not None:
     echo(f"{run.workdir} (step {run.step}, {m.kind}/{m.mixer}): haystacks from "
-         f"{grid.dataset.source} ({grid.split}, {len(grid.hay):,} tokens), {needles} needles "
-         f"x {len(ctxs)} contexts x {len(depths)} depths, {distractors} distractors")
-  head = {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
-          "train_ctx": run.config.data.seq_len, "source": grid.dataset.source,
-          "split": grid.split, "tokenizer": tok.name}
+         f"{grid.source.dataset.source} ({grid.source.split}, {len(grid.hay):,} tokens), "
+         f"{needles} needles x {len(ctxs)} contexts x {len(depths)} depths, "
+         f"{distractors} distractors")
+  head = P.run_header(run, grid.source)
   res = N.evaluate_needles(
       run.graphdef, run.params, m, tok, grid.hay, ctxs, depths, needles=needles,
       distractors=distractors, seed=seed, chunk=chunk,

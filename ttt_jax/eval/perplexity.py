@@ -103,19 +103,35 @@ def select_documents(stream, max_ctx: int, max_docs: int,
                   int(short.max()) if len(short) else 0)
 
 
-def open_source(run: Run, source: str | None, split: str) -> tuple[Dataset, TokenStream]:
-  """The documents a run is evaluated on: `split` of the run's own data (`source` None) or of
-  `source` (`--data`: any source kind, tokenized with the run's tokenizer). Any problem with
-  `source` is one line naming --data."""
+class Source(NamedTuple):
+  """The documents a run is evaluated on (`open_source`)."""
+  dataset: Dataset  # the run's data, or `--data` tokenized with the run's tokenizer
+  split: str  # resolved: 'validation' of the run's own data, 'all' of --data by default
+  stream: TokenStream
+
+
+def open_source(run: Run, source: str | None, split: str | None) -> Source:
+  """The documents a run is evaluated on: `split` (default validation) of the run's own data
+  (`source` None) or of `source` (`--data`: any source kind, tokenized with the run's tokenizer;
+  default split all). Any problem with `source` is one line naming --data."""
+  split = split or ("validation" if source is None else "all")
   data = run.data
   try:
     if source is not None:
       data = run.data.with_source(source)
-    return data, data.stream(split)
+    return Source(data, split, data.stream(split))
   except ConfigError as e:
     if source is None or "--data" in str(e):
       raise
     raise ConfigError(f"--data {source!r}: {e}") from None
+
+
+def run_header(run: Run, src: Source) -> dict:
+  """The fields every evaluation result of a run starts with: the run and what it read."""
+  m = run.config.model
+  return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
+          "train_ctx": run.config.data.seq_len, "source": src.dataset.source,
+          "split": src.split, "tokenizer": src.dataset.tokenizer.name}
 
 
 def count_of(n: int, noun: str) -> str:
@@ -313,7 +329,6 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
                  progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
   """Selects the documents for max(ctxs) from `split` (default: validation) of the run's data, or
   of the source `data` (default split: all), and evaluates."""
-  split = split or ("validation" if data is None else "all")
   ev = run.config.eval
   ctxs = sorted(ctxs)
   max_docs = ev.max_docs if max_docs is None else max_docs
@@ -322,11 +337,11 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
   align = stream_alignment(run.config.model)
   for L in ctxs:
     chunk_for(L, chunk, align)
-  dataset, stream = open_source(run, data, split)
-  what = f"of {dataset.source} ({split})"
+  src = open_source(run, data, split)
+  what = f"of {src.dataset.source} ({src.split})"
   need = ctxs[-1] + 1
-  docs = select_documents(stream, ctxs[-1], max_docs, f"the {split} split" if data is None
-                          else f"--data {data} (--split {split})")
+  docs = select_documents(src.stream, ctxs[-1], max_docs, f"the {src.split} split"
+                          if data is None else f"--data {data} (--split {src.split})")
   if echo is not None:
     echo(f"{run.workdir} (step {run.step}, {run.config.model.kind}/{run.config.model.mixer}): "
          f"{count_of(len(docs.names), 'document')} {what} with >= {need} tokens, chunk {chunk}")
@@ -335,10 +350,7 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
   out = evaluate_model(run.graphdef, run.params, run.config.model, docs, ctxs, chunk=chunk,
                        batch_size=batch_size, first_bucket=ev.first_bucket, progress=progress,
                        echo=echo)
-  m = run.config.model
-  return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
-          "train_ctx": run.config.data.seq_len, "chunk": chunk, "max_docs": max_docs,
-          "source": dataset.source, "split": split, "tokenizer": dataset.tokenizer.name,
+  return {**run_header(run, src), "chunk": chunk, "max_docs": max_docs,
           "selection": f"first {max_docs} documents {what} with >= max(ctx)+1 tokens",
           "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped, **out}
 

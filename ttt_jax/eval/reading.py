@@ -145,11 +145,11 @@ def read_run(run: Run, *, data: str | None = None, split: str | None = None,
   `data` (default split all), each truncated to `max_len` (and, for full attention, to the KV
   `capacity`, default max(eval.ctx)). Shorter documents are counted and reported."""
   ev, m = run.config.eval, run.config.model
-  split = split or ("validation" if data is None else "all")
   max_docs = ev.max_docs if max_docs is None else max_docs
   chunk = ev.chunk if chunk is None else chunk
-  dataset, stream = P.open_source(run, data, split)
-  what = f"of {dataset.source} ({split})"
+  src = P.open_source(run, data, split)
+  stream = src.stream
+  what = f"of {src.dataset.source} ({src.split})"
   lengths = stream.doc_lengths - 1  # positions scored per document
   idx = np.flatnonzero(lengths >= min_len)[:max_docs]
   short = P.passed_over(lengths, idx, max_docs, min_len)
@@ -172,16 +172,14 @@ def read_run(run: Run, *, data: str | None = None, split: str | None = None,
     if len(short):
       echo(P.skipped_note(len(short), int(short.max()), min_len))
     if cut:
-      echo(f"full attention: {cut} document{'s' * (cut != 1)} truncated to the KV capacity "
+      echo(f"full attention: {P.count_of(cut, 'document')} truncated to the KV capacity "
            f"{capacity:,} tokens (--capacity)")
   t0 = time.perf_counter()
   out = read_documents(run.graphdef, run.params, m, docs, chunk=chunk,
                        first_bucket=ev.first_bucket, capacity=capacity, progress=progress)
-  return {"workdir": run.workdir, "step": run.step, "kind": m.kind, "mixer": m.mixer,
-          "train_ctx": run.config.data.seq_len, "chunk": chunk, "source": dataset.source,
-          "split": split, "tokenizer": dataset.tokenizer.name, "min_len": min_len,
-          "max_len": max_len, "max_docs": max_docs, "docs": len(docs),
-          "skipped_short": len(short), "longest_skipped": int(short.max()) if len(short) else 0,
+  return {**P.run_header(run, src), "chunk": chunk, "min_len": min_len, "max_len": max_len,
+          "max_docs": max_docs, "docs": len(docs), "skipped_short": len(short),
+          "longest_skipped": int(short.max()) if len(short) else 0,
           "truncated_to_capacity": cut, **out, "seconds": round(time.perf_counter() - t0, 3)}
 
 
