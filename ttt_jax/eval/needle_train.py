@@ -157,12 +157,16 @@ def train_steps(trainer: Trainer, state, checkpoints: ckpt.RunCheckpoints,
   every, save = max(1, steps // 20), save_every(steps)
   bar = tqdm(range(start, steps), desc="needle fine-tune", unit="step", disable=not progress,
              dynamic_ncols=True, initial=start, total=steps)
+  finite = []  # per-step flags, read on the host only when a log line or a save needs them
   try:
     for step in bar:
       batch = N.training_batch(hay, tok, length, rows,
                                np.random.default_rng([seed, 1, step, pid]))
       state, metrics = trainer.train_step(state, trainer.device_batch(batch))
-      done["skipped"] += not bool(jax.device_get(metrics["finite"]))  # dropped by the guard
+      finite.append(metrics["finite"])
+      if (step + 1) % every == 0 or (step + 1) % save == 0 or step + 1 == steps:
+        done["skipped"] += sum(not bool(f) for f in jax.device_get(finite))  # dropped by the guard
+        finite.clear()
       if (step + 1) % every == 0 or step + 1 == steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         done["losses"].append(metrics["loss"])
