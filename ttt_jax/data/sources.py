@@ -160,52 +160,59 @@ def parse_tfds(spec: str) -> tuple[str, str | None]:
   return name, split or None
 
 
-def tfds_source(name: str, split: str, data_dir: str):
-  """A random-access ArrayRecord source for a TFDS split prepared in `data_dir` (no network)."""
+def _tfds():
+  """The tensorflow_datasets module (an optional dependency, `.[tfds]`); one line if missing."""
   try:
     import tensorflow_datasets as tfds  # optional dependency (.[tfds])
   except ImportError:
     raise ConfigError("data.source=tfds:... needs tensorflow-datasets: "
                       "pip install -e '.[tfds]'") from None
+  return tfds
+
+
+def _tfds_failed(where: str, data_dir: str, e: Exception) -> ConfigError:
+  """TFDS's error as one line naming the source (`where`: NAME or NAME:SPLIT)."""
+  msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return ConfigError(f"data.source=tfds:{where} (data.tfds_data_dir={data_dir!r}): {msg[:300]}")
+
+
+def tfds_source(name: str, split: str, data_dir: str):
+  """A random-access ArrayRecord source for a TFDS split prepared in `data_dir` (no network)."""
+  tfds = _tfds()
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"data.source=tfds:{name}:{split} (data.tfds_data_dir={data_dir!r}): "
-                      f"{msg[:300]}") from None
+    raise _tfds_failed(f"{name}:{split}", data_dir, e) from None
 
 
 def _tfds_splits(name: str, data_dir: str):
   """The split names of a prepared TFDS dataset; one line naming the source otherwise."""
-  try:
-    import tensorflow_datasets as tfds  # optional dependency (.[tfds])
-  except ImportError:
-    raise ConfigError("data.source=tfds:... needs tensorflow-datasets: "
-                      "pip install -e '.[tfds]'") from None
+  tfds = _tfds()
   try:
     return list(tfds.builder(name, data_dir=data_dir or None).info.splits)
   except Exception as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f"data.source=tfds:{name} (data.tfds_data_dir={data_dir!r}): "
-                      f"{msg[:300]}") from None
+    raise _tfds_failed(name, data_dir, e) from None
+
+
+def _held_out(splits) -> str | None:
+  """A TFDS dataset's held-out split: validation, else test (None without either)."""
+  return next((c for c in ("validation", "test") if c in splits), None)
 
 
 def _tfds_split_name(name: str, split: str, data_dir: str) -> str:
   if split == "train":
     return "train"
-  splits = _tfds_splits(name, data_dir)
-  for cand in ("validation", "test"):
-    if cand in splits:
-      return cand
-  raise ConfigError(f"data.source=tfds:{name} has no validation or test split; "
-                    "name one split (tfds:NAME:SPLIT) to split it by document hash")
+  held = _held_out(_tfds_splits(name, data_dir))
+  if held is None:
+    raise ConfigError(f"data.source=tfds:{name} has no validation or test split; "
+                      "name one split (tfds:NAME:SPLIT) to split it by document hash")
+  return held
 
 
 def tfds_all_splits(name: str, splits) -> list[str]:
   """The splits that hold every document of a TFDS dataset whose splits are `splits`: train and
   its held-out split (validation, else test), whichever of them exist."""
-  held = next((c for c in ("validation", "test") if c in splits), None)
-  out = [s for s in ("train", held) if s is not None and s in splits]
+  out = [s for s in ("train", _held_out(splits)) if s is not None and s in splits]
   if not out:
     raise ConfigError(f"data.source=tfds:{name} has no train, validation or test split (splits: "
                       f"{', '.join(sorted(splits))}); name one: tfds:NAME:SPLIT")
