@@ -73,10 +73,11 @@ def setup():
   return Setup()
 
 
-def reference_chunk_losses(graphdef, inner, outer, seq, lr, clip):  # noqa: PLR0913
+def reference_chunk_losses(graphdef, inner, outer, seq, lr, clip, updates=None):  # noqa: PLR0913
   """One sequence [T+1]: the full LM streamed chunk by chunk (KV windows carried by the LM's own
   cache); between chunks the prime weights take one explicit, clipped SGD step on that chunk's
-  loss, its gradient taken with the carried cache held fixed."""
+  loss, its gradient taken with the carried cache held fixed. `updates` (a list) collects the
+  weights after every update."""
   lm = nnx.merge(graphdef, inner, outer)
   cache = LanguageModel.init_cache(lm, 1)
   w, losses = inner, []
@@ -93,6 +94,8 @@ def reference_chunk_losses(graphdef, inner, outer, seq, lr, clip):  # noqa: PLR0
     scale = jnp.minimum(1.0, clip / norm)
     w = jax.tree.map(lambda p, q, scale=scale: p - lr * scale * q, w, g)
     losses.append(loss)
+    if updates is not None:
+      updates.append(w)
   return jnp.stack(losses)
 
 
@@ -126,6 +129,28 @@ def _direction(params, key, select):
             for (p, x), k in zip(flat, keys, strict=True)]
   norm = jnp.sqrt(sum(jnp.sum(v * v) for v in leaves))
   return jax.tree.unflatten(jax.tree.structure(params), [v / norm for v in leaves])
+
+
+def test_last_chunk_update_is_made_only_when_asked(setup, tokens):
+  """Training skips the last chunk's update (it changes no loss): same losses, outputs and nll
+  as with it; `final_update=True` returns the weights after all n updates, the default the
+  weights after n-1 (those the last chunk's logits used), both equal to the reference loop's."""
+  updates = []
+  reference_chunk_losses(setup.graphdef, setup.inner, setup.outer, tokens[0], LR, CLIP, updates)
+  run = fast_jit(lambda inner, outer, final: nnx.merge(setup.graphdef, inner, outer).meta_forward(
+      tokens[:, :-1], tokens[:, 1:], None, jnp.float32(LR), final_update=final),
+      static_argnums=2)
+  skip, full = run(setup.inner, setup.outer, False), run(setup.inner, setup.outer, True)
+  for a, b in zip(skip[:3], full[:3], strict=True):
+    assert rel_err(a, b) < 1e-6
+  n = T // CHUNK
+  assert len(updates) == n
+  for out, want in ((skip.inner, updates[n - 2]), (full.inner, updates[n - 1])):
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want), strict=True):
+      assert rel_err(a[0], b) < 1e-5
+  moved = [rel_err(a, b) for a, b in zip(jax.tree.leaves(skip.inner),
+                                         jax.tree.leaves(full.inner), strict=True)]
+  assert max(moved) > 1e-4  # the last update really is one more step
 
 
 @pytest.mark.parametrize("part", ["prime", "attention"])

@@ -44,7 +44,7 @@ class E2EOutput(NamedTuple):
   losses: jax.Array  # [n_chunks, B] chunk losses (each with the weights before its update)
   hidden: jax.Array  # [B, T, D] outputs of the last block
   nll: jax.Array  # [B, T] per-token NLL
-  inner: Any  # per-sequence inner weights after the last update
+  inner: Any  # per-sequence inner weights: after all n updates with final_update, else n-1
 
 
 class E2EModel(LanguageModel):
@@ -78,8 +78,11 @@ class E2EModel(LanguageModel):
 
   # -- training ----------------------------------------------------------------------------------
   def meta_forward(self, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None, lr,
-                   second_order: bool = True) -> E2EOutput:
-    """The inner loop over a batch of whole sequences [B, T] (T a multiple of b)."""
+                   second_order: bool = True, final_update: bool = False) -> E2EOutput:
+    """The inner loop over a batch of whole sequences [B, T] (T a multiple of b).
+
+    `final_update=True` also makes the last chunk's update (changes no loss or output; only
+    `E2EOutput.inner` needs it)."""
     e = self.cfg.e2e
     bsz, t = inputs.shape
     if t % e.mini_batch_size:
@@ -93,7 +96,7 @@ class E2EModel(LanguageModel):
     losses, hidden, nll, inner = inner_loop(
         runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,
         clip=e.inner_clip, remat_chunks=e.remat_chunks, second_order=second_order,
-        inner_axes=self.inner_axes(inner))
+        inner_axes=self.inner_axes(inner), final_update=final_update)
     return E2EOutput(losses, hidden, nll, inner)
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):

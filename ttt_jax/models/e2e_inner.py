@@ -128,12 +128,17 @@ class SuffixRunner:
 
 def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *,
                chunk: int, clip: float, remat_chunks: bool, second_order: bool = True,
-               inner_axes: Any = None):
+               inner_axes: Any = None, final_update: bool = False):
   """The inner loop over all chunks of a batch of sequences (training and one-shot inference).
 
   inner0: unbatched inner weights (broadcast to every sequence); kv0: batched empty KV windows
   of the suffix blocks; h [B, T, D] suffix inputs (prefix output); targets, mask [B, T].
   Returns (chunk losses [n, B], suffix outputs [B, T, D], nll [B, T], final inner weights).
+
+  The last chunk's update changes no loss and no output, so by default it is not made: the
+  last chunk runs forward only and the returned weights are those its logits used (after n-1
+  updates). `final_update=True` makes it and returns the weights after all n updates (what a
+  stream that goes on reading needs); the losses, outputs and gradients are the same either way.
   """
   bsz, t, d = h.shape
   n = t // chunk
@@ -141,12 +146,16 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
   per_chunk = lambda x: x.reshape(bsz, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
   positions = jnp.arange(t, dtype=jnp.int32).reshape(n, chunk)
   xs = (per_chunk(h), positions, per_chunk(targets), per_chunk(mask))
+  kv_axes = [KV_AXES] * len(kv0)
 
   def one(inner, kvs, h, pos, tgt, m):
     return runner.inner_step(inner, outer, kvs, h, pos, tgt, m, lr, clip, second_order)
 
-  batched = jax.vmap(one, in_axes=(0, [KV_AXES] * len(kv0), 0, None, 0, 0),
-                     out_axes=(0, [KV_AXES] * len(kv0), 0, 0, 0))
+  def last(inner, kvs, h, pos, tgt, m):  # forward only: loss, outputs and nll, no update
+    loss, (_, h_out, nll) = runner.chunk_loss(inner, outer, kvs, h, pos, tgt, m)
+    return loss, h_out, nll
+
+  batched = jax.vmap(one, in_axes=(0, kv_axes, 0, None, 0, 0), out_axes=(0, kv_axes, 0, 0, 0))
 
   def body(carry, x):
     inner, kvs = carry
@@ -158,6 +167,13 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
 
   if remat_chunks:
     body = jax.checkpoint(body)
-  (inner, _), (losses, h_out, nll) = jax.lax.scan(body, (inner, kv0), xs)
+  n_scan = n if final_update else n - 1
+  (inner, kvs), (losses, h_out, nll) = jax.lax.scan(
+      body, (inner, kv0), jax.tree.map(lambda x: x[:n_scan], xs))
+  if not final_update:
+    loss_n, h_n, nll_n = jax.vmap(last, in_axes=(0, kv_axes, 0, None, 0, 0))(
+        inner, kvs, *jax.tree.map(lambda x: x[n - 1], xs))
+    losses, h_out, nll = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]),
+                                      (losses, h_out, nll), (loss_n, h_n, nll_n))
   unchunk = lambda x: x.swapaxes(0, 1).reshape(bsz, t, *x.shape[3:])  # noqa: E731
   return losses, unchunk(h_out), unchunk(nll), inner
