@@ -14,6 +14,7 @@ import ml_collections
 MODEL_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 MIXERS = ("full", "swa", "ttt_linear", "ttt_mlp")
 E2E_TRAIN_MODES = ("meta", "pretrain")
+E2E_REMAT_POLICIES = ("full", "dots")
 TTT_IMPLS = ("dual", "primal", "pallas")
 TTT_BACKBONES = ("mamba", "base")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -47,14 +48,9 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 # the model width of every weight (and so its optimizer moments); tensor parallelism splits
 # heads, MLP hidden units and the vocab. ttt_jax/sharding.py applies them.
 LOGICAL_RULES: Rules = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("head_dim", None),
-    ("seq", None),
+    ("batch", BATCH_AXES), ("embed", "fsdp"),
+    ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+    ("layers", None), ("head_dim", None), ("seq", None),
 )
 
 
@@ -170,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.ilr_warmup_steps = 100
   e.inner_clip = 1.0
   e.remat_chunks = True
+  e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"
@@ -325,7 +322,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.attention_algorithm", ATTENTION_ALGORITHMS),
                        ("model.attention_impl", ATTENTION_IMPLS), ("model.param_dtype", DTYPES),
                        ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
-                       ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES)):
+                       ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
+                       ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES)):
     _check_choice(key, c[key], allowed)
   _check_positive("model.attention_block", m.attention_block)
   _check_positive("model.attention_flash_block", m.attention_flash_block)

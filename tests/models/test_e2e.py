@@ -258,6 +258,33 @@ def test_pretrain_mode_is_the_plain_lm_loss(tokens):
   assert rel_err(pre, token_nll(plain, tokens[:, 1:])) < 1e-6
 
 
+def test_chunk_remat_policy_changes_the_program_not_the_numbers(tokens):
+  """model.e2e.remat_chunks / remat_chunks_policy: the same loss and gradients whether a chunk
+  step is recomputed in full, keeps its matmul outputs ('dots': fewer FLOPs in the backward
+  pass, more bytes kept) or is not rematerialised at all."""
+  batch = {"tokens": tokens}
+  results = {}
+  for remat, policy in ((True, "full"), (True, "dots"), (False, "full")):
+    cfg = tiny_model_cfg()
+    cfg.e2e.remat_chunks, cfg.e2e.remat_chunks_policy = remat, policy
+    graphdef, params = nnx.split(build_model(cfg, 0))
+    fn = lambda p, g=graphdef: nnx.merge(g, p).compute_loss(batch, jnp.int32(0))[0]  # noqa: E731
+    compiled = jax.jit(jax.value_and_grad(fn)).lower(params).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    results[remat, policy] = (compiled(params), cost["flops"],
+                              compiled.memory_analysis().temp_size_in_bytes)
+  (loss, grads), flops_full, temp_full = results[True, "full"]
+  for key in ((True, "dots"), (False, "full")):
+    (other_loss, other_grads), _, _ = results[key]
+    assert rel_err(other_loss, loss) < 1e-6
+    for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads), strict=True):
+      assert rel_err(a, b) < 1e-5
+  _, flops_dots, temp_dots = results[True, "dots"]
+  assert flops_dots < 0.97 * flops_full  # the matmuls are not recomputed
+  assert temp_dots > temp_full  # their outputs are kept instead
+
+
 def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):
   c = build_config("model=e2e,scale=tiny,ctx=64,mode=meta")
   m = c.model

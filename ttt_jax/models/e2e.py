@@ -96,7 +96,8 @@ class E2EModel(LanguageModel):
     losses, hidden, nll, inner = inner_loop(
         runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,
         clip=e.inner_clip, remat_chunks=e.remat_chunks, second_order=second_order,
-        inner_axes=self.inner_axes(inner), final_update=final_update)
+        inner_axes=self.inner_axes(inner), final_update=final_update,
+        remat_policy=e.remat_chunks_policy)
     return E2EOutput(losses, hidden, nll, inner)
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):

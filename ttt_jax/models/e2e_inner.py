@@ -25,6 +25,10 @@ from ttt_jax.layers.attention import KVCache
 from ttt_jax.models.lm import apply_block
 from ttt_jax.sharding import constrain
 
+# `model.e2e.remat_chunks_policy` -> jax.checkpoint policy of one chunk step. The step is vmapped
+# over sequences, so its matmuls are batched: 'dots' keeps batched dot outputs too.
+CHUNK_REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_saveable}
+
 # vmap axes of one KV window: keys/values per sequence, positions shared by the batch
 KV_AXES = KVCache(k=0, v=0, pos=None)
 
@@ -128,12 +132,16 @@ class SuffixRunner:
 
 def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *,
                chunk: int, clip: float, remat_chunks: bool, second_order: bool = True,
-               inner_axes: Any = None, final_update: bool = False):
+               inner_axes: Any = None, final_update: bool = False, remat_policy: str = "full"):
   """The inner loop over all chunks of a batch of sequences (training and one-shot inference).
 
   inner0: unbatched inner weights (broadcast to every sequence); kv0: batched empty KV windows
   of the suffix blocks; h [B, T, D] suffix inputs (prefix output); targets, mask [B, T].
   Returns (chunk losses [n, B], suffix outputs [B, T, D], nll [B, T], final inner weights).
+
+  `remat_chunks`: each chunk step under `jax.checkpoint`; `remat_policy` 'full' recomputes the
+  whole step in the backward pass, 'dots' keeps every matmul output of it (inner gradient
+  included) and recomputes only the elementwise work.
 
   The last chunk's update changes no loss and no output, so by default it is not made: the
   last chunk runs forward only and the returned weights are those its logits used (after n-1
@@ -166,7 +174,7 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
     return (inner, kvs), (loss, h_out, nll)
 
   if remat_chunks:
-    body = jax.checkpoint(body)
+    body = jax.checkpoint(body, policy=CHUNK_REMAT_POLICIES[remat_policy])
   n_scan = n if final_update else n - 1
   (inner, kvs), (losses, h_out, nll) = jax.lax.scan(
       body, (inner, kv0), jax.tree.map(lambda x: x[:n_scan], xs))
