@@ -115,7 +115,9 @@ def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
 def each_run(args: argparse.Namespace) -> Iterator[tuple[str, Run]]:
   """(workdir, loaded run) of --workdir (at --step) and of each --compare workdir (latest)."""
   for workdir in [args.workdir, *args.compare]:
-    yield workdir, load_run(workdir, args.step if workdir == args.workdir else None)
+    run = load_run(workdir, args.step if workdir == args.workdir else None)
+    distributed.enable_compilation_cache(run.config)
+    yield workdir, run
 
 
 def run_argparse_main(main: Callable[[list[str]], object],
@@ -318,6 +320,7 @@ def train_main(argv=None) -> None:
       logging.set_verbosity(logging.WARNING)
     with user_errors():
       distributed.initialize(config.value)  # before anything touches devices
+      distributed.enable_compilation_cache(config.value)
       train_and_evaluate(config.value, workdir.value)
 
   run_absl(main, argv)

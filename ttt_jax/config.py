@@ -197,6 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.eval_batches = 4
   tr.allow_bf16_params = False  # model.param_dtype=bfloat16 under AdamW needs this opt-in
   tr.skip_nonfinite = 0  # steps with a non-finite loss/gradient skipped before the run stops
+  tr.compilation_cache = "~/.cache/ttt_jax/xla"  # JAX's persistent compilation cache; "" = off
 
   ms = c.mesh = ml_collections.ConfigDict()
   ms.data = -1

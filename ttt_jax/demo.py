@@ -12,6 +12,7 @@ from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity, plots
+from ttt_jax.train import distributed
 from ttt_jax.train.runs import load_run
 from ttt_jax.train.trainer import train_and_evaluate
 
@@ -37,6 +38,7 @@ def demo_config(arg: str = DEMO_ARG):
 
 def run_demo(workdir: str, arg: str = DEMO_ARG) -> dict:
   config = demo_config(arg)
+  distributed.enable_compilation_cache(config)  # the resumed run loads what the first compiled
   print(f"make demo: meta-trains a tiny TTT-E2E model for {config.train.steps} steps, is "
         f"preempted and resumes, then evaluates perplexity at contexts {DEMO_CTX}; about "
         f"{EXPECTED_MINUTES} minutes on 2 CPU cores")

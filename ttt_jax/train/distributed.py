@@ -1,4 +1,5 @@
-"""Multi-process start-up: `jax.distributed.initialize` from the `mesh` config section.
+"""Process start-up: `jax.distributed.initialize` from the `mesh` config section, and JAX's
+persistent compilation cache from `train.compilation_cache`.
 
 Call `initialize(config)` before anything touches devices (the CLI does). On TPU pod slices,
 SLURM and Open MPI jobs every argument is auto-detected; elsewhere set `mesh.coordinator_address`,
@@ -13,6 +14,8 @@ import os
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
+
+from ttt_jax.config import ConfigError
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
@@ -38,6 +41,27 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     return False
   jax.distributed.initialize(**init_kwargs(config.mesh))
   return True
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
+  """Points JAX's persistent compilation cache at `train.compilation_cache` ("" = off).
+
+  A relaunched or resumed run (and a repeated evaluation) then loads its compiled programs
+  instead of compiling them again; entries are keyed by the program, the devices and the
+  compiler flags, so a changed config simply compiles anew. Returns the directory used.
+  """
+  path = config.train.compilation_cache
+  if not path:
+    return None
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as err:
+    raise ConfigError(f"train.compilation_cache={config.train.compilation_cache!r}: cannot "
+                      f"create the directory ({err.strerror}); set another path or '' to turn "
+                      "the cache off") from err
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
 
 
 def is_main_process() -> bool:
