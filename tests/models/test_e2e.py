@@ -258,6 +258,24 @@ def test_pretrain_mode_is_the_plain_lm_loss(tokens):
   assert rel_err(pre, token_nll(plain, tokens[:, 1:])) < 1e-6
 
 
+@pytest.mark.parametrize("remat", [True, False])
+def test_a_single_chunk_is_the_plain_lm_loss(remat):
+  """T = b: one chunk, no update before it (the scan over the first n-1 chunks is empty), so the
+  meta loss and gradients are the plain LM's (pretrain mode) with the same weights."""
+  seqs = jax.random.randint(jax.random.key(2), (B, CHUNK + 1), 0, VOCAB)
+  grads = {}
+  for mode in ("meta", "pretrain"):
+    cfg = tiny_model_cfg()
+    cfg.e2e.train_mode, cfg.e2e.remat_chunks = mode, remat
+    graphdef, params = nnx.split(build_model(cfg, 0))
+    fn = lambda p, g=graphdef: nnx.merge(g, p).compute_loss({"tokens": seqs}, jnp.int32(0))[0]  # noqa: E731
+    grads[mode] = fast_jit(jax.value_and_grad(fn))(params)
+  (meta, g_meta), (pre, g_pre) = grads["meta"], grads["pretrain"]
+  assert rel_err(meta, pre) < 1e-6
+  for a, b in zip(jax.tree.leaves(g_meta), jax.tree.leaves(g_pre), strict=True):
+    assert rel_err(a, b) < 1e-5
+
+
 def test_chunk_remat_policy_changes_the_program_not_the_numbers(tokens):
   """model.e2e.remat_chunks / remat_chunks_policy: the same loss and gradients whether a chunk
   step is recomputed in full, keeps its matmul outputs ('dots': fewer FLOPs in the backward
