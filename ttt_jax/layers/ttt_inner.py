@@ -16,6 +16,7 @@ matmuls only (never forming a per-token W) and forms W_{i+1} = W_{i,b} once per 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -34,16 +35,64 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = LN_
   return (x - mu) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
+def _mean(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=-1, keepdims=True)
+
+
+def _ln_l2_grad_parts(z, target, scale, bias, eps):
+  mu = _mean(z)
+  inv_std = jax.lax.rsqrt(_mean(jnp.square(z - mu)) + eps)
+  xhat = (z - mu) * inv_std
+  err = scale * xhat + bias - target
+  g_xhat = err * scale
+  c = _mean(g_xhat * xhat)
+  return inv_std * (g_xhat - _mean(g_xhat) - xhat * c), (xhat, inv_std, err, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def ln_l2_grad(z: jax.Array, target: jax.Array, scale: jax.Array, bias: jax.Array,
                eps: float = LN_EPS) -> jax.Array:
-  """d/dz of 1/2 |LN(z) - target|^2 (LN over the last axis with scale/bias), written out."""
-  mu = jnp.mean(z, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(z - mu), axis=-1, keepdims=True)
-  inv_std = jax.lax.rsqrt(var + eps)
-  xhat = (z - mu) * inv_std
-  g_xhat = (scale * xhat + bias - target) * scale
-  return inv_std * (g_xhat - jnp.mean(g_xhat, axis=-1, keepdims=True)
-                    - xhat * jnp.mean(g_xhat * xhat, axis=-1, keepdims=True))
+  """d/dz of 1/2 |LN(z) - target|^2 (LN over the last axis with scale/bias), written out.
+
+  With x̂ = LN's normalised z, r = 1/std and J v = r (v - mean(v) - x̂ mean(v x̂)) (the
+  Jacobian of x̂, symmetric), the value is G = J g with g = scale (scale x̂ + bias - target).
+  Its backward pass is written out too (`_ln_l2_grad_bwd`): the TTT inner loop differentiates
+  it once per mini-batch, and XLA:CPU runs the derivative of the plain formula as more,
+  smaller ops.
+  """
+  return _ln_l2_grad_parts(z, target, scale, bias, eps)[0]
+
+
+def _ln_l2_grad_fwd(z, target, scale, bias, eps):
+  g, (xhat, inv_std, err, c) = _ln_l2_grad_parts(z, target, scale, bias, eps)
+  return g, (xhat, inv_std, err, c, g, scale, jnp.shape(target), jnp.shape(bias))
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums a broadcast cotangent back to an operand's `shape`."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+def _ln_l2_grad_bwd(eps, res, u):
+  """Cotangents of (z, target, scale, bias) for the cotangent u of G = J g (see ln_l2_grad):
+  w = J u; g's path gives target -w scale, bias w scale, scale w (err + scale x̂) and z
+  J(scale² w); J's own dependence on z gives -(r/d)(x̂ <G, u> + G <x̂, u>) - r c w with
+  c = mean(g x̂)."""
+  del eps
+  xhat, inv_std, err, c, g, scale, t_shape, b_shape = res
+  xu = _mean(xhat * u)
+  w = inv_std * (u - _mean(u) - xhat * xu)
+  sw = scale * w
+  v = scale * sw
+  jv = inv_std * (v - _mean(v) - xhat * _mean(v * xhat))
+  dz = jv - inv_std * (xhat * _mean(g * u) + g * xu + c * w)
+  return (dz, _sum_to(-sw, t_shape), _sum_to(w * (err + scale * xhat), jnp.shape(scale)),
+          _sum_to(sw, b_shape))
+
+
+ln_l2_grad.defvjp(_ln_l2_grad_fwd, _ln_l2_grad_bwd)
 
 
 def gelu(x: jax.Array) -> jax.Array:
