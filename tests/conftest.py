@@ -1,8 +1,11 @@
-"""Shared test setup: CPU only, fp32 matmuls at full precision."""
+"""Shared test setup: CPU only, fp32 matmuls at full precision, no persistent compilation
+cache (the scripts the tests launch would otherwise fill ~/.cache/ttt_jax/xla;
+tests/train/test_compilation_cache.py tests the cache itself)."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TTT_JAX_COMPILATION_CACHE", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

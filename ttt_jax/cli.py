@@ -24,7 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ttt_jax.config import ConfigError
+from ttt_jax.config import ConfigError, base_config
 from ttt_jax.data.dataset import ALL
 from ttt_jax.data.sources import SOURCE_HELP, SPLITS
 from ttt_jax.train import distributed
@@ -115,9 +115,9 @@ def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
 def each_run(args: argparse.Namespace) -> Iterator[tuple[str, Run]]:
   """(workdir, loaded run) of --workdir (at --step) and of each --compare workdir (latest)."""
   for workdir in [args.workdir, *args.compare]:
-    run = load_run(workdir, args.step if workdir == args.workdir else None)
-    distributed.enable_compilation_cache(run.config)
-    yield workdir, run
+    # this machine's cache (default or TTT_JAX_COMPILATION_CACHE), not the training machine's
+    distributed.enable_compilation_cache(base_config().train.compilation_cache)
+    yield workdir, load_run(workdir, args.step if workdir == args.workdir else None)
 
 
 def run_argparse_main(main: Callable[[list[str]], object],
@@ -320,7 +320,7 @@ def train_main(argv=None) -> None:
       logging.set_verbosity(logging.WARNING)
     with user_errors():
       distributed.initialize(config.value)  # before anything touches devices
-      distributed.enable_compilation_cache(config.value)
+      distributed.enable_compilation_cache(config.value.train.compilation_cache)
       train_and_evaluate(config.value, workdir.value)
 
   run_absl(main, argv)

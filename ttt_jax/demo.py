@@ -38,7 +38,8 @@ def demo_config(arg: str = DEMO_ARG):
 
 def run_demo(workdir: str, arg: str = DEMO_ARG) -> dict:
   config = demo_config(arg)
-  distributed.enable_compilation_cache(config)  # the resumed run loads what the first compiled
+  # the resumed run loads what the first compiled
+  distributed.enable_compilation_cache(config.train.compilation_cache)
   print(f"make demo: meta-trains a tiny TTT-E2E model for {config.train.steps} steps, is "
         f"preempted and resumes, then evaluates perplexity at contexts {DEMO_CTX}; about "
         f"{EXPECTED_MINUTES} minutes on 2 CPU cores")

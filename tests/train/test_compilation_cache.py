@@ -1,6 +1,9 @@
 """train.compilation_cache: JAX's persistent compilation cache, set once at process start-up."""
 
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import jax
@@ -8,40 +11,47 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from ttt_jax.config import ConfigError, base_config
 from ttt_jax.train import distributed
+
+ENV = distributed.CACHE_ENV
 
 
 @pytest.fixture
-def restore_cache_settings():
-  """Puts the process-wide cache settings back (other tests in this worker share them)."""
+def fresh_process_cache(monkeypatch):
+  """No cache set in this process and no environment override (tests/conftest.py turns the
+  cache off for the suite); the process-wide settings are put back afterwards."""
   before = (jax.config.jax_compilation_cache_dir,
             jax.config.jax_persistent_cache_min_compile_time_secs)
+  monkeypatch.delenv(ENV, raising=False)
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
   yield
   jax.config.update("jax_compilation_cache_dir", before[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
   compilation_cache.reset_cache()
 
 
-def config_with(path):
-  c = base_config()
-  c.train.compilation_cache = path
-  return c
+def wait_for_entry(path, prefix, timeout=30.0):
+  """The cache entry whose name starts with `prefix` (JAX may write it after the call returns)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    found = [e for e in os.listdir(path) if e.startswith(prefix)]
+    if found:
+      return found[0]
+    time.sleep(0.05)
+  raise AssertionError(f"no {prefix}* entry in {path}: {os.listdir(path)}")
 
 
-def test_empty_path_leaves_the_cache_off(restore_cache_settings):
-  before = jax.config.jax_compilation_cache_dir
-  assert distributed.enable_compilation_cache(config_with("")) is None
-  assert jax.config.jax_compilation_cache_dir == before
+def test_empty_path_leaves_the_cache_off(fresh_process_cache):
+  assert distributed.enable_compilation_cache("") is None
+  assert jax.config.jax_compilation_cache_dir is None
 
 
-def test_compiled_programs_are_written_to_the_cache_and_read_back(tmp_path,
-                                                                  restore_cache_settings):
-  path = distributed.enable_compilation_cache(config_with(str(tmp_path / "xla")))
+def test_compiled_programs_are_written_to_the_cache_and_read_back(tmp_path, fresh_process_cache):
+  path = distributed.enable_compilation_cache(str(tmp_path / "xla"))
   assert path == str(tmp_path / "xla") and os.path.isdir(path)
   assert jax.config.jax_compilation_cache_dir == path
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even tiny ones
-  compilation_cache.reset_cache()
   x = jax.random.normal(jax.random.key(0), (16, 16))
 
   def f(x):
@@ -64,25 +74,63 @@ def test_compiled_programs_are_written_to_the_cache_and_read_back(tmp_path,
   assert os.path.getmtime(os.path.join(path, stored)) == mtime  # read back, not written again
 
 
-def wait_for_entry(path, prefix, timeout=30.0):
-  """The cache entry whose name starts with `prefix` (JAX may write it after the call returns)."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    found = [e for e in os.listdir(path) if e.startswith(prefix)]
-    if found:
-      return found[0]
-    time.sleep(0.05)
-  raise AssertionError(f"no {prefix}* entry in {path}: {os.listdir(path)}")
+def test_first_directory_stays_and_the_environment_overrides_the_config(
+    tmp_path, monkeypatch, fresh_process_cache):
+  monkeypatch.setenv(ENV, str(tmp_path / "from_env"))
+  assert distributed.enable_compilation_cache(str(tmp_path / "from_config")) == str(
+      tmp_path / "from_env")
+  # a second call (e.g. another run of --compare) keeps the process's directory
+  monkeypatch.delenv(ENV)
+  assert distributed.enable_compilation_cache(str(tmp_path / "other")) == str(tmp_path / "from_env")
+  assert not os.path.exists(tmp_path / "other")
 
 
-def test_home_relative_path_is_expanded(tmp_path, monkeypatch, restore_cache_settings):
+def test_environment_can_turn_the_cache_off(tmp_path, monkeypatch, fresh_process_cache):
+  monkeypatch.setenv(ENV, "")
+  assert distributed.enable_compilation_cache(str(tmp_path / "xla")) is None
+  assert not os.path.exists(tmp_path / "xla")
+
+
+def test_home_relative_path_is_expanded(tmp_path, monkeypatch, fresh_process_cache):
   monkeypatch.setenv("HOME", str(tmp_path))
-  path = distributed.enable_compilation_cache(config_with("~/cache/xla"))
+  path = distributed.enable_compilation_cache("~/cache/xla")
   assert path == str(tmp_path / "cache" / "xla") and os.path.isdir(path)
 
 
-def test_unusable_path_is_one_error_naming_the_key(tmp_path, restore_cache_settings):
-  blocker = tmp_path / "a_file"
-  blocker.write_text("not a directory")
-  with pytest.raises(ConfigError, match=r"train.compilation_cache=.*cannot create"):
-    distributed.enable_compilation_cache(config_with(str(blocker / "xla")))
+@pytest.mark.parametrize("problem", ["under_a_file", "read_only"])
+def test_unusable_directory_is_one_warning_and_no_cache(tmp_path, problem, fresh_process_cache,
+                                                        caplog):
+  if problem == "under_a_file":
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    target = blocker / "xla"
+  else:
+    if os.geteuid() == 0:
+      pytest.skip("root can write into a read-only directory")
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+  with caplog.at_level("WARNING"):
+    assert distributed.enable_compilation_cache(str(target)) is None
+  assert jax.config.jax_compilation_cache_dir is None
+  warnings = [r for r in caplog.records if "compilation cache" in r.getMessage()]
+  assert len(warnings) == 1 and "train.compilation_cache" in warnings[0].getMessage()
+
+
+def test_enabling_after_earlier_compilations_still_stores_programs(tmp_path, monkeypatch):
+  """What the evaluation scripts do: programs compiled before the call (loading the run) and
+  the cache set afterwards, in a fresh process (no reset of JAX's cache state)."""
+  monkeypatch.delenv(ENV, raising=False)
+  script = textwrap.dedent(f"""
+      import os, jax, jax.numpy as jnp
+      from ttt_jax.train import distributed
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+      jax.jit(lambda x: x * 2.0)(jnp.ones(4)).block_until_ready()  # before the cache is set
+      path = distributed.enable_compilation_cache({str(tmp_path / "xla")!r})
+      jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()
+      print("DIR", path)
+  """)
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300, check=True)
+  assert f"DIR {tmp_path / 'xla'}" in out.stdout
+  assert any(e.startswith("jit__lambda") for e in os.listdir(tmp_path / "xla"))

@@ -13,9 +13,8 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 from jax.experimental import multihost_utils
-
-from ttt_jax.config import ConfigError
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
@@ -43,23 +42,37 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
   return True
 
 
-def enable_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
-  """Points JAX's persistent compilation cache at `train.compilation_cache` ("" = off).
+CACHE_ENV = "TTT_JAX_COMPILATION_CACHE"  # this machine's cache directory ("" = off), any script
 
-  A relaunched or resumed run (and a repeated evaluation) then loads its compiled programs
-  instead of compiling them again; entries are keyed by the program, the devices and the
-  compiler flags, so a changed config simply compiles anew. Returns the directory used.
+
+def enable_compilation_cache(configured: str, environ=os.environ) -> str | None:
+  """Points JAX's persistent compilation cache at a directory; returns the one in use (or None).
+
+  A relaunched or resumed run (and a repeated evaluation) then loads the programs it compiled
+  before instead of compiling them again (programs that compile in under a second are not
+  stored); entries are keyed by the program, the devices and the compiler flags, so a changed
+  config simply compiles anew. The directory is, in order: the one JAX already uses (set by
+  JAX_COMPILATION_CACHE_DIR or an earlier call: the first one set stays for the process), the
+  TTT_JAX_COMPILATION_CACHE environment variable, then `configured` (`train.compilation_cache`).
+  The cache is only a speed-up: a directory that cannot be created or written is reported in
+  one warning and the program compiles as before.
   """
-  path = config.train.compilation_cache
-  if not path:
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  raw = environ.get(CACHE_ENV, configured)
+  if not raw:
     return None
-  path = os.path.abspath(os.path.expanduser(path))
+  path = os.path.abspath(os.path.expanduser(raw))
   try:
     os.makedirs(path, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise PermissionError(13, "not writable")
   except OSError as err:
-    raise ConfigError(f"train.compilation_cache={config.train.compilation_cache!r}: cannot "
-                      f"create the directory ({err.strerror}); set another path or '' to turn "
-                      "the cache off") from err
+    source = CACHE_ENV if CACHE_ENV in environ else "train.compilation_cache"
+    logging.warning("%s=%r: cannot use it as the compilation cache (%s); compiling without it",
+                    source, raw, err.strerror or err)
+    return None
   jax.config.update("jax_compilation_cache_dir", path)
   return path
 
