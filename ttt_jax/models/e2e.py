@@ -44,7 +44,7 @@ class E2EOutput(NamedTuple):
   losses: jax.Array  # [n_chunks, B] chunk losses (each with the weights before its update)
   hidden: jax.Array  # [B, T, D] outputs of the last block
   nll: jax.Array  # [B, T] per-token NLL
-  inner: Any  # per-sequence inner weights: after all n updates with final_update, else n-1
+  inner: Any  # per-sequence inner weights after all n updates (final_update=True), else None
 
 
 class E2EModel(LanguageModel):
@@ -81,8 +81,8 @@ class E2EModel(LanguageModel):
                    second_order: bool = True, final_update: bool = False) -> E2EOutput:
     """The inner loop over a batch of whole sequences [B, T] (T a multiple of b).
 
-    `final_update=True` also makes the last chunk's update (changes no loss or output; only
-    `E2EOutput.inner` needs it)."""
+    `final_update=True` also makes the last chunk's update (it changes no loss or output) and
+    returns the final weights in `E2EOutput.inner` (None otherwise)."""
     e = self.cfg.e2e
     bsz, t = inputs.shape
     if t % e.mini_batch_size:
@@ -98,7 +98,7 @@ class E2EModel(LanguageModel):
         clip=e.inner_clip, remat_chunks=e.remat_chunks, second_order=second_order,
         inner_axes=self.inner_axes(inner), final_update=final_update,
         remat_policy=e.remat_chunks_policy)
-    return E2EOutput(losses, hidden, nll, inner)
+    return E2EOutput(losses, hidden, nll, inner if final_update else None)
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):
     """meta: mean of the chunk losses (token-weighted mean NLL under a loss mask), second-order
