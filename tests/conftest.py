@@ -1,11 +1,20 @@
-"""Shared test setup: CPU only, fp32 matmuls at full precision, no persistent compilation
-cache (the scripts the tests launch would otherwise fill ~/.cache/ttt_jax/xla;
-tests/train/test_compilation_cache.py tests the cache itself)."""
+"""Shared test setup: CPU only, fp32 matmuls at full precision, unoptimized machine code, no
+persistent compilation cache (the scripts the tests launch would otherwise fill
+~/.cache/ttt_jax/xla; tests/train/test_compilation_cache.py tests the cache itself)."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TTT_JAX_COMPILATION_CACHE", "")
+# XLA:CPU without LLVM's optimization passes: the test programs are tiny, so compiling them
+# dominates; the HLO program and its buffer assignment are the same, only the machine code is
+# slower. Set before any backend starts, so the scripts the tests launch inherit it; a flag
+# already in XLA_FLAGS wins (e.g. XLA_FLAGS=--xla_backend_optimization_level=3).
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+_given = os.environ.get("XLA_FLAGS", "").split()
+_names = {f.split("=", 1)[0] for f in _given}
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in FAST_COMPILE if f.split("=", 1)[0] not in _names] + _given)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
