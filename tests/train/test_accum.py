@@ -31,7 +31,10 @@ from ttt_jax.train.trainer import Trainer
 KINDS = ("transformer", "e2e")
 MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1)}
 BATCH, SEQ, ACCUM = 16, 48, 2  # 8 rows per microbatch: one row per device
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# unoptimized CPU code generation, fusions by XLA:CPU's older emitters (the steps compile in half
+# the time); the collectives searched for are placed before code generation
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
 # an HLO instruction `%name = type[dims]{layout} op(` of a collective that moves data
 MOVES_DATA = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute|"
                         r"reduce-scatter)(?:-start)?\(")
