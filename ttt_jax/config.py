@@ -22,6 +22,8 @@ DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
+# attention inside TTT-E2E's inner loop: batched per sequence and differentiated twice
+E2E_INNER_ATTENTION_IMPLS = ("auto", "blockwise", "xla")
 
 # name: (num_layers, d_model, num_heads, intermediate_size)
 # Widths/depths follow the TTT-E2E paper's 125M ... 3B ladder (Llama-style SwiGLU MLPs).
@@ -167,6 +169,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.inner_clip = 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
+  # attention of the suffix blocks inside the inner loop (vmapped per sequence, differentiated
+  # twice): auto (xla on GPU/TPU, else blockwise) | blockwise | xla; model.attention_impl serves
+  # the prefix blocks and the plain LM forward (train_mode=pretrain)
+  e.inner_attention_impl = "auto"
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"
@@ -324,7 +330,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.attention_impl", ATTENTION_IMPLS), ("model.param_dtype", DTYPES),
                        ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
                        ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
-                       ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES)):
+                       ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
+                       ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS)):
     _check_choice(key, c[key], allowed)
   _check_positive("model.attention_block", m.attention_block)
   _check_positive("model.attention_flash_block", m.attention_flash_block)

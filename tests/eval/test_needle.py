@@ -213,22 +213,31 @@ def tiny(kind: str):
   return m, graphdef, nnx.to_pure_dict(state)
 
 
-@pytest.mark.parametrize("chunk", [32, 64, 512])  # ctx > chunk, ctx == chunk, ctx < chunk
-@pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e"])
-def test_candidate_logprobs_equal_one_shot(kind, chunk):
-  m, graphdef, params = tiny(kind)
+@pytest.fixture(scope="module", params=["transformer", "swa", "ttt_linear", "e2e"])
+def scoring_case(request):
+  """A tiny model of each kind, 2 prompts, 3 candidates each and the reference: the one-shot
+  NLL of every prompt + candidate (one forward, shared by the chunk sizes tested)."""
+  m, graphdef, params = tiny(request.param)
   rng = np.random.default_rng(0)
-  ctx, width = 64, 5
-  prompt = rng.integers(0, 256, (2, ctx)).astype(np.int32)
-  cands = rng.integers(0, 256, (2, 3, width)).astype(np.int32)
+  prompt = rng.integers(0, 256, (2, 64)).astype(np.int32)
+  cands = rng.integers(0, 256, (2, 3, 5)).astype(np.int32)
+  # prompt + candidate j, padded to whole mini-batches: 80 positions; rows j * 2 + b
+  seqs = np.concatenate([np.concatenate([prompt, cands[:, j], np.zeros((2, 12), np.int32)],
+                                        axis=1) for j in range(3)])
+  nll = P.one_shot_nll(graphdef, params, seqs).reshape(3, 2, -1)
+  return m, graphdef, params, prompt, cands, nll
+
+
+@pytest.mark.parametrize("chunk", [32, 64, 512])  # ctx > chunk, ctx == chunk, ctx < chunk
+def test_candidate_logprobs_equal_one_shot(scoring_case, chunk):
+  m, graphdef, params, prompt, cands, nll = scoring_case
+  ctx = prompt.shape[1]
   lengths = np.array([[5, 3, 1], [2, 5, 4]])
   scorer = N.NeedleScorer(graphdef, params, m, chunk=chunk)
   got = scorer.candidate_logprobs(prompt, cands, lengths)
-  for j in range(3):  # one forward over prompt + candidate, padded to whole mini-batches
-    seq = np.concatenate([prompt, cands[:, j], np.zeros((2, 12), np.int32)], axis=1)
-    nll = P.one_shot_nll(graphdef, params, seq)  # 80 positions
+  for j in range(3):
     for b in range(2):
-      want = -nll[b, ctx - 1:ctx - 1 + lengths[b, j]].astype(np.float64).sum()
+      want = -nll[j, b, ctx - 1:ctx - 1 + lengths[b, j]].astype(np.float64).sum()
       np.testing.assert_allclose(got[b, j], want, rtol=2e-5, atol=2e-5)
 
 

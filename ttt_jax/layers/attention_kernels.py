@@ -8,6 +8,11 @@ TPU splash-attention Pallas kernel, behind `model.attention_impl`.
   splash     `jax.experimental.pallas.ops.tpu.splash_attention` (TPU; one-shot inputs only, calls
              with a KV cache use the package's own code);
   auto       cudnn on a GPU with 16-bit compute, splash on a TPU, blockwise elsewhere.
+TTT-E2E's inner loop runs its suffix blocks' attention per sequence (under `jax.vmap`) and
+differentiates it twice (meta-learning): cuDNN's and splash's kernels have neither a batching
+rule for that nor a second derivative, so the inner loop takes its own impl,
+`model.e2e.inner_attention_impl` (`resolve_inner_impl`): auto = xla on a GPU or TPU (plain XLA
+ops: batched and differentiated to any order), blockwise elsewhere.
 One-shot inputs (keys = queries) use the kernels' causal / local-window masks, which never
 materialize a [T, T] mask; calls against a KV cache pass the position-derived boolean mask.
 An impl that cannot run where it is asked fails at model construction, in one line naming the
@@ -25,14 +30,14 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from ttt_jax.config import ConfigError
+from ttt_jax.layers.common import target_platform
 
-IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
 _HALF = (jnp.bfloat16, jnp.float16)
 
 
 def resolve_impl(impl: str, compute_dtype, platform: str | None = None) -> str:
   """The concrete impl for `model.attention_impl` on this backend (ConfigError if impossible)."""
-  platform = jax.default_backend() if platform is None else platform
+  platform = target_platform() if platform is None else platform
   half = jnp.dtype(compute_dtype) in tuple(jnp.dtype(d) for d in _HALF)
   if impl == "auto":
     if platform == "gpu" and half:
@@ -47,6 +52,14 @@ def resolve_impl(impl: str, compute_dtype, platform: str | None = None) -> str:
   if impl == "splash" and platform != "tpu":
     raise ConfigError(f"model.attention_impl='splash' needs a TPU; this process runs on "
                       f"{platform}: use auto, xla or blockwise")
+  return impl
+
+
+def resolve_inner_impl(impl: str, platform: str | None = None) -> str:
+  """The concrete impl of `model.e2e.inner_attention_impl` (auto | blockwise | xla) here."""
+  platform = target_platform() if platform is None else platform
+  if impl == "auto":
+    return "xla" if platform in ("gpu", "tpu") else "blockwise"
   return impl
 
 

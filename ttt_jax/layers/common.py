@@ -1,7 +1,12 @@
-"""Small helpers shared by the layers: dtypes and logically-partitioned initializers."""
+"""Small helpers shared by the layers: dtypes, logically-partitioned initializers and the
+platform programs are built for."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -10,6 +15,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def dtype(name: str):
   return DTYPES[name]
+
+
+_BUILD_PLATFORM: list[str] = []  # innermost `building_for` last
+
+
+def target_platform() -> str:
+  """The backend ('cpu', 'gpu', 'tpu') whose kernels the layers choose: JAX's default backend,
+  unless code runs inside `building_for` (lowering for another platform, e.g. CUDA on a CPU)."""
+  return _BUILD_PLATFORM[-1] if _BUILD_PLATFORM else jax.default_backend()
+
+
+@contextlib.contextmanager
+def building_for(platform: str) -> Iterator[None]:
+  """Models built (and traced) inside choose their kernels for `platform` ('gpu', 'tpu', 'cpu')
+  instead of the backend this process runs on: `jax.export(..., platforms=['cuda'])` on a CPU
+  machine then lowers exactly the program a GPU run would compile."""
+  _BUILD_PLATFORM.append(platform)
+  try:
+    yield
+  finally:
+    _BUILD_PLATFORM.pop()
 
 
 def normal_init(std: float, axes: tuple[str | None, ...]):

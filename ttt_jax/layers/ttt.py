@@ -21,6 +21,7 @@ one-shot outputs exactly; the update of a mini-batch is applied once its b-th to
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -29,7 +30,8 @@ import ml_collections
 from flax import nnx
 
 from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
-from ttt_jax.layers.common import const_init, linear, normal_init
+from ttt_jax.config import ConfigError
+from ttt_jax.layers.common import const_init, linear, normal_init, target_platform
 from ttt_jax.layers.rope import apply_rope
 
 POST_NORM_EPS = 1e-6
@@ -115,6 +117,13 @@ class TTTMixer(nnx.Module):
     self.base_lr = float(t.base_lr)
     self.lr_warmup_steps = int(t.lr_warmup_steps)
     self.impl = t.impl
+    if self.impl == "pallas":
+      platform = target_platform()
+      why = ttt_pallas.check_geometry(t.mini_batch_size, d) if platform == "gpu" else None
+      if platform == "tpu":
+        why = "model.ttt.impl=pallas has GPU (Triton) kernels only; use dual on a TPU"
+      if why:
+        raise ConfigError(why)
     self.remat_group = int(t.remat_group)
     self.mamba = t.backbone == "mamba"
     self.rope_theta = cfg.rope_theta
@@ -202,13 +211,16 @@ class TTTMixer(nnx.Module):
                              lr_mult)
     ln = (self.ln_scale[...].astype(jnp.float32), self.ln_bias[...].astype(jnp.float32))
     xs = (to_mb(xq), to_mb(xk), to_mb(xv), eta)
-    if self.impl == "dual":  # W-independent work hoisted out of the scan (layers/ttt_dual.py)
+    interpret = target_platform() != "gpu"  # Pallas kernels: compiled on a GPU only
+    if self.impl == "pallas" and self.kind == "linear" and complete is None:
+      params, z = ttt_pallas.linear_sequence(params, ln, *xs, interpret=interpret)
+    elif self.impl == "dual" or (self.impl == "pallas" and self.kind == "linear"):
+      # dual: W-independent work hoisted out of the scan (layers/ttt_dual.py); also pallas's
+      # streaming calls, whose partial mini-batches the sequence kernel does not take
       params, z = ttt_dual.dual_sequence(self.kind, params, ln, *xs, self.remat_group, complete)
     else:
-      if self.impl == "pallas":  # the fused kernel; interpreted where Pallas cannot compile
-        step = ttt_pallas.pallas_step(self.kind, jax.default_backend() not in ("gpu", "tpu"))
-      else:
-        step = ttt_inner.STEPS[(self.kind, self.impl)]
+      step = (functools.partial(ttt_pallas.mlp_step, interpret) if self.impl == "pallas"
+              else ttt_inner.STEPS[(self.kind, self.impl)])
       params, z = ttt_inner.scan_minibatches(step, params, ln, xs, self.remat_group, complete)
     return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
 

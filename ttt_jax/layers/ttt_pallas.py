@@ -1,17 +1,27 @@
-"""A fused Pallas kernel for one TTT mini-batch (`model.ttt.impl=pallas`).
+"""Pallas kernels for the TTT inner loop (`model.ttt.impl=pallas`), written for GPUs (Triton).
 
-One kernel launch per mini-batch: each program of the (batch, head) grid loads its head's inner
-weights W_i, the mini-batch's views XQ/XK/XV and learning rates into on-chip memory, runs the
-dual form there (the inner gradient, the causal corrections, the output and W_{i+1}) and writes
-back only the output and W_{i+1}. The math is `ttt_inner`'s dual step itself, traced inside the
-kernel on one head's blocks, so the two cannot drift apart.
+TTT-Linear: the whole sequence in two kernels. The forward kernel runs one program per
+(sequence, head); it keeps W and b in registers and walks the n mini-batches in order, writing
+each mini-batch's pre-LayerNorm output z_i = XQ_i W_i + b_i - A_i G_i and the W_i it started
+from. The backward kernel walks them in reverse, recomputing G_i from the stored W_i, and
+carries dW, db back through the updates. XLA's scan of the dual form issues dozens of small
+kernels per mini-batch (forward, remat recompute, backward); here it is one launch each way.
+All work that does not depend on W stays in batched XLA ops around the kernels, as in
+`ttt_dual`: A_i = tril(eta_i) * (XQ_i XK_i^T + 1), the update weights -eta_i[b, :], the labels
+XV - XK, and the output XQ + LN_h(z).
 
-The backward pass (`jax.custom_vjp`) recomputes the mini-batch with the XLA dual form and takes
-its VJP: gradients are exact, and the kernel only replaces the forward. Remat through time
-(`ttt_inner.scan_minibatches`) re-runs the kernel inside each checkpointed group.
+TTT-MLP: one kernel launch per mini-batch (the forward of `ttt_inner.mlp_dual` on one head's
+blocks, W1/W2 read from and written to memory: they do not fit in registers); its backward is
+the VJP of the XLA dual step (exact: the kernel only replaces the forward).
 
-`interpret=True` runs the kernel with the Pallas interpreter (any backend; tests on CPU).
-Speed can only be measured on a GPU or TPU (docs/ttt.md).
+Memory: the TTT-Linear forward keeps every W_i for the backward, O(n |W|) per layer instead of
+remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
+
+Triton's constraints shape the code: block dimensions are powers of two (mini-batch size and
+head dim), matmuls have every dimension >= 16, and kernel bodies index refs but never slice
+values, so inputs are laid out so each mini-batch is one ref window. Dots run in IEEE fp32
+(`PRECISION`). `interpret=True` runs the same kernels with the Pallas interpreter (CPU tests);
+the CUDA lowering of both is tested on CPU (tests/test_gpu_lowering.py).
 """
 
 from __future__ import annotations
@@ -19,70 +29,257 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_inner
 
+PRECISION = jax.lax.Precision.HIGHEST
+TRITON = pltriton.CompilerParams(num_warps=4, num_stages=1)  # Triton, also where JAX defaults
+#                                                              pallas_call to Mosaic GPU
 PARAM_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
 
 
-def _head_spec(shape: tuple[int, ...]) -> pl.BlockSpec:
-  """Block of one (batch, head) of an array [B, H, ...]."""
+def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
+  """Why the kernels cannot run this geometry on a GPU (None: they can)."""
+  for name, n in (("model.ttt.mini_batch_size", mini_batch_size), ("head dim", head_dim)):
+    if n < 16 or n & (n - 1):
+      return f"{name}={n} must be a power of two >= 16 for model.ttt.impl=pallas"
+  return None
+
+
+def _dot(a, b):  # a @ b
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=PRECISION,
+                             preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):  # a @ b^T
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=PRECISION,
+                             preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):  # a^T @ b
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=PRECISION,
+                             preferred_element_type=jnp.float32)
+
+
+def _mean(x):
+  return jnp.mean(x, axis=-1, keepdims=True)
+
+
+def _ln_l2_parts(z, target, scale, bias):
+  """G = d/dz 1/2 |LN(z) - target|^2 and what its backward needs (ttt_inner.ln_l2_grad)."""
+  mu = _mean(z)
+  inv_std = jax.lax.rsqrt(_mean(jnp.square(z - mu)) + ttt_inner.LN_EPS)
+  xhat = (z - mu) * inv_std
+  err = scale * xhat + bias - target
+  g_xhat = err * scale
+  c = _mean(g_xhat * xhat)
+  return inv_std * (g_xhat - _mean(g_xhat) - xhat * c), (xhat, inv_std, err, c)
+
+
+def _ln_l2_bwd(u, g, scale, parts):
+  """Cotangents (z, target, scale, bias) of G for the cotangent u (ttt_inner._ln_l2_grad_bwd),
+  the last two summed over the rows."""
+  xhat, inv_std, err, c = parts
+  xu = _mean(xhat * u)
+  w = inv_std * (u - _mean(u) - xhat * xu)
+  sw = scale * w
+  v = scale * sw
+  jv = inv_std * (v - _mean(v) - xhat * _mean(v * xhat))
+  dz = jv - inv_std * (xhat * _mean(g * u) + g * xu + c * w)
+  return (dz, -sw, jnp.sum(w * (err + scale * xhat), axis=0, keepdims=True),
+          jnp.sum(sw, axis=0, keepdims=True))
+
+
+# -- block specs ---------------------------------------------------------------------------------
+def _seq_spec(shape):
+  """One (sequence, head) of an array [B, H, ...]: the kernel sees [...]."""
   rest = tuple(shape[2:])
   return pl.BlockSpec((None, None, *rest), lambda i, j: (i, j) + (0,) * len(rest))
 
 
-def _ln_spec(shape: tuple[int, ...]) -> pl.BlockSpec:
-  """Block of one head of a per-head LayerNorm parameter [H, 1, d]."""
+def _ln_spec(shape):
+  """One head of a per-head LayerNorm parameter [H, 1, d]."""
   return pl.BlockSpec((None, *shape[1:]), lambda i, j: (j, 0, 0))
 
 
-def _fused_forward(kind: str, interpret: bool, params, ln, xq, xk, xv, eta):
-  names = PARAM_NAMES[kind]
-  dual = ttt_inner.STEPS[(kind, "dual")]
-  n_p = len(names)
-
-  def kernel(*refs):
-    p_refs, (s_ref, bias_ref, q_ref, k_ref, v_ref, eta_ref) = refs[:n_p], refs[n_p:n_p + 6]
-    out_p_refs, z_ref = refs[n_p + 6:-1], refs[-1]
-    new, z = dual({n: r[...] for n, r in zip(names, p_refs, strict=True)},
-                  (s_ref[...], bias_ref[...]), q_ref[...], k_ref[...], v_ref[...], eta_ref[...])
-    for n, r in zip(names, out_p_refs, strict=True):
-      r[...] = new[n].astype(r.dtype)
-    z_ref[...] = z.astype(z_ref.dtype)
-
-  p_list = [params[n] for n in names]
-  ins = [*p_list, ln[0], ln[1], xq, xk, xv, eta]
-  in_specs = ([_head_spec(p.shape) for p in p_list] + [_ln_spec(ln[0].shape), _ln_spec(ln[1].shape)]
-              + [_head_spec(x.shape) for x in (xq, xk, xv, eta)])
-  out_shape = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in p_list]
-  out_shape.append(jax.ShapeDtypeStruct(xq.shape, xq.dtype))
-  outs = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=xq.shape[:2], in_specs=in_specs,
-      out_specs=[_head_spec(s.shape) for s in out_shape], interpret=interpret)(*ins)
-  return dict(zip(names, outs[:-1], strict=True)), outs[-1]
+def _call(kernel, ins, specs, out_shape, interpret):
+  """One program per (sequence, head): the grid is the leading two axes of the outputs."""
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=out_shape[0].shape[:2], in_specs=specs,
+                        out_specs=[_seq_spec(s.shape) for s in out_shape],
+                        compiler_params=TRITON, interpret=interpret)(*ins)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def fused_step(kind: str, interpret: bool, params, ln, xq, xk, xv, eta):
-  """The dual step of `ttt_inner` for one mini-batch, forward fused in one Pallas kernel."""
-  return _fused_forward(kind, interpret, params, ln, xq, xk, xv, eta)
+# -- TTT-Linear over a whole sequence ------------------------------------------------------------
+# Layout (per sequence and head): xq, xk, target [T, d]; attn [T, b] (rows of mini-batch i are
+# its A_i); lr [T, 1] (-eta_i[b, s] of token s); w [d, d]; b [1, d]; n = T / b mini-batches.
 
 
-def _fwd(kind, interpret, params, ln, xq, xk, xv, eta):
-  out = _fused_forward(kind, interpret, params, ln, xq, xk, xv, eta)
-  return out, (params, ln, xq, xk, xv, eta)
+def _rows(i, b):
+  return pl.ds(pl.multiple_of(i * b, b), b)
 
 
-def _bwd(kind, interpret, residuals, cotangent):
+def _linear_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref,
+                       wn_ref, bn_ref, z_ref, ws_ref, bs_ref):
+  b = a_ref.shape[-1]
+  n = q_ref.shape[0] // b
+  scale, beta = s_ref[...], beta_ref[...]
+
+  def body(i, carry):
+    w, bias = carry
+    rows = _rows(i, b)
+    q, k = q_ref[rows, :], k_ref[rows, :]
+    g, _ = _ln_l2_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    z_ref[rows, :] = _dot(q, w) + bias - _dot(a_ref[rows, :], g)
+    ws_ref[i] = w
+    bs_ref[pl.ds(i, 1), :] = bias
+    lr = lr_ref[rows, :]
+    return w + _t_dot(lr * k, g), bias + jnp.sum(lr * g, axis=0, keepdims=True)
+
+  w, bias = jax.lax.fori_loop(0, n, body, (w_ref[...], b_ref[...]))
+  wn_ref[...] = w
+  bn_ref[...] = bias
+
+
+def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_ref, bs_ref,
+                       dz_ref, dwn_ref, dbn_ref,
+                       dw_ref, db_ref, ds_ref, dbeta_ref, dq_ref, dk_ref, dt_ref, da_ref, dlr_ref):
+  b = a_ref.shape[-1]
+  n = q_ref.shape[0] // b
+  scale, beta = s_ref[...], beta_ref[...]
+
+  def body(j, carry):
+    dw, dbias, dscale, dbeta = carry  # dw, dbias: cotangents of W_{i+1}, b_{i+1}
+    i = n - 1 - j
+    rows = _rows(i, b)
+    w, bias = ws_ref[i], bs_ref[pl.ds(i, 1), :]
+    q, k, a, lr, dz = q_ref[rows, :], k_ref[rows, :], a_ref[rows, :], lr_ref[rows, :], dz_ref[
+        rows, :]
+    g, parts = _ln_l2_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    # W_{i+1} = W_i + (lr * k)^T g,  b_{i+1} = b_i + sum_s lr_s g_s
+    lk = lr * k
+    dg = _dot(lk, dw) + lr * dbias - _t_dot(a, dz)  # ... and z_i = q W_i + b_i - A_i g
+    d_lk = _dot_t(g, dw)
+    dlr_ref[rows, :] = (jnp.sum(k * d_lk, axis=-1, keepdims=True)
+                        + jnp.sum(g * dbias, axis=-1, keepdims=True))
+    da_ref[rows, :] = -_dot_t(dz, g)
+    dp, dt, dsc, dbe = _ln_l2_bwd(dg, g, scale, parts)  # g = LN-L2 gradient at p = k W_i + b_i
+    dt_ref[rows, :] = dt
+    dq_ref[rows, :] = _dot_t(dz, w)
+    dk_ref[rows, :] = _dot_t(dp, w) + lr * d_lk
+    dw = dw + _t_dot(q, dz) + _t_dot(k, dp)
+    dbias = dbias + jnp.sum(dz, axis=0, keepdims=True) + jnp.sum(dp, axis=0, keepdims=True)
+    return dw, dbias, dscale + dsc, dbeta + dbe
+
+  zeros = jnp.zeros_like(scale)
+  dw, dbias, dscale, dbeta = jax.lax.fori_loop(0, n, body,
+                                               (dwn_ref[...], dbn_ref[...], zeros, zeros))
+  dw_ref[...] = dw
+  db_ref[...] = dbias
+  ds_ref[...] = dscale
+  dbeta_ref[...] = dbeta
+
+
+def _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
+  bsz, heads, t, d = xq.shape
+  n = t // attn.shape[-1]
+  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+  out_shape = [f32(bsz, heads, d, d), f32(bsz, heads, 1, d), f32(bsz, heads, t, d),
+               f32(bsz, heads, n, d, d), f32(bsz, heads, n, d)]
+  ins = [w, bias, scale, beta, xq, xk, target, attn, lr]
+  specs = ([_seq_spec(w.shape), _seq_spec(bias.shape), _ln_spec(scale.shape),
+            _ln_spec(beta.shape)] + [_seq_spec(x.shape) for x in ins[4:]])
+  return _call(_linear_fwd_kernel, ins, specs, out_shape, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def linear_sequence_core(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
+  """(W_n, b_n, z [B, H, T, d] before the output LayerNorm) of TTT-Linear over a sequence."""
+  wn, bn, z, _, _ = _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr)
+  return wn, bn, z
+
+
+def _core_fwd(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
+  wn, bn, z, ws, bs = _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr)
+  return (wn, bn, z), (scale, beta, xq, xk, target, attn, lr, ws, bs)
+
+
+def _core_bwd(interpret, res, cot):
+  scale, beta, xq, xk, target, attn, lr, ws, bs = res
+  dwn, dbn, dz = cot
+  bsz, heads, t, d = xq.shape
+  shapes = [(bsz, heads, d, d), (bsz, heads, 1, d), (bsz, heads, 1, d), (bsz, heads, 1, d),
+            xq.shape, xk.shape, target.shape, attn.shape, lr.shape]
+  out_shape = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  ins = [scale, beta, xq, xk, target, attn, lr, ws, bs, dz, dwn, dbn]
+  specs = [_ln_spec(scale.shape), _ln_spec(beta.shape)] + [_seq_spec(x.shape) for x in ins[2:]]
+  dw, db, ds, dbeta, dq, dk, dt, da, dlr = _call(_linear_bwd_kernel, ins, specs, out_shape,
+                                                 interpret)
+  return dw, db, ds.sum(0), dbeta.sum(0), dq, dk, dt, da, dlr
+
+
+linear_sequence_core.defvjp(_core_fwd, _core_bwd)
+
+
+def linear_sequence(params, ln, xq, xk, xv, eta, *, interpret: bool = False):
+  """TTT-Linear over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
+  kernels. Same contract as `ttt_dual.dual_sequence('linear', ...)` without remat or partial
+  mini-batches: returns (final params, outputs XQ + LN_h(z) [n, B, H, b, d])."""
+  n, bsz, heads, b, d = xq.shape
+  seq = lambda x: jnp.moveaxis(x, 0, 2).reshape(bsz, heads, n * b, x.shape[-1])  # noqa: E731
+  eta_c = jnp.tril(eta)
+  attn = eta_c * (ttt_inner.mm_t(xq, xk) + 1.0)  # the bias's share of the dual correction: +1
+  lr = -eta[..., -1, :, None]  # [n, B, H, b, 1]
+  wn, bn, z = linear_sequence_core(interpret, params["w"], params["b"], *ln, seq(xq), seq(xk),
+                                   seq(xv - xk), seq(attn), seq(lr))
+  z = jnp.moveaxis(z.reshape(bsz, heads, n, b, d), 2, 0)
+  return {"w": wn, "b": bn}, xq + ttt_inner.layer_norm(z, *ln)
+
+
+# -- TTT-MLP: one mini-batch per launch ----------------------------------------------------------
+def _mlp_step_kernel(w1_ref, b1_ref, w2_ref, b2_ref, s_ref, beta_ref, q_ref, k_ref, t_ref,
+                     eta_ref, lr_ref, w1n_ref, b1n_ref, w2n_ref, b2n_ref, z_ref):
+  w1, b1, w2, b2 = w1_ref[...], b1_ref[...], w2_ref[...], b2_ref[...]
+  q, k, eta_c, lr = q_ref[...], k_ref[...], eta_ref[...], lr_ref[...]
+  z1 = _dot(k, w1) + b1
+  x2 = ttt_inner.gelu(z1)
+  g2, _ = _ln_l2_parts(_dot(x2, w2) + b2, t_ref[...], s_ref[...], beta_ref[...])
+  g1 = _dot_t(g2, w2) * ttt_inner.gelu_grad(z1)
+  xq2 = ttt_inner.gelu(_dot(q, w1) + b1 - _dot(eta_c * (_dot_t(q, k) + 1.0), g1))
+  z_ref[...] = _dot(xq2, w2) + b2 - _dot(eta_c * (_dot_t(xq2, x2) + 1.0), g2)
+  w1n_ref[...] = w1 + _t_dot(lr * k, g1)
+  b1n_ref[...] = b1 + jnp.sum(lr * g1, axis=0, keepdims=True)
+  w2n_ref[...] = w2 + _t_dot(lr * x2, g2)
+  b2n_ref[...] = b2 + jnp.sum(lr * g2, axis=0, keepdims=True)
+
+
+def _mlp_forward(interpret, params, ln, xq, xk, xv, eta):
+  p_list = [params[n] for n in PARAM_NAMES["mlp"]]
+  ins = [*p_list, *ln, xq, xk, xv - xk, jnp.tril(eta), -eta[..., -1, :, None]]
+  specs = ([_seq_spec(p.shape) for p in p_list] + [_ln_spec(x.shape) for x in ln]
+           + [_seq_spec(x.shape) for x in ins[6:]])
+  out_shape = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in p_list]
+  out_shape.append(jax.ShapeDtypeStruct(xq.shape, jnp.float32))
+  *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret)
+  return dict(zip(PARAM_NAMES["mlp"], new, strict=True)), xq + ttt_inner.layer_norm(z, *ln)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def mlp_step(interpret: bool, params, ln, xq, xk, xv, eta):
+  """`ttt_inner.mlp_dual` for one mini-batch [B, H, b, d], the forward in one Pallas kernel."""
+  return _mlp_forward(interpret, params, ln, xq, xk, xv, eta)
+
+
+def _mlp_fwd(interpret, params, ln, xq, xk, xv, eta):
+  return _mlp_forward(interpret, params, ln, xq, xk, xv, eta), (params, ln, xq, xk, xv, eta)
+
+
+def _mlp_bwd(interpret, residuals, cotangent):
   del interpret
-  _, vjp = jax.vjp(ttt_inner.STEPS[(kind, "dual")], *residuals)
+  _, vjp = jax.vjp(ttt_inner.mlp_dual, *residuals)
   return vjp(cotangent)
 
 
-fused_step.defvjp(_fwd, _bwd)
-
-
-def pallas_step(kind: str, interpret: bool):
-  """A `ttt_inner.STEPS`-style step function `(params, ln, xq, xk, xv, eta)` for the kernel."""
-  return functools.partial(fused_step, kind, interpret)
+mlp_step.defvjp(_mlp_fwd, _mlp_bwd)

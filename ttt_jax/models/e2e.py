@@ -34,10 +34,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ttt_jax.layers.attention import KVCache
+from ttt_jax.layers.attention_kernels import resolve_inner_impl
 from ttt_jax.layers.mlp import InnerParam
 from ttt_jax.models.e2e_inner import SuffixRunner, inner_loop, inner_lr
 from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
-from ttt_jax.models.lm import LanguageModel, split_batch
+from ttt_jax.models.lm import LanguageModel, attention_algorithm, split_batch
 
 
 class E2EOutput(NamedTuple):
@@ -55,12 +56,17 @@ class E2EModel(LanguageModel):
       raise ValueError("E2EModel needs model.kind='e2e' and model.scan_layers=False")
     super().__init__(cfg, rngs=rngs)
     self.n_prefix = cfg.num_layers - cfg.e2e.suffix_len
+    # the inner loop's attention (vmapped per sequence, differentiated twice in meta-training);
+    # the prefix blocks and the plain LM forward keep model.attention_impl
+    self.inner_attention = attention_algorithm(
+        cfg, resolve_inner_impl(cfg.e2e.inner_attention_impl))
 
   # -- pieces ------------------------------------------------------------------------------------
   def split_inner(self):
     """(runner over graphdef, inner state, outer state): the functional view of this model."""
     graphdef, inner, outer = nnx.split(self, InnerParam, ...)
-    return SuffixRunner(graphdef, self.n_prefix, self.cfg.remat), inner, outer
+    runner = SuffixRunner(graphdef, self.n_prefix, self.cfg.remat, self.inner_attention)
+    return runner, inner, outer
 
   @staticmethod
   def inner_axes(inner) -> list[tuple]:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ttt_jax.layers.attention import KVCache
+from ttt_jax.layers.attention import AttentionAlgorithm, KVCache
 from ttt_jax.models.lm import apply_block
 from ttt_jax.sharding import constrain
 
@@ -73,15 +73,21 @@ class SuffixRunner:
   """Applies the suffix blocks (+ final norm and head) of a model split as graphdef/inner/outer.
 
   All methods see ONE sequence: h [s, D], KV windows with k/v [C, H, d] and pos [C].
+  `attention`: the suffix blocks' attention here (`model.e2e.inner_attention_impl`): this code
+  is vmapped over sequences and, in meta-training, differentiated twice.
   """
 
-  def __init__(self, graphdef, n_prefix: int, remat: str):
+  def __init__(self, graphdef, n_prefix: int, remat: str, attention: AttentionAlgorithm):
     self.graphdef = graphdef
     self.n_prefix = n_prefix
     self.remat = remat
+    self.attention = attention
 
   def model(self, inner, outer):
-    return nnx.merge(self.graphdef, inner, outer)
+    model = nnx.merge(self.graphdef, inner, outer)
+    for blk in model.blocks[self.n_prefix:]:  # a fresh object per merge: nothing else sees it
+      blk.mixer.algorithm = self.attention
+    return model
 
   def hidden(self, inner, outer, h, positions, kvs, valid: jax.Array | None = None):
     """(h_out [s, D] before the final norm, new KV windows).

@@ -33,10 +33,12 @@ def padded_vocab(vocab_size: int) -> int:
   return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def attention_algorithm(cfg: ml_collections.ConfigDict) -> AttentionAlgorithm:
+def attention_algorithm(cfg: ml_collections.ConfigDict,
+                        impl: str | None = None) -> AttentionAlgorithm:
+  """The attention of `cfg` (model section); `impl` overrides the resolved backend."""
+  impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
   return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
-                            flash_block=cfg.attention_flash_block,
-                            impl=resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype)))
+                            flash_block=cfg.attention_flash_block, impl=impl)
 
 
 def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
