@@ -1,0 +1,44 @@
+"""Every program a GPU run compiles by default, lowered for CUDA on this (CPU) machine: the train
+step of each model kind (E2E meta and pretrain; the Pallas TTT kernels), the streaming chunk
+step and the decode step. A kernel that cannot be batched, differentiated twice or lowered by
+Triton fails here, not first on a GPU (ttt_jax/benchmarks/lowering.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttt_jax.benchmarks import lowering
+from ttt_jax.models import e2e
+
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def has_cudnn_attention(kernels: set[str]) -> bool:
+  return any(k.startswith("__cudnn$fmha") for k in kernels)
+
+
+@pytest.mark.parametrize("name,kind,overrides", lowering.TRAIN_CASES,
+                         ids=[c[0] for c in lowering.TRAIN_CASES])
+def test_train_step_lowers_for_cuda(name, kind, overrides):
+  kernels = lowering.kernels_in(lowering.lower_train_step(kind, overrides))
+  attention = name in ("transformer", "swa") or name.startswith("e2e")
+  assert has_cudnn_attention(kernels) == attention, kernels  # the GPU default: cuDNN flash attention
+  assert (TRITON in kernels) == name.endswith("pallas"), kernels
+
+
+@pytest.mark.parametrize("kind", lowering.STREAM_KINDS)
+def test_stream_and_decode_steps_lower_for_cuda(kind):
+  steps = lowering.lower_stream_steps(kind)
+  assert set(steps) == {"prefill", "decode"}
+  for exported in steps.values():
+    assert exported.platforms == ("cuda",)
+    kernels = lowering.kernels_in(exported)
+    assert has_cudnn_attention(kernels) == (kind in ("transformer", "swa", "e2e")), kernels
+
+
+def test_cudnn_in_the_e2e_inner_loop_is_caught(monkeypatch):
+  """The class of bug this file exists for: cuDNN attention inside the per-sequence vmap and the
+  second-order meta gradient does not lower (it did not run on a GPU either)."""
+  monkeypatch.setattr(e2e, "resolve_inner_impl", lambda impl: "cudnn")
+  with pytest.raises(Exception, match="reshape|Differentiation rule|not implemented"):
+    lowering.lower_train_step("e2e-meta")

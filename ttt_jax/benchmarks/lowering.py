@@ -1,0 +1,116 @@
+"""Lower, on any machine, the programs a GPU run compiles: every model kind's train step, its
+streaming (prefill chunk) step and its decode step, built with the GPU's default kernel choices
+(cuDNN attention, Triton TTT kernels) and exported for `platforms=['cuda']`.
+
+This catches on a CPU what only a GPU takes: a kernel without a batching rule under `jax.vmap`,
+a missing second derivative, a Pallas body the Triton lowering rejects. Compilation of the
+lowered kernels (PTX, shared memory, registers) still happens only on a GPU (`make gpu-check`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.benchmarks.common import Size, model_config
+from ttt_jax.benchmarks.streaming import Streamer
+from ttt_jax.layers.common import building_for
+from ttt_jax.train.trainer import Trainer
+
+# The preset's structure (8 layers: E2E suffix of 2 blocks, head dim 64, TTT mini-batch 16,
+# E2E chunks shorter than the sequence, window shorter than the context), narrow and short.
+SIZE = Size(d_model=128, num_layers=8, num_heads=2, intermediate=256, seq_len=256, batch=2,
+            window=64, ttt_mini_batch=16, e2e_chunk=64, lengths=(256,), matmul_n=128, repeats=1,
+            warmup=0, decode_steps=1, dtype="bfloat16", remat="full")
+# (name, benchmark kind, config overrides): every program family a GPU user meets by default,
+# plus the opt-in Pallas TTT kernels
+TRAIN_CASES = (
+    ("transformer", "transformer", {}), ("swa", "swa", {}), ("ttt_linear", "ttt_linear", {}),
+    ("ttt_mlp", "ttt_mlp", {}), ("e2e-meta", "e2e-meta", {}),
+    ("e2e-pretrain", "e2e-pretrain", {}),
+    ("ttt_linear-pallas", "ttt_linear", {"ttt.impl": "pallas"}),
+    ("ttt_mlp-pallas", "ttt_mlp", {"ttt.impl": "pallas"}),
+)
+STREAM_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
+# custom calls of GPU kernels (cuDNN attention, Triton) carry no export compatibility
+# guarantee; a lowering that is only inspected, never stored, may contain them
+_TARGET = re.compile(r"custom_call @([^\s(]+)\(")
+
+
+@contextlib.contextmanager
+def for_gpu() -> Iterator[None]:
+  """Models built and traced inside choose their GPU kernels. On a machine without a GPU the
+  cuDNN availability checks answer as an H100/H200 with cuDNN 9.10 would, and the run-time
+  input checks (host callbacks: the KV-cache overflow and stream-continuation errors, which JAX
+  lowers only for the backend it runs on) are left out of the program."""
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(building_for("gpu"))
+    if jax.default_backend() != "gpu":
+      from jax._src.cudnn import fused_attention_stablehlo as fa  # noqa: PLC0415
+      stack.enter_context(mock.patch.object(fa, "check_cudnn_version", lambda: 91000))
+      stack.enter_context(mock.patch.object(fa, "check_compute_capability", lambda c: True))
+      stack.enter_context(mock.patch.object(jax.debug, "callback", lambda *a, **k: None))
+    yield
+
+
+def export_cuda(fn: Callable, *args) -> jax.export.Exported:
+  """`jax.export` of `jax.jit(fn)` for CUDA (fn may already be jitted)."""
+  fn = fn if hasattr(fn, "lower") else jax.jit(fn)
+  checks: list = []
+  for _ in range(4):
+    try:
+      return jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
+    except ValueError as e:
+      targets = sorted(set(_TARGET.findall(str(e))))
+      if not targets or "compatibility" not in str(e):
+        raise
+      checks += [jax.export.DisabledSafetyCheck.custom_call(t) for t in targets]
+  raise RuntimeError("export_cuda: custom-call checks did not settle")
+
+
+def kernels_in(exported: jax.export.Exported) -> set[str]:
+  """The custom-call targets (cuDNN, Triton, ...) of a lowered program."""
+  return set(_TARGET.findall(exported.mlir_module()))
+
+
+def _config(kind: str, overrides: dict, size: Size):
+  cfg = model_config(kind, size)
+  for key, value in overrides.items():
+    section, _, name = key.rpartition(".")
+    (cfg.model[section] if section else cfg.model)[name] = value
+  return cfg
+
+
+def lower_train_step(kind: str, overrides: dict | None = None,
+                     size: Size = SIZE) -> jax.export.Exported:
+  """The train step `scripts/train.py` runs for benchmark kind `kind`, lowered for CUDA."""
+  with for_gpu():
+    cfg = _config(kind, overrides or {}, size)
+    trainer = Trainer.create(cfg)
+    state = jax.eval_shape(lambda: trainer._init(cfg.seed))
+    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
+    return export_cuda(trainer.train_step, state, {"tokens": tokens})
+
+
+def lower_stream_steps(kind: str, size: Size = SIZE) -> dict[str, jax.export.Exported]:
+  """{'prefill': a chunk of `size.e2e_chunk` tokens, 'decode': one token} against the cache of
+  context `size.seq_len`, as evaluation and generation stream them, lowered for CUDA."""
+  with for_gpu():
+    streamer = Streamer(kind, size)
+    cache = streamer.abstract_cache(size.seq_len)
+    out = {}
+    for name, width in (("prefill", size.e2e_chunk), ("decode", 1)):
+      tokens = jax.ShapeDtypeStruct((1, width), jnp.int32)
+      positions = jax.ShapeDtypeStruct((width,), jnp.int32)
+      out[name] = export_cuda(streamer._step, streamer.params, cache, tokens, positions)
+    return out
+
+
+def describe(exported: jax.export.Exported) -> str:
+  kernels = sorted(kernels_in(exported))
+  return f"{len(exported.mlir_module()):,} chars of StableHLO; kernels: {kernels or 'none'}"
