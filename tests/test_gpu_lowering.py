@@ -22,7 +22,7 @@ def has_cudnn_attention(kernels: set[str]) -> bool:
 def test_train_step_lowers_for_cuda(name, kind, overrides):
   kernels = lowering.kernels_in(lowering.lower_train_step(kind, overrides))
   attention = name in ("transformer", "swa") or name.startswith("e2e")
-  assert has_cudnn_attention(kernels) == attention, kernels  # the GPU default: cuDNN flash attention
+  assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
   assert (TRITON in kernels) == name.endswith("pallas"), kernels
 
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
 from ttt_jax.config import ConfigError
+from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
 from ttt_jax.layers.common import const_init, linear, normal_init, target_platform
 from ttt_jax.layers.rope import apply_rope
 
