@@ -10,10 +10,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PYBIN) || $(PY) -m venv $(VENV)
 	$(PYBIN) -m pip install -q --upgrade pip
-	$(PYBIN) -m pip install -q -e '.[dev]'
+	$(PYBIN) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
