@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow bench lint venv clean pretrained
+.PHONY: demo test test-slow bench gpu-check lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -32,6 +32,13 @@ pretrained: $(STAMP)
 
 bench: $(STAMP)
 	$(PYBIN) scripts/bench.py
+
+# On a GPU machine: GPU-only paths' correctness + every kind's timings in <= 8 minutes
+# (runs/gpu_check/gpu_check.md). Uses .venv when there is one, else the python on PATH (a CUDA
+# image's own JAX); on a machine without a GPU it prints one line and exits 0.
+gpu-check:
+	@if [ -x $(PYBIN) ]; then P=$(PYBIN); else P=$(PY); fi; \
+	JAX_PLATFORMS= $$P scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ttt_jax scripts tests configs

@@ -105,8 +105,10 @@ def machine_key(info: dict[str, Any]) -> str:
 
 
 def model_config(kind: str, size: Size, seq_len: int | None = None,
-                 batch: int | None = None) -> ml_collections.ConfigDict:
-  """The validated config of benchmark kind `kind` (TRAIN_KINDS or 'e2e') at preset `size`."""
+                 batch: int | None = None,
+                 overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The validated config of benchmark kind `kind` (TRAIN_KINDS or 'e2e') at preset `size`;
+  `overrides` {'ttt.impl': 'pallas', ...} set keys of the model section."""
   seq_len = size.seq_len if seq_len is None else seq_len
   base, mode = kind, "meta"
   if kind.startswith("e2e"):
@@ -129,6 +131,9 @@ def model_config(kind: str, size: Size, seq_len: int | None = None,
     m.intermediate_size = e.prime_intermediate_size = width
   c.data.batch_size = size.batch if batch is None else batch
   c.train.warmup_steps = 1
+  for key, value in (overrides or {}).items():
+    section, _, name = key.rpartition(".")
+    (m[section] if section else m)[name] = value
   return validate(c)
 
 

@@ -78,19 +78,11 @@ def kernels_in(exported: jax.export.Exported) -> set[str]:
   return set(_TARGET.findall(exported.mlir_module()))
 
 
-def _config(kind: str, overrides: dict, size: Size):
-  cfg = model_config(kind, size)
-  for key, value in overrides.items():
-    section, _, name = key.rpartition(".")
-    (cfg.model[section] if section else cfg.model)[name] = value
-  return cfg
-
-
 def lower_train_step(kind: str, overrides: dict | None = None,
                      size: Size = SIZE) -> jax.export.Exported:
   """The train step `scripts/train.py` runs for benchmark kind `kind`, lowered for CUDA."""
   with for_gpu():
-    cfg = _config(kind, overrides or {}, size)
+    cfg = model_config(kind, size, overrides=overrides)
     trainer = Trainer.create(cfg)
     state = jax.eval_shape(lambda: trainer._init(cfg.seed))
     tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)

@@ -52,8 +52,9 @@ def bench_matmul(size: Size, echo=print) -> dict:
   return out
 
 
-def _train_setup(kind: str, size: Size, compile_only: bool = False):
-  cfg = model_config(kind, size)
+def _train_setup(kind: str, size: Size, compile_only: bool = False,
+                 overrides: dict | None = None):
+  cfg = model_config(kind, size, overrides=overrides)
   trainer = Trainer.create(cfg)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)

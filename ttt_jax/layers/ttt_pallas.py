@@ -36,8 +36,10 @@ from jax.experimental.pallas import triton as pltriton
 from ttt_jax.layers import ttt_inner
 
 PRECISION = jax.lax.Precision.HIGHEST
-TRITON = pltriton.CompilerParams(num_warps=4, num_stages=1)  # Triton, also where JAX defaults
-#                                                              pallas_call to Mosaic GPU
+# Triton (also where JAX would default pallas_call to Mosaic GPU); TTT-MLP's W1/W2 blocks
+# (d x 4d each) get twice the threads to hold them
+TRITON = pltriton.CompilerParams(num_warps=4, num_stages=1)
+TRITON_WIDE = pltriton.CompilerParams(num_warps=8, num_stages=1)
 PARAM_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
 
 
@@ -105,11 +107,11 @@ def _ln_spec(shape):
   return pl.BlockSpec((None, *shape[1:]), lambda i, j: (j, 0, 0))
 
 
-def _call(kernel, ins, specs, out_shape, interpret):
+def _call(kernel, ins, specs, out_shape, interpret, params=TRITON):
   """One program per (sequence, head): the grid is the leading two axes of the outputs."""
   return pl.pallas_call(kernel, out_shape=out_shape, grid=out_shape[0].shape[:2], in_specs=specs,
                         out_specs=[_seq_spec(s.shape) for s in out_shape],
-                        compiler_params=TRITON, interpret=interpret)(*ins)
+                        compiler_params=params, interpret=interpret)(*ins)
 
 
 # -- TTT-Linear over a whole sequence ------------------------------------------------------------
@@ -262,7 +264,7 @@ def _mlp_forward(interpret, params, ln, xq, xk, xv, eta):
            + [_seq_spec(x.shape) for x in ins[6:]])
   out_shape = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in p_list]
   out_shape.append(jax.ShapeDtypeStruct(xq.shape, jnp.float32))
-  *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret)
+  *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret, TRITON_WIDE)
   return dict(zip(PARAM_NAMES["mlp"], new, strict=True)), xq + ttt_inner.layer_norm(z, *ln)
 
 

@@ -1,0 +1,53 @@
+"""`make gpu-check` on a machine without a GPU (one line, exit 0), its task plan, and its summary
+of results (numbers, errors and skipped tasks each reported)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from ttt_jax.benchmarks import gpu_check, gpu_report
+
+
+def test_without_a_gpu_one_line_and_exit_0(tmp_path):
+  proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out_dir", str(tmp_path)],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip().splitlines() == [
+      "gpu-check: no GPU here (JAX backend cpu); nothing to check"]
+  assert not list(tmp_path.iterdir())
+
+
+def test_plan_order_and_filter():
+  names = [n for n, _ in gpu_check.plan([])]
+  assert names[:4] == ["env", "attention", "pallas", "e2e"]  # correctness before timings
+  assert {f"train:{k}" for k in gpu_check.TRAIN} <= set(names)
+  assert {"stream:e2e", "stream:transformer"} <= set(names)
+  assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
+      "train:ttt_linear", "train:ttt_linear-pallas", "train:ttt_linear+cmdbuf"]
+  assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)
+
+
+def test_summary_reports_numbers_errors_and_skips(tmp_path):
+  step = {"compile_s": 3.0, "tokens_per_step": 16384, "model_flops_per_token": 1e8}
+  results = {
+      "env": {"device": "NVIDIA H200", "versions": {"jax": "0.11.2"},
+              "bf16_matmul_flops_per_s": 7.5e14, "task_s": 9},
+      "attention": {"window=None": {"cudnn": {"value_rel_err": 1e-3, "grad_rel_err": 2e-3,
+                                              "fwd_bwd_s": 1.4e-3},
+                                    "xla": {"error": "XlaRuntimeError: out of memory"}}},
+      "pallas": {"error": "timed out after 120 s"},
+      "train:transformer": dict(step, median_s=0.016),
+      "train:ttt_linear": dict(step, median_s=0.032),
+      "train:e2e-meta": {"skipped": "out of the time budget"},
+      "stream:e2e": {"8192": {"compile_s": 2.0, "prefill": {"per_token_s": 6e-5},
+                              "decode": {"per_token_s": 2e-3}}},
+  }
+  text = open(gpu_report.write_markdown(results, str(tmp_path / "g.md"))).read()
+  assert "NVIDIA H200" in text and "750 TFLOP/s" in text
+  assert "| window=None | cudnn | 1.0e-03 | 2.0e-03 | 1.40 ms |" in text
+  assert "error: XlaRuntimeError: out of memory" in text
+  assert "Pallas TTT kernels: error: timed out after 120 s" in text
+  assert "| ttt_linear | 3.0 s | 32.00 ms | 2.00x |" in text
+  assert "| e2e-meta | skipped: out of the time budget |" in text
+  assert "| e2e | 8K | 2.0 s | 60.0 us | 2.00 ms |" in text

@@ -1,0 +1,332 @@
+"""`make gpu-check`: on a machine with a GPU, check the GPU-only paths and time every model kind.
+
+One command, a fixed wall-clock budget (default 8 minutes, compilation included). Each task runs
+in its own process under a time limit, so a compile that hangs or a kernel that crashes costs
+that task only; results are appended to `<out_dir>/gpu_check.jsonl` as they arrive (nothing is
+lost if the whole run is stopped) and summarised in `<out_dir>/gpu_check.md`.
+
+Tasks, in order:
+  env        device, package versions, the bf16 matmul ceiling (8192^3);
+  attention  cuDNN and XLA attention vs the package's own, values and gradients, vs an fp32
+             reference, and their fwd+bwd time at [1, 8192, 512];
+  pallas     the Triton TTT kernels vs the XLA dual form (fp32, values and gradients), and one
+             TTT layer's fwd+bwd time, dual vs pallas, at the gpu preset's shape;
+  e2e        TTT-E2E meta loss and gradients on the GPU vs the CPU (fp32), and a bf16 meta step
+             with the GPU defaults (cuDNN prefix, XLA inner loop);
+  train:K    compile time and median step time of kind K at the `gpu` bench preset;
+  stream:K   prefill (per token) and decode at 8K / 32K / 128K;
+  K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
+             that take whole while loops (the TTT and E2E scans).
+On a machine without a GPU it says so in one line and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-pallas", "ttt_mlp", "ttt_mlp-pallas",
+         "e2e-pretrain", "e2e-meta")
+STREAM_LENGTHS = (8192, 32768, 131072)
+ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
+VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
+                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+
+
+def _rel(a, b) -> float:
+  import numpy as np  # noqa: PLC0415
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _tree_rel(a, b) -> float:
+  import jax  # noqa: PLC0415
+
+  return max(jax.tree.leaves(jax.tree.map(_rel, a, b)))
+
+
+def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+  import statistics  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+# -- tasks (each runs in a child process) ---------------------------------------------------------
+def task_env() -> dict:
+  import importlib.metadata as md  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  dev = jax.devices()[0]
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+    try:
+      versions[name] = md.version(name)
+    except md.PackageNotFoundError:
+      versions[name] = None
+  n = 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  mm = jax.jit(jnp.dot).lower(a, b).compile()
+  t = _median_time(lambda: mm(a, b), repeats=10, warmup=3)
+  return {"device": dev.device_kind, "platform": dev.platform, "versions": versions,
+          "bf16_matmul_flops_per_s": 2 * n**3 / t}
+
+
+def task_attention() -> dict:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ttt_jax.layers.attention import AttentionAlgorithm, dot_product_attention  # noqa: PLC0415
+
+  out = {}
+  t, h, d = ATTENTION_SHAPE
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, probe = (jax.random.normal(kk, (1, t, h, d), jnp.float32) for kk in keys)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  for window in (None, 1024):
+    def loss(q, k, v, algo, window=window):
+      o = dot_product_attention(q, k, v, pos, pos, window, ordered=True, algorithm=algo)
+      return jnp.sum(o.astype(jnp.float32) * probe), o
+
+    with jax.default_matmul_precision("highest"):
+      ref = jax.jit(jax.value_and_grad(
+          lambda q, k, v: loss(q, k, v, AttentionAlgorithm("blockwise"))[0],
+          argnums=(0, 1, 2)))(q, k, v)
+    row = {}
+    for impl in ("blockwise", "xla", "cudnn"):
+      algo = AttentionAlgorithm(impl=impl)
+      fn = jax.jit(jax.value_and_grad(lambda q, k, v, algo=algo: loss(q, k, v, algo)[0],
+                                      argnums=(0, 1, 2)))
+      args = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+      try:
+        val, grads = fn(*args)
+        row[impl] = {"value_rel_err": abs(float(val) - float(ref[0])) / abs(float(ref[0])),
+                     "grad_rel_err": _tree_rel(tuple(g.astype(jnp.float32) for g in grads),
+                                                  tuple(ref[1])),
+                     "fwd_bwd_s": _median_time(lambda fn=fn, args=args: fn(*args))}
+      except Exception as e:  # noqa: BLE001
+        row[impl] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    out[f"window={window}"] = row
+  return out
+
+
+def task_pallas() -> dict:
+  import functools  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
+  from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  interpret = jax.default_backend() != "gpu"  # CPU smoke runs
+  n, bsz, h, b, d = 8, 2, 4, 16, 64
+  f = lambda *s, sc=1.0: jnp.asarray(sc * rng.standard_normal(s), jnp.float32)  # noqa: E731
+  xs = (f(n, bsz, h, b, d), f(n, bsz, h, b, d), f(n, bsz, h, b, d))
+  gate = jnp.asarray(rng.uniform(0.1, 0.9, (n, bsz, h, b)), jnp.float32)
+  ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
+  out = {}
+  for kind in ("linear", "mlp"):
+    eta = ttt_inner.token_lr(gate, f(b, sc=0.1), {"linear": 1.0, "mlp": 0.1}[kind], d)
+    if kind == "linear":
+      params = {"w": f(bsz, h, d, d, sc=0.3), "b": f(bsz, h, 1, d, sc=0.1)}
+      kern = lambda p, ln, *x: ttt_pallas.linear_sequence(p, ln, *x,  # noqa: E731
+                                                          interpret=interpret)
+    else:
+      params = {"w1": f(bsz, h, d, 4 * d, sc=0.3), "b1": f(bsz, h, 1, 4 * d, sc=0.1),
+                "w2": f(bsz, h, 4 * d, d, sc=0.3), "b2": f(bsz, h, 1, d, sc=0.1)}
+      step = functools.partial(ttt_pallas.mlp_step, interpret)
+      kern = lambda p, ln, *x, step=step: ttt_inner.scan_minibatches(step, p, ln, x, 4)  # noqa: E731
+    dual = lambda p, ln, *x, kind=kind: ttt_dual.dual_sequence(kind, p, ln, *x, 4)  # noqa: E731
+    probe = f(n, bsz, h, b, d)
+
+    def vg(fn, probe=probe):
+      def obj(*a):
+        final, z = fn(*a)
+        return jnp.sum(z * probe) + sum(jnp.sum(jnp.sin(w)) for w in jax.tree.leaves(final))
+      return jax.jit(jax.value_and_grad(obj, argnums=tuple(range(6))))
+
+    with jax.default_matmul_precision("highest"):
+      v_d, g_d = vg(dual)(params, ln, *xs, eta)
+      v_k, g_k = vg(kern)(params, ln, *xs, eta)
+    out[kind] = {"value_rel_err": abs(float(v_k) - float(v_d)) / abs(float(v_d)),
+                 "grad_rel_err": _tree_rel(g_k, g_d)}
+  size = PRESETS["gpu"]
+  x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
+  for layer in ("ttt_linear", "ttt_mlp"):
+    for impl in ("dual", "pallas"):
+      t0 = time.perf_counter()
+      fn, params = _ttt_fwd_bwd(layer, size, impl, x)
+      compiled = fn.lower(params, x).compile()
+      out[f"{layer}/{impl}"] = {"compile_s": time.perf_counter() - t0,
+                                "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
+  return out
+
+
+def task_e2e() -> dict:
+  import dataclasses  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
+  from ttt_jax.layers.common import building_for  # noqa: PLC0415
+  from ttt_jax.models import build_model  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  size = dataclasses.replace(PRESETS["gpu"], seq_len=1024, batch=2, dtype="float32")
+  cfg = model_config("e2e-meta", size)
+  tokens = np.random.default_rng(0).integers(0, 256, (2, 1025)).astype(np.int32)
+  batch = {"tokens": tokens}
+  res = {}
+  here = jax.default_backend()
+  for platform in (here, "cpu") if here != "cpu" else ("cpu",):
+    device = jax.devices(platform)[0]
+    with building_for(platform), jax.default_device(device):
+      graphdef, params = nnx.split(build_model(cfg.model, 0))
+
+      def loss(p, graphdef=graphdef):
+        return nnx.merge(graphdef, p).compute_loss(batch, None)[0]
+
+      with jax.default_matmul_precision("highest"):
+        res[platform] = jax.jit(jax.value_and_grad(loss))(jax.device_put(params, device))
+  out = {"fp32_loss_gpu": float(res[here][0]), "fp32_loss_cpu": float(res["cpu"][0]),
+         "fp32_grad_rel_err": _tree_rel(jax.device_get(res[here][1]),
+                                        jax.device_get(res["cpu"][1]))}
+  cfg16 = model_config("e2e-meta", dataclasses.replace(size, dtype="bfloat16"))
+  trainer = Trainer.create(cfg16)
+  state = trainer.init_state()
+  state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+  out["bf16_meta_step_loss"] = float(metrics["loss"])
+  out["bf16_kernels"] = {"prefix": trainer.model(state.params).blocks[0].mixer.algorithm.impl,
+                         "inner_loop": trainer.model(state.params).inner_attention.impl}
+  return out
+
+
+def task_train(kind: str) -> dict:
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+
+  base = kind.removesuffix("-pallas")
+  overrides = {"ttt.impl": "pallas"} if base != kind else {}
+  cfg, compiled, state, batch, info = _train_setup(base, PRESETS["gpu"], overrides=overrides)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    return metrics["loss"]
+
+  info["median_s"] = _median_time(step, repeats=7, warmup=2)
+  info["loss"] = float(step())
+  return info
+
+
+def task_stream(kind: str) -> dict:
+  import dataclasses  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import streaming  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+
+  size = dataclasses.replace(PRESETS["gpu"], repeats=3, warmup=1, decode_steps=16)
+  return streaming.bench_streaming(size, [kind], STREAM_LENGTHS, prefill=True, decode=True,
+                                   echo=lambda s: print(s, flush=True))["kinds"][kind]
+
+
+TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e2e": task_e2e}
+
+
+def run_task(name: str) -> dict:
+  name = name.split("+", 1)[0]  # a variant's flags were set by the parent
+  if name.startswith("train:"):
+    return task_train(name.split(":", 1)[1])
+  if name.startswith("stream:"):
+    return task_stream(name.split(":", 1)[1])
+  return TASKS[name]()
+
+
+# -- orchestration --------------------------------------------------------------------------------
+def plan(only: list[str]) -> list[tuple[str, float]]:
+  """(task, time limit in seconds) in priority order."""
+  tasks = [("env", 60), ("attention", 90), ("pallas", 120), ("e2e", 150)]
+  tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
+  tasks += [("stream:e2e", 120), ("stream:transformer", 120)]
+  tasks += [("train:ttt_linear+cmdbuf", 80), ("train:e2e-meta+cmdbuf", 120), ("stream:swa", 100)]
+  return [t for t in tasks if not only or any(t[0].startswith(o) for o in only)]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out_dir", default="runs/gpu_check")
+  p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check; "
+                 "tasks that do not fit are skipped (listed in the summary)")
+  p.add_argument("--only", default="", help="comma list of task name prefixes")
+  p.add_argument("--task", default="", help=argparse.SUPPRESS)  # child mode
+  args = p.parse_args(argv)
+  if args.task:
+    print("RESULT " + json.dumps(run_task(args.task)), flush=True)
+    return 0
+  import jax  # noqa: PLC0415
+
+  if jax.default_backend() != "gpu":
+    print(f"gpu-check: no GPU here (JAX backend {jax.default_backend()}); nothing to check")
+    return 0
+  os.makedirs(args.out_dir, exist_ok=True)
+  jsonl = os.path.join(args.out_dir, "gpu_check.jsonl")
+  start = time.perf_counter()
+  results = {}
+  for name, limit in plan([s for s in args.only.split(",") if s]):
+    left = args.budget - (time.perf_counter() - start)
+    if left < 20:
+      results[name] = {"skipped": "out of the time budget"}
+      continue
+    t0 = time.perf_counter()
+    print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
+    try:
+      env = dict(os.environ)
+      variant = name.partition("+")[2]
+      if variant:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant]).strip()
+      proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
+                            capture_output=True, text=True, timeout=min(limit, left), env=env)
+      line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+      if line:
+        res = json.loads(line[-1][len("RESULT "):])
+      else:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        res = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+    except subprocess.TimeoutExpired:
+      res = {"error": f"timed out after {min(limit, left):.0f} s"}
+    res["task_s"] = time.perf_counter() - t0
+    results[name] = res
+    print(f"  {json.dumps(res)[:400]}", flush=True)
+    with open(jsonl, "a") as f:
+      f.write(json.dumps({"task": name, **res}) + "\n")
+  from ttt_jax.benchmarks.gpu_report import write_markdown  # noqa: PLC0415
+
+  md = write_markdown(results, os.path.join(args.out_dir, "gpu_check.md"))
+  print(f"gpu-check: {time.perf_counter() - start:.0f} s; wrote {jsonl} and {md}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,128 @@
+"""The markdown summary of `make gpu-check` (ttt_jax/benchmarks/gpu_check.py)."""
+
+from __future__ import annotations
+
+from ttt_jax.benchmarks.common import fmt_len
+
+
+def _status(r: dict) -> str | None:
+  if "error" in r:
+    return f"error: {r['error']}"
+  if "skipped" in r:
+    return f"skipped: {r['skipped']}"
+  return None
+
+
+def _ms(s: float) -> str:
+  return f"{s * 1e3:.2f} ms"
+
+
+def _correctness(results: dict) -> list[str]:
+  out = ["## Correctness of the GPU-only paths", ""]
+  att = results.get("attention", {})
+  if _status(att):
+    out += [f"attention: {_status(att)}", ""]
+  elif att:
+    out += ["Attention fwd+bwd at [1, 8192, 8 heads x 64], bf16 inputs, vs the package's "
+            "blockwise attention in fp32 (highest precision):", "",
+            "| window | impl | value rel. err | grad rel. err | fwd+bwd |", "|---|---|---|---|---|"]
+    for window, row in att.items():
+      if not isinstance(row, dict):
+        continue
+      for impl, r in row.items():
+        if _status(r):
+          out.append(f"| {window} | {impl} | {_status(r)} | | |")
+        else:
+          out.append(f"| {window} | {impl} | {r['value_rel_err']:.1e} | {r['grad_rel_err']:.1e} "
+                     f"| {_ms(r['fwd_bwd_s'])} |")
+    out.append("")
+  pal = results.get("pallas", {})
+  if _status(pal):
+    out += [f"Pallas TTT kernels: {_status(pal)}", ""]
+  elif pal:
+    out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
+            "head dim 64 (values and gradients w.r.t. every input):", ""]
+    for kind in ("linear", "mlp"):
+      if kind in pal:
+        out.append(f"- TTT-{kind.upper() if kind == 'mlp' else 'Linear'}: value "
+                   f"{pal[kind]['value_rel_err']:.1e}, gradients {pal[kind]['grad_rel_err']:.1e}")
+    out += ["", "One TTT layer fwd+bwd at the gpu preset's [8, 2048, 512]:", "",
+            "| layer | impl | compile | fwd+bwd |", "|---|---|---|---|"]
+    for name, r in pal.items():
+      if "/" in name:
+        layer, impl = name.split("/")
+        out.append(f"| {layer} | {impl} | {r['compile_s']:.1f} s | {_ms(r['fwd_bwd_s'])} |")
+    out.append("")
+  e2e = results.get("e2e", {})
+  if _status(e2e):
+    out += [f"TTT-E2E: {_status(e2e)}", ""]
+  elif e2e:
+    out += [f"TTT-E2E meta loss, fp32, GPU vs CPU: {e2e['fp32_loss_gpu']:.6f} vs "
+            f"{e2e['fp32_loss_cpu']:.6f}; gradients within {e2e['fp32_grad_rel_err']:.1e} "
+            f"(relative). A bf16 meta train step with the GPU defaults (prefix attention "
+            f"{e2e['bf16_kernels']['prefix']}, inner loop {e2e['bf16_kernels']['inner_loop']}): "
+            f"loss {e2e['bf16_meta_step_loss']:.4f}.", ""]
+  return out
+
+
+def _train(results: dict) -> list[str]:
+  rows = {k.split(":", 1)[1]: r for k, r in results.items() if k.startswith("train:")}
+  if not rows:
+    return []
+  peak = results.get("env", {}).get("bf16_matmul_flops_per_s")
+  base = rows.get("transformer", {}).get("median_s")
+  out = ["## Train step, `gpu` preset (bf16, d_model 512, 8 layers, 2048 x 8, remat full)", "",
+         "| kind | compile | step (median of 7) | vs transformer | tokens/s | MFU |",
+         "|---|---|---|---|---|---|"]
+  for kind, r in rows.items():
+    if _status(r):
+      out.append(f"| {kind} | {_status(r)} | | | | |")
+      continue
+    tps = r["tokens_per_step"] / r["median_s"]
+    mfu = (f"{100 * r['model_flops_per_token'] * tps / peak:.1f}%" if peak else "")
+    ratio = f"{r['median_s'] / base:.2f}x" if base else ""
+    out.append(f"| {kind} | {r['compile_s']:.1f} s | {_ms(r['median_s'])} | {ratio} | "
+               f"{tps:,.0f} | {mfu} |")
+  if peak:
+    out += ["", f"MFU: model FLOPs (6N + attention) per second over the measured bf16 matmul "
+            f"ceiling, {peak / 1e12:.0f} TFLOP/s (8192^3)."]
+  return out + [""]
+
+
+def _stream(results: dict) -> list[str]:
+  rows = {k.split(":", 1)[1]: r for k, r in results.items() if k.startswith("stream:")}
+  if not rows:
+    return []
+  out = ["## Streaming, `gpu` preset (batch 1, chunks of 512)", "",
+         "| kind | context | compile | prefill per token | decode per token |", "|---|---|---|---|---|"]
+  for kind, r in rows.items():
+    if _status(r):
+      out.append(f"| {kind} | {_status(r)} | | | |")
+      continue
+    for length, e in r.items():
+      if not isinstance(e, dict):
+        continue
+      if _status(e):
+        out.append(f"| {kind} | {fmt_len(int(length))} | {_status(e)} | | |")
+        continue
+      pre = e.get("prefill", {}).get("per_token_s")
+      dec = e.get("decode", {}).get("per_token_s")
+      out.append(f"| {kind} | {fmt_len(int(length))} | {e.get('compile_s', 0):.1f} s | "
+                 f"{pre * 1e6:.1f} us | " if pre else f"| {kind} | {length} | | | ")
+      out[-1] += f"{dec * 1e3:.2f} ms |" if dec else " |"
+  return out + [""]
+
+
+def write_markdown(results: dict, path: str) -> str:
+  env = results.get("env", {})
+  lines = ["# gpu-check", ""]
+  if env and not _status(env):
+    v = env["versions"]
+    lines += [f"Device {env['device']}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
+              + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
+  lines += _correctness(results) + _train(results) + _stream(results)
+  timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
+  lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
