@@ -94,7 +94,8 @@ def _stream(results: dict) -> list[str]:
   if not rows:
     return []
   out = ["## Streaming, `gpu` preset (batch 1, chunks of 512)", "",
-         "| kind | context | compile | prefill per token | decode per token |", "|---|---|---|---|---|"]
+         "| kind | context | compile | prefill per token | decode per token |",
+         "|---|---|---|---|---|"]
   for kind, r in rows.items():
     if _status(r):
       out.append(f"| {kind} | {_status(r)} | | | |")
