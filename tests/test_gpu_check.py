@@ -24,7 +24,8 @@ def test_plan_order_and_filter():
   assert {f"train:{k}" for k in gpu_check.TRAIN} <= set(names)
   assert {"stream:e2e", "stream:transformer"} <= set(names)
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
-      "train:ttt_linear", "train:ttt_linear-pallas", "train:ttt_linear+cmdbuf"]
+      "train:ttt_linear", "train:ttt_linear-pallas", "train:ttt_linear-pallas+noremat",
+      "train:ttt_linear+cmdbuf"]
   assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)
 
 
@@ -40,6 +41,8 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
       "train:transformer": dict(step, median_s=0.016),
       "train:ttt_linear": dict(step, median_s=0.032),
       "train:e2e-meta": {"skipped": "out of the time budget"},
+      "train125m:transformer": dict(step, median_s=0.1),
+      "train125m:e2e": dict(step, median_s=0.15),
       "stream:e2e": {"8192": {"compile_s": 2.0, "prefill": {"per_token_s": 6e-5},
                               "decode": {"per_token_s": 2e-3}}},
   }
@@ -50,4 +53,5 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "Pallas TTT kernels: error: timed out after 120 s" in text
   assert "| ttt_linear | 3.0 s | 32.00 ms | 2.00x |" in text
   assert "| e2e-meta | skipped: out of the time budget |" in text
+  assert "| e2e (125m, 8K) | 3.0 s | 150.00 ms | 1.50x |" in text
   assert "| e2e | 8K | 2.0 s | 60.0 us | 2.00 ms |" in text

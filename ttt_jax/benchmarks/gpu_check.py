@@ -14,6 +14,7 @@ Tasks, in order:
   e2e        TTT-E2E meta loss and gradients on the GPU vs the CPU (fp32), and a bf16 meta step
              with the GPU defaults (cuDNN prefix, XLA inner loop);
   train:K    compile time and median step time of kind K at the `gpu` bench preset;
+  train125m:K  the same for the `125m` pretraining preset of K at 8K context;
   stream:K   prefill (per token) and decode at 8K / 32K / 128K;
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans).
@@ -34,7 +35,8 @@ TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-pallas", "ttt_mlp", "tt
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
-                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
+            "noremat": ""}  # a config variant (task_train), no flags
 
 
 def _rel(a, b) -> float:
@@ -223,13 +225,49 @@ def task_e2e() -> dict:
   return out
 
 
-def task_train(kind: str) -> dict:
+def task_train(kind: str, variant: str = "") -> dict:
+  """Kind K at the gpu preset (variant 'noremat': without layer remat)."""
+  import dataclasses  # noqa: PLC0415
+
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
 
   base = kind.removesuffix("-pallas")
   overrides = {"ttt.impl": "pallas"} if base != kind else {}
-  cfg, compiled, state, batch, info = _train_setup(base, PRESETS["gpu"], overrides=overrides)
+  size = PRESETS["gpu"]
+  if variant == "noremat":
+    size = dataclasses.replace(size, remat="none")
+  _, compiled, state, batch, info = _train_setup(base, size, overrides=overrides)
+  return _time_steps(compiled, state, batch, info)
+
+
+def task_train_125m(kind: str) -> dict:
+  """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
+  import time as _time  # noqa: PLC0415
+
+  import numpy as np  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
+  from ttt_jax.config import validate  # noqa: PLC0415
+  from ttt_jax.train.flops import train_flops_per_token  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer, count_params  # noqa: PLC0415
+
+  cfg = load_preset(preset_spec(kind, "125m", "8k"))
+  cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
+  trainer = Trainer.create(validate(cfg))
+  tokens = np.random.default_rng(0).integers(0, 256, (8, cfg.data.seq_len + 1), dtype=np.int32)
+  batch = trainer.device_batch({"tokens": tokens})
+  state = trainer.init_state()
+  t0 = _time.perf_counter()
+  compiled = trainer.train_step.lower(state, batch).compile()
+  n = count_params(trainer.abstract_params)
+  info = {"params": n, "tokens_per_step": 8 * cfg.data.seq_len, "seq_len": cfg.data.seq_len,
+          "model_flops_per_token": train_flops_per_token(cfg, n),
+          "compile_s": _time.perf_counter() - t0}
+  return _time_steps(compiled, state, batch, info)
+
+
+def _time_steps(compiled, state, batch, info: dict) -> dict:
   holder = {"state": state}
 
   def step():
@@ -256,9 +294,11 @@ TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e
 
 
 def run_task(name: str) -> dict:
-  name = name.split("+", 1)[0]  # a variant's flags were set by the parent
+  name, _, variant = name.partition("+")  # a variant's XLA flags were set by the parent
   if name.startswith("train:"):
-    return task_train(name.split(":", 1)[1])
+    return task_train(name.split(":", 1)[1], variant)
+  if name.startswith("train125m:"):
+    return task_train_125m(name.split(":", 1)[1])
   if name.startswith("stream:"):
     return task_stream(name.split(":", 1)[1])
   return TASKS[name]()
@@ -270,7 +310,9 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   tasks = [("env", 60), ("attention", 90), ("pallas", 120), ("e2e", 150)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
   tasks += [("stream:e2e", 120), ("stream:transformer", 120)]
-  tasks += [("train:ttt_linear+cmdbuf", 80), ("train:e2e-meta+cmdbuf", 120), ("stream:swa", 100)]
+  tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
+            ("train:ttt_linear-pallas+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
+            ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100)]
   return [t for t in tasks if not only or any(t[0].startswith(o) for o in only)]
 
 
