@@ -23,7 +23,8 @@ def test_train_step_lowers_for_cuda(name, kind, overrides):
   kernels = lowering.kernels_in(lowering.lower_train_step(kind, overrides))
   attention = name in ("transformer", "swa") or name.startswith("e2e")
   assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
-  assert (TRITON in kernels) == name.endswith("pallas"), kernels
+  # Triton: the opt-in kernels, and TTT-Linear's GPU default (model.ttt.impl=auto)
+  assert (TRITON in kernels) == (name.endswith("pallas") or name == "ttt_linear"), kernels
 
 
 @pytest.mark.parametrize("kind", lowering.STREAM_KINDS)

@@ -15,15 +15,14 @@ MODEL_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 MIXERS = ("full", "swa", "ttt_linear", "ttt_mlp")
 E2E_TRAIN_MODES = ("meta", "pretrain")
 E2E_REMAT_POLICIES = ("full", "dots")
-TTT_IMPLS = ("dual", "primal", "pallas")
+TTT_IMPLS = ("auto", "dual", "primal", "pallas")
 TTT_BACKBONES = ("mamba", "base")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
-# attention inside TTT-E2E's inner loop: batched per sequence and differentiated twice
-E2E_INNER_ATTENTION_IMPLS = ("auto", "blockwise", "xla")
+E2E_INNER_ATTENTION_IMPLS = ("auto", "blockwise", "xla")  # batched per sequence, 2nd order
 
 # name: (num_layers, d_model, num_heads, intermediate_size)
 # Widths/depths follow the TTT-E2E paper's 125M ... 3B ladder (Llama-style SwiGLU MLPs).
@@ -35,10 +34,10 @@ SCALES = {
     "1b": (24, 2048, 32, 5504),
     "3b": (32, 2560, 32, 6912),
 }
-# Sliding window (tokens) per scale: 8K at full scale as in the paper, small for tiny.
-SWA_WINDOW = {"tiny": 256, "125m": 8192, "350m": 8192, "760m": 8192, "1b": 8192, "3b": 8192}
-# E2E inner mini-batch (chunk) size per scale: 1K in the paper, small for tiny.
-E2E_CHUNK = {"tiny": 128, "125m": 1024, "350m": 1024, "760m": 1024, "1b": 1024, "3b": 1024}
+# Sliding window and E2E inner mini-batch (chunk) per scale: 8K and 1K as in the paper at full
+# scale, small for tiny.
+SWA_WINDOW = {"tiny": 256, **dict.fromkeys(("125m", "350m", "760m", "1b", "3b"), 8192)}
+E2E_CHUNK = {"tiny": 128, **dict.fromkeys(("125m", "350m", "760m", "1b", "3b"), 1024)}
 
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
 
@@ -49,11 +48,9 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 # logical axis -> mesh axis (or None = replicated); `mesh.rules` overrides entries. FSDP shards
 # the model width of every weight (and so its optimizer moments); tensor parallelism splits
 # heads, MLP hidden units and the vocab. ttt_jax/sharding.py applies them.
-LOGICAL_RULES: Rules = (
-    ("batch", BATCH_AXES), ("embed", "fsdp"),
-    ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-    ("layers", None), ("head_dim", None), ("seq", None),
-)
+LOGICAL_RULES: Rules = (("batch", BATCH_AXES), ("embed", "fsdp"), ("mlp", "tensor"),
+                        ("heads", "tensor"), ("vocab", "tensor"), ("layers", None),
+                        ("head_dim", None), ("seq", None))
 
 
 class ConfigError(ValueError):
@@ -152,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   t = m.ttt = ml_collections.ConfigDict()
   t.mini_batch_size = 16
   t.base_lr = 1.0
-  t.impl = "dual"
+  t.impl = "auto"  # auto: pallas for TTT-Linear on a GPU (when it can), else dual
   t.backbone = "mamba"
   t.remat_group = 4  # mini-batches per jax.checkpoint group (remat through time); 0 = off
   t.conv_width = 4
@@ -169,9 +166,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.inner_clip = 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
-  # attention of the suffix blocks inside the inner loop (vmapped per sequence, differentiated
-  # twice): auto (xla on GPU/TPU, else blockwise) | blockwise | xla; model.attention_impl serves
-  # the prefix blocks and the plain LM forward (train_mode=pretrain)
+  # the suffix blocks' attention in the inner loop: auto (xla on GPU/TPU, else blockwise) |
+  # blockwise | xla; model.attention_impl serves the prefix and train_mode=pretrain
   e.inner_attention_impl = "auto"
 
   d = c.data = ml_collections.ConfigDict()
@@ -333,17 +329,15 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
                        ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS)):
     _check_choice(key, c[key], allowed)
-  _check_positive("model.attention_block", m.attention_block)
-  _check_positive("model.attention_flash_block", m.attention_flash_block)
-  for key in ("num_layers", "d_model", "num_heads", "intermediate_size", "vocab_size", "window"):
+  for key in ("num_layers", "d_model", "num_heads", "intermediate_size", "vocab_size", "window",
+              "attention_block", "attention_flash_block"):
     _check_positive(f"model.{key}", m[key])
-  for key in ("seq_len", "batch_size"):
-    _check_positive(f"data.{key}", d[key])
-  _check_positive("data.min_doc_len", d.min_doc_len, allow_zero=True)
+  for key in ("seq_len", "batch_size", "min_doc_len"):
+    _check_positive(f"data.{key}", d[key], allow_zero=key == "min_doc_len")
   for key in ("steps", "grad_accum", "log_every", "eval_every"):
     _check_positive(f"train.{key}", tr[key])
-  _check_positive("train.lr", tr.lr, allow_zero=True)
-  _check_positive("train.skip_nonfinite", tr.skip_nonfinite, allow_zero=True)
+  for key in ("lr", "skip_nonfinite"):
+    _check_positive(f"train.{key}", tr[key], allow_zero=True)
   if m.param_dtype == "bfloat16" and not tr.allow_bf16_params:
     raise ConfigError("model.param_dtype='bfloat16' keeps the AdamW moments and updates in "
                       "bfloat16 (small updates round away); use float32 parameters with "

@@ -113,3 +113,15 @@ def test_pallas_accepted_on_gpu_geometry():
   with building_for("gpu"):
     TTTMixer(mixer_cfg(b=16, impl="pallas", heads=2), compute_dtype=jnp.float32,
              param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("platform,mixer,b,heads,want", [
+    ("gpu", "ttt_linear", 16, 2, "pallas"), ("gpu", "ttt_linear", 8, 2, "dual"),
+    ("gpu", "ttt_mlp", 16, 2, "dual"), ("cpu", "ttt_linear", 16, 2, "dual"),
+    ("tpu", "ttt_linear", 16, 2, "dual"),
+])
+def test_auto_impl(platform, mixer, b, heads, want):
+  with building_for(platform):
+    m = TTTMixer(mixer_cfg(mixer, b=b, impl="auto", heads=heads), compute_dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert m.impl == want
