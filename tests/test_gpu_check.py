@@ -49,9 +49,9 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   text = open(gpu_report.write_markdown(results, str(tmp_path / "g.md"))).read()
   assert "NVIDIA H200" in text and "750 TFLOP/s" in text
   assert "| window=None | cudnn | 1.0e-03 | 2.0e-03 | 1.40 ms |" in text
-  assert "error: XlaRuntimeError: out of memory" in text
-  assert "Pallas TTT kernels: error: timed out after 120 s" in text
+  assert "error (XlaRuntimeError: out of memory)" in text
+  assert "Pallas TTT kernels: error (timed out after 120 s)" in text
   assert "| ttt_linear | 3.0 s | 32.00 ms | 2.00x |" in text
-  assert "| e2e-meta | skipped: out of the time budget |" in text
+  assert "| e2e-meta | skipped (out of the time budget) |" in text
   assert "| e2e (125m, 8K) | 3.0 s | 150.00 ms | 1.50x |" in text
   assert "| e2e | 8K | 2.0 s | 60.0 us | 2.00 ms |" in text

@@ -15,7 +15,7 @@ def rel_err(a, b):
 
 def plain(z, target, scale, bias):
   """The formula alone: JAX differentiates it op by op."""
-  return ttt_inner._ln_l2_grad_parts(z, target, scale, bias, ttt_inner.LN_EPS)[0]  # noqa: SLF001
+  return ttt_inner.ln_l2_grad_parts(z, target, scale, bias, ttt_inner.LN_EPS)[0]
 
 
 def plain_by_autodiff(z, target, scale, bias):

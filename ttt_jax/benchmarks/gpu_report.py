@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from ttt_jax.benchmarks.common import fmt_len
-
-
-def _status(r: dict) -> str | None:
-  if "error" in r:
-    return f"error: {r['error']}"
-  if "skipped" in r:
-    return f"skipped: {r['skipped']}"
-  return None
+from ttt_jax.benchmarks.common import result_status as _status
 
 
 def _ms(s: float) -> str:

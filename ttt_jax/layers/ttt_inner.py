@@ -39,7 +39,9 @@ def _mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=-1, keepdims=True)
 
 
-def _ln_l2_grad_parts(z, target, scale, bias, eps):
+def ln_l2_grad_parts(z, target, scale, bias, eps=LN_EPS):
+  """(G, (x̂, 1/std, err, c)): the value of `ln_l2_grad` and what its backward needs (plain jnp;
+  also the body of the Pallas kernels)."""
   mu = _mean(z)
   inv_std = jax.lax.rsqrt(_mean(jnp.square(z - mu)) + eps)
   xhat = (z - mu) * inv_std
@@ -60,11 +62,11 @@ def ln_l2_grad(z: jax.Array, target: jax.Array, scale: jax.Array, bias: jax.Arra
   it once per mini-batch, and XLA:CPU runs the derivative of the plain formula as more,
   smaller ops.
   """
-  return _ln_l2_grad_parts(z, target, scale, bias, eps)[0]
+  return ln_l2_grad_parts(z, target, scale, bias, eps)[0]
 
 
 def _ln_l2_grad_fwd(z, target, scale, bias, eps):
-  g, (xhat, inv_std, err, c) = _ln_l2_grad_parts(z, target, scale, bias, eps)
+  g, (xhat, inv_std, err, c) = ln_l2_grad_parts(z, target, scale, bias, eps)
   return g, (xhat, inv_std, err, c, g, scale, jnp.shape(target), jnp.shape(bias))
 
 
@@ -82,14 +84,21 @@ def _ln_l2_grad_bwd(eps, res, u):
   c = mean(g x̂)."""
   del eps
   xhat, inv_std, err, c, g, scale, t_shape, b_shape = res
+  dz, dt, ds, db = ln_l2_grad_cotangents(u, g, scale, (xhat, inv_std, err, c))
+  return dz, _sum_to(dt, t_shape), _sum_to(ds, jnp.shape(scale)), _sum_to(db, b_shape)
+
+
+def ln_l2_grad_cotangents(u, g, scale, parts):
+  """Per-row cotangents (z, target, scale, bias) of G = `ln_l2_grad(z, ...)` for the cotangent
+  u, from G and `ln_l2_grad_parts`'s parts; scale's and bias's are not yet summed over rows."""
+  xhat, inv_std, err, c = parts
   xu = _mean(xhat * u)
   w = inv_std * (u - _mean(u) - xhat * xu)
   sw = scale * w
   v = scale * sw
   jv = inv_std * (v - _mean(v) - xhat * _mean(v * xhat))
   dz = jv - inv_std * (xhat * _mean(g * u) + g * xu + c * w)
-  return (dz, _sum_to(-sw, t_shape), _sum_to(w * (err + scale * xhat), jnp.shape(scale)),
-          _sum_to(sw, b_shape))
+  return dz, -sw, w * (err + scale * xhat), sw
 
 
 ln_l2_grad.defvjp(_ln_l2_grad_fwd, _ln_l2_grad_bwd)

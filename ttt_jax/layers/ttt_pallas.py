@@ -66,33 +66,10 @@ def _t_dot(a, b):  # a^T @ b
                              preferred_element_type=jnp.float32)
 
 
-def _mean(x):
-  return jnp.mean(x, axis=-1, keepdims=True)
-
-
-def _ln_l2_parts(z, target, scale, bias):
-  """G = d/dz 1/2 |LN(z) - target|^2 and what its backward needs (ttt_inner.ln_l2_grad)."""
-  mu = _mean(z)
-  inv_std = jax.lax.rsqrt(_mean(jnp.square(z - mu)) + ttt_inner.LN_EPS)
-  xhat = (z - mu) * inv_std
-  err = scale * xhat + bias - target
-  g_xhat = err * scale
-  c = _mean(g_xhat * xhat)
-  return inv_std * (g_xhat - _mean(g_xhat) - xhat * c), (xhat, inv_std, err, c)
-
-
 def _ln_l2_bwd(u, g, scale, parts):
-  """Cotangents (z, target, scale, bias) of G for the cotangent u (ttt_inner._ln_l2_grad_bwd),
-  the last two summed over the rows."""
-  xhat, inv_std, err, c = parts
-  xu = _mean(xhat * u)
-  w = inv_std * (u - _mean(u) - xhat * xu)
-  sw = scale * w
-  v = scale * sw
-  jv = inv_std * (v - _mean(v) - xhat * _mean(v * xhat))
-  dz = jv - inv_std * (xhat * _mean(g * u) + g * xu + c * w)
-  return (dz, -sw, jnp.sum(w * (err + scale * xhat), axis=0, keepdims=True),
-          jnp.sum(sw, axis=0, keepdims=True))
+  """`ttt_inner.ln_l2_grad_cotangents` with scale's and bias's summed over the rows."""
+  dz, dt, ds, db = ttt_inner.ln_l2_grad_cotangents(u, g, scale, parts)
+  return dz, dt, jnp.sum(ds, axis=0, keepdims=True), jnp.sum(db, axis=0, keepdims=True)
 
 
 # -- block specs ---------------------------------------------------------------------------------
@@ -133,7 +110,7 @@ def _linear_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref
     w, bias = carry
     rows = _rows(i, b)
     q, k = q_ref[rows, :], k_ref[rows, :]
-    g, _ = _ln_l2_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    g, _ = ttt_inner.ln_l2_grad_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
     z_ref[rows, :] = _dot(q, w) + bias - _dot(a_ref[rows, :], g)
     ws_ref[i] = w
     bs_ref[pl.ds(i, 1), :] = bias
@@ -159,7 +136,7 @@ def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_r
     w, bias = ws_ref[i], bs_ref[pl.ds(i, 1), :]
     q, k, a, lr, dz = q_ref[rows, :], k_ref[rows, :], a_ref[rows, :], lr_ref[rows, :], dz_ref[
         rows, :]
-    g, parts = _ln_l2_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    g, parts = ttt_inner.ln_l2_grad_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
     # W_{i+1} = W_i + (lr * k)^T g,  b_{i+1} = b_i + sum_s lr_s g_s
     lk = lr * k
     dg = _dot(lk, dw) + lr * dbias - _t_dot(a, dz)  # ... and z_i = q W_i + b_i - A_i g
@@ -247,7 +224,7 @@ def _mlp_step_kernel(w1_ref, b1_ref, w2_ref, b2_ref, s_ref, beta_ref, q_ref, k_r
   q, k, eta_c, lr = q_ref[...], k_ref[...], eta_ref[...], lr_ref[...]
   z1 = _dot(k, w1) + b1
   x2 = ttt_inner.gelu(z1)
-  g2, _ = _ln_l2_parts(_dot(x2, w2) + b2, t_ref[...], s_ref[...], beta_ref[...])
+  g2, _ = ttt_inner.ln_l2_grad_parts(_dot(x2, w2) + b2, t_ref[...], s_ref[...], beta_ref[...])
   g1 = _dot_t(g2, w2) * ttt_inner.gelu_grad(z1)
   xq2 = ttt_inner.gelu(_dot(q, w1) + b1 - _dot(eta_c * (_dot_t(q, k) + 1.0), g1))
   z_ref[...] = _dot(xq2, w2) + b2 - _dot(eta_c * (_dot_t(xq2, x2) + 1.0), g2)
