@@ -108,13 +108,17 @@ class Trainer:
         with activation_sharding(self.mesh, self.rules):
           mb = jax.tree.map(lambda x: constrain(x, ("batch",)), mb)
         (loss, metrics), grads = grad_fn(state.params, mb, state.step)
-        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+        w = microbatch_weight(mb)
+        total = jax.tree.map(lambda c, x: c + w * x, carry[0], (loss, metrics, grads))
+        return (total, carry[1] + w), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
           lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), state.step)))
       (loss, metrics), grads = zeros
-      (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), micro)
-      loss, metrics, grads = jax.tree.map(lambda x: x / accum, (loss, metrics, grads))
+      ((loss, metrics, grads), weight), _ = jax.lax.scan(
+          body, ((loss, metrics, grads), jnp.zeros((), jnp.float32)), micro)
+      weight = jnp.maximum(weight, 1.0)
+      loss, metrics, grads = jax.tree.map(lambda x: x / weight, (loss, metrics, grads))
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -185,6 +189,15 @@ class Trainer:
         range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
         disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
     return validation_metrics(lambda b: self.eval_step(params, b, jnp.int32(step)), batches)
+
+
+def microbatch_weight(batch: dict) -> jax.Array:
+  """What a microbatch's mean loss is weighted by when accumulated: its loss-mask total (the
+  losses are token-weighted means under `loss_mask`, models/lm.py:token_nll), else 1. Summing
+  weight x mean and dividing by the summed weights once gives the full batch's mean exactly
+  for 0/1 masks, also when the microbatches hold different numbers of scored tokens."""
+  mask = batch.get("loss_mask")
+  return jnp.float32(1.0) if mask is None else jnp.sum(mask.astype(jnp.float32))
 
 
 def abstract_model(model_cfg: ml_collections.ConfigDict, seed: int = 0):
