@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ttt_jax.config import build_config
@@ -112,16 +113,22 @@ def test_skip_nonfinite_skips_then_stops(tmp_path, monkeypatch):
   assert ckpt.RunCheckpoints(str(tmp_path / "checkpoints"), read_only=True).steps() == [2, 4, 6]
 
 
-def test_a_skipped_step_leaves_params_and_optimizer_unchanged(monkeypatch):
+def optimizer_counts(opt_state) -> list[int]:
+  """Every `count` of the optimizer state (the schedule's and Adam's)."""
+  return [int(v) for _, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+
+
+def test_a_skipped_step_leaves_params_and_moments_unchanged_and_counts_it(monkeypatch):
   poison_steps(monkeypatch, {1})
   c = tiny_config()
   trainer = Trainer.create(c)
   state = trainer.init_state()
   batch = {"tokens": np.random.default_rng(0).integers(0, 259, (2, 65)).astype(np.int32)}
   state, m0 = trainer.train_step(state, trainer.device_batch(batch))
-  before = jax.device_get((state.params, state.opt_state))
+  before = jax.device_get((state.params, optax.tree_utils.tree_set(state.opt_state, count=0)))
   state, m1 = trainer.train_step(state, trainer.device_batch(batch))
-  after = jax.device_get((state.params, state.opt_state))
+  assert optimizer_counts(state.opt_state) and set(optimizer_counts(state.opt_state)) == {2}
+  after = jax.device_get((state.params, optax.tree_utils.tree_set(state.opt_state, count=0)))
   assert float(m0["finite"]) == 1 and float(m1["finite"]) == 0 and int(state.step) == 2
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -158,3 +165,23 @@ def test_metric_writer_writes_nonfinite_as_null(tmp_path):
   w.close()
   (rec,) = strict_records(tmp_path)
   assert rec["loss"] is None and rec["grad_norm"] is None and rec["lr"] == 0.5
+
+
+def test_schedule_applied_after_a_skip_is_the_logged_one(monkeypatch):
+  """One clock: after a skipped step the optimizer's schedule (its count) is at state.step, so
+  the lr it applies is lr_schedule(state.step), the one logged (it was one step behind)."""
+  from ttt_jax.train.optim import lr_schedule  # noqa: PLC0415
+
+  poison_steps(monkeypatch, {1})
+  c = tiny_config()
+  c.train.warmup_steps, c.train.weight_decay, c.train.grad_clip = 4, 0.0, 0.0
+  trainer = Trainer.create(c)
+  state = trainer.init_state()
+  batch = {"tokens": np.random.default_rng(0).integers(0, 259, (2, 65)).astype(np.int32)}
+  for _ in range(2):  # step 0 applied, step 1 skipped
+    state, _ = trainer.train_step(state, trainer.device_batch(batch))
+  counts = optimizer_counts(state.opt_state)
+  assert set(counts) == {2} == {int(state.step)}
+  state, m2 = trainer.train_step(state, trainer.device_batch(batch))
+  assert float(m2["lr"]) == pytest.approx(float(lr_schedule(c.train)(2)))
+  assert set(optimizer_counts(state.opt_state)) == {3}

@@ -132,7 +132,8 @@ class Trainer:
                    lr=lr_schedule(self.config.train)(state.step),
                    finite=finite.astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
+                              opt_state=one_clock(keep(opt_state, state.opt_state),
+                                                  state.step + 1))
     return new_state, metrics
 
   def _eval_step(self, params, batch, step):
@@ -189,6 +190,13 @@ class Trainer:
         range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
         disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
     return validation_metrics(lambda b: self.eval_step(params, b, jnp.int32(step)), batches)
+
+
+def one_clock(opt_state, step: jax.Array):
+  """The optimizer's step counts (the LR schedule's and Adam's bias correction) set to the train
+  step: a skipped non-finite step keeps the moments but still counts, so the schedule applied,
+  the logged lr and the inner-LR warm-ups (which follow `state.step`) read one clock."""
+  return optax.tree_utils.tree_set(opt_state, count=jnp.asarray(step, jnp.int32))
 
 
 def microbatch_weight(batch: dict) -> jax.Array:
