@@ -58,3 +58,15 @@ def test_training_log_has_mfu(tmp_path):
   # mfu = flops/token x tokens/s / peak: the same factor for every record of the run
   per_token = [r["mfu"] / r["tokens_per_s"] for r in recs]
   assert max(per_token) == pytest.approx(min(per_token), rel=1e-9)
+
+
+def test_tied_and_untied_heads_cost_the_same():
+  """The output head is one [D, V] matmul whether or not it shares the embedding table: a tied
+  model (one table, counted once in N) and an untied one (table + head) do the same matmuls."""
+  flops = {}
+  for tie in (True, False):
+    c = build_config("model=transformer,scale=tiny,ctx=64")
+    c.model.tie_embeddings = tie
+    n = count_params(abstract_model(c.model)[1].to_pure_dict())
+    flops[tie] = train_flops_per_token(c, n)
+  assert flops[True] == pytest.approx(flops[False])

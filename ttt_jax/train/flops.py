@@ -44,7 +44,8 @@ def attended_keys(seq_len: int, window: int | None) -> float:
 
 
 def train_flops_per_token(config: ml_collections.ConfigDict, n_params: int) -> float:
-  """Model FLOPs of one training token: 6·N (N without the embedding lookup table) plus
+  """Model FLOPs of one training token: 6·N (N without an untied embedding lookup table; the
+  output head's matmul always counts) plus
   3 x 4·D·(mean attended keys) per attention layer (QK^T and PV, forward + backward).
 
   TTT inner-loop work and E2E's inner gradient / meta backward are not counted: for those
@@ -52,7 +53,9 @@ def train_flops_per_token(config: ml_collections.ConfigDict, n_params: int) -> f
   at Transformer cost' (XLA's own count is reported beside it by `make bench`).
   """
   m = config.model
-  n = n_params - padded_vocab(m.vocab_size) * m.d_model
+  # the lookup table is no matmul, but the output head is one: a tied model's only table is
+  # also its head (N counts it once), so it stays in; an untied model drops its lookup table
+  n = n_params - (0 if m.tie_embeddings else padded_vocab(m.vocab_size) * m.d_model)
   attn = 0.0
   if m.mixer in ("full", "swa"):
     keys = attended_keys(config.data.seq_len, m.window if m.mixer == "swa" else None)
