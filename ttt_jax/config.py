@@ -24,8 +24,7 @@ ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
 E2E_INNER_ATTENTION_IMPLS = ("auto", "blockwise", "xla")  # batched per sequence, 2nd order
 
-# name: (num_layers, d_model, num_heads, intermediate_size)
-# Widths/depths follow the TTT-E2E paper's 125M ... 3B ladder (Llama-style SwiGLU MLPs).
+# name: (num_layers, d_model, num_heads, intermediate_size): the TTT-E2E paper's 125M-3B ladder
 SCALES = {
     "tiny": (4, 128, 4, 384),
     "125m": (12, 768, 12, 2048),
@@ -220,7 +219,8 @@ def base_config() -> ml_collections.ConfigDict:
   ck.overwrite = False
   ck.load_part = ""  # "" | "params": start a new run from another run's params
   ck.load_from = ""  # workdir (or checkpoint dir) for load_part
-  ck.step = -1  # step to restore (resume or load_from); -1 = the latest complete one
+  ck.step = -1  # step of this run to resume from; -1 = the latest complete one
+  ck.load_step = -1  # step of load_from whose params load_part takes; -1 = its latest
 
   ev = c.eval = ml_collections.ConfigDict()
   ev.ctx = "1k,2k"  # context lengths for scripts/evaluate.py (comma list)
@@ -284,9 +284,7 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation
-# ----------------------------------------------------------------------------------------------
+# -- validation ----------------------------------------------------------------------------------
 
 
 def _check_choice(key: str, value, allowed) -> None:
@@ -395,6 +393,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError("checkpoint.load_part='params' needs checkpoint.load_from=<workdir>")
   _check_positive("checkpoint.every_steps", c.checkpoint.every_steps, allow_zero=True)
   _check_positive("checkpoint.keep", c.checkpoint.keep)
-  if c.checkpoint.step < -1:
-    raise ConfigError(f"checkpoint.step={c.checkpoint.step} must be a saved step or -1 (latest)")
+  for key in ("step", "load_step"):
+    if c.checkpoint[key] < -1:
+      raise ConfigError(f"checkpoint.{key}={c.checkpoint[key]} must be a saved step or -1 (latest)")
   return c

@@ -277,3 +277,28 @@ def test_load_params_with_mismatched_shape_names_parameter(runs, tmp_path):
                         "checkpoint.load_from": str(runs["a"])})
   with pytest.raises(ckpt.CheckpointError, match=r"parameter 'blocks/0/mlp/w1' has shape"):
     start_run(wide, str(tmp_path / "w"), Trainer.create(wide), echo=lambda s: None)
+
+
+def test_warm_started_run_relaunched_resumes_its_own_latest_step(runs, tmp_path):
+  """checkpoint.load_step picks the source run's step; the new run's own resume ignores it, so
+  the same command relaunched continues from the new run's latest step and discards nothing."""
+  extra = {"train.steps": 3, "checkpoint.every_steps": 1, "checkpoint.keep": 2,
+           "checkpoint.load_part": "params", "checkpoint.load_from": str(runs["a"]),
+           "checkpoint.load_step": EVERY, "train.eval_batches": 1}
+  wd = str(tmp_path / "b")
+  logs = []
+  train_and_evaluate(tiny_config(**{**extra, "train.steps": 2}), wd, echo=logs.append)
+  assert any(s.startswith(f"loaded params from step {EVERY} ") for s in logs), logs
+  logs.clear()
+  out = train_and_evaluate(tiny_config(**extra), wd, echo=logs.append)
+  assert any(s.startswith("resumed from step 2 ") for s in logs), logs
+  assert out["start_step"] == 2 and int(out["state"].step) == 3
+  assert not os.path.exists(os.path.join(wd, "checkpoints_discarded"))
+  assert steps_on_disk(wd) == [2, 3]
+
+
+def test_load_step_not_in_the_source_run_names_the_key(runs, tmp_path):
+  c = tiny_config(**{"checkpoint.load_part": "params", "checkpoint.load_from": str(runs["a"]),
+                     "checkpoint.load_step": 3})
+  with pytest.raises(ckpt.CheckpointError, match=r"checkpoint.load_step=3 not found"):
+    start_run(c, str(tmp_path / "c"), Trainer.create(c), echo=lambda s: None)

@@ -2,6 +2,8 @@
 of another run (`checkpoint.load_part=params`).
 
 Resuming restores the latest complete step (or `checkpoint.step`) with the Trainer's shardings;
+`checkpoint.load_step` is the other run's step that `load_part=params` takes, so a warm-started
+run relaunched with the same command resumes its own latest step.
 steps without completion markers, and with `checkpoint.step` the steps after it, are moved to
 `<workdir>/checkpoints_discarded/` so the run continues from the chosen step. The checkpoint
 store itself is train/checkpoint.py.
@@ -40,12 +42,12 @@ class RunStart:
   step: int
 
 
-def _choose_step(ck: RunCheckpoints, wanted: int) -> int:
+def _choose_step(ck: RunCheckpoints, wanted: int, key: str = "checkpoint.step") -> int:
   steps = ck.steps()
   if wanted < 0:
     return steps[-1]
   if wanted not in steps:
-    raise CheckpointError(f"checkpoint.step={wanted} not found in {ck.directory}; available: "
+    raise CheckpointError(f"{key}={wanted} not found in {ck.directory}; available: "
                           f"{', '.join(map(str, steps))}")
   return wanted
 
@@ -142,7 +144,7 @@ def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
   try:
     if not other.steps():
       raise ConfigError(f"checkpoint.load_from={src!r}: no complete checkpoint in {directory}")
-    step = _choose_step(other, ckc.step)
+    step = _choose_step(other, ckc.load_step, "checkpoint.load_step")
     params = other.restore_params(step, trainer)
   finally:
     other.close()
