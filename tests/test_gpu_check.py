@@ -3,6 +3,7 @@ of results (numbers, errors and skipped tasks each reported)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from ttt_jax.benchmarks import gpu_check, gpu_report
 
 def test_without_a_gpu_one_line_and_exit_0(tmp_path):
   proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out_dir", str(tmp_path)],
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines() == [
       "gpu-check: no GPU here (JAX backend cpu); nothing to check"]
@@ -24,7 +26,7 @@ def test_plan_order_and_filter():
   assert {f"train:{k}" for k in gpu_check.TRAIN} <= set(names)
   assert {"stream:e2e", "stream:transformer"} <= set(names)
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
-      "train:ttt_linear", "train:ttt_linear-pallas", "train:ttt_linear-pallas+noremat",
+      "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+noremat",
       "train:ttt_linear+cmdbuf"]
   assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)
 
@@ -55,3 +57,10 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "| e2e-meta | skipped (out of the time budget) |" in text
   assert "| e2e (125m, 8K) | 3.0 s | 150.00 ms | 1.50x |" in text
   assert "| e2e | 8K | 2.0 s | 60.0 us | 2.00 ms |" in text
+
+
+def test_a_gpu_that_this_jax_cannot_use_is_an_error(monkeypatch, capsys):
+  """`make gpu-check` with a CPU-only JAX (e.g. .venv) on a GPU machine must not pass silently."""
+  monkeypatch.setattr(gpu_check, "_nvidia_gpu_present", lambda: True)
+  assert gpu_check.main(["--out_dir", "unused"]) == 1
+  assert "has an NVIDIA GPU but the JAX of" in capsys.readouterr().out

@@ -23,8 +23,8 @@ def test_train_step_lowers_for_cuda(name, kind, overrides):
   kernels = lowering.kernels_in(lowering.lower_train_step(kind, overrides))
   attention = name in ("transformer", "swa") or name.startswith("e2e")
   assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
-  # Triton: the opt-in kernels, and TTT-Linear's GPU default (model.ttt.impl=auto)
-  assert (TRITON in kernels) == (name.endswith("pallas") or name == "ttt_linear"), kernels
+  # Triton: TTT-Linear's GPU default (model.ttt.impl=auto) and the opt-in TTT-MLP kernel
+  assert (TRITON in kernels) == (name in ("ttt_linear", "ttt_mlp-pallas")), kernels
 
 
 @pytest.mark.parametrize("kind", lowering.STREAM_KINDS)

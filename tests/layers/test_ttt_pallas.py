@@ -100,7 +100,7 @@ def test_mixer_with_pallas_impl_matches_dual(mixer):
 @pytest.mark.parametrize("platform,b,heads,match", [
     ("tpu", 16, 2, "GPU \\(Triton\\) kernels only"),
     ("gpu", 8, 2, "model.ttt.mini_batch_size=8 must be a power of two >= 16"),
-    ("gpu", 16, 4, "head dim=8 must be a power of two >= 16"),
+    ("gpu", 16, 4, "model.num_heads=8 must be a power of two >= 16"),
 ])
 def test_pallas_refused_where_it_cannot_run(platform, b, heads, match):
   with building_for(platform), pytest.raises(ConfigError, match=match) as e:

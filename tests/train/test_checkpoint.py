@@ -302,3 +302,12 @@ def test_load_step_not_in_the_source_run_names_the_key(runs, tmp_path):
                      "checkpoint.load_step": 3})
   with pytest.raises(ckpt.CheckpointError, match=r"checkpoint.load_step=3 not found"):
     start_run(c, str(tmp_path / "c"), Trainer.create(c), echo=lambda s: None)
+
+
+def test_checkpoint_step_for_the_source_run_is_refused_with_the_new_key(runs, tmp_path):
+  """checkpoint.step used to pick load_from's step; on a fresh warm start it names load_step."""
+  c = tiny_config(**{"checkpoint.load_part": "params", "checkpoint.load_from": str(runs["a"]),
+                     "checkpoint.step": EVERY})
+  with pytest.raises(ConfigError, match=f"checkpoint.load_step={EVERY}") as e:
+    start_run(c, str(tmp_path / "d"), Trainer.create(c), echo=lambda s: None)
+  assert "\n" not in str(e.value)

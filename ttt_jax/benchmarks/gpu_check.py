@@ -30,7 +30,9 @@ import subprocess
 import sys
 import time
 
-TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-pallas", "ttt_mlp", "ttt_mlp-pallas",
+# K-dual / K-pallas force model.ttt.impl; plain K runs the default (auto: TTT-Linear on one GPU
+# takes the Pallas kernels)
+TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_mlp-pallas",
          "e2e-pretrain", "e2e-meta")
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
@@ -234,8 +236,8 @@ def task_train(kind: str, variant: str = "") -> dict:
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
 
-  base = kind.removesuffix("-pallas")
-  overrides = {"ttt.impl": "pallas"} if base != kind else {}
+  base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
+  overrides = {"ttt.impl": impl} if impl else {}
   size = PRESETS["gpu"]
   if variant == "noremat":
     size = dataclasses.replace(size, remat="none")
@@ -307,13 +309,19 @@ def run_task(name: str) -> dict:
 
 
 # -- orchestration --------------------------------------------------------------------------------
+def _nvidia_gpu_present() -> bool:
+  try:
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return out.returncode == 0 and "GPU" in out.stdout
 def plan(only: list[str]) -> list[tuple[str, float]]:
   """(task, time limit in seconds) in priority order."""
   tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
   tasks += [("stream:e2e", 120), ("stream:transformer", 120)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
-            ("train:ttt_linear-pallas+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
+            ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100)]
   return [t for t in tasks if not only or any(t[0].startswith(o) for o in only)]
 
@@ -329,9 +337,16 @@ def main(argv=None) -> int:
   if args.task:
     print("RESULT " + json.dumps(run_task(args.task)), flush=True)
     return 0
+  child_env = dict(os.environ)  # the tasks allocate GPU memory as JAX does by default ...
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # ... this process does not
   import jax  # noqa: PLC0415
 
   if jax.default_backend() != "gpu":
+    if _nvidia_gpu_present():
+      print(f"gpu-check: this machine has an NVIDIA GPU but the JAX of {sys.executable} runs on "
+            f"{jax.default_backend()}; run it with a CUDA-enabled JAX (e.g. the CUDA image's "
+            "python3 scripts/gpu_check.py)")
+      return 1
     print(f"gpu-check: no GPU here (JAX backend {jax.default_backend()}); nothing to check")
     return 0
   os.makedirs(args.out_dir, exist_ok=True)
@@ -346,7 +361,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
-      env = dict(os.environ)
+      env = dict(child_env)
       variant = name.partition("+")[2]
       if variant:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant]).strip()

@@ -27,13 +27,13 @@ from ttt_jax.train.trainer import Trainer
 SIZE = Size(d_model=128, num_layers=8, num_heads=2, intermediate=256, seq_len=256, batch=2,
             window=64, ttt_mini_batch=16, e2e_chunk=64, lengths=(256,), matmul_n=128, repeats=1,
             warmup=0, decode_steps=1, dtype="bfloat16", remat="full")
-# (name, benchmark kind, config overrides): every program family a GPU user meets by default,
-# plus the opt-in Pallas TTT kernels
+# (name, benchmark kind, config overrides): every program family a GPU user meets by default
+# (TTT-Linear: the Pallas kernels), plus the other TTT impls
 TRAIN_CASES = (
     ("transformer", "transformer", {}), ("swa", "swa", {}), ("ttt_linear", "ttt_linear", {}),
     ("ttt_mlp", "ttt_mlp", {}), ("e2e-meta", "e2e-meta", {}),
     ("e2e-pretrain", "e2e-pretrain", {}),
-    ("ttt_linear-pallas", "ttt_linear", {"ttt.impl": "pallas"}),
+    ("ttt_linear-dual", "ttt_linear", {"ttt.impl": "dual"}),
     ("ttt_mlp-pallas", "ttt_mlp", {"ttt.impl": "pallas"}),
 )
 STREAM_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")

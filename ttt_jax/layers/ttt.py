@@ -105,13 +105,14 @@ class TTTState(NamedTuple):
 
 
 def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> str:
-  """`model.ttt.impl` on this platform: auto = the Pallas kernels for TTT-Linear on a GPU (one
-  launch per sequence each way; 2.7x faster than the dual form's scan on an H200,
-  docs/benchmarks.md) where their geometry allows, else the dual form (also for TTT-MLP, whose
-  per-mini-batch kernel measured slower than the dual form there)."""
+  """`model.ttt.impl` on this platform: auto = the Pallas kernels for TTT-Linear on a single GPU
+  (one launch per sequence each way; 2.7x faster than the dual form's scan on an H200,
+  docs/benchmarks.md) where their geometry allows, else the dual form: for TTT-MLP (whose
+  per-mini-batch kernel measured slower than the dual form there) and on multi-device meshes
+  (the kernel call carries no partitioning rule, so XLA would not split it over the batch)."""
   if impl != "auto":
     return impl
-  gpu_kernel = (kind == "linear" and target_platform() == "gpu"
+  gpu_kernel = (kind == "linear" and target_platform() == "gpu" and jax.device_count() == 1
                 and ttt_pallas.check_geometry(mini_batch_size, head_dim) is None)
   return "pallas" if gpu_kernel else "dual"
 

@@ -14,6 +14,9 @@ TTT-MLP: one kernel launch per mini-batch (the forward of `ttt_inner.mlp_dual` o
 blocks, W1/W2 read from and written to memory: they do not fit in registers); its backward is
 the VJP of the XLA dual step (exact: the kernel only replaces the forward).
 
+Sharding: a kernel call carries no partitioning rule, so on a multi-device mesh XLA would
+run it unsplit; `model.ttt.impl=auto` takes these kernels on a single GPU only.
+
 Memory: the TTT-Linear forward keeps every W_i for the backward, O(n |W|) per layer instead of
 remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
 
@@ -45,7 +48,8 @@ PARAM_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
   """Why the kernels cannot run this geometry on a GPU (None: they can)."""
-  for name, n in (("model.ttt.mini_batch_size", mini_batch_size), ("head dim", head_dim)):
+  for name, n in (("model.ttt.mini_batch_size", mini_batch_size),
+                  ("the head dim model.d_model / model.num_heads", head_dim)):
     if n < 16 or n & (n - 1):
       return f"{name}={n} must be a power of two >= 16 for model.ttt.impl=pallas"
   return None

@@ -137,6 +137,10 @@ def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
   if ckc.load_part != "params":
     return state
   src = ckc.load_from
+  if ckc.step >= 0:  # before load_step existed, checkpoint.step chose load_from's step
+    raise ConfigError(f"checkpoint.step={ckc.step} is this run's own resume step and it has no "
+                      f"checkpoint yet; to take step {ckc.step} of checkpoint.load_from use "
+                      f"checkpoint.load_step={ckc.step}")
   directory = load_from_dir(src)
   if not os.path.isdir(directory):
     raise ConfigError(f"checkpoint.load_from={src!r}: no checkpoints directory {directory}")

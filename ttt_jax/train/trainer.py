@@ -109,16 +109,18 @@ class Trainer:
           mb = jax.tree.map(lambda x: constrain(x, ("batch",)), mb)
         (loss, metrics), grads = grad_fn(state.params, mb, state.step)
         w = microbatch_weight(mb)
-        total = jax.tree.map(lambda c, x: c + w * x, carry[0], (loss, metrics, grads))
-        return (total, carry[1] + w), None
+        (t_loss, t_grads), t_metrics, t_w = carry
+        weighted = jax.tree.map(lambda c, x: c + w * x, (t_loss, t_grads), (loss, grads))
+        return (weighted, jax.tree.map(jnp.add, t_metrics, metrics), t_w + w), None
 
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
           lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), state.step)))
       (loss, metrics), grads = zeros
-      ((loss, metrics, grads), weight), _ = jax.lax.scan(
-          body, ((loss, metrics, grads), jnp.zeros((), jnp.float32)), micro)
-      weight = jnp.maximum(weight, 1.0)
-      loss, metrics, grads = jax.tree.map(lambda x: x / weight, (loss, metrics, grads))
+      ((loss, grads), metrics, weight), _ = jax.lax.scan(
+          body, ((loss, grads), metrics, jnp.zeros((), jnp.float32)), micro)
+      # the loss and its gradient: weighted by scored tokens; other metrics: plain means
+      loss, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1.0), (loss, grads))
+      metrics = jax.tree.map(lambda x: x / accum, metrics)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.global_norm(grads)
@@ -203,7 +205,9 @@ def microbatch_weight(batch: dict) -> jax.Array:
   """What a microbatch's mean loss is weighted by when accumulated: its loss-mask total (the
   losses are token-weighted means under `loss_mask`, models/lm.py:token_nll), else 1. Summing
   weight x mean and dividing by the summed weights once gives the full batch's mean exactly
-  for 0/1 masks, also when the microbatches hold different numbers of scored tokens."""
+  for 0/1 masks, also when the microbatches hold different numbers of scored tokens (a
+  fractional mask whose microbatch total is below 1 is weighted slightly off: token_nll divides
+  by max(total, 1))."""
   mask = batch.get("loss_mask")
   return jnp.float32(1.0) if mask is None else jnp.sum(mask.astype(jnp.float32))
 
