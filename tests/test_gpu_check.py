@@ -41,7 +41,7 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
                                     "xla": {"error": "XlaRuntimeError: out of memory"}}},
       "pallas": {"error": "timed out after 120 s"},
       "train:transformer": dict(step, median_s=0.016),
-      "train:ttt_linear": dict(step, median_s=0.032),
+      "train:ttt_linear": dict(step, median_s=0.032, losses=[5.6, 4.1], nonfinite_steps=0),
       "train:e2e-meta": {"skipped": "out of the time budget"},
       "train125m:transformer": dict(step, median_s=0.1),
       "train125m:e2e": dict(step, median_s=0.15),
@@ -54,6 +54,7 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "error (XlaRuntimeError: out of memory)" in text
   assert "Pallas TTT kernels: error (timed out after 120 s)" in text
   assert "| ttt_linear | 3.0 s | 32.00 ms | 2.00x |" in text
+  assert "| 5.600 -> 4.100 (0) |" in text
   assert "| e2e-meta | skipped (out of the time budget) |" in text
   assert "| e2e (125m, 8K) | 3.0 s | 150.00 ms | 1.50x |" in text
   assert "| e2e | 8K | 2.0 s | 60.0 us | 2.00 ms |" in text

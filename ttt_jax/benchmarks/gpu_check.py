@@ -272,14 +272,19 @@ def task_train_125m(kind: str) -> dict:
 
 
 def _time_steps(compiled, state, batch, info: dict) -> dict:
-  holder = {"state": state}
+  """Median step time; the steps' losses and finite flags (all on one batch: a healthy step
+  lowers the loss) are kept, so a run whose updates are all skipped as non-finite shows."""
+  holder, history = {"state": state}, []
 
   def step():
     holder["state"], metrics = compiled(holder["state"], batch)
+    history.append((metrics["loss"], metrics["finite"]))
     return metrics["loss"]
 
   info["median_s"] = _median_time(step, repeats=7, warmup=2)
   info["loss"] = float(step())
+  info["losses"] = [float(loss) for loss, _ in history]
+  info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
   return info
 
 

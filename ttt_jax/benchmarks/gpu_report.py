@@ -67,8 +67,8 @@ def _train(results: dict) -> list[str]:
   out = ["## Train step, `gpu` preset (bf16, d_model 512, 8 layers, 2048 x 8, remat full; "
          "'+noremat' without layer remat, '+cmdbuf' with while loops in CUDA graphs) and the "
          "`125m` presets at 8K x 8", "",
-         "| kind | compile | step (median of 7) | vs transformer | tokens/s | MFU |",
-         "|---|---|---|---|---|---|"]
+         "| kind | compile | step (median of 7) | vs transformer | tokens/s | MFU | loss first"
+         " -> last (non-finite steps) |", "|---|---|---|---|---|---|---|"]
   for kind, r in rows.items():
     if _status(r):
       out.append(f"| {kind} | {_status(r)} | | | | |")
@@ -77,8 +77,10 @@ def _train(results: dict) -> list[str]:
     mfu = (f"{100 * r['model_flops_per_token'] * tps / peak:.1f}%" if peak else "")
     base = rows.get("transformer (125m, 8K)" if "125m" in kind else "transformer", {})
     ratio = f"{r['median_s'] / base['median_s']:.2f}x" if "median_s" in base else ""
+    losses = r.get("losses") or [r.get("loss", float("nan"))]
+    trend = f"{losses[0]:.3f} -> {losses[-1]:.3f} ({r.get('nonfinite_steps', '?')})"
     out.append(f"| {kind} | {r['compile_s']:.1f} s | {_ms(r['median_s'])} | {ratio} | "
-               f"{tps:,.0f} | {mfu} |")
+               f"{tps:,.0f} | {mfu} | {trend} |")
   if peak:
     out += ["", f"MFU: model FLOPs (6N + attention) per second over the measured bf16 matmul "
             f"ceiling, {peak / 1e12:.0f} TFLOP/s (8192^3)."]
