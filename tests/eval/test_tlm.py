@@ -313,7 +313,8 @@ def test_low_selection_warning_threshold():
 @pytest.mark.parametrize("key,value", [
     ("objective", "ppl"), ("objective", "perplexity2"), ("log_p0", "high"), ("log_p0", "nan"),
     ("log_p0", float("inf")), ("log_p0", True), ("log_p0_margin", -0.5),
-    ("log_p0_margin", float("nan")),
+    ("log_p0_margin", float("nan")), ("name", "../checkpoints/10"), ("name", "a/b"),
+    ("name", ".."), ("name", ""),
 ])
 def test_bad_knob_values_fail_with_one_line_naming_the_key(key, value):
   with pytest.raises(ConfigError) as e:
@@ -337,3 +338,8 @@ def test_text_samples_and_split(tmp_path):
   adapt, held = tlm_run.split_heldout(s, 0.25)
   assert len(held) == round(len(s) * 0.25) and len(adapt) + len(held) == len(s)
   np.testing.assert_array_equal(held[-1], s[-1])
+
+
+def test_adapter_names_that_stay_inside_the_adapters_directory_pass():
+  for name in ("tlm", "tlm-online_2", "v1.5"):
+    assert tlm_lib.validate_config(tlm_config(name=name)).name == name

@@ -17,6 +17,7 @@ from ttt_jax.eval.generate import generate_text
 from ttt_jax.train.convert_hf import export_hf, import_hf
 from ttt_jax.train.convert_llama import ConvertError
 from ttt_jax.train.runs import load_run
+from ttt_jax.train.workdir import WorkdirBusy, WorkdirLock
 
 from .llama_reference import llama_logits, random_llama
 
@@ -92,3 +93,17 @@ def test_existing_workdir_needs_overwrite(tmp_path):
   import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None)
   with pytest.raises(ConfigError, match="--overwrite"):
     import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None)
+
+
+def test_overwrite_never_touches_a_workdir_in_use(tmp_path):
+  """convert --overwrite into a workdir a live run holds: refused, its checkpoints kept."""
+  cfg, tensors = random_llama()
+  src = write_hf(tmp_path / "hf", cfg, tensors)
+  out = str(tmp_path / "r")
+  import_hf(src, out, tokenizer="bytes", seq_len=32, echo=None)
+  before = sorted(os.listdir(os.path.join(out, "checkpoints")))
+  with WorkdirLock(out):  # what a training run in `out` holds
+    with pytest.raises(WorkdirBusy, match="is in use by another run"):
+      import_hf(src, out, tokenizer="bytes", seq_len=32, overwrite=True, echo=None)
+  assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+  import_hf(src, out, tokenizer="bytes", seq_len=32, overwrite=True, echo=None)  # free again

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
@@ -115,6 +116,9 @@ def validate_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("steps", "max_samples", "original_samples"):
     if int(c[key]) < 0:
       raise ConfigError(f"{key}={c[key]!r} must be >= 0")
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(c.name)):
+    raise ConfigError(f"name={c.name!r} not allowed: the adapter directory <workdir>/adapters/"
+                      "<name> takes letters, digits, '.', '_' and '-' (no '/' or '..')")
   if not 0.0 < c.heldout_fraction < 1.0:
     raise ConfigError(f"heldout_fraction={c.heldout_fraction!r} must be in (0, 1)")
   if not math.isfinite(float(c.log_p0_margin)) or c.log_p0_margin < 0:

@@ -31,6 +31,7 @@ from ttt_jax.data.tokenizers import HFTokenizer, Tokenizer
 from ttt_jax.models.lm import padded_vocab
 from ttt_jax.train.checkpoint import CKPT_DIR, RunCheckpoints
 from ttt_jax.train.trainer import Trainer
+from ttt_jax.train.workdir import WorkdirLock
 
 LAYER_NAMES = {  # HF name inside `model.layers.{i}.` -> (path in the block, transpose)
     "self_attn.q_proj.weight": (("mixer", "wq", "kernel"), True),
@@ -202,8 +203,18 @@ def write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer: HFTokenize
   """A run directory at `out` holding `params` as the step-0 checkpoint. Returns its config.
 
   An `HFTokenizer` is saved as `out/tokenizer.json` and named by the config; other tokenizers
-  (e.g. `bytes`) are named by their spec.
+  (e.g. `bytes`) are named by their spec. The workdir's lock is held throughout, so a run
+  training in `out` is never overwritten (`WorkdirBusy` names it).
   """
+  with WorkdirLock(out, echo=echo or (lambda s: None)):
+    return _write_workdir(out, params, spec, tokenizer, seq_len=seq_len,
+                          data_source=data_source, val_fraction=val_fraction,
+                          overwrite=overwrite, echo=echo)
+
+
+def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_len: int,
+                   data_source: str, val_fraction: float, overwrite: bool,
+                   echo) -> ml_collections.ConfigDict:
   ckpt_dir = os.path.join(out, CKPT_DIR)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     if not overwrite:
