@@ -311,3 +311,21 @@ def test_checkpoint_step_for_the_source_run_is_refused_with_the_new_key(runs, tm
   with pytest.raises(ConfigError, match=f"checkpoint.load_step={EVERY}") as e:
     start_run(c, str(tmp_path / "d"), Trainer.create(c), echo=lambda s: None)
   assert "\n" not in str(e.value)
+
+
+def test_a_step_rotated_away_while_read_is_busy_not_corrupted(runs, tmp_path):
+  """A reader (evaluate.py) whose step is deleted by the training run's `keep` rotation is told
+  to retry, never that the checkpoint is corrupted or to start over."""
+  wd = tmp_path / "copy"
+  shutil.copytree(runs["a"], wd)
+  ck = ckpt.RunCheckpoints(str(wd / "checkpoints"), read_only=True)
+  try:
+    step = ck.latest_step()
+    shutil.rmtree(ck.step_path(step))
+    with pytest.raises(ckpt.CheckpointError) as e:
+      ck.saved_config(step)
+  finally:
+    ck.close()
+  msg = str(e.value)
+  assert "removed while it was being read" in msg and "retry" in msg, msg
+  assert "corrupted" not in msg and "overwrite" not in msg

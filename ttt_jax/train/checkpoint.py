@@ -202,6 +202,10 @@ class RunCheckpoints:
     return f"checkpoint step {step} ({self.step_path(step)})"
 
   def _unreadable(self, step: int, err: Exception) -> CheckpointError:
+    if not os.path.isdir(self.step_path(step)):  # rotated away (checkpoint.keep) while read
+      return CheckpointError(
+          f"{self._where(step)} was removed while it was being read: the run training in this "
+          "workdir rotated it away (checkpoint.keep); nothing is damaged, retry")
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     earlier = [s for s in self.steps() if s < step]
     way_out = (f"resume from an earlier step with --config.checkpoint.step=N (available: "
