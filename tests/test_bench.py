@@ -189,3 +189,23 @@ def test_compile_only_train_memory():
   out = training.train_memory(PRESETS["quick"], ["transformer", "e2e-meta"], echo=print)
   for r in out.values():
     _positive(r, "argument_bytes", "temp_bytes", "peak_bytes")
+
+
+def test_merge_keeps_the_sections_not_run_again(bench, tmp_path):
+  out, results = bench
+  merged_dir = tmp_path / "m"
+  merged_dir.mkdir()
+  with open(merged_dir / "benchmarks.json", "w") as f:
+    json.dump(results, f)
+  (key, before), = results["machines"].items()
+  args = bench_run.build_parser().parse_args(
+      ["--quick", "--out_dir", str(merged_dir), "--sections", "matmul", "--merge"])
+  after = bench_run.run(args, echo=lambda s: None)["machines"][key]
+  assert set(after["sections"]) == set(before["sections"])
+  assert after["sections"]["train"] == before["sections"]["train"]  # kept as it was
+  assert after["sections"]["matmul"] != before["sections"]["matmul"]  # measured again
+  assert set(after["section_dates"]) == set(before["sections"])
+  replaced = bench_run.run(bench_run.build_parser().parse_args(
+      ["--quick", "--out_dir", str(merged_dir), "--sections", "matmul"]),
+      echo=lambda s: None)["machines"][key]
+  assert set(replaced["sections"]) == {"matmul"}

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--repeats", type=int, default=0, help="timed rounds (default: preset)")
   p.add_argument("--warmup", type=int, default=-1, help="warm-up rounds (default: preset)")
   p.add_argument("--out_dir", default="", help="default: docs (runs/bench_quick with --quick)")
+  p.add_argument("--merge", action="store_true",
+                 help="keep this machine's earlier results of the sections not run now (their "
+                      "dates stay in the JSON's section_dates); default: replace them all")
   return p
 
 
@@ -115,7 +118,15 @@ def run(args, echo=print) -> dict:
   if os.path.exists(json_path):
     with open(json_path) as f:
       results = json.load(f)
-  results.setdefault("machines", {})[key] = entry
+  previous = results.setdefault("machines", {}).get(key)
+  entry["section_dates"] = {name: info["date"] for name in out}
+  if args.merge and previous and previous.get("preset") == preset:
+    kept = {k: v for k, v in previous["sections"].items() if k not in out}
+    entry["sections"] = {**kept, **out}
+    old_dates = previous.get("section_dates") or dict.fromkeys(previous["sections"],
+                                                               previous["machine"]["date"])
+    entry["section_dates"] = {**{k: old_dates.get(k) for k in kept}, **entry["section_dates"]}
+  results["machines"][key] = entry
   with open(json_path, "w") as f:
     json.dump(results, f, indent=1, sort_keys=False)
   md = write_report(results, out_dir)
