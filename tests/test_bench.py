@@ -195,9 +195,12 @@ def test_merge_keeps_the_sections_not_run_again(bench, tmp_path):
   out, results = bench
   merged_dir = tmp_path / "m"
   merged_dir.mkdir()
-  with open(merged_dir / "benchmarks.json", "w") as f:
-    json.dump(results, f)
   (key, before), = results["machines"].items()
+  older = json.loads(json.dumps(results))
+  older["machines"][key]["machine"]["date"] = "2000-01-01 00:00 UTC"
+  older["machines"][key].pop("section_dates", None)  # as written before --merge existed
+  with open(merged_dir / "benchmarks.json", "w") as f:
+    json.dump(older, f)
   args = bench_run.build_parser().parse_args(
       ["--quick", "--out_dir", str(merged_dir), "--sections", "matmul", "--merge"])
   after = bench_run.run(args, echo=lambda s: None)["machines"][key]
@@ -205,6 +208,9 @@ def test_merge_keeps_the_sections_not_run_again(bench, tmp_path):
   assert after["sections"]["train"] == before["sections"]["train"]  # kept as it was
   assert after["sections"]["matmul"] != before["sections"]["matmul"]  # measured again
   assert set(after["section_dates"]) == set(before["sections"])
+  assert after["section_dates"]["train"] == "2000-01-01 00:00 UTC"
+  md = (merged_dir / "benchmarks.md").read_text()
+  assert "kept from earlier runs:" in md and "train 2000-01-01 00:00 UTC" in md
   replaced = bench_run.run(bench_run.build_parser().parse_args(
       ["--quick", "--out_dir", str(merged_dir), "--sections", "matmul"]),
       echo=lambda s: None)["machines"][key]

@@ -49,8 +49,11 @@ def _us(s: float) -> str:
 
 def _caption(entry: dict) -> str:
   m = entry["machine"]
+  dates = entry.get("section_dates") or {}
+  older = sorted({f"{k} {d}" for k, d in dates.items() if d and d != m["date"]})
+  when = m["date"] + (f" (kept from earlier runs: {', '.join(older)})" if older else "")
   return (f"{m['cpu']}, {m['cores']} cores, device {m['device_kind']} x{m['device_count']}; "
-          f"jax {m['jax']}; {m['date']}")
+          f"jax {m['jax']}; {when}")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
