@@ -159,6 +159,21 @@ def test_truncate_metrics_drops_later_and_broken_records(tmp_path):
   assert truncate_metrics(str(tmp_path), 3) == 0
 
 
+def test_a_fresh_start_keeps_an_earlier_runs_metrics(tmp_path):
+  """Checkpoints deleted, same command again: the run starts at step 0 and the earlier run's
+  metrics.jsonl is kept beside the new one (it used to be truncated to nothing)."""
+  path = tmp_path / METRICS_FILE
+  old = "".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in (1, 2))
+  path.write_text(old)
+  logs = []
+  w = MetricWriter(str(tmp_path), echo=logs.append, first_step=0)
+  w.write(1, {"loss": 2.0})
+  w.close()
+  assert (tmp_path / f"{METRICS_FILE}.1").read_text() == old
+  assert [r["loss"] for r in strict_records(tmp_path)] == [2.0]
+  assert any(f"kept as {path}.1" in s for s in logs), logs
+
+
 def test_metric_writer_writes_nonfinite_as_null(tmp_path):
   w = MetricWriter(str(tmp_path), echo=lambda s: None)
   w.write(1, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})

@@ -51,6 +51,20 @@ def truncate_metrics(workdir: str, last_step: int) -> int:
   return dropped
 
 
+def _keep_history_of_a_previous_run(workdir: str, echo) -> None:
+  """A run starting at step 0 in a workdir whose metrics.jsonl holds records (its checkpoints
+  were deleted or moved): the file is moved to metrics.jsonl.<n>, never truncated away."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    return
+  n = 1
+  while os.path.exists(f"{path}.{n}"):
+    n += 1
+  os.replace(path, f"{path}.{n}")
+  echo(f"notice: {path} held the records of an earlier run without checkpoints here; kept as "
+       f"{path}.{n} (this run starts at step 0)")
+
+
 def _clean(v: Any) -> Any:
   return json_value(v) if isinstance(v, float) else v
 
@@ -65,6 +79,8 @@ class MetricWriter:
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      if first_step == 0:
+        _keep_history_of_a_previous_run(workdir, echo)
       dropped = truncate_metrics(workdir, first_step)
       if dropped:
         echo(f"metrics.jsonl: dropped {dropped} records past step {first_step} (logged by the "
