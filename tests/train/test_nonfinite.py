@@ -200,3 +200,25 @@ def test_schedule_applied_after_a_skip_is_the_logged_one(monkeypatch):
   state, m2 = trainer.train_step(state, trainer.device_batch(batch))
   assert float(m2["lr"]) == pytest.approx(float(lr_schedule(c.train)(2)))
   assert set(optimizer_counts(state.opt_state)) == {3}
+
+
+def test_a_repeated_rollback_flag_continues_instead_of_discarding_again(tmp_path):
+  """A requeued job that still carries checkpoint.step=N (after the rollback to N trained on)
+  resumes from its latest step; a different N rolls back again."""
+  c = tiny_config(steps=8)
+  train_and_evaluate(c, str(tmp_path), echo=lambda s: None)
+  c.checkpoint.step = 4
+  train_and_evaluate(c, str(tmp_path), echo=lambda s: None)  # the rollback, trains 5..8 again
+  c.train.steps = 10
+  lines = []
+  out = train_and_evaluate(c, str(tmp_path), echo=lines.append)
+  assert out["start_step"] == 8 and int(out["state"].step) == 10
+  assert any("rolled back to step 4 by an earlier launch" in s for s in lines), lines
+  assert not any("moved later checkpoints" in s for s in lines)
+  train = [r["step"] for r in strict_records(tmp_path) if r["split"] == "train"]
+  assert train == list(range(1, 11))
+  c.checkpoint.step = 6  # checkpoints every 2 steps, keep 10: step 6 is on disk
+  lines.clear()
+  out = train_and_evaluate(c, str(tmp_path), echo=lines.append)
+  assert out["start_step"] == 6 and int(out["state"].step) == 10
+  assert any("resuming from step 6 as requested" in s for s in lines), lines

@@ -12,6 +12,7 @@ store itself is train/checkpoint.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from typing import Any
@@ -78,6 +79,27 @@ def _discard_after(ck: RunCheckpoints, workdir: str, step: int, echo) -> None:
                  f"{later} to {dest}")
 
 
+ROLLBACK_FILE = "rollback.json"  # in <workdir>: the step the last checkpoint.step rollback chose
+
+
+def _rolled_back_to(workdir: str) -> int | None:
+  try:
+    with open(os.path.join(workdir, ROLLBACK_FILE)) as f:
+      return int(json.load(f)["step"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _record_rollback(workdir: str, step: int) -> None:
+  """Remembers a rollback, so a requeued job that repeats `checkpoint.step=N` continues from
+  the steps trained since instead of discarding them again."""
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, ROLLBACK_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"step": int(step)}, f)
+    os.replace(tmp, os.path.join(workdir, ROLLBACK_FILE))
+
+
 def _discard_unmarked(ck: RunCheckpoints, workdir: str, echo) -> None:
   """Moves step directories without completion markers aside (one notice each): Orbax would
   otherwise restore them as complete and never save over their step again."""
@@ -111,18 +133,25 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
     ck.close()
     if jax.process_index() == 0:
       shutil.rmtree(directory)
-      metrics = os.path.join(workdir, "metrics.jsonl")
-      if os.path.exists(metrics):
-        os.remove(metrics)
+      for name in ("metrics.jsonl", ROLLBACK_FILE):
+        if os.path.exists(os.path.join(workdir, name)):
+          os.remove(os.path.join(workdir, name))
     sync_processes("ttt_jax_overwrite")
     log_main(echo, "checkpoint.overwrite=True: deleted the previous run's checkpoints in "
                    f"{directory}")
     ck = RunCheckpoints(directory, keep=ckc.keep)
   if ck.steps():
-    step = _choose_step(ck, ckc.step)
+    wanted = ckc.step
+    if wanted >= 0 and _rolled_back_to(workdir) == wanted and ck.latest_step() > wanted:
+      log_main(echo, f"checkpoint.step={wanted}: this workdir was rolled back to step {wanted} "
+                     f"by an earlier launch; continuing from its latest step {ck.latest_step()}"
+                     " (drop the flag to silence this)")
+      wanted = -1
+    step = _choose_step(ck, wanted)
     state, data_state, saved = ck.restore(step, trainer)
-    if ckc.step >= 0:
+    if wanted >= 0:
       _discard_after(ck, workdir, step, echo)
+      _record_rollback(workdir, step)
     log_main(echo, f"resumed from step {step} ({ck.step_path(step)})")
     changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
     if changed:
