@@ -55,18 +55,9 @@ def _tree_rel(a, b) -> float:
 
 
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
-  import statistics  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import interleaved  # noqa: PLC0415
 
-  import jax  # noqa: PLC0415
-
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return interleaved({"fn": fn}, repeats, warmup, echo=lambda s: None)["fn"]["median_s"]
 
 
 # -- tasks (each runs in a child process) ---------------------------------------------------------
@@ -247,27 +238,14 @@ def task_train(kind: str, variant: str = "") -> dict:
 
 def task_train_125m(kind: str) -> dict:
   """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
-  import time as _time  # noqa: PLC0415
-
-  import numpy as np  # noqa: PLC0415
-
   from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
   from ttt_jax.config import validate  # noqa: PLC0415
-  from ttt_jax.train.flops import train_flops_per_token  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer, count_params  # noqa: PLC0415
 
   cfg = load_preset(preset_spec(kind, "125m", "8k"))
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
-  trainer = Trainer.create(validate(cfg))
-  tokens = np.random.default_rng(0).integers(0, 256, (8, cfg.data.seq_len + 1), dtype=np.int32)
-  batch = trainer.device_batch({"tokens": tokens})
-  state = trainer.init_state()
-  t0 = _time.perf_counter()
-  compiled = trainer.train_step.lower(state, batch).compile()
-  n = count_params(trainer.abstract_params)
-  info = {"params": n, "tokens_per_step": 8 * cfg.data.seq_len, "seq_len": cfg.data.seq_len,
-          "model_flops_per_token": train_flops_per_token(cfg, n),
-          "compile_s": _time.perf_counter() - t0}
+  _, compiled, state, batch, info = train_setup_from_config(validate(cfg))
+  info["seq_len"] = cfg.data.seq_len
   return _time_steps(compiled, state, batch, info)
 
 

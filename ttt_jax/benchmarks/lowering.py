@@ -102,7 +102,3 @@ def lower_stream_steps(kind: str, size: Size = SIZE) -> dict[str, jax.export.Exp
       out[name] = export_cuda(streamer._step, streamer.params, cache, tokens, positions)
     return out
 
-
-def describe(exported: jax.export.Exported) -> str:
-  kernels = sorted(kernels_in(exported))
-  return f"{len(exported.mlir_module()):,} chars of StableHLO; kernels: {kernels or 'none'}"

@@ -54,7 +54,12 @@ def bench_matmul(size: Size, echo=print) -> dict:
 
 def _train_setup(kind: str, size: Size, compile_only: bool = False,
                  overrides: dict | None = None):
-  cfg = model_config(kind, size, overrides=overrides)
+  return train_setup_from_config(model_config(kind, size, overrides=overrides), compile_only)
+
+
+def train_setup_from_config(cfg, compile_only: bool = False):
+  """(cfg, compiled train step, state, batch of random tokens, info: params, tokens per step,
+  model / XLA FLOPs, compile seconds, memory) of a validated config."""
   trainer = Trainer.create(cfg)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
