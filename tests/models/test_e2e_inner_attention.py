@@ -1,0 +1,53 @@
+"""model.e2e.inner_attention_impl: it sets the suffix blocks' attention inside the inner loop
+(and nothing else), auto resolves per platform, and xla gives the same meta loss and second-order
+gradients as the package's own attention."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.layers.common import building_for
+from ttt_jax.models import build_model
+
+from .test_e2e import tiny_model_cfg
+
+
+def inner_impls(model):
+  runner, inner, outer = model.split_inner()
+  merged = runner.model(inner, outer)
+  return ([b.mixer.algorithm.impl for b in merged.blocks],
+          [b.mixer.algorithm.impl for b in model.blocks])
+
+
+@pytest.mark.parametrize("platform,setting,want", [
+    ("cpu", "auto", "blockwise"), ("gpu", "auto", "xla"), ("tpu", "auto", "xla"),
+    ("cpu", "xla", "xla"), ("gpu", "blockwise", "blockwise"),
+])
+def test_the_knob_sets_only_the_inner_loops_suffix_attention(platform, setting, want):
+  m = tiny_model_cfg(layers=3, suffix=2)
+  m.e2e.inner_attention_impl = setting
+  with building_for(platform):
+    model = build_model(m, 0)
+  in_loop, plain = inner_impls(model)
+  assert in_loop == [plain[0], want, want]  # the prefix block keeps model.attention_impl
+  assert plain == [plain[0]] * 3  # the plain forward (pretrain mode) is untouched
+
+
+def test_xla_inner_attention_gives_the_same_meta_loss_and_gradients():
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, 256, (2, 49)).astype(np.int32)}
+  out = {}
+  for setting in ("blockwise", "xla"):
+    m = tiny_model_cfg(layers=3, suffix=2)
+    m.e2e.inner_attention_impl = setting
+    graphdef, params = nnx.split(build_model(m, 0))
+
+    def loss(p, graphdef=graphdef):
+      return nnx.merge(graphdef, p).compute_loss(batch, None)[0]
+
+    out[setting] = jax.jit(jax.value_and_grad(loss))(params)
+  (v0, g0), (v1, g1) = out["blockwise"], out["xla"]
+  assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
