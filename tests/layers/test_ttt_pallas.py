@@ -6,6 +6,7 @@ model.ttt.impl=pallas; the start-up checks. Their CUDA lowering: tests/test_gpu_
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,35 @@ def test_linear_is_one_launch_each_way():
   assert str(jax.make_jaxpr(fwd)(*args)).count("pallas_call") == 1
   loss = lambda *a: jnp.sum(fwd(*a)[1])  # noqa: E731
   assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)).count("pallas_call") == 2
+
+
+def _dot_precisions(fn, *args) -> set[str]:
+  """The precisions of every dot in the program, the kernel bodies' included."""
+  return set(re.findall(r"precision=(\w+|\(Precision\.\w+)", str(jax.make_jaxpr(fn)(*args))))
+
+
+def test_kernel_dots_take_the_callers_precision():
+  """Like XLA's dual form: `jax.default_matmul_precision` reaches the kernel bodies' dots
+  (Triton: HIGHEST -> IEEE fp32, HIGH or DEFAULT -> TF32)."""
+  args = inputs("linear", n=2)
+  for context, want in (("tensorfloat32", "(Precision.HIGH"), ("highest", "(Precision.HIGHEST")):
+    fwd = lambda *a: sequence_fn("linear", "pallas")(*a)  # noqa: E731  (a new trace)
+    with jax.default_matmul_precision(context):
+      assert _dot_precisions(fwd, *args) == {want}, context
+
+
+def test_tuning_sets_the_launch_parameters_while_tracing():
+  args = inputs("linear", n=2)
+
+  def launch(**tune):
+    fwd = lambda *a: sequence_fn("linear", "pallas")(*a)[1]  # noqa: E731  (a new trace)
+    with ttt_pallas.tuning(**tune):
+      text = str(jax.make_jaxpr(fwd)(*args))
+    return re.findall(r"num_warps=(\d+), num_stages=(\d+)", text)
+
+  assert launch() == [(str(ttt_pallas.TUNING.num_warps), str(ttt_pallas.TUNING.num_stages))]
+  assert launch(num_warps=2, num_stages=3) == [("2", "3")]
+  assert ttt_pallas.TUNING == ttt_pallas.Tuning()  # restored after the block
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])

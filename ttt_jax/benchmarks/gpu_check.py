@@ -13,6 +13,11 @@ Tasks, in order:
              TTT layer's fwd+bwd time, dual vs pallas, at the gpu preset's shape;
   e2e        TTT-E2E meta loss and gradients on the GPU vs the CPU (fp32), and a bf16 meta step
              with the GPU defaults (cuDNN prefix, XLA inner loop);
+  learn      does the transformer learn in the gpu preset's train step with each attention
+             implementation (10 steps on one batch, same initialisation: losses, finite flags,
+             gradient norms)?
+  tune       the TTT-Linear kernels' fwd+bwd time over Triton warps / pipeline stages and matmul
+             precision (TF32 vs IEEE fp32), with the dual form's at each precision beside them;
   train:K    compile time and median step time of kind K at the `gpu` bench preset;
   train125m:K  the same for the `125m` pretraining preset of K at 8K context;
   stream:K   prefill (per token) and decode at 8K / 32K / 128K;
@@ -177,6 +182,79 @@ def task_pallas() -> dict:
   return out
 
 
+LEARN_CASES = (("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
+               ("transformer/xla", {"attention_impl": "xla"}, "full"),
+               ("transformer/cudnn/noremat", {"attention_impl": "cudnn"}, "none"),
+               ("transformer/blockwise", {"attention_impl": "blockwise"}, "full"))
+
+
+def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
+  """The transformer's first `steps` train steps on one batch of random bytes with each attention
+  implementation, from the same initialisation: a step that learns lowers the loss (the batch's
+  bigrams can be memorised), a skipped non-finite step leaves it where it was."""
+  import dataclasses  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+
+  out = {}
+  for name, overrides, remat in LEARN_CASES:
+    try:
+      size = dataclasses.replace(PRESETS[preset], remat=remat)
+      _, compiled, state, batch, info = _train_setup("transformer", size, overrides=overrides)
+      rows = []
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+        rows.append({k: float(v) for k, v in jax.device_get(metrics).items()
+                     if k in ("loss", "grad_norm", "lr", "finite")})
+      out[name] = {"compile_s": info["compile_s"],
+                   **{k: [r[k] for r in rows] for k in rows[0]}}
+    except Exception as e:  # noqa: BLE001
+      out[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+  return out
+
+
+TUNE_CASES = ((4, 1), (4, 2), (4, 3), (2, 1), (2, 2), (8, 2))  # (num_warps, num_stages)
+
+
+def task_tune(preset: str = "gpu") -> dict:
+  """TTT-Linear layer fwd+bwd at the gpu preset: the dual form and the kernels at each precision,
+  the kernels over `TUNE_CASES`; each precision's error against the IEEE dual form."""
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  size = PRESETS[preset]
+  x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
+  out, ref = {}, None
+  for precision in ("highest", "default"):
+    # IEEE: the current launch parameters only; the sweep is at the default (TF32 on a GPU)
+    sweep = TUNE_CASES if precision == "default" else TUNE_CASES[:1]
+    for impl, cases in (("dual", [None]), ("pallas", sweep)):
+      for case in cases:
+        name = f"{impl}/{precision}" + (f"/w{case[0]}s{case[1]}" if case else "")
+        try:
+          tune = {} if case is None else {"num_warps": case[0], "num_stages": case[1]}
+          with jax.default_matmul_precision(precision), ttt_pallas.tuning(**tune):
+            t0 = time.perf_counter()
+            fn, params = _ttt_fwd_bwd("ttt_linear", size, impl, x)
+            compiled = fn.lower(params, x).compile()
+          row = {"compile_s": time.perf_counter() - t0,
+                 "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
+          result = compiled(params, x)
+          if ref is None:
+            ref = result
+          row["rel_err_vs_ieee_dual"] = _tree_rel(result, ref)
+        except Exception as e:  # noqa: BLE001
+          row = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+        out[name] = row
+  return out
+
+
 def task_e2e() -> dict:
   import dataclasses  # noqa: PLC0415
 
@@ -277,7 +355,8 @@ def task_stream(kind: str) -> dict:
                                    echo=lambda s: print(s, flush=True))["kinds"][kind]
 
 
-TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e2e": task_e2e}
+TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e2e": task_e2e,
+         "learn": task_learn, "tune": task_tune}
 
 
 def run_task(name: str) -> dict:
@@ -300,7 +379,8 @@ def _nvidia_gpu_present() -> bool:
   return out.returncode == 0 and "GPU" in out.stdout
 def plan(only: list[str]) -> list[tuple[str, float]]:
   """(task, time limit in seconds) in priority order."""
-  tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120)]
+  tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120), ("learn", 150),
+           ("tune", 120)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
   tasks += [("stream:e2e", 120), ("stream:transformer", 120)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),

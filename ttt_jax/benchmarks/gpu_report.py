@@ -112,6 +112,44 @@ def _stream(results: dict) -> list[str]:
   return out + [""]
 
 
+def _learn(results: dict) -> list[str]:
+  rows = results.get("learn", {})
+  if not rows:
+    return []
+  if _status(rows):
+    return ["## Does the transformer learn?", "", f"learn: {_status(rows)}", ""]
+  out = ["## Does the transformer learn? (gpu preset, 10 steps on one batch, same init)", "",
+         "| attention | compile | loss per step | grad norm, first -> last | non-finite steps |",
+         "|---|---|---|---|---|"]
+  for name, r in rows.items():
+    if _status(r):
+      out.append(f"| {name} | {_status(r)} | | | |")
+      continue
+    losses = " ".join(f"{x:.3f}" for x in r["loss"])
+    out.append(f"| {name} | {r['compile_s']:.1f} s | {losses} | {r['grad_norm'][0]:.3g} -> "
+               f"{r['grad_norm'][-1]:.3g} | {sum(f == 0 for f in r['finite'])} |")
+  return out + [""]
+
+
+def _tune(results: dict) -> list[str]:
+  rows = results.get("tune", {})
+  if not rows:
+    return []
+  if _status(rows):
+    return [f"TTT-Linear kernel tuning: {_status(rows)}", ""]
+  out = ["## TTT-Linear layer fwd+bwd at [8, 2048, 512]: matmul precision and Triton launch "
+         "parameters (wN: warps, sN: pipeline stages)", "",
+         "| impl / precision / launch | compile | fwd+bwd | rel. err vs IEEE dual |",
+         "|---|---|---|---|"]
+  for name, r in rows.items():
+    if _status(r):
+      out.append(f"| {name} | {_status(r)} | | |")
+    else:
+      out.append(f"| {name} | {r['compile_s']:.1f} s | {_ms(r['fwd_bwd_s'])} | "
+                 f"{r['rel_err_vs_ieee_dual']:.1e} |")
+  return out + [""]
+
+
 def write_markdown(results: dict, path: str) -> str:
   env = results.get("env", {})
   lines = ["# gpu-check", ""]
@@ -119,7 +157,8 @@ def write_markdown(results: dict, path: str) -> str:
     v = env["versions"]
     lines += [f"Device {env['device']}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
               + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
-  lines += _correctness(results) + _train(results) + _stream(results)
+  lines += (_correctness(results) + _learn(results) + _tune(results) + _train(results)
+            + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
   with open(path, "w") as f:

@@ -22,13 +22,18 @@ remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
 
 Triton's constraints shape the code: block dimensions are powers of two (mini-batch size and
 head dim), matmuls have every dimension >= 16, and kernel bodies index refs but never slice
-values, so inputs are laid out so each mini-batch is one ref window. Dots run in IEEE fp32
-(`PRECISION`). `interpret=True` runs the same kernels with the Pallas interpreter (CPU tests);
+values, so inputs are laid out so each mini-batch is one ref window. Dots take the caller's
+matmul precision, as XLA's dual form does: on a GPU the default is TF32 tensor cores,
+`jax.default_matmul_precision('highest')` gives IEEE fp32. Warps and pipeline stages are
+`TUNING` (`tuning(...)` overrides them while a step is traced; `make gpu-check` sweeps them).
+`interpret=True` runs the same kernels with the Pallas interpreter (CPU tests);
 the CUDA lowering of both is tested on CPU (tests/test_gpu_lowering.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -38,11 +43,35 @@ from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_inner
 
-PRECISION = jax.lax.Precision.HIGHEST
-# Triton (also where JAX would default pallas_call to Mosaic GPU); TTT-MLP's W1/W2 blocks
-# (d x 4d each) get twice the threads to hold them
-TRITON = pltriton.CompilerParams(num_warps=4, num_stages=1)
-TRITON_WIDE = pltriton.CompilerParams(num_warps=8, num_stages=1)
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+  """Triton launch parameters (Triton is chosen explicitly: JAX may default pallas_call to
+  Mosaic GPU). TTT-MLP's W1/W2 blocks (d x 4d each) get more threads to hold them."""
+  num_warps: int = 4
+  num_stages: int = 1
+  mlp_num_warps: int = 8
+
+
+TUNING = Tuning()
+
+
+@contextlib.contextmanager
+def tuning(**changes):
+  """Overrides `TUNING` fields for the kernels traced inside the block (a new jit traces)."""
+  global TUNING  # noqa: PLW0603
+  saved, TUNING = TUNING, dataclasses.replace(TUNING, **changes)
+  try:
+    yield TUNING
+  finally:
+    TUNING = saved
+
+
+def _compiler_params(wide: bool = False):
+  warps = TUNING.mlp_num_warps if wide else TUNING.num_warps
+  return pltriton.CompilerParams(num_warps=warps, num_stages=TUNING.num_stages)
+
+
 PARAM_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
 
 
@@ -56,17 +85,17 @@ def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
 
 
 def _dot(a, b):  # a @ b
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=PRECISION,
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
 def _dot_t(a, b):  # a @ b^T
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=PRECISION,
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
 def _t_dot(a, b):  # a^T @ b
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=PRECISION,
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
@@ -88,11 +117,11 @@ def _ln_spec(shape):
   return pl.BlockSpec((None, *shape[1:]), lambda i, j: (j, 0, 0))
 
 
-def _call(kernel, ins, specs, out_shape, interpret, params=TRITON):
+def _call(kernel, ins, specs, out_shape, interpret, wide: bool = False):
   """One program per (sequence, head): the grid is the leading two axes of the outputs."""
   return pl.pallas_call(kernel, out_shape=out_shape, grid=out_shape[0].shape[:2], in_specs=specs,
                         out_specs=[_seq_spec(s.shape) for s in out_shape],
-                        compiler_params=params, interpret=interpret)(*ins)
+                        compiler_params=_compiler_params(wide), interpret=interpret)(*ins)
 
 
 # -- TTT-Linear over a whole sequence ------------------------------------------------------------
@@ -245,7 +274,7 @@ def _mlp_forward(interpret, params, ln, xq, xk, xv, eta):
            + [_seq_spec(x.shape) for x in ins[6:]])
   out_shape = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in p_list]
   out_shape.append(jax.ShapeDtypeStruct(xq.shape, jnp.float32))
-  *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret, TRITON_WIDE)
+  *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret, wide=True)
   return dict(zip(PARAM_NAMES["mlp"], new, strict=True)), xq + ttt_inner.layer_norm(z, *ln)
 
 
