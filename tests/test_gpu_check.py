@@ -28,6 +28,8 @@ def test_plan_order_and_filter():
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
       "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+noremat",
       "train:ttt_linear+cmdbuf"]
+  assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
+      "learn", "train:ttt_linear"]
   assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)
 
 

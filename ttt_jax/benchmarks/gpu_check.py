@@ -386,7 +386,9 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100)]
-  return [t for t in tasks if not only or any(t[0].startswith(o) for o in only)]
+  picked = lambda n: any(n == o[:-1] if o.endswith("$") else n.startswith(o)  # noqa: E731
+                         for o in only)
+  return [t for t in tasks if not only or picked(t[0])]
 
 
 def main(argv=None) -> int:
@@ -394,7 +396,8 @@ def main(argv=None) -> int:
   p.add_argument("--out_dir", default="runs/gpu_check")
   p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check; "
                  "tasks that do not fit are skipped (listed in the summary)")
-  p.add_argument("--only", default="", help="comma list of task name prefixes")
+  p.add_argument("--only", default="", help="comma list of task name prefixes (a trailing $: "
+                 "that task only)")
   p.add_argument("--task", default="", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
   if args.task:
