@@ -3,6 +3,7 @@
   python scripts/evaluate.py --workdir runs/swa --ctx 1k,2k,4k,8k [--max_docs 8] [--step S]
   python scripts/evaluate.py --workdir runs/full --compare runs/swa runs/ttt --ctx 1k,4k,16k
   python scripts/evaluate.py --workdir runs/swa --data books/ --ctx 4k,16k   # any text
+  python scripts/evaluate.py --workdir runs/swa --ctx 2k --stride 512   # + strided perplexity
 
 Without --data: the run's own validation split. --data SOURCE (embedded, a folder, a .jsonl file,
 tfds:NAME:SPLIT or a prepared folder) is tokenized with the run's tokenizer; --split all (the
@@ -10,6 +11,9 @@ default with --data: every document), train or validation (the hash split of dat
 Writes <workdir>/eval/results.json and PNGs (compare: <first workdir>/eval/compare_*.png); with
 --data they go to <workdir>/eval/data-<source>-<split>/ instead, so results on other text never
 replace the run's own (or each other's).
+--stride S (default eval.stride, 0 = off) adds the strided perplexity of the same documents,
+whole, at each context length: every token scored once with up to ctx tokens of context, windows
+of ctx tokens advancing by S (eval/strided.py); 1 <= S <= every ctx.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import re
 
 from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
 from ttt_jax.data.sources import source_kind
-from ttt_jax.eval import perplexity, plots
+from ttt_jax.eval import perplexity, plots, strided
 
 
 def output_dir(workdir: str, data: str | None, split: str | None) -> str:
@@ -39,19 +43,26 @@ def main(argv=None) -> None:
   ap.add_argument("--max_docs", type=positive_int, default=None,
                   help="documents (default eval.max_docs)")
   ap.add_argument("--batch_size", type=positive_int, default=None,
-                  help="documents per streamed batch")
+                  help="documents (strided: windows) per streamed batch")
+  ap.add_argument("--stride", type=positive_int, default=None,
+                  help="also strided perplexity of whole documents, windows advancing by this "
+                       "many tokens (default: the run's eval.stride, where 0 = off)")
   args = ap.parse_args(argv)
   with user_errors():
-    if args.ctx:  # a bad --ctx or --data fails before any checkpoint is read
-      perplexity.parse_ctx_list(args.ctx)
+    if args.ctx:  # a bad --ctx, --stride or --data fails before any checkpoint is read
+      ctxs = perplexity.parse_ctx_list(args.ctx)
+      if args.stride:
+        strided.check_stride(args.stride, ctxs)
     if args.data:
       source_kind(args.data, "--data")
     results = []
     for workdir, run in each_run(args):
       ctxs = perplexity.parse_ctx_list(args.ctx or run.config.eval.ctx)
-      res = perplexity.evaluate_run(run, ctxs, data=args.data, split=args.split,
-                                    max_docs=args.max_docs, chunk=args.chunk,
-                                    batch_size=args.batch_size, progress=not args.no_progress)
+      res = strided.evaluate_run(run, ctxs, stride=args.stride,
+                                 option="--stride" if args.stride else "eval.stride",
+                                 data=args.data, split=args.split, max_docs=args.max_docs,
+                                 chunk=args.chunk, batch_size=args.batch_size,
+                                 progress=not args.no_progress)
       out = output_dir(workdir, args.data, args.split)
       path = perplexity.write_json(res, os.path.join(out, "results.json"))
       pngs = plots.write_plots([res], out)

@@ -228,6 +228,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.chunk = 1024  # tokens per streamed chunk (contexts must be multiples of it, or shorter)
   ev.batch_size = 4  # documents per streamed batch
   ev.first_bucket = 128  # loss-per-position buckets: [0, b), [b, 2b), [2b, 4b), ...
+  ev.stride = 0  # > 0: also strided perplexity of whole documents (eval/strided.py); 0 = off
   return c
 
 
@@ -381,8 +382,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if v == 0 or v < -1:
       raise ConfigError(f"mesh.{key}={v} must be a positive size or -1 (fill the rest)")
   parse_rules(c.mesh.rules)
-  for key in ("max_docs", "chunk", "batch_size", "first_bucket"):
-    _check_positive(f"eval.{key}", c.eval[key])
+  for key in ("max_docs", "chunk", "batch_size", "first_bucket", "stride"):
+    _check_positive(f"eval.{key}", c.eval[key], allow_zero=key == "stride")
   for item in str(c.eval.ctx).split(","):
     if parse_ctx(item) <= 0:
       raise ConfigError(f"eval.ctx={c.eval.ctx!r}: lengths must be positive, e.g. 1k,2k,8k")

@@ -44,6 +44,7 @@ class EvalDocs(NamedTuple):
   tokens: np.ndarray  # int32 [N, max_ctx + 1], each row a document prefix starting at BOS
   skipped_short: int = 0  # documents with fewer than max_ctx + 1 tokens passed over (`passed_over`)
   longest_skipped: int = 0  # tokens of the longest of them
+  whole: tuple[np.ndarray, ...] = ()  # the same documents whole (views of the stream; strided.py)
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -99,8 +100,10 @@ def select_documents(stream, max_ctx: int, max_docs: int,
     raise ConfigError(f"ctx={max_ctx} is larger than the data allows: no document of {what} has "
                       f"{need} tokens (the longest has {longest}, so ctx <= {longest - 1})")
   rows = np.stack([stream.tokens[s:s + need] for s in stream.doc_starts[idx]]).astype(np.int32)
+  whole = tuple(stream.tokens[s:s + n] for s, n in zip(stream.doc_starts[idx], lengths[idx],
+                                                       strict=True))
   return EvalDocs(tuple(stream.names[i] for i in idx), rows, len(short),
-                  int(short.max()) if len(short) else 0)
+                  int(short.max()) if len(short) else 0, whole)
 
 
 class Source(NamedTuple):
@@ -326,9 +329,11 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
 def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
                  split: str | None = None, max_docs: int | None = None,
                  chunk: int | None = None, batch_size: int | None = None,
-                 progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
+                 progress: bool = True, echo: Callable[[str], None] | None = print,
+                 extra: Callable[[EvalDocs], dict] | None = None) -> dict:
   """Selects the documents for max(ctxs) from `split` (default: validation) of the run's data, or
-  of the source `data` (default split: all), and evaluates."""
+  of the source `data` (default split: all), and evaluates. `extra(docs)` adds more results over
+  the same documents (eval/strided.py)."""
   ev = run.config.eval
   ctxs = sorted(ctxs)
   max_docs = ev.max_docs if max_docs is None else max_docs
@@ -350,6 +355,8 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
   out = evaluate_model(run.graphdef, run.params, run.config.model, docs, ctxs, chunk=chunk,
                        batch_size=batch_size, first_bucket=ev.first_bucket, progress=progress,
                        echo=echo)
+  if extra is not None:
+    out.update(extra(docs))
   return {**run_header(run, src), "chunk": chunk, "max_docs": max_docs,
           "selection": f"first {max_docs} documents {what} with >= max(ctx)+1 tokens",
           "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped, **out}

@@ -33,7 +33,12 @@ def plot_ppl_vs_ctx(runs: Sequence[dict], path: str) -> str:
   fig, ax = plt.subplots(figsize=(6, 4))
   for res in runs:
     xs = [c["ctx"] for c in res["contexts"]]
-    ax.plot(xs, [c["ppl"] for c in res["contexts"]], marker="o", label=run_label(res))
+    line, = ax.plot(xs, [c["ppl"] for c in res["contexts"]], marker="o", label=run_label(res))
+    if res.get("strided"):
+      st = res["strided"]
+      ax.plot([c["ctx"] for c in st["contexts"]], [c["ppl"] for c in st["contexts"]],
+              marker="s", ls="--", color=line.get_color(),
+              label=f"{run_label(res)}, strided {st['stride']}")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("context length (tokens)")
@@ -125,13 +130,22 @@ def write_plots(runs: Sequence[dict], out_dir: str, prefix: str = "") -> list[st
 
 
 def ppl_table(res: dict) -> str:
-  """Per-context-length table of one run, headed by the run and the documents it scored."""
+  """Per-context-length table of one run, headed by the run and the documents it scored, with the
+  strided perplexity beside it when the run has one (eval/strided.py)."""
   head = f"{run_label(res)}, step {res.get('step')}"
   if res.get("source") is not None:
     head += f", on {res['source']} ({res['split']})"
-  lines = [head, f"{'ctx':>8} {'ppl':>10} {'nll':>8} {'tokens':>12}"]
+  st = res.get("strided") or {"contexts": []}
+  by_ctx = {c["ctx"]: c for c in st["contexts"]}
+  more = f" {'strided ppl':>12} {'nll':>8} {'tokens':>12}" if by_ctx else ""
+  lines = [head, f"{'ctx':>8} {'ppl':>10} {'nll':>8} {'tokens':>12}{more}"]
   for c in res["contexts"]:
-    lines.append(f"{c['ctx']:>8} {c['ppl']:>10.3f} {c['mean_nll']:>8.4f} {c['tokens']:>12,}")
+    s = by_ctx.get(c["ctx"])
+    more = f" {s['ppl']:>12.3f} {s['mean_nll']:>8.4f} {s['tokens']:>12,}" if s else ""
+    lines.append(f"{c['ctx']:>8} {c['ppl']:>10.3f} {c['mean_nll']:>8.4f} {c['tokens']:>12,}{more}")
+  if by_ctx:
+    lines.append(f"ppl: first ctx tokens of each document at context ctx; strided ppl: whole "
+                 f"documents, windows of ctx advancing by {st['stride']}, each token once")
   return "\n".join(lines)
 
 
