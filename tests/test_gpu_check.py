@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ttt_jax.benchmarks import gpu_check, gpu_report
+from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks
 
 
 def test_without_a_gpu_one_line_and_exit_0(tmp_path):
@@ -72,19 +72,20 @@ def test_a_gpu_that_this_jax_cannot_use_is_an_error(monkeypatch, capsys):
 def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   """The two diagnostic tasks at the toy preset on CPU (the Pallas kernels interpreted; cuDNN
   is refused here and that is recorded), then their rows in the summary."""
-  monkeypatch.setattr(gpu_check, "LEARN_CASES", (
+  monkeypatch.setattr(gpu_tasks, "LEARN_CASES", (
       ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
       ("transformer/xla", {"attention_impl": "xla"}, "none")))
-  monkeypatch.setattr(gpu_check, "TUNE_CASES", ((4, 1), (2, 2)))
-  learn = gpu_check.task_learn(steps=3, preset="quick")
+  monkeypatch.setattr(gpu_tasks, "TUNE_CASES", ((4, 1), (2, 2)))
+  learn = gpu_tasks.task_learn(steps=3, preset="quick")
   assert "needs a GPU" in learn["transformer/cudnn"]["error"]
   xla = learn["transformer/xla"]
   assert xla["finite"] == [1.0, 1.0, 1.0] and xla["loss"][-1] < xla["loss"][0]
-  tune = gpu_check.task_tune(preset="quick")
+  tune = gpu_tasks.task_tune(preset="quick")
   assert list(tune) == ["dual/highest", "pallas/highest/w4s1", "dual/default",
                         "pallas/default/w4s1", "pallas/default/w2s2"]
   assert tune["dual/highest"]["rel_err_vs_ieee_dual"] == 0.0
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune.items() if "pallas" in k)
+  learn["task_s"], tune["task_s"] = 30.0, 40.0  # as the orchestrator adds them
   text = open(gpu_report.write_markdown({"learn": learn, "tune": tune},
                                         str(tmp_path / "g.md"))).read()
   assert "| transformer/cudnn | error (ConfigError: model.attention_impl='cudnn'" in text

@@ -122,6 +122,8 @@ def _learn(results: dict) -> list[str]:
          "| attention | compile | loss per step | grad norm, first -> last | non-finite steps |",
          "|---|---|---|---|---|"]
   for name, r in rows.items():
+    if not isinstance(r, dict):
+      continue  # task_s
     if _status(r):
       out.append(f"| {name} | {_status(r)} | | | |")
       continue
@@ -142,6 +144,8 @@ def _tune(results: dict) -> list[str]:
          "| impl / precision / launch | compile | fwd+bwd | rel. err vs IEEE dual |",
          "|---|---|---|---|"]
   for name, r in rows.items():
+    if not isinstance(r, dict):
+      continue  # task_s
     if _status(r):
       out.append(f"| {name} | {_status(r)} | | |")
     else:

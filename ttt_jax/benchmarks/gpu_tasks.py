@@ -1,0 +1,342 @@
+"""The tasks of `make gpu-check` (ttt_jax/benchmarks/gpu_check.py lists them): each runs in a
+child process and returns one JSON-able dict. Imports are local so a child loads only what its
+task needs."""
+
+from __future__ import annotations
+
+import time
+
+# K-dual / K-pallas force model.ttt.impl; plain K runs the default (auto: TTT-Linear on one GPU
+# takes the Pallas kernels)
+TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_mlp-pallas",
+         "e2e-pretrain", "e2e-meta")
+STREAM_LENGTHS = (8192, 32768, 131072)
+ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
+VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
+                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
+            "noremat": ""}  # a config variant (task_train), no flags
+
+
+def _rel(a, b) -> float:
+  import numpy as np  # noqa: PLC0415
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _tree_rel(a, b) -> float:
+  import jax  # noqa: PLC0415
+
+  return max(jax.tree.leaves(jax.tree.map(_rel, a, b)))
+
+
+def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+  from ttt_jax.benchmarks.common import interleaved  # noqa: PLC0415
+
+  return interleaved({"fn": fn}, repeats, warmup, echo=lambda s: None)["fn"]["median_s"]
+
+
+# -- tasks (each runs in a child process) ---------------------------------------------------------
+def task_env() -> dict:
+  import importlib.metadata as md  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  dev = jax.devices()[0]
+  versions = {}
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+    try:
+      versions[name] = md.version(name)
+    except md.PackageNotFoundError:
+      versions[name] = None
+  n = 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+  mm = jax.jit(jnp.dot).lower(a, b).compile()
+  t = _median_time(lambda: mm(a, b), repeats=10, warmup=3)
+  return {"device": dev.device_kind, "platform": dev.platform, "versions": versions,
+          "bf16_matmul_flops_per_s": 2 * n**3 / t}
+
+
+def task_attention() -> dict:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ttt_jax.layers.attention import AttentionAlgorithm, dot_product_attention  # noqa: PLC0415
+
+  out = {}
+  t, h, d = ATTENTION_SHAPE
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, probe = (jax.random.normal(kk, (1, t, h, d), jnp.float32) for kk in keys)
+  pos = jnp.arange(t, dtype=jnp.int32)
+  for window in (None, 1024):
+    def loss(q, k, v, algo, window=window):
+      o = dot_product_attention(q, k, v, pos, pos, window, ordered=True, algorithm=algo)
+      return jnp.sum(o.astype(jnp.float32) * probe), o
+
+    with jax.default_matmul_precision("highest"):
+      ref = jax.jit(jax.value_and_grad(
+          lambda q, k, v: loss(q, k, v, AttentionAlgorithm("blockwise"))[0],
+          argnums=(0, 1, 2)))(q, k, v)
+    row = {}
+    for impl in ("blockwise", "xla", "cudnn"):
+      algo = AttentionAlgorithm(impl=impl)
+      fn = jax.jit(jax.value_and_grad(lambda q, k, v, algo=algo: loss(q, k, v, algo)[0],
+                                      argnums=(0, 1, 2)))
+      args = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+      try:
+        val, grads = fn(*args)
+        row[impl] = {"value_rel_err": abs(float(val) - float(ref[0])) / abs(float(ref[0])),
+                     "grad_rel_err": _tree_rel(tuple(g.astype(jnp.float32) for g in grads),
+                                                  tuple(ref[1])),
+                     "fwd_bwd_s": _median_time(lambda fn=fn, args=args: fn(*args))}
+      except Exception as e:  # noqa: BLE001
+        row[impl] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    out[f"window={window}"] = row
+  return out
+
+
+def task_pallas() -> dict:
+  import functools  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
+  from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  interpret = jax.default_backend() != "gpu"  # CPU smoke runs
+  n, bsz, h, b, d = 8, 2, 4, 16, 64
+  f = lambda *s, sc=1.0: jnp.asarray(sc * rng.standard_normal(s), jnp.float32)  # noqa: E731
+  xs = (f(n, bsz, h, b, d), f(n, bsz, h, b, d), f(n, bsz, h, b, d))
+  gate = jnp.asarray(rng.uniform(0.1, 0.9, (n, bsz, h, b)), jnp.float32)
+  ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
+  out = {}
+  for kind in ("linear", "mlp"):
+    eta = ttt_inner.token_lr(gate, f(b, sc=0.1), {"linear": 1.0, "mlp": 0.1}[kind], d)
+    if kind == "linear":
+      params = {"w": f(bsz, h, d, d, sc=0.3), "b": f(bsz, h, 1, d, sc=0.1)}
+      kern = lambda p, ln, *x: ttt_pallas.linear_sequence(p, ln, *x,  # noqa: E731
+                                                          interpret=interpret)
+    else:
+      params = {"w1": f(bsz, h, d, 4 * d, sc=0.3), "b1": f(bsz, h, 1, 4 * d, sc=0.1),
+                "w2": f(bsz, h, 4 * d, d, sc=0.3), "b2": f(bsz, h, 1, d, sc=0.1)}
+      step = functools.partial(ttt_pallas.mlp_step, interpret)
+      kern = lambda p, ln, *x, step=step: ttt_inner.scan_minibatches(step, p, ln, x, 4)  # noqa: E731
+    dual = lambda p, ln, *x, kind=kind: ttt_dual.dual_sequence(kind, p, ln, *x, 4)  # noqa: E731
+    probe = f(n, bsz, h, b, d)
+
+    def vg(fn, probe=probe):
+      def obj(*a):
+        final, z = fn(*a)
+        return jnp.sum(z * probe) + sum(jnp.sum(jnp.sin(w)) for w in jax.tree.leaves(final))
+      return jax.jit(jax.value_and_grad(obj, argnums=tuple(range(6))))
+
+    with jax.default_matmul_precision("highest"):
+      v_d, g_d = vg(dual)(params, ln, *xs, eta)
+      v_k, g_k = vg(kern)(params, ln, *xs, eta)
+    out[kind] = {"value_rel_err": abs(float(v_k) - float(v_d)) / abs(float(v_d)),
+                 "grad_rel_err": _tree_rel(g_k, g_d)}
+  size = PRESETS["gpu"]
+  x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
+  for layer in ("ttt_linear",):  # TTT-MLP's kernel: 3.0x slower than dual (H200, 2026-12-04)
+    for impl in ("dual", "pallas"):
+      t0 = time.perf_counter()
+      fn, params = _ttt_fwd_bwd(layer, size, impl, x)
+      compiled = fn.lower(params, x).compile()
+      out[f"{layer}/{impl}"] = {"compile_s": time.perf_counter() - t0,
+                                "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
+  return out
+
+
+LEARN_CASES = (("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
+               ("transformer/xla", {"attention_impl": "xla"}, "full"),
+               ("transformer/cudnn/noremat", {"attention_impl": "cudnn"}, "none"))
+
+
+def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
+  """The transformer's first `steps` train steps on one batch of random bytes with each attention
+  implementation, from the same initialisation: a step that learns lowers the loss (the batch's
+  bigrams can be memorised), a skipped non-finite step leaves it where it was."""
+  import dataclasses  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+
+  out = {}
+  for name, overrides, remat in LEARN_CASES:
+    try:
+      size = dataclasses.replace(PRESETS[preset], remat=remat)
+      _, compiled, state, batch, info = _train_setup("transformer", size, overrides=overrides)
+      rows = []
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+        rows.append({k: float(v) for k, v in jax.device_get(metrics).items()
+                     if k in ("loss", "grad_norm", "lr", "finite")})
+      out[name] = {"compile_s": info["compile_s"],
+                   **{k: [r[k] for r in rows] for k in rows[0]}}
+    except Exception as e:  # noqa: BLE001
+      out[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+  return out
+
+
+# (num_warps, num_stages), the first the default (ttt_pallas.Tuning). H200, 2026-12-04: 2 warps
+# took 9x longer (29 ms) and are no longer tried.
+TUNE_CASES = ((4, 3), (4, 1), (4, 4), (8, 3))
+
+
+def task_tune(preset: str = "gpu") -> dict:
+  """TTT-Linear layer fwd+bwd at the gpu preset: the dual form and the kernels at each precision,
+  the kernels over `TUNE_CASES`; each precision's error against the IEEE dual form."""
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  size = PRESETS[preset]
+  x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
+  out, ref = {}, None
+  for precision in ("highest", "default"):
+    # IEEE: the current launch parameters only; the sweep is at the default (TF32 on a GPU)
+    sweep = TUNE_CASES if precision == "default" else TUNE_CASES[:1]
+    for impl, cases in (("dual", [None]), ("pallas", sweep)):
+      for case in cases:
+        name = f"{impl}/{precision}" + (f"/w{case[0]}s{case[1]}" if case else "")
+        try:
+          tune = {} if case is None else {"num_warps": case[0], "num_stages": case[1]}
+          with jax.default_matmul_precision(precision), ttt_pallas.tuning(**tune):
+            t0 = time.perf_counter()
+            fn, params = _ttt_fwd_bwd("ttt_linear", size, impl, x)
+            compiled = fn.lower(params, x).compile()
+          row = {"compile_s": time.perf_counter() - t0,
+                 "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
+          result = compiled(params, x)
+          if ref is None:
+            ref = result
+          row["rel_err_vs_ieee_dual"] = _tree_rel(result, ref)
+        except Exception as e:  # noqa: BLE001
+          row = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+        out[name] = row
+  return out
+
+
+def task_e2e() -> dict:
+  import dataclasses  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
+  from ttt_jax.layers.common import building_for  # noqa: PLC0415
+  from ttt_jax.models import build_model  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  # the preset's structure (8 layers: a suffix of 2) at a width the CPU side compiles quickly
+  size = dataclasses.replace(PRESETS["gpu"], d_model=256, num_heads=4, intermediate=768,
+                             seq_len=512, batch=2, e2e_chunk=128, dtype="float32")
+  cfg = model_config("e2e-meta", size)
+  tokens = np.random.default_rng(0).integers(0, 256, (2, size.seq_len + 1)).astype(np.int32)
+  batch = {"tokens": tokens}
+  res = {}
+  here = jax.default_backend()
+  for platform in (here, "cpu") if here != "cpu" else ("cpu",):
+    device = jax.devices(platform)[0]
+    with building_for(platform), jax.default_device(device):
+      graphdef, params = nnx.split(build_model(cfg.model, 0))
+
+      def loss(p, graphdef=graphdef):
+        return nnx.merge(graphdef, p).compute_loss(batch, None)[0]
+
+      with jax.default_matmul_precision("highest"):
+        res[platform] = jax.jit(jax.value_and_grad(loss))(jax.device_put(params, device))
+  out = {"fp32_loss_gpu": float(res[here][0]), "fp32_loss_cpu": float(res["cpu"][0]),
+         "fp32_grad_rel_err": _tree_rel(jax.device_get(res[here][1]),
+                                        jax.device_get(res["cpu"][1]))}
+  cfg16 = model_config("e2e-meta", dataclasses.replace(size, dtype="bfloat16"))
+  trainer = Trainer.create(cfg16)
+  state = trainer.init_state()
+  state, metrics = trainer.train_step(state, trainer.device_batch(batch))
+  out["bf16_meta_step_loss"] = float(metrics["loss"])
+  out["bf16_kernels"] = {"prefix": trainer.model(state.params).blocks[0].mixer.algorithm.impl,
+                         "inner_loop": trainer.model(state.params).inner_attention.impl}
+  return out
+
+
+def task_train(kind: str, variant: str = "") -> dict:
+  """Kind K at the gpu preset (variant 'noremat': without layer remat)."""
+  import dataclasses  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+
+  base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
+  overrides = {"ttt.impl": impl} if impl else {}
+  size = PRESETS["gpu"]
+  if variant == "noremat":
+    size = dataclasses.replace(size, remat="none")
+  _, compiled, state, batch, info = _train_setup(base, size, overrides=overrides)
+  return _time_steps(compiled, state, batch, info)
+
+
+def task_train_125m(kind: str) -> dict:
+  """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
+  from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
+  from ttt_jax.config import validate  # noqa: PLC0415
+
+  cfg = load_preset(preset_spec(kind, "125m", "8k"))
+  cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
+  _, compiled, state, batch, info = train_setup_from_config(validate(cfg))
+  info["seq_len"] = cfg.data.seq_len
+  return _time_steps(compiled, state, batch, info)
+
+
+def _time_steps(compiled, state, batch, info: dict) -> dict:
+  """Median step time; the steps' losses and finite flags (all on one batch: a healthy step
+  lowers the loss) are kept, so a run whose updates are all skipped as non-finite shows."""
+  holder, history = {"state": state}, []
+
+  def step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    history.append((metrics["loss"], metrics["finite"]))
+    return metrics["loss"]
+
+  info["median_s"] = _median_time(step, repeats=7, warmup=2)
+  info["loss"] = float(step())
+  info["losses"] = [float(loss) for loss, _ in history]
+  info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
+  return info
+
+
+def task_stream(kind: str) -> dict:
+  import dataclasses  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import streaming  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+
+  size = dataclasses.replace(PRESETS["gpu"], repeats=3, warmup=1, decode_steps=16)
+  return streaming.bench_streaming(size, [kind], STREAM_LENGTHS, prefill=True, decode=True,
+                                   echo=lambda s: print(s, flush=True))["kinds"][kind]
+
+
+TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e2e": task_e2e,
+         "learn": task_learn, "tune": task_tune}
+
+
+def run_task(name: str) -> dict:
+  name, _, variant = name.partition("+")  # a variant's XLA flags were set by the parent
+  if name.startswith("train:"):
+    return task_train(name.split(":", 1)[1], variant)
+  if name.startswith("train125m:"):
+    return task_train_125m(name.split(":", 1)[1])
+  if name.startswith("stream:"):
+    return task_stream(name.split(":", 1)[1])
+  return TASKS[name]()
