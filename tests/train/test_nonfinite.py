@@ -150,12 +150,15 @@ def test_rollback_logs_every_step_once(tmp_path):
   assert train == list(range(1, 9))
 
 
-def test_truncate_metrics_drops_later_and_broken_records(tmp_path):
+def test_truncate_metrics_drops_later_records_and_moves_a_cut_line_aside(tmp_path):
   path = tmp_path / METRICS_FILE
   rows = [{"step": s, "split": "train", "loss": float(s)} for s in range(1, 6)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "spl')
-  assert truncate_metrics(str(tmp_path), 3) == 3
+  logs = []
+  assert truncate_metrics(str(tmp_path), 3, echo=logs.append) == 2
   assert [r["step"] for r in strict_records(tmp_path)] == [1, 2, 3]
+  assert len(logs) == 1 and "line 6 is damaged" in logs[0], logs
+  assert (tmp_path / f"{METRICS_FILE}.damaged.1").read_text() == '{"step": 6, "spl\n'
   assert truncate_metrics(str(tmp_path), 3) == 0
 
 
