@@ -1,6 +1,7 @@
 """A run's records survive what happens to it: damaged lines of metrics.jsonl are named and moved
-aside (never dropped or a traceback), and every logged step is on disk for TensorBoard when a
-kill comes."""
+aside (never dropped or a traceback), every logged step is on disk for TensorBoard when a kill
+comes, a validation cut off by a kill is done on resume, and a divergence names the newest
+checkpoint on disk."""
 
 from __future__ import annotations
 
@@ -10,9 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
+import jax.numpy as jnp
+import pytest
+
+from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train.events import read_events
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter, read_metrics
+from ttt_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
+
+from .test_nonfinite import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -103,3 +113,70 @@ def test_empty_event_files_of_killed_writers_are_removed(tmp_path):
   empty.write_bytes(b"")
   MetricWriter(str(tmp_path), echo=lambda s: None).close()
   assert not empty.exists() and len(os.listdir(tmp_path / "tensorboard")) == 1
+
+
+def test_a_validation_cut_off_after_its_checkpoint_is_done_on_resume(tmp_path, monkeypatch):
+  """The run saved step 4 and stopped while evaluating it (a kill): the resumed run writes the
+  validation record of step 4 before it trains on."""
+  c = tiny_config(steps=4)
+  c.train.eval_every, c.checkpoint.every_steps = 4, 4
+  real = Trainer.evaluate
+
+  def killed(self, params, step, num_batches):
+    raise KeyboardInterrupt  # stands for the kill: the checkpoint of step 4 is committed
+
+  monkeypatch.setattr(Trainer, "evaluate", killed)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(c, str(tmp_path), echo=lambda s: None)
+  assert ckpt.complete_steps(str(tmp_path / "checkpoints")) == [4]
+  assert read_metrics(str(tmp_path), "validation") == []
+  monkeypatch.setattr(Trainer, "evaluate", real)
+  c.train.steps = 6
+  out = train_and_evaluate(c, str(tmp_path), echo=lambda s: None)
+  assert out["start_step"] == 4
+  assert [r["step"] for r in read_metrics(str(tmp_path), "validation")] == [4, 6]
+  assert event_steps(tmp_path, "validation/") == [4, 6]
+  # resumed again at a step whose validation is logged: not evaluated twice
+  c.train.steps = 8
+  train_and_evaluate(c, str(tmp_path), echo=lambda s: None)
+  assert [r["step"] for r in read_metrics(str(tmp_path), "validation")] == [4, 6, 8]
+
+
+def test_divergence_names_the_checkpoint_still_being_written(tmp_path, monkeypatch):
+  """Step 7 diverges while the save of step 6 is still in flight (slowed down here): the error
+  names step 6, which is on disk when the run exits (it named step 4)."""
+  real_save, real_wait = ckpt.RunCheckpoints.save, ckpt.RunCheckpoints.wait
+  in_flight: list[threading.Thread] = []
+
+  def slow_save(self, step, *args, **kwargs):
+    """Step 6 is written, then hidden until `wait` (or 1 s) as if still being written."""
+    saved = real_save(self, step, *args, **kwargs)
+    if step == 6:
+      real_wait(self)
+      path = self.step_path(step)
+      os.rename(path, path + ".writing")
+      t = threading.Thread(target=lambda: (time.sleep(1.0), os.rename(path + ".writing", path)))
+      t.start()
+      in_flight.append(t)
+    return saved
+
+  def wait(self):
+    while in_flight:
+      in_flight.pop().join()
+    real_wait(self)
+
+  monkeypatch.setattr(ckpt.RunCheckpoints, "save", slow_save)
+  monkeypatch.setattr(ckpt.RunCheckpoints, "wait", wait)
+  monkeypatch.setattr(ckpt.RunCheckpoints, "close", lambda self: (wait(self),
+                                                                  self._mngr.close()))
+  real_loss = Trainer.loss_fn
+
+  def loss_fn(self, params, batch, step):
+    loss, metrics = real_loss(self, params, batch, step)
+    loss = jnp.where(step == 6, jnp.nan, loss)  # the update completing step 7
+    return loss, dict(metrics, loss=loss)
+
+  monkeypatch.setattr(Trainer, "loss_fn", loss_fn)
+  with pytest.raises(NonFiniteError, match=r"at step 7 .*last checkpoint: step 6\."):
+    train_and_evaluate(tiny_config(), str(tmp_path), echo=lambda s: None)
+  assert ckpt.complete_steps(str(tmp_path / "checkpoints")) == [2, 4, 6]

@@ -68,6 +68,14 @@ def is_complete_step(path: str) -> bool:
     return False
 
 
+def complete_steps(directory: str) -> list[int]:
+  """The complete steps in a checkpoints directory, read from disk (oldest first)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and is_complete_step(os.path.join(directory, n)))
+
+
 def log_main(echo, msg: str) -> None:
   """`echo(msg)` on process 0 only."""
   if jax.process_index() == 0:
@@ -322,8 +330,7 @@ def check_load_from(config: ml_collections.ConfigDict) -> None:
   if not os.path.isdir(directory):
     raise ConfigError(f"checkpoint.load_from={ckc.load_from!r}: no checkpoints directory "
                       f"{directory}")
-  if not any(n.isdigit() and is_complete_step(os.path.join(directory, n))
-             for n in os.listdir(directory)):
+  if not complete_steps(directory):
     raise ConfigError(f"checkpoint.load_from={ckc.load_from!r}: no complete checkpoint in "
                       f"{directory}")
 

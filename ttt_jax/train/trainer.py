@@ -293,7 +293,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     peak *= jax.device_count()
     log(f"MFU against {peak / 1e12:.3g} TFLOP/s peak ({jax.device_count()} x {peak_source}), "
         f"{flops_per_token / 1e6:.3g} MFLOP per token")
-  speed.update(start)
   last_val: dict[str, float] = {}
   preempted = False
   skipped = 0
@@ -325,6 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     what = (f"non-finite loss={metrics['loss']:.4g} / grad_norm={metrics['grad_norm']:.4g} at "
             f"step {d.step} (batch at data position {d.position}); its update was not applied")
     if skipped > tr.skip_nonfinite:
+      if checkpoints is not None:
+        checkpoints.wait()  # a save in flight is on disk before the error names the last one
       last = None if checkpoints is None else checkpoints.latest_step()
       raise NonFiniteError(
           f"{what}; stopping after {skipped} such step(s) (train.skip_nonfinite="
@@ -335,6 +336,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
 
   pending: _Dispatched | None = None
   try:
+    if start >= tr.steps:
+      log(f"run already complete at step {start} (train.steps={tr.steps})")
+    if start >= tr.steps or (start and start % tr.eval_every == 0
+                             and not writer.logged(start, "validation")):
+      # a resumed run evaluates its first step when the run before it saved that step but
+      # stopped before its validation record was written
+      last_val = trainer.evaluate(state.params, start, tr.eval_batches)
+      if not writer.logged(start, "validation"):
+        writer.write(start, last_val, "validation")
+    speed.update(start)
     with ckpt.PreemptionWatch() as watch:
       for step in range(start, tr.steps):
         position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
@@ -362,9 +373,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
           speed.update(done)  # do not count eval time as training time
       if pending is not None:
         finish(pending)
-    if start >= tr.steps and not preempted:
-      log(f"run already complete at step {start} (train.steps={tr.steps})")
-      last_val = trainer.evaluate(state.params, start, tr.eval_batches)
   finally:
     bar.close()
     writer.close()
