@@ -118,7 +118,7 @@ def _learn(results: dict) -> list[str]:
     return []
   if _status(rows):
     return ["## Does the transformer learn?", "", f"learn: {_status(rows)}", ""]
-  out = ["## Does the transformer learn? (gpu preset, 10 steps on one batch, same init)", "",
+  out = ["## Does the transformer learn? (gpu preset, first steps on one batch, same init)", "",
          "| attention | compile | loss per step | grad norm, first -> last | non-finite steps |",
          "|---|---|---|---|---|"]
   for name, r in rows.items():
