@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
+from ttt_jax.train.diskspace import check_space, tree_bytes
 
 CKPT_DIR = "checkpoints"
 DISCARDED_DIR = "checkpoints_discarded"
@@ -74,6 +75,17 @@ def complete_steps(directory: str) -> list[int]:
     return []
   return sorted(int(n) for n in os.listdir(directory)
                 if n.isdigit() and is_complete_step(os.path.join(directory, n)))
+
+
+def kept_after_disk_full(directory: str) -> str:
+  """What a run stopped by a full disk keeps of its checkpoints `directory`, and how to go on."""
+  steps = complete_steps(directory)
+  if not steps:
+    return "no checkpoint was written yet: free space there and rerun"
+  older = (f" (e.g. the older steps {', '.join(map(str, steps[:-1]))} in {directory} can go)"
+           if len(steps) > 1 else "")
+  return (f"the last checkpoint, step {steps[-1]} ({os.path.join(directory, str(steps[-1]))}), "
+          f"is kept: free space there{older} and rerun the same command to resume from it")
 
 
 def log_main(echo, msg: str) -> None:
@@ -247,9 +259,14 @@ class RunCheckpoints:
   # -- save / restore ----------------------------------------------------------------------------
   def save(self, step: int, state, data_state: dict | None, config: ml_collections.ConfigDict,
            *, wait: bool = False) -> bool:
-    """Saves (collectively, on every process); async unless `wait`. Skips an existing step."""
+    """Saves (collectively, on every process); async unless `wait`. Skips an existing step.
+    A save starts only when the bytes of its arrays are free on the device (else DiskFull, the
+    earlier checkpoints untouched); the one before it has finished by then."""
     if step in self._mngr.all_steps():
       return False
+    self._mngr.wait_until_finished()  # (Orbax's save waits for it too)
+    check_space(self.directory, tree_bytes((state.params, state.opt_state)),
+                f"checkpoint step {step}")
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),

@@ -202,6 +202,23 @@ class MetricWriter:
               None if tb is None else tb.close, failing=False)
 
 
+class Throughput:
+  """Tokens/s between calls, excluding the first (compiling) interval."""
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self._t = None
+    self._step = None
+
+  def update(self, step: int) -> float | None:
+    now = time.perf_counter()
+    rate = None
+    if self._t is not None and step > self._step:
+      rate = (step - self._step) * self.tokens_per_step / (now - self._t)
+    self._t, self._step = now, step
+    return rate
+
+
 def _fmt(v: float) -> str:
   return f"{v:.4g}" if not math.isfinite(v) or abs(v) < 1e4 else f"{v:.0f}"
 

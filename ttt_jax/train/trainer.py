@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -27,8 +26,9 @@ from ttt_jax.models import build_model
 from ttt_jax.sharding import activation_sharding, constrain, rules_from_config
 from ttt_jax.train import checkpoint as ckpt
 from ttt_jax.train import sharding as shd
+from ttt_jax.train.diskspace import check_space, close_all, tree_bytes
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
-from ttt_jax.train.metrics import MetricWriter, validation_metrics
+from ttt_jax.train.metrics import MetricWriter, Throughput, validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
 from ttt_jax.train.resume import start_run
 from ttt_jax.train.workdir import exclusive_workdir
@@ -227,23 +227,6 @@ def tokens_per_step(config: ml_collections.ConfigDict) -> int:
   return config.data.batch_size * config.data.seq_len
 
 
-class Throughput:
-  """Tokens/s between calls, excluding the first (compiling) interval."""
-
-  def __init__(self, tokens_per_step: int):
-    self.tokens_per_step = tokens_per_step
-    self._t = None
-    self._step = None
-
-  def update(self, step: int) -> float | None:
-    now = time.perf_counter()
-    rate = None
-    if self._t is not None and step > self._step:
-      rate = (step - self._step) * self.tokens_per_step / (now - self._t)
-    self._t, self._step = now, step
-    return rate
-
-
 class NonFiniteError(RuntimeError):
   """Training met more non-finite losses/gradients than `train.skip_nonfinite` allows."""
 
@@ -281,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       f"batch {config.data.batch_size}")
   run = start_run(config, workdir, trainer, echo=log)
   state, start, checkpoints = run.state, run.step, run.checkpoints
-  writer = MetricWriter(workdir, echo=log, first_step=start)
+  writer: MetricWriter | None = None
   it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
   if run.data_state:
     it.set_state(run.data_state)
@@ -335,7 +318,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     log(f"warning: {what}; skipped ({skipped} of train.skip_nonfinite={tr.skip_nonfinite})")
 
   pending: _Dispatched | None = None
+  failing = True
   try:
+    if checkpoints is not None and start < tr.steps:  # the next save must fit: checked first
+      check_space(checkpoints.directory, tree_bytes((state.params, state.opt_state)),
+                  "a checkpoint of this run")
+    writer = MetricWriter(workdir, echo=log, first_step=start)
     if start >= tr.steps:
       log(f"run already complete at step {start} (train.steps={tr.steps})")
     if start >= tr.steps or (start and start % tr.eval_every == 0
@@ -373,10 +361,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
           speed.update(done)  # do not count eval time as training time
       if pending is not None:
         finish(pending)
-  finally:
-    bar.close()
-    writer.close()
-    if checkpoints is not None:
-      checkpoints.close()  # waits for an async save in flight
+    failing = False
+  finally:  # closing the checkpoints waits for an async save in flight
+    close_all(bar.close, None if writer is None else writer.close,
+              None if checkpoints is None else checkpoints.close, failing=failing)
   return {"state": state, "history": history, "val": last_val, "trainer": trainer,
           "start_step": start, "preempted": preempted, "skipped_nonfinite": skipped}

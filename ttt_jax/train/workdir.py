@@ -32,7 +32,8 @@ from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError, validate
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.train.checkpoint import check_load_from
+from ttt_jax.train.checkpoint import CKPT_DIR, check_load_from, kept_after_disk_full
+from ttt_jax.train.diskspace import DiskFull, block_bytes, is_disk_full, reported_as_disk_full
 
 LOCK_FILE = "run.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -149,6 +150,9 @@ class WorkdirLock:
       os.makedirs(self.workdir, exist_ok=True)
       fd = self._open_locked()
     except OSError as e:
+      if is_disk_full(e):
+        raise DiskFull(self.workdir, f"its lock file {self.path}", block_bytes(self.workdir)
+                       ) from None
       raise ConfigError(f"--workdir {self.workdir}: cannot write a run there "
                         f"({e.strerror or type(e).__name__})") from None
     try:
@@ -172,8 +176,13 @@ class WorkdirLock:
             "start_ticks": stat[1] if stat else None}
       os.ftruncate(fd, 0)
       os.lseek(fd, 0, os.SEEK_SET)
-      os.write(fd, (json.dumps(me) + "\n").encode())
-      os.fsync(fd)
+      try:
+        os.write(fd, (json.dumps(me) + "\n").encode())
+        os.fsync(fd)
+      except OSError as e:  # a full disk: the flock alone holds the workdir; the run's own
+        if not is_disk_full(e):  # start-up check then names the space a checkpoint needs
+          raise
+        os.ftruncate(fd, 0)
     except BaseException:
       os.close(fd)
       raise
@@ -234,7 +243,11 @@ def exclusive_workdir(train_fn):
 
   @functools.wraps(train_fn)
   def wrapper(config, workdir, *args, echo=print, data=None, **kwargs):
-    with claim(config, workdir, echo=echo, data=data) as checked:
+    def kept() -> str:
+      return kept_after_disk_full(os.path.join(workdir, CKPT_DIR))
+
+    with (claim(config, workdir, echo=echo, data=data) as checked,
+          reported_as_disk_full(workdir, kept)):  # a full disk: one line, what is kept
       return train_fn(config, workdir, *args, echo=echo, data=checked, **kwargs)
 
   return wrapper
