@@ -110,8 +110,15 @@ def test_every_position_is_scored_once(length, ctx, stride):
       assert seen.min() >= ctx - stride + 1 and seen.max() <= ctx and end - first <= stride
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_strided_equals_slow_references_and_compiles_once(kind, tiny_model):
+# The stride-1 reference compiles a forward for every prefix length (16 per kind): in `make test`
+# for one kind, for all under `make test-slow`
+STRIDES = [pytest.param(k, (1, 5, CTX), marks=() if k == "swa" else pytest.mark.slow,
+                        id=f"{k}-per-token") for k in KINDS]
+STRIDES += [pytest.param(k, (5, CTX), id=f"{k}-windows") for k in KINDS if k != "swa"]
+
+
+@pytest.mark.parametrize("kind,strides", STRIDES)
+def test_strided_equals_slow_references_and_compiles_once(kind, strides, tiny_model):
   """Batched, padded windows (3 per batch, the last batch and each last window short) give the
   NLL of a fresh forward per token at stride 1, and of the plain window loop at strides 5 and
   16; one compiled chunk step and cache initializer serve every window of every stride."""
@@ -119,7 +126,7 @@ def test_strided_equals_slow_references_and_compiles_once(kind, tiny_model):
   docs = documents([41, 12, 30])  # 12 < ctx: one short window
   step_fn, init_fn = P.make_chunk_step(graphdef), P.make_init_cache(graphdef)
   forward = fresh_forward(graphdef)
-  for stride in (1, 5, CTX):
+  for stride in strides:
     got = S.strided_nll(graphdef, params, docs, CTX, stride, chunk=CHUNK, batch_size=3,
                         step_fn=step_fn, init_fn=init_fn)
     assert [len(g) for g in got] == [40, 11, 29] and not np.isnan(np.concatenate(got)).any()
