@@ -101,7 +101,8 @@ def test_every_entry_point_resolves_the_data_config_once(folders, tmp_path, monk
   monkeypatch.setattr(sources, "source_kind", counted("source_kind", sources.source_kind))
   monkeypatch.setattr(dataset_lib, "get_tokenizer",
                       counted("get_tokenizer", dataset_lib.get_tokenizer))
-  monkeypatch.setattr(prepare, "PreparedData", counted("PreparedData", prepare.PreparedData))
+  monkeypatch.setattr(dataset_lib, "PreparedData",
+                      counted("PreparedData", dataset_lib.PreparedData))
   workdir = str(tmp_path / "run")
   out = train_and_evaluate(tiny_run_config(prep), workdir, echo=lambda s: None)
   assert out["trainer"].data.prepared is not None and np.isfinite(out["val"]["loss"])

@@ -9,6 +9,7 @@ import pytest
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import pipeline, prepare, sources
 from ttt_jax.data.dataset import Dataset
+from ttt_jax.data.prepared import PreparedData
 from ttt_jax.data.tokenizers import get_tokenizer
 
 TEXTS = {
@@ -53,7 +54,7 @@ def _windows(source, seq_len=32, split="train", **kw):
 
 def test_every_document_comes_back_exactly(corpus, prepared):
   out, meta = prepared
-  data = prepare.PreparedData(str(out))
+  data = PreparedData(str(out))
   part = data.split("train")
   tok = get_tokenizer("bytes")
   expect = {n: t for n, t in sources.get_documents(str(corpus), None)}
@@ -73,7 +74,7 @@ def test_packed_windows_equal_the_in_memory_stream(corpus, prepared):
   out, _ = prepared
   L = 32
   src = _windows(out, L)
-  part = prepare.PreparedData(str(out)).split("train")
+  part = PreparedData(str(out)).split("train")
   stream = pipeline.build_stream_from_arrays((part[i] for i in range(len(part))), part.names,
                                              get_tokenizer("bytes"))
   ref = pipeline.WindowSource(stream.tokens, L)
@@ -86,7 +87,7 @@ def test_long_document_windows_stay_inside_documents(prepared):
   out, _ = prepared
   L = 64
   src = _windows(out, L, pack_docs=False, min_doc_len=L)
-  part = prepare.PreparedData(str(out)).split("train")
+  part = PreparedData(str(out)).split("train")
   tok = get_tokenizer("bytes")
   expect = []
   for i in range(len(part)):
@@ -171,7 +172,7 @@ def test_jsonl_bpe_parallel_and_vocab_follows_tokenizer(tmp_path):
   out = tmp_path / "prep"
   meta = prepare.prepare(str(tmp_path / "d.jsonl"), str(out), train_tokenizer="bpe",
                          vocab_size=300, workers=2, val_fraction=0.2, echo=lambda s: 0)
-  data = prepare.PreparedData(str(out))
+  data = PreparedData(str(out))
   tok = data.tokenizer()
   assert meta["tokenizer"]["kind"] == "hf" and 256 < tok.vocab_size <= 300  # few merges exist
   assert meta["tokenizer"]["vocab_size"] == tok.vocab_size

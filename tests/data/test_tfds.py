@@ -6,6 +6,7 @@ import pytest
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import prepare, sources
 from ttt_jax.data.dataset import Dataset
+from ttt_jax.data.prepared import PreparedData
 from ttt_jax.data.tokenizers import get_tokenizer
 
 tfds = pytest.importorskip("tensorflow_datasets",
@@ -87,7 +88,7 @@ def test_tfds_through_the_pipeline_and_prepare(built, tmp_path):
                          num_shards=2, tfds_data_dir=str(data_dir), echo=lambda s: 0)
   assert meta["splits"]["train"]["tokens"] == sum(len(t.encode()) for t in
                                                   [DOCS[n] for n in sorted(DOCS)[:9]])
-  part = prepare.PreparedData(str(tmp_path / "p")).split("train")
+  part = PreparedData(str(tmp_path / "p")).split("train")
   got = sorted(get_tokenizer("bytes").decode(part[i]) for i in range(len(part)))
   assert got == sorted(DOCS[n] for n in sorted(DOCS)[:9])
 

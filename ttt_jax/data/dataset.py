@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from ttt_jax.config import BYTE_VOCAB, ConfigError
-from ttt_jax.data import pipeline, prepare, sources
+from ttt_jax.data import pipeline, sources
 from ttt_jax.data.pipeline import TokenStream
+from ttt_jax.data.prepared import PreparedData, check_tokenizer
 from ttt_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 ALL = "all"  # the split of every document (no train/validation filter): evaluation on any text
@@ -41,7 +42,7 @@ class Dataset:
   tfds_data_dir: str = ""
   pack_docs: bool = True
   min_doc_len: int = 0
-  prepared: prepare.PreparedData | None = None  # the opened folder when kind == 'prepared'
+  prepared: PreparedData | None = None  # the opened folder when kind == 'prepared'
   flag: str = "data.source"  # the option the source came from, named in error messages
 
   @classmethod
@@ -50,8 +51,8 @@ class Dataset:
     kind = sources.source_kind(data_cfg.source)
     prepared = None
     if kind == "prepared":
-      prepared = prepare.PreparedData(data_cfg.source)
-      tokenizer = get_tokenizer(prepare.check_tokenizer(prepared, data_cfg.tokenizer))
+      prepared = PreparedData(data_cfg.source)
+      tokenizer = get_tokenizer(check_tokenizer(prepared, data_cfg.tokenizer))
     else:
       tokenizer = get_tokenizer(data_cfg.tokenizer)
     return cls(data_cfg.source, kind, tokenizer, val_fraction=data_cfg.val_fraction,
@@ -71,7 +72,7 @@ class Dataset:
     kind = sources.source_kind(source, flag)
     prepared = None
     if kind == "prepared":
-      prepared = prepare.PreparedData(source)
+      prepared = PreparedData(source)
       theirs = prepared.meta["tokenizer"]
       if theirs["fingerprint"] != self.tokenizer.fingerprint():
         raise ConfigError(f"{flag} {source!r} was prepared with the tokenizer {theirs['name']!r}, "
@@ -185,6 +186,8 @@ class Dataset:
     if batch_size % process_count:
       raise ConfigError(f"data.batch_size={batch_size} must be divisible by the process count "
                         f"{process_count}")
+    if self.prepared is not None:
+      self.prepared.check()  # a folder damaged since it was prepared: named here, in one line
     local, out = batch_size // process_count, {}
     pack, min_len = self.pack_docs, self.min_doc_len
     all_lengths = {s: self.doc_lengths(s) for s in sources.SPLITS}  # an empty split fails first
@@ -232,7 +235,7 @@ def _raw_stream(source: str, kind: str, tokenizer: Tokenizer, split: str, val_fr
 
 
 @functools.lru_cache(maxsize=8)
-def _prepared_stream(data: prepare.PreparedData, tokenizer: Tokenizer, split: str) -> TokenStream:
+def _prepared_stream(data: PreparedData, tokenizer: Tokenizer, split: str) -> TokenStream:
   """A prepared split (or 'all': train then validation) read from its shards into one stream
   (cached per opened folder)."""
   parts = [data.split(s) for s in _parts(split)]

@@ -1,4 +1,4 @@
-"""Prepared data: documents tokenized once into ArrayRecord shards, read back with random access.
+"""Prepared data: documents tokenized once into ArrayRecord shards (read back by data/prepared.py).
 
 A prepared folder holds, per split (`train`, `validation`):
   {split}-SSSSS-of-NNNNN.array_record   one record per document: its token ids (no BOS/EOS), as
@@ -22,13 +22,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError
 from ttt_jax.data import sources
+from ttt_jax.data.prepared import FORMAT_VERSION, METADATA
 from ttt_jax.data.tokenizers import (
   ByteTokenizer,
   HFTokenizer,
@@ -38,87 +38,8 @@ from ttt_jax.data.tokenizers import (
   train_bpe,
 )
 
-FORMAT_VERSION = 1
-METADATA = "metadata.json"
 CHUNK_CHARS = 8 << 20  # characters read ahead per tokenization round (bounds memory)
 CHUNK_DOCS = 1024
-
-
-# -- reading ------------------------------------------------------------------------------------
-class PreparedSplit:
-  """Random access to the documents of one prepared split (token arrays without BOS/EOS)."""
-
-  def __init__(self, root: str, split: str, meta: dict):
-    info = meta["splits"].get(split)
-    if info is None:
-      raise ConfigError(f"prepared data {root!r} has no split {split!r}")
-    self.root, self.split = root, split
-    self.dtype = np.dtype(meta["dtype"])
-    self.lengths = np.load(os.path.join(root, f"{split}.lengths.npy"))
-    self._paths = [os.path.join(root, s) for s in info["shards"]]
-    self._source = None
-
-  @property
-  def source(self):
-    if self._source is None and self._paths:
-      self._source = grain.sources.ArrayRecordDataSource(self._paths)
-    return self._source
-
-  @property
-  def names(self) -> tuple[str, ...]:
-    with open(os.path.join(self.root, f"{self.split}.names.txt"), encoding="utf-8") as f:
-      return tuple(json.loads(line) for line in f)
-
-  def __len__(self) -> int:
-    return len(self.lengths)
-
-  def __getitem__(self, i: int) -> np.ndarray:
-    return np.frombuffer(self.source[int(i)], self.dtype).astype(np.int32)
-
-  def __getstate__(self):  # grain may pickle sources into worker processes
-    return {**self.__dict__, "_source": None}
-
-
-class PreparedData:
-  """A folder written by `prepare()`."""
-
-  def __init__(self, root: str):
-    root = os.path.expanduser(root)
-    path = os.path.join(root, METADATA)
-    if not os.path.isfile(path):
-      raise ConfigError(f"{root!r} is not a prepared data folder (no {METADATA}); "
-                        "make one with scripts/prepare_data.py")
-    with open(path, encoding="utf-8") as f:
-      self.meta = json.load(f)
-    if self.meta.get("format") != FORMAT_VERSION:
-      raise ConfigError(f"{root!r}: prepared-data format {self.meta.get('format')} unsupported "
-                        f"(expected {FORMAT_VERSION}); prepare it again with --force")
-    self.root = root
-
-  @property
-  def tokenizer_spec(self) -> str:
-    t = self.meta["tokenizer"]
-    if t["kind"] == "bytes":
-      return "bytes"
-    return f"{t['kind']}:{os.path.join(self.root, t['file'])}"
-
-  def tokenizer(self) -> Tokenizer:
-    return get_tokenizer(self.tokenizer_spec)
-
-  def split(self, split: str) -> PreparedSplit:
-    return PreparedSplit(self.root, split, self.meta)
-
-
-def check_tokenizer(data: PreparedData, spec: str) -> str:
-  """The tokenizer spec to use with prepared data: its own, unless `spec` names another one."""
-  if spec == "bytes" or spec == data.tokenizer_spec:
-    return data.tokenizer_spec
-  want = data.meta["tokenizer"]["fingerprint"]
-  if get_tokenizer(spec).fingerprint() != want:
-    raise ConfigError(f"data.tokenizer={spec!r} differs from the tokenizer {data.root!r} was "
-                      f"prepared with ({data.meta['tokenizer']['name']!r}); leave data.tokenizer "
-                      "at 'bytes' to use the folder's own")
-  return data.tokenizer_spec
 
 
 # -- writing ------------------------------------------------------------------------------------

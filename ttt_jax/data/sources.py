@@ -287,4 +287,4 @@ def get_documents(source: str, split: str | None, val_fraction: float = 0.05, *,
   if kind == "tfds":
     return tfds_documents(source, split, val_fraction, text_field, tfds_data_dir, stats)
   raise ConfigError(f"data.source={source!r} is a prepared folder; read it with "
-                    "ttt_jax.data.prepare.PreparedData")
+                    "ttt_jax.data.prepared.PreparedData")
