@@ -1,9 +1,7 @@
-"""ttt_jax: long-context language-model pretraining with Test-Time Training in JAX/Flax."""
+"""ttt_jax: long-context language-model pretraining with Test-Time Training in JAX/Flax.
 
-import flax
-
-# Parameters carry logical axis names; shardings are applied by the train step's jit, not at
-# variable creation (which would need a mesh in scope for every module constructor).
-flax.config.update("flax_always_shard_variable", False)
+Importing it changes no global setting of JAX or Flax: modules are built inside
+`ttt_jax.sharding.lazy_variable_sharding()` where they are built.
+"""
 
 __version__ = "0.1.0"

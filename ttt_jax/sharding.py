@@ -20,9 +20,21 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ttt_jax.config import LOGICAL_RULES, MeshAxes, Rules, parse_rules
+
+
+def lazy_variable_sharding():
+  """A context for building modules: parameters keep their logical axis names as metadata and
+  are not placed on a mesh when created (the train step's jit applies the shardings), so a
+  constructor needs no mesh in scope. Flax's global default is left as the caller set it.
+
+    with lazy_variable_sharding():
+      model = LanguageModel(cfg, rngs=rngs)
+  """
+  return nnx.use_eager_sharding(False)
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> Rules:

@@ -31,6 +31,7 @@ from ttt_jax.eval.tlm import (
 )
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models import build_model
+from ttt_jax.sharding import lazy_variable_sharding
 from ttt_jax.train.runs import load_run
 
 ADAPTER_META = "adapter.json"
@@ -65,7 +66,8 @@ def load_adapter(directory: str, model: nnx.Module) -> tuple[dict, float]:
   with open(path) as f:
     meta = json.load(f)
   targets = tuple(t for t in meta["targets"].split(",") if t)
-  apply_lora(model, targets, rank=meta["rank"], alpha=meta["alpha"], seed=meta["seed"])
+  with lazy_variable_sharding():
+    apply_lora(model, targets, rank=meta["rank"], alpha=meta["alpha"], seed=meta["seed"])
   lora = nnx.state(model, LoRAParam)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora.to_pure_dict())
   params = ocp.StandardCheckpointer().restore(

@@ -21,7 +21,7 @@ from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.ttt import CausalConv, TTTMixer
 from ttt_jax.layers.ttt_inner import warmup_lr_mult
-from ttt_jax.sharding import constrain
+from ttt_jax.sharding import constrain, lazy_variable_sharding
 
 VOCAB_MULTIPLE = 128
 # logical axes of the residual stream [B, T, D] at block boundaries (see ttt_jax/sharding.py)
@@ -47,13 +47,15 @@ def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
   out_std = std / (2 * cfg.num_layers) ** 0.5
   common = dict(compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
                 rngs=rngs)
-  if cfg.mixer in ("full", "swa"):
-    return Attention(cfg.d_model, cfg.num_heads, window=cfg.window if cfg.mixer == "swa" else None,
-                     rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                     std=std, out_std=out_std, algorithm=attention_algorithm(cfg),
-                     num_kv_heads=cfg.num_kv_heads, **common)
-  if cfg.mixer in ("ttt_linear", "ttt_mlp"):
-    return TTTMixer(cfg, **common)
+  with lazy_variable_sharding():
+    if cfg.mixer in ("full", "swa"):
+      return Attention(cfg.d_model, cfg.num_heads,
+                       window=cfg.window if cfg.mixer == "swa" else None,
+                       rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                       std=std, out_std=out_std, algorithm=attention_algorithm(cfg),
+                       num_kv_heads=cfg.num_kv_heads, **common)
+    if cfg.mixer in ("ttt_linear", "ttt_mlp"):
+      return TTTMixer(cfg, **common)
   raise ValueError(f"model.mixer={cfg.mixer!r} unknown")
 
 
