@@ -174,17 +174,16 @@ def interleaved(fns: dict[str, Callable[..., Any]], repeats: int, warmup: int, e
 
 
 def memory_stats(compiled) -> dict[str, int]:
-  """XLA's compile-time buffer assignment: argument/output/temp bytes (deterministic).
-
-  `peak_bytes` = arguments + outputs - aliased (donated) + temporaries: the live-buffer bound
-  of one call of the compiled program.
-  """
+  """XLA's compile-time buffer assignment, bytes per device (deterministic): arguments, outputs,
+  aliased (donated), temporaries, generated code (0 on XLA:CPU), and `peak_bytes` = arguments +
+  outputs - aliased + temporaries, the live-buffer bound of one call of the compiled program."""
   ma = compiled.memory_analysis()
   if ma is None:
     return {}
   arg, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
   alias, temp = int(ma.alias_size_in_bytes), int(ma.temp_size_in_bytes)
   return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+          "generated_code_bytes": int(ma.generated_code_size_in_bytes),
           "peak_bytes": arg + out - alias + temp}
 
 

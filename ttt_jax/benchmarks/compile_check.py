@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
+from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
 from ttt_jax.train.trainer import Trainer, TrainState, count_params
 
@@ -40,8 +41,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 # unoptimized CPU code generation: the program and its buffer assignment are the same, only the
 # machine code is slower (and smaller); for quick checks of tiny configs
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-MEMORY_KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
-               "generated_code_bytes", "peak_bytes")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("kinds", list(MODEL_KINDS), "Model kinds to compile.")
@@ -94,22 +93,6 @@ def bytes_per_device(tree) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def memory_of(compiled) -> dict[str, int]:
-  """Per-device bytes of XLA's buffer assignment; `peak_bytes` = arguments + outputs - aliased
-  (donated) + temporaries, the live-buffer bound of one call."""
-  ma = compiled.memory_analysis()
-  if ma is None:
-    return {}
-  out = {"argument_bytes": int(ma.argument_size_in_bytes),
-         "output_bytes": int(ma.output_size_in_bytes),
-         "alias_bytes": int(ma.alias_size_in_bytes),
-         "temp_bytes": int(ma.temp_size_in_bytes),
-         "generated_code_bytes": int(ma.generated_code_size_in_bytes)}
-  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                       + out["temp_bytes"])
-  return out
-
-
 def apply_overrides(cfg: ml_collections.ConfigDict, items) -> None:
   """`key=value` strings (dotted keys of existing fields) parsed as the field's type."""
   for item in items:
@@ -160,7 +143,7 @@ def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
       "params": count_params(trainer.abstract_params),
       "compute_dtype": cfg.model.compute_dtype, "remat": cfg.model.remat,
       "state_bytes": bytes_per_device(state), "batch_bytes": bytes_per_device(batch),
-      "lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory_of(compiled),
+      "lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory_stats(compiled),
   }
 
 

@@ -77,11 +77,6 @@ def enable_compilation_cache(configured: str, environ=os.environ) -> str | None:
   return path
 
 
-def is_main_process() -> bool:
-  """Process 0 alone logs, writes metrics and other non-collective files."""
-  return jax.process_index() == 0
-
-
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier of this name (no-op with one process)."""
   if jax.process_count() > 1:

@@ -77,8 +77,3 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
-
-def sharded_fraction(x: jax.Array) -> float:
-  """Elements held by one device / total elements (1.0 = fully replicated)."""
-  shard = x.addressable_shards[0].data
-  return float(np.prod(shard.shape)) / max(float(np.prod(x.shape)), 1.0)
