@@ -116,13 +116,13 @@ def test_causal_blocked_attention_equals_dense(window, cache):
   filled = cache // 2  # the first half of the cache is empty
   k_pos = jnp.concatenate([jnp.full((cache - filled,), -1), jnp.arange(filled + tq)])
   q_pos = jnp.arange(filled, filled + tq)
-  dense = lambda q, k, v: A.dense_attention(q, k, v, q_pos, k_pos, window)  # noqa: E731
-  blocked = lambda q, k, v: A.causal_blocked_attention(  # noqa: E731
-      q, k, v, q_pos, k_pos, window, q_block=48)
+  dense = jax.jit(lambda q, k, v: A.dense_attention(q, k, v, q_pos, k_pos, window))
+  blocked = jax.jit(lambda q, k, v: A.causal_blocked_attention(
+      q, k, v, q_pos, k_pos, window, q_block=48))
   assert rel_err(blocked(q, k, v), dense(q, k, v)) < 1e-6
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))  # noqa: E731
-  g_ref = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
-  g_blk = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
+  g_blk = jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
   for a, r in zip(g_blk, g_ref, strict=True):
     assert rel_err(a, r) < 1e-6
 
@@ -195,12 +195,13 @@ def test_every_algorithm_gives_the_same_layer_output_and_gradient(x, window):
 
   def run(algo):
     attn.algorithm = algo
-    y, _ = attn(x, pos)
-    g = jax.grad(lambda x: jnp.sum(jnp.sin(attn(x, pos)[0])))(x)
-    st = attn.init_state(B, T)
-    outs = []
+    graphdef, state = nnx.split(attn)
+    call = lambda x, p, st=None: nnx.merge(graphdef, state)(x, p, st)  # noqa: E731
+    y, _ = jax.jit(call)(x, pos)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(call(x, pos)[0]))))(x)
+    st, chunk, outs = attn.init_state(B, T), jax.jit(call), []
     for lo in range(0, T, 12):
-      yc, st = attn(x[:, lo:lo + 12], pos[lo:lo + 12], st)
+      yc, st = chunk(x[:, lo:lo + 12], pos[lo:lo + 12], st)
       outs.append(yc)
     return y, g, jnp.concatenate(outs, axis=1)
 
