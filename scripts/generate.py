@@ -2,8 +2,12 @@
 
   python scripts/generate.py --workdir runs/swa --prompt "def main(" --max_new_tokens 200 \
       [--temperature 0.8 --top_k 40 --seed 0] [--step S] [--no_progress]
+  python scripts/generate.py --workdir runs/smollm2 --chat --prompt "What is the capital of France?"
 
-An empty --prompt (the default) samples from BOS alone and says so on stderr.
+The prompt starts with BOS when the run's tokenizer files say so (add_bos_token; always for runs
+trained here) and generation stops at their EOS ids. --chat wraps the prompt as a user message in
+the model's chat template (imported instruct models) and prints only the reply. An empty
+--prompt (the default) samples from BOS alone and says so on stderr.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from ttt_jax.train.runs import load_run
 def main(argv=None) -> None:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--workdir", required=True, help="run directory (with checkpoints/)")
-  ap.add_argument("--prompt", default="", help="text to continue (after BOS; empty: BOS alone)")
+  ap.add_argument("--prompt", default="", help="text to continue (empty: BOS alone)")
+  ap.add_argument("--chat", action="store_true",
+                  help="the prompt is a user message in the model's chat template; print the reply")
   ap.add_argument("--max_new_tokens", type=positive_int, default=200)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   ap.add_argument("--top_k", type=int, default=0, help="sample from the k most likely (0 = all)")
@@ -33,15 +39,17 @@ def main(argv=None) -> None:
     fail(f"--top_k={args.top_k} must be >= 0 (0 = all tokens)", code=2)
   with user_errors():
     run = load_run(args.workdir, args.step)
-  if not args.prompt:
+  if not args.prompt and not args.chat:
     print("note: empty --prompt: generating from BOS alone (an unconditional sample)",
           file=sys.stderr)
-  text = generate_text(run, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, seed=args.seed, progress=not args.no_progress)
+  with user_errors():
+    text = generate_text(run, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, seed=args.seed, chat=args.chat,
+                         progress=not args.no_progress)
   if not text.strip():
     print(f"note: the model generated only whitespace ({len(text)} characters)",
           file=sys.stderr)
-  print(args.prompt + text)
+  print(text if args.chat else args.prompt + text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""GGUF import: a tiny Llama written with the gguf writer (2 layers, GQA 4:2, odd vocab, Q/K
+"""GGUF import: a tiny Llama written with the gguf writer (2 layers, GQA 4:2, 264 tokens, Q/K
 permuted for interleaved RoPE as GGUF converters store them) against the NumPy forward pass;
 dequantization of each supported type against gguf.quants; the tokenizer from metadata."""
 
@@ -35,8 +35,10 @@ def byte_alphabet() -> list[str]:
 
 
 def tiny_vocab() -> list[str]:
-  """256 byte symbols + the merges' products + two specials: 263 tokens (odd)."""
-  return ["<|endoftext|>", *byte_alphabet(), *[m.replace(" ", "") for m in MERGES], "<|im_end|>"]
+  """Three control tokens (SmolLM2's first three) + 256 byte symbols + the merges' products:
+  264 tokens."""
+  return ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_alphabet(),
+          *[m.replace(" ", "") for m in MERGES]]
 
 
 def gguf_name(hf: str) -> str:
@@ -50,7 +52,9 @@ def gguf_name(hf: str) -> str:
   return f"blk.{layer}.{GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
 
 
-def write_gguf(path, cfg, tensors, *, arch="llama", extra=None):
+def write_gguf(path, cfg, tensors, *, arch="llama", extra=None, specials=None):
+  """A GGUF file of the HF-named `tensors`; `specials` the tokenizer metadata among bos, eos,
+  eot, pad, add_bos, chat_template (default: bos = eos = 0)."""
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg["num_hidden_layers"])
   w.add_context_length(256)
@@ -64,11 +68,14 @@ def write_gguf(path, cfg, tensors, *, arch="llama", extra=None):
   w.add_tokenizer_model("gpt2")
   w.add_tokenizer_pre("smollm")
   w.add_token_list(vocab)
-  w.add_token_types([gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * (len(vocab) - 2)
-                    + [gguf.TokenType.CONTROL])
+  w.add_token_types([gguf.TokenType.CONTROL if t.startswith("<|") else gguf.TokenType.NORMAL
+                     for t in vocab])
   w.add_token_merges(MERGES)
-  w.add_bos_token_id(0)
-  w.add_eos_token_id(0)
+  writers = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "eot": w.add_eot_token_id,
+             "pad": w.add_pad_token_id, "add_bos": w.add_add_bos_token,
+             "chat_template": w.add_chat_template}
+  for key, value in ({"bos": 0, "eos": 0} if specials is None else specials).items():
+    writers[key](value)
   for name, t in tensors.items():
     if name.endswith("q_proj.weight"):
       t = half_split_to_interleaved(t, cfg["num_attention_heads"])
@@ -161,4 +168,6 @@ def test_tokenizer_specials_are_not_split(tmp_path):
   tok = gguf_tokenizer(reader, "t.gguf")
   end = tiny_vocab().index("<|im_end|>")
   assert list(tok.encode("he<|im_end|>")) == [tiny_vocab().index("he"), end]
-  assert tok.bos_id == 0 and tok.eos_id == 0 and tok.vocab_size == len(tiny_vocab()) + 1
+  # the file's ids; no PAD id in the file: EOS pads, no id is added to the vocabulary
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (0, 0, 0, (0,))
+  assert tok.vocab_size == len(tiny_vocab())

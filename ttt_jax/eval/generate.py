@@ -5,11 +5,15 @@ perplexity.stream_alignment), any remainder token by token; then each new token 
 call of length 1 with the cache carried (KV window for SWA, growing KV cache for full
 attention, TTT hidden state, E2E inner weights: E2E takes an inner step whenever a mini-batch of
 tokens completes). Temperature 0 is greedy decoding.
+
+Text generation follows the tokenizer's files (data/special_tokens.py): the prompt starts with
+BOS only when they say so (add_bos_token), generation ends at any of their EOS ids (stop_ids),
+and `chat=True` wraps the prompt as a user message in their chat template (data/chat.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ttt_jax.data.chat import apply_chat_template
+from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.train.runs import Run
 
@@ -73,13 +79,14 @@ class Generator:
     self.init_fn = make_init_cache(graphdef)
 
   def __call__(self, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-               top_k: int = 0, seed: int = 0, eos_id: int | None = None,
+               top_k: int = 0, seed: int = 0, eos_id: int | Sequence[int] | None = None,
                progress: bool = False) -> np.ndarray:
     """New tokens [B, <= max_new_tokens] after `prompt` [B, P] (P >= 1, e.g. starting with BOS).
 
-    Stops early once every row has produced `eos_id` (rows that stopped first keep producing
-    tokens, which callers cut at their EOS).
+    Stops early once every row has produced `eos_id` (one id or several: any of them; rows that
+    stopped first keep producing tokens, which callers cut at their EOS).
     """
+    stops = None if eos_id is None else np.atleast_1d(np.asarray(eos_id, np.int64))
     prompt = np.asarray(prompt, np.int32)
     batch, plen = prompt.shape
     if plen < 1 or max_new_tokens < 1:
@@ -97,8 +104,8 @@ class Generator:
     done = np.zeros(batch, bool)
     for _ in tqdm(range(max_new_tokens - 1), desc="decode", unit="tok", disable=not progress,
                   leave=False):
-      if eos_id is not None:
-        done |= out[-1] == eos_id
+      if stops is not None:
+        done |= np.isin(out[-1], stops)
         if done.all():
           break
       token, cache = step(params, cache, token[:, None], jnp.int32(pos), next(keys), *knobs)
@@ -113,16 +120,31 @@ def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.
   return Generator(graphdef, params, model_cfg, chunk=chunk)(prompt, max_new_tokens, **kwargs)
 
 
+def prompt_ids(tok: Tokenizer, prompt: str, *, chat: bool = False) -> np.ndarray:
+  """The ids a generation starts from: BOS when the tokenizer's files say so (`add_bos`), then
+  the prompt as text or, with `chat`, as a user message in their chat template with the
+  assistant's turn opened. BOS alone when that leaves nothing."""
+  if chat:
+    prompt = apply_chat_template(tok.chat_template, [{"role": "user", "content": prompt}],
+                                 add_generation_prompt=True)
+  ids = np.asarray(tok.encode(prompt), np.int32)
+  if tok.add_bos or not len(ids):
+    ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
+  return ids
+
+
 def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
-                  top_k: int = 0, seed: int = 0, progress: bool = True) -> str:
-  """Continuation of `prompt` (text) by a loaded run (runs.load_run), cut at EOS; the
-  text is encoded and decoded with the run's own tokenizer (`run.data`)."""
+                  top_k: int = 0, seed: int = 0, chat: bool = False,
+                  progress: bool = True) -> str:
+  """Continuation of `prompt` (text; with `chat` the reply to it as a user message) by a loaded
+  run (runs.load_run), cut at the first of the tokenizer's EOS ids; the text is encoded and
+  decoded with the run's own tokenizer (`run.data`, see `prompt_ids`)."""
   tok = run.data.tokenizer
-  ids = np.concatenate([[tok.bos_id], np.asarray(tok.encode(prompt), np.int32)])[None]
+  ids = prompt_ids(tok, prompt, chat=chat)[None]
   new = generate(run.graphdef, run.params, run.config.model, ids, max_new_tokens,
                  temperature=temperature, top_k=top_k, seed=seed, chunk=run.config.eval.chunk,
-                 eos_id=tok.eos_id, progress=progress)[0]
-  stop = np.flatnonzero(new == tok.eos_id)
+                 eos_id=tok.stop_ids, progress=progress)[0]
+  stop = np.flatnonzero(np.isin(new, tok.stop_ids))
   if len(stop):
     new = new[:stop[0]]
   return tok.decode(new.tolist())

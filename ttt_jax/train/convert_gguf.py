@@ -5,7 +5,10 @@ Q4_K and every other type `gguf.quants` can dequantize) and renamed to Hugging F
 mapped as any HF checkpoint (train/convert_llama.py). GGUF stores the rows of Q and K permuted for
 RoPE over interleaved pairs (2i, 2i+1); this package rotates half-split pairs (i, i + d/2), so
 the permutation is undone per head. The tokenizer is rebuilt from the file's metadata as a
-`tokenizers` byte-level BPE (vocabulary, merges, special tokens, pre-tokenizer).
+`tokenizers` byte-level BPE (vocabulary, merges, special tokens, pre-tokenizer); BOS, EOS (+ EOT,
+EOM: every id that ends a generation), PAD, add_bos_token and the chat template are the file's
+`tokenizer.ggml.*` / `tokenizer.chat_template` values, never guessed from token names (a file
+without a PAD id pads with EOS, so no id the checkpoint has no row for enters the vocabulary).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers
 
+from ttt_jax.data.special_tokens import DeclaredSpecials
 from ttt_jax.data.tokenizers import HFTokenizer
 from ttt_jax.train.convert_llama import ConvertError, LlamaSpec, hf_to_params, write_workdir
 
@@ -150,7 +154,25 @@ def gguf_tokenizer(reader: gguf.GGUFReader, where: str) -> HFTokenizer:
              for t, ty in zip(tokens, types, strict=True)
              if ty in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)]
   tk.add_special_tokens(special)
-  return HFTokenizer(tk, f"gguf:{where}")
+  return HFTokenizer(tk, f"gguf:{where}", declared_specials(reader, len(tokens), where))
+
+
+def declared_specials(reader: gguf.GGUFReader, vocab: int, where: str) -> DeclaredSpecials:
+  """BOS / EOS ids (EOS, EOT, EOM) / PAD / add_bos_token / chat template of the metadata."""
+
+  def token_id(name: str) -> int | None:
+    i = field(reader, f"tokenizer.ggml.{name}_token_id")
+    if i is not None and not 0 <= int(i) < vocab:
+      raise ConvertError(f"{where}: tokenizer.ggml.{name}_token_id={i} is outside the "
+                         f"vocabulary of {vocab} tokens")
+    return None if i is None else int(i)
+
+  stops = [i for i in map(token_id, ("eos", "eot", "eom")) if i is not None]
+  add_bos = field(reader, "tokenizer.ggml.add_bos_token")
+  return DeclaredSpecials(bos=token_id("bos"), eos=tuple(dict.fromkeys(stops)),
+                          pad=token_id("padding"),
+                          add_bos=None if add_bos is None else bool(add_bos),
+                          chat_template=field(reader, "tokenizer.chat_template"))
 
 
 def import_gguf(path: str, out: str, *, seq_len: int = 2048, data_source: str = "embedded",

@@ -2,7 +2,9 @@
 
   import_hf(DIR, OUT)     a HF model folder -> a run directory (train/convert_llama.py)
   export_hf(WORKDIR, DIR) a trained transformer run -> model.safetensors + config.json
-                          (+ tokenizer.json when the run uses a `tokenizers` file)
+                          (+ tokenizer.json when the run uses a `tokenizers` file, with
+                          tokenizer_config.json / generation_config.json when its special
+                          tokens were declared by the files it was imported from)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import numpy as np
 import safetensors.numpy
 
+from ttt_jax.data import special_tokens
 from ttt_jax.data.tokenizers import HFTokenizer, get_tokenizer
 from ttt_jax.train.convert_llama import (
     ConvertError,
@@ -74,7 +77,8 @@ def import_hf(folder: str, out: str, *, tokenizer: str | None = None, seq_len: i
               data_source: str = "embedded", val_fraction: float = 0.05,
               overwrite: bool = False, echo=print):
   """A HF Llama folder -> a run directory. `tokenizer`: a `data.tokenizer` spec to use instead
-  of the folder's tokenizer.json."""
+  of the folder's tokenizer.json (whose special tokens come from the folder's
+  tokenizer_config.json, generation_config.json and config.json)."""
   spec, tensors = load_hf(folder)
   if tokenizer is None:
     tk_path = os.path.join(folder, "tokenizer.json")
@@ -127,6 +131,7 @@ def export_hf(workdir: str, out: str, *, step: int | None = None, echo=print) ->
   if isinstance(tok, HFTokenizer):
     with open(os.path.join(out, "tokenizer.json"), "w", encoding="utf-8") as f:
       f.write(tok.to_str())
+    special_tokens.write_folder(out, tok)
   if echo is not None:
     echo(f"wrote {out}: model.safetensors, config.json"
          f"{', tokenizer.json' if isinstance(tok, HFTokenizer) else ''} (tokenizer {tok.name})")

@@ -12,8 +12,8 @@ Hugging Face checkpoints rotate half-split pairs (i, i + d/2) as this package do
 need no permutation here; GGUF files (train/convert_gguf.py) undo their interleaved layout first.
 
 `write_workdir` turns such weights + a `LlamaSpec` + a tokenizer into a run directory (config,
-Orbax checkpoint at step 0, tokenizer.json) that training, evaluation, generation and TLM open
-like any run.
+Orbax checkpoint at step 0, tokenizer.json with the special tokens the model's files declare
+beside it) that training, evaluation, generation and TLM open like any run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from ttt_jax.config import ConfigError, base_config, validate
+from ttt_jax.data import special_tokens
 from ttt_jax.data.tokenizers import HFTokenizer, Tokenizer
 from ttt_jax.models.lm import padded_vocab
 from ttt_jax.train.checkpoint import CKPT_DIR, RunCheckpoints
@@ -202,7 +203,8 @@ def write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer: HFTokenize
                   echo=print) -> ml_collections.ConfigDict:
   """A run directory at `out` holding `params` as the step-0 checkpoint. Returns its config.
 
-  An `HFTokenizer` is saved as `out/tokenizer.json` and named by the config; other tokenizers
+  An `HFTokenizer` is saved as `out/tokenizer.json` (+ its declared special tokens as
+  tokenizer_config.json / generation_config.json) and named by the config; other tokenizers
   (e.g. `bytes`) are named by their spec. The workdir's lock is held throughout, so a run
   training in `out` is never overwritten (`WorkdirBusy` names it).
   """
@@ -225,6 +227,7 @@ def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_le
     path = os.path.abspath(os.path.join(out, "tokenizer.json"))
     with open(path, "w", encoding="utf-8") as f:
       f.write(tokenizer.to_str())
+    special_tokens.write_folder(out, tokenizer)
     spec_str = f"hf:{path}"
   else:
     spec_str = tokenizer.name
