@@ -91,8 +91,10 @@ def test_existing_workdir_needs_overwrite(tmp_path):
   cfg, tensors = random_llama()
   src = write_hf(tmp_path / "hf", cfg, tensors)
   import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None)
+  # the same import again: nothing to do; another one (other options) needs --overwrite
+  assert import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None) is None
   with pytest.raises(ConfigError, match="--overwrite"):
-    import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=32, echo=None)
+    import_hf(src, str(tmp_path / "r"), tokenizer="bytes", seq_len=64, echo=None)
 
 
 def test_overwrite_never_touches_a_workdir_in_use(tmp_path):

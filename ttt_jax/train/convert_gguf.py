@@ -13,6 +13,7 @@ without a PAD id pads with EOS, so no id the checkpoint has no row for enters th
 
 from __future__ import annotations
 
+import os
 import re
 
 import gguf
@@ -22,7 +23,14 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from ttt_jax.data.special_tokens import DeclaredSpecials
 from ttt_jax.data.tokenizers import HFTokenizer
-from ttt_jax.train.convert_llama import ConvertError, LlamaSpec, hf_to_params, write_workdir
+from ttt_jax.train.convert_llama import (
+    ConvertError,
+    LlamaSpec,
+    already_imported,
+    hf_to_params,
+    import_request,
+    write_workdir,
+)
 
 ARCHITECTURES = ("llama",)
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -177,8 +185,15 @@ def declared_specials(reader: gguf.GGUFReader, vocab: int, where: str) -> Declar
 
 def import_gguf(path: str, out: str, *, seq_len: int = 2048, data_source: str = "embedded",
                 val_fraction: float = 0.05, overwrite: bool = False, echo=print):
-  """A GGUF Llama file -> a run directory (config, Orbax params, tokenizer.json)."""
+  """A GGUF Llama file -> a run directory (config, Orbax params, tokenizer.json). Returns its
+  config, or None when `out` already holds this import (nothing is converted again)."""
   where = f"gguf:{path}"
+  if not os.path.isfile(path):
+    raise ConvertError(f"{where}: no such file")
+  record = import_request(path, seq_len=seq_len, data_source=data_source,
+                          val_fraction=val_fraction)
+  if already_imported(out, record, overwrite=overwrite, echo=echo):
+    return None
   try:
     reader = gguf.GGUFReader(path)
   except (OSError, ValueError) as e:
@@ -187,4 +202,4 @@ def import_gguf(path: str, out: str, *, seq_len: int = 2048, data_source: str = 
   tok = gguf_tokenizer(reader, where)
   params = hf_to_params(read_tensors(reader, spec), spec, tok.vocab_size, where)
   return write_workdir(out, params, spec, tok, seq_len=seq_len, data_source=data_source,
-                       val_fraction=val_fraction, overwrite=overwrite, echo=echo)
+                       val_fraction=val_fraction, overwrite=overwrite, record=record, echo=echo)

@@ -21,7 +21,9 @@ from ttt_jax.data.tokenizers import HFTokenizer, get_tokenizer
 from ttt_jax.train.convert_llama import (
     ConvertError,
     LlamaSpec,
+    already_imported,
     hf_to_params,
+    import_request,
     params_to_hf,
     write_workdir,
 )
@@ -78,7 +80,14 @@ def import_hf(folder: str, out: str, *, tokenizer: str | None = None, seq_len: i
               overwrite: bool = False, echo=print):
   """A HF Llama folder -> a run directory. `tokenizer`: a `data.tokenizer` spec to use instead
   of the folder's tokenizer.json (whose special tokens come from the folder's
-  tokenizer_config.json, generation_config.json and config.json)."""
+  tokenizer_config.json, generation_config.json and config.json). Returns the run's config, or
+  None when `out` already holds this import (nothing is converted again)."""
+  if not os.path.isdir(folder):
+    raise ConvertError(f"hf:{folder}: no such folder")
+  record = import_request(folder, tokenizer=tokenizer, seq_len=seq_len, data_source=data_source,
+                          val_fraction=val_fraction)
+  if already_imported(out, record, overwrite=overwrite, echo=echo):
+    return None
   spec, tensors = load_hf(folder)
   if tokenizer is None:
     tk_path = os.path.join(folder, "tokenizer.json")
@@ -92,7 +101,7 @@ def import_hf(folder: str, out: str, *, tokenizer: str | None = None, seq_len: i
          "embedding rows: the rows no token reaches are dropped")
   params = hf_to_params(tensors, spec, tok.vocab_size, f"hf:{folder}")
   return write_workdir(out, params, spec, tok, seq_len=seq_len, data_source=data_source,
-                       val_fraction=val_fraction, overwrite=overwrite, echo=echo)
+                       val_fraction=val_fraction, overwrite=overwrite, record=record, echo=echo)
 
 
 def jax_to_numpy(tree):

@@ -13,12 +13,16 @@ need no permutation here; GGUF files (train/convert_gguf.py) undo their interlea
 
 `write_workdir` turns such weights + a `LlamaSpec` + a tokenizer into a run directory (config,
 Orbax checkpoint at step 0, tokenizer.json with the special tokens the model's files declare
-beside it) that training, evaluation, generation and TLM open like any run.
+beside it, import.json naming the source) that training, evaluation, generation and TLM open
+like any run. Importing the same source with the same options into it again does nothing and
+says so in one line (`already_imported`), before any conversion.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
 import shutil
 
@@ -46,6 +50,7 @@ LAYER_NAMES = {  # HF name inside `model.layers.{i}.` -> (path in the block, tra
     "post_attention_layernorm.weight": (("mlp_norm", "scale"), False),
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters keep; recomputed here
+IMPORT_RECORD = "import.json"
 
 
 class ConvertError(ConfigError):
@@ -197,32 +202,72 @@ def params_to_hf(params: dict, spec: LlamaSpec) -> dict[str, np.ndarray]:
   return out
 
 
+def import_request(source: str, **options) -> dict:
+  """What an import reads: the source's files (size, modification time) and its options."""
+  path = os.path.abspath(source)
+  files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
+  stats = {os.path.basename(f): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files
+           if os.path.isfile(f)}
+  return {"source": path, "files": stats, "options": options}
+
+
+def holds_checkpoints(out: str) -> bool:
+  ckpt_dir = os.path.join(out, CKPT_DIR)
+  return os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+
+
+def _holds_checkpoints_error(out: str) -> ConfigError:
+  return ConfigError(f"--out {out} already holds checkpoints; pass --overwrite to replace them")
+
+
+def already_imported(out: str, request: dict, *, overwrite: bool, echo=print) -> bool:
+  """True (after saying so in one line) when `out` already holds this very import; a
+  ConfigError when it holds other checkpoints and `overwrite` is off. Both before converting."""
+  if overwrite or not holds_checkpoints(out):
+    return False
+  try:
+    with open(os.path.join(out, IMPORT_RECORD)) as f:
+      same = json.load(f) == request
+  except (OSError, ValueError):
+    same = False
+  if not same:
+    raise _holds_checkpoints_error(out)
+  if echo is not None:
+    echo(f"{out} already holds this import of {request['source']}: nothing to do (--overwrite "
+         "imports it again)")
+  return True
+
+
 def write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer: HFTokenizer | Tokenizer,
                   *, seq_len: int = 2048, data_source: str = "embedded",
-                  val_fraction: float = 0.05, overwrite: bool = False,
+                  val_fraction: float = 0.05, overwrite: bool = False, record: dict | None = None,
                   echo=print) -> ml_collections.ConfigDict:
   """A run directory at `out` holding `params` as the step-0 checkpoint. Returns its config.
 
   An `HFTokenizer` is saved as `out/tokenizer.json` (+ its declared special tokens as
   tokenizer_config.json / generation_config.json) and named by the config; other tokenizers
-  (e.g. `bytes`) are named by their spec. The workdir's lock is held throughout, so a run
-  training in `out` is never overwritten (`WorkdirBusy` names it).
+  (e.g. `bytes`) are named by their spec. `record` (`import_request`) is saved as import.json.
+  The workdir's lock is held throughout, so a run training in `out` is never overwritten
+  (`WorkdirBusy` names it).
   """
   with WorkdirLock(out, echo=echo or (lambda s: None)):
     return _write_workdir(out, params, spec, tokenizer, seq_len=seq_len,
                           data_source=data_source, val_fraction=val_fraction,
-                          overwrite=overwrite, echo=echo)
+                          overwrite=overwrite, record=record, echo=echo)
 
 
 def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_len: int,
-                   data_source: str, val_fraction: float, overwrite: bool,
+                   data_source: str, val_fraction: float, overwrite: bool, record: dict | None,
                    echo) -> ml_collections.ConfigDict:
   ckpt_dir = os.path.join(out, CKPT_DIR)
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  if holds_checkpoints(out):
     if not overwrite:
-      raise ConfigError(f"--out {out} already holds checkpoints; pass --overwrite to replace them")
+      raise _holds_checkpoints_error(out)
     shutil.rmtree(ckpt_dir)
   os.makedirs(out, exist_ok=True)
+  record_path = os.path.join(out, IMPORT_RECORD)
+  if os.path.isfile(record_path):
+    os.remove(record_path)
   if isinstance(tokenizer, HFTokenizer):
     path = os.path.abspath(os.path.join(out, "tokenizer.json"))
     with open(path, "w", encoding="utf-8") as f:
@@ -246,6 +291,9 @@ def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_le
     ck.save(0, state, None, config, wait=True)
   finally:
     ck.close()
+  if record is not None:
+    with open(record_path, "w") as f:
+      json.dump(record, f, indent=2)
   n = sum(int(np.prod(np.shape(w))) for w in jax.tree.leaves(params))
   if echo is not None:
     echo(f"wrote {out}: {spec.num_hidden_layers} layers, d_model {spec.hidden_size}, heads "
