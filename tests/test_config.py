@@ -5,13 +5,17 @@ import pytest
 
 from ttt_jax.config import (
   MODEL_KINDS,
+  RANGES,
   SCALES,
   ConfigError,
+  base_config,
   build_config,
   parse_ctx,
   validate,
 )
+from ttt_jax.train import checkpoint
 from ttt_jax.train.trainer import abstract_model, count_params
+from ttt_jax.train.workdir import claim
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
@@ -109,3 +113,50 @@ def test_wrong_type_names_the_key():
   d["train"]["lr"] = "fast"  # e.g. from a hand-edited JSON config
   with pytest.raises(ConfigError, match=r"train\.lr"):
     validate(ml_collections.ConfigDict(d))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("train.min_lr_ratio", -3.0, "train.min_lr_ratio=-3.0 must be in [0, 1]"),
+    ("train.b1", 1.5, "train.b1=1.5 must be in [0, 1)"),
+    ("train.b2", 1.0, "train.b2=1.0 must be in [0, 1)"),
+    ("train.weight_decay", -10.0, "train.weight_decay=-10.0 must be >= 0"),
+    ("train.eval_batches", 0, "train.eval_batches=0 must be >= 1"),
+    ("train.lr", float("inf"), "train.lr=inf must be a finite number >= 0"),
+    ("train.lr", float("nan"), "train.lr=nan must be a finite number >= 0"),
+    ("train.grad_clip", -1.0, "train.grad_clip=-1.0 must be >= 0"),
+    ("model.rope_theta", 0.0, "model.rope_theta=0.0 must be > 0"),
+    ("model.norm_eps", -1.0, "model.norm_eps=-1.0 must be > 0"),
+    ("data.prefetch", -1, "data.prefetch=-1 must be >= 0"),
+    ("model.ttt.conv_width", 0, "model.ttt.conv_width=0 must be >= 1"),
+    ("model.e2e.prime_intermediate_size", 0, "model.e2e.prime_intermediate_size=0 must be >= 1"),
+    ("checkpoint.step", -3, "checkpoint.step=-3 must be >= -1"),
+])
+def test_numbers_out_of_range_fail_naming_key_and_range(key, value, needle):
+  """Numbers that used to train garbage (a negative lr from min_lr_ratio=-3, perplexity 25,665,
+  exit 0) or crash later (conv_width=0: a 73-line traceback) fail at validation in one line."""
+  c = build_config("model=swa,scale=tiny,ctx=1k")
+  *path, last = key.split(".")
+  node = c
+  for part in path:
+    node = node[part]
+  node[last] = value
+  with pytest.raises(ConfigError) as e:
+    validate(c)
+  assert str(e.value) == needle
+
+
+def test_every_numeric_knob_has_a_range():
+  """RANGES covers every int and float knob of the base config except those with their own
+  checks (mesh sizes, the seed, the vocab-dependent ones)."""
+  flat = checkpoint.flat_config(base_config().to_dict())
+  numeric = {k for k, v in flat.items() if type(v) in (int, float)}
+  own_checks = {"seed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.num_processes",
+                "mesh.process_id", "model.num_kv_heads", "model.e2e.suffix_len",
+                "data.val_fraction"}
+  assert numeric - own_checks == set(RANGES), sorted(numeric - own_checks ^ set(RANGES))
+
+
+def test_an_empty_workdir_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match="--workdir '' is empty"), claim(
+      build_config("model=swa,ctx=64"), ""):
+    pass

@@ -7,6 +7,7 @@ A config is an `ml_collections.ConfigDict` with sections `model`, `data`, `train
 
 from __future__ import annotations
 
+import functools
 import math
 
 import ml_collections
@@ -201,9 +202,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.compilation_cache = "~/.cache/ttt_jax/xla"  # JAX's persistent compilation cache; "" = off
 
   ms = c.mesh = ml_collections.ConfigDict()
-  ms.data = -1
-  ms.fsdp = 1
-  ms.tensor = 1
+  ms.data, ms.fsdp, ms.tensor = -1, 1, 1  # mesh axis sizes; -1 = the devices left
   ms.distributed = False  # call jax.distributed.initialize() before touching devices
   # logical-axis overrides, e.g. "embed=fsdp,mlp=tensor,batch=data+fsdp,vocab=" ("" = defaults)
   ms.rules = ""
@@ -250,13 +249,9 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.window = min(SWA_WINDOW[scale], ctx)
   c.data.seq_len = ctx
   if scale != "tiny":
-    c.train.lr = 3e-4
-    c.train.steps = 10000
-    c.train.warmup_steps = 500
+    c.train.lr, c.train.steps, c.train.warmup_steps = 3e-4, 10000, 500
     c.data.batch_size = 32
-    c.model.tie_embeddings = False
-    c.model.compute_dtype = "bfloat16"
-    c.model.remat = "full"
+    m.tie_embeddings, m.compute_dtype, m.remat = False, "bfloat16", "full"
 
   if kind == "transformer":
     m.mixer = "full"
@@ -271,17 +266,13 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # TTT-E2E: SWA Transformer, qk-norm, pre+post norms, RoPE theta 5e5, prime MLPs in the
     # last quarter of the blocks; the MLP width shrinks so the parameter count matches the
     # full-attention baseline (125M: 2048 -> 1664).
-    m.mixer = "swa"
-    m.qk_norm = True
-    m.post_norm = True
-    m.rope_theta = 5e5
+    m.mixer, m.qk_norm, m.post_norm, m.rope_theta = "swa", True, True, 5e5
     e = m.e2e
     e.train_mode = mode
     e.suffix_len = max(1, m.num_layers // 4)
     e.mini_batch_size = min(E2E_CHUNK[scale], ctx)
     width = round_up(m.intermediate_size * m.num_layers / (m.num_layers + e.suffix_len), 128)
-    m.intermediate_size = width
-    e.prime_intermediate_size = width
+    m.intermediate_size = e.prime_intermediate_size = width
   return c
 
 
@@ -293,10 +284,35 @@ def _check_choice(key: str, value, allowed) -> None:
     raise ConfigError(f"{key}={value!r} not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
-def _check_positive(key: str, value, allow_zero: bool = False) -> None:
-  ok = value >= 0 if allow_zero else value > 0
+# The numeric knobs and their ranges ("[" / "]" bound included, "(" / ")" not); a float must
+# also be finite. `validate` checks them all; a new numeric knob adds its range here.
+RANGES = {key: bounds for bounds, keys in (
+    ("[1, inf)", "model.num_layers model.d_model model.num_heads model.window "
+                 "model.intermediate_size model.vocab_size model.attention_block "
+                 "model.attention_flash_block model.ttt.mini_batch_size model.ttt.conv_width "
+                 "model.e2e.mini_batch_size model.e2e.prime_intermediate_size data.seq_len "
+                 "data.batch_size train.steps train.grad_accum train.log_every train.eval_every "
+                 "train.eval_batches checkpoint.keep eval.max_docs eval.chunk eval.batch_size "
+                 "eval.first_bucket"),
+    ("(0, inf)", "model.rope_theta model.norm_eps model.init_std"),
+    ("[0, inf)", "model.ttt.base_lr model.ttt.remat_group model.ttt.lr_warmup_steps "
+                 "model.e2e.inner_lr model.e2e.ilr_init model.e2e.ilr_warmup_steps "
+                 "model.e2e.inner_clip data.min_doc_len data.prefetch train.lr "
+                 "train.warmup_steps train.weight_decay train.grad_clip train.skip_nonfinite "
+                 "checkpoint.every_steps eval.stride"),
+    ("[-1, inf)", "checkpoint.step checkpoint.load_step"),  # -1: the latest saved step
+    ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2")) for key in keys.split()}
+
+
+def _check_range(key: str, value, bounds: str) -> None:
+  """ConfigError unless `value` is a finite number within `bounds` (see RANGES)."""
+  lo, hi = (float(x) for x in bounds[1:-1].split(","))
+  ok = (math.isfinite(value) and (lo < value if bounds[0] == "(" else lo <= value)
+        and (value < hi if bounds[-1] == ")" else value <= hi))
   if not ok:
-    raise ConfigError(f"{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+    want = f"in {bounds}" if math.isfinite(hi) else f"{'>=' if bounds[0] == '[' else '>'} {lo:g}"
+    finite = "" if math.isfinite(value) else "a finite number "
+    raise ConfigError(f"{key}={value!r} must be {finite}{want}")
 
 
 def _compare_keys(cfg, ref, prefix: str) -> None:
@@ -328,15 +344,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
                        ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS)):
     _check_choice(key, c[key], allowed)
-  for key in ("num_layers", "d_model", "num_heads", "intermediate_size", "vocab_size", "window",
-              "attention_block", "attention_flash_block"):
-    _check_positive(f"model.{key}", m[key])
-  for key in ("seq_len", "batch_size", "min_doc_len"):
-    _check_positive(f"data.{key}", d[key], allow_zero=key == "min_doc_len")
-  for key in ("steps", "grad_accum", "log_every", "eval_every"):
-    _check_positive(f"train.{key}", tr[key])
-  for key in ("lr", "skip_nonfinite"):
-    _check_positive(f"train.{key}", tr[key], allow_zero=True)
+  for key, bounds in RANGES.items():
+    _check_range(key, functools.reduce(lambda node, k: node[k], key.split("."), c), bounds)
   if m.param_dtype == "bfloat16" and not tr.allow_bf16_params:
     raise ConfigError("model.param_dtype='bfloat16' keeps the AdamW moments and updates in "
                       "bfloat16 (small updates round away); use float32 parameters with "
@@ -354,8 +363,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"model.window={m.window} must be <= data.seq_len={d.seq_len}")
   if m.mixer in ("ttt_linear", "ttt_mlp"):
     b = m.ttt.mini_batch_size
-    _check_positive("model.ttt.mini_batch_size", b)
-    _check_positive("model.ttt.lr_warmup_steps", m.ttt.lr_warmup_steps, allow_zero=True)
     if d.seq_len % b:
       raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
                         f"model.ttt.mini_batch_size={b}")
@@ -366,7 +373,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not 1 <= e.suffix_len <= m.num_layers:
       raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, "
                         f"model.num_layers={m.num_layers}]")
-    _check_positive("model.e2e.mini_batch_size", e.mini_batch_size)
     if d.seq_len % e.mini_batch_size:
       raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
                         f"model.e2e.mini_batch_size={e.mini_batch_size}")
@@ -382,8 +388,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if v == 0 or v < -1:
       raise ConfigError(f"mesh.{key}={v} must be a positive size or -1 (fill the rest)")
   parse_rules(c.mesh.rules)
-  for key in ("max_docs", "chunk", "batch_size", "first_bucket", "stride"):
-    _check_positive(f"eval.{key}", c.eval[key], allow_zero=key == "stride")
   for item in str(c.eval.ctx).split(","):
     if parse_ctx(item) <= 0:
       raise ConfigError(f"eval.ctx={c.eval.ctx!r}: lengths must be positive, e.g. 1k,2k,8k")
@@ -392,9 +396,4 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "choose '' or 'params'")
   if c.checkpoint.load_part and not c.checkpoint.load_from:
     raise ConfigError("checkpoint.load_part='params' needs checkpoint.load_from=<workdir>")
-  _check_positive("checkpoint.every_steps", c.checkpoint.every_steps, allow_zero=True)
-  _check_positive("checkpoint.keep", c.checkpoint.keep)
-  for key in ("step", "load_step"):
-    if c.checkpoint[key] < -1:
-      raise ConfigError(f"checkpoint.{key}={c.checkpoint[key]} must be a saved step or -1 (latest)")
   return c

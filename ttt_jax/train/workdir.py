@@ -212,6 +212,8 @@ def claim(config: ml_collections.ConfigDict, workdir: str | None, *, echo=print,
           data: Dataset | None = None):
   """Start-up checks, then the workdir lock (process 0 only) until the block ends; yields the
   run's `Dataset` (`check_run`)."""
+  if workdir is not None and not str(workdir).strip():
+    raise ConfigError(f"--workdir {workdir!r} is empty; name the run's directory")
   data = check_run(config, data)
   if workdir is None:
     yield data
