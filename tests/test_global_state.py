@@ -1,6 +1,7 @@
 """Importing ttt_jax leaves Flax's global configuration as it was, and the package still builds,
 runs and splits models under Flax's own defaults (the modules are built inside
-`lazy_variable_sharding()` where they are built). A fresh interpreter, so nothing earlier in the
+`lazy_variable_sharding()` where they are built, and the layers' parameters are created
+unplaced, so a user's own model can build them directly). A fresh interpreter, so nothing earlier in the
 test session has set anything."""
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ tokens = np.random.default_rng().integers(0, c.model.vocab_size, (1, 8))
 logits, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens))
 assert logits.shape == (1, 8, 384) and bool(jnp.all(jnp.isfinite(logits)))
 make_mixer(c.model, nnx.Rngs(0))
+# a user's own model: the layers built directly, with no mesh and no context of the package's
+from ttt_jax.layers.attention import Attention
+from ttt_jax.layers.ttt import TTTMixer
+for mixer in ("ttt_linear", "ttt_mlp"):
+  c.model.mixer = mixer
+  layer = TTTMixer(c.model, compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng().standard_normal((1, 16, 32)), jnp.float32)
+  y, _ = layer(x, jnp.arange(16), None)
+  assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+attn = Attention(32, 2, window=None, rope_theta=1e4, qk_norm=True, norm_eps=1e-6, std=0.02,
+                 out_std=0.02, compute_dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs=nnx.Rngs(0))
+assert attn(x, jnp.arange(16))[0].shape == x.shape
 assert flax.config.flax_always_shard_variable == flags["flax_always_shard_variable"]
 print("ok")
 """

@@ -38,13 +38,20 @@ def building_for(platform: str) -> Iterator[None]:
     _BUILD_PLATFORM.pop()
 
 
+def _logical(init, axes: tuple[str | None, ...]):
+  """`init` tagged with logical axis names (see ttt_jax/sharding.py). The parameter is created
+  unplaced (no mesh needed in scope, whatever flax's eager-sharding default); the train step's
+  jit applies the shardings the names map to."""
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
 def normal_init(std: float, axes: tuple[str | None, ...]):
-  """A N(0, std²) initializer tagged with logical axis names (see ttt_jax/sharding.py)."""
-  return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+  """A N(0, std²) initializer tagged with logical axis names."""
+  return _logical(nnx.initializers.normal(std), axes)
 
 
 def const_init(value: float, axes: tuple[str | None, ...]):
-  return nnx.with_partitioning(nnx.initializers.constant(value), axes)
+  return _logical(nnx.initializers.constant(value), axes)
 
 
 def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, std: float,
@@ -53,5 +60,5 @@ def linear(d_in: int, d_out: int, axes: tuple[str | None, str | None], *, std: f
   return nnx.Linear(
       d_in, d_out, use_bias=use_bias, dtype=compute_dtype, param_dtype=param_dtype,
       kernel_init=normal_init(std, axes),
-      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+      bias_init=_logical(nnx.initializers.zeros_init(), (axes[1],)),
       rngs=rngs)
