@@ -319,9 +319,13 @@ def train_main(argv=None) -> None:
   def main(_):
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
       logging.set_verbosity(logging.WARNING)
-    with user_errors():
-      distributed.initialize(config.value)  # before anything touches devices
-      distributed.enable_compilation_cache(config.value.train.compilation_cache)
-      train_and_evaluate(config.value, workdir.value)
+    try:
+      with user_errors():
+        distributed.initialize(config.value)  # before anything touches devices
+        distributed.enable_compilation_cache(config.value.train.compilation_cache)
+        train_and_evaluate(config.value, workdir.value)  # Ctrl-C: saved, then interrupted
+    except KeyboardInterrupt:
+      fail("interrupted (Ctrl-C); rerun the same command to resume from the run's last "
+           "complete checkpoint", code=130)
 
   run_absl(main, argv)

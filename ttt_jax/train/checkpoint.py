@@ -360,19 +360,26 @@ def load_from_dir(src: str) -> str:
 
 
 class PreemptionWatch:
-  """Notices SIGTERM (one process) or JAX's preemption sync point (several processes)."""
+  """Notices SIGTERM or Ctrl-C (SIGINT) on one process, JAX's preemption sync point on several;
+  `signal` names the one that came first. A second Ctrl-C stops at once (KeyboardInterrupt)."""
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self.signal: str | None = None
+    self._old = {}
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+          self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.signal == "SIGINT":
+      raise KeyboardInterrupt  # Ctrl-C again while the checkpoint is written: stop now
     self.requested = True
+    self.signal = self.signal or signal.Signals(signum).name
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -383,5 +390,5 @@ class PreemptionWatch:
     return self.requested
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)

@@ -242,14 +242,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
                        *, echo=print, data: Dataset | None = None) -> dict[str, Any]:
   """Trains to `config.train.steps` updates, resuming from `workdir`'s latest checkpoint.
 
-  Saves a checkpoint every `checkpoint.every_steps`, at the end, and on SIGTERM (then returns
-  with `preempted=True`). A step whose loss or gradient is not finite is not applied; past
-  `train.skip_nonfinite` such steps the run stops with `NonFiniteError` naming the step and the
-  batch's data position (the last checkpoint, all finite, stays). Steps run one ahead of the
-  host: step n is dispatched before step n-1's metrics are read, so the progress bar counts
-  finished steps without stalling the device. Returns the final state, train history,
-  validation metrics. `data`: `config.data` resolved (`exclusive_workdir` passes the one its
-  start-up check built).
+  Saves a checkpoint every `checkpoint.every_steps`, at the end, on SIGTERM (then returns with
+  `preempted=True`) and on Ctrl-C (then raises KeyboardInterrupt). A step whose loss or gradient is
+  not finite is not applied; past `train.skip_nonfinite` such steps the run stops with
+  `NonFiniteError` naming the step and the batch's data position (the last checkpoint, all
+  finite, stays). Steps run one ahead of the host: step n is dispatched before step n-1's
+  metrics are read, so the progress bar counts finished steps without stalling the device.
+  Returns the final state, train history, validation metrics. `data`: `config.data` resolved
+  (`exclusive_workdir` passes the one its start-up check built).
   """
 
   def log(s: str) -> None:
@@ -352,6 +352,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         if watch.reached(done):
           if checkpoints is not None:
             checkpoints.save(done, state, it.get_state(), config, wait=True)
+          if watch.signal == "SIGINT":  # saved; then the caller stops as on any Ctrl-C
+            log(f"interrupted (Ctrl-C): saved checkpoint at step {done}")
+            raise KeyboardInterrupt
           log(f"preempted (SIGTERM): saved checkpoint at step {done}; exiting")
           preempted = True
           break
