@@ -191,3 +191,10 @@ def test_jsonl_bpe_parallel_and_vocab_follows_tokenizer(tmp_path):
   c.model.vocab_size = 512
   with pytest.raises(ConfigError, match="model.vocab_size=512"):
     resolved.sync_vocab(c)
+
+
+def test_out_dir_that_is_a_file_fails_in_one_line(corpus, tmp_path):
+  (tmp_path / "f").write_text("a file")
+  with pytest.raises(ConfigError, match=r"--out_dir=.*/f' is a file, not a folder"):
+    prepare.prepare(str(corpus), str(tmp_path / "f"), echo=lambda s: 0)
+  assert (tmp_path / "f").read_text() == "a file"

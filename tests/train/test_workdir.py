@@ -103,3 +103,19 @@ def test_claim_checks_config_and_data_before_creating_the_workdir(tmp_path):
   with pytest.raises(ConfigError, match="data.source"), wd.claim(c, str(tmp_path / "w")):
     pass
   assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("pid", ["abc", 0, -1, None], ids=["text", "zero", "negative", "null"])
+def test_a_damaged_holder_record_is_taken_over_with_notice(tmp_path, pid):
+  """A record whose pid is no process id (it ended in a ValueError traceback; pid 0 or -1 named
+  a process group, which os.kill found 'alive') is taken over: no process holds the flock."""
+  path = tmp_path / wd.LOCK_FILE
+  path.write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+  logs = []
+  with wd.WorkdirLock(str(tmp_path), echo=logs.append) as lock:
+    with open(lock.path) as f:
+      assert json.load(f)["pid"] == os.getpid()
+  if pid is None:  # no pid recorded at all: nothing to report
+    assert logs == []
+  else:
+    assert len(logs) == 1 and f"whose record of its process id ({pid!r}) is damaged" in logs[0]

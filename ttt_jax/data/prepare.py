@@ -215,6 +215,8 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
               "tokenizer": tok_key, "val_fraction": val_fraction, "num_shards": num_shards}
   fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
   meta_path = os.path.join(out_dir, METADATA)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConfigError(f"--out_dir={out_dir!r} is a file, not a folder; name a folder")
   if os.path.isfile(meta_path) and not force:
     with open(meta_path, encoding="utf-8") as f:
       old = json.load(f)

@@ -81,6 +81,12 @@ def _alive(pid: int, ticks: int | None) -> bool:
   return state not in ("Z", "X") and (ticks is None or start == ticks)
 
 
+def _recorded_pid(holder: dict) -> int | None:
+  """The holder's process id; None when the record has none or a damaged one ("abc", 0, -1)."""
+  pid = holder.get("pid")
+  return pid if type(pid) is int and pid > 0 else None
+
+
 def _describe(holder: dict) -> str:
   return (f"pid {holder.get('pid')} on host {holder.get('host')}, started "
           f"{holder.get('started')}")
@@ -111,9 +117,9 @@ class WorkdirLock:
           raise
         holder = self._read(fd, wait=True)
         os.close(fd)
-        if (holder.get("pid") and holder.get("host") == socket.gethostname()
-            and time.monotonic() < dying_until
-            and not _alive(int(holder["pid"]), holder.get("start_ticks"))):
+        pid = _recorded_pid(holder)
+        if (pid and holder.get("host") == socket.gethostname()
+            and time.monotonic() < dying_until and not _alive(pid, holder.get("start_ticks"))):
           time.sleep(0.1)  # a killed holder whose threads still exit: its flock goes soon
           continue
         raise WorkdirBusy(f"workdir {self.workdir} is in use by another run ("
@@ -159,17 +165,18 @@ class WorkdirLock:
       previous = self._read(fd)
       host = socket.gethostname()
       if previous.get("pid") is not None:
-        pid = int(previous["pid"])
+        pid = _recorded_pid(previous)
         if previous.get("host") != host:
           raise WorkdirBusy(
               f"workdir {self.workdir} is locked by a run on another host ({_describe(previous)}"
               f"; lock {self.path}); if that run is no longer running, delete {self.path}")
-        if _alive(pid, previous.get("start_ticks")):
+        if pid is not None and _alive(pid, previous.get("start_ticks")):
           raise WorkdirBusy(f"workdir {self.workdir} is in use by another run ("
                             f"{_describe(previous)}; lock {self.path}); wait for it to finish "
                             "or choose another --workdir")
-        self.echo(f"notice: took over the lock {self.path} left by {_describe(previous)}, "
-                  "which is no longer running")
+        gone = ("which is no longer running" if pid is not None else
+                f"whose record of its process id ({previous['pid']!r}) is damaged")
+        self.echo(f"notice: took over the lock {self.path} left by {_describe(previous)}, {gone}")
       stat = _proc_stat(os.getpid())
       me = {"pid": os.getpid(), "host": host,
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
