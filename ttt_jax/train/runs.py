@@ -60,4 +60,4 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     params = checkpoints.restore_params(step, trainer)
   finally:
     checkpoints.close()
-  return Run(workdir, step, config, trainer.graphdef, params, trainer.data)
+  return Run(workdir, step, trainer.config, trainer.graphdef, params, trainer.data)

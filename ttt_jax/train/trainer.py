@@ -7,6 +7,7 @@ with explicit in/out shardings over the ('data', 'fsdp', 'tensor') mesh.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from typing import Any, NamedTuple
@@ -57,9 +58,12 @@ class Trainer:
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
              data: Dataset | None = None):
-    """`data`: the run's resolved `config.data` (built here when not given)."""
+    """`data`: the run's resolved `config.data` (built here when not given). The caller's
+    `config` is left as given; `trainer.config` is the resolved copy (model.vocab_size follows
+    the data tokenizer)."""
     data = Dataset.from_config(config.data) if data is None else data
-    data.sync_vocab(config)  # model.vocab_size follows the data tokenizer
+    config = copy.deepcopy(config)
+    data.sync_vocab(config)
     validate(config)
     mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
@@ -257,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       tqdm.write(s) if echo is print else echo(s)
 
   trainer = Trainer.create(config, data=data)
+  config = trainer.config
   tr, every = config.train, config.checkpoint.every_steps
   n_params = count_params(trainer.abstract_params)
   log(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "
