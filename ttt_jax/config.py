@@ -220,6 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
   ck.load_from = ""  # workdir (or checkpoint dir) for load_part
   ck.step = -1  # step of this run to resume from; -1 = the latest complete one
   ck.load_step = -1  # step of load_from whose params load_part takes; -1 = its latest
+  ck.allow_model_change = False  # resume a run as another model.kind / model.mixer
 
   ev = c.eval = ml_collections.ConfigDict()
   ev.ctx = "1k,2k"  # context lengths for scripts/evaluate.py (comma list)

@@ -329,3 +329,20 @@ def test_a_step_rotated_away_while_read_is_busy_not_corrupted(runs, tmp_path):
   msg = str(e.value)
   assert "removed while it was being read" in msg and "retry" in msg, msg
   assert "corrupted" not in msg and "overwrite" not in msg
+
+
+def test_resuming_as_another_model_kind_is_refused_unless_asked(tmp_path):
+  """An SWA run resumed with model=transformer (same parameter shapes) used to load and train on
+  as a transformer after a note; it is refused naming both, unless allow_model_change."""
+  swa = tiny_config(**{"train.steps": 2, "checkpoint.every_steps": 2})
+  train_and_evaluate(swa, str(tmp_path), echo=lambda s: None)
+  full = tiny_config(**{"train.steps": 4})
+  full.model.kind, full.model.mixer = "transformer", "full"
+  trainer = Trainer.create(full)
+  with pytest.raises(ConfigError, match=r"holds a run of another model \(checkpoint step 2; "
+                     r"model.kind: 'swa' -> 'transformer'; model.mixer: 'swa' -> 'full'\)"):
+    start_run(full, str(tmp_path), trainer, echo=lambda s: None)
+  full.checkpoint.allow_model_change = True
+  run = start_run(full, str(tmp_path), trainer, echo=lambda s: None)
+  run.checkpoints.close()
+  assert run.step == 2

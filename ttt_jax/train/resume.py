@@ -27,6 +27,7 @@ from ttt_jax.train.checkpoint import (
   CheckpointError,
   RunCheckpoints,
   config_diff,
+  flat_config,
   load_from_dir,
   log_main,
   sync_processes,
@@ -112,6 +113,25 @@ def _discard_unmarked(ck: RunCheckpoints, workdir: str, echo) -> None:
     log_main(echo, f"{notice} (moved to {dest})")
 
 
+MODEL_IDENTITY = ("model.kind", "model.mixer")  # what makes a run the model it is
+
+
+def _check_same_model(saved: dict, config: ml_collections.ConfigDict, workdir: str,
+                      step: int) -> None:
+  """ConfigError when the config names another model than the run being resumed (a different
+  kind or mixer with the same parameter shapes would load and train on as that model)."""
+  if config.checkpoint.allow_model_change:
+    return
+  was, now = flat_config(saved), flat_config(config.to_dict())
+  diff = [f"{k}: {was[k]!r} -> {now[k]!r}" for k in MODEL_IDENTITY if k in was and was[k] != now[k]]
+  if diff:
+    raise ConfigError(
+        f"{workdir} holds a run of another model (checkpoint step {step}; {'; '.join(diff)}): "
+        "resume it with its own model, start a new run in another --workdir "
+        "(checkpoint.load_part=params takes its parameters), or set "
+        "checkpoint.allow_model_change=True to continue it as this model")
+
+
 def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
               echo=print) -> RunStart:
   """Fresh state, or resume from the latest complete checkpoint, or params from another run."""
@@ -148,6 +168,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
                      " (drop the flag to silence this)")
       wanted = -1
     step = _choose_step(ck, wanted)
+    _check_same_model(ck.saved_config(step), config, workdir, step)
     state, data_state, saved = ck.restore(step, trainer)
     if wanted >= 0:
       _discard_after(ck, workdir, step, echo)
