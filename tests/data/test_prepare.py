@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,3 +200,19 @@ def test_out_dir_that_is_a_file_fails_in_one_line(corpus, tmp_path):
   with pytest.raises(ConfigError, match=r"--out_dir=.*/f' is a file, not a folder"):
     prepare.prepare(str(corpus), str(tmp_path / "f"), echo=lambda s: 0)
   assert (tmp_path / "f").read_text() == "a file"
+
+
+def test_folders_left_by_killed_runs_are_removed(corpus, tmp_path):
+  """A SIGKILLed prepare_data leaves OUT.tmp-PID (no cleanup runs); the next run removes the
+  ones whose process is gone, with a notice, and leaves a running one's alone."""
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  out = tmp_path / "data"
+  dead, alive = tmp_path / f"data.tmp-{gone.pid}", tmp_path / f"data.tmp-{os.getppid()}"
+  for d in (dead, alive):
+    d.mkdir()
+    (d / "train-00000-of-00001.array_record").write_bytes(b"partial")
+  logs = []
+  prepare.prepare(str(corpus), str(out), val_fraction=0.0, num_shards=1, echo=logs.append)
+  assert not dead.exists() and alive.exists()
+  assert any(s.startswith(f"notice: removed {dead}, left by a prepare_data run") for s in logs)

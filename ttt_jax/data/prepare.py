@@ -178,6 +178,26 @@ def _tokenizer_record(tok: Tokenizer, tmp: str, name: str) -> dict:
   raise ConfigError(f"tokenizer {name!r} cannot be stored in prepared data")
 
 
+def _remove_leftovers(out_dir: str, echo: Callable[[str], None]) -> None:
+  """Removes `OUT.tmp-PID` folders of earlier runs killed before their rename (SIGKILL: no
+  cleanup ran) whose process no longer runs; a running one's is left alone."""
+  parent, prefix = os.path.dirname(out_dir) or ".", os.path.basename(out_dir) + ".tmp-"
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    pid = name[len(prefix):]
+    if not (name.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
+      continue
+    try:
+      os.kill(int(pid), 0)
+      continue  # still running (or another user's): not ours to remove
+    except ProcessLookupError:
+      pass
+    except PermissionError:
+      continue
+    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    echo(f"notice: removed {os.path.join(parent, name)}, left by a prepare_data run that was "
+         "killed (its process no longer runs)")
+
+
 def warn_empty_validation(meta: dict, out_dir: str, echo: Callable[[str], None]) -> None:
   """A loud warning when the prepared validation split holds no document."""
   if meta["splits"]["validation"]["documents"]:
@@ -232,6 +252,7 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
   stats = sources.DecodeStats()
   docs = lambda split: sources.get_documents(source, split, val_fraction, text_field=text_field,
                                              tfds_data_dir=tfds_data_dir, stats=stats, kind=kind)
+  _remove_leftovers(out_dir, echo)
   tmp = f"{out_dir}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
