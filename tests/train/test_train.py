@@ -90,3 +90,20 @@ def test_create_leaves_the_callers_config_as_given(tmp_path):
   assert config.to_dict() == before and config.model.vocab_size == 259
   assert trainer.config.model.vocab_size == 30  # 27 + BOS, EOS, PAD
   assert trainer.abstract_params["embed"]["embedding"].shape[0] >= 30
+
+
+@pytest.mark.parametrize("kind", ["ttt_mlp", "e2e"])
+def test_validation_runs_the_full_inner_lr_like_evaluate(kind):
+  """During the inner-LR warm-up the train step scales the inner LR; validation does not: its
+  loss is the loss with no step (what evaluate.py computes), not the warmed-up one."""
+  config = tiny_config(kind)
+  config.model.ttt.lr_warmup_steps = config.model.e2e.ilr_warmup_steps = 1000
+  config.model.e2e.mini_batch_size = 16
+  trainer = Trainer.create(config)
+  params = trainer.init_state().params
+  batch = trainer.device_batch(trainer.dataset("validation", shuffle=False)[0])
+  got = float(trainer.eval_step(params, batch)["loss"])
+  full = float(trainer.loss_fn(params, batch, None)[0])
+  warming = float(trainer.loss_fn(params, batch, jax.numpy.int32(0))[0])
+  assert abs(got - full) <= 1e-6 * abs(full)
+  assert abs(warming - full) > 1e-4  # the multiplier is visible at this step

@@ -119,7 +119,7 @@ def fine_tune(run: Run, steps: int, workdir: str, *, seq_len: int | None = None,
         state = trainer.init_state()
         params = jax.tree.map(jnp.copy, run.params)  # the train step donates its state
         state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
-        before = float(trainer.eval_step(state.params, probe, jnp.int32(0))["loss"])
+        before = float(trainer.eval_step(state.params, probe)["loss"])
         done = {"record": record, "probe_loss_before": before, "losses": [], "skipped": 0}
         log(f"fine-tuning {run.workdir} (step {run.step}) on the needle task: {steps} steps of "
             f"{config.data.batch_size} x {length} tokens, lr {config.train.lr:g}; probe loss "
@@ -173,7 +173,7 @@ def train_steps(trainer: Trainer, state, checkpoints: ckpt.RunCheckpoints,
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         writer.write(step + 1, metrics, "train")
       if step + 1 == steps:
-        after = float(trainer.eval_step(state.params, probe, jnp.int32(steps))["loss"])
+        after = float(trainer.eval_step(state.params, probe)["loss"])
         writer.write(steps, {"loss_before": done["probe_loss_before"], "loss": after},
                      "needle_probe")
         done["probe_loss_after"] = after

@@ -142,8 +142,10 @@ class Trainer:
                                                   state.step + 1))
     return new_state, metrics
 
-  def _eval_step(self, params, batch, step):
-    loss, metrics = self.loss_fn(params, batch, step)
+  def _eval_step(self, params, batch):
+    """The model as evaluate.py runs it: no outer step, so inner LRs at their full value (no
+    warm-up multiplier; the train step's own metrics carry the warmed-up ones)."""
+    loss, metrics = self.loss_fn(params, batch, None)
     return dict(metrics, loss=loss)
 
   # -- compiled entry points ----------------------------------------------------------------------
@@ -166,7 +168,7 @@ class Trainer:
     if not hasattr(self, "_eval_step_jit"):
       self._eval_step_jit = jax.jit(
           self._eval_step,
-          in_shardings=(self.state_shardings.params, self.batch_sharding, None))
+          in_shardings=(self.state_shardings.params, self.batch_sharding))
     return self._eval_step_jit
 
   def device_batch(self, local_batch: dict) -> dict:
@@ -195,7 +197,7 @@ class Trainer:
     batches = (self.device_batch(ds[i]) for i in tqdm(
         range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
         disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
-    return validation_metrics(lambda b: self.eval_step(params, b, jnp.int32(step)), batches)
+    return validation_metrics(lambda b: self.eval_step(params, b), batches)
 
 
 def one_clock(opt_state, step: jax.Array):
