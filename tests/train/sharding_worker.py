@@ -53,12 +53,18 @@ def _flat(tree) -> dict[str, object]:
 
 
 def _run(trainer, batches, state=None):
+  """(final state, losses, first moments after the first step). Adam's first moment after one
+  step is (1 - b1) x the (norm-clipped) gradient at the initial parameters: the gradient of the
+  first batch, read before the next step donates the state."""
   state = trainer.init_state() if state is None else state
-  losses = []
+  losses, first = [], None
   for b in batches:
     state, metrics = trainer.train_step(state, trainer.device_batch(b))
     losses.append(float(jax.device_get(metrics["loss"])))
-  return state, losses
+    if first is None:
+      first = {k: np.asarray(jax.device_get(x)) for k, x in _flat(state.opt_state).items()
+               if ".mu" in k}
+  return state, losses, first
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -67,6 +73,15 @@ def _max_rel(a: dict, b: dict) -> float:
     x, y = np.asarray(x, np.float64), np.asarray(b[k], np.float64)
     worst = max(worst, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-12)))
   return worst
+
+
+def _norm_rel(a: dict, b: dict) -> dict[str, float]:
+  """Per leaf |a - b| / |b| (Frobenius norms); b is the reference."""
+  out = {}
+  for k, x in a.items():
+    x, y = np.asarray(x, np.float64), np.asarray(b[k], np.float64)
+    out[k] = float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+  return out
 
 
 def _bytes_per_device(params) -> tuple[int, int]:
@@ -95,8 +110,8 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
       single = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices[:1]))
       # eager init, kept on the host (steps donate their input); every mesh starts from it
       ref_init = jax.device_get(single._init(cfg.seed))
-      ref_state, ref_losses = _run(single, batches,
-                                   jax.device_put(ref_init, single.state_shardings))
+      ref_state, ref_losses, ref_grads = _run(single, batches,
+                                              jax.device_put(ref_init, single.state_shardings))
       ref_params = _flat(jax.device_get(ref_state.params))
       res["single"] = {"losses": ref_losses}
       if kind == "transformer":
@@ -110,9 +125,10 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         local, total = _bytes_per_device(init.params)
         params = _flat(init.params)
         mu = _flat(init.opt_state)
-        state, losses = _run(tr, batches, init)
+        state, losses, grads = _run(tr, batches, init)
         res[name] = {
             "losses": losses,
+            "grad_rel_diff": _norm_rel(grads, ref_grads),
             "param_max_rel_diff": _max_rel(_flat(jax.device_get(state.params)), ref_params),
             "bytes_per_device": local, "bytes_total": total,
             "specs": {k: _spec(x) for k, x in params.items()},
@@ -150,7 +166,7 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
     cfg = tiny_config("transformer")
     reference = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices[:1]))
   ds = reference.dataset("train")
-  state, losses = _run(reference, [ds[i] for i in range(STEPS)])
+  state, losses, _ = _run(reference, [ds[i] for i in range(STEPS)])
   out["pipeline_single"] = {"losses": losses}
   # the two-process run's checkpoint, restored on one device
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -169,7 +185,7 @@ def process(pid: int, nproc: int, port: int, workdir: str) -> dict:
   trainer = Trainer.create(cfg)
   ds = trainer.dataset("train")
   local = [ds[i] for i in range(STEPS)]
-  state, losses = _run(trainer, local)
+  state, losses, _ = _run(trainer, local)
   writer = MetricWriter(os.path.join(workdir, "run"), echo=lambda s: None)
   writer.write(STEPS, {"loss": losses[-1]})
   writer.close()
