@@ -1,8 +1,9 @@
-"""Importing ttt_jax leaves Flax's global configuration as it was, and the package still builds,
+"""Importing ttt_jax leaves Flax's global configuration, `sys.unraisablehook` and the logging
+filters as they were, and the package still builds,
 runs and splits models under Flax's own defaults (the modules are built inside
 `lazy_variable_sharding()` where they are built, and the layers' parameters are created
-unplaced, so a user's own model can build them directly). A fresh interpreter, so nothing earlier in the
-test session has set anything."""
+unplaced, so a user's own model can build them directly). A fresh interpreter, so nothing
+earlier in the test session has set anything."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import subprocess
 import sys
 
 CHECK = """
+import logging, sys
 import flax
 flags = {k: getattr(flax.config, k) for k in ("flax_always_shard_variable",)}
+hook = sys.unraisablehook
+filters = {n: list(logging.getLogger(n).filters) for n in ("absl", "asyncio")}
 import ttt_jax, ttt_jax.models, ttt_jax.train.trainer, ttt_jax.eval.generate, ttt_jax.cli
 after = {k: getattr(flax.config, k) for k in flags}
 assert after == flags, f"import ttt_jax changed flax.config: {flags} -> {after}"
+assert sys.unraisablehook is hook, "import ttt_jax replaced sys.unraisablehook"
+assert {n: list(logging.getLogger(n).filters) for n in filters} == filters, "logging filters"
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
-from ttt_jax.train.diskspace import check_space, tree_bytes
+from ttt_jax.train.diskspace import check_space, quiet_disk_full_noise, tree_bytes
 
 CKPT_DIR = "checkpoints"
 DISCARDED_DIR = "checkpoints_discarded"
@@ -54,7 +54,7 @@ class _ReadOnlyNotice(logging.Filter):
     return not str(record.msg).startswith("Given directory is read only")
 
 
-logging.getLogger("absl").addFilter(_ReadOnlyNotice())  # Orbax logs through absl's logger
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
 def is_complete_step(path: str) -> bool:
@@ -178,6 +178,11 @@ class RunCheckpoints:
     markers when opened `read_only` (a writable opening leaves them to `start_run`)."""
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
+    if read_only:  # Orbax logs through absl's logger; installed here, not on import
+      if _READ_ONLY_NOTICE not in logging.getLogger("absl").filters:
+        logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)
+    else:
+      quiet_disk_full_noise()  # a full disk during a save is reported in one line
     opts = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep) if not read_only else None,
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,

@@ -191,6 +191,18 @@ class _DiskFullLogs(logging.Filter):
     return not (is_disk_full(err) or any(t in text for t in _NO_SPACE_TEXT))
 
 
-for _name in ("absl", "asyncio"):  # Orbax logs through absl; its abandoned writes, asyncio
-  logging.getLogger(_name).addFilter(_DiskFullLogs())
-sys.unraisablehook = _drop_leftover_noise(sys.unraisablehook)
+_QUIET = _DiskFullLogs()
+
+
+def quiet_disk_full_noise() -> None:
+  """Installs, once, the filters that drop Orbax's tracebacks of a full disk (its `absl` and
+  `asyncio` log records, the unraisable errors of its abandoned writes). Called by a training
+  run, not on import: importing the package changes no process-wide hook."""
+  for name in ("absl", "asyncio"):  # Orbax logs through absl; its abandoned writes, asyncio
+    logger = logging.getLogger(name)
+    if _QUIET not in logger.filters:
+      logger.addFilter(_QUIET)
+  if not getattr(sys.unraisablehook, "_ttt_jax_quiet", False):
+    hook = _drop_leftover_noise(sys.unraisablehook)
+    hook._ttt_jax_quiet = True  # noqa: SLF001
+    sys.unraisablehook = hook
