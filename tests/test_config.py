@@ -22,8 +22,12 @@ from ttt_jax.train.workdir import claim
 @pytest.mark.parametrize("scale", list(SCALES))
 def test_every_preset_builds_and_validates(kind, scale):
   c = validate(build_config(f"model={kind},scale={scale},ctx=8k"))
-  assert c.model.kind == kind and c.data.seq_len == 8192
-  assert c.model.d_model % c.model.num_heads == 0
+  # what the kind means for the model (not the kind itself): its sequence mixer
+  assert c.model.mixer == MIXER_OF_KIND[kind]
+
+
+MIXER_OF_KIND = {"transformer": "full", "swa": "swa", "ttt_linear": "ttt_linear",
+                 "ttt_mlp": "ttt_mlp", "e2e": "swa"}
 
 
 # The papers' ladder (layers, width, heads) written out independently of config.SCALES.
@@ -46,6 +50,18 @@ def test_transformer_presets_have_the_published_shape_and_parameter_count(scale)
   # the non-embedding size is the scale's name to within the papers' rounding
   nominal = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1b": 1.3e9, "3b": 2.7e9}[scale]
   assert 0.6 < layers * per_block / nominal < 1.1, layers * per_block
+
+
+@pytest.mark.parametrize("scale", ["tiny", "125m", "350m"])
+def test_e2e_preset_has_the_baseline_parameter_count(scale):
+  """The E2E preset pays for its prime MLPs with narrower MLPs so the model it builds has the
+  full-attention baseline's parameter count: off by no more than the width rounding (all its
+  MLPs, prime ones included, one 128-wide step of width each: 3 x d_model x 128 parameters)."""
+  base = build_config(f"model=transformer,scale={scale},ctx=8k").model
+  e2e = build_config(f"model=e2e,scale={scale},ctx=8k").model
+  count = lambda m: count_params(abstract_model(m)[1].to_pure_dict())  # noqa: E731
+  mlps = e2e.num_layers + e2e.e2e.suffix_len
+  assert abs(count(e2e) - count(base)) < mlps * 3 * e2e.d_model * 128
 
 
 def test_e2e_preset_matches_paper_choices():
