@@ -1,19 +1,32 @@
-"""Text generation with carried state: prefill through the streaming path, then decode.
+"""Text generation with carried state, one compiled program per (batch, length bucket).
 
-The prompt is fed in chunks (whole multiples of the model's inner mini-batch, see
-perplexity.stream_alignment), any remainder token by token; then each new token is one model
-call of length 1 with the cache carried (KV window for SWA, growing KV cache for full
-attention, TTT hidden state, E2E inner weights: E2E takes an inner step whenever a mini-batch of
-tokens completes). Temperature 0 is greedy decoding.
+A generation is `Generator.__call__`: the prompt and the tokens to come live in one int32 buffer
+of `length` slots on the device, and one jitted function (`decode_loop`) runs the whole of it:
+  * prefill: a `lax.while_loop` over chunks of `chunk` tokens, then one over chunks of `small`
+    (both whole multiples of the model's inner mini-batch, perplexity.stream_alignment), leaving
+    at least the prompt's last token;
+  * decode: a `lax.while_loop` of one-token model calls with the cache carried (KV window for SWA,
+    KV cache of `length` slots for full attention, TTT hidden state, E2E inner weights: E2E takes
+    an inner step whenever a mini-batch of tokens completes). It reads the prompt's remaining
+    tokens, then its own samples, and stops on device at `limit` tokens or when every row has
+    produced one of the EOS ids.
+Prompt length, `max_new_tokens`, seed and sampling knobs are run-time values, so another prompt
+or another setting compiles nothing; the cache and buffer are donated. `length` is the model's
+context (`max_len`, the run's data.seq_len) unless a generation needs more (a bucket above it).
+Callers that check stop strings (or show progress) run the loop in segments of `segment` tokens,
+continuing the same cache.
 
 Text generation follows the tokenizer's files (data/special_tokens.py): the prompt starts with
 BOS only when they say so (add_bos_token), generation ends at any of their EOS ids (stop_ids),
 and `chat=True` wraps the prompt as a user message in their chat template (data/chat.py).
+Sampling: eval/sampling.py (greedy at temperature 0).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -25,99 +38,134 @@ from tqdm.auto import tqdm
 from ttt_jax.data.chat import apply_chat_template
 from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
+from ttt_jax.eval.sampling import check_sampling, sample_logits
 from ttt_jax.train.runs import Run
 
+__all__ = ["Generator", "generate", "generate_text", "prompt_ids", "sample_logits"]
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k) -> jax.Array:
-  """Token ids [B] from fp32 logits [B, V]: argmax at temperature <= 0, else sampling from the
-  `top_k` most likely tokens (all when top_k <= 0). Both knobs may be traced values."""
-  temperature = jnp.asarray(temperature, jnp.float32)
-  top_k = jnp.asarray(top_k, jnp.int32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  ranked = jnp.sort(scaled, axis=-1)[:, ::-1]
-  k = jnp.clip(jnp.where(top_k > 0, top_k, logits.shape[-1]), 1, logits.shape[-1])
-  kth = jax.lax.dynamic_slice_in_dim(ranked, k - 1, 1, axis=-1)
-  scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-  sampled = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+SMALL_CHUNK = 32  # prefill chunk for what remains after the large chunks (rounded to the align)
 
 
-def make_step(graphdef) -> Callable:
-  """jit(params, cache, tokens [B,T], start, key, temperature, top_k) -> (next token [B], cache).
+def chunk_sizes(chunk: int, align: int, length: int) -> tuple[int, int]:
+  """(large, small) prefill chunk widths: multiples of `align`, at most `length`."""
+  top = max(align, length // align * align)
+  big = min(max(align, chunk // align * align), top)
+  small = min(big, align * max(1, SMALL_CHUNK // align))
+  return big, small
 
-  One function for prefill pieces and decoding, compiled once per piece length T. Build it once
-  per model and reuse it (`Generator`), so repeated generations do not compile again.
+
+def decode_loop(graphdef, align: int, chunk: int, params, cache, seq, pos, plen, limit, key,
+                temperature, top_k, top_p, stop_ids, done):
+  """(cache, seq, pos, done) after reading `seq` [B, L] from `pos` to the prompt's end (`plen`)
+  and sampling into it until `limit` tokens are filled or every row is `done`. Position i of
+  `seq` is sampled with key fold_in(key, i - 1), so segments and chunking do not change samples.
   """
+  model = nnx.merge(graphdef, params)
+  big, small = chunk_sizes(chunk, align, seq.shape[1])
 
-  def step(params, cache, tokens, start, key, temperature, top_k):
-    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-    logits, cache = nnx.merge(graphdef, params)(tokens, positions, cache)
-    return sample_logits(logits[:, -1], key, temperature, top_k), cache
+  def prefill(width, pos, cache):
+    def body(carry):
+      pos, cache = carry
+      tokens = jax.lax.dynamic_slice_in_dim(seq, pos, width, axis=1)
+      _, cache = model(tokens, pos + jnp.arange(width, dtype=jnp.int32), cache)
+      return pos + width, cache
 
-  return jax.jit(step, donate_argnums=1)
+    return jax.lax.while_loop(lambda c: c[0] + width <= plen - 1, body, (pos, cache))
+
+  pos, cache = prefill(big, pos, cache)
+  if small < big:
+    pos, cache = prefill(small, pos, cache)
+
+  def step(carry):
+    pos, cache, seq, done = carry
+    token = jax.lax.dynamic_slice_in_dim(seq, pos, 1, axis=1)
+    logits, cache = model(token, pos[None], cache)
+    nxt = sample_logits(logits[:, -1], jax.random.fold_in(key, pos), temperature, top_k, top_p)
+    new = pos + 1 >= plen
+    nxt = jnp.where(new, nxt, jax.lax.dynamic_slice_in_dim(seq, pos + 1, 1, axis=1)[:, 0])
+    seq = jax.lax.dynamic_update_slice_in_dim(seq, nxt[:, None], pos + 1, axis=1)
+    return pos + 1, cache, seq, done | (new & jnp.isin(nxt, stop_ids))
+
+  pos, cache, seq, done = jax.lax.while_loop(
+      lambda c: (c[0] + 1 < limit) & ~jnp.all(c[3]), step, (pos, cache, seq, done))
+  return cache, seq, pos, done
 
 
-def prefill_pieces(length: int, chunk: int, align: int) -> list[int]:
-  """Piece lengths that feed a prompt: chunks that are multiples of `align`, then 1s."""
-  step = max(align, chunk // align * align)
-  aligned = length // align * align
-  pieces = [step] * (aligned // step)
-  if aligned % step:
-    pieces.append(aligned % step)
-  return pieces + [1] * (length - aligned)
+def full_attention(model_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the model's cache grows with the context (full attention's KV cache)."""
+  return model_cfg.kind != "e2e" and model_cfg.mixer == "full"
 
 
 class Generator:
-  """A model ready to generate: its compiled step and cache initializer are built once and reused
-  by every call."""
+  """A model ready to generate: its compiled loop and cache initializer are built once and reused
+  by every call (one compilation per batch size and length bucket)."""
 
-  def __init__(self, graphdef, params, model_cfg: ml_collections.ConfigDict, *, chunk: int = 512):
-    self.graphdef, self.params, self.chunk = graphdef, params, chunk
+  def __init__(self, graphdef, params, model_cfg: ml_collections.ConfigDict, *, chunk: int = 512,
+               max_len: int | None = None, segment: int = 32):
+    self.graphdef, self.params, self.max_len, self.segment = graphdef, params, max_len, segment
     self.align = stream_alignment(model_cfg)
-    self.step = make_step(graphdef)
+    self.loop = jax.jit(partial(decode_loop, graphdef, self.align, chunk), donate_argnums=(1, 2))
     self.init_fn = make_init_cache(graphdef)
 
+  def length(self, need: int) -> int:
+    """Buffer (and full-attention KV) slots for a generation of `need` tokens: `max_len` when it
+    fits, else the next power of two (at least 64) above it."""
+    if self.max_len is not None and need <= self.max_len:
+      return self.max_len
+    return max(64, self.max_len or 0, 1 << (need - 1).bit_length())
+
   def __call__(self, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
-               top_k: int = 0, seed: int = 0, eos_id: int | Sequence[int] | None = None,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               eos_id: int | Sequence[int] | None = None,
+               until: Callable[[np.ndarray], bool] | None = None,
                progress: bool = False) -> np.ndarray:
     """New tokens [B, <= max_new_tokens] after `prompt` [B, P] (P >= 1, e.g. starting with BOS).
 
     Stops early once every row has produced `eos_id` (one id or several: any of them; rows that
-    stopped first keep producing tokens, which callers cut at their EOS).
+    stopped first keep producing tokens, which callers cut at their EOS), or when `until(new
+    tokens so far)` is true: it is asked after every `segment` tokens (and the result may then
+    run up to `segment` - 1 tokens past the point it would have stopped).
     """
-    stops = None if eos_id is None else np.atleast_1d(np.asarray(eos_id, np.int64))
+    check_sampling(temperature, top_k, top_p)
     prompt = np.asarray(prompt, np.int32)
     batch, plen = prompt.shape
     if plen < 1 or max_new_tokens < 1:
       raise ValueError("generate needs a prompt of >= 1 token and max_new_tokens >= 1")
-    params, step = self.params, self.step
-    cache = self.init_fn(params, batch, plen + max_new_tokens)
-    knobs = (jnp.float32(temperature), jnp.int32(top_k))
-    keys = iter(jax.random.split(jax.random.key(seed), plen + max_new_tokens))
-    pos = 0
-    for n in prefill_pieces(plen, self.chunk, self.align):
-      token, cache = step(params, cache, prompt[:, pos:pos + n], jnp.int32(pos), next(keys),
-                          *knobs)
-      pos += n
-    out = [np.asarray(token)]
-    done = np.zeros(batch, bool)
-    for _ in tqdm(range(max_new_tokens - 1), desc="decode", unit="tok", disable=not progress,
-                  leave=False):
-      if stops is not None:
-        done |= np.isin(out[-1], stops)
-        if done.all():
-          break
-      token, cache = step(params, cache, token[:, None], jnp.int32(pos), next(keys), *knobs)
-      pos += 1
-      out.append(np.asarray(token))
-    return np.stack(out, axis=1)
+    total = plen + max_new_tokens
+    length = self.length(total)
+    seq = np.zeros((batch, length), np.int32)
+    seq[:, :plen] = prompt
+    stops = [] if eos_id is None else np.atleast_1d(np.asarray(eos_id, np.int64)).tolist()
+    stop_ids = np.full(-(-max(len(stops), 1) // 8) * 8, -1, np.int32)
+    stop_ids[:len(stops)] = stops
+    cache = self.init_fn(self.params, batch, length)
+    seq, pos, done = jnp.asarray(seq), jnp.int32(0), jnp.zeros(batch, bool)
+    knobs = (jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
+             jnp.float32(top_p), jnp.asarray(stop_ids))
+    segmented = until is not None or progress
+    bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress,
+               leave=False)
+    limit = plen + self.segment if segmented else total
+    while True:
+      limit = min(limit, total)
+      cache, seq, pos, done = self.loop(self.params, cache, seq, pos, jnp.int32(plen),
+                                        jnp.int32(limit), *knobs, done)
+      n = int(pos) + 1
+      bar.update(n - plen - bar.n)
+      if n >= total or bool(np.asarray(done).all()) or (until is not None
+                                               and until(np.asarray(seq)[:, plen:n])):
+        break
+      limit = n + self.segment
+    bar.close()
+    return np.asarray(seq)[:, plen:n]
 
 
 def generate(graphdef, params, model_cfg: ml_collections.ConfigDict, prompt: np.ndarray,
-             max_new_tokens: int, *, chunk: int = 512, **kwargs) -> np.ndarray:
+             max_new_tokens: int, *, chunk: int = 512, max_len: int | None = None,
+             **kwargs) -> np.ndarray:
   """One generation (`Generator.__call__`); build a `Generator` to generate more than once."""
-  return Generator(graphdef, params, model_cfg, chunk=chunk)(prompt, max_new_tokens, **kwargs)
+  return Generator(graphdef, params, model_cfg, chunk=chunk, max_len=max_len)(
+      prompt, max_new_tokens, **kwargs)
 
 
 def prompt_ids(tok: Tokenizer, prompt: str, *, chat: bool = False) -> np.ndarray:
@@ -133,18 +181,52 @@ def prompt_ids(tok: Tokenizer, prompt: str, *, chat: bool = False) -> np.ndarray
   return ids
 
 
+def context_warning(model_cfg: ml_collections.ConfigDict, need: int, seq_len: int) -> str | None:
+  """One line when a generation of `need` tokens runs past the context `seq_len`."""
+  if need <= seq_len:
+    return None
+  how = ("the full-attention KV cache is sized for it, but positions past it were never trained"
+         if full_attention(model_cfg) else
+         "the model's carried state (window / TTT / E2E) continues, untested past it")
+  return (f"warning: prompt + max_new_tokens = {need} tokens is longer than the model's context "
+          f"of {seq_len} (data.seq_len; --seq_len overrides): {how}")
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+  """`text` up to the first occurrence of any stop string, and whether one occurred."""
+  ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+  return (text[:min(ends)], True) if ends else (text, False)
+
+
 def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
-                  top_k: int = 0, seed: int = 0, chat: bool = False,
-                  progress: bool = True) -> str:
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
+                  stop: Sequence[str] = (), seq_len: int | None = None, progress: bool = True,
+                  generator: Generator | None = None,
+                  echo: Callable[[str], None] | None = None) -> str:
   """Continuation of `prompt` (text; with `chat` the reply to it as a user message) by a loaded
-  run (runs.load_run), cut at the first of the tokenizer's EOS ids; the text is encoded and
-  decoded with the run's own tokenizer (`run.data`, see `prompt_ids`)."""
+  run (runs.load_run), cut at the first of the tokenizer's EOS ids and of the `stop` strings;
+  the text is encoded and decoded with the run's own tokenizer (`run.data`, see `prompt_ids`).
+
+  The context is the run's data.seq_len unless `seq_len` is given; a longer generation warns in
+  one line through `echo` (default: stderr). Pass a `generator` (built with the same context) to
+  generate more than once without compiling again.
+  """
+  check_sampling(temperature, top_k, top_p)
   tok = run.data.tokenizer
   ids = prompt_ids(tok, prompt, chat=chat)[None]
-  new = generate(run.graphdef, run.params, run.config.model, ids, max_new_tokens,
-                 temperature=temperature, top_k=top_k, seed=seed, chunk=run.config.eval.chunk,
-                 eos_id=tok.stop_ids, progress=progress)[0]
-  stop = np.flatnonzero(np.isin(new, tok.stop_ids))
-  if len(stop):
-    new = new[:stop[0]]
-  return tok.decode(new.tolist())
+  seq_len = seq_len or run.config.data.seq_len
+  warning = context_warning(run.config.model, ids.shape[1] + max_new_tokens, seq_len)
+  if warning:
+    (echo or partial(print, file=sys.stderr))(warning)
+  if generator is None:
+    generator = Generator(run.graphdef, run.params, run.config.model, chunk=run.config.eval.chunk,
+                          max_len=seq_len)
+
+  def text_of(new: np.ndarray) -> str:
+    hit = np.flatnonzero(np.isin(new, tok.stop_ids))
+    return tok.decode(new[:hit[0] if len(hit) else len(new)].tolist())
+
+  until = (lambda new: cut_at_stop(text_of(new[0]), stop)[1]) if stop else None
+  new = generator(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed, eos_id=tok.stop_ids, until=until, progress=progress)[0]
+  return cut_at_stop(text_of(new), stop)[0]
