@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import ml_collections
 
 MODEL_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
-MIXERS = ("full", "swa", "ttt_linear", "ttt_mlp")
+# model kind -> the model.mixer it presets; FIXED_MIXER_KINDS run only that mixer
+KIND_MIXER = {"transformer": "full", "swa": "swa", "ttt_linear": "ttt_linear",
+              "ttt_mlp": "ttt_mlp", "e2e": "swa"}
+FIXED_MIXER_KINDS = ("ttt_linear", "ttt_mlp", "e2e")
+# TTT kind -> (inner base LR, inner LR warms up over the outer warm-up: MLP, as the reference)
+TTT_PRESETS = {"ttt_linear": (1.0, False), "ttt_mlp": (0.1, True)}
 E2E_TRAIN_MODES = ("meta", "pretrain")
 E2E_REMAT_POLICIES = ("full", "dots")
 TTT_IMPLS = ("auto", "dual", "primal", "pallas")
@@ -254,20 +260,15 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 32
     m.tie_embeddings, m.compute_dtype, m.remat = False, "bfloat16", "full"
 
-  if kind == "transformer":
-    m.mixer = "full"
-  elif kind == "swa":
-    m.mixer = "swa"
-  elif kind in ("ttt_linear", "ttt_mlp"):
-    m.mixer = kind
-    m.ttt.base_lr = 1.0 if kind == "ttt_linear" else 0.1
-    # TTT-MLP warms its inner LR up over the outer warm-up (as the reference does); Linear not.
-    m.ttt.lr_warmup_steps = 0 if kind == "ttt_linear" else c.train.warmup_steps
+  m.mixer = KIND_MIXER[kind]
+  if kind in TTT_PRESETS:
+    m.ttt.base_lr, warm_up = TTT_PRESETS[kind]
+    m.ttt.lr_warmup_steps = c.train.warmup_steps if warm_up else 0
   elif kind == "e2e":
     # TTT-E2E: SWA Transformer, qk-norm, pre+post norms, RoPE theta 5e5, prime MLPs in the
     # last quarter of the blocks; the MLP width shrinks so the parameter count matches the
     # full-attention baseline (125M: 2048 -> 1664).
-    m.mixer, m.qk_norm, m.post_norm, m.rope_theta = "swa", True, True, 5e5
+    m.qk_norm, m.post_norm, m.rope_theta = True, True, 5e5
     e = m.e2e
     e.train_mode = mode
     e.suffix_len = max(1, m.num_layers // 4)
@@ -332,14 +333,19 @@ def _compare_keys(cfg, ref, prefix: str) -> None:
       raise ConfigError(f"{full}={v!r} has type {type(v).__name__}; expected {type(r).__name__}")
 
 
+# Checks that registries add for the knobs they own: model.mixer and each mixer's knobs are
+# checked by the mixer registry (ttt_jax/layers/mixers.py, added on `import ttt_jax.layers`).
+CHECKS: list[Callable[[ml_collections.ConfigDict], None]] = []
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every knob once at start-up. Returns the config for chaining."""
+  """Checks every knob once at start-up (and the registered CHECKS). Returns the config."""
   _compare_keys(c, base_config(), "")
   m, d, tr = c.model, c.data, c.train
-  for key, allowed in (("model.kind", MODEL_KINDS), ("model.mixer", MIXERS),
-                       ("model.remat", REMAT_POLICIES), ("model.compute_dtype", DTYPES),
+  for key, allowed in (("model.kind", MODEL_KINDS), ("model.remat", REMAT_POLICIES),
+                       ("model.compute_dtype", DTYPES), ("model.param_dtype", DTYPES),
                        ("model.attention_algorithm", ATTENTION_ALGORITHMS),
-                       ("model.attention_impl", ATTENTION_IMPLS), ("model.param_dtype", DTYPES),
+                       ("model.attention_impl", ATTENTION_IMPLS),
                        ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
                        ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
@@ -360,17 +366,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if (m.d_model // m.num_heads) % 2:
     raise ConfigError(f"model.d_model/model.num_heads={m.d_model // m.num_heads} must be even "
                       "(RoPE rotates pairs of features)")
-  if m.mixer == "swa" and m.window > d.seq_len:
-    raise ConfigError(f"model.window={m.window} must be <= data.seq_len={d.seq_len}")
-  if m.mixer in ("ttt_linear", "ttt_mlp"):
-    b = m.ttt.mini_batch_size
-    if d.seq_len % b:
-      raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
-                        f"model.ttt.mini_batch_size={b}")
+  for check in CHECKS:
+    check(c)
+  if m.kind in FIXED_MIXER_KINDS and m.mixer != KIND_MIXER[m.kind]:
+    raise ConfigError(f"model.mixer={m.mixer!r} not allowed with model.kind={m.kind!r}; "
+                      f"use {KIND_MIXER[m.kind]!r}")
   if m.kind == "e2e":
     e = m.e2e
-    if m.mixer != "swa":
-      raise ConfigError(f"model.mixer={m.mixer!r} not allowed with model.kind='e2e'; use 'swa'")
     if not 1 <= e.suffix_len <= m.num_layers:
       raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, "
                         f"model.num_layers={m.num_layers}]")
@@ -379,8 +381,6 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                         f"model.e2e.mini_batch_size={e.mini_batch_size}")
     if m.scan_layers:
       raise ConfigError("model.scan_layers=True not supported with model.kind='e2e'; set False")
-  elif m.kind in ("ttt_linear", "ttt_mlp") and m.mixer != m.kind:
-    raise ConfigError(f"model.mixer={m.mixer!r} does not match model.kind={m.kind!r}")
   if d.batch_size % tr.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of "
                       f"train.grad_accum={tr.grad_accum}")

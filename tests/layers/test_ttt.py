@@ -52,7 +52,7 @@ def run_inner(kind, impl, params, ln, xq, xk, xv, gate, tau, b, remat_group=0):
   n = length // b
   to_mb = lambda a: jnp.moveaxis(a.reshape(bsz, h, n, b, *a.shape[3:]), 2, 0)  # noqa: E731
   eta = ttt_inner.token_lr(to_mb(gate), tau, BASE_LR[kind], d)
-  final, z = ttt_inner.scan_minibatches(ttt_inner.STEPS[(kind, impl)], params, ln,
+  final, z = ttt_inner.scan_minibatches(ttt_inner.inner_model(kind).step(impl), params, ln,
                                         (to_mb(xq), to_mb(xk), to_mb(xv), eta), remat_group)
   return final, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
 
@@ -188,7 +188,7 @@ def test_update_is_a_descent_step_on_the_gated_inner_loss(kind):
   step = base_lr * max(0.0, 1.0 / b + float(tau[-1])) / d  # c_b / d
   assert step > 0
   eta = ttt_inner.token_lr(gate, tau, base_lr, d)
-  new, _ = jax.jit(ttt_inner.STEPS[(kind, "dual")])(params, ln, xk, xk, xv, eta)
+  new, _ = jax.jit(ttt_inner.inner_model(kind).step("dual"))(params, ln, xk, xk, xv, eta)
 
   def gated_loss(p, k, v, a, scale, bias):  # one sequence, one head
     def token(kk, vv):

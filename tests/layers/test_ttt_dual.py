@@ -37,7 +37,7 @@ def test_dual_sequence_equals_scanned_dual_step(kind, remat_group, with_mask):
   probe = jnp.asarray(np.random.default_rng(2).standard_normal(args[2].shape), jnp.float32)
 
   def reference(params, ln, xq, xk, xv, eta):
-    return ttt_inner.scan_minibatches(ttt_inner.STEPS[(kind, "dual")], params, ln,
+    return ttt_inner.scan_minibatches(ttt_inner.inner_model(kind).step("dual"), params, ln,
                                       (xq, xk, xv, eta), remat_group, complete)
 
   def fast(params, ln, xq, xk, xv, eta):
@@ -62,7 +62,8 @@ def test_dual_sequence_equals_scanned_dual_step(kind, remat_group, with_mask):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_augment_round_trip(kind):
   params = random_inputs(kind, 1, 2, 4, 8, 4, seed=0)[0]
-  back = ttt_dual.split_augmented(kind, ttt_dual.augment(kind, params))
+  pairs = ttt_inner.inner_model(kind).layers
+  back = ttt_dual.split_augmented(pairs, ttt_dual.augment(pairs, params))
   assert jax.tree.structure(back) == jax.tree.structure(params)
   assert tree_rel_err(back, params) == 0.0
 

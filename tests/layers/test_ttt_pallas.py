@@ -28,8 +28,8 @@ B = 16  # the kernels' smallest mini-batch (Triton: dims >= 16)
 def sequence_fn(kind: str, impl: str):
   """(params, ln, xq, xk, xv, eta) [n, B, H, b, ...] -> (final params, outputs)."""
   if impl == "primal":
-    return lambda p, ln, *xs: ttt_inner.scan_minibatches(ttt_inner.STEPS[(kind, "primal")], p,
-                                                         ln, xs, 0)
+    step = ttt_inner.inner_model(kind).step("primal")
+    return lambda p, ln, *xs: ttt_inner.scan_minibatches(step, p, ln, xs, 0)
   if kind == "linear":
     return lambda p, ln, *xs: ttt_pallas.linear_sequence(p, ln, *xs, interpret=True)
   step = functools.partial(ttt_pallas.mlp_step, True)

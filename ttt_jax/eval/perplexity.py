@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ttt_jax.config import ConfigError, parse_ctx
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.pipeline import TokenStream
+from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 from ttt_jax.train.runs import Run
 
@@ -59,9 +60,7 @@ def parse_ctx_list(value: str | Sequence[int | str]) -> list[int]:
 
 def stream_alignment(model_cfg: ml_collections.ConfigDict) -> int:
   """Streamed chunks must be whole multiples of this: the TTT / E2E inner mini-batch size."""
-  align = 1
-  if model_cfg.mixer in ("ttt_linear", "ttt_mlp"):
-    align = math.lcm(align, model_cfg.ttt.mini_batch_size)
+  align = mixer_spec(model_cfg.mixer).alignment(model_cfg)
   if model_cfg.kind == "e2e":
     align = math.lcm(align, model_cfg.e2e.mini_batch_size)
   return align

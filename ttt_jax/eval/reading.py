@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError, parse_ctx
 from ttt_jax.eval import perplexity as P
+from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.train.runs import Run
 
 DEFAULT_MIN_LEN = 64 * 1024  # reading curves are about book-length documents
@@ -90,7 +91,7 @@ def reading_slope(buckets: Sequence[dict]) -> float | None:
 
 def grows_with_length(model_cfg: ml_collections.ConfigDict) -> bool:
   """Whether the model's streaming state grows with the context: full attention's KV cache."""
-  return model_cfg.mixer == "full"
+  return mixer_spec(model_cfg.mixer).state_grows
 
 
 def read_documents(graphdef, params, model_cfg: ml_collections.ConfigDict,

@@ -1,9 +1,7 @@
 """Causal multi-head attention: full or sliding-window, RoPE, optional qk-norm, KV state.
 
-Mixer contract (shared by every sequence mixer in this package):
-  `mixer(x [B,T,D], positions [T] int32, state) -> (y [B,T,D], new_state)`
-  `mixer.init_state(batch_size, capacity) -> state`
-`state=None` processes a fresh sequence in one shot and returns `None` as the new state.
+A sequence mixer (layers/mixers.py: the `SequenceMixer` protocol): registered as 'full' and
+'swa' (`model.mixer`) at the end of this module.
 
 The KV state is a fixed-capacity window of the most recent keys/values with their absolute
 positions (empty slots hold position -1). Sliding-window attention (capacity = window) shifts
@@ -21,10 +19,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-from ttt_jax.layers.attention_kernels import library_attention, splash_attention, splash_block
-from ttt_jax.layers.common import linear
+from ttt_jax.config import ConfigError
+from ttt_jax.layers.attention_kernels import (
+    library_attention,
+    resolve_impl,
+    splash_attention,
+    splash_block,
+)
+from ttt_jax.layers.common import dtype, linear
+from ttt_jax.layers.mixers import MixerSpec, register_mixer
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
 
@@ -294,7 +300,9 @@ class Attention(nnx.Module):
   def _split_heads(self, x):
     return x.reshape(*x.shape[:-1], x.shape[-1] // self.head_dim, self.head_dim)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, state: KVCache | None = None):
+  def __call__(self, x: jax.Array, positions: jax.Array, state: KVCache | None = None,
+               step: jax.Array | int | None = None):
+    del step  # no inner learning rate to warm up
     x = x.astype(self.compute_dtype)
     q = self._split_heads(self.wq(x))
     k = self._split_heads(self.wk(x))
@@ -329,3 +337,34 @@ class Attention(nnx.Module):
                                 algorithm=self.algorithm)
     out = out.reshape(*out.shape[:-2], -1)
     return self.wo(out), new_state
+
+
+# -- registration as the 'full' and 'swa' sequence mixers ------------------------------------------
+
+
+def attention_algorithm(cfg: ml_collections.ConfigDict,
+                        impl: str | None = None) -> AttentionAlgorithm:
+  """The attention of `cfg` (model section); `impl` overrides the resolved backend."""
+  impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
+  return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
+                            flash_block=cfg.attention_flash_block, impl=impl)
+
+
+def build_attention(cfg: ml_collections.ConfigDict, *, window: int | None, **kw) -> Attention:
+  """Attention from the model config section; kw = compute_dtype, param_dtype, rngs."""
+  return Attention(cfg.d_model, cfg.num_heads, window=window, rope_theta=cfg.rope_theta,
+                   qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, std=cfg.init_std,
+                   out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
+                   algorithm=attention_algorithm(cfg), num_kv_heads=cfg.num_kv_heads, **kw)
+
+
+def _check_window(config: ml_collections.ConfigDict) -> None:
+  if config.model.window > config.data.seq_len:
+    raise ConfigError(f"model.window={config.model.window} must be <= "
+                      f"data.seq_len={config.data.seq_len}")
+
+
+register_mixer(MixerSpec("full", lambda cfg, **kw: build_attention(cfg, window=None, **kw),
+                         state_grows=True, attention_window=lambda cfg: None))
+register_mixer(MixerSpec("swa", lambda cfg, **kw: build_attention(cfg, window=cfg.window, **kw),
+                         check=_check_window, attention_window=lambda cfg: cfg.window))

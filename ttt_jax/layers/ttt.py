@@ -9,10 +9,10 @@ updated W. Views come from learned projections (RoPE at position `t mod b` on XQ
   backbone 'base' (`ttt_*_base`): separate theta_Q/theta_K/theta_V, no conv, no gate.
 Output: merge heads -> LayerNorm(D) -> [gate] -> theta_O.
 
-Mixer contract (see layers/attention.py): `mixer(x [B,T,D], positions [T], state)`. A TTT mixer
-also takes `step`, the outer training step: the inner LR is multiplied by
-lr_mult = min(1, (step+1)/model.ttt.lr_warmup_steps) (warm-up of the inner LR during training);
-without a step (evaluation, generation) lr_mult = 1.
+A sequence mixer (layers/mixers.py: the `SequenceMixer` protocol); layers/ttt_variants.py
+registers TTT-Linear and TTT-MLP as 'ttt_linear' / 'ttt_mlp'. `step` is the outer training
+step: the inner LR is multiplied by lr_mult = min(1, (step+1)/model.ttt.lr_warmup_steps)
+(warm-up of the inner LR during training); without a step (evaluation, generation) lr_mult = 1.
 `state=None` runs a fresh sequence in one shot (T must be a multiple of b). With a `TTTState`
 any T works: the state holds W at the start of the current mini-batch plus the buffered views
 and LR gates of its first `count` tokens, so chunked or token-by-token calls reproduce the
@@ -30,7 +30,7 @@ import ml_collections
 from flax import nnx
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
+from ttt_jax.layers import ttt_inner, ttt_pallas
 from ttt_jax.layers.common import const_init, linear, normal_init, target_platform
 from ttt_jax.layers.rope import apply_rope
 
@@ -105,25 +105,32 @@ class TTTState(NamedTuple):
 
 
 def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> str:
-  """`model.ttt.impl` on this platform: auto = the Pallas kernels for TTT-Linear on a single GPU
-  (one launch per sequence each way; 2.7x faster than the dual form's scan on an H200,
-  docs/benchmarks.md) where their geometry allows, else the dual form: for TTT-MLP (whose
-  per-mini-batch kernel measured slower than the dual form there) and on multi-device meshes
-  (the kernel call carries no partitioning rule, so XLA would not split it over the batch)."""
+  """`model.ttt.impl` on this platform: auto = the Pallas sequence kernels of the inner model
+  `kind` (TTT-Linear: one launch per sequence each way; 2.7x faster than the dual form's scan on
+  an H200, docs/benchmarks.md) on a single GPU where their geometry allows, else the dual form:
+  for inner models without them (TTT-MLP's per-mini-batch kernel measured slower than the dual
+  form there) and on multi-device meshes (the kernel call carries no partitioning rule, so XLA
+  would not split it over the batch)."""
   if impl != "auto":
     return impl
-  gpu_kernel = (kind == "linear" and target_platform() == "gpu" and jax.device_count() == 1
+  gpu_kernel = (ttt_inner.inner_model(kind).pallas_sequence is not None
+                and target_platform() == "gpu" and jax.device_count() == 1
                 and ttt_pallas.check_geometry(mini_batch_size, head_dim) is None)
   return "pallas" if gpu_kernel else "dual"
 
 
 class TTTMixer(nnx.Module):
-  """Multi-head TTT layer; `cfg` is the model config section (uses cfg.mixer and cfg.ttt)."""
+  """Multi-head TTT layer; `cfg` is the model config section (uses cfg.mixer and cfg.ttt).
+
+  The inner model is the registered one named `inner` (layers/ttt_inner.py: `InnerModel`), by
+  default the one `cfg.mixer` selects ('ttt_linear' -> 'linear').
+  """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, compute_dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, inner: str | None = None):
     t = cfg.ttt
-    self.kind = {"ttt_linear": "linear", "ttt_mlp": "mlp"}[cfg.mixer]
+    self.kind = inner or ttt_inner.inner_model_for_mixer(cfg.mixer).name
+    model = ttt_inner.inner_model(self.kind)
     self.num_heads, d_model = cfg.num_heads, cfg.d_model
     self.head_dim = d = d_model // cfg.num_heads
     self.mini_batch_size = t.mini_batch_size
@@ -135,6 +142,8 @@ class TTTMixer(nnx.Module):
       why = ttt_pallas.check_geometry(t.mini_batch_size, d) if platform == "gpu" else None
       if platform == "tpu":
         why = "model.ttt.impl=pallas has GPU (Triton) kernels only; use dual on a TPU"
+      if not (model.pallas_sequence or model.pallas_step):
+        why = f"model.ttt.impl=pallas: the TTT inner model {self.kind!r} has no Pallas kernel"
       if why:
         raise ConfigError(why)
     self.remat_group = int(t.remat_group)
@@ -162,14 +171,12 @@ class TTTMixer(nnx.Module):
     # Initial inner weights W0 (outer-loop parameters) and the per-head inner LayerNorm.
     w_axes = ("heads", "head_dim", "head_dim")
     b_axes = ("heads", None, "head_dim")
-    if self.kind == "linear":
-      self.w0 = nnx.Param(normal_init(std, w_axes)(key(), (h, d, d), param_dtype))
-      self.b0 = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
-    else:
-      self.w1 = nnx.Param(normal_init(std, w_axes)(key(), (h, d, 4 * d), param_dtype))
-      self.b1 = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, 4 * d), param_dtype))
-      self.w2 = nnx.Param(normal_init(std, w_axes)(key(), (h, 4 * d, d), param_dtype))
-      self.b2 = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
+    widths = model.widths(d)
+    for (w, b), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
+      setattr(self, model.attr(w),
+              nnx.Param(normal_init(std, w_axes)(key(), (h, d_in, d_out), param_dtype)))
+      setattr(self, model.attr(b),
+              nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d_out), param_dtype)))
     self.ln_scale = nnx.Param(const_init(1.0, b_axes)(None, (h, 1, d), param_dtype))
     self.ln_bias = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
     self.post_scale = nnx.Param(const_init(1.0, ("heads",))(None, (d_model,), param_dtype))
@@ -178,11 +185,11 @@ class TTTMixer(nnx.Module):
   # -- state --------------------------------------------------------------------------------------
   def initial_params(self, batch_size: int) -> dict:
     """W0 broadcast over the batch, fp32."""
-    names = ("w0", "b0") if self.kind == "linear" else ("w1", "b1", "w2", "b2")
-    keys = ("w", "b") if self.kind == "linear" else names
-    return {k: jnp.broadcast_to(getattr(self, n)[...].astype(jnp.float32),
-                                (batch_size, *getattr(self, n).shape))
-            for k, n in zip(keys, names, strict=True)}
+    model = ttt_inner.inner_model(self.kind)
+    keys = [key for pair in model.layers for key in pair]
+    return {k: jnp.broadcast_to(getattr(self, model.attr(k))[...].astype(jnp.float32),
+                                (batch_size, *getattr(self, model.attr(k)).shape))
+            for k in keys}
 
   def init_state(self, batch_size: int, capacity: int | None = None) -> TTTState:
     """Fresh streaming state (`capacity` is unused: the TTT state has constant size)."""
@@ -225,15 +232,17 @@ class TTTMixer(nnx.Module):
     ln = (self.ln_scale[...].astype(jnp.float32), self.ln_bias[...].astype(jnp.float32))
     xs = (to_mb(xq), to_mb(xk), to_mb(xv), eta)
     interpret = target_platform() != "gpu"  # Pallas kernels: compiled on a GPU only
-    if self.impl == "pallas" and self.kind == "linear" and complete is None:
-      params, z = ttt_pallas.linear_sequence(params, ln, *xs, interpret=interpret)
-    elif self.impl == "dual" or (self.impl == "pallas" and self.kind == "linear"):
+    model = ttt_inner.inner_model(self.kind)
+    pallas = self.impl == "pallas"
+    if pallas and model.pallas_sequence and complete is None:
+      params, z = model.pallas_sequence(params, ln, *xs, interpret=interpret)
+    elif model.dual_sequence and (self.impl == "dual" or (pallas and model.pallas_sequence)):
       # dual: W-independent work hoisted out of the scan (layers/ttt_dual.py); also pallas's
       # streaming calls, whose partial mini-batches the sequence kernel does not take
-      params, z = ttt_dual.dual_sequence(self.kind, params, ln, *xs, self.remat_group, complete)
+      params, z = model.dual_sequence(params, ln, *xs, self.remat_group, complete)
     else:
-      step = (functools.partial(ttt_pallas.mlp_step, interpret) if self.impl == "pallas"
-              else ttt_inner.STEPS[(self.kind, self.impl)])
+      step = (functools.partial(model.pallas_step, interpret) if pallas and model.pallas_step
+              else model.step("primal" if pallas else self.impl))
       params, z = ttt_inner.scan_minibatches(step, params, ln, xs, self.remat_group, complete)
     return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
 

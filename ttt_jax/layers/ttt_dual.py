@@ -20,6 +20,8 @@ backward pass of the scan differentiates only those.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +29,7 @@ from ttt_jax.layers.ttt_inner import (
     InnerParams,
     gelu,
     gelu_grad,
+    inner_model,
     layer_norm,
     ln_l2_grad,
     mm,
@@ -41,19 +44,20 @@ def with_ones(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x, jnp.ones((*x.shape[:-1], 1), x.dtype)], axis=-1)
 
 
-def augment(kind: str, params: InnerParams) -> dict[str, jax.Array]:
-  """{'w', 'b'} / {'w1', 'b1', 'w2', 'b2'} -> the bias-augmented matrices [W; b]."""
-  if kind == "linear":
-    return {"w": jnp.concatenate([params["w"], params["b"]], axis=-2)}
-  return {"w1": jnp.concatenate([params["w1"], params["b1"]], axis=-2),
-          "w2": jnp.concatenate([params["w2"], params["b2"]], axis=-2)}
+Pairs = tuple[tuple[str, str], ...]  # (weight key, bias key) per layer of the inner model
+LINEAR: Pairs = (("w", "b"),)
+MLP: Pairs = (("w1", "b1"), ("w2", "b2"))
 
 
-def split_augmented(kind: str, aug: dict[str, jax.Array]) -> InnerParams:
+def augment(pairs: Pairs, params: InnerParams) -> dict[str, jax.Array]:
+  """{'w', 'b'} / {'w1', 'b1', 'w2', 'b2'} -> the bias-augmented matrices [W; b] (keyed by W)."""
+  return {w: jnp.concatenate([params[w], params[b]], axis=-2) for w, b in pairs}
+
+
+def split_augmented(pairs: Pairs, aug: dict[str, jax.Array]) -> InnerParams:
   """Inverse of `augment`."""
-  names = [("w", "b")] if kind == "linear" else [("w1", "b1"), ("w2", "b2")]
   out = {}
-  for w, b in names:
+  for w, b in pairs:
     out[w], out[b] = aug[w][..., :-1, :], aug[w][..., -1:, :]
   return out
 
@@ -80,11 +84,11 @@ def _mlp_step(aug, ln, qk, attn, k_last, target, eta_c, last):
   return {"w1": w1 + t_mm(k_last, g1), "w2": w2 + t_mm(last * x2, g2)}, z  # last = -η[b,:]
 
 
-def dual_sequence(kind: str, params: InnerParams, ln, xq, xk, xv, eta, remat_group: int,
-                  complete: jax.Array | None = None):
+def _sequence(step, pairs: Pairs, needs_eta: bool, params: InnerParams, ln, xq, xk, xv, eta,
+              remat_group: int, complete: jax.Array | None = None):
   """The dual form over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b].
 
-  Same contract as `ttt_inner.scan_minibatches(STEPS[(kind, 'dual')], ...)`: returns (final
+  Same contract as `ttt_inner.scan_minibatches(<the model's dual step>, ...)`: returns (final
   params, outputs XQ + LN_h(z) [n, B, H, b, d]); `remat_group` and `complete` as there.
   """
   eta_c = jnp.tril(eta)
@@ -92,9 +96,18 @@ def dual_sequence(kind: str, params: InnerParams, ln, xq, xk, xv, eta, remat_gro
   attn = eta_c * mm_t(q, k)
   neg_last = -eta[..., -1, :, None]  # -eta[b, s] as a column: the update is W̃ + (...)ᵀ·G
   xs = (jnp.concatenate([q, k], axis=-2), attn, neg_last * k, xv - xk)
-  if kind == "linear":
-    step = _linear_step
-  else:
-    step, xs = _mlp_step, (*xs, eta_c, neg_last)
-  final, z = scan_minibatches(step, augment(kind, params), ln, xs, remat_group, complete)
-  return split_augmented(kind, final), xq + layer_norm(z, *ln)
+  if needs_eta:
+    xs = (*xs, eta_c, neg_last)
+  final, z = scan_minibatches(step, augment(pairs, params), ln, xs, remat_group, complete)
+  return split_augmented(pairs, final), xq + layer_norm(z, *ln)
+
+
+linear_sequence = functools.partial(_sequence, _linear_step, LINEAR, False)
+mlp_sequence = functools.partial(_sequence, _mlp_step, MLP, True)
+
+
+def dual_sequence(kind: str, params: InnerParams, ln, xq, xk, xv, eta, remat_group: int,
+                  complete: jax.Array | None = None):
+  """The whole-sequence dual form of the registered inner model `kind` (see `_sequence`)."""
+  fn = inner_model(kind).dual_sequence
+  return fn(params, ln, xq, xk, xv, eta, remat_group, complete)

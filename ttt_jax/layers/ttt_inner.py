@@ -16,6 +16,7 @@ matmuls only (never forming a per-token W) and forms W_{i+1} = W_{i,b} once per 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -199,18 +200,106 @@ def mlp_primal(params: InnerParams, ln, xq, xk, xv, eta):
   return new, xq + layer_norm(z, *ln)
 
 
-STEPS: dict[tuple[str, str], Callable] = {
-    ("linear", "dual"): linear_dual, ("linear", "primal"): linear_primal,
-    ("mlp", "dual"): mlp_dual, ("mlp", "primal"): mlp_primal,
-}
+def linear_predict(params: InnerParams, z: jax.Array) -> jax.Array:
+  """g(z) = z W + b (TTT-Linear)."""
+  return mm(z, params["w"]) + params["b"]
+
+
+def mlp_predict(params: InnerParams, z: jax.Array) -> jax.Array:
+  """g(z) = gelu_tanh(z W1 + b1) W2 + b2 (TTT-MLP)."""
+  return mm(gelu(mm(z, params["w1"]) + params["b1"]), params["w2"]) + params["b2"]
+
+
+def autodiff_primal(predict: Callable) -> Callable:
+  """The primal mini-batch step of any inner model g = `predict`, by automatic differentiation:
+  W_{i,t} = W_i - grad_W sum_s eta[t, s] l_s(W_i), z_t = XQ_t + LN_h(g(XQ_t; W_{i,t})). The
+  reference form of an inner model that brings no hand-written step (a slow reference: one
+  gradient per token position)."""
+
+  def step(params: InnerParams, ln, xq, xk, xv, eta):
+    def weighted_loss(p, weights):  # weights [B, H, b]; each (B, H) owns its own W
+      err = layer_norm(predict(p, xk), *ln) - (xv - xk)
+      return jnp.sum(weights * 0.5 * jnp.sum(jnp.square(err), axis=-1))
+
+    grads = jax.vmap(lambda w: jax.grad(weighted_loss)(params, w), in_axes=2)(_causal(eta))
+    w_t = jax.tree.map(lambda p, g: p[None] - g, params, grads)  # [b, B, H, ...] per token
+    z = jax.vmap(predict, in_axes=(0, 2), out_axes=2)(w_t, xq[..., None, :])[..., 0, :]
+    return jax.tree.map(lambda a: a[-1], w_t), xq + layer_norm(z, *ln)
+
+  return step
+
+
+Step = Callable  # step(params, ln, xq, xk, xv, eta) -> (params after the mini-batch, outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class InnerModel:
+  """A TTT inner model g(z; W) and the forms the TTT layer can run it in.
+
+  The layer keeps one (weight, bias) pair per layer of g as outer-loop parameters W0
+  ([H, d_in, d_out] and [H, 1, d_out], named by `attrs`) and hands the inner loop their values
+  under the keys of `layers`. Only `predict` is required: the primal step defaults to its
+  automatic derivative (`autodiff_primal`), the dual step to the primal one.
+  """
+
+  name: str  # 'linear': selected by model.mixer = `mixer` (default 'ttt_' + name)
+  layers: tuple[tuple[str, str], ...]  # (weight key, bias key) per layer of g, in order
+  widths: Callable[[int], tuple[int, ...]]  # head dim d -> layer widths (d, ..., d)
+  predict: Callable  # g(params, z [B, H, n, d]) -> [B, H, n, d]
+  primal: Step | None = None  # mini-batch step materialising every W_{i,t}
+  dual: Step | None = None  # mini-batch step from matmuls only
+  dual_sequence: Callable | None = None  # whole-sequence dual form (layers/ttt_dual.py)
+  pallas_sequence: Callable | None = None  # Pallas kernels over a sequence (auto on one GPU)
+  pallas_step: Callable | None = None  # Pallas kernel of one mini-batch step(interpret, ...)
+  attrs: tuple[tuple[str, str], ...] = ()  # key -> the layer's attribute name, where they differ
+  mixer: str = ""
+
+  @property
+  def mixer_name(self) -> str:
+    return self.mixer or f"ttt_{self.name}"
+
+  def attr(self, key: str) -> str:
+    """The TTT layer's parameter name of W0[key] (checkpoints store it under this name)."""
+    return dict(self.attrs).get(key, key)
+
+  @property
+  def weight_attrs(self) -> frozenset[str]:
+    """The layer's names of the inner weight matrices (weight decay applies to them)."""
+    return frozenset(self.attr(w) for w, _ in self.layers)
+
+  def step(self, impl: str) -> Step:
+    """The plain mini-batch step of `impl` ('primal' or 'dual')."""
+    primal = self.primal or autodiff_primal(self.predict)
+    return (self.dual or primal) if impl == "dual" else primal
+
+
+INNER_MODELS: dict[str, InnerModel] = {}
+
+
+def register_inner_model(model: InnerModel) -> InnerModel:
+  """Adds `model` to the registry (layers/ttt_variants.py registers the built-in ones)."""
+  INNER_MODELS[model.name] = model
+  return model
+
+
+def inner_model(name: str) -> InnerModel:
+  if name not in INNER_MODELS:
+    raise ValueError(f"TTT inner model {name!r} unknown; registered: {', '.join(INNER_MODELS)}")
+  return INNER_MODELS[name]
+
+
+def inner_model_for_mixer(mixer: str) -> InnerModel:
+  """The inner model that `model.mixer=mixer` selects."""
+  for model in INNER_MODELS.values():
+    if model.mixer_name == mixer:
+      return model
+  raise ValueError(f"model.mixer={mixer!r} names no TTT inner model; registered: "
+                   f"{', '.join(m.mixer_name for m in INNER_MODELS.values())}")
 
 
 def inner_loss(kind: str, params: InnerParams, ln, xk, xv) -> jax.Array:
   """Per-token inner loss [B, H, b] of the mini-batch (xk, xv) at `params`."""
-  if kind == "linear":
-    pred = mm(xk, params["w"]) + params["b"]
-  else:
-    pred = mm(gelu(mm(xk, params["w1"]) + params["b1"]), params["w2"]) + params["b2"]
+  pred = inner_model(kind).predict(params, xk)
   return 0.5 * jnp.sum(jnp.square(layer_norm(pred, *ln) - (xv - xk)), axis=-1)
 
 

@@ -14,13 +14,11 @@ import ml_collections
 import optax
 from flax import nnx
 
-from ttt_jax.layers.attention import Attention, AttentionAlgorithm
-from ttt_jax.layers.attention_kernels import resolve_impl
+from ttt_jax.layers.attention import attention_algorithm
 from ttt_jax.layers.common import dtype, normal_init
+from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
-from ttt_jax.layers.ttt import CausalConv, TTTMixer
-from ttt_jax.layers.ttt_inner import warmup_lr_mult
 from ttt_jax.sharding import constrain, lazy_variable_sharding
 
 VOCAB_MULTIPLE = 128
@@ -33,30 +31,15 @@ def padded_vocab(vocab_size: int) -> int:
   return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def attention_algorithm(cfg: ml_collections.ConfigDict,
-                        impl: str | None = None) -> AttentionAlgorithm:
-  """The attention of `cfg` (model section); `impl` overrides the resolved backend."""
-  impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
-  return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
-                            flash_block=cfg.attention_flash_block, impl=impl)
+__all__ = ["attention_algorithm"]  # the attention of a model config (models/e2e.py)
 
 
 def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  """The sequence mixer named by `cfg.mixer`."""
-  std = cfg.init_std
-  out_std = std / (2 * cfg.num_layers) ** 0.5
-  common = dict(compute_dtype=dtype(cfg.compute_dtype), param_dtype=dtype(cfg.param_dtype),
-                rngs=rngs)
+  """The sequence mixer named by `cfg.mixer` (the registry: layers/mixers.py)."""
+  spec = mixer_spec(cfg.mixer)
   with lazy_variable_sharding():
-    if cfg.mixer in ("full", "swa"):
-      return Attention(cfg.d_model, cfg.num_heads,
-                       window=cfg.window if cfg.mixer == "swa" else None,
-                       rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                       std=std, out_std=out_std, algorithm=attention_algorithm(cfg),
-                       num_kv_heads=cfg.num_kv_heads, **common)
-    if cfg.mixer in ("ttt_linear", "ttt_mlp"):
-      return TTTMixer(cfg, **common)
-  raise ValueError(f"model.mixer={cfg.mixer!r} unknown")
+    return spec.build(cfg, compute_dtype=dtype(cfg.compute_dtype),
+                      param_dtype=dtype(cfg.param_dtype), rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -73,16 +56,15 @@ class Block(nnx.Module):
                   param_dtype=pdt, rngs=rngs)
     norm = lambda: RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)  # noqa: E731
     self.post_norm = cfg.post_norm
-    if cfg.mixer in ("ttt_linear", "ttt_mlp") and cfg.ttt.backbone == "mamba":
-      # TTT "Mamba backbone": h += conv(norm(h)) before the mixer (own streaming state).
+    # the mixer's own branch before it, if it has one (TTT "Mamba backbone": h += conv(norm(h)),
+    # with its own streaming state)
+    conv = mixer_spec(cfg.mixer).pre_conv(cfg, compute_dtype=dtype(cfg.compute_dtype),
+                                          param_dtype=pdt, rngs=rngs)
+    if conv is not None:
       self.conv_norm = norm()
-      self.conv = CausalConv(d, cfg.ttt.conv_width, axis="embed",
-                             compute_dtype=dtype(cfg.compute_dtype), param_dtype=pdt, rngs=rngs)
-    else:
-      self.conv = None
+    self.conv = conv
     self.mixer_norm = norm()
     self.mixer = make_mixer(cfg, rngs)
-    self.mixer_takes_step = cfg.mixer in ("ttt_linear", "ttt_mlp")  # inner-LR warm-up
     self.mixer_post_norm = norm() if cfg.post_norm else None
     if prime:
       self.prime_norm = norm()
@@ -107,16 +89,15 @@ class Block(nnx.Module):
     return h + (post(y) if post is not None else y).astype(h.dtype)
 
   def __call__(self, h: jax.Array, positions: jax.Array, state=None, step=None):
-    """`step`: the outer training step, passed to mixers that warm up an inner LR (TTT)."""
-    kw = {"step": step} if step is not None and self.mixer_takes_step else {}
+    """`step`: the outer training step, passed to the mixer (TTT warms up its inner LR)."""
     if self.conv is not None:
       y, conv_state = self.conv(self.conv_norm(h), None if state is None else state["conv"])
       h = h + y.astype(h.dtype)
       y, mixer_state = self.mixer(self.mixer_norm(h), positions,
-                                  None if state is None else state["mixer"], **kw)
+                                  None if state is None else state["mixer"], step)
       state = None if state is None else {"conv": conv_state, "mixer": mixer_state}
     else:
-      y, state = self.mixer(self.mixer_norm(h), positions, state, **kw)
+      y, state = self.mixer(self.mixer_norm(h), positions, state, step)
     if self.mixer_post_norm is not None:
       y = self.mixer_post_norm(y)
     h = h + y.astype(h.dtype)
@@ -244,9 +225,7 @@ class LanguageModel(nnx.Module):
     inputs, targets = split_batch(batch)
     logits, _ = self.forward(inputs, step=step)
     loss = token_nll(logits, targets, batch)
-    metrics = {"loss": loss}
-    if self.cfg.mixer in ("ttt_linear", "ttt_mlp"):
-      metrics["ttt_lr_mult"] = warmup_lr_mult(step, self.cfg.ttt.lr_warmup_steps)
+    metrics = {"loss": loss, **mixer_spec(self.cfg.mixer).metrics(self.cfg, step)}
     return loss, metrics
 
 

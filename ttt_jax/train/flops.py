@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models.lm import padded_vocab
 
 # Dense peak FLOP/s per chip from the vendors' data sheets: (bfloat16, float32 matmuls). float32
@@ -57,8 +58,9 @@ def train_flops_per_token(config: ml_collections.ConfigDict, n_params: int) -> f
   # also its head (N counts it once), so it stays in; an untied model drops its lookup table
   n = n_params - (0 if m.tie_embeddings else padded_vocab(m.vocab_size) * m.d_model)
   attn = 0.0
-  if m.mixer in ("full", "swa"):
-    keys = attended_keys(config.data.seq_len, m.window if m.mixer == "swa" else None)
+  window = mixer_spec(m.mixer).attention_window
+  if window is not None:
+    keys = attended_keys(config.data.seq_len, window(m))
     attn = 3 * 4 * m.d_model * keys * m.num_layers
   return 6 * n + attn
 

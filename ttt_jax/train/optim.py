@@ -6,6 +6,8 @@ import jax
 import ml_collections
 import optax
 
+from ttt_jax.layers import mixers
+
 
 def lr_schedule(tr: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to `train.lr`, then cosine/linear decay to `lr * min_lr_ratio` (or constant)."""
@@ -27,16 +29,23 @@ def lr_schedule(tr: ml_collections.ConfigDict) -> optax.Schedule:
 # attribute name the layer gives it; the same name means the same role across the project).
 # Decayed, the weight matrices:
 DECAYED_NAMES = frozenset({
-    "kernel",  # every nnx.Linear projection (attention / TTT Q, K, V, O, gate) and the depthwise
-               # causal conv kernels (a linear map over time, per channel)
-    "w1", "w2", "w3",  # SwiGLU matrices (prime MLPs included); TTT-MLP's initial inner W1, W2
-    "w0",  # TTT-Linear's initial inner W
+    "kernel",  # every nnx.Linear projection and the depthwise causal conv kernels (a linear
+               # map over time, per channel)
+    "w1", "w2", "w3",  # SwiGLU matrices (prime MLPs included)
     "head",  # the untied output projection
 })
+# and the weight matrices each registered sequence mixer names (`MixerSpec.decayed`: attention
+# and TTT projections `kernel`; TTT-Linear's initial inner W `w0`, TTT-MLP's W1, W2 `w1`, `w2`).
 # Everything else is not decayed: the token embedding `embedding` (also the output head when
 # tied), norm scales and biases (`scale`; TTT `ln_scale/ln_bias/post_scale/post_bias`), biases
 # (`bias`, TTT `b0/b1/b2`) and the learnable inner-LR parameters (`lr_w`, `lr_b`, `tau`).
-# A new weight matrix must add its name here (tests/train/test_optim.py classifies every leaf).
+# A new weight matrix must add its name here or in its mixer's registration
+# (tests/train/test_optim.py classifies every leaf).
+
+
+def decayed_names() -> frozenset[str]:
+  """DECAYED_NAMES and the weight-matrix names of every registered sequence mixer."""
+  return DECAYED_NAMES | mixers.decayed_names()
 
 
 def _leaf_name(path) -> str:
@@ -48,7 +57,7 @@ def _leaf_name(path) -> str:
 
 
 def decay_mask(params):
-  """True for the leaves weight decay applies to: the weight matrices named in DECAYED_NAMES.
+  """True for the leaves weight decay applies to: the weight matrices (`decayed_names()`).
 
   Decided by role (path name), never by shape: norm scales, biases and the inner-LR parameters
   stay undecayed however they are shaped ([H, 1, d] per-head TTT norms and biases; [L, D] norm
@@ -57,8 +66,8 @@ def decay_mask(params):
   shrink the rows of rare tokens towards zero between occurrences; with tied embeddings the
   table is also the output head and stays undecayed. An untied output head is decayed.
   """
-  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in DECAYED_NAMES,
-                                          params)
+  names = decayed_names()
+  return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in names, params)
 
 
 def make_optimizer(tr: ml_collections.ConfigDict) -> optax.GradientTransformation:
