@@ -53,8 +53,9 @@ def slow_greedy(graphdef, params, prompt: np.ndarray, n: int, length: int) -> np
 @pytest.mark.parametrize("kind", KINDS)
 def test_compiled_generation_equals_slow_reference(kind, monkeypatch):
   """Prompt of 30 tokens (prefill: a chunk of 16, one of 8, then 5 single steps in the decode
-  loop), 18 new tokens, token for token. Full attention runs past max_len (its KV cache grows
-  to the next bucket)."""
+  loop; full attention: a chunk of 16, one of 8, one of 8 with 3 padding slots, 1 step), 18 new
+  tokens, token for token. Full attention runs past max_len (its KV cache grows to the next
+  bucket)."""
   monkeypatch.setattr(G, "SMALL_CHUNK", 8)
   m, graphdef, params = tiny_model(kind)
   assert G.chunk_sizes(16, G.stream_alignment(m), 48) == (16, 8)
@@ -84,17 +85,24 @@ def test_new_prompt_lengths_and_settings_compile_nothing(kind):
   gen(rng.integers(0, 256, (1, 5)).astype(np.int32), 4)  # compiles the loop and the cache
   log, logger = CompileLog(), logging.getLogger("jax")
   logger.addHandler(log)
+  greedy = []
   try:
     with jax.log_compiles(True):
       for plen, n, temp, top_k, top_p, seed in [(1, 9, 0.0, 0, 1.0, 0), (17, 30, 0.7, 5, 0.9, 3),
-                                                (33, 2, 1.3, 0, 0.5, 4), (40, 24, 0.0, 0, 1.0, 0)]:
+                                                (33, 2, 1.3, 0, 0.5, 4), (40, 24, 0.0, 0, 1.0, 0),
+                                                (60, 4, 0.0, 0, 1.0, 0)]:
         prompt = rng.integers(0, 256, (1, plen)).astype(np.int32)
         out = gen(prompt, n, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
                   eos_id=[3, 7])
         assert 1 <= out.shape[1] <= n
-      gen(prompt, 10, until=lambda new: new.shape[1] >= 3, progress=True)  # segmented
+        if temp == 0:
+          greedy.append((prompt, out))
+      gen(prompt[:, :20], 10, until=lambda new: new.shape[1] >= 3, progress=True)  # segmented
   finally:
     logger.removeHandler(log)
+  for prompt, out in greedy:  # prompts up to the end of the buffer
+    want = slow_greedy(graphdef, params, prompt, out.shape[1], 64)
+    np.testing.assert_array_equal(out, want)
   assert log.compiled == []
   assert gen.loop._cache_size() == 1 and gen.init_fn._cache_size() == 1
 

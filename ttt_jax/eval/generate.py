@@ -4,7 +4,8 @@ A generation is `Generator.__call__`: the prompt and the tokens to come live in 
 of `length` slots on the device, and one jitted function (`decode_loop`) runs the whole of it:
   * prefill: a `lax.while_loop` over chunks of `chunk` tokens, then one over chunks of `small`
     (both whole multiples of the model's inner mini-batch, perplexity.stream_alignment), leaving
-    at least the prompt's last token;
+    at least the prompt's last token (full attention: the last small chunk is padded with
+    positions -1, which its KV cache never shows, so the prompt but its last token is read);
   * decode: a `lax.while_loop` of one-token model calls with the cache carried (KV window for SWA,
     KV cache of `length` slots for full attention, TTT hidden state, E2E inner weights: E2E takes
     an inner step whenever a mini-batch of tokens completes). It reads the prompt's remaining
@@ -54,11 +55,15 @@ def chunk_sizes(chunk: int, align: int, length: int) -> tuple[int, int]:
   return big, small
 
 
-def decode_loop(graphdef, align: int, chunk: int, params, cache, seq, pos, plen, limit, key,
-                temperature, top_k, top_p, stop_ids, done):
+def decode_loop(graphdef, align: int, chunk: int, pad_last: bool, params, cache, seq, pos, plen,
+                limit, key, temperature, top_k, top_p, stop_ids, done):
   """(cache, seq, pos, done) after reading `seq` [B, L] from `pos` to the prompt's end (`plen`)
   and sampling into it until `limit` tokens are filled or every row is `done`. Position i of
   `seq` is sampled with key fold_in(key, i - 1), so segments and chunking do not change samples.
+
+  `pad_last` (full attention only: a key at position -1 is never visible and the next keys are
+  written over it) ends the prefill with one padded small chunk instead of single steps, where
+  `seq` has the slots for it.
   """
   model = nnx.merge(graphdef, params)
   big, small = chunk_sizes(chunk, align, seq.shape[1])
@@ -73,7 +78,17 @@ def decode_loop(graphdef, align: int, chunk: int, params, cache, seq, pos, plen,
     return jax.lax.while_loop(lambda c: c[0] + width <= plen - 1, body, (pos, cache))
 
   pos, cache = prefill(big, pos, cache)
-  if small < big:
+  if pad_last:
+    def padded(carry):
+      pos, cache = carry
+      tokens = jax.lax.dynamic_slice_in_dim(seq, pos, small, axis=1)
+      positions = pos + jnp.arange(small, dtype=jnp.int32)
+      _, cache = model(tokens, jnp.where(positions < plen - 1, positions, -1), cache)
+      return jnp.minimum(pos + small, plen - 1), cache
+
+    fits = lambda c: (c[0] < plen - 1) & (c[0] + small <= seq.shape[1])  # noqa: E731
+    pos, cache = jax.lax.while_loop(fits, padded, (pos, cache))
+  elif small < big:
     pos, cache = prefill(small, pos, cache)
 
   def step(carry):
@@ -104,7 +119,9 @@ class Generator:
                max_len: int | None = None, segment: int = 32):
     self.graphdef, self.params, self.max_len, self.segment = graphdef, params, max_len, segment
     self.align = stream_alignment(model_cfg)
-    self.loop = jax.jit(partial(decode_loop, graphdef, self.align, chunk), donate_argnums=(1, 2))
+    self.pad_last = full_attention(model_cfg)
+    self.loop = jax.jit(partial(decode_loop, graphdef, self.align, chunk, self.pad_last),
+                        donate_argnums=(1, 2))
     self.init_fn = make_init_cache(graphdef)
 
   def length(self, need: int) -> int:
