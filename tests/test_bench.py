@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -35,29 +36,38 @@ def _positive(d: dict, *keys):
 
 def test_writes_json_markdown_and_figures(bench):
   out, results = bench
-  with open(os.path.join(out, "benchmarks.json")) as f:
-    assert json.load(f) == json.loads(json.dumps(results))
   with open(os.path.join(out, "benchmarks.md")) as f:
     md = f.read()
   for title in ("Matmul ceiling", "Training step", "dual vs primal", "remat through time",
                 "Prefill latency", "Decode latency", "Peak memory"):
     assert title in md
+  # each kind's row of the training table shows that kind's measured throughput
+  (entry,) = results["machines"].values()
+  table = md.split("### Training step", 1)[1].split("###", 1)[0]
+  rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+  for kind, r in entry["sections"]["train"]["kinds"].items():
+    assert f"| {r['tokens_per_s']:,.0f} |" in rows[kind], (kind, rows[kind])
   pngs = [n for n in os.listdir(out) if n.endswith(".png")]
   assert {p.rsplit("_", 1)[1] for p in pngs} >= {"train.png", "prefill.png", "decode.png",
                                                  "memory.png"}
 
 
-def test_report_keeps_notes_block(bench):
-  out, results = bench
+def test_report_from_the_json_keeps_notes_block(bench):
+  """The JSON on disk holds everything the report shows (--merge and hand re-renders start from
+  it): the report rendered from the file read back is the one written, plus the notes kept."""
+  out, _ = bench
   path = os.path.join(out, "benchmarks.md")
   with open(path) as f:
-    text = f.read()
+    before = f.read()
+  notes = NOTES_BEGIN + "\nbefore/after: 2x\n"
   with open(path, "w") as f:
-    f.write(text.replace(NOTES_BEGIN + "\n", NOTES_BEGIN + "\nbefore/after: 2x\n"))
-  write_report(results, out)
+    f.write(before.replace(NOTES_BEGIN + "\n", notes))
+  with open(os.path.join(out, "benchmarks.json")) as f:
+    write_report(json.load(f), out)
   with open(path) as f:
     text = f.read()
   assert f"{NOTES_BEGIN}\nbefore/after: 2x\n{NOTES_END}" in text
+  assert text.replace(notes, NOTES_BEGIN + "\n") == before
   assert text.count("## cpu-") + text.count("## gpu") + text.count("## cuda") >= 1
 
 
@@ -71,11 +81,10 @@ def test_sections_have_positive_numbers(bench):
   for r in sec["train"]["kinds"].values():
     _positive(r, "params", "tokens_per_s", "mfu", "median_s", "model_flops_per_token")
     _positive(r["memory"], "peak_bytes", "temp_bytes")
-  kinds, ratios = sec["train"]["kinds"], sec["train"]["ratios"]
-  for kind, ratio in ratios["step_time_over_transformer"].items():
-    assert ratio == pytest.approx(kinds[kind]["median_s"] / kinds["transformer"]["median_s"])
-  assert ratios["e2e_meta_over_pretrain"] == pytest.approx(
-      kinds["e2e-meta"]["median_s"] / kinds["e2e-pretrain"]["median_s"])
+  kinds = sec["train"]["kinds"]
+  quick = PRESETS["quick"]
+  for r in kinds.values():
+    assert r["tokens_per_step"] == quick.batch * quick.seq_len
   # the meta step really runs the inner loop (second order) and pretrain really does not: XLA
   # counts more work (a deterministic compile-time count; the two used to be the same program).
   # XLA counts a scan body once, not per chunk, so the ratio understates the real one.
@@ -85,8 +94,8 @@ def test_sections_have_positive_numbers(bench):
     _positive(r, "median_s")
   (primal,) = [r for k, r in impls.items() if "primal" in k]
   (dual,) = [r for k, r in impls.items() if "dual" in k]
-  assert sec["ttt_impl"]["ratios"]["ttt_linear_primal_over_dual"] == pytest.approx(
-      primal["median_s"] / dual["median_s"])
+  # two different programs are timed: the primal form forms a W per token, more FLOPs
+  assert primal["xla_flops"] > 1.1 * dual["xla_flops"]
   mem = sec["ttt_memory"]["layers"]["ttt_linear"]
   for row in mem.values():
     _positive(row["remat"], "peak_bytes")
@@ -105,7 +114,11 @@ def test_sections_have_positive_numbers(bench):
   lo, hi = (str(n) for n in stream["lengths"])
   mem = {k: (r[lo]["memory"]["cache_bytes"], r[hi]["memory"]["cache_bytes"])
          for k, r in stream["kinds"].items()}
-  assert mem["transformer"][1] > mem["transformer"][0]
+  # full attention: K and V rows (float32) of every layer for each token added to the context
+  # (+ at most 8 bytes of bookkeeping per token); counted from the model's sizes
+  per_token = (mem["transformer"][1] - mem["transformer"][0]) / (int(hi) - int(lo))
+  kv = 2 * quick.num_layers * quick.d_model * 4
+  assert kv <= per_token <= kv + 8, (per_token, kv)
   for kind in ("swa", "e2e"):
     assert mem[kind][0] == mem[kind][1]
 
@@ -114,6 +127,20 @@ def test_attended_keys_matches_counting():
   for t, w in ((10, None), (10, 3), (7, 7), (9, 20)):
     count = sum(min(i + 1, w or t) for i in range(t)) / t
     assert attended_keys(t, w) == pytest.approx(count)
+
+
+def test_interleaved_times_until_the_result_is_ready():
+  """A jitted call returns before its result exists (asynchronous dispatch): the timer must wait
+  for the result, so one that becomes ready 30 ms after the call returns times >= 30 ms."""
+  class Pending:
+    def block_until_ready(self):
+      time.sleep(0.03)
+      return self
+
+  times = interleaved({"pending": Pending, "ready": lambda: None}, repeats=2, warmup=0,
+                      echo=lambda s: None)
+  assert times["pending"]["min_s"] >= 0.03
+  assert times["ready"]["max_s"] < 0.03
 
 
 def test_interleaved_runs_round_robin():
