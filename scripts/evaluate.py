@@ -10,7 +10,9 @@ tfds:NAME:SPLIT or a prepared folder) is tokenized with the run's tokenizer; --s
 default with --data: every document), train or validation (the hash split of data.val_fraction).
 Writes <workdir>/eval/results.json and PNGs (compare: <first workdir>/eval/compare_*.png); with
 --data they go to <workdir>/eval/data-<source>-<split>/ instead, so results on other text never
-replace the run's own (or each other's).
+replace the run's own (or each other's). --out DIR writes them to DIR instead (with --compare:
+DIR/<run name>/ per run, the comparison in DIR), for a run folder that is read-only; a folder that
+cannot be written fails in one line before any checkpoint is read.
 --stride S (default eval.stride, 0 = off) adds the strided perplexity of the same documents,
 whole, at each context length: every token scored once with up to ctx tokens of context, windows
 of ctx tokens advancing by S (eval/strided.py); 1 <= S <= every ctx.
@@ -23,17 +25,19 @@ import os
 import re
 
 from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
+from ttt_jax.cli_output import results_dirs
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import perplexity, plots, strided
 
 
-def output_dir(workdir: str, data: str | None, split: str | None) -> str:
-  """`W/eval`, or for --data `W/eval/data-<source name>-<split>` (a readable, file-safe name)."""
+def output_dir(results: str, data: str | None, split: str | None) -> str:
+  """`results` (a run's `W/eval` or --out), or for --data `<results>/data-<source name>-<split>`
+  (a readable, file-safe name)."""
   if not data:
-    return os.path.join(workdir, "eval")
+    return results
   name = os.path.basename(os.path.normpath(data)) or data
   slug = re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_.") or "source"
-  return os.path.join(workdir, "eval", f"data-{slug}-{split or 'all'}")
+  return os.path.join(results, f"data-{slug}-{split or 'all'}")
 
 
 def main(argv=None) -> None:
@@ -56,14 +60,17 @@ def main(argv=None) -> None:
     if args.data:
       source_kind(args.data, "--data")
     results = []
-    for workdir, run in each_run(args):
+    dirs = [output_dir(d, args.data, args.split)
+            for d in results_dirs([args.workdir, *args.compare], args.out)]
+    compare_dir = output_dir(args.out or os.path.join(args.workdir, "eval"), args.data,
+                             args.split)
+    for (_, run), out in zip(each_run(args, [*dirs, compare_dir]), dirs, strict=True):
       ctxs = perplexity.parse_ctx_list(args.ctx or run.config.eval.ctx)
       res = strided.evaluate_run(run, ctxs, stride=args.stride,
                                  option="--stride" if args.stride else "eval.stride",
                                  data=args.data, split=args.split, max_docs=args.max_docs,
                                  chunk=args.chunk, batch_size=args.batch_size,
                                  progress=not args.no_progress)
-      out = output_dir(workdir, args.data, args.split)
       path = perplexity.write_json(res, os.path.join(out, "results.json"))
       pngs = plots.write_plots([res], out)
       print(plots.ppl_table(res))
@@ -71,9 +78,8 @@ def main(argv=None) -> None:
       results.append(res)
   if len(results) > 1:
     print(plots.compare_table(results))
-    out = output_dir(args.workdir, args.data, args.split)
-    pngs = plots.write_plots(results, out, prefix="compare_")
-    perplexity.write_json(results, os.path.join(out, "compare.json"))
+    pngs = plots.write_plots(results, compare_dir, prefix="compare_")
+    perplexity.write_json(results, os.path.join(compare_dir, "compare.json"))
     print(f"wrote {', '.join(pngs)}")
 
 

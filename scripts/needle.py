@@ -10,7 +10,9 @@ prepared folder; --split all is the default with --data); the prompt of exactly 
 with the question. Scored by greedy exact match and by the answer's rank among --distractors
 other numbers. --train_task STEPS first fine-tunes a copy of each run on the same format with
 disjoint names and numbers (into <workdir>/needle_ft, or --ft_workdir) and evaluates the copy.
-Writes <evaluated workdir>/eval/needle.json and needle.png.
+Writes <evaluated workdir>/eval/needle.json and needle.png; --out DIR writes them (and the
+fine-tuned copy, DIR/needle_ft) to DIR instead (with --compare: DIR/<run name>/ per run), for a
+read-only run folder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ttt_jax.cli import (
   positive_int,
   user_errors,
 )
+from ttt_jax.cli_output import results_dirs
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import needle, needle_run, needle_train, plots
 
@@ -71,23 +74,30 @@ def main(argv=None) -> None:
     ctxs, depths = needle.parse_ctxs(args.ctx), needle.parse_depths(args.depths)
     if args.data:  # a bad --data fails before any checkpoint is read
       source_kind(args.data, "--data")
-    for workdir, run in each_run(args):
+    dirs = results_dirs([args.workdir, *args.compare], args.out)
+    ft_dirs = [args.ft_workdir or os.path.join(d if args.out else w, "needle_ft")
+               for d, w in zip(dirs, [args.workdir, *args.compare], strict=True)]
+    compare_dir = args.out or os.path.join(args.workdir, "eval")
+    outputs = [*dirs, compare_dir, *(ft_dirs if args.train_task else ())]
+    for (_, run), out, ft_dir in zip(each_run(args, outputs), dirs, ft_dirs, strict=True):
       grid = dict(data=args.data, split=args.split, needles=args.needles,
                   distractors=args.distractors, seed=args.seed, chunk=args.chunk)
       needle_run.check_grid(run, ctxs, depths, **grid)  # before any fine-tuning
       fine_tuned = None
       if args.train_task:
         run, fine_tuned = needle_train.fine_tune(
-            run, args.train_task, args.ft_workdir or os.path.join(workdir, "needle_ft"),
+            run, args.train_task, ft_dir,
             seq_len=args.ft_seq_len, batch_size=args.ft_batch_size, lr=args.ft_lr,
             seed=args.seed, progress=not args.no_progress)
+      if not args.out:  # beside the evaluated run: the fine-tuned copy when there is one
+        out = os.path.join(run.workdir, "eval")
       res = needle_run.evaluate_run(
           run, ctxs, depths, **grid, batch_size=args.batch_size, progress=not args.no_progress,
-          partial=lambda r, ft=fine_tuned, w=run.workdir: needle_run.write_results(
-              {**r, "fine_tune": ft}, w))
+          partial=lambda r, ft=fine_tuned, o=out: needle_run.write_results(
+              {**r, "fine_tune": ft}, o))
       res["fine_tune"] = fine_tuned
-      path = needle_run.write_results(res, run.workdir)
-      png = plots.plot_needle_heatmap(res, os.path.join(run.workdir, "eval", "needle.png"))
+      path = needle_run.write_results(res, out)
+      png = plots.plot_needle_heatmap(res, os.path.join(out, "needle.png"))
       print(plots.needle_table(res))
       print(f"wrote {path}, {png}\n")
       results.append(res)
@@ -95,7 +105,7 @@ def main(argv=None) -> None:
     if len({r["prompt_fingerprint"] for r in results}) > 1:
       print("warning: the runs were given different prompts (their tokenizers or haystack "
             "sources differ); the cells are not like for like")
-    path = needle_run.write_results(results, args.workdir, "needle_compare.json")
+    path = needle_run.write_results(results, compare_dir, "needle_compare.json")
     print(f"wrote {path}")
 
 

@@ -11,7 +11,8 @@ all (the default with --data), train or validation. Documents shorter than --min
 and counted; --max_len truncates. Full attention keeps a KV cache of --capacity tokens (default
 max(eval.ctx)) and longer documents are truncated to it; SWA / TTT / E2E read any length in
 constant memory. Writes <workdir>/eval/reading.json and reading.png (compare: the first
-workdir's eval/compare_reading.json and compare_reading.png, one line per run).
+workdir's eval/compare_reading.json and compare_reading.png, one line per run); --out DIR
+writes them to DIR instead (with --compare: DIR/<run name>/ per run), for a read-only run folder.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import os
 
 from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
+from ttt_jax.cli_output import results_dirs
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import plots, reading
 
@@ -40,19 +42,20 @@ def main(argv=None) -> None:
   with user_errors():
     if args.data:  # a bad --data fails before any checkpoint is read
       source_kind(args.data, "--data")
-    for workdir, run in each_run(args):
+    dirs = results_dirs([args.workdir, *args.compare], args.out)
+    compare_dir = args.out or os.path.join(args.workdir, "eval")
+    for (_, run), out in zip(each_run(args, [*dirs, compare_dir]), dirs, strict=True):
       res = reading.read_run(run, data=args.data, split=args.split, min_len=args.min_len,
                              max_docs=args.max_docs, max_len=args.max_len,
                              capacity=args.capacity, chunk=args.chunk,
                              progress=not args.no_progress)
-      out = os.path.join(workdir, "eval")
       path = reading.write_reading(res, os.path.join(out, "reading.json"))
       png = plots.plot_reading([res], os.path.join(out, "reading.png"))
       print(plots.reading_table(res))
       print(f"wrote {path}, {png}\n")
       results.append(res)
   if len(results) > 1:
-    out = os.path.join(args.workdir, "eval")
+    out = compare_dir
     warning = plots.tokenizer_warning(results)
     if warning:
       print(warning)

@@ -17,13 +17,14 @@ import os
 import re
 import runpy
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ttt_jax.cli_output import check_writable
 from ttt_jax.config import ConfigError, base_config
 from ttt_jax.data.dataset import ALL
 from ttt_jax.data.sources import SOURCE_HELP, SPLITS
@@ -110,11 +111,21 @@ def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
                   help="streamed chunk (default eval.chunk)")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--compare", nargs="*", default=[], help=f"more workdirs to {verb} and overlay")
+  ap.add_argument("--out", default=None,
+                  help="write the results here instead of <workdir>/eval (several runs: "
+                       "OUT/<run name>); the run's own folder is then only read")
   ap.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
-def each_run(args: argparse.Namespace) -> Iterator[tuple[str, Run]]:
-  """(workdir, loaded run) of --workdir (at --step) and of each --compare workdir (latest)."""
+def each_run(args: argparse.Namespace,
+             outputs: Sequence[str] = ()) -> Iterator[tuple[str, Run]]:
+  """(workdir, loaded run) of --workdir (at --step) and of each --compare workdir (latest).
+  Before the first run is loaded, every workdir must exist and every folder of `outputs` be
+  writable (one line naming it otherwise), so no run's work is lost to a later one's typo."""
+  for flag, workdir in [("--workdir", args.workdir), *(("--compare", w) for w in args.compare)]:
+    if not os.path.isdir(workdir):
+      raise ConfigError(f"{flag} {workdir}: no such directory")
+  check_writable(outputs, getattr(args, "out", None))
   for workdir in [args.workdir, *args.compare]:
     # this machine's cache (default or TTT_JAX_COMPILATION_CACHE), not the training machine's
     distributed.enable_compilation_cache(base_config().train.compilation_cache)

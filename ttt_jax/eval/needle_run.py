@@ -3,6 +3,7 @@ anything is computed (or fine-tuned), the results file."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -59,6 +60,7 @@ def evaluate_run(run: Run, ctxs: Sequence[int], depths: Sequence[float], *,
   return {**head, **res}
 
 
-def write_results(res: dict | list, workdir: str, name: str = "needle.json") -> str:
-  """Writes `workdir/eval/<name>` (never touches the checkpoints). Returns its path."""
-  return P.write_results(res, workdir, name)
+def write_results(res: dict | list, directory: str, name: str = "needle.json") -> str:
+  """Writes `directory/<name>` (a run's eval/ folder or --out; never the checkpoints). Returns
+  its path."""
+  return P.write_json(res, os.path.join(directory, name))

@@ -186,8 +186,9 @@ def report_lines(report: dict) -> list[str]:
 
 
 def adapt_workdir(workdir: str, data: str, config: ml_collections.ConfigDict,
-                  step: int | None = None, echo=print) -> dict:
-  """scripts/adapt.py: base run + text -> adapter in `<workdir>/adapters/<name>` and a report."""
+                  step: int | None = None, echo=print, adapters_dir: str | None = None) -> dict:
+  """scripts/adapt.py: base run + text -> adapter in `<adapters_dir>/<name>` (default
+  `<workdir>/adapters/<name>`) and a report."""
   validate_config(config)
   run = load_run(workdir, step)
   graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(run.config.model)))
@@ -204,6 +205,6 @@ def adapt_workdir(workdir: str, data: str, config: ml_collections.ConfigDict,
        f"{len(held)} held-out samples of {config.seq_len} tokens from {data}")
   _, lora, report = run_adaptation(model, config, adapt, held, original,
                                    byte_level=isinstance(tokenizer, ByteTokenizer), echo=echo)
-  out = os.path.join(workdir, "adapters", config.name)
+  out = os.path.join(adapters_dir or os.path.join(workdir, "adapters"), config.name)
   save_adapter(out, lora, config, {"base_workdir": os.path.abspath(workdir), "base_step": run.step})
   return {"adapter_dir": out, "base_step": run.step, "data": os.path.abspath(data), **report}
