@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from ttt_jax.benchmarks import revisions
-from ttt_jax.layers import ttt, ttt_dual, ttt_inner
+from ttt_jax.config import build_config
+from ttt_jax.layers import mixers, ttt, ttt_dual, ttt_inner, ttt_variants
 from ttt_jax.layers.ttt import CausalConv, causal_conv
 from ttt_jax.models import lm
 
@@ -104,9 +105,14 @@ def test_causal_conv_gradients_equal_autodiff_of_the_sum():
 def test_revision_swap_restores_every_binding():
   """scripts/compare_speed.py times old code beside new through revisions.swapped: inside the
   block the mixer class the LM builds comes from the old source, after it everything is back."""
-  before = (lm.TTTMixer, ttt.ttt_inner, lm.CausalConv)
+  before = (ttt_variants.TTTMixer, ttt.ttt_inner, ttt_variants.CausalConv)
+  specs = dict(mixers.MIXERS)
   with revisions.swapped("HEAD", ["ttt_jax.layers.ttt_inner", "ttt_jax.layers.ttt"]) as old:
-    assert lm.TTTMixer is old["ttt_jax.layers.ttt"].TTTMixer is not before[0]
-    assert lm.CausalConv is not before[2]
+    assert ttt_variants.TTTMixer is old["ttt_jax.layers.ttt"].TTTMixer is not before[0]
+    assert ttt_variants.CausalConv is not before[2]
     assert old["ttt_jax.layers.ttt"].ttt_inner is old["ttt_jax.layers.ttt_inner"]
-  assert (lm.TTTMixer, ttt.ttt_inner, lm.CausalConv) == before
+    cfg = build_config("model=ttt_linear,scale=tiny,ctx=64").model
+    cfg.d_model, cfg.num_heads = 32, 2
+    assert type(lm.make_mixer(cfg, nnx.Rngs(0))) is old["ttt_jax.layers.ttt"].TTTMixer
+  assert (ttt_variants.TTTMixer, ttt.ttt_inner, ttt_variants.CausalConv) == before
+  assert mixers.MIXERS == specs

@@ -10,7 +10,10 @@ traced inside the block therefore use the old code; compiled executables keep it
 exits, when everything is restored.
 
 Modules are loaded in the given order, each seeing the earlier ones already swapped in, so list
-dependencies first (ttt_inner before ttt).
+dependencies first (ttt_inner before ttt). Models build their TTT layers through the registry
+(layers/ttt_variants.py binds TTTMixer and the inner models' steps): list
+ttt_jax.layers.ttt_variants after them so the registrations use the old code too; the
+registries are restored on exit.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import types
 from collections.abc import Iterator
+
+from ttt_jax.layers import mixers
 
 PACKAGE = "ttt_jax"
 
@@ -55,6 +60,7 @@ def swapped(rev: str, modules: list[str], repo: str = ".") -> Iterator[dict[str,
   """
   undo: list[tuple[object, str, object]] = []
   loaded: dict[str, object] = {}
+  registries = [(live, dict(live)) for live in (mixers.MIXERS, mixers.INNER_MODELS)]
   try:
     for name in modules:
       current = importlib.import_module(name)
@@ -77,3 +83,6 @@ def swapped(rev: str, modules: list[str], repo: str = ".") -> Iterator[dict[str,
         sys.modules[attr] = value
       else:
         setattr(target, attr, value)
+    for live, saved in registries:  # swapped modules that register (layers/ttt_variants.py)
+      live.clear()
+      live.update(saved)

@@ -90,6 +90,9 @@ class MixerSpec:
 
 
 MIXERS: dict[str, MixerSpec] = {}
+# TTT inner models by name (layers/ttt_inner.py: `InnerModel`, `register_inner_model`); kept here
+# with the mixers so that one registry outlives re-executed layer modules (benchmarks/revisions.py)
+INNER_MODELS: dict[str, Any] = {}
 
 
 def register_mixer(spec: MixerSpec) -> MixerSpec:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.layers.mixers import INNER_MODELS
+
 LN_EPS = 1e-6
 _GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -271,9 +273,6 @@ class InnerModel:
     """The plain mini-batch step of `impl` ('primal' or 'dual')."""
     primal = self.primal or autodiff_primal(self.predict)
     return (self.dual or primal) if impl == "dual" else primal
-
-
-INNER_MODELS: dict[str, InnerModel] = {}
 
 
 def register_inner_model(model: InnerModel) -> InnerModel:

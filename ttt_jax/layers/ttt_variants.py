@@ -52,11 +52,16 @@ def metrics(cfg: ml_collections.ConfigDict, step) -> dict:
   return {"ttt_lr_mult": ttt_inner.warmup_lr_mult(step, cfg.ttt.lr_warmup_steps)}
 
 
+def build(cfg: ml_collections.ConfigDict, *, inner: str, **kw) -> TTTMixer:
+  """The TTT layer running the inner model `inner`; kw = compute_dtype, param_dtype, rngs."""
+  return TTTMixer(cfg, inner=inner, **kw)
+
+
 def register_ttt_variant(model: ttt_inner.InnerModel) -> MixerSpec:
   """Registers the inner model and the TTT mixer `model.mixer_name` that runs it."""
   ttt_inner.register_inner_model(model)
   return register_mixer(MixerSpec(
-      name=model.mixer_name, build=functools.partial(TTTMixer, inner=model.name),
+      name=model.mixer_name, build=functools.partial(build, inner=model.name),
       decayed=frozenset({"kernel"}) | model.weight_attrs, pre_conv=pre_conv,
       alignment=lambda cfg: cfg.ttt.mini_batch_size, check=check_config, metrics=metrics))
 
