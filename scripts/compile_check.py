@@ -7,9 +7,14 @@ e2e) is AOT-compiled on 8 forced CPU devices (mesh data=1, fsdp=-1) without allo
 the table of XLA's per-device buffer sizes is printed and written to --json.
 """
 
-from absl import app
-
 from ttt_jax.benchmarks.compile_check import main
+from ttt_jax.cli import run_absl, user_errors
+
+
+def checked_main(argv) -> None:
+  with user_errors():  # a flag out of its range: one line naming it
+    main(argv)
+
 
 if __name__ == "__main__":
-  app.run(main)
+  run_absl(checked_main)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ttt_jax.argtypes import positive_float
 from ttt_jax.cli import (
   ArgumentParser,
   add_eval_arguments,
@@ -55,7 +56,7 @@ def build_parser() -> ArgumentParser:
                   help="fine-tuning length (default: the run's data.seq_len)")
   ap.add_argument("--ft_batch_size", type=positive_int, default=None,
                   help="fine-tuning batch (default: the run's data.batch_size)")
-  ap.add_argument("--ft_lr", type=float, default=None, help="fine-tuning peak lr (default "
+  ap.add_argument("--ft_lr", type=positive_float, default=None, help="fine-tuning peak lr (default "
                   "train.lr)")
   return ap
 

@@ -7,7 +7,7 @@ Sources: embedded | a folder of .txt/.md/.py/.rst | a .jsonl file | tfds:NAME[/C
 
 import os
 
-from ttt_jax.cli import ArgumentParser, user_errors
+from ttt_jax.cli import ArgumentParser, positive_int, user_errors
 from ttt_jax.data.prepare import prepare
 
 if __name__ == "__main__":
@@ -17,10 +17,10 @@ if __name__ == "__main__":
   p.add_argument("--tokenizer", default="bytes",
                  help="bytes | hf:PATH | bpe:DIR | sp:PATH (ignored with --train_tokenizer)")
   p.add_argument("--train_tokenizer", default="", choices=["", "bpe"])
-  p.add_argument("--vocab_size", type=int, default=16384)
-  p.add_argument("--val_fraction", type=float, default=0.05)
-  p.add_argument("--num_shards", type=int, default=8)
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  p.add_argument("--vocab_size", type=positive_int, default=16384)
+  p.add_argument("--val_fraction", type=float, default=0.05)  # its range: data/prepare.py
+  p.add_argument("--num_shards", type=positive_int, default=8)
+  p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
   p.add_argument("--text_field", default="text")
   p.add_argument("--tfds_data_dir", default="")
   p.add_argument("--force", action="store_true", help="redo even if already prepared")

@@ -141,6 +141,27 @@ CASES = {
     "reproduce_unknown_kind": ("reproduce_e2e", ["--kinds", "rnn", "--workdir", "{W}",
                                                  "--out", "{W}/r.md"], "--kinds 'rnn'"),
     "demo_unknown_flag": ("demo", ["--workdir", "{W}", "--steps", "3"], "--steps"),
+    # the scripts' own numeric flags: one range check each (ttt_jax/argtypes.py)
+    "needle_nan_depths": ("needle", ["--workdir", "{W}", "--depths", "nan"], "--depths 'nan'"),
+    "evaluate_negative_step": ("evaluate", ["--workdir", "{W}", "--step", "-1"],
+                               "--step: expected an integer >= 0"),
+    "compile_check_negative_batch": ("compile_check", ["--batch_size", "-3", "--json",
+                                                       "{W}/c.json"], "--batch_size=-3"),
+    "compile_check_nan_timeout": ("compile_check", ["--timeout", "nan", "--json", "{W}/c.json"],
+                                  "--timeout=nan"),
+    "bench_negative_repeats": ("bench", ["--quick", "--repeats", "-1", "--out_dir", "{W}"],
+                               "--repeats: expected an integer >= 1"),
+    "bench_negative_warmup": ("bench", ["--quick", "--warmup", "-2", "--out_dir", "{W}"],
+                              "--warmup: expected an integer >= 0"),
+    "reproduce_negative_budget": ("reproduce_e2e", ["--budget_minutes", "-1", "--workdir", "{W}",
+                                                    "--out", "{W}/r.md"], "--budget_minutes"),
+    "reproduce_nan_budget": ("reproduce_e2e", ["--budget_minutes", "nan", "--workdir", "{W}",
+                                               "--out", "{W}/r.md"], "--budget_minutes"),
+    "compare_speed_zero_repeats": ("compare_speed", ["--repeats", "0", "--json", "{W}/s.json"],
+                                   "--repeats: expected an integer >= 1"),
+    "prepare_zero_workers": ("prepare_data", ["--source", "{D}/small", "--out_dir", "{W}",
+                                              "--workers", "0"], "--workers"),
+    "needle_zero_ft_lr": ("needle", ["--workdir", "{W}", "--ft_lr", "0"], "--ft_lr"),
 }
 
 

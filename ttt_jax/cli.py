@@ -24,6 +24,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ttt_jax.argtypes import non_negative_int, positive_int  # noqa: F401 (the scripts' types)
 from ttt_jax.cli_output import check_writable
 from ttt_jax.config import ConfigError, base_config
 from ttt_jax.data.dataset import ALL
@@ -77,28 +78,6 @@ class ArgumentParser(argparse.ArgumentParser):
     usage_error(message)
 
 
-def positive_int(text: str) -> int:
-  """argparse type: an integer >= 1."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
-
-
-def non_negative_int(text: str) -> int:
-  """argparse type: an integer >= 0."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = -1
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-  return value
-
-
 def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
   """The options scripts/evaluate.py and scripts/read.py share (`verb`: what the command does to
   the text): the run(s), the text read, the chunk, the checkpoint step, the progress bars."""
@@ -109,7 +88,8 @@ def add_eval_arguments(ap: argparse.ArgumentParser, verb: str) -> None:
                   help="documents of the source (default: all with --data, else validation)")
   ap.add_argument("--chunk", type=positive_int, default=None,
                   help="streamed chunk (default eval.chunk)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--step", type=non_negative_int, default=None,
+                  help="checkpoint step (default: latest)")
   ap.add_argument("--compare", nargs="*", default=[], help=f"more workdirs to {verb} and overlay")
   ap.add_argument("--out", default=None,
                   help="write the results here instead of <workdir>/eval (several runs: "

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import flags
 
+from ttt_jax.argtypes import check_flags, non_negative_int, positive_float, positive_int
 from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
 from ttt_jax.train.trainer import Trainer, TrainState, count_params
@@ -289,6 +290,10 @@ def main(argv) -> None:
   """scripts/compile_check.py (absl flags above)."""
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+  check_flags({"--devices": (FLAGS.devices, positive_int),  # ConfigError: one line
+               "--batch_size": (FLAGS.batch_size, non_negative_int),
+               "--timeout": (FLAGS.timeout, positive_float),
+               "--total_budget": (FLAGS.total_budget, positive_float)})
   try:
     report = check(FLAGS.kinds, FLAGS.scales, FLAGS.ctx, parse_mesh(FLAGS.mesh),
                    devices=FLAGS.devices, batch_size=FLAGS.batch_size, overrides=FLAGS.set,

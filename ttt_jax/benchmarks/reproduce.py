@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from ttt_jax.argtypes import non_negative_int, positive_float, positive_int
 from ttt_jax.benchmarks.common import machine_info
 from ttt_jax.benchmarks.reproduce_report import write_reproduction
 from ttt_jax.config import ConfigError, build_config, parse_ctx, validate
@@ -31,16 +32,17 @@ KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description="Loss vs context length of five equally sized models "
                               "trained on the same tokens; writes a markdown report + PNG.")
-  p.add_argument("--budget_minutes", type=float, default=15.0,
+  p.add_argument("--budget_minutes", type=positive_float, default=15.0,
                  help="training time for all five models together; sets the step count from "
                       "measured step times (ignored with --steps)")
-  p.add_argument("--steps", type=int, default=0, help="fixed number of training steps")
+  p.add_argument("--steps", type=non_negative_int, default=0, help="fixed number of training steps")
   p.add_argument("--scale", default="tiny", help="config scale (tiny = 4 x 128)")
   p.add_argument("--ctx", default="1k", help="training context length")
   p.add_argument("--eval_ctx", default="128,256,512,1k", help="evaluation context lengths")
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--eval_docs", type=int, default=32, help="validation documents per length")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch_size", type=positive_int, default=8)
+  p.add_argument("--eval_docs", type=positive_int, default=32,
+                 help="validation documents per length")
+  p.add_argument("--seed", type=non_negative_int, default=0)
   p.add_argument("--kinds", default=",".join(KINDS))
   p.add_argument("--workdir", default="runs/e2e_small", help="one run directory per model")
   p.add_argument("--out", default="docs/results/e2e_small.md", help="report (PNG beside it)")

@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+from ttt_jax.argtypes import non_negative_int, positive_int
 from ttt_jax.benchmarks import common, streaming, training
 from ttt_jax.benchmarks.report import write_report
 from ttt_jax.config import ConfigError, parse_ctx
@@ -30,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max_ctx", default="",
                  help="longest prefill/decode context: the preset's shortest length doubled up "
                       "to this (e.g. 64k); ignored with --lengths")
-  p.add_argument("--repeats", type=int, default=0, help="timed rounds (default: preset)")
-  p.add_argument("--warmup", type=int, default=-1, help="warm-up rounds (default: preset)")
+  p.add_argument("--repeats", type=positive_int, default=None,
+                 help="timed rounds (default: preset)")
+  p.add_argument("--warmup", type=non_negative_int, default=None,
+                 help="warm-up rounds (default: preset)")
   p.add_argument("--out_dir", default="", help="default: docs (runs/bench_quick with --quick)")
   p.add_argument("--merge", action="store_true",
                  help="keep this machine's earlier results of the sections not run now (their "
@@ -65,9 +68,9 @@ def resolve(args) -> tuple[str, common.Size, list[str]]:
     raise ConfigError(f"--lengths/--max_ctx: context lengths must be positive multiples of the "
                       f"streaming chunk {size.e2e_chunk}; got {list(lengths)}")
   updates = {"lengths": tuple(lengths)}
-  if args.repeats:
+  if args.repeats is not None:
     updates["repeats"] = args.repeats
-  if args.warmup >= 0:
+  if args.warmup is not None:
     updates["warmup"] = args.warmup
   return preset, dataclasses.replace(size, **updates), sections
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt_jax.argtypes import non_negative_int, positive_int
 from ttt_jax.benchmarks import common, revisions, training
 from ttt_jax.benchmarks.common import Size, interleaved, model_config, xla_flops
 from ttt_jax.models.lm import make_mixer
@@ -140,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--targets", default="layer:ttt_linear,layer:ttt_mlp",
                  help="comma list of layer:<ttt_linear|ttt_mlp> and train:<bench kind>")
   p.add_argument("--preset", choices=sorted(common.PRESETS), default="cpu")
-  p.add_argument("--layer_len", type=int, default=2048, help="sequence length of layer targets")
-  p.add_argument("--layer_batch", type=int, default=1, help="batch of layer targets")
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--layer_len", type=positive_int, default=2048,
+                 help="sequence length of layer targets")
+  p.add_argument("--layer_batch", type=positive_int, default=1, help="batch of layer targets")
+  p.add_argument("--repeats", type=positive_int, default=5)
+  p.add_argument("--warmup", type=non_negative_int, default=1)
   p.add_argument("--json", default="", help="also write the results here")
   return p
 

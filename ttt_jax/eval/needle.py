@@ -213,7 +213,7 @@ def parse_depths(text: str) -> list[float]:
     pcts = sorted({float(v) for v in text.split(",") if v.strip()})
   except ValueError:
     pcts = []
-  if not pcts or pcts[0] < 0 or pcts[-1] > 100:
+  if not pcts or not all(0 <= p <= 100 for p in pcts):  # nan too
     raise ConfigError(f"--depths {text!r}: expected a comma list of percentages in [0, 100] "
                       "like 0,25,50,75,100")
   return [p / 100 for p in pcts]
