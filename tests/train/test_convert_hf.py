@@ -109,3 +109,26 @@ def test_overwrite_never_touches_a_workdir_in_use(tmp_path):
       import_hf(src, out, tokenizer="bytes", seq_len=32, overwrite=True, echo=None)
   assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
   import_hf(src, out, tokenizer="bytes", seq_len=32, overwrite=True, echo=None)  # free again
+
+
+@pytest.mark.parametrize("damage", ["config_not_json", "config_a_list", "truncated_tensors",
+                                    "truncated_header", "empty_tensors"])
+def test_damaged_hf_files_fail_in_one_line_naming_the_file(tmp_path, damage):
+  """A damaged config.json or a truncated safetensors file is one ConvertError naming the file
+  (a JSONDecodeError / reshape traceback before), and nothing is written."""
+  cfg, tensors = random_llama()
+  src = write_hf(tmp_path / "hf", cfg, tensors)
+  weights, config = os.path.join(src, "model.safetensors"), os.path.join(src, "config.json")
+  data = open(weights, "rb").read()
+  if damage == "config_not_json":
+    open(config, "w").write('{"model_type": "llama",')
+  elif damage == "config_a_list":
+    open(config, "w").write("[1, 2]")
+  else:
+    keep = {"truncated_tensors": len(data) // 2, "truncated_header": 20, "empty_tensors": 0}
+    open(weights, "wb").write(data[:keep[damage]])
+  with pytest.raises(ConvertError) as e:
+    import_hf(src, str(tmp_path / "r"), tokenizer="bytes", echo=None)
+  named = config if damage.startswith("config") else weights
+  assert str(e.value).startswith(f"{named}: ") and "\n" not in str(e.value), str(e.value)
+  assert not os.path.exists(tmp_path / "r")

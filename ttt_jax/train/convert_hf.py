@@ -45,9 +45,21 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
 
 
 def _load_with_bf16(path: str, err: Exception) -> dict[str, np.ndarray]:
-  """Reads a safetensors file holding bfloat16 tensors (widened to float32)."""
+  """Reads a safetensors file holding bfloat16 tensors (widened to float32); a truncated or
+  damaged file is one ConvertError naming it."""
+  try:
+    return _read_widened(path, err)
+  except (ValueError, KeyError, TypeError, OverflowError, MemoryError) as e:
+    raise ConvertError(f"{path}: not a readable safetensors file, truncated or damaged "
+                       f"({type(e).__name__}: {e}); download it again") from None
+
+
+def _read_widened(path: str, err: Exception) -> dict[str, np.ndarray]:
+  size = os.path.getsize(path)
   with open(path, "rb") as f:
     n = int.from_bytes(f.read(8), "little")
+    if not 0 < n <= size - 8:
+      raise ValueError(f"header of {n} bytes in a file of {size}")
     header = json.loads(f.read(n))
     data = f.read()
   dtypes = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -58,6 +70,8 @@ def _load_with_bf16(path: str, err: Exception) -> dict[str, np.ndarray]:
     if meta["dtype"] not in dtypes:
       raise ConvertError(f"{path}: tensor {name!r} has dtype {meta['dtype']} ({err})")
     lo, hi = meta["data_offsets"]
+    if hi > len(data):
+      raise ValueError(f"tensor {name!r} ends at byte {hi} of {len(data)}")
     a = np.frombuffer(data[lo:hi], dtypes[meta["dtype"]]).reshape(meta["shape"])
     if meta["dtype"] == "BF16":
       a = (a.astype(np.uint32) << 16).view(np.float32)
@@ -70,8 +84,15 @@ def load_hf(folder: str) -> tuple[LlamaSpec, dict[str, np.ndarray]]:
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     raise ConvertError(f"{where}: no config.json")
-  with open(path) as f:
-    spec = LlamaSpec.from_hf_config(json.load(f), where)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConvertError(f"{path}: not valid JSON ({e}); the model folder is damaged, download "
+                       "it again") from None
+  if not isinstance(config, dict):
+    raise ConvertError(f"{path}: expected a JSON object, got {type(config).__name__}")
+  spec = LlamaSpec.from_hf_config(config, where)
   return spec, read_safetensors(folder)
 
 
