@@ -161,6 +161,11 @@ CASES = {
                                    "--repeats: expected an integer >= 1"),
     "prepare_zero_workers": ("prepare_data", ["--source", "{D}/small", "--out_dir", "{W}",
                                               "--workers", "0"], "--workers"),
+    "bench_out_dir_a_file": ("bench", ["--quick", "--out_dir", "{D}/small/doc00.txt"],
+                             "doc00.txt: a file is there, not a folder"),
+    "compare_speed_unknown_baseline": ("compare_speed", ["--baseline", "no-such-rev-123",
+                                                         "--json", "{W}/s.json"],
+                                       "--baseline no-such-rev-123: no such git revision"),
     "needle_zero_ft_lr": ("needle", ["--workdir", "{W}", "--ft_lr", "0"], "--ft_lr"),
 }
 

@@ -20,21 +20,38 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import subprocess
 import sys
 import types
 from collections.abc import Iterator
 
+from ttt_jax.config import ConfigError
 from ttt_jax.layers import mixers
 
 PACKAGE = "ttt_jax"
 
 
+def check_revision(rev: str, repo: str = ".") -> None:
+  """ConfigError naming --baseline unless `rev` is a commit of the repository."""
+  found = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "--quiet",
+                          f"{rev}^{{commit}}"], capture_output=True, text=True)
+  if found.returncode != 0:
+    raise ConfigError(f"--baseline {rev}: no such git revision in {os.path.abspath(repo)} "
+                      "(a commit, branch or tag, e.g. HEAD~1)")
+
+
 def source_at(rev: str, module: str, repo: str = ".") -> str:
-  """The source of package module `module` (dotted name) at git revision `rev`."""
+  """The source of package module `module` (dotted name) at git revision `rev` (ConfigError
+  naming both when it is not there)."""
+  check_revision(rev, repo)
   path = module.replace(".", "/") + ".py"
-  return subprocess.run(["git", "-C", repo, "show", f"{rev}:{path}"], check=True,
-                        capture_output=True, text=True).stdout
+  shown = subprocess.run(["git", "-C", repo, "show", f"{rev}:{path}"], capture_output=True,
+                         text=True)
+  if shown.returncode != 0:
+    raise ConfigError(f"--baseline {rev}: {path} does not exist at that revision (too old to "
+                      "compare with this code)")
+  return shown.stdout
 
 
 def _rebind(old_to_new: dict[int, object]) -> list[tuple[object, str, object]]:

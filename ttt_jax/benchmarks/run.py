@@ -82,7 +82,12 @@ def run(args, echo=print) -> dict:
   stream_kinds = _choose(args.stream_kinds, common.STREAM_KINDS, "--stream_kinds")
   ttt_layers = _choose(args.ttt_layers, ("ttt_linear", "ttt_mlp"), "--ttt_layers")
   out_dir = args.out_dir or ("runs/bench_quick" if preset == "quick" else "docs")
-  os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConfigError(f"--out_dir {out_dir}: a file is there, not a folder; choose a folder")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--out_dir {out_dir}: cannot make the folder ({e.strerror})") from None
   info = common.machine_info()
   key = common.machine_key(info)
   echo(f"benchmark on {key} ({info['cpu']}, device {info['device_kind']}), preset {preset}: "

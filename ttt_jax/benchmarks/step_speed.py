@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
   args = build_parser().parse_args(argv)
   targets = [s.strip() for s in args.targets.split(",") if s.strip()]
+  revisions.check_revision(args.baseline)  # before anything compiles
   result = compare(args.baseline, targets, common.PRESETS[args.preset], args.layer_len,
                    args.repeats, args.warmup, layer_batch=args.layer_batch)
   print(format_table(result))
