@@ -35,9 +35,9 @@ def _correctness(results: dict) -> list[str]:
   elif pal:
     out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
             "head dim 64 (values and gradients w.r.t. every input):", ""]
-    for kind in ("linear", "mlp"):
+    for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP")):
       if kind in pal:
-        out.append(f"- TTT-{kind.upper() if kind == 'mlp' else 'Linear'}: value "
+        out.append(f"- {label}: value "
                    f"{pal[kind]['value_rel_err']:.1e}, gradients {pal[kind]['grad_rel_err']:.1e}")
     out += ["", "One TTT layer fwd+bwd at the gpu preset's [8, 2048, 512]:", "",
             "| layer | impl | compile | fwd+bwd |", "|---|---|---|---|"]

@@ -106,7 +106,7 @@ def task_pallas() -> dict:
 
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
-  from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas  # noqa: PLC0415
+  from ttt_jax.layers import ttt_dual, ttt_inner  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
   interpret = jax.default_backend() != "gpu"  # CPU smoke runs
@@ -116,16 +116,18 @@ def task_pallas() -> dict:
   gate = jnp.asarray(rng.uniform(0.1, 0.9, (n, bsz, h, b)), jnp.float32)
   ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
   out = {}
+  base_lr = {"linear": 1.0, "mlp": 0.1}  # the presets' inner base LRs
   for kind in ("linear", "mlp"):
-    eta = ttt_inner.token_lr(gate, f(b, sc=0.1), {"linear": 1.0, "mlp": 0.1}[kind], d)
-    if kind == "linear":
-      params = {"w": f(bsz, h, d, d, sc=0.3), "b": f(bsz, h, 1, d, sc=0.1)}
-      kern = lambda p, ln, *x: ttt_pallas.linear_sequence(p, ln, *x,  # noqa: E731
-                                                          interpret=interpret)
-    else:
-      params = {"w1": f(bsz, h, d, 4 * d, sc=0.3), "b1": f(bsz, h, 1, 4 * d, sc=0.1),
-                "w2": f(bsz, h, 4 * d, d, sc=0.3), "b2": f(bsz, h, 1, d, sc=0.1)}
-      step = functools.partial(ttt_pallas.mlp_step, interpret)
+    model = ttt_inner.inner_model(kind)
+    eta = ttt_inner.token_lr(gate, f(b, sc=0.1), base_lr[kind], d)
+    widths = model.widths(d)
+    params = {}
+    for (w, bias), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
+      params[w], params[bias] = f(bsz, h, d_in, d_out, sc=0.3), f(bsz, h, 1, d_out, sc=0.1)
+    if model.pallas_sequence:  # the whole sequence in the kernels (TTT-Linear)
+      kern = functools.partial(model.pallas_sequence, interpret=interpret)
+    else:  # one kernel launch per mini-batch (TTT-MLP)
+      step = functools.partial(model.pallas_step, interpret)
       kern = lambda p, ln, *x, step=step: ttt_inner.scan_minibatches(step, p, ln, x, 4)  # noqa: E731
     dual = lambda p, ln, *x, kind=kind: ttt_dual.dual_sequence(kind, p, ln, *x, 4)  # noqa: E731
     probe = f(n, bsz, h, b, d)

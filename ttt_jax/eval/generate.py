@@ -40,6 +40,7 @@ from ttt_jax.data.chat import apply_chat_template
 from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.eval.sampling import check_sampling, sample_logits
+from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.train.runs import Run
 
 __all__ = ["Generator", "generate", "generate_text", "prompt_ids", "sample_logits"]
@@ -108,7 +109,7 @@ def decode_loop(graphdef, align: int, chunk: int, pad_last: bool, params, cache,
 
 def full_attention(model_cfg: ml_collections.ConfigDict) -> bool:
   """Whether the model's cache grows with the context (full attention's KV cache)."""
-  return model_cfg.kind != "e2e" and model_cfg.mixer == "full"
+  return model_cfg.kind != "e2e" and mixer_spec(model_cfg.mixer).state_grows
 
 
 class Generator:
