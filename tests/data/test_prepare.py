@@ -216,3 +216,31 @@ def test_folders_left_by_killed_runs_are_removed(corpus, tmp_path):
   prepare.prepare(str(corpus), str(out), val_fraction=0.0, num_shards=1, echo=logs.append)
   assert not dead.exists() and alive.exists()
   assert any(s.startswith(f"notice: removed {dead}, left by a prepare_data run") for s in logs)
+
+
+def test_an_imported_tokenizers_declared_specials_survive_preparation(tmp_path):
+  """A tokenizer whose BOS/EOS/add_bos come from its config files (an imported model's) is stored
+  with them: the prepared folder's tokenizer frames documents with the same ids."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+
+  from ttt_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+
+  vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz "])}
+  tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  src_tok = tmp_path / "tok"
+  src_tok.mkdir()
+  tk.save(str(src_tok / "tokenizer.json"))
+  (src_tok / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "</s>", "eos_token": "<s>", "pad_token": "<unk>", "add_bos_token": False}))
+  source = get_tokenizer(f"hf:{src_tok}")
+  assert (source.bos_id, source.eos_id, source.add_bos) == (2, 1, False)  # not the names' guess
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(6):
+    (docs / f"d{i}.txt").write_text("some words here " * (3 + i))
+  meta = prepare.prepare(str(docs), str(tmp_path / "out"), f"hf:{src_tok}", val_fraction=0.3,
+                         echo=lambda s: 0)
+  stored = PreparedData(str(tmp_path / "out")).tokenizer()
+  assert (stored.bos_id, stored.eos_id, stored.add_bos) == (2, 1, False)
+  assert stored.fingerprint() == source.fingerprint() == meta["tokenizer"]["fingerprint"]

@@ -27,7 +27,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError
-from ttt_jax.data import sources
+from ttt_jax.data import sources, special_tokens
 from ttt_jax.data.prepared import FORMAT_VERSION, METADATA
 from ttt_jax.data.tokenizers import (
   ByteTokenizer,
@@ -169,6 +169,7 @@ def _tokenizer_record(tok: Tokenizer, tmp: str, name: str) -> dict:
     rel = "tokenizer/tokenizer.json"
     with open(os.path.join(tmp, rel), "w", encoding="utf-8") as f:
       f.write(tok.to_str())
+    special_tokens.write_folder(os.path.join(tmp, "tokenizer"), tok)  # BOS/EOS/PAD as declared
     return {**rec, "kind": "hf", "file": rel}
   if isinstance(tok, SentencePieceTokenizer):
     rel = "tokenizer/tokenizer.model"
