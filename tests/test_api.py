@@ -60,3 +60,19 @@ def test_the_docstring_example_builds_and_runs_a_ttt_layer():
   y, _ = layer(x, jnp.arange(32), None)
   assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
   assert float(jnp.abs(y - x).max()) > 0  # the layer did something
+
+
+def test_validate_runs_the_mixer_checks_whatever_was_imported():
+  """config.validate loads the mixer registry itself: with only ttt_jax.config imported, an
+  unknown mixer still fails (it passed when nothing had imported ttt_jax.layers)."""
+  code = """
+from ttt_jax.config import ConfigError, build_config, validate
+c = build_config("model=transformer,scale=tiny,ctx=64")
+c.model.mixer = "bogus"
+try:
+  validate(c)
+except ConfigError as e:
+  print(e)
+"""
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and "model.mixer='bogus'" in proc.stdout, proc.stderr[-2000:]

@@ -146,6 +146,9 @@ def test_wrong_type_names_the_key():
     ("model.ttt.conv_width", 0, "model.ttt.conv_width=0 must be >= 1"),
     ("model.e2e.prime_intermediate_size", 0, "model.e2e.prime_intermediate_size=0 must be >= 1"),
     ("checkpoint.step", -3, "checkpoint.step=-3 must be >= -1"),
+    ("data.val_fraction", float("nan"), "data.val_fraction=nan must be a finite number in [0, 1)"),
+    ("data.val_fraction", -0.5, "data.val_fraction=-0.5 must be in [0, 1)"),
+    ("mesh.num_processes", -7, "mesh.num_processes=-7 must be >= -1"),
 ])
 def test_numbers_out_of_range_fail_naming_key_and_range(key, value, needle):
   """Numbers that used to train garbage (a negative lr from min_lr_ratio=-3, perplexity 25,665,
@@ -166,9 +169,8 @@ def test_every_numeric_knob_has_a_range():
   checks (mesh sizes, the seed, the vocab-dependent ones)."""
   flat = checkpoint.flat_config(base_config().to_dict())
   numeric = {k for k, v in flat.items() if type(v) in (int, float)}
-  own_checks = {"seed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.num_processes",
-                "mesh.process_id", "model.num_kv_heads", "model.e2e.suffix_len",
-                "data.val_fraction"}
+  own_checks = {"seed", "mesh.data", "mesh.fsdp", "mesh.tensor", "model.num_kv_heads",
+                "model.e2e.suffix_len"}
   assert numeric - own_checks == set(RANGES), sorted(numeric - own_checks ^ set(RANGES))
 
 

@@ -8,6 +8,7 @@ A config is an `ml_collections.ConfigDict` with sections `model`, `data`, `train
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import Callable
 
@@ -20,12 +21,9 @@ KIND_MIXER = {"transformer": "full", "swa": "swa", "ttt_linear": "ttt_linear",
 FIXED_MIXER_KINDS = ("ttt_linear", "ttt_mlp", "e2e")
 # TTT kind -> (inner base LR, inner LR warms up over the outer warm-up: MLP, as the reference)
 TTT_PRESETS = {"ttt_linear": (1.0, False), "ttt_mlp": (0.1, True)}
-E2E_TRAIN_MODES = ("meta", "pretrain")
-E2E_REMAT_POLICIES = ("full", "dots")
-TTT_IMPLS = ("auto", "dual", "primal", "pallas")
-TTT_BACKBONES = ("mamba", "base")
-REMAT_POLICIES = ("none", "full", "dots")
-DTYPES = ("float32", "bfloat16")
+E2E_TRAIN_MODES, E2E_REMAT_POLICIES = ("meta", "pretrain"), ("full", "dots")
+TTT_IMPLS, TTT_BACKBONES = ("auto", "dual", "primal", "pallas"), ("mamba", "base")
+REMAT_POLICIES, DTYPES = ("none", "full", "dots"), ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
@@ -280,7 +278,6 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 # -- validation ----------------------------------------------------------------------------------
 
-
 def _check_choice(key: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(f"{key}={value!r} not allowed; choose one of: {', '.join(map(str, allowed))}")
@@ -302,8 +299,9 @@ RANGES = {key: bounds for bounds, keys in (
                  "model.e2e.inner_clip data.min_doc_len data.prefetch train.lr "
                  "train.warmup_steps train.weight_decay train.grad_clip train.skip_nonfinite "
                  "checkpoint.every_steps eval.stride"),
-    ("[-1, inf)", "checkpoint.step checkpoint.load_step"),  # -1: the latest saved step
-    ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2")) for key in keys.split()}
+    ("[-1, inf)", "checkpoint.step checkpoint.load_step mesh.num_processes mesh.process_id"),
+    ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2 data.val_fraction"))
+    for key in keys.split()}  # -1: the latest saved step; the environment's process layout
 
 
 def _check_range(key: str, value, bounds: str) -> None:
@@ -333,9 +331,10 @@ def _compare_keys(cfg, ref, prefix: str) -> None:
       raise ConfigError(f"{full}={v!r} has type {type(v).__name__}; expected {type(r).__name__}")
 
 
-# Checks that registries add for the knobs they own: model.mixer and each mixer's knobs are
-# checked by the mixer registry (ttt_jax/layers/mixers.py, added on `import ttt_jax.layers`).
+# Checks that registries add for the knobs they own (model.mixer and each mixer's knobs: the mixer
+# registry, ttt_jax/layers/mixers.py); `validate` loads REGISTRY so they run whatever was imported.
 CHECKS: list[Callable[[ml_collections.ConfigDict], None]] = []
+REGISTRY = "ttt_jax.layers"
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -366,6 +365,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if (m.d_model // m.num_heads) % 2:
     raise ConfigError(f"model.d_model/model.num_heads={m.d_model // m.num_heads} must be even "
                       "(RoPE rotates pairs of features)")
+  importlib.import_module(REGISTRY)  # a plugin load by name: no static upward import
   for check in CHECKS:
     check(c)
   if m.kind in FIXED_MIXER_KINDS and m.mixer != KIND_MIXER[m.kind]:
