@@ -163,3 +163,15 @@ def test_compare_warns_about_different_tokenizers():
           {"workdir": "b", "kind": "swa", "tokenizer": "bpe:x", "contexts": []}]
   assert "different tokenizers (bpe:x, bytes)" in plots.tokenizer_warning(runs)
   assert plots.tokenizer_warning(runs[:1]) is None
+
+
+def test_the_comparison_baseline_is_the_full_attention_run():
+  """Asked of the mixer registry (a state that grows with the context), not of a mixer name;
+  E2E (an SWA mixer) and unknown mixers are never the baseline."""
+  from ttt_jax.eval.plots import baseline_index  # noqa: PLC0415
+
+  runs = [{"kind": "swa", "mixer": "swa"}, {"kind": "e2e", "mixer": "swa"},
+          {"kind": "transformer", "mixer": "full"}, {"kind": "ttt_linear", "mixer": "ttt_linear"}]
+  assert baseline_index(runs) == 2
+  assert baseline_index([runs[0], runs[3]]) == 0  # none: the first run
+  assert baseline_index([{"kind": "x", "mixer": "unknown"}, runs[2]]) == 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ttt_jax.layers.mixers import MIXERS, mixer_spec
+
 
 def run_label(res: dict) -> str:
   name = os.path.basename(os.path.normpath(res.get("workdir", ""))) or "run"
@@ -150,9 +152,11 @@ def ppl_table(res: dict) -> str:
 
 
 def baseline_index(runs: Sequence[dict]) -> int:
-  """The full-attention run (mixer 'full', not E2E) if there is one, else the first run."""
+  """The full-attention run (a mixer whose state grows with the context, not E2E) if there is
+  one, else the first run."""
   for i, res in enumerate(runs):
-    if res.get("mixer") == "full" and res.get("kind") != "e2e":
+    mixer = res.get("mixer")
+    if res.get("kind") != "e2e" and mixer in MIXERS and mixer_spec(mixer).state_grows:
       return i
   return 0
 
