@@ -99,9 +99,11 @@ def test_tuning_sets_the_launch_parameters_while_tracing():
       text = str(jax.make_jaxpr(fwd)(*args))
     return re.findall(r"num_warps=(\d+), num_stages=(\d+)", text)
 
-  assert launch() == [(str(ttt_pallas.TUNING.num_warps), str(ttt_pallas.TUNING.num_stages))]
+  default = ttt_pallas.current_tuning()
+  assert default == ttt_pallas.Tuning()
+  assert launch() == [(str(default.num_warps), str(default.num_stages))]
   assert launch(num_warps=2, num_stages=3) == [("2", "3")]
-  assert ttt_pallas.TUNING == ttt_pallas.Tuning()  # restored after the block
+  assert ttt_pallas.current_tuning() == ttt_pallas.Tuning()  # restored after the block
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])

@@ -25,7 +25,7 @@ head dim), matmuls have every dimension >= 16, and kernel bodies index refs but 
 values, so inputs are laid out so each mini-batch is one ref window. Dots take the caller's
 matmul precision, as XLA's dual form does: on a GPU the default is TF32 tensor cores,
 `jax.default_matmul_precision('highest')` gives IEEE fp32. Warps and pipeline stages are
-`TUNING` (`tuning(...)` overrides them while a step is traced; `make gpu-check` sweeps them).
+`Tuning()` (`tuning(...)` overrides them while a step is traced; `make gpu-check` sweeps them).
 `interpret=True` runs the same kernels with the Pallas interpreter (CPU tests);
 the CUDA lowering of both is tested on CPU (tests/test_gpu_lowering.py).
 """
@@ -33,6 +33,7 @@ the CUDA lowering of both is tested on CPU (tests/test_gpu_lowering.py).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -55,23 +56,29 @@ class Tuning:
   mlp_num_warps: int = 8
 
 
-TUNING = Tuning()
+_TUNING = contextvars.ContextVar("ttt_pallas_tuning", default=Tuning())  # noqa: B039 (frozen)
+
+
+def current_tuning() -> Tuning:
+  """The launch parameters kernels traced now get (`Tuning()` unless inside `tuning(...)`)."""
+  return _TUNING.get()
 
 
 @contextlib.contextmanager
 def tuning(**changes):
-  """Overrides `TUNING` fields for the kernels traced inside the block (a new jit traces)."""
-  global TUNING  # noqa: PLW0603
-  saved, TUNING = TUNING, dataclasses.replace(TUNING, **changes)
+  """Overrides `Tuning` fields for the kernels traced inside the block (a new jit traces); the
+  setting is local to this context (thread, task) and undone on exit."""
+  token = _TUNING.set(dataclasses.replace(_TUNING.get(), **changes))
   try:
-    yield TUNING
+    yield _TUNING.get()
   finally:
-    TUNING = saved
+    _TUNING.reset(token)
 
 
 def _compiler_params(wide: bool = False):
-  warps = TUNING.mlp_num_warps if wide else TUNING.num_warps
-  return pltriton.CompilerParams(num_warps=warps, num_stages=TUNING.num_stages)
+  t = _TUNING.get()
+  return pltriton.CompilerParams(num_warps=t.mlp_num_warps if wide else t.num_warps,
+                                 num_stages=t.num_stages)
 
 
 PARAM_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
