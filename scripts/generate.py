@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ttt_jax.argtypes import float_in, int_in
 from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
 from ttt_jax.config import ConfigError
 from ttt_jax.eval.generate import generate_text
@@ -33,16 +34,18 @@ def main(argv=None) -> None:
   ap.add_argument("--chat", action="store_true",
                   help="the prompt is a user message in the model's chat template; print the reply")
   ap.add_argument("--max_new_tokens", type=positive_int, default=200)
-  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  ap.add_argument("--top_k", type=int, default=0, help="sample from the k most likely (0 = all)")
-  ap.add_argument("--top_p", type=float, default=1.0,
+  ap.add_argument("--temperature", type=float_in(0.0), default=0.0, help="0 = greedy")
+  ap.add_argument("--top_k", type=int_in(0), default=0,
+                  help="sample from the k most likely (0 = all)")
+  ap.add_argument("--top_p", type=float_in(0.0, 1.0, open_low=True), default=1.0,
                   help="sample from the most likely tokens holding this probability (1 = all)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--stop", action="append", default=[],
                   help="stop string (repeatable): generation ends before its first occurrence")
   ap.add_argument("--seq_len", type=positive_int, default=None,
                   help="context length (default: the run's data.seq_len)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--step", type=int_in(0), default=None,
+                  help="checkpoint step (default: latest)")
   ap.add_argument("--no_progress", action="store_true", help="no progress bar")
   args = ap.parse_args(argv)
   try:

@@ -173,6 +173,7 @@ def test_sample_logits_distribution():
 
 @pytest.mark.parametrize("knobs,name", [((-0.1, 0, 1.0), "--temperature"),
                                         ((float("nan"), 0, 1.0), "--temperature"),
+                                        ((float("inf"), 0, 1.0), "--temperature"),
                                         ((1.0, -1, 1.0), "--top_k"),
                                         ((1.0, 0, 0.0), "--top_p"), ((1.0, 0, 1.5), "--top_p")])
 def test_bad_sampling_values_fail_in_one_line(knobs, name):
@@ -190,7 +191,10 @@ def test_generate_script_rejects_bad_values_before_loading(tmp_path, capsys):
     script.main(["--workdir", str(tmp_path / "none"), "--top_p", "1.5"])
   assert e.value.code == 2
   err = capsys.readouterr().err.strip()
-  assert "--top_p=1.5" in err and "\n" not in err
+  assert "--top_p" in err and "'1.5'" in err and "\n" not in err  # the flags' shared range check
+  with pytest.raises(SystemExit):
+    script.main(["--workdir", str(tmp_path / "none"), "--temperature", "nan"])
+  assert "--temperature" in capsys.readouterr().err
 
 
 def test_stop_strings_and_context_warning():

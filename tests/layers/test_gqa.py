@@ -49,11 +49,14 @@ def repeated_kv(gqa: Attention, window) -> Attention:
 def outputs(attn: Attention, algo, x, chunk=32):
   attn.algorithm = algo
   pos = jnp.arange(x.shape[1])
-  y, _ = attn(x, pos)
-  g = jax.grad(lambda x: jnp.sum(jnp.sin(attn(x, pos)[0])))(x)
+  graphdef, state = nnx.split(attn)  # jitted: several traces share a cached splash kernel, as
+  # a train and an eval step do (a kernel built inside one trace leaked its tracers)
+  call = jax.jit(lambda x, p, st=None: nnx.merge(graphdef, state)(x, p, st))
+  y, _ = call(x, pos)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x, pos)[0]))))(x)
   st, outs = attn.init_state(B, x.shape[1]), []
   for lo in range(0, x.shape[1], chunk):
-    yc, st = attn(x[:, lo:lo + chunk], pos[lo:lo + chunk], st)
+    yc, st = call(x[:, lo:lo + chunk], pos[lo:lo + chunk], st)
     outs.append(yc)
   return y, g, jnp.concatenate(outs, axis=1), st
 

@@ -8,6 +8,8 @@ be a traced value, so one compiled decode loop serves every setting.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -16,7 +18,7 @@ from ttt_jax.config import ConfigError
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
   """One-line ConfigError naming the first knob out of range."""
-  if not temperature >= 0:  # also NaN
+  if not (math.isfinite(temperature) and temperature >= 0):  # NaN and inf too
     raise ConfigError(f"--temperature={temperature} must be >= 0 (0 = greedy)")
   if int(top_k) != top_k or top_k < 0:
     raise ConfigError(f"--top_k={top_k} must be an integer >= 0 (0 = all tokens)")

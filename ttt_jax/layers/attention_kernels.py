@@ -85,6 +85,13 @@ def splash_block(t: int) -> int | None:
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(t: int, heads: int, window: int | None, interpret: bool):
+  """Cached per shape, so built with concrete arrays: made during one jit trace, its mask info
+  must not hold that trace's values when another trace reuses it."""
+  with jax.ensure_compile_time_eval():
+    return _make_splash_kernel(t, heads, window, interpret)
+
+
+def _make_splash_kernel(t: int, heads: int, window: int | None, interpret: bool):
   shape = (t, t)
   one = (splash_mask.CausalMask(shape) if window is None
          else splash_mask.LocalMask(shape, (window - 1, 0), offset=0))
