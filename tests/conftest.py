@@ -42,3 +42,16 @@ def _train_steps(config, n: int):
 def train_steps():
   """`train_steps(config, n) -> (metrics per step, state)`: a short in-memory training run."""
   return _train_steps
+
+
+# The files with the longest fixtures and tests, longest first (measured in `make test`'s
+# --durations): `make test` runs each file whole on one of 2 workers (--dist loadfile), and
+# starting these first keeps a long file from being the last one left running.
+LONGEST_FIRST = ("train/test_sharding.py", "models/test_e2e.py", "train/test_accum.py",
+                 "test_bench.py", "test_compile_check.py", "train/test_checkpoint.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"),
+                                       len(rank)))  # stable: the rest keep their order
