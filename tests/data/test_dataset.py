@@ -142,3 +142,20 @@ def test_window_helpers_are_the_pipeline_s():
   stream = pipeline.build_stream(docs, ByteTokenizer())
   np.testing.assert_array_equal(samples, pipeline.stack_windows(
       pipeline.WindowSource(stream.tokens, 16)))
+
+
+def test_binary_files_in_a_text_folder_are_counted_in_one_warning(tmp_path, capsys):
+  """A folder whose .txt files are binary trains on U+FFFD text: one warning on stderr says how
+  many documents were not UTF-8; a clean folder (and the embedded corpus) says nothing."""
+  rng = np.random.default_rng()
+  for i in range(3):
+    (tmp_path / f"blob{i}.txt").write_bytes(bytes(rng.integers(128, 256, 400, dtype=np.uint8)))
+  (tmp_path / "ok.txt").write_text("plain text " * 50)
+  c = build_config("model=swa,ctx=64")
+  c.data.source = str(tmp_path)
+  Dataset.from_config(c.data).stream("all")
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "3 of 4 documents are not valid UTF-8" in err, err
+  c.data.source = "embedded"
+  Dataset.from_config(c.data).stream("train")
+  assert capsys.readouterr().err == ""

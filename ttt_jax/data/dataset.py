@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import grain
 import ml_collections
@@ -228,10 +229,19 @@ class Dataset:
 @functools.lru_cache(maxsize=8)
 def _raw_stream(source: str, kind: str, tokenizer: Tokenizer, split: str, val_fraction: float,
                 text_field: str, tfds_data_dir: str) -> TokenStream:
-  """A raw source's split, tokenized (cached by what the data config resolved to)."""
+  """A raw source's split, tokenized (cached by what the data config resolved to). Documents
+  that are not valid UTF-8 (binary files named like text) are read with U+FFFD in place of the
+  bad bytes, and one warning on stderr counts them."""
+  stats = sources.DecodeStats()
   docs = sources.get_documents(source, split, val_fraction, text_field=text_field,
-                               tfds_data_dir=tfds_data_dir, kind=kind)
-  return pipeline.build_stream(docs, tokenizer)
+                               tfds_data_dir=tfds_data_dir, kind=kind, stats=stats)
+  stream = pipeline.build_stream(docs, tokenizer)
+  if stats.bad_docs:
+    part = "" if split is None else f" ({split} split)"
+    print(f"warning: data.source={source!r}: {stats.bad_docs} of {len(stream.doc_lengths)} "
+          f"documents{part} are not valid UTF-8 ({stats.bad_bytes:,} bytes replaced by U+FFFD): "
+          "binary files?", file=sys.stderr)
+  return stream
 
 
 @functools.lru_cache(maxsize=8)
