@@ -175,6 +175,22 @@ def test_reproduction_models_match_parameter_count(tmp_path):
     assert configs[kind].data.seq_len == 128 and configs[kind].seed == 0
 
 
+def test_reproduction_stops_at_a_preempted_model(tmp_path, monkeypatch):
+  """SIGTERM during one model's training (train_and_evaluate returns preempted) ends the whole
+  reproduction in one line naming that model; the next model is not started."""
+  started = []
+
+  def fake_train(config, workdir, echo=print):
+    started.append(os.path.basename(workdir))
+    return {"preempted": True}
+
+  monkeypatch.setattr(reproduce, "train_and_evaluate", fake_train)
+  args = _repro_args(str(tmp_path), "--steps", "2", "--kinds", "swa,e2e")
+  with pytest.raises(SystemExit, match="stopped by SIGTERM while training swa .*--resume"):
+    reproduce.run(args)
+  assert started == ["swa"]
+
+
 def test_reproduction_report_from_results(tmp_path):
   rng = np.random.default_rng(1)
   results = {}

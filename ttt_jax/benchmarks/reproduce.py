@@ -158,6 +158,9 @@ def run(args, echo=print) -> dict:
     echo(f"=== {kind}: training {steps} steps")
     t0 = time.perf_counter()
     out = train_and_evaluate(config, os.path.join(args.workdir, kind), echo=echo)
+    if out["preempted"]:  # SIGTERM: this model's checkpoint is saved; do not start the next
+      raise SystemExit(f"reproduce_e2e: stopped by SIGTERM while training {kind} (its checkpoint "
+                       "is saved); run the same command with --resume to continue")
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     nll = evaluate_nll(out["trainer"], out["state"].params, config, docs)
