@@ -30,6 +30,11 @@ def _tree_rel(a, b) -> float:
   return max(jax.tree.leaves(jax.tree.map(_rel, a, b)))
 
 
+def _error(e: Exception, limit: int = 300) -> dict:
+  """A failed case's record: the exception's type and message on one line."""
+  return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"}
+
+
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
   from ttt_jax.benchmarks.common import interleaved  # noqa: PLC0415
 
@@ -92,7 +97,7 @@ def task_attention() -> dict:
                                                   tuple(ref[1])),
                      "fwd_bwd_s": _median_time(lambda fn=fn, args=args: fn(*args))}
       except Exception as e:  # noqa: BLE001
-        row[impl] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+        row[impl] = _error(e, 200)
     out[f"window={window}"] = row
   return out
 
@@ -184,7 +189,7 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
       out[name] = {"compile_s": info["compile_s"],
                    **{k: [r[k] for r in rows] for k in rows[0]}}
     except Exception as e:  # noqa: BLE001
-      out[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+      out[name] = _error(e)
   return out
 
 
@@ -224,7 +229,7 @@ def task_tune(preset: str = "gpu") -> dict:
             ref = result
           row["rel_err_vs_ieee_dual"] = _tree_rel(result, ref)
         except Exception as e:  # noqa: BLE001
-          row = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+          row = _error(e)
         out[name] = row
   return out
 
