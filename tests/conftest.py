@@ -44,14 +44,19 @@ def train_steps():
   return _train_steps
 
 
-# The files with the longest fixtures and tests, longest first (measured in `make test`'s
-# --durations): `make test` runs each file whole on one of 2 workers (--dist loadfile), and
-# starting these first keeps a long file from being the last one left running.
-LONGEST_FIRST = ("train/test_sharding.py", "models/test_e2e.py", "train/test_accum.py",
-                 "test_bench.py", "test_compile_check.py", "train/test_checkpoint.py")
 
+@pytest.fixture
+def word_tokenizer():
+  """`word_tokenizer(folder, tokens, unk, name='tokenizer.json')`: writes a character-level
+  WordLevel `tokenizers` file (ids in the order of `tokens`, `unk` among them) and returns its
+  path."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
 
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].removeprefix("tests/"),
-                                       len(rank)))  # stable: the rest keep their order
+  def write(folder, tokens, unk, name="tokenizer.json"):
+    tk = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=unk))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    path = os.path.join(str(folder), name)
+    tk.save(path)
+    return path
+
+  return write

@@ -218,19 +218,14 @@ def test_folders_left_by_killed_runs_are_removed(corpus, tmp_path):
   assert any(s.startswith(f"notice: removed {dead}, left by a prepare_data run") for s in logs)
 
 
-def test_an_imported_tokenizers_declared_specials_survive_preparation(tmp_path):
+def test_an_imported_tokenizers_declared_specials_survive_preparation(tmp_path, word_tokenizer):
   """A tokenizer whose BOS/EOS/add_bos come from its config files (an imported model's) is stored
   with them: the prepared folder's tokenizer frames documents with the same ids."""
-  from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
-
   from ttt_jax.data.tokenizers import get_tokenizer  # noqa: PLC0415
 
-  vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz "])}
-  tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
   src_tok = tmp_path / "tok"
   src_tok.mkdir()
-  tk.save(str(src_tok / "tokenizer.json"))
+  word_tokenizer(src_tok, ["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz "], "<unk>")
   (src_tok / "tokenizer_config.json").write_text(json.dumps(
       {"bos_token": "</s>", "eos_token": "<s>", "pad_token": "<unk>", "add_bos_token": False}))
   source = get_tokenizer(f"hf:{src_tok}")

@@ -5,7 +5,6 @@ import itertools
 import numpy as np
 import pytest
 import sentencepiece as spm
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from ttt_jax.config import ConfigError
 from ttt_jax.data import sources
@@ -62,13 +61,9 @@ def test_hf_bpe_round_trip_and_specs(bpe_dir):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
 
 
-def test_hf_tokenizer_without_specials_gets_extra_ids(tmp_path):
-  vocab = {chr(c): i for i, c in enumerate(range(ord("a"), ord("z") + 1))}
-  vocab["[UNK]"] = len(vocab)
-  tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  tk.save(str(tmp_path / "t.json"))
-  tok = get_tokenizer(f"hf:{tmp_path}/t.json")
+def test_hf_tokenizer_without_specials_gets_extra_ids(tmp_path, word_tokenizer):
+  path = word_tokenizer(tmp_path, [*"abcdefghijklmnopqrstuvwxyz", "[UNK]"], "[UNK]")
+  tok = get_tokenizer(f"hf:{path}")
   assert tok.vocab_size == 27 + 3
   assert sorted((tok.bos_id, tok.eos_id, tok.pad_id)) == [27, 28, 29]
 

@@ -73,18 +73,12 @@ def test_scan_layers_and_remat_give_the_same_loss_and_grads(remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
-def test_create_leaves_the_callers_config_as_given(tmp_path):
+def test_create_leaves_the_callers_config_as_given(tmp_path, word_tokenizer):
   """model.vocab_size follows the data tokenizer in `trainer.config`, a copy: the config passed in
   keeps its value (a caller reusing it for another tokenizer or run is not surprised)."""
-  from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
-
-  vocab = {chr(c): i for i, c in enumerate(range(ord("a"), ord("z") + 1))}
-  vocab["[UNK]"] = len(vocab)
-  tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-  tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-  tk.save(str(tmp_path / "t.json"))
+  path = word_tokenizer(tmp_path, [*"abcdefghijklmnopqrstuvwxyz", "[UNK]"], "[UNK]")
   config = tiny_config()
-  config.data.tokenizer = f"hf:{tmp_path}/t.json"
+  config.data.tokenizer = f"hf:{path}"
   before = config.to_dict()
   trainer = Trainer.create(config)
   assert config.to_dict() == before and config.model.vocab_size == 259
