@@ -52,14 +52,25 @@ def test_the_docstring_example_builds_and_runs_a_ttt_layer():
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  cfg = ttt_jax.build_config("model=ttt_linear,scale=tiny,ctx=64")
-  cfg.model.d_model, cfg.model.num_heads = 64, 4
-  layer = ttt_jax.TTTMixer(cfg.model, compute_dtype=jnp.float32, param_dtype=jnp.float32,
-                           rngs=nnx.Rngs(0))
+  layer = ttt_jax.TTTMixer(ttt_jax.TTTConfig(d_model=64, num_heads=4, inner="linear"),
+                           rngs=nnx.Rngs(0))  # no ConfigDict anywhere
   x = jnp.asarray(np.random.default_rng().standard_normal((2, 32, 64)), jnp.float32)
   y, _ = layer(x, jnp.arange(32), None)
   assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
   assert float(jnp.abs(y - x).max()) > 0  # the layer did something
+
+
+def test_a_model_config_builds_the_same_model_as_its_configdict():
+  """`build_model` takes the `config.model` section or the frozen `ModelConfig` made from it."""
+  import jax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  section = ttt_jax.build_config("model=ttt_linear,scale=tiny,ctx=64").model
+  cfg = ttt_jax.model_config(section)
+  assert isinstance(cfg, ttt_jax.ModelConfig) and cfg.ttt.mini_batch_size == 16
+  a, b = (jax.tree.leaves(nnx.state(ttt_jax.build_model(c, seed=3), nnx.Param))
+          for c in (section, cfg))
+  assert all(bool((x == y).all()) for x, y in zip(a, b, strict=True))
 
 
 def test_validate_runs_the_mixer_checks_whatever_was_imported():

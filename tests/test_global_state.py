@@ -1,8 +1,8 @@
 """Importing ttt_jax leaves Flax's global configuration, `sys.unraisablehook` and the logging
 filters as they were, and the package still builds,
-runs and splits models under Flax's own defaults (the modules are built inside
-`lazy_variable_sharding()` where they are built, and the layers' parameters are created
-unplaced, so a user's own model can build them directly). A fresh interpreter, so nothing
+runs and splits models under Flax's own defaults (eager variable sharding on: the layers create
+their parameters unplaced themselves, so neither the package nor a user's own model that builds
+them directly needs a context or a mesh). A fresh interpreter, so nothing
 earlier in the test session has set anything."""
 
 from __future__ import annotations
@@ -37,10 +37,9 @@ assert logits.shape == (1, 8, 384) and bool(jnp.all(jnp.isfinite(logits)))
 make_mixer(c.model, nnx.Rngs(0))
 # a user's own model: the layers built directly, with no mesh and no context of the package's
 from ttt_jax.layers.attention import Attention
-from ttt_jax.layers.ttt import TTTMixer
-for mixer in ("ttt_linear", "ttt_mlp"):
-  c.model.mixer = mixer
-  layer = TTTMixer(c.model, compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+from ttt_jax.layers.ttt import TTTConfig, TTTMixer
+for inner in ("linear", "mlp"):
+  layer = TTTMixer(TTTConfig(d_model=32, num_heads=2, inner=inner), rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng().standard_normal((1, 16, 32)), jnp.float32)
   y, _ = layer(x, jnp.arange(16), None)
   assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))

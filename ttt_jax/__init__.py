@@ -6,9 +6,9 @@ changes no global setting of JAX or Flax. Nothing inside the package imports the
 here: modules import each other directly, in the order docs/architecture.md gives.
 
     import ttt_jax
-    cfg = ttt_jax.build_config("model=ttt_linear,scale=tiny,ctx=256")
-    layer = ttt_jax.TTTMixer(cfg.model, compute_dtype=jnp.float32, param_dtype=jnp.float32,
+    layer = ttt_jax.TTTMixer(ttt_jax.TTTConfig(d_model=256, num_heads=4, inner="linear"),
                              rngs=nnx.Rngs(0))                   # in your own NNX model
+    cfg = ttt_jax.build_config("model=ttt_linear,scale=tiny,ctx=256")
     out = ttt_jax.train_and_evaluate(cfg, "runs/mine")          # or the whole training loop
 """
 
@@ -25,11 +25,13 @@ _API = {
     "ConfigError": "ttt_jax.config",
     # layers, for use in other models
     "Attention": "ttt_jax.layers.attention", "TTTMixer": "ttt_jax.layers.ttt",
+    "TTTConfig": "ttt_jax.layers.ttt",
     "SequenceMixer": "ttt_jax.layers.mixers", "MixerSpec": "ttt_jax.layers.mixers",
     "register_mixer": "ttt_jax.layers.mixers", "InnerModel": "ttt_jax.layers.ttt_inner",
     "register_ttt_variant": "ttt_jax.layers.ttt_variants",
     # models
     "build_model": "ttt_jax.models", "LanguageModel": "ttt_jax.models.lm",
+    "ModelConfig": "ttt_jax.models.config", "model_config": "ttt_jax.models.config",
     # training
     "Trainer": "ttt_jax.train.trainer", "train_and_evaluate": "ttt_jax.train.trainer",
     # trained runs: loading, evaluation, generation

@@ -27,12 +27,13 @@ from ttt_jax.config import LOGICAL_RULES, MeshAxes, Rules, parse_rules
 
 
 def lazy_variable_sharding():
-  """A context for building modules: parameters keep their logical axis names as metadata and
-  are not placed on a mesh when created (the train step's jit applies the shardings), so a
-  constructor needs no mesh in scope. Flax's global default is left as the caller set it.
+  """A context for building modules whose parameters carry sharding metadata: they are not
+  placed on a mesh when created (the train step's jit applies the shardings), so a constructor
+  needs no mesh in scope. Flax's global default is left as the caller set it.
 
-    with lazy_variable_sharding():
-      model = LanguageModel(cfg, rngs=rngs)
+  The package's layers do not need it: their initializers (layers/common.py) create every
+  parameter unplaced already, so models and layers build anywhere without it. It serves
+  parameters made with other initializers.
   """
   return nnx.use_eager_sharding(False)
 

@@ -112,7 +112,7 @@ def test_a_registered_toy_ttt_variant_builds_streams_and_trains(registry, train_
   model = build_model(config.model, seed=0)
   mixer = model.blocks[0].mixer
   assert mixer.kind == "tanh" and mixer.w.shape == (2, 16, 16) and mixer.b.shape == (2, 1, 16)
-  mask = decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  mask = decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)), "ttt_tanh")
   assert mask["blocks"][0]["mixer"]["w"] and not mask["blocks"][0]["mixer"]["b"]
   assert streams_like_one_shot(config.model) <= 1e-5
   history = learns(config, train_steps)

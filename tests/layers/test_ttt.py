@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,10 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import ConfigError, build_config, validate
-from ttt_jax.layers import ttt_inner
-from ttt_jax.layers.ttt import TTTMixer
+from ttt_jax.layers import ttt_inner, ttt_variants
+from ttt_jax.layers.ttt import TTTConfig, TTTMixer
 from ttt_jax.models import build_model
+from ttt_jax.models.config import model_config
 
 BASE_LR = {"linear": 1.0, "mlp": 0.1}
 
@@ -209,12 +212,14 @@ def test_update_is_a_descent_step_on_the_gated_inner_loss(kind):
 # -- the mixer ---------------------------------------------------------------------------------
 
 
-def mixer_cfg(mixer="ttt_linear", backbone="mamba", b=4, impl="dual", remat_group=0, heads=2):
+def mixer_cfg(mixer="ttt_linear", backbone="mamba", b=4, impl="dual", remat_group=0,
+              heads=2) -> TTTConfig:
+  """The TTT layer of the `model=mixer` preset at width 32 in a 2-layer model."""
   c = build_config(f"model={mixer}").model
   c.d_model, c.num_heads, c.num_layers = 32, heads, 2
   c.ttt.mini_batch_size, c.ttt.backbone, c.ttt.impl = b, backbone, impl
   c.ttt.remat_group = remat_group
-  return c
+  return ttt_variants.ttt_config(model_config(c), ttt_inner.inner_model_for_mixer(mixer).name)
 
 
 def make_mixer(**kw):
@@ -324,8 +329,8 @@ def test_mixer_inner_lr_warmup_equals_scaled_base_lr(mixer, backbone):
   warmup = 8
 
   def build(base_lr, lr_warmup_steps):
-    cfg = mixer_cfg(mixer=mixer, backbone=backbone)
-    cfg.ttt.base_lr, cfg.ttt.lr_warmup_steps = base_lr, lr_warmup_steps
+    cfg = dataclasses.replace(mixer_cfg(mixer=mixer, backbone=backbone), base_lr=base_lr,
+                              lr_warmup_steps=lr_warmup_steps)
     m = randomize(TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32,
                            rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(m)

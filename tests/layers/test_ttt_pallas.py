@@ -5,6 +5,7 @@ model.ttt.impl=pallas; the start-up checks. Their CUDA lowering: tests/test_gpu_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 
@@ -112,9 +113,8 @@ def test_mixer_with_pallas_impl_matches_dual(mixer):
   pos = jnp.arange(32, dtype=jnp.int32)
   outs = {}
   for impl in ("dual", "pallas"):
-    cfg = mixer_cfg(mixer, b=B, impl=impl, remat_group=2)
-    cfg.d_model = 64  # 4 heads of 16
-    cfg.num_heads = 4
+    cfg = dataclasses.replace(mixer_cfg(mixer, b=B, impl=impl, remat_group=2), d_model=64,
+                              num_heads=4)  # 4 heads of 16
     m = randomize(TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32,
                            rngs=nnx.Rngs(0)), std=0.1)
     graphdef, params = nnx.split(m)

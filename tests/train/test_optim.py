@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from ttt_jax.config import build_config
+from ttt_jax.layers import mixers
 from ttt_jax.train.optim import decay_mask, make_optimizer
 from ttt_jax.train.trainer import abstract_model
 
@@ -74,9 +75,10 @@ def leaves_by_path(tree) -> dict:
 
 @pytest.mark.parametrize("kind,backbone,scan", CASES)
 def test_decay_mask_is_exactly_the_weight_matrices(kind, backbone, scan):
-  params = abstract_params(model_config(kind, backbone, scan))
+  cfg = model_config(kind, backbone, scan)
+  params = abstract_params(cfg)
   shapes = leaves_by_path(params)
-  mask = leaves_by_path(decay_mask(params))
+  mask = leaves_by_path(decay_mask(params, cfg.mixer))
   assert mask.keys() == shapes.keys()
   wrong = {p: m for p, m in mask.items() if m != expected_decay(p)}
   assert not wrong, f"decay mask disagrees with the rule at {wrong}"
@@ -93,7 +95,7 @@ def test_decay_mask_is_exactly_the_weight_matrices(kind, backbone, scan):
 
 def test_tied_embeddings_stay_undecayed():
   mask = leaves_by_path(decay_mask(abstract_params(model_config("transformer", None, False,
-                                                                 tie=True))))
+                                                                 tie=True)), "full"))
   assert "head" not in mask and not mask["embed/embedding"]
 
 
@@ -112,8 +114,9 @@ def test_zero_gradient_step_moves_only_decayed_leaves(kind, backbone, scan):
   pure decay, -lr * wd * p on decayed leaves and exactly nothing elsewhere."""
   tr = build_config(f"model={kind},scale=tiny").train
   tr.lr, tr.warmup_steps, tr.schedule, tr.weight_decay = 1e-2, 0, "constant", 0.1
-  params = nonzero_params(model_config(kind, backbone, scan))
-  opt = make_optimizer(tr)
+  cfg = model_config(kind, backbone, scan)
+  params = nonzero_params(cfg)
+  opt = make_optimizer(tr, cfg.mixer)
   grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.update(grads, opt.init(params), params)
   new = leaves_by_path(optax.apply_updates(params, updates))
@@ -124,3 +127,20 @@ def test_zero_gradient_step_moves_only_decayed_leaves(kind, backbone, scan):
   for p in decayed:
     np.testing.assert_allclose(np.asarray(new[p]), np.asarray(old[p]) * (1 - 1e-2 * 0.1),
                                rtol=1e-6)
+
+
+def test_only_the_models_own_mixer_decides_its_names():
+  """A name another registered mixer decays (here a toy declaring `tau`, which TTT-Linear has
+  as its undecayed LR offset) leaves a TTT-Linear model's mask and updates as they were."""
+  params = abstract_params(model_config("ttt_linear", "mamba", False))
+  before = leaves_by_path(decay_mask(params, "ttt_linear"))
+  saved = dict(mixers.MIXERS)
+  try:
+    mixers.register_mixer(mixers.MixerSpec("toy_tau", mixers.MIXERS["full"].build,
+                                           decayed=frozenset({"kernel", "tau"})))
+    after = leaves_by_path(decay_mask(params, "ttt_linear"))
+    assert after == before and not after["blocks/0/mixer/tau"]
+    assert leaves_by_path(decay_mask(params, "toy_tau"))["blocks/0/mixer/tau"]
+  finally:
+    mixers.MIXERS.clear()
+    mixers.MIXERS.update(saved)

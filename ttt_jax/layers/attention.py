@@ -30,7 +30,7 @@ from ttt_jax.layers.attention_kernels import (
     splash_block,
 )
 from ttt_jax.layers.common import dtype, linear
-from ttt_jax.layers.mixers import MixerSpec, register_mixer
+from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
 
@@ -342,19 +342,19 @@ class Attention(nnx.Module):
 # -- registration as the 'full' and 'swa' sequence mixers ------------------------------------------
 
 
-def attention_algorithm(cfg: ml_collections.ConfigDict,
-                        impl: str | None = None) -> AttentionAlgorithm:
-  """The attention of `cfg` (model section); `impl` overrides the resolved backend."""
+def attention_algorithm(cfg: ModelCfg, impl: str | None = None) -> AttentionAlgorithm:
+  """The attention of the model `cfg` (a `ModelConfig`); `impl` overrides the resolved
+  backend."""
   impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
   return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
                             flash_block=cfg.attention_flash_block, impl=impl)
 
 
-def build_attention(cfg: ml_collections.ConfigDict, *, window: int | None, **kw) -> Attention:
-  """Attention from the model config section; kw = compute_dtype, param_dtype, rngs."""
+def build_attention(cfg: ModelCfg, *, window: int | None, **kw) -> Attention:
+  """Attention of the model `cfg` (a `ModelConfig`); kw = compute_dtype, param_dtype, rngs."""
   return Attention(cfg.d_model, cfg.num_heads, window=window, rope_theta=cfg.rope_theta,
                    qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, std=cfg.init_std,
-                   out_std=cfg.init_std / (2 * cfg.num_layers) ** 0.5,
+                   out_std=cfg.out_std,
                    algorithm=attention_algorithm(cfg), num_kv_heads=cfg.num_kv_heads, **kw)
 
 

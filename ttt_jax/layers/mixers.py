@@ -3,11 +3,12 @@
 A sequence mixer mixes information along the sequence axis (attention, sliding-window attention,
 the TTT layers); everything a block does around it (norms, MLP, residuals) is the same for all.
 A mixer is an `nnx.Module` following `SequenceMixer`; the registry maps a `model.mixer` name to a
-`MixerSpec`: the factory that builds it from the model config section plus the facts the rest
-of the package asks for (which parameters weight decay applies to, how streamed chunks must be
-aligned, the config checks, the training metrics, an optional conv branch the block runs before
-the mixer). No module outside the registrations branches on a mixer name: the models, the
-optimizer, config validation and evaluation ask `mixer_spec(name)`.
+`MixerSpec`: the factory that builds it from the model's frozen config (models/config.py:
+`ModelConfig`) plus the facts the rest of the package asks for (which parameters weight decay
+applies to, how streamed chunks must be aligned, the config checks, the training metrics, an
+optional conv branch the block runs before the mixer). No module outside the registrations
+branches on a mixer name: the models, the optimizer, config validation and evaluation ask
+`mixer_spec(name)`.
 
 Built-in mixers: 'full' and 'swa' (layers/attention.py), 'ttt_linear' and 'ttt_mlp'
 (layers/ttt_variants.py); `import ttt_jax.layers` registers them. Adding one (docs/architecture.md):
@@ -28,6 +29,11 @@ from ttt_jax import config as config_lib
 from ttt_jax.config import ConfigError
 
 ConfigDict = ml_collections.ConfigDict
+# What the registry's functions (build, pre_conv, alignment, metrics, attention_window) receive:
+# the model's frozen config, models/config.py `ModelConfig` (layers do not import models). Its
+# field names are those of the `config.model` ConfigDict section, which the evaluation code
+# passes to `alignment` and `attention_window`; so they read fields only, by name.
+ModelCfg = Any
 
 
 @runtime_checkable
@@ -46,11 +52,11 @@ class SequenceMixer(Protocol):
                step: jax.Array | int | None = None) -> tuple[jax.Array, Any]: ...
 
 
-def _no_pre_conv(cfg: ConfigDict, **kw) -> None:
+def _no_pre_conv(cfg: ModelCfg, **kw) -> None:
   del cfg, kw
 
 
-def _aligned_to_1(cfg: ConfigDict) -> int:
+def _aligned_to_1(cfg: ModelCfg) -> int:
   del cfg
   return 1
 
@@ -59,7 +65,7 @@ def _no_check(config: ConfigDict) -> None:
   del config
 
 
-def _no_metrics(cfg: ConfigDict, step) -> dict:
+def _no_metrics(cfg: ModelCfg, step) -> dict:
   del cfg, step
   return {}
 
@@ -69,7 +75,7 @@ class MixerSpec:
   """A registered sequence mixer and the facts the package asks about it."""
 
   name: str  # the model.mixer value
-  # build(cfg, *, compute_dtype, param_dtype, rngs) -> SequenceMixer; cfg = the model section
+  # build(cfg, *, compute_dtype, param_dtype, rngs) -> SequenceMixer; cfg = the ModelConfig
   build: Callable[..., SequenceMixer]
   # parameter names (last path key) of the mixer's weight matrices: weight decay applies to them
   decayed: frozenset[str] = frozenset({"kernel"})
@@ -77,16 +83,16 @@ class MixerSpec:
   # before the mixer (the TTT "Mamba backbone"), or None
   pre_conv: Callable[..., nnx.Module | None] = _no_pre_conv
   # streamed chunks must be whole multiples of alignment(cfg) tokens (TTT: the mini-batch)
-  alignment: Callable[[ConfigDict], int] = _aligned_to_1
+  alignment: Callable[[ModelCfg], int] = _aligned_to_1
   # check(config) raises ConfigError for knobs this mixer cannot run with (whole config)
   check: Callable[[ConfigDict], None] = _no_check
   # metrics(cfg, step) -> extra training metrics (e.g. TTT's inner-LR multiplier)
-  metrics: Callable[[ConfigDict, Any], dict] = _no_metrics
+  metrics: Callable[[ModelCfg, Any], dict] = _no_metrics
   # whether the streaming state grows with the context (full attention's KV cache) or is fixed
   state_grows: bool = False
   # attention mixers: attention_window(cfg) = how far back a query sees (None = the whole
   # prefix), for FLOP counts (train/flops.py); None for mixers that attend to no keys
-  attention_window: Callable[[ConfigDict], int | None] | None = None
+  attention_window: Callable[[ModelCfg], int | None] | None = None
 
 
 MIXERS: dict[str, MixerSpec] = {}
@@ -109,11 +115,6 @@ def mixer_spec(name: str) -> MixerSpec:
   if name not in MIXERS:
     raise ConfigError(f"model.mixer={name!r} not allowed; choose one of: {', '.join(MIXERS)}")
   return MIXERS[name]
-
-
-def decayed_names() -> frozenset[str]:
-  """The weight-matrix parameter names of every registered mixer."""
-  return frozenset().union(*(spec.decayed for spec in MIXERS.values()))
 
 
 def check_mixer(config: ConfigDict) -> None:

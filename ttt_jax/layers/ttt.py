@@ -10,8 +10,11 @@ updated W. Views come from learned projections (RoPE at position `t mod b` on XQ
 Output: merge heads -> LayerNorm(D) -> [gate] -> theta_O.
 
 A sequence mixer (layers/mixers.py: the `SequenceMixer` protocol); layers/ttt_variants.py
-registers TTT-Linear and TTT-MLP as 'ttt_linear' / 'ttt_mlp'. `step` is the outer training
-step: the inner LR is multiplied by lr_mult = min(1, (step+1)/model.ttt.lr_warmup_steps)
+registers TTT-Linear and TTT-MLP as 'ttt_linear' / 'ttt_mlp'. Its knobs are one frozen
+`TTTConfig`, so another NNX model can hold the layer without a ConfigDict:
+  TTTMixer(TTTConfig(d_model=512, num_heads=8, inner="linear"), rngs=nnx.Rngs(0))
+`step` is the outer training step: the inner LR is multiplied by
+lr_mult = min(1, (step+1)/lr_warmup_steps)
 (warm-up of the inner LR during training); without a step (evaluation, generation) lr_mult = 1.
 `state=None` runs a fresh sequence in one shot (T must be a multiple of b). With a `TTTState`
 any T works: the state holds W at the start of the current mini-batch plus the buffered views
@@ -21,12 +24,12 @@ one-shot outputs exactly; the update of a mini-batch is applied once its b-th to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from ttt_jax.config import ConfigError
@@ -119,47 +122,62 @@ def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> s
   return "pallas" if gpu_kernel else "dual"
 
 
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+  """The TTT layer's knobs (the model's `model.ttt` section plus the widths it runs at)."""
+
+  d_model: int
+  num_heads: int  # head dim d = d_model / num_heads
+  inner: str = "linear"  # the registered inner model (layers/ttt_inner.py): 'linear', 'mlp', ...
+  mini_batch_size: int = 16  # b: tokens per inner gradient step
+  base_lr: float = 1.0  # inner LR scale (TTT-Linear 1.0, TTT-MLP 0.1 in the paper)
+  lr_warmup_steps: int = 0  # inner-LR multiplier min(1, (step+1)/n) over the first n steps
+  backbone: str = "mamba"  # 'mamba': shared Q/K projection + convs, output gate | 'base'
+  conv_width: int = 4  # the Mamba backbone's Q/K causal convs
+  impl: str = "auto"  # auto | dual | primal | pallas (see `resolve_impl`)
+  remat_group: int = 4  # mini-batches per jax.checkpoint group (remat through time); 0 = off
+  rope_theta: float = 10000.0  # RoPE on XQ/XK at position t mod b
+  init_std: float = 0.02  # projections, LR gate and initial inner weights
+  out_std: float | None = None  # the output projection theta_O; None = init_std
+
+
 class TTTMixer(nnx.Module):
-  """Multi-head TTT layer; `cfg` is the model config section (uses cfg.mixer and cfg.ttt).
+  """Multi-head TTT layer running the registered inner model `cfg.inner` (layers/ttt_inner.py:
+  `InnerModel`)."""
 
-  The inner model is the registered one named `inner` (layers/ttt_inner.py: `InnerModel`), by
-  default the one `cfg.mixer` selects ('ttt_linear' -> 'linear').
-  """
-
-  def __init__(self, cfg: ml_collections.ConfigDict, *, compute_dtype, param_dtype,
-               rngs: nnx.Rngs, inner: str | None = None):
-    t = cfg.ttt
-    self.kind = inner or ttt_inner.inner_model_for_mixer(cfg.mixer).name
+  def __init__(self, cfg: TTTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.kind = cfg.inner
     model = ttt_inner.inner_model(self.kind)
     self.num_heads, d_model = cfg.num_heads, cfg.d_model
     self.head_dim = d = d_model // cfg.num_heads
-    self.mini_batch_size = t.mini_batch_size
-    self.base_lr = float(t.base_lr)
-    self.lr_warmup_steps = int(t.lr_warmup_steps)
-    self.impl = resolve_impl(t.impl, self.kind, t.mini_batch_size, d)
+    self.mini_batch_size = cfg.mini_batch_size
+    self.base_lr = float(cfg.base_lr)
+    self.lr_warmup_steps = int(cfg.lr_warmup_steps)
+    self.impl = resolve_impl(cfg.impl, self.kind, cfg.mini_batch_size, d)
     if self.impl == "pallas":
       platform = target_platform()
-      why = ttt_pallas.check_geometry(t.mini_batch_size, d) if platform == "gpu" else None
+      why = ttt_pallas.check_geometry(cfg.mini_batch_size, d) if platform == "gpu" else None
       if platform == "tpu":
         why = "model.ttt.impl=pallas has GPU (Triton) kernels only; use dual on a TPU"
       if not (model.pallas_sequence or model.pallas_step):
         why = f"model.ttt.impl=pallas: the TTT inner model {self.kind!r} has no Pallas kernel"
       if why:
         raise ConfigError(why)
-    self.remat_group = int(t.remat_group)
-    self.mamba = t.backbone == "mamba"
+    self.remat_group = int(cfg.remat_group)
+    self.mamba = cfg.backbone == "mamba"
     self.rope_theta = cfg.rope_theta
     self.compute_dtype = compute_dtype
     h, std = self.num_heads, cfg.init_std
-    out_std = std / (2 * cfg.num_layers) ** 0.5
+    out_std = std if cfg.out_std is None else cfg.out_std
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.wq = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
     self.wk = None if self.mamba else linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
     self.wv = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
     self.wo = linear(d_model, d_model, ("heads", "embed"), std=out_std, **kw)
     if self.mamba:
-      self.conv_q = CausalConv(d_model, t.conv_width, axis="heads", **kw)
-      self.conv_k = CausalConv(d_model, t.conv_width, axis="heads", **kw)
+      self.conv_q = CausalConv(d_model, cfg.conv_width, axis="heads", **kw)
+      self.conv_k = CausalConv(d_model, cfg.conv_width, axis="heads", **kw)
       self.wg = linear(d_model, d_model, ("embed", "heads"), std=std, **kw)
     else:
       self.conv_q = self.conv_k = self.wg = None
@@ -167,7 +185,7 @@ class TTTMixer(nnx.Module):
     key = rngs.params
     self.lr_w = nnx.Param(normal_init(std, ("heads", "embed"))(key(), (h, d_model), param_dtype))
     self.lr_b = nnx.Param(const_init(0.0, ("heads",))(None, (h,), param_dtype))
-    self.tau = nnx.Param(const_init(0.0, (None,))(None, (t.mini_batch_size,), param_dtype))
+    self.tau = nnx.Param(const_init(0.0, (None,))(None, (cfg.mini_batch_size,), param_dtype))
     # Initial inner weights W0 (outer-loop parameters) and the per-head inner LayerNorm.
     w_axes = ("heads", "head_dim", "head_dim")
     b_axes = ("heads", None, "head_dim")

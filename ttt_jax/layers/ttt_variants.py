@@ -7,6 +7,9 @@ both the inner model and the mixer `model.mixer = 'ttt_' + name` with the facts 
 asks (weight decay of the inner weights, the Mamba-backbone pre-conv, mini-batch alignment,
 config checks, the inner-LR multiplier metric). Built in: TTT-Linear ('ttt_linear') and
 TTT-MLP ('ttt_mlp'); docs/ttt.md shows how to add one.
+
+The registry's functions take the model config (models/config.py: `ModelConfig`, built by the
+model; `check` takes the whole ConfigDict); `ttt_config` turns it into the layer's `TTTConfig`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import ml_collections
 
 from ttt_jax.config import ConfigError
 from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
-from ttt_jax.layers.mixers import MixerSpec, register_mixer
-from ttt_jax.layers.ttt import CausalConv, TTTMixer
+from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
+from ttt_jax.layers.ttt import CausalConv, TTTConfig, TTTMixer
 
 LINEAR = ttt_inner.InnerModel(
     name="linear", layers=ttt_dual.LINEAR, widths=lambda d: (d, d),
@@ -32,7 +35,7 @@ MLP = ttt_inner.InnerModel(
     dual_sequence=ttt_dual.mlp_sequence, pallas_step=ttt_pallas.mlp_step)
 
 
-def pre_conv(cfg: ml_collections.ConfigDict, *, compute_dtype, param_dtype, rngs):
+def pre_conv(cfg: ModelCfg, *, compute_dtype, param_dtype, rngs):
   """The "Mamba backbone"'s h += conv(norm(h)) before the TTT layer; None for 'base'."""
   if cfg.ttt.backbone != "mamba":
     return None
@@ -47,14 +50,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       f"model.ttt.mini_batch_size={b}")
 
 
-def metrics(cfg: ml_collections.ConfigDict, step) -> dict:
+def metrics(cfg: ModelCfg, step) -> dict:
   """The inner-LR multiplier at the outer step `step`."""
   return {"ttt_lr_mult": ttt_inner.warmup_lr_mult(step, cfg.ttt.lr_warmup_steps)}
 
 
-def build(cfg: ml_collections.ConfigDict, *, inner: str, **kw) -> TTTMixer:
-  """The TTT layer running the inner model `inner`; kw = compute_dtype, param_dtype, rngs."""
-  return TTTMixer(cfg, inner=inner, **kw)
+def ttt_config(cfg: ModelCfg, inner: str) -> TTTConfig:
+  """The TTT layer's config in the model `cfg` (a `ModelConfig`), running the inner model
+  `inner`."""
+  t = cfg.ttt
+  return TTTConfig(
+      d_model=cfg.d_model, num_heads=cfg.num_heads, inner=inner,
+      mini_batch_size=t.mini_batch_size, base_lr=t.base_lr, lr_warmup_steps=t.lr_warmup_steps,
+      backbone=t.backbone, conv_width=t.conv_width, impl=t.impl, remat_group=t.remat_group,
+      rope_theta=cfg.rope_theta, init_std=cfg.init_std, out_std=cfg.out_std)
+
+
+def build(cfg: ModelCfg, *, inner: str, **kw) -> TTTMixer:
+  """The TTT layer of the model `cfg` running the inner model `inner`; kw = compute_dtype,
+  param_dtype, rngs."""
+  return TTTMixer(ttt_config(cfg, inner), **kw)
 
 
 def register_ttt_variant(model: ttt_inner.InnerModel) -> MixerSpec:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
+from ttt_jax.models.config import ModelConfig, model_config
 from ttt_jax.models.e2e import E2EModel
 from ttt_jax.models.lm import LanguageModel
-from ttt_jax.sharding import lazy_variable_sharding
 
 
-def build_model(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """The model named by `model.kind`; every model has `compute_loss(batch, step)`."""
+def build_model(model_cfg: ml_collections.ConfigDict | ModelConfig, seed: int = 0) -> nnx.Module:
+  """The model named by `model.kind`; every model has `compute_loss(batch, step)`.
+
+  `model_cfg` is the `config.model` section (made into a frozen `ModelConfig` here) or a
+  `ModelConfig`. Parameters are created unplaced (layers/common.py), so no mesh is needed."""
+  cfg = model_config(model_cfg)
   rngs = nnx.Rngs(params=seed)
-  with lazy_variable_sharding():
-    if model_cfg.kind == "e2e":
-      return E2EModel(model_cfg, rngs=rngs)
-    return LanguageModel(model_cfg, rngs=rngs)
+  if cfg.kind == "e2e":
+    return E2EModel(cfg, rngs=rngs)
+  return LanguageModel(cfg, rngs=rngs)

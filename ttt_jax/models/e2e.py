@@ -29,13 +29,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec
 
 from ttt_jax.layers.attention import KVCache
 from ttt_jax.layers.attention_kernels import resolve_inner_impl
 from ttt_jax.layers.mlp import InnerParam
+from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.e2e_inner import SuffixRunner, inner_loop, inner_lr
 from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
 from ttt_jax.models.lm import LanguageModel, attention_algorithm, split_batch
@@ -51,7 +51,7 @@ class E2EOutput(NamedTuple):
 class E2EModel(LanguageModel):
   """`LanguageModel` with the TTT-E2E inner loop in its loss, forward and streaming cache."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.kind != "e2e" or cfg.scan_layers:
       raise ValueError("E2EModel needs model.kind='e2e' and model.scan_layers=False")
     super().__init__(cfg, rngs=rngs)

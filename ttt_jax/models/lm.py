@@ -2,6 +2,8 @@
 
 The sequence mixer of every block is chosen by `model.mixer` (see `make_mixer`). Blocks are a
 Python list (`model.scan_layers=False`) or one stacked block applied with `jax.lax.scan`.
+The model and its blocks take the frozen `ModelConfig` (models/config.py; `build_model` makes it
+from the `config.model` ConfigDict).
 All blocks follow the mixer contract of layers/attention.py, so the whole model streams:
 `model(tokens, positions, cache) -> (logits, new_cache)` with `cache = model.init_cache(...)`.
 """
@@ -19,7 +21,8 @@ from ttt_jax.layers.common import dtype, normal_init
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
-from ttt_jax.sharding import constrain, lazy_variable_sharding
+from ttt_jax.models.config import ModelConfig, model_config
+from ttt_jax.sharding import constrain
 
 VOCAB_MULTIPLE = 128
 # logical axes of the residual stream [B, T, D] at block boundaries (see ttt_jax/sharding.py)
@@ -34,12 +37,12 @@ def padded_vocab(vocab_size: int) -> int:
 __all__ = ["attention_algorithm"]  # the attention of a model config (models/e2e.py)
 
 
-def make_mixer(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
-  """The sequence mixer named by `cfg.mixer` (the registry: layers/mixers.py)."""
-  spec = mixer_spec(cfg.mixer)
-  with lazy_variable_sharding():
-    return spec.build(cfg, compute_dtype=dtype(cfg.compute_dtype),
-                      param_dtype=dtype(cfg.param_dtype), rngs=rngs)
+def make_mixer(cfg: ModelConfig | ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+  """The sequence mixer named by `cfg.mixer` (the registry: layers/mixers.py) for the model
+  config `cfg` (a `ModelConfig`, or the `config.model` section it is made from)."""
+  cfg = model_config(cfg)
+  return mixer_spec(cfg.mixer).build(cfg, compute_dtype=dtype(cfg.compute_dtype),
+                                     param_dtype=dtype(cfg.param_dtype), rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -48,11 +51,10 @@ class Block(nnx.Module):
   `prime=True` adds TTT-E2E's prime SwiGLU MLP, whose weights are `InnerParam`s.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, prime: bool = False):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, prime: bool = False):
     pdt = dtype(cfg.param_dtype)
     d = cfg.d_model
-    std, out_std = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    mlp_kw = dict(std=std, out_std=out_std, compute_dtype=dtype(cfg.compute_dtype),
+    mlp_kw = dict(std=cfg.init_std, out_std=cfg.out_std, compute_dtype=dtype(cfg.compute_dtype),
                   param_dtype=pdt, rngs=rngs)
     norm = lambda: RMSNorm(d, eps=cfg.norm_eps, param_dtype=pdt)  # noqa: E731
     self.post_norm = cfg.post_norm
@@ -132,7 +134,10 @@ def apply_block(block: Block, h, positions, state, remat: str, step=None):
 class LanguageModel(nnx.Module):
   """The decoder-only LM shared by every model kind."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(cfg, ModelConfig):
+      raise TypeError(f"{type(self).__name__} takes a ModelConfig (models/config.py: "
+                      "model_config(config.model)), or use build_model(config.model)")
     self.cfg = cfg
     self.vocab_size = cfg.vocab_size
     vocab = padded_vocab(cfg.vocab_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 import optax
@@ -34,18 +36,19 @@ DECAYED_NAMES = frozenset({
     "w1", "w2", "w3",  # SwiGLU matrices (prime MLPs included)
     "head",  # the untied output projection
 })
-# and the weight matrices each registered sequence mixer names (`MixerSpec.decayed`: attention
-# and TTT projections `kernel`; TTT-Linear's initial inner W `w0`, TTT-MLP's W1, W2 `w1`, `w2`).
-# Everything else is not decayed: the token embedding `embedding` (also the output head when
-# tied), norm scales and biases (`scale`; TTT `ln_scale/ln_bias/post_scale/post_bias`), biases
-# (`bias`, TTT `b0/b1/b2`) and the learnable inner-LR parameters (`lr_w`, `lr_b`, `tau`).
-# A new weight matrix must add its name here or in its mixer's registration
+# and the weight matrices the model's sequence mixer names (`MixerSpec.decayed` of `model.mixer`:
+# attention and TTT projections `kernel`; TTT-Linear's initial inner W `w0`, TTT-MLP's W1, W2 `w1`,
+# `w2`). Only the model's own mixer counts: a name another registered mixer decays keeps its
+# role in this model. Everything else is not decayed: the token embedding `embedding` (also the
+# output head when tied), norm scales and biases (`scale`; TTT `ln_scale/ln_bias/post_scale/
+# post_bias`), biases (`bias`, TTT `b0/b1/b2`) and the learnable inner-LR parameters (`lr_w`,
+# `lr_b`, `tau`). A new weight matrix must add its name here or in its mixer's registration
 # (tests/train/test_optim.py classifies every leaf).
 
 
-def decayed_names() -> frozenset[str]:
-  """DECAYED_NAMES and the weight-matrix names of every registered sequence mixer."""
-  return DECAYED_NAMES | mixers.decayed_names()
+def decayed_names(mixer: str) -> frozenset[str]:
+  """DECAYED_NAMES and the weight-matrix names of the sequence mixer `mixer` (`model.mixer`)."""
+  return DECAYED_NAMES | mixers.mixer_spec(mixer).decayed
 
 
 def _leaf_name(path) -> str:
@@ -56,8 +59,9 @@ def _leaf_name(path) -> str:
   return str(key)
 
 
-def decay_mask(params):
-  """True for the leaves weight decay applies to: the weight matrices (`decayed_names()`).
+def decay_mask(params, mixer: str):
+  """True for the leaves weight decay applies to: the weight matrices of a model whose sequence
+  mixer is `mixer` (`decayed_names(mixer)`).
 
   Decided by role (path name), never by shape: norm scales, biases and the inner-LR parameters
   stay undecayed however they are shaped ([H, 1, d] per-head TTT norms and biases; [L, D] norm
@@ -66,14 +70,16 @@ def decay_mask(params):
   shrink the rows of rare tokens towards zero between occurrences; with tied embeddings the
   table is also the output head and stays undecayed. An untied output head is decayed.
   """
-  names = decayed_names()
+  names = decayed_names(mixer)
   return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in names, params)
 
 
-def make_optimizer(tr: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(tr: ml_collections.ConfigDict, mixer: str) -> optax.GradientTransformation:
+  """AdamW (after global-norm clipping) from the `train` section, for a model whose sequence
+  mixer is `mixer` (`model.mixer`: weight decay reaches its weight matrices)."""
   chain = []
   if tr.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(tr.grad_clip))
   chain.append(optax.adamw(lr_schedule(tr), b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay,
-                           mask=decay_mask))
+                           mask=functools.partial(decay_mask, mixer=mixer)))
   return optax.chain(*chain)

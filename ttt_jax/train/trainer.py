@@ -67,7 +67,7 @@ class Trainer:
     validate(config)
     mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(config.train, config.model.mixer)
     rules = rules_from_config(config)
     p_shard = shd.param_shardings(abstract, mesh, rules)
     abstract_params = abstract.to_pure_dict()
