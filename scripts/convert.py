@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 
 from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
-from ttt_jax.train import pretrained
-from ttt_jax.train.convert_gguf import import_gguf
-from ttt_jax.train.convert_hf import export_hf, import_hf
+from ttt_jax.interop import fetch
+from ttt_jax.interop.gguf import import_gguf
+from ttt_jax.interop.hf import export_hf, import_hf
 
 
 def main(argv=None) -> None:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--from", dest="src", default=None,
-                  help=f"hf:DIR, gguf:FILE or a model name ({', '.join(pretrained.MODELS)})")
+                  help=f"hf:DIR, gguf:FILE or a model name ({', '.join(fetch.MODELS)})")
   ap.add_argument("--export", default=None, help="a run directory to export to HF format")
   ap.add_argument("--out", required=True, help="run directory to write (HF folder for --export)")
   ap.add_argument("--tokenizer", default=None, help="data.tokenizer spec overriding the model's")
@@ -38,13 +38,13 @@ def main(argv=None) -> None:
     fail("give exactly one of --from SRC or --export WORKDIR", code=2)
   kw = dict(seq_len=args.seq_len, data_source=args.data_source, val_fraction=args.val_fraction,
             overwrite=args.overwrite)
-  with user_errors(pretrained.FetchError):
+  with user_errors(fetch.FetchError):
     if args.export:
       export_hf(args.export, args.out, step=args.step)
       return
     kind, sep, path = args.src.partition(":")
-    if not sep and kind in pretrained.MODELS:
-      kind, path = "gguf", pretrained.fetch(kind)
+    if not sep and kind in fetch.MODELS:
+      kind, path = "gguf", fetch.fetch(kind)
     if kind == "hf":
       import_hf(path, args.out, tokenizer=args.tokenizer, **kw)
     elif kind == "gguf":
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
       import_gguf(path, args.out, **kw)
     else:
       fail(f"--from {args.src!r}: expected hf:DIR, gguf:FILE or one of "
-           f"{', '.join(pretrained.MODELS)}", code=2)
+           f"{', '.join(fetch.MODELS)}", code=2)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 
 from ttt_jax.cli import ArgumentParser, user_errors
-from ttt_jax.train import pretrained
+from ttt_jax.interop import fetch
 
 
 def main(argv=None) -> None:
   ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("name", choices=sorted(pretrained.MODELS))
+  ap.add_argument("name", choices=sorted(fetch.MODELS))
   args = ap.parse_args(argv)
-  with user_errors(pretrained.FetchError):
-    print(pretrained.fetch(args.name, echo=lambda m: print(m, flush=True)))
+  with user_errors(fetch.FetchError):
+    print(fetch.fetch(args.name, echo=lambda m: print(m, flush=True)))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
 from ttt_jax.config import ConfigError
 from ttt_jax.eval.generate import generate_text
 from ttt_jax.eval.sampling import check_sampling
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 
 
 def main(argv=None) -> None:

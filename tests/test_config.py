@@ -13,9 +13,9 @@ from ttt_jax.config import (
   parse_ctx,
   validate,
 )
-from ttt_jax.train import checkpoint
-from ttt_jax.train.trainer import abstract_model, count_params
-from ttt_jax.train.workdir import claim
+from ttt_jax.models import abstract_model, count_params
+from ttt_jax.runs import checkpoint
+from ttt_jax.runs.workdir import claim
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -14,8 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 
 # Layer of a module: its first path component under the package (a subpackage or a top-level
 # module), lowest first. A module of the same layer may be imported; a higher one may not.
-LAYERS = ("__init__", ("config", "argtypes"), "sharding", "layers", "models", "data", "train",
-          "eval", "benchmarks", ("cli", "cli_output", "demo"))
+LAYERS = ("__init__", ("config", "argtypes"), "sharding", "layers", "models", "data", "runs",
+          "train", "interop", "eval", "benchmarks", ("cli", "cli_output", "demo"))
 RANK = {name: rank for rank, names in enumerate(LAYERS)
         for name in (names if isinstance(names, tuple) else (names,))}
 
@@ -160,17 +160,17 @@ def _graph_of(sources: dict[str, str]) -> dict:
 
 def test_checks_catch_upward_and_circular_imports_inside_functions():
   graph = _graph_of({
-      "ttt_jax.config": "def f():\n  from ttt_jax.train import sharding\n",
+      "ttt_jax.config": "def f():\n  from ttt_jax.train import optim\n",
       "ttt_jax.train": "",
-      "ttt_jax.train.sharding": "from ttt_jax.config import ConfigError\n",
+      "ttt_jax.train.optim": "from ttt_jax.config import ConfigError\n",
       "ttt_jax.models.lm": "import ttt_jax.layers.mlp\n",
       "ttt_jax.layers.mlp": "def g():\n  from ttt_jax.models.lm import Block\n",
   })
   bad = upward_imports(graph)
-  assert any("ttt_jax.config (config) imports ttt_jax.train.sharding (train" in b for b in bad), bad
+  assert any("ttt_jax.config (config) imports ttt_jax.train.optim (train" in b for b in bad), bad
   assert any("ttt_jax.layers.mlp (layers) imports ttt_jax.models.lm (models" in b for b in bad), bad
   assert sorted(find_cycles(graph)) == [
-      ["ttt_jax.config", "ttt_jax.train.sharding", "ttt_jax.config"],
+      ["ttt_jax.config", "ttt_jax.train.optim", "ttt_jax.config"],
       ["ttt_jax.layers.mlp", "ttt_jax.models.lm", "ttt_jax.layers.mlp"]]
   assert find_cycles({"a": [("b", 1)], "b": [("c", 2)], "c": []}) == []
   ring = {"a": [("b", 1)], "b": [("c", 1), ("a", 1)], "c": [("a", 1)]}
@@ -178,11 +178,11 @@ def test_checks_catch_upward_and_circular_imports_inside_functions():
 
 
 @pytest.mark.parametrize("source, expected", [
-    ("from ttt_jax.train import sharding as shd", "ttt_jax.train.sharding"),
-    ("from ttt_jax.train.sharding import constrain", "ttt_jax.train.sharding"),
-    ("import ttt_jax.train.sharding", "ttt_jax.train.sharding"),
+    ("from ttt_jax.train import optim as opt", "ttt_jax.train.optim"),
+    ("from ttt_jax.train.optim import make_optimizer", "ttt_jax.train.optim"),
+    ("import ttt_jax.train.optim", "ttt_jax.train.optim"),
     ("from ttt_jax.train import Nothing", "ttt_jax.train"),
 ])
 def test_import_forms_resolve_to_modules(source, expected):
-  modules = dict.fromkeys(["ttt_jax.train", "ttt_jax.train.sharding"])
+  modules = dict.fromkeys(["ttt_jax.train", "ttt_jax.train.optim"])
   assert imported_modules(ast.parse(source), modules) == [(expected, 1)]

@@ -35,7 +35,7 @@ _API = {
     # training
     "Trainer": "ttt_jax.train.trainer", "train_and_evaluate": "ttt_jax.train.trainer",
     # trained runs: loading, evaluation, generation
-    "load_run": "ttt_jax.train.runs", "Generator": "ttt_jax.eval.generate",
+    "load_run": "ttt_jax.runs.load", "Generator": "ttt_jax.eval.generate",
     "generate_text": "ttt_jax.eval.generate",
 }
 __all__ = sorted(_API)

@@ -29,12 +29,12 @@ from ttt_jax.cli_output import check_writable
 from ttt_jax.config import ConfigError, base_config
 from ttt_jax.data.dataset import ALL
 from ttt_jax.data.sources import SOURCE_HELP, SPLITS
+from ttt_jax.runs.checkpoint import CheckpointError
+from ttt_jax.runs.diskspace import DiskFull
+from ttt_jax.runs.load import Run, load_run
+from ttt_jax.runs.workdir import WorkdirBusy
 from ttt_jax.train import distributed
-from ttt_jax.train.checkpoint import CheckpointError
-from ttt_jax.train.diskspace import DiskFull
-from ttt_jax.train.runs import Run, load_run
 from ttt_jax.train.trainer import NonFiniteError, train_and_evaluate
-from ttt_jax.train.workdir import WorkdirBusy
 
 # What a user can cause and fix: reported in one line. Anything else keeps its traceback.
 USER_ERRORS = (ConfigError, CheckpointError, WorkdirBusy, NonFiniteError, DiskFull)

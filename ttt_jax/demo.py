@@ -12,8 +12,8 @@ from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity, plots
+from ttt_jax.runs.load import load_run
 from ttt_jax.train import distributed
-from ttt_jax.train.runs import load_run
 from ttt_jax.train.trainer import train_and_evaluate
 
 # TTT-E2E, meta-learned: a sliding-window Transformer whose last block keeps learning as it reads

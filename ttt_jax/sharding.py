@@ -1,4 +1,5 @@
-"""Logical axis names -> mesh PartitionSpecs, and activation constraints for layers and models.
+"""Logical axis names -> mesh PartitionSpecs and activation constraints (for layers and models);
+the (data, fsdp, tensor) device mesh from the config and the shardings of parameters and batches.
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, `layers`, ...) in their
 `out_sharding` metadata. `logical_to_mesh` maps them through the rules (`config.LOGICAL_RULES`,
@@ -8,7 +9,6 @@ so tiny models still run on big meshes.
 Activations are constrained the same way: models call `constrain(x, ("batch", None, "embed"))`
 at block boundaries. Inside `activation_sharding(mesh, rules)` (the trainer enters it while
 tracing its steps) this becomes `jax.lax.with_sharding_constraint`; outside it is a no-op.
-Building the mesh and the shardings of a train state is train/sharding.py's job.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ttt_jax.config import LOGICAL_RULES, MeshAxes, Rules, parse_rules
+from ttt_jax.config import LOGICAL_RULES, MESH_AXES, ConfigError, MeshAxes, Rules, parse_rules
 
 
 def lazy_variable_sharding():
@@ -106,3 +107,65 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return x
   spec = logical_to_mesh(tuple(logical), x.shape, mesh, _CONTEXT.rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, tensor) sizes; one of them may be -1 = all remaining devices."""
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1:
+    raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ConfigError(f"mesh: the fixed axes multiply to {known}, which does not divide the "
+                        f"{num_devices} devices")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh.data*mesh.fsdp*mesh.tensor = {math.prod(sizes)} but there are "
+                      f"{num_devices} devices")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices of all processes).
+
+  With the default devices, `jax.make_mesh` orders them so that the inner axes (tensor, then
+  fsdp) stay within fast interconnect domains (a host / ICI slice); given devices are used in
+  the order given.
+  """
+  if devices is None:
+    shape = resolve_mesh_shape(mesh_cfg, jax.device_count())
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  shape = resolve_mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shardings of parameters and batches
+# ----------------------------------------------------------------------------------------------
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = LOGICAL_RULES):
+  """Pure-dict tree of NamedShardings for an (abstract) nnx.State of parameters."""
+  logical = nnx.get_partition_spec(abstract_state).to_pure_dict()
+  shapes = abstract_state.to_pure_dict()
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh, rules)),
+      logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+  """Batch dimension over the mesh axes of the logical `batch` axis (data x fsdp by default)."""
+  axes = mesh_axes_of("batch", rules)
+  return NamedSharding(mesh, PartitionSpec(axes))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+

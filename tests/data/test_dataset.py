@@ -14,7 +14,7 @@ from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import perplexity, tlm_run
 from ttt_jax.eval.generate import generate_text
 from ttt_jax.eval.tlm import default_config as tlm_default_config
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 from ttt_jax.train.trainer import train_and_evaluate
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.data import prepare
-from ttt_jax.train.workdir import check_run
+from ttt_jax.runs.workdir import check_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")

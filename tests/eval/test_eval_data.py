@@ -18,7 +18,7 @@ from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import plots
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -25,7 +25,7 @@ from ttt_jax.eval import needle_train
 from ttt_jax.eval import perplexity as P
 from ttt_jax.models import build_model
 from ttt_jax.models.lm import split_batch
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 from ttt_jax.train.trainer import Trainer
 
 TOK = ByteTokenizer()

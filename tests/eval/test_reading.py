@@ -19,7 +19,7 @@ from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import reading as R
 from ttt_jax.models import build_model
-from ttt_jax.train.runs import Run
+from ttt_jax.runs.load import Run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIRST = 8

@@ -23,7 +23,7 @@ from ttt_jax.config import ConfigError, build_config, validate
 from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import strided as S
 from ttt_jax.models import build_model
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KINDS = ["transformer", "swa", "ttt_linear", "ttt_mlp", "e2e"]

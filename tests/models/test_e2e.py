@@ -12,9 +12,8 @@ from flax import nnx
 
 from ttt_jax.config import build_config, validate
 from ttt_jax.layers.mlp import InnerParam
-from ttt_jax.models import build_model
+from ttt_jax.models import abstract_model, build_model, count_params
 from ttt_jax.models.lm import LanguageModel, token_nll
-from ttt_jax.train.trainer import abstract_model, count_params
 
 B, T, CHUNK, WINDOW, LR, CLIP = 2, 48, 16, 16, 3.0, 0.5
 VOCAB = 259

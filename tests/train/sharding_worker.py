@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ttt_jax import sharding as shd
 from ttt_jax.config import build_config
 from ttt_jax.train import distributed
-from ttt_jax.train import sharding as shd
 from ttt_jax.train.metrics import MetricWriter
 from ttt_jax.train.trainer import Trainer
 

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 import pytest
 
+from ttt_jax import sharding as shd
 from ttt_jax.config import build_config
-from ttt_jax.train import sharding as shd
 from ttt_jax.train.trainer import Trainer
 
 KINDS = ("transformer", "e2e")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from ttt_jax.train.checkpoint import complete_steps
+from ttt_jax.runs.checkpoint import complete_steps
 from ttt_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from ttt_jax.config import build_config
-from ttt_jax.train import checkpoint as ckpt
+from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter, truncate_metrics
 from ttt_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
 

@@ -12,8 +12,8 @@ import pytest
 
 from ttt_jax.config import build_config
 from ttt_jax.layers import mixers
+from ttt_jax.models import abstract_model
 from ttt_jax.train.optim import decay_mask, make_optimizer
-from ttt_jax.train.trainer import abstract_model
 
 # The rule, written out by full path ("blocks/<i>/" without scan_layers, "blocks/" with it).
 # Every parameter must match exactly one pattern: a new parameter fails this test until it is

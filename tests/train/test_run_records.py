@@ -17,7 +17,7 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from ttt_jax.train import checkpoint as ckpt
+from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.train.events import read_events
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter, read_metrics
 from ttt_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from ttt_jax import sharding as shd
 from ttt_jax.config import MESH_AXES, ConfigError, base_config, parse_rules, validate
 from ttt_jax.sharding import activation_sharding, constrain, logical_to_mesh
 from ttt_jax.train import distributed
-from ttt_jax.train import sharding as shd
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")

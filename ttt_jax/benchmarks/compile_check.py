@@ -35,7 +35,8 @@ from absl import flags
 from ttt_jax.argtypes import check_flags, non_negative_int, positive_float, positive_int
 from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
-from ttt_jax.train.trainer import Trainer, TrainState, count_params
+from ttt_jax.models import count_params
+from ttt_jax.train.trainer import Trainer, TrainState
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")

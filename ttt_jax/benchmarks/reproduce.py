@@ -24,7 +24,8 @@ from ttt_jax.benchmarks.reproduce_report import write_reproduction
 from ttt_jax.config import ConfigError, build_config, parse_ctx, validate
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity
-from ttt_jax.train.trainer import Trainer, abstract_model, count_params, train_and_evaluate
+from ttt_jax.models import abstract_model, count_params
+from ttt_jax.train.trainer import Trainer, train_and_evaluate
 
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 

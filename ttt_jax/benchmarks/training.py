@@ -11,16 +11,17 @@ import numpy as np
 from flax import nnx
 
 from ttt_jax.benchmarks.common import (
-    Size,
-    interleaved,
-    memory_stats,
-    model_config,
-    xla_flops,
+  Size,
+  interleaved,
+  memory_stats,
+  model_config,
+  xla_flops,
 )
 from ttt_jax.config import base_config
+from ttt_jax.models import count_params
 from ttt_jax.models.lm import make_mixer
 from ttt_jax.train.flops import train_flops_per_token
-from ttt_jax.train.trainer import Trainer, count_params
+from ttt_jax.train.trainer import Trainer
 
 
 def _failure(kind: str, err: BaseException, echo) -> dict[str, str]:

@@ -3,7 +3,7 @@ whether an encoding starts with BOS, and the chat template.
 
 Hugging Face folders declare them in `tokenizer_config.json` (bos_token, eos_token, pad_token,
 add_bos_token, chat_template), `generation_config.json` and `config.json` (bos/eos/pad_token_id,
-EOS possibly a list); GGUF files in `tokenizer.ggml.*` metadata (train/convert_gguf.py reads it).
+EOS possibly a list); GGUF files in `tokenizer.ggml.*` metadata (interop/gguf.py reads it).
 An import writes what it resolved beside the run's tokenizer.json as tokenizer_config.json +
 generation_config.json (the Hugging Face files), so the run uses exactly what the model's file
 said. A tokenizer file with none of these beside it keeps choosing its specials by name.

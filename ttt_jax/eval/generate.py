@@ -41,7 +41,7 @@ from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.eval.sampling import check_sampling, sample_logits
 from ttt_jax.layers.mixers import mixer_spec
-from ttt_jax.train.runs import Run
+from ttt_jax.runs.load import Run
 
 __all__ = ["Generator", "generate", "generate_text", "prompt_ids", "sample_logits"]
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ttt_jax.eval import needle as N
 from ttt_jax.eval import perplexity as P
-from ttt_jax.train.runs import Run
+from ttt_jax.runs.load import Run
 
 
 class Grid(NamedTuple):

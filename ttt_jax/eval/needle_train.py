@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError
 from ttt_jax.eval import needle as N
-from ttt_jax.train import checkpoint as ckpt
+from ttt_jax.runs import checkpoint as ckpt
+from ttt_jax.runs.load import Run, load_run
+from ttt_jax.runs.workdir import WorkdirLock
 from ttt_jax.train.metrics import MetricWriter
-from ttt_jax.train.runs import Run, load_run
 from ttt_jax.train.trainer import Trainer
-from ttt_jax.train.workdir import WorkdirLock
 
 
 def fine_tune_config(run: Run, steps: int, *, seq_len: int | None = None,

@@ -36,8 +36,8 @@ from ttt_jax.config import ConfigError, parse_ctx
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.layers.mixers import mixer_spec
+from ttt_jax.runs.load import Run
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
-from ttt_jax.train.runs import Run
 
 
 class EvalDocs(NamedTuple):
@@ -324,7 +324,7 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
           "documents": list(docs.names)}
 
 
-# -- trained runs (loaded by train/runs.py) ----------------------------------------------------
+# -- trained runs (loaded by runs/load.py) ----------------------------------------------------
 def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
                  split: str | None = None, max_docs: int | None = None,
                  chunk: int | None = None, batch_size: int | None = None,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ttt_jax.config import ConfigError, parse_ctx
 from ttt_jax.eval import perplexity as P
 from ttt_jax.layers.mixers import mixer_spec
-from ttt_jax.train.runs import Run
+from ttt_jax.runs.load import Run
 
 DEFAULT_MIN_LEN = 64 * 1024  # reading curves are about book-length documents
 

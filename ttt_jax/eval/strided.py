@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError
 from ttt_jax.eval import perplexity as P
-from ttt_jax.train.runs import Run
+from ttt_jax.runs.load import Run
 
 
 def check_stride(stride: int, ctxs: Sequence[int], option: str = "--stride") -> None:

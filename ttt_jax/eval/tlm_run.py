@@ -31,8 +31,8 @@ from ttt_jax.eval.tlm import (
 )
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models import build_model
+from ttt_jax.runs.load import load_run
 from ttt_jax.sharding import lazy_variable_sharding
-from ttt_jax.train.runs import load_run
 
 ADAPTER_META = "adapter.json"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ttt_jax.models.config import ModelConfig, model_config
@@ -20,3 +22,12 @@ def build_model(model_cfg: ml_collections.ConfigDict | ModelConfig, seed: int = 
   if cfg.kind == "e2e":
     return E2EModel(cfg, rngs=rngs)
   return LanguageModel(cfg, rngs=rngs)
+
+
+def abstract_model(model_cfg: ml_collections.ConfigDict | ModelConfig, seed: int = 0):
+  """(graphdef, abstract nnx.State of parameters) without allocating any weights."""
+  return nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, seed)))
+
+
+def count_params(abstract_params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))

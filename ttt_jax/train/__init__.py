@@ -1,1 +1,2 @@
-"""Training: optimizer, sharding, train state and loop, checkpoints."""
+"""Training: the train state, jitted steps and loop, optimizer, metrics and TensorBoard logs, FLOP
+counting, multi-process start-up."""

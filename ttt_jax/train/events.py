@@ -21,7 +21,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import masked_crc32c
 
-from ttt_jax.train.diskspace import append_whole
+from ttt_jax.runs.diskspace import append_whole
 
 PREFIX = "events.out.tfevents."
 

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ttt_jax.train.diskspace import append_whole, close_all
+from ttt_jax.runs.diskspace import append_whole, close_all
 from ttt_jax.train.events import EventFile
 
 METRICS_FILE = "metrics.jsonl"

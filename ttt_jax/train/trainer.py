@@ -20,19 +20,19 @@ import optax
 from flax import nnx, struct
 from tqdm.auto import tqdm
 
+from ttt_jax import sharding as shd
 from ttt_jax.config import LOGICAL_RULES, Rules, validate
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.models import build_model
+from ttt_jax.models import abstract_model, build_model, count_params
+from ttt_jax.runs import checkpoint as ckpt
+from ttt_jax.runs.diskspace import check_space, close_all, tree_bytes
+from ttt_jax.runs.resume import start_run
+from ttt_jax.runs.workdir import exclusive_workdir
 from ttt_jax.sharding import activation_sharding, constrain, rules_from_config
-from ttt_jax.train import checkpoint as ckpt
-from ttt_jax.train import sharding as shd
-from ttt_jax.train.diskspace import check_space, close_all, tree_bytes
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from ttt_jax.train.metrics import MetricWriter, Throughput, validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
-from ttt_jax.train.resume import start_run
-from ttt_jax.train.workdir import exclusive_workdir
 
 
 class TrainState(struct.PyTreeNode):
@@ -216,17 +216,6 @@ def microbatch_weight(batch: dict) -> jax.Array:
   by max(total, 1))."""
   mask = batch.get("loss_mask")
   return jnp.float32(1.0) if mask is None else jnp.sum(mask.astype(jnp.float32))
-
-
-def abstract_model(model_cfg: ml_collections.ConfigDict, seed: int = 0):
-  """(graphdef, abstract nnx.State of parameters) without allocating any weights."""
-  model = nnx.eval_shape(lambda: build_model(model_cfg, seed))
-  graphdef, state = nnx.split(model)
-  return graphdef, state
-
-
-def count_params(abstract_params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract_params)))
 
 
 def tokens_per_step(config: ml_collections.ConfigDict) -> int:

@@ -10,11 +10,11 @@ import runpy
 import numpy as np
 import pytest
 
-from ttt_jax.train import convert_gguf
-from ttt_jax.train.runs import load_run
+from ttt_jax.interop import gguf as convert_gguf
+from ttt_jax.runs.load import load_run
 
 from .llama_reference import random_llama
-from .test_convert_gguf import tiny_vocab, write_gguf
+from .test_gguf import tiny_vocab, write_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -14,11 +14,11 @@ import time
 import pytest
 
 from ttt_jax.config import ConfigError, build_config
-from ttt_jax.train import workdir as wd
+from ttt_jax.runs import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOLD = ("import sys, time\n"
-        "from ttt_jax.train.workdir import WorkdirLock\n"
+        "from ttt_jax.runs.workdir import WorkdirLock\n"
         "with WorkdirLock(sys.argv[1]):\n"
         "  print('locked', flush=True)\n"
         "  time.sleep(120)\n")

@@ -16,13 +16,13 @@ import pytest
 from flax import nnx
 
 from ttt_jax.eval import generate as G
-from ttt_jax.train.convert_gguf import gguf_tokenizer, import_gguf
-from ttt_jax.train.convert_hf import export_hf, import_hf
-from ttt_jax.train.runs import load_run
+from ttt_jax.interop.gguf import gguf_tokenizer, import_gguf
+from ttt_jax.interop.hf import export_hf, import_hf
+from ttt_jax.runs.load import load_run
 
 from .llama_reference import llama_logits, random_llama
-from .test_convert_gguf import tiny_vocab, write_gguf
-from .test_convert_hf import write_hf
+from .test_gguf import tiny_vocab, write_gguf
+from .test_hf import write_hf
 
 V = len(tiny_vocab())
 BOS, EOS = tiny_vocab().index("<|im_start|>"), tiny_vocab().index("<|im_end|>")

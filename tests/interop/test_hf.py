@@ -14,10 +14,10 @@ from flax import nnx
 
 from ttt_jax.config import ConfigError
 from ttt_jax.eval.generate import generate_text
-from ttt_jax.train.convert_hf import export_hf, import_hf
-from ttt_jax.train.convert_llama import ConvertError
-from ttt_jax.train.runs import load_run
-from ttt_jax.train.workdir import WorkdirBusy, WorkdirLock
+from ttt_jax.interop.hf import export_hf, import_hf
+from ttt_jax.interop.llama import ConvertError
+from ttt_jax.runs.load import load_run
+from ttt_jax.runs.workdir import WorkdirBusy, WorkdirLock
 
 from .llama_reference import llama_logits, random_llama
 

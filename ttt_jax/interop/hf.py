@@ -1,6 +1,6 @@
 """Hugging Face Llama checkpoints (config.json + safetensors + tokenizer.json) in and out.
 
-  import_hf(DIR, OUT)     a HF model folder -> a run directory (train/convert_llama.py)
+  import_hf(DIR, OUT)     a HF model folder -> a run directory (interop/llama.py)
   export_hf(WORKDIR, DIR) a trained transformer run -> model.safetensors + config.json
                           (+ tokenizer.json when the run uses a `tokenizers` file, with
                           tokenizer_config.json / generation_config.json when its special
@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from ttt_jax.data import special_tokens
 from ttt_jax.data.tokenizers import HFTokenizer, get_tokenizer
-from ttt_jax.train.convert_llama import (
+from ttt_jax.interop.llama import (
     ConvertError,
     LlamaSpec,
     already_imported,
@@ -27,7 +27,7 @@ from ttt_jax.train.convert_llama import (
     params_to_hf,
     write_workdir,
 )
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ Resuming restores the latest complete step (or `checkpoint.step`) with the Train
 run relaunched with the same command resumes its own latest step.
 steps without completion markers, and with `checkpoint.step` the steps after it, are moved to
 `<workdir>/checkpoints_discarded/` so the run continues from the chosen step. The checkpoint
-store itself is train/checkpoint.py.
+store itself is runs/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from ttt_jax.config import ConfigError
-from ttt_jax.train.checkpoint import (
+from ttt_jax.runs.checkpoint import (
   CKPT_DIR,
   DISCARDED_DIR,
   CheckpointError,
@@ -199,7 +199,8 @@ def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
     if not other.steps():
       raise ConfigError(f"checkpoint.load_from={src!r}: no complete checkpoint in {directory}")
     step = _choose_step(other, ckc.load_step, "checkpoint.load_step")
-    params = other.restore_params(step, trainer)
+    params = other.restore_params(step, trainer.config, trainer.abstract_params,
+                                  trainer.state_shardings.params)
   finally:
     other.close()
   log_main(echo, f"loaded params from step {step} of {directory} (new optimizer state, step 0)")

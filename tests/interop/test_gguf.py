@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from tokenizers import pre_tokenizers
 
-from ttt_jax.train.convert_gguf import (
+from ttt_jax.interop.gguf import (
     ConvertError,
     dequantize,
     gguf_tokenizer,
@@ -19,7 +19,7 @@ from ttt_jax.train.convert_gguf import (
     import_gguf,
     interleaved_to_half_split,
 )
-from ttt_jax.train.runs import load_run
+from ttt_jax.runs.load import load_run
 
 from .llama_reference import llama_logits, random_llama
 

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
-from ttt_jax.train.diskspace import check_space, quiet_disk_full_noise, tree_bytes
+from ttt_jax.runs.diskspace import check_space, quiet_disk_full_noise, tree_bytes
 
 CKPT_DIR = "checkpoints"
 DISCARDED_DIR = "checkpoints_discarded"
@@ -178,9 +178,8 @@ class RunCheckpoints:
     markers when opened `read_only` (a writable opening leaves them to `start_run`)."""
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
-    if read_only:  # Orbax logs through absl's logger; installed here, not on import
-      if _READ_ONLY_NOTICE not in logging.getLogger("absl").filters:
-        logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)
+    if read_only:  # Orbax logs through absl's logger; filtered from here on (added once)
+      logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)
     else:
       quiet_disk_full_noise()  # a full disk during a save is reported in one line
     opts = ocp.CheckpointManagerOptions(
@@ -282,15 +281,16 @@ class RunCheckpoints:
       self._mngr.wait_until_finished()
     return saved
 
-  def check_model(self, step: int, trainer, saved_cfg: dict | None = None) -> None:
+  def check_model(self, step: int, config: ml_collections.ConfigDict, abstract_params,
+                  saved_cfg: dict | None = None) -> None:
     saved_cfg = self.saved_config(step) if saved_cfg is None else saved_cfg
-    diff = config_diff(saved_cfg, trainer.config.to_dict(), "model.")
-    check_param_shapes(self.param_shapes(step), shapes_by_name(trainer.abstract_params),
+    diff = config_diff(saved_cfg, config.to_dict(), "model.")
+    check_param_shapes(self.param_shapes(step), shapes_by_name(abstract_params),
                        self._where(step), diff)
 
   def restore(self, step: int, trainer):
     """(TrainState, data_state, saved config) at `step`, sharded as `trainer.state_shardings`."""
-    self.check_model(step, trainer)
+    self.check_model(step, trainer.config, trainer.abstract_params)
     abstract = jax.eval_shape(functools.partial(trainer._init, trainer.config.seed))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, trainer.state_shardings)
@@ -319,11 +319,12 @@ class RunCheckpoints:
     return {k: jax.ShapeDtypeStruct(tuple(tree[k].shape), tree[k].dtype, sharding=sharding)
             for k in LEGACY_TRAIN_LEAVES if k in tree}
 
-  def restore_params(self, step: int, trainer):
-    """Only the parameters at `step`, sharded as `trainer.state_shardings.params`."""
-    self.check_model(step, trainer)
+  def restore_params(self, step: int, config: ml_collections.ConfigDict, abstract_params,
+                     shardings):
+    """Only the parameters at `step` of the model of `config`, sharded as `shardings`."""
+    self.check_model(step, config, abstract_params)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          trainer.abstract_params, trainer.state_shardings.params)
+                          abstract_params, shardings)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(target)))

@@ -13,12 +13,12 @@ import sys
 
 import pytest
 
-from ttt_jax.train import diskspace
-from ttt_jax.train.checkpoint import complete_steps
-from ttt_jax.train.diskspace import DiskFull
+from ttt_jax.runs import diskspace
+from ttt_jax.runs.checkpoint import complete_steps
+from ttt_jax.runs.diskspace import DiskFull
 from ttt_jax.train.events import read_events
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter
-from ttt_jax.train.workdir import LOCK_FILE, WorkdirLock
+from ttt_jax.runs.workdir import LOCK_FILE, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -121,7 +121,7 @@ FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=1",
 # always with FULL=1: a real train.py, only the free-space reading is injected.
 FULL_DISK = """
 import os, sys
-from ttt_jax.train import checkpoint, diskspace
+from ttt_jax.runs import checkpoint, diskspace
 workdir = sys.argv[sys.argv.index("--workdir") + 1]
 full = os.environ.get("FULL") == "1"
 diskspace.free_bytes = lambda path: 1000 if full or checkpoint.complete_steps(

@@ -2,7 +2,7 @@
 
 Tensors are dequantized to float32 with the `gguf` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 Q4_K and every other type `gguf.quants` can dequantize) and renamed to Hugging Face names, then
-mapped as any HF checkpoint (train/convert_llama.py). GGUF stores the rows of Q and K permuted for
+mapped as any HF checkpoint (interop/llama.py). GGUF stores the rows of Q and K permuted for
 RoPE over interleaved pairs (2i, 2i+1); this package rotates half-split pairs (i, i + d/2), so
 the permutation is undone per head. The tokenizer is rebuilt from the file's metadata as a
 `tokenizers` byte-level BPE (vocabulary, merges, special tokens, pre-tokenizer); BOS, EOS (+ EOT,
@@ -23,7 +23,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 from ttt_jax.data.special_tokens import DeclaredSpecials
 from ttt_jax.data.tokenizers import HFTokenizer
-from ttt_jax.train.convert_llama import (
+from ttt_jax.interop.llama import (
     ConvertError,
     LlamaSpec,
     already_imported,

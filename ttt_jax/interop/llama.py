@@ -9,7 +9,7 @@ Weights are handled as plain float32 numpy arrays under Hugging Face names
   input_layernorm, post_attention_layernorm, norm -> mixer_norm, mlp_norm, final_norm
   lm_head [V, D] -> head [D, V'] (absent when the embeddings are tied)
 Hugging Face checkpoints rotate half-split pairs (i, i + d/2) as this package does, so Q and K
-need no permutation here; GGUF files (train/convert_gguf.py) undo their interleaved layout first.
+need no permutation here; GGUF files (interop/gguf.py) undo their interleaved layout first.
 
 `write_workdir` turns such weights + a `LlamaSpec` + a tokenizer into a run directory (config,
 Orbax checkpoint at step 0, tokenizer.json with the special tokens the model's files declare
@@ -34,9 +34,9 @@ from ttt_jax.config import ConfigError, base_config, validate
 from ttt_jax.data import special_tokens
 from ttt_jax.data.tokenizers import HFTokenizer, Tokenizer
 from ttt_jax.models.lm import padded_vocab
-from ttt_jax.train.checkpoint import CKPT_DIR, RunCheckpoints
+from ttt_jax.runs.checkpoint import CKPT_DIR, RunCheckpoints
+from ttt_jax.runs.workdir import WorkdirLock
 from ttt_jax.train.trainer import Trainer
-from ttt_jax.train.workdir import WorkdirLock
 
 LAYER_NAMES = {  # HF name inside `model.layers.{i}.` -> (path in the block, transpose)
     "self_attn.q_proj.weight": (("mixer", "wq", "kernel"), True),
