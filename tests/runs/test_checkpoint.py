@@ -21,8 +21,8 @@ import pytest
 
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.runs import checkpoint as ckpt
-from ttt_jax.train.metrics import read_metrics
 from ttt_jax.runs.resume import start_run
+from ttt_jax.train.metrics import read_metrics
 from ttt_jax.train.trainer import Trainer, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

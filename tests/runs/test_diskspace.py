@@ -16,9 +16,9 @@ import pytest
 from ttt_jax.runs import diskspace
 from ttt_jax.runs.checkpoint import complete_steps
 from ttt_jax.runs.diskspace import DiskFull
+from ttt_jax.runs.workdir import LOCK_FILE, WorkdirLock
 from ttt_jax.train.events import read_events
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter
-from ttt_jax.runs.workdir import LOCK_FILE, WorkdirLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -12,8 +12,8 @@ import ml_collections
 
 from ttt_jax.config import ConfigError, base_config, validate
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.models import abstract_model
+from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.sharding import make_mesh, param_shardings, rules_from_config
 
 
