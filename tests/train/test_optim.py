@@ -23,7 +23,7 @@ DECAYED = [  # weight matrices
     _BLOCK + r"mixer/(wq|wk|wv|wo|wg)/kernel",  # attention / TTT projections
     _BLOCK + r"(mlp|prime_mlp)/(w1|w2|w3)",  # SwiGLU and E2E prime MLPs
     _BLOCK + r"(conv|mixer/conv_q|mixer/conv_k)/kernel",  # depthwise causal convs
-    _BLOCK + r"mixer/(w0|w1|w2)",  # TTT initial inner weight matrices W0 (outer parameters)
+    _BLOCK + r"mixer/(w|w1|w2)",  # TTT initial inner weight matrices W0 (outer parameters)
     r"head",  # untied output projection
 ]
 NOT_DECAYED = [
@@ -34,7 +34,7 @@ NOT_DECAYED = [
     r"final_norm/scale",
     _BLOCK + r"mixer/(ln_scale|ln_bias|post_scale|post_bias)",  # TTT inner LN and output LN
     _BLOCK + r"(conv|mixer/conv_q|mixer/conv_k)/bias",  # conv biases
-    _BLOCK + r"mixer/(b0|b1|b2)",  # TTT inner biases
+    _BLOCK + r"mixer/(b|b1|b2)",  # TTT inner biases
     _BLOCK + r"mixer/(lr_w|lr_b|tau)",  # learnable inner LR: gate weights/bias, tau
 ]
 
@@ -90,7 +90,7 @@ def test_decay_mask_is_exactly_the_weight_matrices(kind, backbone, scan):
   if kind.startswith("ttt"):
     n = "blocks/mixer/" if scan else "blocks/0/mixer/"
     assert not any(mask[n + k] for k in ("ln_scale", "ln_bias", "lr_w", "lr_b", "tau"))
-    assert mask[n + ("w0" if kind == "ttt_linear" else "w2")]
+    assert mask[n + ("w" if kind == "ttt_linear" else "w2")]
 
 
 def test_tied_embeddings_stay_undecayed():

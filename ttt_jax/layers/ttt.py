@@ -191,10 +191,8 @@ class TTTMixer(nnx.Module):
     b_axes = ("heads", None, "head_dim")
     widths = model.widths(d)
     for (w, b), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
-      setattr(self, model.attr(w),
-              nnx.Param(normal_init(std, w_axes)(key(), (h, d_in, d_out), param_dtype)))
-      setattr(self, model.attr(b),
-              nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d_out), param_dtype)))
+      setattr(self, w, nnx.Param(normal_init(std, w_axes)(key(), (h, d_in, d_out), param_dtype)))
+      setattr(self, b, nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d_out), param_dtype)))
     self.ln_scale = nnx.Param(const_init(1.0, b_axes)(None, (h, 1, d), param_dtype))
     self.ln_bias = nnx.Param(const_init(0.0, b_axes)(None, (h, 1, d), param_dtype))
     self.post_scale = nnx.Param(const_init(1.0, ("heads",))(None, (d_model,), param_dtype))
@@ -205,8 +203,8 @@ class TTTMixer(nnx.Module):
     """W0 broadcast over the batch, fp32."""
     model = ttt_inner.inner_model(self.kind)
     keys = [key for pair in model.layers for key in pair]
-    return {k: jnp.broadcast_to(getattr(self, model.attr(k))[...].astype(jnp.float32),
-                                (batch_size, *getattr(self, model.attr(k)).shape))
+    return {k: jnp.broadcast_to(getattr(self, k)[...].astype(jnp.float32),
+                                (batch_size, *getattr(self, k).shape))
             for k in keys}
 
   def init_state(self, batch_size: int, capacity: int | None = None) -> TTTState:

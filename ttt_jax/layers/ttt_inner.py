@@ -239,9 +239,10 @@ class InnerModel:
   """A TTT inner model g(z; W) and the forms the TTT layer can run it in.
 
   The layer keeps one (weight, bias) pair per layer of g as outer-loop parameters W0
-  ([H, d_in, d_out] and [H, 1, d_out], named by `attrs`) and hands the inner loop their values
-  under the keys of `layers`. Only `predict` is required: the primal step defaults to its
-  automatic derivative (`autodiff_primal`), the dual step to the primal one.
+  ([H, d_in, d_out] and [H, 1, d_out]) under the names of `layers` (checkpoints hold them so)
+  and hands the inner loop their values under the same keys. Only `predict` is required: the
+  primal step defaults to its automatic derivative (`autodiff_primal`), the dual step to the
+  primal one.
   """
 
   name: str  # 'linear': selected by model.mixer = `mixer` (default 'ttt_' + name)
@@ -253,21 +254,16 @@ class InnerModel:
   dual_sequence: Callable | None = None  # whole-sequence dual form (layers/ttt_dual.py)
   pallas_sequence: Callable | None = None  # Pallas kernels over a sequence (auto on one GPU)
   pallas_step: Callable | None = None  # Pallas kernel of one mini-batch step(interpret, ...)
-  attrs: tuple[tuple[str, str], ...] = ()  # key -> the layer's attribute name, where they differ
   mixer: str = ""
 
   @property
   def mixer_name(self) -> str:
     return self.mixer or f"ttt_{self.name}"
 
-  def attr(self, key: str) -> str:
-    """The TTT layer's parameter name of W0[key] (checkpoints store it under this name)."""
-    return dict(self.attrs).get(key, key)
-
   @property
-  def weight_attrs(self) -> frozenset[str]:
+  def weight_names(self) -> frozenset[str]:
     """The layer's names of the inner weight matrices (weight decay applies to them)."""
-    return frozenset(self.attr(w) for w, _ in self.layers)
+    return frozenset(w for w, _ in self.layers)
 
   def step(self, impl: str) -> Step:
     """The plain mini-batch step of `impl` ('primal' or 'dual')."""

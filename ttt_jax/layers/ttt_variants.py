@@ -27,8 +27,7 @@ LINEAR = ttt_inner.InnerModel(
     name="linear", layers=ttt_dual.LINEAR, widths=lambda d: (d, d),
     predict=ttt_inner.linear_predict, primal=ttt_inner.linear_primal,
     dual=ttt_inner.linear_dual, dual_sequence=ttt_dual.linear_sequence,
-    pallas_sequence=ttt_pallas.linear_sequence,
-    attrs=(("w", "w0"), ("b", "b0")))  # checkpoints name W0 w0 / b0
+    pallas_sequence=ttt_pallas.linear_sequence)
 MLP = ttt_inner.InnerModel(
     name="mlp", layers=ttt_dual.MLP, widths=lambda d: (d, 4 * d, d),
     predict=ttt_inner.mlp_predict, primal=ttt_inner.mlp_primal, dual=ttt_inner.mlp_dual,
@@ -77,7 +76,7 @@ def register_ttt_variant(model: ttt_inner.InnerModel) -> MixerSpec:
   ttt_inner.register_inner_model(model)
   return register_mixer(MixerSpec(
       name=model.mixer_name, build=functools.partial(build, inner=model.name),
-      decayed=frozenset({"kernel"}) | model.weight_attrs, pre_conv=pre_conv,
+      decayed=frozenset({"kernel"}) | model.weight_names, pre_conv=pre_conv,
       alignment=lambda cfg: cfg.ttt.mini_batch_size, check=check_config, metrics=metrics))
 
 

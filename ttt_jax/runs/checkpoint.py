@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
 from ttt_jax.runs.diskspace import check_space, quiet_disk_full_noise, tree_bytes
+from ttt_jax.runs.legacy import current_shapes, former_names, rename_keys, undo
 
 CKPT_DIR = "checkpoints"
 DISCARDED_DIR = "checkpoints_discarded"
@@ -240,18 +241,10 @@ class RunCheckpoints:
                            f"({type(err).__name__}: {first}); {way_out}")
 
   def saved_config(self, step: int) -> dict:
-    try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-      return dict(out["config"])
-    except Exception as e:  # noqa: BLE001
-      raise self._unreadable(step, e) from e
+    return dict(self._restore(step, config=None)["config"])
 
   def saved_data_state(self, step: int) -> dict:
-    try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-      return dict(out["data"] or {})
-    except Exception as e:  # noqa: BLE001
-      raise self._unreadable(step, e) from e
+    return dict(self._restore(step, data=None)["data"] or {})
 
   def param_shapes(self, step: int) -> dict[str, tuple]:
     try:
@@ -285,7 +278,7 @@ class RunCheckpoints:
                   saved_cfg: dict | None = None) -> None:
     saved_cfg = self.saved_config(step) if saved_cfg is None else saved_cfg
     diff = config_diff(saved_cfg, config.to_dict(), "model.")
-    check_param_shapes(self.param_shapes(step), shapes_by_name(abstract_params),
+    check_param_shapes(current_shapes(self.param_shapes(step)), shapes_by_name(abstract_params),
                        self._where(step), diff)
 
   def restore(self, step: int, trainer):
@@ -295,15 +288,8 @@ class RunCheckpoints:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, trainer.state_shardings)
     legacy = self._legacy_train_leaves(step, target.step.sharding)
-    args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(target.params),
-        train=ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state,
-                                        **legacy}),
-        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())
-    try:
-      out = self._mngr.restore(step, args=args)
-    except Exception as e:  # noqa: BLE001
-      raise self._unreadable(step, e) from e
+    out = self._restore(step, params=target.params, data=None, config=None,
+                        train={"step": target.step, "opt_state": target.opt_state, **legacy})
     tr = out["train"]
     state = target.replace(step=tr["step"], params=out["params"], opt_state=tr["opt_state"])
     return state, dict(out["data"] or {}), dict(out["config"])
@@ -325,12 +311,22 @@ class RunCheckpoints:
     self.check_model(step, config, abstract_params)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_params, shardings)
+    return self._restore(step, params=target)["params"]
+
+  def _restore(self, step: int, **items) -> dict:
+    """The items of `step`: a target tree restores an array item, None a JSON one. Parameters
+    renamed since the checkpoint was written are read under their former names and handed back
+    under today's (runs/legacy.py), in the optimizer state too."""
+    arrays = any(t is not None for t in items.values())
+    former = former_names(self.param_shapes(step)) if arrays else {}
+    args = {k: ocp.args.JsonRestore() if t is None else ocp.args.StandardRestore(
+        rename_keys(t, former)) for k, t in items.items()}
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(target)))
+      out = self._mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, e) from e
-    return out["params"]
+    return {k: out[k] if t is None else rename_keys(out[k], undo(former))
+            for k, t in items.items()}
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after step directories were moved)."""

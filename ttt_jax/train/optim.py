@@ -37,11 +37,11 @@ DECAYED_NAMES = frozenset({
     "head",  # the untied output projection
 })
 # and the weight matrices the model's sequence mixer names (`MixerSpec.decayed` of `model.mixer`:
-# attention and TTT projections `kernel`; TTT-Linear's initial inner W `w0`, TTT-MLP's W1, W2 `w1`,
+# attention and TTT projections `kernel`; TTT-Linear's initial inner W `w`, TTT-MLP's W1, W2 `w1`,
 # `w2`). Only the model's own mixer counts: a name another registered mixer decays keeps its
 # role in this model. Everything else is not decayed: the token embedding `embedding` (also the
 # output head when tied), norm scales and biases (`scale`; TTT `ln_scale/ln_bias/post_scale/
-# post_bias`), biases (`bias`, TTT `b0/b1/b2`) and the learnable inner-LR parameters (`lr_w`,
+# post_bias`), biases (`bias`, TTT `b/b1/b2`) and the learnable inner-LR parameters (`lr_w`,
 # `lr_b`, `tau`). A new weight matrix must add its name here or in its mixer's registration
 # (tests/train/test_optim.py classifies every leaf).
 
