@@ -33,7 +33,7 @@ _API = {
     "build_model": "ttt_jax.models", "LanguageModel": "ttt_jax.models.lm",
     "ModelConfig": "ttt_jax.models.config", "model_config": "ttt_jax.models.config",
     # training
-    "Trainer": "ttt_jax.train.trainer", "train_and_evaluate": "ttt_jax.train.trainer",
+    "Trainer": "ttt_jax.train.trainer", "train_and_evaluate": "ttt_jax.train.loop",
     # trained runs: loading, evaluation, generation
     "load_run": "ttt_jax.runs.load", "Generator": "ttt_jax.eval.generate",
     "generate_text": "ttt_jax.eval.generate",

@@ -14,7 +14,7 @@ from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity, plots
 from ttt_jax.runs.load import load_run
 from ttt_jax.train import distributed
-from ttt_jax.train.trainer import train_and_evaluate
+from ttt_jax.train.loop import train_and_evaluate
 
 # TTT-E2E, meta-learned: a sliding-window Transformer whose last block keeps learning as it reads
 # (context 256, window 128, inner mini-batches of 64 tokens: two chunks per training sequence)

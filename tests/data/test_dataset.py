@@ -15,7 +15,7 @@ from ttt_jax.eval import perplexity, tlm_run
 from ttt_jax.eval.generate import generate_text
 from ttt_jax.eval.tlm import default_config as tlm_default_config
 from ttt_jax.runs.load import load_run
-from ttt_jax.train.trainer import train_and_evaluate
+from ttt_jax.train.loop import train_and_evaluate
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from ttt_jax.config import build_config
-from ttt_jax.train.trainer import train_and_evaluate
+from ttt_jax.train.loop import train_and_evaluate
 
 # 20 short documents (60-250 bytes) and one long one ("book.txt", 3000 bytes): byte tokens
 SHORT_DOCS = {f"note{i:02d}.txt": " ".join(f"w{i}_{j}" for j in range(12 + 6 * i))

@@ -22,8 +22,9 @@ import pytest
 from ttt_jax.config import ConfigError, build_config
 from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.runs.resume import start_run
+from ttt_jax.train.loop import train_and_evaluate
 from ttt_jax.train.metrics import read_metrics
-from ttt_jax.train.trainer import Trainer, train_and_evaluate
+from ttt_jax.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 40, 4

@@ -15,8 +15,8 @@ from jax.extend import core as jcore
 from ttt_jax.config import build_config
 from ttt_jax.models import build_model, count_params
 from ttt_jax.train.flops import PEAK_FLOPS, peak_flops_per_device, train_flops_per_token
+from ttt_jax.train.loop import train_and_evaluate
 from ttt_jax.train.metrics import read_metrics
-from ttt_jax.train.trainer import train_and_evaluate
 
 
 def fake_device(kind: str, platform: str = "gpu"):

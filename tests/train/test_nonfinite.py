@@ -16,8 +16,9 @@ import pytest
 
 from ttt_jax.config import build_config
 from ttt_jax.runs import checkpoint as ckpt
+from ttt_jax.train.loop import NonFiniteError, train_and_evaluate
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter, truncate_metrics
-from ttt_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
+from ttt_jax.train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

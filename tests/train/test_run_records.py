@@ -19,8 +19,9 @@ import pytest
 
 from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.train.events import read_events
+from ttt_jax.train.loop import NonFiniteError, train_and_evaluate
 from ttt_jax.train.metrics import METRICS_FILE, MetricWriter, read_metrics
-from ttt_jax.train.trainer import NonFiniteError, Trainer, train_and_evaluate
+from ttt_jax.train.trainer import Trainer
 
 from .test_nonfinite import tiny_config
 

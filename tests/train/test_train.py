@@ -6,7 +6,8 @@ import pytest
 
 from ttt_jax.config import build_config
 from ttt_jax.data import pipeline
-from ttt_jax.train.trainer import Trainer, train_and_evaluate
+from ttt_jax.train.loop import train_and_evaluate
+from ttt_jax.train.trainer import Trainer
 
 
 def tiny_config(kind="swa", steps=40):

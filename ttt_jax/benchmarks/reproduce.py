@@ -25,7 +25,8 @@ from ttt_jax.config import ConfigError, build_config, parse_ctx, validate
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity
 from ttt_jax.models import abstract_model, count_params
-from ttt_jax.train.trainer import Trainer, train_and_evaluate
+from ttt_jax.train.loop import train_and_evaluate
+from ttt_jax.train.trainer import Trainer
 
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 

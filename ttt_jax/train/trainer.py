@@ -1,4 +1,4 @@
-"""Train state, the jitted (pjit-style) train/eval steps, and the training loop.
+"""Train state and the jitted (pjit-style) train/eval steps; the loop is train/loop.py.
 
 Functional core: the model is built once, split into `graphdef` + parameters (a pure dict of
 arrays); every step is a pure function that merges them back (`nnx.merge`) inside `jax.jit`,
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +21,10 @@ from tqdm.auto import tqdm
 
 from ttt_jax import sharding as shd
 from ttt_jax.config import LOGICAL_RULES, Rules, validate
-from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.models import abstract_model, build_model, count_params
-from ttt_jax.runs import checkpoint as ckpt
-from ttt_jax.runs.diskspace import check_space, close_all, tree_bytes
-from ttt_jax.runs.resume import start_run
-from ttt_jax.runs.workdir import exclusive_workdir
+from ttt_jax.models import abstract_model, build_model
 from ttt_jax.sharding import activation_sharding, constrain, rules_from_config
-from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
-from ttt_jax.train.metrics import MetricWriter, Throughput, validation_metrics
+from ttt_jax.train.metrics import validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
 
 
@@ -220,149 +213,3 @@ def microbatch_weight(batch: dict) -> jax.Array:
 
 def tokens_per_step(config: ml_collections.ConfigDict) -> int:
   return config.data.batch_size * config.data.seq_len
-
-
-class NonFiniteError(RuntimeError):
-  """Training met more non-finite losses/gradients than `train.skip_nonfinite` allows."""
-
-
-class _Dispatched(NamedTuple):
-  step: int  # the step this update completes (1-based)
-  metrics: dict  # device scalars, not yet fetched
-  position: str  # the data iterator's state before this batch (where the batch came from)
-
-
-@exclusive_workdir  # config + data checked before the workdir is touched; one run per workdir
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
-                       *, echo=print, data: Dataset | None = None) -> dict[str, Any]:
-  """Trains to `config.train.steps` updates, resuming from `workdir`'s latest checkpoint.
-
-  Saves a checkpoint every `checkpoint.every_steps`, at the end, on SIGTERM (then returns with
-  `preempted=True`) and on Ctrl-C (then raises KeyboardInterrupt). A step whose loss or gradient is
-  not finite is not applied; past `train.skip_nonfinite` such steps the run stops with
-  `NonFiniteError` naming the step and the batch's data position (the last checkpoint, all
-  finite, stays). Steps run one ahead of the host: step n is dispatched before step n-1's
-  metrics are read, so the progress bar counts finished steps without stalling the device.
-  Returns the final state, train history, validation metrics. `data`: `config.data` resolved
-  (`exclusive_workdir` passes the one its start-up check built).
-  """
-
-  def log(s: str) -> None:
-    if jax.process_index() == 0:
-      tqdm.write(s) if echo is print else echo(s)
-
-  trainer = Trainer.create(config, data=data)
-  config = trainer.config
-  tr, every = config.train, config.checkpoint.every_steps
-  n_params = count_params(trainer.abstract_params)
-  log(f"model {config.model.kind} (mixer {config.model.mixer}): {n_params / 1e6:.2f}M params, "
-      f"mesh {dict(trainer.mesh.shape)}, seq_len {config.data.seq_len}, "
-      f"batch {config.data.batch_size}")
-  run = start_run(config, workdir, trainer, echo=log)
-  state, start, checkpoints = run.state, run.step, run.checkpoints
-  writer: MetricWriter | None = None
-  it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
-  if run.data_state:
-    it.set_state(run.data_state)
-  history: list[dict[str, float]] = []
-  speed = Throughput(tokens_per_step(config))
-  flops_per_token = train_flops_per_token(config, n_params)
-  peak, peak_source = peak_flops_per_device(config.model.compute_dtype)
-  if peak:
-    peak *= jax.device_count()
-    log(f"MFU against {peak / 1e12:.3g} TFLOP/s peak ({jax.device_count()} x {peak_source}), "
-        f"{flops_per_token / 1e6:.3g} MFLOP per token")
-  last_val: dict[str, float] = {}
-  preempted = False
-  skipped = 0
-  bar = tqdm(total=tr.steps, initial=start, desc="train", unit="step",
-             disable=jax.process_index() != 0, dynamic_ncols=True)
-
-  def finish(d: _Dispatched) -> None:
-    """Waits for step d.step; stops on (or skips) a non-finite one; logs; advances the bar."""
-    nonlocal skipped
-    finite = bool(jax.device_get(d.metrics["finite"]))
-    if finite and not (d.step % tr.log_every == 0 or d.step == tr.steps):
-      bar.update(1)
-      return
-    metrics = {k: float(v) for k, v in jax.device_get(d.metrics).items()}
-    if finite:
-      rate = speed.update(d.step)
-      if rate is not None:
-        metrics["tokens_per_s"] = rate
-        if peak:
-          metrics["mfu"] = flops_per_token * rate / peak
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}",
-                      **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
-    history.append({"step": d.step, **metrics})
-    writer.write(d.step, metrics, "train")
-    bar.update(1)
-    if finite:
-      return
-    skipped += 1
-    what = (f"non-finite loss={metrics['loss']:.4g} / grad_norm={metrics['grad_norm']:.4g} at "
-            f"step {d.step} (batch at data position {d.position}); its update was not applied")
-    if skipped > tr.skip_nonfinite:
-      if checkpoints is not None:
-        checkpoints.wait()  # a save in flight is on disk before the error names the last one
-      last = None if checkpoints is None else checkpoints.latest_step()
-      raise NonFiniteError(
-          f"{what}; stopping after {skipped} such step(s) (train.skip_nonfinite="
-          f"{tr.skip_nonfinite}); last checkpoint: "
-          f"{'none' if last is None else f'step {last}'}. Lower train.lr or raise "
-          "train.warmup_steps, or allow skips with train.skip_nonfinite=N")
-    log(f"warning: {what}; skipped ({skipped} of train.skip_nonfinite={tr.skip_nonfinite})")
-
-  pending: _Dispatched | None = None
-  failing = True
-  try:
-    if checkpoints is not None and start < tr.steps:  # the next save must fit: checked first
-      check_space(checkpoints.directory, tree_bytes((state.params, state.opt_state)),
-                  "a checkpoint of this run")
-    writer = MetricWriter(workdir, echo=log, first_step=start)
-    if start >= tr.steps:
-      log(f"run already complete at step {start} (train.steps={tr.steps})")
-    if start >= tr.steps or (start and start % tr.eval_every == 0
-                             and not writer.logged(start, "validation")):
-      # a resumed run evaluates its first step when the run before it saved that step but
-      # stopped before its validation record was written
-      last_val = trainer.evaluate(state.params, start, tr.eval_batches)
-      if not writer.logged(start, "validation"):
-        writer.write(start, last_val, "validation")
-    speed.update(start)
-    with ckpt.PreemptionWatch() as watch:
-      for step in range(start, tr.steps):
-        position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
-        state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
-        done = step + 1
-        if pending is not None:
-          finish(pending)
-        pending = _Dispatched(done, metrics, position)
-        save = checkpoints is not None and ((every and done % every == 0) or done == tr.steps)
-        evaluate = done % tr.eval_every == 0 or done == tr.steps
-        if save or evaluate or watch.reached(done):
-          finish(pending)  # never save or evaluate past a step that has not been checked
-          pending = None
-        if save:
-          checkpoints.save(done, state, it.get_state(), config)
-        if watch.reached(done):
-          if checkpoints is not None:
-            checkpoints.save(done, state, it.get_state(), config, wait=True)
-          if watch.signal == "SIGINT":  # saved; then the caller stops as on any Ctrl-C
-            log(f"interrupted (Ctrl-C): saved checkpoint at step {done}")
-            raise KeyboardInterrupt
-          log(f"preempted (SIGTERM): saved checkpoint at step {done}; exiting")
-          preempted = True
-          break
-        if evaluate:
-          last_val = trainer.evaluate(state.params, done, tr.eval_batches)
-          writer.write(done, last_val, "validation")
-          speed.update(done)  # do not count eval time as training time
-      if pending is not None:
-        finish(pending)
-    failing = False
-  finally:  # closing the checkpoints waits for an async save in flight
-    close_all(bar.close, None if writer is None else writer.close,
-              None if checkpoints is None else checkpoints.close, failing=failing)
-  return {"state": state, "history": history, "val": last_val, "trainer": trainer,
-          "start_step": start, "preempted": preempted, "skipped_nonfinite": skipped}
