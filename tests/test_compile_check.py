@@ -35,8 +35,8 @@ def _run_script(tmp_path, *args, timeout=900, xla_flags="") -> tuple[dict, str]:
     return json.load(f), p.stdout
 
 
-def _check_compiled(report: dict, stdout: str, scale: str) -> None:
-  assert [r["kind"] for r in report["results"]] == list(MODEL_KINDS)
+def _check_compiled(report: dict, stdout: str, scale: str, kinds=MODEL_KINDS) -> None:
+  assert [r["kind"] for r in report["results"]] == list(kinds)
   for r in report["results"]:
     assert r["status"] == "ok", r
     assert r["devices"] == 8 and r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
@@ -56,13 +56,17 @@ def _check_compiled(report: dict, stdout: str, scale: str) -> None:
     assert f"| {scale} | {r['kind']} | {r['seq_len']} |" in stdout
 
 
-def test_script_compiles_every_kind_tiny(tmp_path):
-  # (fusions by XLA:CPU's older emitters: the five compile in half the time; the buffer sizes
-  # differ a little, the identities checked hold either way)
+def test_script_compiles_tiny_kinds(tmp_path):
+  # Two kinds: the plain LM step and E2E's meta-learning step (every kind's train step is
+  # compiled on 8 forced devices by tests/train/test_sharding.py and lowered for CUDA by
+  # tests/test_gpu_lowering.py; the slow test below compiles every kind at 125M). Fusions by
+  # XLA:CPU's older emitters compile in half the time; the buffer sizes differ a little, the
+  # identities checked hold either way.
+  kinds = ("transformer", "e2e")
   report, stdout = _run_script(tmp_path, "--scales", "tiny", "--ctx", "256", "--fast_compile",
-                               "--set", "model.num_layers=1", timeout=600,
-                               xla_flags="--xla_cpu_use_fusion_emitters=false")
-  _check_compiled(report, stdout, "tiny")
+                               "--kinds", ",".join(kinds), "--set", "model.num_layers=1",
+                               timeout=600, xla_flags="--xla_cpu_use_fusion_emitters=false")
+  _check_compiled(report, stdout, "tiny", kinds)
   assert "per-device memory (MiB)" in stdout
 
 

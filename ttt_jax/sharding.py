@@ -27,18 +27,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ttt_jax.config import LOGICAL_RULES, MESH_AXES, ConfigError, MeshAxes, Rules, parse_rules
 
 
-def lazy_variable_sharding():
-  """A context for building modules whose parameters carry sharding metadata: they are not
-  placed on a mesh when created (the train step's jit applies the shardings), so a constructor
-  needs no mesh in scope. Flax's global default is left as the caller set it.
-
-  The package's layers do not need it: their initializers (layers/common.py) create every
-  parameter unplaced already, so models and layers build anywhere without it. It serves
-  parameters made with other initializers.
-  """
-  return nnx.use_eager_sharding(False)
-
-
 def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
   return parse_rules(config.mesh.get("rules", ""))
 

@@ -42,7 +42,6 @@ from tqdm.auto import tqdm
 from ttt_jax.config import ConfigError
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models.lm import token_nll
-from ttt_jax.sharding import lazy_variable_sharding
 
 MODES = ("offline", "online")
 OBJECTIVES = ("perplexity", "log_perplexity")
@@ -204,9 +203,8 @@ class TLM:
     """
     validate_config(config)
     try:
-      with lazy_variable_sharding():
-        adapted = apply_lora(model, target_list(config), rank=config.rank, alpha=config.alpha,
-                             seed=config.seed)
+      adapted = apply_lora(model, target_list(config), rank=config.rank, alpha=config.alpha,
+                           seed=config.seed)
     except ValueError as e:
       raise ConfigError(f"targets: {e}") from None
     graphdef, lora, base = nnx.split(model, LoRAParam, ...)

@@ -32,7 +32,6 @@ from ttt_jax.eval.tlm import (
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models import build_model
 from ttt_jax.runs.load import load_run
-from ttt_jax.sharding import lazy_variable_sharding
 
 ADAPTER_META = "adapter.json"
 
@@ -66,8 +65,7 @@ def load_adapter(directory: str, model: nnx.Module) -> tuple[dict, float]:
   with open(path) as f:
     meta = json.load(f)
   targets = tuple(t for t in meta["targets"].split(",") if t)
-  with lazy_variable_sharding():
-    apply_lora(model, targets, rank=meta["rank"], alpha=meta["alpha"], seed=meta["seed"])
+  apply_lora(model, targets, rank=meta["rank"], alpha=meta["alpha"], seed=meta["seed"])
   lora = nnx.state(model, LoRAParam)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora.to_pure_dict())
   params = ocp.StandardCheckpointer().restore(
