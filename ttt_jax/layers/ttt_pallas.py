@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ttt_jax.layers import ttt_inner
+from ttt_jax.layers import ttt_dual, ttt_inner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ def _compiler_params(wide: bool = False):
                                  num_stages=t.num_stages)
 
 
-PARAM_NAMES = {"linear": ("w", "b"), "mlp": ("w1", "b1", "w2", "b2")}
+MLP_NAMES = tuple(n for pair in ttt_dual.MLP for n in pair)  # w1, b1, w2, b2
 
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
@@ -277,14 +277,14 @@ def _mlp_step_kernel(w1_ref, b1_ref, w2_ref, b2_ref, s_ref, beta_ref, q_ref, k_r
 
 
 def _mlp_forward(interpret, params, ln, xq, xk, xv, eta):
-  p_list = [params[n] for n in PARAM_NAMES["mlp"]]
+  p_list = [params[n] for n in MLP_NAMES]
   ins = [*p_list, *ln, xq, xk, xv - xk, jnp.tril(eta), -eta[..., -1, :, None]]
   specs = ([_seq_spec(p.shape) for p in p_list] + [_ln_spec(x.shape) for x in ln]
            + [_seq_spec(x.shape) for x in ins[6:]])
   out_shape = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in p_list]
   out_shape.append(jax.ShapeDtypeStruct(xq.shape, jnp.float32))
   *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret, wide=True)
-  return dict(zip(PARAM_NAMES["mlp"], new, strict=True)), xq + ttt_inner.layer_norm(z, *ln)
+  return dict(zip(MLP_NAMES, new, strict=True)), xq + ttt_inner.layer_norm(z, *ln)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
