@@ -36,6 +36,7 @@ from ttt_jax.config import ConfigError, parse_ctx
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.layers.mixers import mixer_spec
+from ttt_jax.models.config import model_config
 from ttt_jax.runs.load import Run
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 
@@ -60,7 +61,7 @@ def parse_ctx_list(value: str | Sequence[int | str]) -> list[int]:
 
 def stream_alignment(model_cfg: ml_collections.ConfigDict) -> int:
   """Streamed chunks must be whole multiples of this: the TTT / E2E inner mini-batch size."""
-  align = mixer_spec(model_cfg.mixer).alignment(model_cfg)
+  align = mixer_spec(model_cfg.mixer).alignment(model_config(model_cfg))
   if model_cfg.kind == "e2e":
     align = math.lcm(align, model_cfg.e2e.mini_batch_size)
   return align

@@ -30,9 +30,8 @@ from ttt_jax.config import ConfigError
 
 ConfigDict = ml_collections.ConfigDict
 # What the registry's functions (build, pre_conv, alignment, metrics, attention_window) receive:
-# the model's frozen config, models/config.py `ModelConfig` (layers do not import models). Its
-# field names are those of the `config.model` ConfigDict section, which the evaluation code
-# passes to `alignment` and `attention_window`; so they read fields only, by name.
+# the model's frozen config, models/config.py `ModelConfig` (made from `config.model` by
+# `model_config`; typed Any here because layers do not import models).
 ModelCfg = Any
 
 

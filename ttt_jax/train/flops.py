@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ttt_jax.layers.mixers import mixer_spec
+from ttt_jax.models.config import model_config
 from ttt_jax.models.lm import padded_vocab
 
 # Dense peak FLOP/s per chip from the vendors' data sheets: (bfloat16, float32 matmuls). float32
@@ -60,7 +61,7 @@ def train_flops_per_token(config: ml_collections.ConfigDict, n_params: int) -> f
   attn = 0.0
   window = mixer_spec(m.mixer).attention_window
   if window is not None:
-    keys = attended_keys(config.data.seq_len, window(m))
+    keys = attended_keys(config.data.seq_len, window(model_config(m)))
     attn = 3 * 4 * m.d_model * keys * m.num_layers
   return 6 * n + attn
 
