@@ -44,9 +44,12 @@ def _check_compiled(report: dict, stdout: str, scale: str, kinds=MODEL_KINDS) ->
     for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes"):
       assert m[key] > 0, (r["kind"], key, m)
     assert m["generated_code_bytes"] >= 0  # XLA:CPU reports 0
-    # the step returns the new state and scalar metrics only (measured: the state + 360 to
-    # 804 bytes of scalars and tuple tables); gradients or logits in the output would not fit
-    assert r["state_bytes"] <= m["output_bytes"] <= r["state_bytes"] + 4096, (r["kind"], m)
+    # the step returns the new state and scalar metrics only: besides the state, the output
+    # tuple's table (one 8-byte pointer per array) and a few scalars: measured 7,356 bytes for
+    # the 125M TTT-Linear state's 912 arrays (7,296 of pointers). Gradients or logits in the
+    # output would not fit.
+    extra = m["output_bytes"] - r["state_bytes"]
+    assert 0 <= extra <= 8 * r["state_arrays"] + 1024, (r["kind"], extra, r["state_arrays"], m)
     # the arguments are the train state and the batch as their shardings lay them out; the
     # donated state is aliased to the new one, only the batch is not
     assert r["batch_bytes"] == r["per_device_batch"] * (r["seq_len"] + 1) * 4

@@ -144,7 +144,8 @@ def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
       "mesh": dict(trainer.mesh.shape), "devices": jax.device_count(),
       "params": count_params(trainer.abstract_params),
       "compute_dtype": cfg.model.compute_dtype, "remat": cfg.model.remat,
-      "state_bytes": bytes_per_device(state), "batch_bytes": bytes_per_device(batch),
+      "state_bytes": bytes_per_device(state), "state_arrays": len(jax.tree.leaves(state)),
+      "batch_bytes": bytes_per_device(batch),
       "lower_s": t1 - t0, "compile_s": t2 - t1, "memory": memory_stats(compiled),
   }
 
