@@ -5,6 +5,7 @@ Layout: `<workdir>/checkpoints/<step>/`, one directory per saved step, with the 
   train   {"step", "opt_state"} (older checkpoints also hold "rng", which restore reads past)
   data    the grain iterator state (JSON), so the data order continues exactly
   config  the resolved config (JSON)
+  checksums  a CRC-32 per array of params and train (JSON; runs/integrity.py), checked on restore
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete, so
 a crash mid-save leaves the earlier checkpoints usable; such leftovers are reported and skipped.
 Before the rename it writes the step's completion markers (`commit_success.txt` and the commit
@@ -29,7 +30,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
+from ttt_jax.runs import integrity
 from ttt_jax.runs.diskspace import check_space, quiet_disk_full_noise, tree_bytes
+from ttt_jax.runs.integrity import CheckpointError, key_name
 from ttt_jax.runs.legacy import current_shapes, former_names, rename_keys, undo
 
 CKPT_DIR = "checkpoints"
@@ -37,14 +40,11 @@ DISCARDED_DIR = "checkpoints_discarded"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 COMMIT_FILE = "commit_success.txt"  # Orbax's completion markers of a step directory
 STEP_METADATA = "_CHECKPOINT_METADATA"
-_ITEMS = {"params": "standard", "train": "standard", "data": "json", "config": "json"}
+_ITEMS = {"params": "standard", "train": "standard", "data": "json", "config": "json",
+          integrity.CHECKSUMS: "json"}
 # Leaves of the `train` item that older checkpoints hold and the train state no longer has:
 # `rng` (a PRNG key that was seeded and saved but never read).
 LEGACY_TRAIN_LEAVES = ("rng",)
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message names the step, the path and a way out."""
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -115,19 +115,6 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
       reg.add(name, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
       reg.add(name, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
   return reg
-
-
-def key_name(path) -> str:
-  """'blocks/0/mlp/w1' for a jax key path."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
@@ -232,13 +219,19 @@ class RunCheckpoints:
           f"{self._where(step)} was removed while it was being read: the run training in this "
           "workdir rotated it away (checkpoint.keep); nothing is damaged, retry")
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-    earlier = [s for s in self.steps() if s < step]
-    way_out = (f"resume from an earlier step with --config.checkpoint.step=N (available: "
-               f"{', '.join(map(str, earlier))})" if earlier else
-               "no earlier checkpoint exists; start over with --config.checkpoint.resume=False "
-               "--config.checkpoint.overwrite=True")
     return CheckpointError(f"{self._where(step)} could not be read, it may be corrupted "
-                           f"({type(err).__name__}: {first}); {way_out}")
+                           f"({type(err).__name__}: {first}); {self._way_out(step)}")
+
+  def _way_out(self, step: int) -> str:
+    """What to do instead of using `step`: the earlier steps (or starting over)."""
+    earlier = ", ".join(str(s) for s in self.steps() if s < step)
+    if self.read_only:
+      return (f"an earlier step may be intact (available: {earlier}; --step N chooses one, "
+              "checkpoint.load_step=N for load_from)" if earlier else
+              "no earlier checkpoint exists")
+    return (f"resume from an earlier step with --config.checkpoint.step=N (available: {earlier})"
+            if earlier else "no earlier checkpoint exists; start over with "
+            "--config.checkpoint.resume=False --config.checkpoint.overwrite=True")
 
   def saved_config(self, step: int) -> dict:
     return dict(self._restore(step, config=None)["config"])
@@ -264,11 +257,11 @@ class RunCheckpoints:
     self._mngr.wait_until_finished()  # (Orbax's save waits for it too)
     check_space(self.directory, tree_bytes((state.params, state.opt_state)),
                 f"checkpoint step {step}")
+    arrays = {"params": state.params, "train": {"step": state.step, "opt_state": state.opt_state}}
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-        data=ocp.args.JsonSave(data_state or {}),
-        config=ocp.args.JsonSave(config.to_dict()))
+        **{k: ocp.args.StandardSave(v) for k, v in arrays.items()},
+        data=ocp.args.JsonSave(data_state or {}), config=ocp.args.JsonSave(config.to_dict()),
+        **{integrity.CHECKSUMS: integrity.save_arg(arrays)})
     saved = self._mngr.save(step, args=args, force=True)
     if wait:
       self._mngr.wait_until_finished()
@@ -321,10 +314,14 @@ class RunCheckpoints:
     former = former_names(self.param_shapes(step)) if arrays else {}
     args = {k: ocp.args.JsonRestore() if t is None else ocp.args.StandardRestore(
         rename_keys(t, former)) for k, t in items.items()}
+    sums = integrity.restore_args(self.step_path(step)) if arrays else {}
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+      out = self._mngr.restore(step, args=ocp.args.Composite(**args, **sums))
     except Exception as e:  # noqa: BLE001
       raise self._unreadable(step, e) from e
+    if sums:  # arrays whose bytes differ from the checksums saved with them: ChecksumMismatch
+      restored = {k: out[k] for k, t in items.items() if t is not None}
+      integrity.check(out[integrity.CHECKSUMS], restored, self._where(step), self._way_out(step))
     return {k: out[k] if t is None else rename_keys(out[k], undo(former))
             for k, t in items.items()}
 

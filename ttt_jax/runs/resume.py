@@ -32,6 +32,7 @@ from ttt_jax.runs.checkpoint import (
   log_main,
   sync_processes,
 )
+from ttt_jax.runs.integrity import ChecksumMismatch
 
 
 @dataclasses.dataclass
@@ -113,6 +114,22 @@ def _discard_unmarked(ck: RunCheckpoints, workdir: str, echo) -> None:
     log_main(echo, f"{notice} (moved to {dest})")
 
 
+def _restore_intact(ck: RunCheckpoints, workdir: str, step: int, trainer, wanted: int, echo):
+  """(step, restored) of the latest step whose arrays match their checksums: a damaged latest
+  step is moved aside with a notice and the one before it restored (a step asked for with
+  checkpoint.step, or the only one, fails in one line instead)."""
+  while True:
+    try:
+      return step, ck.restore(step, trainer)
+    except ChecksumMismatch as e:
+      earlier = [s for s in ck.steps() if s < step]
+      if wanted >= 0 or not earlier:
+        raise
+      dest = _move_aside(ck, workdir, [step])
+      log_main(echo, f"warning: {e.damage}; moved it to {dest}, resuming from step {earlier[-1]}")
+      step = earlier[-1]
+
+
 MODEL_IDENTITY = ("model.kind", "model.mixer")  # what makes a run the model it is
 
 
@@ -169,7 +186,7 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
       wanted = -1
     step = _choose_step(ck, wanted)
     _check_same_model(ck.saved_config(step), config, workdir, step)
-    state, data_state, saved = ck.restore(step, trainer)
+    step, (state, data_state, saved) = _restore_intact(ck, workdir, step, trainer, wanted, echo)
     if wanted >= 0:
       _discard_after(ck, workdir, step, echo)
       _record_rollback(workdir, step)
