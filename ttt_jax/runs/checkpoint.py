@@ -7,7 +7,8 @@ Layout: `<workdir>/checkpoints/<step>/`, one directory per saved step, with the 
   config  the resolved config (JSON)
   checksums  a CRC-32 per array of params and train (JSON; runs/integrity.py), checked on restore
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>/` and renames it when complete, so
-a crash mid-save leaves the earlier checkpoints usable; such leftovers are reported and skipped.
+a crash mid-save leaves the earlier checkpoints usable; such leftovers are reported and skipped,
+and a writable opening removes them before Orbax starts.
 Before the rename it writes the step's completion markers (`commit_success.txt` and the commit
 time in `_CHECKPOINT_METADATA`); a step directory without them (an interrupted copy or sync of a
 run directory) is skipped with a notice, and a resumed run moves it aside.
@@ -19,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -170,10 +172,14 @@ class RunCheckpoints:
       logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)
     else:
       quiet_disk_full_noise()  # a full disk during a save is reported in one line
+      if jax.process_index() == 0:  # leftovers of unfinished saves, removed here and now (Orbax
+        for path in self.incomplete(self.directory):  # does it in a thread nothing waits for)
+          shutil.rmtree(path, ignore_errors=True)
+      sync_processes("ttt_jax_remove_incomplete")
     opts = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep) if not read_only else None,
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1)
+        save_interval_steps=0 if read_only else 1)
     self._mngr = ocp.CheckpointManager(self.directory, options=opts,
                                        handler_registry=_registry())
     if read_only:

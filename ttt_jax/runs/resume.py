@@ -159,43 +159,59 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
   for path in RunCheckpoints.incomplete(directory):
     log_main(echo, f"skipping incomplete checkpoint {path} (a save that did not finish)")
   ck = RunCheckpoints(directory, keep=ckc.keep)
-  _discard_unmarked(ck, workdir, echo)
-  if ck.steps() and not ckc.resume:
-    if not ckc.overwrite:
+  try:
+    _discard_unmarked(ck, workdir, echo)
+    if ck.steps() and not ckc.resume:
       ck.close()
-      raise ConfigError(
-          f"{workdir} already holds a run (checkpoints up to step {ck.latest_step()}) and "
-          "checkpoint.resume=False; set checkpoint.resume=True to continue it or "
-          "checkpoint.overwrite=True to delete it and start over")
+      _start_over(ck, config, workdir, echo)
+      ck = RunCheckpoints(directory, keep=ckc.keep)
+    if ck.steps():
+      return _resume(ck, config, workdir, trainer, echo)
+    return RunStart(ck, _fresh_or_loaded(config, trainer, echo), None, 0)
+  except BaseException:  # no checkpoint manager (nor its threads) outlives a failed start
     ck.close()
-    if jax.process_index() == 0:
-      shutil.rmtree(directory)
-      for name in ("metrics.jsonl", ROLLBACK_FILE):
-        if os.path.exists(os.path.join(workdir, name)):
-          os.remove(os.path.join(workdir, name))
-    sync_processes("ttt_jax_overwrite")
-    log_main(echo, "checkpoint.overwrite=True: deleted the previous run's checkpoints in "
-                   f"{directory}")
-    ck = RunCheckpoints(directory, keep=ckc.keep)
-  if ck.steps():
-    wanted = ckc.step
-    if wanted >= 0 and _rolled_back_to(workdir) == wanted and ck.latest_step() > wanted:
-      log_main(echo, f"checkpoint.step={wanted}: this workdir was rolled back to step {wanted} "
-                     f"by an earlier launch; continuing from its latest step {ck.latest_step()}"
-                     " (drop the flag to silence this)")
-      wanted = -1
-    step = _choose_step(ck, wanted)
-    _check_same_model(ck.saved_config(step), config, workdir, step)
-    step, (state, data_state, saved) = _restore_intact(ck, workdir, step, trainer, wanted, echo)
-    if wanted >= 0:
-      _discard_after(ck, workdir, step, echo)
-      _record_rollback(workdir, step)
-    log_main(echo, f"resumed from step {step} ({ck.step_path(step)})")
-    changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
-    if changed:
-      log_main(echo, f"note: config changed since the checkpoint: {'; '.join(changed)}")
-    return RunStart(ck, state, data_state, step)
-  return RunStart(ck, _fresh_or_loaded(config, trainer, echo), None, 0)
+    raise
+
+
+def _start_over(ck: RunCheckpoints, config: ml_collections.ConfigDict, workdir: str,
+                echo) -> None:
+  """checkpoint.resume=False on a run with checkpoints: refused, or with checkpoint.overwrite
+  the checkpoints, metrics.jsonl and the rollback record are deleted."""
+  if not config.checkpoint.overwrite:
+    raise ConfigError(
+        f"{workdir} already holds a run (checkpoints up to step {ck.latest_step()}) and "
+        "checkpoint.resume=False; set checkpoint.resume=True to continue it or "
+        "checkpoint.overwrite=True to delete it and start over")
+  if jax.process_index() == 0:
+    shutil.rmtree(ck.directory)
+    for name in ("metrics.jsonl", ROLLBACK_FILE):
+      if os.path.exists(os.path.join(workdir, name)):
+        os.remove(os.path.join(workdir, name))
+  sync_processes("ttt_jax_overwrite")
+  log_main(echo, "checkpoint.overwrite=True: deleted the previous run's checkpoints in "
+                 f"{ck.directory}")
+
+
+def _resume(ck: RunCheckpoints, config: ml_collections.ConfigDict, workdir: str, trainer,
+            echo) -> RunStart:
+  """The run restored from its latest intact step (or checkpoint.step)."""
+  wanted = config.checkpoint.step
+  if wanted >= 0 and _rolled_back_to(workdir) == wanted and ck.latest_step() > wanted:
+    log_main(echo, f"checkpoint.step={wanted}: this workdir was rolled back to step {wanted} "
+                   f"by an earlier launch; continuing from its latest step {ck.latest_step()}"
+                   " (drop the flag to silence this)")
+    wanted = -1
+  step = _choose_step(ck, wanted)
+  _check_same_model(ck.saved_config(step), config, workdir, step)
+  step, (state, data_state, saved) = _restore_intact(ck, workdir, step, trainer, wanted, echo)
+  if wanted >= 0:
+    _discard_after(ck, workdir, step, echo)
+    _record_rollback(workdir, step)
+  log_main(echo, f"resumed from step {step} ({ck.step_path(step)})")
+  changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
+  if changed:
+    log_main(echo, f"note: config changed since the checkpoint: {'; '.join(changed)}")
+  return RunStart(ck, state, data_state, step)
 
 
 def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
