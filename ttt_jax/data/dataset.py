@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 
 import grain
@@ -45,22 +46,44 @@ class Dataset:
   min_doc_len: int = 0
   prepared: PreparedData | None = None  # the opened folder when kind == 'prepared'
   flag: str = "data.source"  # the option the source came from, named in error messages
+  unavailable: str = ""  # why the source cannot be read (a run opened without its data folder)
 
   @classmethod
-  def from_config(cls, data_cfg: ml_collections.ConfigDict) -> Dataset:
-    """Resolves `data.source` and `data.tokenizer` (one-line ConfigError if either is wrong)."""
-    kind = sources.source_kind(data_cfg.source)
-    prepared = None
-    if kind == "prepared":
-      prepared = PreparedData(data_cfg.source)
-      tokenizer = get_tokenizer(check_tokenizer(prepared, data_cfg.tokenizer))
-    else:
-      tokenizer = get_tokenizer(data_cfg.tokenizer)
-    return cls(data_cfg.source, kind, tokenizer, val_fraction=data_cfg.val_fraction,
-               text_field=data_cfg.get("text_field", "text"),
-               tfds_data_dir=data_cfg.get("tfds_data_dir", ""),
-               pack_docs=data_cfg.get("pack_docs", True),
-               min_doc_len=data_cfg.get("min_doc_len", 0), prepared=prepared)
+  def from_config(cls, data_cfg: ml_collections.ConfigDict,
+                  saved_tokenizer: Tokenizer | None = None) -> Dataset:
+    """Resolves `data.source` and `data.tokenizer` (one-line ConfigError if either is wrong).
+
+    `saved_tokenizer`, a run's own copy of the tokenizer it trained with (a run opened
+    read-only), stands in where they cannot be resolved: the tokenizer is then the copy, and a
+    source that cannot be opened (e.g. a data folder moved away) fails in one line only when
+    its documents are read, saying that --data chooses other data.
+    """
+    knobs = {"val_fraction": data_cfg.val_fraction,
+             "text_field": data_cfg.get("text_field", "text"),
+             "tfds_data_dir": data_cfg.get("tfds_data_dir", ""),
+             "pack_docs": data_cfg.get("pack_docs", True),
+             "min_doc_len": data_cfg.get("min_doc_len", 0)}
+    source = data_cfg.source
+    try:
+      kind = sources.source_kind(source)
+      prepared = PreparedData(source) if kind == "prepared" else None
+    except ConfigError as e:
+      if saved_tokenizer is None:
+        raise
+      gone = not source.startswith("tfds:") and not os.path.exists(os.path.expanduser(source))
+      return cls(source, "unavailable", saved_tokenizer, unavailable=(
+          f"data.source={source!r}, the data this run trained on, cannot be read "
+          f"({'no such file or folder' if gone else e}); --data chooses other data "
+          "(e.g. --data embedded)"), **knobs)
+    try:
+      spec = data_cfg.tokenizer if prepared is None else check_tokenizer(prepared,
+                                                                          data_cfg.tokenizer)
+      tokenizer = get_tokenizer(spec)
+    except ConfigError:
+      if saved_tokenizer is None:
+        raise
+      tokenizer = saved_tokenizer
+    return cls(source, kind, tokenizer, prepared=prepared, **knobs)
 
   def with_source(self, source: str, flag: str = "--data") -> Dataset:
     """The same tokenizer and knobs reading `source` instead: evaluation on any text.
@@ -79,7 +102,8 @@ class Dataset:
         raise ConfigError(f"{flag} {source!r} was prepared with the tokenizer {theirs['name']!r}, "
                           f"not the run's {self.tokenizer.name!r}; give the raw text instead "
                           "(it is tokenized with the run's tokenizer)")
-    return dataclasses.replace(self, source=source, kind=kind, prepared=prepared, flag=flag)
+    return dataclasses.replace(self, source=source, kind=kind, prepared=prepared, flag=flag,
+                               unavailable="")
 
   @property
   def vocab_size(self) -> int:
@@ -96,9 +120,14 @@ class Dataset:
       config.model.vocab_size = self.vocab_size
 
   # -- documents ---------------------------------------------------------------------------------
+  def _check_available(self) -> None:
+    if self.unavailable:
+      raise ConfigError(self.unavailable)
+
   def stream(self, split: str) -> TokenStream:
     """The flat token stream `[BOS] doc [EOS] ...` of one split, or of every document with
     split 'all' (cached per process)."""
+    self._check_available()
     try:
       if self.prepared is not None:
         return _prepared_stream(self.prepared, self.tokenizer, split)
@@ -109,6 +138,7 @@ class Dataset:
 
   def doc_lengths(self, split: str) -> np.ndarray:
     """Token counts (no BOS/EOS) of the split's documents; ConfigError if it has none."""
+    self._check_available()
     if self.prepared is not None:
       lengths = np.concatenate([self.prepared.split(s).lengths for s in _parts(split)])
       if not len(lengths):
@@ -147,6 +177,7 @@ class Dataset:
                     min_len: int | None = None):
     """The grain source of `seq_len` (+1) token windows of one split (`pipeline`'s windowing;
     `pack` / `min_len` default to data.pack_docs / data.min_doc_len)."""
+    self._check_available()
     pack = self.pack_docs if pack is None else pack
     min_len = self.min_doc_len if min_len is None else min_len
     tok = self.tokenizer

@@ -12,8 +12,10 @@ import ml_collections
 
 from ttt_jax.config import ConfigError, base_config, validate
 from ttt_jax.data.dataset import Dataset
+from ttt_jax.data.saved_tokenizer import load_saved_tokenizer
 from ttt_jax.models import abstract_model
 from ttt_jax.runs import checkpoint as ckpt
+from ttt_jax.runs.workdir import TOKENIZER_DIR
 from ttt_jax.sharding import make_mesh, param_shardings, rules_from_config
 
 
@@ -57,7 +59,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
       raise ConfigError(f"--step {step}: no such checkpoint in {directory}; available: "
                         f"{', '.join(map(str, steps))}")
     config = config_from_saved(checkpoints.saved_config(step))
-    data = Dataset.from_config(config.data)  # resolved once; every evaluation receives it
+    # resolved once; every evaluation receives it. The run's copy of its tokenizer stands in
+    # where data.source or data.tokenizer no longer resolve (a data folder moved away).
+    data = Dataset.from_config(config.data, load_saved_tokenizer(
+        os.path.join(workdir, TOKENIZER_DIR)))
     data.sync_vocab(config)
     validate(config)
     graphdef, abstract = abstract_model(config.model, config.seed)

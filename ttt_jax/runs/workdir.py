@@ -10,7 +10,9 @@ crashed) is taken over with a notice; one from another host is only reported, si
 liveness cannot be checked from here. The lock is an `flock` on the file, which the kernel
 drops when its process dies, plus the holder's identity inside it. On multi-process runs
 process 0 alone takes it and tells the others whether it got it. `exclusive_workdir` applies
-all this around a training function and hands it the `Dataset`.
+all this around a training function and hands it the `Dataset`, after process 0 has kept a copy
+of the run's tokenizer in `<workdir>/tokenizer/` (data/saved_tokenizer.py), so that the trained
+run opens read-only without its data folder.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError, validate
 from ttt_jax.data.dataset import Dataset
+from ttt_jax.data.saved_tokenizer import save_tokenizer
 from ttt_jax.runs.checkpoint import CKPT_DIR, check_load_from, kept_after_disk_full
 from ttt_jax.runs.diskspace import DiskFull, block_bytes, is_disk_full, reported_as_disk_full
 
 LOCK_FILE = "run.lock"
+TOKENIZER_DIR = "tokenizer"  # the run's copy of its tokenizer
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
@@ -257,6 +261,8 @@ def exclusive_workdir(train_fn):
 
     with (claim(config, workdir, echo=echo, data=data) as checked,
           reported_as_disk_full(workdir, kept)):  # a full disk: one line, what is kept
+      if workdir is not None and jax.process_index() == 0:
+        save_tokenizer(checked.tokenizer, os.path.join(workdir, TOKENIZER_DIR))
       return train_fn(config, workdir, *args, echo=echo, data=checked, **kwargs)
 
   return wrapper
