@@ -167,6 +167,8 @@ CASES = {
                                                          "--json", "{W}/s.json"],
                                        "--baseline no-such-rev-123: no such git revision"),
     "needle_zero_ft_lr": ("needle", ["--workdir", "{W}", "--ft_lr", "0"], "--ft_lr"),
+    "convert_export_out_a_file": ("convert", ["--export", "{W}", "--out", "{D}/small/doc00.txt"],
+                                  "doc00.txt: a file is there, not a folder"),
 }
 
 

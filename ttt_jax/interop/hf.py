@@ -149,6 +149,8 @@ def spec_of(config) -> LlamaSpec:
 
 def export_hf(workdir: str, out: str, *, step: int | None = None, echo=print) -> str:
   """Writes `out/model.safetensors` + `out/config.json` (+ tokenizer.json). Returns `out`."""
+  if os.path.exists(out) and not os.path.isdir(out):  # before the run is read
+    raise ConvertError(f"--out {out}: a file is there, not a folder; choose a folder")
   run = load_run(workdir, step)
   config, params, tok = run.config, jax_to_numpy(run.params), run.data.tokenizer
   spec = spec_of(config)
