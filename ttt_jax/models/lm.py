@@ -174,8 +174,12 @@ class LanguageModel(nnx.Module):
   def logits(self, h: jax.Array) -> jax.Array:
     """fp32 logits; padded vocabulary rows are masked so they are never predicted."""
     h = self.final_norm(h)
-    w = self.embed.embedding[...].T if self.head is None else self.head[...]
-    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    if self.head is None:  # tied: contract the table's model axis in place (a transposed
+      table = self.embed.embedding[...].astype(h.dtype)  # table would be copied at every call)
+      logits = jax.lax.dot_general(h, table, (((h.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.dot(h, self.head[...].astype(h.dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "vocab"))
     if logits.shape[-1] > self.vocab_size:
       valid = jnp.arange(logits.shape[-1]) < self.vocab_size
