@@ -29,6 +29,7 @@ from ttt_jax.layers.attention_kernels import (
     splash_attention,
     splash_block,
 )
+from ttt_jax.layers.cache_attention import filled_attention, online_softmax_step
 from ttt_jax.layers.common import dtype, linear
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.norms import RMSNorm
@@ -64,6 +65,8 @@ class AttentionAlgorithm:
     auto       blocked for ordered inputs of >= 2 blocks (at most `max_blocks` of them), else
                dense up to `dense_max_scores` scores per (batch, head), else blockwise.
   `blocked` asked for where keys are not ordered (a full-attention cache) falls back to auto.
+  Against a full-attention cache (capacity a multiple of `block`), auto reads only the blocks
+  holding keys where it would take dense (layers/cache_attention.py: decode steps, prefill).
   """
 
   name: str = "auto"
@@ -136,15 +139,7 @@ def blockwise_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: i
 
     @jax.checkpoint
     def update(carry, kj, vj, mask):
-      m, norm, acc = carry
-      s = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=jnp.float32) * scale
-      s = jnp.where(mask, s, NEG_INF)
-      m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-      corr = jnp.exp(m - m_new)
-      pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vj.dtype), vj,
-                      preferred_element_type=jnp.float32)
-      return m_new, norm * corr + p.sum(-1), acc * corr[..., None] + pv
+      return online_softmax_step(carry, qi, kj, vj, mask, scale)
 
     def body(carry, xs):
       kj, vj, kpj = xs
@@ -325,6 +320,12 @@ class Attention(nnx.Module):
       k_pos = jax.lax.dynamic_update_slice_in_dim(state.pos, positions.astype(jnp.int32), filled,
                                                   axis=0)
       new_state = KVCache(k=k_all, v=v_all, pos=k_pos)
+      alg, cap = self.algorithm, k_pos.shape[0]
+      if (alg.impl == "blockwise" and alg.name == "auto" and cap % alg.block == 0
+          and q.shape[1] * cap <= alg.dense_max_scores):  # where auto picks dense: filled only
+        out = filled_attention(q, k_all, v_all, positions, k_pos, filled + positions.shape[0],
+                               block=alg.block)
+        return self.wo(out.reshape(*out.shape[:-2], -1)), new_state
     else:
       k_all = jnp.concatenate([state.k, k.astype(state.k.dtype)], axis=1)
       v_all = jnp.concatenate([state.v, v.astype(state.v.dtype)], axis=1)
