@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 
 from ttt_jax.cli import ArgumentParser, add_eval_arguments, each_run, positive_int, user_errors
 from ttt_jax.cli_output import results_dirs
 from ttt_jax.data.sources import source_kind
 from ttt_jax.eval import perplexity, plots, strided
+from ttt_jax.eval.generate import trained_context_warning
 
 
 def output_dir(results: str, data: str | None, split: str | None) -> str:
@@ -66,6 +68,9 @@ def main(argv=None) -> None:
                              args.split)
     for (_, run), out in zip(each_run(args, [*dirs, compare_dir]), dirs, strict=True):
       ctxs = perplexity.parse_ctx_list(args.ctx or run.config.eval.ctx)
+      warning = trained_context_warning(run.config.model, max(ctxs), "--ctx")
+      if warning:
+        print(warning, file=sys.stderr)
       res = strided.evaluate_run(run, ctxs, stride=args.stride,
                                  option="--stride" if args.stride else "eval.stride",
                                  data=args.data, split=args.split, max_docs=args.max_docs,

@@ -2,7 +2,7 @@
 
   python scripts/generate.py --workdir runs/swa --prompt "def main(" --max_new_tokens 200 \
       [--temperature 0.8 --top_k 40 --top_p 0.95 --seed 0] [--stop "\\n\\n"] [--seq_len N] \
-      [--step S] [--no_progress]
+      [--step S] [--dtype bfloat16] [--no_progress]
   python scripts/generate.py --workdir runs/smollm2 --chat --prompt "What is the capital of France?"
 
 The prompt starts with BOS when the run's tokenizer files say so (add_bos_token; always for runs
@@ -44,6 +44,8 @@ def main(argv=None) -> None:
                   help="stop string (repeatable): generation ends before its first occurrence")
   ap.add_argument("--seq_len", type=positive_int, default=None,
                   help="context length (default: the run's data.seq_len)")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                  help="cast the weights once and compute in this dtype (default: the run's)")
   ap.add_argument("--step", type=int_in(0), default=None,
                   help="checkpoint step (default: latest)")
   ap.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -60,7 +62,8 @@ def main(argv=None) -> None:
   with user_errors():
     text = generate_text(run, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                         stop=args.stop, seq_len=args.seq_len, progress=not args.no_progress)
+                         stop=args.stop, seq_len=args.seq_len, progress=not args.no_progress,
+                         dtype=args.dtype)
   if not text.strip():
     print(f"note: the model generated only whitespace ({len(text)} characters)",
           file=sys.stderr)

@@ -38,8 +38,7 @@ SCALES = {
     "1b": (24, 2048, 32, 5504),
     "3b": (32, 2560, 32, 6912),
 }
-# Sliding window and E2E inner mini-batch (chunk) per scale: 8K and 1K as in the paper at full
-# scale, small for tiny.
+# Sliding window and E2E inner mini-batch (chunk) per scale: 8K and 1K as in the paper, tiny: small
 SWA_WINDOW = {"tiny": 256, **dict.fromkeys(("125m", "350m", "760m", "1b", "3b"), 8192)}
 E2E_CHUNK = {"tiny": 128, **dict.fromkeys(("125m", "350m", "760m", "1b", "3b"), 1024)}
 
@@ -132,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.intermediate_size = 384
   m.window = 256  # sliding-window size (mixer=swa and e2e)
   m.rope_theta = 10000.0
+  m.trained_context = 0  # context the weights were trained at (imports set it); 0 = unknown
   m.qk_norm = False
   m.post_norm = False
   m.tie_embeddings = False
@@ -298,7 +298,7 @@ RANGES = {key: bounds for bounds, keys in (
                  "model.e2e.inner_lr model.e2e.ilr_init model.e2e.ilr_warmup_steps "
                  "model.e2e.inner_clip data.min_doc_len data.prefetch train.lr "
                  "train.warmup_steps train.weight_decay train.grad_clip train.skip_nonfinite "
-                 "checkpoint.every_steps eval.stride"),
+                 "checkpoint.every_steps eval.stride model.trained_context"),
     ("[-1, inf)", "checkpoint.step checkpoint.load_step mesh.num_processes mesh.process_id"),
     ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2 data.val_fraction"))
     for key in keys.split()}  # -1: the latest saved step; the environment's process layout

@@ -108,6 +108,7 @@ def test_gguf_import_matches_numpy_llama(tmp_path, tied):
   config = import_gguf(path, str(tmp_path / "run"), seq_len=64, echo=None)
   m = config.model
   assert (m.num_kv_heads, m.tie_embeddings, m.rope_theta) == (2, tied, cfg["rope_theta"])
+  assert cfg["rope_theta"] != 1e4 and (m.trained_context, config.data.seq_len) == (256, 64)
   run = load_run(str(tmp_path / "run"))
   tok = run.data.tokenizer
   ids = tok.encode("hello world 42")

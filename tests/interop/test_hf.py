@@ -41,11 +41,13 @@ def run_logits(workdir, tokens=TOKENS):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_import_matches_numpy_llama(tmp_path, tied):
-  cfg, tensors = random_llama(seed=1, tied=tied)
+  cfg, tensors = random_llama(seed=1, tied=tied, max_position_embeddings=512)
   src = write_hf(tmp_path / "hf", cfg, tensors)
   import_hf(src, str(tmp_path / "run"), tokenizer="bytes", seq_len=64, echo=None)
   run, logits = run_logits(tmp_path / "run")
   assert run.config.model.num_kv_heads == 2 and run.config.model.vocab_size == 259
+  # RoPE base (5e4, not the default 1e4) and trained context from config.json
+  assert (run.config.model.rope_theta, run.config.model.trained_context) == (5e4, 512)
   assert run.params["embed"]["embedding"].shape == (384, 64)  # odd vocab padded to 128s
   ref = llama_logits(cfg, tensors, TOKENS)
   np.testing.assert_allclose(logits[:, :259], ref, rtol=2e-4, atol=2e-4)
@@ -66,6 +68,7 @@ def test_export_round_trip_gives_identical_logits(tmp_path):
   with open(tmp_path / "exported" / "config.json") as f:
     exported = json.load(f)
   assert exported["num_key_value_heads"] == 2 and exported["rope_theta"] == cfg["rope_theta"]
+  assert exported["max_position_embeddings"] == 2048  # config.json's (HF default), not seq_len
   import_hf(str(tmp_path / "exported"), str(tmp_path / "b"), tokenizer="bytes", seq_len=64,
             echo=None)
   _, a = run_logits(tmp_path / "a")

@@ -41,9 +41,10 @@ from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.eval.sampling import check_sampling, sample_logits
 from ttt_jax.layers.mixers import mixer_spec
+from ttt_jax.models import abstract_model
 from ttt_jax.runs.load import Run
 
-__all__ = ["Generator", "generate", "generate_text", "prompt_ids", "sample_logits"]
+__all__ = ["Generator", "decode_model", "generate", "generate_text", "prompt_ids", "sample_logits"]
 
 SMALL_CHUNK = 32  # prefill chunk for what remains after the large chunks (rounded to the align)
 
@@ -105,6 +106,19 @@ def decode_loop(graphdef, align: int, chunk: int, pad_last: bool, params, cache,
   pos, cache, seq, done = jax.lax.while_loop(
       lambda c: (c[0] + 1 < limit) & ~jnp.all(c[3]), step, (pos, cache, seq, done))
   return cache, seq, pos, done
+
+
+def decode_model(model_cfg: ml_collections.ConfigDict, params, dtype: str):
+  """(model config, graphdef, params) of the same model computing in `dtype` (float32 or
+  bfloat16), its floating-point parameters cast to it once: bfloat16 halves the weight and KV
+  cache bytes a decode step reads."""
+  cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+  cfg.compute_dtype = cfg.param_dtype = dtype
+  graphdef, _ = abstract_model(cfg)
+  to = jnp.dtype(dtype)
+  params = jax.tree.map(
+      lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  return cfg, graphdef, params
 
 
 def full_attention(model_cfg: ml_collections.ConfigDict) -> bool:
@@ -199,10 +213,23 @@ def prompt_ids(tok: Tokenizer, prompt: str, *, chat: bool = False) -> np.ndarray
   return ids
 
 
-def context_warning(model_cfg: ml_collections.ConfigDict, need: int, seq_len: int) -> str | None:
-  """One line when a generation of `need` tokens runs past the context `seq_len`."""
-  if need <= seq_len:
+def trained_context_warning(model_cfg: ml_collections.ConfigDict, length: int,
+                            what: str) -> str | None:
+  """One line when `what` (`length` tokens) is longer than the context the model was trained at
+  (model.trained_context, recorded by imports; 0 = unknown: no warning)."""
+  trained = model_cfg.get("trained_context", 0)
+  if not trained or length <= trained:
     return None
+  return (f"warning: {what} = {length} tokens is longer than the context the model was trained "
+          f"at ({trained}, model.trained_context): positions past it were never trained")
+
+
+def context_warning(model_cfg: ml_collections.ConfigDict, need: int, seq_len: int) -> str | None:
+  """One line when a generation of `need` tokens runs past the context `seq_len` or the trained
+  context (`trained_context_warning`)."""
+  past = trained_context_warning(model_cfg, need, "prompt + max_new_tokens")
+  if past or need <= seq_len:
+    return past
   how = ("the full-attention KV cache is sized for it, but positions past it were never trained"
          if full_attention(model_cfg) else
          "the model's carried state (window / TTT / E2E) continues, untested past it")
@@ -219,7 +246,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
                   stop: Sequence[str] = (), seq_len: int | None = None, progress: bool = True,
-                  generator: Generator | None = None,
+                  generator: Generator | None = None, dtype: str | None = None,
                   echo: Callable[[str], None] | None = None) -> str:
   """Continuation of `prompt` (text; with `chat` the reply to it as a user message) by a loaded
   run (runs.load_run), cut at the first of the tokenizer's EOS ids and of the `stop` strings;
@@ -227,7 +254,8 @@ def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: fl
 
   The context is the run's data.seq_len unless `seq_len` is given; a longer generation warns in
   one line through `echo` (default: stderr). Pass a `generator` (built with the same context) to
-  generate more than once without compiling again.
+  generate more than once without compiling again. `dtype` (e.g. bfloat16) casts the weights
+  once and computes in it (`decode_model`).
   """
   check_sampling(temperature, top_k, top_p)
   tok = run.data.tokenizer
@@ -237,8 +265,10 @@ def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: fl
   if warning:
     (echo or partial(print, file=sys.stderr))(warning)
   if generator is None:
-    generator = Generator(run.graphdef, run.params, run.config.model, chunk=run.config.eval.chunk,
-                          max_len=seq_len)
+    cfg, graphdef, params = run.config.model, run.graphdef, run.params
+    if dtype and dtype != cfg.param_dtype:
+      cfg, graphdef, params = decode_model(cfg, params, dtype)
+    generator = Generator(graphdef, params, cfg, chunk=run.config.eval.chunk, max_len=seq_len)
 
   def text_of(new: np.ndarray) -> str:
     hit = np.flatnonzero(np.isin(new, tok.stop_ids))

@@ -144,7 +144,7 @@ def spec_of(config) -> LlamaSpec:
                    num_attention_heads=m.num_heads,
                    num_key_value_heads=m.num_kv_heads or m.num_heads, rms_norm_eps=m.norm_eps,
                    rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-                   max_position_embeddings=config.data.seq_len)
+                   max_position_embeddings=m.trained_context or config.data.seq_len)
 
 
 def export_hf(workdir: str, out: str, *, step: int | None = None, echo=print) -> str:

@@ -122,6 +122,7 @@ def model_config(spec: LlamaSpec, tokenizer: Tokenizer, seq_len: int) -> ml_coll
   m.num_heads, m.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
   m.intermediate_size = spec.intermediate_size
   m.rope_theta, m.norm_eps = spec.rope_theta, spec.rms_norm_eps
+  m.trained_context = spec.max_position_embeddings
   m.tie_embeddings = spec.tie_word_embeddings
   m.window = min(m.window, seq_len)
   c.data.seq_len = seq_len
@@ -298,5 +299,6 @@ def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_le
   if echo is not None:
     echo(f"wrote {out}: {spec.num_hidden_layers} layers, d_model {spec.hidden_size}, heads "
          f"{spec.num_attention_heads}/{spec.num_key_value_heads} kv, vocab {tokenizer.vocab_size}"
-         f" (checkpoint {spec.vocab_size}), {n / 1e6:.1f}M parameters, tokenizer {spec_str}")
+         f" (checkpoint {spec.vocab_size}), {n / 1e6:.1f}M parameters, tokenizer {spec_str}; "
+         f"context {seq_len} (--seq_len), trained at {spec.max_position_embeddings}")
   return config

@@ -60,6 +60,7 @@ class ModelConfig:
   intermediate_size: int = 384
   window: int = 256
   rope_theta: float = 10000.0
+  trained_context: int = 0  # the context the weights were trained at (0 = unknown)
   qk_norm: bool = False
   post_norm: bool = False
   tie_embeddings: bool = False

@@ -1,0 +1,81 @@
+"""Faster decode, same answers: attention over a full-attention cache's filled slots only equals
+the dense masked softmax (and a generation through it gives the dense path's tokens); bfloat16
+weights for decode are bfloat16 and keep the float32 greedy tokens; the trained-context
+warning."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.config import build_config
+from ttt_jax.eval import generate as G
+from ttt_jax.layers import attention as A
+from ttt_jax.layers.cache_attention import filled_attention
+from ttt_jax.models import build_model
+
+
+def tiny_transformer(algorithm: str = "auto"):
+  """(model config, graphdef, params): full attention, GQA 4:2, key blocks of 16 slots."""
+  m = build_config("model=transformer,ctx=64").model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 2, 32, 4, 2
+  m.intermediate_size, m.init_std = 64, 0.3
+  m.attention_block, m.attention_algorithm = 16, algorithm
+  graphdef, state = nnx.split(build_model(m, seed=3))
+  return m, graphdef, state.to_pure_dict()
+
+
+@pytest.mark.parametrize("tq", [1, 5])
+def test_filled_attention_equals_dense(tq):
+  rng = np.random.default_rng(0)
+  filled, cap = 37, 64  # 3 blocks of 16 hold keys, the 4th is empty
+  q = jnp.asarray(rng.standard_normal((2, tq, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, cap, 2, 8)), jnp.float32) for _ in range(2))
+  k_pos = jnp.where(jnp.arange(cap) < filled, jnp.arange(cap), -1)
+  q_pos = jnp.arange(filled - tq, filled)
+  want = A.dense_attention(q, k, v, q_pos, k_pos, None)
+  got = filled_attention(q, k, v, q_pos, k_pos, filled, block=16)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # the slots past `end` are never read: garbage there changes nothing
+  k_bad = k.at[:, 48:].set(jnp.nan)
+  np.testing.assert_array_equal(filled_attention(q, k_bad, v, q_pos, k_pos, filled, block=16),
+                                got)
+
+
+def test_generation_reads_filled_slots_with_the_dense_tokens(monkeypatch):
+  calls = []
+  monkeypatch.setattr(A, "filled_attention",
+                      lambda *a, **kw: calls.append(1) or filled_attention(*a, **kw))
+  prompt = np.random.default_rng(1).integers(0, 256, (2, 20)).astype(np.int32)
+  outs = {}
+  for algorithm in ("auto", "dense"):
+    m, graphdef, params = tiny_transformer(algorithm)
+    outs[algorithm] = G.Generator(graphdef, params, m, chunk=16, max_len=64)(prompt, 30)
+    if algorithm == "auto":
+      assert calls, "the decode step did not take the filled-slots path"
+  np.testing.assert_array_equal(outs["auto"], outs["dense"])
+
+
+def test_bfloat16_decode_model_keeps_the_greedy_tokens():
+  m, graphdef, params = tiny_transformer()
+  cfg, graphdef16, params16 = G.decode_model(m, params, "bfloat16")
+  dtypes = {x.dtype for x in jax.tree.leaves(params16)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)} and cfg.compute_dtype == "bfloat16"
+  assert m.param_dtype == "float32"  # the run's config is left as it was
+  prompt = np.random.default_rng(2).integers(0, 256, (1, 12)).astype(np.int32)
+  want = G.Generator(graphdef, params, m, chunk=16, max_len=64)(prompt, 16)
+  got = G.Generator(graphdef16, params16, cfg, chunk=16, max_len=64)(prompt, 16)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_longer_than_the_trained_context_warns_in_one_line():
+  m = build_config("model=transformer,ctx=64").model
+  assert G.context_warning(m, 100, 128) is None  # trained context unknown (0)
+  m.trained_context = 96
+  line = G.context_warning(m, 100, 128)
+  assert "trained at (96" in line and "\n" not in line
+  assert G.context_warning(m, 96, 128) is None
+  assert "--ctx = 200" in G.trained_context_warning(m, 200, "--ctx")
