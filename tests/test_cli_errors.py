@@ -166,6 +166,8 @@ CASES = {
     "compare_speed_unknown_baseline": ("compare_speed", ["--baseline", "no-such-rev-123",
                                                          "--json", "{W}/s.json"],
                                        "--baseline no-such-rev-123: no such git revision"),
+    "compare_decode_bad_variant": ("compare_decode", ["--variants", "ours;gpt"],
+                                   "variant 'gpt': expected llama, ours or ours-1t"),
     "needle_zero_ft_lr": ("needle", ["--workdir", "{W}", "--ft_lr", "0"], "--ft_lr"),
     "convert_export_out_a_file": ("convert", ["--export", "{W}", "--out", "{D}/small/doc00.txt"],
                                   "doc00.txt: a file is there, not a folder"),
