@@ -1,8 +1,10 @@
 """Bad command lines of every script fail fast: exit status != 0, ONE line on stderr naming the
 knob to change (no traceback), and no workdir or output left behind.
 
-Each case runs the real script in a subprocess; all of them fail before any compute, so each
-costs about one interpreter start with jax imported. The cases are independent (pytest -n N).
+Each case runs the real script as `python scripts/<name>.py ...` would, in a process forked from
+one interpreter that imported jax and the package once (tests/script_forks.py): all of them fail
+before any compute, so a fresh interpreter per case spent most of its time importing. The cases
+are independent (pytest -n N).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 import pytest
 
 from ttt_jax.data.prepare import prepare
+
+from .script_forks import ScriptForks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = "configs/pretrain.py:model=swa,ctx=256"
@@ -192,10 +196,18 @@ def data_dir(tmp_path_factory) -> str:
   return str(root)
 
 
-def run_script(script: str, args: list[str]) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{script}.py"), *args],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  server = ScriptForks(env, ROOT, str(tmp_path_factory.mktemp("script_output")))
+  yield server
+  server.close()
+
+
+@pytest.fixture
+def run_script(forks):
+  """`run_script(script, args) -> CompletedProcess` of `python scripts/<script>.py args`."""
+  return lambda script, args: forks.run(os.path.join(ROOT, "scripts", f"{script}.py"), args)
 
 
 def last_line(text: str) -> str:
@@ -204,7 +216,7 @@ def last_line(text: str) -> str:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_fails_in_one_line(case, data_dir, tmp_path):
+def test_bad_input_fails_in_one_line(case, data_dir, tmp_path, run_script):
   script, args, needle = CASES[case]
   workdir = str(tmp_path / "w")
   if script == "train" and "--workdir" not in " ".join(args) and case != "missing_workdir":
@@ -219,9 +231,42 @@ def test_bad_input_fails_in_one_line(case, data_dir, tmp_path):
   assert not os.path.exists(workdir), os.listdir(workdir)
 
 
-def test_prepare_warns_about_empty_validation(data_dir, tmp_path):
+def test_prepare_warns_about_empty_validation(data_dir, tmp_path, run_script):
   out = run_script("prepare_data", ["--source", os.path.join(data_dir, "small"), "--out_dir",
                                     str(tmp_path / "p"), "--val_fraction", "0.0001",
                                     "--workers", "1"])
   assert out.returncode == 0, out.stderr[-2000:]
   assert "warning: the validation split is EMPTY: 0 of 30 documents" in out.stdout, out.stdout
+
+
+def test_a_forked_run_ends_as_the_interpreter_would(tmp_path, forks):
+  """The forked runs report what `python script.py` reports: exit codes, sys.exit messages, an
+  uncaught exception's traceback, output of both streams and of exit handlers."""
+  script = tmp_path / "probe.py"
+  script.write_text(
+      "import atexit, sys\n"
+      "atexit.register(lambda: print('exit handler ran'))\n"
+      "print('out', sys.argv[1:]); print('err', file=sys.stderr)\n"
+      "if sys.argv[1] == 'raise': raise ValueError('boom')\n"
+      "if sys.argv[1] == 'message': sys.exit('probe: error: bad')\n"
+      "sys.exit(int(sys.argv[1]))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  for arg, code in (("raise", 1), ("message", 1), ("3", 3), ("0", 0)):
+    forked = forks.run(str(script), [arg])
+    real = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert (forked.returncode, forked.stdout) == (real.returncode, real.stdout) == (
+        code, f"out ['{arg}']\nexit handler ran\n"), (forked, real)
+    assert forked.stderr == real.stderr and forked.stderr.startswith("err\n"), (forked, real)
+    assert ("Traceback" in forked.stderr) == (arg == "raise"), forked.stderr
+
+
+def test_a_case_run_forked_reports_as_one_run_in_a_fresh_interpreter(data_dir, tmp_path,
+                                                                    run_script):
+  args = ["--config", PRETRAIN, "--config.train.stepz=5", "--workdir", str(tmp_path / "w")]
+  forked = run_script("train", args)
+  real = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2"))
+  assert forked.returncode == real.returncode != 0
+  assert last_line(forked.stderr) == last_line(real.stderr), (forked.stderr, real.stderr)

@@ -11,7 +11,6 @@ import runpy
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -34,7 +33,7 @@ HAY = N.haystack_tokens(TokenStream(TOK.encode("".join(LINES)), np.zeros(1, np.i
                                     ("hay",)), TOK)
 FLAT = np.asarray(TOK.encode("".join(line.strip() + " " for line in LINES)), np.int32)
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "needle.py"
-FULL = ml_collections.ConfigDict({"kind": "transformer", "mixer": "full"})
+FULL = build_config("model=transformer").model  # the model section evaluate_needles reads
 
 
 def prompts(seed=0, ctxs=(200, 333), depths=(0.0, 0.25, 0.5, 0.75, 1.0), hay=HAY, k=3):

@@ -106,7 +106,10 @@ def test_zero_b_is_noop_and_merged_equals_unmerged(kind, scan):
   adapted = apply_lora(model, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=4, alpha=8.0)
   assert adapted and any(p.endswith("mlp") for p in adapted)
   y_zero = logits(model, x)
-  np.testing.assert_array_equal(np.asarray(y_zero), np.asarray(y_base))
+  # B = 0 adds exact zeros; only XLA's fusion of the extra terms may round the sums differently
+  # (one float32 ulp: measured 6e-8 at most)
+  np.testing.assert_allclose(np.asarray(y_zero), np.asarray(y_base), rtol=0,
+                             atol=1e-6 * float(np.abs(np.asarray(y_base)).max()))
   randomize_lora(model)
   y_lora = logits(model, x)
   assert rel_err(y_lora, y_base) > 1e-3  # the adapters do act
