@@ -74,10 +74,10 @@ def saved_fine_tune(checkpoints: ckpt.RunCheckpoints, workdir: str,
   step = checkpoints.latest_step()
   if step is None:
     return 0, {}
-  done = checkpoints.saved_data_state(step).get("needle_ft", {})
-  saved = done.get("record")
+  tuned = checkpoints.saved_data_state(step).get("needle_ft", {})
+  saved = tuned.get("record")
   if saved == record:
-    return step, done
+    return step, tuned
   what = ("a run that is not a needle fine-tune" if saved is None else
           "another fine-tune (" + ", ".join(f"{k} {saved.get(k)!r} (now {v!r})"
                                             for k, v in record.items() if saved.get(k) != v) + ")")
@@ -109,7 +109,7 @@ def fine_tune(run: Run, steps: int, workdir: str, *, seq_len: int | None = None,
   with WorkdirLock(workdir, echo=log):
     checkpoints = ckpt.RunCheckpoints(os.path.join(workdir, ckpt.CKPT_DIR), keep=1)
     try:
-      start, done = saved_fine_tune(checkpoints, workdir, record)
+      start, tuned = saved_fine_tune(checkpoints, workdir, record)
       if start:
         log(f"{'reusing' if start == steps else 'resuming'} the needle fine-tune in {workdir} "
             f"at step {start} of {steps}")
@@ -120,23 +120,23 @@ def fine_tune(run: Run, steps: int, workdir: str, *, seq_len: int | None = None,
         params = jax.tree.map(jnp.copy, run.params)  # the train step donates its state
         state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
         before = float(trainer.eval_step(state.params, probe)["loss"])
-        done = {"record": record, "probe_loss_before": before, "losses": [], "skipped": 0}
+        tuned = {"record": record, "probe_loss_before": before, "losses": [], "skipped": 0}
         log(f"fine-tuning {run.workdir} (step {run.step}) on the needle task: {steps} steps of "
             f"{config.data.batch_size} x {length} tokens, lr {config.train.lr:g}; probe loss "
             f"{before:.4f}")
       if start < steps:
-        done = train_steps(trainer, state, checkpoints, config, done, start, hay, probe,
+        tuned = train_steps(trainer, state, checkpoints, config, tuned, start, hay, probe,
                            progress)
     finally:
       checkpoints.close()
-  before, after = done["probe_loss_before"], done["probe_loss_after"]
+  before, after = tuned["probe_loss_before"], tuned["probe_loss_after"]
   log(f"fine-tuned: probe loss {before:.4f} -> {after:.4f} (answer tokens only); wrote "
       f"{workdir}")
   report = {"from_workdir": run.workdir, "from_step": run.step, "workdir": workdir,
             "steps": steps, "seq_len": length, "batch_size": config.data.batch_size,
             "lr": config.train.lr, "seed": seed, "probe_loss_before": before,
-            "probe_loss_after": after, "logged_train_losses": done["losses"],
-            "skipped_nonfinite": done["skipped"], "resumed_at": start}
+            "probe_loss_after": after, "logged_train_losses": tuned["losses"],
+            "skipped_nonfinite": tuned["skipped"], "resumed_at": start}
   return load_run(workdir), report
 
 
@@ -145,13 +145,13 @@ def save_every(steps: int) -> int:
 
 
 def train_steps(trainer: Trainer, state, checkpoints: ckpt.RunCheckpoints,
-                config: ml_collections.ConfigDict, done: dict, start: int, hay: np.ndarray,
+                config: ml_collections.ConfigDict, tuned: dict, start: int, hay: np.ndarray,
                 probe: dict, progress: bool) -> dict:
-  """Steps `start`..STEPS, saved every `save_every` steps with `done` (the record, the probe
-  loss before, the logged losses) as the checkpoint's data state; `done` with the probe loss
+  """Steps `start`..STEPS, saved every `save_every` steps with `tuned` (the record, the probe
+  loss before, the logged losses) as the checkpoint's data state; `tuned` with the probe loss
   after."""
   tok, length, rows = trainer.data.tokenizer, config.data.seq_len, trainer.local_batch_size()
-  steps, seed, pid = config.train.steps, done["record"]["seed"], jax.process_index()
+  steps, seed, pid = config.train.steps, tuned["record"]["seed"], jax.process_index()
   workdir = os.path.dirname(checkpoints.directory)
   writer = MetricWriter(workdir, echo=lambda s: None)
   every, save = max(1, steps // 20), save_every(steps)
@@ -165,21 +165,21 @@ def train_steps(trainer: Trainer, state, checkpoints: ckpt.RunCheckpoints,
       state, metrics = trainer.train_step(state, trainer.device_batch(batch))
       finite.append(metrics["finite"])
       if (step + 1) % every == 0 or (step + 1) % save == 0 or step + 1 == steps:
-        done["skipped"] += sum(not bool(f) for f in jax.device_get(finite))  # dropped by the guard
+        tuned["skipped"] += sum(not bool(f) for f in jax.device_get(finite))  # dropped by the guard
         finite.clear()
       if (step + 1) % every == 0 or step + 1 == steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        done["losses"].append(metrics["loss"])
+        tuned["losses"].append(metrics["loss"])
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
         writer.write(step + 1, metrics, "train")
       if step + 1 == steps:
         after = float(trainer.eval_step(state.params, probe)["loss"])
-        writer.write(steps, {"loss_before": done["probe_loss_before"], "loss": after},
+        writer.write(steps, {"loss_before": tuned["probe_loss_before"], "loss": after},
                      "needle_probe")
-        done["probe_loss_after"] = after
+        tuned["probe_loss_after"] = after
       if (step + 1) % save == 0 or step + 1 == steps:
-        checkpoints.save(step + 1, state, {"needle_ft": done}, config, wait=True)
+        checkpoints.save(step + 1, state, {"needle_ft": tuned}, config, wait=True)
   finally:
     bar.close()
     writer.close()
-  return done
+  return tuned
