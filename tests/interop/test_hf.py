@@ -54,6 +54,9 @@ def test_hf_import_matches_numpy_llama(tmp_path, tied):
   assert np.all(logits[:, 259:] < -1e8)  # padding rows never predicted
   text = generate_text(run, "ab", 4, progress=False)
   assert isinstance(text, str)
+  run.config.model.trained_context, lines = 4, []  # past the trained context: one line
+  generate_text(run, "ab", 4, progress=False, echo=lines.append)
+  assert len(lines) == 1 and "trained at (4, model.trained_context)" in lines[0], lines
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path):
