@@ -3,8 +3,10 @@ one-line failures for what cannot be mapped."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from ttt_jax.runs.workdir import WorkdirBusy, WorkdirLock
 
 from .llama_reference import llama_logits, random_llama
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKENS = np.array([256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 5])
 
 
@@ -57,6 +60,20 @@ def test_hf_import_matches_numpy_llama(tmp_path, tied):
   run.config.model.trained_context, lines = 4, []  # past the trained context: one line
   generate_text(run, "ab", 4, progress=False, echo=lines.append)
   assert len(lines) == 1 and "trained at (4, model.trained_context)" in lines[0], lines
+
+
+def test_evaluate_past_the_trained_context_warns_in_one_line(tmp_path, capsys):
+  cfg, tensors = random_llama(seed=4, max_position_embeddings=32)
+  import_hf(write_hf(tmp_path / "hf", cfg, tensors), str(tmp_path / "run"), tokenizer="bytes",
+            seq_len=64, echo=None)
+  spec = importlib.util.spec_from_file_location("evaluate_script_hf", ROOT / "scripts/evaluate.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  script.main(["--workdir", str(tmp_path / "run"), "--ctx", "32,64", "--max_docs", "1",
+               "--no_progress"])
+  lines = [x for x in capsys.readouterr().err.splitlines() if "trained at" in x]
+  assert lines == ["warning: --ctx = 64 tokens is longer than the context the model was trained "
+                   "at (32, model.trained_context): positions past it were never trained"]
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path):
