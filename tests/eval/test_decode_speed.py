@@ -79,3 +79,13 @@ def test_longer_than_the_trained_context_warns_in_one_line():
   assert "trained at (96" in line and "\n" not in line
   assert G.context_warning(m, 96, 128) is None
   assert "--ctx = 200" in G.trained_context_warning(m, 200, "--ctx")
+
+
+def test_a_generation_is_one_call_of_the_compiled_loop():
+  """Prefill and every decode step run in one device program: no host round trip per token."""
+  m, graphdef, params = tiny_transformer()
+  gen = G.Generator(graphdef, params, m, chunk=16, max_len=64)
+  calls, loop = [], gen.loop
+  gen.loop = lambda *a: calls.append(1) or loop(*a)
+  prompt = np.random.default_rng(3).integers(0, 256, (1, 9)).astype(np.int32)
+  assert gen(prompt, 40).shape == (1, 40) and len(calls) == 1
