@@ -8,6 +8,7 @@ import glob
 import os
 import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -47,18 +48,38 @@ def step_dir(workdir, step) -> str:
   return os.path.join(workdir, ckpt.CKPT_DIR, str(step))
 
 
+def _read_raw(params_dir: str) -> list[np.ndarray] | None:
+  """The arrays Orbax reads from a params item, checksums aside; None when it cannot read them."""
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      return [np.asarray(x) for x in jax.tree.leaves(reader.restore(params_dir))]
+  except Exception:  # noqa: BLE001  (a damaged file that does not even read)
+    return None
+
+
 def damage_params(workdir, step=LAST) -> None:
-  """Overwrites 16 bytes in the middle of the largest data file Orbax wrote for the params of
-  `step` (its OCDBT chunks): the file still reads, the values it gives are wrong."""
-  files = glob.glob(os.path.join(step_dir(workdir, step), "params", "**", "d", "*"),
-                    recursive=True)
+  """Overwrites bytes in the largest data file Orbax wrote for the params of `step` (its OCDBT
+  chunks) so that the file still reads and gives wrong values: damage the checksums alone can
+  catch. Where the bytes fall decides whether the file still reads (compressed chunks may fail to
+  decode), so positions drawn from fixed seeds are tried until one reads with other values."""
+  params_dir = os.path.join(step_dir(workdir, step), "params")
+  files = glob.glob(os.path.join(params_dir, "**", "d", "*"), recursive=True)
   biggest = max(files, key=os.path.getsize)
-  data = bytearray(open(biggest, "rb").read())
-  rng = np.random.default_rng(0)
-  for i in rng.integers(len(data) // 4, 3 * len(data) // 4, size=16):
-    data[i] = (data[i] + int(rng.integers(1, 256))) % 256
-  with open(biggest, "wb") as f:
-    f.write(bytes(data))
+  with open(biggest, "rb") as f:
+    original = f.read()
+  intact = _read_raw(params_dir)
+  for seed in range(64):
+    data = bytearray(original)
+    rng = np.random.default_rng(seed)
+    for i in rng.integers(len(data) // 4, 3 * len(data) // 4, size=1 + seed % 4):
+      data[i] = (data[i] + int(rng.integers(1, 256))) % 256
+    with open(biggest, "wb") as f:
+      f.write(bytes(data))
+    read = _read_raw(params_dir)
+    if read is not None and any(not np.array_equal(a, b) for a, b in zip(read, intact,
+                                                                        strict=True)):
+      return
+  raise AssertionError(f"no damage of {biggest} that still reads was found")
 
 
 @pytest.fixture
