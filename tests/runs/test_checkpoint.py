@@ -174,7 +174,7 @@ def test_incomplete_checkpoint_is_skipped(runs, trainer, tmp_path):
   run = start_run(tiny_config(), wd, trainer, echo=logs.append)
   run.checkpoints.close()
   assert run.step == STEPS and int(run.state.step) == STEPS
-  assert any("skipping incomplete checkpoint" in s and partial in s for s in logs), logs
+  assert any("removing incomplete checkpoint" in s and partial in s for s in logs), logs
   assert f"resumed from step {STEPS} ({os.path.join(wd, 'checkpoints', str(STEPS))})" in logs
   assert not os.path.exists(partial)  # cleaned up once reported
 

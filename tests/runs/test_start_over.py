@@ -58,7 +58,7 @@ def test_overwrite_over_an_unfinished_save_starts_over_without_traceback(tmp_pat
       env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2"))
   log = out.stdout + out.stderr
   assert out.returncode == 0 and "Traceback" not in log, log
-  assert f"skipping incomplete checkpoint {tmp}" in log
+  assert f"removing incomplete checkpoint {tmp}" in log
   assert "checkpoint.overwrite=True: deleted the previous run's checkpoints" in log
   assert ckpt.complete_steps(os.path.join(workdir, ckpt.CKPT_DIR)) == [1, 2]
   assert not os.path.exists(tmp)

@@ -157,19 +157,21 @@ def start_run(config: ml_collections.ConfigDict, workdir: str | None, trainer,
     return RunStart(None, _fresh_or_loaded(config, trainer, echo), None, 0)
   directory = os.path.join(workdir, CKPT_DIR)
   for path in RunCheckpoints.incomplete(directory):
-    log_main(echo, f"skipping incomplete checkpoint {path} (a save that did not finish)")
-  ck = RunCheckpoints(directory, keep=ckc.keep)
+    log_main(echo, f"removing incomplete checkpoint {path} (a save that did not finish)")
+  ck: RunCheckpoints | None = RunCheckpoints(directory, keep=ckc.keep)
   try:
     _discard_unmarked(ck, workdir, echo)
     if ck.steps() and not ckc.resume:
-      ck.close()
-      _start_over(ck, config, workdir, echo)
+      closed, ck = ck, None
+      closed.close()
+      _start_over(closed, config, workdir, echo)
       ck = RunCheckpoints(directory, keep=ckc.keep)
     if ck.steps():
       return _resume(ck, config, workdir, trainer, echo)
     return RunStart(ck, _fresh_or_loaded(config, trainer, echo), None, 0)
   except BaseException:  # no checkpoint manager (nor its threads) outlives a failed start
-    ck.close()
+    if ck is not None:
+      ck.close()
     raise
 
 

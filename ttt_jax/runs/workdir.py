@@ -34,7 +34,6 @@ from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError, validate
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.data.saved_tokenizer import save_tokenizer
 from ttt_jax.runs.checkpoint import CKPT_DIR, check_load_from, kept_after_disk_full
 from ttt_jax.runs.diskspace import DiskFull, block_bytes, is_disk_full, reported_as_disk_full
 
@@ -261,8 +260,6 @@ def exclusive_workdir(train_fn):
 
     with (claim(config, workdir, echo=echo, data=data) as checked,
           reported_as_disk_full(workdir, kept)):  # a full disk: one line, what is kept
-      if workdir is not None and jax.process_index() == 0:
-        save_tokenizer(checked.tokenizer, os.path.join(workdir, TOKENIZER_DIR))
       return train_fn(config, workdir, *args, echo=echo, data=checked, **kwargs)
 
   return wrapper

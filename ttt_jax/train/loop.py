@@ -11,6 +11,7 @@ start (runs/resume.py) and hands each finished step to four small hooks, one job
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -19,11 +20,12 @@ from tqdm.auto import tqdm
 
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
+from ttt_jax.data.saved_tokenizer import save_tokenizer
 from ttt_jax.models import count_params
 from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.runs.diskspace import check_space, close_all, tree_bytes
 from ttt_jax.runs.resume import start_run
-from ttt_jax.runs.workdir import exclusive_workdir
+from ttt_jax.runs.workdir import TOKENIZER_DIR, exclusive_workdir
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from ttt_jax.train.metrics import MetricWriter, Throughput
 from ttt_jax.train.trainer import Trainer, tokens_per_step
@@ -193,12 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       f"batch {config.data.batch_size}")
   run = start_run(config, workdir, trainer, echo=log)
   state, start = run.state, run.step
-  it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
-  if run.data_state:
-    it.set_state(run.data_state)
-  logger = StepLogger(config, n_params, start, log)
-  guard = NonFiniteGuard(config.train.skip_nonfinite, run.checkpoints, log)
   checkpointer = Checkpointer(run.checkpoints, config)
+  logger: StepLogger | None = None
   evaluator: Evaluator | None = None
   preempted = False
 
@@ -215,6 +213,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   pending: Dispatched | None = None
   failing = True
   try:
+    if workdir is not None and jax.process_index() == 0:  # the run's copy (runs/load.py)
+      save_tokenizer(trainer.data.tokenizer, os.path.join(workdir, TOKENIZER_DIR))
+    it = pipeline.make_iterator(trainer.dataset("train"), config.data.prefetch)
+    if run.data_state:
+      it.set_state(run.data_state)
+    logger = StepLogger(config, n_params, start, log)
+    guard = NonFiniteGuard(config.train.skip_nonfinite, run.checkpoints, log)
     if start < steps:
       checkpointer.check_space(state)
     evaluator = Evaluator(trainer, logger.open(workdir, start, log))
@@ -232,12 +237,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
           finish(pending)
         pending = Dispatched(completed, metrics, position)
         save, evaluate = checkpointer.due(completed), evaluator.due(completed)
-        if save or evaluate or watch.reached(completed):
+        stop = watch.reached(completed)  # read once: a signal landing later waits a step
+        if save or evaluate or stop:
           finish(pending)  # never save or evaluate past a step that has not been checked
           pending = None
         if save:
           checkpointer.save(completed, state, it)
-        if watch.reached(completed):
+        if stop:
           checkpointer.save(completed, state, it, wait=True)
           if watch.signal == "SIGINT":  # saved; then the caller stops as on any Ctrl-C
             log(f"interrupted (Ctrl-C): saved checkpoint at step {completed}")
@@ -252,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
         finish(pending)
     failing = False
   finally:
-    close_all(*logger.closers(), *checkpointer.closers(), failing=failing)
-  return {"state": state, "history": logger.history,
-          "val": {} if evaluator is None else evaluator.last, "trainer": trainer,
+    close_all(*(() if logger is None else logger.closers()), *checkpointer.closers(),
+              failing=failing)
+  return {"state": state, "history": logger.history, "val": evaluator.last, "trainer": trainer,
           "start_step": start, "preempted": preempted, "skipped_nonfinite": guard.skipped}
