@@ -90,10 +90,17 @@ def damaged(run, tmp_path) -> str:
   return workdir
 
 
-def test_an_intact_checkpoint_loads_with_its_checksums(run):
+def test_an_intact_checkpoint_loads_with_its_checksums(run, monkeypatch):
   assert os.path.isdir(os.path.join(step_dir(run, LAST), integrity.CHECKSUMS))
+  compared = []
+  real = integrity.damaged_arrays
+  monkeypatch.setattr(integrity, "damaged_arrays",
+                      lambda saved, restored: compared.append(saved) or real(saved, restored))
   loaded = load_run(run)
   assert loaded.step == LAST
+  # the loaded arrays were compared with the saved checksums, every parameter named there
+  n_params = len(jax.tree.leaves(loaded.params))
+  assert len(compared) == 1 and len(compared[0]["params"]) == n_params, compared
 
 
 def test_load_run_names_the_damaged_step_in_one_line(damaged):
@@ -108,8 +115,9 @@ def test_load_run_names_the_damaged_step_in_one_line(damaged):
   assert load_run(damaged, step=LAST - EVERY).step == LAST - EVERY  # the earlier step is intact
 
 
-def test_the_scripts_print_it_as_one_error_line(damaged, capsys):
-  """evaluate.py, generate.py, convert.py --export ... report it as their one error line."""
+def test_the_scripts_error_handler_prints_it_as_one_line(damaged, capsys):
+  """`user_errors`, the handler around evaluate.py, generate.py, convert.py --export ..., reports
+  it as their one error line."""
   with pytest.raises(SystemExit) as e, user_errors():
     load_run(damaged)
   err = capsys.readouterr().err.strip()
