@@ -25,7 +25,16 @@ import traceback
 
 
 def _run_child(req: dict) -> None:
-  """In the forked process: the script's whole run; never returns."""
+  """In the forked process: the script's whole run; never returns (whatever fails)."""
+  try:
+    code = _run_script(req)
+  except BaseException:  # noqa: BLE001  (a bad request: never back into the serving loop)
+    traceback.print_exc()
+    code = 1
+  os._exit(code)
+
+
+def _run_script(req: dict) -> int:
   for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(target, fd)
@@ -35,7 +44,7 @@ def _run_child(req: dict) -> None:
   signal.alarm(int(req["timeout"]))  # the default SIGALRM action ends a hung script
   script = os.path.abspath(req["script"])
   sys.argv = [script, *req["args"]]
-  sys.path.insert(0, os.path.dirname(script))
+  sys.path[0] = os.path.dirname(script)  # where `python script.py` puts the script's folder
   code = 0
   try:
     runpy.run_path(script, run_name="__main__")
@@ -58,7 +67,7 @@ def _run_child(req: dict) -> None:
   finally:
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+  return code
 
 
 def serve() -> None:
@@ -98,7 +107,7 @@ class ScriptForks:
     req = {"script": script, "args": args, "stdout": out, "stderr": err, "timeout": timeout}
     self.proc.stdin.write(json.dumps(req) + "\n")
     self.proc.stdin.flush()
-    reply = self.proc.stdout.readline()
+    reply = self.proc.stdout.readline()  # the server's child ends at `timeout` (SIGALRM)
     if not reply:
       raise RuntimeError(f"the script server stopped (exit {self.proc.wait()})")
     with open(out) as f_out, open(err) as f_err:
@@ -107,7 +116,11 @@ class ScriptForks:
 
   def close(self) -> None:
     self.proc.stdin.close()
-    self.proc.wait(timeout=60)
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait()
 
 
 if __name__ == "__main__":

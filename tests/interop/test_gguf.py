@@ -52,12 +52,14 @@ def gguf_name(hf: str) -> str:
   return f"blk.{layer}.{GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
 
 
-def write_gguf(path, cfg, tensors, *, arch="llama", extra=None, specials=None):
+def write_gguf(path, cfg, tensors, *, arch="llama", extra=None, specials=None, context=256):
   """A GGUF file of the HF-named `tensors`; `specials` the tokenizer metadata among bos, eos,
-  eot, pad, add_bos, chat_template (default: bos = eos = 0)."""
+  eot, pad, add_bos, chat_template (default: bos = eos = 0); `context` its context_length
+  (None: not stated)."""
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg["num_hidden_layers"])
-  w.add_context_length(256)
+  if context is not None:
+    w.add_context_length(context)
   w.add_embedding_length(cfg["hidden_size"])
   w.add_feed_forward_length(cfg["intermediate_size"])
   w.add_head_count(cfg["num_attention_heads"])
@@ -99,6 +101,13 @@ def test_rope_permutation_round_trips():
   # one head of d=4: half-split rows (0, 1 | 2, 3) rotate pairs (0,2), (1,3); interleaved (0,1)
   np.testing.assert_array_equal(half_split_to_interleaved(np.arange(4.0)[:, None], 1)[:, 0],
                                 [0, 2, 1, 3])
+
+
+def test_a_gguf_without_context_length_records_an_unknown_trained_context(tmp_path):
+  cfg, tensors = random_llama(seed=5, vocab_size=len(tiny_vocab()))
+  path = write_gguf(tmp_path / "m.gguf", cfg, tensors, context=None)
+  config = import_gguf(path, str(tmp_path / "run"), seq_len=64, echo=None)
+  assert config.model.trained_context == 0  # unknown: no warning about longer contexts
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -111,7 +111,7 @@ def read_spec(reader: gguf.GGUFReader, where: str) -> LlamaSpec:
       rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
       rope_theta=float(get("rope.freq_base", 10000.0)),
       tie_word_embeddings="output.weight" not in names,
-      max_position_embeddings=int(get("context_length", 2048)),
+      max_position_embeddings=int(get("context_length", 0)),  # 0: not stated
       bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
       eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"))
 

@@ -70,7 +70,7 @@ class LlamaSpec:
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   tie_word_embeddings: bool = False
-  max_position_embeddings: int = 2048
+  max_position_embeddings: int = 0  # the trained context; 0 when the files do not say
   bos_token_id: int | None = None
   eos_token_id: int | None = None
 
@@ -100,7 +100,7 @@ class LlamaSpec:
                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                rope_theta=float(cfg.get("rope_theta", 10000.0)),
                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-               max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+               max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),  # HF default
                bos_token_id=cfg.get("bos_token_id"),
                eos_token_id=eos[0] if isinstance(eos, list) else eos)
 
@@ -300,5 +300,6 @@ def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_le
     echo(f"wrote {out}: {spec.num_hidden_layers} layers, d_model {spec.hidden_size}, heads "
          f"{spec.num_attention_heads}/{spec.num_key_value_heads} kv, vocab {tokenizer.vocab_size}"
          f" (checkpoint {spec.vocab_size}), {n / 1e6:.1f}M parameters, tokenizer {spec_str}; "
-         f"context {seq_len} (--seq_len), trained at {spec.max_position_embeddings}")
+         f"context {seq_len} (--seq_len), trained at "
+         f"{spec.max_position_embeddings or 'a context the files do not state'}")
   return config

@@ -24,18 +24,16 @@ from flax import nnx
 
 from ttt_jax.config import ConfigError
 from ttt_jax.layers.attention_kernels import (
-    library_attention,
-    resolve_impl,
-    splash_attention,
-    splash_block,
+  library_attention,
+  resolve_impl,
+  splash_attention,
+  splash_block,
 )
-from ttt_jax.layers.cache_attention import filled_attention, online_softmax_step
+from ttt_jax.layers.cache_attention import NEG_INF, filled_attention, online_softmax_step
 from ttt_jax.layers.common import dtype, linear
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
-
-NEG_INF = -1e30
 
 
 class KVCache(NamedTuple):
