@@ -7,8 +7,15 @@ import types
 
 import pytest
 
-from ttt_jax.config import build_config
-from ttt_jax.train.loop import Checkpointer, Dispatched, Evaluator, NonFiniteError, NonFiniteGuard
+from ttt_jax.config import ConfigError, build_config
+from ttt_jax.train.loop import (
+  Checkpointer,
+  Dispatched,
+  Evaluator,
+  NonFiniteError,
+  NonFiniteGuard,
+  train_and_evaluate,
+)
 
 
 def _config(steps=10, every=4, eval_every=3):
@@ -48,3 +55,14 @@ def test_guard_warns_up_to_the_allowed_skips_then_names_the_step_and_the_last_ch
   with pytest.raises(NonFiniteError, match=r"step 6 .*pos.*6.*last checkpoint: step 4"):
     guard.skipped_step(Dispatched(6, {}, '{"pos":6}'), metrics)
   assert notes[-1] == "waited"  # a save in flight lands before the error names the last one
+
+
+def test_a_fresh_start_failing_in_the_trainer_leaves_no_workdir(tmp_path):
+  """The model cannot be built here (cuDNN attention on a CPU): the run fails in one line and
+  the workdir it created is gone, with nothing written into it (no tokenizer copy either)."""
+  config = _config()
+  config.model.attention_impl = "cudnn"
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="attention_impl"):
+    train_and_evaluate(config, str(workdir), echo=lambda s: None)
+  assert not workdir.exists(), list(workdir.iterdir())
