@@ -4,8 +4,8 @@
       --variants "llama;ours-1t;ours;ours-1t,dtype=bfloat16"
 """
 
-from ttt_jax.benchmarks.decode import build_parser, main, worker_main
+from ttt_jax.benchmarks.decode import build_parser, cli_main
+from ttt_jax.cli import run_argparse_main
 
 if __name__ == "__main__":
-  args = build_parser().parse_args()
-  worker_main(args) if args.worker else main(args)
+  run_argparse_main(cli_main, build_parser)

@@ -34,6 +34,12 @@ import time
 import ml_collections
 import numpy as np
 
+from ttt_jax.argtypes import int_in
+from ttt_jax.config import ConfigError
+from ttt_jax.eval.generate import prompt_ids
+from ttt_jax.interop.llama import IMPORT_RECORD
+from ttt_jax.runs.load import load_run
+
 SINGLE_THREAD_XLA = ("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 INSTALL = ('llama.cpp is missing: CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF" pip install '
            '--target /tmp/llamacpp llama-cpp-python==0.3.36  (or give --llama_path)')
@@ -154,12 +160,15 @@ def main(args) -> dict:
     sys.path.append(args.llama_path)
     if importlib.util.find_spec("llama_cpp") is None:
       sys.exit(INSTALL)
-  from ttt_jax.eval.generate import prompt_ids
-  from ttt_jax.runs.load import load_run
   run = load_run(args.workdir)
   if args.gguf is None:
-    with open(os.path.join(args.workdir, "import.json")) as f:
-      args.gguf = json.load(f)["source"]
+    record = os.path.join(args.workdir, IMPORT_RECORD)
+    try:
+      with open(record) as f:
+        args.gguf = json.load(f)["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+      raise ConfigError(f"--workdir {args.workdir}: no readable {record} naming the GGUF it was "
+                        "imported from; give --gguf FILE") from None
   prompt = prompt_ids(run.data.tokenizer, args.prompt).tolist()
   print(f"prompt: {len(prompt)} tokens; {args.new_tokens} decode tokens; load average "
         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
@@ -215,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--llama_path", default="/tmp/llamacpp",
                   help="folder holding llama_cpp (pip install --target)")
   ap.add_argument("--prompt", default="To be, or not to be, that is the question:")
-  ap.add_argument("--new_tokens", type=int, default=128, help="decode tokens after the first")
-  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--new_tokens", type=int_in(1), default=128,
+                  help="decode tokens after the first")
+  ap.add_argument("--rounds", type=int_in(1), default=3)
   ap.add_argument("--variants", type=variant_list, default=["llama", "ours-1t", "ours"],
                   help="';'-separated variants (module docstring)")
   ap.add_argument("--pin", type=int, default=None, help="pin every worker to this CPU")
@@ -225,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
   return ap
 
 
-if __name__ == "__main__":
-  _args = build_parser().parse_args()
-  worker_main(_args) if _args.worker else main(_args)
+
+def cli_main(argv: list[str]) -> None:
+  """scripts/compare_decode.py: the comparison, or (internal --worker) one variant's worker."""
+  args = build_parser().parse_args(argv)
+  worker_main(args) if args.worker else main(args)
+
+
+if __name__ == "__main__":  # the workers: python -m ttt_jax.benchmarks.decode --worker SPEC ...
+  cli_main(sys.argv[1:])
