@@ -181,3 +181,17 @@ def test_tokenizer_specials_are_not_split(tmp_path):
   # the file's ids; no PAD id in the file: EOS pads, no id is added to the vocabulary
   assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == (0, 0, 0, (0,))
   assert tok.vocab_size == len(tiny_vocab())
+
+
+def test_an_imported_run_opens_after_its_folder_moved(tmp_path):
+  """The import names its tokenizer files by absolute path; the run's copy of its tokenizer
+  (<workdir>/tokenizer) serves once the folder and the GGUF file have moved."""
+  cfg, tensors = random_llama(seed=6, vocab_size=len(tiny_vocab()))
+  import_gguf(write_gguf(tmp_path / "m.gguf", cfg, tensors), str(tmp_path / "run"), seq_len=64,
+              echo=None)
+  before = load_run(str(tmp_path / "run")).data.tokenizer
+  (tmp_path / "run").rename(tmp_path / "moved")
+  (tmp_path / "m.gguf").rename(tmp_path / "elsewhere.gguf")
+  after = load_run(str(tmp_path / "moved")).data.tokenizer
+  assert after.fingerprint() == before.fingerprint()
+  assert list(after.encode("hello world 42")) == list(before.encode("hello world 42"))

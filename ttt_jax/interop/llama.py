@@ -32,10 +32,11 @@ import numpy as np
 
 from ttt_jax.config import ConfigError, base_config, validate
 from ttt_jax.data import special_tokens
+from ttt_jax.data.saved_tokenizer import save_tokenizer
 from ttt_jax.data.tokenizers import HFTokenizer, Tokenizer
 from ttt_jax.models.lm import padded_vocab
 from ttt_jax.runs.checkpoint import CKPT_DIR, RunCheckpoints
-from ttt_jax.runs.workdir import WorkdirLock
+from ttt_jax.runs.workdir import TOKENIZER_DIR, WorkdirLock
 from ttt_jax.train.trainer import Trainer
 
 LAYER_NAMES = {  # HF name inside `model.layers.{i}.` -> (path in the block, transpose)
@@ -292,6 +293,8 @@ def _write_workdir(out: str, params: dict, spec: LlamaSpec, tokenizer, *, seq_le
     ck.save(0, state, None, config, wait=True)
   finally:
     ck.close()
+  # the run's copy of its tokenizer (runs/load.py): the run opens after `out` moved
+  save_tokenizer(tokenizer, os.path.join(out, TOKENIZER_DIR))
   if record is not None:
     with open(record_path, "w") as f:
       json.dump(record, f, indent=2)
