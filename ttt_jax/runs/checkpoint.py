@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 from typing import Any
 
 import jax
@@ -362,38 +360,3 @@ def load_from_dir(src: str) -> str:
   if os.path.basename(os.path.normpath(src)) == CKPT_DIR:
     return src
   return os.path.join(src, CKPT_DIR)
-
-
-class PreemptionWatch:
-  """Notices SIGTERM or Ctrl-C (SIGINT) on one process, JAX's preemption sync point on several;
-  `signal` names the one that came first. A second Ctrl-C stops at once (KeyboardInterrupt)."""
-
-  def __init__(self):
-    self.requested = False
-    self.signal: str | None = None
-    self._old = {}
-
-  def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
-          self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if signum == signal.SIGINT and self.signal == "SIGINT":
-      raise KeyboardInterrupt  # Ctrl-C again while the checkpoint is written: stop now
-    self.requested = True
-    self.signal = self.signal or signal.Signals(signum).name
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # preemption service not enabled in jax.distributed
-        return False
-    return self.requested
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)

@@ -12,23 +12,60 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.saved_tokenizer import save_tokenizer
 from ttt_jax.models import count_params
-from ttt_jax.runs import checkpoint as ckpt
 from ttt_jax.runs.diskspace import check_space, close_all, tree_bytes
 from ttt_jax.runs.resume import start_run
 from ttt_jax.runs.workdir import TOKENIZER_DIR, exclusive_workdir
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from ttt_jax.train.metrics import MetricWriter, Throughput
 from ttt_jax.train.trainer import Trainer, tokens_per_step
+
+
+class PreemptionWatch:
+  """Notices SIGTERM or Ctrl-C (SIGINT) on one process, JAX's preemption sync point on several;
+  `signal` names the one that came first. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+  def __init__(self):
+    self.requested = False
+    self.signal: str | None = None
+    self._old = {}
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        if sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+          self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.signal == "SIGINT":
+      raise KeyboardInterrupt  # Ctrl-C again while the checkpoint is written: stop now
+    self.requested = True
+    self.signal = self.signal or signal.Signals(signum).name
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError:  # preemption service not enabled in jax.distributed
+        return False
+    return self.requested
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 class NonFiniteError(RuntimeError):
@@ -228,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     if evaluator.missed(start):
       evaluator.run(state.params, start, unless_logged=True)
     logger.pause_clock(start)
-    with ckpt.PreemptionWatch() as watch:
+    with PreemptionWatch() as watch:
       for step in range(start, steps):
         position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
         state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))

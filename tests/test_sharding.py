@@ -1,6 +1,6 @@
 """Sharding over the (data, fsdp, tensor) mesh: same numbers as one device, really sharded.
 
-The multi-device checks run in subprocesses (tests/train/sharding_worker.py) with 8 forced host
+The multi-device checks run in subprocesses (tests/sharding_worker.py) with 8 forced host
 CPU devices, or as two `jax.distributed` processes on localhost with 4 devices each. All model
 kinds and meshes are computed in one subprocess to pay the start-up cost once.
 """

@@ -1,4 +1,4 @@
-"""Subprocess side of tests/train/test_sharding.py (needs its own XLA device flags).
+"""Subprocess side of tests/test_sharding.py (needs its own XLA device flags).
 
 `meshes`: for each model kind, trains 3 steps on 1 device and on the (data, fsdp, tensor) meshes
 (8,1,1), (1,8,1), (2,2,2) of 8 forced host devices; saves a checkpoint on (2,2,2) and restores
