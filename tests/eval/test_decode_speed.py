@@ -46,16 +46,17 @@ def test_filled_attention_equals_dense(tq):
 
 
 def test_generation_reads_filled_slots_with_the_dense_tokens(monkeypatch):
-  calls = []
+  calls = []  # the query length of each traced call (1: a decode step; 16: a prefill chunk)
   monkeypatch.setattr(A, "filled_attention",
-                      lambda *a, **kw: calls.append(1) or filled_attention(*a, **kw))
+                      lambda q, *a, **kw: calls.append(q.shape[1]) or filled_attention(q, *a,
+                                                                                       **kw))
   prompt = np.random.default_rng(1).integers(0, 256, (2, 20)).astype(np.int32)
   outs = {}
   for algorithm in ("auto", "dense"):
     m, graphdef, params = tiny_transformer(algorithm)
     outs[algorithm] = G.Generator(graphdef, params, m, chunk=16, max_len=64)(prompt, 30)
     if algorithm == "auto":
-      assert calls, "the decode step did not take the filled-slots path"
+      assert 1 in calls, f"the decode step did not take the filled-slots path: {calls}"
   np.testing.assert_array_equal(outs["auto"], outs["dense"])
 
 
