@@ -319,7 +319,7 @@ class Attention(nnx.Module):
                                                   axis=0)
       new_state = KVCache(k=k_all, v=v_all, pos=k_pos)
       alg, cap = self.algorithm, k_pos.shape[0]
-      if (alg.impl == "blockwise" and alg.name == "auto" and cap % alg.block == 0
+      if (alg.impl == "blockwise" and alg.name in ("auto", "blocked") and cap % alg.block == 0
           and q.shape[1] * cap <= alg.dense_max_scores):  # where auto picks dense: filled only
         out = filled_attention(q, k_all, v_all, positions, k_pos, filled + positions.shape[0],
                                block=alg.block)

@@ -33,7 +33,9 @@ def online_softmax_step(carry, qg, kj, vj, mask, scale: float):
 def filled_attention(q, k, v, q_pos, k_pos, end, *, block: int) -> jax.Array:
   """Causal attention of q [B, Tq, H, d] (positions q_pos [Tq]) over the cache's first `end`
   slots (k/v [B, C, Hkv, d], positions k_pos [C], -1 = empty; C a multiple of `block`; Hkv
-  divides H: grouped-query attention). Slots at or past `end` must be empty or invisible."""
+  divides H: grouped-query attention). Slots at or past `end` must be empty or invisible.
+  The loop's trip count is known only at run time, so this is not reverse-differentiable: it
+  serves streaming and decoding, where no gradient flows through a full-attention cache."""
   b, tq, h, d = q.shape
   hk = k.shape[2]
   g = h // hk
