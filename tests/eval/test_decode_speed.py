@@ -52,12 +52,13 @@ def test_generation_reads_filled_slots_with_the_dense_tokens(monkeypatch):
                                                                                        **kw))
   prompt = np.random.default_rng(1).integers(0, 256, (2, 20)).astype(np.int32)
   outs = {}
-  for algorithm in ("auto", "dense"):
+  for algorithm in ("auto", "blocked", "dense"):  # blocked falls back to auto against the cache
+    calls.clear()
     m, graphdef, params = tiny_transformer(algorithm)
     outs[algorithm] = G.Generator(graphdef, params, m, chunk=16, max_len=64)(prompt, 30)
-    if algorithm == "auto":
-      assert 1 in calls, f"the decode step did not take the filled-slots path: {calls}"
+    assert (1 in calls) == (algorithm != "dense"), (algorithm, calls)
   np.testing.assert_array_equal(outs["auto"], outs["dense"])
+  np.testing.assert_array_equal(outs["blocked"], outs["dense"])
 
 
 def test_bfloat16_decode_model_keeps_the_greedy_tokens():
