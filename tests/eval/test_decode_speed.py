@@ -5,6 +5,8 @@ warning."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import build_config
+from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import generate as G
 from ttt_jax.layers import attention as A
 from ttt_jax.layers.cache_attention import filled_attention
@@ -91,3 +94,31 @@ def test_a_generation_is_one_call_of_the_compiled_loop():
   gen.loop = lambda *a: calls.append(1) or loop(*a)
   prompt = np.random.default_rng(3).integers(0, 256, (1, 9)).astype(np.int32)
   assert gen(prompt, 40).shape == (1, 40) and len(calls) == 1
+
+
+class _Cast(Exception):
+  """Raised by the stand-in decode_model: the cast was asked for (nothing is compiled)."""
+
+
+@pytest.mark.parametrize("compute, asked, cast", [
+    ("float32", "float32", False), ("bfloat16", "float32", True), ("float32", "bfloat16", True)])
+def test_generate_text_dtype_means_weights_and_computation(monkeypatch, compute, asked, cast):
+  """--dtype X: weights and computation in X. Float32 weights computing in bfloat16 asked for
+  float32 are rebuilt to compute in float32 (the dtype was compared with the weights' alone)."""
+  config = build_config("model=transformer,ctx=64")
+  config.model.compute_dtype = compute
+  run = types.SimpleNamespace(config=config, graphdef=None, params=None,
+                              data=types.SimpleNamespace(tokenizer=ByteTokenizer()))
+
+  def stand_in(cfg, params, dtype):
+    raise _Cast(dtype)
+
+  monkeypatch.setattr(G, "decode_model", stand_in)
+  monkeypatch.setattr(G, "Generator", lambda *a, **kw: (_ for _ in ()).throw(AssertionError))
+  with pytest.raises(_Cast if cast else AssertionError):
+    G.generate_text(run, "hi", 4, dtype=asked, echo=lambda s: None)
+
+
+def test_generate_text_refuses_a_dtype_for_a_given_generator():
+  with pytest.raises(ValueError, match="a given generator keeps the dtype it was built with"):
+    G.generate_text(None, "hi", 4, generator=object(), dtype="bfloat16")

@@ -258,6 +258,9 @@ def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: fl
   once and computes in it (`decode_model`).
   """
   check_sampling(temperature, top_k, top_p)
+  if generator is not None and dtype:
+    raise ValueError("dtype applies when the generator is built here; a given generator keeps "
+                     "the dtype it was built with (decode_model)")
   tok = run.data.tokenizer
   ids = prompt_ids(tok, prompt, chat=chat)[None]
   seq_len = seq_len or run.config.data.seq_len
@@ -266,7 +269,7 @@ def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: fl
     (echo or partial(print, file=sys.stderr))(warning)
   if generator is None:
     cfg, graphdef, params = run.config.model, run.graphdef, run.params
-    if dtype and dtype != cfg.param_dtype:
+    if dtype and (dtype, dtype) != (cfg.param_dtype, cfg.compute_dtype):  # both in `dtype`
       cfg, graphdef, params = decode_model(cfg, params, dtype)
     generator = Generator(graphdef, params, cfg, chunk=run.config.eval.chunk, max_len=seq_len)
 
