@@ -199,11 +199,15 @@ def causal_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *,
 
 
 def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered: bool = False,
+                          filled: jax.Array | None = None,
                           algorithm: AttentionAlgorithm = DEFAULT_ALGORITHM) -> jax.Array:
   """Softmax attention with a position-derived mask. q [B,Tq,H,d], k/v [B,Tk,Hkv,d].
 
   `algorithm` picks how (see `AttentionAlgorithm`). `ordered=True` says the inputs have the
   layout of `ordered_layout` (one-shot inputs, window caches), which allows the blocked path.
+  `filled` says the keys are a full-attention cache filled left to right, its first `filled`
+  slots holding keys: where auto would read every slot densely it reads only the blocks of
+  those (layers/cache_attention.py), when Tk is a multiple of the block.
   """
   tq, tk = q.shape[1], k.shape[1]
   one_shot = ordered and tq == tk  # keys = queries (no cache)
@@ -226,6 +230,8 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   if ordered and n_blocks >= 2 and q_block * tk <= algorithm.dense_max_scores:
     return causal_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=q_block)
   if tq * tk <= algorithm.dense_max_scores:
+    if filled is not None and window is None and tk % algorithm.block == 0:
+      return filled_attention(q, k, v, q_pos, k_pos, filled, block=algorithm.block)
     return dense_attention(q, k, v, q_pos, k_pos, window)
   fb = algorithm.flash_block
   return blockwise_attention(q, k, v, q_pos, k_pos, window, q_block=fb, k_block=fb)
@@ -304,6 +310,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
+    filled = None  # the slots holding keys, for a full-attention cache
     if state is None:
       k_all, v_all, k_pos = k, v, positions
       new_state = None
@@ -318,12 +325,7 @@ class Attention(nnx.Module):
       k_pos = jax.lax.dynamic_update_slice_in_dim(state.pos, positions.astype(jnp.int32), filled,
                                                   axis=0)
       new_state = KVCache(k=k_all, v=v_all, pos=k_pos)
-      alg, cap = self.algorithm, k_pos.shape[0]
-      if (alg.impl == "blockwise" and alg.name in ("auto", "blocked") and cap % alg.block == 0
-          and q.shape[1] * cap <= alg.dense_max_scores):  # where auto picks dense: filled only
-        out = filled_attention(q, k_all, v_all, positions, k_pos, filled + positions.shape[0],
-                               block=alg.block)
-        return self.wo(out.reshape(*out.shape[:-2], -1)), new_state
+      filled = filled + positions.shape[0]
     else:
       k_all = jnp.concatenate([state.k, k.astype(state.k.dtype)], axis=1)
       v_all = jnp.concatenate([state.v, v.astype(state.v.dtype)], axis=1)
@@ -333,7 +335,7 @@ class Attention(nnx.Module):
     # one-shot, or keys = [window, new]: the queries are the last keys and positions only grow
     ordered = state is None or self.window is not None
     out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window, ordered=ordered,
-                                algorithm=self.algorithm)
+                                filled=filled, algorithm=self.algorithm)
     out = out.reshape(*out.shape[:-2], -1)
     return self.wo(out), new_state
 
