@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import os
 import sys
+from collections.abc import Callable
 
 import grain
 import ml_collections
@@ -50,13 +51,14 @@ class Dataset:
 
   @classmethod
   def from_config(cls, data_cfg: ml_collections.ConfigDict,
-                  saved_tokenizer: Tokenizer | None = None) -> Dataset:
+                  saved_tokenizer: Callable[[], Tokenizer | None] | None = None) -> Dataset:
     """Resolves `data.source` and `data.tokenizer` (one-line ConfigError if either is wrong).
 
-    `saved_tokenizer`, a run's own copy of the tokenizer it trained with (a run opened
-    read-only), stands in where they cannot be resolved: the tokenizer is then the copy, and a
-    source that cannot be opened (e.g. a data folder moved away) fails in one line only when
-    its documents are read, saying that --data chooses other data.
+    `saved_tokenizer` reads a run's own copy of the tokenizer it trained with (a run opened
+    read-only; None when it has none); it is called only where they cannot be resolved: the
+    tokenizer is then the copy, and a source that cannot be opened (e.g. a data folder moved
+    away) fails in one line only when its documents are read, saying that --data chooses other
+    data.
     """
     knobs = {"val_fraction": data_cfg.val_fraction,
              "text_field": data_cfg.get("text_field", "text"),
@@ -68,10 +70,11 @@ class Dataset:
       kind = sources.source_kind(source)
       prepared = PreparedData(source) if kind == "prepared" else None
     except ConfigError as e:
-      if saved_tokenizer is None:
+      copy = saved_tokenizer() if saved_tokenizer else None
+      if copy is None:
         raise
       gone = not source.startswith("tfds:") and not os.path.exists(os.path.expanduser(source))
-      return cls(source, "unavailable", saved_tokenizer, unavailable=(
+      return cls(source, "unavailable", copy, unavailable=(
           f"data.source={source!r}, the data this run trained on, cannot be read "
           f"({'no such file or folder' if gone else e}); --data chooses other data "
           "(e.g. --data embedded)"), **knobs)
@@ -80,9 +83,9 @@ class Dataset:
                                                                           data_cfg.tokenizer)
       tokenizer = get_tokenizer(spec)
     except ConfigError:
-      if saved_tokenizer is None:
+      tokenizer = saved_tokenizer() if saved_tokenizer else None
+      if tokenizer is None:
         raise
-      tokenizer = saved_tokenizer
     return cls(source, kind, tokenizer, prepared=prepared, **knobs)
 
   def with_source(self, source: str, flag: str = "--data") -> Dataset:

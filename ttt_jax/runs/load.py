@@ -5,6 +5,7 @@ start) is runs/resume.py; the checkpoint store is runs/checkpoint.py.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -61,8 +62,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     config = config_from_saved(checkpoints.saved_config(step))
     # resolved once; every evaluation receives it. The run's copy of its tokenizer stands in
     # where data.source or data.tokenizer no longer resolve (a data folder moved away).
-    data = Dataset.from_config(config.data, load_saved_tokenizer(
-        os.path.join(workdir, TOKENIZER_DIR)))
+    data = Dataset.from_config(config.data, functools.partial(
+        load_saved_tokenizer, os.path.join(workdir, TOKENIZER_DIR)))
     data.sync_vocab(config)
     validate(config)
     graphdef, abstract = abstract_model(config.model, config.seed)
