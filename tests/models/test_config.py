@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 
 from ttt_jax.config import base_config, build_config
+from ttt_jax.layers import ttt_variants
+from ttt_jax.layers.ttt import TTTConfig
 from ttt_jax.models.config import E2ESection, ModelConfig, TTTSection, model_config
 
 
@@ -31,3 +33,11 @@ def test_built_from_a_preset_and_frozen():
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.d_model = 3
   assert cfg.out_std == section.init_std / (2 * section.num_layers) ** 0.5
+
+
+def test_the_ttt_layers_own_config_defaults_are_the_models():
+  """`TTTConfig` (the layer built on its own) defaults to what `base_config` gives a model."""
+  cfg = model_config(base_config().model)
+  layer = TTTConfig(d_model=cfg.d_model, num_heads=cfg.num_heads)
+  # every knob but the depth-scaled output std, which only a model knows
+  assert ttt_variants.ttt_config(cfg, "linear") == dataclasses.replace(layer, out_std=cfg.out_std)
