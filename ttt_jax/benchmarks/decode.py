@@ -36,7 +36,7 @@ import numpy as np
 
 from ttt_jax.argtypes import int_in
 from ttt_jax.config import ConfigError
-from ttt_jax.eval.generate import prompt_ids
+from ttt_jax.eval.generate import Generator, prompt_ids
 from ttt_jax.interop.llama import IMPORT_RECORD
 from ttt_jax.runs.load import load_run
 
@@ -55,15 +55,13 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 
 def ours_worker(workdir: str, prompt: list[int], n_new: int, opts: dict[str, str]):
   """(measure() -> dict, description): the run's Generator, compiled for 1 and n_new + 1 tokens."""
-  from ttt_jax.eval.generate import Generator  # here: a baseline checkout (src=) may lack the
-  from ttt_jax.runs.load import load_run  # rest of this module's imports
   run = load_run(workdir)
   cfg, graphdef, params = run.config.model, run.graphdef, run.params
   if "attention" in opts:  # e.g. dense: every cache slot read at every step
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.attention_algorithm = opts["attention"]
   if "attention" in opts or opts.get("dtype", "float32") != cfg.param_dtype:
-    from ttt_jax.eval.generate import decode_model
+    from ttt_jax.eval.generate import decode_model  # here: a baseline checkout (src=) may lack it
     cfg, graphdef, params = decode_model(cfg, params, opts.get("dtype", cfg.param_dtype))
   seq_len = int(opts.get("seq_len", run.config.data.seq_len))
   gen = Generator(graphdef, params, cfg, chunk=run.config.eval.chunk, max_len=seq_len)
