@@ -19,11 +19,18 @@ import optax
 from flax import nnx, struct
 from tqdm.auto import tqdm
 
-from ttt_jax import sharding as shd
 from ttt_jax.config import LOGICAL_RULES, Rules, validate
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.models import abstract_model, build_model
-from ttt_jax.sharding import activation_sharding, constrain, rules_from_config
+from ttt_jax.sharding import (
+  activation_sharding,
+  batch_sharding,
+  constrain,
+  make_mesh,
+  param_shardings,
+  replicated,
+  rules_from_config,
+)
 from ttt_jax.train.metrics import validation_metrics
 from ttt_jax.train.optim import lr_schedule, make_optimizer
 
@@ -58,19 +65,19 @@ class Trainer:
     config = copy.deepcopy(config)
     data.sync_vocab(config)
     validate(config)
-    mesh = shd.make_mesh(config.mesh) if mesh is None else mesh
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
     optimizer = make_optimizer(config.train, config.model.mixer)
     rules = rules_from_config(config)
-    p_shard = shd.param_shardings(abstract, mesh, rules)
+    p_shard = param_shardings(abstract, mesh, rules)
     abstract_params = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    repl = shd.replicated(mesh)
+    repl = replicated(mesh)
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
-               shd.batch_sharding(mesh, rules), rules, data)
+               batch_sharding(mesh, rules), rules, data)
 
   # -- pure functions --------------------------------------------------------------------------
   def model(self, params) -> nnx.Module:
