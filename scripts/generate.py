@@ -22,7 +22,7 @@ import sys
 from ttt_jax.argtypes import float_in, int_in
 from ttt_jax.cli import ArgumentParser, fail, positive_int, user_errors
 from ttt_jax.config import ConfigError
-from ttt_jax.eval.generate import generate_text
+from ttt_jax.eval.generate import DECODE_DTYPES, generate_text
 from ttt_jax.eval.sampling import check_sampling
 from ttt_jax.runs.load import load_run
 
@@ -44,8 +44,10 @@ def main(argv=None) -> None:
                   help="stop string (repeatable): generation ends before its first occurrence")
   ap.add_argument("--seq_len", type=positive_int, default=None,
                   help="context length (default: the run's data.seq_len)")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                  help="cast the weights once and compute in this dtype (default: the run's)")
+  ap.add_argument("--dtype", choices=DECODE_DTYPES, default=None,
+                  help="weights for decoding: float32 or bfloat16 (cast once, computing in it), "
+                       "or int8 (every matrix stored int8, computing in float32; fastest on "
+                       "CPU). Default: the run's")
   ap.add_argument("--step", type=int_in(0), default=None,
                   help="checkpoint step (default: latest)")
   ap.add_argument("--no_progress", action="store_true", help="no progress bar")

@@ -1,7 +1,7 @@
 """Faster decode, same answers: attention over a full-attention cache's filled slots only equals
 the dense masked softmax (and a generation through it gives the dense path's tokens); bfloat16
-weights for decode are bfloat16 and keep the float32 greedy tokens; the trained-context
-warning."""
+weights for decode are bfloat16 and keep the float32 greedy tokens; 8-bit weights compute their
+widened float model, for every kind; the trained-context warning."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from ttt_jax.config import build_config
 from ttt_jax.data.tokenizers import ByteTokenizer
 from ttt_jax.eval import generate as G
 from ttt_jax.layers import attention as A
+from ttt_jax.layers import int8 as Q
 from ttt_jax.layers.cache_attention import filled_attention
+from ttt_jax.layers.common import building_for
 from ttt_jax.models import build_model
 
 
@@ -122,3 +124,80 @@ def test_generate_text_dtype_means_weights_and_computation(monkeypatch, compute,
 def test_generate_text_refuses_a_dtype_for_a_given_generator():
   with pytest.raises(ValueError, match="a given generator keeps the dtype it was built with"):
     G.generate_text(None, "hi", 4, generator=object(), dtype="bfloat16")
+
+
+def _widened(params: dict, params8: dict) -> dict:
+  """The float parameters with every weight that decode_model(..., 'int8') stored 8-bit replaced
+  by what its codes stand for: the float model that the 8-bit one computes."""
+  out = dict(params)
+  for key, sub in params8.items():
+    if not isinstance(sub, dict):
+      continue
+    if set(sub) == {"q", "scale", "offset"}:  # a SwiGLU matrix or the head
+      out[key] = Q.dequantize(sub["q"], sub["scale"], sub["offset"])
+    elif "weight" in sub and "kernel" in params[key]:  # a projection
+      out[key] = {**params[key], "kernel": Q.dequantize(**sub["weight"])}
+    elif "table" in sub:  # the embedding: token rows
+      out[key] = {"embedding": Q.dequantize(**sub["table"]).T}
+    else:
+      out[key] = _widened(params[key], sub)
+  return out
+
+
+def _int8_case(kind: str):
+  m = build_config(f"model={kind},ctx=64").model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size, m.init_std = 2, 64, 4, 96, 0.3
+  if kind == "transformer":
+    m.num_kv_heads, m.attention_block, m.tie_embeddings = 2, 16, True
+  if kind == "e2e":
+    m.e2e.mini_batch_size, m.e2e.ilr_init, m.e2e.prime_intermediate_size = 16, 1.0, 96
+  if kind == "swa":
+    m.scan_layers, m.tie_embeddings = True, False
+  graphdef, state = nnx.split(build_model(m, seed=4))
+  return m, graphdef, state.to_pure_dict()
+
+
+@pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e"])
+def test_int8_decode_model_computes_its_widened_float_model(kind):
+  """Every matrix stored 8-bit (layers/int8.py) but TTT-E2E's prime MLPs, which keep training
+  while it decodes (their inner steps differentiate through the 8-bit layers); the greedy tokens
+  and logits are those of the float model whose weights are the codes widened."""
+  m, graphdef, params = _int8_case(kind)
+  cfg, graphdef8, params8 = G.decode_model(m, params, "int8")
+  assert cfg.compute_dtype == cfg.param_dtype == "float32"
+  leaves = jax.tree_util.tree_flatten_with_path(params8)[0]
+  coded = {jax.tree_util.keystr(p) for p, x in leaves if x.dtype == jnp.uint8}
+  assert any("embed" in p for p in coded) and any("mlp" in p for p in coded)
+  assert any("mixer" in p for p in coded)
+  assert not any("prime" in p for p in coded)  # e2e: float, trained at test time
+  floats = {jax.tree_util.keystr(p) for p, x in leaves if x.dtype == jnp.float32}
+  assert (kind == "e2e") == any("prime" in p for p in floats)
+  reference = _widened(params, params8)
+  prompt = np.random.default_rng(7).integers(0, 256, (1, 21)).astype(np.int32)
+  want = G.Generator(graphdef, reference, m, chunk=16, max_len=64)(prompt, 30)
+  got = G.Generator(graphdef8, params8, cfg, chunk=16, max_len=64)(prompt, 30)
+  np.testing.assert_array_equal(got, want)
+  if kind in ("transformer", "swa"):  # one row through the kernel, teacher-forced
+    seq = jnp.asarray(np.concatenate([prompt, want], 1))
+    logits = {}
+    for name, (g, p) in {"int8": (graphdef8, params8), "float": (graphdef, reference)}.items():
+      model = nnx.merge(g, p)
+      logits[name] = np.asarray(model.forward(seq[:, :1])[0])[..., :m.vocab_size]
+    err = np.abs(logits["int8"] - logits["float"]).max() / np.abs(logits["float"]).max()
+    assert err < 1e-5, err
+
+
+def test_int8_decode_steps_lower_for_cuda_without_the_cpu_kernel():
+  m, _, params = _int8_case("transformer")
+  cfg, graphdef8, params8 = G.decode_model(m, params, "int8")
+
+  def step(params, tokens):
+    return nnx.merge(graphdef8, params).forward(tokens)[0]
+
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  with building_for("gpu"):
+    exported = jax.export.export(jax.jit(step), platforms=["cuda"])(params8, tokens)
+  text = exported.mlir_module()
+  assert "ttt_jax_int8_matmul" not in text and "ui8" in text
+  cpu = jax.jit(lambda p, t: step(p, t)).lower(params8, tokens).as_text()
+  assert "ttt_jax_int8_matmul" in cpu

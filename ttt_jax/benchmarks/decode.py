@@ -8,7 +8,10 @@ falls on all of them alike, and reports the median of the rounds. Variants:
   llama          llama.cpp (llama-cpp-python) with n_threads=1, the run's source GGUF
   ours           Generator (eval/generate.py), XLA's default threading
   ours-1t        the same with --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
-  ...,dtype=bfloat16   weights (and compute) cast for decode (generate.decode_model)
+                 (and one thread for the int8 kernel: TTT_JAX_CPU_THREADS=1)
+  llama,threads=N      llama.cpp with N threads
+  ...,dtype=bfloat16   weights (and compute) cast for decode (generate.decode_model); also int8
+  ...,threads=N        ours: the int8 kernel's threads (TTT_JAX_CPU_THREADS)
   ...,seq_len=N        the run's context (KV cache slots) overridden
   ...,attention=dense  every cache slot read at each step (before: auto reads only filled ones)
   ...,src=DIR          the package of another checkout (a baseline: `git worktree add DIR REV`
@@ -76,7 +79,8 @@ def ours_worker(workdir: str, prompt: list[int], n_new: int, opts: dict[str, str
     return {"ttft_s": t1 - t0, "decode_tps": n_new / ((t2 - t1) - (t1 - t0)),
             "tokens": toks[0].tolist()}
 
-  return measure, (f"{cfg.param_dtype} weights, {seq_len} cache slots, attention "
+  weights = opts.get("dtype", cfg.param_dtype)
+  return measure, (f"{weights} weights, {seq_len} cache slots, attention "
                    f"{cfg.attention_algorithm}")
 
 
@@ -130,9 +134,13 @@ def worker_main(args) -> None:
 
 
 def start_worker(spec: str, args, prompt: list[int]) -> subprocess.Popen:
+  from ttt_jax.layers.cpu_kernel import THREADS_ENV  # here: a baseline worker (src=) lacks it
   env = dict(os.environ)
   if parse_variant(spec)[0] == "ours-1t":
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA).strip()
+    env[THREADS_ENV] = "1"  # the int8 kernel's own threads
+  if parse_variant(spec)[0] != "llama" and "threads" in parse_variant(spec)[1]:
+    env[THREADS_ENV] = parse_variant(spec)[1]["threads"]
   src = parse_variant(spec)[1].get("src")  # another checkout of the package (e.g. a baseline)
   if src:
     env["PYTHONPATH"] = os.path.abspath(src)

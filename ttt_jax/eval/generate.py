@@ -40,6 +40,7 @@ from ttt_jax.data.chat import apply_chat_template
 from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.eval.sampling import check_sampling, sample_logits
+from ttt_jax.layers.int8 import quantize_model
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models import abstract_model
 from ttt_jax.runs.load import Run
@@ -108,16 +109,27 @@ def decode_loop(graphdef, align: int, chunk: int, pad_last: bool, params, cache,
   return cache, seq, pos, done
 
 
+DECODE_DTYPES = ("float32", "bfloat16", "int8")
+
+
 def decode_model(model_cfg: ml_collections.ConfigDict, params, dtype: str):
-  """(model config, graphdef, params) of the same model computing in `dtype` (float32 or
-  bfloat16), its floating-point parameters cast to it once: bfloat16 halves the weight and KV
-  cache bytes a decode step reads."""
+  """(model config, graphdef, params) of the same model for decoding with `dtype` weights:
+  `float32` or `bfloat16` casts the floating-point parameters once and computes in that dtype
+  (bfloat16 halves the weight and KV cache bytes a decode step reads); `int8` computes in
+  float32 with every matrix stored int8 (layers/int8.py: a quarter of float32's weight bytes)."""
+  if dtype not in DECODE_DTYPES:
+    raise ValueError(f"decode dtype {dtype!r}: expected one of {', '.join(DECODE_DTYPES)}")
   cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-  cfg.compute_dtype = cfg.param_dtype = dtype
+  cfg.compute_dtype = cfg.param_dtype = "float32" if dtype == "int8" else dtype
   graphdef, _ = abstract_model(cfg)
-  to = jnp.dtype(dtype)
+  to = jnp.dtype(cfg.param_dtype)
   params = jax.tree.map(
       lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  if dtype == "int8":
+    model = nnx.merge(graphdef, params)
+    quantize_model(model)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
   return cfg, graphdef, params
 
 
@@ -254,8 +266,8 @@ def generate_text(run: Run, prompt: str, max_new_tokens: int, *, temperature: fl
 
   The context is the run's data.seq_len unless `seq_len` is given; a longer generation warns in
   one line through `echo` (default: stderr). Pass a `generator` (built with the same context) to
-  generate more than once without compiling again. `dtype` (e.g. bfloat16) casts the weights
-  once and computes in it (`decode_model`).
+  generate more than once without compiling again. `dtype` (bfloat16, or int8 weights computing
+  in float32) converts the weights once for decoding (`decode_model`).
   """
   check_sampling(temperature, top_k, top_p)
   if generator is not None and dtype:

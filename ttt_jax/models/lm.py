@@ -18,6 +18,7 @@ from flax import nnx
 
 from ttt_jax.layers.attention import attention_algorithm
 from ttt_jax.layers.common import dtype, normal_init
+from ttt_jax.layers.int8 import Int8Embed, Int8Weight
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
 from ttt_jax.layers.norms import RMSNorm
@@ -166,6 +167,8 @@ class LanguageModel(nnx.Module):
 
   # -- pieces (models/e2e.py composes them) ------------------------------------------------------
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    if isinstance(self.embed, Int8Embed):  # decode-time 8-bit copy (layers/int8.py)
+      return constrain(self.embed.lookup(tokens).astype(self.compute_dtype), ACT_AXES)
     # gather the table's width shards (FSDP) first: a lookup into a width-sharded table cannot
     # be resharded to the batch-sharded residual stream efficiently
     table = constrain(self.embed.embedding[...], ("vocab", None))
@@ -174,7 +177,11 @@ class LanguageModel(nnx.Module):
   def logits(self, h: jax.Array) -> jax.Array:
     """fp32 logits; padded vocabulary rows are masked so they are never predicted."""
     h = self.final_norm(h)
-    if self.head is None:  # tied: contract the table's model axis in place (a transposed
+    if isinstance(self.head, Int8Weight):  # decode-time 8-bit copies (layers/int8.py)
+      logits = self.head(h)
+    elif self.head is None and isinstance(self.embed, Int8Embed):
+      logits = self.embed.attend(h)
+    elif self.head is None:  # tied: contract the table's model axis in place (a transposed
       table = self.embed.embedding[...].astype(h.dtype)  # table would be copied at every call)
       logits = jax.lax.dot_general(h, table, (((h.ndim - 1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)

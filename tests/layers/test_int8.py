@@ -1,0 +1,182 @@
+"""8-bit decode weights (layers/int8.py) and their CPU kernel (layers/csrc/int8_matmul.cc):
+reconstruction within half a step, GGUF blocks exactly, the kernel against a float64 product on
+both sides of its row threshold and for every group path, the thread split, gradients, the
+kernel's build cache and what happens when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax.layers import cpu_kernel
+from ttt_jax.layers import int8 as Q
+from ttt_jax.layers.common import building_for
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def product_kernels(fn, *args) -> str:
+  """The lowered program's text, traced afresh (jit's trace cache does not key on the kernel's
+  availability or the target platform)."""
+  return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("k", [64, 37])  # groups of 32; one group per row (37 is not a multiple)
+def test_quantize_reconstructs_every_weight_within_half_a_step(k):
+  w = np.random.default_rng(k).standard_normal((3, k, 10)).astype(np.float32)  # leading axis
+  q, scale, offset = Q.quantize(w)
+  g = Q.group_size(k)
+  assert q.dtype == np.uint8 and q.shape == (3, 10, k) and scale.shape == (3, 10, k // g)
+  back = np.asarray(Q.dequantize(q, scale, offset))
+  err = np.abs(back - w).reshape(3, k // g, g, 10)  # [.., group, in-group, N]
+  bound = np.swapaxes(scale, -1, -2)[:, :, None, :] / 2
+  assert np.all(err <= bound * (1 + 1e-5) + 1e-7)
+
+
+def test_gguf_blocks_are_represented_exactly():
+  """Affine 16-level blocks (GGUF Q4_1: d·k + m) and symmetric 8-bit ones (Q8_0: d·k with
+  |k| <= 127 and the block's largest |k| = 127) come back to float rounding."""
+  rng = np.random.default_rng(0)
+  n, blocks = 12, 4
+  d = rng.uniform(0.001, 0.05, (n, blocks, 1)).astype(np.float32)
+  m = rng.uniform(-0.5, 0.1, (n, blocks, 1)).astype(np.float32)
+  k4 = rng.integers(0, 16, (n, blocks, 32))
+  k4[..., 0], k4[..., 1] = 0, 15  # the quantizer maps each block's min and max to 0 and 15
+  k8 = rng.integers(-127, 128, (n, blocks, 32))
+  k8[..., 0] = rng.choice([-127, 127], (n, blocks))
+  for rows in (d * k4 + m, d * k8):
+    w = rows.reshape(n, blocks * 32).astype(np.float32).T  # [K, N]
+    back = np.asarray(Q.dequantize(*Q.quantize(w)))
+    assert np.abs(back - w).max() <= 4e-7 * np.abs(w).max(), np.abs(back - w).max()
+
+
+@pytest.mark.parametrize("lead,k,n", [
+    ((1,), 576, 1536),    # a decode row of SmolLM2's MLP: AVX-512 groups of 32
+    ((3,), 64, 9),        # N not a multiple of 4: the one-row tail
+    ((2,), 37, 13),       # K not a multiple of 32: one group per row, the portable path
+    ((2, 3), 96, 20),     # 6 rows in two leading axes
+    ((9,), 64, 8),        # 9 rows > KERNEL_MAX_ROWS: XLA widens the weights instead
+])
+def test_product_equals_a_float64_product(lead, k, n):
+  rng = np.random.default_rng(k + n)
+  x = rng.standard_normal((*lead, k)).astype(np.float32)
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  q = Q.quantize(w)
+  want = x.astype(np.float64) @ np.asarray(Q.dequantize(*q), np.float64)
+  got = jax.jit(Q.int8_matmul)(x, *q)
+  assert got.shape == (*lead, n) and got.dtype == jnp.float32
+  assert rel_err(got, want) < 2e-6
+  uses_kernel = int(np.prod(lead)) <= Q.KERNEL_MAX_ROWS
+  assert (cpu_kernel.TARGET in product_kernels(Q.int8_matmul, x, *q)) == uses_kernel
+
+
+def test_the_row_threshold_and_the_platform_choose_the_path():
+  x = np.ones((Q.KERNEL_MAX_ROWS, 64), np.float32)
+  q = Q.quantize(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+  assert cpu_kernel.TARGET in product_kernels(Q.int8_matmul, x, *q)
+  assert cpu_kernel.TARGET not in product_kernels(Q.int8_matmul, np.ones((9, 64), np.float32), *q)
+  with building_for("gpu"):  # other platforms: XLA's own product
+    assert cpu_kernel.TARGET not in product_kernels(Q.int8_matmul, x, *q)
+
+
+def test_gradient_in_x_is_the_float_products():
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((1, 64)).astype(np.float32)
+  q = Q.quantize(rng.standard_normal((64, 24)).astype(np.float32))
+  w = np.asarray(Q.dequantize(*q))
+  got = jax.grad(lambda x: jnp.sum(jnp.sin(Q.int8_matmul(x, *q))))(x)
+  want = jax.grad(lambda x: jnp.sum(jnp.sin(x @ w)))(x)
+  assert rel_err(got, want) < 1e-5
+
+
+def test_one_thread_gives_the_same_bits_as_several(tmp_path):
+  """The threads split the output columns; each column's arithmetic is unchanged."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((2, 576)).astype(np.float32)
+  q = Q.quantize(rng.standard_normal((576, 1000)).astype(np.float32))
+  np.savez(tmp_path / "in.npz", x, *q)
+  script = ("import sys, numpy as np, jax; from ttt_jax.layers import int8 as Q; "
+            "a = np.load(sys.argv[1]); "
+            "np.save(sys.argv[2], np.asarray(jax.jit(Q.int8_matmul)(*[a[f'arr_{i}'] for i in "
+            "range(4)])))")
+  outs = []
+  for threads in ("1", "3"):
+    env = {**os.environ, cpu_kernel.THREADS_ENV: threads, "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / f"out{threads}.npy"
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.npz"), str(out)], env=env,
+                   check=True, capture_output=True)
+    outs.append(np.load(out))
+  np.testing.assert_array_equal(outs[0], outs[1])
+  np.testing.assert_array_equal(outs[0], jax.jit(Q.int8_matmul)(x, *q))  # this process's count
+
+
+def test_bad_thread_count_names_the_variable(monkeypatch):
+  for bad in ("0", "two", "-1"):
+    monkeypatch.setenv(cpu_kernel.THREADS_ENV, bad)
+    with pytest.raises(ValueError, match=f"TTT_JAX_CPU_THREADS={bad!r}"):
+      cpu_kernel.threads()
+  monkeypatch.setenv(cpu_kernel.THREADS_ENV, "5")
+  assert cpu_kernel.threads() == 5
+  monkeypatch.delenv(cpu_kernel.THREADS_ENV)
+  assert 1 <= cpu_kernel.threads() <= cpu_kernel.MAX_DEFAULT_THREADS
+
+
+def test_the_library_is_built_once_per_cache(monkeypatch, tmp_path):
+  monkeypatch.setenv("TTT_JAX_CACHE", str(tmp_path))
+  path = cpu_kernel.library_path()
+  assert path.startswith(str(tmp_path / "kernels")) and os.path.exists(path)
+  built = os.stat(path).st_mtime_ns
+  calls = []
+  monkeypatch.setattr(cpu_kernel.subprocess, "run", lambda *a, **kw: calls.append(a))
+  assert cpu_kernel.library_path() == path and os.stat(path).st_mtime_ns == built
+  assert calls == []  # found in the cache: no compiler run
+
+
+def test_no_compiler_and_a_failed_compile_say_why(monkeypatch, tmp_path):
+  monkeypatch.setenv("TTT_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+  with pytest.raises(cpu_kernel.KernelUnavailable, match="no C.. compiler found"):
+    cpu_kernel.library_path()
+  failing = tmp_path / "cxx"
+  failing.write_text("#!/bin/sh\necho 'int8_matmul.cc:1: error: made up' >&2\nexit 1\n")
+  failing.chmod(0o755)
+  monkeypatch.setenv("CXX", str(failing))
+  monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: name if name == str(failing)
+                      else None)
+  with pytest.raises(cpu_kernel.KernelUnavailable, match="failed: int8_matmul.cc:1: error: made"):
+    cpu_kernel.library_path()
+  assert not [p for p in os.listdir(tmp_path / "kernels") if p.endswith((".so", ".tmp"))]
+
+
+def test_without_the_kernel_xla_gives_the_same_product_after_one_warning(monkeypatch):
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((1, 64)).astype(np.float32)
+  q = Q.quantize(rng.standard_normal((64, 16)).astype(np.float32))
+  with_kernel = np.asarray(jax.jit(Q.int8_matmul)(x, *q))
+
+  def unavailable():
+    raise cpu_kernel.KernelUnavailable("no C++ compiler found ($CXX, g++, c++ or clang++)")
+
+  monkeypatch.setattr(cpu_kernel, "library_path", unavailable)
+  cpu_kernel.int8_matmul_target.cache_clear()
+  try:
+    with pytest.warns(RuntimeWarning, match="int8 CPU kernel is unavailable.*no C.. compiler"):
+      text = product_kernels(Q.int8_matmul, x, *q)
+    assert cpu_kernel.TARGET not in text
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # once only
+      got = jax.jit(lambda x: Q.int8_matmul(x, *q) + 0.0)(x)
+    assert rel_err(got, with_kernel) < 2e-6
+  finally:
+    monkeypatch.undo()
+    cpu_kernel.int8_matmul_target.cache_clear()

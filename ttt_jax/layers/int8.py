@@ -1,0 +1,196 @@
+"""8-bit weights for decoding: every matrix stored as 8-bit codes with a float32 scale and offset
+per group of input weights; activations and everything else stay float32.
+
+A batch-1 decode step reads every weight of the model once, so its speed is the speed of reading
+the weights: 8-bit codes read a quarter of float32's bytes. `quantize_model(model)` replaces, in
+place, each projection (`nnx.Linear`), SwiGLU MLP and the embedding table / LM head by an 8-bit
+copy; weights that keep training at test time (TTT-E2E's prime MLPs, `InnerParam`) and LoRA
+factors stay float.
+
+Format: along each output channel's row of K input weights, every group of GROUP = 32
+consecutive weights (the whole row where 32 does not divide K) is stored as
+w = scale · q + offset, q ∈ {0..255}, offset = the group's minimum, scale = (max − min) / 255 (or
+max |w| / 127 where that reconstructs the group better, see `quantize`); each weight is within
+scale / 2 of its original. Why affine groups of 32: GGUF's blocks are groups of the same 32
+weights; its 4- and 5-bit affine levels (Q4_1, Q5_1) divide the 255 steps and its symmetric 8-bit
+levels (Q8_0) are the second step, so an imported GGUF model of those types is represented
+exactly (to float32 rounding). Measured on SmolLM2-135M (Q4_1 blocks, Q8_0 embedding table), the
+median relative logit error against float32 was 3.5% with one symmetric scale per row, 2.9%
+symmetric per group of 32, and 1.6% with bfloat16 weights (docs/pretrained.md has this format's).
+
+Products with at most `KERNEL_MAX_ROWS` activation rows (decode steps) run on CPU in the
+package's C++ kernel (layers/csrc/int8_matmul.cc via layers/cpu_kernel.py), which widens the
+codes to float32 in registers; larger ones (prompt chunks) and other platforms widen the weights
+with XLA and multiply (the same result to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ttt_jax.layers.common import target_platform
+from ttt_jax.layers.cpu_kernel import int8_matmul_target
+from ttt_jax.layers.mlp import SwiGLU
+
+KERNEL_MAX_ROWS = 8  # the kernel re-widens each weight row per activation row
+GROUP = 32  # weights per (scale, offset) along the input axis, as GGUF's blocks
+LEVELS = 255
+
+
+class Int8Param(nnx.Param):
+  """8-bit codes of a weight, or their scales and offsets (decode only: never trained)."""
+
+
+def group_size(k: int) -> int:
+  """Weights per group along a row of K: GROUP where it divides K, else the whole row."""
+  return GROUP if k % GROUP == 0 else k
+
+
+def _codes(groups: np.ndarray, scale: np.ndarray, offset: np.ndarray):
+  """(codes, max reconstruction error) of each group for a given scale and offset."""
+  q = np.clip(np.rint((groups - offset[..., None]) / scale[..., None]), 0, LEVELS)
+  err = np.abs(q * scale[..., None] + offset[..., None] - groups).max(axis=-1)
+  return q.astype(np.uint8), err
+
+
+def quantize(w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """w [..., K, N] (y = x·w) -> (q [..., N, K] uint8, scale, offset [..., N, K / G] float32),
+  G = group_size(K): each output channel's row of K codes contiguous, as the kernel reads it.
+
+  Each group takes the better (smaller largest error) of two steps from its minimum: its range
+  over 255 (the finest; exact for affine 16- and 32-level blocks such as GGUF's Q4_1) or its
+  largest magnitude over 127 (exact for symmetric 8-bit blocks such as GGUF's Q8_0)."""
+  w = np.swapaxes(np.asarray(jax.device_get(w), np.float32), -1, -2)  # [..., N, K]
+  k = w.shape[-1]
+  groups = w.reshape(*w.shape[:-1], k // group_size(k), group_size(k))
+  lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+  amax = np.maximum(np.abs(lo), np.abs(hi))
+  fine = np.where(hi > lo, (hi - lo) / LEVELS, 1.0).astype(np.float32)
+  symmetric = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
+  q, err = _codes(groups, fine, lo)
+  q_sym, err_sym = _codes(groups, symmetric, lo)
+  use_sym = err_sym < err
+  q = np.where(use_sym[..., None], q_sym, q)
+  scale = np.where(use_sym, symmetric, fine)
+  return q.reshape(w.shape), scale, lo.astype(np.float32)
+
+
+def widen(q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+  """Codes q [..., N, K] with scale, offset [..., N, K / G] -> float32 rows [..., N, K]."""
+  groups = q.reshape(*scale.shape, -1).astype(jnp.float32)
+  return (groups * scale[..., None] + offset[..., None]).reshape(q.shape)
+
+
+def dequantize(q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+  """The float32 weights [..., K, N] that (q, scale, offset) stand for."""
+  return jnp.swapaxes(widen(q, scale, offset), -1, -2)
+
+
+def _use_kernel(x: jax.Array, q: jax.Array) -> bool:
+  rows = math.prod(x.shape[:-1])
+  return target_platform() == "cpu" and 0 < rows <= KERNEL_MAX_ROWS and q.ndim == 2
+
+
+@jax.custom_vjp
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+  """x [..., K] · W -> [..., N] in float32, W given by `quantize` (q [N, K], scale, offset).
+  Differentiable in x (TTT-E2E's inner steps differentiate through frozen layers); the stored
+  weights get zero cotangents."""
+  x = x.astype(jnp.float32)
+  if _use_kernel(x, q):
+    target = int8_matmul_target()
+    if target is not None:
+      out = jax.ShapeDtypeStruct((*x.shape[:-1], q.shape[0]), jnp.float32)
+      return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, q, scale, offset)
+  return jnp.einsum("...k,nk->...n", x, widen(q, scale, offset))
+
+
+def _int8_matmul_fwd(x, q, scale, offset):
+  return int8_matmul(x, q, scale, offset), (jnp.zeros((), x.dtype), q, scale, offset)
+
+
+def _int8_matmul_bwd(res, g):
+  like_x, q, scale, offset = res  # like_x: x's dtype
+  dx = jnp.einsum("...n,nk->...k", g, widen(q, scale, offset)).astype(like_x.dtype)
+  return (dx, np.zeros(q.shape, jax.dtypes.float0), jnp.zeros_like(scale),
+          jnp.zeros_like(offset))
+
+
+int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
+
+
+class Int8Weight(nnx.Module):
+  """A matrix [..., K, N] stored by `quantize`; `self(x)` is x·W."""
+
+  def __init__(self, w):
+    q, scale, offset = quantize(w)
+    self.q, self.scale, self.offset = (Int8Param(jnp.asarray(a)) for a in (q, scale, offset))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return int8_matmul(x, self.q[...], self.scale[...], self.offset[...])
+
+
+class Int8Linear(nnx.Module):
+  """`nnx.Linear` with its kernel stored 8-bit: y = x·W (+ b)."""
+
+  def __init__(self, base: nnx.Linear):
+    self.weight = Int8Weight(base.kernel[...])
+    self.bias = None if base.bias is None else nnx.Param(base.bias[...].astype(jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.weight(x)
+    return y if self.bias is None else y + self.bias[...]
+
+
+class Int8SwiGLU(nnx.Module):
+  """layers/mlp.SwiGLU with its three matrices stored 8-bit."""
+
+  def __init__(self, base: SwiGLU):
+    self.w1, self.w2, self.w3 = (Int8Weight(getattr(base, n)[...]) for n in ("w1", "w2", "w3"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class Int8Embed(nnx.Module):
+  """An embedding table [V, D] stored 8-bit along each token's row: looked up by token and,
+  tied, contracted with the final hidden state for the logits."""
+
+  def __init__(self, base: nnx.Embed):
+    self.table = Int8Weight(np.asarray(jax.device_get(base.embedding[...])).T)  # rows = tokens
+
+  def lookup(self, tokens: jax.Array) -> jax.Array:
+    t = self.table
+    return widen(*(jnp.take(v[...], tokens, axis=0) for v in (t.q, t.scale, t.offset)))
+
+  def attend(self, h: jax.Array) -> jax.Array:
+    return self.table(h)
+
+
+def _plain(var) -> bool:
+  """A frozen float weight (not one that trains at test time, not an adapter)."""
+  return type(var) is nnx.Param
+
+
+def quantize_model(model: nnx.Module) -> list[str]:
+  """Stores `model`'s matrices 8-bit, in place (module docstring). Returns the replaced module
+  paths. A model built with `scan_layers` keeps the leading layers axis on the stored arrays."""
+  edits = []
+  for path, module in nnx.iter_modules(model):
+    for name, value in list(vars(module).items()):
+      if isinstance(value, nnx.Linear) and _plain(value.kernel):
+        edits.append((path, module, name, Int8Linear, value))
+      elif isinstance(value, SwiGLU) and _plain(value.w1):
+        edits.append((path, module, name, Int8SwiGLU, value))
+      elif isinstance(value, nnx.Embed) and _plain(value.embedding):
+        edits.append((path, module, name, Int8Embed, value))
+      elif name == "head" and _plain(value):
+        edits.append((path, module, name, lambda v: Int8Weight(v[...]), value))
+  for _, module, name, make, value in edits:
+    setattr(module, name, make(value))
+  return sorted("/".join(map(str, (*path, name))) for path, _, name, _, _ in edits)
