@@ -343,3 +343,26 @@ def test_text_samples_and_split(tmp_path):
 def test_adapter_names_that_stay_inside_the_adapters_directory_pass():
   for name in ("tlm", "tlm-online_2", "v1.5"):
     assert tlm_lib.validate_config(tlm_config(name=name)).name == name
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_the_adaptation_step_compiles_once_for_a_loaded_runs_placed_weights(
+    trained_model_state, mode):
+  """A loaded run's weights are placed on its mesh; fresh adapters and Adam state are not, and
+  the step's outputs are: before, the second update compiled the step again (about a minute
+  for SmolLM2-135M), and the evaluation after adapting compiled log_ppl again."""
+  graphdef, params = trained_model_state
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp",
+                                                                          "tensor"))
+  placed = jax.device_put(jax.tree.map(jnp.copy, params),
+                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  tlm, lora0 = tlm_lib.TLM.create(nnx.merge(graphdef, placed),
+                                  tlm_config(lr=1e-2, log_p0=0.0, mode=mode))
+  samples = np.concatenate([domain("A", 2, 30), domain("B", 2, 30)])
+  tlm.evaluate(lora0, samples)
+  adapt = tlm.adapt_offline if mode == "offline" else tlm.adapt_online
+  lora, _ = adapt(lora0, samples, progress=False)
+  tlm.evaluate(lora, samples)
+  assert tlm._step_jit._cache_size() == 1
+  # one per batch shape: evaluation batches, and online's score of each sample after its update
+  assert tlm._log_ppl_jit._cache_size() == (1 if mode == "offline" else 2)

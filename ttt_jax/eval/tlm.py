@@ -213,7 +213,7 @@ class TLM:
       log_p0 = float(config.log_p0)
     tlm = cls(config, graphdef, base, opt, adapted, log_p0)
     tlm._jit()
-    return tlm, lora
+    return tlm, tlm.place(lora)
 
   @property
   def scale(self) -> float:
@@ -252,10 +252,26 @@ class TLM:
     keep = lambda new, old: jnp.where(used, new, old)
     return jax.tree.map(keep, new_lora, lora), jax.tree.map(keep, new_opt, opt_state), log_p, w
 
+  def _replicated(self) -> jax.sharding.NamedSharding | None:
+    """Replicated over the mesh the base weights are on (a loaded run's), None if on none."""
+    for x in jax.tree.leaves(self.base):
+      if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+    return None
+
+  def place(self, tree):
+    """Adapter or optimizer state where the compiled step keeps it (replicated on the base's
+    mesh): the first update then has the signature of every later one, so the step compiles
+    once (fresh state is otherwise unplaced and the step's outputs placed)."""
+    replicated = self._replicated()
+    return tree if replicated is None else jax.device_put(tree, replicated)
+
   def _jit(self) -> None:
+    replicated = self._replicated()
+    placed = {} if replicated is None else {"out_shardings": replicated}
     self._log_ppl_jit = jax.jit(self._log_ppl)
     self._grads_jit = jax.jit(self._grads)
-    self._step_jit = jax.jit(self._step, donate_argnums=(1, 2))
+    self._step_jit = jax.jit(self._step, donate_argnums=(1, 2), **placed)
 
   # -- compiled entry points -------------------------------------------------------------------
   def log_ppl(self, lora, tokens) -> jax.Array:
@@ -291,8 +307,8 @@ class TLM:
     rng = np.random.default_rng(c.seed)
     order = np.concatenate([rng.permutation(n) if c.shuffle else np.arange(n)
                             for _ in range(math.ceil(steps * bs / n) + 1)])
-    lora = jax.tree.map(jnp.copy, lora)
-    opt_state = self.optimizer.init(lora)
+    lora = self.place(jax.tree.map(jnp.copy, lora))
+    opt_state = self.place(self.optimizer.init(lora))
     seen = selected = updates = 0
     for i in _progress(range(steps), progress, "tlm offline"):
       batch = jnp.asarray(samples[order[i * bs:(i + 1) * bs]])
@@ -306,8 +322,8 @@ class TLM:
 
   def adapt_online(self, lora, samples: np.ndarray, progress: bool = True):
     """One pass, one sample at a time. Returns (lora, per-sample records)."""
-    lora = jax.tree.map(jnp.copy, lora)
-    opt_state = self.optimizer.init(lora)
+    lora = self.place(jax.tree.map(jnp.copy, lora))
+    opt_state = self.place(self.optimizer.init(lora))
     records = []
     for i in _progress(range(len(samples)), progress, "tlm online"):
       x = jnp.asarray(samples[i:i + 1])
