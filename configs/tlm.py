@@ -1,7 +1,8 @@
 """TLM adaptation knobs: `--config configs/tlm.py[:key=value,...]` (see ttt_jax/eval/tlm.py).
 
-Defaults follow the paper (LoRA on the projections, Adam lr 5e-5, batch 1, λ = 0.1, objective
-S·P = `perplexity`) except the threshold: `log_p0=default` is `auto` (validation log-perplexity
+Defaults follow the paper (LoRA on the projections, Adam, batch 1, λ = 0.1, objective
+S·P = `perplexity`) except the learning rate, 3e-4 where the paper has 5e-5 (tuned on SmolLM2-135M,
+docs/tlm.md), and the threshold: `log_p0=default` is `auto` (validation log-perplexity
 + log_p0_margin) for byte-level runs and the paper's 3 for subword tokenizers. Override any knob
 on the command line, e.g. `--config.lr=1e-3 --config.log_p0=2.5 --config.objective=log_perplexity`.
 """
