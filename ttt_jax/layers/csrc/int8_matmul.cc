@@ -105,26 +105,30 @@ void Dot4(const float* x, const float* lanes, const uint8_t* q, const float* sca
 }
 #endif
 
-// Output columns [n0, n1) of every activation row.
+// Output columns [n0, n1) of every activation row. The weight rows are the outer loop, so each
+// block of four is read from memory once and, still in cache, serves every activation row.
 void Solve(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t k = p.k, g = p.g, n_out = p.n, groups = k / g;
-  thread_local std::vector<float> lanes;
-  for (int64_t r = 0; r < p.m; ++r) {
-    const float* xr = p.x + r * k;
-    float* yr = p.y + r * n_out;
-    int64_t n = n0;
+  int64_t n = n0;
 #if defined(__AVX512F__)
-    if (g % 16 == 0) {
-      lanes.assign(16 * groups, 0.f);
-      for (int64_t i = 0; i < k; ++i) lanes[16 * (i / g) + i % 16] += xr[i];
-      for (; n + 4 <= n1; n += 4) {
-        Dot4(xr, lanes.data(), p.q + n * k, p.scale + n * groups, p.offset + n * groups, k, g,
-             yr + n);
+  if (g % 16 == 0) {
+    thread_local std::vector<float> lanes;  // [row, group, lane]
+    lanes.assign(p.m * groups * 16, 0.f);
+    for (int64_t r = 0; r < p.m; ++r) {
+      for (int64_t i = 0; i < k; ++i) lanes[(r * groups + i / g) * 16 + i % 16] += p.x[r * k + i];
+    }
+    for (; n + 4 <= n1; n += 4) {
+      for (int64_t r = 0; r < p.m; ++r) {
+        Dot4(p.x + r * k, lanes.data() + r * groups * 16, p.q + n * k, p.scale + n * groups,
+             p.offset + n * groups, k, g, p.y + r * n_out + n);
       }
     }
+  }
 #endif
-    for (; n < n1; ++n) {
-      yr[n] = Dot1(xr, p.q + n * k, p.scale + n * groups, p.offset + n * groups, k, g);
+  for (; n < n1; ++n) {
+    for (int64_t r = 0; r < p.m; ++r) {
+      p.y[r * n_out + n] =
+          Dot1(p.x + r * k, p.q + n * k, p.scale + n * groups, p.offset + n * groups, k, g);
     }
   }
 }
