@@ -158,6 +158,15 @@ def test_no_compiler_and_a_failed_compile_say_why(monkeypatch, tmp_path):
   assert not [p for p in os.listdir(tmp_path / "kernels") if p.endswith((".so", ".tmp"))]
 
 
+def test_an_unwritable_cache_names_the_folder_and_the_variable(monkeypatch, tmp_path):
+  blocker = tmp_path / "not_a_folder"
+  blocker.write_text("")
+  monkeypatch.setenv("TTT_JAX_CACHE", str(blocker))
+  with pytest.raises(cpu_kernel.KernelUnavailable,
+                     match=f"cannot write the kernel cache {blocker}/kernels.*TTT_JAX_CACHE"):
+    cpu_kernel.library_path()
+
+
 def test_without_the_kernel_xla_gives_the_same_product_after_one_warning(monkeypatch):
   rng = np.random.default_rng(6)
   x = rng.standard_normal((1, 64)).astype(np.float32)
