@@ -1,10 +1,13 @@
 """8-bit decode weights (layers/int8.py) and their CPU kernel (layers/csrc/int8_matmul.cc):
 reconstruction within half a step, GGUF blocks exactly, the kernel against a float64 product on
-both sides of its row threshold and for every group path, the thread split, gradients, the
-kernel's build cache and what happens when it cannot be built."""
+both sides of its row threshold, for every group path and every vector path (AVX-512, AVX2,
+scalar), the thread split, gradients, LoRA-wrapped layers left float, the
+kernel's build cache and what happens when it cannot be built. Tests that need the kernel skip
+where no C++ compiler is found."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -18,6 +21,17 @@ import pytest
 from ttt_jax.layers import cpu_kernel
 from ttt_jax.layers import int8 as Q
 from ttt_jax.layers.common import building_for
+from ttt_jax.layers.lora import LoRALinear, apply_lora
+
+
+def _has_compiler() -> bool:
+  try:
+    return bool(cpu_kernel.compiler())
+  except cpu_kernel.KernelUnavailable:
+    return False
+
+
+needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler for the kernel")
 
 
 def rel_err(got, want) -> float:
@@ -60,6 +74,7 @@ def test_gguf_blocks_are_represented_exactly():
     assert np.abs(back - w).max() <= 4e-7 * np.abs(w).max(), np.abs(back - w).max()
 
 
+@needs_compiler
 @pytest.mark.parametrize("lead,k,n", [
     ((1,), 576, 1536),    # a decode row of SmolLM2's MLP: AVX-512 groups of 32
     ((3,), 64, 9),        # N not a multiple of 4: the one-row tail
@@ -80,6 +95,7 @@ def test_product_equals_a_float64_product(lead, k, n):
   assert (cpu_kernel.TARGET in product_kernels(Q.int8_matmul, x, *q)) == uses_kernel
 
 
+@needs_compiler
 def test_the_row_threshold_and_the_platform_choose_the_path():
   x = np.ones((Q.KERNEL_MAX_ROWS, 64), np.float32)
   q = Q.quantize(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
@@ -99,6 +115,7 @@ def test_gradient_in_x_is_the_float_products():
   assert rel_err(got, want) < 1e-5
 
 
+@needs_compiler
 def test_one_thread_gives_the_same_bits_as_several(tmp_path):
   """The threads split the output columns; each column's arithmetic is unchanged."""
   rng = np.random.default_rng(5)
@@ -131,6 +148,7 @@ def test_bad_thread_count_names_the_variable(monkeypatch):
   assert 1 <= cpu_kernel.threads() <= cpu_kernel.MAX_DEFAULT_THREADS
 
 
+@needs_compiler
 def test_the_library_is_built_once_per_cache(monkeypatch, tmp_path):
   monkeypatch.setenv("TTT_JAX_CACHE", str(tmp_path))
   path = cpu_kernel.library_path()
@@ -167,6 +185,43 @@ def test_an_unwritable_cache_names_the_folder_and_the_variable(monkeypatch, tmp_
     cpu_kernel.library_path()
 
 
+@needs_compiler
+@pytest.mark.parametrize("flags,lanes", [((), None), (("-mno-avx512f",), 8),
+                                         (("-mno-avx512f", "-mno-avx2"), 0)])
+def test_every_vector_path_equals_a_float64_product(flags, lanes):
+  """The AVX2 and scalar paths, built here by switching the wider ones off."""
+  lib = ctypes.CDLL(cpu_kernel.library_path(flags))
+  if lanes is not None and lib.TttInt8VectorLanes() != lanes:
+    pytest.skip(f"this CPU builds {lib.TttInt8VectorLanes()} lanes with {flags}")
+  target = f"{cpu_kernel.TARGET}_test_{lib.TttInt8VectorLanes()}"
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.TttInt8Matmul), platform="cpu")
+  rng = np.random.default_rng(len(flags))
+  for m, k, n in [(1, 576, 1536), (3, 96, 10), (2, 37, 13)]:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    q = Q.quantize(rng.standard_normal((k, n)).astype(np.float32))
+    got = jax.jit(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32)))(x, *q)
+    want = x.astype(np.float64) @ np.asarray(Q.dequantize(*q), np.float64)
+    assert got.shape == (m, n) and rel_err(got, want) < 2e-6, (flags, m, k, n)
+
+
+def test_lora_wrapped_projections_stay_float():
+  from flax import nnx
+
+  from ttt_jax.config import build_config
+  from ttt_jax.models import build_model
+
+  m = build_config("model=transformer,ctx=32").model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size = 1, 32, 2, 64
+  model = build_model(m)
+  apply_lora(model, ["wq"], rank=2, alpha=4.0)
+  replaced = Q.quantize_model(model)
+  assert not any(p.endswith("wq") for p in replaced) and any(p.endswith("wk") for p in replaced)
+  assert isinstance(model.blocks[0].mixer.wq, LoRALinear)
+  assert isinstance(model.blocks[0].mixer.wk, Q.Int8Linear)
+  assert nnx.state(model.blocks[0].mixer.wq, nnx.Param)  # float base and factors
+
+
+@needs_compiler
 def test_without_the_kernel_xla_gives_the_same_product_after_one_warning(monkeypatch):
   rng = np.random.default_rng(6)
   x = rng.standard_normal((1, 64)).astype(np.float32)

@@ -134,7 +134,9 @@ def worker_main(args) -> None:
 
 
 def start_worker(spec: str, args, prompt: list[int]) -> subprocess.Popen:
-  from ttt_jax.layers.cpu_kernel import THREADS_ENV  # here: a baseline worker (src=) lacks it
+  # imported here, not at the top: a baseline checkout (src=) running this file as its worker
+  # lacks the module
+  from ttt_jax.layers.cpu_kernel import THREADS_ENV
   env = dict(os.environ)
   if parse_variant(spec)[0] == "ours-1t":
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA).strip()

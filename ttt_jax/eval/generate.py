@@ -26,6 +26,7 @@ Sampling: eval/sampling.py (greedy at temperature 0).
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -40,6 +41,7 @@ from ttt_jax.data.chat import apply_chat_template
 from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
 from ttt_jax.eval.sampling import check_sampling, sample_logits
+from ttt_jax.layers.common import target_platform
 from ttt_jax.layers.int8 import quantize_model
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models import abstract_model
@@ -126,6 +128,10 @@ def decode_model(model_cfg: ml_collections.ConfigDict, params, dtype: str):
   params = jax.tree.map(
       lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
   if dtype == "int8":
+    if target_platform() != "cpu":
+      warnings.warn(f"int8 decode weights on {target_platform()}: XLA widens them at every "
+                    "step, slower than float32 weights (the fast path is the CPU kernel)",
+                    RuntimeWarning, stacklevel=2)
     model = nnx.merge(graphdef, params)
     quantize_model(model)
     graphdef, state = nnx.split(model)

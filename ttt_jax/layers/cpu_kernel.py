@@ -7,6 +7,9 @@ a hash of the source, the compile command, jaxlib's version and the CPU's featur
 changed source, another jaxlib or another CPU model sharing the cache builds its own. Concurrent
 first uses (e.g. several processes) build it once, under a file lock. Nothing is downloaded.
 
+Vector paths: AVX-512 and AVX2+FMA (x86); other CPUs build a scalar loop, which may be slower
+than float32 weights (one warning says so).
+
 Threads: `$TTT_JAX_CPU_THREADS`, default the CPUs this process may run on, at most 8; read once,
 when the library is first loaded.
 """
@@ -14,11 +17,11 @@ when the library is first loaded.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import warnings
@@ -38,10 +41,13 @@ class KernelUnavailable(RuntimeError):
   """The CPU kernel could not be built or loaded; the message says why."""
 
 
-def compiler() -> str:
-  for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-    if cxx and shutil.which(cxx):
-      return cxx
+def compiler() -> list[str]:
+  """The compiler command: `$CXX` (it may hold words, e.g. `ccache g++`), else g++, c++ or
+  clang++."""
+  for cxx in (os.environ.get("CXX", ""), "g++", "c++", "clang++"):
+    words = shlex.split(cxx)
+    if words and shutil.which(words[0]):
+      return words
   raise KernelUnavailable("no C++ compiler found ($CXX, g++, c++ or clang++)")
 
 
@@ -56,17 +62,20 @@ def _cpu_flags() -> str:
   return platform.processor()
 
 
-def _command(cxx: str, out: str) -> list[str]:
-  return [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
-          f"-I{jax.ffi.include_dir()}", SOURCE, "-o", out]
+def _command(cxx: list[str], out: str, extra_flags: tuple[str, ...]) -> list[str]:
+  return [*cxx, "-O3", "-march=native", *extra_flags, "-std=c++17", "-shared", "-fPIC",
+          "-pthread", f"-I{jax.ffi.include_dir()}", SOURCE, "-o", out]
 
 
-def library_path() -> str:
-  """The built library for this machine, compiled first where the cache has none."""
+def library_path(extra_flags: tuple[str, ...] = ()) -> str:
+  """The built library for this machine, compiled first where the cache has none.
+  `extra_flags` (e.g. `-mno-avx512f`, to build another vector path) go to the compiler."""
+  import fcntl  # here: POSIX only, and only building needs it
+
   cxx = compiler()
   with open(SOURCE, "rb") as f:
-    parts = [f.read(), " ".join(_command(cxx, "")).encode(), jaxlib.__version__.encode(),
-             _cpu_flags().encode(), platform.machine().encode()]
+    parts = [f.read(), shlex.join(_command(cxx, "", extra_flags)).encode(),
+             jaxlib.__version__.encode(), _cpu_flags().encode(), platform.machine().encode()]
   key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
   out_dir = os.path.join(cache_dir(), "kernels")
   path = os.path.join(out_dir, f"int8_matmul-{key}.so")
@@ -82,10 +91,10 @@ def library_path() -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(path):  # another process may have built it while this one waited
       tmp = f"{path}.{os.getpid()}.tmp"
-      proc = subprocess.run(_command(cxx, tmp), capture_output=True, text=True)
+      proc = subprocess.run(_command(cxx, tmp, extra_flags), capture_output=True, text=True)
       if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        raise KernelUnavailable(f"compiling {SOURCE} with {cxx} failed: {tail}")
+        raise KernelUnavailable(f"compiling {SOURCE} with {shlex.join(cxx)} failed: {tail}")
       os.replace(tmp, path)
   return path
 
@@ -117,8 +126,13 @@ def int8_matmul_target() -> str | None:
     lib = ctypes.CDLL(library_path())
   except (KernelUnavailable, OSError) as e:
     warnings.warn(f"the int8 CPU kernel is unavailable, so int8 weights are widened by XLA "
-                  f"instead (same result, slower): {e}", RuntimeWarning, stacklevel=2)
+                  f"instead (the same result, slower than float32 weights): {e}", RuntimeWarning,
+                  stacklevel=2)
     return None
+  if lib.TttInt8VectorLanes() == 0:
+    warnings.warn(f"the int8 CPU kernel has no vector path for this CPU ({platform.machine()}; "
+                  "it has AVX2+FMA and AVX-512 ones), so its products may be slower than float32 "
+                  "weights", RuntimeWarning, stacklevel=2)
   lib.TttInt8SetThreads.argtypes = [ctypes.c_int]
   lib.TttInt8SetThreads(n_threads)
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.TttInt8Matmul), platform="cpu")

@@ -4,24 +4,28 @@ per group of input weights; activations and everything else stay float32.
 A batch-1 decode step reads every weight of the model once, so its speed is the speed of reading
 the weights: 8-bit codes read a quarter of float32's bytes. `quantize_model(model)` replaces, in
 place, each projection (`nnx.Linear`), SwiGLU MLP and the embedding table / LM head by an 8-bit
-copy; weights that keep training at test time (TTT-E2E's prime MLPs, `InnerParam`) and LoRA
-factors stay float.
+copy; weights that keep training at test time (TTT-E2E's prime MLPs, `InnerParam`) stay float,
+and so do LoRA-wrapped projections, base and factors (fold adapters in first: lora.merge_lora).
 
 Format: along each output channel's row of K input weights, every group of GROUP = 32
 consecutive weights (the whole row where 32 does not divide K) is stored as
 w = scale · q + offset, q ∈ {0..255}, offset = the group's minimum, scale = (max − min) / 255 (or
 max |w| / 127 where that reconstructs the group better, see `quantize`); each weight is within
 scale / 2 of its original. Why affine groups of 32: GGUF's blocks are groups of the same 32
-weights; its 4- and 5-bit affine levels (Q4_1, Q5_1) divide the 255 steps and its symmetric 8-bit
-levels (Q8_0) are the second step, so an imported GGUF model of those types is represented
-exactly (to float32 rounding). Measured on SmolLM2-135M (Q4_1 blocks, Q8_0 embedding table), the
-median relative logit error against float32 was 3.5% with one symmetric scale per row, 2.9%
-symmetric per group of 32, and 1.6% with bfloat16 weights (docs/pretrained.md has this format's).
+weights; the 15 steps of its affine 4-bit blocks (Q4_1) divide the 255 steps here (GGUF's
+quantizer maps each block's minimum and maximum to the end levels), and its symmetric 8-bit
+levels (Q8_0) are the second step, so those blocks come back exactly (to float32 rounding); other
+GGUF types (Q4_0, Q5_0/Q5_1, the K-quants) come back within half a step. Measured on SmolLM2-135M
+(Q4_1 blocks, Q8_0 embedding table), the median relative logit error against float32 was 3.5%
+with one symmetric scale per row, 2.9% symmetric per group of 32, and 1.6% with bfloat16 weights
+(docs/pretrained.md has this format's).
 
-Products with at most `KERNEL_MAX_ROWS` activation rows (decode steps) run on CPU in the
-package's C++ kernel (layers/csrc/int8_matmul.cc via layers/cpu_kernel.py), which widens the
-codes to float32 in registers; larger ones (prompt chunks) and other platforms widen the weights
-with XLA and multiply (the same result to float rounding).
+Products with at most `KERNEL_MAX_ROWS` activation rows (decode steps of batch <= 8) run on CPU
+in the package's C++ kernel (layers/csrc/int8_matmul.cc via layers/cpu_kernel.py), which widens
+the codes to float32 in registers; larger ones (prompt chunks, bigger batches) and other
+platforms widen the weights with XLA and multiply: the same result to float rounding, but slower
+than float32 weights, since the widened copy is written to memory at every call. 8-bit weights
+pay off for CPU decoding; on GPU/TPU `decode_model` warns.
 """
 
 from __future__ import annotations
@@ -66,8 +70,8 @@ def quantize(w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   G = group_size(K): each output channel's row of K codes contiguous, as the kernel reads it.
 
   Each group takes the better (smaller largest error) of two steps from its minimum: its range
-  over 255 (the finest; exact for affine 16- and 32-level blocks such as GGUF's Q4_1) or its
-  largest magnitude over 127 (exact for symmetric 8-bit blocks such as GGUF's Q8_0)."""
+  over 255 (the finest; exact for 16-level blocks spanning their levels, GGUF's Q4_1) or
+  its largest magnitude over 127 (exact for symmetric 8-bit blocks such as GGUF's Q8_0)."""
   w = np.swapaxes(np.asarray(jax.device_get(w), np.float32), -1, -2)  # [..., N, K]
   k = w.shape[-1]
   groups = w.reshape(*w.shape[:-1], k // group_size(k), group_size(k))

@@ -20,7 +20,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -39,11 +39,37 @@ struct Problem {
   int64_t m, n, k, g;
 };
 
+// The vector unit: kLanes float32 lanes (AVX-512: 16, AVX2: 8, none: 0 = the scalar Dot1 only).
 #if defined(__AVX512F__)
-inline __m512 Widen16(const uint8_t* p) {  // 16 codes -> 16 float32
+constexpr int kLanes = 16;
+using Vec = __m512;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Widen(const uint8_t* p) {  // 16 codes -> 16 float32
   return _mm512_cvtepi32_ps(
       _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec Set1(float v) { return _mm512_set1_ps(v); }
+inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kLanes = 8;
+using Vec = __m256;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Widen(const uint8_t* p) {  // 8 codes -> 8 float32
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec Set1(float v) { return _mm256_set1_ps(v); }
+inline float Sum(Vec v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#else
+constexpr int kLanes = 0;
 #endif
 
 // One weight row against one activation row (any group size).
@@ -61,11 +87,11 @@ float Dot1(const float* x, const uint8_t* q, const float* scale, const float* of
   return total;
 }
 
-#if defined(__AVX512F__)
-// Four weight rows against one activation row, G a multiple of 16: four independent accumulators
-// share each x load. `lanes` holds, per group, the activation's 16-lane partial sums over the
-// group (lane l: the sum of the group's x[i] with i = l mod 16), so the offsets enter lane-wise
-// too and each row is reduced across lanes once, at its end.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// Four weight rows against one activation row, G a multiple of kLanes: four independent
+// accumulators share each x load. `lanes` holds, per group, the activation's kLanes partial sums
+// over the group (lane l: the sum of the group's x[i] with i = l mod kLanes), so the offsets
+// enter lane-wise too and each row is reduced across lanes once, at its end.
 // Rows are read ahead by software prefetch: the hardware prefetcher stops at every 4 KiB page,
 // and a decode step's weights are many separate buffers (measured on a 2-core AMD EPYC, a
 // SmolLM2-135M-shaped step: 14.1 ms without, 6.0 ms with on one thread; 6.8 / 3.4 ms on two).
@@ -77,31 +103,31 @@ void Dot4(const float* x, const float* lanes, const uint8_t* q, const float* sca
   const uint8_t *q0 = q, *q1 = q + k, *q2 = q + 2 * k, *q3 = q + 3 * k;
   const float *s0 = scale, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
   const float *o0 = offset, *o1 = o0 + groups, *o2 = o1 + groups, *o3 = o2 + groups;
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  Vec a0 = Zero(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t j = 0; j < groups; ++j) {
-    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    for (int64_t i = j * g; i < (j + 1) * g; i += 16) {
+    Vec t0 = Zero(), t1 = t0, t2 = t0, t3 = t0;
+    for (int64_t i = j * g; i < (j + 1) * g; i += kLanes) {
       if (i % 64 == 0) {  // the same cache line of the rows kAhead ahead (prefetches never fault)
         for (int r = kAhead; r < kAhead + 4; ++r) {
           _mm_prefetch(reinterpret_cast<const char*>(q + r * k + i), _MM_HINT_T0);
         }
       }
-      const __m512 xv = _mm512_loadu_ps(x + i);
-      t0 = _mm512_fmadd_ps(xv, Widen16(q0 + i), t0);
-      t1 = _mm512_fmadd_ps(xv, Widen16(q1 + i), t1);
-      t2 = _mm512_fmadd_ps(xv, Widen16(q2 + i), t2);
-      t3 = _mm512_fmadd_ps(xv, Widen16(q3 + i), t3);
+      const Vec xv = Load(x + i);
+      t0 = Fma(xv, Widen(q0 + i), t0);
+      t1 = Fma(xv, Widen(q1 + i), t1);
+      t2 = Fma(xv, Widen(q2 + i), t2);
+      t3 = Fma(xv, Widen(q3 + i), t3);
     }
-    const __m512 lane = _mm512_loadu_ps(lanes + 16 * j);
-    a0 = _mm512_fmadd_ps(lane, _mm512_set1_ps(o0[j]), _mm512_fmadd_ps(t0, _mm512_set1_ps(s0[j]), a0));
-    a1 = _mm512_fmadd_ps(lane, _mm512_set1_ps(o1[j]), _mm512_fmadd_ps(t1, _mm512_set1_ps(s1[j]), a1));
-    a2 = _mm512_fmadd_ps(lane, _mm512_set1_ps(o2[j]), _mm512_fmadd_ps(t2, _mm512_set1_ps(s2[j]), a2));
-    a3 = _mm512_fmadd_ps(lane, _mm512_set1_ps(o3[j]), _mm512_fmadd_ps(t3, _mm512_set1_ps(s3[j]), a3));
+    const Vec lane = Load(lanes + kLanes * j);
+    a0 = Fma(lane, Set1(o0[j]), Fma(t0, Set1(s0[j]), a0));
+    a1 = Fma(lane, Set1(o1[j]), Fma(t1, Set1(s1[j]), a1));
+    a2 = Fma(lane, Set1(o2[j]), Fma(t2, Set1(s2[j]), a2));
+    a3 = Fma(lane, Set1(o3[j]), Fma(t3, Set1(s3[j]), a3));
   }
-  out[0] = _mm512_reduce_add_ps(a0);
-  out[1] = _mm512_reduce_add_ps(a1);
-  out[2] = _mm512_reduce_add_ps(a2);
-  out[3] = _mm512_reduce_add_ps(a3);
+  out[0] = Sum(a0);
+  out[1] = Sum(a1);
+  out[2] = Sum(a2);
+  out[3] = Sum(a3);
 }
 #endif
 
@@ -110,16 +136,18 @@ void Dot4(const float* x, const float* lanes, const uint8_t* q, const float* sca
 void Solve(const Problem& p, int64_t n0, int64_t n1) {
   const int64_t k = p.k, g = p.g, n_out = p.n, groups = k / g;
   int64_t n = n0;
-#if defined(__AVX512F__)
-  if (g % 16 == 0) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if (g % kLanes == 0) {
     thread_local std::vector<float> lanes;  // [row, group, lane]
-    lanes.assign(p.m * groups * 16, 0.f);
+    lanes.assign(p.m * groups * kLanes, 0.f);
     for (int64_t r = 0; r < p.m; ++r) {
-      for (int64_t i = 0; i < k; ++i) lanes[(r * groups + i / g) * 16 + i % 16] += p.x[r * k + i];
+      for (int64_t i = 0; i < k; ++i) {
+        lanes[(r * groups + i / g) * kLanes + i % kLanes] += p.x[r * k + i];
+      }
     }
     for (; n + 4 <= n1; n += 4) {
       for (int64_t r = 0; r < p.m; ++r) {
-        Dot4(p.x + r * k, lanes.data() + r * groups * 16, p.q + n * k, p.scale + n * groups,
+        Dot4(p.x + r * k, lanes.data() + r * groups * kLanes, p.q + n * k, p.scale + n * groups,
              p.offset + n * groups, k, g, p.y + r * n_out + n);
       }
     }
@@ -215,15 +243,21 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
   const auto xd = x.dimensions();
   const auto sd = scale.dimensions();
   const auto od = offset.dimensions();
+  const auto yd = y->dimensions();
   if (qd.size() != 2 || xd.size() == 0 || sd.size() != 2 || od.size() != 2 || sd[0] != qd[0] ||
       od[0] != qd[0] || od[1] != sd[1] || sd[1] == 0 || qd[1] % sd[1] != 0 ||
-      xd[xd.size() - 1] != qd[1]) {
+      xd[xd.size() - 1] != qd[1] || yd.size() != xd.size() || yd[yd.size() - 1] != qd[0] ||
+      int64_t(y->element_count()) * qd[1] != int64_t(x.element_count()) * qd[0]) {
     return ffi::Error::InvalidArgument(
         "int8_matmul: expected x [..., K], q [N, K] (uint8), scale and offset [N, K / G]");
   }
   const int64_t k = qd[1];
+  if (k == 0) {  // empty sums
+    std::fill(y->typed_data(), y->typed_data() + y->element_count(), 0.f);
+    return ffi::Error::Success();
+  }
   Problem p{x.typed_data(), q.typed_data(), scale.typed_data(), offset.typed_data(),
-            y->typed_data(), k == 0 ? 0 : int64_t(x.element_count()) / k, qd[0], k, k / sd[1]};
+            y->typed_data(), int64_t(x.element_count()) / k, qd[0], k, k / sd[1]};
   GetPool().Run(p);
   return ffi::Error::Success();
 }
@@ -231,6 +265,9 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
 }  // namespace
 
 extern "C" {
+// Float32 lanes of the vector path this library was built with (16, 8; 0: scalar only).
+int TttInt8VectorLanes() { return kLanes; }
+
 // Threads of the pool; only the first call before the first product takes effect.
 int TttInt8SetThreads(int threads) {
   requested_threads.store(std::max(1, threads));
