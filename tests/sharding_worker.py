@@ -159,6 +159,8 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
       res["seconds"] = time.perf_counter() - t0
     except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
       res["error"] = traceback.format_exc()
+  if "transformer" in kinds:
+    out["tlm"] = _tlm_on_fsdp(devices)
   if not proc_ckpt:
     return out
   # pipeline batches on one device: the reference of the two-process run
@@ -174,6 +176,36 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
   restored = _flat(ocp.StandardCheckpointer().restore(proc_ckpt, target))
   out["proc_ckpt_max_rel_diff"] = _max_rel(restored, _flat(jax.device_get(state.params)))
   return out
+
+
+def _tlm_on_fsdp(devices) -> dict:
+  """TLM adapting a model whose weights are FSDP-sharded over 8 devices (as a run loaded on that
+  mesh has them) against the same on one device: adapted log-perplexities and how many times the
+  step compiled."""
+  from ttt_jax.eval import tlm as tlm_lib  # only this check needs eval/
+
+  rng = np.random.default_rng(1)
+  samples = rng.integers(0, 259, (4, SEQ + 1), dtype=np.int32)
+  res = {}
+  try:
+    init = None
+    for name, shape, devs in (("single", (1, 1, 1), devices[:1]), ("1,8,1", (1, 8, 1), devices)):
+      cfg = tiny_config("transformer", shape)
+      tr = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devs))
+      init = jax.device_get(tr._init(cfg.seed).params) if init is None else init
+      params = jax.device_put(init, tr.state_shardings.params)
+      tc = tlm_lib.default_config()
+      tc.rank, tc.alpha, tc.lr, tc.log_p0, tc.eval_batch_size = 4, 8.0, 1e-2, 0.0, 4
+      tlm, lora0 = tlm_lib.TLM.create(tr.model(params), tc)
+      lora, _ = tlm.adapt_offline(lora0, samples, progress=False)
+      res[name] = {"log_ppl": tlm.evaluate(lora, samples).tolist(),
+                   "step_compiles": tlm._step_jit._cache_size(),
+                   "base_sharded": any(len(x.sharding.device_set) > 1 and not
+                                       x.sharding.is_fully_replicated
+                                       for x in jax.tree.leaves(tlm.base))}
+  except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
+    res["error"] = traceback.format_exc()
+  return res
 
 
 def process(pid: int, nproc: int, port: int, workdir: str) -> dict:

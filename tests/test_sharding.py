@@ -142,6 +142,16 @@ def test_losses_and_gradients_match_single_device(meshes, kind):
     assert res[mesh]["param_max_rel_diff"] < 2e-3, mesh
 
 
+def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
+  """TLM's adapters and Adam state are placed replicated on the base's mesh and the step keeps
+  them there: on FSDP-sharded weights it compiles once and adapts as on one device."""
+  res = meshes["tlm"]
+  assert "error" not in res, res["error"]
+  assert res["1,8,1"]["base_sharded"] and not res["single"]["base_sharded"]
+  assert res["1,8,1"]["step_compiles"] == res["single"]["step_compiles"] == 1
+  assert _rel(res["1,8,1"]["log_ppl"], res["single"]["log_ppl"]) < 1e-4
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_params_really_sharded(meshes, kind):
   res = _kind(meshes, kind)
