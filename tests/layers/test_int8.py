@@ -80,7 +80,8 @@ def test_gguf_blocks_are_represented_exactly():
     ((3,), 64, 9),        # N not a multiple of 4: the one-row tail
     ((2,), 37, 13),       # K not a multiple of 32: one group per row, the portable path
     ((2, 3), 96, 20),     # 6 rows in two leading axes
-    ((9,), 64, 8),        # 9 rows > KERNEL_MAX_ROWS: XLA widens the weights instead
+    ((5, 26), 64, 8),     # 130 rows > KERNEL_MAX_ROWS: XLA widens the weights instead
+    ((7,), 64, 8),        # 4 + 3 rows: a tile of four and single rows
 ])
 def test_product_equals_a_float64_product(lead, k, n):
   rng = np.random.default_rng(k + n)
@@ -100,7 +101,8 @@ def test_the_row_threshold_and_the_platform_choose_the_path():
   x = np.ones((Q.KERNEL_MAX_ROWS, 64), np.float32)
   q = Q.quantize(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
   assert cpu_kernel.TARGET in product_kernels(Q.int8_matmul, x, *q)
-  assert cpu_kernel.TARGET not in product_kernels(Q.int8_matmul, np.ones((9, 64), np.float32), *q)
+  over = np.ones((Q.KERNEL_MAX_ROWS + 1, 64), np.float32)
+  assert cpu_kernel.TARGET not in product_kernels(Q.int8_matmul, over, *q)
   with building_for("gpu"):  # other platforms: XLA's own product
     assert cpu_kernel.TARGET not in product_kernels(Q.int8_matmul, x, *q)
 
@@ -244,3 +246,20 @@ def test_without_the_kernel_xla_gives_the_same_product_after_one_warning(monkeyp
   finally:
     monkeypatch.undo()
     cpu_kernel.int8_matmul_target.cache_clear()
+
+
+def test_xla_widens_inside_a_loop_not_before_it():
+  """The widening is tied to the activations: the codes, not float32 copies of the weights, go
+  into a while loop (XLA hoisted the loop-invariant widening out of generation's loops, where
+  it ran at every call even when the loop body never did)."""
+  q = Q.quantize(np.random.default_rng(8).standard_normal((64, 64)).astype(np.float32))
+  x = np.ones((Q.KERNEL_MAX_ROWS + 1, 64), np.float32)  # XLA's path
+
+  def loop(x, n, *q):
+    body = lambda c: (c[0] + 1, jnp.tanh(Q.int8_matmul(c[1], *q)))  # noqa: E731
+    return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+  text = jax.jit(loop).lower(x, 3, *q).compile().as_text()
+  entry = text[text.index("ENTRY"):].split("\n}")[0].splitlines()
+  loops = [line for line in entry if " while(" in line]
+  assert loops and all("u8[" in line for line in loops), loops

@@ -20,12 +20,12 @@ GGUF types (Q4_0, Q5_0/Q5_1, the K-quants) come back within half a step. Measure
 with one symmetric scale per row, 2.9% symmetric per group of 32, and 1.6% with bfloat16 weights
 (docs/pretrained.md has this format's).
 
-Products with at most `KERNEL_MAX_ROWS` activation rows (decode steps of batch <= 8) run on CPU
-in the package's C++ kernel (layers/csrc/int8_matmul.cc via layers/cpu_kernel.py), which widens
-the codes to float32 in registers; larger ones (prompt chunks, bigger batches) and other
-platforms widen the weights with XLA and multiply: the same result to float rounding, but slower
-than float32 weights, since the widened copy is written to memory at every call. 8-bit weights
-pay off for CPU decoding; on GPU/TPU `decode_model` warns.
+Products with at most `KERNEL_MAX_ROWS` activation rows (decode steps, short prompt chunks) run
+on CPU in the package's C++ kernel (layers/csrc/int8_matmul.cc via layers/cpu_kernel.py), which
+widens the codes to float32 in registers; larger ones (long prompt chunks) and other platforms
+widen the weights with XLA and multiply: the same result to float rounding, but a float32 copy
+of the weights is written to memory at every call. 8-bit weights pay off for CPU decoding; on
+GPU/TPU `decode_model` warns.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ from ttt_jax.layers.common import target_platform
 from ttt_jax.layers.cpu_kernel import int8_matmul_target
 from ttt_jax.layers.mlp import SwiGLU
 
-# The kernel widens each weight row again for every activation row: past a few rows XLA's
-# widen-then-multiply wins (SmolLM2-135M, a 13-token prompt read as one chunk of 32 rows: time to
-# first token 221 ms through the kernel, 174 ms through XLA).
-KERNEL_MAX_ROWS = 8
+# The kernel widens each block of weights once per tile of activation rows; past some hundred rows
+# XLA's widen-then-multiply wins. SmolLM2-135M, a forward pass of T tokens on 2 cores (kernel /
+# XLA): T = 32: 44 / 181 ms, 128: 203 / 266 ms, 512: 1012 / 572 ms (float32 weights: 41, 111,
+# 528 ms).
+KERNEL_MAX_ROWS = 128
 GROUP = 32  # weights per (scale, offset) along the input axis, as GGUF's blocks
 LEVELS = 255
 
@@ -114,6 +115,11 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array)
     if target is not None:
       out = jax.ShapeDtypeStruct((*x.shape[:-1], q.shape[0]), jnp.float32)
       return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, q, scale, offset)
+  # Widen where the product is: tied to x, the widening is not loop-invariant, so XLA does not
+  # hoist it out of generation's while loops, where it wrote every weight in float32 at every
+  # call even when the loop body never ran (SmolLM2-135M, a 1-token prompt: 121 ms a call
+  # against 30 ms for float32 weights).
+  q, _ = jax.lax.optimization_barrier((q, x))
   return jnp.einsum("...k,nk->...n", x, widen(q, scale, offset))
 
 
