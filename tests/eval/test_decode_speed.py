@@ -206,3 +206,26 @@ def test_int8_decode_steps_lower_for_cuda_without_the_cpu_kernel():
   assert "ttt_jax_int8_matmul" not in text and "ui8" in text
   cpu = jax.jit(lambda p, t: step(p, t)).lower(params8, tokens).as_text()
   assert ("ttt_jax_int8_matmul" in cpu) == (cpu_kernel.int8_matmul_target() is not None)
+
+
+def test_int8_decode_model_stores_16_level_weights_in_4_bits_exactly():
+  """A model whose matrices hold 16 evenly spaced levels per group of 32 (as a GGUF Q4_1 import
+  does) is stored in 4 bits and generates exactly what its float weights generate."""
+  from tests.layers.test_int8 import q4_levels
+
+  m, graphdef, params = _int8_case("transformer")
+
+  def snap(path, x):
+    names = [getattr(k, "key", k) for k in path]
+    if names[-1] == "embedding":
+      return q4_levels(np.asarray(x).T).T
+    return q4_levels(np.asarray(x)) if x.ndim == 2 and x.shape[0] % 32 == 0 else x
+
+  snapped = jax.tree_util.tree_map_with_path(snap, params)
+  cfg, graphdef8, params8 = G.decode_model(m, snapped, "int8")
+  four = [x for x in jax.tree.leaves(params8) if x.dtype == jnp.uint8 and x.ndim == 3]
+  assert len(four) >= 4 * m.num_layers  # every projection and MLP matrix, and the table
+  prompt = np.random.default_rng(8).integers(0, 256, (1, 21)).astype(np.int32)
+  want = G.Generator(graphdef, snapped, m, chunk=16, max_len=64)(prompt, 30)
+  got = G.Generator(graphdef8, params8, cfg, chunk=16, max_len=64)(prompt, 30)
+  np.testing.assert_array_equal(got, want)

@@ -1,5 +1,6 @@
 """8-bit decode weights (layers/int8.py) and their CPU kernel (layers/csrc/int8_matmul.cc):
-reconstruction within half a step, GGUF blocks exactly, the kernel against a float64 product on
+reconstruction within half a step, GGUF blocks exactly, 4-bit codes exactly where the weights
+are 16 levels a group (and only there), the kernel against a float64 product on
 both sides of its row threshold, for every group path and every vector path (AVX-512, AVX2,
 scalar), the thread split, gradients, LoRA-wrapped layers left float, the
 kernel's build cache and what happens when it cannot be built. Tests that need the kernel skip
@@ -198,12 +199,14 @@ def test_every_vector_path_equals_a_float64_product(flags, lanes):
   target = f"{cpu_kernel.TARGET}_test_{lib.TttInt8VectorLanes()}"
   jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.TttInt8Matmul), platform="cpu")
   rng = np.random.default_rng(len(flags))
-  for m, k, n in [(1, 576, 1536), (3, 96, 10), (2, 37, 13)]:
+  cases = [(1, 576, 1536, 8), (3, 96, 10, 8), (2, 37, 13, 8), (1, 576, 64, 4), (3, 96, 10, 4)]
+  for m, k, n, bits in cases:
     x = rng.standard_normal((m, k)).astype(np.float32)
-    q = Q.quantize(rng.standard_normal((k, n)).astype(np.float32))
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = Q.quantize(w) if bits == 8 else Q.quantize4(q4_levels(w))
     got = jax.jit(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32)))(x, *q)
     want = x.astype(np.float64) @ np.asarray(Q.dequantize(*q), np.float64)
-    assert got.shape == (m, n) and rel_err(got, want) < 2e-6, (flags, m, k, n)
+    assert got.shape == (m, n) and rel_err(got, want) < 2e-6, (flags, m, k, n, bits)
 
 
 def test_lora_wrapped_projections_stay_float():
@@ -263,3 +266,40 @@ def test_xla_widens_inside_a_loop_not_before_it():
   entry = text[text.index("ENTRY"):].split("\n}")[0].splitlines()
   loops = [line for line in entry if " while(" in line]
   assert loops and all("u8[" in line for line in loops), loops
+
+
+def q4_levels(w: np.ndarray) -> np.ndarray:
+  """w [..., K, N] snapped, per group of 32 input weights, to 16 evenly spaced levels from the
+  group's minimum to its maximum: what a GGUF Q4_1 import holds."""
+  g = np.swapaxes(w, -1, -2).reshape(*w.shape[:-2], w.shape[-1], -1, 32)
+  lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+  d = np.where(hi > lo, (hi - lo) / 15, 1.0)
+  snapped = np.rint((g - lo) / d) * d + lo
+  return np.swapaxes(snapped.reshape(*w.shape[:-2], w.shape[-1], -1), -1, -2).astype(np.float32)
+
+
+def test_4bit_only_where_every_group_is_16_levels():
+  rng = np.random.default_rng(9)
+  w = rng.standard_normal((2, 96, 10)).astype(np.float32)
+  assert Q.quantize4(w) is None  # arbitrary floats: 8 bits
+  assert Q.quantize4(q4_levels(w)[:, :80]) is None  # K = 80: no groups of 32
+  almost = q4_levels(w)
+  almost[0, 5, 3] += 1e-3 * np.abs(almost).max()  # one weight off its level
+  assert Q.quantize4(almost) is None
+  q, scale, offset = Q.quantize4(q4_levels(w))
+  assert q.dtype == np.uint8 and q.shape == (2, 10, 3, 16) and scale.shape == (2, 10, 3)
+  back = np.asarray(Q.dequantize(q, scale, offset))
+  assert np.abs(back - q4_levels(w)).max() <= 4e-7 * np.abs(w).max()
+  assert Q.Int8Weight(q4_levels(w)).q[...].ndim == 4 and Q.Int8Weight(w).q[...].ndim == 3
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 7, Q.KERNEL_MAX_ROWS + 2])
+def test_4bit_product_equals_a_float64_product(rows):
+  rng = np.random.default_rng(rows)
+  x = rng.standard_normal((rows, 576)).astype(np.float32)
+  q = Q.quantize4(q4_levels(rng.standard_normal((576, 42)).astype(np.float32)))  # N % 4 = 2
+  want = x.astype(np.float64) @ np.asarray(Q.dequantize(*q), np.float64)
+  assert rel_err(jax.jit(Q.int8_matmul)(x, *q), want) < 2e-6
+  assert (cpu_kernel.TARGET in product_kernels(Q.int8_matmul, x, *q)) == (
+      rows <= Q.KERNEL_MAX_ROWS)

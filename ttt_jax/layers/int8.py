@@ -47,6 +47,7 @@ from ttt_jax.layers.mlp import SwiGLU
 # 528 ms).
 KERNEL_MAX_ROWS = 128
 GROUP = 32  # weights per (scale, offset) along the input axis, as GGUF's blocks
+EXACT = 4e-7  # 4-bit where every group's largest error is this x its largest magnitude
 LEVELS = 255
 
 
@@ -88,10 +89,33 @@ def quantize(w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return q.reshape(w.shape), scale, lo.astype(np.float32)
 
 
+def quantize4(w) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """w [..., K, N] -> (q [..., N, K / 32, 16] uint8: 4-bit codes, two a byte; scale, offset
+  [..., N, K / 32]) where every group of 32 input weights is exactly 16 evenly spaced levels
+  (to float32 rounding: GGUF's Q4_1 blocks); None otherwise (`quantize` then keeps 8 bits).
+  Byte j of a group holds weight j's code in its low half and weight j + 16's in its high half."""
+  w = np.swapaxes(np.asarray(jax.device_get(w), np.float32), -1, -2)  # [..., N, K]
+  k = w.shape[-1]
+  if k % GROUP:
+    return None
+  groups = w.reshape(*w.shape[:-1], k // GROUP, GROUP)
+  lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+  scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
+  q = np.clip(np.rint((groups - lo[..., None]) / scale[..., None]), 0, 15)
+  err = np.abs(q * scale[..., None] + lo[..., None] - groups).max(axis=-1)
+  if np.any(err > EXACT * np.maximum(np.abs(lo), np.abs(hi))):
+    return None
+  q = q.astype(np.uint8)
+  return q[..., :16] | (q[..., 16:] << 4), scale, lo.astype(np.float32)
+
+
 def widen(q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-  """Codes q [..., N, K] with scale, offset [..., N, K / G] -> float32 rows [..., N, K]."""
+  """Codes q [..., N, K] (8-bit) or [..., N, K / 32, 16] (4-bit) with scale, offset
+  [..., N, K / G] -> float32 rows [..., N, K]."""
+  if q.ndim == scale.ndim + 1:  # 4-bit: low halves are weights 0..15 of a group, high 16..31
+    q = jnp.concatenate([q & 15, q >> 4], axis=-1)
   groups = q.reshape(*scale.shape, -1).astype(jnp.float32)
-  return (groups * scale[..., None] + offset[..., None]).reshape(q.shape)
+  return (groups * scale[..., None] + offset[..., None]).reshape(*scale.shape[:-1], -1)
 
 
 def dequantize(q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
@@ -99,18 +123,19 @@ def dequantize(q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
   return jnp.swapaxes(widen(q, scale, offset), -1, -2)
 
 
-def _use_kernel(x: jax.Array, q: jax.Array) -> bool:
+def _use_kernel(x: jax.Array, scale: jax.Array) -> bool:
   rows = math.prod(x.shape[:-1])
-  return target_platform() == "cpu" and 0 < rows <= KERNEL_MAX_ROWS and q.ndim == 2
+  return target_platform() == "cpu" and 0 < rows <= KERNEL_MAX_ROWS and scale.ndim == 2
 
 
 @jax.custom_vjp
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
-  """x [..., K] · W -> [..., N] in float32, W given by `quantize` (q [N, K], scale, offset).
+  """x [..., K] · W -> [..., N] in float32, W given by `quantize` (q [N, K] or, 4-bit,
+  [N, K / 32, 16]; scale, offset).
   Differentiable in x (TTT-E2E's inner steps differentiate through frozen layers); the stored
   weights get zero cotangents."""
   x = x.astype(jnp.float32)
-  if _use_kernel(x, q):
+  if _use_kernel(x, scale):
     target = int8_matmul_target()
     if target is not None:
       out = jax.ShapeDtypeStruct((*x.shape[:-1], q.shape[0]), jnp.float32)
@@ -138,10 +163,11 @@ int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
 
 
 class Int8Weight(nnx.Module):
-  """A matrix [..., K, N] stored by `quantize`; `self(x)` is x·W."""
+  """A matrix [..., K, N] stored by `quantize4` where that is exact, else by `quantize`;
+  `self(x)` is x·W."""
 
   def __init__(self, w):
-    q, scale, offset = quantize(w)
+    q, scale, offset = quantize4(w) or quantize(w)
     self.q, self.scale, self.offset = (Int8Param(jnp.asarray(a)) for a in (q, scale, offset))
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@
 //   x: f32 [..., K]; q: u8 [N, K]; scale, offset: f32 [N, K / G]; xsum[m, g] = sum_{k in g} x[m, k].
 //   Row n of the weight matrix is w[n, k] = scale[n, g] * q[n, k] + offset[n, g] for the group g
 //   of G consecutive k holding k (G = K: one group per row).
+//   4-bit codes: q: u8 [N, K / 32, 16], G = 32; byte j of a group's 16 holds the code of its
+//   weight j in the low half and of its weight j + 16 in the high half.
 //
 // A decode step multiplies one activation row by every weight matrix of the model, so its time is
 // the time to read the weights: 8-bit codes read a quarter of float32's bytes and are widened to
@@ -37,7 +39,16 @@ struct Problem {
   const float* offset;
   float* y;
   int64_t m, n, k, g;
+  int bits;           // 8 or 4
+  int64_t row_bytes;  // of q: k or k / 2
 };
+
+// Code i of a row (any layout; the scalar path's reader).
+inline float Code(const uint8_t* row, int64_t i, int bits) {
+  if (bits == 8) return static_cast<float>(row[i]);
+  const int64_t in_group = i % 32;
+  return static_cast<float>((row[(i / 32) * 16 + in_group % 16] >> (4 * (in_group / 16))) & 15);
+}
 
 // The vector unit: kLanes float32 lanes (AVX-512: 16, AVX2: 8, none: 0 = the scalar Dot1 only).
 #if defined(__AVX512F__)
@@ -48,6 +59,11 @@ inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec Widen(const uint8_t* p) {  // 16 codes -> 16 float32
   return _mm512_cvtepi32_ps(
       _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec Widen4(const uint8_t* p, int half) {  // 16 bytes' low or high halves -> 16 float32
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  b = _mm_and_si128(half ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(15));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline Vec Set1(float v) { return _mm512_set1_ps(v); }
@@ -60,6 +76,11 @@ inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec Widen(const uint8_t* p) {  // 8 codes -> 8 float32
   return _mm256_cvtepi32_ps(
       _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec Widen4(const uint8_t* p, int half) {  // 8 bytes' low or high halves -> 8 float32
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  b = _mm_and_si128(half ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(15));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
 }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline Vec Set1(float v) { return _mm256_set1_ps(v); }
@@ -74,12 +95,12 @@ constexpr int kLanes = 0;
 
 // One weight row against one activation row (any group size).
 float Dot1(const float* x, const uint8_t* q, const float* scale, const float* offset, int64_t k,
-           int64_t g) {
+           int64_t g, int bits) {
   float total = 0.f;
   for (int64_t j = 0; j < k / g; ++j) {
     float xq = 0.f, xs = 0.f;
     for (int64_t i = j * g; i < (j + 1) * g; ++i) {
-      xq += x[i] * static_cast<float>(q[i]);
+      xq += x[i] * Code(q, i, bits);
       xs += x[i];
     }
     total += scale[j] * xq + offset[j] * xs;
@@ -96,10 +117,10 @@ constexpr int kAhead = 8;
 // Weight rows [n, n + 4) against activation rows [r0, r0 + M), G a multiple of kLanes. Each
 // group's codes are widened to float32 weights (scale * q + offset) in registers once and serve
 // all M activation rows: 4 x M accumulators, reduced across lanes once, at the end.
-template <int M>
+template <int M, int kBits>
 void Tile(const Problem& p, int64_t n, int64_t r0) {
-  const int64_t k = p.k, g = p.g, groups = k / g;
-  const uint8_t* q = p.q + n * k;
+  const int64_t k = p.k, g = p.g, groups = k / g, rb = p.row_bytes;
+  const uint8_t* q = p.q + n * rb;
   const float* scale = p.scale + n * groups;
   const float* offset = p.offset + n * groups;
   const float* x = p.x + r0 * k;
@@ -114,13 +135,18 @@ void Tile(const Problem& p, int64_t n, int64_t r0) {
       o[r] = Set1(offset[r * groups + j]);
     }
     for (int64_t i = j * g; i < (j + 1) * g; i += kLanes) {
-      if (r0 == 0 && i % 64 == 0) {  // the same cache line kAhead rows ahead (never faults)
+      const int64_t at = kBits == 8 ? i : j * 16 + (i - j * g) % 16;  // byte of the chunk
+      if (r0 == 0 && at % 64 == 0) {  // the same cache line kAhead rows ahead (never faults)
         for (int r = kAhead; r < kAhead + 4; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(q + r * k + i), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(q + r * rb + at), _MM_HINT_T0);
         }
       }
       Vec w[4];
-      for (int r = 0; r < 4; ++r) w[r] = Fma(Widen(q + r * k + i), s[r], o[r]);
+      for (int r = 0; r < 4; ++r) {
+        const Vec codes = kBits == 8 ? Widen(q + r * rb + at)
+                                     : Widen4(q + r * rb + at, int((i - j * g) / 16));
+        w[r] = Fma(codes, s[r], o[r]);
+      }
       for (int m = 0; m < M; ++m) {
         const Vec xv = Load(x + m * k + i);
         for (int r = 0; r < 4; ++r) acc[m][r] = Fma(xv, w[r], acc[m][r]);
@@ -146,15 +172,20 @@ void Solve(const Problem& p, int64_t n0, int64_t n1) {
   if (g % kLanes == 0) {
     for (; n + 4 <= n1; n += 4) {
       int64_t r = 0;
-      for (; r + kTileRows <= p.m; r += kTileRows) Tile<kTileRows>(p, n, r);
-      for (; r < p.m; ++r) Tile<1>(p, n, r);
+      if (p.bits == 8) {
+        for (; r + kTileRows <= p.m; r += kTileRows) Tile<kTileRows, 8>(p, n, r);
+        for (; r < p.m; ++r) Tile<1, 8>(p, n, r);
+      } else {
+        for (; r + kTileRows <= p.m; r += kTileRows) Tile<kTileRows, 4>(p, n, r);
+        for (; r < p.m; ++r) Tile<1, 4>(p, n, r);
+      }
     }
   }
 #endif
   for (; n < n1; ++n) {
     for (int64_t r = 0; r < p.m; ++r) {
-      p.y[r * n_out + n] =
-          Dot1(p.x + r * k, p.q + n * k, p.scale + n * groups, p.offset + n * groups, k, g);
+      p.y[r * n_out + n] = Dot1(p.x + r * k, p.q + n * p.row_bytes, p.scale + n * groups,
+                                p.offset + n * groups, k, g, p.bits);
     }
   }
 }
@@ -242,20 +273,25 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
   const auto sd = scale.dimensions();
   const auto od = offset.dimensions();
   const auto yd = y->dimensions();
-  if (qd.size() != 2 || xd.size() == 0 || sd.size() != 2 || od.size() != 2 || sd[0] != qd[0] ||
-      od[0] != qd[0] || od[1] != sd[1] || sd[1] == 0 || qd[1] % sd[1] != 0 ||
-      xd[xd.size() - 1] != qd[1] || yd.size() != xd.size() || yd[yd.size() - 1] != qd[0] ||
-      int64_t(y->element_count()) * qd[1] != int64_t(x.element_count()) * qd[0]) {
+  const int64_t k = xd.size() ? xd[xd.size() - 1] : -1;
+  const int bits = qd.size() == 3 ? 4 : 8;
+  if (xd.size() == 0 || sd.size() != 2 || od.size() != 2 || sd[0] != qd[0] || od[0] != qd[0] ||
+      od[1] != sd[1] || sd[1] == 0 || k % sd[1] != 0 ||
+      (bits == 8 && (qd.size() != 2 || qd[1] != k)) ||
+      (bits == 4 && (qd[1] != sd[1] || qd[2] != 16 || sd[1] * 32 != k)) || yd.size() != xd.size() ||
+      yd[yd.size() - 1] != qd[0] ||
+      int64_t(y->element_count()) * k != int64_t(x.element_count()) * qd[0]) {
     return ffi::Error::InvalidArgument(
-        "int8_matmul: expected x [..., K], q [N, K] (uint8), scale and offset [N, K / G]");
+        "int8_matmul: expected x [..., K], q [N, K] (8-bit) or [N, K / 32, 16] (4-bit), scale "
+        "and offset [N, K / G]");
   }
-  const int64_t k = qd[1];
   if (k == 0) {  // empty sums
     std::fill(y->typed_data(), y->typed_data() + y->element_count(), 0.f);
     return ffi::Error::Success();
   }
   Problem p{x.typed_data(), q.typed_data(), scale.typed_data(), offset.typed_data(),
-            y->typed_data(), int64_t(x.element_count()) / k, qd[0], k, k / sd[1]};
+            y->typed_data(), int64_t(x.element_count()) / k, qd[0], k, k / sd[1], bits,
+            bits == 8 ? k : k / 2};
   GetPool().Run(p);
   return ffi::Error::Success();
 }
