@@ -11,14 +11,16 @@ Format: along each output channel's row of K input weights, every group of GROUP
 consecutive weights (the whole row where 32 does not divide K) is stored as
 w = scale · q + offset, q ∈ {0..255}, offset = the group's minimum, scale = (max − min) / 255 (or
 max |w| / 127 where that reconstructs the group better, see `quantize`); each weight is within
-scale / 2 of its original. Why affine groups of 32: GGUF's blocks are groups of the same 32
-weights; the 15 steps of its affine 4-bit blocks (Q4_1) divide the 255 steps here (GGUF's
-quantizer maps each block's minimum and maximum to the end levels), and its symmetric 8-bit
-levels (Q8_0) are the second step, so those blocks come back exactly (to float32 rounding); other
-GGUF types (Q4_0, Q5_0/Q5_1, the K-quants) come back within half a step. Measured on SmolLM2-135M
-(Q4_1 blocks, Q8_0 embedding table), the median relative logit error against float32 was 3.5%
-with one symmetric scale per row, 2.9% symmetric per group of 32, and 1.6% with bfloat16 weights
-(docs/pretrained.md has this format's).
+scale / 2 of its original. Where every group of a matrix holds exactly 16 evenly spaced levels, the
+matrix is stored in 4 bits instead (`quantize4`: two codes a byte, 0.75 bytes a weight with the
+scale and offset, against 1.25). Why affine groups of 32: GGUF's blocks are groups of the same 32
+weights; the 15 steps of its affine 4-bit blocks (Q4_1) divide the 255 steps here (GGUF's quantizer
+maps each block's minimum and maximum to the end levels), and its symmetric 8-bit levels (Q8_0) are
+the second step, so those blocks come back exactly (to float32 rounding); other GGUF types (Q4_0,
+Q5_0/Q5_1, the K-quants) come back within half a step. Measured on SmolLM2-135M (Q4_1 blocks, Q8_0
+embedding table), the median relative logit error against float32 was 3.5% with one symmetric scale
+per row, 2.9% symmetric per group of 32, and 1.6% with bfloat16 weights (docs/pretrained.md has this
+format's).
 
 Products with at most `KERNEL_MAX_ROWS` activation rows (decode steps, short prompt chunks) run
 on CPU in the package's C++ kernel (layers/csrc/int8_matmul.cc via layers/cpu_kernel.py), which
