@@ -208,23 +208,31 @@ def test_int8_decode_steps_lower_for_cuda_without_the_cpu_kernel():
   assert ("ttt_jax_int8_matmul" in cpu) == (cpu_kernel.int8_matmul_target() is not None)
 
 
-def test_int8_decode_model_stores_16_level_weights_in_4_bits_exactly():
+@pytest.mark.parametrize("kind", ["transformer", "swa"])  # swa: stacked blocks (scan_layers)
+def test_int8_decode_model_stores_16_level_weights_in_4_bits_exactly(kind):
   """A model whose matrices hold 16 evenly spaced levels per group of 32 (as a GGUF Q4_1 import
   does) is stored in 4 bits and generates exactly what its float weights generate."""
   from tests.layers.test_int8 import q4_levels
 
-  m, graphdef, params = _int8_case("transformer")
+  m, graphdef, params = _int8_case(kind)
 
   def snap(path, x):
     names = [getattr(k, "key", k) for k in path]
     if names[-1] == "embedding":
       return q4_levels(np.asarray(x).T).T
-    return q4_levels(np.asarray(x)) if x.ndim == 2 and x.shape[0] % 32 == 0 else x
+    return q4_levels(np.asarray(x)) if x.ndim >= 2 and x.shape[-2] % 32 == 0 else x
 
   snapped = jax.tree_util.tree_map_with_path(snap, params)
   cfg, graphdef8, params8 = G.decode_model(m, snapped, "int8")
-  four = [x for x in jax.tree.leaves(params8) if x.dtype == jnp.uint8 and x.ndim == 3]
-  assert len(four) >= 4 * m.num_layers  # every projection and MLP matrix, and the table
+  scales = {jax.tree_util.keystr(p)[:-len("['scale']")]: x.ndim for p, x in
+            jax.tree_util.tree_leaves_with_path(params8) if jax.tree_util.keystr(p).endswith(
+                "['scale']")}
+  four = [p for p, x in jax.tree_util.tree_leaves_with_path(params8) if x.dtype == jnp.uint8
+          and x.ndim == scales[jax.tree_util.keystr(p)[:-len("['q']")]] + 1]
+  # every projection and MLP matrix of every block (one stacked array each with scan_layers),
+  # the embedding table and, untied, the head
+  per_block = 7 * (1 if m.scan_layers else m.num_layers)
+  assert len(four) == per_block + 1 + (0 if m.tie_embeddings else 1), four
   prompt = np.random.default_rng(8).integers(0, 256, (1, 21)).astype(np.int32)
   want = G.Generator(graphdef, snapped, m, chunk=16, max_len=64)(prompt, 30)
   got = G.Generator(graphdef8, params8, cfg, chunk=16, max_len=64)(prompt, 30)

@@ -303,3 +303,11 @@ def test_4bit_product_equals_a_float64_product(rows):
   assert rel_err(jax.jit(Q.int8_matmul)(x, *q), want) < 2e-6
   assert (cpu_kernel.TARGET in product_kernels(Q.int8_matmul, x, *q)) == (
       rows <= Q.KERNEL_MAX_ROWS)
+
+
+def test_nan_or_infinite_weights_never_pass_as_4_bit():
+  w = q4_levels(np.random.default_rng(10).standard_normal((64, 8)).astype(np.float32))
+  for bad in (np.nan, np.inf):
+    broken = w.copy()
+    broken[3, 2] = bad
+    assert Q.quantize4(broken) is None

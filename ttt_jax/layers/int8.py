@@ -105,7 +105,7 @@ def quantize4(w) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
   scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
   q = np.clip(np.rint((groups - lo[..., None]) / scale[..., None]), 0, 15)
   err = np.abs(q * scale[..., None] + lo[..., None] - groups).max(axis=-1)
-  if np.any(err > EXACT * np.maximum(np.abs(lo), np.abs(hi))):
+  if not np.all(err <= EXACT * np.maximum(np.abs(lo), np.abs(hi))):  # NaN and inf fail too
     return None
   q = q.astype(np.uint8)
   return q[..., :16] | (q[..., 16:] << 4), scale, lo.astype(np.float32)

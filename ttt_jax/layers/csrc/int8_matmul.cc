@@ -275,7 +275,8 @@ ffi::Error Int8MatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
   const auto yd = y->dimensions();
   const int64_t k = xd.size() ? xd[xd.size() - 1] : -1;
   const int bits = qd.size() == 3 ? 4 : 8;
-  if (xd.size() == 0 || sd.size() != 2 || od.size() != 2 || sd[0] != qd[0] || od[0] != qd[0] ||
+  if ((qd.size() != 2 && qd.size() != 3) || xd.size() == 0 || sd.size() != 2 || od.size() != 2 ||
+      sd[0] != qd[0] || od[0] != qd[0] ||
       od[1] != sd[1] || sd[1] == 0 || k % sd[1] != 0 ||
       (bits == 8 && (qd.size() != 2 || qd[1] != k)) ||
       (bits == 4 && (qd[1] != sd[1] || qd[2] != 16 || sd[1] * 32 != k)) || yd.size() != xd.size() ||
