@@ -138,12 +138,13 @@ def start_worker(spec: str, args, prompt: list[int]) -> subprocess.Popen:
   # lacks the module
   from ttt_jax.layers.cpu_kernel import THREADS_ENV
   env = dict(os.environ)
-  if parse_variant(spec)[0] == "ours-1t":
+  name, opts = parse_variant(spec)
+  if name == "ours-1t":
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA).strip()
     env[THREADS_ENV] = "1"  # the int8 kernel's own threads
-  if parse_variant(spec)[0] != "llama" and "threads" in parse_variant(spec)[1]:
-    env[THREADS_ENV] = parse_variant(spec)[1]["threads"]
-  src = parse_variant(spec)[1].get("src")  # another checkout of the package (e.g. a baseline)
+  if name != "llama" and "threads" in opts:
+    env[THREADS_ENV] = opts["threads"]
+  src = opts.get("src")  # another checkout of the package (e.g. a baseline)
   if src:
     env["PYTHONPATH"] = os.path.abspath(src)
   cmd = [sys.executable, "-m", "ttt_jax.benchmarks.decode", "--worker", spec,

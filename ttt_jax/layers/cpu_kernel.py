@@ -120,7 +120,7 @@ def threads() -> int:
 def int8_matmul_target() -> str | None:
   """The registered FFI target of the int8 product, or None (after one warning) where the
   kernel cannot be built or loaded: int8 products are then widened to float32 by XLA (the same
-  result, read at float32's cost)."""
+  result, slower than float32 weights)."""
   n_threads = threads()
   try:
     lib = ctypes.CDLL(library_path())

@@ -62,11 +62,19 @@ def group_size(k: int) -> int:
   return GROUP if k % GROUP == 0 else k
 
 
-def _codes(groups: np.ndarray, scale: np.ndarray, offset: np.ndarray):
-  """(codes, max reconstruction error) of each group for a given scale and offset."""
-  q = np.clip(np.rint((groups - offset[..., None]) / scale[..., None]), 0, LEVELS)
+def _row_groups(w, size: int) -> np.ndarray:
+  """w [..., K, N] -> float32 [..., N, K / size, size]: each output channel's row of K input
+  weights in groups of `size`."""
+  w = np.swapaxes(np.asarray(jax.device_get(w), np.float32), -1, -2)  # [..., N, K]
+  return w.reshape(*w.shape[:-1], w.shape[-1] // size, size)
+
+
+def _codes(groups: np.ndarray, scale: np.ndarray, offset: np.ndarray, top: int):
+  """(codes in 0..top as floats, largest reconstruction error) of each group for a given scale
+  and offset."""
+  q = np.clip(np.rint((groups - offset[..., None]) / scale[..., None]), 0, top)
   err = np.abs(q * scale[..., None] + offset[..., None] - groups).max(axis=-1)
-  return q.astype(np.uint8), err
+  return q, err
 
 
 def quantize(w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -76,19 +84,18 @@ def quantize(w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   Each group takes the better (smaller largest error) of two steps from its minimum: its range
   over 255 (the finest; exact for 16-level blocks spanning their levels, GGUF's Q4_1) or
   its largest magnitude over 127 (exact for symmetric 8-bit blocks such as GGUF's Q8_0)."""
-  w = np.swapaxes(np.asarray(jax.device_get(w), np.float32), -1, -2)  # [..., N, K]
-  k = w.shape[-1]
-  groups = w.reshape(*w.shape[:-1], k // group_size(k), group_size(k))
+  k = np.shape(w)[-2]
+  groups = _row_groups(w, group_size(k))
   lo, hi = groups.min(axis=-1), groups.max(axis=-1)
   amax = np.maximum(np.abs(lo), np.abs(hi))
   fine = np.where(hi > lo, (hi - lo) / LEVELS, 1.0).astype(np.float32)
   symmetric = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
-  q, err = _codes(groups, fine, lo)
-  q_sym, err_sym = _codes(groups, symmetric, lo)
+  q, err = _codes(groups, fine, lo, LEVELS)
+  q_sym, err_sym = _codes(groups, symmetric, lo, LEVELS)
   use_sym = err_sym < err
-  q = np.where(use_sym[..., None], q_sym, q)
+  q = np.where(use_sym[..., None], q_sym, q).astype(np.uint8)
   scale = np.where(use_sym, symmetric, fine)
-  return q.reshape(w.shape), scale, lo.astype(np.float32)
+  return q.reshape(*groups.shape[:-2], k), scale, lo.astype(np.float32)
 
 
 def quantize4(w) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -96,15 +103,12 @@ def quantize4(w) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
   [..., N, K / 32]) where every group of 32 input weights is exactly 16 evenly spaced levels
   (to float32 rounding: GGUF's Q4_1 blocks); None otherwise (`quantize` then keeps 8 bits).
   Byte j of a group holds weight j's code in its low half and weight j + 16's in its high half."""
-  w = np.swapaxes(np.asarray(jax.device_get(w), np.float32), -1, -2)  # [..., N, K]
-  k = w.shape[-1]
-  if k % GROUP:
+  if np.shape(w)[-2] % GROUP:
     return None
-  groups = w.reshape(*w.shape[:-1], k // GROUP, GROUP)
+  groups = _row_groups(w, GROUP)
   lo, hi = groups.min(axis=-1), groups.max(axis=-1)
   scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
-  q = np.clip(np.rint((groups - lo[..., None]) / scale[..., None]), 0, 15)
-  err = np.abs(q * scale[..., None] + lo[..., None] - groups).max(axis=-1)
+  q, err = _codes(groups, scale, lo, 15)
   if not np.all(err <= EXACT * np.maximum(np.abs(lo), np.abs(hi))):  # NaN and inf fail too
     return None
   q = q.astype(np.uint8)

@@ -9,8 +9,8 @@
 //   weight j in the low half and of its weight j + 16 in the high half.
 //
 // A decode step multiplies one activation row by every weight matrix of the model, so its time is
-// the time to read the weights: 8-bit codes read a quarter of float32's bytes and are widened to
-// float32 in registers, never in memory. The output rows are split over a small pool of threads
+// the time to read the weights: 8-bit codes read a quarter of float32's bytes (4-bit codes an
+// eighth) and are widened to float32 in registers, never in memory. The output rows are split over a small pool of threads
 // that spin briefly between calls (a decode step makes a few hundred, microseconds apart), then
 // sleep. Build and load: ttt_jax/layers/cpu_kernel.py; layout and rounding: ttt_jax/layers/int8.py.
 #include <algorithm>
@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -161,6 +160,14 @@ void Tile(const Problem& p, int64_t n, int64_t r0) {
 // Activation rows per tile: AVX-512's 32 registers hold 4 x 4 accumulators and the widened
 // weights; AVX2's 16 hold 2 x 4.
 constexpr int kTileRows = kLanes == 16 ? 4 : 2;
+
+// Weight rows [n, n + 4) against every activation row, in tiles of kTileRows, then single rows.
+template <int kBits>
+void Block(const Problem& p, int64_t n) {
+  int64_t r = 0;
+  for (; r + kTileRows <= p.m; r += kTileRows) Tile<kTileRows, kBits>(p, n, r);
+  for (; r < p.m; ++r) Tile<1, kBits>(p, n, r);
+}
 #endif
 
 // Output columns [n0, n1) of every activation row. Weight rows are the outer loop, so each block
@@ -171,13 +178,10 @@ void Solve(const Problem& p, int64_t n0, int64_t n1) {
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
   if (g % kLanes == 0) {
     for (; n + 4 <= n1; n += 4) {
-      int64_t r = 0;
       if (p.bits == 8) {
-        for (; r + kTileRows <= p.m; r += kTileRows) Tile<kTileRows, 8>(p, n, r);
-        for (; r < p.m; ++r) Tile<1, 8>(p, n, r);
+        Block<8>(p, n);
       } else {
-        for (; r + kTileRows <= p.m; r += kTileRows) Tile<kTileRows, 4>(p, n, r);
-        for (; r < p.m; ++r) Tile<1, 4>(p, n, r);
+        Block<4>(p, n);
       }
     }
   }
