@@ -24,7 +24,7 @@ def test_plan_order_and_filter():
   names = [n for n, _ in gpu_check.plan([])]
   assert names[:4] == ["env", "attention", "pallas", "e2e"]  # correctness before timings
   assert {f"train:{k}" for k in gpu_check.TRAIN} <= set(names)
-  assert {"stream:e2e", "stream:transformer"} <= set(names)
+  assert {"cache_attention", "stream:e2e/transformer/transformer-masked"} <= set(names)
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
       "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+noremat",
       "train:ttt_linear+cmdbuf"]
@@ -49,6 +49,14 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
       "train125m:e2e": dict(step, median_s=0.15),
       "stream:e2e": {"8192": {"compile_s": 2.0, "prefill": {"per_token_s": 6e-5},
                               "decode": {"per_token_s": 2e-3}}},
+      "stream:transformer/transformer-masked": {
+          "kinds": {"transformer": {"8192": {"compile_s": 1.0, "prefill": {"per_token_s": 3e-5}}},
+                    "transformer-masked": {"error": "XlaRuntimeError: out of memory"}},
+          "ratios": {"prefill": {"transformer": {"speedup_over_full_attention_at_longest": 1.0},
+                                 "e2e": {"speedup_over_full_attention_at_longest": 2.5}}}},
+      "cache_attention": {"prefill at 65536": {
+          "kernel": {"rel_err": 4e-3, "median_s": 2e-3, "tflops_per_s": 140.0},
+          "cudnn, masked": {"error": "ValueError: no"}}},
   }
   text = open(gpu_report.write_markdown(results, str(tmp_path / "g.md"))).read()
   assert "NVIDIA H200" in text and "750 TFLOP/s" in text
@@ -60,6 +68,11 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "| e2e-meta | skipped (out of the time budget) |" in text
   assert "| e2e (125m, 8K) | 3.0 s | 150.00 ms | 1.50x |" in text
   assert "| e2e | 8K | 2.0 s | 60.0 us | 2.00 ms |" in text
+  assert "| transformer | 8K | 1.0 s | 30.0 us |  |" in text  # from a several-kinds task
+  assert "| transformer-masked | error (XlaRuntimeError: out of memory) |" in text
+  assert "same process: transformer 1.00x, e2e 2.50x" in text
+  assert "| prefill at 65536 | kernel | 2.00 ms | 140.0 | 4.0e-03 |" in text
+  assert "| prefill at 65536 | cudnn, masked | error (ValueError: no) |" in text
 
 
 def test_a_gpu_that_this_jax_cannot_use_is_an_error(monkeypatch, capsys):
@@ -67,6 +80,20 @@ def test_a_gpu_that_this_jax_cannot_use_is_an_error(monkeypatch, capsys):
   monkeypatch.setattr(gpu_check, "_nvidia_gpu_present", lambda: True)
   assert gpu_check.main(["--out_dir", "unused"]) == 1
   assert "has an NVIDIA GPU but the JAX of" in capsys.readouterr().out
+
+
+def test_cache_attention_benchmark_runs_on_cpu(monkeypatch):
+  """The kernel interpreted at a small cache: its error against fp32 and its time are recorded,
+  and masked cuDNN (no GPU here) becomes an error row, not a crash."""
+  from ttt_jax.benchmarks import streaming  # noqa: PLC0415
+
+  monkeypatch.setattr(streaming, "KERNEL_SETTINGS", {"kernel": {"interpret": True}})
+  rows = streaming.bench_cache_attention(256, 32, 2, 16, fills=(0.5,), repeats=1,
+                                         echo=lambda s: None)
+  assert list(rows) == ["prefill at 128", "decode at 128"]
+  for row in rows.values():
+    assert 0 < row["kernel"]["rel_err"] < 2e-2 and row["kernel"]["median_s"] > 0  # bf16
+    assert "error" in row["cudnn, masked"]
 
 
 def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """Every program a GPU run compiles by default, lowered for CUDA on this (CPU) machine: the train
 step of each model kind (E2E meta and pretrain; the Pallas TTT kernels), the streaming chunk
-step and the decode step. A kernel that cannot be batched, differentiated twice or lowered by
-Triton fails here, not first on a GPU (ttt_jax/benchmarks/lowering.py)."""
+step and the decode step (full attention: the Triton cache-attention kernel). A kernel that
+cannot be batched, differentiated twice or lowered by Triton fails here, not first on a GPU
+(ttt_jax/benchmarks/lowering.py)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def test_stream_and_decode_steps_lower_for_cuda(kind):
   for exported in steps.values():
     assert exported.platforms == ("cuda",)
     kernels = lowering.kernels_in(exported)
-    assert has_cudnn_attention(kernels) == (kind in ("transformer", "swa", "e2e")), kernels
+    # window caches: cuDNN with the position mask; a full-attention cache: the Triton kernel
+    # reading only its filled blocks (model.cache_attention_impl=auto)
+    assert has_cudnn_attention(kernels) == (kind in ("swa", "e2e")), kernels
+    assert (TRITON in kernels) == (kind == "transformer"), kernels
 
 
 def test_cudnn_in_the_e2e_inner_loop_is_caught(monkeypatch):

@@ -27,6 +27,7 @@ REMAT_POLICIES, DTYPES = ("none", "full", "dots"), ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
+CACHE_ATTENTION_IMPLS = ("auto", "pallas", "inherit")
 E2E_INNER_ATTENTION_IMPLS = ("auto", "blockwise", "xla")  # batched per sequence, 2nd order
 
 # name: (num_layers, d_model, num_heads, intermediate_size): the TTT-E2E paper's 125M-3B ladder
@@ -149,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   # attention backend: auto (cudnn on GPU with bf16 compute, splash on TPU, else blockwise) |
   # blockwise (the algorithms above) | xla | cudnn | splash  (layers/attention_kernels.py)
   m.attention_impl = "auto"
+  # queries against a full-attention KV cache (prefill chunks, decode): auto (pallas on one GPU
+  # if the head dim allows) | pallas (Triton, layers/cache_attention.py) | inherit (as above)
+  m.cache_attention_impl = "auto"
 
   t = m.ttt = ml_collections.ConfigDict()
   t.mini_batch_size = 16
@@ -188,14 +192,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.pack_docs = True  # True: windows run across documents; False: each window in one document
 
   tr = c.train = ml_collections.ConfigDict()
-  tr.steps = 300
-  tr.lr = 3e-3
-  tr.warmup_steps = 30
+  tr.steps, tr.lr, tr.warmup_steps = 300, 3e-3, 30
   tr.schedule = "cosine"
   tr.min_lr_ratio = 0.1
   tr.weight_decay = 0.1
-  tr.b1 = 0.9
-  tr.b2 = 0.95
+  tr.b1, tr.b2 = 0.9, 0.95
   tr.grad_clip = 1.0
   tr.grad_accum = 1
   tr.log_every = 10
@@ -211,13 +212,10 @@ def base_config() -> ml_collections.ConfigDict:
   # logical-axis overrides, e.g. "embed=fsdp,mlp=tensor,batch=data+fsdp,vocab=" ("" = defaults)
   ms.rules = ""
   # jax.distributed.initialize arguments; ""/-1 = auto-detect (TPU pods, SLURM, Open MPI, env)
-  ms.coordinator_address = ""
-  ms.num_processes = -1
-  ms.process_id = -1
+  ms.coordinator_address, ms.num_processes, ms.process_id = "", -1, -1
 
   ck = c.checkpoint = ml_collections.ConfigDict()
-  ck.every_steps = 100
-  ck.keep = 3
+  ck.every_steps, ck.keep = 100, 3
   ck.resume = True
   ck.overwrite = False
   ck.load_part = ""  # "" | "params": start a new run from another run's params
@@ -345,6 +343,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.compute_dtype", DTYPES), ("model.param_dtype", DTYPES),
                        ("model.attention_algorithm", ATTENTION_ALGORITHMS),
                        ("model.attention_impl", ATTENTION_IMPLS),
+                       ("model.cache_attention_impl", CACHE_ATTENTION_IMPLS),
                        ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
                        ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),

@@ -20,7 +20,11 @@ Tasks, in order:
              precision (TF32 vs IEEE fp32), with the dual form's at each precision beside them;
   train:K    compile time and median step time of kind K at the `gpu` bench preset;
   train125m:K  the same for the `125m` pretraining preset of K at 8K context;
-  stream:K   prefill (per token) and decode at 8K / 32K / 128K;
+  cache_attention  the Triton kernel for queries against a full-attention cache (a 512-token
+             chunk, one decode query; 128K slots half and wholly filled) at a few tile settings
+             vs masked cuDNN (the path it replaces), errors vs fp32;
+  stream:K1/K2/..  prefill (per token) and decode at 8K / 32K / 128K, the kinds interleaved
+             in one process (transformer-masked: full attention through masked cuDNN);
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans).
 On a machine without a GPU it says so in one line and exits 0.
@@ -37,6 +41,9 @@ import time
 
 from ttt_jax.benchmarks.gpu_tasks import TRAIN, VARIANTS, run_task
 
+# E2E beside full attention through the Triton cache kernel and through masked cuDNN, one process
+STREAM_HONEST = "e2e/transformer/transformer-masked"
+
 
 def _nvidia_gpu_present() -> bool:
   try:
@@ -51,7 +58,7 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120), ("learn", 200),
            ("tune", 120)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
-  tasks += [("stream:e2e", 120), ("stream:transformer", 120)]
+  tasks += [("cache_attention", 90), (f"stream:{STREAM_HONEST}", 300)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100)]

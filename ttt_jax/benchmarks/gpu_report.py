@@ -88,7 +88,10 @@ def _train(results: dict) -> list[str]:
 
 
 def _stream(results: dict) -> list[str]:
-  rows = {k.split(":", 1)[1]: r for k, r in results.items() if k.startswith("stream:")}
+  rows = {}
+  for name, r in results.items():
+    if name.startswith("stream:"):  # one kind, or several timed together under "kinds"
+      rows.update(r["kinds"] if "kinds" in r else {name.split(":", 1)[1]: r})
   if not rows:
     return []
   out = ["## Streaming, `gpu` preset (batch 1, chunks of 512)", "",
@@ -109,6 +112,13 @@ def _stream(results: dict) -> list[str]:
       out.append(f"| {kind} | {fmt_len(int(length))} | {e.get('compile_s', 0):.1f} s | "
                  f"{pre * 1e6:.1f} us | " if pre else f"| {kind} | {length} | | | ")
       out[-1] += f"{dec * 1e3:.2f} ms |" if dec else " |"
+  for name, r in results.items():  # kinds timed together: per-token speed over the transformer's
+    for phase, per in (r.get("ratios", {}) if name.startswith("stream:") else {}).items():
+      ratios = [f"{kind} {p['speedup_over_full_attention_at_longest']:.2f}x"
+                for kind, p in per.items() if "speedup_over_full_attention_at_longest" in p]
+      if ratios:
+        out += ["", f"{phase} at the longest context, speed over the transformer's (Triton "
+                f"cache kernel), same process: " + ", ".join(ratios)]
   return out + [""]
 
 
@@ -154,6 +164,27 @@ def _tune(results: dict) -> list[str]:
   return out + [""]
 
 
+def _cache_attention(results: dict) -> list[str]:
+  rows = results.get("cache_attention", {})
+  if not rows:
+    return []
+  if _status(rows):
+    return [f"Cache attention: {_status(rows)}", ""]
+  out = ["## Queries against a 128K full-attention cache (bf16, 8 heads x 64): Triton kernel vs "
+         "masked cuDNN", "", "| call | impl | time | TFLOP/s (filled slots) | rel. err vs fp32 |",
+         "|---|---|---|---|---|"]
+  for call, row in rows.items():
+    if not isinstance(row, dict):
+      continue  # task_s
+    for impl, r in row.items():
+      if _status(r) or "median_s" not in r:
+        out.append(f"| {call} | {impl} | {_status(r) or 'not timed'} | | |")
+      else:
+        out.append(f"| {call} | {impl} | {_ms(r['median_s'])} | {r['tflops_per_s']:.1f} | "
+                   f"{r['rel_err']:.1e} |")
+  return out + [""]
+
+
 def write_markdown(results: dict, path: str) -> str:
   env = results.get("env", {})
   lines = ["# gpu-check", ""]
@@ -162,7 +193,7 @@ def write_markdown(results: dict, path: str) -> str:
     lines += [f"Device {env['device']}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
               + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
   lines += (_correctness(results) + _learn(results) + _tune(results) + _train(results)
-            + _stream(results))
+            + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
   with open(path, "w") as f:

@@ -323,19 +323,32 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
   return info
 
 
-def task_stream(kind: str) -> dict:
+def task_stream(spec: str) -> dict:
+  """Kinds K1/K2/... (streaming.VARIANTS included) timed interleaved in one process: one kind's
+  results as they are, several as {'kinds': ..., 'ratios': ...}."""
   import dataclasses  # noqa: PLC0415
 
   from ttt_jax.benchmarks import streaming  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
 
+  kinds = spec.split("/")
   size = dataclasses.replace(PRESETS["gpu"], repeats=3, warmup=1, decode_steps=16)
-  return streaming.bench_streaming(size, [kind], STREAM_LENGTHS, prefill=True, decode=True,
-                                   echo=lambda s: print(s, flush=True))["kinds"][kind]
+  out = streaming.bench_streaming(size, kinds, STREAM_LENGTHS, prefill=True, decode=True,
+                                  echo=lambda s: print(s, flush=True))
+  return out["kinds"][kinds[0]] if len(kinds) == 1 else {k: out[k] for k in ("kinds", "ratios")}
+
+
+def task_cache_attention() -> dict:
+  """The Triton cache-attention kernel vs masked cuDNN: a 512-query chunk and a decode query
+  against a 128K cache of the gpu preset's heads (8 x 64)."""
+  from ttt_jax.benchmarks import streaming  # noqa: PLC0415
+
+  return streaming.bench_cache_attention(STREAM_LENGTHS[-1], 512, 8, 64,
+                                         echo=lambda s: print(s, flush=True))
 
 
 TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e2e": task_e2e,
-         "learn": task_learn, "tune": task_tune}
+         "learn": task_learn, "tune": task_tune, "cache_attention": task_cache_attention}
 
 
 def run_task(name: str) -> dict:

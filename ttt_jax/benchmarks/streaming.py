@@ -9,6 +9,7 @@ window; TTT layers keep their hidden state.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -20,6 +21,11 @@ from ttt_jax.benchmarks.common import Size, interleaved, memory_stats, model_con
 from ttt_jax.benchmarks.training import _failure
 from ttt_jax.models import build_model
 
+# kinds that are another kind with model overrides: full attention against its cache through
+# model.attention_impl's path (on a GPU: cuDNN with a [chunk, capacity] mask over every slot)
+# instead of the Triton kernel that reads only the filled blocks
+VARIANTS = {"transformer-masked": ("transformer", {"cache_attention_impl": "inherit"})}
+
 
 class Streamer:
   """Compiled chunk and decode steps of one model kind (compiled once per cache shape)."""
@@ -27,7 +33,8 @@ class Streamer:
   def __init__(self, kind: str, size: Size, seed: int = 0):
     self.kind = kind
     self.size = size
-    cfg = model_config(kind, size)
+    base, overrides = VARIANTS.get(kind, (kind, None))
+    cfg = model_config(base, size, overrides=overrides)
     self.model_cfg = cfg.model
     self.graphdef, self.params = nnx.split(build_model(cfg.model, seed))
     self.chunk = size.e2e_chunk
@@ -179,4 +186,52 @@ def stream_memory(size: Size, kinds, lengths, echo=print) -> dict:
       out[kind] = {str(n): s.compiled(n, s.chunk)[1] for n in lengths}
     except Exception as e:  # noqa: BLE001
       out[kind] = _failure(kind, e, echo)
+  return out
+
+
+# tile / launch settings of the cache-attention kernel timed beside its defaults
+KERNEL_SETTINGS = {"kernel": {}, "kernel q128/w8": {"block_q": 128, "num_warps": 8},
+                   "kernel k128": {"block_k": 128}, "kernel stages3": {"num_stages": 3}}
+
+
+def bench_cache_attention(capacity: int, chunk: int, heads: int, head_dim: int, *,
+                          fills=(0.5, 1.0), repeats: int = 5, echo=print) -> dict:
+  """One attention call of `chunk` queries (and of one decode query) against a full-attention
+  cache of `capacity` slots filled to each fraction in `fills`, bf16: the Triton kernel
+  (layers/cache_attention.py) at each of `KERNEL_SETTINGS`, against the path it replaces on a
+  GPU (cuDNN with the position mask over every slot) and an fp32 dense reference (the error is
+  the largest element error over the largest element)."""
+  from ttt_jax.layers.attention_kernels import library_attention  # noqa: PLC0415
+  from ttt_jax.layers.cache_attention import filled_attention_pallas  # noqa: PLC0415
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  shape = (1, capacity, heads, head_dim)
+  k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys[:2])
+  out: dict = {}
+  for fill in fills:
+    for tq in (chunk, 1):
+      end = int(capacity * fill)
+      q = jax.random.normal(keys[2], (1, tq, heads, head_dim), jnp.bfloat16)
+      q_pos = jnp.arange(end - tq, end, dtype=jnp.int32)
+      k_pos = jnp.where(jnp.arange(capacity) < end, jnp.arange(capacity), -1).astype(jnp.int32)
+      args = (q, k, v, q_pos, k_pos)
+      fns = {name: jax.jit(functools.partial(filled_attention_pallas, end=end, **s))
+             for name, s in KERNEL_SETTINGS.items()}
+      fns["cudnn, masked"] = jax.jit(functools.partial(library_attention, window=None,
+                                                       impl="cudnn", one_shot=False))
+      ref = library_attention(*(x.astype(jnp.float32) for x in args[:3]), q_pos, k_pos, None,
+                              impl="xla", one_shot=False)
+      row, timed = {}, {}
+      for name, fn in fns.items():
+        try:
+          got = fn(*args).astype(jnp.float32)
+          row[name] = {"rel_err": float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))}
+          timed[name] = functools.partial(fn, *args)
+        except Exception as e:  # noqa: BLE001
+          row[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+      flops = 4 * tq * end * heads * head_dim  # q.k and p.v over the filled slots
+      for name, t in interleaved(timed, repeats, 2, echo).items():
+        row[name].update(median_s=t["median_s"], tflops_per_s=flops / t["median_s"] / 1e12)
+      out[f"{'prefill' if tq > 1 else 'decode'} at {end}"] = row
+      echo(f"cache attention, {tq} queries, {end} of {capacity} slots: {row}")
   return out

@@ -25,12 +25,19 @@ from flax import nnx
 from ttt_jax.config import ConfigError
 from ttt_jax.layers.attention_kernels import (
   library_attention,
+  resolve_cache_impl,
   resolve_impl,
   splash_attention,
   splash_block,
 )
-from ttt_jax.layers.cache_attention import NEG_INF, filled_attention, online_softmax_step
-from ttt_jax.layers.common import dtype, linear
+from ttt_jax.layers.cache_attention import (
+  NEG_INF,
+  PALLAS_BLOCK_K,
+  filled_attention,
+  filled_attention_pallas,
+  online_softmax_step,
+)
+from ttt_jax.layers.common import dtype, linear, target_platform
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
@@ -75,6 +82,9 @@ class AttentionAlgorithm:
   # backend (layers/attention_kernels.py, `model.attention_impl` resolved for this platform):
   # blockwise = the algorithms above; xla / cudnn / splash = library kernels
   impl: str = "blockwise"
+  # queries against a full-attention cache: 'pallas' (cache_attention.filled_attention_pallas,
+  # for a capacity of at least its key block) | 'inherit' (the path of `impl`)
+  cache_impl: str = "inherit"
   interpret: bool = False  # run Pallas kernels (splash) in interpret mode (tests on CPU)
 
 
@@ -210,6 +220,10 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   those (layers/cache_attention.py), when Tk is a multiple of the block.
   """
   tq, tk = q.shape[1], k.shape[1]
+  if (filled is not None and window is None and algorithm.cache_impl == "pallas"
+      and tk >= PALLAS_BLOCK_K):
+    return filled_attention_pallas(q, k, v, q_pos, k_pos, filled,
+                                   interpret=target_platform() != "gpu")
   one_shot = ordered and tq == tk  # keys = queries (no cache)
   if algorithm.impl in ("xla", "cudnn"):
     return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
@@ -347,8 +361,10 @@ def attention_algorithm(cfg: ModelCfg, impl: str | None = None) -> AttentionAlgo
   """The attention of the model `cfg` (a `ModelConfig`); `impl` overrides the resolved
   backend."""
   impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
+  cache_impl = resolve_cache_impl(cfg.cache_attention_impl, cfg.d_model // cfg.num_heads)
   return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
-                            flash_block=cfg.attention_flash_block, impl=impl)
+                            flash_block=cfg.attention_flash_block, impl=impl,
+                            cache_impl=cache_impl)
 
 
 def build_attention(cfg: ModelCfg, *, window: int | None, **kw) -> Attention:

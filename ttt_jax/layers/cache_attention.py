@@ -10,8 +10,12 @@ compiled program at every length. The result equals the dense masked softmax (to
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 NEG_INF = -1e30
 
@@ -55,3 +59,126 @@ def filled_attention(q, k, v, q_pos, k_pos, end, *, block: int) -> jax.Array:
   _, norm, acc = jax.lax.fori_loop(0, n_blocks, body, init)
   out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]  # [B, Hkv, G, Tq, d]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d).astype(v.dtype)
+
+
+# -- the same attention as one Triton kernel (GPU) -------------------------------------------------
+# On a GPU the library kernels cannot take this shape well: cuDNN's causal mask is aligned at
+# the top left (query i sees key i), so queries at the END of a cache can only be given a dense
+# [Tq, C] boolean mask, and the kernel then reads all C slots, filled or not (a 128K prefill in
+# chunks of 512 reads 256 x 128K slots per layer). `filled_attention_pallas` is a flash-attention
+# forward written for this case: it reads only the blocks holding keys, splits them over several
+# programs per (sequence, KV head, query block) so a decode step (one query) still fills the
+# GPU (split-K, "flash decoding"), and merges the splits' partial softmaxes in XLA.
+# Forward only: streaming and decoding take no gradient through a full-attention cache.
+
+PALLAS_BLOCK_K = 64  # cache slots per key block (the kernel needs a capacity of at least one)
+_TARGET_PROGRAMS = 256  # ~2 programs per SM of an H100/H200 (132 SMs)
+
+
+def pallas_geometry(head_dim: int) -> str | None:
+  """Why the kernel cannot take this head dim (Triton: a power of two >= 16), or None."""
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    return f"the head dim {head_dim} must be a power of two >= 16"
+  return None
+
+
+def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, l_ref, *,
+                   splits: int, block_k: int, scale: float):
+  """One (sequence x KV head, query block, split) program: the split's share of the key blocks
+  that hold keys, as an online softmax. Writes the unnormalised sum, running max and normaliser.
+  Where the capacity C is not a multiple of the block, the last block is read from C - block_k
+  (in bounds) and its slots already read before are masked out."""
+  c = kpos_ref.shape[0]
+  ragged = c % block_k != 0
+  used = (end_ref[0] + block_k - 1) // block_k
+  per = (used + splits - 1) // splits
+  lo = pl.program_id(2) * per
+  hi = jnp.minimum(lo + per, used)
+  q, qp = q_ref[...], qpos_ref[...]
+
+  def body(j, carry):
+    acc, m, norm = carry
+    first = j * block_k
+    start = jnp.minimum(first, c - block_k) if ragged else pl.multiple_of(first, block_k)
+    cols = pl.ds(start, block_k)
+    kp = kpos_ref[cols]
+    s = jax.lax.dot_general(q, k_ref[cols, :], (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32) * scale
+    if ragged:  # slots before `first` belong to the previous block
+      kp = jnp.where(start + jnp.arange(block_k) >= first, kp, -1)
+    visible = (kp[None, :] <= qp[:, None]) & (kp[None, :] >= 0)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, NEG_INF), axis=1))
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    v = v_ref[cols, :]
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    return acc * corr[:, None] + pv, m_new, norm * corr + jnp.sum(p, axis=1)
+
+  d = acc_ref.shape[-1]
+  rows = acc_ref.shape[0]
+  init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, m, norm = jax.lax.fori_loop(lo, hi, body, init)
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = norm
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = False,
+                            block_q: int = 64, block_k: int = PALLAS_BLOCK_K, num_warps: int = 4,
+                            num_stages: int = 2) -> jax.Array:
+  """`filled_attention` as one Triton kernel. Same arguments and result; C >= `block_k`, the
+  head dim a power of two >= 16 (`pallas_geometry`). The G = H / Hkv query heads that share a
+  KV head and the Tq queries form the rows of one KV head's query blocks, of at most `block_q`
+  rows (fewer rows: the next power of two >= 16). Tiles and launch parameters are untuned
+  defaults (`make gpu-check`'s cache_attention task times alternatives)."""
+  b, tq, h, d = q.shape
+  c, hk = k.shape[1], k.shape[2]
+  g = h // hk
+  if c < block_k or pallas_geometry(d):
+    raise ValueError(f"filled_attention_pallas: capacity {c} must be >= {block_k} and "
+                     f"{pallas_geometry(d) or 'the head dim fits'}")
+  rows = tq * g
+  block_q = min(block_q, max(16, _pow2_at_least(rows)))
+  n_q = -(-rows // block_q)
+  padded = n_q * block_q
+  base = b * hk * n_q
+  splits = max(1, min(-(-c // block_k), -(-_TARGET_PROGRAMS // base)))
+  # rows of KV head j: (query t, head j*G + i) -> t*G + i; padding rows see no key (position -1)
+  qr = q.reshape(b, tq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b * hk, rows, d)
+  qr = jnp.pad(qr, ((0, 0), (0, padded - rows), (0, 0)))
+  row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g), (0, padded - rows),
+                    constant_values=-1)
+  end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
+  kv_spec = pl.BlockSpec((None, c, None, d), lambda i, qi, s: (i // hk, 0, i % hk, 0))
+  kernel = functools.partial(_filled_kernel, splits=splits, block_k=block_k, scale=d ** -0.5)
+  acc, m, norm = pl.pallas_call(
+      kernel,
+      grid=(b * hk, n_q, splits),
+      in_specs=[pl.BlockSpec((1,), lambda i, qi, s: (0,)),
+                pl.BlockSpec((block_q,), lambda i, qi, s: (qi,)),
+                pl.BlockSpec((None, block_q, d), lambda i, qi, s: (i, qi, 0)),
+                kv_spec, kv_spec,
+                pl.BlockSpec((c,), lambda i, qi, s: (0,))],
+      out_specs=[pl.BlockSpec((None, None, block_q, d), lambda i, qi, s: (i, s, qi, 0)),
+                 pl.BlockSpec((None, None, block_q), lambda i, qi, s: (i, s, qi)),
+                 pl.BlockSpec((None, None, block_q), lambda i, qi, s: (i, s, qi))],
+      out_shape=[jax.ShapeDtypeStruct((b * hk, splits, padded, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b * hk, splits, padded), jnp.float32),
+                 jax.ShapeDtypeStruct((b * hk, splits, padded), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="filled_attention")(end, row_pos, qr, k, v,
+                                                    k_pos.astype(jnp.int32))
+  # merge the splits' partial softmaxes (a split with no visible key has norm 0)
+  top = jnp.max(m, axis=1, keepdims=True)
+  w = jnp.exp(m - top)
+  norm = jnp.sum(norm * w, axis=1)
+  acc = jnp.sum(acc * w[..., None], axis=1)
+  out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]  # [B*Hkv, padded, d]
+  out = out[:, :rows].reshape(b, hk, tq, g, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, tq, h, d).astype(v.dtype)

@@ -74,6 +74,7 @@ class ModelConfig:
   attention_block: int = 256
   attention_flash_block: int = 512
   attention_impl: str = "auto"
+  cache_attention_impl: str = "auto"
   ttt: TTTSection = TTTSection()
   e2e: E2ESection = E2ESection()
 
