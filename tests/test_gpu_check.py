@@ -26,8 +26,8 @@ def test_plan_order_and_filter():
   assert {f"train:{k}" for k in gpu_check.TRAIN} <= set(names)
   assert {"cache_attention", "stream:e2e/transformer/transformer-masked"} <= set(names)
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
-      "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+noremat",
-      "train:ttt_linear+cmdbuf"]
+      "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+rematkernels",
+      "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf"]
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
   assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)

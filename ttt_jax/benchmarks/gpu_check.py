@@ -58,7 +58,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120), ("learn", 200),
            ("tune", 120)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
-  tasks += [("cache_attention", 90), (f"stream:{STREAM_HONEST}", 300)]
+  tasks += [("train:ttt_linear+rematkernels", 100), ("cache_attention", 90),
+            (f"stream:{STREAM_HONEST}", 300)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100)]

@@ -14,7 +14,7 @@ STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
-            "noremat": ""}  # a config variant (task_train), no flags
+            "noremat": "", "rematkernels": ""}  # config variants (task_train), no flags
 
 
 def _rel(a, b) -> float:
@@ -278,7 +278,8 @@ def task_e2e() -> dict:
 
 
 def task_train(kind: str, variant: str = "") -> dict:
-  """Kind K at the gpu preset (variant 'noremat': without layer remat)."""
+  """Kind K at the gpu preset (variant 'noremat': without layer remat; 'rematkernels':
+  model.remat=kernels, the TTT-Linear forward kernel's outputs kept, not recomputed)."""
   import dataclasses  # noqa: PLC0415
 
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
@@ -287,8 +288,8 @@ def task_train(kind: str, variant: str = "") -> dict:
   base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
   overrides = {"ttt.impl": impl} if impl else {}
   size = PRESETS["gpu"]
-  if variant == "noremat":
-    size = dataclasses.replace(size, remat="none")
+  if variant in ("noremat", "rematkernels"):
+    size = dataclasses.replace(size, remat="none" if variant == "noremat" else "kernels")
   _, compiled, state, batch, info = _train_setup(base, size, overrides=overrides)
   return _time_steps(compiled, state, batch, info)
 

@@ -39,6 +39,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -82,6 +83,7 @@ def _compiler_params(wide: bool = False):
 
 
 MLP_NAMES = tuple(n for pair in ttt_dual.MLP for n in pair)  # w1, b1, w2, b2
+KERNEL_OUTPUTS = "ttt_kernel_outputs"  # checkpoint name of the TTT-Linear forward kernel's outputs
 
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
@@ -223,7 +225,10 @@ def linear_sequence_core(interpret, w, bias, scale, beta, xq, xk, target, attn, 
 
 
 def _core_fwd(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
-  wn, bn, z, ws, bs = _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr)
+  outs = _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr)
+  # named, so a remat policy can keep them (`model.remat=kernels`): every output of the forward
+  # kernel the backward pass reads is then saved, and the kernel is not run again there
+  wn, bn, z, ws, bs = (checkpoint_name(x, KERNEL_OUTPUTS) for x in outs)
   return (wn, bn, z), (scale, beta, xq, xk, target, attn, lr, ws, bs)
 
 

@@ -1,0 +1,56 @@
+"""`model.remat=kernels`: full recomputation of each block in the backward pass, except the
+outputs of the sequential TTT-Linear forward kernel, which are kept. The same loss and gradients
+as `full` and `none`; in the train step a GPU compiles, the forward kernel runs once per layer
+instead of twice (and the backward kernel once either way)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ttt_jax.benchmarks import lowering
+from ttt_jax.config import build_config, validate
+from ttt_jax.models import build_model
+
+
+def forward_and_backward_kernels(remat: str) -> tuple[int, int]:
+  text = lowering.lower_train_step("ttt_linear", {"remat": remat}).mlir_module()
+  return (text.count('name = "_linear_fwd_kernel"'), text.count('name = "_linear_bwd_kernel"'))
+
+
+def test_the_forward_kernel_is_not_run_again_in_the_backward_pass():
+  layers = lowering.SIZE.num_layers
+  assert forward_and_backward_kernels("full") == (2 * layers, layers)  # recomputed
+  assert forward_and_backward_kernels("kernels") == (layers, layers)
+  assert forward_and_backward_kernels("none") == (layers, layers)
+
+
+def loss_and_grads(remat: str, impl: str = "pallas"):
+  c = build_config("model=ttt_linear,ctx=64")
+  m = c.model
+  m.num_layers, m.d_model, m.num_heads, m.intermediate_size = 2, 64, 4, 128  # head dim 16
+  m.ttt.impl, m.remat, m.init_std = impl, remat, 0.1
+  validate(c)
+  graphdef, params = nnx.split(build_model(m, seed=1))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 65)), jnp.int32)
+
+  def loss(p):
+    return nnx.merge(graphdef, p).compute_loss({"tokens": tokens})[0]
+
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_same_loss_and_gradients_as_the_other_policies(remat):
+  want_loss, want = loss_and_grads(remat)
+  got_loss, got = loss_and_grads("kernels")
+  assert abs(float(got_loss) - float(want_loss)) <= 1e-6 * abs(float(want_loss))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    scale = float(jnp.max(jnp.abs(w)))
+    assert float(jnp.max(jnp.abs(g - w))) <= 1e-5 * scale + 1e-12
+  # and the kernel path under it is the dual form's computation
+  dual_loss, _ = loss_and_grads("kernels", impl="dual")
+  assert abs(float(got_loss) - float(dual_loss)) <= 1e-5 * abs(float(dual_loss))
