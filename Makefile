@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow bench gpu-check lint venv clean pretrained
+.PHONY: demo test test-slow bench gpu-check gpu-census lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -39,6 +39,16 @@ bench: $(STAMP)
 gpu-check:
 	@if [ -x $(PYBIN) ]; then P=$(PYBIN); else P=$(PY); fi; \
 	JAX_PLATFORMS= $$P scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# On any machine: kernel launches per train step of every kind, compiled for an H200 without a
+# GPU (runs/gpu_census/gpu_census.md). Sets up .venv-cuda: the package plus JAX's CUDA plugin
+# (its compiler, ptxas and cuDNN: about 6 GB).
+CUDA_VENV := .venv-cuda
+gpu-census:
+	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
+	JAX=$$(sed -n 's/^jax==//p' constraints.txt); \
+	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . "jax-cuda12-plugin[with-cuda]==$$JAX"
+	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ttt_jax scripts tests configs

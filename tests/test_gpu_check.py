@@ -3,11 +3,13 @@ of results (numbers, errors and skipped tasks each reported)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
 
 from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks
+from ttt_jax.benchmarks.common import PRESETS
 
 
 def test_without_a_gpu_one_line_and_exit_0(tmp_path):
@@ -31,6 +33,17 @@ def test_plan_order_and_filter():
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
   assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)
+
+
+def test_train_kinds_and_their_variants():
+  size = PRESETS["gpu"]
+  assert gpu_tasks.train_kind("ttt_linear-dual+rematkernels", size) == (
+      "ttt_linear", {"ttt.impl": "dual"}, dataclasses.replace(size, remat="kernels"))
+  assert gpu_tasks.train_kind("e2e-meta+chunkdots", size) == (
+      "e2e-meta", {"e2e.remat_chunks_policy": "dots"}, size)
+  assert gpu_tasks.train_kind("transformer+noremat", size)[2].remat == "none"
+  assert gpu_tasks.train_kind("transformer+cmdbuf", size) == ("transformer", {}, size)  # flags
+  assert all(k.partition("+")[2] in gpu_check.VARIANTS for k in gpu_tasks.RUN_VARIANTS)
 
 
 def test_summary_reports_numbers_errors_and_skips(tmp_path):

@@ -26,7 +26,8 @@ Tasks, in order:
   stream:K1/K2/..  prefill (per token) and decode at 8K / 32K / 128K, the kinds interleaved
              in one process (transformer-masked: full attention through masked cuDNN);
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
-             that take whole while loops (the TTT and E2E scans).
+             that take whole while loops (the TTT and E2E scans), or a config variant
+             (`gpu_tasks.train_kind`: noremat, rematkernels, chunkdots).
 On a machine without a GPU it says so in one line and exits 0.
 """
 
@@ -58,7 +59,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120), ("learn", 200),
            ("tune", 120)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
-  tasks += [("train:ttt_linear+rematkernels", 100), ("cache_attention", 90),
+  tasks += [("train:ttt_linear+rematkernels", 100), ("train:e2e-meta+chunkdots", 150),
+            ("cache_attention", 90),
             (f"stream:{STREAM_HONEST}", 300)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),

@@ -14,7 +14,9 @@ STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
-            "noremat": "", "rematkernels": ""}  # config variants (task_train), no flags
+            "noremat": "", "rematkernels": "", "chunkdots": ""}  # config variants: no flags
+# train kinds with a config variant (`train_kind`), also counted by gpu_census
+RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots")
 
 
 def _rel(a, b) -> float:
@@ -277,19 +279,29 @@ def task_e2e() -> dict:
   return out
 
 
-def task_train(kind: str, variant: str = "") -> dict:
-  """Kind K at the gpu preset (variant 'noremat': without layer remat; 'rematkernels':
-  model.remat=kernels, the TTT-Linear forward kernel's outputs kept, not recomputed)."""
+def train_kind(kind: str, size):
+  """(benchmark kind, model overrides, size) of train kind K[-impl][+variant] at preset `size`:
+  ttt_K-impl forces model.ttt.impl; variants noremat (model.remat=none), rematkernels
+  (model.remat=kernels: the TTT-Linear forward kernel's outputs kept, not recomputed),
+  chunkdots (E2E's chunk steps keep their matmul outputs); XLA-flag variants change nothing."""
   import dataclasses  # noqa: PLC0415
 
+  kind, _, variant = kind.partition("+")
+  base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
+  overrides = {"ttt.impl": impl} if impl else {}
+  if variant in ("noremat", "rematkernels"):
+    size = dataclasses.replace(size, remat="none" if variant == "noremat" else "kernels")
+  if variant == "chunkdots":
+    overrides["e2e.remat_chunks_policy"] = "dots"
+  return base, overrides, size
+
+
+def task_train(kind: str) -> dict:
+  """Kind K[+variant] at the gpu preset (`train_kind`)."""
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
 
-  base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
-  overrides = {"ttt.impl": impl} if impl else {}
-  size = PRESETS["gpu"]
-  if variant in ("noremat", "rematkernels"):
-    size = dataclasses.replace(size, remat="none" if variant == "noremat" else "kernels")
+  base, overrides, size = train_kind(kind, PRESETS["gpu"])
   _, compiled, state, batch, info = _train_setup(base, size, overrides=overrides)
   return _time_steps(compiled, state, batch, info)
 
@@ -353,9 +365,9 @@ TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e
 
 
 def run_task(name: str) -> dict:
-  name, _, variant = name.partition("+")  # a variant's XLA flags were set by the parent
-  if name.startswith("train:"):
-    return task_train(name.split(":", 1)[1], variant)
+  if name.startswith("train:"):  # a variant's XLA flags were set by the parent
+    return task_train(name.split(":", 1)[1])
+  name = name.partition("+")[0]
   if name.startswith("train125m:"):
     return task_train_125m(name.split(":", 1)[1])
   if name.startswith("stream:"):

@@ -1,0 +1,129 @@
+# ruff: noqa: E501  (the HLO program below keeps XLA's one-instruction lines)
+"""`make gpu-census`: the kernel count of a compiled program, checked on a hand-written HLO
+program (loops, a nested loop, a conditional, a call) and on programs XLA compiles here; the
+deviceless H200 compilation where JAX's CUDA plugin is installed (not in CI)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ttt_jax.benchmarks import gpu_census
+
+HLO = """HloModule m
+
+%gemm (p0: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  ROOT %d = f32[4,4]{1,0} dot(%p0, %p0), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%inner_body (t: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %t = (s32[], f32[4,4]{1,0}) parameter(0)
+  %x = f32[4,4]{1,0} get-tuple-element(%t), index=1
+  %g = f32[4,4]{1,0} fusion(%x), kind=kCustom, calls=%gemm, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  ROOT %r = (s32[], f32[4,4]{1,0}) tuple(%i, %g)
+}
+
+%inner_cond (t: (s32[], f32[4,4])) -> pred[] {
+  %t = (s32[], f32[4,4]{1,0}) parameter(0)
+  ROOT %c = pred[] fusion(%t), kind=kLoop, calls=%gemm
+}
+
+%outer_body (t: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %t = (s32[], f32[4,4]{1,0}) parameter(0)
+  %a = f32[4,4]{1,0} fusion(%t), kind=kLoop, calls=%gemm
+  %w = (s32[], f32[4,4]{1,0}) while(%t), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %b = (s32[], f32[4,4]{1,0}) fusion(%w), kind=kInput, calls=%gemm
+}
+
+%outer_cond (t: (s32[], f32[4,4])) -> pred[] {
+  %t = (s32[], f32[4,4]{1,0}) parameter(0)
+  ROOT %c = pred[] fusion(%t), kind=kLoop, calls=%gemm
+}
+
+%small (p: f32[4,4]) -> f32[4,4] {
+  %p = f32[4,4]{1,0} parameter(0)
+  ROOT %k = f32[4,4]{1,0} copy(%p)
+}
+
+%big (p: f32[4,4]) -> f32[4,4] {
+  %p = f32[4,4]{1,0} parameter(0)
+  %k1 = f32[4,4]{1,0} fusion(%p), kind=kLoop, calls=%gemm
+  ROOT %k2 = f32[4,4]{1,0} custom-call(%k1), custom_call_target="__cudnn$fmhaSoftmax"
+}
+
+%sub (p: f32[4,4]) -> f32[4,4] {
+  %p = f32[4,4]{1,0} parameter(0)
+  ROOT %k = f32[4,4]{1,0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton"
+}
+
+ENTRY %main (x: f32[4,4], i: s32[]) -> f32[4,4] {
+  %x = f32[4,4]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %c0 = f32[] constant(0)
+  %t = (s32[], f32[4,4]{1,0}) tuple(%i, %x)
+  %w = (s32[], f32[4,4]{1,0}) while(%t), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %y = f32[4,4]{1,0} get-tuple-element(%w), index=1
+  %z = f32[4,4]{1,0} conditional(%i, %y, %y), branch_computations={%small, %big}
+  %s = f32[4,4]{1,0} call(%z), to_apply=%sub
+  ROOT %o = f32[4,4]{1,0} bitcast(%s)
+}
+"""
+
+
+def test_census_counts_each_launch_once_per_run():
+  r = gpu_census.census(HLO)
+  # inner loop: 3 x (gemm + cond) = 6; outer trip: 2 fusions + 6 + its cond 1 = 9; 5 trips
+  # = 45; the larger branch (fusion + cuDNN) 2; the called Pallas kernel 1
+  assert r["launches"] == 45 + 2 + 1
+  assert [(x["name"], x["trips"], x["per_trip"], x["runs"]) for x in r["loops"]] == [
+      ("w", 5, 9, 1), ("w", 3, 2, 5)]
+  assert r["by_kind"] == {"fusion": 31, "matmul": 15, "cudnn": 1, "pallas": 1}
+  assert sum(r["by_kind"].values()) == r["launches"]
+  with pytest.raises(ValueError, match="no ENTRY"):
+    gpu_census.census("HloModule m\n")
+
+
+def test_census_of_a_compiled_scan_grows_by_its_body_per_trip():
+  def run(n):
+    def body(c, _):
+      return jnp.tanh(c @ c) + 1.0, None
+    f = jax.jit(lambda x: jax.lax.scan(body, x, None, length=n)[0])
+    return gpu_census.census(f.lower(jnp.ones((8, 8))).compile().as_text())
+
+  four, eight = run(4), run(8)
+  (loop,) = eight["loops"]
+  assert loop["trips"] == 8 and loop["known_trips"]
+  assert eight["launches"] - four["launches"] == 4 * loop["per_trip"] > 0
+
+
+def test_markdown_row():
+  rows = {"transformer": {"launches": 100, "by_kind": {"matmul": 20, "cudnn": 4}, "loops": []},
+          "e2e-meta": {"launches": 450, "by_kind": {"matmul": 90, "cudnn": 3},
+                       "loops": [{"trips": 3, "per_trip": 100, "runs": 1}]},
+          "ttt_mlp": {"error": "XlaRuntimeError: boom"}}
+  text = gpu_census.markdown(rows)
+  assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | - |" in text
+  assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 | 3 x 100 |" in text
+  assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
+
+
+def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
+  pytest.importorskip("jax_plugins.xla_cuda12", reason="JAX's CUDA plugin (make gpu-census)")
+  device = gpu_census.gpu_device()
+  text, _ = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
+  r = gpu_census.census(text)
+  assert r["by_kind"].get("cudnn", 0) > 0 and r["launches"] > 100
+
+
+def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401, PLC0415
+    pytest.skip("JAX's CUDA plugin is installed here")
+  except ImportError:
+    pass
+  assert gpu_census.main(["--out_dir", str(tmp_path), "--kinds", "transformer"]) == 1
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(out) == 1 and "install jax-cuda12-plugin[with-cuda]==" in out[0]
+  assert not list(tmp_path.iterdir())

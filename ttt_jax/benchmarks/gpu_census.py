@@ -1,0 +1,223 @@
+"""`make gpu-census`: how many kernels one train step launches on a GPU, counted on any machine.
+
+XLA compiles each model kind's train step for an NVIDIA H200 target without a GPU (deviceless
+ahead-of-time compilation: JAX's CUDA plugin is loaded, no driver is needed, and nothing runs),
+with the kernels a single GPU takes by default (cuDNN attention, the Triton TTT kernels). The
+compiled program is then read: every fusion, library call (cuBLAS/cuDNN/Triton) and copy is one
+kernel launch, and a while loop's body counts once per trip (XLA records the trip count of the
+scans). So the count is what a GPU executes per step, before CUDA-graph capture; it says
+nothing of each kernel's time. Compiling needs the CUDA plugin of the installed jax
+(`pip install 'jax-cuda12-plugin[with-cuda]==<jax version>'`; `make gpu-census` sets up
+.venv-cuda with it); counting (`census`) needs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+# Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
+H200_TARGET = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 4800000000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 150323855360
+  shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H200"
+"""
+# instructions that launch nothing (control flow is counted through its computations)
+FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+                  "partition-id", "replica-id", "opt-barrier", "add-dependency"})
+_HEAD = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_INST = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$")
+
+
+def _computations(text: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
+  """{computation: [(instruction, opcode, text after the result type)]}, and the entry's name."""
+  comps: dict[str, list] = {}
+  entry, cur = "", None
+  for line in text.splitlines():
+    head = _HEAD.match(line) if not line.startswith(" ") else None
+    if head:
+      cur = head.group(2)
+      comps[cur] = []
+      entry = cur if head.group(1) else entry
+    elif line.startswith("}"):
+      cur = None
+    elif cur is not None and (m := _INST.match(line)):
+      rest, depth, cut = m.group(2), 0, len(m.group(2))
+      for i, ch in enumerate(rest):  # the result type ends at the first top-level space
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == " " and depth == 0:
+          cut = i
+          break
+      after = rest[cut + 1:]
+      comps[cur].append((m.group(1), after.split("(", 1)[0], after))
+  if not entry:
+    raise ValueError("census: no ENTRY computation in this HLO text")
+  return comps, entry
+
+
+def _kind(op: str, after: str) -> str:
+  """matmul (cuBLAS or XLA's Triton GEMMs) | cudnn | pallas (Triton kernels of this package) |
+  library call | fusion (XLA's other fused kernels) | the opcode (copy, ...)."""
+  if op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]+)"', after)
+    target = target.group(1) if target else ""
+    return ("cudnn" if "cudnn" in target else "pallas" if "triton" in target
+            else "matmul" if "cublas" in target else "library call")
+  if op == "fusion":
+    kind = re.search(r'"fusion_backend_config":\{"kind":"([^"]+)"', after)
+    kind = kind.group(1) if kind else ""
+    return "matmul" if "gemm" in kind or "cublas" in kind else "fusion"
+  return op
+
+
+def census(text: str) -> dict:
+  """Kernel launches of one call of the compiled program `text` (XLA's HLO after optimization):
+  {'launches', 'by_kind': {kind: launches}, 'loops': [{'name', 'trips', 'per_trip', 'runs'}]},
+  loops by launches, most first (`runs`: how often the loop itself runs, through outer loops)."""
+  comps, entry = _computations(text)
+  by_kind: collections.Counter = collections.Counter()
+  loops = []
+
+  def launches(comp: str, runs: int) -> int:
+    total = 0
+    for name, op, after in comps[comp]:
+      if op in FREE:
+        continue
+      if op == "while":
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
+        n = int(trips.group(1)) if trips else 1
+        per = sum(launches(re.search(rf"{part}=%([\w.\-]+)", after).group(1), runs * n)
+                  for part in ("body", "condition"))
+        loops.append({"name": name, "trips": n, "per_trip": per, "runs": runs,
+                      "known_trips": bool(trips)})
+        total += n * per
+      elif op == "conditional":  # one branch runs: the largest is counted
+        branches = re.findall(r"%([\w.\-]+)", after.split("branch_computations=")[-1]
+                              .split("}")[0]) if "branch_computations" in after else \
+            re.findall(r"(?:true|false)_computation=%([\w.\-]+)", after)
+        largest = max(branches, key=lambda b: launches(b, 0))  # runs 0: nothing recorded
+        total += launches(largest, runs)
+      elif op == "call":
+        total += launches(re.search(r"to_apply=%([\w.\-]+)", after).group(1), runs)
+      else:
+        total += 1
+        by_kind[_kind(op, after)] += runs
+    return total
+
+  total = launches(entry, 1)
+  loops = [r for r in loops if r["runs"]]
+  loops.sort(key=lambda r: -r["trips"] * r["per_trip"] * r["runs"])
+  return {"launches": total, "by_kind": {k: v for k, v in by_kind.most_common() if v},
+          "loops": loops}
+
+
+def gpu_device():
+  """The H200 of a deviceless topology (ImportError naming the plugin if it is missing)."""
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET,
+                                           topology="1x1x1")
+  except Exception as e:  # noqa: BLE001
+    import jax  # noqa: PLC0415
+    raise ImportError(f"gpu-census: no deviceless CUDA compilation here ({type(e).__name__}: "
+                      f"{str(e)[:120]}); install jax-cuda12-plugin[with-cuda]=="
+                      f"{jax.__version__} (make gpu-census does)") from None
+  return topology.devices[0]
+
+
+def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, float]:
+  """(compiled HLO text, compile seconds) of gpu-check's train kind `kind` at a bench preset."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_tasks import train_kind  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  base, overrides, size = train_kind(kind, PRESETS[size_name])
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
+  with lowering.for_gpu():
+    cfg = model_config(base, size, overrides=overrides)
+    trainer = Trainer.create(cfg)
+    state = jax.tree.map(place, jax.eval_shape(lambda: trainer._init(cfg.seed)))
+    tokens = place(jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32))
+    lowered = jax.jit(trainer._train_step).trace(state, {"tokens": tokens}).lower(
+        lowering_platforms=("cuda",))
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+  return compiled.as_text(), time.perf_counter() - t0
+
+
+def markdown(rows: dict) -> str:
+  out = ["| train step (gpu preset) | kernel launches | / transformer | matmul | cuDNN | "
+         "Pallas | other | largest loops: trips x launches per trip |",
+         "|---|---|---|---|---|---|---|---|"]
+  base = rows.get("transformer", {}).get("launches")
+  for kind, r in rows.items():
+    if "error" in r:
+      out.append(f"| {kind} | error ({r['error']}) | | | | | | |")
+      continue
+    k = r["by_kind"]
+    top = "; ".join(f"{x['trips']} x {x['per_trip']}" + (f" (x{x['runs']})" if x["runs"] > 1
+                                                          else "") for x in r["loops"][:3])
+    named = [k.get(n, 0) for n in ("matmul", "cudnn", "pallas")]
+    ratio = f"{r['launches'] / base:.1f}x" if base else ""
+    out.append(f"| {kind} | {r['launches']} | {ratio} | "
+               + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | "
+               f"{top or '-'} |")
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+  from ttt_jax.benchmarks.gpu_tasks import RUN_VARIANTS, TRAIN  # noqa: PLC0415
+
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS),
+                 help="comma list of gpu-check train kinds (K or K+variant)")
+  p.add_argument("--out_dir", default="runs/gpu_census")
+  args = p.parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin registers; nothing runs on it
+  try:
+    device = gpu_device()
+  except ImportError as e:
+    print(e)
+    return 1
+  os.makedirs(args.out_dir, exist_ok=True)
+  rows = {}
+  for kind in args.kinds.split(","):
+    try:
+      text, seconds = compile_train_step(kind, device)
+      rows[kind] = dict(census(text), compile_s=seconds)
+    except Exception as e:  # noqa: BLE001
+      rows[kind] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    print(f"{kind}: {json.dumps({k: v for k, v in rows[kind].items() if k != 'loops'})}",
+          flush=True)
+  with open(os.path.join(args.out_dir, "gpu_census.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  md = os.path.join(args.out_dir, "gpu_census.md")
+  with open(md, "w") as f:
+    f.write(markdown(rows))
+  print(markdown(rows) + f"gpu-census: wrote {md}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
