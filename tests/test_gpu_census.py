@@ -74,12 +74,13 @@ ENTRY %main (x: f32[4,4], i: s32[]) -> f32[4,4] {
 
 def test_census_counts_each_launch_once_per_run():
   r = gpu_census.census(HLO)
-  # inner loop: 3 x (gemm + cond) = 6; outer trip: 2 fusions + 6 + its cond 1 = 9; 5 trips
-  # = 45; the larger branch (fusion + cuDNN) 2; the called Pallas kernel 1
-  assert r["launches"] == 45 + 2 + 1
+  # a loop of n trips runs its body n times and tests its condition n + 1 times. Inner loop:
+  # 3 gemms + 4 conditions = 7; outer trip: 2 fusions + 7 = 9, times 5, + 6 conditions = 51;
+  # the larger branch (fusion + cuDNN) 2; the called Pallas kernel 1
+  assert r["launches"] == 51 + 2 + 1
   assert [(x["name"], x["trips"], x["per_trip"], x["runs"]) for x in r["loops"]] == [
-      ("w", 5, 9, 1), ("w", 3, 2, 5)]
-  assert r["by_kind"] == {"fusion": 31, "matmul": 15, "cudnn": 1, "pallas": 1}
+      ("w", 5, 10, 1), ("w", 3, 2, 5)]
+  assert r["by_kind"] == {"fusion": 37, "matmul": 15, "cudnn": 1, "pallas": 1}
   assert sum(r["by_kind"].values()) == r["launches"]
   with pytest.raises(ValueError, match="no ENTRY"):
     gpu_census.census("HloModule m\n")
@@ -102,11 +103,13 @@ def test_markdown_row():
   rows = {"transformer": {"launches": 100, "by_kind": {"matmul": 20, "cudnn": 4}, "loops": []},
           "e2e-meta": {"launches": 450, "by_kind": {"matmul": 90, "cudnn": 3},
                        "loops": [{"trips": 3, "per_trip": 100, "runs": 1}]},
-          "ttt_mlp": {"error": "XlaRuntimeError: boom"}}
+          "ttt_mlp": {"error": "XlaRuntimeError: boom"},
+          "stream:e2e decode": {"launches": 50, "by_kind": {"fusion": 50}, "loops": []}}
   text = gpu_census.markdown(rows)
   assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | - |" in text
   assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 | 3 x 100 |" in text
   assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
+  assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 50 | - |" in text  # no train-step ratio
 
 
 def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
@@ -115,6 +118,9 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   text, _ = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
   r = gpu_census.census(text)
   assert r["by_kind"].get("cudnn", 0) > 0 and r["launches"] > 100
+  # the Triton cache-attention kernel compiles for the H200 (its shared memory and registers)
+  steps = gpu_census.compile_stream_steps("transformer", device, 8192)
+  assert all(gpu_census.census(t)["by_kind"].get("pallas") == 8 for t, _ in steps.values())
 
 
 def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):

@@ -3,13 +3,13 @@ of results (numbers, errors and skipped tasks each reported)."""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import os
 import subprocess
 import sys
 
 from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks
-from ttt_jax.benchmarks.common import PRESETS
+from ttt_jax.benchmarks.common import PRESETS, model_config
 
 
 def test_without_a_gpu_one_line_and_exit_0(tmp_path):
@@ -32,18 +32,21 @@ def test_plan_order_and_filter():
       "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf"]
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
-  assert all(n.partition("+")[2] in ("", *gpu_check.VARIANTS) for n in names)
+  variants = ("", *gpu_check.VARIANTS, *gpu_tasks.CONFIG_VARIANTS)
+  assert all(n.partition("+")[2] in variants for n in names)
 
 
 def test_train_kinds_and_their_variants():
-  size = PRESETS["gpu"]
-  assert gpu_tasks.train_kind("ttt_linear-dual+rematkernels", size) == (
-      "ttt_linear", {"ttt.impl": "dual"}, dataclasses.replace(size, remat="kernels"))
-  assert gpu_tasks.train_kind("e2e-meta+chunkdots", size) == (
-      "e2e-meta", {"e2e.remat_chunks_policy": "dots"}, size)
-  assert gpu_tasks.train_kind("transformer+noremat", size)[2].remat == "none"
-  assert gpu_tasks.train_kind("transformer+cmdbuf", size) == ("transformer", {}, size)  # flags
-  assert all(k.partition("+")[2] in gpu_check.VARIANTS for k in gpu_tasks.RUN_VARIANTS)
+  assert gpu_tasks.train_kind("ttt_linear-dual+rematkernels") == (
+      "ttt_linear", {"ttt.impl": "dual", "remat": "kernels"})
+  assert gpu_tasks.train_kind("e2e-meta+chunkdots") == (
+      "e2e-meta", {"e2e.remat_chunks_policy": "dots"})
+  assert gpu_tasks.train_kind("transformer+cmdbuf") == ("transformer", {})  # XLA flags only
+  for kind in gpu_tasks.RUN_VARIANTS:  # each override reaches the validated config
+    base, overrides = gpu_tasks.train_kind(kind)
+    m = model_config(base, PRESETS["gpu"], overrides=overrides).model
+    for key, value in overrides.items():
+      assert functools.reduce(lambda node, k: node[k], key.split("."), m) == value, (kind, key)
 
 
 def test_summary_reports_numbers_errors_and_skips(tmp_path):

@@ -70,17 +70,28 @@ def test_kernel_equals_the_written_out_softmax(geometry):
   assert got.shape == q.shape and got.dtype == q.dtype
   assert rel_err(got, want) < 2e-6
   if k.shape[1] % CA.PALLAS_BLOCK_K:
-    return
+    return  # a ragged capacity's last block is read from C - 64: every slot may be read
   # blocks past the filled slots are never read: NaN there changes nothing
   bad = [x.at[:, -(-end // CA.PALLAS_BLOCK_K) * CA.PALLAS_BLOCK_K:].set(jnp.nan) for x in (k, v)]
   np.testing.assert_array_equal(kernel(q, *bad, q_pos, k_pos, end), got)
+
+
+def test_an_overflowing_call_reads_only_the_cache():
+  """end > C (the stream overflowed; the layer raises KVCacheOverflow beside the call): the
+  kernel reads the C slots and no block past them, so it equals the call with end = C."""
+  rng = np.random.default_rng(11)
+  q, k, v, q_pos, k_pos, _ = cache_inputs(rng, 1, 4, 2, 2, 16, 128, 124)
+  full = CA.filled_attention_pallas(q, k, v, q_pos, k_pos, 128, interpret=True)
+  over = CA.filled_attention_pallas(q, k, v, q_pos, k_pos, 200, interpret=True)
+  np.testing.assert_array_equal(over, full)
+  assert rel_err(full, reference(q, k, v, q_pos, k_pos)) < 2e-6
 
 
 def test_one_split_equals_many(monkeypatch):
   """The splits' partial softmaxes merge exactly: one program per query block gives the same."""
   rng = np.random.default_rng(7)
   args = cache_inputs(rng, 1, 3, 4, 4, 16, 512, 400)
-  many = CA.filled_attention_pallas(*args, interpret=True)  # 8 key blocks over 8 splits
+  many = CA.filled_attention_pallas(*args, interpret=True)  # 7 used key blocks over 8 splits
   monkeypatch.setattr(CA, "_TARGET_PROGRAMS", 1)
   one = CA.filled_attention_pallas(*args, interpret=True)
   assert rel_err(one, np.asarray(many, np.float64)) < 1e-6
@@ -98,7 +109,7 @@ def test_geometry_it_cannot_take_is_refused():
   rng = np.random.default_rng(0)
   with pytest.raises(ValueError, match="power of two"):
     CA.filled_attention_pallas(*cache_inputs(rng, 1, 2, 2, 2, 24, 128, 0))
-  with pytest.raises(ValueError, match="capacity 32 must be >= 64"):
+  with pytest.raises(ValueError, match="the capacity 32 must be >= 64"):
     CA.filled_attention_pallas(*cache_inputs(rng, 1, 2, 2, 2, 16, 32, 0))
 
 
@@ -150,7 +161,7 @@ def test_knob_routes_cache_calls_through_the_kernel(monkeypatch):
     assert rel_err(got, np.asarray(one_shot, np.float64)) < 1e-5, impl
 
 
-def test_auto_resolves_per_platform_and_bad_values_name_the_key():
+def test_auto_resolves_per_platform_and_bad_values_name_the_key(monkeypatch):
   assert resolve_cache_impl("auto", 64, platform="cpu") == "inherit"
   assert resolve_cache_impl("auto", 64, platform="gpu") == "pallas"
   assert resolve_cache_impl("auto", 24, platform="gpu") == "inherit"  # head dim not a power of 2
@@ -162,6 +173,13 @@ def test_auto_resolves_per_platform_and_bad_values_name_the_key():
     resolve_cache_impl("pallas", 24, platform="gpu")
   with building_for("gpu"):  # a model built for a GPU takes the kernel by default
     assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "pallas"
+    # ... unless its layers keep window caches, where the knob is not used (nor checked)
+    m = build_config("model=swa,ctx=256").model
+    m.d_model, m.num_heads, m.cache_attention_impl = 96, 4, "pallas"  # head dim 24
+    assert build_model(m, seed=0).blocks[0].mixer.algorithm.cache_impl == "inherit"
+    # several devices: the kernel call has no partitioning rule, so auto does not take it
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "inherit"
   assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "inherit"
   c = build_config("model=transformer")
   c.model.cache_attention_impl = "triton"

@@ -4,9 +4,10 @@ XLA compiles each model kind's train step for an NVIDIA H200 target without a GP
 ahead-of-time compilation: JAX's CUDA plugin is loaded, no driver is needed, and nothing runs),
 with the kernels a single GPU takes by default (cuDNN attention, the Triton TTT kernels). The
 compiled program is then read: every fusion, library call (cuBLAS/cuDNN/Triton) and copy is one
-kernel launch, and a while loop's body counts once per trip (XLA records the trip count of the
-scans). So the count is what a GPU executes per step, before CUDA-graph capture; it says
-nothing of each kernel's time. Compiling needs the CUDA plugin of the installed jax
+kernel launch, a while loop's body counts once per trip (XLA records the trip count of the
+scans) and its condition once more. So the count is what a GPU executes per step, before
+CUDA-graph capture; it says nothing of each kernel's time. Streaming programs (a prefill chunk
+and a decode step) are counted too. Compiling needs the CUDA plugin of the installed jax
 (`pip install 'jax-cuda12-plugin[with-cuda]==<jax version>'`; `make gpu-census` sets up
 .venv-cuda with it); counting (`census`) needs nothing.
 """
@@ -101,11 +102,13 @@ def census(text: str) -> dict:
       if op == "while":
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
         n = int(trips.group(1)) if trips else 1
-        per = sum(launches(re.search(rf"{part}=%([\w.\-]+)", after).group(1), runs * n)
-                  for part in ("body", "condition"))
-        loops.append({"name": name, "trips": n, "per_trip": per, "runs": runs,
+        body, cond = (re.search(rf"{p}=%([\w.\-]+)", after).group(1)
+                      for p in ("body", "condition"))
+        body = launches(body, runs * n)
+        cond = launches(cond, runs * (n + 1))  # tested once more, to stop
+        loops.append({"name": name, "trips": n, "per_trip": body + cond, "runs": runs,
                       "known_trips": bool(trips)})
-        total += n * per
+        total += n * body + (n + 1) * cond
       elif op == "conditional":  # one branch runs: the largest is counted
         branches = re.findall(r"%([\w.\-]+)", after.split("branch_computations=")[-1]
                               .split("}")[0]) if "branch_computations" in after else \
@@ -141,33 +144,44 @@ def gpu_device():
   return topology.devices[0]
 
 
-def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, float]:
-  """(compiled HLO text, compile seconds) of gpu-check's train kind `kind` at a bench preset."""
+def _compile(fn, device, *args) -> tuple[str, float]:
+  """(compiled HLO text, compile seconds) of jit(fn) for `device`, args as shapes (or arrays)."""
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
-  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_tasks import train_kind  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
-
-  base, overrides, size = train_kind(kind, PRESETS[size_name])
   sharding = jax.sharding.SingleDeviceSharding(device)
-  place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
-  with lowering.for_gpu():
-    cfg = model_config(base, size, overrides=overrides)
-    trainer = Trainer.create(cfg)
-    state = jax.tree.map(place, jax.eval_shape(lambda: trainer._init(cfg.seed)))
-    tokens = place(jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32))
-    lowered = jax.jit(trainer._train_step).trace(state, {"tokens": tokens}).lower(
-        lowering_platforms=("cuda",))
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
+  args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+  fn = fn if hasattr(fn, "trace") else jax.jit(fn)
+  lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+  t0 = time.perf_counter()
+  compiled = lowered.compile()  # Triton kernels included: shared memory and registers checked
   return compiled.as_text(), time.perf_counter() - t0
 
 
+def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, float]:
+  """(compiled HLO text, compile seconds) of gpu-check's train kind `kind` at a bench preset."""
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_tasks import train_kind  # noqa: PLC0415
+
+  base, overrides = train_kind(kind)
+  with lowering.for_gpu():
+    fn, args = lowering.train_step_program(base, overrides, PRESETS[size_name])
+    return _compile(fn, device, *args)
+
+
+def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str, float]]:
+  """{'prefill': a 512-token chunk, 'decode': one token} of streaming kind `kind`
+  (streaming.STREAM_ALIASES included) against the cache of context `length`, gpu preset."""
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+
+  with lowering.for_gpu():
+    programs = lowering.stream_step_programs(kind, PRESETS["gpu"], length)
+    return {name: _compile(fn, device, *args) for name, (fn, args) in programs.items()}
+
+
 def markdown(rows: dict) -> str:
-  out = ["| train step (gpu preset) | kernel launches | / transformer | matmul | cuDNN | "
+  out = ["| program (gpu preset) | kernel launches | / transformer | matmul | cuDNN | "
          "Pallas | other | largest loops: trips x launches per trip |",
          "|---|---|---|---|---|---|---|---|"]
   base = rows.get("transformer", {}).get("launches")
@@ -179,7 +193,7 @@ def markdown(rows: dict) -> str:
     top = "; ".join(f"{x['trips']} x {x['per_trip']}" + (f" (x{x['runs']})" if x["runs"] > 1
                                                           else "") for x in r["loops"][:3])
     named = [k.get(n, 0) for n in ("matmul", "cudnn", "pallas")]
-    ratio = f"{r['launches'] / base:.1f}x" if base else ""
+    ratio = f"{r['launches'] / base:.1f}x" if base and not kind.startswith("stream:") else ""
     out.append(f"| {kind} | {r['launches']} | {ratio} | "
                + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | "
                f"{top or '-'} |")
@@ -192,6 +206,10 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS),
                  help="comma list of gpu-check train kinds (K or K+variant)")
+  p.add_argument("--stream", default="transformer,transformer-masked,e2e",
+                 help="comma list of streaming kinds whose prefill-chunk and decode steps are "
+                 "counted ('' = none)")
+  p.add_argument("--stream_len", type=int, default=131072, help="their context length")
   p.add_argument("--out_dir", default="runs/gpu_census")
   args = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin registers; nothing runs on it
@@ -202,14 +220,20 @@ def main(argv=None) -> int:
     return 1
   os.makedirs(args.out_dir, exist_ok=True)
   rows = {}
-  for kind in args.kinds.split(","):
+  jobs = [(kind, lambda k=kind: {"": compile_train_step(k, device)}) for kind in
+          args.kinds.split(",") if kind]
+  jobs += [(f"stream:{kind}", lambda k=kind: compile_stream_steps(k, device, args.stream_len))
+           for kind in args.stream.split(",") if kind]
+  for i, (name, job) in enumerate(jobs):
+    print(f"[{i + 1}/{len(jobs)}] compiling {name} for the H200", flush=True)
     try:
-      text, seconds = compile_train_step(kind, device)
-      rows[kind] = dict(census(text), compile_s=seconds)
+      done = {f"{name} {part}".strip(): dict(census(text), compile_s=seconds)
+              for part, (text, seconds) in job().items()}
     except Exception as e:  # noqa: BLE001
-      rows[kind] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
-    print(f"{kind}: {json.dumps({k: v for k, v in rows[kind].items() if k != 'loops'})}",
-          flush=True)
+      done = {name: {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}}
+    for row, r in done.items():
+      print(f"  {row}: {json.dumps({k: v for k, v in r.items() if k != 'loops'})}", flush=True)
+    rows.update(done)
   with open(os.path.join(args.out_dir, "gpu_census.json"), "w") as f:
     json.dump(rows, f, indent=1)
   md = os.path.join(args.out_dir, "gpu_census.md")

@@ -27,7 +27,7 @@ Tasks, in order:
              in one process (transformer-masked: full attention through masked cuDNN);
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans), or a config variant
-             (`gpu_tasks.train_kind`: noremat, rematkernels, chunkdots).
+             (`gpu_tasks.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, nogroups).
 On a machine without a GPU it says so in one line and exits 0.
 """
 
@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
       env = dict(child_env)
-      variant = name.partition("+")[2]
-      if variant:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant]).strip()
+      flags = VARIANTS.get(name.partition("+")[2], "")  # config variants: none
+      if flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
       proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
                             capture_output=True, text=True, timeout=min(limit, left), env=env)
       line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

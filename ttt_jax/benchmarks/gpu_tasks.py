@@ -12,11 +12,18 @@ TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_
          "e2e-pretrain", "e2e-meta")
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
+# K+V: XLA flags V (set by gpu_check for the task's process) ...
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
-                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
-            "noremat": "", "rematkernels": "", "chunkdots": ""}  # config variants: no flags
-# train kinds with a config variant (`train_kind`), also counted by gpu_census
-RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots")
+                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+# ... or model overrides V on top of the kind's (`train_kind`): no layer remat; TTT-Linear's
+# forward kernel outputs kept under remat; E2E chunk steps keep their matmuls; TTT without remat
+# through time
+CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
+                   "chunkdots": {"e2e.remat_chunks_policy": "dots"},
+                   "nogroups": {"ttt.remat_group": 0}}
+# config-variant train kinds that gpu_census also counts
+RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
+                "ttt_mlp+nogroups")
 
 
 def _rel(a, b) -> float:
@@ -279,21 +286,12 @@ def task_e2e() -> dict:
   return out
 
 
-def train_kind(kind: str, size):
-  """(benchmark kind, model overrides, size) of train kind K[-impl][+variant] at preset `size`:
-  ttt_K-impl forces model.ttt.impl; variants noremat (model.remat=none), rematkernels
-  (model.remat=kernels: the TTT-Linear forward kernel's outputs kept, not recomputed),
-  chunkdots (E2E's chunk steps keep their matmul outputs); XLA-flag variants change nothing."""
-  import dataclasses  # noqa: PLC0415
-
+def train_kind(kind: str) -> tuple[str, dict]:
+  """(benchmark kind, model overrides) of train kind K[-impl][+variant]: ttt_K-impl forces
+  model.ttt.impl; a `CONFIG_VARIANTS` variant adds its overrides (XLA-flag variants none)."""
   kind, _, variant = kind.partition("+")
   base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
-  overrides = {"ttt.impl": impl} if impl else {}
-  if variant in ("noremat", "rematkernels"):
-    size = dataclasses.replace(size, remat="none" if variant == "noremat" else "kernels")
-  if variant == "chunkdots":
-    overrides["e2e.remat_chunks_policy"] = "dots"
-  return base, overrides, size
+  return base, {**({"ttt.impl": impl} if impl else {}), **CONFIG_VARIANTS.get(variant, {})}
 
 
 def task_train(kind: str) -> dict:
@@ -301,8 +299,8 @@ def task_train(kind: str) -> dict:
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
 
-  base, overrides, size = train_kind(kind, PRESETS["gpu"])
-  _, compiled, state, batch, info = _train_setup(base, size, overrides=overrides)
+  base, overrides = train_kind(kind)
+  _, compiled, state, batch, info = _train_setup(base, PRESETS["gpu"], overrides=overrides)
   return _time_steps(compiled, state, batch, info)
 
 
@@ -337,8 +335,8 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
 
 
 def task_stream(spec: str) -> dict:
-  """Kinds K1/K2/... (streaming.VARIANTS included) timed interleaved in one process: one kind's
-  results as they are, several as {'kinds': ..., 'ratios': ...}."""
+  """Kinds K1/K2/... (streaming.STREAM_ALIASES included) timed interleaved in one process: one
+  kind's results as they are, several as {'kinds': ..., 'ratios': ...}."""
   import dataclasses  # noqa: PLC0415
 
   from ttt_jax.benchmarks import streaming  # noqa: PLC0415

@@ -4,7 +4,8 @@ streaming (prefill chunk) step and its decode step, built with the GPU's default
 
 This catches on a CPU what only a GPU takes: a kernel without a batching rule under `jax.vmap`,
 a missing second derivative, a Pallas body the Triton lowering rejects. Compilation of the
-lowered kernels (PTX, shared memory, registers) still happens only on a GPU (`make gpu-check`).
+lowered kernels (PTX, shared memory, registers) happens on a GPU (`make gpu-check`) or, with
+JAX's CUDA plugin installed, for an H200 target on any machine (`make gpu-census`).
 """
 
 from __future__ import annotations
@@ -78,27 +79,43 @@ def kernels_in(exported: jax.export.Exported) -> set[str]:
   return set(_TARGET.findall(exported.mlir_module()))
 
 
+def train_step_program(kind: str, overrides: dict | None = None,
+                       size: Size = SIZE) -> tuple[Callable, tuple]:
+  """(the train step `scripts/train.py` runs for benchmark kind `kind`, its abstract arguments
+  (state, batch)). Build and trace it inside `for_gpu()` to get the GPU's program."""
+  cfg = model_config(kind, size, overrides=overrides)
+  trainer = Trainer.create(cfg)
+  state = jax.eval_shape(lambda: trainer._init(cfg.seed))
+  tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
+  return trainer.pure_train_step, (state, {"tokens": tokens})
+
+
+def stream_step_programs(kind: str, size: Size = SIZE,
+                         length: int | None = None) -> dict[str, tuple[Callable, tuple]]:
+  """{'prefill': a chunk of `size.e2e_chunk` tokens, 'decode': one token}: (the chunk step
+  evaluation and generation stream with, its arguments) against the cache of context `length`
+  (default `size.seq_len`); kinds as `streaming.Streamer` takes them."""
+  streamer = Streamer(kind, size)
+  cache = streamer.abstract_cache(size.seq_len if length is None else length)
+  out = {}
+  for name, width in (("prefill", size.e2e_chunk), ("decode", 1)):
+    tokens = jax.ShapeDtypeStruct((1, width), jnp.int32)
+    positions = jax.ShapeDtypeStruct((width,), jnp.int32)
+    out[name] = (streamer._step, (streamer.params, cache, tokens, positions))
+  return out
+
+
 def lower_train_step(kind: str, overrides: dict | None = None,
                      size: Size = SIZE) -> jax.export.Exported:
   """The train step `scripts/train.py` runs for benchmark kind `kind`, lowered for CUDA."""
   with for_gpu():
-    cfg = model_config(kind, size, overrides=overrides)
-    trainer = Trainer.create(cfg)
-    state = jax.eval_shape(lambda: trainer._init(cfg.seed))
-    tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
-    return export_cuda(trainer.train_step, state, {"tokens": tokens})
+    fn, args = train_step_program(kind, overrides, size)
+    return export_cuda(fn, *args)
 
 
 def lower_stream_steps(kind: str, size: Size = SIZE) -> dict[str, jax.export.Exported]:
-  """{'prefill': a chunk of `size.e2e_chunk` tokens, 'decode': one token} against the cache of
-  context `size.seq_len`, as evaluation and generation stream them, lowered for CUDA."""
+  """`stream_step_programs` at context `size.seq_len`, lowered for CUDA."""
   with for_gpu():
-    streamer = Streamer(kind, size)
-    cache = streamer.abstract_cache(size.seq_len)
-    out = {}
-    for name, width in (("prefill", size.e2e_chunk), ("decode", 1)):
-      tokens = jax.ShapeDtypeStruct((1, width), jnp.int32)
-      positions = jax.ShapeDtypeStruct((width,), jnp.int32)
-      out[name] = export_cuda(streamer._step, streamer.params, cache, tokens, positions)
-    return out
+    return {name: export_cuda(fn, *args)
+            for name, (fn, args) in stream_step_programs(kind, size).items()}
 

@@ -24,7 +24,7 @@ from ttt_jax.models import build_model
 # kinds that are another kind with model overrides: full attention against its cache through
 # model.attention_impl's path (on a GPU: cuDNN with a [chunk, capacity] mask over every slot)
 # instead of the Triton kernel that reads only the filled blocks
-VARIANTS = {"transformer-masked": ("transformer", {"cache_attention_impl": "inherit"})}
+STREAM_ALIASES = {"transformer-masked": ("transformer", {"cache_attention_impl": "inherit"})}
 
 
 class Streamer:
@@ -33,7 +33,7 @@ class Streamer:
   def __init__(self, kind: str, size: Size, seed: int = 0):
     self.kind = kind
     self.size = size
-    base, overrides = VARIANTS.get(kind, (kind, None))
+    base, overrides = STREAM_ALIASES.get(kind, (kind, None))
     cfg = model_config(base, size, overrides=overrides)
     self.model_cfg = cfg.model
     self.graphdef, self.params = nnx.split(build_model(cfg.model, seed))

@@ -85,7 +85,7 @@ class AttentionAlgorithm:
   # queries against a full-attention cache: 'pallas' (cache_attention.filled_attention_pallas,
   # for a capacity of at least its key block) | 'inherit' (the path of `impl`)
   cache_impl: str = "inherit"
-  interpret: bool = False  # run Pallas kernels (splash) in interpret mode (tests on CPU)
+  interpret: bool = False  # run Pallas kernels in interpret mode (always off a GPU for Triton)
 
 
 ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
@@ -223,7 +223,7 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   if (filled is not None and window is None and algorithm.cache_impl == "pallas"
       and tk >= PALLAS_BLOCK_K):
     return filled_attention_pallas(q, k, v, q_pos, k_pos, filled,
-                                   interpret=target_platform() != "gpu")
+                                   interpret=algorithm.interpret or target_platform() != "gpu")
   one_shot = ordered and tq == tk  # keys = queries (no cache)
   if algorithm.impl in ("xla", "cudnn"):
     return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
@@ -357,11 +357,14 @@ class Attention(nnx.Module):
 # -- registration as the 'full' and 'swa' sequence mixers ------------------------------------------
 
 
-def attention_algorithm(cfg: ModelCfg, impl: str | None = None) -> AttentionAlgorithm:
+def attention_algorithm(cfg: ModelCfg, impl: str | None = None,
+                        full_cache: bool = False) -> AttentionAlgorithm:
   """The attention of the model `cfg` (a `ModelConfig`); `impl` overrides the resolved
-  backend."""
+  backend; `full_cache`: its layers keep a full-attention cache (`model.cache_attention_impl`
+  applies, and is checked, only then)."""
   impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
-  cache_impl = resolve_cache_impl(cfg.cache_attention_impl, cfg.d_model // cfg.num_heads)
+  cache_impl = (resolve_cache_impl(cfg.cache_attention_impl, cfg.d_model // cfg.num_heads)
+                if full_cache else "inherit")
   return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
                             flash_block=cfg.attention_flash_block, impl=impl,
                             cache_impl=cache_impl)
@@ -372,7 +375,8 @@ def build_attention(cfg: ModelCfg, *, window: int | None, **kw) -> Attention:
   return Attention(cfg.d_model, cfg.num_heads, window=window, rope_theta=cfg.rope_theta,
                    qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, std=cfg.init_std,
                    out_std=cfg.out_std,
-                   algorithm=attention_algorithm(cfg), num_kv_heads=cfg.num_kv_heads, **kw)
+                   algorithm=attention_algorithm(cfg, full_cache=window is None),
+                   num_kv_heads=cfg.num_kv_heads, **kw)
 
 
 def _check_window(config: ml_collections.ConfigDict) -> None:

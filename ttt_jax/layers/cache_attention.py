@@ -140,9 +140,9 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
   b, tq, h, d = q.shape
   c, hk = k.shape[1], k.shape[2]
   g = h // hk
-  if c < block_k or pallas_geometry(d):
-    raise ValueError(f"filled_attention_pallas: capacity {c} must be >= {block_k} and "
-                     f"{pallas_geometry(d) or 'the head dim fits'}")
+  why = pallas_geometry(d) or (f"the capacity {c} must be >= {block_k}" if c < block_k else None)
+  if why:
+    raise ValueError(f"filled_attention_pallas: {why}")
   rows = tq * g
   block_q = min(block_q, max(16, _pow2_at_least(rows)))
   n_q = -(-rows // block_q)
@@ -154,7 +154,9 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
   qr = jnp.pad(qr, ((0, 0), (0, padded - rows), (0, 0)))
   row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g), (0, padded - rows),
                     constant_values=-1)
-  end = jnp.reshape(jnp.asarray(end, jnp.int32), (1,))
+  # an overflowing stream (end > C: KVCacheOverflow is raised beside this call) reads no block
+  # past the cache
+  end = jnp.reshape(jnp.minimum(jnp.asarray(end, jnp.int32), c), (1,))
   kv_spec = pl.BlockSpec((None, c, None, d), lambda i, qi, s: (i // hk, 0, i % hk, 0))
   kernel = functools.partial(_filled_kernel, splits=splits, block_k=block_k, scale=d ** -0.5)
   acc, m, norm = pl.pallas_call(

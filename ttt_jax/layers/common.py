@@ -11,6 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# `jax.checkpoint` name of the outputs of sequential kernels that a remat policy may keep instead
+# of running the kernel again in the backward pass (`model.remat=kernels`; layers/ttt_pallas.py)
+KERNEL_OUTPUTS = "kernel_outputs"
 
 
 def dtype(name: str):

@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_dual, ttt_inner
+from ttt_jax.layers.common import KERNEL_OUTPUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,6 @@ def _compiler_params(wide: bool = False):
 
 
 MLP_NAMES = tuple(n for pair in ttt_dual.MLP for n in pair)  # w1, b1, w2, b2
-KERNEL_OUTPUTS = "ttt_kernel_outputs"  # checkpoint name of the TTT-Linear forward kernel's outputs
 
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:

@@ -16,9 +16,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-from ttt_jax.layers import ttt_pallas
 from ttt_jax.layers.attention import attention_algorithm
-from ttt_jax.layers.common import dtype, normal_init
+from ttt_jax.layers.common import KERNEL_OUTPUTS, dtype, normal_init
 from ttt_jax.layers.int8 import Int8Embed, Int8Weight
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.layers.mlp import InnerParam, SwiGLU
@@ -114,8 +113,9 @@ class Block(nnx.Module):
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # full, except the outputs of the sequential TTT-Linear forward kernel (layers/ttt_pallas)
-    "kernels": jax.checkpoint_policies.save_only_these_names(ttt_pallas.KERNEL_OUTPUTS),
+    # full, except the outputs of sequential kernels (the TTT-Linear forward kernel; models
+    # without one recompute exactly as under full)
+    "kernels": jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS),
 }
 
 

@@ -156,6 +156,12 @@ class Trainer:
       return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)(seed)
 
   @property
+  def pure_train_step(self):
+    """The train step as a plain function (state, batch) -> (state, metrics), not jitted and
+    bound to no mesh: for compiling it for other devices (benchmarks/lowering.py)."""
+    return self._train_step
+
+  @property
   def train_step(self):
     if not hasattr(self, "_train_step_jit"):
       self._train_step_jit = jax.jit(
