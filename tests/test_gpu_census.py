@@ -100,24 +100,26 @@ def test_census_of_a_compiled_scan_grows_by_its_body_per_trip():
 
 
 def test_markdown_row():
-  rows = {"transformer": {"launches": 100, "by_kind": {"matmul": 20, "cudnn": 4}, "loops": []},
+  rows = {"transformer": {"launches": 100, "by_kind": {"matmul": 20, "cudnn": 4}, "loops": [],
+                          "temp_bytes": 436e6},
           "e2e-meta": {"launches": 450, "by_kind": {"matmul": 90, "cudnn": 3},
                        "loops": [{"trips": 3, "per_trip": 100, "runs": 1}]},
           "ttt_mlp": {"error": "XlaRuntimeError: boom"},
           "stream:e2e decode": {"launches": 50, "by_kind": {"fusion": 50}, "loops": []}}
   text = gpu_census.markdown(rows)
-  assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | - |" in text
-  assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 | 3 x 100 |" in text
+  assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | 0.44 GB | - |" in text
+  assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 |  | 3 x 100 |" in text
   assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
-  assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 50 | - |" in text  # no train-step ratio
+  assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 50 |  | - |" in text  # no train-step ratio
 
 
 def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   pytest.importorskip("jax_plugins.xla_cuda12", reason="JAX's CUDA plugin (make gpu-census)")
   device = gpu_census.gpu_device()
-  text, _ = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
+  text, info = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
   r = gpu_census.census(text)
   assert r["by_kind"].get("cudnn", 0) > 0 and r["launches"] > 100
+  assert info["temp_bytes"] > 0 and info["argument_bytes"] > 0 and info["compile_s"] > 0
   # the Triton cache-attention kernel compiles for the H200 (its shared memory and registers)
   steps = gpu_census.compile_stream_steps("transformer", device, 8192)
   assert all(gpu_census.census(t)["by_kind"].get("pallas") == 8 for t, _ in steps.values())

@@ -144,8 +144,9 @@ def gpu_device():
   return topology.devices[0]
 
 
-def _compile(fn, device, *args) -> tuple[str, float]:
-  """(compiled HLO text, compile seconds) of jit(fn) for `device`, args as shapes (or arrays)."""
+def _compile(fn, device, *args) -> tuple[str, dict]:
+  """(compiled HLO text, {'compile_s', 'temp_bytes', 'argument_bytes'}: XLA's buffer assignment
+  for the device) of jit(fn) for `device`, args as shapes (or arrays)."""
   import jax  # noqa: PLC0415
 
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -154,11 +155,16 @@ def _compile(fn, device, *args) -> tuple[str, float]:
   lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
   t0 = time.perf_counter()
   compiled = lowered.compile()  # Triton kernels included: shared memory and registers checked
-  return compiled.as_text(), time.perf_counter() - t0
+  info = {"compile_s": time.perf_counter() - t0}
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    info.update(temp_bytes=memory.temp_size_in_bytes,
+                argument_bytes=memory.argument_size_in_bytes)
+  return compiled.as_text(), info
 
 
-def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, float]:
-  """(compiled HLO text, compile seconds) of gpu-check's train kind `kind` at a bench preset."""
+def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, dict]:
+  """`_compile` of gpu-check's train kind `kind` at a bench preset."""
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.gpu_tasks import train_kind  # noqa: PLC0415
@@ -169,7 +175,7 @@ def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, 
     return _compile(fn, device, *args)
 
 
-def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str, float]]:
+def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str, dict]]:
   """{'prefill': a 512-token chunk, 'decode': one token} of streaming kind `kind`
   (streaming.STREAM_ALIASES included) against the cache of context `length`, gpu preset."""
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
@@ -182,20 +188,21 @@ def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str,
 
 def markdown(rows: dict) -> str:
   out = ["| program (gpu preset) | kernel launches | / transformer | matmul | cuDNN | "
-         "Pallas | other | largest loops: trips x launches per trip |",
-         "|---|---|---|---|---|---|---|---|"]
+         "Pallas | other | XLA temporaries | largest loops: trips x launches per trip |",
+         "|---|---|---|---|---|---|---|---|---|"]
   base = rows.get("transformer", {}).get("launches")
   for kind, r in rows.items():
     if "error" in r:
-      out.append(f"| {kind} | error ({r['error']}) | | | | | | |")
+      out.append(f"| {kind} | error ({r['error']}) | | | | | | | |")
       continue
     k = r["by_kind"]
     top = "; ".join(f"{x['trips']} x {x['per_trip']}" + (f" (x{x['runs']})" if x["runs"] > 1
                                                           else "") for x in r["loops"][:3])
     named = [k.get(n, 0) for n in ("matmul", "cudnn", "pallas")]
     ratio = f"{r['launches'] / base:.1f}x" if base and not kind.startswith("stream:") else ""
+    temp = f"{r['temp_bytes'] / 1e9:.2f} GB" if "temp_bytes" in r else ""
     out.append(f"| {kind} | {r['launches']} | {ratio} | "
-               + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | "
+               + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | {temp} | "
                f"{top or '-'} |")
   return "\n".join(out) + "\n"
 
@@ -227,8 +234,8 @@ def main(argv=None) -> int:
   for i, (name, job) in enumerate(jobs):
     print(f"[{i + 1}/{len(jobs)}] compiling {name} for the H200", flush=True)
     try:
-      done = {f"{name} {part}".strip(): dict(census(text), compile_s=seconds)
-              for part, (text, seconds) in job().items()}
+      done = {f"{name} {part}".strip(): dict(census(text), **info)
+              for part, (text, info) in job().items()}
     except Exception as e:  # noqa: BLE001
       done = {name: {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}}
     for row, r in done.items():
