@@ -123,6 +123,10 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   # the Triton cache-attention kernel compiles for the H200 (its shared memory and registers)
   steps = gpu_census.compile_stream_steps("transformer", device, 8192)
   assert all(gpu_census.census(t)["by_kind"].get("pallas") == 8 for t, _ in steps.values())
+  # the H200's limits are checked: a tile that needs more shared memory than an SM has fails
+  with pytest.raises(Exception, match="Shared memory size limit exceeded"):
+    gpu_census.compile_cache_kernel(device, 8192, dict(block_q=256, block_k=512, num_stages=4),
+                                    queries=2048)
 
 
 def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):

@@ -186,6 +186,24 @@ def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str,
     return {name: _compile(fn, device, *args) for name, (fn, args) in programs.items()}
 
 
+def compile_cache_kernel(device, length: int, settings: dict,
+                         queries: int = 512) -> tuple[str, dict]:
+  """`_compile` of the cache-attention kernel alone (bf16, the gpu preset's 8 heads of 64):
+  `queries` against `length` slots, with tile/launch `settings` (streaming.KERNEL_SETTINGS)."""
+  import functools  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ttt_jax.layers.cache_attention import filled_attention_pallas  # noqa: PLC0415
+
+  spec = jax.ShapeDtypeStruct
+  kv = spec((1, length, 8, 64), jnp.bfloat16)
+  args = (spec((1, queries, 8, 64), jnp.bfloat16), kv, kv, spec((queries,), jnp.int32),
+          spec((length,), jnp.int32), spec((), jnp.int32))
+  return _compile(functools.partial(filled_attention_pallas, **settings), device, *args)
+
+
 def markdown(rows: dict) -> str:
   out = ["| program (gpu preset) | kernel launches | / transformer | matmul | cuDNN | "
          "Pallas | other | XLA temporaries | largest loops: trips x launches per trip |",
@@ -231,6 +249,11 @@ def main(argv=None) -> int:
           args.kinds.split(",") if kind]
   jobs += [(f"stream:{kind}", lambda k=kind: compile_stream_steps(k, device, args.stream_len))
            for kind in args.stream.split(",") if kind]
+  if args.stream:  # the cache kernel at each tile setting gpu-check times
+    from ttt_jax.benchmarks.streaming import KERNEL_SETTINGS  # noqa: PLC0415
+    jobs += [(f"cache kernel, {name}", lambda s=s: {
+        f"{q} queries": compile_cache_kernel(device, args.stream_len, s, q) for q in (512, 1)})
+        for name, s in KERNEL_SETTINGS.items()]
   for i, (name, job) in enumerate(jobs):
     print(f"[{i + 1}/{len(jobs)}] compiling {name} for the H200", flush=True)
     try:
