@@ -105,7 +105,8 @@ def test_markdown_row():
           "e2e-meta": {"launches": 450, "by_kind": {"matmul": 90, "cudnn": 3},
                        "loops": [{"trips": 3, "per_trip": 100, "runs": 1}]},
           "ttt_mlp": {"error": "XlaRuntimeError: boom"},
-          "stream:e2e decode": {"launches": 50, "by_kind": {"fusion": 50}, "loops": []}}
+          "stream:e2e decode": {"launches": 50, "by_kind": {"fusion": 50}, "loops": [],
+                                "train_step": False}}
   text = gpu_census.markdown(rows)
   assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | 0.44 GB | - |" in text
   assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 |  | 3 x 100 |" in text

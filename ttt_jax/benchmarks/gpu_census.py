@@ -217,7 +217,7 @@ def markdown(rows: dict) -> str:
     top = "; ".join(f"{x['trips']} x {x['per_trip']}" + (f" (x{x['runs']})" if x["runs"] > 1
                                                           else "") for x in r["loops"][:3])
     named = [k.get(n, 0) for n in ("matmul", "cudnn", "pallas")]
-    ratio = f"{r['launches'] / base:.1f}x" if base and not kind.startswith("stream:") else ""
+    ratio = f"{r['launches'] / base:.1f}x" if base and r.get("train_step", True) else ""
     temp = f"{r['temp_bytes'] / 1e9:.2f} GB" if "temp_bytes" in r else ""
     out.append(f"| {kind} | {r['launches']} | {ratio} | "
                + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | {temp} | "
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
   for i, (name, job) in enumerate(jobs):
     print(f"[{i + 1}/{len(jobs)}] compiling {name} for the H200", flush=True)
     try:
-      done = {f"{name} {part}".strip(): dict(census(text), **info)
+      done = {f"{name} {part}".strip(): dict(census(text), **info, train_step=not part)
               for part, (text, info) in job().items()}
     except Exception as e:  # noqa: BLE001
       done = {name: {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}}
