@@ -106,12 +106,15 @@ def test_markdown_row():
                        "loops": [{"trips": 3, "per_trip": 100, "runs": 1}]},
           "ttt_mlp": {"error": "XlaRuntimeError: boom"},
           "stream:e2e decode": {"launches": 50, "by_kind": {"fusion": 50}, "loops": [],
-                                "train_step": False}}
+                                "train_step": False},
+          "125m:transformer": {"launches": 200, "by_kind": {}, "loops": []},
+          "125m:e2e": {"launches": 500, "by_kind": {}, "loops": []}}
   text = gpu_census.markdown(rows)
   assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | 0.44 GB | - |" in text
   assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 |  | 3 x 100 |" in text
   assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
   assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 50 |  | - |" in text  # no train-step ratio
+  assert "| 125m:e2e | 500 | 2.5x |" in text  # against the same preset's transformer
 
 
 def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():

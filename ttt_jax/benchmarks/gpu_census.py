@@ -164,14 +164,17 @@ def _compile(fn, device, *args) -> tuple[str, dict]:
 
 
 def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, dict]:
-  """`_compile` of gpu-check's train kind `kind` at a bench preset."""
+  """`_compile` of gpu-check's train kind `kind` at a bench preset, or of '125m:K', the `125m`
+  pretraining preset of model kind K at 8K context."""
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_tasks import train_kind  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_tasks import config_125m, train_kind  # noqa: PLC0415
 
-  base, overrides = train_kind(kind)
   with lowering.for_gpu():
-    fn, args = lowering.train_step_program(base, overrides, PRESETS[size_name])
+    if kind.startswith("125m:"):  # the 125m pretraining preset at 8K (gpu-check's train125m)
+      fn, args = lowering.train_step_of_config(config_125m(kind.split(":", 1)[1]))
+    else:
+      fn, args = lowering.train_step_program(*train_kind(kind), PRESETS[size_name])
     return _compile(fn, device, *args)
 
 
@@ -205,11 +208,12 @@ def compile_cache_kernel(device, length: int, settings: dict,
 
 
 def markdown(rows: dict) -> str:
-  out = ["| program (gpu preset) | kernel launches | / transformer | matmul | cuDNN | "
+  out = ["| program (gpu preset unless named) | kernel launches | / transformer | matmul | cuDNN | "
          "Pallas | other | XLA temporaries | largest loops: trips x launches per trip |",
          "|---|---|---|---|---|---|---|---|---|"]
-  base = rows.get("transformer", {}).get("launches")
   for kind, r in rows.items():
+    preset = "125m:" if kind.startswith("125m:") else ""  # ratios within a preset
+    base = rows.get(preset + "transformer", {}).get("launches")
     if "error" in r:
       out.append(f"| {kind} | error ({r['error']}) | | | | | | | |")
       continue
@@ -229,8 +233,10 @@ def main(argv=None) -> int:
   from ttt_jax.benchmarks.gpu_tasks import RUN_VARIANTS, TRAIN  # noqa: PLC0415
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS),
-                 help="comma list of gpu-check train kinds (K or K+variant)")
+  p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS + ("125m:transformer",
+                                                                      "125m:e2e")),
+                 help="comma list of gpu-check train kinds (K or K+variant; 125m:K the 125m "
+                 "preset of model kind K at 8K)")
   p.add_argument("--stream", default="transformer,transformer-masked,e2e",
                  help="comma list of streaming kinds whose prefill-chunk and decode steps are "
                  "counted ('' = none)")

@@ -304,15 +304,22 @@ def task_train(kind: str) -> dict:
   return _time_steps(compiled, state, batch, info)
 
 
-def task_train_125m(kind: str) -> dict:
-  """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
+def config_125m(kind: str):
+  """The validated `125m` pretraining preset of kind K at 8K context, bf16, batch 8."""
   from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
-  from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
   from ttt_jax.config import validate  # noqa: PLC0415
 
   cfg = load_preset(preset_spec(kind, "125m", "8k"))
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
-  _, compiled, state, batch, info = train_setup_from_config(validate(cfg))
+  return validate(cfg)
+
+
+def task_train_125m(kind: str) -> dict:
+  """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
+  from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
+
+  cfg = config_125m(kind)
+  _, compiled, state, batch, info = train_setup_from_config(cfg)
   info["seq_len"] = cfg.data.seq_len
   return _time_steps(compiled, state, batch, info)
 

@@ -83,7 +83,11 @@ def train_step_program(kind: str, overrides: dict | None = None,
                        size: Size = SIZE) -> tuple[Callable, tuple]:
   """(the train step `scripts/train.py` runs for benchmark kind `kind`, its abstract arguments
   (state, batch)). Build and trace it inside `for_gpu()` to get the GPU's program."""
-  cfg = model_config(kind, size, overrides=overrides)
+  return train_step_of_config(model_config(kind, size, overrides=overrides))
+
+
+def train_step_of_config(cfg) -> tuple[Callable, tuple]:
+  """`train_step_program` of a validated run config."""
   trainer = Trainer.create(cfg)
   state = jax.eval_shape(lambda: trainer._init(cfg.seed))
   tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
