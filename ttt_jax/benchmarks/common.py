@@ -213,6 +213,11 @@ def fmt_len(n: int) -> str:
 
 
 # -- reading results (tables and figures) --------------------------------------------------------
+def error_record(e: BaseException, limit: int = 300) -> dict:
+  """A failed case's record: the exception's type and message on one line (`result_status`)."""
+  return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"}
+
+
 def result_status(r: dict) -> str | None:
   """'skipped (why)' / 'error (what)' for a result that has no numbers, else None."""
   if "skipped" in r:

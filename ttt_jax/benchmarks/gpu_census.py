@@ -266,7 +266,9 @@ def main(argv=None) -> int:
       done = {f"{name} {part}".strip(): dict(census(text), **info, train_step=not part)
               for part, (text, info) in job().items()}
     except Exception as e:  # noqa: BLE001
-      done = {name: {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}}
+      from ttt_jax.benchmarks.common import error_record  # noqa: PLC0415
+
+      done = {name: error_record(e, 200)}
     for row, r in done.items():
       print(f"  {row}: {json.dumps({k: v for k, v in r.items() if k != 'loops'})}", flush=True)
     rows.update(done)

@@ -40,8 +40,9 @@ def _tree_rel(a, b) -> float:
 
 
 def _error(e: Exception, limit: int = 300) -> dict:
-  """A failed case's record: the exception's type and message on one line."""
-  return {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:limit]}"}
+  from ttt_jax.benchmarks.common import error_record  # noqa: PLC0415
+
+  return error_record(e, limit)
 
 
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ttt_jax.benchmarks.common import Size, interleaved, memory_stats, model_config
+from ttt_jax.benchmarks.common import (
+  Size,
+  error_record,
+  interleaved,
+  memory_stats,
+  model_config,
+)
 from ttt_jax.benchmarks.training import _failure
 from ttt_jax.models import build_model
 
@@ -228,7 +234,7 @@ def bench_cache_attention(capacity: int, chunk: int, heads: int, head_dim: int, 
           row[name] = {"rel_err": float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))}
           timed[name] = functools.partial(fn, *args)
         except Exception as e:  # noqa: BLE001
-          row[name] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+          row[name] = error_record(e, 200)
       flops = 4 * tq * end * heads * head_dim  # q.k and p.v over the filled slots
       for name, t in interleaved(timed, repeats, 2, echo).items():
         row[name].update(median_s=t["median_s"], tflops_per_s=flops / t["median_s"] / 1e12)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ttt_jax.layers.common import triton_dim
+
 NEG_INF = -1e30
 
 
@@ -77,7 +79,7 @@ _TARGET_PROGRAMS = 256  # ~2 programs per SM of an H100/H200 (132 SMs)
 
 def pallas_geometry(head_dim: int) -> str | None:
   """Why the kernel cannot take this head dim (Triton: a power of two >= 16), or None."""
-  if head_dim < 16 or head_dim & (head_dim - 1):
+  if not triton_dim(head_dim):
     return f"the head dim {head_dim} must be a power of two >= 16"
   return None
 
@@ -115,8 +117,7 @@ def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_
                              preferred_element_type=jnp.float32)
     return acc * corr[:, None] + pv, m_new, norm * corr + jnp.sum(p, axis=1)
 
-  d = acc_ref.shape[-1]
-  rows = acc_ref.shape[0]
+  rows, d = acc_ref.shape
   init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
   acc, m, norm = jax.lax.fori_loop(lo, hi, body, init)

@@ -34,7 +34,7 @@ from flax import nnx
 
 from ttt_jax.config import ConfigError
 from ttt_jax.layers import ttt_inner, ttt_pallas
-from ttt_jax.layers.common import const_init, linear, normal_init, target_platform
+from ttt_jax.layers.common import const_init, linear, normal_init, single_gpu, target_platform
 from ttt_jax.layers.rope import apply_rope
 
 POST_NORM_EPS = 1e-6
@@ -117,7 +117,7 @@ def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> s
   if impl != "auto":
     return impl
   gpu_kernel = (ttt_inner.inner_model(kind).pallas_sequence is not None
-                and target_platform() == "gpu" and jax.device_count() == 1
+                and single_gpu()
                 and ttt_pallas.check_geometry(mini_batch_size, head_dim) is None)
   return "pallas" if gpu_kernel else "dual"
 

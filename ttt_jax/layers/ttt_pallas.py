@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_dual, ttt_inner
-from ttt_jax.layers.common import KERNEL_OUTPUTS
+from ttt_jax.layers.common import KERNEL_OUTPUTS, triton_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
   """Why the kernels cannot run this geometry on a GPU (None: they can)."""
   for name, n in (("model.ttt.mini_batch_size", mini_batch_size),
                   ("the head dim model.d_model / model.num_heads", head_dim)):
-    if n < 16 or n & (n - 1):
+    if not triton_dim(n):
       return f"{name}={n} must be a power of two >= 16 for model.ttt.impl=pallas"
   return None
 
