@@ -118,7 +118,8 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   monkeypatch.setattr(gpu_tasks, "LEARN_CASES", (
       ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
       ("transformer/xla", {"attention_impl": "xla"}, "none")))
-  monkeypatch.setattr(gpu_tasks, "TUNE_CASES", ((4, 1), (2, 2)))
+  monkeypatch.setattr(gpu_tasks, "TUNE_CASES", {"ttt_linear": ((4, 1), (2, 2)),
+                                                "ttt_mlp": ((4, 1, 16),)})
   learn = gpu_tasks.task_learn(steps=3, preset="quick")
   assert "needs a GPU" in learn["transformer/cudnn"]["error"]
   xla = learn["transformer/xla"]
@@ -128,10 +129,15 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
                         "pallas/default/w4s1", "pallas/default/w2s2"]
   assert tune["dual/highest"]["rel_err_vs_ieee_dual"] == 0.0
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune.items() if "pallas" in k)
-  learn["task_s"], tune["task_s"] = 30.0, 40.0  # as the orchestrator adds them
-  text = open(gpu_report.write_markdown({"learn": learn, "tune": tune},
+  tune_mlp = gpu_tasks.task_tune("quick", "ttt_mlp")
+  assert list(tune_mlp) == ["dual/highest", "pallas/highest/w4s1b16", "dual/default",
+                            "pallas/default/w4s1b16"]
+  assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune_mlp.items() if "pallas" in k)
+  learn["task_s"], tune["task_s"], tune_mlp["task_s"] = 30.0, 40.0, 50.0  # as the orchestrator
+  text = open(gpu_report.write_markdown({"learn": learn, "tune": tune, "tune_mlp": tune_mlp},
                                         str(tmp_path / "g.md"))).read()
   assert "| transformer/cudnn | error (ConfigError: model.attention_impl='cudnn'" in text
   losses = " ".join(f"{x:.3f}" for x in xla["loss"])
   assert f"| transformer/xla | {xla['compile_s']:.1f} s | {losses} |" in text
   assert "| pallas/default/w2s2 |" in text
+  assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4s1b16 |" in text

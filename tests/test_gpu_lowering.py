@@ -25,12 +25,13 @@ def test_train_step_lowers_for_cuda(name, kind, overrides):
   kernels = lowering.kernels_in(exported)
   attention = name in ("transformer", "swa") or name.startswith("e2e")
   assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
-  # Triton: TTT-Linear's GPU default (model.ttt.impl=auto) and the opt-in TTT-MLP kernel
+  # Triton: TTT-Linear's GPU default (model.ttt.impl=auto) and the opt-in TTT-MLP kernels
   assert (TRITON in kernels) == (name in ("ttt_linear", "ttt_mlp-pallas")), kernels
-  if name == "ttt_linear":  # full remat (SIZE) runs the forward kernel again in the backward
+  kernel = {"ttt_linear": "linear", "ttt_mlp-pallas": "mlp"}.get(name)
+  if kernel:  # full remat (SIZE) runs the forward kernel again in the backward
     text, layers = exported.mlir_module(), lowering.SIZE.num_layers
-    assert text.count('name = "_linear_fwd_kernel"') == 2 * layers  # (remat=kernels: once,
-    assert text.count('name = "_linear_bwd_kernel"') == layers  # tests/models/test_remat_...)
+    assert text.count(f'name = "_{kernel}_fwd_kernel"') == 2 * layers  # (remat=kernels: once,
+    assert text.count(f'name = "_{kernel}_bwd_kernel"') == layers  # tests/models/test_remat_...)
 
 
 @pytest.mark.parametrize("kind", lowering.STREAM_KINDS)

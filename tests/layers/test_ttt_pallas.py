@@ -1,7 +1,9 @@
 """The Pallas TTT kernels (interpret mode on CPU) against the primal form, which shares no code
-with them: outputs, final inner weights and gradients w.r.t. every input (the TTT-Linear
-backward kernel is written by hand, so this is what checks it); launch counts; the mixer with
-model.ttt.impl=pallas; the start-up checks. Their CUDA lowering: tests/test_gpu_lowering.py."""
+with them: outputs, final inner weights and gradients w.r.t. every input (both backward kernels
+are written by hand, so this is what checks them; TTT-MLP's over one block of the hidden layer
+and over four, with an odd and an even number of mini-batches: its cotangent buffers alternate);
+launch counts; the mixer with model.ttt.impl=pallas; the start-up checks. Their CUDA lowering:
+tests/test_gpu_lowering.py; their H200 build: tests/test_gpu_census.py."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_inner, ttt_pallas
+from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_mlp
 from ttt_jax.layers.common import building_for
 from ttt_jax.layers.ttt import TTTMixer
 
@@ -31,10 +33,8 @@ def sequence_fn(kind: str, impl: str):
   if impl == "primal":
     step = ttt_inner.inner_model(kind).step("primal")
     return lambda p, ln, *xs: ttt_inner.scan_minibatches(step, p, ln, xs, 0)
-  if kind == "linear":
-    return lambda p, ln, *xs: ttt_pallas.linear_sequence(p, ln, *xs, interpret=True)
-  step = functools.partial(ttt_pallas.mlp_step, True)
-  return lambda p, ln, *xs: ttt_inner.scan_minibatches(step, p, ln, xs, 2)
+  kernels = {"linear": ttt_pallas.linear_sequence, "mlp": ttt_pallas_mlp.mlp_sequence}[kind]
+  return functools.partial(kernels, interpret=True)
 
 
 def inputs(kind, n=3, seed=3):
@@ -45,9 +45,10 @@ def inputs(kind, n=3, seed=3):
   return params, ln, to_mb(xq), to_mb(xk), to_mb(xv), eta
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_kernels_equal_primal_values_and_grads(kind):
-  args = inputs(kind)
+@pytest.mark.parametrize("kind,n,mlp_block", [("linear", 3, 64), ("mlp", 3, 64), ("mlp", 2, 16)],
+                         ids=["linear", "mlp-1block-odd", "mlp-4blocks-even"])
+def test_kernels_equal_primal_values_and_grads(kind, n, mlp_block):
+  args = inputs(kind, n=n)  # head dim 16: TTT-MLP's hidden layer is 64 wide
   probe = jnp.asarray(np.random.default_rng(5).standard_normal(args[2].shape), jnp.float32)
   res = {}
   for impl in ("primal", "pallas"):
@@ -59,7 +60,8 @@ def test_kernels_equal_primal_values_and_grads(kind):
       return value, (final, z)
 
     grad_fn = jax.value_and_grad(objective, argnums=tuple(range(6)), has_aux=True)
-    res[impl] = jax.jit(grad_fn)(*args)
+    with ttt_pallas.tuning(mlp_block=mlp_block):
+      res[impl] = jax.jit(grad_fn)(*args)
   (_, (final_r, z_r)), g_r = res["primal"]
   (_, (final_p, z_p)), g_p = res["pallas"]
   assert rel_err(z_p, z_r) <= 2e-5
@@ -68,9 +70,10 @@ def test_kernels_equal_primal_values_and_grads(kind):
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_p))
 
 
-def test_linear_is_one_launch_each_way():
-  args = inputs("linear", n=2)
-  fwd = sequence_fn("linear", "pallas")
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_one_launch_each_way(kind):
+  args = inputs(kind, n=2)
+  fwd = sequence_fn(kind, "pallas")
   assert str(jax.make_jaxpr(fwd)(*args)).count("pallas_call") == 1
   loss = lambda *a: jnp.sum(fwd(*a)[1])  # noqa: E731
   assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)).count("pallas_call") == 2
@@ -91,20 +94,35 @@ def test_kernel_dots_take_the_callers_precision():
       assert _dot_precisions(fwd, *args) == {want}, context
 
 
-def test_tuning_sets_the_launch_parameters_while_tracing():
-  args = inputs("linear", n=2)
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_tuning_sets_the_launch_parameters_while_tracing(kind):
+  args = inputs(kind, n=2)
+  prefix = "mlp_" if kind == "mlp" else ""  # TTT-MLP's kernels have their own
 
   def launch(**tune):
-    fwd = lambda *a: sequence_fn("linear", "pallas")(*a)[1]  # noqa: E731  (a new trace)
-    with ttt_pallas.tuning(**tune):
+    fwd = lambda *a: sequence_fn(kind, "pallas")(*a)[1]  # noqa: E731  (a new trace)
+    with ttt_pallas.tuning(**{prefix + k: v for k, v in tune.items()}):
       text = str(jax.make_jaxpr(fwd)(*args))
     return re.findall(r"num_warps=(\d+), num_stages=(\d+)", text)
 
   default = ttt_pallas.current_tuning()
   assert default == ttt_pallas.Tuning()
-  assert launch() == [(str(default.num_warps), str(default.num_stages))]
+  want = ((default.mlp_num_warps, default.mlp_num_stages) if prefix
+          else (default.num_warps, default.num_stages))
+  assert launch() == [tuple(map(str, want))]
   assert launch(num_warps=2, num_stages=3) == [("2", "3")]
   assert ttt_pallas.current_tuning() == ttt_pallas.Tuning()  # restored after the block
+
+
+def test_mlp_block_sets_the_hidden_blocks():
+  """`Tuning.mlp_block` hidden units per block; the whole hidden layer where it is narrower."""
+  def starts(hidden, **tune):
+    with ttt_pallas.tuning(**tune):
+      return [(w.start, w.size) for w in ttt_pallas_mlp.hidden_blocks(hidden)]
+
+  assert starts(256) == [(0, 64), (64, 64), (128, 64), (192, 64)]  # the default, 64
+  assert starts(256, mlp_block=128) == [(0, 128), (128, 128)]
+  assert starts(64, mlp_block=128) == [(0, 64)]
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])

@@ -1,7 +1,7 @@
 """`model.remat=kernels`: full recomputation of each block in the backward pass, except the
-outputs of the sequential TTT-Linear forward kernel, which are kept. The same loss and gradients
-as `full` and `none`; in the train step a GPU compiles, the forward kernel runs once per layer
-instead of twice (and the backward kernel once either way)."""
+outputs of the sequential TTT forward kernels (TTT-Linear's, TTT-MLP's), which are kept. The
+same loss and gradients as `full` and `none`; in the train step a GPU compiles, the forward
+kernel runs once per layer instead of twice (and the backward kernel once either way)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ from ttt_jax.config import build_config, validate
 from ttt_jax.models import build_model
 
 
-def forward_and_backward_kernels(exported) -> tuple[int, int]:
+def forward_and_backward_kernels(exported, inner: str) -> tuple[int, int]:
   text = exported.mlir_module()
-  return (text.count('name = "_linear_fwd_kernel"'), text.count('name = "_linear_bwd_kernel"'))
+  return tuple(text.count(f'name = "_{inner}_{way}_kernel"') for way in ("fwd", "bwd"))
 
 
-def test_the_forward_kernel_is_not_run_again_in_the_backward_pass():
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_the_forward_kernel_is_not_run_again_in_the_backward_pass(inner):
   """(Under `full`, the lowering SIZE's remat, it runs twice: tests/test_gpu_lowering.py.)"""
   layers = lowering.SIZE.num_layers
-  exported = lowering.lower_train_step("ttt_linear", {"remat": "kernels"})
-  assert forward_and_backward_kernels(exported) == (layers, layers)
+  exported = lowering.lower_train_step(f"ttt_{inner}", {"remat": "kernels", "ttt.impl": "pallas"})
+  assert forward_and_backward_kernels(exported, inner) == (layers, layers)
 
 
 def loss_and_grads(remat: str, impl: str = "pallas"):

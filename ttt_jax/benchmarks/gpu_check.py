@@ -18,6 +18,7 @@ Tasks, in order:
              gradient norms)?
   tune       the TTT-Linear kernels' fwd+bwd time over Triton warps / pipeline stages and matmul
              precision (TF32 vs IEEE fp32), with the dual form's at each precision beside them;
+  tune_mlp   the same for the TTT-MLP kernels, also over hidden units per block;
   train:K    compile time and median step time of kind K at the `gpu` bench preset;
   train125m:K  the same for the `125m` pretraining preset of K at 8K context;
   cache_attention  the Triton kernel for queries against a full-attention cache (a 512-token
@@ -57,7 +58,7 @@ def _nvidia_gpu_present() -> bool:
 def plan(only: list[str]) -> list[tuple[str, float]]:
   """(task, time limit in seconds) in priority order."""
   tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120), ("learn", 200),
-           ("tune", 120)]
+           ("tune", 120), ("tune_mlp", 150)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
   tasks += [("train:ttt_linear+rematkernels", 100), ("train:e2e-meta+chunkdots", 150),
             ("cache_attention", 90),

@@ -143,14 +143,14 @@ def _learn(results: dict) -> list[str]:
   return out + [""]
 
 
-def _tune(results: dict) -> list[str]:
-  rows = results.get("tune", {})
+def _tune(results: dict, task: str = "tune", layer: str = "TTT-Linear") -> list[str]:
+  rows = results.get(task, {})
   if not rows:
     return []
   if _status(rows):
-    return [f"TTT-Linear kernel tuning: {_status(rows)}", ""]
-  out = ["## TTT-Linear layer fwd+bwd at [8, 2048, 512]: matmul precision and Triton launch "
-         "parameters (wN: warps, sN: pipeline stages)", "",
+    return [f"{layer} kernel tuning: {_status(rows)}", ""]
+  out = [f"## {layer} layer fwd+bwd at [8, 2048, 512]: matmul precision and Triton launch "
+         "parameters (wN: warps, sN: pipeline stages, bN: hidden units per block)", "",
          "| impl / precision / launch | compile | fwd+bwd | rel. err vs IEEE dual |",
          "|---|---|---|---|"]
   for name, r in rows.items():
@@ -192,7 +192,8 @@ def write_markdown(results: dict, path: str) -> str:
     v = env["versions"]
     lines += [f"Device {env['device']}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
               + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
-  lines += (_correctness(results) + _learn(results) + _tune(results) + _train(results)
+  lines += (_correctness(results) + _learn(results) + _tune(results)
+            + _tune(results, "tune_mlp", "TTT-MLP") + _train(results)
             + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]

@@ -139,11 +139,7 @@ def task_pallas() -> dict:
     params = {}
     for (w, bias), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
       params[w], params[bias] = f(bsz, h, d_in, d_out, sc=0.3), f(bsz, h, 1, d_out, sc=0.1)
-    if model.pallas_sequence:  # the whole sequence in the kernels (TTT-Linear)
-      kern = functools.partial(model.pallas_sequence, interpret=interpret)
-    else:  # one kernel launch per mini-batch (TTT-MLP)
-      step = functools.partial(model.pallas_step, interpret)
-      kern = lambda p, ln, *x, step=step: ttt_inner.scan_minibatches(step, p, ln, x, 4)  # noqa: E731
+    kern = functools.partial(model.pallas_sequence, interpret=interpret)  # the whole sequence
     dual = lambda p, ln, *x, kind=kind: ttt_dual.dual_sequence(kind, p, ln, *x, 4)  # noqa: E731
     probe = f(n, bsz, h, b, d)
 
@@ -160,7 +156,7 @@ def task_pallas() -> dict:
                  "grad_rel_err": _tree_rel(g_k, g_d)}
   size = PRESETS["gpu"]
   x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
-  for layer in ("ttt_linear",):  # TTT-MLP's kernel: 3.0x slower than dual (H200, 2026-12-04)
+  for layer in ("ttt_linear", "ttt_mlp"):
     for impl in ("dual", "pallas"):
       t0 = time.perf_counter()
       fn, params = _ttt_fwd_bwd(layer, size, impl, x)
@@ -203,14 +199,25 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
   return out
 
 
-# (num_warps, num_stages), the first the default (ttt_pallas.Tuning). H200, 2026-12-04: 2 warps
-# took 9x longer (29 ms) and are no longer tried.
-TUNE_CASES = ((4, 3), (4, 1), (4, 4), (8, 3))
+# {layer: (num_warps, num_stages[, mlp_block])}, the first the default (ttt_pallas.Tuning).
+# H200, 2026-12-04: 2 warps took 9x longer (29 ms) for TTT-Linear and are no longer tried.
+# TTT-MLP's kernels (mlp_* fields) ask for more shared memory than an H200 has at 3 stages.
+TUNE_CASES = {"ttt_linear": ((4, 3), (4, 1), (4, 4), (8, 3)),
+              "ttt_mlp": ((8, 1, 64), (4, 1, 64), (16, 1, 64), (8, 2, 64), (8, 1, 32),
+                          (8, 1, 128))}
 
 
-def task_tune(preset: str = "gpu") -> dict:
-  """TTT-Linear layer fwd+bwd at the gpu preset: the dual form and the kernels at each precision,
-  the kernels over `TUNE_CASES`; each precision's error against the IEEE dual form."""
+def _tuning(layer: str, case) -> dict:
+  """`ttt_pallas.tuning` overrides of one `TUNE_CASES` entry."""
+  if layer == "ttt_linear":
+    return {"num_warps": case[0], "num_stages": case[1]}
+  return {"mlp_num_warps": case[0], "mlp_num_stages": case[1], "mlp_block": case[2]}
+
+
+def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
+  """One TTT layer's fwd+bwd at the gpu preset: the dual form and the kernels at each
+  precision, the kernels over `TUNE_CASES[layer]`; each precision's error against the IEEE
+  dual form."""
   import jax  # noqa: PLC0415
 
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
@@ -222,15 +229,18 @@ def task_tune(preset: str = "gpu") -> dict:
   out, ref = {}, None
   for precision in ("highest", "default"):
     # IEEE: the current launch parameters only; the sweep is at the default (TF32 on a GPU)
-    sweep = TUNE_CASES if precision == "default" else TUNE_CASES[:1]
+    cases = TUNE_CASES[layer]
+    sweep = cases if precision == "default" else cases[:1]
     for impl, cases in (("dual", [None]), ("pallas", sweep)):
       for case in cases:
-        name = f"{impl}/{precision}" + (f"/w{case[0]}s{case[1]}" if case else "")
+        launch = "" if case is None else f"/w{case[0]}s{case[1]}" + "".join(
+            f"b{c}" for c in case[2:])
+        name = f"{impl}/{precision}{launch}"
         try:
-          tune = {} if case is None else {"num_warps": case[0], "num_stages": case[1]}
+          tune = {} if case is None else _tuning(layer, case)
           with jax.default_matmul_precision(precision), ttt_pallas.tuning(**tune):
             t0 = time.perf_counter()
-            fn, params = _ttt_fwd_bwd("ttt_linear", size, impl, x)
+            fn, params = _ttt_fwd_bwd(layer, size, impl, x)
             compiled = fn.lower(params, x).compile()
           row = {"compile_s": time.perf_counter() - t0,
                  "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
@@ -367,7 +377,8 @@ def task_cache_attention() -> dict:
 
 
 TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e2e": task_e2e,
-         "learn": task_learn, "tune": task_tune, "cache_attention": task_cache_attention}
+         "learn": task_learn, "tune": task_tune,
+         "tune_mlp": lambda: task_tune(layer="ttt_mlp"), "cache_attention": task_cache_attention}
 
 
 def run_task(name: str) -> dict:

@@ -25,7 +25,6 @@ one-shot outputs exactly; the update of a mini-batch is applied once its b-th to
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -111,13 +110,13 @@ def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> s
   """`model.ttt.impl` on this platform: auto = the Pallas sequence kernels of the inner model
   `kind` (TTT-Linear: one launch per sequence each way; 2.7x faster than the dual form's scan on
   an H200, docs/benchmarks.md) on a single GPU where their geometry allows, else the dual form:
-  for inner models without them (TTT-MLP's per-mini-batch kernel measured slower than the dual
-  form there) and on multi-device meshes (the kernel call carries no partitioning rule, so XLA
-  would not split it over the batch)."""
+  for inner models without them or that opt out (`pallas_auto=False`: TTT-MLP, whose kernels
+  have not yet been timed on a GPU) and on multi-device meshes (the kernel call carries no
+  partitioning rule, so XLA would not split it over the batch)."""
   if impl != "auto":
     return impl
-  gpu_kernel = (ttt_inner.inner_model(kind).pallas_sequence is not None
-                and single_gpu()
+  model = ttt_inner.inner_model(kind)
+  gpu_kernel = (model.pallas_sequence is not None and model.pallas_auto and single_gpu()
                 and ttt_pallas.check_geometry(mini_batch_size, head_dim) is None)
   return "pallas" if gpu_kernel else "dual"
 
@@ -160,7 +159,7 @@ class TTTMixer(nnx.Module):
       why = ttt_pallas.check_geometry(cfg.mini_batch_size, d) if platform == "gpu" else None
       if platform == "tpu":
         why = "model.ttt.impl=pallas has GPU (Triton) kernels only; use dual on a TPU"
-      if not (model.pallas_sequence or model.pallas_step):
+      if not model.pallas_sequence:
         why = f"model.ttt.impl=pallas: the TTT inner model {self.kind!r} has no Pallas kernel"
       if why:
         raise ConfigError(why)
@@ -257,8 +256,7 @@ class TTTMixer(nnx.Module):
       # streaming calls, whose partial mini-batches the sequence kernel does not take
       params, z = model.dual_sequence(params, ln, *xs, self.remat_group, complete)
     else:
-      step = (functools.partial(model.pallas_step, interpret) if pallas and model.pallas_step
-              else model.step("primal" if pallas else self.impl))
+      step = model.step("primal" if pallas else self.impl)
       params, z = ttt_inner.scan_minibatches(step, params, ln, xs, self.remat_group, complete)
     return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
 

@@ -252,8 +252,8 @@ class InnerModel:
   primal: Step | None = None  # mini-batch step materialising every W_{i,t}
   dual: Step | None = None  # mini-batch step from matmuls only
   dual_sequence: Callable | None = None  # whole-sequence dual form (layers/ttt_dual.py)
-  pallas_sequence: Callable | None = None  # Pallas kernels over a sequence (auto on one GPU)
-  pallas_step: Callable | None = None  # Pallas kernel of one mini-batch step(interpret, ...)
+  pallas_sequence: Callable | None = None  # Pallas kernels over a sequence (model.ttt.impl=pallas)
+  pallas_auto: bool = True  # model.ttt.impl=auto takes pallas_sequence on one GPU
   mixer: str = ""
 
   @property

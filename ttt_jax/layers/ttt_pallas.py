@@ -10,14 +10,14 @@ All work that does not depend on W stays in batched XLA ops around the kernels, 
 `ttt_dual`: A_i = tril(eta_i) * (XQ_i XK_i^T + 1), the update weights -eta_i[b, :], the labels
 XV - XK, and the output XQ + LN_h(z).
 
-TTT-MLP: one kernel launch per mini-batch (the forward of `ttt_inner.mlp_dual` on one head's
-blocks, W1/W2 read from and written to memory: they do not fit in registers); its backward is
-the VJP of the XLA dual step (exact: the kernel only replaces the forward).
+TTT-MLP: the same two launches, in layers/ttt_pallas_mlp.py (its W1/W2 live in memory, worked
+on in blocks of the hidden layer); this module holds what both share (launch parameters, dots,
+block specs).
 
 Sharding: a kernel call carries no partitioning rule, so on a multi-device mesh XLA would
 run it unsplit; `model.ttt.impl=auto` takes these kernels on a single GPU only.
 
-Memory: the TTT-Linear forward keeps every W_i for the backward, O(n |W|) per layer instead of
+Memory: the forward kernels keep every W_i for the backward, O(n |W|) per layer instead of
 remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
 
 Triton's constraints shape the code: block dimensions are powers of two (mini-batch size and
@@ -43,19 +43,25 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ttt_jax.layers import ttt_dual, ttt_inner
+from ttt_jax.layers import ttt_inner
 from ttt_jax.layers.common import KERNEL_OUTPUTS, triton_dim
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
   """Triton launch parameters (Triton is chosen explicitly: JAX may default pallas_call to
-  Mosaic GPU). TTT-MLP's W1/W2 blocks (d x 4d each) get more threads to hold them. Defaults
-  from `make gpu-check`'s tune task on an H200 (TTT-Linear layer fwd+bwd at [8, 2048, 512],
-  TF32): 4 warps with 3 stages 3.22 ms, 1 stage 3.58 ms, 8 warps 3.24 ms, 2 warps 29 ms."""
+  Mosaic GPU). Defaults from `make gpu-check`'s tune task on an H200 (TTT-Linear layer
+  fwd+bwd at [8, 2048, 512], TF32): 4 warps with 3 stages 3.22 ms, 1 stage 3.58 ms, 8 warps
+  3.24 ms, 2 warps 29 ms. TTT-MLP's kernels (layers/ttt_pallas_mlp.py) take their own warps
+  and stages and work on `mlp_block` hidden units at a time (a power of two >= 16; the whole
+  hidden layer where it is smaller). Not yet timed on a GPU: their defaults are what builds for
+  an H200 with the least spilling ptxas reports at head dim 64 (`make gpu-census`; 3 stages
+  ask for more shared memory than an H200 has)."""
   num_warps: int = 4
   num_stages: int = 3
   mlp_num_warps: int = 8
+  mlp_num_stages: int = 1
+  mlp_block: int = 64
 
 
 _TUNING = contextvars.ContextVar("ttt_pallas_tuning", default=Tuning())  # noqa: B039 (frozen)
@@ -77,13 +83,11 @@ def tuning(**changes):
     _TUNING.reset(token)
 
 
-def _compiler_params(wide: bool = False):
+def _compiler_params(mlp: bool = False):
   t = _TUNING.get()
-  return pltriton.CompilerParams(num_warps=t.mlp_num_warps if wide else t.num_warps,
-                                 num_stages=t.num_stages)
+  return pltriton.CompilerParams(num_warps=t.mlp_num_warps if mlp else t.num_warps,
+                                 num_stages=t.mlp_num_stages if mlp else t.num_stages)
 
-
-MLP_NAMES = tuple(n for pair in ttt_dual.MLP for n in pair)  # w1, b1, w2, b2
 
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
@@ -95,44 +99,44 @@ def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
   return None
 
 
-def _dot(a, b):  # a @ b
+def dot(a, b):  # a @ b
   return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
-def _dot_t(a, b):  # a @ b^T
+def dot_t(a, b):  # a @ b^T
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
-def _t_dot(a, b):  # a^T @ b
+def t_dot(a, b):  # a^T @ b
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
 
 
-def _ln_l2_bwd(u, g, scale, parts):
+def ln_l2_bwd(u, g, scale, parts):
   """`ttt_inner.ln_l2_grad_cotangents` with scale's and bias's summed over the rows."""
   dz, dt, ds, db = ttt_inner.ln_l2_grad_cotangents(u, g, scale, parts)
   return dz, dt, jnp.sum(ds, axis=0, keepdims=True), jnp.sum(db, axis=0, keepdims=True)
 
 
 # -- block specs ---------------------------------------------------------------------------------
-def _seq_spec(shape):
+def seq_spec(shape):
   """One (sequence, head) of an array [B, H, ...]: the kernel sees [...]."""
   rest = tuple(shape[2:])
   return pl.BlockSpec((None, None, *rest), lambda i, j: (i, j) + (0,) * len(rest))
 
 
-def _ln_spec(shape):
+def ln_spec(shape):
   """One head of a per-head LayerNorm parameter [H, 1, d]."""
   return pl.BlockSpec((None, *shape[1:]), lambda i, j: (j, 0, 0))
 
 
-def _call(kernel, ins, specs, out_shape, interpret, wide: bool = False):
+def call(kernel, ins, specs, out_shape, interpret, mlp: bool = False):
   """One program per (sequence, head): the grid is the leading two axes of the outputs."""
   return pl.pallas_call(kernel, out_shape=out_shape, grid=out_shape[0].shape[:2], in_specs=specs,
-                        out_specs=[_seq_spec(s.shape) for s in out_shape],
-                        compiler_params=_compiler_params(wide), interpret=interpret)(*ins)
+                        out_specs=[seq_spec(s.shape) for s in out_shape],
+                        compiler_params=_compiler_params(mlp), interpret=interpret)(*ins)
 
 
 # -- TTT-Linear over a whole sequence ------------------------------------------------------------
@@ -140,7 +144,7 @@ def _call(kernel, ins, specs, out_shape, interpret, wide: bool = False):
 # its A_i); lr [T, 1] (-eta_i[b, s] of token s); w [d, d]; b [1, d]; n = T / b mini-batches.
 
 
-def _rows(i, b):
+def block_rows(i, b):
   return pl.ds(pl.multiple_of(i * b, b), b)
 
 
@@ -152,14 +156,14 @@ def _linear_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref
 
   def body(i, carry):
     w, bias = carry
-    rows = _rows(i, b)
+    rows = block_rows(i, b)
     q, k = q_ref[rows, :], k_ref[rows, :]
-    g, _ = ttt_inner.ln_l2_grad_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
-    z_ref[rows, :] = _dot(q, w) + bias - _dot(a_ref[rows, :], g)
+    g, _ = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    z_ref[rows, :] = dot(q, w) + bias - dot(a_ref[rows, :], g)
     ws_ref[i] = w
     bs_ref[pl.ds(i, 1), :] = bias
     lr = lr_ref[rows, :]
-    return w + _t_dot(lr * k, g), bias + jnp.sum(lr * g, axis=0, keepdims=True)
+    return w + t_dot(lr * k, g), bias + jnp.sum(lr * g, axis=0, keepdims=True)
 
   w, bias = jax.lax.fori_loop(0, n, body, (w_ref[...], b_ref[...]))
   wn_ref[...] = w
@@ -176,23 +180,23 @@ def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_r
   def body(j, carry):
     dw, dbias, dscale, dbeta = carry  # dw, dbias: cotangents of W_{i+1}, b_{i+1}
     i = n - 1 - j
-    rows = _rows(i, b)
+    rows = block_rows(i, b)
     w, bias = ws_ref[i], bs_ref[pl.ds(i, 1), :]
     q, k, a, lr, dz = q_ref[rows, :], k_ref[rows, :], a_ref[rows, :], lr_ref[rows, :], dz_ref[
         rows, :]
-    g, parts = ttt_inner.ln_l2_grad_parts(_dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    g, parts = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
     # W_{i+1} = W_i + (lr * k)^T g,  b_{i+1} = b_i + sum_s lr_s g_s
     lk = lr * k
-    dg = _dot(lk, dw) + lr * dbias - _t_dot(a, dz)  # ... and z_i = q W_i + b_i - A_i g
-    d_lk = _dot_t(g, dw)
+    dg = dot(lk, dw) + lr * dbias - t_dot(a, dz)  # ... and z_i = q W_i + b_i - A_i g
+    d_lk = dot_t(g, dw)
     dlr_ref[rows, :] = (jnp.sum(k * d_lk, axis=-1, keepdims=True)
                         + jnp.sum(g * dbias, axis=-1, keepdims=True))
-    da_ref[rows, :] = -_dot_t(dz, g)
-    dp, dt, dsc, dbe = _ln_l2_bwd(dg, g, scale, parts)  # g = LN-L2 gradient at p = k W_i + b_i
+    da_ref[rows, :] = -dot_t(dz, g)
+    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts)  # g = LN-L2 gradient at p = k W_i + b_i
     dt_ref[rows, :] = dt
-    dq_ref[rows, :] = _dot_t(dz, w)
-    dk_ref[rows, :] = _dot_t(dp, w) + lr * d_lk
-    dw = dw + _t_dot(q, dz) + _t_dot(k, dp)
+    dq_ref[rows, :] = dot_t(dz, w)
+    dk_ref[rows, :] = dot_t(dp, w) + lr * d_lk
+    dw = dw + t_dot(q, dz) + t_dot(k, dp)
     dbias = dbias + jnp.sum(dz, axis=0, keepdims=True) + jnp.sum(dp, axis=0, keepdims=True)
     return dw, dbias, dscale + dsc, dbeta + dbe
 
@@ -212,9 +216,9 @@ def _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
   out_shape = [f32(bsz, heads, d, d), f32(bsz, heads, 1, d), f32(bsz, heads, t, d),
                f32(bsz, heads, n, d, d), f32(bsz, heads, n, d)]
   ins = [w, bias, scale, beta, xq, xk, target, attn, lr]
-  specs = ([_seq_spec(w.shape), _seq_spec(bias.shape), _ln_spec(scale.shape),
-            _ln_spec(beta.shape)] + [_seq_spec(x.shape) for x in ins[4:]])
-  return _call(_linear_fwd_kernel, ins, specs, out_shape, interpret)
+  specs = ([seq_spec(w.shape), seq_spec(bias.shape), ln_spec(scale.shape),
+            ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[4:]])
+  return call(_linear_fwd_kernel, ins, specs, out_shape, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -240,8 +244,8 @@ def _core_bwd(interpret, res, cot):
             xq.shape, xk.shape, target.shape, attn.shape, lr.shape]
   out_shape = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
   ins = [scale, beta, xq, xk, target, attn, lr, ws, bs, dz, dwn, dbn]
-  specs = [_ln_spec(scale.shape), _ln_spec(beta.shape)] + [_seq_spec(x.shape) for x in ins[2:]]
-  dw, db, ds, dbeta, dq, dk, dt, da, dlr = _call(_linear_bwd_kernel, ins, specs, out_shape,
+  specs = [ln_spec(scale.shape), ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[2:]]
+  dw, db, ds, dbeta, dq, dk, dt, da, dlr = call(_linear_bwd_kernel, ins, specs, out_shape,
                                                  interpret)
   return dw, db, ds.sum(0), dbeta.sum(0), dq, dk, dt, da, dlr
 
@@ -249,63 +253,25 @@ def _core_bwd(interpret, res, cot):
 linear_sequence_core.defvjp(_core_fwd, _core_bwd)
 
 
+def to_sequence(x):
+  """Mini-batches [n, B, H, b, k] as one sequence per (sequence, head): [B, H, n * b, k]."""
+  n, bsz, heads, b = x.shape[:4]
+  return jnp.moveaxis(x, 0, 2).reshape(bsz, heads, n * b, x.shape[-1])
+
+
+def sequence_output(z, ln, xq):
+  """XQ + LN_h(z) in mini-batches [n, B, H, b, d], from a kernel's z [B, H, n * b, d]."""
+  n, bsz, heads, b, d = xq.shape
+  z = jnp.moveaxis(z.reshape(bsz, heads, n, b, d), 2, 0)
+  return xq + ttt_inner.layer_norm(z, *ln)
+
+
 def linear_sequence(params, ln, xq, xk, xv, eta, *, interpret: bool = False):
   """TTT-Linear over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
   kernels. Same contract as `ttt_dual.dual_sequence('linear', ...)` without remat or partial
   mini-batches: returns (final params, outputs XQ + LN_h(z) [n, B, H, b, d])."""
-  n, bsz, heads, b, d = xq.shape
-  seq = lambda x: jnp.moveaxis(x, 0, 2).reshape(bsz, heads, n * b, x.shape[-1])  # noqa: E731
-  eta_c = jnp.tril(eta)
-  attn = eta_c * (ttt_inner.mm_t(xq, xk) + 1.0)  # the bias's share of the dual correction: +1
+  attn = jnp.tril(eta) * (ttt_inner.mm_t(xq, xk) + 1.0)  # the bias's share of the correction: +1
   lr = -eta[..., -1, :, None]  # [n, B, H, b, 1]
-  wn, bn, z = linear_sequence_core(interpret, params["w"], params["b"], *ln, seq(xq), seq(xk),
-                                   seq(xv - xk), seq(attn), seq(lr))
-  z = jnp.moveaxis(z.reshape(bsz, heads, n, b, d), 2, 0)
-  return {"w": wn, "b": bn}, xq + ttt_inner.layer_norm(z, *ln)
-
-
-# -- TTT-MLP: one mini-batch per launch ----------------------------------------------------------
-def _mlp_step_kernel(w1_ref, b1_ref, w2_ref, b2_ref, s_ref, beta_ref, q_ref, k_ref, t_ref,
-                     eta_ref, lr_ref, w1n_ref, b1n_ref, w2n_ref, b2n_ref, z_ref):
-  w1, b1, w2, b2 = w1_ref[...], b1_ref[...], w2_ref[...], b2_ref[...]
-  q, k, eta_c, lr = q_ref[...], k_ref[...], eta_ref[...], lr_ref[...]
-  z1 = _dot(k, w1) + b1
-  x2 = ttt_inner.gelu(z1)
-  g2, _ = ttt_inner.ln_l2_grad_parts(_dot(x2, w2) + b2, t_ref[...], s_ref[...], beta_ref[...])
-  g1 = _dot_t(g2, w2) * ttt_inner.gelu_grad(z1)
-  xq2 = ttt_inner.gelu(_dot(q, w1) + b1 - _dot(eta_c * (_dot_t(q, k) + 1.0), g1))
-  z_ref[...] = _dot(xq2, w2) + b2 - _dot(eta_c * (_dot_t(xq2, x2) + 1.0), g2)
-  w1n_ref[...] = w1 + _t_dot(lr * k, g1)
-  b1n_ref[...] = b1 + jnp.sum(lr * g1, axis=0, keepdims=True)
-  w2n_ref[...] = w2 + _t_dot(lr * x2, g2)
-  b2n_ref[...] = b2 + jnp.sum(lr * g2, axis=0, keepdims=True)
-
-
-def _mlp_forward(interpret, params, ln, xq, xk, xv, eta):
-  p_list = [params[n] for n in MLP_NAMES]
-  ins = [*p_list, *ln, xq, xk, xv - xk, jnp.tril(eta), -eta[..., -1, :, None]]
-  specs = ([_seq_spec(p.shape) for p in p_list] + [_ln_spec(x.shape) for x in ln]
-           + [_seq_spec(x.shape) for x in ins[6:]])
-  out_shape = [jax.ShapeDtypeStruct(p.shape, jnp.float32) for p in p_list]
-  out_shape.append(jax.ShapeDtypeStruct(xq.shape, jnp.float32))
-  *new, z = _call(_mlp_step_kernel, ins, specs, out_shape, interpret, wide=True)
-  return dict(zip(MLP_NAMES, new, strict=True)), xq + ttt_inner.layer_norm(z, *ln)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def mlp_step(interpret: bool, params, ln, xq, xk, xv, eta):
-  """`ttt_inner.mlp_dual` for one mini-batch [B, H, b, d], the forward in one Pallas kernel."""
-  return _mlp_forward(interpret, params, ln, xq, xk, xv, eta)
-
-
-def _mlp_fwd(interpret, params, ln, xq, xk, xv, eta):
-  return _mlp_forward(interpret, params, ln, xq, xk, xv, eta), (params, ln, xq, xk, xv, eta)
-
-
-def _mlp_bwd(interpret, residuals, cotangent):
-  del interpret
-  _, vjp = jax.vjp(ttt_inner.mlp_dual, *residuals)
-  return vjp(cotangent)
-
-
-mlp_step.defvjp(_mlp_fwd, _mlp_bwd)
+  wn, bn, z = linear_sequence_core(interpret, params["w"], params["b"], *ln,
+                                   *map(to_sequence, (xq, xk, xv - xk, attn, lr)))
+  return {"w": wn, "b": bn}, sequence_output(z, ln, xq)

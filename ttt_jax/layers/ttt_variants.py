@@ -19,7 +19,7 @@ import functools
 import ml_collections
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
+from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas, ttt_pallas_mlp
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.ttt import CausalConv, TTTConfig, TTTMixer
 
@@ -31,7 +31,8 @@ LINEAR = ttt_inner.InnerModel(
 MLP = ttt_inner.InnerModel(
     name="mlp", layers=ttt_dual.MLP, widths=lambda d: (d, 4 * d, d),
     predict=ttt_inner.mlp_predict, primal=ttt_inner.mlp_primal, dual=ttt_inner.mlp_dual,
-    dual_sequence=ttt_dual.mlp_sequence, pallas_step=ttt_pallas.mlp_step)
+    dual_sequence=ttt_dual.mlp_sequence, pallas_sequence=ttt_pallas_mlp.mlp_sequence,
+    pallas_auto=False)  # opt-in (model.ttt.impl=pallas) until timed on a GPU
 
 
 def pre_conv(cfg: ModelCfg, *, compute_dtype, param_dtype, rngs):

@@ -1,0 +1,273 @@
+"""Pallas (Triton) kernels for TTT-MLP over a whole sequence (`model.ttt.impl=pallas`).
+
+Two launches per layer, as TTT-Linear's (layers/ttt_pallas.py): one program per (sequence,
+head); the forward walks the n mini-batches in order, the backward walks them in reverse,
+recomputing each mini-batch's forward from the W_i the forward stored. XLA's scan of the dual
+form launches about 170 kernels per mini-batch and layer instead (`make gpu-census`).
+
+The inner model is z = LN(gelu(x W1 + b1) W2 + b2) with W1 [d, 4d] and W2 [4d, d]: 32K floats
+per head. Held in registers they spill (ptxas on the per-mini-batch kernel this replaces: 255
+registers and 1,424 bytes of spill per thread at 8 warps). So the kernels keep W in memory and
+work on `Tuning.mlp_block` hidden units at a time (a block of W1's columns, b1 and W2's rows):
+    z1 = XK W1 + b1, X2 = gelu(z1), P2 = X2 W2 + b2   (P2 summed over blocks)
+    G2 = LN-L2 gradient at P2,  G1 = (G2 W2^T) * gelu'(z1)
+    ZQ = XQ W1 + b1 - A G1 with A = tril(eta) * (XQ XK^T + 1),  XQ2 = gelu(ZQ)
+    z = XQ2 W2 + b2 - (tril(eta) * (XQ2 X2^T + 1)) G2            (summed over blocks)
+    W1 += (lr * XK)^T G1, b1 += lr^T G1, W2 += (lr * X2)^T G2, b2 += lr^T G2  (lr = -eta[b, :])
+which is `ttt_inner.mlp_dual`. The forward writes W_{i+1} beside W_i (it keeps every W_i for
+the backward), so no block is read after it is overwritten; the backward's cotangents of W1
+and W2 alternate between two buffers for the same reason. A barrier ends each mini-batch, so
+its writes are seen by the next one's reads (other threads of the program read them). The
+backward is written by hand (the derivation is in the comments) and checked against autodiff
+of the primal form for every input (tests/layers/test_ttt_pallas.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
+from ttt_jax.layers.common import KERNEL_OUTPUTS
+from ttt_jax.layers.ttt_pallas import (
+  block_rows,
+  call,
+  current_tuning,
+  dot,
+  dot_t,
+  ln_l2_bwd,
+  ln_spec,
+  seq_spec,
+  t_dot,
+)
+
+NAMES = tuple(n for pair in ttt_dual.MLP for n in pair)  # w1, b1, w2, b2
+
+# Layout (per sequence and head): xq, xk, target [T, d]; eta [T, b] (rows of mini-batch i are
+# tril(eta_i)); lr [T, 1]; stored weights w1s [n + 1, d, 4d], b1s [n + 1, 4d], w2s [n + 1, 4d, d],
+# b2s [n + 1, d] (slot i: the weights mini-batch i starts from; slot n: the final ones).
+
+
+def hidden_blocks(hidden: int) -> list:
+  """The ref windows of the hidden layer the kernels work on, `Tuning.mlp_block` wide."""
+  width = min(current_tuning().mlp_block, hidden)
+  return [pl.ds(s, width) for s in range(0, hidden, width)]
+
+
+def _barrier(interpret: bool) -> None:
+  if not interpret:  # the interpreter runs one thread
+    pltriton.debug_barrier()
+
+
+def _row(ref, i, cols=slice(None)):  # row i of a [m, k] ref, as [1, k]
+  return ref[pl.ds(i, 1), cols]
+
+
+def _first_layer(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks):
+  """z1 and X2 per block, and P2 = X2 W2 + b2, for mini-batch i's weights."""
+  z1, x2, p2 = [], [], _row(b2s_ref, i)
+  for h in blocks:
+    z = dot(k, w1s_ref[i, :, h]) + _row(b1s_ref, i, h)
+    z1.append(z)
+    x2.append(ttt_inner.gelu(z))
+    p2 = p2 + dot(x2[-1], w2s_ref[i, h, :])
+  return z1, x2, p2
+
+
+def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
+                w1_ref, b1_ref, w2_ref, b2_ref, z_ref, w1s_ref, b1s_ref, w2s_ref, b2s_ref):
+  b = e_ref.shape[-1]
+  n = q_ref.shape[0] // b
+  blocks = hidden_blocks(w1_ref.shape[-1])
+  scale, beta = s_ref[...], beta_ref[...]
+  for h in blocks:  # W_0 into slot 0
+    w1s_ref[0, :, h] = w1_ref[:, h]
+    w2s_ref[0, h, :] = w2_ref[h, :]
+    b1s_ref[pl.ds(0, 1), h] = b1_ref[:, h]
+  b2s_ref[pl.ds(0, 1), :] = b2_ref[...]
+  _barrier(interpret)
+
+  def body(i, carry):
+    rows = block_rows(i, b)
+    q, k, e, lr = q_ref[rows, :], k_ref[rows, :], e_ref[rows, :], lr_ref[rows, :]
+    z1, x2, p2 = _first_layer(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
+    g2, _ = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
+    a = e * (dot_t(q, k) + 1.0)
+    lk = lr * k
+    b2 = _row(b2s_ref, i)
+    z, s = b2, jnp.zeros_like(a)
+    for h, z1h, x2h in zip(blocks, z1, x2, strict=True):
+      w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], _row(b1s_ref, i, h)
+      g1h = dot_t(g2, w2h) * ttt_inner.gelu_grad(z1h)
+      xq2h = ttt_inner.gelu(dot(q, w1h) + b1h - dot(a, g1h))
+      z = z + dot(xq2h, w2h)
+      s = s + dot_t(xq2h, x2h)
+      w1s_ref[i + 1, :, h] = w1h + t_dot(lk, g1h)
+      w2s_ref[i + 1, h, :] = w2h + t_dot(lr * x2h, g2)
+      b1s_ref[pl.ds(i + 1, 1), h] = b1h + jnp.sum(lr * g1h, axis=0, keepdims=True)
+    z_ref[rows, :] = z - dot(e * (s + 1.0), g2)
+    b2s_ref[pl.ds(i + 1, 1), :] = b2 + jnp.sum(lr * g2, axis=0, keepdims=True)
+    _barrier(interpret)
+    return carry
+
+  jax.lax.fori_loop(0, n, body, 0)
+
+
+def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
+                w1s_ref, b1s_ref, w2s_ref, b2s_ref, dz_ref, dw1n_ref, db1n_ref, dw2n_ref, db2n_ref,
+                dq_ref, dk_ref, dt_ref, de_ref, dlr_ref, ds_ref, dbeta_ref,
+                dw1_ref, db1_ref, dw2_ref, db2_ref):
+  """Cotangents ("d" + name) of every input. dw1_ref/dw2_ref [2, ...]: the two buffers the
+  cotangents of W_{i+1} and W_i alternate between (mini-batch i = n-1-j reads buffer j % 2);
+  db1_ref/db2_ref: [1, ...] outputs, carried in registers meanwhile."""
+  b = e_ref.shape[-1]
+  n = q_ref.shape[0] // b
+  blocks = hidden_blocks(w1s_ref.shape[-1])
+  scale, beta = s_ref[...], beta_ref[...]
+  for h in blocks:
+    dw1_ref[0, :, h] = dw1n_ref[:, h]
+    dw2_ref[0, h, :] = dw2n_ref[h, :]
+  _barrier(interpret)
+
+  def body(j, carry):
+    db1, db2, dscale, dbeta = carry  # cotangents of b1_{i+1} (per block), b2_{i+1}; sums
+    i, src = n - 1 - j, jax.lax.rem(j, 2)
+    dst = 1 - src
+    rows = block_rows(i, b)
+    q, k, e, lr, dz = (r[rows, :] for r in (q_ref, k_ref, e_ref, lr_ref, dz_ref))
+    z1, x2, p2 = _first_layer(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
+    g2, parts = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
+    qk1 = dot_t(q, k) + 1.0
+    a, lk = e * qk1, lr * k
+    dm = -dot_t(dz, g2)  # z -= M G2 with M = e * (S + 1), S = XQ2 X2^T
+    d_s = dm * e
+    dg2 = lr * db2  # b2' = b2 + lr^T G2
+    dlr = jnp.sum(g2 * db2, axis=-1, keepdims=True)
+    dq, dlk, da, s = jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(a), jnp.zeros_like(a)
+    keep = []  # per block, for the second pass (after G2's cotangent is complete)
+    for h, z1h, x2h, db1h in zip(blocks, z1, x2, db1, strict=True):
+      w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], _row(b1s_ref, i, h)
+      dw1h, dw2h = dw1_ref[src, :, h], dw2_ref[src, h, :]
+      gp, gpp = jax.jvp(ttt_inner.gelu_grad, (z1h,), (jnp.ones_like(z1h),))  # gelu', gelu''
+      u = dot_t(g2, w2h)
+      g1h = u * gp
+      zq = dot(q, w1h) + b1h - dot(a, g1h)
+      xq2h = ttt_inner.gelu(zq)
+      s = s + dot_t(xq2h, x2h)
+      # the updates: W2' = W2 + (lr X2)^T G2, W1' = W1 + (lr XK)^T G1, b1' = b1 + lr^T G1
+      d_lx = dot_t(g2, dw2h)
+      dg2 = dg2 + dot(lr * x2h, dw2h)
+      dx2 = lr * d_lx + t_dot(d_s, xq2h)  # ... and S = XQ2 X2^T
+      dg1 = lr * db1h + dot(lk, dw1h)
+      dlk = dlk + dot_t(g1h, dw1h)
+      dlr = dlr + jnp.sum(x2h * d_lx + g1h * db1h, axis=-1, keepdims=True)
+      # the output: z = XQ2 W2 + ... - M G2, XQ2 = gelu(ZQ), ZQ = XQ W1 + b1 - A G1
+      dzq = (dot_t(dz, w2h) + dot(d_s, x2h)) * ttt_inner.gelu_grad(zq)
+      dq = dq + dot_t(dzq, w1h)
+      da = da - dot_t(dzq, g1h)
+      dg1 = dg1 - t_dot(a, dzq)
+      du = dg1 * gp  # G1 = U * gelu'(z1), U = G2 W2^T
+      dg2 = dg2 + dot(du, w2h)
+      keep.append((gp, dg1 * u * gpp, dx2, dzq, xq2h, du))
+    dg2 = dg2 - t_dot(e * (s + 1.0), dz)
+    dp2, dt, dsc, dbe = ln_l2_bwd(dg2, g2, scale, parts)  # G2 = LN-L2 gradient at P2
+    dt_ref[rows, :] = dt
+    dk = lr * dlk
+    new_db1 = []
+    for h, x2h, db1h, (gp, dz1, dx2, dzq, xq2h, du) in zip(blocks, x2, db1, keep, strict=True):
+      w1h, w2h = w1s_ref[i, :, h], w2s_ref[i, h, :]
+      dz1 = dz1 + (dx2 + dot_t(dp2, w2h)) * gp  # P2 = X2 W2 + b2, X2 = gelu(z1)
+      dk = dk + dot_t(dz1, w1h)  # z1 = XK W1 + b1
+      dw1_ref[dst, :, h] = dw1_ref[src, :, h] + t_dot(q, dzq) + t_dot(k, dz1)
+      dw2_ref[dst, h, :] = (dw2_ref[src, h, :] + t_dot(xq2h, dz) + t_dot(du, g2)
+                            + t_dot(x2h, dp2))
+      new_db1.append(db1h + jnp.sum(dzq + dz1, axis=0, keepdims=True))
+    dqk = da * e  # A = e * (XQ XK^T + 1)
+    dq_ref[rows, :] = dq + dot(dqk, k)
+    dk_ref[rows, :] = dk + t_dot(dqk, q)
+    de_ref[rows, :] = dm * (s + 1.0) + da * qk1
+    dlr_ref[rows, :] = dlr + jnp.sum(k * dlk, axis=-1, keepdims=True)
+    _barrier(interpret)
+    db2 = db2 + jnp.sum(dz + dp2, axis=0, keepdims=True)
+    return tuple(new_db1), db2, dscale + dsc, dbeta + dbe
+
+  db1 = tuple(db1n_ref[:, h] for h in blocks)
+  zeros = jnp.zeros_like(scale)
+  db1, db2, dscale, dbeta = jax.lax.fori_loop(0, n, body, (db1, db2n_ref[...], zeros, zeros))
+  for h, db1h in zip(blocks, db1, strict=True):
+    db1_ref[:, h] = db1h
+  db2_ref[...] = db2
+  ds_ref[...] = dscale
+  dbeta_ref[...] = dbeta
+
+
+def _f32(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward(interpret, ln, xq, xk, target, eta_c, lr, params):
+  bsz, heads, t, d = xq.shape
+  n, hidden = t // eta_c.shape[-1], params["w1"].shape[-1]
+  ins = [*ln, xq, xk, target, eta_c, lr, *(params[k] for k in NAMES)]
+  specs = [ln_spec(x.shape) for x in ln] + [seq_spec(x.shape) for x in ins[2:]]
+  out_shape = [_f32(bsz, heads, t, d), _f32(bsz, heads, n + 1, d, hidden),
+               _f32(bsz, heads, n + 1, hidden), _f32(bsz, heads, n + 1, hidden, d),
+               _f32(bsz, heads, n + 1, d)]
+  kernel = functools.partial(_mlp_fwd_kernel, interpret)
+  return call(kernel, ins, specs, out_shape, interpret, mlp=True)  # z, w1s, b1s, w2s, b2s
+
+
+def _final(stored):
+  """The weights after the last mini-batch (slot n), shaped as the parameters."""
+  w1s, b1s, w2s, b2s = stored
+  return {"w1": w1s[:, :, -1], "b1": b1s[:, :, -1:], "w2": w2s[:, :, -1], "b2": b2s[:, :, -1:]}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def sequence_core(interpret, ln, xq, xk, target, eta_c, lr, params):
+  """(final params, z [B, H, T, d] before the output LayerNorm) of TTT-MLP over a sequence."""
+  z, *stored = _forward(interpret, ln, xq, xk, target, eta_c, lr, params)
+  return _final(stored), z
+
+
+def _core_fwd(interpret, ln, xq, xk, target, eta_c, lr, params):
+  # named, so `model.remat=kernels` keeps them and the backward does not run the kernel again
+  z, *stored = (checkpoint_name(x, KERNEL_OUTPUTS)
+                for x in _forward(interpret, ln, xq, xk, target, eta_c, lr, params))
+  return (_final(stored), z), (ln, xq, xk, target, eta_c, lr, stored)
+
+
+def _core_bwd(interpret, res, cot):
+  ln, xq, xk, target, eta_c, lr, stored = res
+  dfinal, dz = cot
+  bsz, heads, t, d = xq.shape
+  hidden = stored[0].shape[-1]
+  ins = [*ln, xq, xk, target, eta_c, lr, *stored, dz, *(dfinal[k] for k in NAMES)]
+  specs = [ln_spec(x.shape) for x in ln] + [seq_spec(x.shape) for x in ins[2:]]
+  out_shape = ([_f32(*x.shape) for x in (xq, xk, target, eta_c, lr)]
+               + [_f32(bsz, heads, 1, d)] * 2
+               + [_f32(bsz, heads, 2, d, hidden), _f32(bsz, heads, 1, hidden),
+                  _f32(bsz, heads, 2, hidden, d), _f32(bsz, heads, 1, d)])
+  kernel = functools.partial(_mlp_bwd_kernel, interpret)
+  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2 = call(kernel, ins, specs, out_shape,
+                                                            interpret, mlp=True)
+  last = (t // eta_c.shape[-1]) % 2  # the buffer the cotangent of W_0 ended in
+  dparams = {"w1": dw1[:, :, last], "b1": db1, "w2": dw2[:, :, last], "b2": db2}
+  return (ds.sum(0), dbeta.sum(0)), dq, dk, dt, de, dlr, dparams
+
+
+sequence_core.defvjp(_core_fwd, _core_bwd)
+
+
+def mlp_sequence(params, ln, xq, xk, xv, eta, *, interpret: bool = False):
+  """TTT-MLP over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
+  kernels. Same contract as `ttt_dual.dual_sequence('mlp', ...)` without remat or partial
+  mini-batches: returns (final params, outputs XQ + LN_h(z) [n, B, H, b, d])."""
+  views = map(ttt_pallas.to_sequence, (xq, xk, xv - xk, jnp.tril(eta), -eta[..., -1, :, None]))
+  final, z = sequence_core(interpret, ln, *views, {k: params[k] for k in NAMES})
+  return final, ttt_pallas.sequence_output(z, ln, xq)
