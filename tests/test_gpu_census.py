@@ -117,6 +117,31 @@ def test_markdown_row():
   assert "| 125m:e2e | 500 | 2.5x |" in text  # against the same preset's transformer
 
 
+PTXAS_OUTPUT = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_mlp_bwd_kernel' for 'sm_90a'
+ptxas info    : Function properties for _mlp_bwd_kernel
+    4128 bytes stack frame, 5988 bytes spill stores, 6020 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 4128 bytes cumulative stack size
+ptxas info    : Compiling entry function 'loop_add_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers
+"""
+
+
+def test_ptxas_resources_and_their_table():
+  got = gpu_census.ptxas_resources(PTXAS_OUTPUT)
+  assert got == {"_mlp_bwd_kernel": {"stack_bytes": 4128, "spill_store_bytes": 5988,
+                                     "spill_load_bytes": 6020, "registers": 255},
+                 "loop_add_fusion": {"stack_bytes": 0, "spill_store_bytes": 0,
+                                     "spill_load_bytes": 0, "registers": 12}}
+  rows = {"transformer": {"launches": 100, "by_kind": {}, "loops": []},
+          "triton resources": {"_mlp_bwd_kernel": got["_mlp_bwd_kernel"]}}
+  text = gpu_census.markdown(rows)
+  assert "| _mlp_bwd_kernel | 255 | 5988 B | 6020 B | 4128 B |" in text
+  assert "| triton resources |" not in text  # its own table, not a program row
+
+
 def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   pytest.importorskip("jax_plugins.xla_cuda12", reason="JAX's CUDA plugin (make gpu-census)")
   device = gpu_census.gpu_device()
@@ -127,7 +152,11 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   # the Triton cache-attention kernel compiles for the H200 (its shared memory and registers)
   steps = gpu_census.compile_stream_steps("transformer", device, 8192)
   assert all(gpu_census.census(t)["by_kind"].get("pallas") == 8 for t, _ in steps.values())
-  # the H200's limits are checked: a tile that needs more shared memory than an SM has fails
+  # both TTT-MLP kernels build for the H200 with the default launch parameters ...
+  text, _ = gpu_census.compile_ttt_kernels(device, "mlp")
+  assert gpu_census.census(text)["by_kind"].get("pallas") == 2
+  # ... and the H200's limits are checked: a tile that needs more shared memory than an SM has
+  # fails
   with pytest.raises(Exception, match="Shared memory size limit exceeded"):
     gpu_census.compile_cache_kernel(device, 8192, dict(block_q=256, block_k=512, num_stages=4),
                                     queries=2048)

@@ -1,7 +1,7 @@
 """The Pallas TTT kernels (interpret mode on CPU) against the primal form, which shares no code
 with them: outputs, final inner weights and gradients w.r.t. every input (both backward kernels
 are written by hand, so this is what checks them; TTT-MLP's over one block of the hidden layer
-and over four, with an odd and an even number of mini-batches: its cotangent buffers alternate);
+and over four, with an odd and an even number of mini-batches);
 launch counts; the mixer with model.ttt.impl=pallas; the start-up checks. Their CUDA lowering:
 tests/test_gpu_lowering.py; their H200 build: tests/test_gpu_census.py."""
 

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 # Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
@@ -207,11 +208,75 @@ def compile_cache_kernel(device, length: int, settings: dict,
   return _compile(functools.partial(filled_attention_pallas, **settings), device, *args)
 
 
+def compile_ttt_kernels(device, inner: str) -> tuple[str, dict]:
+  """`_compile` of the Pallas TTT kernels of inner model `inner` alone, forward and backward,
+  at the gpu preset's geometry (8 sequences of 2048, 8 heads of 64, mini-batches of 16)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ttt_jax.layers import ttt_inner  # noqa: PLC0415
+
+  model = ttt_inner.inner_model(inner)
+  n, bsz, heads, b, d = 128, 8, 8, 16, 64
+  spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+  widths = model.widths(d)
+  params = {}
+  for (w, bias), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
+    params[w], params[bias] = spec(bsz, heads, d_in, d_out), spec(bsz, heads, 1, d_out)
+  views = [spec(n, bsz, heads, b, d)] * 3 + [spec(n, bsz, heads, b, b)]
+
+  def ttt_kernels(params, ln, *xs):  # names the XLA module (and its dump files)
+    return jnp.sum(model.pallas_sequence(params, ln, *xs)[1])
+
+  return _compile(jax.grad(ttt_kernels, argnums=(0, 2)), device, params,
+                  (spec(heads, 1, d), spec(heads, 1, d)), *views)
+
+
+_PTXAS = re.compile(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes "
+                    r"spill stores, (\d+) bytes spill loads.*?Used (\d+) registers", re.S)
+
+
+def ptxas_resources(text: str) -> dict[str, dict]:
+  """{kernel: registers and spill bytes per thread} from `ptxas -v` output."""
+  keys = ("stack_bytes", "spill_store_bytes", "spill_load_bytes", "registers")
+  return {m.group(1): dict(zip(keys, map(int, m.groups()[1:]), strict=True))
+          for m in _PTXAS.finditer(text)}
+
+
+def _ptxas() -> str | None:
+  """The ptxas of the CUDA plugin's nvcc package, else one on PATH."""
+  import importlib.util  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+
+  spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.exists(path := os.path.join(root, "bin", "ptxas")):
+      return path
+  return shutil.which("ptxas")
+
+
+def triton_resources(dump_dir: str, ptxas: str) -> dict[str, dict]:
+  """`ptxas_resources` of every Pallas kernel (an entry named *_kernel) in XLA's PTX dumps."""
+  import subprocess  # noqa: PLC0415
+
+  out = {}
+  for name in sorted(os.listdir(dump_dir)):
+    path = os.path.join(dump_dir, name)
+    if name.endswith(".ptx") and re.search(r"\.entry \w+_kernel\(", open(path).read()):
+      proc = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
+                            capture_output=True, text=True, check=True)
+      found = ptxas_resources(proc.stdout + proc.stderr)
+      out.update({k: r for k, r in found.items() if k.endswith("_kernel")})
+  return out
+
+
 def markdown(rows: dict) -> str:
   out = ["| program (gpu preset unless named) | kernel launches | / transformer | matmul | cuDNN | "
          "Pallas | other | XLA temporaries | largest loops: trips x launches per trip |",
          "|---|---|---|---|---|---|---|---|---|"]
   for kind, r in rows.items():
+    if kind == "triton resources":
+      continue  # its own table below
     preset = "125m:" if kind.startswith("125m:") else ""  # ratios within a preset
     base = rows.get(preset + "transformer", {}).get("launches")
     if "error" in r:
@@ -226,6 +291,12 @@ def markdown(rows: dict) -> str:
     out.append(f"| {kind} | {r['launches']} | {ratio} | "
                + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | {temp} | "
                f"{top or '-'} |")
+  resources = rows.get("triton resources", {})
+  if resources:
+    out += ["", "| Triton kernel (H200, ptxas) | registers per thread | spill stores | spill loads "
+            "| stack frame |", "|---|---|---|---|---|"]
+    out += [f"| {k} | {r['registers']} | {r['spill_store_bytes']} B | {r['spill_load_bytes']} B "
+            f"| {r['stack_bytes']} B |" for k, r in resources.items()]
   return "\n".join(out) + "\n"
 
 
@@ -242,8 +313,14 @@ def main(argv=None) -> int:
                  "counted ('' = none)")
   p.add_argument("--stream_len", type=int, default=131072, help="their context length")
   p.add_argument("--out_dir", default="runs/gpu_census")
+  p.add_argument("--ttt_kernels", default="linear,mlp", help="comma list of TTT inner models "
+                 "whose Pallas kernels are compiled alone (and read by ptxas)")
   args = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin registers; nothing runs on it
+  dump = tempfile.mkdtemp(prefix="gpu_census_ptx_")  # the kernel-only programs' PTX, for ptxas
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} "
+                             "--xla_dump_hlo_module_re=.*ttt_kernels.* "
+                             "--xla_dump_hlo_pass_re=^$").strip()
   try:
     device = gpu_device()
   except ImportError as e:
@@ -260,6 +337,8 @@ def main(argv=None) -> int:
     jobs += [(f"cache kernel, {name}", lambda s=s: {
         f"{q} queries": compile_cache_kernel(device, args.stream_len, s, q) for q in (512, 1)})
         for name, s in KERNEL_SETTINGS.items()]
+  jobs += [(f"{inner} kernels alone", lambda k=inner: {"fwd+bwd": compile_ttt_kernels(device, k)})
+           for inner in args.ttt_kernels.split(",") if inner]
   for i, (name, job) in enumerate(jobs):
     print(f"[{i + 1}/{len(jobs)}] compiling {name} for the H200", flush=True)
     try:
@@ -272,6 +351,9 @@ def main(argv=None) -> int:
     for row, r in done.items():
       print(f"  {row}: {json.dumps({k: v for k, v in r.items() if k != 'loops'})}", flush=True)
     rows.update(done)
+  ptxas = _ptxas()
+  if ptxas and os.path.isdir(dump):
+    rows["triton resources"] = triton_resources(dump, ptxas)
   with open(os.path.join(args.out_dir, "gpu_census.json"), "w") as f:
     json.dump(rows, f, indent=1)
   md = os.path.join(args.out_dir, "gpu_census.md")
