@@ -91,6 +91,30 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "| prefill at 65536 | cudnn, masked | error (ValueError: no) |" in text
 
 
+def test_pallas_task_runs_on_cpu():
+  """Both kernels (interpreted) against the dual form, and the layer timings, at the toy preset."""
+  out = gpu_tasks.task_pallas(preset="quick")
+  for kind in ("linear", "mlp"):
+    assert 0 <= out[kind]["value_rel_err"] < 1e-5 and 0 < out[kind]["grad_rel_err"] < 1e-5
+  for layer in ("ttt_linear", "ttt_mlp"):
+    for impl in ("dual", "pallas"):
+      assert out[f"{layer}/{impl}"]["fwd_bwd_s"] > 0, (layer, impl)
+
+
+def test_pallas_rows_report_each_kernel_on_its_own(tmp_path):
+  """One kernel failing on the GPU leaves the other's correctness and timing rows."""
+  results = {"pallas": {
+      "linear": {"value_rel_err": 1e-7, "grad_rel_err": 4e-7},
+      "mlp": {"error": "XlaRuntimeError: launch failed"},
+      "ttt_linear/pallas": {"compile_s": 2.0, "fwd_bwd_s": 3.2e-3},
+      "ttt_mlp/pallas": {"error": "XlaRuntimeError: launch failed"}}}
+  text = open(gpu_report.write_markdown(results, str(tmp_path / "g.md"))).read()
+  assert "- TTT-Linear: value 1.0e-07, gradients 4.0e-07" in text
+  assert "- TTT-MLP: error (XlaRuntimeError: launch failed)" in text
+  assert "| ttt_linear | pallas | 2.0 s | 3.20 ms |" in text
+  assert "| ttt_mlp | pallas | error (XlaRuntimeError: launch failed) | |" in text
+
+
 def test_a_gpu_that_this_jax_cannot_use_is_an_error(monkeypatch, capsys):
   """`make gpu-check` with a CPU-only JAX (e.g. .venv) on a GPU machine must not pass silently."""
   monkeypatch.setattr(gpu_check, "_nvidia_gpu_present", lambda: True)

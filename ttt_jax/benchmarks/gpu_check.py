@@ -57,7 +57,7 @@ def _nvidia_gpu_present() -> bool:
 
 def plan(only: list[str]) -> list[tuple[str, float]]:
   """(task, time limit in seconds) in priority order."""
-  tasks = [("env", 60), ("attention", 90), ("pallas", 90), ("e2e", 120), ("learn", 200),
+  tasks = [("env", 60), ("attention", 90), ("pallas", 150), ("e2e", 120), ("learn", 200),
            ("tune", 120), ("tune_mlp", 150)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
   tasks += [("train:ttt_linear+rematkernels", 100), ("train:e2e-meta+chunkdots", 150),

@@ -36,15 +36,19 @@ def _correctness(results: dict) -> list[str]:
     out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
             "head dim 64 (values and gradients w.r.t. every input):", ""]
     for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP")):
-      if kind in pal:
-        out.append(f"- {label}: value "
-                   f"{pal[kind]['value_rel_err']:.1e}, gradients {pal[kind]['grad_rel_err']:.1e}")
+      r = pal.get(kind)
+      if r and _status(r):
+        out.append(f"- {label}: {_status(r)}")
+      elif r:
+        out.append(f"- {label}: value {r['value_rel_err']:.1e}, gradients "
+                   f"{r['grad_rel_err']:.1e}")
     out += ["", "One TTT layer fwd+bwd at the gpu preset's [8, 2048, 512]:", "",
             "| layer | impl | compile | fwd+bwd |", "|---|---|---|---|"]
     for name, r in pal.items():
       if "/" in name:
         layer, impl = name.split("/")
-        out.append(f"| {layer} | {impl} | {r['compile_s']:.1f} s | {_ms(r['fwd_bwd_s'])} |")
+        out.append(f"| {layer} | {impl} | {_status(r)} | |" if _status(r) else
+                   f"| {layer} | {impl} | {r['compile_s']:.1f} s | {_ms(r['fwd_bwd_s'])} |")
     out.append("")
   e2e = results.get("e2e", {})
   if _status(e2e):
