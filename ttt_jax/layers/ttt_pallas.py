@@ -55,8 +55,8 @@ class Tuning:
   3.24 ms, 2 warps 29 ms. TTT-MLP's kernels (layers/ttt_pallas_mlp.py) take their own warps
   and stages and work on `mlp_block` hidden units at a time (a power of two >= 16; the whole
   hidden layer where it is smaller). Not yet timed on a GPU: their defaults are what builds for
-  an H200 with the least spilling ptxas reports at head dim 64 (`make gpu-census`; 3 stages
-  ask for more shared memory than an H200 has)."""
+  an H200 with the least spilling ptxas reports at head dim 64 (`make gpu-census`; 1, 2 and 3
+  stages build the same)."""
   num_warps: int = 4
   num_stages: int = 3
   mlp_num_warps: int = 8
