@@ -29,7 +29,7 @@ def test_plan_order_and_filter():
   assert {"cache_attention", "stream:e2e/transformer/transformer-masked"} <= set(names)
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
       "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+rematkernels",
-      "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf"]
+      "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf", "train:ttt_linear+scan"]
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
   variants = ("", *gpu_check.VARIANTS, *gpu_tasks.CONFIG_VARIANTS)

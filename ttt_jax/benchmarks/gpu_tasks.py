@@ -15,15 +15,16 @@ ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
 # K+V: XLA flags V (set by gpu_check for the task's process) ...
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
-# ... or model overrides V on top of the kind's (`train_kind`): no layer remat; TTT-Linear's
-# forward kernel outputs kept under remat; E2E chunk steps keep their matmuls; TTT without remat
-# through time
+# ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
+# kernels' outputs kept under remat; E2E chunk steps keep their matmuls; TTT without remat
+# through time; the layers as one scanned block (compiled once; not E2E)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
-                   "nogroups": {"ttt.remat_group": 0}}
+                   "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
-                "ttt_mlp+nogroups")
+                "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
+                "ttt_mlp-pallas+scan")
 
 
 def _rel(a, b) -> float:
