@@ -147,6 +147,23 @@ def test_mixer_with_pallas_impl_matches_dual(mixer):
   assert rel_err(y_p, y_d) <= 2e-5 and tree_rel_err(g_p, g_d) <= 2e-5
 
 
+@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+def test_streaming_with_pallas_impl_equals_its_one_shot(mixer):
+  """Streaming calls (partial mini-batches) fall back to the dual form; the one-shot call runs
+  the kernels: the two agree."""
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 48, 64)), jnp.float32)
+  pos = jnp.arange(48, dtype=jnp.int32)
+  cfg = dataclasses.replace(mixer_cfg(mixer, b=B, impl="pallas"), d_model=64, num_heads=4)
+  m = randomize(TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32,
+                         rngs=nnx.Rngs(0)), std=0.1)
+  y, _ = m(x, pos, None)
+  state, ys = m.init_state(2), []
+  for start, stop in ((0, 5), (5, 21), (21, 48)):
+    yc, state = m(x[:, start:stop], pos[start:stop], state)
+    ys.append(yc)
+  assert rel_err(jnp.concatenate(ys, axis=1), y) <= 2e-5
+
+
 @pytest.mark.parametrize("platform,b,heads,match", [
     ("tpu", 16, 2, "GPU \\(Triton\\) kernels only"),
     ("gpu", 8, 2, "model.ttt.mini_batch_size=8 must be a power of two >= 16"),
