@@ -5,6 +5,8 @@ deviceless H200 compilation where JAX's CUDA plugin is installed (not in CI)."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -142,6 +144,27 @@ def test_ptxas_resources_and_their_table():
   assert "| triton resources |" not in text  # its own table, not a program row
 
 
+def test_triton_resources_reads_the_kernel_modules_ptx(tmp_path):
+  """Only the `compile_ttt_kernels` modules' PTX files that hold a Pallas kernel go to ptxas
+  (a stand-in here), and only its *_kernel entries are kept, keyed by the module's label."""
+  dump = tmp_path / "dump"
+  dump.mkdir()
+  (dump / "module_0007.jit_ttt_kernels_mlp_w4.12.ptx").write_text(
+      ".visible .entry _mlp_bwd_kernel(\n")
+  (dump / "module_0008.jit_ttt_kernels_mlp_w4.13.ptx").write_text(
+      ".visible .entry loop_add_fusion(\n")  # XLA's own kernels only
+  (dump / "module_0001.jit_train_step.3.ptx").write_text(".visible .entry _mlp_bwd_kernel(\n")
+  (tmp_path / "out.txt").write_text(PTXAS_OUTPUT)
+  ptxas = tmp_path / "ptxas"
+  ptxas.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\ncat {tmp_path}/out.txt >&2\n")
+  ptxas.chmod(0o755)
+  got = gpu_census.triton_resources(str(dump), str(ptxas))
+  assert list(got) == ["mlp_w4: _mlp_bwd_kernel"]
+  assert got["mlp_w4: _mlp_bwd_kernel"]["spill_store_bytes"] == 5988
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert len(calls) == 1 and "module_0007" in calls[0] and "sm_90a" in calls[0]
+
+
 def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   pytest.importorskip("jax_plugins.xla_cuda12", reason="JAX's CUDA plugin (make gpu-census)")
   device = gpu_census.gpu_device()
@@ -168,7 +191,9 @@ def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):
     pytest.skip("JAX's CUDA plugin is installed here")
   except ImportError:
     pass
+  flags = os.environ.get("XLA_FLAGS")
   assert gpu_census.main(["--out_dir", str(tmp_path), "--kinds", "transformer"]) == 1
   out = capsys.readouterr().out.strip().splitlines()
   assert len(out) == 1 and "install jax-cuda12-plugin[with-cuda]==" in out[0]
   assert not list(tmp_path.iterdir())
+  assert os.environ.get("XLA_FLAGS") == flags  # its PTX dump flag is not left behind

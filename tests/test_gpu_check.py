@@ -143,7 +143,7 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
       ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
       ("transformer/xla", {"attention_impl": "xla"}, "none")))
   monkeypatch.setattr(gpu_tasks, "TUNE_CASES", {"ttt_linear": ((4, 1), (2, 2)),
-                                                "ttt_mlp": ((4, 1, 16),)})
+                                                "ttt_mlp": ((4, 16),)})
   learn = gpu_tasks.task_learn(steps=3, preset="quick")
   assert "needs a GPU" in learn["transformer/cudnn"]["error"]
   xla = learn["transformer/xla"]
@@ -154,8 +154,8 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   assert tune["dual/highest"]["rel_err_vs_ieee_dual"] == 0.0
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune.items() if "pallas" in k)
   tune_mlp = gpu_tasks.task_tune("quick", "ttt_mlp")
-  assert list(tune_mlp) == ["dual/highest", "pallas/highest/w4s1b16", "dual/default",
-                            "pallas/default/w4s1b16"]
+  assert list(tune_mlp) == ["dual/highest", "pallas/highest/w4b16", "dual/default",
+                            "pallas/default/w4b16"]
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune_mlp.items() if "pallas" in k)
   learn["task_s"], tune["task_s"], tune_mlp["task_s"] = 30.0, 40.0, 50.0  # as the orchestrator
   text = open(gpu_report.write_markdown({"learn": learn, "tune": tune, "tune_mlp": tune_mlp},
@@ -164,4 +164,4 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   losses = " ".join(f"{x:.3f}" for x in xla["loss"])
   assert f"| transformer/xla | {xla['compile_s']:.1f} s | {losses} |" in text
   assert "| pallas/default/w2s2 |" in text
-  assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4s1b16 |" in text
+  assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4b16 |" in text

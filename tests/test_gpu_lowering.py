@@ -26,7 +26,8 @@ def test_train_step_lowers_for_cuda(name, kind, overrides):
   attention = name in ("transformer", "swa") or name.startswith("e2e")
   assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
   # Triton: TTT-Linear's GPU default (model.ttt.impl=auto) and the opt-in TTT-MLP kernels
-  assert (TRITON in kernels) == (name in ("ttt_linear", "ttt_mlp-pallas")), kernels
+  pallas = ("ttt_linear", "ttt_mlp-pallas", "ttt_linear-scan", "ttt_mlp-pallas-scan")
+  assert (TRITON in kernels) == (name in pallas), kernels
   kernel = {"ttt_linear": "linear", "ttt_mlp-pallas": "mlp"}.get(name)
   if kernel:  # full remat (SIZE) runs the forward kernel again in the backward
     text, layers = exported.mlir_module(), lowering.SIZE.num_layers

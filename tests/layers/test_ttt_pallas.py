@@ -42,6 +42,9 @@ def inputs(kind, n=3, seed=3):
   bsz, h, length, d = xq.shape
   to_mb = lambda a: jnp.moveaxis(a.reshape(bsz, h, n, B, *a.shape[3:]), 2, 0)  # noqa: E731
   eta = ttt_inner.token_lr(to_mb(gate), tau, BASE_LR[kind], d)
+  rng = np.random.default_rng(seed + 1)  # each sequence its own initial inner weights, so a
+  params = jax.tree.map(  # kernel reading another sequence's would show in the values
+      lambda p: p + jnp.asarray(0.05 * rng.standard_normal(p.shape), jnp.float32), params)
   return params, ln, to_mb(xq), to_mb(xk), to_mb(xv), eta
 
 
@@ -96,21 +99,24 @@ def test_kernel_dots_take_the_callers_precision():
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_tuning_sets_the_launch_parameters_while_tracing(kind):
+  """Both kernels (forward and backward) of each inner model; TTT-MLP's take `mlp_num_warps`
+  and always one pipeline stage (they read what the previous mini-batch wrote)."""
   args = inputs(kind, n=2)
-  prefix = "mlp_" if kind == "mlp" else ""  # TTT-MLP's kernels have their own
 
   def launch(**tune):
-    fwd = lambda *a: sequence_fn(kind, "pallas")(*a)[1]  # noqa: E731  (a new trace)
-    with ttt_pallas.tuning(**{prefix + k: v for k, v in tune.items()}):
-      text = str(jax.make_jaxpr(fwd)(*args))
+    loss = lambda *a: jnp.sum(sequence_fn(kind, "pallas")(*a)[1])  # noqa: E731  (a new trace)
+    with ttt_pallas.tuning(**tune):
+      text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args))
     return re.findall(r"num_warps=(\d+), num_stages=(\d+)", text)
 
   default = ttt_pallas.current_tuning()
   assert default == ttt_pallas.Tuning()
-  want = ((default.mlp_num_warps, default.mlp_num_stages) if prefix
-          else (default.num_warps, default.num_stages))
-  assert launch() == [tuple(map(str, want))]
-  assert launch(num_warps=2, num_stages=3) == [("2", "3")]
+  if kind == "linear":
+    assert launch() == [(str(default.num_warps), str(default.num_stages))] * 2
+    assert launch(num_warps=2, num_stages=3) == [("2", "3")] * 2
+  else:
+    assert launch() == [(str(default.mlp_num_warps), "1")] * 2
+    assert launch(mlp_num_warps=2, num_warps=16, num_stages=3) == [("2", "1")] * 2
   assert ttt_pallas.current_tuning() == ttt_pallas.Tuning()  # restored after the block
 
 
@@ -123,6 +129,9 @@ def test_mlp_block_sets_the_hidden_blocks():
   assert starts(256) == [(0, 64), (64, 64), (128, 64), (192, 64)]  # the default, 64
   assert starts(256, mlp_block=128) == [(0, 128), (128, 128)]
   assert starts(64, mlp_block=128) == [(0, 64)]
+  for bad in (48, 8):  # not dividing 256; below Triton's 16
+    with pytest.raises(ValueError, match=f"Tuning.mlp_block={bad} must be a power of two"):
+      starts(256, mlp_block=bad)
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])

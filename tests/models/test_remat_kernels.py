@@ -29,8 +29,8 @@ def test_the_forward_kernel_is_not_run_again_in_the_backward_pass(inner):
   assert forward_and_backward_kernels(exported, inner) == (layers, layers)
 
 
-def loss_and_grads(remat: str, impl: str = "pallas"):
-  c = build_config("model=ttt_linear,ctx=64")
+def loss_and_grads(remat: str, impl: str = "pallas", mixer: str = "ttt_linear"):
+  c = build_config(f"model={mixer},ctx=64")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size = 2, 64, 4, 128  # head dim 16
   m.ttt.impl, m.remat, m.init_std = impl, remat, 0.1
@@ -44,14 +44,15 @@ def loss_and_grads(remat: str, impl: str = "pallas"):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("remat", ["full", "none"])
-def test_same_loss_and_gradients_as_the_other_policies(remat):
-  want_loss, want = loss_and_grads(remat)
-  got_loss, got = loss_and_grads("kernels")
+@pytest.mark.parametrize("remat,mixer", [("full", "ttt_linear"), ("none", "ttt_linear"),
+                                         ("full", "ttt_mlp")])
+def test_same_loss_and_gradients_as_the_other_policies(remat, mixer):
+  want_loss, want = loss_and_grads(remat, mixer=mixer)
+  got_loss, got = loss_and_grads("kernels", mixer=mixer)
   assert abs(float(got_loss) - float(want_loss)) <= 1e-6 * abs(float(want_loss))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     scale = float(jnp.max(jnp.abs(w)))
     assert float(jnp.max(jnp.abs(g - w))) <= 1e-5 * scale + 1e-12
   # and the kernel path under it is the dual form's computation
-  dual_loss, _ = loss_and_grads("kernels", impl="dual")
+  dual_loss, _ = loss_and_grads("kernels", impl="dual", mixer=mixer)
   assert abs(float(got_loss) - float(dual_loss)) <= 1e-5 * abs(float(dual_loss))

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,28 +211,38 @@ def compile_cache_kernel(device, length: int, settings: dict,
   return _compile(functools.partial(filled_attention_pallas, **settings), device, *args)
 
 
-def compile_ttt_kernels(device, inner: str) -> tuple[str, dict]:
-  """`_compile` of the Pallas TTT kernels of inner model `inner` alone, forward and backward,
-  at the gpu preset's geometry (8 sequences of 2048, 8 heads of 64, mini-batches of 16)."""
+# {label: (inner model, ttt_pallas.tuning overrides)}: the Pallas TTT kernels compiled alone,
+# whose PTX ptxas reads (the label names the XLA module, so ptxas's rows can be told apart)
+TTT_KERNEL_SETTINGS = {"linear": ("linear", {}), "mlp": ("mlp", {}),
+                       "mlp_w4": ("mlp", {"mlp_num_warps": 4}),
+                       "mlp_w16": ("mlp", {"mlp_num_warps": 16}),
+                       "mlp_b32": ("mlp", {"mlp_block": 32}),
+                       "mlp_b128": ("mlp", {"mlp_block": 128})}
+
+
+def compile_ttt_kernels(device, label: str) -> tuple[str, dict]:
+  """`_compile` of the Pallas TTT kernels of `TTT_KERNEL_SETTINGS[label]` alone, forward and
+  backward, at the gpu preset's geometry (8 sequences of 2048, 8 heads of 64, mini-batches of
+  16), in an XLA module named after `label`."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  from ttt_jax.layers import ttt_inner  # noqa: PLC0415
+  from ttt_jax.layers import ttt_inner, ttt_pallas  # noqa: PLC0415
 
+  inner, tune = TTT_KERNEL_SETTINGS[label]
   model = ttt_inner.inner_model(inner)
   n, bsz, heads, b, d = 128, 8, 8, 16, 64
   spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-  widths = model.widths(d)
-  params = {}
-  for (w, bias), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
-    params[w], params[bias] = spec(bsz, heads, d_in, d_out), spec(bsz, heads, 1, d_out)
+  params = {k: spec(bsz, heads, *s) for k, s in model.param_shapes(d).items()}
   views = [spec(n, bsz, heads, b, d)] * 3 + [spec(n, bsz, heads, b, b)]
 
-  def ttt_kernels(params, ln, *xs):  # names the XLA module (and its dump files)
+  def kernels(params, ln, *xs):
     return jnp.sum(model.pallas_sequence(params, ln, *xs)[1])
 
-  return _compile(jax.grad(ttt_kernels, argnums=(0, 2)), device, params,
-                  (spec(heads, 1, d), spec(heads, 1, d)), *views)
+  kernels.__name__ = f"ttt_kernels_{label}"  # the module's name: jit_ttt_kernels_<label>
+  with ttt_pallas.tuning(**tune):
+    return _compile(jax.grad(kernels, argnums=(0, 2)), device, params,
+                    (spec(heads, 1, d), spec(heads, 1, d)), *views)
 
 
 _PTXAS = re.compile(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes "
@@ -245,9 +258,6 @@ def ptxas_resources(text: str) -> dict[str, dict]:
 
 def _ptxas() -> str | None:
   """The ptxas of the CUDA plugin's nvcc package, else one on PATH."""
-  import importlib.util  # noqa: PLC0415
-  import shutil  # noqa: PLC0415
-
   spec = importlib.util.find_spec("nvidia.cuda_nvcc")
   for root in (spec.submodule_search_locations or []) if spec else []:
     if os.path.exists(path := os.path.join(root, "bin", "ptxas")):
@@ -256,17 +266,20 @@ def _ptxas() -> str | None:
 
 
 def triton_resources(dump_dir: str, ptxas: str) -> dict[str, dict]:
-  """`ptxas_resources` of every Pallas kernel (an entry named *_kernel) in XLA's PTX dumps."""
-  import subprocess  # noqa: PLC0415
-
+  """{'<label>: <kernel>': `ptxas_resources`} of every Pallas kernel (an entry named *_kernel)
+  in XLA's PTX dumps of the `compile_ttt_kernels` modules."""
   out = {}
   for name in sorted(os.listdir(dump_dir)):
-    path = os.path.join(dump_dir, name)
-    if name.endswith(".ptx") and re.search(r"\.entry \w+_kernel\(", open(path).read()):
-      proc = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
-                            capture_output=True, text=True, check=True)
-      found = ptxas_resources(proc.stdout + proc.stderr)
-      out.update({k: r for k, r in found.items() if k.endswith("_kernel")})
+    module = re.search(r"jit_ttt_kernels_(\w+?)\.\d+\.ptx$", name)
+    if not module:
+      continue
+    with open(os.path.join(dump_dir, name)) as f:
+      if not re.search(r"\.entry \w+_kernel\(", f.read()):
+        continue
+    proc = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(dump_dir, name),
+                           "-o", os.devnull], capture_output=True, text=True, check=True)
+    found = ptxas_resources(proc.stdout + proc.stderr)
+    out.update({f"{module.group(1)}: {k}": r for k, r in found.items() if k.endswith("_kernel")})
   return out
 
 
@@ -313,14 +326,27 @@ def main(argv=None) -> int:
                  "counted ('' = none)")
   p.add_argument("--stream_len", type=int, default=131072, help="their context length")
   p.add_argument("--out_dir", default="runs/gpu_census")
-  p.add_argument("--ttt_kernels", default="linear,mlp", help="comma list of TTT inner models "
-                 "whose Pallas kernels are compiled alone (and read by ptxas)")
+  p.add_argument("--ttt_kernels", default=",".join(TTT_KERNEL_SETTINGS),
+                 help="comma list of TTT_KERNEL_SETTINGS labels: Pallas TTT kernels compiled "
+                 "alone and read by ptxas ('' = none)")
   args = p.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the plugin registers; nothing runs on it
-  dump = tempfile.mkdtemp(prefix="gpu_census_ptx_")  # the kernel-only programs' PTX, for ptxas
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump} "
-                             "--xla_dump_hlo_module_re=.*ttt_kernels.* "
-                             "--xla_dump_hlo_pass_re=^$").strip()
+  saved = os.environ.get("XLA_FLAGS")
+  with tempfile.TemporaryDirectory(prefix="gpu_census_ptx_") as dump:
+    # the kernel-only modules' PTX, for ptxas (read when JAX starts its backends: a process
+    # that already has them gets no dumps and no ptxas table)
+    os.environ["XLA_FLAGS"] = (f"{saved or ''} --xla_dump_to={dump} --xla_dump_hlo_pass_re=^$ "
+                               "--xla_dump_hlo_module_re=.*ttt_kernels.*").strip()
+    try:
+      return _census(args, dump)
+    finally:
+      if saved is None:
+        os.environ.pop("XLA_FLAGS")
+      else:
+        os.environ["XLA_FLAGS"] = saved
+
+
+def _census(args, dump: str) -> int:
   try:
     device = gpu_device()
   except ImportError as e:
@@ -337,8 +363,8 @@ def main(argv=None) -> int:
     jobs += [(f"cache kernel, {name}", lambda s=s: {
         f"{q} queries": compile_cache_kernel(device, args.stream_len, s, q) for q in (512, 1)})
         for name, s in KERNEL_SETTINGS.items()]
-  jobs += [(f"{inner} kernels alone", lambda k=inner: {"fwd+bwd": compile_ttt_kernels(device, k)})
-           for inner in args.ttt_kernels.split(",") if inner]
+  jobs += [(f"TTT kernels alone, {label}", lambda k=label: {
+      "fwd+bwd": compile_ttt_kernels(device, k)}) for label in args.ttt_kernels.split(",") if label]
   for i, (name, job) in enumerate(jobs):
     print(f"[{i + 1}/{len(jobs)}] compiling {name} for the H200", flush=True)
     try:
@@ -352,7 +378,7 @@ def main(argv=None) -> int:
       print(f"  {row}: {json.dumps({k: v for k, v in r.items() if k != 'loops'})}", flush=True)
     rows.update(done)
   ptxas = _ptxas()
-  if ptxas and os.path.isdir(dump):
+  if ptxas:
     rows["triton resources"] = triton_resources(dump, ptxas)
   with open(os.path.join(args.out_dir, "gpu_census.json"), "w") as f:
     json.dump(rows, f, indent=1)

@@ -138,10 +138,8 @@ def task_pallas(preset: str = "gpu") -> dict:
   for kind in ("linear", "mlp"):
     model = ttt_inner.inner_model(kind)
     eta = ttt_inner.token_lr(gate, f(b, sc=0.1), base_lr[kind], d)
-    widths = model.widths(d)
-    params = {}
-    for (w, bias), d_in, d_out in zip(model.layers, widths[:-1], widths[1:], strict=True):
-      params[w], params[bias] = f(bsz, h, d_in, d_out, sc=0.3), f(bsz, h, 1, d_out, sc=0.1)
+    params = {k: f(bsz, h, *s, sc=0.3 if k in model.weight_names else 0.1)
+              for k, s in model.param_shapes(d).items()}
     kern = functools.partial(model.pallas_sequence, interpret=interpret)  # the whole sequence
     dual = lambda p, ln, *x, kind=kind: ttt_dual.dual_sequence(kind, p, ln, *x, 4)  # noqa: E731
     probe = f(n, bsz, h, b, d)
@@ -208,19 +206,13 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
   return out
 
 
-# {layer: (num_warps, num_stages[, mlp_block])}, the first the default (ttt_pallas.Tuning).
-# H200, 2026-12-04: 2 warps took 9x longer (29 ms) for TTT-Linear and are no longer tried.
-# TTT-MLP's kernels (mlp_* fields): 1, 2 and 3 stages build the same for an H200 (ptxas).
+# {layer: launch settings}, the first the default (ttt_pallas.Tuning), each a value per field of
+# TUNE_FIELDS[layer] (the Tuning field, its tag in the row name). H200, 2026-12-04: 2 warps took
+# 9x longer (29 ms) for TTT-Linear and are no longer tried. TTT-MLP: warps, hidden block.
+TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s")),
+               "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"))}
 TUNE_CASES = {"ttt_linear": ((4, 3), (4, 1), (4, 4), (8, 3)),
-              "ttt_mlp": ((8, 1, 64), (4, 1, 64), (16, 1, 64), (8, 1, 32), (4, 1, 32),
-                          (8, 1, 128))}
-
-
-def _tuning(layer: str, case) -> dict:
-  """`ttt_pallas.tuning` overrides of one `TUNE_CASES` entry."""
-  if layer == "ttt_linear":
-    return {"num_warps": case[0], "num_stages": case[1]}
-  return {"mlp_num_warps": case[0], "mlp_num_stages": case[1], "mlp_block": case[2]}
+              "ttt_mlp": ((8, 64), (4, 64), (16, 64), (8, 32), (4, 32), (8, 128))}
 
 
 def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
@@ -238,15 +230,14 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
   out, ref = {}, None
   for precision in ("highest", "default"):
     # IEEE: the current launch parameters only; the sweep is at the default (TF32 on a GPU)
-    cases = TUNE_CASES[layer]
-    sweep = cases if precision == "default" else cases[:1]
+    sweep = TUNE_CASES[layer] if precision == "default" else TUNE_CASES[layer][:1]
     for impl, cases in (("dual", [None]), ("pallas", sweep)):
       for case in cases:
-        launch = "" if case is None else f"/w{case[0]}s{case[1]}" + "".join(
-            f"b{c}" for c in case[2:])
-        name = f"{impl}/{precision}{launch}"
+        fields = TUNE_FIELDS[layer] if case else ()
+        tune = {field: v for (field, _), v in zip(fields, case or (), strict=True)}
+        launch = "".join(f"{tag}{v}" for (_, tag), v in zip(fields, case or (), strict=True))
+        name = f"{impl}/{precision}" + (f"/{launch}" if launch else "")
         try:
-          tune = {} if case is None else _tuning(layer, case)
           with jax.default_matmul_precision(precision), ttt_pallas.tuning(**tune):
             t0 = time.perf_counter()
             fn, params = _ttt_fwd_bwd(layer, size, impl, x)

@@ -29,13 +29,16 @@ SIZE = Size(d_model=128, num_layers=8, num_heads=2, intermediate=256, seq_len=25
             window=64, ttt_mini_batch=16, e2e_chunk=64, lengths=(256,), matmul_n=128, repeats=1,
             warmup=0, decode_steps=1, dtype="bfloat16", remat="full")
 # (name, benchmark kind, config overrides): every program family a GPU user meets by default
-# (TTT-Linear: the Pallas kernels), plus the other TTT impls
+# (TTT-Linear: the Pallas kernels), plus the other TTT impls and the TTT kernels inside scanned
+# layers (`model.scan_layers`)
 TRAIN_CASES = (
     ("transformer", "transformer", {}), ("swa", "swa", {}), ("ttt_linear", "ttt_linear", {}),
     ("ttt_mlp", "ttt_mlp", {}), ("e2e-meta", "e2e-meta", {}),
     ("e2e-pretrain", "e2e-pretrain", {}),
     ("ttt_linear-dual", "ttt_linear", {"ttt.impl": "dual"}),
     ("ttt_mlp-pallas", "ttt_mlp", {"ttt.impl": "pallas"}),
+    ("ttt_linear-scan", "ttt_linear", {"scan_layers": True}),
+    ("ttt_mlp-pallas-scan", "ttt_mlp", {"ttt.impl": "pallas", "scan_layers": True}),
 )
 STREAM_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 # custom calls of GPU kernels (cuDNN attention, Triton) carry no export compatibility

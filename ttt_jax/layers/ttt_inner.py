@@ -260,6 +260,14 @@ class InnerModel:
   def mixer_name(self) -> str:
     return self.mixer or f"ttt_{self.name}"
 
+  def param_shapes(self, head_dim: int) -> dict[str, tuple[int, int]]:
+    """{name: shape} of one head's inner parameters: [d_in, d_out] weights, [1, d_out] biases."""
+    widths = self.widths(head_dim)
+    shapes = {}
+    for (w, b), d_in, d_out in zip(self.layers, widths[:-1], widths[1:], strict=True):
+      shapes[w], shapes[b] = (d_in, d_out), (1, d_out)
+    return shapes
+
   @property
   def weight_names(self) -> frozenset[str]:
     """The layer's names of the inner weight matrices (weight decay applies to them)."""

@@ -52,15 +52,15 @@ class Tuning:
   """Triton launch parameters (Triton is chosen explicitly: JAX may default pallas_call to
   Mosaic GPU). Defaults from `make gpu-check`'s tune task on an H200 (TTT-Linear layer
   fwd+bwd at [8, 2048, 512], TF32): 4 warps with 3 stages 3.22 ms, 1 stage 3.58 ms, 8 warps
-  3.24 ms, 2 warps 29 ms. TTT-MLP's kernels (layers/ttt_pallas_mlp.py) take their own warps
-  and stages and work on `mlp_block` hidden units at a time (a power of two >= 16; the whole
-  hidden layer where it is smaller). Not yet timed on a GPU: their defaults are what builds for
-  an H200 with the least spilling ptxas reports at head dim 64 (`make gpu-census`; 1, 2 and 3
-  stages build the same)."""
+  3.24 ms, 2 warps 29 ms. TTT-MLP's kernels (layers/ttt_pallas_mlp.py) take their own warps,
+  work on `mlp_block` hidden units at a time (a power of two >= 16 dividing the hidden width;
+  the whole hidden layer where it is smaller) and always run one pipeline stage: each
+  mini-batch reads blocks the one before wrote, which a software-pipelined loop would prefetch
+  before they are written. Not yet timed on a GPU; `make gpu-census` reports the registers and
+  spills ptxas gives them at several settings (docs/benchmarks.md)."""
   num_warps: int = 4
   num_stages: int = 3
   mlp_num_warps: int = 8
-  mlp_num_stages: int = 1
   mlp_block: int = 64
 
 
@@ -85,9 +85,9 @@ def tuning(**changes):
 
 def _compiler_params(mlp: bool = False):
   t = _TUNING.get()
-  return pltriton.CompilerParams(num_warps=t.mlp_num_warps if mlp else t.num_warps,
-                                 num_stages=t.mlp_num_stages if mlp else t.num_stages)
-
+  if mlp:  # one stage: see `Tuning`
+    return pltriton.CompilerParams(num_warps=t.mlp_num_warps, num_stages=1)
+  return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
@@ -132,7 +132,11 @@ def ln_spec(shape):
   return pl.BlockSpec((None, *shape[1:]), lambda i, j: (j, 0, 0))
 
 
-def call(kernel, ins, specs, out_shape, interpret, mlp: bool = False):
+def f32(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def launch_per_head(kernel, ins, specs, out_shape, interpret, mlp: bool = False):
   """One program per (sequence, head): the grid is the leading two axes of the outputs."""
   return pl.pallas_call(kernel, out_shape=out_shape, grid=out_shape[0].shape[:2], in_specs=specs,
                         out_specs=[seq_spec(s.shape) for s in out_shape],
@@ -212,13 +216,12 @@ def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_r
 def _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
   bsz, heads, t, d = xq.shape
   n = t // attn.shape[-1]
-  f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
   out_shape = [f32(bsz, heads, d, d), f32(bsz, heads, 1, d), f32(bsz, heads, t, d),
                f32(bsz, heads, n, d, d), f32(bsz, heads, n, d)]
   ins = [w, bias, scale, beta, xq, xk, target, attn, lr]
   specs = ([seq_spec(w.shape), seq_spec(bias.shape), ln_spec(scale.shape),
             ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[4:]])
-  return call(_linear_fwd_kernel, ins, specs, out_shape, interpret)
+  return launch_per_head(_linear_fwd_kernel, ins, specs, out_shape, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -245,8 +248,8 @@ def _core_bwd(interpret, res, cot):
   out_shape = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
   ins = [scale, beta, xq, xk, target, attn, lr, ws, bs, dz, dwn, dbn]
   specs = [ln_spec(scale.shape), ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[2:]]
-  dw, db, ds, dbeta, dq, dk, dt, da, dlr = call(_linear_bwd_kernel, ins, specs, out_shape,
-                                                 interpret)
+  dw, db, ds, dbeta, dq, dk, dt, da, dlr = launch_per_head(_linear_bwd_kernel, ins, specs,
+                                                            out_shape, interpret)
   return dw, db, ds.sum(0), dbeta.sum(0), dq, dk, dt, da, dlr
 
 

@@ -37,13 +37,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
-from ttt_jax.layers.common import KERNEL_OUTPUTS
+from ttt_jax.layers.common import KERNEL_OUTPUTS, triton_dim
 from ttt_jax.layers.ttt_pallas import (
   block_rows,
-  call,
   current_tuning,
   dot,
   dot_t,
+  f32,
+  launch_per_head,
   ln_l2_bwd,
   ln_spec,
   seq_spec,
@@ -60,6 +61,9 @@ NAMES = tuple(n for pair in ttt_dual.MLP for n in pair)  # w1, b1, w2, b2
 def hidden_blocks(hidden: int) -> list:
   """The ref windows of the hidden layer the kernels work on, `Tuning.mlp_block` wide."""
   width = min(current_tuning().mlp_block, hidden)
+  if not triton_dim(width) or hidden % width:
+    raise ValueError(f"ttt_pallas.Tuning.mlp_block={width} must be a power of two >= 16 that "
+                     f"divides TTT-MLP's hidden width {hidden}")
   return [pl.ds(s, width) for s in range(0, hidden, width)]
 
 
@@ -78,7 +82,7 @@ def _hidden(k, w1s_ref, b1s_ref, i, h):
   return z1, ttt_inner.gelu(z1)
 
 
-def _first_layer(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks):
+def _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks):
   """P2 = X2 W2 + b2 for mini-batch i's weights (its blocks are recomputed where needed: kept,
   they would take registers the rest of the mini-batch needs)."""
   p2 = _row(b2s_ref, i)
@@ -103,7 +107,7 @@ def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   def body(i, carry):
     rows = block_rows(i, b)
     q, k, e, lr = q_ref[rows, :], k_ref[rows, :], e_ref[rows, :], lr_ref[rows, :]
-    p2 = _first_layer(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
+    p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
     g2, _ = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
     a = e * (dot_t(q, k) + 1.0)
     lk = lr * k
@@ -149,7 +153,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     i = n - 1 - j
     rows = block_rows(i, b)
     q, k, e, lr, dz = (r[rows, :] for r in (q_ref, k_ref, e_ref, lr_ref, dz_ref))
-    p2 = _first_layer(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
+    p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
     g2, parts = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
     qk1 = dot_t(q, k) + 1.0
     a, lk = e * qk1, lr * k
@@ -219,20 +223,17 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   dbeta_ref[...] = dbeta
 
 
-def _f32(*shape):
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
-
-
 def _forward(interpret, ln, xq, xk, target, eta_c, lr, params):
   bsz, heads, t, d = xq.shape
   n, hidden = t // eta_c.shape[-1], params["w1"].shape[-1]
   ins = [*ln, xq, xk, target, eta_c, lr, *(params[k] for k in NAMES)]
   specs = [ln_spec(x.shape) for x in ln] + [seq_spec(x.shape) for x in ins[2:]]
-  out_shape = [_f32(bsz, heads, t, d), _f32(bsz, heads, n + 1, d, hidden),
-               _f32(bsz, heads, n + 1, hidden), _f32(bsz, heads, n + 1, hidden, d),
-               _f32(bsz, heads, n + 1, d)]
+  out_shape = [f32(bsz, heads, t, d), f32(bsz, heads, n + 1, d, hidden),
+               f32(bsz, heads, n + 1, hidden), f32(bsz, heads, n + 1, hidden, d),
+               f32(bsz, heads, n + 1, d)]
   kernel = functools.partial(_mlp_fwd_kernel, interpret)
-  return call(kernel, ins, specs, out_shape, interpret, mlp=True)  # z, w1s, b1s, w2s, b2s
+  # z, w1s, b1s, w2s, b2s
+  return launch_per_head(kernel, ins, specs, out_shape, interpret, mlp=True)
 
 
 def _final(stored):
@@ -262,13 +263,13 @@ def _core_bwd(interpret, res, cot):
   hidden = stored[0].shape[-1]
   ins = [*ln, xq, xk, target, eta_c, lr, *stored, dz, *(dfinal[k] for k in NAMES)]
   specs = [ln_spec(x.shape) for x in ln] + [seq_spec(x.shape) for x in ins[2:]]
-  out_shape = ([_f32(*x.shape) for x in (xq, xk, target, eta_c, lr)]
-               + [_f32(bsz, heads, 1, d)] * 2
-               + [_f32(bsz, heads, 2, d, hidden), _f32(bsz, heads, 1, hidden),
-                  _f32(bsz, heads, 2, hidden, d), _f32(bsz, heads, 1, d)])
+  out_shape = ([f32(*x.shape) for x in (xq, xk, target, eta_c, lr)]
+               + [f32(bsz, heads, 1, d)] * 2
+               + [f32(bsz, heads, 2, d, hidden), f32(bsz, heads, 1, hidden),
+                  f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d)])
   kernel = functools.partial(_mlp_bwd_kernel, interpret)
-  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2 = call(kernel, ins, specs, out_shape,
-                                                            interpret, mlp=True)
+  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2 = launch_per_head(
+      kernel, ins, specs, out_shape, interpret, mlp=True)
   dparams = {"w1": dw1[:, :, 0], "b1": db1, "w2": dw2[:, :, 0], "b2": db2}  # buffer 0: W_0's
   return (ds.sum(0), dbeta.sum(0)), dq, dk, dt, de, dlr, dparams
 
