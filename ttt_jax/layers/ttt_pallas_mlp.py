@@ -7,7 +7,7 @@ form launches about 170 kernels per mini-batch and layer instead (`make gpu-cens
 
 The inner model is z = LN(gelu(x W1 + b1) W2 + b2) with W1 [d, 4d] and W2 [4d, d]: 32K floats
 per head. Held in registers they spill (ptxas on the per-mini-batch kernel this replaces: 255
-registers and 1,424 bytes of spill per thread at 8 warps). So the kernels keep W in memory and
+registers and 1,424 bytes of spill stores at 8 warps). So the kernels keep W in memory and
 work on `Tuning.mlp_block` hidden units at a time (a block of W1's columns, b1 and W2's rows):
     z1 = XK W1 + b1, X2 = gelu(z1), P2 = X2 W2 + b2   (P2 summed over blocks)
     G2 = LN-L2 gradient at P2,  G1 = (G2 W2^T) * gelu'(z1)
@@ -18,7 +18,8 @@ which is `ttt_inner.mlp_dual`. The forward writes W_{i+1} beside W_i (it keeps e
 the backward), so no block is read after it is overwritten. The backward makes two passes over
 the blocks per mini-batch (the second once G2's cotangent is complete) and moves the cotangents
 of W1 and W2 from one buffer to another and back, for the same reason. A barrier separates a
-pass's writes from the next pass's reads (other threads of the program read them). Blocks of
+pass's writes from the next pass's reads (other threads of the program read them), and the
+kernels run one pipeline stage, so no load is hoisted above the writes it must see. Blocks of
 z1 and X2 are recomputed in each pass rather than kept: that cuts ptxas's spilling at the
 defaults (8 warps, 64-unit blocks, head dim 64) from 672 to 280 bytes of spill stores in the
 forward kernel and from 6,140 to 4,648 in the backward. The backward is written by hand (the
