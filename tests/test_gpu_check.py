@@ -142,15 +142,15 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   monkeypatch.setattr(gpu_tasks, "LEARN_CASES", (
       ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
       ("transformer/xla", {"attention_impl": "xla"}, "none")))
-  monkeypatch.setattr(gpu_tasks, "TUNE_CASES", {"ttt_linear": ((4, 1), (2, 2)),
+  monkeypatch.setattr(gpu_tasks, "TUNE_CASES", {"ttt_linear": ((4, 1, "kernel"), (2, 2, "xla")),
                                                 "ttt_mlp": ((4, 16),)})
   learn = gpu_tasks.task_learn(steps=3, preset="quick")
   assert "needs a GPU" in learn["transformer/cudnn"]["error"]
   xla = learn["transformer/xla"]
   assert xla["finite"] == [1.0, 1.0, 1.0] and xla["loss"][-1] < xla["loss"][0]
   tune = gpu_tasks.task_tune(preset="quick")
-  assert list(tune) == ["dual/highest", "pallas/highest/w4s1", "dual/default",
-                        "pallas/default/w4s1", "pallas/default/w2s2"]
+  assert list(tune) == ["dual/highest", "pallas/highest/w4s1-kernel", "dual/default",
+                        "pallas/default/w4s1-kernel", "pallas/default/w2s2-xla"]
   assert tune["dual/highest"]["rel_err_vs_ieee_dual"] == 0.0
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune.items() if "pallas" in k)
   tune_mlp = gpu_tasks.task_tune("quick", "ttt_mlp")
@@ -163,5 +163,5 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   assert "| transformer/cudnn | error (ConfigError: model.attention_impl='cudnn'" in text
   losses = " ".join(f"{x:.3f}" for x in xla["loss"])
   assert f"| transformer/xla | {xla['compile_s']:.1f} s | {losses} |" in text
-  assert "| pallas/default/w2s2 |" in text
+  assert "| pallas/default/w2s2-xla |" in text
   assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4b16 |" in text

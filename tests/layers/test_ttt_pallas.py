@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ttt_jax.benchmarks import lowering
 from ttt_jax.config import ConfigError
 from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_mlp
 from ttt_jax.layers.common import building_for
@@ -48,9 +49,11 @@ def inputs(kind, n=3, seed=3):
   return params, ln, to_mb(xq), to_mb(xk), to_mb(xv), eta
 
 
-@pytest.mark.parametrize("kind,n,mlp_block", [("linear", 3, 64), ("mlp", 3, 64), ("mlp", 2, 16)],
-                         ids=["linear", "mlp-1block-odd", "mlp-4blocks-even"])
-def test_kernels_equal_primal_values_and_grads(kind, n, mlp_block):
+@pytest.mark.parametrize("kind,n,tune", [
+    ("linear", 3, {}), ("linear", 3, {"linear_output": "xla"}), ("mlp", 3, {}),
+    ("mlp", 2, {"mlp_block": 16})],
+    ids=["linear", "linear-output-xla", "mlp-1block-odd", "mlp-4blocks-even"])
+def test_kernels_equal_primal_values_and_grads(kind, n, tune):
   args = inputs(kind, n=n)  # head dim 16: TTT-MLP's hidden layer is 64 wide
   probe = jnp.asarray(np.random.default_rng(5).standard_normal(args[2].shape), jnp.float32)
   res = {}
@@ -63,7 +66,7 @@ def test_kernels_equal_primal_values_and_grads(kind, n, mlp_block):
       return value, (final, z)
 
     grad_fn = jax.value_and_grad(objective, argnums=tuple(range(6)), has_aux=True)
-    with ttt_pallas.tuning(mlp_block=mlp_block):
+    with ttt_pallas.tuning(**tune):
       res[impl] = jax.jit(grad_fn)(*args)
   (_, (final_r, z_r)), g_r = res["primal"]
   (_, (final_p, z_p)), g_p = res["pallas"]
@@ -71,6 +74,26 @@ def test_kernels_equal_primal_values_and_grads(kind, n, mlp_block):
   assert tree_rel_err(final_p, final_r) <= 2e-5
   assert tree_rel_err(g_p, g_r) <= 2e-5
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_p))
+
+
+def test_linear_output_sets_where_z_is_made():
+  """`Tuning.linear_output`: 'kernel' makes z in the sequential kernels (which take XQ and A);
+  'xla' leaves them the W chain (XK, labels and LRs only) and makes z with batched XLA
+  matmuls over the stored W_i."""
+  args = inputs("linear", n=2)
+
+  def kernels(where):  # the kernels a GPU compiles for the forward and backward
+    def loss(*a):
+      return jnp.sum(ttt_pallas.linear_sequence(*a)[1])
+
+    with ttt_pallas.tuning(linear_output=where):
+      text = lowering.export_cuda(jax.grad(loss, argnums=(0, 2)), *args).mlir_module()
+    return sorted(set(re.findall(r'name = "(_\w+_kernel)"', text)))
+
+  assert kernels("kernel") == ["_linear_bwd_kernel", "_linear_fwd_kernel"]
+  assert kernels("xla") == ["_chain_bwd_kernel", "_chain_fwd_kernel"]
+  with pytest.raises(ValueError, match="Tuning.linear_output='both'"):
+    kernels("both")
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])

@@ -213,7 +213,8 @@ def compile_cache_kernel(device, length: int, settings: dict,
 
 # {label: (inner model, ttt_pallas.tuning overrides)}: the Pallas TTT kernels compiled alone,
 # whose PTX ptxas reads (the label names the XLA module, so ptxas's rows can be told apart)
-TTT_KERNEL_SETTINGS = {"linear": ("linear", {}), "mlp": ("mlp", {}),
+TTT_KERNEL_SETTINGS = {"linear": ("linear", {}), "linear_xla": ("linear", {"linear_output": "xla"}),
+                       "mlp": ("mlp", {}),
                        "mlp_w4": ("mlp", {"mlp_num_warps": 4}),
                        "mlp_w16": ("mlp", {"mlp_num_warps": 16}),
                        "mlp_b32": ("mlp", {"mlp_block": 32}),

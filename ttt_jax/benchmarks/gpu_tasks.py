@@ -208,10 +208,12 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
 
 # {layer: launch settings}, the first the default (ttt_pallas.Tuning), each a value per field of
 # TUNE_FIELDS[layer] (the Tuning field, its tag in the row name). H200, 2026-12-04: 2 warps took
-# 9x longer (29 ms) for TTT-Linear and are no longer tried. TTT-MLP: warps, hidden block.
-TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s")),
+# 9x longer (29 ms) for TTT-Linear and are no longer tried. TTT-Linear: warps, stages, where
+# z is made (Tuning.linear_output); TTT-MLP: warps, hidden block.
+TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
                "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"))}
-TUNE_CASES = {"ttt_linear": ((4, 3), (4, 1), (4, 4), (8, 3)),
+TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
+                             (8, 3, "kernel"), (4, 3, "xla"), (8, 3, "xla")),
               "ttt_mlp": ((8, 64), (4, 64), (16, 64), (8, 32), (4, 32), (8, 128))}
 
 
