@@ -94,7 +94,7 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
 def test_pallas_task_runs_on_cpu():
   """Both kernels (interpreted) against the dual form, and the layer timings, at the toy preset."""
   out = gpu_tasks.task_pallas(preset="quick")
-  for kind in ("linear", "mlp"):
+  for kind in ("linear", "mlp", "linear-xla"):
     assert 0 <= out[kind]["value_rel_err"] < 1e-5 and 0 < out[kind]["grad_rel_err"] < 1e-5
   for layer in ("ttt_linear", "ttt_mlp"):
     for impl in ("dual", "pallas"):

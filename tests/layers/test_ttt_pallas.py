@@ -19,7 +19,7 @@ from flax import nnx
 
 from ttt_jax.benchmarks import lowering
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_mlp
+from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_linear, ttt_pallas_mlp
 from ttt_jax.layers.common import building_for
 from ttt_jax.layers.ttt import TTTMixer
 
@@ -34,7 +34,8 @@ def sequence_fn(kind: str, impl: str):
   if impl == "primal":
     step = ttt_inner.inner_model(kind).step("primal")
     return lambda p, ln, *xs: ttt_inner.scan_minibatches(step, p, ln, xs, 0)
-  kernels = {"linear": ttt_pallas.linear_sequence, "mlp": ttt_pallas_mlp.mlp_sequence}[kind]
+  kernels = {"linear": ttt_pallas_linear.linear_sequence,
+             "mlp": ttt_pallas_mlp.mlp_sequence}[kind]
   return functools.partial(kernels, interpret=True)
 
 
@@ -84,7 +85,7 @@ def test_linear_output_sets_where_z_is_made():
 
   def kernels(where):  # the kernels a GPU compiles for the forward and backward
     def loss(*a):
-      return jnp.sum(ttt_pallas.linear_sequence(*a)[1])
+      return jnp.sum(ttt_pallas_linear.linear_sequence(*a)[1])
 
     with ttt_pallas.tuning(linear_output=where):
       text = lowering.export_cuda(jax.grad(loss, argnums=(0, 2)), *args).mlir_module()
@@ -96,13 +97,14 @@ def test_linear_output_sets_where_z_is_made():
     kernels("both")
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_one_launch_each_way(kind):
+@pytest.mark.parametrize("kind,where", [("linear", "kernel"), ("linear", "xla"), ("mlp", "kernel")])
+def test_one_launch_each_way(kind, where):
   args = inputs(kind, n=2)
   fwd = sequence_fn(kind, "pallas")
-  assert str(jax.make_jaxpr(fwd)(*args)).count("pallas_call") == 1
   loss = lambda *a: jnp.sum(fwd(*a)[1])  # noqa: E731
-  assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)).count("pallas_call") == 2
+  with ttt_pallas.tuning(linear_output=where):
+    assert str(jax.make_jaxpr(fwd)(*args)).count("pallas_call") == 1
+    assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)).count("pallas_call") == 2
 
 
 def _dot_precisions(fn, *args) -> set[str]:

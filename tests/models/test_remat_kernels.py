@@ -13,20 +13,25 @@ from flax import nnx
 
 from ttt_jax.benchmarks import lowering
 from ttt_jax.config import build_config, validate
+from ttt_jax.layers import ttt_pallas
 from ttt_jax.models import build_model
 
 
-def forward_and_backward_kernels(exported, inner: str) -> tuple[int, int]:
+def forward_and_backward_kernels(exported, kernel: str) -> tuple[int, int]:
   text = exported.mlir_module()
-  return tuple(text.count(f'name = "_{inner}_{way}_kernel"') for way in ("fwd", "bwd"))
+  return tuple(text.count(f'name = "_{kernel}_{way}_kernel"') for way in ("fwd", "bwd"))
 
 
-@pytest.mark.parametrize("inner", ["linear", "mlp"])
-def test_the_forward_kernel_is_not_run_again_in_the_backward_pass(inner):
-  """(Under `full`, the lowering SIZE's remat, it runs twice: tests/test_gpu_lowering.py.)"""
+@pytest.mark.parametrize("inner,kernel,where", [
+    ("linear", "linear", "kernel"), ("linear", "chain", "xla"), ("mlp", "mlp", "kernel")])
+def test_the_forward_kernel_is_not_run_again_in_the_backward_pass(inner, kernel, where):
+  """(Under `full`, the lowering SIZE's remat, it runs twice: tests/test_gpu_lowering.py.)
+  TTT-Linear with its output made by XLA (`Tuning.linear_output`) too."""
   layers = lowering.SIZE.num_layers
-  exported = lowering.lower_train_step(f"ttt_{inner}", {"remat": "kernels", "ttt.impl": "pallas"})
-  assert forward_and_backward_kernels(exported, inner) == (layers, layers)
+  with ttt_pallas.tuning(linear_output=where):
+    exported = lowering.lower_train_step(f"ttt_{inner}",
+                                         {"remat": "kernels", "ttt.impl": "pallas"})
+  assert forward_and_backward_kernels(exported, kernel) == (layers, layers)
 
 
 def loss_and_grads(remat: str, impl: str = "pallas", mixer: str = "ttt_linear"):

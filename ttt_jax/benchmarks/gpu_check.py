@@ -16,8 +16,9 @@ Tasks, in order:
   learn      does the transformer learn in the gpu preset's train step with each attention
              implementation (10 steps on one batch, same initialisation: losses, finite flags,
              gradient norms)?
-  tune       the TTT-Linear kernels' fwd+bwd time over Triton warps / pipeline stages and matmul
-             precision (TF32 vs IEEE fp32), with the dual form's at each precision beside them;
+  tune       the TTT-Linear kernels' fwd+bwd time over Triton warps / pipeline stages, where the
+             output is made (in the kernels or by XLA) and matmul precision (TF32 vs IEEE
+             fp32), with the dual form's at each precision beside them;
   tune_mlp   the same for the TTT-MLP kernels, also over hidden units per block;
   train:K    compile time and median step time of kind K at the `gpu` bench preset;
   train125m:K  the same for the `125m` pretraining preset of K at 8K context;

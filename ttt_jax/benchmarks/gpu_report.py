@@ -35,7 +35,8 @@ def _correctness(results: dict) -> list[str]:
   elif pal:
     out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
             "head dim 64 (values and gradients w.r.t. every input):", ""]
-    for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP")):
+    for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP"),
+                        ("linear-xla", "TTT-Linear, output by XLA (Tuning.linear_output)")):
       r = pal.get(kind)
       if r and _status(r):
         out.append(f"- {label}: {_status(r)}")
@@ -154,7 +155,8 @@ def _tune(results: dict, task: str = "tune", layer: str = "TTT-Linear") -> list[
   if _status(rows):
     return [f"{layer} kernel tuning: {_status(rows)}", ""]
   out = [f"## {layer} layer fwd+bwd at [8, 2048, 512]: matmul precision and Triton launch "
-         "parameters (wN: warps, sN: pipeline stages, bN: hidden units per block)", "",
+         "parameters (wN: warps, sN: pipeline stages, bN: hidden units per block; -kernel / -xla: "
+         "TTT-Linear's output made in the kernels or by XLA, Tuning.linear_output)", "",
          "| impl / precision / launch | compile | fwd+bwd | rel. err vs IEEE dual |",
          "|---|---|---|---|"]
   for name, r in rows.items():

@@ -124,7 +124,7 @@ def task_pallas(preset: str = "gpu") -> dict:
 
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
-  from ttt_jax.layers import ttt_dual, ttt_inner  # noqa: PLC0415
+  from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
   interpret = jax.default_backend() != "gpu"  # CPU smoke runs
@@ -135,7 +135,9 @@ def task_pallas(preset: str = "gpu") -> dict:
   ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
   out = {}
   base_lr = {"linear": 1.0, "mlp": 0.1}  # the presets' inner base LRs
-  for kind in ("linear", "mlp"):
+  # (row, inner model, ttt_pallas.tuning): TTT-Linear also with its output made by XLA
+  for row, kind, tune in (("linear", "linear", {}), ("mlp", "mlp", {}),
+                          ("linear-xla", "linear", {"linear_output": "xla"})):
     model = ttt_inner.inner_model(kind)
     eta = ttt_inner.token_lr(gate, f(b, sc=0.1), base_lr[kind], d)
     params = {k: f(bsz, h, *s, sc=0.3 if k in model.weight_names else 0.1)
@@ -151,13 +153,13 @@ def task_pallas(preset: str = "gpu") -> dict:
       return jax.jit(jax.value_and_grad(obj, argnums=tuple(range(6))))
 
     try:  # one kernel failing does not hide the other's result
-      with jax.default_matmul_precision("highest"):
+      with jax.default_matmul_precision("highest"), ttt_pallas.tuning(**tune):
         v_d, g_d = vg(dual)(params, ln, *xs, eta)
         v_k, g_k = vg(kern)(params, ln, *xs, eta)
-      out[kind] = {"value_rel_err": abs(float(v_k) - float(v_d)) / abs(float(v_d)),
-                   "grad_rel_err": _tree_rel(g_k, g_d)}
+      out[row] = {"value_rel_err": abs(float(v_k) - float(v_d)) / abs(float(v_d)),
+                  "grad_rel_err": _tree_rel(g_k, g_d)}
     except Exception as e:  # noqa: BLE001
-      out[kind] = _error(e)
+      out[row] = _error(e)
   size = PRESETS[preset]
   x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
   for layer in ("ttt_linear", "ttt_mlp"):

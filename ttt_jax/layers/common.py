@@ -12,7 +12,8 @@ from flax import nnx
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `jax.checkpoint` name of the outputs of sequential kernels that a remat policy may keep instead
-# of running the kernel again in the backward pass (`model.remat=kernels`; layers/ttt_pallas.py)
+# of running the kernel again in the backward pass (`model.remat=kernels`; the TTT kernels of
+# layers/ttt_pallas_linear.py and ttt_pallas_mlp.py)
 KERNEL_OUTPUTS = "kernel_outputs"
 
 

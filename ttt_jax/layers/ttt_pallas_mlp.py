@@ -1,7 +1,7 @@
 """Pallas (Triton) kernels for TTT-MLP over a whole sequence (`model.ttt.impl=pallas`).
 
-Two launches per layer, as TTT-Linear's (layers/ttt_pallas.py): one program per (sequence,
-head); the forward walks the n mini-batches in order, the backward walks them in reverse,
+Two launches per layer, as TTT-Linear's (layers/ttt_pallas_linear.py): one program per
+(sequence, head); the forward walks the n mini-batches in order, the backward walks them in reverse,
 recomputing each mini-batch's forward from the W_i the forward stored. XLA's scan of the dual
 form launches about 170 kernels per mini-batch and layer instead (`make gpu-census`).
 

@@ -19,7 +19,7 @@ import functools
 import ml_collections
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas, ttt_pallas_mlp
+from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas_linear, ttt_pallas_mlp
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.ttt import CausalConv, TTTConfig, TTTMixer
 
@@ -27,7 +27,7 @@ LINEAR = ttt_inner.InnerModel(
     name="linear", layers=ttt_dual.LINEAR, widths=lambda d: (d, d),
     predict=ttt_inner.linear_predict, primal=ttt_inner.linear_primal,
     dual=ttt_inner.linear_dual, dual_sequence=ttt_dual.linear_sequence,
-    pallas_sequence=ttt_pallas.linear_sequence)
+    pallas_sequence=ttt_pallas_linear.linear_sequence)
 MLP = ttt_inner.InnerModel(
     name="mlp", layers=ttt_dual.MLP, widths=lambda d: (d, 4 * d, d),
     predict=ttt_inner.mlp_predict, primal=ttt_inner.mlp_primal, dual=ttt_inner.mlp_dual,
