@@ -178,6 +178,10 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   # both TTT-MLP kernels build for the H200 with the default launch parameters ...
   text, _ = gpu_census.compile_ttt_kernels(device, "mlp")
   assert gpu_census.census(text)["by_kind"].get("pallas") == 2
+  # ... and TTT-Linear's train step with its output made by XLA (whose first einsum XLA:GPU's
+  # compiler rejected: the CUDA export alone did not show it)
+  text, _ = gpu_census.compile_train_step("ttt_linear+xlaout", device)
+  assert gpu_census.census(text)["by_kind"].get("pallas") == 24
   # ... and the H200's limits are checked: a tile that needs more shared memory than an SM has
   # fails
   with pytest.raises(Exception, match="Shared memory size limit exceeded"):

@@ -29,10 +29,11 @@ def test_plan_order_and_filter():
   assert {"cache_attention", "stream:e2e/transformer/transformer-masked"} <= set(names)
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
       "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+rematkernels",
-      "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf", "train:ttt_linear+scan"]
+      "train:ttt_linear+xlaout", "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf",
+      "train:ttt_linear+scan"]
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
-  variants = ("", *gpu_check.VARIANTS, *gpu_tasks.CONFIG_VARIANTS)
+  variants = ("", *gpu_check.VARIANTS, *gpu_tasks.CONFIG_VARIANTS, *gpu_tasks.TUNING_VARIANTS)
   assert all(n.partition("+")[2] in variants for n in names)
 
 
@@ -47,6 +48,20 @@ def test_train_kinds_and_their_variants():
     m = model_config(base, PRESETS["gpu"], overrides=overrides).model
     for key, value in overrides.items():
       assert functools.reduce(lambda node, k: node[k], key.split("."), m) == value, (kind, key)
+
+
+def test_tuning_variant_reaches_the_traced_step():
+  """`+xlaout`: no model override, a launch setting the train step is traced under (the
+  CUDA-lowered TTT-Linear step then holds the W-chain kernels)."""
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  assert gpu_tasks.train_kind("ttt_linear+xlaout") == ("ttt_linear", {})
+  assert gpu_tasks.variant_tuning("ttt_linear+xlaout") == {"linear_output": "xla"}
+  assert gpu_tasks.variant_tuning("ttt_linear+rematkernels") == {}
+  with ttt_pallas.tuning(**gpu_tasks.variant_tuning("ttt_linear+xlaout")):
+    text = lowering.lower_train_step("ttt_linear").mlir_module()
+  assert 'name = "_chain_fwd_kernel"' in text and "_linear_fwd_kernel" not in text
 
 
 def test_summary_reports_numbers_errors_and_skips(tmp_path):

@@ -172,9 +172,10 @@ def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, 
   pretraining preset of model kind K at 8K context."""
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_tasks import config_125m, train_kind  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_tasks import config_125m, train_kind, variant_tuning  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
-  with lowering.for_gpu():
+  with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):
     if kind.startswith("125m:"):  # the 125m pretraining preset at 8K (gpu-check's train125m)
       fn, args = lowering.train_step_of_config(config_125m(kind.split(":", 1)[1]))
     else:

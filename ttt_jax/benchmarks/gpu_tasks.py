@@ -21,6 +21,9 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
+# ... or `ttt_pallas.tuning` overrides V while the step is traced: TTT-Linear's output made by
+# XLA after kernels that carry the W chain alone
+TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
                 "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
@@ -309,13 +312,20 @@ def train_kind(kind: str) -> tuple[str, dict]:
   return base, {**({"ttt.impl": impl} if impl else {}), **CONFIG_VARIANTS.get(variant, {})}
 
 
+def variant_tuning(kind: str) -> dict:
+  """The `ttt_pallas.tuning` overrides of train kind K[+variant] (`TUNING_VARIANTS`)."""
+  return TUNING_VARIANTS.get(kind.partition("+")[2], {})
+
+
 def task_train(kind: str) -> dict:
-  """Kind K[+variant] at the gpu preset (`train_kind`)."""
+  """Kind K[+variant] at the gpu preset (`train_kind`, `variant_tuning`)."""
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
   base, overrides = train_kind(kind)
-  _, compiled, state, batch, info = _train_setup(base, PRESETS["gpu"], overrides=overrides)
+  with ttt_pallas.tuning(**variant_tuning(kind)):  # the step is traced and compiled here
+    _, compiled, state, batch, info = _train_setup(base, PRESETS["gpu"], overrides=overrides)
   return _time_steps(compiled, state, batch, info)
 
 

@@ -264,8 +264,10 @@ def linear_sequence(params, ln, xq, xk, xv, eta, *, interpret: bool = False):
   if where == "xla":
     wn, bn, ws, bs, g = linear_chain(interpret, xq.shape[0], params["w"], params["b"], *ln,
                                      *map(to_sequence, (xk, xv - xk, lr)))
-    z = (jnp.einsum("nBHbd,BHnde->nBHbe", xq, ws) + jnp.moveaxis(bs, 2, 0)[..., None, :]
-         - ttt_inner.mm(attn, from_sequence(g, xq.shape[0])))
+    # XQ_i W_i + b_i with the batch axes leading and in one order on both sides ([B, H, n]):
+    # XLA:GPU's compiler rejects the program it makes of the same product with them mixed
+    qw = ttt_inner.mm(jnp.moveaxis(xq, 0, 2), ws) + bs[..., None, :]
+    z = jnp.moveaxis(qw, 2, 0) - ttt_inner.mm(attn, from_sequence(g, xq.shape[0]))
     return {"w": wn, "b": bn}, xq + ttt_inner.layer_norm(z, *ln)
   if where != "kernel":
     raise ValueError(f"ttt_pallas.Tuning.linear_output={where!r}: 'kernel' or 'xla'")
