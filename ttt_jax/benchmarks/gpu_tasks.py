@@ -27,7 +27,7 @@ TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
                 "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
-                "ttt_mlp-pallas+scan")
+                "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
 
 
 def _rel(a, b) -> float:
