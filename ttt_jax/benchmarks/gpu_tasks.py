@@ -21,8 +21,7 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
-# ... or `ttt_pallas.tuning` overrides V while the step is traced: TTT-Linear's output made by
-# XLA after kernels that carry the W chain alone
+# ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
@@ -30,17 +29,14 @@ RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chun
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
 
 
-def _rel(a, b) -> float:
+def _tree_rel(a, b) -> float:
+  """The worst leaf's largest |a - b| over its largest |b|."""
+  import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def _tree_rel(a, b) -> float:
-  import jax  # noqa: PLC0415
-
-  return max(jax.tree.leaves(jax.tree.map(_rel, a, b)))
+  rel = lambda x, y: float(np.max(np.abs(np.subtract(x, y, dtype=np.float64)))  # noqa: E731
+                           / max(np.max(np.abs(np.asarray(y, np.float64))), 1e-30))
+  return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
 
 
 def _error(e: Exception, limit: int = 300) -> dict:
@@ -117,8 +113,8 @@ def task_attention() -> dict:
 
 
 def task_pallas(preset: str = "gpu") -> dict:
-  """Both TTT kernels vs the XLA dual form (fp32, small), then one layer's fwd+bwd time, dual vs
-  pallas, at `preset`'s shape."""
+  """Both TTT kernels vs the XLA dual form (fp32, small; TTT-Linear also with its output made by
+  XLA, `row` linear-xla), then one layer's fwd+bwd time, dual vs pallas, at `preset`'s shape."""
   import functools  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -138,7 +134,6 @@ def task_pallas(preset: str = "gpu") -> dict:
   ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
   out = {}
   base_lr = {"linear": 1.0, "mlp": 0.1}  # the presets' inner base LRs
-  # (row, inner model, ttt_pallas.tuning): TTT-Linear also with its output made by XLA
   for row, kind, tune in (("linear", "linear", {}), ("mlp", "mlp", {}),
                           ("linear-xla", "linear", {"linear_output": "xla"})):
     model = ttt_inner.inner_model(kind)
@@ -211,10 +206,9 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
   return out
 
 
-# {layer: launch settings}, the first the default (ttt_pallas.Tuning), each a value per field of
+# {layer: launch settings}, the first the default (ttt_pallas.Tuning), a value per field of
 # TUNE_FIELDS[layer] (the Tuning field, its tag in the row name). H200, 2026-12-04: 2 warps took
-# 9x longer (29 ms) for TTT-Linear and are no longer tried. TTT-Linear: warps, stages, where
-# z is made (Tuning.linear_output); TTT-MLP: warps, hidden block.
+# 9x longer (29 ms) for TTT-Linear and are no longer tried.
 TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
                "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"))}
 TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
