@@ -142,6 +142,11 @@ def block_rows(i, b):
   return pl.ds(pl.multiple_of(i * b, b), b)
 
 
+def row(ref, i, cols=slice(None)):
+  """Row i of a [m, k] ref (columns `cols`), as [1, k]."""
+  return ref[pl.ds(i, 1), cols]
+
+
 def to_sequence(x):
   """Mini-batches [n, B, H, b, k] as one sequence per (sequence, head): [B, H, n * b, k]."""
   n, bsz, heads, b = x.shape[:4]

@@ -35,6 +35,7 @@ from ttt_jax.layers.ttt_pallas import (
   launch_per_head,
   ln_l2_bwd,
   ln_spec,
+  row,
   seq_spec,
   sequence_output,
   t_dot,
@@ -97,7 +98,7 @@ def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_r
 
   def step(i, dw, dbias):  # dw, dbias: cotangents of W_{i+1}, b_{i+1}
     rows = block_rows(i, b)
-    w, bias = ws_ref[i], bs_ref[pl.ds(i, 1), :]
+    w, bias = ws_ref[i], row(bs_ref, i)
     q, k, a, lr, dz = q_ref[rows, :], k_ref[rows, :], a_ref[rows, :], lr_ref[rows, :], dz_ref[
         rows, :]
     g, parts = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
@@ -150,7 +151,7 @@ def _core_bwd(interpret, res, cot):
   bsz, heads, t, d = xq.shape
   shapes = [(bsz, heads, d, d), (bsz, heads, 1, d), (bsz, heads, 1, d), (bsz, heads, 1, d),
             xq.shape, xk.shape, target.shape, attn.shape, lr.shape]
-  out_shape = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  out_shape = [f32(*s) for s in shapes]
   ins = [scale, beta, xq, xk, target, attn, lr, ws, bs, dz, dwn, dbn]
   specs = [ln_spec(scale.shape), ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[2:]]
   dw, db, ds, dbeta, dq, dk, dt, da, dlr = launch_per_head(_linear_bwd_kernel, ins, specs,
@@ -197,7 +198,7 @@ def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, ws_ref, bs_ref, dg_
 
   def step(i, dw, dbias):  # dw, dbias: cotangents of W_{i+1}, b_{i+1}
     rows = block_rows(i, b)
-    w, bias = ws_ref[i], bs_ref[pl.ds(i, 1), :]
+    w, bias = ws_ref[i], row(bs_ref, i)
     k, lr = k_ref[rows, :], lr_ref[rows, :]
     g, parts = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
     lk = lr * k  # W_{i+1} = W_i + lk^T G_i,  b_{i+1} = b_i + lr^T G_i; G_i is also an output
@@ -208,7 +209,7 @@ def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, ws_ref, bs_ref, dg_
     dt_ref[rows, :] = dt
     dk_ref[rows, :] = dot_t(dp, w) + lr * d_lk
     dw = dw + dws_ref[i] + t_dot(k, dp)
-    dbias = dbias + dbs_ref[pl.ds(i, 1), :] + jnp.sum(dp, axis=0, keepdims=True)
+    dbias = dbias + row(dbs_ref, i) + jnp.sum(dp, axis=0, keepdims=True)
     return dw, dbias, dsc, dbe
 
   _walk_back(n, step, scale, dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_ref)

@@ -48,6 +48,7 @@ from ttt_jax.layers.ttt_pallas import (
   launch_per_head,
   ln_l2_bwd,
   ln_spec,
+  row,
   seq_spec,
   t_dot,
 )
@@ -73,27 +74,23 @@ def _barrier(interpret: bool) -> None:
     pltriton.debug_barrier()
 
 
-def _row(ref, i, cols=slice(None)):  # row i of a [m, k] ref, as [1, k]
-  return ref[pl.ds(i, 1), cols]
-
-
 def _hidden(k, w1s_ref, b1s_ref, i, h):
   """(z1, X2) of hidden block h for mini-batch i's weights."""
-  z1 = dot(k, w1s_ref[i, :, h]) + _row(b1s_ref, i, h)
+  z1 = dot(k, w1s_ref[i, :, h]) + row(b1s_ref, i, h)
   return z1, ttt_inner.gelu(z1)
 
 
 def _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks):
   """P2 = X2 W2 + b2 for mini-batch i's weights (its blocks are recomputed where needed: kept,
   they would take registers the rest of the mini-batch needs)."""
-  p2 = _row(b2s_ref, i)
+  p2 = row(b2s_ref, i)
   for h in blocks:
     p2 = p2 + dot(_hidden(k, w1s_ref, b1s_ref, i, h)[1], w2s_ref[i, h, :])
   return p2
 
 
 def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
-                w1_ref, b1_ref, w2_ref, b2_ref, z_ref, w1s_ref, b1s_ref, w2s_ref, b2s_ref):
+                    w1_ref, b1_ref, w2_ref, b2_ref, z_ref, w1s_ref, b1s_ref, w2s_ref, b2s_ref):
   b = e_ref.shape[-1]
   n = q_ref.shape[0] // b
   blocks = hidden_blocks(w1_ref.shape[-1])
@@ -112,11 +109,11 @@ def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     g2, _ = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
     a = e * (dot_t(q, k) + 1.0)
     lk = lr * k
-    b2 = _row(b2s_ref, i)
+    b2 = row(b2s_ref, i)
     z, s = b2, jnp.zeros_like(a)
     for h in blocks:
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
-      w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], _row(b1s_ref, i, h)
+      w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], row(b1s_ref, i, h)
       g1h = dot_t(g2, w2h) * ttt_inner.gelu_grad(z1h)
       xq2h = ttt_inner.gelu(dot(q, w1h) + b1h - dot(a, g1h))
       z = z + dot(xq2h, w2h)
@@ -166,7 +163,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     dz1_known, new_db1 = [], []  # per block: z1's cotangent but for G2's share; b1's cotangent
     for h, db1h in zip(blocks, db1, strict=True):
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
-      w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], _row(b1s_ref, i, h)
+      w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], row(b1s_ref, i, h)
       dw1h, dw2h = dw1_ref[0, :, h], dw2_ref[0, h, :]
       gp, gpp = jax.jvp(ttt_inner.gelu_grad, (z1h,), (jnp.ones_like(z1h),))  # gelu', gelu''
       u = dot_t(g2, w2h)
