@@ -23,7 +23,7 @@ HLO = """HloModule m
 %inner_body (t: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
   %t = (s32[], f32[4,4]{1,0}) parameter(0)
   %x = f32[4,4]{1,0} get-tuple-element(%t), index=1
-  %g = f32[4,4]{1,0} fusion(%x), kind=kCustom, calls=%gemm, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %g = f32[4,4]{1,0} fusion(%x), kind=kCustom, calls=%gemm, metadata={op_name="jit(f)/transpose(jvp(mlp))/dot_general" source_file="lm.py"}, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
   ROOT %r = (s32[], f32[4,4]{1,0}) tuple(%i, %g)
 }
 
@@ -52,7 +52,7 @@ HLO = """HloModule m
 %big (p: f32[4,4]) -> f32[4,4] {
   %p = f32[4,4]{1,0} parameter(0)
   %k1 = f32[4,4]{1,0} fusion(%p), kind=kLoop, calls=%gemm
-  ROOT %k2 = f32[4,4]{1,0} custom-call(%k1), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %k2 = f32[4,4]{1,0} custom-call(%k1), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(f)/jvp(mixer)/attention/dot_product_attention"}
 }
 
 %sub (p: f32[4,4]) -> f32[4,4] {
@@ -84,6 +84,10 @@ def test_census_counts_each_launch_once_per_run():
       ("w", 5, 10, 1), ("w", 3, 2, 5)]
   assert r["by_kind"] == {"fusion": 37, "matmul": 15, "cudnn": 1, "pallas": 1}
   assert sum(r["by_kind"].values()) == r["launches"]
+  # where they come from (op_name metadata): the inner loop's gemm, 15 runs, in the mlp's
+  # backward; the cuDNN call in the attention's forward; the rest carries no op_name
+  assert r["by_scope"] == {"other": 38, "mlp": 15, "attention": 1}
+  assert r["by_phase"] == {"update": 38, "backward": 15, "forward": 1}
   with pytest.raises(ValueError, match="no ENTRY"):
     gpu_census.census("HloModule m\n")
 
@@ -117,6 +121,10 @@ def test_markdown_row():
   assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
   assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 50 |  | - |" in text  # no train-step ratio
   assert "| 125m:e2e | 500 | 2.5x |" in text  # against the same preset's transformer
+  assert "| by phase |" not in text  # no program here says where its launches come from
+  rows["transformer"].update(by_scope={"mlp": 60, "attention": 40}, by_phase={"forward": 100})
+  text = gpu_census.markdown(rows)
+  assert "| transformer | mlp 60, attention 40 | forward 100 |" in text
 
 
 PTXAS_OUTPUT = """ptxas info    : 0 bytes gmem

@@ -4,11 +4,12 @@ of results (numbers, errors and skipped tasks each reported)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
 
-from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks
+from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks, gpu_variants
 from ttt_jax.benchmarks.common import PRESETS, model_config
 
 
@@ -33,18 +34,18 @@ def test_plan_order_and_filter():
       "train:ttt_linear+scan"]
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
-  variants = ("", *gpu_check.VARIANTS, *gpu_tasks.CONFIG_VARIANTS, *gpu_tasks.TUNING_VARIANTS)
+  variants = ("", *gpu_check.VARIANTS, *gpu_variants.CONFIG_VARIANTS, *gpu_variants.TUNING_VARIANTS)
   assert all(n.partition("+")[2] in variants for n in names)
 
 
 def test_train_kinds_and_their_variants():
-  assert gpu_tasks.train_kind("ttt_linear-dual+rematkernels") == (
+  assert gpu_variants.train_kind("ttt_linear-dual+rematkernels") == (
       "ttt_linear", {"ttt.impl": "dual", "remat": "kernels"})
-  assert gpu_tasks.train_kind("e2e-meta+chunkdots") == (
+  assert gpu_variants.train_kind("e2e-meta+chunkdots") == (
       "e2e-meta", {"e2e.remat_chunks_policy": "dots"})
-  assert gpu_tasks.train_kind("transformer+cmdbuf") == ("transformer", {})  # XLA flags only
-  for kind in gpu_tasks.RUN_VARIANTS:  # each override reaches the validated config
-    base, overrides = gpu_tasks.train_kind(kind)
+  assert gpu_variants.train_kind("transformer+cmdbuf") == ("transformer", {})  # XLA flags only
+  for kind in gpu_variants.RUN_VARIANTS:  # each override reaches the validated config
+    base, overrides = gpu_variants.train_kind(kind)
     m = model_config(base, PRESETS["gpu"], overrides=overrides).model
     for key, value in overrides.items():
       assert functools.reduce(lambda node, k: node[k], key.split("."), m) == value, (kind, key)
@@ -56,10 +57,10 @@ def test_tuning_variant_reaches_the_traced_step():
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
-  assert gpu_tasks.train_kind("ttt_linear+xlaout") == ("ttt_linear", {})
-  assert gpu_tasks.variant_tuning("ttt_linear+xlaout") == {"linear_output": "xla"}
-  assert gpu_tasks.variant_tuning("ttt_linear+rematkernels") == {}
-  with ttt_pallas.tuning(**gpu_tasks.variant_tuning("ttt_linear+xlaout")):
+  assert gpu_variants.train_kind("ttt_linear+xlaout") == ("ttt_linear", {})
+  assert gpu_variants.variant_tuning("ttt_linear+xlaout") == {"linear_output": "xla"}
+  assert gpu_variants.variant_tuning("ttt_linear+rematkernels") == {}
+  with ttt_pallas.tuning(**gpu_variants.variant_tuning("ttt_linear+xlaout")):
     text = lowering.lower_train_step("ttt_linear").mlir_module()
   assert 'name = "_chain_fwd_kernel"' in text and "_linear_fwd_kernel" not in text
 
@@ -74,7 +75,9 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
                                     "xla": {"error": "XlaRuntimeError: out of memory"}}},
       "pallas": {"error": "timed out after 120 s"},
       "train:transformer": dict(step, median_s=0.016),
-      "train:ttt_linear": dict(step, median_s=0.032, losses=[5.6, 4.1], nonfinite_steps=0),
+      "train:ttt_linear": dict(step, median_s=0.032, losses=[5.6, 4.1], nonfinite_steps=0,
+                               profile=PROFILE),
+      "train:transformer+noremat": dict(step, median_s=0.012, profile={"error": "E: no trace"}),
       "train:e2e-meta": {"skipped": "out of the time budget"},
       "train125m:transformer": dict(step, median_s=0.1),
       "train125m:e2e": dict(step, median_s=0.15),
@@ -104,6 +107,41 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "same process: transformer 1.00x, e2e 2.50x" in text
   assert "| prefill at 65536 | kernel | 2.00 ms | 140.0 | 4.0e-03 |" in text
   assert "| prefill at 65536 | cudnn, masked | error (ValueError: no) |" in text
+  assert ("| ttt_linear | 30.00 ms | 25.00 ms | 28.00 ms | 2100 | pallas 50%, matmul 30%, "
+          "fusion 20% | ttt_inner 50%, mlp 20%, other 10% |") in text
+  assert "| transformer+noremat | error (E: no trace) |" in text
+  assert "| _linear_fwd.3 | pallas | ttt_inner | forward | 8.000 | 8 |" in text
+
+
+PROFILE = {"calls": 3, "launches": 2100.0, "kernels_ms": 28.0, "busy_ms": 25.0, "wall_ms": 30.0,
+           "unmatched_ms": 0.0, "by_kind": {"pallas": 14.0, "matmul": 8.4, "fusion": 5.6},
+           "by_scope": {"ttt_inner": 14.0, "mlp": 5.6, "other": 2.8, "mixer": 2.8, "head": 2.8},
+           "by_phase": {"backward": 16.0, "forward": 12.0},
+           "top": [{"op": "_linear_fwd.3", "kind": "pallas", "scope": "ttt_inner",
+                    "phase": "forward", "ms": 8.0, "launches": 8.0}]}
+
+
+def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
+  """gpu-check (on a GPU) hands every task process its own raw-trace path."""
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import kernel_profile  # noqa: PLC0415
+
+  seen = []
+
+  def fake_run(cmd, env=None, **kw):
+    seen.append((cmd[-1], env[kernel_profile.PROFILE_ENV]))
+    return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(
+        {"median_s": 0.01, "compile_s": 1.0, "tokens_per_step": 8, "model_flops_per_token": 1}),
+                                       stderr="")
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:e2e-meta"]) == 0
+  assert seen == [(name, str(tmp_path / "profiles" / f"{file}.xplane.pb")) for name, file in (
+      ("train:e2e-meta", "train_e2e-meta"),
+      ("train:e2e-meta+chunkdots", "train_e2e-meta_chunkdots"),
+      ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"))]
 
 
 def test_pallas_task_runs_on_cpu():

@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from ttt_jax.benchmarks import hlo_text
+
 # Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
 H200_TARGET = """
 gpu_device_info {
@@ -42,66 +44,20 @@ dnn_version_info { major: 9 minor: 10 }
 runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H200"
 """
-# instructions that launch nothing (control flow is counted through its computations)
-FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-                  "partition-id", "replica-id", "opt-barrier", "add-dependency"})
-_HEAD = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_INST = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$")
-
-
-def _computations(text: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
-  """{computation: [(instruction, opcode, text after the result type)]}, and the entry's name."""
-  comps: dict[str, list] = {}
-  entry, cur = "", None
-  for line in text.splitlines():
-    head = _HEAD.match(line) if not line.startswith(" ") else None
-    if head:
-      cur = head.group(2)
-      comps[cur] = []
-      entry = cur if head.group(1) else entry
-    elif line.startswith("}"):
-      cur = None
-    elif cur is not None and (m := _INST.match(line)):
-      rest, depth, cut = m.group(2), 0, len(m.group(2))
-      for i, ch in enumerate(rest):  # the result type ends at the first top-level space
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == " " and depth == 0:
-          cut = i
-          break
-      after = rest[cut + 1:]
-      comps[cur].append((m.group(1), after.split("(", 1)[0], after))
-  if not entry:
-    raise ValueError("census: no ENTRY computation in this HLO text")
-  return comps, entry
-
-
-def _kind(op: str, after: str) -> str:
-  """matmul (cuBLAS or XLA's Triton GEMMs) | cudnn | pallas (Triton kernels of this package) |
-  library call | fusion (XLA's other fused kernels) | the opcode (copy, ...)."""
-  if op == "custom-call":
-    target = re.search(r'custom_call_target="([^"]+)"', after)
-    target = target.group(1) if target else ""
-    return ("cudnn" if "cudnn" in target else "pallas" if "triton" in target
-            else "matmul" if "cublas" in target else "library call")
-  if op == "fusion":
-    kind = re.search(r'"fusion_backend_config":\{"kind":"([^"]+)"', after)
-    kind = kind.group(1) if kind else ""
-    return "matmul" if "gemm" in kind or "cublas" in kind else "fusion"
-  return op
-
-
 def census(text: str) -> dict:
   """Kernel launches of one call of the compiled program `text` (XLA's HLO after optimization):
-  {'launches', 'by_kind': {kind: launches}, 'loops': [{'name', 'trips', 'per_trip', 'runs'}]},
-  loops by launches, most first (`runs`: how often the loop itself runs, through outer loops)."""
-  comps, entry = _computations(text)
-  by_kind: collections.Counter = collections.Counter()
+  {'launches', 'by_kind': {kind: launches}, 'by_scope' and 'by_phase' alike (the model's named
+  scopes and the step's phases, `hlo_text.scope_of` / `phase_of`), 'loops': [{'name', 'trips',
+  'per_trip', 'runs'}]}, loops by launches, most first (`runs`: how often the loop itself runs,
+  through outer loops)."""
+  comps, entry = hlo_text.computations(text)
+  by_kind, by_scope, by_phase = (collections.Counter() for _ in range(3))
   loops = []
 
   def launches(comp: str, runs: int) -> int:
     total = 0
     for name, op, after in comps[comp]:
-      if op in FREE:
+      if op in hlo_text.FREE:
         continue
       if op == "while":
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
@@ -123,14 +79,18 @@ def census(text: str) -> dict:
         total += launches(re.search(r"to_apply=%([\w.\-]+)", after).group(1), runs)
       else:
         total += 1
-        by_kind[_kind(op, after)] += runs
+        by_kind[hlo_text.kind(op, after)] += runs
+        source = hlo_text.op_name(after)
+        by_scope[hlo_text.scope_of(source)] += runs
+        by_phase[hlo_text.phase_of(source)] += runs
     return total
 
   total = launches(entry, 1)
   loops = [r for r in loops if r["runs"]]
   loops.sort(key=lambda r: -r["trips"] * r["per_trip"] * r["runs"])
-  return {"launches": total, "by_kind": {k: v for k, v in by_kind.most_common() if v},
-          "loops": loops}
+  nonzero = lambda c: {k: v for k, v in c.most_common() if v}  # noqa: E731
+  return {"launches": total, "by_kind": nonzero(by_kind), "by_scope": nonzero(by_scope),
+          "by_phase": nonzero(by_phase), "loops": loops}
 
 
 def gpu_device():
@@ -172,7 +132,8 @@ def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, 
   pretraining preset of model kind K at 8K context."""
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_tasks import config_125m, train_kind, variant_tuning  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_tasks import config_125m  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
   with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):
@@ -306,6 +267,12 @@ def markdown(rows: dict) -> str:
     out.append(f"| {kind} | {r['launches']} | {ratio} | "
                + " | ".join(map(str, named)) + f" | {r['launches'] - sum(named)} | {temp} | "
                f"{top or '-'} |")
+  scoped = {k: r for k, r in rows.items() if r.get("by_scope")}
+  if scoped:
+    share = lambda d, n: ", ".join(f"{k} {v}" for k, v in list(d.items())[:n])  # noqa: E731
+    out += ["", "| program | launches by model scope (largest first) | by phase |", "|---|---|---|"]
+    out += [f"| {k} | {share(r['by_scope'], 6)} | {share(r['by_phase'], 6)} |"
+            for k, r in scoped.items()]
   resources = rows.get("triton resources", {})
   if resources:
     out += ["", "| Triton kernel (H200, ptxas) | registers per thread | spill stores | spill loads "
@@ -316,7 +283,7 @@ def markdown(rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-  from ttt_jax.benchmarks.gpu_tasks import RUN_VARIANTS, TRAIN  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_variants import RUN_VARIANTS, TRAIN  # noqa: PLC0415
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS + ("125m:transformer",

@@ -20,7 +20,9 @@ Tasks, in order:
              output is made (in the kernels or by XLA) and matmul precision (TF32 vs IEEE
              fp32), with the dual form's at each precision beside them;
   tune_mlp   the same for the TTT-MLP kernels, also over hidden units per block;
-  train:K    compile time and median step time of kind K at the `gpu` bench preset;
+  train:K    compile time and median step time of kind K at the `gpu` bench preset, and where
+             the device time of three more steps goes (benchmarks/kernel_profile.py: kernel
+             time by kind, model scope and phase; the raw trace in <out_dir>/profiles/);
   train125m:K  the same for the `125m` pretraining preset of K at 8K context;
   cache_attention  the Triton kernel for queries against a full-attention cache (a 512-token
              chunk, one decode query; 128K slots half and wholly filled) at a few tile settings
@@ -29,8 +31,8 @@ Tasks, in order:
              in one process (transformer-masked: full attention through masked cuDNN);
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans), or a config variant
-             (`gpu_tasks.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, nogroups, scan), or
-             launch settings (`gpu_tasks.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
+             (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, nogroups, scan), or
+             launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
 On a machine without a GPU it says so in one line and exits 0.
 """
 
@@ -39,11 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
-from ttt_jax.benchmarks.gpu_tasks import TRAIN, VARIANTS, run_task
+from ttt_jax.benchmarks.gpu_tasks import run_task
+from ttt_jax.benchmarks.gpu_variants import TRAIN, VARIANTS
+from ttt_jax.benchmarks.kernel_profile import PROFILE_ENV
 
 # E2E beside full attention through the Triton cache kernel and through masked cuDNN, one process
 STREAM_HONEST = "e2e/transformer/transformer-masked"
@@ -113,6 +118,8 @@ def main(argv=None) -> int:
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
       env = dict(child_env)
+      env[PROFILE_ENV] = os.path.join(args.out_dir, "profiles",
+                                      re.sub(r"[^\w.\-]+", "_", name) + ".xplane.pb")
       flags = VARIANTS.get(name.partition("+")[2], "")  # config variants: none
       if flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ttt_jax.benchmarks.common import fmt_len
 from ttt_jax.benchmarks.common import result_status as _status
+from ttt_jax.benchmarks.kernel_profile import markdown as profile_markdown
 
 
 def _ms(s: float) -> str:
@@ -90,6 +91,33 @@ def _train(results: dict) -> list[str]:
     out += ["", f"MFU: model FLOPs (6N + attention) per second over the measured bf16 matmul "
             f"ceiling, {peak / 1e12:.0f} TFLOP/s (8192^3)."]
   return out + [""]
+
+
+def _profiles(results: dict) -> list[str]:
+  """Where each train step's device time goes (the `profile` of the train tasks)."""
+  rows = {k.split(":", 1)[1] + (" (125m, 8K)" if k.startswith("train125m:") else ""): r["profile"]
+          for k, r in results.items()
+          if k.startswith(("train:", "train125m:")) and isinstance(r.get("profile"), dict)}
+  if not rows:
+    return []
+  out = ["## Where the train steps' time goes (jax.profiler, 3 steps after the timed ones; "
+         "benchmarks/kernel_profile.py)", "",
+         "| kind | wall | device busy | kernels | launches | largest kinds | largest scopes |",
+         "|---|---|---|---|---|---|---|"]
+  top = lambda d, p: ", ".join(f"{k} {100 * v / (p['kernels_ms'] or 1):.0f}%"  # noqa: E731
+                               for k, v in list(d.items())[:3])
+  for kind, p in rows.items():
+    if _status(p):
+      out.append(f"| {kind} | {_status(p)} | | | | | |")
+    else:
+      out.append(f"| {kind} | {p.get('wall_ms', 0):.2f} ms | {p['busy_ms']:.2f} ms | "
+                 f"{p['kernels_ms']:.2f} ms | {p['launches']:.0f} | {top(p['by_kind'], p)} | "
+                 f"{top(p['by_scope'], p)} |")
+  out.append("")
+  for kind, p in rows.items():
+    if not _status(p):
+      out += profile_markdown(kind, p, rows=6)
+  return out
 
 
 def _stream(results: dict) -> list[str]:
@@ -199,7 +227,7 @@ def write_markdown(results: dict, path: str) -> str:
     lines += [f"Device {env['device']}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
               + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
   lines += (_correctness(results) + _learn(results) + _tune(results)
-            + _tune(results, "tune_mlp", "TTT-MLP") + _train(results)
+            + _tune(results, "tune_mlp", "TTT-MLP") + _train(results) + _profiles(results)
             + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]

@@ -6,27 +6,10 @@ from __future__ import annotations
 
 import time
 
-# K-dual / K-pallas force model.ttt.impl; plain K runs the default (auto: TTT-Linear on one GPU
-# takes the Pallas kernels)
-TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_mlp-pallas",
-         "e2e-pretrain", "e2e-meta")
+from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning
+
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
-# K+V: XLA flags V (set by gpu_check for the task's process) ...
-VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
-                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
-# ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
-# kernels' outputs kept under remat; E2E chunk steps keep their matmuls; TTT without remat
-# through time; the layers as one scanned block (compiled once; not E2E)
-CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
-                   "chunkdots": {"e2e.remat_chunks_policy": "dots"},
-                   "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
-# ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA)
-TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
-# config-variant train kinds that gpu_census also counts
-RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
-                "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
-                "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
 
 
 def _tree_rel(a, b) -> float:
@@ -298,19 +281,6 @@ def task_e2e() -> dict:
   return out
 
 
-def train_kind(kind: str) -> tuple[str, dict]:
-  """(benchmark kind, model overrides) of train kind K[-impl][+variant]: ttt_K-impl forces
-  model.ttt.impl; a `CONFIG_VARIANTS` variant adds its overrides (XLA-flag variants none)."""
-  kind, _, variant = kind.partition("+")
-  base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
-  return base, {**({"ttt.impl": impl} if impl else {}), **CONFIG_VARIANTS.get(variant, {})}
-
-
-def variant_tuning(kind: str) -> dict:
-  """The `ttt_pallas.tuning` overrides of train kind K[+variant] (`TUNING_VARIANTS`)."""
-  return TUNING_VARIANTS.get(kind.partition("+")[2], {})
-
-
 def task_train(kind: str) -> dict:
   """Kind K[+variant] at the gpu preset (`train_kind`, `variant_tuning`)."""
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
@@ -345,7 +315,10 @@ def task_train_125m(kind: str) -> dict:
 
 def _time_steps(compiled, state, batch, info: dict) -> dict:
   """Median step time; the steps' losses and finite flags (all on one batch: a healthy step
-  lowers the loss) are kept, so a run whose updates are all skipped as non-finite shows."""
+  lowers the loss) are kept, so a run whose updates are all skipped as non-finite shows; then
+  where the device time of three more steps goes (`kernel_profile`)."""
+  from ttt_jax.benchmarks.kernel_profile import profile_or_error  # noqa: PLC0415
+
   holder, history = {"state": state}, []
 
   def step():
@@ -357,6 +330,7 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
   info["loss"] = float(step())
   info["losses"] = [float(loss) for loss, _ in history]
   info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
+  info["profile"] = profile_or_error(lambda: (step(), holder["state"])[1], compiled.as_text())
   return info
 
 

@@ -348,8 +348,9 @@ class Attention(nnx.Module):
       new_state = KVCache(k=k_all[:, -cap:], v=v_all[:, -cap:], pos=k_pos[-cap:])
     # one-shot, or keys = [window, new]: the queries are the last keys and positions only grow
     ordered = state is None or self.window is not None
-    out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window, ordered=ordered,
-                                filled=filled, algorithm=self.algorithm)
+    with jax.named_scope("attention"):  # the core, apart from the projections (kernel_profile)
+      out = dot_product_attention(q, k_all, v_all, positions, k_pos, self.window,
+                                  ordered=ordered, filled=filled, algorithm=self.algorithm)
     out = out.reshape(*out.shape[:-2], -1)
     return self.wo(out), new_state
 

@@ -249,17 +249,20 @@ class TTTMixer(nnx.Module):
     xs = (to_mb(xq), to_mb(xk), to_mb(xv), eta)
     interpret = target_platform() != "gpu"  # Pallas kernels: compiled on a GPU only
     model = ttt_inner.inner_model(self.kind)
+    with jax.named_scope("ttt_inner"):  # the inner loop, apart from the projections
+      params, z = self._inner(model, params, ln, xs, interpret, complete)
+    return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
+
+  def _inner(self, model, params, ln, xs, interpret: bool, complete):
     pallas = self.impl == "pallas"
     if pallas and model.pallas_sequence and complete is None:
-      params, z = model.pallas_sequence(params, ln, *xs, interpret=interpret)
-    elif model.dual_sequence and (self.impl == "dual" or (pallas and model.pallas_sequence)):
+      return model.pallas_sequence(params, ln, *xs, interpret=interpret)
+    if model.dual_sequence and (self.impl == "dual" or (pallas and model.pallas_sequence)):
       # dual: W-independent work hoisted out of the scan (layers/ttt_dual.py); also pallas's
       # streaming calls, whose partial mini-batches the sequence kernel does not take
-      params, z = model.dual_sequence(params, ln, *xs, self.remat_group, complete)
-    else:
-      step = model.step("primal" if pallas else self.impl)
-      params, z = ttt_inner.scan_minibatches(step, params, ln, xs, self.remat_group, complete)
-    return params, jnp.moveaxis(z, 0, 2).reshape(bsz, h, length, d)
+      return model.dual_sequence(params, ln, *xs, self.remat_group, complete)
+    step = model.step("primal" if pallas else self.impl)
+    return ttt_inner.scan_minibatches(step, params, ln, xs, self.remat_group, complete)
 
   def _stream(self, state: TTTState, xq, xk, xv, gate, lr_mult):
     """Prepends the buffered partial mini-batch, runs, and re-buffers the new partial one."""

@@ -51,6 +51,7 @@ def clip_by_global_norm(grads, max_norm: float):
   return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
 
+@jax.named_scope("inner_update")
 def sgd_update(inner, grads, lr, clip: float, second_order: bool = True):
   """W - lr * clip(g); `second_order=False` hides the update from the outer gradient."""
   step = jax.tree.map(lambda g: lr * g, clip_by_global_norm(grads, clip))
@@ -122,9 +123,10 @@ class SuffixRunner:
     """Masked mean next-token NLL of one chunk with inner weights `inner`."""
     h_out, new_kvs = self.hidden(inner, outer, h, positions, kvs)
     logits = self.logits(inner, outer, h_out)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    m = mask.astype(nll.dtype)
-    loss = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+    with jax.named_scope("loss"):
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+      m = mask.astype(nll.dtype)
+      loss = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
     return loss, (new_kvs, h_out, nll)
 
   def inner_step(self, inner, outer, kvs, h, positions, targets, mask, lr, clip: float,

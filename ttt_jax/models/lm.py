@@ -87,12 +87,21 @@ class Block(nnx.Module):
     return state
 
   @staticmethod
-  def _branch(h, pre, fn, post):
-    y = fn(pre(h))
-    return h + (post(y) if post is not None else y).astype(h.dtype)
+  def _branch(h, pre, fn, post, scope: str):
+    with jax.named_scope(scope):
+      y = fn(pre(h))
+      return h + (post(y) if post is not None else y).astype(h.dtype)
 
   def __call__(self, h: jax.Array, positions: jax.Array, state=None, step=None):
     """`step`: the outer training step, passed to the mixer (TTT warms up its inner LR)."""
+    with jax.named_scope("mixer"):  # scopes: what benchmarks/kernel_profile.py attributes to
+      h, state = self._mix(h, positions, state, step)
+    if self.prime_mlp is not None:
+      h = self._branch(h, self.prime_norm, self.prime_mlp, self.prime_post_norm, "prime_mlp")
+    h = self._branch(h, self.mlp_norm, self.mlp, self.mlp_post_norm, "mlp")
+    return h, state
+
+  def _mix(self, h, positions, state, step):
     if self.conv is not None:
       y, conv_state = self.conv(self.conv_norm(h), None if state is None else state["conv"])
       h = h + y.astype(h.dtype)
@@ -103,11 +112,7 @@ class Block(nnx.Module):
       y, state = self.mixer(self.mixer_norm(h), positions, state, step)
     if self.mixer_post_norm is not None:
       y = self.mixer_post_norm(y)
-    h = h + y.astype(h.dtype)
-    if self.prime_mlp is not None:
-      h = self._branch(h, self.prime_norm, self.prime_mlp, self.prime_post_norm)
-    h = self._branch(h, self.mlp_norm, self.mlp, self.mlp_post_norm)
-    return h, state
+    return h + y.astype(h.dtype), state
 
 
 _REMAT_POLICIES = {
@@ -169,6 +174,7 @@ class LanguageModel(nnx.Module):
           rngs.params(), (cfg.d_model, vocab), pdt))
 
   # -- pieces (models/e2e.py composes them) ------------------------------------------------------
+  @jax.named_scope("embed")
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     if isinstance(self.embed, Int8Embed):  # decode-time 8-bit copy (layers/int8.py)
       return constrain(self.embed.lookup(tokens).astype(self.compute_dtype), ACT_AXES)
@@ -177,6 +183,7 @@ class LanguageModel(nnx.Module):
     table = constrain(self.embed.embedding[...], ("vocab", None))
     return constrain(jnp.take(table, tokens, axis=0).astype(self.compute_dtype), ACT_AXES)
 
+  @jax.named_scope("head")
   def logits(self, h: jax.Array) -> jax.Array:
     """fp32 logits; padded vocabulary rows are masked so they are never predicted."""
     h = self.final_norm(h)
@@ -253,6 +260,7 @@ def split_batch(batch: dict):
   return tokens[:, :-1], tokens[:, 1:]
 
 
+@jax.named_scope("loss")
 def token_nll(logits: jax.Array, targets: jax.Array, batch: dict | None = None,
               reduce: bool = True) -> jax.Array:
   """Next-token NLL; `batch['loss_mask']` [B, T] (optional) weights the mean."""

@@ -125,21 +125,22 @@ class Trainer:
       # the loss and its gradient: weighted by scored tokens; other metrics: plain means
       loss, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1.0), (loss, grads))
       metrics = jax.tree.map(lambda x: x / accum, metrics)
-    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient never reaches the state: the update is dropped (the batch
-    # still counts as a step) and `finite`=0 tells the loop, which stops or skips it
-    # (train.skip_nonfinite). The state is donated, so this is the only place to keep it clean.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates)))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                   lr=lr_schedule(self.config.train)(state.step),
-                   finite=finite.astype(jnp.float32))
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=one_clock(keep(opt_state, state.opt_state),
-                                                  state.step + 1))
+    with jax.named_scope("optimizer"):  # the update, its checks and the new state
+      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      grad_norm = optax.global_norm(grads)
+      # A non-finite loss or gradient never reaches the state: the update is dropped (the batch
+      # still counts as a step) and `finite`=0 tells the loop, which stops or skips it
+      # (train.skip_nonfinite). The state is donated, so this is the only place to keep it clean.
+      finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                & jnp.isfinite(optax.global_norm(updates)))
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+      metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                     lr=lr_schedule(self.config.train)(state.step),
+                     finite=finite.astype(jnp.float32))
+      new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                opt_state=one_clock(keep(opt_state, state.opt_state),
+                                                    state.step + 1))
     return new_state, metrics
 
   def _eval_step(self, params, batch):

@@ -1,0 +1,37 @@
+"""The train-step variants `make gpu-check` times and `make gpu-census` counts: a train kind
+K[-impl][+variant] names a bench kind, the TTT impl it forces and what the variant changes."""
+
+from __future__ import annotations
+
+# K-dual / K-pallas force model.ttt.impl; plain K runs the default (auto: TTT-Linear on one GPU
+# takes the Pallas kernels)
+TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_mlp-pallas",
+         "e2e-pretrain", "e2e-meta")
+# K+V: XLA flags V (set by gpu_check for the task's process) ...
+VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
+                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+# ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
+# kernels' outputs kept under remat; E2E chunk steps keep their matmuls; TTT without remat
+# through time; the layers as one scanned block (compiled once; not E2E)
+CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
+                   "chunkdots": {"e2e.remat_chunks_policy": "dots"},
+                   "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
+# ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA)
+TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
+# config-variant train kinds that gpu_census also counts
+RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
+                "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
+                "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
+
+
+def train_kind(kind: str) -> tuple[str, dict]:
+  """(benchmark kind, model overrides) of train kind K[-impl][+variant]: ttt_K-impl forces
+  model.ttt.impl; a `CONFIG_VARIANTS` variant adds its overrides (XLA-flag variants none)."""
+  kind, _, variant = kind.partition("+")
+  base, _, impl = kind.partition("-") if kind.startswith("ttt_") else (kind, "", "")
+  return base, {**({"ttt.impl": impl} if impl else {}), **CONFIG_VARIANTS.get(variant, {})}
+
+
+def variant_tuning(kind: str) -> dict:
+  """The `ttt_pallas.tuning` overrides of train kind K[+variant] (`TUNING_VARIANTS`)."""
+  return TUNING_VARIANTS.get(kind.partition("+")[2], {})

@@ -1,0 +1,209 @@
+"""Where a compiled step's device time goes: a `jax.profiler` trace of a few calls, read back
+(`jax.profiler.ProfileData`) and attributed to the compiled program's own instructions.
+
+Every kernel event of the trace names the HLO instruction that launched it (`hlo_op`). The
+compiled HLO text says what that instruction is (`gpu_census._kind`: matmul, cudnn, pallas,
+fusion, copy, ...) and where it comes from (its `op_name` metadata): the model's named scopes
+(`SCOPES`, set with `jax.named_scope` in the model code; the innermost one counts) and the phase
+of the outer step (forward, backward, or recomputed under remat). Times are per call of the
+program. `busy` is the union of the kernels' intervals (kernels that overlap count once), so
+`wall - busy` is time the device waited for the host (launch gaps). On a GPU the events are
+those of the device's streams; on a CPU, those of XLA's thunk threads (thunks of different
+threads overlap, so there `kernels` exceeds `busy`).
+
+  python -m ttt_jax.benchmarks.kernel_profile --kind e2e-meta --preset cpu
+profiles one train kind at a bench preset on this machine and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from ttt_jax.benchmarks.hlo_text import computations, kind, op_name, phase_of, scope_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+  module: str  # hlo_module
+  op: str  # hlo_op: the instruction's name
+  start_ns: float
+  dur_ns: float
+
+
+def instruction_index(hlo_text: str) -> tuple[str, dict[str, tuple[str, str]]]:
+  """(module name, {instruction: (kind, op_name)}) of a compiled program's HLO text."""
+  head = hlo_text.split("\n", 1)[0]
+  module = head.split()[1].rstrip(",") if head.startswith("HloModule") else ""
+  comps, _ = computations(hlo_text)
+  index = {name: (kind(op, after), op_name(after))
+           for insts in comps.values() for name, op, after in insts}
+  return module, index
+
+
+def trace_events(profile) -> list[Event]:
+  """The kernel events of a `jax.profiler.ProfileData`: a GPU's stream lines if the trace has a
+  GPU, else the host's events that carry an `hlo_op` (XLA:CPU thunks)."""
+  planes = list(profile.planes)
+  devices = [p for p in planes if p.name.startswith("/device:GPU")]
+  out = []
+  for plane in devices or [p for p in planes if p.name.startswith("/host:CPU")]:
+    lines = list(plane.lines)
+    streams = [ln for ln in lines if ln.name.startswith("Stream")]
+    for line in streams if devices and streams else lines:
+      for e in line.events:
+        stats = dict(e.stats)
+        if "hlo_op" in stats:
+          out.append(Event(str(stats.get("hlo_module", "")), str(stats["hlo_op"]),
+                           float(e.start_ns), float(e.duration_ns)))
+  return out
+
+
+def busy_ns(events: list[Event]) -> float:
+  """Length of the union of the events' intervals."""
+  total, end = 0.0, float("-inf")
+  for e in sorted(events, key=lambda e: e.start_ns):
+    stop = e.start_ns + e.dur_ns
+    if stop > end:
+      total += stop - max(e.start_ns, end)
+      end = stop
+  return total
+
+
+def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]], calls: int,
+              wall_s: float | None = None, top: int = 12) -> dict:
+  """Per call of `module`: kernel time by kind, scope and phase, the `top` instructions, busy
+  time, launches, and (given `wall_s`, the traced calls' wall time) the host gaps. Events of
+  other modules (e.g. the host-to-device copies of inputs) are left out."""
+  mine = [e for e in events if e.module == module] or [e for e in events if e.op in index]
+  ms = lambda ns: ns / 1e6 / calls  # noqa: E731
+  by = {"kind": collections.Counter(), "scope": collections.Counter(),
+        "phase": collections.Counter()}
+  per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  unmatched = 0.0
+  for e in mine:
+    kind, op_name = index.get(e.op, ("?", ""))
+    unmatched += e.dur_ns if e.op not in index else 0.0
+    for key, value in (("kind", kind), ("scope", scope_of(op_name)),
+                       ("phase", phase_of(op_name))):
+      by[key][value] += e.dur_ns
+    per_op[e.op][0] += e.dur_ns
+    per_op[e.op][1] += 1
+  out = {"calls": calls, "launches": len(mine) / calls,
+         "kernels_ms": ms(sum(e.dur_ns for e in mine)), "busy_ms": ms(busy_ns(mine)),
+         "unmatched_ms": ms(unmatched)}
+  if wall_s is not None:
+    out["wall_ms"] = wall_s * 1e3 / calls
+  for key, counter in by.items():
+    out[f"by_{key}"] = {k: ms(v) for k, v in counter.most_common()}
+  heavy = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
+  out["top"] = [{"op": op, "kind": index.get(op, ("?", ""))[0],
+                 "scope": scope_of(index.get(op, ("", ""))[1]),
+                 "phase": phase_of(index.get(op, ("", ""))[1]), "ms": ms(t),
+                 "launches": n / calls} for op, (t, n) in heavy]
+  return out
+
+
+def profile_calls(fn, hlo_text: str, calls: int = 3, keep: str | None = None) -> dict:
+  """Traces `calls` calls of `fn` (a compiled program's call; blocked on its result) and
+  `summarize`s them against the program's HLO text. `keep`: copy the raw trace (.xplane.pb,
+  for TensorBoard / XProf) to this path."""
+  import jax  # noqa: PLC0415
+
+  module, index = instruction_index(hlo_text)
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      t0 = time.perf_counter()
+      for _ in range(calls):
+        jax.block_until_ready(fn())
+      wall = time.perf_counter() - t0
+    found = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    if not found:
+      raise RuntimeError(f"kernel_profile: jax.profiler wrote no .xplane.pb under {tmp}")
+    if keep:
+      os.makedirs(os.path.dirname(os.path.abspath(keep)), exist_ok=True)
+      shutil.copyfile(found[0], keep)
+    events = trace_events(jax.profiler.ProfileData.from_file(found[0]))
+  return summarize(events, module, index, calls, wall)
+
+
+PROFILE_ENV = "TTT_JAX_PROFILE_FILE"  # gpu-check sets it per task: where the raw trace goes
+
+
+def profile_or_error(fn, hlo_text: str, calls: int = 3) -> dict:
+  """`profile_calls`, or an error record (a profiler that fails costs the profile only); the raw
+  trace is kept at $TTT_JAX_PROFILE_FILE when that is set."""
+  from ttt_jax.benchmarks.common import error_record  # noqa: PLC0415
+
+  try:
+    return profile_calls(fn, hlo_text, calls, keep=os.environ.get(PROFILE_ENV) or None)
+  except Exception as e:  # noqa: BLE001
+    return error_record(e)
+
+
+def markdown(name: str, p: dict, rows: int = 8) -> list[str]:
+  """A profile summary as markdown lines (headline, then kind / scope / phase shares and the
+  heaviest instructions)."""
+  total = p["kernels_ms"] or 1.0
+  share = lambda d: ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)"  # noqa: E731
+                              for k, v in list(d.items())[:rows])
+  wall = f"wall {p['wall_ms']:.2f} ms, " if "wall_ms" in p else ""
+  out = [f"**{name}**: {wall}device busy {p['busy_ms']:.2f} ms, kernel time "
+         f"{p['kernels_ms']:.2f} ms in {p['launches']:.0f} launches per call "
+         f"({p['calls']} calls traced).", "",
+         f"- by kind: {share(p['by_kind'])}", f"- by scope: {share(p['by_scope'])}",
+         f"- by phase: {share(p['by_phase'])}", "",
+         "| instruction | kind | scope | phase | ms per call | launches per call |",
+         "|---|---|---|---|---|---|"]
+  out += [f"| {r['op']} | {r['kind']} | {r['scope']} | {r['phase']} | {r['ms']:.3f} | "
+          f"{r['launches']:.0f} |" for r in p["top"][:rows]]
+  return out + [""]
+
+
+def main(argv=None) -> int:
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--kind", default="transformer", help="a gpu-check train kind "
+                 "(gpu_variants.train_kind: e.g. transformer, ttt_linear-dual, e2e-meta+chunkdots)")
+  p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+  p.add_argument("--calls", type=int, default=3)
+  p.add_argument("--keep", default=None, help="also write the raw trace (.xplane.pb) here")
+  args = p.parse_args(argv)
+  print(*markdown(args.kind, profile_train_kind(args.kind, args.preset, args.calls, args.keep)),
+        sep="\n")
+  return 0
+
+
+def profile_train_kind(kind: str, preset: str, calls: int = 3, keep: str | None = None) -> dict:
+  """`profile_calls` of one train step of gpu-check's train kind `kind` at bench preset
+  `preset`, after one untraced warm-up step."""
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  base, overrides = train_kind(kind)
+  with ttt_pallas.tuning(**variant_tuning(kind)):
+    _, compiled, state, batch, _ = _train_setup(base, PRESETS[preset], overrides=overrides)
+  holder = {"state": state}
+
+  def step():
+    holder["state"], _ = compiled(holder["state"], batch)
+    return holder["state"]
+
+  import jax  # noqa: PLC0415
+
+  jax.block_until_ready(step())
+  return profile_calls(step, compiled.as_text(), calls, keep)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
