@@ -53,11 +53,13 @@ def test_busy_time_is_the_union_of_the_intervals():
 def test_summary_per_call_by_kind_scope_and_phase():
   index = {"dot.1": ("matmul", "jit(f)/jvp(mlp)/dot_general"),
            "fusion.2": ("fusion", "jit(f)/transpose(jvp(mixer))/attention/exp"),
-           "cc.3": ("pallas", "jit(f)/jvp(mixer)/ttt_inner/pallas_call")}
+           "cc.3": ("pallas", "jit(f)/jvp(mixer)/ttt_inner/pallas_call"),
+           "while.4": ("while", "jit(f)/jvp(mixer)/ttt_inner/while")}
   events = [Event("jit_f", "dot.1", 0, 10), Event("jit_f", "fusion.2", 5, 10),
             Event("jit_f", "cc.3", 30, 20), Event("jit_f", "dot.1", 100, 10),
             Event("jit_f", "fusion.2", 110, 10), Event("jit_f", "cc.3", 130, 20),
             Event("jit_f", "copy.9", 200, 4),  # not in the index: counted as unmatched
+            Event("jit_f", "while.4", 25, 30),  # spans cc.3: counted through its body's events
             Event("jit_other", "dot.1", 0, 1000)]  # another program: left out
   p = kernel_profile.summarize(events, "jit_f", index, calls=2, wall_s=1e-6)
   ns = 1e-6 / 2  # ns -> ms per call
