@@ -112,7 +112,8 @@ def test_transformer_step_profile_on_cpu(tmp_path):
   assert {"forward", "backward", "recompute", "update"} <= set(p["by_phase"])
   assert p["launches"] >= 50 and len(p["top"]) == 12
   lines = kernel_profile.markdown("transformer", p)
-  assert lines[0].startswith("**transformer**: wall ") and "| instruction |" in lines[6]
+  assert lines[0].startswith("**transformer** (/host:CPU): wall ") and "| instruction |" in lines[6]
+  assert p["source"] == "/host:CPU"  # no GPU: XLA:CPU's thunks
 
   compiled, step, _ = _compiled_step("transformer", remat="none")
   p = kernel_profile.profile_calls(step, compiled.as_text(), calls=1)
@@ -143,7 +144,11 @@ def test_train_task_records_a_profile_and_the_cli_prints_one(capsys, tmp_path, m
 
   err = kernel_profile.profile_or_error(broken, compiled.as_text())
   assert err["error"].startswith("RuntimeError: no trace")
+  # a trace without the program's kernels (another program ran) is an error, not zeros
+  other = jax.jit(lambda x: x * 2.0)
+  err = kernel_profile.profile_or_error(lambda: other(np.ones(4, np.float32)), compiled.as_text())
+  assert "holds no kernel event of jit__train_step" in err["error"], err
   argv = ["--kind", "ttt_linear-dual", "--preset", "quick", "--calls", "1"]
   assert kernel_profile.main(argv) == 0
   text = capsys.readouterr().out
-  assert text.startswith("**ttt_linear-dual**: wall ") and "ttt_inner" in text
+  assert text.startswith("**ttt_linear-dual** (/host:CPU): wall ") and "ttt_inner" in text

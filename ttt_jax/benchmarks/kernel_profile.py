@@ -51,13 +51,15 @@ def instruction_index(hlo_text: str) -> tuple[str, dict[str, tuple[str, str]]]:
   return module, index
 
 
-def trace_events(profile) -> list[Event]:
-  """The kernel events of a `jax.profiler.ProfileData`: a GPU's stream lines if the trace has a
-  GPU, else the host's events that carry an `hlo_op` (XLA:CPU thunks)."""
+def trace_events(profile) -> tuple[list[Event], str]:
+  """(the kernel events of a `jax.profiler.ProfileData`, the plane they come from): a GPU's
+  stream lines if the trace has a GPU, else the host's events that carry an `hlo_op` (XLA:CPU
+  thunks)."""
   planes = list(profile.planes)
   devices = [p for p in planes if p.name.startswith("/device:GPU")]
+  used = devices or [p for p in planes if p.name.startswith("/host:CPU")]
   out = []
-  for plane in devices or [p for p in planes if p.name.startswith("/host:CPU")]:
+  for plane in used:
     lines = list(plane.lines)
     streams = [ln for ln in lines if ln.name.startswith("Stream")]
     for line in streams if devices and streams else lines:
@@ -66,7 +68,7 @@ def trace_events(profile) -> list[Event]:
         if "hlo_op" in stats:
           out.append(Event(str(stats.get("hlo_module", "")), str(stats["hlo_op"]),
                            float(e.start_ns), float(e.duration_ns)))
-  return out
+  return out, ", ".join(p.name for p in used)
 
 
 def busy_ns(events: list[Event]) -> float:
@@ -85,7 +87,7 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]
   """Per call of `module`: kernel time by kind, scope and phase, the `top` instructions, busy
   time, launches, and (given `wall_s`, the traced calls' wall time) the host gaps. Events of
   other modules (e.g. the host-to-device copies of inputs) are left out."""
-  mine = [e for e in events if e.module == module] or [e for e in events if e.op in index]
+  mine = [e for e in events if e.module == module]
   # control flow runs its computations' kernels, which have events of their own (on a CPU the
   # while loop's event spans its body's): counted through those
   mine = [e for e in mine if index.get(e.op, ("",))[0] not in CONTAINERS]
@@ -136,8 +138,14 @@ def profile_calls(fn, hlo_text: str, calls: int = 3, keep: str | None = None) ->
     if keep:
       os.makedirs(os.path.dirname(os.path.abspath(keep)), exist_ok=True)
       shutil.copyfile(found[0], keep)
-    events = trace_events(jax.profiler.ProfileData.from_file(found[0]))
-  return summarize(events, module, index, calls, wall)
+    events, source = trace_events(jax.profiler.ProfileData.from_file(found[0]))
+  out = summarize(events, module, index, calls, wall)
+  if not out["launches"]:
+    seen = sorted({e.module for e in events})[:5]
+    raise RuntimeError(f"kernel_profile: the trace holds no kernel event of {module} (read from "
+                       f"{source or 'no CPU or GPU plane'}: programs {seen}; a GPU trace needs "
+                       "CUPTI)")
+  return {"source": source, **out}
 
 
 PROFILE_ENV = "TTT_JAX_PROFILE_FILE"  # gpu-check sets it per task: where the raw trace goes
@@ -161,8 +169,8 @@ def markdown(name: str, p: dict, rows: int = 8) -> list[str]:
   share = lambda d: ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)"  # noqa: E731
                               for k, v in list(d.items())[:rows])
   wall = f"wall {p['wall_ms']:.2f} ms, " if "wall_ms" in p else ""
-  out = [f"**{name}**: {wall}device busy {p['busy_ms']:.2f} ms, kernel time "
-         f"{p['kernels_ms']:.2f} ms in {p['launches']:.0f} launches per call "
+  out = [f"**{name}** ({p.get('source', '?')}): {wall}device busy {p['busy_ms']:.2f} ms, "
+         f"kernel time {p['kernels_ms']:.2f} ms in {p['launches']:.0f} launches per call "
          f"({p['calls']} calls traced).", "",
          f"- by kind: {share(p['by_kind'])}", f"- by scope: {share(p['by_scope'])}",
          f"- by phase: {share(p['by_phase'])}", "",
