@@ -129,8 +129,8 @@ class Trainer:
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       grad_norm = optax.global_norm(grads)
-      # A non-finite loss or gradient never reaches the state: the update is dropped (the batch
-      # still counts as a step) and `finite`=0 tells the loop, which stops or skips it
+      # A non-finite loss, gradient or update never reaches the state: the update is dropped (the
+      # batch still counts as a step) and `finite`=0 tells the loop, which stops or skips it
       # (train.skip_nonfinite). The state is donated, so this is the only place to keep it clean.
       finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
                 & jnp.isfinite(optax.global_norm(updates)))
