@@ -122,7 +122,8 @@ PROFILE = {"calls": 3, "launches": 2100.0, "kernels_ms": 28.0, "busy_ms": 25.0, 
 
 
 def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
-  """gpu-check (on a GPU) hands every task process its own raw-trace path."""
+  """gpu-check (on a GPU) hands every task process its own raw-trace path when asked to keep
+  the traces (--traces), and none otherwise."""
   import jax  # noqa: PLC0415
 
   from ttt_jax.benchmarks import kernel_profile  # noqa: PLC0415
@@ -130,14 +131,17 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
   seen = []
 
   def fake_run(cmd, env=None, **kw):
-    seen.append((cmd[-1], env[kernel_profile.PROFILE_ENV]))
+    seen.append((cmd[-1], env.get(kernel_profile.PROFILE_ENV)))
     return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(
         {"median_s": 0.01, "compile_s": 1.0, "tokens_per_step": 8, "model_flops_per_token": 1}),
                                        stderr="")
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
-  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:e2e-meta"]) == 0
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:e2e-meta$"]) == 0
+  assert seen == [("train:e2e-meta", None)]  # no trace asked for: none kept
+  seen.clear()
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:e2e-meta", "--traces"]) == 0
   assert seen == [(name, str(tmp_path / "profiles" / f"{file}.xplane.pb")) for name, file in (
       ("train:e2e-meta", "train_e2e-meta"),
       ("train:e2e-meta+chunkdots", "train_e2e-meta_chunkdots"),

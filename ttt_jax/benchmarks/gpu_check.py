@@ -22,7 +22,8 @@ Tasks, in order:
   tune_mlp   the same for the TTT-MLP kernels, also over hidden units per block;
   train:K    compile time and median step time of kind K at the `gpu` bench preset, and where
              the device time of three more steps goes (benchmarks/kernel_profile.py: kernel
-             time by kind, model scope and phase; the raw trace in <out_dir>/profiles/);
+             time by kind, model scope and phase; with --traces the raw trace in
+             <out_dir>/profiles/);
   train125m:K  the same for the `125m` pretraining preset of K at 8K context;
   cache_attention  the Triton kernel for queries against a full-attention cache (a 512-token
              chunk, one decode query; 128K slots half and wholly filled) at a few tile settings
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
                  "tasks that do not fit are skipped (listed in the summary)")
   p.add_argument("--only", default="", help="comma list of task name prefixes (a trailing $: "
                  "that task only)")
+  p.add_argument("--traces", action="store_true", help="also keep each train task's raw "
+                 "jax.profiler trace (<out_dir>/profiles/<task>.xplane.pb, for TensorBoard/XProf;"
+                 " the summary's profile tables need no trace)")
   p.add_argument("--task", default="", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
   if args.task:
@@ -118,8 +122,10 @@ def main(argv=None) -> int:
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
       env = dict(child_env)
-      env[PROFILE_ENV] = os.path.join(args.out_dir, "profiles",
-                                      re.sub(r"[^\w.\-]+", "_", name) + ".xplane.pb")
+      env.pop(PROFILE_ENV, None)  # one path per task, or none
+      if args.traces:
+        env[PROFILE_ENV] = os.path.join(args.out_dir, "profiles",
+                                        re.sub(r"[^\w.\-]+", "_", name) + ".xplane.pb")
       flags = VARIANTS.get(name.partition("+")[2], "")  # config variants: none
       if flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
