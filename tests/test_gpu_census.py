@@ -87,7 +87,7 @@ def test_census_counts_each_launch_once_per_run():
   # where they come from (op_name metadata): the inner loop's gemm, 15 runs, in the mlp's
   # backward; the cuDNN call in the attention's forward; the rest carries no op_name
   assert r["by_scope"] == {"other": 38, "mlp": 15, "attention": 1}
-  assert r["by_phase"] == {"update": 38, "backward": 15, "forward": 1}
+  assert r["by_phase"] == {"unattributed": 38, "backward": 15, "forward": 1}
   with pytest.raises(ValueError, match="no ENTRY"):
     gpu_census.census("HloModule m\n")
 

@@ -222,3 +222,24 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   assert f"| transformer/xla | {xla['compile_s']:.1f} s | {losses} |" in text
   assert "| pallas/default/w2s2-xla |" in text
   assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4b16 |" in text
+
+
+def test_a_train_task_that_times_out_while_profiling_keeps_its_timing(tmp_path, monkeypatch):
+  """A train task prints its timing before it profiles: if the profile then runs past the
+  task's limit, the timing is kept and the profile reads as timed out."""
+  import jax  # noqa: PLC0415
+
+  def fake_run(cmd, **kw):
+    timing = {"median_s": 0.02, "compile_s": 1.0, "tokens_per_step": 8,
+              "model_flops_per_token": 1}
+    out = "RESULT " + json.dumps(timing) if cmd[-1].startswith("train:") else None
+    raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=out)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:swa$,env"]) == 0
+  rows = [json.loads(ln) for ln in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+  assert rows[0]["task"] == "env" and rows[0]["error"].startswith("timed out after")
+  assert rows[1]["task"] == "train:swa" and rows[1]["median_s"] == 0.02
+  assert rows[1]["profile"]["error"].startswith("timed out after")
+  assert "| swa | 1.0 s | 20.00 ms |" in (tmp_path / "gpu_check.md").read_text()

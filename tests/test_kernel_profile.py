@@ -4,6 +4,7 @@ the per-call summary, and real traces of CPU train steps attributed to the model
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ def test_scope_and_phase_of_op_names():
       "jit(_train_step)/jvp(vmap(mixer))/ttt_inner/while/body/dot_general": ("ttt_inner",
                                                                               "forward"),
       "jit(_train_step)/is_finite": ("other", "update"),
-      "": ("other", "update"),
+      "": ("other", "unattributed"),  # XLA's own instructions carry no op_name
   }
   for op_name, want in cases.items():
     assert (scope_of(op_name), phase_of(op_name)) == want, op_name
@@ -73,10 +74,35 @@ def test_summary_per_call_by_kind_scope_and_phase():
   assert p["by_scope"] == pytest.approx({"ttt_inner": 40 * ns, "mlp": 20 * ns,
                                          "attention": 20 * ns, "other": 4 * ns})
   assert p["by_phase"] == pytest.approx({"forward": 60 * ns, "backward": 20 * ns,
-                                         "update": 4 * ns})
+                                         "unattributed": 4 * ns})
   assert [r["op"] for r in p["top"]] == ["cc.3", "dot.1", "fusion.2", "copy.9"]
   assert p["top"][0] == {"op": "cc.3", "kind": "pallas", "scope": "ttt_inner",
                          "phase": "forward", "ms": pytest.approx(40 * ns), "launches": 1.0}
+
+
+def _plane(name, lines):
+  """A stand-in for a `jax.profiler.ProfileData` plane: lines of (name, [(op, start, dur)])."""
+  ev = lambda op, s, d: SimpleNamespace(  # noqa: E731
+      start_ns=s, duration_ns=d, stats=[("hlo_op", op), ("hlo_module", "jit_f")])
+  return SimpleNamespace(name=name, lines=[SimpleNamespace(name=n, events=[ev(*e) for e in es])
+                                           for n, es in lines])
+
+
+def test_trace_events_read_the_first_gpus_streams_else_the_host():
+  """A GPU trace: the first device's stream lines only (its other lines, e.g. 'XLA Ops', show
+  the same kernels again; other GPUs and the host are left out). No GPU: the host's thunks."""
+  host = _plane("/host:CPU", [("tf_XLA", [("host.1", 0, 5)])])
+  gpu0 = _plane("/device:GPU:0", [("Stream #7(Compute)", [("fusion.1", 10, 3), ("gemm.2", 20, 4)]),
+                                  ("XLA Ops", [("fusion.1", 10, 3)]),
+                                  ("Stream #8", [("copy.3", 30, 1)])])
+  gpu1 = _plane("/device:GPU:1", [("Stream #7", [("fusion.1", 10, 3)])])
+  events, source = kernel_profile.trace_events(SimpleNamespace(planes=[host, gpu1, gpu0]))
+  assert source == "/device:GPU:0"
+  assert [(e.op, e.start_ns, e.dur_ns) for e in events] == [
+      ("fusion.1", 10, 3), ("gemm.2", 20, 4), ("copy.3", 30, 1)]
+  events, source = kernel_profile.trace_events(SimpleNamespace(planes=[host]))
+  assert source == "/host:CPU" and [e.op for e in events] == ["host.1"]
+  assert kernel_profile.trace_events(SimpleNamespace(planes=[])) == ([], "")
 
 
 def _compiled_step(kind: str, **overrides):
@@ -148,6 +174,7 @@ def test_train_task_records_a_profile_and_the_cli_prints_one(capsys, tmp_path, m
   other = jax.jit(lambda x: x * 2.0)
   err = kernel_profile.profile_or_error(lambda: other(np.ones(4, np.float32)), compiled.as_text())
   assert "holds no kernel event of jit__train_step" in err["error"], err
+  assert capsys.readouterr().out.startswith("RESULT {")  # the timing, before the profile
   argv = ["--kind", "ttt_linear-dual", "--preset", "quick", "--calls", "1"]
   assert kernel_profile.main(argv) == 0
   text = capsys.readouterr().out

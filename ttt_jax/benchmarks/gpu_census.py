@@ -271,7 +271,7 @@ def markdown(rows: dict) -> str:
   if scoped:
     share = lambda d, n: ", ".join(f"{k} {v}" for k, v in list(d.items())[:n])  # noqa: E731
     out += ["", "| program | launches by model scope (largest first) | by phase |", "|---|---|---|"]
-    out += [f"| {k} | {share(r['by_scope'], 6)} | {share(r['by_phase'], 6)} |"
+    out += [f"| {k} | {share(r['by_scope'], 6)} | {share(r['by_phase'], None)} |"
             for k, r in scoped.items()]
   resources = rows.get("triton resources", {})
   if resources:

@@ -63,6 +63,12 @@ def _nvidia_gpu_present() -> bool:
   return out.returncode == 0 and "GPU" in out.stdout
 
 
+def _last_result(stdout: str) -> dict | None:
+  """The last `RESULT {json}` line a task printed, or None."""
+  lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+  return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
 def plan(only: list[str]) -> list[tuple[str, float]]:
   """(task, time limit in seconds) in priority order."""
   tasks = [("env", 60), ("attention", 90), ("pallas", 150), ("e2e", 120), ("learn", 200),
@@ -131,14 +137,15 @@ def main(argv=None) -> int:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
       proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
                             capture_output=True, text=True, timeout=min(limit, left), env=env)
-      line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-      if line:
-        res = json.loads(line[-1][len("RESULT "):])
-      else:
+      res = _last_result(proc.stdout)
+      if res is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         res = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
-    except subprocess.TimeoutExpired:
-      res = {"error": f"timed out after {min(limit, left):.0f} s"}
+    except subprocess.TimeoutExpired as e:
+      timeout = f"timed out after {min(limit, left):.0f} s"
+      out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+      res = _last_result(out)  # a train task's timing, printed before its profile
+      res = {"error": timeout} if res is None else {**res, "profile": {"error": timeout}}
     res["task_s"] = time.perf_counter() - t0
     results[name] = res
     print(f"  {json.dumps(res)[:400]}", flush=True)

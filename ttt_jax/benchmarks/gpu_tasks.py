@@ -4,6 +4,7 @@ task needs."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning
@@ -330,6 +331,7 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
   info["loss"] = float(step())
   info["losses"] = [float(loss) for loss, _ in history]
   info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
+  print("RESULT " + json.dumps(info), flush=True)  # gpu-check keeps this if the profile hangs
   info["profile"] = profile_or_error(lambda: (step(), holder["state"])[1], compiled.as_text())
   return info
 

@@ -36,7 +36,7 @@ def computations(text: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]
       after = rest[cut + 1:]
       comps[cur].append((m.group(1), after.split("(", 1)[0], after))
   if not entry:
-    raise ValueError("census: no ENTRY computation in this HLO text")
+    raise ValueError("hlo_text: no ENTRY computation in this HLO text")
   return comps, entry
 
 
@@ -78,9 +78,12 @@ def scope_of(op_name: str) -> str:
 
 def phase_of(op_name: str) -> str:
   """forward | backward | recompute (under remat) | update (outside the differentiated loss:
-  the optimizer, gradient norms), read from the outermost differentiation transform of the op
-  (jvp: forward, transpose: backward); '/inner-grad' is added where a further derivative is
-  nested inside it (E2E's inner gradients, and the outer backward through them)."""
+  the optimizer, gradient norms) | unattributed (no op_name: what XLA adds itself), read from
+  the outermost differentiation transform of the op (jvp: forward, transpose: backward);
+  '/inner-grad' is added where a further derivative is nested inside it (E2E's inner gradients
+  and the outer backward through them; TTT's primal form, whose inner step takes a gradient)."""
+  if not op_name:
+    return "unattributed"
   first = re.search(r"\b(jvp|transpose)\(", op_name)
   if first is None:
     return "update"

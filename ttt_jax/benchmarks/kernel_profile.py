@@ -2,7 +2,7 @@
 (`jax.profiler.ProfileData`) and attributed to the compiled program's own instructions.
 
 Every kernel event of the trace names the HLO instruction that launched it (`hlo_op`). The
-compiled HLO text says what that instruction is (`gpu_census._kind`: matmul, cudnn, pallas,
+compiled HLO text says what that instruction is (`hlo_text.kind`: matmul, cudnn, pallas,
 fusion, copy, ...) and where it comes from (its `op_name` metadata): the model's named scopes
 (`SCOPES`, set with `jax.named_scope` in the model code; the innermost one counts) and the phase
 of the outer step (forward, backward, or recomputed under remat). Times are per call of the
@@ -21,11 +21,14 @@ import argparse
 import collections
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+
+import jax
 
 from ttt_jax.benchmarks.hlo_text import computations, kind, op_name, phase_of, scope_of
 
@@ -52,17 +55,16 @@ def instruction_index(hlo_text: str) -> tuple[str, dict[str, tuple[str, str]]]:
 
 
 def trace_events(profile) -> tuple[list[Event], str]:
-  """(the kernel events of a `jax.profiler.ProfileData`, the plane they come from): a GPU's
-  stream lines if the trace has a GPU, else the host's events that carry an `hlo_op` (XLA:CPU
-  thunks)."""
+  """(the kernel events of a `jax.profiler.ProfileData`, the plane they come from): the first
+  GPU's stream lines if the trace has a GPU (its other lines are derived views of the same
+  kernels), else the host's events that carry an `hlo_op` (XLA:CPU thunks)."""
   planes = list(profile.planes)
-  devices = [p for p in planes if p.name.startswith("/device:GPU")]
-  used = devices or [p for p in planes if p.name.startswith("/host:CPU")]
+  devices = sorted((p for p in planes if p.name.startswith("/device:GPU")), key=lambda p: p.name)
+  used = devices[:1] or [p for p in planes if p.name.startswith("/host:CPU")]
   out = []
   for plane in used:
     lines = list(plane.lines)
-    streams = [ln for ln in lines if ln.name.startswith("Stream")]
-    for line in streams if devices and streams else lines:
+    for line in [ln for ln in lines if ln.name.startswith("Stream")] if devices else lines:
       for e in line.events:
         stats = dict(e.stats)
         if "hlo_op" in stats:
@@ -97,10 +99,10 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]
   per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
   unmatched = 0.0
   for e in mine:
-    kind, op_name = index.get(e.op, ("?", ""))
+    what, source = index.get(e.op, ("?", ""))
     unmatched += e.dur_ns if e.op not in index else 0.0
-    for key, value in (("kind", kind), ("scope", scope_of(op_name)),
-                       ("phase", phase_of(op_name))):
+    for key, value in (("kind", what), ("scope", scope_of(source)),
+                       ("phase", phase_of(source))):
       by[key][value] += e.dur_ns
     per_op[e.op][0] += e.dur_ns
     per_op[e.op][1] += 1
@@ -123,8 +125,6 @@ def profile_calls(fn, hlo_text: str, calls: int = 3, keep: str | None = None) ->
   """Traces `calls` calls of `fn` (a compiled program's call; blocked on its result) and
   `summarize`s them against the program's HLO text. `keep`: copy the raw trace (.xplane.pb,
   for TensorBoard / XProf) to this path."""
-  import jax  # noqa: PLC0415
-
   module, index = instruction_index(hlo_text)
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
@@ -185,14 +185,24 @@ def main(argv=None) -> int:
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kind", default="transformer", help="a gpu-check train kind "
+  p.add_argument("--kind", default="transformer", help="comma list of gpu-check train kinds "
                  "(gpu_variants.train_kind: e.g. transformer, ttt_linear-dual, e2e-meta+chunkdots)")
   p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
   p.add_argument("--calls", type=int, default=3)
-  p.add_argument("--keep", default=None, help="also write the raw trace (.xplane.pb) here")
+  p.add_argument("--keep", default=None, help="also write the raw trace (.xplane.pb) here "
+                 "(one kind only)")
+  p.add_argument("--json", default=None, help="also write the profiles, {kind: profile}, here")
   args = p.parse_args(argv)
-  print(*markdown(args.kind, profile_train_kind(args.kind, args.preset, args.calls, args.keep)),
-        sep="\n")
+  kinds = [k for k in args.kind.split(",") if k]
+  if args.keep and len(kinds) > 1:
+    p.error("--keep takes one --kind")
+  profiles = {}
+  for name in kinds:
+    profiles[name] = profile_train_kind(name, args.preset, args.calls, args.keep)
+    print(*markdown(name, profiles[name]), sep="\n", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(profiles, f, indent=1)
   return 0
 
 
@@ -213,9 +223,7 @@ def profile_train_kind(kind: str, preset: str, calls: int = 3, keep: str | None 
     holder["state"], _ = compiled(holder["state"], batch)
     return holder["state"]
 
-  import jax  # noqa: PLC0415
-
-  jax.block_until_ready(step())
+  jax.block_until_ready(step())  # warm-up, untraced
   return profile_calls(step, compiled.as_text(), calls, keep)
 
 
