@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning
+from ttt_jax.benchmarks.gpu_variants import setup_train_kind
 
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
@@ -283,15 +283,8 @@ def task_e2e() -> dict:
 
 
 def task_train(kind: str) -> dict:
-  """Kind K[+variant] at the gpu preset (`train_kind`, `variant_tuning`)."""
-  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
-  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
-
-  base, overrides = train_kind(kind)
-  with ttt_pallas.tuning(**variant_tuning(kind)):  # the step is traced and compiled here
-    _, compiled, state, batch, info = _train_setup(base, PRESETS["gpu"], overrides=overrides)
-  return _time_steps(compiled, state, batch, info)
+  """Kind K[+variant] at the gpu preset (`gpu_variants.setup_train_kind`)."""
+  return _time_steps(*setup_train_kind(kind))
 
 
 def config_125m(kind: str):

@@ -1,5 +1,6 @@
 """The train-step variants `make gpu-check` times and `make gpu-census` counts: a train kind
-K[-impl][+variant] names a bench kind, the TTT impl it forces and what the variant changes."""
+K[-impl][+variant] names a bench kind, the TTT impl it forces and what the variant changes;
+`setup_train_kind` compiles one (gpu-check's train tasks, benchmarks/kernel_profile.py)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,16 @@ def train_kind(kind: str) -> tuple[str, dict]:
 def variant_tuning(kind: str) -> dict:
   """The `ttt_pallas.tuning` overrides of train kind K[+variant] (`TUNING_VARIANTS`)."""
   return TUNING_VARIANTS.get(kind.partition("+")[2], {})
+
+
+def setup_train_kind(kind: str, preset: str = "gpu"):
+  """(compiled train step, state, batch of random tokens, info) of train kind K at bench preset
+  `preset`: `train_kind`'s model, traced and compiled under `variant_tuning`'s launch settings."""
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  base, overrides = train_kind(kind)
+  with ttt_pallas.tuning(**variant_tuning(kind)):
+    _, compiled, state, batch, info = _train_setup(base, PRESETS[preset], overrides=overrides)
+  return compiled, state, batch, info

@@ -94,30 +94,27 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]
   # while loop's event spans its body's): counted through those
   mine = [e for e in mine if index.get(e.op, ("",))[0] not in CONTAINERS]
   ms = lambda ns: ns / 1e6 / calls  # noqa: E731
-  by = {"kind": collections.Counter(), "scope": collections.Counter(),
-        "phase": collections.Counter()}
   per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-  unmatched = 0.0
   for e in mine:
-    what, source = index.get(e.op, ("?", ""))
-    unmatched += e.dur_ns if e.op not in index else 0.0
-    for key, value in (("kind", what), ("scope", scope_of(source)),
-                       ("phase", phase_of(source))):
-      by[key][value] += e.dur_ns
     per_op[e.op][0] += e.dur_ns
     per_op[e.op][1] += 1
+  labels = {}  # each instruction classified once: kind, scope, phase
+  for op in per_op:
+    what, source = index.get(op, ("?", ""))
+    labels[op] = {"kind": what, "scope": scope_of(source), "phase": phase_of(source)}
   out = {"calls": calls, "launches": len(mine) / calls,
          "kernels_ms": ms(sum(e.dur_ns for e in mine)), "busy_ms": ms(busy_ns(mine)),
-         "unmatched_ms": ms(unmatched)}
+         "unmatched_ms": ms(sum(t for op, (t, _) in per_op.items() if op not in index))}
   if wall_s is not None:
     out["wall_ms"] = wall_s * 1e3 / calls
-  for key, counter in by.items():
+  for key in ("kind", "scope", "phase"):
+    counter = collections.Counter()
+    for op, (t, _) in per_op.items():
+      counter[labels[op][key]] += t
     out[f"by_{key}"] = {k: ms(v) for k, v in counter.most_common()}
   heavy = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
-  out["top"] = [{"op": op, "kind": index.get(op, ("?", ""))[0],
-                 "scope": scope_of(index.get(op, ("", ""))[1]),
-                 "phase": phase_of(index.get(op, ("", ""))[1]), "ms": ms(t),
-                 "launches": n / calls} for op, (t, n) in heavy]
+  out["top"] = [{"op": op, **labels[op], "ms": ms(t), "launches": n / calls}
+                for op, (t, n) in heavy]
   return out
 
 
@@ -209,14 +206,9 @@ def main(argv=None) -> int:
 def profile_train_kind(kind: str, preset: str, calls: int = 3, keep: str | None = None) -> dict:
   """`profile_calls` of one train step of gpu-check's train kind `kind` at bench preset
   `preset`, after one untraced warm-up step."""
-  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
-  from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
-  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_variants import setup_train_kind  # noqa: PLC0415
 
-  base, overrides = train_kind(kind)
-  with ttt_pallas.tuning(**variant_tuning(kind)):
-    _, compiled, state, batch, _ = _train_setup(base, PRESETS[preset], overrides=overrides)
+  compiled, state, batch, _ = setup_train_kind(kind, preset)
   holder = {"state": state}
 
   def step():
