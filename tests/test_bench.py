@@ -89,6 +89,13 @@ def test_sections_have_positive_numbers(bench):
   # counts more work (a deterministic compile-time count; the two used to be the same program).
   # XLA counts a scan body once, not per chunk, so the ratio understates the real one.
   assert kinds["e2e-meta"]["xla_flops_per_step"] > 1.1 * kinds["e2e-pretrain"]["xla_flops_per_step"]
+  # the counted matmul FLOPs take every chunk: the meta step's second-order work shows fully;
+  # no kind does less than its model FLOPs (6N per token + attention: the least work a step is)
+  counted = {k: r["counted_flops_per_step"] for k, r in kinds.items()}
+  assert counted["e2e-meta"] / counted["e2e-pretrain"] > (
+      kinds["e2e-meta"]["xla_flops_per_step"] / kinds["e2e-pretrain"]["xla_flops_per_step"])
+  for k, r in kinds.items():
+    assert counted[k] >= r["model_flops_per_token"] * r["tokens_per_step"], k
   impls = sec["ttt_impl"]["impls"]
   for r in impls.values():
     _positive(r, "median_s")

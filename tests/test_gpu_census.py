@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ttt_jax.benchmarks import gpu_census
+from ttt_jax.benchmarks import gpu_census, hlo_text
 
 HLO = """HloModule m
 
@@ -88,8 +88,76 @@ def test_census_counts_each_launch_once_per_run():
   # backward; the cuDNN call in the attention's forward; the rest carries no op_name
   assert r["by_scope"] == {"other": 38, "mlp": 15, "attention": 1}
   assert r["by_phase"] == {"unattributed": 38, "backward": 15, "forward": 1}
+  # what they compute: every fusion calling %gemm runs its [4,4] x [4,4] dot (2*4*4*4 FLOPs);
+  # the stand-in cuDNN call's operand is no [B, T, N, H] attention input: not counted
+  assert r["matmul_flops"] == 52 * 128 and r["attention_flops"] == 0
+  assert r["flops_by_phase"] == {"unattributed": 37 * 128, "backward": 15 * 128}
+  assert r["flops_by_scope"] == {"other": 37 * 128, "mlp": 15 * 128}
   with pytest.raises(ValueError, match="no ENTRY"):
     gpu_census.census("HloModule m\n")
+
+
+def test_matmul_flops_of_a_compiled_program_count_every_trip():
+  """The dots XLA:CPU compiled, against 2·M·N·K written out: a scan of 3 trips and a batched
+  einsum; their gradient (each dot's two transposes, the scan's forward for tanh's derivative;
+  the einsum's forward is dead: a sum's gradient does not need its value)."""
+  def f(x, w, a, b):
+    y = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)[0]
+    return jnp.sum(y) + jnp.sum(jnp.einsum("bij,bjk->bik", a, b))
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  args = [jax.random.normal(k, s) for k, s in zip(keys, [(16, 32), (32, 32), (4, 8, 24),
+                                                            (4, 24, 40)], strict=True)]
+  scan, einsum = 3 * 2 * 16 * 32 * 32, 2 * 4 * 8 * 24 * 40
+  r = gpu_census.census(jax.jit(f).lower(*args).compile().as_text())
+  assert (r["matmul_flops"], r["attention_flops"]) == (scan + einsum, 0)
+  r = gpu_census.census(jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).lower(*args).compile()
+                        .as_text())
+  assert r["matmul_flops"] == 3 * scan + 2 * einsum
+  assert r["flops_by_phase"] == {"backward": 2 * scan + 2 * einsum, "forward": scan}
+
+
+@pytest.mark.parametrize("queries,keys,mask,window", [
+    (64, 64, "NO_MASK", 0), (64, 64, "CAUSAL", 0), (64, 64, "CAUSAL", 16),
+    (64, 64, "PADDING_CAUSAL", 100), (16, 64, "CAUSAL", 8), (64, 16, "CAUSAL", 0),
+    (40, 24, "NO_MASK", 8)])
+def test_attended_pairs_against_the_mask_written_out(queries, keys, mask, window):
+  i, j = jnp.arange(queries)[:, None], jnp.arange(keys)[None, :]
+  seen = jnp.ones((queries, keys), bool)
+  if "CAUSAL" in mask:
+    seen &= j <= i
+    if window:
+      seen &= j > i - window
+  elif window:
+    seen &= j < window
+  assert hlo_text.attended_pairs(queries, keys, mask, window) == int(seen.sum())
+
+
+def test_library_call_flops_from_their_hlo_lines():
+  """A cuDNN attention call (the line format XLA prints for an H200: operands' [B, T, N, H]
+  shapes in its layout constraints, mask and window in its backend config) and a cuBLAS GEMM."""
+  fwd = ('%a = (bf16[2,4,96,32]{3,1,2,0}, f32[2,4,96]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), '
+         'custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,96,4,32]'
+         '{3,2,1,0}, bf16[2,96,4,32]{3,2,1,0}, bf16[2,96,4,32]{3,2,1,0}}, api_version=API_VERSION_'
+         'STATUS_RETURNING, metadata={op_name="jit(f)/jvp(mixer)/attention/dot_product_attention"}, '
+         'backend_config={"cudnn_fmha_backend_config": {"fmha_scale": 0.125, "mask_type": "CAUSAL", '
+         '"sliding_window_length": 40}}')
+  gemm = ('%g = (f32[6,48,40]{2,1,0}, s8[1024]{0}) custom-call(%x, %y), custom_call_target='
+          '"__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":'
+          '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["2"],'
+          '"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":["0"]}}}')
+  text = "\n".join([
+      "HloModule m", "", "ENTRY %main (x: f32[6,24,48], y: f32[6,40,24]) -> f32[] {",
+      "  %x = f32[6,24,48]{2,1,0} parameter(0)", "  %y = f32[6,40,24]{2,1,0} parameter(1)",
+      "  %q = bf16[2,96,4,32]{3,2,1,0} parameter(2)", "  %k = bf16[2,96,4,32]{3,2,1,0} parameter(3)",
+      "  %v = bf16[2,96,4,32]{3,2,1,0} parameter(4)", "  " + fwd,
+      "  " + fwd.replace("%a =", "%b =").replace("fmhaSoftmax", "fmhaSoftmaxBackward"),
+      "  " + gemm, "  ROOT %r = f32[] constant(0)", "}"])
+  r = gpu_census.census(text)
+  pairs = hlo_text.attended_pairs(96, 96, "CAUSAL", 40)
+  assert r["attention_flops"] == (4 + 10) * 32 * 4 * 2 * pairs
+  assert r["matmul_flops"] == 2 * 6 * 48 * 40 * 24
+  assert r["flops_by_scope"]["attention"] == r["attention_flops"]
 
 
 def test_census_of_a_compiled_scan_grows_by_its_body_per_trip():
@@ -125,6 +193,14 @@ def test_markdown_row():
   rows["transformer"].update(by_scope={"mlp": 60, "attention": 40}, by_phase={"forward": 100})
   text = gpu_census.markdown(rows)
   assert "| transformer | mlp 60, attention 40 | forward 100 |" in text
+  assert "GFLOP by phase" not in text  # nor what they compute
+  rows["transformer"].update(matmul_flops=30e9, attention_flops=10e9,
+                             flops_by_phase={"backward": 26e9, "forward": 14e9})
+  rows["e2e-meta"].update(matmul_flops=70e9, attention_flops=0.0,
+                          flops_by_phase={"recompute/inner-grad": 70e9})
+  text = gpu_census.markdown(rows)
+  assert "| transformer | 30 + 10 = 40 | 1.00x | backward 26, forward 14 |" in text
+  assert "| e2e-meta | 70 + 0 = 70 | 1.75x | recompute/inner-grad 70 |" in text
 
 
 PTXAS_OUTPUT = """ptxas info    : 0 bytes gmem

@@ -74,9 +74,9 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
                                               "fwd_bwd_s": 1.4e-3},
                                     "xla": {"error": "XlaRuntimeError: out of memory"}}},
       "pallas": {"error": "timed out after 120 s"},
-      "train:transformer": dict(step, median_s=0.016),
+      "train:transformer": dict(step, median_s=0.016, counted_flops_per_step=4.8e12),
       "train:ttt_linear": dict(step, median_s=0.032, losses=[5.6, 4.1], nonfinite_steps=0,
-                               profile=PROFILE),
+                               profile=PROFILE, counted_flops_per_step=3.6e12),
       "train:transformer+noremat": dict(step, median_s=0.012, profile={"error": "E: no trace"}),
       "train:e2e-meta": {"skipped": "out of the time budget"},
       "train125m:transformer": dict(step, median_s=0.1),
@@ -97,7 +97,10 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "| window=None | cudnn | 1.0e-03 | 2.0e-03 | 1.40 ms |" in text
   assert "error (XlaRuntimeError: out of memory)" in text
   assert "Pallas TTT kernels: error (timed out after 120 s)" in text
-  assert "| ttt_linear | 3.0 s | 32.00 ms | 2.00x |" in text
+  # counted FLOPs against the transformer's and over the step time (4.8e12 / 16 ms = 300)
+  assert "| ttt_linear | 3.0 s | 32.00 ms | 2.00x | 0.75x, 112 |" in text
+  assert "| transformer | 3.0 s | 16.00 ms | 1.00x | 1.00x, 300 |" in text
+  assert "| transformer+noremat | 3.0 s | 12.00 ms | 0.75x |  |" in text  # none counted
   assert "| 5.600 -> 4.100 (0) |" in text
   assert "| e2e-meta | skipped (out of the time budget) |" in text
   assert "| e2e (125m, 8K) | 3.0 s | 150.00 ms | 1.50x |" in text
@@ -107,18 +110,23 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert "same process: transformer 1.00x, e2e 2.50x" in text
   assert "| prefill at 65536 | kernel | 2.00 ms | 140.0 | 4.0e-03 |" in text
   assert "| prefill at 65536 | cudnn, masked | error (ValueError: no) |" in text
-  assert ("| ttt_linear | 30.00 ms | 25.00 ms | 28.00 ms | 2100 | pallas 50%, matmul 30%, "
-          "fusion 20% | ttt_inner 50%, mlp 20%, other 10% |") in text
+  assert ("| ttt_linear | 30.00 ms | 25.00 ms | 28.00 ms | 2100 | 120.0 | pallas 50%, matmul "
+          "30%, fusion 20% | ttt_inner 50%, mlp 20%, other 10% |") in text
   assert "| transformer+noremat | error (E: no trace) |" in text
-  assert "| _linear_fwd.3 | pallas | ttt_inner | forward | 8.000 | 8 |" in text
+  assert "| _linear_fwd.3 | pallas | ttt_inner | forward | 8.000 | 8 | |" in text  # not counted
+  assert "| dot.4 | matmul | mlp | backward | 4.000 | 16 | 250.0 |" in text
+  assert "- counted 3360.0 GFLOP per call (matmuls, fused attention) at 120.0 TFLOP/s" in text
 
 
 PROFILE = {"calls": 3, "launches": 2100.0, "kernels_ms": 28.0, "busy_ms": 25.0, "wall_ms": 30.0,
            "unmatched_ms": 0.0, "by_kind": {"pallas": 14.0, "matmul": 8.4, "fusion": 5.6},
            "by_scope": {"ttt_inner": 14.0, "mlp": 5.6, "other": 2.8, "mixer": 2.8, "head": 2.8},
            "by_phase": {"backward": 16.0, "forward": 12.0},
+           "flops": 3.36e12, "tflops": 120.0, "tflops_by_phase": {"backward": 150.0},
            "top": [{"op": "_linear_fwd.3", "kind": "pallas", "scope": "ttt_inner",
-                    "phase": "forward", "ms": 8.0, "launches": 8.0}]}
+                    "phase": "forward", "ms": 8.0, "launches": 8.0, "tflops": 0.0},
+                   {"op": "dot.4", "kind": "matmul", "scope": "mlp", "phase": "backward",
+                    "ms": 4.0, "launches": 16.0, "tflops": 250.0}]}
 
 
 def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):

@@ -52,10 +52,10 @@ def test_busy_time_is_the_union_of_the_intervals():
 
 
 def test_summary_per_call_by_kind_scope_and_phase():
-  index = {"dot.1": ("matmul", "jit(f)/jvp(mlp)/dot_general"),
-           "fusion.2": ("fusion", "jit(f)/transpose(jvp(mixer))/attention/exp"),
-           "cc.3": ("pallas", "jit(f)/jvp(mixer)/ttt_inner/pallas_call"),
-           "while.4": ("while", "jit(f)/jvp(mixer)/ttt_inner/while")}
+  index = {"dot.1": ("matmul", "jit(f)/jvp(mlp)/dot_general", 3_000_000),
+           "fusion.2": ("fusion", "jit(f)/transpose(jvp(mixer))/attention/exp", 500_000),
+           "cc.3": ("pallas", "jit(f)/jvp(mixer)/ttt_inner/pallas_call", 0),
+           "while.4": ("while", "jit(f)/jvp(mixer)/ttt_inner/while", 0)}
   events = [Event("jit_f", "dot.1", 0, 10), Event("jit_f", "fusion.2", 5, 10),
             Event("jit_f", "cc.3", 30, 20), Event("jit_f", "dot.1", 100, 10),
             Event("jit_f", "fusion.2", 110, 10), Event("jit_f", "cc.3", 130, 20),
@@ -77,7 +77,14 @@ def test_summary_per_call_by_kind_scope_and_phase():
                                          "unattributed": 4 * ns})
   assert [r["op"] for r in p["top"]] == ["cc.3", "dot.1", "fusion.2", "copy.9"]
   assert p["top"][0] == {"op": "cc.3", "kind": "pallas", "scope": "ttt_inner",
-                         "phase": "forward", "ms": pytest.approx(40 * ns), "launches": 1.0}
+                         "phase": "forward", "ms": pytest.approx(40 * ns), "launches": 1.0,
+                         "tflops": 0.0}
+  # FLOPs: dot.1 3e6 per launch, 2 launches in 20 ns (300 TFLOP/s); fusion.2 5e5, 2 in 20 ns
+  assert p["flops"] == pytest.approx((6e6 + 1e6) / 2)
+  assert p["tflops"] == pytest.approx(7e6 / 84 / 1e3)  # over all kernel time
+  assert p["tflops_by_phase"] == pytest.approx({"forward": 6e6 / 60 / 1e3,
+                                                "backward": 1e6 / 20 / 1e3})
+  assert p["top"][1]["tflops"] == pytest.approx(300.0)
 
 
 def _plane(name, lines):
@@ -137,8 +144,11 @@ def test_transformer_step_profile_on_cpu(tmp_path):
     assert p["by_scope"].get(scope, 0) > 0, (scope, p["by_scope"])
   assert {"forward", "backward", "recompute", "update"} <= set(p["by_phase"])
   assert p["launches"] >= 50 and len(p["top"]) == 12
+  # the matmuls' FLOPs are counted and ran at some rate
+  assert p["flops"] > 0 and p["tflops"] > 0 and p["tflops_by_phase"]["backward"] > 0
   lines = kernel_profile.markdown("transformer", p)
-  assert lines[0].startswith("**transformer** (/host:CPU): wall ") and "| instruction |" in lines[6]
+  assert lines[0].startswith("**transformer** (/host:CPU): wall ") and "| instruction |" in lines[7]
+  assert lines[5].startswith("- counted ") and "GFLOP per call" in lines[5]
   assert p["source"] == "/host:CPU"  # no GPU: XLA:CPU's thunks
 
   compiled, step, _ = _compiled_step("transformer", remat="none")

@@ -187,6 +187,19 @@ def memory_stats(compiled) -> dict[str, int]:
           "peak_bytes": arg + out - alias + temp}
 
 
+def counted_flops(compiled) -> float | None:
+  """FLOPs of the matmuls and fused attention one call of the compiled program runs, every loop
+  trip counted (`hlo_text.census` of its HLO text; XLA's own count, `xla_flops`, takes a loop
+  body once). None where the program's text cannot be read."""
+  from ttt_jax.benchmarks.hlo_text import census  # noqa: PLC0415
+
+  try:
+    r = census(compiled.as_text())
+  except Exception:  # noqa: BLE001 (a count is a bonus: never fail a benchmark for it)
+    return None
+  return float(r["matmul_flops"] + r["attention_flops"])
+
+
 def xla_flops(compiled) -> float | None:
   """FLOPs XLA counts for one call of the compiled program (includes recomputation)."""
   try:

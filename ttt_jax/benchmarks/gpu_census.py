@@ -6,7 +6,9 @@ with the kernels a single GPU takes by default (cuDNN attention, the Triton TTT 
 compiled program is then read: every fusion, library call (cuBLAS/cuDNN/Triton) and copy is one
 kernel launch, a while loop's body counts once per trip (XLA records the trip count of the
 scans) and its condition once more. So the count is what a GPU executes per step, before
-CUDA-graph capture; it says nothing of each kernel's time. Streaming programs (a prefill chunk
+CUDA-graph capture; it says nothing of each kernel's time. What the launches compute is counted
+alongside: the FLOPs of their matmuls and of cuDNN's fused attention (`hlo_text.launch_flops`;
+the Pallas kernels' are not counted), per phase and scope. Streaming programs (a prefill chunk
 and a decode step) are counted too. Compiling needs the CUDA plugin of the installed jax
 (`pip install 'jax-cuda12-plugin[with-cuda]==<jax version>'`; `make gpu-census` sets up
 .venv-cuda with it); counting (`census`) needs nothing.
@@ -15,7 +17,6 @@ and a decode step) are counted too. Compiling needs the CUDA plugin of the insta
 from __future__ import annotations
 
 import argparse
-import collections
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from ttt_jax.benchmarks import hlo_text
+from ttt_jax.benchmarks.hlo_text import census  # noqa: F401 (gpu_census.census: the count)
 
 # Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
 H200_TARGET = """
@@ -44,55 +45,6 @@ dnn_version_info { major: 9 minor: 10 }
 runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H200"
 """
-def census(text: str) -> dict:
-  """Kernel launches of one call of the compiled program `text` (XLA's HLO after optimization):
-  {'launches', 'by_kind': {kind: launches}, 'by_scope' and 'by_phase' alike (the model's named
-  scopes and the step's phases, `hlo_text.scope_of` / `phase_of`), 'loops': [{'name', 'trips',
-  'per_trip', 'runs'}]}, loops by launches, most first (`runs`: how often the loop itself runs,
-  through outer loops)."""
-  comps, entry = hlo_text.computations(text)
-  by_kind, by_scope, by_phase = (collections.Counter() for _ in range(3))
-  loops = []
-
-  def launches(comp: str, runs: int) -> int:
-    total = 0
-    for name, op, after in comps[comp]:
-      if op in hlo_text.FREE:
-        continue
-      if op == "while":
-        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', after)
-        n = int(trips.group(1)) if trips else 1
-        body, cond = (re.search(rf"{p}=%([\w.\-]+)", after).group(1)
-                      for p in ("body", "condition"))
-        body = launches(body, runs * n)
-        cond = launches(cond, runs * (n + 1))  # tested once more, to stop
-        loops.append({"name": name, "trips": n, "per_trip": body + cond, "runs": runs,
-                      "known_trips": bool(trips)})
-        total += n * body + (n + 1) * cond
-      elif op == "conditional":  # one branch runs: the largest is counted
-        branches = re.findall(r"%([\w.\-]+)", after.split("branch_computations=")[-1]
-                              .split("}")[0]) if "branch_computations" in after else \
-            re.findall(r"(?:true|false)_computation=%([\w.\-]+)", after)
-        largest = max(branches, key=lambda b: launches(b, 0))  # runs 0: nothing recorded
-        total += launches(largest, runs)
-      elif op == "call":
-        total += launches(re.search(r"to_apply=%([\w.\-]+)", after).group(1), runs)
-      else:
-        total += 1
-        by_kind[hlo_text.kind(op, after)] += runs
-        source = hlo_text.op_name(after)
-        by_scope[hlo_text.scope_of(source)] += runs
-        by_phase[hlo_text.phase_of(source)] += runs
-    return total
-
-  total = launches(entry, 1)
-  loops = [r for r in loops if r["runs"]]
-  loops.sort(key=lambda r: -r["trips"] * r["per_trip"] * r["runs"])
-  nonzero = lambda c: {k: v for k, v in c.most_common() if v}  # noqa: E731
-  return {"launches": total, "by_kind": nonzero(by_kind), "by_scope": nonzero(by_scope),
-          "by_phase": nonzero(by_phase), "loops": loops}
-
-
 def gpu_device():
   """The H200 of a deviceless topology (ImportError naming the plugin if it is missing)."""
   from jax.experimental import topologies  # noqa: PLC0415
@@ -273,6 +225,18 @@ def markdown(rows: dict) -> str:
     out += ["", "| program | launches by model scope (largest first) | by phase |", "|---|---|---|"]
     out += [f"| {k} | {share(r['by_scope'], 6)} | {share(r['by_phase'], None)} |"
             for k, r in scoped.items()]
+  counted = {k: r for k, r in rows.items() if r.get("flops_by_phase")}
+  if counted:
+    out += ["", "| program | GFLOP per step: matmul + fused attention (Pallas kernels not counted) "
+            "| / transformer | GFLOP by phase |", "|---|---|---|---|"]
+    for k, r in counted.items():
+      total = r["matmul_flops"] + r["attention_flops"]
+      base = counted.get(("125m:" if k.startswith("125m:") else "") + "transformer")
+      base = base and base["matmul_flops"] + base["attention_flops"]
+      ratio = f"{total / base:.2f}x" if base and r.get("train_step", True) else ""
+      phases = ", ".join(f"{p} {v / 1e9:.0f}" for p, v in r["flops_by_phase"].items())
+      out.append(f"| {k} | {r['matmul_flops'] / 1e9:.0f} + {r['attention_flops'] / 1e9:.0f} = "
+                 f"{total / 1e9:.0f} | {ratio} | {phases} |")
   resources = rows.get("triton resources", {})
   if resources:
     out += ["", "| Triton kernel (H200, ptxas) | registers per thread | spill stores | spill loads "

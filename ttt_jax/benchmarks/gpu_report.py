@@ -73,22 +73,32 @@ def _train(results: dict) -> list[str]:
   out = ["## Train step, `gpu` preset (bf16, d_model 512, 8 layers, 2048 x 8, remat full; "
          "'+noremat' without layer remat, '+cmdbuf' with while loops in CUDA graphs) and the "
          "`125m` presets at 8K x 8", "",
-         "| kind | compile | step (median of 7) | vs transformer | tokens/s | MFU | loss first"
-         " -> last (non-finite steps) |", "|---|---|---|---|---|---|---|"]
+         "| kind | compile | step (median of 7) | vs transformer | counted FLOPs: vs transformer, "
+         "TFLOP/s | tokens/s | MFU | loss first -> last (non-finite steps) |",
+         "|---|---|---|---|---|---|---|---|"]
   for kind, r in rows.items():
     if _status(r):
-      out.append(f"| {kind} | {_status(r)} | | | | |")
+      out.append(f"| {kind} | {_status(r)} | | | | | |")
       continue
     tps = r["tokens_per_step"] / r["median_s"]
     mfu = (f"{100 * r['model_flops_per_token'] * tps / peak:.1f}%" if peak else "")
     base = rows.get("transformer (125m, 8K)" if "125m" in kind else "transformer", {})
     ratio = f"{r['median_s'] / base['median_s']:.2f}x" if "median_s" in base else ""
+    counted = r.get("counted_flops_per_step")
+    flops = ""
+    if counted:
+      flops = (f"{counted / base['counted_flops_per_step']:.2f}x, "
+               if base.get("counted_flops_per_step") else "")
+      flops += f"{counted / r['median_s'] / 1e12:.0f}"
     losses = r.get("losses") or [r.get("loss", float("nan"))]
     trend = f"{losses[0]:.3f} -> {losses[-1]:.3f} ({r.get('nonfinite_steps', '?')})"
-    out.append(f"| {kind} | {r['compile_s']:.1f} s | {_ms(r['median_s'])} | {ratio} | "
+    out.append(f"| {kind} | {r['compile_s']:.1f} s | {_ms(r['median_s'])} | {ratio} | {flops} | "
                f"{tps:,.0f} | {mfu} | {trend} |")
+  out += ["", "Counted FLOPs: the matmuls and cuDNN attention of the compiled step, every loop "
+          "trip and recomputation included, the Pallas kernels' not (hlo_text.census); "
+          "TFLOP/s is that count over the step time."]
   if peak:
-    out += ["", f"MFU: model FLOPs (6N + attention) per second over the measured bf16 matmul "
+    out += [f"MFU: model FLOPs (6N + attention) per second over the measured bf16 matmul "
             f"ceiling, {peak / 1e12:.0f} TFLOP/s (8192^3)."]
   return out + [""]
 
@@ -102,17 +112,18 @@ def _profiles(results: dict) -> list[str]:
     return []
   out = ["## Where the train steps' time goes (jax.profiler, 3 steps after the timed ones; "
          "benchmarks/kernel_profile.py)", "",
-         "| kind | wall | device busy | kernels | launches | largest kinds | largest scopes |",
-         "|---|---|---|---|---|---|---|"]
+         "| kind | wall | device busy | kernels | launches | counted TFLOP/s of kernel time "
+         "| largest kinds | largest scopes |", "|---|---|---|---|---|---|---|---|"]
   top = lambda d, p: ", ".join(f"{k} {100 * v / (p['kernels_ms'] or 1):.0f}%"  # noqa: E731
                                for k, v in list(d.items())[:3])
   for kind, p in rows.items():
     if _status(p):
-      out.append(f"| {kind} | {_status(p)} | | | | | |")
+      out.append(f"| {kind} | {_status(p)} | | | | | | |")
     else:
+      rate = f"{p['tflops']:.1f}" if p.get("tflops") else ""
       out.append(f"| {kind} | {p.get('wall_ms', 0):.2f} ms | {p['busy_ms']:.2f} ms | "
-                 f"{p['kernels_ms']:.2f} ms | {p['launches']:.0f} | {top(p['by_kind'], p)} | "
-                 f"{top(p['by_scope'], p)} |")
+                 f"{p['kernels_ms']:.2f} ms | {p['launches']:.0f} | {rate} | "
+                 f"{top(p['by_kind'], p)} | {top(p['by_scope'], p)} |")
   out.append("")
   for kind, p in rows.items():
     if not _status(p):

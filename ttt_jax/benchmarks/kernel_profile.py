@@ -3,13 +3,14 @@
 
 Every kernel event of the trace names the HLO instruction that launched it (`hlo_op`). The
 compiled HLO text says what that instruction is (`hlo_text.kind`: matmul, cudnn, pallas,
-fusion, copy, ...) and where it comes from (its `op_name` metadata): the model's named scopes
-(`SCOPES`, set with `jax.named_scope` in the model code; the innermost one counts) and the phase
-of the outer step (forward, backward, or recomputed under remat). Times are per call of the
-program. `busy` is the union of the kernels' intervals (kernels that overlap count once), so
-`wall - busy` is time the device waited for the host (launch gaps). On a GPU the events are
-those of the device's streams; on a CPU, those of XLA's thunk threads (thunks of different
-threads overlap, so there `kernels` exceeds `busy`).
+fusion, copy, ...), what it computes (`hlo_text.launch_flops`: matmuls and fused attention;
+FLOPs over kernel time give the rate each part reaches) and where it comes from (its `op_name`
+metadata): the model's named scopes (`SCOPES`, set with `jax.named_scope` in the model code; the
+innermost one counts) and the phase of the outer step (forward, backward, or recomputed under
+remat). Times are per call of the program. `busy` is the union of the kernels' intervals
+(kernels that overlap count once), so `wall - busy` is time the device waited for the host
+(launch gaps). On a GPU the events are those of the device's streams; on a CPU, those of XLA's
+thunk threads (thunks of different threads overlap, so there `kernels` exceeds `busy`).
 
   python -m ttt_jax.benchmarks.kernel_profile --kind e2e-meta --preset cpu
 profiles one train kind at a bench preset on this machine and prints the tables.
@@ -30,6 +31,7 @@ import time
 
 import jax
 
+from ttt_jax.benchmarks import hlo_text
 from ttt_jax.benchmarks.hlo_text import computations, kind, op_name, phase_of, scope_of
 
 # instructions whose events hold other instructions' events (not kernels of their own)
@@ -44,12 +46,15 @@ class Event:
   dur_ns: float
 
 
-def instruction_index(hlo_text: str) -> tuple[str, dict[str, tuple[str, str]]]:
-  """(module name, {instruction: (kind, op_name)}) of a compiled program's HLO text."""
-  head = hlo_text.split("\n", 1)[0]
+def instruction_index(text: str) -> tuple[str, dict[str, tuple[str, str, int]]]:
+  """(module name, {instruction: (kind, op_name, FLOPs of one launch)}) of a compiled program's
+  HLO text."""
+  head = text.split("\n", 1)[0]
   module = head.split()[1].rstrip(",") if head.startswith("HloModule") else ""
-  comps, _ = computations(hlo_text)
-  index = {name: (kind(op, after), op_name(after))
+  comps, _ = computations(text)
+  types = hlo_text.result_types(text)
+  index = {name: (kind(op, after), op_name(after),
+                  sum(hlo_text.launch_flops(name, op, after, comps, types)))
            for insts in comps.values() for name, op, after in insts}
   return module, index
 
@@ -84,15 +89,18 @@ def busy_ns(events: list[Event]) -> float:
   return total
 
 
-def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]], calls: int,
-              wall_s: float | None = None, top: int = 12) -> dict:
+def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str, int]],
+              calls: int, wall_s: float | None = None, top: int = 12) -> dict:
   """Per call of `module`: kernel time by kind, scope and phase, the `top` instructions, busy
-  time, launches, and (given `wall_s`, the traced calls' wall time) the host gaps. Events of
-  other modules (e.g. the host-to-device copies of inputs) are left out."""
+  time, launches, and (given `wall_s`, the traced calls' wall time) the host gaps; the counted
+  FLOPs (`flops`) and the rate they ran at in kernel time (`tflops`, also `tflops_by_phase`
+  and per top instruction). Events of other modules (e.g. the host-to-device copies of inputs)
+  are left out."""
   mine = [e for e in events if e.module == module]
   # control flow runs its computations' kernels, which have events of their own (on a CPU the
   # while loop's event spans its body's): counted through those
   mine = [e for e in mine if index.get(e.op, ("",))[0] not in CONTAINERS]
+  tflops = lambda flops, ns: flops / ns / 1e3 if ns else 0.0  # noqa: E731
   ms = lambda ns: ns / 1e6 / calls  # noqa: E731
   per_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
   for e in mine:
@@ -100,11 +108,14 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]
     per_op[e.op][1] += 1
   labels = {}  # each instruction classified once: kind, scope, phase
   for op in per_op:
-    what, source = index.get(op, ("?", ""))
+    what, source, _ = index.get(op, ("?", "", 0))
     labels[op] = {"kind": what, "scope": scope_of(source), "phase": phase_of(source)}
+  flops = {op: index.get(op, ("?", "", 0))[2] * n for op, (_, n) in per_op.items()}
   out = {"calls": calls, "launches": len(mine) / calls,
          "kernels_ms": ms(sum(e.dur_ns for e in mine)), "busy_ms": ms(busy_ns(mine)),
          "unmatched_ms": ms(sum(t for op, (t, _) in per_op.items() if op not in index))}
+  out["flops"] = sum(flops.values()) / calls
+  out["tflops"] = tflops(sum(flops.values()), sum(e.dur_ns for e in mine))
   if wall_s is not None:
     out["wall_ms"] = wall_s * 1e3 / calls
   for key in ("kind", "scope", "phase"):
@@ -112,17 +123,22 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str]
     for op, (t, _) in per_op.items():
       counter[labels[op][key]] += t
     out[f"by_{key}"] = {k: ms(v) for k, v in counter.most_common()}
+  phase_flops = collections.Counter()
+  for op, f in flops.items():
+    phase_flops[labels[op]["phase"]] += f
+  out["tflops_by_phase"] = {k: tflops(phase_flops[k], v * 1e6 * calls)
+                            for k, v in out["by_phase"].items() if phase_flops[k]}
   heavy = sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]
-  out["top"] = [{"op": op, **labels[op], "ms": ms(t), "launches": n / calls}
-                for op, (t, n) in heavy]
+  out["top"] = [{"op": op, **labels[op], "ms": ms(t), "launches": n / calls,
+                 "tflops": tflops(flops[op], t)} for op, (t, n) in heavy]
   return out
 
 
-def profile_calls(fn, hlo_text: str, calls: int = 3, keep: str | None = None) -> dict:
+def profile_calls(fn, text: str, calls: int = 3, keep: str | None = None) -> dict:
   """Traces `calls` calls of `fn` (a compiled program's call; blocked on its result) and
   `summarize`s them against the program's HLO text. `keep`: copy the raw trace (.xplane.pb,
   for TensorBoard / XProf) to this path."""
-  module, index = instruction_index(hlo_text)
+  module, index = instruction_index(text)
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
       t0 = time.perf_counter()
@@ -148,13 +164,13 @@ def profile_calls(fn, hlo_text: str, calls: int = 3, keep: str | None = None) ->
 PROFILE_ENV = "TTT_JAX_PROFILE_FILE"  # gpu-check sets it per task: where the raw trace goes
 
 
-def profile_or_error(fn, hlo_text: str, calls: int = 3) -> dict:
+def profile_or_error(fn, text: str, calls: int = 3) -> dict:
   """`profile_calls`, or an error record (a profiler that fails costs the profile only); the raw
   trace is kept at $TTT_JAX_PROFILE_FILE when that is set."""
   from ttt_jax.benchmarks.common import error_record  # noqa: PLC0415
 
   try:
-    return profile_calls(fn, hlo_text, calls, keep=os.environ.get(PROFILE_ENV) or None)
+    return profile_calls(fn, text, calls, keep=os.environ.get(PROFILE_ENV) or None)
   except Exception as e:  # noqa: BLE001
     return error_record(e)
 
@@ -170,11 +186,17 @@ def markdown(name: str, p: dict, rows: int = 8) -> list[str]:
          f"kernel time {p['kernels_ms']:.2f} ms in {p['launches']:.0f} launches per call "
          f"({p['calls']} calls traced).", "",
          f"- by kind: {share(p['by_kind'])}", f"- by scope: {share(p['by_scope'])}",
-         f"- by phase: {share(p['by_phase'])}", "",
-         "| instruction | kind | scope | phase | ms per call | launches per call |",
-         "|---|---|---|---|---|---|"]
+         f"- by phase: {share(p['by_phase'])}"]
+  if p.get("flops"):  # profiles read before FLOPs were counted have none
+    rates = ", ".join(f"{k} {v:.1f}" for k, v in p["tflops_by_phase"].items())
+    out.append(f"- counted {p['flops'] / 1e9:.1f} GFLOP per call (matmuls, fused attention) at "
+               f"{p['tflops']:.1f} TFLOP/s of kernel time; by phase: {rates}")
+  out += ["", "| instruction | kind | scope | phase | ms per call | launches per call | TFLOP/s |",
+          "|---|---|---|---|---|---|---|"]
   out += [f"| {r['op']} | {r['kind']} | {r['scope']} | {r['phase']} | {r['ms']:.3f} | "
-          f"{r['launches']:.0f} |" for r in p["top"][:rows]]
+          f"{r['launches']:.0f} | {r['tflops']:.1f} |" if r.get("tflops") else
+          f"| {r['op']} | {r['kind']} | {r['scope']} | {r['phase']} | {r['ms']:.3f} | "
+          f"{r['launches']:.0f} | |" for r in p["top"][:rows]]
   return out + [""]
 
 

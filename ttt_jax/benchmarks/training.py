@@ -12,6 +12,7 @@ from flax import nnx
 
 from ttt_jax.benchmarks.common import (
   Size,
+  counted_flops,
   interleaved,
   memory_stats,
   model_config,
@@ -60,7 +61,7 @@ def _train_setup(kind: str, size: Size, compile_only: bool = False,
 
 def train_setup_from_config(cfg, compile_only: bool = False):
   """(cfg, compiled train step, state, batch of random tokens, info: params, tokens per step,
-  model / XLA FLOPs, compile seconds, memory) of a validated config."""
+  model / XLA / counted FLOPs, compile seconds, memory) of a validated config."""
   trainer = Trainer.create(cfg)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
@@ -79,6 +80,7 @@ def train_setup_from_config(cfg, compile_only: bool = False):
       "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
       "model_flops_per_token": train_flops_per_token(cfg, n_params),
       "xla_flops_per_step": xla_flops(compiled),
+      "counted_flops_per_step": counted_flops(compiled),
       "compile_s": time.perf_counter() - t0,
       "memory": memory_stats(compiled),
   }
