@@ -43,6 +43,8 @@ def test_train_kinds_and_their_variants():
       "ttt_linear", {"ttt.impl": "dual", "remat": "kernels"})
   assert gpu_variants.train_kind("e2e-meta+chunkdots") == (
       "e2e-meta", {"e2e.remat_chunks_policy": "dots"})
+  assert gpu_variants.train_kind("e2e-meta+suffixremat") == (
+      "e2e-meta", {"e2e.suffix_remat": "full"})
   assert gpu_variants.train_kind("transformer+cmdbuf") == ("transformer", {})  # XLA flags only
   for kind in gpu_variants.RUN_VARIANTS:  # each override reaches the validated config
     base, overrides = gpu_variants.train_kind(kind)
@@ -153,6 +155,7 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
   assert seen == [(name, str(tmp_path / "profiles" / f"{file}.xplane.pb")) for name, file in (
       ("train:e2e-meta", "train_e2e-meta"),
       ("train:e2e-meta+chunkdots", "train_e2e-meta_chunkdots"),
+      ("train:e2e-meta+suffixremat", "train_e2e-meta_suffixremat"),
       ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"))]
 
 

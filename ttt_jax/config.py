@@ -174,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.inner_clip = 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
+  # remat of each suffix block inside the inner loop's chunk steps: auto = none when the chunk
+  # steps are rematerialised (remat_chunks: the step is recomputed whole already), else
+  # model.remat | none | full | dots | kernels (a model.remat policy)
+  e.suffix_remat = "auto"
   # the suffix blocks' attention in the inner loop: auto (xla on GPU/TPU, else blockwise) |
   # blockwise | xla; model.attention_impl serves the prefix and train_mode=pretrain
   e.inner_attention_impl = "auto"
@@ -347,6 +351,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
                        ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
+                       ("model.e2e.suffix_remat", ("auto", *REMAT_POLICIES)),
                        ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS)):
     _check_choice(key, c[key], allowed)
   for key, bounds in RANGES.items():

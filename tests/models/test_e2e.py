@@ -306,6 +306,40 @@ def test_chunk_remat_policy_changes_the_program_not_the_numbers(tokens):
   assert temp_dots > temp_full  # their outputs are kept instead
 
 
+def test_suffix_remat_resolves_and_changes_the_work_not_the_numbers(tokens):
+  """model.e2e.suffix_remat: 'auto' leaves the suffix blocks un-rematerialised inside chunk
+  steps that are (remat_chunks), else takes model.remat; an explicit policy is taken as it is.
+  Under model.remat=full the nested block remat ('full') gives the same loss and gradients as
+  'auto' with more matmul FLOPs (every loop trip counted in the compiled program)."""
+  from ttt_jax.benchmarks.hlo_text import census  # noqa: PLC0415
+  from ttt_jax.models.config import model_config  # noqa: PLC0415
+  from ttt_jax.models.e2e import suffix_remat  # noqa: PLC0415
+
+  cfg = tiny_model_cfg(layers=2, suffix=1)
+  cfg.remat = "full"
+  resolved = {}
+  for chunks, setting in ((True, "auto"), (False, "auto"), (True, "dots"), (False, "none")):
+    cfg.e2e.remat_chunks, cfg.e2e.suffix_remat = chunks, setting
+    resolved[chunks, setting] = suffix_remat(model_config(cfg))
+  assert resolved == {(True, "auto"): "none", (False, "auto"): "full", (True, "dots"): "dots",
+                      (False, "none"): "none"}
+  batch = {"tokens": tokens}
+  results = {}
+  cfg.e2e.remat_chunks = True
+  for setting in ("auto", "full"):
+    cfg.e2e.suffix_remat = setting
+    graphdef, params = nnx.split(build_model(cfg, 0))
+    fn = lambda p, g=graphdef: nnx.merge(g, p).compute_loss(batch, jnp.int32(0))[0]  # noqa: E731
+    compiled = fast_jit(jax.value_and_grad(fn)).lower(params).compile()
+    results[setting] = compiled(params), census(compiled.as_text())["matmul_flops"]
+  (loss, grads), flops_auto = results["auto"]
+  (loss_full, grads_full), flops_full = results["full"]
+  assert rel_err(loss_full, loss) < 1e-6
+  for a, b in zip(jax.tree.leaves(grads_full), jax.tree.leaves(grads), strict=True):
+    assert rel_err(a, b) < 1e-5
+  assert flops_auto < 0.95 * flops_full  # the suffix block is not recomputed a second time
+
+
 def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):
   c = build_config("model=e2e,scale=tiny,ctx=64,mode=meta")
   m = c.model

@@ -12,15 +12,18 @@ TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
 # ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
-# kernels' outputs kept under remat; E2E chunk steps keep their matmuls; TTT without remat
-# through time; the layers as one scanned block (compiled once; not E2E)
+# kernels' outputs kept under remat; E2E chunk steps keep their matmuls; E2E's suffix blocks
+# rematerialised again inside the (rematerialised) chunk steps, as before `e2e.suffix_remat`;
+# TTT without remat through time; the layers as one scanned block (compiled once; not E2E)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
+                   "suffixremat": {"e2e.suffix_remat": "full"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
+                "e2e-meta+suffixremat",
                 "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
 

@@ -48,6 +48,18 @@ class E2EOutput(NamedTuple):
   inner: Any  # per-sequence inner weights after all n updates (final_update=True), else None
 
 
+def suffix_remat(cfg: ModelConfig) -> str:
+  """The remat policy of each suffix block in the inner loop (`model.e2e.suffix_remat`): 'auto'
+  is 'none' when the chunk steps are rematerialised (`remat_chunks`: the backward pass recomputes
+  a chunk step whole, so a block remat nested in it only recomputes the blocks once more; at
+  the gpu preset it adds 21% to the meta step's FLOPs, docs/benchmarks.md), else `model.remat`.
+  The prefix blocks and `train_mode=pretrain` always take `model.remat`."""
+  e = cfg.e2e
+  if e.suffix_remat != "auto":
+    return e.suffix_remat
+  return "none" if e.remat_chunks else cfg.remat
+
+
 class E2EModel(LanguageModel):
   """`LanguageModel` with the TTT-E2E inner loop in its loss, forward and streaming cache."""
 
@@ -65,7 +77,7 @@ class E2EModel(LanguageModel):
   def split_inner(self):
     """(runner over graphdef, inner state, outer state): the functional view of this model."""
     graphdef, inner, outer = nnx.split(self, InnerParam, ...)
-    runner = SuffixRunner(graphdef, self.n_prefix, self.cfg.remat, self.inner_attention)
+    runner = SuffixRunner(graphdef, self.n_prefix, suffix_remat(self.cfg), self.inner_attention)
     return runner, inner, outer
 
   @staticmethod
