@@ -156,7 +156,8 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
       ("train:e2e-meta", "train_e2e-meta"),
       ("train:e2e-meta+chunkdots", "train_e2e-meta_chunkdots"),
       ("train:e2e-meta+suffixremat", "train_e2e-meta_suffixremat"),
-      ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"))]
+      ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"),
+      ("train:e2e-meta+innerblockwise", "train_e2e-meta_innerblockwise"))]
 
 
 def test_pallas_task_runs_on_cpu():

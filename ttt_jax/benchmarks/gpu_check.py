@@ -33,7 +33,7 @@ Tasks, in order:
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans), or a config variant
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
-             nogroups, scan), or
+             innerblockwise, nogroups, scan), or
              launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
 On a machine without a GPU it says so in one line and exits 0.
 """
@@ -83,7 +83,7 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100),
             ("train:transformer+scan", 60), ("train:ttt_linear+scan", 80),
-            ("train:ttt_mlp-pallas+scan", 100)]
+            ("train:ttt_mlp-pallas+scan", 100), ("train:e2e-meta+innerblockwise", 150)]
   picked = lambda n: any(n == o[:-1] if o.endswith("$") else n.startswith(o)  # noqa: E731
                          for o in only)
   return [t for t in tasks if not only or picked(t[0])]
