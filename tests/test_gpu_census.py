@@ -134,14 +134,25 @@ def test_attended_pairs_against_the_mask_written_out(queries, keys, mask, window
 
 
 def test_library_call_flops_from_their_hlo_lines():
-  """A cuDNN attention call (the line format XLA prints for an H200: operands' [B, T, N, H]
-  shapes in its layout constraints, mask and window in its backend config) and a cuBLAS GEMM."""
-  fwd = ('%a = (bf16[2,4,96,32]{3,1,2,0}, f32[2,4,96]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), '
-         'custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,96,4,32]'
+  """cuDNN attention calls (the line format XLA prints for an H200: the operands' [B, T, N, H]
+  shapes in the layout constraints, mask and window in the backend config; the backward's
+  operands q, k, v, softmax statistics, dO; a call without layout constraints reads its
+  operands' types), 64 queries against 96 keys, and a cuBLAS GEMM."""
+  cfg = ('backend_config={"cudnn_fmha_backend_config": {"fmha_scale": 0.125, "mask_type": '
+         '"CAUSAL", "sliding_window_length": 40}}')
+  fwd = ('%a = (bf16[2,4,64,32]{3,1,2,0}, f32[2,4,64]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), '
+         'custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,64,4,32]'
          '{3,2,1,0}, bf16[2,96,4,32]{3,2,1,0}, bf16[2,96,4,32]{3,2,1,0}}, api_version=API_VERSION_'
          'STATUS_RETURNING, metadata={op_name="jit(f)/jvp(mixer)/attention/dot_product_attention"}, '
-         'backend_config={"cudnn_fmha_backend_config": {"fmha_scale": 0.125, "mask_type": "CAUSAL", '
-         '"sliding_window_length": 40}}')
+         + cfg)
+  bwd = ('%b = (bf16[2,4,64,32]{3,1,2,0}, bf16[2,4,96,32]{3,1,2,0}, bf16[2,4,96,32]{3,1,2,0}, '
+         'u8[0]{0}) custom-call(%q, %k, %v, %s, %do), custom_call_target="__cudnn$fmhaSoftmax'
+         'Backward", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,96,4,32]{3,2,1,0}, '
+         'bf16[2,96,4,32]{3,2,1,0}, f32[2,4,64]{2,1,0}, bf16[2,64,4,32]{3,2,1,0}}, '
+         'metadata={op_name="jit(f)/transpose(jvp(mixer))/attention/dot_product_attention"}, ' + cfg)
+  bare = ('%c = (bf16[2,4,64,32]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target='
+          '"__cudnn$fmhaSoftmax", ' + cfg.replace('"CAUSAL", "sliding_window_length": 40',
+                                                  '"NO_MASK"'))
   gemm = ('%g = (f32[6,48,40]{2,1,0}, s8[1024]{0}) custom-call(%x, %y), custom_call_target='
           '"__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":'
           '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["2"],'
@@ -149,15 +160,16 @@ def test_library_call_flops_from_their_hlo_lines():
   text = "\n".join([
       "HloModule m", "", "ENTRY %main (x: f32[6,24,48], y: f32[6,40,24]) -> f32[] {",
       "  %x = f32[6,24,48]{2,1,0} parameter(0)", "  %y = f32[6,40,24]{2,1,0} parameter(1)",
-      "  %q = bf16[2,96,4,32]{3,2,1,0} parameter(2)", "  %k = bf16[2,96,4,32]{3,2,1,0} parameter(3)",
-      "  %v = bf16[2,96,4,32]{3,2,1,0} parameter(4)", "  " + fwd,
-      "  " + fwd.replace("%a =", "%b =").replace("fmhaSoftmax", "fmhaSoftmaxBackward"),
+      "  %q = bf16[2,64,4,32]{3,2,1,0} parameter(2)", "  %k = bf16[2,96,4,32]{3,2,1,0} parameter(3)",
+      "  %v = bf16[2,96,4,32]{3,2,1,0} parameter(4)", "  %s = f32[2,4,64]{2,1,0} parameter(5)",
+      "  %do = bf16[2,64,4,32]{3,2,1,0} parameter(6)", "  " + fwd, "  " + bwd, "  " + bare,
       "  " + gemm, "  ROOT %r = f32[] constant(0)", "}"])
   r = gpu_census.census(text)
-  pairs = hlo_text.attended_pairs(96, 96, "CAUSAL", 40)
-  assert r["attention_flops"] == (4 + 10) * 32 * 4 * 2 * pairs
+  windowed = hlo_text.attended_pairs(64, 96, "CAUSAL", 40)
+  assert windowed < 64 * 96
+  assert r["attention_flops"] == (4 + 10) * 32 * 4 * 2 * windowed + 4 * 32 * 4 * 2 * 64 * 96
   assert r["matmul_flops"] == 2 * 6 * 48 * 40 * 24
-  assert r["flops_by_scope"]["attention"] == r["attention_flops"]
+  assert r["flops_by_phase"]["backward"] == 10 * 32 * 4 * 2 * windowed
 
 
 def test_census_of_a_compiled_scan_grows_by_its_body_per_trip():

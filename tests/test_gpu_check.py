@@ -115,7 +115,7 @@ def test_summary_reports_numbers_errors_and_skips(tmp_path):
   assert ("| ttt_linear | 30.00 ms | 25.00 ms | 28.00 ms | 2100 | 120.0 | pallas 50%, matmul "
           "30%, fusion 20% | ttt_inner 50%, mlp 20%, other 10% |") in text
   assert "| transformer+noremat | error (E: no trace) |" in text
-  assert "| _linear_fwd.3 | pallas | ttt_inner | forward | 8.000 | 8 | |" in text  # not counted
+  assert "| _linear_fwd.3 | pallas | ttt_inner | forward | 8.000 | 8 |  |" in text  # not counted
   assert "| dot.4 | matmul | mlp | backward | 4.000 | 16 | 250.0 |" in text
   assert "- counted 3360.0 GFLOP per call (matmuls, fused attention) at 120.0 TFLOP/s" in text
 

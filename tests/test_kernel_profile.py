@@ -7,12 +7,14 @@ import os
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ttt_jax.benchmarks import gpu_tasks, kernel_profile
 from ttt_jax.benchmarks.common import PRESETS
-from ttt_jax.benchmarks.kernel_profile import Event, phase_of, scope_of
+from ttt_jax.benchmarks.hlo_text import phase_of, scope_of
+from ttt_jax.benchmarks.kernel_profile import Event
 from ttt_jax.benchmarks.training import _train_setup
 
 
@@ -85,6 +87,25 @@ def test_summary_per_call_by_kind_scope_and_phase():
   assert p["tflops_by_phase"] == pytest.approx({"forward": 6e6 / 60 / 1e3,
                                                 "backward": 1e6 / 20 / 1e3})
   assert p["top"][1]["tflops"] == pytest.approx(300.0)
+
+
+def test_flops_go_with_runs_not_with_events():
+  """One launch of a library call can show as several kernel events (cuDNN's backward, a
+  split-K GEMM and its reduction): its FLOPs are counted once per call of the program, as
+  `instruction_index` gives them (runs per call x FLOPs per launch), whatever the events."""
+  index = {"bwd.1": ("cudnn", "jit(f)/transpose(jvp(mixer))/attention/bwd", 4_000_000)}
+  events = [Event("jit_f", "bwd.1", t, 10) for t in (0, 10, 20, 100, 110, 120)]  # 3 per call
+  p = kernel_profile.summarize(events, "jit_f", index, calls=2)
+  assert p["launches"] == 3.0 and p["flops"] == pytest.approx(4e6)
+  assert p["tflops"] == pytest.approx(8e6 / 60 / 1e3)
+  # the index: runs per call from the program's loops (a dot in a 3-trip scan runs 3 times)
+  f = jax.jit(lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None,
+                                        length=3)[0])
+  keys = jax.random.split(jax.random.key(7))
+  text = f.lower(jax.random.normal(keys[0], (16, 32)),
+                 jax.random.normal(keys[1], (32, 32))).compile().as_text()
+  _, index = kernel_profile.instruction_index(text)
+  assert sum(v[2] for v in index.values()) == 3 * 2 * 16 * 32 * 32
 
 
 def _plane(name, lines):

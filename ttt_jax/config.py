@@ -174,12 +174,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.inner_clip = 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
-  # remat of each suffix block inside the inner loop's chunk steps: auto = none when the chunk
-  # steps are rematerialised (remat_chunks: the step is recomputed whole already), else
-  # model.remat | none | full | dots | kernels (a model.remat policy)
-  e.suffix_remat = "auto"
-  # the suffix blocks' attention in the inner loop: auto (xla on GPU/TPU, else blockwise) |
-  # blockwise | xla; model.attention_impl serves the prefix and train_mode=pretrain
+  e.suffix_remat = "auto"  # suffix blocks' remat in the inner loop: auto | a model.remat value
+  # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla
   e.inner_attention_impl = "auto"
 
   d = c.data = ml_collections.ConfigDict()

@@ -8,12 +8,14 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 
+from ttt_jax.benchmarks.hlo_text import census
 from ttt_jax.config import build_config, parse_ctx, round_up, validate
 
 TRAIN_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e-pretrain", "e2e-meta")
@@ -190,12 +192,13 @@ def memory_stats(compiled) -> dict[str, int]:
 def counted_flops(compiled) -> float | None:
   """FLOPs of the matmuls and fused attention one call of the compiled program runs, every loop
   trip counted (`hlo_text.census` of its HLO text; XLA's own count, `xla_flops`, takes a loop
-  body once). None where the program's text cannot be read."""
-  from ttt_jax.benchmarks.hlo_text import census  # noqa: PLC0415
-
+  body once). None, with a warning, where the program's text cannot be read: a count is a
+  figure beside the timing and never stops a benchmark."""
   try:
     r = census(compiled.as_text())
-  except Exception:  # noqa: BLE001 (a count is a bonus: never fail a benchmark for it)
+  except Exception as e:  # noqa: BLE001
+    warnings.warn(f"counted_flops: the compiled program could not be read ({type(e).__name__}: "
+                  f"{str(e)[:200]})", stacklevel=2)
     return None
   return float(r["matmul_flops"] + r["attention_flops"])
 

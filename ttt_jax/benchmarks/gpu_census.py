@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from ttt_jax.benchmarks.hlo_text import census  # noqa: F401 (gpu_census.census: the count)
+from ttt_jax.benchmarks.hlo_text import census
 
 # Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
 H200_TARGET = """

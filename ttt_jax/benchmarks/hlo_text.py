@@ -189,12 +189,24 @@ def census(text: str) -> dict:
   'per_trip', 'runs'}]}, loops by launches, most first (`runs`: how often the loop itself runs,
   through outer loops); and what the launches compute (`launch_flops`, loop trips
   counted): 'matmul_flops', 'attention_flops' (cuDNN's fused attention), and 'flops_by_phase',
-  'flops_by_scope' of the two together."""
+  'flops_by_scope' of the two together. Of a conditional, the branch with the most launches is
+  counted, its FLOPs with it."""
+  return _count(text)[0]
+
+
+def runs_per_call(text: str) -> dict[str, int]:
+  """{instruction: how often one call of the program runs it} for every instruction that
+  launches work (loop trips counted, as in `census`)."""
+  return _count(text)[1]
+
+
+def _count(text: str) -> tuple[dict, dict[str, int]]:
   comps, entry = computations(text)
   types = result_types(text)
   by_kind, by_scope, by_phase = (collections.Counter() for _ in range(3))
   flops, flops_by_scope, flops_by_phase = (collections.Counter() for _ in range(3))
   loops = []
+  runs_of = collections.Counter()
 
   def launches(comp: str, runs: int) -> int:
     total = 0
@@ -221,6 +233,7 @@ def census(text: str) -> dict:
         total += launches(re.search(r"to_apply=%([\w.\-]+)", after).group(1), runs)
       else:
         total += 1
+        runs_of[name] += runs
         by_kind[kind(op, after)] += runs
         source = op_name(after)
         by_scope[scope_of(source)] += runs
@@ -240,4 +253,4 @@ def census(text: str) -> dict:
   return {"launches": total, "by_kind": nonzero(by_kind), "by_scope": nonzero(by_scope),
           "by_phase": nonzero(by_phase), "loops": loops, "matmul_flops": flops["matmul"],
           "attention_flops": flops["attention"], "flops_by_scope": nonzero(flops_by_scope),
-          "flops_by_phase": nonzero(flops_by_phase)}
+          "flops_by_phase": nonzero(flops_by_phase)}, nonzero(runs_of)

@@ -32,7 +32,6 @@ import time
 import jax
 
 from ttt_jax.benchmarks import hlo_text
-from ttt_jax.benchmarks.hlo_text import computations, kind, op_name, phase_of, scope_of
 
 # instructions whose events hold other instructions' events (not kernels of their own)
 CONTAINERS = frozenset({"while", "conditional", "call"})
@@ -47,14 +46,15 @@ class Event:
 
 
 def instruction_index(text: str) -> tuple[str, dict[str, tuple[str, str, int]]]:
-  """(module name, {instruction: (kind, op_name, FLOPs of one launch)}) of a compiled program's
-  HLO text."""
+  """(module name, {instruction: (kind, op_name, FLOPs per call of the program)}) of a compiled
+  program's HLO text. FLOPs go with the instruction's runs per call (`hlo_text.runs_per_call`),
+  not with its trace events: one launch of a library call can show as several kernels."""
   head = text.split("\n", 1)[0]
   module = head.split()[1].rstrip(",") if head.startswith("HloModule") else ""
-  comps, _ = computations(text)
-  types = hlo_text.result_types(text)
-  index = {name: (kind(op, after), op_name(after),
-                  sum(hlo_text.launch_flops(name, op, after, comps, types)))
+  comps, _ = hlo_text.computations(text)
+  types, runs = hlo_text.result_types(text), hlo_text.runs_per_call(text)
+  index = {name: (hlo_text.kind(op, after), hlo_text.op_name(after),
+                  runs.get(name, 0) * sum(hlo_text.launch_flops(name, op, after, comps, types)))
            for insts in comps.values() for name, op, after in insts}
   return module, index
 
@@ -94,8 +94,9 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str,
   """Per call of `module`: kernel time by kind, scope and phase, the `top` instructions, busy
   time, launches, and (given `wall_s`, the traced calls' wall time) the host gaps; the counted
   FLOPs (`flops`) and the rate they ran at in kernel time (`tflops`, also `tflops_by_phase`
-  and per top instruction). Events of other modules (e.g. the host-to-device copies of inputs)
-  are left out."""
+  and per top instruction; `index` as `instruction_index` makes it: FLOPs per call, counted
+  once per instruction that has events). Events of other modules (e.g. the host-to-device
+  copies of inputs) are left out."""
   mine = [e for e in events if e.module == module]
   # control flow runs its computations' kernels, which have events of their own (on a CPU the
   # while loop's event spans its body's): counted through those
@@ -109,8 +110,9 @@ def summarize(events: list[Event], module: str, index: dict[str, tuple[str, str,
   labels = {}  # each instruction classified once: kind, scope, phase
   for op in per_op:
     what, source, _ = index.get(op, ("?", "", 0))
-    labels[op] = {"kind": what, "scope": scope_of(source), "phase": phase_of(source)}
-  flops = {op: index.get(op, ("?", "", 0))[2] * n for op, (_, n) in per_op.items()}
+    labels[op] = {"kind": what, "scope": hlo_text.scope_of(source),
+                  "phase": hlo_text.phase_of(source)}
+  flops = {op: index.get(op, ("?", "", 0))[2] * calls for op in per_op}  # over all calls
   out = {"calls": calls, "launches": len(mine) / calls,
          "kernels_ms": ms(sum(e.dur_ns for e in mine)), "busy_ms": ms(busy_ns(mine)),
          "unmatched_ms": ms(sum(t for op, (t, _) in per_op.items() if op not in index))}
@@ -193,10 +195,9 @@ def markdown(name: str, p: dict, rows: int = 8) -> list[str]:
                f"{p['tflops']:.1f} TFLOP/s of kernel time; by phase: {rates}")
   out += ["", "| instruction | kind | scope | phase | ms per call | launches per call | TFLOP/s |",
           "|---|---|---|---|---|---|---|"]
+  rate = lambda r: f"{r['tflops']:.1f}" if r.get("tflops") else ""  # noqa: E731 (none counted)
   out += [f"| {r['op']} | {r['kind']} | {r['scope']} | {r['phase']} | {r['ms']:.3f} | "
-          f"{r['launches']:.0f} | {r['tflops']:.1f} |" if r.get("tflops") else
-          f"| {r['op']} | {r['kind']} | {r['scope']} | {r['phase']} | {r['ms']:.3f} | "
-          f"{r['launches']:.0f} | |" for r in p["top"][:rows]]
+          f"{r['launches']:.0f} | {rate(r)} |" for r in p["top"][:rows]]
   return out + [""]
 
 

@@ -74,6 +74,7 @@ def train_setup_from_config(cfg, compile_only: bool = False):
     state = trainer.init_state()
   t0 = time.perf_counter()
   compiled = trainer.train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
   n_params = count_params(trainer.abstract_params)
   info = {
       "params": n_params,
@@ -81,7 +82,7 @@ def train_setup_from_config(cfg, compile_only: bool = False):
       "model_flops_per_token": train_flops_per_token(cfg, n_params),
       "xla_flops_per_step": xla_flops(compiled),
       "counted_flops_per_step": counted_flops(compiled),
-      "compile_s": time.perf_counter() - t0,
+      "compile_s": compile_s,
       "memory": memory_stats(compiled),
   }
   return cfg, compiled, state, batch, info

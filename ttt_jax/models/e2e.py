@@ -49,11 +49,12 @@ class E2EOutput(NamedTuple):
 
 
 def suffix_remat(cfg: ModelConfig) -> str:
-  """The remat policy of each suffix block in the inner loop (`model.e2e.suffix_remat`): 'auto'
-  is 'none' when the chunk steps are rematerialised (`remat_chunks`: the backward pass recomputes
-  a chunk step whole, so a block remat nested in it only recomputes the blocks once more; at
-  the gpu preset it adds 21% to the meta step's FLOPs, docs/benchmarks.md), else `model.remat`.
-  The prefix blocks and `train_mode=pretrain` always take `model.remat`."""
+  """The remat policy of each suffix block in the inner loop (`model.e2e.suffix_remat`), in
+  training, streaming and one-shot evaluation alike: 'auto' is 'none' when the chunk steps are
+  rematerialised (`remat_chunks`: the backward pass recomputes a chunk step whole, so a block
+  remat nested in it only recomputes the blocks once more: 27% more FLOPs for the meta step at
+  the gpu preset, docs/benchmarks.md), else `model.remat`. The prefix blocks and
+  `train_mode=pretrain` always take `model.remat`."""
   e = cfg.e2e
   if e.suffix_remat != "auto":
     return e.suffix_remat
