@@ -38,7 +38,7 @@ from ttt_jax.layers.mlp import InnerParam
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.e2e_inner import SuffixRunner, inner_loop, inner_lr
 from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
-from ttt_jax.models.lm import LanguageModel, attention_algorithm, split_batch
+from ttt_jax.models.lm import LanguageModel, attention_algorithm, remat_call, split_batch
 
 
 class E2EOutput(NamedTuple):
@@ -75,10 +75,12 @@ class E2EModel(LanguageModel):
         cfg, resolve_inner_impl(cfg.e2e.inner_attention_impl))
 
   # -- pieces ------------------------------------------------------------------------------------
-  def split_inner(self):
-    """(runner over graphdef, inner state, outer state): the functional view of this model."""
+  def split_inner(self, mixed_first: bool = False):
+    """(runner over graphdef, inner state, outer state): the functional view of this model.
+    `mixed_first`: the caller ran the first suffix block's mixer already (`SuffixRunner`)."""
     graphdef, inner, outer = nnx.split(self, InnerParam, ...)
-    runner = SuffixRunner(graphdef, self.n_prefix, suffix_remat(self.cfg), self.inner_attention)
+    runner = SuffixRunner(graphdef, self.n_prefix, suffix_remat(self.cfg), self.inner_attention,
+                          mixed_first)
     return runner, inner, outer
 
   @staticmethod
@@ -107,10 +109,15 @@ class E2EModel(LanguageModel):
     if t % e.mini_batch_size:
       raise ValueError(f"sequence length {t} must be a multiple of model.e2e.mini_batch_size="
                        f"{e.mini_batch_size}")
-    runner, inner, outer = self.split_inner()
+    runner, inner, outer = self.split_inner(mixed_first=True)
     positions = jnp.arange(t, dtype=jnp.int32)
     h, _ = self.run_prefix(inputs, positions)
-    kv0 = [blk.mixer.init_state(bsz) for blk in self.suffix_blocks()]
+    # the first suffix block's attention reads the prefix output only, not the inner weights:
+    # it runs once over the whole sequence like the prefix blocks (model.attention_impl, whose
+    # one-shot sliding window scores only the pairs it attends), not chunk by chunk in the loop
+    first, rest = self.suffix_blocks()[0], self.suffix_blocks()[1:]
+    h = remat_call(first, lambda blk, h: blk.mix(h, positions), self.cfg.remat, h)
+    kv0 = [blk.mixer.init_state(bsz) for blk in rest]
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     losses, hidden, nll, inner = inner_loop(
         runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,

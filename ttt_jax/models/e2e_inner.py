@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from ttt_jax.layers.attention import AttentionAlgorithm, KVCache
-from ttt_jax.models.lm import apply_block
+from ttt_jax.models.lm import apply_block, remat_call
 from ttt_jax.sharding import constrain
 
 # `model.e2e.remat_chunks_policy` -> jax.checkpoint policy of one chunk step. The step is vmapped
@@ -78,11 +78,16 @@ class SuffixRunner:
   is vmapped over sequences and, in meta-training, differentiated twice.
   """
 
-  def __init__(self, graphdef, n_prefix: int, remat: str, attention: AttentionAlgorithm):
+  def __init__(self, graphdef, n_prefix: int, remat: str, attention: AttentionAlgorithm,
+               mixed_first: bool = False):
     self.graphdef = graphdef
     self.n_prefix = n_prefix
     self.remat = remat
     self.attention = attention
+    # the first suffix block's mixer already ran over the whole sequence (its input, the prefix
+    # output, does not depend on the inner weights): here only its per-token half runs, and
+    # `kvs` holds the windows of the other suffix blocks
+    self.mixed_first = mixed_first
 
   def model(self, inner, outer):
     model = nnx.merge(self.graphdef, inner, outer)
@@ -100,7 +105,12 @@ class SuffixRunner:
     model = self.model(inner, outer)
     x = h[None]
     new = []
-    for blk, kv in zip(model.blocks[self.n_prefix:], kvs, strict=True):
+    blocks = list(model.blocks[self.n_prefix:])
+    if self.mixed_first:
+      if valid is not None:
+        raise ValueError("SuffixRunner(mixed_first=True) runs whole chunks only (valid=None)")
+      x = remat_call(blocks.pop(0), lambda blk, x: blk.branches(x), self.remat, x)
+    for blk, kv in zip(blocks, kvs, strict=True):
       st = KVCache(kv.k[None], kv.v[None], kv.pos)
       if valid is None:
         x, st = apply_block(blk, x, positions, st, self.remat)

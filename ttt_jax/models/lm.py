@@ -96,10 +96,18 @@ class Block(nnx.Module):
     """`step`: the outer training step, passed to the mixer (TTT warms up its inner LR)."""
     with jax.named_scope("mixer"):  # scopes: what benchmarks/kernel_profile.py attributes to
       h, state = self._mix(h, positions, state, step)
+    return self.branches(h), state
+
+  def mix(self, h, positions):
+    """The token-mixing half alone, one-shot (no streaming state): h += mixer(norm(h))."""
+    with jax.named_scope("mixer"):
+      return self._mix(h, positions, None, None)[0]
+
+  def branches(self, h):
+    """The per-token half: [h += prime_mlp(norm(h))]; h += mlp(norm(h))."""
     if self.prime_mlp is not None:
       h = self._branch(h, self.prime_norm, self.prime_mlp, self.prime_post_norm, "prime_mlp")
-    h = self._branch(h, self.mlp_norm, self.mlp, self.mlp_post_norm, "mlp")
-    return h, state
+    return self._branch(h, self.mlp_norm, self.mlp, self.mlp_post_norm, "mlp")
 
   def _mix(self, h, positions, state, step):
     if self.conv is not None:
@@ -130,14 +138,21 @@ def apply_block(block: Block, h, positions, state, remat: str, step=None):
   Measured on XLA:CPU: a Python loop of checkpointed blocks saves no memory, while the scanned
   stack (`model.scan_layers=True`) does (docs/scaling.md).
   """
+  run = lambda blk, h, state, step: blk(h, positions, state, step)  # noqa: E731
+  return remat_call(block, run, remat, h, state, step)
+
+
+def remat_call(module: nnx.Module, fn, remat: str, *args):
+  """fn(module, *args), under `jax.checkpoint` with `remat`'s policy unless remat == 'none'
+  (the module split into graph and parameters, merged again inside)."""
   if remat == "none":
-    return block(h, positions, state, step)
-  graphdef, params = nnx.split(block)
+    return fn(module, *args)
+  graphdef, params = nnx.split(module)
 
-  def run(params, h, state, step):
-    return nnx.merge(graphdef, params)(h, positions, state, step)
+  def run(params, *args):
+    return fn(nnx.merge(graphdef, params), *args)
 
-  return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(params, h, state, step)
+  return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(params, *args)
 
 
 class LanguageModel(nnx.Module):
