@@ -168,13 +168,13 @@ def base_config() -> ml_collections.ConfigDict:
   e.suffix_len = 1
   e.mini_batch_size = 128
   e.prime_intermediate_size = 384
-  e.inner_lr = 1.0
-  e.ilr_init = 0.0
+  e.inner_lr, e.ilr_init = 1.0, 0.0
   e.ilr_warmup_steps = 100
   e.inner_clip = 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
   e.suffix_remat = "auto"  # suffix blocks' remat in the inner loop: auto | a model.remat value
+  e.hoist_first_attention = True  # first suffix block's attention once, before the chunk loop
   # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla
   e.inner_attention_impl = "auto"
 

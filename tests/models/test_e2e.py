@@ -341,46 +341,38 @@ def test_suffix_remat_resolves_and_changes_the_work_not_the_numbers():
 
 
 def test_first_suffix_attention_runs_once_outside_the_loop():
-  """meta_forward runs the first suffix block's attention over the whole sequence (its input,
-  the prefix output, does not depend on the inner weights), before the chunk loop: the same
-  losses and gradients as that attention inside the loop with a carried KV window (the loop
-  written out here). The runner that loop uses carries the other suffix blocks' windows only,
-  and refuses partial chunks."""
-  from ttt_jax.models.e2e_inner import inner_loop  # noqa: PLC0415
+  """model.e2e.hoist_first_attention (default): meta_forward runs the first suffix block's
+  attention over the whole sequence (its input, the prefix output, does not depend on the inner
+  weights) before the chunk loop; False keeps it in the loop with a carried KV window. Same
+  losses and gradients; the hoisted loop carries the other suffix blocks' windows only (its
+  runner refuses a second window and partial chunks) and runs fewer attention ops per trip."""
+  from ttt_jax.benchmarks.hlo_text import census  # noqa: PLC0415
 
-  cfg = tiny_model_cfg(layers=3, suffix=2)
   seqs = jax.random.randint(jax.random.key(31), (B, T + 1), 0, VOCAB)
-  graphdef, params = nnx.split(build_model(cfg, 3))
-
-  def hoisted(p):
-    return jnp.mean(nnx.merge(graphdef, p).meta_forward(seqs[:, :-1], seqs[:, 1:], None,
-                                                        jnp.float32(LR)).losses)
-
-  def in_loop(p):  # meta_forward with every suffix block's attention inside the loop
-    model = nnx.merge(graphdef, p)
-    runner, inner, outer = model.split_inner()
-    h, _ = model.run_prefix(seqs[:, :-1], jnp.arange(T, dtype=jnp.int32))
-    kv0 = [blk.mixer.init_state(B) for blk in model.suffix_blocks()]
-    losses, _, _, _ = inner_loop(runner, inner, outer, kv0, h, seqs[:, 1:],
-                                 jnp.ones((B, T), jnp.float32), jnp.float32(LR), chunk=CHUNK,
-                                 clip=CLIP, remat_chunks=True,
-                                 inner_axes=model.inner_axes(inner))
-    return jnp.mean(losses)
-
-  loss, grads = fast_jit(jax.value_and_grad(hoisted))(params)
-  ref_loss, ref_grads = fast_jit(jax.value_and_grad(in_loop))(params)
+  out = {}
+  for hoist in (True, False):
+    cfg = tiny_model_cfg(layers=3, suffix=2)
+    cfg.e2e.hoist_first_attention = hoist
+    graphdef, params = nnx.split(build_model(cfg, 3))
+    fn = lambda p, g=graphdef: jnp.mean(nnx.merge(g, p).meta_forward(  # noqa: E731
+        seqs[:, :-1], seqs[:, 1:], None, jnp.float32(LR)).losses)
+    compiled = fast_jit(jax.value_and_grad(fn)).lower(params).compile()
+    loops = census(compiled.as_text())["loops"]
+    out[hoist] = compiled(params), sum(x["per_trip"] * x["trips"] for x in loops), graphdef
+  (loss, grads), in_loops, graphdef = out[True]
+  (ref_loss, ref_grads), ref_in_loops, _ = out[False]
   assert rel_err(loss, ref_loss) < 1e-6
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
     assert rel_err(a, b) < 1e-5
+  assert in_loops < ref_in_loops  # less work inside the chunk loops
   model = nnx.merge(graphdef, params)
   runner, inner, outer = model.split_inner(mixed_first=True)
-  one = jax.tree.map(lambda w: w[0], jax.tree.map(lambda w: jnp.broadcast_to(w, (1, *w.shape)),
-                                                  inner))
+  one = inner  # unbatched: one sequence's weights
   kv = model.suffix_blocks()[-1].mixer.init_state(1)
   window = type(kv)(kv.k[0], kv.v[0], kv.pos)  # one sequence's window
   x = jax.random.normal(jax.random.key(32), (CHUNK, 32))
-  out, new = runner.hidden(one, outer, x, jnp.arange(CHUNK), [window])
-  assert out.shape == x.shape and len(new) == 1  # the last suffix block's window only
+  h, new = runner.hidden(one, outer, x, jnp.arange(CHUNK), [window])
+  assert h.shape == x.shape and len(new) == 1  # the last suffix block's window only
   with pytest.raises(ValueError):
     runner.hidden(one, outer, x, jnp.arange(CHUNK), [window, window])
   with pytest.raises(ValueError, match="whole chunks only"):

@@ -33,7 +33,7 @@ Tasks, in order:
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans), or a config variant
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
-             innerblockwise, nogroups, scan), or
+             before, innerblockwise, nogroups, scan), or
              launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
 On a machine without a GPU it says so in one line and exits 0.
 """
@@ -76,7 +76,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
            ("tune", 120), ("tune_mlp", 150)]
   tasks += [(f"train:{k}", 150 if k == "e2e-meta" else 100) for k in TRAIN]
   tasks += [("train:ttt_linear+rematkernels", 100), ("train:ttt_linear+xlaout", 100),
-            ("train:e2e-meta+chunkdots", 150), ("train:e2e-meta+suffixremat", 150),
+            ("train:e2e-meta+chunkdots", 150), ("train:e2e-meta+before", 150),
+            ("train:e2e-meta+suffixremat", 150),
             ("cache_attention", 90),
             (f"stream:{STREAM_HONEST}", 300)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),

@@ -14,19 +14,21 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
 # kernels' outputs kept under remat; E2E chunk steps keep their matmuls; E2E's suffix blocks
 # rematerialised again inside the (rematerialised) chunk steps, as before `e2e.suffix_remat`;
+# E2E meta as it was before both that and the first suffix attention's hoist (runs 1-4);
 # E2E's inner-loop attention by the package's blockwise code (skips key blocks no query sees,
 # e.g. the carried window's empty slots, with a conditional per block) instead of dense XLA;
 # TTT without remat through time; the layers as one scanned block (compiled once; not E2E)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "suffixremat": {"e2e.suffix_remat": "full"},
+                   "before": {"e2e.suffix_remat": "full", "e2e.hoist_first_attention": False},
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
-                "e2e-meta+suffixremat", "e2e-meta+innerblockwise",
+                "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
                 "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
 

@@ -44,6 +44,7 @@ class E2ESection:
   remat_chunks: bool = True
   remat_chunks_policy: str = "full"
   suffix_remat: str = "auto"
+  hoist_first_attention: bool = True
   inner_attention_impl: str = "auto"
 
 

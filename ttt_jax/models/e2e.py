@@ -109,15 +109,17 @@ class E2EModel(LanguageModel):
     if t % e.mini_batch_size:
       raise ValueError(f"sequence length {t} must be a multiple of model.e2e.mini_batch_size="
                        f"{e.mini_batch_size}")
-    runner, inner, outer = self.split_inner(mixed_first=True)
+    runner, inner, outer = self.split_inner(mixed_first=e.hoist_first_attention)
     positions = jnp.arange(t, dtype=jnp.int32)
     h, _ = self.run_prefix(inputs, positions)
-    # the first suffix block's attention reads the prefix output only, not the inner weights:
-    # it runs once over the whole sequence like the prefix blocks (model.attention_impl, whose
-    # one-shot sliding window scores only the pairs it attends), not chunk by chunk in the loop
-    first, rest = self.suffix_blocks()[0], self.suffix_blocks()[1:]
-    h = remat_call(first, lambda blk, h: blk.mix(h, positions), self.cfg.remat, h)
-    kv0 = [blk.mixer.init_state(bsz) for blk in rest]
+    looped = self.suffix_blocks()
+    if e.hoist_first_attention:
+      # the first suffix block's attention reads the prefix output only, not the inner weights:
+      # it runs once over the whole sequence like the prefix blocks (model.attention_impl, whose
+      # one-shot sliding window scores only the pairs it attends), not chunk by chunk in the loop
+      first, looped = looped[0], looped[1:]
+      h = remat_call(first, lambda blk, h: blk.mix(h, positions), self.cfg.remat, h)
+    kv0 = [blk.mixer.init_state(bsz) for blk in looped]
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     losses, hidden, nll, inner = inner_loop(
         runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,
