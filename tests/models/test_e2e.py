@@ -340,18 +340,20 @@ def test_suffix_remat_resolves_and_changes_the_work_not_the_numbers():
   assert flops_auto < 0.95 * flops_full  # the suffix block is not recomputed a second time
 
 
-def test_first_suffix_attention_runs_once_outside_the_loop():
+@pytest.mark.parametrize("layers,suffix", [(3, 2), (2, 1), (2, 2)])
+def test_first_suffix_attention_runs_once_outside_the_loop(layers, suffix):
   """model.e2e.hoist_first_attention (default): meta_forward runs the first suffix block's
   attention over the whole sequence (its input, the prefix output, does not depend on the inner
   weights) before the chunk loop; False keeps it in the loop with a carried KV window. Same
-  losses and gradients; the hoisted loop carries the other suffix blocks' windows only (its
-  runner refuses a second window and partial chunks) and runs fewer attention ops per trip."""
+  losses and gradients, with a prefix, with one suffix block (the loop then carries no window)
+  and with no prefix block; the hoisted loop carries the other suffix blocks' windows only (its
+  runner refuses one window more and partial chunks) and launches less work per trip."""
   from ttt_jax.benchmarks.hlo_text import census  # noqa: PLC0415
 
   seqs = jax.random.randint(jax.random.key(31), (B, T + 1), 0, VOCAB)
   out = {}
   for hoist in (True, False):
-    cfg = tiny_model_cfg(layers=3, suffix=2)
+    cfg = tiny_model_cfg(layers=layers, suffix=suffix)
     cfg.e2e.hoist_first_attention = hoist
     graphdef, params = nnx.split(build_model(cfg, 3))
     fn = lambda p, g=graphdef: jnp.mean(nnx.merge(g, p).meta_forward(  # noqa: E731
@@ -370,13 +372,14 @@ def test_first_suffix_attention_runs_once_outside_the_loop():
   one = inner  # unbatched: one sequence's weights
   kv = model.suffix_blocks()[-1].mixer.init_state(1)
   window = type(kv)(kv.k[0], kv.v[0], kv.pos)  # one sequence's window
+  windows = [window] * (suffix - 1)
   x = jax.random.normal(jax.random.key(32), (CHUNK, 32))
-  h, new = runner.hidden(one, outer, x, jnp.arange(CHUNK), [window])
-  assert h.shape == x.shape and len(new) == 1  # the last suffix block's window only
+  h, new = runner.hidden(one, outer, x, jnp.arange(CHUNK), windows)
+  assert h.shape == x.shape and len(new) == suffix - 1  # the other suffix blocks' windows
   with pytest.raises(ValueError):
-    runner.hidden(one, outer, x, jnp.arange(CHUNK), [window, window])
+    runner.hidden(one, outer, x, jnp.arange(CHUNK), [*windows, window])
   with pytest.raises(ValueError, match="whole chunks only"):
-    runner.hidden(one, outer, x, jnp.arange(CHUNK), [window], valid=3)
+    runner.hidden(one, outer, x, jnp.arange(CHUNK), windows, valid=3)
 
 
 def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):

@@ -38,7 +38,14 @@ from ttt_jax.layers.mlp import InnerParam
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.e2e_inner import SuffixRunner, inner_loop, inner_lr
 from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
-from ttt_jax.models.lm import LanguageModel, attention_algorithm, remat_call, split_batch
+from ttt_jax.models.lm import (
+  ACT_AXES,
+  LanguageModel,
+  attention_algorithm,
+  remat_call,
+  split_batch,
+)
+from ttt_jax.sharding import constrain
 
 
 class E2EOutput(NamedTuple):
@@ -53,7 +60,8 @@ def suffix_remat(cfg: ModelConfig) -> str:
   training, streaming and one-shot evaluation alike: 'auto' is 'none' when the chunk steps are
   rematerialised (`remat_chunks`: the backward pass recomputes a chunk step whole, so a block
   remat nested in it only recomputes the blocks once more: 27% more FLOPs for the meta step at
-  the gpu preset, docs/benchmarks.md), else `model.remat`. The prefix blocks and
+  the gpu preset, docs/benchmarks.md), else `model.remat`. The prefix blocks, the first suffix
+  block's attention when it runs before the loop (`hoist_first_attention`) and
   `train_mode=pretrain` always take `model.remat`."""
   e = cfg.e2e
   if e.suffix_remat != "auto":
@@ -118,7 +126,8 @@ class E2EModel(LanguageModel):
       # it runs once over the whole sequence like the prefix blocks (model.attention_impl, whose
       # one-shot sliding window scores only the pairs it attends), not chunk by chunk in the loop
       first, looped = looped[0], looped[1:]
-      h = remat_call(first, lambda blk, h: blk.mix(h, positions), self.cfg.remat, h)
+      h = constrain(remat_call(first, lambda blk, h: blk.mix(h, positions), self.cfg.remat, h),
+                    ACT_AXES)
     kv0 = [blk.mixer.init_state(bsz) for blk in looped]
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     losses, hidden, nll, inner = inner_loop(
