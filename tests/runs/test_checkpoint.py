@@ -94,19 +94,20 @@ def runs(tmp_path_factory):
   kills = []
   for _ in range(3):
     last = max(complete_steps(b_dir), default=0)
-    target = min(last + EVERY + int(rng.integers(0, EVERY)), STEPS - 2 * EVERY)
+    target = min(last + EVERY + int(rng.integers(0, EVERY)), STEPS - 3 * EVERY)
     b = launch(b_dir, **SLOW)
     # killed once this process has committed a checkpoint past the last one (so every kill
     # leaves something to resume from: metrics.jsonl still holds the killed run's later steps
     # until the new one truncates it) and has logged the random target step
     wait_for(lambda t=target, s=last: max(complete_steps(b_dir), default=0) > s
              and max(losses(b_dir), default=0) >= t, b)
-    time.sleep(float(rng.uniform(0, 0.3)))
-    b.send_signal(signal.SIGKILL)
+    time.sleep(float(rng.uniform(0, 0.05)))  # within a step or two of the target: a longer
+    b.send_signal(signal.SIGKILL)             # sleep let a fast machine run close to the end
     b.communicate()
     kills.append(max(losses(b_dir)))
   killed_at = kills[-1]
-  assert killed_at < STEPS
+  # the SIGTERM below must land before the end: after a checkpoint past killed_at
+  assert killed_at < STEPS - EVERY, kills
   b2 = launch(b_dir, **SLOW)
   wait_for(lambda: any(s > killed_at for s in steps_on_disk(b_dir)), b2)
   b2.send_signal(signal.SIGTERM)
