@@ -194,9 +194,10 @@ def census(text: str) -> dict:
   return _count(text)[0]
 
 
-def runs_per_call(text: str) -> dict[str, int]:
-  """{instruction: how often one call of the program runs it} for every instruction that
-  launches work (loop trips counted, as in `census`)."""
+def flops_per_call(text: str) -> dict[str, int]:
+  """{instruction: the FLOPs its launches in one call of the program compute} (`launch_flops`
+  times how often the call runs it, loop trips counted as in `census`), for every instruction
+  whose launches compute counted FLOPs."""
   return _count(text)[1]
 
 
@@ -206,7 +207,7 @@ def _count(text: str) -> tuple[dict, dict[str, int]]:
   by_kind, by_scope, by_phase = (collections.Counter() for _ in range(3))
   flops, flops_by_scope, flops_by_phase = (collections.Counter() for _ in range(3))
   loops = []
-  runs_of = collections.Counter()
+  flops_of = collections.Counter()
 
   def launches(comp: str, runs: int) -> int:
     total = 0
@@ -233,17 +234,18 @@ def _count(text: str) -> tuple[dict, dict[str, int]]:
         total += launches(re.search(r"to_apply=%([\w.\-]+)", after).group(1), runs)
       else:
         total += 1
-        runs_of[name] += runs
         by_kind[kind(op, after)] += runs
         source = op_name(after)
-        by_scope[scope_of(source)] += runs
-        by_phase[phase_of(source)] += runs
+        scope, phase = scope_of(source), phase_of(source)
+        by_scope[scope] += runs
+        by_phase[phase] += runs
         matmul, attention = launch_flops(name, op, after, comps, types)
         if matmul or attention:
           flops["matmul"] += runs * matmul
           flops["attention"] += runs * attention
-          flops_by_scope[scope_of(source)] += runs * (matmul + attention)
-          flops_by_phase[phase_of(source)] += runs * (matmul + attention)
+          flops_of[name] += runs * (matmul + attention)
+          flops_by_scope[scope] += runs * (matmul + attention)
+          flops_by_phase[phase] += runs * (matmul + attention)
     return total
 
   total = launches(entry, 1)
@@ -253,4 +255,4 @@ def _count(text: str) -> tuple[dict, dict[str, int]]:
   return {"launches": total, "by_kind": nonzero(by_kind), "by_scope": nonzero(by_scope),
           "by_phase": nonzero(by_phase), "loops": loops, "matmul_flops": flops["matmul"],
           "attention_flops": flops["attention"], "flops_by_scope": nonzero(flops_by_scope),
-          "flops_by_phase": nonzero(flops_by_phase)}, nonzero(runs_of)
+          "flops_by_phase": nonzero(flops_by_phase)}, nonzero(flops_of)

@@ -47,14 +47,13 @@ class Event:
 
 def instruction_index(text: str) -> tuple[str, dict[str, tuple[str, str, int]]]:
   """(module name, {instruction: (kind, op_name, FLOPs per call of the program)}) of a compiled
-  program's HLO text. FLOPs go with the instruction's runs per call (`hlo_text.runs_per_call`),
+  program's HLO text. FLOPs go with the instruction's runs per call (`hlo_text.flops_per_call`),
   not with its trace events: one launch of a library call can show as several kernels."""
   head = text.split("\n", 1)[0]
   module = head.split()[1].rstrip(",") if head.startswith("HloModule") else ""
   comps, _ = hlo_text.computations(text)
-  types, runs = hlo_text.result_types(text), hlo_text.runs_per_call(text)
-  index = {name: (hlo_text.kind(op, after), hlo_text.op_name(after),
-                  runs.get(name, 0) * sum(hlo_text.launch_flops(name, op, after, comps, types)))
+  flops = hlo_text.flops_per_call(text)
+  index = {name: (hlo_text.kind(op, after), hlo_text.op_name(after), flops.get(name, 0))
            for insts in comps.values() for name, op, after in insts}
   return module, index
 
