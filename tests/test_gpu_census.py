@@ -297,3 +297,16 @@ def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):
   assert len(out) == 1 and "install jax-cuda12-plugin[with-cuda]==" in out[0]
   assert not list(tmp_path.iterdir())
   assert os.environ.get("XLA_FLAGS") == flags  # its PTX dump flag is not left behind
+
+
+def test_counted_flops_of_a_program_it_cannot_read_is_none_with_a_warning():
+  """The train benchmarks' counted FLOPs: a figure beside the timing, never a failure."""
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import counted_flops  # noqa: PLC0415
+
+  with pytest.warns(UserWarning, match="could not be read .ValueError: hlo_text: no ENTRY"):
+    assert counted_flops(SimpleNamespace(as_text=lambda: "HloModule m\n")) is None
+  x = jax.random.normal(jax.random.key(3), (8, 16))
+  compiled = jax.jit(lambda a: a @ a.T).lower(x).compile()
+  assert counted_flops(compiled) == 2 * 8 * 8 * 16
