@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -34,9 +35,13 @@ LAYERS = {"e2e": 2}  # one prefix + one suffix block; one block for the other ki
 
 
 def tiny_config(kind: str, mesh=(1, 1, 1)):
-  c = build_config(f"model={kind},ctx={SEQ}")
+  """`kind`: a model kind, or K-pallas: TTT kind K with its Pallas kernels (interpreted)."""
+  base, _, impl = kind.partition("-")
+  c = build_config(f"model={base},ctx={SEQ}")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size = LAYERS.get(kind, 1), 64, 4, 128
+  if impl:
+    m.ttt.impl = impl
   m.window = 16
   m.num_kv_heads = 0 if kind.startswith("ttt") else 2  # attention: grouped-query, sharded too
   m.ttt.mini_batch_size = 8
@@ -161,6 +166,8 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
       res["error"] = traceback.format_exc()
   if "transformer" in kinds:
     out["tlm"] = _tlm_on_fsdp(devices)
+  if "ttt_linear" in kinds:
+    out["kernels"] = _kernels_on_mesh(devices)
   if not proc_ckpt:
     return out
   # pipeline batches on one device: the reference of the two-process run
@@ -203,6 +210,82 @@ def _tlm_on_fsdp(devices) -> dict:
                    "base_sharded": any(len(x.sharding.device_set) > 1 and not
                                        x.sharding.is_fully_replicated
                                        for x in jax.tree.leaves(tlm.base))}
+  except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
+    res["error"] = traceback.format_exc()
+  return res
+
+
+def _inside_manual(text: str, target: str) -> list[bool]:
+  """For each call of custom-call `target` in a lowered module: does it run inside a
+  `sdy.manual_computation` region (a shard_map body, run per device on local shapes), in that
+  region itself or in a function only ever called from such regions?"""
+  funcs: dict[str, list[tuple[bool, str]]] = {}
+  name, inside = None, False
+  for line in text.splitlines():
+    start = re.match(r"\s*func\.func (?:public |private )?@([\w$.-]+)\(", line)
+    if start:
+      name, inside = start.group(1), False
+      funcs[name] = []
+      continue
+    if "sdy.manual_computation(" in line:
+      inside = True
+    if name is not None:
+      funcs[name].append((inside, line))
+    if "sdy.return" in line:
+      inside = False
+  sites = [(caller, callee, ins) for caller, lines in funcs.items() for ins, line in lines
+           for callee in re.findall(r"call @([\w$.-]+)\(", line)]
+  manual = {f: f != "main" for f in funcs}  # every call site of f in a per-device context
+  for _ in funcs:  # to the fixed point
+    for f in funcs:
+      called = [ins or manual[caller] for caller, callee, ins in sites if callee == f]
+      manual[f] = f != "main" and bool(called) and all(called)
+  return [ins or manual[f] for f, lines in funcs.items() for ins, line in lines
+          if f"custom_call @{target}(" in line]
+
+
+def _kernels_on_mesh(devices) -> dict:
+  """The Pallas kernels on the (2,2,2) mesh, per device (`sharding.per_shard`): splash attention
+  and the full-attention cache kernel (interpreted on CPU) against the same call without a
+  mesh; the TTT-Linear train step lowered for CUDA and the transformer's for TPU on that mesh,
+  where every kernel call must sit in a per-device region."""
+  import dataclasses  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.layers.attention import AttentionAlgorithm, dot_product_attention  # noqa: PLC0415
+
+  res: dict = {}
+  try:
+    mesh = shd.make_mesh(tiny_config("transformer", (2, 2, 2)).mesh, devices)
+    rng = np.random.default_rng(2)
+    b, t, h, hkv, d = 4, 256, 4, 2, 16  # grouped-query: 2 query heads per key/value head
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, hkv, hkv))
+    pos = jnp.arange(t, dtype=jnp.int32)
+    cases = {  # one-shot causal splash; 8 new queries against a cache filled to 200 slots
+        "splash": lambda q, k, v: dot_product_attention(
+            q, k, v, pos, pos, 64, ordered=True,
+            algorithm=AttentionAlgorithm(impl="splash", interpret=True)),
+        "cache": lambda q, k, v: dot_product_attention(
+            q[:, 192:200], k, v, pos[192:200], jnp.where(pos < 200, pos, -1), None,
+            filled=jnp.int32(200), algorithm=AttentionAlgorithm(cache_impl="pallas",
+                                                                interpret=True))}
+    for name, fn in cases.items():
+      ref = np.asarray(jax.jit(fn)(q, k, v), np.float64)
+      with shd.activation_sharding(mesh):
+        sharded = jax.jit(lambda *a, fn=fn: fn(*a))  # a new function: traced under the mesh
+        text = sharded.lower(q, k, v).as_text()
+        got = np.asarray(sharded(q, k, v), np.float64)
+      res[name] = {"max_rel": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
+                   "manual_regions": text.count("sdy.manual_computation(")}
+    size = dataclasses.replace(lowering.SIZE, batch=4, num_layers=2)
+    for kind, platform, target in (("ttt_linear", "cuda", "__gpu$xla.gpu.triton"),
+                                   ("transformer", "tpu", "tpu_custom_call")):
+      exported = lowering.lower_train_step(kind, size=size, mesh=(2, 2, 2), platform=platform)
+      res[f"{kind}-{platform}"] = {
+          "devices": exported.nr_devices,
+          "inside": _inside_manual(exported.mlir_module(), target)}
   except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
     res["error"] = traceback.format_exc()
   return res

@@ -25,7 +25,9 @@ from ttt_jax.sharding import activation_sharding, constrain, logical_to_mesh
 from ttt_jax.train import distributed
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
-KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
+# ttt_linear-pallas: the Pallas TTT-Linear kernels (interpreted on CPU), run per device on a
+# mesh (`sharding.per_shard`), as a GPU takes them by default
+KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
 # unoptimized CPU code generation, fusions by XLA:CPU's older emitters (E2E's 8-device steps
 # compile in half the time): the tiny steps run in milliseconds, compiling dominates
@@ -81,7 +83,7 @@ def meshes(two_processes, tmp_path_factory):
   ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
   groups = [["--kinds", "transformer,swa,e2e",
              "--proc-ckpt", os.path.join(two_processes["workdir"], "ckpt")],
-            ["--kinds", "ttt_linear,ttt_mlp"]]
+            ["--kinds", "ttt_linear,ttt_mlp,ttt_linear-pallas"]]
   procs = [subprocess.Popen([sys.executable, WORKER, "meshes", "--dir", ckpt_dir, *args],
                             env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for args in groups]
@@ -150,6 +152,23 @@ def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
   assert res["1,8,1"]["base_sharded"] and not res["single"]["base_sharded"]
   assert res["1,8,1"]["step_compiles"] == res["single"]["step_compiles"] == 1
   assert _rel(res["1,8,1"]["log_ppl"], res["single"]["log_ppl"]) < 1e-4
+
+
+def test_kernels_run_per_device_on_a_mesh(meshes):
+  """A Pallas kernel call carries no partitioning rule: on a mesh each device runs it on its own
+  sequences and heads (`sharding.per_shard`), with the same result as without a mesh
+  (interpreted here; the TTT-Linear kernels' training is compared in the tests above), and in
+  the lowered multi-device train steps every kernel call sits in a per-device region."""
+  res = meshes["kernels"]
+  assert "error" not in res, res["error"]
+  for name in ("splash", "cache"):  # grouped-query heads, split over 'tensor' with the queries
+    assert res[name]["max_rel"] <= 1e-5, (name, res[name])
+    assert res[name]["manual_regions"] >= 1, name
+  for name, calls in (("ttt_linear-cuda", 6), ("transformer-tpu", 4)):
+    # TTT-Linear, 2 layers: forward, its recompute and backward kernels; splash: 2 layers x
+    # (forward, its backward pass's two kernels)
+    assert res[name]["devices"] == 8
+    assert res[name]["inside"] == [True] * calls, (name, res[name])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -229,6 +248,21 @@ def test_logical_to_mesh_rules():
   # size-1 mesh axes are dropped; no names -> replicated
   assert to(("embed",), (64,), _FakeMesh(data=8, fsdp=1, tensor=1)) == PartitionSpec()
   assert to(None, (4,), mesh) == PartitionSpec()
+
+
+def test_kernel_heads_split_only_where_queries_and_keys_split_alike():
+  """Grouped-query kernels (per_shard) split heads over 'tensor' only where the mesh splits the
+  query heads and the key/value heads alike; else every device keeps all heads. Without a mesh
+  there is nothing to split: per_shard hands back the kernel itself."""
+  with activation_sharding(_FakeMesh(data=1, fsdp=1, tensor=2)):
+    assert shd.alike("heads", 8, 4) == "heads"  # 4 + 2 query heads per device
+    assert shd.alike("heads", 8, 1) is None  # one key/value head: not split
+    assert shd.alike("heads", 6, 3) is None  # 3 key/value heads do not split over 2 devices
+  assert shd.alike("heads", 8, 1) == "heads"
+
+  def fn(x):
+    return x
+  assert shd.per_shard(fn, [("batch",)], ("batch",)) is fn
 
 
 def test_rules_from_config_override_defaults():

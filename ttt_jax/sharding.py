@@ -97,6 +97,49 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def alike(name: str, *sizes: int) -> str | None:
+  """`name` if the active mesh splits a dimension named `name` the same way at each of `sizes`
+  (e.g. query and key/value heads, whose grouping must survive the split), else None (whole)."""
+  mesh, rules = _CONTEXT.mesh, _CONTEXT.rules
+  if mesh is None:
+    return name
+  return name if len({logical_to_mesh((name,), (n,), mesh, rules) for n in sizes}) == 1 else None
+
+
+def per_shard(fn, in_logical: Sequence, out_logical):
+  """`fn` run on each device's shard of the active mesh (`activation_sharding`): a kernel whose
+  call carries no partitioning rule (the Pallas/Triton and splash kernels) and that is
+  independent per batch row and head, which XLA alone would run unsplit, its inputs gathered.
+
+  `in_logical` names the dimensions of each positional argument (one tuple of logical names
+  for every leaf of that argument), `out_logical` those of the outputs (the same for every leaf,
+  or a tuple of them matching the outputs). A dimension the rules do not shard, or whose mesh
+  axes do not divide it, is whole on every device. Without a mesh (or on one device) `fn`
+  itself. Gradients are those of `fn` on the whole arrays: the shards of an argument replicated
+  over some mesh axes get their cotangents summed over those axes by `jax.shard_map`.
+  """
+  mesh, rules = _CONTEXT.mesh, _CONTEXT.rules
+  if mesh is None or mesh.size == 1:
+    return fn
+
+  def specs(names, tree):
+    return jax.tree.map(lambda x: logical_to_mesh(tuple(names), np.shape(x), mesh, rules), tree)
+
+  def run(*args):
+    in_specs = tuple(specs(names, a) for names, a in zip(in_logical, args, strict=True))
+    out = jax.eval_shape(fn, *args)
+    if out_logical and isinstance(out_logical[0], (tuple, list)):
+      out_specs = tuple(specs(n, o) for n, o in zip(out_logical, out, strict=True))
+    else:
+      out_specs = specs(out_logical, out)
+    # check_vma=False: Pallas calls carry no varying-axes types; the specs above say how the
+    # outputs vary (over the batch and head axes only, like the inputs)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+
+  return run
+
+
 # ----------------------------------------------------------------------------------------------
 # Mesh
 # ----------------------------------------------------------------------------------------------

@@ -177,9 +177,9 @@ def test_auto_resolves_per_platform_and_bad_values_name_the_key(monkeypatch):
     m = build_config("model=swa,ctx=256").model
     m.d_model, m.num_heads, m.cache_attention_impl = 96, 4, "pallas"  # head dim 24
     assert build_model(m, seed=0).blocks[0].mixer.algorithm.cache_impl == "inherit"
-    # several devices: the kernel call has no partitioning rule, so auto does not take it
+    # several devices too: each runs the kernel on its shard (tests/test_sharding.py)
     monkeypatch.setattr(jax, "device_count", lambda: 8)
-    assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "inherit"
+    assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "pallas"
   assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "inherit"
   c = build_config("model=transformer")
   c.model.cache_attention_impl = "triton"

@@ -2,7 +2,7 @@
 
 XLA compiles each model kind's train step for an NVIDIA H200 target without a GPU (deviceless
 ahead-of-time compilation: JAX's CUDA plugin is loaded, no driver is needed, and nothing runs),
-with the kernels a single GPU takes by default (cuDNN attention, the Triton TTT kernels). The
+with the kernels a GPU takes by default (cuDNN attention, the Triton TTT kernels). The
 compiled program is then read: every fusion, library call (cuBLAS/cuDNN/Triton) and copy is one
 kernel launch, a while loop's body counts once per trip (XLA records the trip count of the
 scans) and its condition once more. So the count is what a GPU executes per step, before

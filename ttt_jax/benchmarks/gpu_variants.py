@@ -4,7 +4,7 @@ K[-impl][+variant] names a bench kind, the TTT impl it forces and what the varia
 
 from __future__ import annotations
 
-# K-dual / K-pallas force model.ttt.impl; plain K runs the default (auto: TTT-Linear on one GPU
+# K-dual / K-pallas force model.ttt.impl; plain K runs the default (auto: TTT-Linear on a GPU
 # takes the Pallas kernels)
 TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_mlp-pallas",
          "e2e-pretrain", "e2e-meta")

@@ -62,19 +62,26 @@ def for_gpu() -> Iterator[None]:
     yield
 
 
-def export_cuda(fn: Callable, *args) -> jax.export.Exported:
-  """`jax.export` of `jax.jit(fn)` for CUDA (fn may already be jitted)."""
+def export_cuda(fn: Callable, *args, platform: str = "cuda") -> jax.export.Exported:
+  """`jax.export` of `jax.jit(fn)` for CUDA (or `platform`; fn may already be jitted)."""
   fn = fn if hasattr(fn, "lower") else jax.jit(fn)
   checks: list = []
   for _ in range(4):
     try:
-      return jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
+      return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
     except ValueError as e:
       targets = sorted(set(_TARGET.findall(str(e))))
       if not targets or "compatibility" not in str(e):
         raise
       checks += [jax.export.DisabledSafetyCheck.custom_call(t) for t in targets]
   raise RuntimeError("export_cuda: custom-call checks did not settle")
+
+
+@contextlib.contextmanager
+def building(platform: str) -> Iterator[None]:
+  """`for_gpu()` for 'cuda', `building_for(platform)` otherwise ('tpu': its Pallas kernels)."""
+  with for_gpu() if platform == "cuda" else building_for(platform):
+    yield
 
 
 def kernels_in(exported: jax.export.Exported) -> set[str]:
@@ -89,9 +96,9 @@ def train_step_program(kind: str, overrides: dict | None = None,
   return train_step_of_config(model_config(kind, size, overrides=overrides))
 
 
-def train_step_of_config(cfg) -> tuple[Callable, tuple]:
-  """`train_step_program` of a validated run config."""
-  trainer = Trainer.create(cfg)
+def train_step_of_config(cfg, trainer: Trainer | None = None) -> tuple[Callable, tuple]:
+  """`train_step_program` of a validated run config (and its trainer, if built already)."""
+  trainer = Trainer.create(cfg) if trainer is None else trainer
   state = jax.eval_shape(lambda: trainer._init(cfg.seed))
   tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
   return trainer.pure_train_step, (state, {"tokens": tokens})
@@ -112,12 +119,21 @@ def stream_step_programs(kind: str, size: Size = SIZE,
   return out
 
 
-def lower_train_step(kind: str, overrides: dict | None = None,
-                     size: Size = SIZE) -> jax.export.Exported:
-  """The train step `scripts/train.py` runs for benchmark kind `kind`, lowered for CUDA."""
-  with for_gpu():
-    fn, args = train_step_program(kind, overrides, size)
-    return export_cuda(fn, *args)
+def lower_train_step(kind: str, overrides: dict | None = None, size: Size = SIZE,
+                     mesh: tuple[int, int, int] | None = None,
+                     platform: str = "cuda") -> jax.export.Exported:
+  """The train step `scripts/train.py` runs for benchmark kind `kind`, lowered for CUDA (or
+  `platform`). `mesh`: (data, fsdp, tensor) sizes over this process's devices; the step is then
+  the trainer's, jitted with its shardings on that mesh (as on a multi-GPU node or TPU pod)."""
+  with building(platform):
+    if mesh is None:
+      fn, args = train_step_program(kind, overrides, size)
+    else:
+      cfg = model_config(kind, size, overrides=overrides)
+      cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+      trainer = Trainer.create(cfg)
+      fn, args = trainer.train_step, train_step_of_config(cfg, trainer)[1]
+    return export_cuda(fn, *args, platform=platform)
 
 
 def lower_stream_steps(kind: str, size: Size = SIZE) -> dict[str, jax.export.Exported]:

@@ -1,10 +1,10 @@
 """Old vs new code of the TTT and E2E steps, compiled and timed side by side in one process.
 
 `compare(baseline, targets)` compiles every target twice, once with the working tree's code and
-once inside `revisions.swapped(baseline, ...)` (the TTT layer, its inner loop and the E2E model
-at git revision `baseline`), then times all programs round-robin with the matmul ceiling in the
-same rounds. Ratios of medians taken this way hold on a loaded machine where absolute numbers
-from separate runs do not. Targets:
+once inside `revisions.swapped(baseline, ...)` (the layers' shared helpers, the TTT layer, its
+inner loop and the E2E model at git revision `baseline`), then times all programs round-robin
+with the matmul ceiling in the same rounds. Ratios of medians taken this way hold on a loaded
+machine where absolute numbers from separate runs do not. Targets:
   layer:<ttt_linear|ttt_mlp>  one TTT layer, forward + backward w.r.t. parameters and input, at
                               [1, layer_len, d_model] of the preset (dual form);
   train:<kind>                the train step of a bench kind (`common.TRAIN_KINDS`).
@@ -26,8 +26,8 @@ from ttt_jax.benchmarks import common, revisions, training
 from ttt_jax.benchmarks.common import Size, interleaved, model_config, xla_flops
 from ttt_jax.models.lm import make_mixer
 
-SWAPPED_MODULES = ["ttt_jax.layers.ttt_inner", "ttt_jax.layers.ttt", "ttt_jax.models.e2e_inner",
-                   "ttt_jax.models.e2e"]
+SWAPPED_MODULES = ["ttt_jax.layers.common", "ttt_jax.layers.ttt_inner", "ttt_jax.layers.ttt",
+                   "ttt_jax.models.e2e_inner", "ttt_jax.models.e2e"]
 
 
 def _layer_program(kind: str, size: Size, length: int, batch: int = 1, impl: str = "dual"):

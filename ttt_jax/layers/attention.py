@@ -41,6 +41,7 @@ from ttt_jax.layers.common import dtype, linear, target_platform
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
+from ttt_jax.sharding import alike, per_shard
 
 
 class KVCache(NamedTuple):
@@ -220,16 +221,22 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   those (layers/cache_attention.py), when Tk is a multiple of the block.
   """
   tq, tk = q.shape[1], k.shape[1]
+  # Pallas kernels carry no partitioning rule: on a mesh, each device runs them on its sequences
+  per_head = [("batch", None, alike("heads", q.shape[2], k.shape[2]))] * 3  # and heads
   if (filled is not None and window is None and algorithm.cache_impl == "pallas"
       and tk >= PALLAS_BLOCK_K):
-    return filled_attention_pallas(q, k, v, q_pos, k_pos, filled,
-                                   interpret=algorithm.interpret or target_platform() != "gpu")
+    interpret = algorithm.interpret or target_platform() != "gpu"
+    kernel = per_shard(lambda *a: filled_attention_pallas(*a, interpret=interpret),
+                       [*per_head, (), (), ()], per_head[0])
+    return kernel(q, k, v, q_pos, k_pos, filled)
   one_shot = ordered and tq == tk  # keys = queries (no cache)
   if algorithm.impl in ("xla", "cudnn"):
     return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
                              one_shot=one_shot)
   if algorithm.impl == "splash" and one_shot and splash_block(tq) is not None:
-    return splash_attention(q, k, v, window, interpret=algorithm.interpret)
+    kernel = per_shard(lambda *a: splash_attention(*a, window, interpret=algorithm.interpret),
+                       per_head, per_head[0])
+    return kernel(q, k, v)
   name = algorithm.name
   if name == "dense":
     return dense_attention(q, k, v, q_pos, k_pos, window)

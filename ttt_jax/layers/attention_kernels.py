@@ -31,7 +31,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 
 from ttt_jax.config import ConfigError
 from ttt_jax.layers.cache_attention import pallas_geometry
-from ttt_jax.layers.common import single_gpu, target_platform
+from ttt_jax.layers.common import target_platform
 
 _HALF = (jnp.bfloat16, jnp.float16)
 
@@ -67,11 +67,12 @@ def resolve_inner_impl(impl: str, platform: str | None = None) -> str:
 def resolve_cache_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
   """`model.cache_attention_impl` here: 'pallas' (layers/cache_attention.py's Triton kernel) or
   'inherit' (whatever `model.attention_impl` does against a cache). auto = pallas where the
-  head dim allows, on a single GPU (`single_gpu`)."""
+  head dim allows, on a GPU (on a mesh, each device runs it on its shard of sequences and heads:
+  `sharding.per_shard`)."""
   platform = target_platform() if platform is None else platform
   why = pallas_geometry(head_dim)
   if impl == "auto":
-    return "pallas" if single_gpu(platform) and not why else "inherit"
+    return "pallas" if platform == "gpu" and not why else "inherit"
   if impl == "pallas" and platform == "tpu":
     raise ConfigError("model.cache_attention_impl='pallas' is a GPU (Triton) kernel; use auto or "
                       "inherit on a TPU")

@@ -30,14 +30,6 @@ def target_platform() -> str:
   return _BUILD_PLATFORM[-1] if _BUILD_PLATFORM else jax.default_backend()
 
 
-def single_gpu(platform: str | None = None) -> bool:
-  """Programs are built for one GPU (`platform`, default `target_platform()`): where `auto`
-  takes a Pallas kernel, whose call carries no partitioning rule (on a multi-device mesh XLA
-  would run it unsplit, its inputs gathered)."""
-  return (target_platform() if platform is None else platform) == "gpu" and (
-      jax.device_count() == 1)
-
-
 def triton_dim(n: int) -> bool:
   """A Triton block dimension: a power of two, and >= 16 where it enters a matmul."""
   return n >= 16 and not n & (n - 1)

@@ -33,8 +33,9 @@ from flax import nnx
 
 from ttt_jax.config import ConfigError
 from ttt_jax.layers import ttt_inner, ttt_pallas
-from ttt_jax.layers.common import const_init, linear, normal_init, single_gpu, target_platform
+from ttt_jax.layers.common import const_init, linear, normal_init, target_platform
 from ttt_jax.layers.rope import apply_rope
+from ttt_jax.sharding import per_shard
 
 POST_NORM_EPS = 1e-6
 
@@ -95,6 +96,11 @@ class CausalConv(nnx.Module):
     return y, new_state
 
 
+# logical axes of the inner loop's arrays: per-sequence inner weights [B, H, ...], per-head
+# inner LayerNorm [H, 1, d], mini-batched views and LRs [n, B, H, b, ...]
+SEQ_AXES, HEAD_AXES, MB_AXES = ("batch", "heads"), ("heads",), (None, "batch", "heads")
+
+
 class TTTState(NamedTuple):
   """Streaming state of one TTT mixer."""
 
@@ -109,15 +115,15 @@ class TTTState(NamedTuple):
 def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> str:
   """`model.ttt.impl` on this platform: auto = the Pallas sequence kernels of the inner model
   `kind` (TTT-Linear: one launch per sequence each way; a layer's fwd+bwd 4.6x faster than the
-  dual form's scan on an H200, docs/benchmarks.md) on a single GPU where their geometry allows,
-  else the dual form:
-  for inner models without them or that opt out (`pallas_auto=False`: TTT-MLP, whose kernels
-  have not yet been timed on a GPU) and on multi-device meshes (the kernel call carries no
-  partitioning rule, so XLA would not split it over the batch)."""
+  dual form's scan on an H200, docs/benchmarks.md) on a GPU where their geometry allows, on one
+  device or a mesh of them (each device runs the kernels on its shard of sequences and heads:
+  `sharding.per_shard`), else the dual form: for inner models without kernels or that opt out
+  (`pallas_auto=False`: TTT-MLP, whose kernels have not yet been timed on a GPU)."""
   if impl != "auto":
     return impl
   model = ttt_inner.inner_model(kind)
-  gpu_kernel = (model.pallas_sequence is not None and model.pallas_auto and single_gpu()
+  gpu_kernel = (model.pallas_sequence is not None and model.pallas_auto
+                and target_platform() == "gpu"
                 and ttt_pallas.check_geometry(mini_batch_size, head_dim) is None)
   return "pallas" if gpu_kernel else "dual"
 
@@ -256,7 +262,11 @@ class TTTMixer(nnx.Module):
   def _inner(self, model, params, ln, xs, interpret: bool, complete):
     pallas = self.impl == "pallas"
     if pallas and model.pallas_sequence and complete is None:
-      return model.pallas_sequence(params, ln, *xs, interpret=interpret)
+      # one kernel program per sequence and head: on a mesh, each device runs the kernels on
+      # its own sequences and heads (XLA cannot split a kernel call itself)
+      kernel = per_shard(lambda *a: model.pallas_sequence(*a, interpret=interpret),
+                         [SEQ_AXES, HEAD_AXES] + [MB_AXES] * len(xs), [SEQ_AXES, MB_AXES])
+      return kernel(params, ln, *xs)
     if model.dual_sequence and (self.impl == "dual" or (pallas and model.pallas_sequence)):
       # dual: W-independent work hoisted out of the scan (layers/ttt_dual.py); also pallas's
       # streaming calls, whose partial mini-batches the sequence kernel does not take

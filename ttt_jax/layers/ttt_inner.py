@@ -253,7 +253,7 @@ class InnerModel:
   dual: Step | None = None  # mini-batch step from matmuls only
   dual_sequence: Callable | None = None  # whole-sequence dual form (layers/ttt_dual.py)
   pallas_sequence: Callable | None = None  # Pallas kernels over a sequence (model.ttt.impl=pallas)
-  pallas_auto: bool = True  # model.ttt.impl=auto takes pallas_sequence on one GPU
+  pallas_auto: bool = True  # model.ttt.impl=auto takes pallas_sequence on a GPU
   mixer: str = ""
 
   @property
