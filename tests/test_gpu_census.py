@@ -97,6 +97,34 @@ def test_census_counts_each_launch_once_per_run():
     gpu_census.census("HloModule m\n")
 
 
+COLLECTIVE_HLO = """HloModule m
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (x: f32[4,4]) -> f32[32,4] {
+  %x = f32[4,4]{1,0} parameter(0)
+  %ags = (f32[4,4]{1,0}, f32[32,4]{1,0}) all-gather-start(%x), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
+  %agd = f32[32,4]{1,0} all-gather-done(%ags)
+  %ars = f32[32,4]{1,0} all-reduce-start(%agd), channel_id=2, replica_groups=[1,8]<=[8], to_apply=%sum
+  %ard = f32[32,4]{1,0} all-reduce-done(%ars)
+  %rs = f32[4,4]{1,0} reduce-scatter(%ard), channel_id=3, replica_groups=[1,8]<=[8], dimensions={0}, to_apply=%sum
+  ROOT %y = f32[32,4]{1,0} fusion(%ard, %rs), kind=kLoop, calls=%sum
+}
+"""
+
+
+def test_collectives_launch_once_each():
+  """A multi-GPU program's NCCL collectives: an asynchronous one launches at its start (its done
+  waits), a synchronous one where it stands."""
+  r = gpu_census.census(COLLECTIVE_HLO)
+  assert r["by_kind"] == {"collective": 3, "fusion": 1}
+  assert r["launches"] == 4
+
+
 def test_matmul_flops_of_a_compiled_program_count_every_trip():
   """The dots XLA:CPU compiled, against 2·M·N·K written out: a scan of 3 trips and a batched
   einsum; their gradient (each dot's two transposes, the scan's forward for tanh's derivative;
@@ -196,11 +224,17 @@ def test_markdown_row():
           "125m:transformer": {"launches": 200, "by_kind": {}, "loops": []},
           "125m:e2e": {"launches": 500, "by_kind": {}, "loops": []}}
   text = gpu_census.markdown(rows)
-  assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 76 | 0.44 GB | - |" in text
-  assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 357 |  | 3 x 100 |" in text
+  assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 0 | 76 | 0.44 GB | - |" in text
+  assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 0 | 357 |  | 3 x 100 |" in text
   assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
-  assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 50 |  | - |" in text  # no train-step ratio
+  assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 0 | 50 |  | - |" in text  # no train ratio
   assert "| 125m:e2e | 500 | 2.5x |" in text  # against the same preset's transformer
+  # a node's programs: against the node's transformer, their collectives in a column
+  rows.update({"node8:transformer": {"launches": 120, "by_kind": {"collective": 5}, "loops": []},
+               "node8:ttt_linear": {"launches": 300, "by_kind": {"pallas": 24, "collective": 6},
+                                    "loops": []}})
+  text = gpu_census.markdown(rows)
+  assert "| node8:ttt_linear | 300 | 2.5x | 0 | 0 | 24 | 6 | 270 |  | - |" in text
   assert "| by phase |" not in text  # no program here says where its launches come from
   rows["transformer"].update(by_scope={"mlp": 60, "attention": 40}, by_phase={"forward": 100})
   text = gpu_census.markdown(rows)
@@ -278,6 +312,11 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
   # compiler rejected: the CUDA export alone did not show it)
   text, _ = gpu_census.compile_train_step("ttt_linear+xlaout", device)
   assert gpu_census.census(text)["by_kind"].get("pallas") == 24
+  # ... and on a node of 8 H200s (FSDP), one GPU's program: its kernels run there per GPU, on
+  # its own sequence (sharding.per_shard), beside the collectives
+  text, _ = gpu_census.compile_train_step("node8:ttt_linear", None)
+  node = gpu_census.census(text)["by_kind"]
+  assert node.get("pallas") == 24 and node.get("collective", 0) > 0
   # ... and the H200's limits are checked: a tile that needs more shared memory than an SM has
   # fails
   with pytest.raises(Exception, match="Shared memory size limit exceeded"):

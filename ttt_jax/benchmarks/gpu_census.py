@@ -47,26 +47,41 @@ device_description_str: "NVIDIA H200"
 """
 def gpu_device():
   """The H200 of a deviceless topology (ImportError naming the plugin if it is missing)."""
+  return gpu_devices(1)[0]
+
+
+# a node of 8 H200s (`node8:K` kinds), FSDP over all of them, as docs/scaling.md advises within
+# a node: the gpu preset's 8 sequences are one per GPU
+NODE_GPUS, NODE_MESH = 8, (1, 8, 1)
+NODE_KINDS = ("node8:transformer", "node8:ttt_linear", "node8:ttt_linear-dual", "node8:e2e-meta")
+
+
+def gpu_devices(count: int) -> list:
+  """`count` H200s in one host of a deviceless topology (ImportError naming the plugin if it is
+  missing)."""
   from jax.experimental import topologies  # noqa: PLC0415
 
   try:
     topology = topologies.get_topology_desc(platform="cuda", target_config=H200_TARGET,
-                                           topology="1x1x1")
+                                           topology=f"1x1x{count}")
   except Exception as e:  # noqa: BLE001
     import jax  # noqa: PLC0415
     raise ImportError(f"gpu-census: no deviceless CUDA compilation here ({type(e).__name__}: "
                       f"{str(e)[:120]}); install jax-cuda12-plugin[with-cuda]=="
                       f"{jax.__version__} (make gpu-census does)") from None
-  return topology.devices[0]
+  return list(topology.devices)
 
 
 def _compile(fn, device, *args) -> tuple[str, dict]:
   """(compiled HLO text, {'compile_s', 'temp_bytes', 'argument_bytes'}: XLA's buffer assignment
-  for the device) of jit(fn) for `device`, args as shapes (or arrays)."""
+  for the device) of jit(fn) for `device`, args as shapes (or arrays); `device` None: args carry
+  their shardings (and the text is one device's program)."""
   import jax  # noqa: PLC0415
 
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+  if device is not None:
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        args)
   fn = fn if hasattr(fn, "trace") else jax.jit(fn)
   lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
   t0 = time.perf_counter()
@@ -80,8 +95,11 @@ def _compile(fn, device, *args) -> tuple[str, dict]:
 
 
 def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, dict]:
-  """`_compile` of gpu-check's train kind `kind` at a bench preset, or of '125m:K', the `125m`
-  pretraining preset of model kind K at 8K context."""
+  """`_compile` of gpu-check's train kind `kind` at a bench preset, of '125m:K', the `125m`
+  pretraining preset of model kind K at 8K context, or of 'node8:K', train kind K on a node of
+  8 H200s (`compile_node_train_step`)."""
+  if kind.startswith("node8:"):
+    return compile_node_train_step(kind.split(":", 1)[1], size_name)
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.gpu_tasks import config_125m  # noqa: PLC0415
@@ -94,6 +112,33 @@ def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, 
     else:
       fn, args = lowering.train_step_program(*train_kind(kind), PRESETS[size_name])
     return _compile(fn, device, *args)
+
+
+def compile_node_train_step(kind: str, size_name: str = "gpu") -> tuple[str, dict]:
+  """`_compile` of train kind `kind` at a bench preset on `NODE_GPUS` H200s, the trainer's
+  shardings over the `NODE_MESH` (data, fsdp, tensor) mesh: one GPU's program, its collectives
+  included, and the kernels XLA cannot split run per GPU (`sharding.per_shard`)."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
+  from ttt_jax.config import MESH_AXES  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
+
+  mesh = jax.sharding.Mesh(np.array(gpu_devices(NODE_GPUS)).reshape(NODE_MESH), MESH_AXES)
+  with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):
+    base, overrides = train_kind(kind)
+    cfg = model_config(base, PRESETS[size_name], overrides=overrides)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = NODE_MESH
+    trainer = Trainer.create(cfg, mesh)
+    _, (state, batch) = lowering.train_step_of_config(cfg, trainer)
+    placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(placed, state, trainer.state_shardings)
+    batch = jax.tree.map(lambda a: placed(a, trainer.batch_sharding), batch)
+    return _compile(trainer.train_step, None, state, batch)
 
 
 def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str, dict]]:
@@ -198,22 +243,26 @@ def triton_resources(dump_dir: str, ptxas: str) -> dict[str, dict]:
   return out
 
 
+def _preset(kind: str) -> str:
+  """'125m:' or 'node8:' for the rows of such kinds, '' otherwise: ratios stay within one."""
+  return kind.split(":", 1)[0] + ":" if kind.startswith(("125m:", "node8:")) else ""
+
+
 def markdown(rows: dict) -> str:
   out = ["| program (gpu preset unless named) | kernel launches | / transformer | matmul | cuDNN | "
-         "Pallas | other | XLA temporaries | largest loops: trips x launches per trip |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "Pallas | collectives | other | XLA temporaries | largest loops: trips x launches per "
+         "trip |", "|---|---|---|---|---|---|---|---|---|---|"]
   for kind, r in rows.items():
     if kind == "triton resources":
       continue  # its own table below
-    preset = "125m:" if kind.startswith("125m:") else ""  # ratios within a preset
-    base = rows.get(preset + "transformer", {}).get("launches")
+    base = rows.get(_preset(kind) + "transformer", {}).get("launches")
     if "error" in r:
-      out.append(f"| {kind} | error ({r['error']}) | | | | | | | |")
+      out.append(f"| {kind} | error ({r['error']}) | | | | | | | | |")
       continue
     k = r["by_kind"]
     top = "; ".join(f"{x['trips']} x {x['per_trip']}" + (f" (x{x['runs']})" if x["runs"] > 1
                                                           else "") for x in r["loops"][:3])
-    named = [k.get(n, 0) for n in ("matmul", "cudnn", "pallas")]
+    named = [k.get(n, 0) for n in ("matmul", "cudnn", "pallas", "collective")]
     ratio = f"{r['launches'] / base:.1f}x" if base and r.get("train_step", True) else ""
     temp = f"{r['temp_bytes'] / 1e9:.2f} GB" if "temp_bytes" in r else ""
     out.append(f"| {kind} | {r['launches']} | {ratio} | "
@@ -231,7 +280,7 @@ def markdown(rows: dict) -> str:
             "| / transformer | GFLOP by phase |", "|---|---|---|---|"]
     for k, r in counted.items():
       total = r["matmul_flops"] + r["attention_flops"]
-      base = counted.get(("125m:" if k.startswith("125m:") else "") + "transformer")
+      base = counted.get(_preset(k) + "transformer")
       base = base and base["matmul_flops"] + base["attention_flops"]
       ratio = f"{total / base:.2f}x" if base and r.get("train_step", True) else ""
       phases = ", ".join(f"{p} {v / 1e9:.0f}" for p, v in r["flops_by_phase"].items())
@@ -250,10 +299,11 @@ def main(argv=None) -> int:
   from ttt_jax.benchmarks.gpu_variants import RUN_VARIANTS, TRAIN  # noqa: PLC0415
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS + ("125m:transformer",
-                                                                      "125m:e2e")),
+  p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS + NODE_KINDS + (
+                     "125m:transformer", "125m:e2e")),
                  help="comma list of gpu-check train kinds (K or K+variant; 125m:K the 125m "
-                 "preset of model kind K at 8K)")
+                 "preset of model kind K at 8K; node8:K train kind K on a node of 8 H200s, "
+                 "FSDP over them)")
   p.add_argument("--stream", default="transformer,transformer-masked,e2e",
                  help="comma list of streaming kinds whose prefill-chunk and decode steps are "
                  "counted ('' = none)")

@@ -10,9 +10,14 @@ from __future__ import annotations
 import collections
 import re
 
-# instructions that launch nothing (control flow is counted through its computations)
+# NCCL's collectives (a multi-GPU program's; each may be split into a -start and a -done)
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all",
+               "collective-broadcast", "ragged-all-to-all")
+# instructions that launch nothing (control flow is counted through its computations; the end of
+# an asynchronous collective waits for the launch its start counts)
 FREE = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-                  "partition-id", "replica-id", "opt-barrier", "add-dependency"})
+                  "partition-id", "replica-id", "opt-barrier", "add-dependency",
+                  *(f"{c}-done" for c in COLLECTIVES)})
 _HEAD = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _INST = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*)$")
 
@@ -49,7 +54,10 @@ def computations(text: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]
 
 def kind(op: str, after: str) -> str:
   """matmul (cuBLAS or XLA's Triton GEMMs) | cudnn | pallas (Triton kernels of this package) |
-  library call | fusion (XLA's other fused kernels) | the opcode (copy, ...)."""
+  library call | fusion (XLA's other fused kernels) | collective (NCCL: all-gather, all-reduce,
+  ...; synchronous or the start of an asynchronous one) | the opcode (copy, ...)."""
+  if op.removesuffix("-start") in COLLECTIVES:
+    return "collective"
   if op == "custom-call":
     target = re.search(r'custom_call_target="([^"]+)"', after)
     target = target.group(1) if target else ""
