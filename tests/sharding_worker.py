@@ -142,6 +142,9 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         }
         if name == "2,2,2":
           ck_state = state
+        if kind == "e2e" and name == "1,8,1":  # the collectives of the compiled step
+          text = tr.train_step.lower(init, tr.device_batch(batches[0])).compile().as_text()
+          res[name]["collectives"] = _collectives(text)
       # checkpoint: save on (2,2,2), restore on (1,8,1) and on one device
       path = os.path.join(ckpt_dir, kind)
       saved = _flat(jax.device_get(ck_state.params))
@@ -213,6 +216,15 @@ def _tlm_on_fsdp(devices) -> dict:
   except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
     res["error"] = traceback.format_exc()
   return res
+
+
+def _collectives(text: str) -> dict[str, int]:
+  """{collective opcode: count} of a compiled (partitioned) program."""
+  from ttt_jax.benchmarks.hlo_text import COLLECTIVES, computations  # noqa: PLC0415
+
+  comps, _ = computations(text)
+  ops = [op.removesuffix("-start") for insts in comps.values() for _, op, _ in insts]
+  return {c: ops.count(c) for c in COLLECTIVES if c in ops}
 
 
 def _inside_manual(text: str, target: str) -> list[bool]:

@@ -144,6 +144,16 @@ def test_losses_and_gradients_match_single_device(meshes, kind):
     assert res[mesh]["param_max_rel_diff"] < 2e-3, mesh
 
 
+def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
+  """E2E's inner loop is vmapped over sequences; its constraints inside then keep the
+  sequences split over the batch's mesh axes (`sharding.batch_axes`). Without that, each chunk
+  step resharded its activations with all-to-alls (138 in this tiny model's FSDP step; 686 in
+  the gpu preset's on 8 H200s, docs/benchmarks.md); parameters still move by all-gathers and
+  all-reduces."""
+  got = _kind(meshes, "e2e")["1,8,1"]["collectives"]
+  assert "all-to-all" not in got and got.get("all-gather", 0) > 0, got
+
+
 def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
   """TLM's adapters and Adam state are placed replicated on the base's mesh and the step keeps
   them there: on FSDP-sharded weights it compiles once and adapts as on one device."""

@@ -97,6 +97,21 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def batch_axes(size: int) -> tuple[str, ...] | None:
+  """The mesh axes the active mesh splits a batch of `size` sequences over, None if none: the
+  `spmd_axis_name` of a `jax.vmap` over sequences, whose constraints inside (`constrain`, which
+  names the per-sequence dimensions) then keep the sequences split as outside it, instead of
+  gathering them to every device."""
+  mesh, rules = _CONTEXT.mesh, _CONTEXT.rules
+  if mesh is None:
+    return None
+  spec = logical_to_mesh(("batch",), (size,), mesh, rules)
+  if not spec:
+    return None
+  axes = spec[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def alike(name: str, *sizes: int) -> str | None:
   """`name` if the active mesh splits a dimension named `name` the same way at each of `sizes`
   (e.g. query and key/value heads, whose grouping must survive the split), else None (whole)."""

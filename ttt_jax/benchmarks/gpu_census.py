@@ -9,9 +9,10 @@ scans) and its condition once more. So the count is what a GPU executes per step
 CUDA-graph capture; it says nothing of each kernel's time. What the launches compute is counted
 alongside: the FLOPs of their matmuls and of cuDNN's fused attention (`hlo_text.launch_flops`;
 the Pallas kernels' are not counted), per phase and scope. Streaming programs (a prefill chunk
-and a decode step) are counted too. Compiling needs the CUDA plugin of the installed jax
-(`pip install 'jax-cuda12-plugin[with-cuda]==<jax version>'`; `make gpu-census` sets up
-.venv-cuda with it); counting (`census`) needs nothing.
+and a decode step) are counted too, and so are train steps on a node of 8 H200s (`node8:K`,
+FSDP over them): one GPU's program, its NCCL collectives among the launches. Compiling needs
+the CUDA plugin of the installed jax (`pip install 'jax-cuda12-plugin[with-cuda]==<jax
+version>'`; `make gpu-census` sets up .venv-cuda with it); counting (`census`) needs nothing.
 """
 
 from __future__ import annotations

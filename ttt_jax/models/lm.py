@@ -212,7 +212,8 @@ class LanguageModel(nnx.Module):
                                    preferred_element_type=jnp.float32)
     else:
       logits = jnp.dot(h, self.head[...].astype(h.dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "seq", "vocab"))
+    # axes named from the last: one sequence's [T, V] has no batch axis (E2E's inner loop)
+    logits = constrain(logits, ("batch", "seq", "vocab")[-logits.ndim:])
     if logits.shape[-1] > self.vocab_size:
       valid = jnp.arange(logits.shape[-1]) < self.vocab_size
       logits = jnp.where(valid, logits, -1e9)
