@@ -142,9 +142,10 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         }
         if name == "2,2,2":
           ck_state = state
-        if kind == "e2e" and name == "1,8,1":  # the collectives of the compiled step
+        if kind in ("e2e", "ttt_mlp") and name == "1,8,1":  # the compiled step's collectives
           text = tr.train_step.lower(init, tr.device_batch(batches[0])).compile().as_text()
           res[name]["collectives"] = _collectives(text)
+          res[name]["loop_collectives"] = _collectives(text, in_loops=True)
       # checkpoint: save on (2,2,2), restore on (1,8,1) and on one device
       path = os.path.join(ckpt_dir, kind)
       saved = _flat(jax.device_get(ck_state.params))
@@ -218,12 +219,23 @@ def _tlm_on_fsdp(devices) -> dict:
   return res
 
 
-def _collectives(text: str) -> dict[str, int]:
-  """{collective opcode: count} of a compiled (partitioned) program."""
+def _collectives(text: str, in_loops: bool = False) -> dict[str, int]:
+  """{collective opcode: count} of a compiled (partitioned) program; `in_loops`: only those in
+  the bodies of its while loops (and what they call), which run once per trip."""
   from ttt_jax.benchmarks.hlo_text import COLLECTIVES, computations  # noqa: PLC0415
 
   comps, _ = computations(text)
-  ops = [op.removesuffix("-start") for insts in comps.values() for _, op, _ in insts]
+  names = set(comps)
+  if in_loops:
+    names, todo = set(), [re.search(r"body=%([\w.\-]+)", after).group(1)
+                          for insts in comps.values() for _, op, after in insts if op == "while"]
+    while todo:
+      c = todo.pop()
+      if c not in names:
+        names.add(c)
+        todo += [m for _, _, after in comps[c]
+                 for m in re.findall(r"(?:body|condition|calls|to_apply)=%([\w.\-]+)", after)]
+  ops = [op.removesuffix("-start") for c in names for _, op, _ in comps[c]]
   return {c: ops.count(c) for c in COLLECTIVES if c in ops}
 
 

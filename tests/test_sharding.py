@@ -154,6 +154,16 @@ def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   assert "all-to-all" not in got and got.get("all-gather", 0) > 0, got
 
 
+def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes):
+  """TTT's scan over mini-batches (dual form) takes the inner LayerNorm per sequence, so its
+  gradient sums over the batch once, after the loop; before, each trip of the backward scan
+  all-reduced its share across the devices (256 all-reduces per step at the gpu preset on 8
+  H200s, docs/benchmarks.md)."""
+  res = _kind(meshes, "ttt_mlp")["1,8,1"]
+  assert res["collectives"].get("all-reduce", 0) > 0  # the gradients' reductions, after it
+  assert res["loop_collectives"] == {}, res["loop_collectives"]
+
+
 def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
   """TLM's adapters and Adam state are placed replicated on the base's mesh and the step keeps
   them there: on FSDP-sharded weights it compiles once and adapts as on one device."""

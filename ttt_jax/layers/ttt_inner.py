@@ -339,6 +339,11 @@ def scan_minibatches(step: Callable, params: InnerParams, ln, xs, remat_group: i
   update of an incomplete (partial) mini-batch is not applied. Returns (final params, z [n,...]).
   """
 
+  # the inner LayerNorm per sequence, like the inner weights: its gradient then sums over the
+  # batch once, after the loop (on a mesh that splits the batch, the sum of each trip's share
+  # was an all-reduce per trip)
+  ln = tuple(jnp.broadcast_to(a, (xs[0].shape[1], *a.shape)) for a in ln)
+
   def body(p, inp):
     x, ok = inp
     new, z = step(p, ln, *x)
