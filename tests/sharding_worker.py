@@ -32,6 +32,9 @@ MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1), "2,2,2": (2, 2, 2)}
 STEPS = 3
 BATCH, SEQ = 8, 32
 LAYERS = {"e2e": 2}  # one prefix + one suffix block; one block for the other kinds
+# non-default rules on the (2,2,2) mesh for the kinds with a vmap or a kernel in their step: the
+# batch takes all three mesh axes (the heads none), the vocabulary 'fsdp' where it is free
+RULES, RULES_KINDS = "batch=data+fsdp+tensor,vocab=fsdp", ("e2e", "ttt_linear-pallas")
 
 
 def tiny_config(kind: str, mesh=(1, 1, 1)):
@@ -146,6 +149,12 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
           text = tr.train_step.lower(init, tr.device_batch(batches[0])).compile().as_text()
           res[name]["collectives"] = _collectives(text)
           res[name]["loop_collectives"] = _collectives(text, in_loops=True)
+      if kind in RULES_KINDS:
+        cfg = tiny_config(kind, MESHES["2,2,2"])
+        cfg.mesh.rules = RULES
+        tr = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices))
+        _, losses, grads = _run(tr, batches, jax.device_put(ref_init, tr.state_shardings))
+        res["2,2,2+rules"] = {"losses": losses, "grad_rel_diff": _norm_rel(grads, ref_grads)}
       # checkpoint: save on (2,2,2), restore on (1,8,1) and on one device
       path = os.path.join(ckpt_dir, kind)
       saved = _flat(jax.device_get(ck_state.params))
@@ -303,13 +312,36 @@ def _kernels_on_mesh(devices) -> dict:
         got = np.asarray(sharded(q, k, v), np.float64)
       res[name] = {"max_rel": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
                    "manual_regions": text.count("sdy.manual_computation(")}
+    # per_shard of plain code, against the same without a mesh: value and gradients where the
+    # batch or the heads do not divide the mesh axes, a Python scalar among the arguments
+    def fn(x, w, s):
+      return {"y": jnp.tanh(x * w[None, :, None]) * s}
+
+    def loss(x, w, wrap):
+      f = shd.per_shard(fn, [("batch", "heads"), ("heads",), ()], ("batch", "heads")) if wrap \
+          else fn
+      return jnp.sum(f(x, w, 2.0)["y"] ** 2)
+
+    res["plain"] = []
+    for b, h in ((3, 4), (4, 3), (8, 2)):
+      x = jnp.asarray(rng.normal(size=(b, h, 5)), jnp.float32)
+      w = jnp.asarray(rng.normal(size=(h,)), jnp.float32)
+      ref = jax.grad(loss, argnums=(0, 1))(x, w, False)
+      with shd.activation_sharding(mesh):
+        got = jax.jit(jax.grad(lambda x, w: loss(x, w, True), argnums=(0, 1)))(x, w)
+      res["plain"].append(max(float(np.max(np.abs(np.asarray(g) - np.asarray(r)))
+                                    / np.max(np.abs(np.asarray(r))))
+                              for g, r in zip(got, ref, strict=True)))
     size = dataclasses.replace(lowering.SIZE, batch=4, num_layers=2)
     for kind, platform, target in (("ttt_linear", "cuda", "__gpu$xla.gpu.triton"),
                                    ("transformer", "tpu", "tpu_custom_call")):
       exported = lowering.lower_train_step(kind, size=size, mesh=(2, 2, 2), platform=platform)
+      text = exported.mlir_module()
+      regions = [line for line in text.splitlines() if "sdy.manual_computation(" in line]
       res[f"{kind}-{platform}"] = {
-          "devices": exported.nr_devices,
-          "inside": _inside_manual(exported.mlir_module(), target)}
+          "devices": exported.nr_devices, "inside": _inside_manual(text, target),
+          # each per-device region takes its arguments split over the batch's axes
+          "batch_split": bool(regions) and all('{"data", "fsdp"}' in r for r in regions)}
   except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
     res["error"] = traceback.format_exc()
   return res

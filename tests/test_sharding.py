@@ -146,7 +146,7 @@ def test_losses_and_gradients_match_single_device(meshes, kind):
 
 def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   """E2E's inner loop is vmapped over sequences; its constraints inside then keep the
-  sequences split over the batch's mesh axes (`sharding.batch_axes`). Without that, each chunk
+  sequences split over the batch's mesh axes (`sharding.vmap_batch`). Without that, each chunk
   step resharded its activations with all-to-alls (138 in this tiny model's FSDP step; 686 in
   the gpu preset's on 8 H200s, docs/benchmarks.md); parameters still move by all-gathers and
   all-reduces."""
@@ -184,11 +184,27 @@ def test_kernels_run_per_device_on_a_mesh(meshes):
   for name in ("splash", "cache"):  # grouped-query heads, split over 'tensor' with the queries
     assert res[name]["max_rel"] <= 1e-5, (name, res[name])
     assert res[name]["manual_regions"] >= 1, name
+  # plain code through per_shard, batch or heads not dividing the mesh: value and gradients
+  assert max(res["plain"]) <= 1e-6, res["plain"]
   for name, calls in (("ttt_linear-cuda", 6), ("transformer-tpu", 4)):
-    # TTT-Linear, 2 layers: forward, its recompute and backward kernels; splash: 2 layers x
-    # (forward, its backward pass's two kernels)
+    # the kernel calls in the module's text. TTT-Linear, 2 layers: each layer's forward kernel,
+    # its recompute and the backward kernel; splash (one function shared by the layers): its
+    # forward, its forward keeping residuals, and the backward's dq and dkv kernels
     assert res[name]["devices"] == 8
     assert res[name]["inside"] == [True] * calls, (name, res[name])
+    assert res[name]["batch_split"], name
+
+
+@pytest.mark.parametrize("kind", ["e2e", "ttt_linear-pallas"])
+def test_custom_rules_train_as_on_one_device(meshes, kind):
+  """`mesh.rules` that give the batch all three mesh axes and the vocabulary 'fsdp': E2E's
+  per-sequence vmap and the kernels' per-device regions leave the batch's axes to the batch (a
+  constraint inside the vmap, or the inner LayerNorm's heads, would otherwise take them again:
+  an error, or a device given another head's LayerNorm)."""
+  res = _kind(meshes, kind)
+  assert _rel(res["2,2,2+rules"]["losses"], res["single"]["losses"]) <= 1e-5
+  grads = res["2,2,2+rules"]["grad_rel_diff"]
+  assert max(grads.values()) <= 5e-5, max(grads.items(), key=lambda kv: kv[1])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -270,15 +286,28 @@ def test_logical_to_mesh_rules():
   assert to(None, (4,), mesh) == PartitionSpec()
 
 
-def test_kernel_heads_split_only_where_queries_and_keys_split_alike():
-  """Grouped-query kernels (per_shard) split heads over 'tensor' only where the mesh splits the
-  query heads and the key/value heads alike; else every device keeps all heads. Without a mesh
-  there is nothing to split: per_shard hands back the kernel itself."""
-  with activation_sharding(_FakeMesh(data=1, fsdp=1, tensor=2)):
-    assert shd.alike("heads", 8, 4) == "heads"  # 4 + 2 query heads per device
-    assert shd.alike("heads", 8, 1) is None  # one key/value head: not split
-    assert shd.alike("heads", 6, 3) is None  # 3 key/value heads do not split over 2 devices
-  assert shd.alike("heads", 8, 1) == "heads"
+def test_kernel_arguments_split_alike_by_name():
+  """A kernel's arguments (per_shard) split each logical name once for all of them: query and
+  key/value heads only where the mesh splits both (their grouping must survive), never over an
+  axis an earlier name or an enclosing vmap took. Without a mesh per_shard hands back the
+  kernel itself."""
+  def split(shapes, mesh, rules=shd.LOGICAL_RULES, taken=()):
+    arrays = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
+    return shd.shared_split([(("batch", None, "heads"), a) for a in arrays], mesh, rules, taken)
+
+  tp = _FakeMesh(data=1, fsdp=2, tensor=2)
+  assert split([(4, 8, 8, 16), (4, 8, 4, 16)], tp) == {"batch": ("fsdp",), "heads": ("tensor",)}
+  assert split([(4, 8, 8, 16), (4, 8, 1, 16)], tp)["heads"] == ()  # one key/value head
+  assert split([(3, 8, 6, 16), (3, 8, 3, 16)], tp) == {"batch": (), "heads": ()}
+  assert split([(4, 8, 8, 16)], tp, taken=("fsdp",))["batch"] == ()  # a vmap has it
+  # the batch takes 'tensor' first (mesh.rules): the heads stay whole, for every argument
+  rules = tuple(dict(shd.LOGICAL_RULES, batch=("data", "fsdp", "tensor")).items())
+  assert split([(4, 8, 8, 16), (4, 8, 4, 16)], tp, rules) == {"batch": ("fsdp", "tensor"),
+                                                             "heads": ()}
+  # heads over fsdp+tensor, the batch holding fsdp: 'tensor' (4) must divide both head counts
+  rules = tuple(dict(shd.LOGICAL_RULES, heads=("fsdp", "tensor")).items())
+  assert split([(2, 8, 4, 16), (2, 8, 2, 16)], _FakeMesh(data=1, fsdp=2, tensor=4),
+               rules)["heads"] == ()
 
   def fn(x):
     return x

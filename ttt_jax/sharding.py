@@ -39,36 +39,47 @@ def mesh_axes_of(name: str, rules: Rules) -> MeshAxes:
   return None
 
 
-def logical_to_mesh(logical: Sequence | PartitionSpec | None, shape: Sequence[int],
-                    mesh: Mesh, rules: Rules = LOGICAL_RULES) -> PartitionSpec:
-  """Mesh PartitionSpec for an array of `shape` with logical axis names `logical`.
+def _split_axes(name: str | None, dims: Sequence[int], mesh: Mesh, rules: Rules,
+                used: set) -> tuple[str, ...]:
+  """The mesh axes the rules give logical axis `name`, less those in `used` and those of size 1,
+  cut to the longest prefix whose product divides every one of `dims`."""
+  axis = mesh_axes_of(name, rules) if name is not None else None
+  axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+  axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+  while axes and any(d % math.prod(mesh.shape[a] for a in axes) for d in dims):
+    axes = axes[:-1]
+  return axes
 
-  A mesh axis is used at most once per array (first dimension wins); axes of size 1 and axes
-  that do not divide the dimension are dropped (that dimension is then replicated).
-  """
-  if not logical:
-    return PartitionSpec()
-  out, used = [], set()
-  for name, dim in zip(logical, shape, strict=False):
-    axis = mesh_axes_of(name, rules) if name is not None else None
-    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
-    # keep the longest prefix of axes whose product divides the dimension
-    while axes and dim % math.prod(mesh.shape[a] for a in axes):
-      axes = axes[:-1]
-    if not axes:
-      out.append(None)
-      continue
-    used.update(axes)
-    out.append(axes[0] if len(axes) == 1 else axes)
+
+def _spec(per_dim: Sequence[tuple[str, ...]]) -> PartitionSpec:
+  out = [None if not a else a[0] if len(a) == 1 else tuple(a) for a in per_dim]
   while out and out[-1] is None:
     out.pop()
   return PartitionSpec(*out)
 
 
+def logical_to_mesh(logical: Sequence | PartitionSpec | None, shape: Sequence[int],
+                    mesh: Mesh, rules: Rules = LOGICAL_RULES,
+                    taken: Sequence[str] = ()) -> PartitionSpec:
+  """Mesh PartitionSpec for an array of `shape` with logical axis names `logical`.
+
+  A mesh axis is used at most once per array (first dimension wins; `taken` ones not at all);
+  axes of size 1 and axes that do not divide the dimension are dropped (that dimension is then
+  replicated).
+  """
+  if not logical:
+    return PartitionSpec()
+  out, used = [], set(taken)
+  for name, dim in zip(logical, shape, strict=False):
+    out.append(_split_axes(name, [dim], mesh, rules, used))
+    used.update(out[-1])
+  return _spec(out)
+
+
 class _Context(threading.local):
   mesh: Mesh | None = None
   rules: Rules = LOGICAL_RULES
+  taken: tuple[str, ...] = ()  # mesh axes an enclosing `vmap_batch` splits its batch over
 
 
 _CONTEXT = _Context()
@@ -77,12 +88,12 @@ _CONTEXT = _Context()
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh | None, rules: Rules = LOGICAL_RULES):
   """Within this context (entered while tracing), `constrain` pins activations to `mesh`."""
-  prev = (_CONTEXT.mesh, _CONTEXT.rules)
-  _CONTEXT.mesh, _CONTEXT.rules = mesh, rules
+  prev = (_CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken)
+  _CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken = mesh, rules, ()
   try:
     yield
   finally:
-    _CONTEXT.mesh, _CONTEXT.rules = prev
+    _CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken = prev
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
@@ -93,32 +104,49 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   mesh = _CONTEXT.mesh
   if mesh is None or mesh.size == 1:
     return x
-  spec = logical_to_mesh(tuple(logical), x.shape, mesh, _CONTEXT.rules)
+  spec = logical_to_mesh(tuple(logical), x.shape, mesh, _CONTEXT.rules, _CONTEXT.taken)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def batch_axes(size: int) -> tuple[str, ...] | None:
-  """The mesh axes the active mesh splits a batch of `size` sequences over, None if none: the
-  `spmd_axis_name` of a `jax.vmap` over sequences, whose constraints inside (`constrain`, which
-  names the per-sequence dimensions) then keep the sequences split as outside it, instead of
-  gathering them to every device."""
+def vmap_batch(fn, size: int, **kwargs):
+  """`jax.vmap(fn, **kwargs)` over a batch of `size` sequences that stays split on the active
+  mesh: the vmapped axis takes the batch's mesh axes (`spmd_axis_name`) and the constraints
+  inside `fn`, which name one sequence's axes, leave those axes to it. (A plain vmap makes them
+  say the batch axis is whole: each device would gather every sequence.)"""
   mesh, rules = _CONTEXT.mesh, _CONTEXT.rules
-  if mesh is None:
-    return None
-  spec = logical_to_mesh(("batch",), (size,), mesh, rules)
+  spec = logical_to_mesh(("batch",), (size,), mesh, rules, _CONTEXT.taken) if mesh else None
   if not spec:
-    return None
-  axes = spec[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes)
+    return jax.vmap(fn, **kwargs)
+  axes = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+
+  def inside(*args):
+    prev = _CONTEXT.taken
+    _CONTEXT.taken = prev + axes
+    try:
+      return fn(*args)
+    finally:
+      _CONTEXT.taken = prev
+
+  return jax.vmap(inside, spmd_axis_name=axes, **kwargs)
 
 
-def alike(name: str, *sizes: int) -> str | None:
-  """`name` if the active mesh splits a dimension named `name` the same way at each of `sizes`
-  (e.g. query and key/value heads, whose grouping must survive the split), else None (whole)."""
-  mesh, rules = _CONTEXT.mesh, _CONTEXT.rules
-  if mesh is None:
-    return name
-  return name if len({logical_to_mesh((name,), (n,), mesh, rules) for n in sizes}) == 1 else None
+def shared_split(named: Sequence[tuple[Sequence, object]], mesh: Mesh, rules: Rules = LOGICAL_RULES,
+                 taken: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+  """{logical name: the mesh axes it is split over} for arrays (pytrees of them) each with the
+  logical names of its dimensions, [(names, tree), ...]: one split per name for all of them,
+  over the axes its rule gives less those an earlier name (or `taken`) took, cut to those that
+  divide every dimension it labels."""
+  dims: dict[str, list[int]] = {}  # every dimension each name labels, in order of appearance
+  for names, tree in named:
+    for x in jax.tree.leaves(tree):
+      for name, d in zip(names, np.shape(x), strict=False):
+        if name is not None:
+          dims.setdefault(name, []).append(d)
+  used, split = set(taken), {}
+  for name, ds in dims.items():
+    split[name] = _split_axes(name, ds, mesh, rules, used)
+    used.update(split[name])
+  return split
 
 
 def per_shard(fn, in_logical: Sequence, out_logical):
@@ -128,8 +156,10 @@ def per_shard(fn, in_logical: Sequence, out_logical):
 
   `in_logical` names the dimensions of each positional argument (one tuple of logical names
   for every leaf of that argument), `out_logical` those of the outputs (the same for every leaf,
-  or a tuple of them matching the outputs). A dimension the rules do not shard, or whose mesh
-  axes do not divide it, is whole on every device. Without a mesh (or on one device) `fn`
+  or a tuple of them matching the outputs). A logical name is split alike wherever it appears
+  (e.g. query and key/value heads, whose grouping must survive): over the mesh axes its rule
+  gives, less those an earlier name took, cut to those that divide every dimension it labels;
+  a dimension left unsplit is whole on every device. Without a mesh (or on one device) `fn`
   itself. Gradients are those of `fn` on the whole arrays: the shards of an argument replicated
   over some mesh axes get their cotangents summed over those axes by `jax.shard_map`.
   """
@@ -137,19 +167,27 @@ def per_shard(fn, in_logical: Sequence, out_logical):
   if mesh is None or mesh.size == 1:
     return fn
 
-  def specs(names, tree):
-    return jax.tree.map(lambda x: logical_to_mesh(tuple(names), np.shape(x), mesh, rules), tree)
-
   def run(*args):
-    in_specs = tuple(specs(names, a) for names, a in zip(in_logical, args, strict=True))
     out = jax.eval_shape(fn, *args)
-    if out_logical and isinstance(out_logical[0], (tuple, list)):
-      out_specs = tuple(specs(n, o) for n, o in zip(out_logical, out, strict=True))
-    else:
-      out_specs = specs(out_logical, out)
+    each = bool(out_logical) and isinstance(out_logical[0], (tuple, list))
+    outs = list(zip(out_logical, out, strict=True)) if each else [(out_logical, out)]
+    named = list(zip(in_logical, args, strict=True)) + outs
+    split = shared_split(named, mesh, rules, _CONTEXT.taken)
+
+    def specs(names, tree):
+      return jax.tree.map(lambda x: _spec([split.get(n, ()) if n else ()
+                                           for n in names[:np.ndim(x)]]), tree)
+
+    in_specs = tuple(specs(n, a) for n, a in named[:len(args)])
+    out_specs = tuple(specs(n, o) for n, o in outs) if each else specs(*outs[0])
+
+    def body(*local):
+      with activation_sharding(None):  # per device: no mesh-wide constraint applies inside
+        return fn(*local)
+
     # check_vma=False: Pallas calls carry no varying-axes types; the specs above say how the
     # outputs vary (over the batch and head axes only, like the inputs)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
                          check_vma=False)(*args)
 
   return run

@@ -123,7 +123,7 @@ def lower_train_step(kind: str, overrides: dict | None = None, size: Size = SIZE
                      mesh: tuple[int, int, int] | None = None,
                      platform: str = "cuda") -> jax.export.Exported:
   """The train step `scripts/train.py` runs for benchmark kind `kind`, lowered for CUDA (or
-  `platform`). `mesh`: (data, fsdp, tensor) sizes over this process's devices; the step is then
+  `platform`). `mesh`: (data, fsdp, tensor) sizes over all devices; the step is then
   the trainer's, jitted with its shardings on that mesh (as on a multi-GPU node or TPU pod)."""
   with building(platform):
     if mesh is None:

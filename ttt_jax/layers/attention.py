@@ -41,7 +41,7 @@ from ttt_jax.layers.common import dtype, linear, target_platform
 from ttt_jax.layers.mixers import MixerSpec, ModelCfg, register_mixer
 from ttt_jax.layers.norms import RMSNorm
 from ttt_jax.layers.rope import apply_rope
-from ttt_jax.sharding import alike, per_shard
+from ttt_jax.sharding import per_shard
 
 
 class KVCache(NamedTuple):
@@ -222,7 +222,7 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   """
   tq, tk = q.shape[1], k.shape[1]
   # Pallas kernels carry no partitioning rule: on a mesh, each device runs them on its sequences
-  per_head = [("batch", None, alike("heads", q.shape[2], k.shape[2]))] * 3  # and heads
+  per_head = [("batch", None, "heads")] * 3  # and heads (query and key/value heads alike)
   if (filled is not None and window is None and algorithm.cache_impl == "pallas"
       and tk >= PALLAS_BLOCK_K):
     interpret = algorithm.interpret or target_platform() != "gpu"

@@ -23,7 +23,7 @@ from flax import nnx
 
 from ttt_jax.layers.attention import AttentionAlgorithm, KVCache
 from ttt_jax.models.lm import apply_block, remat_call
-from ttt_jax.sharding import batch_axes, constrain
+from ttt_jax.sharding import constrain, vmap_batch
 
 # `model.e2e.remat_chunks_policy` -> jax.checkpoint policy of one chunk step. The step is vmapped
 # over sequences, so its matmuls are batched: 'dots' keeps batched dot outputs too.
@@ -182,9 +182,8 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
     return loss, h_out, nll
 
   # on a mesh, the sequences stay split over the batch's mesh axes inside the vmap as well
-  spmd = batch_axes(bsz)
-  batched = jax.vmap(one, in_axes=(0, kv_axes, 0, None, 0, 0), out_axes=(0, kv_axes, 0, 0, 0),
-                     spmd_axis_name=spmd)
+  batched = vmap_batch(one, bsz, in_axes=(0, kv_axes, 0, None, 0, 0),
+                       out_axes=(0, kv_axes, 0, 0, 0))
 
   def body(carry, x):
     inner, kvs = carry
@@ -200,7 +199,7 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
   (inner, kvs), (losses, h_out, nll) = jax.lax.scan(
       body, (inner, kv0), jax.tree.map(lambda x: x[:n_scan], xs))
   if not final_update:
-    loss_n, h_n, nll_n = jax.vmap(last, in_axes=(0, kv_axes, 0, None, 0, 0), spmd_axis_name=spmd)(
+    loss_n, h_n, nll_n = vmap_batch(last, bsz, in_axes=(0, kv_axes, 0, None, 0, 0))(
         inner, kvs, *jax.tree.map(lambda x: x[n - 1], xs))
     losses, h_out, nll = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]),
                                       (losses, h_out, nll), (loss_n, h_n, nll_n))
