@@ -113,11 +113,11 @@ def vmap_batch(fn, size: int, **kwargs):
   mesh: the vmapped axis takes the batch's mesh axes (`spmd_axis_name`) and the constraints
   inside `fn`, which name one sequence's axes, leave those axes to it. (A plain vmap makes them
   say the batch axis is whole: each device would gather every sequence.)"""
-  mesh, rules = _CONTEXT.mesh, _CONTEXT.rules
-  spec = logical_to_mesh(("batch",), (size,), mesh, rules, _CONTEXT.taken) if mesh else None
-  if not spec:
+  mesh = _CONTEXT.mesh
+  axes = () if mesh is None else _split_axes("batch", [size], mesh, _CONTEXT.rules,
+                                             set(_CONTEXT.taken))
+  if not axes:
     return jax.vmap(fn, **kwargs)
-  axes = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
 
   def inside(*args):
     prev = _CONTEXT.taken

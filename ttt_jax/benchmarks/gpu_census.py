@@ -119,27 +119,15 @@ def compile_node_train_step(kind: str, size_name: str = "gpu") -> tuple[str, dic
   """`_compile` of train kind `kind` at a bench preset on `NODE_GPUS` H200s, the trainer's
   shardings over the `NODE_MESH` (data, fsdp, tensor) mesh: one GPU's program, its collectives
   included, and the kernels XLA cannot split run per GPU (`sharding.per_shard`)."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
-  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
-  from ttt_jax.config import MESH_AXES  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
-  from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
 
-  mesh = jax.sharding.Mesh(np.array(gpu_devices(NODE_GPUS)).reshape(NODE_MESH), MESH_AXES)
   with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):
-    base, overrides = train_kind(kind)
-    cfg = model_config(base, PRESETS[size_name], overrides=overrides)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = NODE_MESH
-    trainer = Trainer.create(cfg, mesh)
-    _, (state, batch) = lowering.train_step_of_config(cfg, trainer)
-    placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    state = jax.tree.map(placed, state, trainer.state_shardings)
-    batch = jax.tree.map(lambda a: placed(a, trainer.batch_sharding), batch)
-    return _compile(trainer.train_step, None, state, batch)
+    fn, args = lowering.sharded_train_step(*train_kind(kind), PRESETS[size_name], NODE_MESH,
+                                           gpu_devices(NODE_GPUS))
+    return _compile(fn, None, *args)
 
 
 def compile_stream_steps(kind: str, device, length: int) -> dict[str, tuple[str, dict]]:

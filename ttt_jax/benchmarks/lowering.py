@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from ttt_jax.benchmarks.common import Size, model_config
 from ttt_jax.benchmarks.streaming import Streamer
 from ttt_jax.layers.common import building_for
+from ttt_jax.sharding import make_mesh
 from ttt_jax.train.trainer import Trainer
 
 # The preset's structure (8 layers: E2E suffix of 2 blocks, head dim 64, TTT mini-batch 16,
@@ -119,6 +120,21 @@ def stream_step_programs(kind: str, size: Size = SIZE,
   return out
 
 
+def sharded_train_step(kind: str, overrides: dict | None, size: Size,
+                       mesh: tuple[int, int, int], devices=None) -> tuple[Callable, tuple]:
+  """(the trainer's jitted train step of benchmark kind `kind` on a (data, fsdp, tensor) mesh of
+  sizes `mesh` over `devices` (default: all), its abstract arguments (state, batch) placed with
+  the trainer's shardings). Build and trace it inside `for_gpu()` for a GPU's program."""
+  cfg = model_config(kind, size, overrides=overrides)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
+  trainer = Trainer.create(cfg, None if devices is None else make_mesh(cfg.mesh, devices))
+  _, (state, batch) = train_step_of_config(cfg, trainer)
+  placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+  state = jax.tree.map(placed, state, trainer.state_shardings)
+  batch = jax.tree.map(lambda a: placed(a, trainer.batch_sharding), batch)
+  return trainer.train_step, (state, batch)
+
+
 def lower_train_step(kind: str, overrides: dict | None = None, size: Size = SIZE,
                      mesh: tuple[int, int, int] | None = None,
                      platform: str = "cuda") -> jax.export.Exported:
@@ -129,10 +145,7 @@ def lower_train_step(kind: str, overrides: dict | None = None, size: Size = SIZE
     if mesh is None:
       fn, args = train_step_program(kind, overrides, size)
     else:
-      cfg = model_config(kind, size, overrides=overrides)
-      cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
-      trainer = Trainer.create(cfg)
-      fn, args = trainer.train_step, train_step_of_config(cfg, trainer)[1]
+      fn, args = sharded_train_step(kind, overrides, size, mesh)
     return export_cuda(fn, *args, platform=platform)
 
 
