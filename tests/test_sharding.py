@@ -314,6 +314,25 @@ def test_kernel_arguments_split_alike_by_name():
   assert shd.per_shard(fn, [("batch",)], ("batch",)) is fn
 
 
+def test_streaming_state_split_where_it_grows_with_the_batch():
+  """grown_split (the placement of an evaluation cache on a loaded run's mesh) finds each
+  array's batch dimension by shaping the state at two batch sizes: behind a scanned layer axis,
+  not confused with another dimension of the same size; none (positions, counters):
+  replicated. A batch the axes do not divide takes a prefix of them, or none."""
+  mesh = jax.sharding.AbstractMesh((4, 2, 1), MESH_AXES)
+
+  def make(b):
+    return {"kv": np.zeros((3, b, 8, 4)), "w": np.zeros((b, 8, 8)), "pos": np.zeros((8,)),
+            "count": np.zeros(())}
+
+  specs = lambda b: {k: v.spec for k, v in shd.grown_split(make, b, mesh).items()}  # noqa: E731
+  assert specs(8) == {"kv": PartitionSpec(None, ("data", "fsdp")),
+                      "w": PartitionSpec(("data", "fsdp")), "pos": PartitionSpec(),
+                      "count": PartitionSpec()}
+  assert specs(4)["kv"] == PartitionSpec(None, "data") and specs(3)["w"] == PartitionSpec()
+  assert shd.mesh_of({"w": np.zeros(3)}) is None  # host arrays: on no mesh
+
+
 def test_rules_from_config_override_defaults():
   rules = dict(parse_rules("embed=,mlp=fsdp+tensor,batch=data,expert=tensor"))
   assert rules["embed"] is None and rules["mlp"] == ("fsdp", "tensor")

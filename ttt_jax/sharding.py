@@ -253,3 +253,109 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Programs outside training (evaluation, generation, TLM): on the mesh their parameters lie on
+# ----------------------------------------------------------------------------------------------
+
+
+def mesh_of(tree) -> Mesh | None:
+  """The mesh of more than one device that the arrays of `tree` lie on (a loaded run's
+  parameters: `runs/load.py` places them over every device), or None; the first device array
+  decides (they lie on one mesh)."""
+  for x in jax.tree.leaves(tree):
+    s = getattr(x, "sharding", None)
+    if s is not None:
+      return s.mesh if isinstance(s, NamedSharding) and s.mesh.size > 1 else None
+  return None
+
+
+def split_batch(shape: Sequence[int], mesh: Mesh, rules: Rules = LOGICAL_RULES,
+                dim: int = 0) -> NamedSharding:
+  """An array of `shape` with dimension `dim` split as the logical `batch` axis (whole where the
+  batch's mesh axes do not divide it)."""
+  return NamedSharding(mesh, logical_to_mesh((None,) * dim + ("batch",), shape, mesh, rules))
+
+
+def grown_split(make, size: int, mesh: Mesh, rules: Rules = LOGICAL_RULES):
+  """Shardings of the arrays `make(size)` returns: in each, the dimension that grows with `size`
+  (found by shaping it at `size` and `size + 1`, so no layout is assumed) split as `batch`;
+  arrays without one (positions, counters) replicated."""
+  small, big = (jax.eval_shape(lambda n=n: make(n)) for n in (size, size + 1))
+
+  def one(a, b):
+    grown = [i for i, (m, n) in enumerate(zip(a.shape, b.shape, strict=True)) if m != n]
+    return split_batch(a.shape, mesh, rules, grown[0]) if grown else replicated(mesh)
+
+  return jax.tree.map(one, small, big)
+
+
+def placed_as(tree, mesh: Mesh):
+  """The shardings of `tree`'s arrays where they lie on `mesh`, None (XLA's choice) elsewhere:
+  out_shardings that hand a carried state (a cache) back placed as it came in."""
+  return jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None),
+                                                         NamedSharding)
+                      and x.sharding.mesh == mesh else None, tree)
+
+
+class OnParamsMesh:
+  """`jax.jit(fn, **jit_kwargs)` of `fn(params, *args)`, run over the mesh its parameters lie on.
+
+  Evaluation, generation and TLM are not traced by the trainer; this gives them its mesh: `fn`
+  is traced under `activation_sharding(mesh, rules)`, so the model's constraints split the batch
+  over the devices and its kernels run per device (`per_shard`; splash attention lowers on a
+  multi-device TPU only so); the arguments at positions `batch_args` (counted after `params`)
+  are placed with their first dimension split as `batch`; `out_shardings(mesh, params, *args)`
+  (with the placed arguments) places the outputs, e.g. a carried cache as it came in
+  (`placed_as`), so that every call has the signature of the first and compiles nothing again
+  (or `out_shardings` is jax.jit's own, given as it is). Parameters on one device (or on none):
+  plain `jax.jit(fn)`. One jit per mesh and output
+  placement, as the activation context is read while tracing, which jax.jit's cache does not
+  see.
+  """
+
+  def __init__(self, fn, *, batch_args: Sequence[int] = (), out_shardings=None,
+               rules: Rules = LOGICAL_RULES, **jit_kwargs):
+    self.fn, self.batch_args, self.out_shardings = fn, tuple(batch_args), out_shardings
+    self.rules, self.jit_kwargs, self._jits = rules, jit_kwargs, {}
+
+  def prepare(self, params, *args):
+    """(the jitted function for these arguments, the arguments to call it with, placed)."""
+    mesh, out = mesh_of(params), self.out_shardings
+    if mesh is None:
+      key, traced = None, self.fn
+      kwargs = self.jit_kwargs if out is None or callable(out) else dict(
+          self.jit_kwargs, out_shardings=out)
+    else:
+      args = tuple(self._place(a, mesh) if i in self.batch_args else a
+                   for i, a in enumerate(args))
+      out = out(mesh, params, *args) if callable(out) else out
+      leaves, treedef = jax.tree.flatten(out)
+      key = (mesh, treedef, tuple(leaves))
+      kwargs = self.jit_kwargs if out is None else dict(self.jit_kwargs, out_shardings=out)
+
+      def traced(*a):
+        with activation_sharding(mesh, self.rules):
+          return self.fn(*a)
+
+    if key not in self._jits:
+      self._jits[key] = jax.jit(traced, **kwargs)
+    return self._jits[key], (params, *args)
+
+  def _place(self, x, mesh: Mesh):
+    if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, split_batch(np.shape(x), mesh, self.rules))
+
+  def __call__(self, params, *args):
+    fn, args = self.prepare(params, *args)
+    return fn(*args)
+
+  def lower(self, params, *args):
+    fn, args = self.prepare(params, *args)
+    return fn.lower(*args)
+
+  def _cache_size(self) -> int:
+    """Programs compiled so far, over every mesh and placement (as `jax.jit`'s)."""
+    return sum(f._cache_size() for f in self._jits.values())

@@ -46,6 +46,7 @@ from ttt_jax.layers.int8 import quantize_model
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models import abstract_model
 from ttt_jax.runs.load import Run
+from ttt_jax.sharding import OnParamsMesh, placed_as
 
 __all__ = ["Generator", "decode_model", "generate", "generate_text", "prompt_ids", "sample_logits"]
 
@@ -144,6 +145,13 @@ def full_attention(model_cfg: ml_collections.ConfigDict) -> bool:
   return model_cfg.kind != "e2e" and mixer_spec(model_cfg.mixer).state_grows
 
 
+def _loop_out(mesh, params, cache, seq, pos, *knobs):
+  """Out-shardings of `decode_loop` (cache, seq, pos, done): as its arguments came in (the
+  position, a scalar, replicated)."""
+  return placed_as(cache, mesh), placed_as(seq, mesh), placed_as(pos, mesh), placed_as(
+      knobs[-1], mesh)
+
+
 class Generator:
   """A model ready to generate: its compiled loop and cache initializer are built once and reused
   by every call (one compilation per batch size and length bucket)."""
@@ -153,8 +161,11 @@ class Generator:
     self.graphdef, self.params, self.max_len, self.segment = graphdef, params, max_len, segment
     self.align = stream_alignment(model_cfg)
     self.pad_last = full_attention(model_cfg)
-    self.loop = jax.jit(partial(decode_loop, graphdef, self.align, chunk, self.pad_last),
-                        donate_argnums=(1, 2))
+    # on a loaded run's devices: the rows split over them, cache and sequences handed back
+    # placed as they came in (`sharding.OnParamsMesh`)
+    self.loop = OnParamsMesh(partial(decode_loop, graphdef, self.align, chunk, self.pad_last),
+                             batch_args=(1, 2, 10), out_shardings=_loop_out,
+                             donate_argnums=(1, 2))
     self.init_fn = make_init_cache(graphdef)
 
   def length(self, need: int) -> int:

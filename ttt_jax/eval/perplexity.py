@@ -13,6 +13,9 @@ Document rule (same documents at every length, so numbers are comparable): the f
 are counted and reported, never dropped silently. The sequence of length L of a document is its
 first L + 1 tokens (inputs plus shifted targets), starting at BOS; the NLL is averaged over all L
 predicted positions.
+
+On several devices (a loaded run's parameters lie on all of them) the steps split the documents of
+a batch over them (`sharding.OnParamsMesh`); one device computes the same numbers.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models.config import model_config
 from ttt_jax.runs.load import Run
+from ttt_jax.sharding import OnParamsMesh, grown_split, placed_as, split_batch
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 
 
@@ -158,7 +162,8 @@ def make_chunk_step(graphdef) -> Callable:
     logits, cache = model(inputs, positions, cache)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets), cache
 
-  return jax.jit(step, donate_argnums=1)
+  return OnParamsMesh(step, batch_args=(1, 2), out_shardings=_scores_and_cache,
+                      donate_argnums=1)
 
 
 def make_logprob_step(graphdef) -> Callable:
@@ -170,7 +175,14 @@ def make_logprob_step(graphdef) -> Callable:
     logits, cache = nnx.merge(graphdef, params)(inputs, positions, cache)
     return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache
 
-  return jax.jit(step, donate_argnums=1)
+  return OnParamsMesh(step, batch_args=(1,), out_shardings=_scores_and_cache,
+                      donate_argnums=1)
+
+
+def _scores_and_cache(mesh, params, cache, inputs, *_):
+  """Out-shardings of a chunk step: its per-row scores split like the batch, the cache placed as
+  it came in (from `make_init_cache`: split along its batch dimensions)."""
+  return split_batch(np.shape(inputs), mesh), placed_as(cache, mesh)
 
 
 def make_init_cache(graphdef) -> Callable:
@@ -181,7 +193,10 @@ def make_init_cache(graphdef) -> Callable:
   def init(params, batch_size, capacity):
     return nnx.merge(graphdef, params).init_cache(batch_size, capacity)
 
-  return jax.jit(init, static_argnums=(1, 2))
+  def out(mesh, params, batch_size, capacity):
+    return grown_split(lambda b: init(params, b, capacity), batch_size, mesh)
+
+  return OnParamsMesh(init, out_shardings=out, static_argnums=(1, 2))
 
 
 def init_cache(graphdef, params, batch_size: int, capacity: int, *,
@@ -254,14 +269,19 @@ def stream_with_cache(graphdef, params, tokens: np.ndarray, chunk: int, **kwargs
       return nll, done.value
 
 
-def one_shot_nll(graphdef, params, tokens: np.ndarray) -> np.ndarray:
-  """Per-position NLL [B, L] from a single forward pass without a cache (the reference)."""
+def make_one_shot_step(graphdef) -> OnParamsMesh:
+  """jit(params, tokens [B, L+1]) -> per-position NLL [B, L] fp32, one forward pass, no cache."""
 
   def fwd(params, tokens):
     logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
-  return np.asarray(jax.jit(fwd)(params, tokens))
+  return OnParamsMesh(fwd, batch_args=(0,))
+
+
+def one_shot_nll(graphdef, params, tokens: np.ndarray) -> np.ndarray:
+  """Per-position NLL [B, L] from a single forward pass without a cache (the reference)."""
+  return np.asarray(make_one_shot_step(graphdef)(params, tokens))
 
 
 # -- summaries ----------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ttt_jax.config import ConfigError
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models.lm import token_nll
+from ttt_jax.sharding import OnParamsMesh
 
 MODES = ("offline", "online")
 OBJECTIVES = ("perplexity", "log_perplexity")
@@ -269,10 +270,11 @@ class TLM:
 
   def _jit(self) -> None:
     replicated = self._replicated()
-    placed = {} if replicated is None else {"out_shardings": replicated}
-    self._log_ppl_jit = jax.jit(self._log_ppl)
-    self._grads_jit = jax.jit(self._grads)
-    self._step_jit = jax.jit(self._step, donate_argnums=(1, 2), **placed)
+    placed = {} if replicated is None else {"out_shardings": replicated}  # every output
+    # on the base's devices, the samples split over them (`sharding.OnParamsMesh`)
+    self._log_ppl_jit = OnParamsMesh(self._log_ppl, batch_args=(1,))
+    self._grads_jit = OnParamsMesh(self._grads, batch_args=(1,))
+    self._step_jit = OnParamsMesh(self._step, batch_args=(2,), donate_argnums=(1, 2), **placed)
 
   # -- compiled entry points -------------------------------------------------------------------
   def log_ppl(self, lora, tokens) -> jax.Array:

@@ -1,0 +1,144 @@
+"""Subprocess side of tests/test_eval_on_mesh.py (8 forced host CPU devices).
+
+Evaluation, generation and TLM on the devices a loaded run's parameters lie on (all of them,
+`runs/load.py`), against the same parameters on one device: a tiny run trained on the 8 devices
+and evaluated through `load_run` / `evaluate_run`; per model kind, the streamed NLL, how the
+compiled chunk step takes its batch and how often it compiled; greedy generation; and the
+one-shot, TLM and chunk programs lowered for TPU and CUDA on that mesh, where every kernel call
+must run per device on its share of the batch. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import traceback
+
+import jax
+import numpy as np
+from flax import nnx
+from sharding_worker import _inside_manual, tiny_config
+
+from ttt_jax import sharding as shd
+from ttt_jax.eval import perplexity as P
+
+KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e")
+B, L, CHUNK = 8, 64, 16  # rows (one per device), streamed positions, chunk
+
+
+def _on_mesh(kind: str):
+  """(model config, graphdef, params on the (8,1,1) mesh as load_run places them, the same on
+  one device)."""
+  from ttt_jax.models import abstract_model, build_model  # noqa: PLC0415
+
+  cfg = tiny_config(kind)
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1  # as runs/load.py evaluates
+  graphdef, abstract = abstract_model(cfg.model, 0)
+  mesh = shd.make_mesh(cfg.mesh)
+  host = nnx.to_pure_dict(nnx.state(build_model(cfg.model, 0)))
+  return (cfg.model, graphdef, jax.device_put(host, shd.param_shardings(abstract, mesh)),
+          jax.device_put(host, jax.devices()[0]))
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def trained_run(workdir: str) -> dict:
+  """A tiny SWA run trained 2 steps on the 8 devices, loaded and evaluated there and on one."""
+  from ttt_jax.runs.load import load_run  # noqa: PLC0415
+  from ttt_jax.train.loop import train_and_evaluate  # noqa: PLC0415
+
+  cfg = tiny_config("swa", (8, 1, 1))
+  cfg.train.steps = cfg.train.eval_every = 2
+  train_and_evaluate(cfg, workdir, echo=lambda s: None)
+  run = load_run(workdir)
+  single = run._replace(params=jax.device_put(jax.device_get(run.params), jax.devices()[0]))
+  kw = {"max_docs": B, "batch_size": B, "chunk": CHUNK, "progress": False, "echo": None}
+  on, one = (P.evaluate_run(r, [16, 32], **kw) for r in (run, single))
+  return {"mesh": dict(shd.mesh_of(run.params).shape), "docs": len(on["documents"]),
+          "mean_nll": [c["mean_nll"] for c in on["contexts"]],
+          "single": [c["mean_nll"] for c in one["contexts"]],
+          "buckets": [b["mean_nll"] for b in on["position_buckets"]["buckets"]],
+          "buckets_single": [b["mean_nll"] for b in one["position_buckets"]["buckets"]]}
+
+
+def kind_checks(kind: str) -> dict:
+  """Streamed NLL and greedy generation on the mesh and on one device; the chunk step's
+  per-device input rows; programs compiled."""
+  from ttt_jax.eval.generate import Generator  # noqa: PLC0415
+
+  model_cfg, graphdef, params, single = _on_mesh(kind)
+  tokens = np.random.default_rng(3).integers(0, 259, (B, L + 1)).astype(np.int32)
+  step_fn, init_fn = P.make_chunk_step(graphdef), P.make_init_cache(graphdef)
+  got = P.stream_nll(graphdef, params, tokens, CHUNK, step_fn=step_fn, init_fn=init_fn)
+  ref = P.stream_nll(graphdef, single, tokens, CHUNK)
+  cache = init_fn(params, B, L)
+  text = step_fn.lower(params, cache, tokens[:, :CHUNK], tokens[:, 1:CHUNK + 1],
+                       np.int32(0)).compile().as_text()
+  entry = re.search(r"ENTRY[^\n]*", text).group(0)
+  out = {"nll_rel": _rel(got, ref), "token_args": re.findall(rf"s32\[(\d+),{CHUNK}\]", entry),
+         "step_compiles": step_fn._cache_size(), "init_compiles": init_fn._cache_size()}
+  if kind in ("transformer", "e2e"):
+    prompt = tokens[:, :5]
+    gen = Generator(graphdef, params, model_cfg, chunk=CHUNK, max_len=32, segment=4)
+    new = gen(prompt, 12, progress=True)  # segments of 4: the loop runs several times
+    want = Generator(graphdef, single, model_cfg, chunk=CHUNK, max_len=32)(prompt, 12)
+    out.update(generated_equal=bool(np.array_equal(new, want)),
+               loop_compiles=gen.loop._cache_size())
+  return out
+
+
+def lowered() -> dict:
+  """One-shot NLL and TLM's log-perplexity lowered for TPU (splash attention), full attention's
+  chunk step for CUDA (the Triton cache kernel), on the (8,1,1) mesh. (TTT's chunk steps take
+  the dual form: no kernel.)"""
+  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.eval import tlm as tlm_lib  # noqa: PLC0415
+
+  out = {}
+  tokens = np.random.default_rng(4).integers(0, 259, (B, 257)).astype(np.int32)
+  for platform, kind in (("tpu", "transformer"), ("cuda", "transformer")):
+    with lowering.building(platform):
+      _, graphdef, params, _ = _on_mesh(kind)  # splash needs 128-token blocks
+      if platform == "tpu":
+        progs = {"one_shot": P.make_one_shot_step(graphdef).prepare(params, tokens)}
+        tc = tlm_lib.default_config()
+        tc.rank, tc.alpha = 4, 8.0
+        tlm, lora = tlm_lib.TLM.create(nnx.merge(graphdef, params), tc)
+        progs["tlm"] = tlm._log_ppl_jit.prepare(tlm.base, lora, tokens)
+      else:
+        cache = P.make_init_cache(graphdef)(params, B, 256)
+        progs = {"chunk": P.make_chunk_step(graphdef).prepare(
+            params, cache, tokens[:, :64], tokens[:, 1:65], np.int32(64))}
+      for name, (fn, args) in progs.items():
+        text = lowering.export_cuda(fn, *args, platform=platform).mlir_module()
+        target = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+        regions = [line for line in text.splitlines() if "sdy.manual_computation(" in line]
+        out[f"{platform}:{kind}:{name}"] = {
+            "inside": _inside_manual(text, target),
+            "batch_split": bool(regions) and all('{"data"}' in r for r in regions)}
+  return out
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--dir", required=True)
+  a = ap.parse_args(argv)
+  res: dict = {"num_devices": jax.device_count(), "kinds": {}}
+  for name, fn in [("run", lambda: trained_run(a.dir)), ("lowered", lowered)] + [
+      (kind, lambda kind=kind: kind_checks(kind)) for kind in KINDS]:
+    try:
+      value = fn()
+    except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
+      value = {"error": traceback.format_exc()}
+    (res["kinds"] if name in KINDS else res)[name] = value
+  sys.stdout.write("RESULT " + json.dumps(res) + "\n")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()
