@@ -48,7 +48,11 @@ def _rel(a, b) -> float:
 
 
 def trained_run(workdir: str) -> dict:
-  """A tiny SWA run trained 2 steps on the 8 devices, loaded and evaluated there and on one."""
+  """A tiny SWA run trained 2 steps on the 8 devices, loaded and evaluated there and on one:
+  8 documents in batches of 8, and 5 in batches of 3 (rounded up to 8 rows on the mesh, the last
+  filled up), with the strided perplexity (stride 8) over the same documents; the rows and
+  placement of every batch the chunk steps were called with on the mesh."""
+  from ttt_jax.eval import strided  # noqa: PLC0415
   from ttt_jax.runs.load import load_run  # noqa: PLC0415
   from ttt_jax.train.loop import train_and_evaluate  # noqa: PLC0415
 
@@ -57,13 +61,29 @@ def trained_run(workdir: str) -> dict:
   train_and_evaluate(cfg, workdir, echo=lambda s: None)
   run = load_run(workdir)
   single = run._replace(params=jax.device_put(jax.device_get(run.params), jax.devices()[0]))
-  kw = {"max_docs": B, "batch_size": B, "chunk": CHUNK, "progress": False, "echo": None}
-  on, one = (P.evaluate_run(r, [16, 32], **kw) for r in (run, single))
-  return {"mesh": dict(shd.mesh_of(run.params).shape), "docs": len(on["documents"]),
-          "mean_nll": [c["mean_nll"] for c in on["contexts"]],
-          "single": [c["mean_nll"] for c in one["contexts"]],
-          "buckets": [b["mean_nll"] for b in on["position_buckets"]["buckets"]],
-          "buckets_single": [b["mean_nll"] for b in one["position_buckets"]["buckets"]]}
+  calls, prepare = [], shd.OnParamsMesh.prepare
+
+  def spy(self, params, *args):  # the token batches the programs on the mesh take
+    fn, placed = prepare(self, params, *args)
+    calls.extend((a.shape[0], tuple(a.sharding.spec)) for a in placed[1:]
+                 if shd.mesh_of(params) is not None and getattr(a, "dtype", None) == np.int32
+                 and np.ndim(a) == 2)
+    return fn, placed
+
+  shd.OnParamsMesh.prepare = spy
+  out = {"mesh": dict(shd.mesh_of(run.params).shape)}
+  for name, docs, batch in (("8x8", B, B), ("5x3", 5, 3)):
+    kw = {"max_docs": docs, "batch_size": batch, "chunk": CHUNK, "progress": False,
+          "echo": None, "stride": 8}
+    on, one = (strided.evaluate_run(r, [16, 32], **kw) for r in (run, single))
+    out[name] = {"docs": len(on["documents"]),
+                 "mesh": [c["mean_nll"] for c in on["contexts"] + on["strided"]["contexts"]]
+                 + [b["mean_nll"] for b in on["position_buckets"]["buckets"]],
+                 "single": [c["mean_nll"] for c in one["contexts"] + one["strided"]["contexts"]]
+                 + [b["mean_nll"] for b in one["position_buckets"]["buckets"]]}
+  shd.OnParamsMesh.prepare = prepare
+  out["batches"] = sorted(set(calls))
+  return out
 
 
 def kind_checks(kind: str) -> dict:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ttt_jax import sharding as shd
 from ttt_jax.config import MESH_AXES, ConfigError, base_config, parse_rules, validate
@@ -318,7 +318,8 @@ def test_streaming_state_split_where_it_grows_with_the_batch():
   """grown_split (the placement of an evaluation cache on a loaded run's mesh) finds each
   array's batch dimension by shaping the state at two batch sizes: behind a scanned layer axis,
   not confused with another dimension of the same size; none (positions, counters):
-  replicated. A batch the axes do not divide takes a prefix of them, or none."""
+  replicated. A batch the axes do not divide takes a prefix of them, or none. mesh_of and
+  batch_ways read the mesh from where arrays lie."""
   mesh = jax.sharding.AbstractMesh((4, 2, 1), MESH_AXES)
 
   def make(b):
@@ -330,7 +331,11 @@ def test_streaming_state_split_where_it_grows_with_the_batch():
                       "w": PartitionSpec(("data", "fsdp")), "pos": PartitionSpec(),
                       "count": PartitionSpec()}
   assert specs(4)["kv"] == PartitionSpec(None, "data") and specs(3)["w"] == PartitionSpec()
-  assert shd.mesh_of({"w": np.zeros(3)}) is None  # host arrays: on no mesh
+  assert shd.mesh_of({"w": np.zeros(3)}) is None and shd.batch_ways({"w": np.zeros(3)}) == 1
+  # a batch on that mesh splits 8 ways (data x fsdp), 4 if the rules give it 'data' alone
+  on = {"w": jax.ShapeDtypeStruct((2,), np.float32, sharding=NamedSharding(mesh, PartitionSpec()))}
+  rules = tuple(dict(shd.LOGICAL_RULES, batch=("data",)).items())
+  assert shd.mesh_of(on) == mesh and shd.batch_ways(on) == 8 and shd.batch_ways(on, rules) == 4
 
 
 def test_rules_from_config_override_defaults():

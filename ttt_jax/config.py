@@ -228,7 +228,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.ctx = "1k,2k"  # context lengths for scripts/evaluate.py (comma list)
   ev.max_docs = 8  # validation documents with >= max(ctx)+1 tokens, the same at every length
   ev.chunk = 1024  # tokens per streamed chunk (contexts must be multiples of it, or shorter)
-  ev.batch_size = 4  # documents per streamed batch
+  ev.batch_size = 4  # documents per streamed batch (several devices: rounded up to a multiple)
   ev.first_bucket = 128  # loss-per-position buckets: [0, b), [b, 2b), [2b, 4b), ...
   ev.stride = 0  # > 0: also strided perplexity of whole documents (eval/strided.py); 0 = off
   return c

@@ -271,6 +271,14 @@ def mesh_of(tree) -> Mesh | None:
   return None
 
 
+def batch_ways(tree, rules: Rules = LOGICAL_RULES) -> int:
+  """Into how many shares the batch axes split a batch on the mesh `tree`'s arrays lie on (1 on
+  none): batches of a multiple of it rows are split over every device."""
+  mesh = mesh_of(tree)
+  axes = () if mesh is None else _split_axes("batch", [], mesh, rules, set())
+  return math.prod(mesh.shape[a] for a in axes) if axes else 1
+
+
 def split_batch(shape: Sequence[int], mesh: Mesh, rules: Rules = LOGICAL_RULES,
                 dim: int = 0) -> NamedSharding:
   """An array of `shape` with dimension `dim` split as the logical `batch` axis (whole where the

@@ -13,9 +13,7 @@ Document rule (same documents at every length, so numbers are comparable): the f
 are counted and reported, never dropped silently. The sequence of length L of a document is its
 first L + 1 tokens (inputs plus shifted targets), starting at BOS; the NLL is averaged over all L
 predicted positions.
-
-On several devices (a loaded run's parameters lie on all of them) the steps split the documents of
-a batch over them (`sharding.OnParamsMesh`); one device computes the same numbers.
+On several devices (a loaded run's parameters lie on all), the steps split a batch over them.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ from ttt_jax.data.pipeline import TokenStream
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models.config import model_config
 from ttt_jax.runs.load import Run
-from ttt_jax.sharding import OnParamsMesh, grown_split, placed_as, split_batch
+from ttt_jax.sharding import OnParamsMesh, batch_ways, grown_split, placed_as, split_batch
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 
 
@@ -162,8 +160,7 @@ def make_chunk_step(graphdef) -> Callable:
     logits, cache = model(inputs, positions, cache)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets), cache
 
-  return OnParamsMesh(step, batch_args=(1, 2), out_shardings=_scores_and_cache,
-                      donate_argnums=1)
+  return OnParamsMesh(step, batch_args=(1, 2), out_shardings=_scores_and_cache, donate_argnums=1)
 
 
 def make_logprob_step(graphdef) -> Callable:
@@ -175,8 +172,7 @@ def make_logprob_step(graphdef) -> Callable:
     logits, cache = nnx.merge(graphdef, params)(inputs, positions, cache)
     return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache
 
-  return OnParamsMesh(step, batch_args=(1,), out_shardings=_scores_and_cache,
-                      donate_argnums=1)
+  return OnParamsMesh(step, batch_args=(1,), out_shardings=_scores_and_cache, donate_argnums=1)
 
 
 def _scores_and_cache(mesh, params, cache, inputs, *_):
@@ -311,6 +307,11 @@ def context_summary(ctx: int, nll: np.ndarray) -> dict[str, float]:
 
 
 # -- whole evaluation ---------------------------------------------------------------------------
+def fill_rows(tokens: np.ndarray, rows: int) -> np.ndarray:
+  """`tokens` [B, ...] filled up to `rows` rows with copies of its last row (scored, dropped)."""
+  return np.concatenate([tokens, np.repeat(tokens[-1:], max(rows - len(tokens), 0), axis=0)])
+
+
 def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs: EvalDocs,
                    ctxs: Sequence[int], *, chunk: int, batch_size: int, first_bucket: int,
                    progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
@@ -322,14 +323,17 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
   align = stream_alignment(model_cfg)
   chunks = {L: chunk_for(L, chunk, align) for L in ctxs}  # fail before any compute
   step_fn, init_fn = make_chunk_step(graphdef), make_init_cache(graphdef)
-  n_docs = docs.tokens.shape[0]
+  n_docs, ways = docs.tokens.shape[0], batch_ways(params)
+  batch_size = -(-batch_size // ways) * ways
+  rows = batch_size if ways > 1 else 0  # on a mesh every batch full: split, compiled once
   per_ctx, buckets = [], []
   for L in ctxs:
     t0 = time.perf_counter()
-    bar = tqdm(total=n_docs * L, desc=f"eval ctx {L}", unit="tok", unit_scale=True,
-               disable=not progress, dynamic_ncols=True, leave=False)
-    parts = [stream_nll(graphdef, params, docs.tokens[i:i + batch_size, :L + 1], chunks[L],
-                        step_fn=step_fn, init_fn=init_fn, progress=bar)
+    bar = tqdm(total=max(n_docs, -(-n_docs // batch_size) * rows) * L, desc=f"eval ctx {L}",
+               unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True,
+               leave=False)
+    parts = [stream_nll(graphdef, params, fill_rows(docs.tokens[i:i + batch_size, :L + 1], rows),
+                        chunks[L], step_fn=step_fn, init_fn=init_fn, progress=bar)[:n_docs - i]
              for i in range(0, n_docs, batch_size)]
     bar.close()
     nll = np.concatenate(parts)
