@@ -49,9 +49,9 @@ def _rel(a, b) -> float:
 
 def trained_run(workdir: str) -> dict:
   """A tiny SWA run trained 2 steps on the 8 devices, loaded and evaluated there and on one:
-  8 documents in batches of 8, and 5 in batches of 3 (rounded up to 8 rows on the mesh, the last
-  filled up), with the strided perplexity (stride 8) over the same documents; the rows and
-  placement of every batch the chunk steps were called with on the mesh."""
+  8 documents in batches of 8, and 10 in batches of 3 (rounded up to 8 rows on the mesh, the
+  second batch filled up), with the strided perplexity (stride 8) over the same documents; the
+  rows and placement of every batch the chunk steps were called with on the mesh."""
   from ttt_jax.eval import strided  # noqa: PLC0415
   from ttt_jax.runs.load import load_run  # noqa: PLC0415
   from ttt_jax.train.loop import train_and_evaluate  # noqa: PLC0415
@@ -72,7 +72,7 @@ def trained_run(workdir: str) -> dict:
 
   shd.OnParamsMesh.prepare = spy
   out = {"mesh": dict(shd.mesh_of(run.params).shape)}
-  for name, docs, batch in (("8x8", B, B), ("5x3", 5, 3)):
+  for name, docs, batch in (("8x8", B, B), ("10x3", 10, 3)):
     kw = {"max_docs": docs, "batch_size": batch, "chunk": CHUNK, "progress": False,
           "echo": None, "stride": 8}
     on, one = (strided.evaluate_run(r, [16, 32], **kw) for r in (run, single))
@@ -83,6 +83,24 @@ def trained_run(workdir: str) -> dict:
                  + [b["mean_nll"] for b in one["position_buckets"]["buckets"]]}
   shd.OnParamsMesh.prepare = prepare
   out["batches"] = sorted(set(calls))
+  return out
+
+
+def tlm_checks() -> dict:
+  """TLM's offline adaptation, batches of 8 samples, with the base on the (8,1,1) mesh and on
+  one device: adapted log-perplexities, programs compiled."""
+  from ttt_jax.eval import tlm as tlm_lib  # noqa: PLC0415
+
+  _, graphdef, params, single = _on_mesh("transformer")
+  samples = np.random.default_rng(5).integers(0, 259, (16, 33)).astype(np.int32)
+  out = {}
+  for name, p in (("mesh", params), ("single", single)):
+    tc = tlm_lib.default_config()
+    tc.rank, tc.alpha, tc.lr, tc.log_p0, tc.batch_size, tc.eval_batch_size = 4, 8.0, 1e-2, 0.0, 8, 8
+    tlm, lora = tlm_lib.TLM.create(nnx.merge(graphdef, p), tc)
+    lora, _ = tlm.adapt_offline(lora, samples, progress=False)
+    out[name] = tlm.evaluate(lora, samples).tolist()
+    out[f"{name}_compiles"] = [tlm._step_jit._cache_size(), tlm._log_ppl_jit._cache_size()]
   return out
 
 
@@ -130,6 +148,9 @@ def lowered() -> dict:
         tc.rank, tc.alpha = 4, 8.0
         tlm, lora = tlm_lib.TLM.create(nnx.merge(graphdef, params), tc)
         progs["tlm"] = tlm._log_ppl_jit.prepare(tlm.base, lora, tokens)
+        tlm.log_p0 = 0.0  # the update: splash's backward kernels too
+        progs["tlm_step"] = tlm._step_jit.prepare(tlm.base, lora, tlm.optimizer.init(lora),
+                                                  tokens, np.float32(0.0))
       else:
         cache = P.make_init_cache(graphdef)(params, B, 256)
         progs = {"chunk": P.make_chunk_step(graphdef).prepare(
@@ -149,7 +170,8 @@ def main(argv=None) -> None:
   ap.add_argument("--dir", required=True)
   a = ap.parse_args(argv)
   res: dict = {"num_devices": jax.device_count(), "kinds": {}}
-  for name, fn in [("run", lambda: trained_run(a.dir)), ("lowered", lowered)] + [
+  for name, fn in [("run", lambda: trained_run(a.dir)), ("lowered", lowered),
+                   ("tlm", tlm_checks)] + [
       (kind, lambda kind=kind: kind_checks(kind)) for kind in KINDS]:
     try:
       value = fn()

@@ -38,12 +38,12 @@ def _ok(res: dict) -> dict:
 def test_a_run_trained_on_8_devices_evaluates_there_as_on_one(on_mesh):
   """load_run places the parameters over every device; evaluate_run there (per-length and
   strided perplexity, position buckets) gives the one-device numbers, for 8 documents in
-  batches of 8 and for 5 in batches of 3: batches are rounded up to whole shares of the 8
+  batches of 8 and for 10 in batches of 3: batches are rounded up to whole shares of the 8
   devices and the last one filled up, so the chunk steps take every batch as 8 rows split over
-  the devices (before, a batch of 3 or 5 rows ran whole on every device)."""
+  the devices (before, a batch of 3 rows ran whole on every device)."""
   res = _ok(on_mesh["run"])
   assert res["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
-  for name, docs in (("8x8", 8), ("5x3", 5)):
+  for name, docs in (("8x8", 8), ("10x3", 10)):
     assert res[name]["docs"] == docs
     assert len(res[name]["mesh"]) == len(res[name]["single"]) >= 5
     assert _rel(res[name]["mesh"], res[name]["single"]) <= 1e-5, name
@@ -70,8 +70,17 @@ def test_generation_on_the_mesh(on_mesh, kind):
   assert res["generated_equal"] and res["loop_compiles"] == 1
 
 
+def test_tlm_adapts_on_a_split_batch(on_mesh):
+  """TLM's offline adaptation in batches of 8 samples, the base on the (8,1,1) mesh (the
+  samples split over the devices), gives one device's adapted log-perplexities; its update and
+  its evaluation compile once."""
+  res = _ok(on_mesh["tlm"])
+  assert _rel(res["mesh"], res["single"]) <= 1e-5
+  assert res["mesh_compiles"] == [1, 1]
+
+
 @pytest.mark.parametrize("program", ("tpu:transformer:one_shot", "tpu:transformer:tlm",
-                                     "cuda:transformer:chunk"))
+                                     "tpu:transformer:tlm_step", "cuda:transformer:chunk"))
 def test_kernels_lower_per_device_on_the_mesh(on_mesh, program):
   """Lowered for TPU (splash) and CUDA (the cache kernel) with the parameters on the (8,1,1)
   mesh: every kernel call sits in a per-device region that takes the batch split. (The TPU ones

@@ -14,6 +14,7 @@ tracing its steps) this becomes `jax.lax.with_sharding_constraint`; outside it i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -262,12 +263,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def mesh_of(tree) -> Mesh | None:
   """The mesh of more than one device that the arrays of `tree` lie on (a loaded run's
-  parameters: `runs/load.py` places them over every device), or None; the first device array
-  decides (they lie on one mesh)."""
+  parameters: `runs/load.py` places them over every device), or None: the first array placed by
+  a NamedSharding decides. None too where the mesh spans devices of other processes (evaluation
+  reads its results on the host, which this process could not do for their rows)."""
   for x in jax.tree.leaves(tree):
     s = getattr(x, "sharding", None)
-    if s is not None:
-      return s.mesh if isinstance(s, NamedSharding) and s.mesh.size > 1 else None
+    if isinstance(s, NamedSharding):
+      local = isinstance(s.mesh, jax.sharding.AbstractMesh) or s.is_fully_addressable
+      return s.mesh if s.mesh.size > 1 and local else None
   return None
 
 
@@ -277,6 +280,13 @@ def batch_ways(tree, rules: Rules = LOGICAL_RULES) -> int:
   mesh = mesh_of(tree)
   axes = () if mesh is None else _split_axes("batch", [], mesh, rules, set())
   return math.prod(mesh.shape[a] for a in axes) if axes else 1
+
+
+def whole_shares(tree, rows: int, rules: Rules = LOGICAL_RULES) -> int:
+  """`rows` rounded up to a multiple of `batch_ways(tree)`: a batch that splits over every
+  device."""
+  ways = batch_ways(tree, rules)
+  return -(-rows // ways) * ways
 
 
 def split_batch(shape: Sequence[int], mesh: Mesh, rules: Rules = LOGICAL_RULES,
@@ -343,6 +353,7 @@ class OnParamsMesh:
       key = (mesh, treedef, tuple(leaves))
       kwargs = self.jit_kwargs if out is None else dict(self.jit_kwargs, out_shardings=out)
 
+      @functools.wraps(self.fn)  # the program keeps the function's name (profiles, dumps)
       def traced(*a):
         with activation_sharding(mesh, self.rules):
           return self.fn(*a)

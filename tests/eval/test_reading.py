@@ -18,6 +18,7 @@ from ttt_jax.config import ConfigError
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import reading as R
+from ttt_jax.eval import stream as S
 from ttt_jax.models import build_model
 from ttt_jax.runs.load import Run
 
@@ -100,8 +101,8 @@ def test_state_does_not_grow_with_the_document(random_run, monkeypatch):
     made.append(sum(x.nbytes for x in jax.tree.leaves(cache)))
     return cache
 
-  init_cache = P.init_cache
-  monkeypatch.setattr(P, "init_cache", recording_init_cache)
+  init_cache = S.init_cache
+  monkeypatch.setattr(S, "init_cache", recording_init_cache)
   rng = np.random.default_rng(1)
   docs = [(f"d{n}", np.concatenate([[256], rng.integers(0, 256, n)]).astype(np.int32))
           for n in (64, 2048)]

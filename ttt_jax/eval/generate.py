@@ -162,7 +162,7 @@ class Generator:
     self.align = stream_alignment(model_cfg)
     self.pad_last = full_attention(model_cfg)
     # on a loaded run's devices: the rows split over them, cache and sequences handed back
-    # placed as they came in (`sharding.OnParamsMesh`)
+    # placed as they came in (`sharding.OnParamsMesh`); `pos`, a scalar, placed replicated
     self.loop = OnParamsMesh(partial(decode_loop, graphdef, self.align, chunk, self.pad_last),
                              batch_args=(1, 2, 10), out_shardings=_loop_out,
                              donate_argnums=(1, 2))

@@ -2,10 +2,11 @@
 
 Every model kind is evaluated through the model contract
 `model(tokens, positions, cache) -> (logits, cache)`, `cache = model.init_cache(batch, capacity)`:
-a sequence of L tokens is fed in fixed-size chunks by one jitted step (compiled once per shape),
-and the cache (KV window, TTT hidden state, E2E inner weights + KV window) is the carry. Memory
-for SWA / TTT / E2E models therefore does not grow with L; full attention carries a KV cache of
-capacity L and attends to it blockwise (layers/attention.py), never forming an L x L matrix.
+a sequence of L tokens is fed in fixed-size chunks by one jitted step (compiled once per shape;
+eval/stream.py), and the cache (KV window, TTT hidden state, E2E inner weights + KV window) is
+the carry. Memory for SWA / TTT / E2E models therefore does not grow with L; full attention
+carries a KV cache of capacity L and attends to it blockwise (layers/attention.py), never
+forming an L x L matrix.
 
 Document rule (same documents at every length, so numbers are comparable): the first
 `max_docs` documents (in stream order) of the run's validation split, or of any source given with
@@ -13,7 +14,8 @@ Document rule (same documents at every length, so numbers are comparable): the f
 are counted and reported, never dropped silently. The sequence of length L of a document is its
 first L + 1 tokens (inputs plus shifted targets), starting at BOS; the NLL is averaged over all L
 predicted positions.
-On several devices (a loaded run's parameters lie on all), the steps split a batch over them.
+On several devices (a loaded run's parameters lie on all) the steps split a batch over them:
+its documents are rounded up to whole shares of the devices, the last batch filled up.
 """
 
 from __future__ import annotations
@@ -22,24 +24,32 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Generator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 from tqdm.auto import tqdm
 
+from ttt_jax import sharding as shd
 from ttt_jax.config import ConfigError, parse_ctx
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.data.pipeline import TokenStream
+from ttt_jax.eval.stream import (  # noqa: F401 (the streaming loop, part of this module's API)
+  fill_rows,
+  init_cache,
+  make_chunk_step,
+  make_init_cache,
+  make_logprob_step,
+  make_one_shot_step,
+  one_shot_nll,
+  stream_chunks,
+  stream_nll,
+  stream_with_cache,
+)
 from ttt_jax.layers.mixers import mixer_spec
 from ttt_jax.models.config import model_config
 from ttt_jax.runs.load import Run
-from ttt_jax.sharding import OnParamsMesh, batch_ways, grown_split, placed_as, split_batch
 from ttt_jax.train.metrics import validation_metrics  # noqa: F401 (part of this module's API)
 
 
@@ -150,136 +160,6 @@ def skipped_note(docs_skipped: int, longest: int, need: int) -> str:
           f"longest of them has {longest:,})")
 
 
-# -- streaming ----------------------------------------------------------------------------------
-def make_chunk_step(graphdef) -> Callable:
-  """jit(params, cache, inputs [B,c], targets [B,c], start) -> (nll [B,c] fp32, new cache)."""
-
-  def step(params, cache, inputs, targets, start):
-    model = nnx.merge(graphdef, params)
-    positions = start + jnp.arange(inputs.shape[1], dtype=jnp.int32)
-    logits, cache = model(inputs, positions, cache)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets), cache
-
-  return OnParamsMesh(step, batch_args=(1, 2), out_shardings=_scores_and_cache, donate_argnums=1)
-
-
-def make_logprob_step(graphdef) -> Callable:
-  """jit(params, cache, inputs [B,c], start) -> (log-softmax of the last position [B, V] fp32,
-  new cache): streams a prompt whose continuation is not known yet (eval/needle.py)."""
-
-  def step(params, cache, inputs, start):
-    positions = start + jnp.arange(inputs.shape[1], dtype=jnp.int32)
-    logits, cache = nnx.merge(graphdef, params)(inputs, positions, cache)
-    return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache
-
-  return OnParamsMesh(step, batch_args=(1,), out_shardings=_scores_and_cache, donate_argnums=1)
-
-
-def _scores_and_cache(mesh, params, cache, inputs, *_):
-  """Out-shardings of a chunk step: its per-row scores split like the batch, the cache placed as
-  it came in (from `make_init_cache`: split along its batch dimensions)."""
-  return split_batch(np.shape(inputs), mesh), placed_as(cache, mesh)
-
-
-def make_init_cache(graphdef) -> Callable:
-  """jit(params, batch_size, capacity) -> the model's empty streaming state (built under jit: E2E
-  copies its inner weights in), compiled once per (batch_size, capacity). Build it once per model
-  and reuse it, as the steps."""
-
-  def init(params, batch_size, capacity):
-    return nnx.merge(graphdef, params).init_cache(batch_size, capacity)
-
-  def out(mesh, params, batch_size, capacity):
-    return grown_split(lambda b: init(params, b, capacity), batch_size, mesh)
-
-  return OnParamsMesh(init, out_shardings=out, static_argnums=(1, 2))
-
-
-def init_cache(graphdef, params, batch_size: int, capacity: int, *,
-               init_fn: Callable | None = None):
-  """The model's empty streaming state, by `init_fn` (a `make_init_cache`; default: a new one,
-  which compiles again)."""
-  init_fn = make_init_cache(graphdef) if init_fn is None else init_fn
-  return init_fn(params, batch_size, capacity)
-
-
-def stream_chunks(graphdef, params, tokens: np.ndarray, chunk: int, *,
-                  step_fn: Callable | None = None, capacity: int | None = None,
-                  init_fn: Callable | None = None, progress=None, cache=None,
-                  start: int = 0) -> Generator[tuple[int, np.ndarray], None, Any]:
-  """Yields (start, NLL [B, n]) of the L = tokens.shape[1] - 1 positions of `tokens`, fed
-  `chunk` tokens at a time with the cache carried (the one streaming loop of evaluation).
-
-  A last partial chunk is padded to `chunk`, so every length runs through one compiled shape;
-  the padding comes after the real tokens, which a causal model (and the TTT / E2E inner loop,
-  which updates only after a mini-batch is scored) never lets influence them; only the n real
-  positions are yielded. `capacity` is the KV capacity for full attention (default: L rounded
-  up to the chunk, the whole context stays visible); windowed / recurrent mixers ignore it.
-  `step_fn` / `init_fn` (make_chunk_step / make_init_cache) are built once by callers that
-  stream more than once, so nothing compiles again.
-  With `cache`, the tokens continue a stream at position `start` instead of starting one; the
-  generator returns the cache after the last chunk (`stream_with_cache`).
-  """
-  batch, length = tokens.shape[0], tokens.shape[1] - 1
-  step_fn = make_chunk_step(graphdef) if step_fn is None else step_fn
-  padded = -(-length // chunk) * chunk
-  if cache is None:
-    cache = init_cache(graphdef, params, batch, padded if capacity is None else capacity,
-                       init_fn=init_fn)
-  for s in range(0, length, chunk):
-    part = tokens[:, s:s + chunk + 1]
-    n = part.shape[1] - 1
-    if n < chunk:
-      part = np.pad(part, ((0, 0), (0, chunk - n)))
-    nll, cache = step_fn(params, cache, part[:, :-1], part[:, 1:], jnp.int32(start + s))
-    out = np.asarray(nll)[:, :n]
-    if progress is not None:
-      progress.update(batch * n)
-    yield s, out
-  return cache
-
-
-def stream_nll(graphdef, params, tokens: np.ndarray, chunk: int, *,
-               step_fn: Callable | None = None, capacity: int | None = None,
-               init_fn: Callable | None = None, progress=None) -> np.ndarray:
-  """Per-position NLL [B, L] of `tokens` [B, L+1], streamed by `stream_chunks`."""
-  out = np.empty((tokens.shape[0], tokens.shape[1] - 1), np.float32)
-  for s, nll in stream_chunks(graphdef, params, tokens, chunk, step_fn=step_fn,
-                              capacity=capacity, init_fn=init_fn, progress=progress):
-    out[:, s:s + nll.shape[1]] = nll
-  return out
-
-
-def stream_with_cache(graphdef, params, tokens: np.ndarray, chunk: int, **kwargs):
-  """(NLL [B, L], cache after the last position) of `tokens` [B, L+1], L a multiple of `chunk`
-  (no padding enters the cache); `kwargs` as `stream_chunks`. With `cache` / `start` it continues
-  a stream: eval/needle.py scores several continuations from copies of one prompt's cache."""
-  if (tokens.shape[1] - 1) % chunk:
-    raise ValueError(f"{tokens.shape[1] - 1} positions are not a multiple of the chunk {chunk}")
-  parts, it = [], stream_chunks(graphdef, params, tokens, chunk, **kwargs)
-  while True:
-    try:
-      parts.append(next(it)[1])
-    except StopIteration as done:
-      nll = np.concatenate(parts, axis=1) if parts else np.zeros((len(tokens), 0), np.float32)
-      return nll, done.value
-
-
-def make_one_shot_step(graphdef) -> OnParamsMesh:
-  """jit(params, tokens [B, L+1]) -> per-position NLL [B, L] fp32, one forward pass, no cache."""
-
-  def fwd(params, tokens):
-    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-
-  return OnParamsMesh(fwd, batch_args=(0,))
-
-
-def one_shot_nll(graphdef, params, tokens: np.ndarray) -> np.ndarray:
-  """Per-position NLL [B, L] from a single forward pass without a cache (the reference)."""
-  return np.asarray(make_one_shot_step(graphdef)(params, tokens))
-
-
 # -- summaries ----------------------------------------------------------------------------------
 def bucket_edges(length: int, first: int) -> list[int]:
   """Log-spaced position buckets [0, first), [first, 2 first), [2 first, 4 first) ... up to L."""
@@ -307,11 +187,6 @@ def context_summary(ctx: int, nll: np.ndarray) -> dict[str, float]:
 
 
 # -- whole evaluation ---------------------------------------------------------------------------
-def fill_rows(tokens: np.ndarray, rows: int) -> np.ndarray:
-  """`tokens` [B, ...] filled up to `rows` rows with copies of its last row (scored, dropped)."""
-  return np.concatenate([tokens, np.repeat(tokens[-1:], max(rows - len(tokens), 0), axis=0)])
-
-
 def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs: EvalDocs,
                    ctxs: Sequence[int], *, chunk: int, batch_size: int, first_bucket: int,
                    progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
@@ -323,9 +198,9 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
   align = stream_alignment(model_cfg)
   chunks = {L: chunk_for(L, chunk, align) for L in ctxs}  # fail before any compute
   step_fn, init_fn = make_chunk_step(graphdef), make_init_cache(graphdef)
-  n_docs, ways = docs.tokens.shape[0], batch_ways(params)
-  batch_size = -(-batch_size // ways) * ways
-  rows = batch_size if ways > 1 else 0  # on a mesh every batch full: split, compiled once
+  n_docs = docs.tokens.shape[0]
+  batch_size = shd.whole_shares(params, max(1, min(batch_size, n_docs)))
+  rows = batch_size if shd.batch_ways(params) > 1 else 0  # on a mesh every batch full: split
   per_ctx, buckets = [], []
   for L in ctxs:
     t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ttt_jax.config import ConfigError
 from ttt_jax.eval import perplexity as P
 from ttt_jax.runs.load import Run
-from ttt_jax.sharding import batch_ways
+from ttt_jax.sharding import whole_shares
 
 
 def check_stride(stride: int, ctxs: Sequence[int], option: str = "--stride") -> None:
@@ -54,13 +54,6 @@ def stride_windows(length: int, ctx: int, stride: int) -> list[tuple[int, int, i
   return windows
 
 
-def batch_rows(params, batch_size: int, windows: int) -> int:
-  """Windows per streamed batch: `batch_size`, fewer if there are fewer windows, rounded up to
-  whole shares of the devices the parameters lie on (the padding rows are empty windows)."""
-  ways = batch_ways(params)
-  return -(-max(1, min(batch_size, windows)) // ways) * ways
-
-
 def strided_nll(graphdef, params, docs: Sequence[np.ndarray], ctx: int, stride: int, *,
                 chunk: int, batch_size: int, step_fn: Callable | None = None,
                 init_fn: Callable | None = None, progress=None) -> list[np.ndarray]:
@@ -72,7 +65,7 @@ def strided_nll(graphdef, params, docs: Sequence[np.ndarray], ctx: int, stride: 
   out = [np.full(max(len(doc) - 1, 0), np.nan, np.float32) for doc in docs]
   step_fn = P.make_chunk_step(graphdef) if step_fn is None else step_fn
   init_fn = P.make_init_cache(graphdef) if init_fn is None else init_fn
-  rows = batch_rows(params, batch_size, len(windows))
+  rows = whole_shares(params, max(1, min(batch_size, len(windows))))  # empty windows fill up
   for i in range(0, len(windows), rows):
     group = windows[i:i + rows]
     tokens = np.zeros((rows, ctx + 1), np.int32)
@@ -105,7 +98,7 @@ def evaluate_strided(graphdef, params, model_cfg: ml_collections.ConfigDict,
   for L in ctxs:
     t0 = time.perf_counter()
     n = window_count(docs, L, stride)
-    rows = batch_rows(params, batch_size, n)
+    rows = whole_shares(params, max(1, min(batch_size, n)))
     bar = tqdm(total=-(-n // rows) * rows * L, desc=f"strided ctx {L}", unit="tok",
                unit_scale=True, disable=not progress, dynamic_ncols=True, leave=False)
     nll = np.concatenate(strided_nll(graphdef, params, docs, L, stride, chunk=chunks[L],

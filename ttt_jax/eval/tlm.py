@@ -41,6 +41,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ttt_jax.config import ConfigError
+from ttt_jax.eval.stream import fill_rows
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models.lm import token_nll
 from ttt_jax.sharding import OnParamsMesh
@@ -271,7 +272,7 @@ class TLM:
   def _jit(self) -> None:
     replicated = self._replicated()
     placed = {} if replicated is None else {"out_shardings": replicated}  # every output
-    # on the base's devices, the samples split over them (`sharding.OnParamsMesh`)
+    # on the base's devices, the samples split over them where they divide (OnParamsMesh)
     self._log_ppl_jit = OnParamsMesh(self._log_ppl, batch_args=(1,))
     self._grads_jit = OnParamsMesh(self._grads, batch_args=(1,))
     self._step_jit = OnParamsMesh(self._step, batch_args=(2,), donate_argnums=(1, 2), **placed)
@@ -296,10 +297,7 @@ class TLM:
     out = []
     for i in range(0, len(samples), bs):
       chunk = samples[i:i + bs]
-      pad = bs - len(chunk)
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      out.append(np.asarray(self.log_ppl(lora, jnp.asarray(chunk)))[:bs - pad])
+      out.append(np.asarray(self.log_ppl(lora, fill_rows(chunk, bs)))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
   def adapt_offline(self, lora, samples: np.ndarray, progress: bool = True):

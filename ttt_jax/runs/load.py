@@ -35,7 +35,7 @@ def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
   known = ckpt.flat_config(config.to_dict())
   config.update_from_flattened_dict({k: v for k, v in ckpt.flat_config(saved).items()
                                      if k in known})
-  # Any mesh works for restore; evaluate on whatever devices this process has.
+  # Any mesh works for restore; evaluate over every device (jax.devices(), parameters replicated).
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   return validate(config)
 
