@@ -29,7 +29,7 @@ TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
                 "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
-                "ttt_mlp+nogroups", "transformer+scan", "ttt_linear+scan",
+                "ttt_mlp+nogroups", "ttt_mlp+rematkernels", "transformer+scan", "ttt_linear+scan",
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
 
 

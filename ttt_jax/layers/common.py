@@ -13,7 +13,7 @@ from flax import nnx
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `jax.checkpoint` name of the outputs of sequential kernels that a remat policy may keep instead
 # of running the kernel again in the backward pass (`model.remat=kernels`; the TTT kernels of
-# layers/ttt_pallas_linear.py and ttt_pallas_mlp.py)
+# layers/ttt_pallas_linear.py and ttt_pallas_mlp.py, and ttt_inner.scan_minibatches' groups)
 KERNEL_OUTPUTS = "kernel_outputs"
 
 

@@ -23,7 +23,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from ttt_jax.layers.common import KERNEL_OUTPUTS
 from ttt_jax.layers.mixers import INNER_MODELS
 
 LN_EPS = 1e-6
@@ -357,8 +359,15 @@ def scan_minibatches(step: Callable, params: InnerParams, ln, xs, remat_group: i
     return jax.lax.scan(body, params, inp)
 
   @jax.checkpoint
-  def group(p, g):
+  def inner(p, g):
     return jax.lax.scan(body, p, g)
+
+  def group(p, g):
+    # the weights entering each group and its outputs: what the backward pass needs of the
+    # loop, kept under `model.remat=kernels` (the block's recomputation then skips the loop)
+    p = jax.tree.map(lambda a: checkpoint_name(a, KERNEL_OUTPUTS), p)
+    new, z = inner(p, g)
+    return new, checkpoint_name(z, KERNEL_OUTPUTS)
 
   k = min(remat_group, n)
   n_full = n // k

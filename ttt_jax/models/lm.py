@@ -126,8 +126,8 @@ class Block(nnx.Module):
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # full, except the outputs of sequential kernels (the TTT-Linear forward kernel; models
-    # without one recompute exactly as under full)
+    # full, except the outputs of sequential kernels (the TTT forward kernels; the dual and
+    # primal forms' inner loop at each remat group): models without TTT layers as under full
     "kernels": jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUTS),
 }
 
