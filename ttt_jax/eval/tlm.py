@@ -255,11 +255,15 @@ class TLM:
     keep = lambda new, old: jnp.where(used, new, old)
     return jax.tree.map(keep, new_lora, lora), jax.tree.map(keep, new_opt, opt_state), log_p, w
 
-  def _replicated(self) -> jax.sharding.NamedSharding | None:
-    """Replicated over the mesh the base weights are on (a loaded run's), None if on none."""
+  def _replicated(self) -> jax.sharding.Sharding | None:
+    """Replicated over the devices the base weights are on: a loaded run's mesh, or the one
+    device they were put on; None for host arrays."""
     for x in jax.tree.leaves(self.base):
-      if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+      s = getattr(x, "sharding", None)
+      if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+      if isinstance(s, jax.sharding.SingleDeviceSharding):
+        return s
     return None
 
   def place(self, tree):
