@@ -346,19 +346,22 @@ def test_adapter_names_that_stay_inside_the_adapters_directory_pass():
 
 
 @pytest.mark.parametrize("mode,where", [("offline", "mesh"), ("online", "mesh"),
-                                        ("offline", "device")])
+                                        ("offline", "device"), ("offline", "fresh")])
 def test_the_adaptation_step_compiles_once_for_a_loaded_runs_placed_weights(
     trained_model_state, mode, where):
-  """A loaded run's weights are placed on its mesh (or put on one device by the caller); fresh
-  adapters and Adam state are not, and the step's outputs are: before, the second update
-  compiled the step again (about a minute for SmolLM2-135M), and the evaluation after adapting
-  compiled log_ppl again."""
+  """A loaded run's weights are placed on its mesh (or put on one device by the caller, or
+  fresh); fresh adapters and Adam state are not, and the step's outputs are: before, the second
+  update compiled the step again (about a minute for SmolLM2-135M), and the evaluation after
+  adapting compiled log_ppl again."""
   graphdef, params = trained_model_state
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp",
                                                                           "tensor"))
-  placed = jax.device_put(jax.tree.map(jnp.copy, params),
-                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                          if where == "mesh" else jax.devices()[0])
+  if where == "fresh":  # arrays on the default device, placed nowhere in particular
+    placed = jax.tree.map(jnp.asarray, jax.device_get(params))
+  else:
+    placed = jax.device_put(jax.tree.map(jnp.copy, params),
+                            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                            if where == "mesh" else jax.devices()[0])
   tlm, lora0 = tlm_lib.TLM.create(nnx.merge(graphdef, placed),
                                   tlm_config(lr=1e-2, log_p0=0.0, mode=mode))
   samples = np.concatenate([domain("A", 2, 30), domain("B", 2, 30)])

@@ -12,7 +12,8 @@ TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
 # ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
-# kernels' outputs kept under remat; E2E chunk steps keep their matmuls; E2E's suffix blocks
+# kernels' outputs (dual/primal: the inner loop's group weights and outputs) kept under remat;
+# E2E chunk steps keep their matmuls; E2E's suffix blocks
 # rematerialised again inside the (rematerialised) chunk steps, as before `e2e.suffix_remat`;
 # E2E meta as it was before both that and the first suffix attention's hoist (runs 1-4);
 # E2E's inner-loop attention by the package's blockwise code (skips key blocks no query sees,

@@ -256,20 +256,22 @@ class TLM:
     return jax.tree.map(keep, new_lora, lora), jax.tree.map(keep, new_opt, opt_state), log_p, w
 
   def _replicated(self) -> jax.sharding.Sharding | None:
-    """Replicated over the devices the base weights are on: a loaded run's mesh, or the one
-    device they were put on; None for host arrays."""
-    for x in jax.tree.leaves(self.base):
-      s = getattr(x, "sharding", None)
+    """Replicated over the devices the base weights are on: a loaded run's mesh (any weight on
+    one decides), else the one device a committed weight was put on; None for weights placed
+    nowhere in particular (host arrays, fresh ones)."""
+    leaves = [getattr(x, "sharding", None) for x in jax.tree.leaves(self.base)]
+    for s in leaves:
       if isinstance(s, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-      if isinstance(s, jax.sharding.SingleDeviceSharding):
-        return s
+    for x in jax.tree.leaves(self.base):
+      if getattr(x, "committed", False):
+        return x.sharding
     return None
 
   def place(self, tree):
     """Adapter or optimizer state where the compiled step keeps it (replicated on the base's
-    mesh): the first update then has the signature of every later one, so the step compiles
-    once (fresh state is otherwise unplaced and the step's outputs placed)."""
+    mesh or device): the first update then has the signature of every later one, so the step
+    compiles once (fresh state is otherwise unplaced and the step's outputs placed)."""
     replicated = self._replicated()
     return tree if replicated is None else jax.device_put(tree, replicated)
 
