@@ -255,7 +255,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Programs outside training (evaluation, generation, TLM): on the mesh their parameters lie on
 # ----------------------------------------------------------------------------------------------
@@ -312,9 +311,12 @@ def grown_split(make, size: int, mesh: Mesh, rules: Rules = LOGICAL_RULES):
 def placed_as(tree, mesh: Mesh):
   """The shardings of `tree`'s arrays where they lie on `mesh`, None (XLA's choice) elsewhere:
   out_shardings that hand a carried state (a cache) back placed as it came in."""
-  return jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None),
-                                                         NamedSharding)
-                      and x.sharding.mesh == mesh else None, tree)
+
+  def one(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, NamedSharding) and s.mesh == mesh else None
+
+  return jax.tree.map(one, tree)
 
 
 class OnParamsMesh:
@@ -328,9 +330,8 @@ class OnParamsMesh:
   (with the placed arguments) places the outputs, e.g. a carried cache as it came in
   (`placed_as`), so that every call has the signature of the first and compiles nothing again
   (or `out_shardings` is jax.jit's own, given as it is). Parameters on one device (or on none):
-  plain `jax.jit(fn)`. One jit per mesh and output
-  placement, as the activation context is read while tracing, which jax.jit's cache does not
-  see.
+  plain `jax.jit(fn)`. One jit per mesh and output placement, as the activation context is read
+  while tracing, which jax.jit's cache does not see.
   """
 
   def __init__(self, fn, *, batch_args: Sequence[int] = (), out_shardings=None,

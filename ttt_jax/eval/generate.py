@@ -147,9 +147,8 @@ def full_attention(model_cfg: ml_collections.ConfigDict) -> bool:
 
 def _loop_out(mesh, params, cache, seq, pos, *knobs):
   """Out-shardings of `decode_loop` (cache, seq, pos, done): as its arguments came in (the
-  position, a scalar, replicated)."""
-  return placed_as(cache, mesh), placed_as(seq, mesh), placed_as(pos, mesh), placed_as(
-      knobs[-1], mesh)
+  position, a scalar, replicated; `done`, the last argument, split like the rows)."""
+  return placed_as((cache, seq, pos, knobs[-1]), mesh)
 
 
 class Generator:

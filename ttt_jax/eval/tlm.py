@@ -259,14 +259,12 @@ class TLM:
     """Replicated over the devices the base weights are on: a loaded run's mesh (any weight on
     one decides), else the one device a committed weight was put on; None for weights placed
     nowhere in particular (host arrays, fresh ones)."""
-    leaves = [getattr(x, "sharding", None) for x in jax.tree.leaves(self.base)]
-    for s in leaves:
+    leaves = jax.tree.leaves(self.base)
+    for s in (getattr(x, "sharding", None) for x in leaves):
       if isinstance(s, jax.sharding.NamedSharding):
         return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-    for x in jax.tree.leaves(self.base):
-      if getattr(x, "committed", False):
-        return x.sharding
-    return None
+    committed = [x.sharding for x in leaves if getattr(x, "committed", False)]
+    return committed[0] if committed else None
 
   def place(self, tree):
     """Adapter or optimizer state where the compiled step keeps it (replicated on the base's
