@@ -28,13 +28,13 @@ KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e")
 B, L, CHUNK = 8, 64, 16  # rows (one per device), streamed positions, chunk
 
 
-def _on_mesh(kind: str):
-  """(model config, graphdef, params on the (8,1,1) mesh as load_run places them, the same on
-  one device)."""
+def _on_mesh(kind: str, mesh=(-1, 1, 1)):
+  """(model config, graphdef, params on the (8,1,1) mesh as load_run places them (or on
+  `mesh`, e.g. a trainer's FSDP mesh), the same on one device)."""
   from ttt_jax.models import abstract_model, build_model  # noqa: PLC0415
 
   cfg = tiny_config(kind)
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1  # as runs/load.py evaluates
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh  # (-1, 1, 1): as runs/load.py evaluates
   graphdef, abstract = abstract_model(cfg.model, 0)
   mesh = shd.make_mesh(cfg.mesh)
   host = nnx.to_pure_dict(nnx.state(build_model(cfg.model, 0)))
@@ -120,6 +120,9 @@ def kind_checks(kind: str) -> dict:
   entry = re.search(r"ENTRY[^\n]*", text).group(0)
   out = {"nll_rel": _rel(got, ref), "token_args": re.findall(rf"s32\[(\d+),{CHUNK}\]", entry),
          "step_compiles": step_fn._cache_size(), "init_compiles": init_fn._cache_size()}
+  if kind == "transformer":  # weights as a trainer's FSDP mesh holds them (reproduce.py)
+    _, _, fsdp, _ = _on_mesh(kind, (1, 8, 1))
+    out["fsdp_nll_rel"] = _rel(P.stream_nll(graphdef, fsdp, tokens, CHUNK), ref)
   if kind in ("transformer", "e2e"):
     prompt = tokens[:, :5]
     gen = Generator(graphdef, params, model_cfg, chunk=CHUNK, max_len=32, segment=4)
