@@ -42,6 +42,7 @@ from ttt_jax.models.lm import (
   ACT_AXES,
   LanguageModel,
   attention_algorithm,
+  masked_mean,
   remat_call,
   split_batch,
 )
@@ -151,11 +152,7 @@ class E2EModel(LanguageModel):
     mask = batch.get("loss_mask")
     lr = inner_lr(self.cfg.e2e, step)
     out = self.meta_forward(inputs, targets, batch.get("inner_loss_mask", mask), lr)
-    if mask is None:
-      loss = jnp.mean(out.losses)
-    else:
-      m = mask.astype(jnp.float32)
-      loss = jnp.sum(out.nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+    loss = jnp.mean(out.losses) if mask is None else masked_mean(out.nll, mask)
     chunk = jnp.mean(out.losses, axis=1)
     return loss, {"loss": loss, "inner_lr": lr, "loss_first_chunk": chunk[0],
                   "loss_last_chunk": chunk[-1]}

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from ttt_jax.layers.attention import AttentionAlgorithm, KVCache
-from ttt_jax.models.lm import apply_block, remat_call
+from ttt_jax.models.lm import apply_block, masked_mean, remat_call
 from ttt_jax.sharding import constrain, vmap_batch
 
 # `model.e2e.remat_chunks_policy` -> jax.checkpoint policy of one chunk step. The step is vmapped
@@ -135,8 +135,7 @@ class SuffixRunner:
     logits = self.logits(inner, outer, h_out)
     with jax.named_scope("loss"):
       nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-      m = mask.astype(nll.dtype)
-      loss = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+      loss = masked_mean(nll, mask)
     return loss, (new_kvs, h_out, nll)
 
   def inner_step(self, inner, outer, kvs, h, positions, targets, mask, lr, clip: float,

@@ -276,6 +276,12 @@ def split_batch(batch: dict):
   return tokens[:, :-1], tokens[:, 1:]
 
 
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of `x` over the positions `mask` weights (0 where it weights none)."""
+  m = mask.astype(x.dtype)
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 @jax.named_scope("loss")
 def token_nll(logits: jax.Array, targets: jax.Array, batch: dict | None = None,
               reduce: bool = True) -> jax.Array:
@@ -284,7 +290,4 @@ def token_nll(logits: jax.Array, targets: jax.Array, batch: dict | None = None,
   if not reduce:
     return nll
   mask = None if batch is None else batch.get("loss_mask")
-  if mask is None:
-    return jnp.mean(nll)
-  mask = mask.astype(nll.dtype)
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.mean(nll) if mask is None else masked_mean(nll, mask)
