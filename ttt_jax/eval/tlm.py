@@ -44,7 +44,7 @@ from ttt_jax.config import ConfigError
 from ttt_jax.eval.stream import fill_rows
 from ttt_jax.layers.lora import LoRAParam, apply_lora
 from ttt_jax.models.lm import token_nll
-from ttt_jax.sharding import OnParamsMesh
+from ttt_jax.sharding import OnParamsMesh, replicated
 
 MODES = ("offline", "online")
 OBJECTIVES = ("perplexity", "log_perplexity")
@@ -262,7 +262,7 @@ class TLM:
     leaves = jax.tree.leaves(self.base)
     for s in (getattr(x, "sharding", None) for x in leaves):
       if isinstance(s, jax.sharding.NamedSharding):
-        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+        return replicated(s.mesh)
     committed = [x.sharding for x in leaves if getattr(x, "committed", False)]
     return committed[0] if committed else None
 
@@ -270,12 +270,12 @@ class TLM:
     """Adapter or optimizer state where the compiled step keeps it (replicated on the base's
     mesh or device): the first update then has the signature of every later one, so the step
     compiles once (fresh state is otherwise unplaced and the step's outputs placed)."""
-    replicated = self._replicated()
-    return tree if replicated is None else jax.device_put(tree, replicated)
+    where = self._replicated()
+    return tree if where is None else jax.device_put(tree, where)
 
   def _jit(self) -> None:
-    replicated = self._replicated()
-    placed = {} if replicated is None else {"out_shardings": replicated}  # every output
+    where = self._replicated()
+    placed = {} if where is None else {"out_shardings": where}  # every output
     # on the base's devices, the samples split over them where they divide (OnParamsMesh)
     self._log_ppl_jit = OnParamsMesh(self._log_ppl, batch_args=(1,))
     self._grads_jit = OnParamsMesh(self._grads, batch_args=(1,))

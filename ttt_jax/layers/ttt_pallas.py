@@ -8,8 +8,9 @@ kernels per mini-batch (forward, remat recompute, backward). All work that does 
 stays in batched XLA ops around the kernels, as in `ttt_dual`.
 
 Sharding: a kernel call carries no partitioning rule, so in a program traced on a multi-device
-mesh (the trainer's steps) the layer runs it per device on that device's sequences and heads
-(`sharding.per_shard` in layers/ttt.py); elsewhere every device runs it on the whole arrays.
+mesh (the trainer's steps; evaluation, generation and TLM through `sharding.OnParamsMesh`) the
+layer runs it per device on that device's sequences and heads (`sharding.per_shard` in
+layers/ttt.py).
 
 Memory: the forward kernels keep every W_i for the backward, O(n |W|) per layer instead of
 remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
