@@ -206,6 +206,17 @@ def test_cache_attention_benchmark_runs_on_cpu(monkeypatch):
     assert "error" in row["cudnn, masked"]
 
 
+def test_each_tune_sweep_starts_at_the_kernels_defaults():
+  """The first launch setting a tune task times is `ttt_pallas.Tuning()`'s, the others differ."""
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  default = ttt_pallas.Tuning()
+  for layer, fields in gpu_tasks.TUNE_FIELDS.items():
+    cases = gpu_tasks.TUNE_CASES[layer]
+    assert cases[0] == tuple(getattr(default, field) for field, _ in fields), layer
+    assert len(set(cases)) == len(cases), layer
+
+
 def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   """The two diagnostic tasks at the toy preset on CPU (the Pallas kernels interpreted; cuDNN
   is refused here and that is recorded), then their rows in the summary."""
@@ -213,7 +224,7 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
       ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
       ("transformer/xla", {"attention_impl": "xla"}, "none")))
   monkeypatch.setattr(gpu_tasks, "TUNE_CASES", {"ttt_linear": ((4, 1, "kernel"), (2, 2, "xla")),
-                                                "ttt_mlp": ((4, 16),)})
+                                                "ttt_mlp": ((4, 16, True),)})
   learn = gpu_tasks.task_learn(steps=3, preset="quick")
   assert "needs a GPU" in learn["transformer/cudnn"]["error"]
   xla = learn["transformer/xla"]
@@ -224,8 +235,8 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   assert tune["dual/highest"]["rel_err_vs_ieee_dual"] == 0.0
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune.items() if "pallas" in k)
   tune_mlp = gpu_tasks.task_tune("quick", "ttt_mlp")
-  assert list(tune_mlp) == ["dual/highest", "pallas/highest/w4b16", "dual/default",
-                            "pallas/default/w4b16"]
+  assert list(tune_mlp) == ["dual/highest", "pallas/highest/w4b16-unrolled", "dual/default",
+                            "pallas/default/w4b16-unrolled"]
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune_mlp.items() if "pallas" in k)
   learn["task_s"], tune["task_s"], tune_mlp["task_s"] = 30.0, 40.0, 50.0  # as the orchestrator
   text = open(gpu_report.write_markdown({"learn": learn, "tune": tune, "tune_mlp": tune_mlp},
@@ -234,7 +245,7 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   losses = " ".join(f"{x:.3f}" for x in xla["loss"])
   assert f"| transformer/xla | {xla['compile_s']:.1f} s | {losses} |" in text
   assert "| pallas/default/w2s2-xla |" in text
-  assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4b16 |" in text
+  assert "## TTT-MLP layer fwd+bwd" in text and "| pallas/default/w4b16-unrolled |" in text
 
 
 def test_a_train_task_that_times_out_while_profiling_keeps_its_timing(tmp_path, monkeypatch):

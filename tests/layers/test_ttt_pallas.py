@@ -51,9 +51,10 @@ def inputs(kind, n=3, seed=3):
 
 
 @pytest.mark.parametrize("kind,n,tune", [
-    ("linear", 3, {}), ("linear", 3, {"linear_output": "xla"}), ("mlp", 3, {}),
-    ("mlp", 2, {"mlp_block": 16})],
-    ids=["linear", "linear-output-xla", "mlp-1block-odd", "mlp-4blocks-even"])
+    ("linear", 3, {}), ("linear", 3, {"linear_output": "xla"}), ("mlp", 3, {"mlp_block": 64}),
+    ("mlp", 2, {"mlp_block": 16}), ("mlp", 3, {"mlp_block": 16, "mlp_unroll": True})],
+    ids=["linear", "linear-output-xla", "mlp-1block-odd", "mlp-4blocks-even",
+         "mlp-4blocks-unrolled"])
 def test_kernels_equal_primal_values_and_grads(kind, n, tune):
   args = inputs(kind, n=n)  # head dim 16: TTT-MLP's hidden layer is 64 wide
   probe = jnp.asarray(np.random.default_rng(5).standard_normal(args[2].shape), jnp.float32)
@@ -151,12 +152,34 @@ def test_mlp_block_sets_the_hidden_blocks():
     with ttt_pallas.tuning(**tune):
       return [(w.start, w.size) for w in ttt_pallas_mlp.hidden_blocks(hidden)]
 
-  assert starts(256) == [(0, 64), (64, 64), (128, 64), (192, 64)]  # the default, 64
+  assert starts(256) == [(0, 32), (32, 32), (64, 32), (96, 32), (128, 32), (160, 32), (192, 32),
+                         (224, 32)]  # the default, 32
   assert starts(256, mlp_block=128) == [(0, 128), (128, 128)]
   assert starts(64, mlp_block=128) == [(0, 64)]
   for bad in (48, 8):  # not dividing 256; below Triton's 16
     with pytest.raises(ValueError, match=f"Tuning.mlp_block={bad} must be a power of two"):
       starts(256, mlp_block=bad)
+
+
+def test_mlp_unroll_sets_loops_or_straight_code_over_the_hidden_blocks():
+  """`Tuning.mlp_unroll`: False runs each kernel's passes over the hidden blocks as loops in the
+  kernel (one copy of a block's code, whatever the number of blocks); True writes every block's
+  code out, so the kernels grow with the blocks and have only the mini-batch loop."""
+  args = inputs("mlp", n=2)  # hidden 64: 4 blocks of 16
+  loss = lambda *a: jnp.sum(sequence_fn("mlp", "pallas")(*a)[1])  # noqa: E731
+
+  def kernel_jaxprs(**tune):
+    with ttt_pallas.tuning(mlp_block=16, **tune):
+      closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)
+    return [str(e.params["jaxpr"]) for e in closed.jaxpr.eqns if e.primitive.name == "pallas_call"]
+
+  loops = lambda text: text.count("scan[") + text.count("while[")  # noqa: E731
+  rolled, unrolled = kernel_jaxprs(), kernel_jaxprs(mlp_unroll=True)
+  # forward: W_0's copy, P2's blocks and the update's blocks in the mini-batch loop; backward:
+  # the cotangents' copy, P2's blocks and the two passes
+  assert [loops(k) for k in rolled] == [4, 5]
+  assert [loops(k) for k in unrolled] == [1, 1]
+  assert all(len(u) > 2 * len(r) for r, u in zip(rolled, unrolled, strict=True))
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])

@@ -194,10 +194,20 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
 # TUNE_FIELDS[layer] (the Tuning field, its tag in the row name). H200, 2026-12-04: 2 warps took
 # 9x longer (29 ms) for TTT-Linear and are no longer tried.
 TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
-               "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"))}
+               "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"),
+                           ("mlp_unroll", "-unrolled"))}
+# TTT-MLP: (8, 64, True) is the kernels as they were before the hidden-block loops were rolled
 TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
                              (8, 3, "kernel"), (4, 3, "xla"), (8, 3, "xla")),
-              "ttt_mlp": ((8, 64), (4, 64), (16, 64), (8, 32), (4, 32), (8, 128))}
+              "ttt_mlp": ((8, 32, False), (8, 64, False), (8, 64, True), (4, 32, False),
+                          (16, 32, False), (8, 16, False), (8, 128, False))}
+
+
+def _launch_tag(tag: str, value) -> str:
+  """A launch setting in a row name: a flag by its tag when set, any other value after it."""
+  if isinstance(value, bool):
+    return tag if value else ""
+  return f"{tag}{value}"
 
 
 def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
@@ -220,7 +230,8 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
       for case in cases:
         fields = TUNE_FIELDS[layer] if case else ()
         tune = {field: v for (field, _), v in zip(fields, case or (), strict=True)}
-        launch = "".join(f"{tag}{v}" for (_, tag), v in zip(fields, case or (), strict=True))
+        launch = "".join(_launch_tag(tag, v)
+                         for (_, tag), v in zip(fields, case or (), strict=True))
         name = f"{impl}/{precision}" + (f"/{launch}" if launch else "")
         try:
           with jax.default_matmul_precision(precision), ttt_pallas.tuning(**tune):

@@ -25,13 +25,15 @@ CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kern
                    "before": {"e2e.suffix_remat": "full", "e2e.hoist_first_attention": False},
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
-# ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA)
-TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"}}
+# ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
+# unrolled: the TTT-MLP kernels as they were before their hidden-block loops were rolled)
+TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"},
+                   "unrolled": {"mlp_unroll": True, "mlp_block": 64}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
                 "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
                 "ttt_mlp+nogroups", "ttt_mlp+rematkernels", "transformer+scan", "ttt_linear+scan",
-                "ttt_mlp-pallas+scan", "ttt_linear+xlaout")
+                "ttt_mlp-pallas+scan", "ttt_linear+xlaout", "ttt_mlp-pallas+unrolled")
 
 
 def train_kind(kind: str) -> tuple[str, dict]:

@@ -49,12 +49,17 @@ class Tuning:
   work on `mlp_block` hidden units at a time (a power of two >= 16 dividing the hidden width;
   the whole hidden layer where it is smaller) and always run one pipeline stage: each
   mini-batch reads blocks the one before wrote, which a software-pipelined loop would prefetch
-  before they are written. Not yet timed on a GPU; `make gpu-census` reports the registers and
-  spills ptxas gives them at several settings (docs/benchmarks.md)."""
+  before they are written. Not yet timed on a GPU: their defaults (8 warps, 32-unit blocks,
+  loops over the blocks) are the settings ptxas spills least at among those `make gpu-census`
+  builds with blocks of 32 units or more (docs/benchmarks.md)."""
   num_warps: int = 4
   num_stages: int = 3
   mlp_num_warps: int = 8
-  mlp_block: int = 64
+  mlp_block: int = 32
+  # TTT-MLP's passes over the hidden blocks: loops in the kernels (False), or written out block
+  # by block (True, as before 2026-12-05: about 4x the build time for an H200, and more spilling;
+  # docs/benchmarks.md). Not yet timed on a GPU (gpu-check's tune_mlp times both).
+  mlp_unroll: bool = False
   # where TTT-Linear's output z_i = XQ_i W_i + b_i - A_i G_i is made: 'kernel' (in the
   # sequential kernels, as measured on an H200) or 'xla' (batched XLA ops over the stored W_i
   # and G_i after them: the kernels then carry the W chain alone; not yet timed on a GPU)

@@ -20,11 +20,14 @@ the blocks per mini-batch (the second once G2's cotangent is complete) and moves
 of W1 and W2 from one buffer to another and back, for the same reason. A barrier separates a
 pass's writes from the next pass's reads (other threads of the program read them), and the
 kernels run one pipeline stage, so no load is hoisted above the writes it must see. Blocks of
-z1 and X2 are recomputed in each pass rather than kept: that cuts ptxas's spilling at the
-defaults (8 warps, 64-unit blocks, head dim 64) from 672 to 280 bytes of spill stores in the
-forward kernel and from 6,140 to 4,648 in the backward. The backward is written by hand (the
-derivation is in the comments) and checked against autodiff of the primal form for every input
-(tests/layers/test_ttt_pallas.py).
+z1 and X2 are recomputed in each pass rather than kept (kept, they spilled more). Each pass
+over the blocks is a loop in the kernel (`over_blocks`), so a kernel holds one copy of a
+block's code whatever the number of blocks; the backward's first pass leaves its share of z1's
+and b1's cotangents in small buffers (`known_ref` [b, 4d], `db1_ref`) for the second. Written
+out block by block instead (`Tuning.mlp_unroll`, the kernels before 2026-12-05), the two took
+about 4x as long to build for an H200 and ptxas spilled more (docs/benchmarks.md). The backward
+is written by hand (the derivation is in the comments) and checked against autodiff of the
+primal form for every input, rolled and unrolled (tests/layers/test_ttt_pallas.py).
 """
 
 from __future__ import annotations
@@ -69,6 +72,20 @@ def hidden_blocks(hidden: int) -> list:
   return [pl.ds(s, width) for s in range(0, hidden, width)]
 
 
+def over_blocks(hidden: int, body, carry=()):
+  """carry = body(h, carry) for each hidden block's window h, in order: a loop in the kernel,
+  or unrolled in its code under `Tuning.mlp_unroll` (each block's code then compiled apart:
+  Triton's build time grows with it, docs/benchmarks.md)."""
+  blocks = hidden_blocks(hidden)
+  if current_tuning().mlp_unroll:
+    for h in blocks:
+      carry = body(h, carry)
+    return carry
+  width = blocks[0].size
+  window = lambda j: pl.ds(pl.multiple_of(j * width, width), width)  # noqa: E731
+  return jax.lax.fori_loop(0, len(blocks), lambda j, c: body(window(j), c), carry)
+
+
 def _barrier(interpret: bool) -> None:
   if not interpret:  # the interpreter runs one thread
     pltriton.debug_barrier()
@@ -80,47 +97,54 @@ def _hidden(k, w1s_ref, b1s_ref, i, h):
   return z1, ttt_inner.gelu(z1)
 
 
-def _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks):
+def _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i):
   """P2 = X2 W2 + b2 for mini-batch i's weights (its blocks are recomputed where needed: kept,
   they would take registers the rest of the mini-batch needs)."""
-  p2 = row(b2s_ref, i)
-  for h in blocks:
-    p2 = p2 + dot(_hidden(k, w1s_ref, b1s_ref, i, h)[1], w2s_ref[i, h, :])
-  return p2
+  def add(h, p2):
+    return p2 + dot(_hidden(k, w1s_ref, b1s_ref, i, h)[1], w2s_ref[i, h, :])
+
+  b2 = row(b2s_ref, i)
+  return over_blocks(w1s_ref.shape[-1], add, jnp.broadcast_to(b2, (k.shape[0], b2.shape[-1])))
 
 
 def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
                     w1_ref, b1_ref, w2_ref, b2_ref, z_ref, w1s_ref, b1s_ref, w2s_ref, b2s_ref):
   b = e_ref.shape[-1]
   n = q_ref.shape[0] // b
-  blocks = hidden_blocks(w1_ref.shape[-1])
+  hidden = w1_ref.shape[-1]
   scale, beta = s_ref[...], beta_ref[...]
-  for h in blocks:  # W_0 into slot 0
+
+  def initial(h, carry):  # W_0 into slot 0
     w1s_ref[0, :, h] = w1_ref[:, h]
     w2s_ref[0, h, :] = w2_ref[h, :]
     b1s_ref[pl.ds(0, 1), h] = b1_ref[:, h]
+    return carry
+
+  over_blocks(hidden, initial)
   b2s_ref[pl.ds(0, 1), :] = b2_ref[...]
   _barrier(interpret)
 
   def body(i, carry):
     rows = block_rows(i, b)
     q, k, e, lr = q_ref[rows, :], k_ref[rows, :], e_ref[rows, :], lr_ref[rows, :]
-    p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
+    p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i)
     g2, _ = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
     a = e * (dot_t(q, k) + 1.0)
     lk = lr * k
     b2 = row(b2s_ref, i)
-    z, s = b2, jnp.zeros_like(a)
-    for h in blocks:
+
+    def block(h, acc):
+      z, s = acc
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
       w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], row(b1s_ref, i, h)
       g1h = dot_t(g2, w2h) * ttt_inner.gelu_grad(z1h)
       xq2h = ttt_inner.gelu(dot(q, w1h) + b1h - dot(a, g1h))
-      z = z + dot(xq2h, w2h)
-      s = s + dot_t(xq2h, x2h)
       w1s_ref[i + 1, :, h] = w1h + t_dot(lk, g1h)
       w2s_ref[i + 1, h, :] = w2h + t_dot(lr * x2h, g2)
       b1s_ref[pl.ds(i + 1, 1), h] = b1h + jnp.sum(lr * g1h, axis=0, keepdims=True)
+      return z + dot(xq2h, w2h), s + dot_t(xq2h, x2h)
+
+    z, s = over_blocks(hidden, block, (jnp.broadcast_to(b2, q.shape), jnp.zeros_like(a)))
     z_ref[rows, :] = z - dot(e * (s + 1.0), g2)
     b2s_ref[pl.ds(i + 1, 1), :] = b2 + jnp.sum(lr * g2, axis=0, keepdims=True)
     _barrier(interpret)
@@ -132,39 +156,44 @@ def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
 def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
                     w1s_ref, b1s_ref, w2s_ref, b2s_ref, dz_ref, dw1n_ref, db1n_ref, dw2n_ref,
                     db2n_ref, dq_ref, dk_ref, dt_ref, de_ref, dlr_ref, ds_ref, dbeta_ref,
-                    dw1_ref, db1_ref, dw2_ref, db2_ref):
+                    dw1_ref, db1_ref, dw2_ref, db2_ref, known_ref):
   """Cotangents ("d" + name) of every input. dw1_ref/dw2_ref [2, ...]: buffer 0 holds the
   cotangent of W_{i+1} when mini-batch i starts and of W_i when it ends; a first pass over the
   hidden blocks writes its share to buffer 1, the second (once G2's cotangent is complete) adds
-  the rest on the way back to buffer 0. db1_ref/db2_ref: [1, ...], carried in registers."""
+  the rest on the way back to buffer 0. db1_ref [1, 4d] holds b1's cotangent the same way (each
+  pass adds its share). known_ref [b, 4d]: the first pass's part of z1's cotangent, for the
+  second. db2 and the LayerNorm's cotangents are carried in registers."""
   b = e_ref.shape[-1]
   n = q_ref.shape[0] // b
-  blocks = hidden_blocks(w1s_ref.shape[-1])
+  hidden = w1s_ref.shape[-1]
   scale, beta = s_ref[...], beta_ref[...]
-  for h in blocks:
+
+  def initial(h, carry):
     dw1_ref[0, :, h] = dw1n_ref[:, h]
     dw2_ref[0, h, :] = dw2n_ref[h, :]
+    db1_ref[:, h] = db1n_ref[:, h]
+    return carry
+
+  over_blocks(hidden, initial)
   _barrier(interpret)
 
   def body(j, carry):
-    db1, db2, dscale, dbeta = carry  # cotangents of b1_{i+1} (per block), b2_{i+1}; sums
+    db2, dscale, dbeta = carry  # cotangent of b2_{i+1}; sums
     i = n - 1 - j
     rows = block_rows(i, b)
     q, k, e, lr, dz = (r[rows, :] for r in (q_ref, k_ref, e_ref, lr_ref, dz_ref))
-    p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i, blocks)
+    p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i)
     g2, parts = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
     qk1 = dot_t(q, k) + 1.0
     a, lk = e * qk1, lr * k
     dm = -dot_t(dz, g2)  # z -= M G2 with M = e * (S + 1), S = XQ2 X2^T
     d_s = dm * e
-    dg2 = lr * db2  # b2' = b2 + lr^T G2
-    dlr = jnp.sum(g2 * db2, axis=-1, keepdims=True)
-    dq, dlk, da, s = jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(a), jnp.zeros_like(a)
-    dz1_known, new_db1 = [], []  # per block: z1's cotangent but for G2's share; b1's cotangent
-    for h, db1h in zip(blocks, db1, strict=True):
+
+    def first(h, acc):  # every block's share but G2's
+      dq, dlk, da, s, dg2, dlr = acc
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
       w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], row(b1s_ref, i, h)
-      dw1h, dw2h = dw1_ref[0, :, h], dw2_ref[0, h, :]
+      dw1h, dw2h, db1h = dw1_ref[0, :, h], dw2_ref[0, h, :], db1_ref[:, h]
       gp, gpp = jax.jvp(ttt_inner.gelu_grad, (z1h,), (jnp.ones_like(z1h),))  # gelu', gelu''
       u = dot_t(g2, w2h)
       g1h = u * gp
@@ -185,23 +214,31 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
       dg1 = dg1 - t_dot(a, dzq)
       du = dg1 * gp  # G1 = U * gelu'(z1), U = G2 W2^T
       dg2 = dg2 + dot(du, w2h)
-      dz1_known.append(dg1 * u * gpp + dx2 * gp)  # X2 = gelu(z1)
+      known_ref[:, h] = dg1 * u * gpp + dx2 * gp  # X2 = gelu(z1)
       dw1_ref[1, :, h] = dw1h + t_dot(q, dzq)
       dw2_ref[1, h, :] = dw2h + t_dot(xq2h, dz) + t_dot(du, g2)
-      new_db1.append(db1h + jnp.sum(dzq, axis=0, keepdims=True))
+      db1_ref[:, h] = db1h + jnp.sum(dzq, axis=0, keepdims=True)
+      return dq, dlk, da, s, dg2, dlr
+
+    zeros = lambda x: jnp.zeros_like(x)  # noqa: E731
+    dq, dlk, da, s, dg2, dlr = over_blocks(hidden, first, (
+        zeros(q), zeros(k), zeros(a), zeros(a), lr * db2,  # b2' = b2 + lr^T G2
+        jnp.sum(g2 * db2, axis=-1, keepdims=True)))
     _barrier(interpret)
     dg2 = dg2 - t_dot(e * (s + 1.0), dz)
     dp2, dt, dsc, dbe = ln_l2_bwd(dg2, g2, scale, parts)  # G2 = LN-L2 gradient at P2
     dt_ref[rows, :] = dt
-    dk = lr * dlk
-    for idx, (h, known) in enumerate(zip(blocks, dz1_known, strict=True)):
+
+    def second(h, dk):  # G2's share, now complete
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
       w1h, w2h = w1s_ref[i, :, h], w2s_ref[i, h, :]
-      dz1 = known + dot_t(dp2, w2h) * ttt_inner.gelu_grad(z1h)  # P2 = X2 W2 + b2
-      dk = dk + dot_t(dz1, w1h)  # z1 = XK W1 + b1
+      dz1 = known_ref[:, h] + dot_t(dp2, w2h) * ttt_inner.gelu_grad(z1h)  # P2 = X2 W2 + b2
       dw1_ref[0, :, h] = dw1_ref[1, :, h] + t_dot(k, dz1)
       dw2_ref[0, h, :] = dw2_ref[1, h, :] + t_dot(x2h, dp2)
-      new_db1[idx] = new_db1[idx] + jnp.sum(dz1, axis=0, keepdims=True)
+      db1_ref[:, h] = db1_ref[:, h] + jnp.sum(dz1, axis=0, keepdims=True)
+      return dk + dot_t(dz1, w1h)  # z1 = XK W1 + b1
+
+    dk = over_blocks(hidden, second, lr * dlk)
     dqk = da * e  # A = e * (XQ XK^T + 1)
     dq_ref[rows, :] = dq + dot(dqk, k)
     dk_ref[rows, :] = dk + t_dot(dqk, q)
@@ -209,13 +246,10 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     dlr_ref[rows, :] = dlr + jnp.sum(k * dlk, axis=-1, keepdims=True)
     _barrier(interpret)
     db2 = db2 + jnp.sum(dz + dp2, axis=0, keepdims=True)
-    return tuple(new_db1), db2, dscale + dsc, dbeta + dbe
+    return db2, dscale + dsc, dbeta + dbe
 
-  db1 = tuple(db1n_ref[:, h] for h in blocks)
   zeros = jnp.zeros_like(scale)
-  db1, db2, dscale, dbeta = jax.lax.fori_loop(0, n, body, (db1, db2n_ref[...], zeros, zeros))
-  for h, db1h in zip(blocks, db1, strict=True):
-    db1_ref[:, h] = db1h
+  db2, dscale, dbeta = jax.lax.fori_loop(0, n, body, (db2n_ref[...], zeros, zeros))
   db2_ref[...] = db2
   ds_ref[...] = dscale
   dbeta_ref[...] = dbeta
@@ -264,9 +298,10 @@ def _core_bwd(interpret, res, cot):
   out_shape = ([f32(*x.shape) for x in (xq, xk, target, eta_c, lr)]
                + [f32(bsz, heads, 1, d)] * 2
                + [f32(bsz, heads, 2, d, hidden), f32(bsz, heads, 1, hidden),
-                  f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d)])
+                  f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d),
+                  f32(bsz, heads, eta_c.shape[-1], hidden)])  # known_ref: working memory
   kernel = functools.partial(_mlp_bwd_kernel, interpret)
-  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2 = launch_per_head(
+  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2, _ = launch_per_head(
       kernel, ins, specs, out_shape, interpret, mlp=True)
   dparams = {"w1": dw1[:, :, 0], "b1": db1, "w2": dw2[:, :, 0], "b2": db2}  # buffer 0: W_0's
   return (ds.sum(0), dbeta.sum(0)), dq, dk, dt, de, dlr, dparams
