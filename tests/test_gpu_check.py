@@ -36,6 +36,9 @@ def test_plan_order_and_filter():
       "learn", "train:ttt_linear"]
   variants = ("", *gpu_check.VARIANTS, *gpu_variants.CONFIG_VARIANTS, *gpu_variants.TUNING_VARIANTS)
   assert all(n.partition("+")[2] in variants for n in names)
+  # every variant the census counts is also timed, once
+  assert {f"train:{k}" for k in gpu_variants.RUN_VARIANTS} <= set(names)
+  assert len(names) == len(set(names))
 
 
 def test_train_kinds_and_their_variants():
