@@ -196,7 +196,7 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
 TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
                "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"),
                            ("mlp_unroll", "-unrolled"))}
-# TTT-MLP: (8, 64, True) is the kernels as they were before the hidden-block loops were rolled
+# TTT-MLP: (8, 64, True) writes the hidden blocks out, as the kernels did before their loops
 TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
                              (8, 3, "kernel"), (4, 3, "xla"), (8, 3, "xla")),
               "ttt_mlp": ((8, 32, False), (8, 64, False), (8, 64, True), (4, 32, False),

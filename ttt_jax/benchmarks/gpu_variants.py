@@ -26,7 +26,7 @@ CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kern
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
-# unrolled: the TTT-MLP kernels as they were before their hidden-block loops were rolled)
+# unrolled: the TTT-MLP kernels' hidden blocks written out, as before their loops)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"},
                    "unrolled": {"mlp_unroll": True, "mlp_block": 64}}
 # config-variant train kinds that gpu_census also counts

@@ -57,7 +57,7 @@ class Tuning:
   mlp_num_warps: int = 8
   mlp_block: int = 32
   # TTT-MLP's passes over the hidden blocks: loops in the kernels (False), or written out block
-  # by block (True, as before 2026-12-05: about 4x the build time for an H200, and more spilling;
+  # by block (True, as before 2026-12-05: 3-4x the build time for an H200, and more spilling;
   # docs/benchmarks.md). Not yet timed on a GPU (gpu-check's tune_mlp times both).
   mlp_unroll: bool = False
   # where TTT-Linear's output z_i = XQ_i W_i + b_i - A_i G_i is made: 'kernel' (in the

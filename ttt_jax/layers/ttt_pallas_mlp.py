@@ -17,15 +17,17 @@ work on `Tuning.mlp_block` hidden units at a time (a block of W1's columns, b1 a
 which is `ttt_inner.mlp_dual`. The forward writes W_{i+1} beside W_i (it keeps every W_i for
 the backward), so no block is read after it is overwritten. The backward makes two passes over
 the blocks per mini-batch (the second once G2's cotangent is complete) and moves the cotangents
-of W1 and W2 from one buffer to another and back, for the same reason. A barrier separates a
+of W1, W2 and b1 from one buffer to another and back, for the same reason: the interpreter the
+tests run has one thread and cannot show such a race, so the rule is kept by construction
+(no pass reads a window of a buffer it writes). A barrier separates a
 pass's writes from the next pass's reads (other threads of the program read them), and the
 kernels run one pipeline stage, so no load is hoisted above the writes it must see. Blocks of
 z1 and X2 are recomputed in each pass rather than kept (kept, they spilled more). Each pass
 over the blocks is a loop in the kernel (`over_blocks`), so a kernel holds one copy of a
 block's code whatever the number of blocks; the backward's first pass leaves its share of z1's
-and b1's cotangents in small buffers (`known_ref` [b, 4d], `db1_ref`) for the second. Written
-out block by block instead (`Tuning.mlp_unroll`, the kernels before 2026-12-05), the two took
-about 4x as long to build for an H200 and ptxas spilled more (docs/benchmarks.md). The backward
+cotangent in a small buffer (`known_ref` [b, 4d]) for the second. Written
+out block by block instead (`Tuning.mlp_unroll`, as before 2026-12-05), the two took 3-4x
+as long to build for an H200 and ptxas spilled more (docs/benchmarks.md). The backward
 is written by hand (the derivation is in the comments) and checked against autodiff of the
 primal form for every input, rolled and unrolled (tests/layers/test_ttt_pallas.py).
 """
@@ -160,8 +162,9 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   """Cotangents ("d" + name) of every input. dw1_ref/dw2_ref [2, ...]: buffer 0 holds the
   cotangent of W_{i+1} when mini-batch i starts and of W_i when it ends; a first pass over the
   hidden blocks writes its share to buffer 1, the second (once G2's cotangent is complete) adds
-  the rest on the way back to buffer 0. db1_ref [1, 4d] holds b1's cotangent the same way (each
-  pass adds its share). known_ref [b, 4d]: the first pass's part of z1's cotangent, for the
+  the rest on the way back to buffer 0. db1_ref [2, 4d] does the same for b1's cotangent (each
+  pass adds its share: no pass reads a block it has written, which other threads could see
+  before they read it). known_ref [b, 4d]: the first pass's part of z1's cotangent, for the
   second. db2 and the LayerNorm's cotangents are carried in registers."""
   b = e_ref.shape[-1]
   n = q_ref.shape[0] // b
@@ -171,7 +174,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   def initial(h, carry):
     dw1_ref[0, :, h] = dw1n_ref[:, h]
     dw2_ref[0, h, :] = dw2n_ref[h, :]
-    db1_ref[:, h] = db1n_ref[:, h]
+    db1_ref[pl.ds(0, 1), h] = db1n_ref[:, h]
     return carry
 
   over_blocks(hidden, initial)
@@ -193,7 +196,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
       dq, dlk, da, s, dg2, dlr = acc
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
       w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], row(b1s_ref, i, h)
-      dw1h, dw2h, db1h = dw1_ref[0, :, h], dw2_ref[0, h, :], db1_ref[:, h]
+      dw1h, dw2h, db1h = dw1_ref[0, :, h], dw2_ref[0, h, :], row(db1_ref, 0, h)
       gp, gpp = jax.jvp(ttt_inner.gelu_grad, (z1h,), (jnp.ones_like(z1h),))  # gelu', gelu''
       u = dot_t(g2, w2h)
       g1h = u * gp
@@ -217,7 +220,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
       known_ref[:, h] = dg1 * u * gpp + dx2 * gp  # X2 = gelu(z1)
       dw1_ref[1, :, h] = dw1h + t_dot(q, dzq)
       dw2_ref[1, h, :] = dw2h + t_dot(xq2h, dz) + t_dot(du, g2)
-      db1_ref[:, h] = db1h + jnp.sum(dzq, axis=0, keepdims=True)
+      db1_ref[pl.ds(1, 1), h] = db1h + jnp.sum(dzq, axis=0, keepdims=True)
       return dq, dlk, da, s, dg2, dlr
 
     zeros = lambda x: jnp.zeros_like(x)  # noqa: E731
@@ -235,7 +238,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
       dz1 = known_ref[:, h] + dot_t(dp2, w2h) * ttt_inner.gelu_grad(z1h)  # P2 = X2 W2 + b2
       dw1_ref[0, :, h] = dw1_ref[1, :, h] + t_dot(k, dz1)
       dw2_ref[0, h, :] = dw2_ref[1, h, :] + t_dot(x2h, dp2)
-      db1_ref[:, h] = db1_ref[:, h] + jnp.sum(dz1, axis=0, keepdims=True)
+      db1_ref[pl.ds(0, 1), h] = row(db1_ref, 1, h) + jnp.sum(dz1, axis=0, keepdims=True)
       return dk + dot_t(dz1, w1h)  # z1 = XK W1 + b1
 
     dk = over_blocks(hidden, second, lr * dlk)
@@ -297,13 +300,14 @@ def _core_bwd(interpret, res, cot):
   specs = [ln_spec(x.shape) for x in ln] + [seq_spec(x.shape) for x in ins[2:]]
   out_shape = ([f32(*x.shape) for x in (xq, xk, target, eta_c, lr)]
                + [f32(bsz, heads, 1, d)] * 2
-               + [f32(bsz, heads, 2, d, hidden), f32(bsz, heads, 1, hidden),
+               + [f32(bsz, heads, 2, d, hidden), f32(bsz, heads, 2, hidden),
                   f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d),
                   f32(bsz, heads, eta_c.shape[-1], hidden)])  # known_ref: working memory
   kernel = functools.partial(_mlp_bwd_kernel, interpret)
   dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2, _ = launch_per_head(
       kernel, ins, specs, out_shape, interpret, mlp=True)
-  dparams = {"w1": dw1[:, :, 0], "b1": db1, "w2": dw2[:, :, 0], "b2": db2}  # buffer 0: W_0's
+  dparams = {"w1": dw1[:, :, 0], "b1": db1[:, :, :1], "w2": dw2[:, :, 0],  # buffer 0: W_0's
+             "b2": db2}
   return (ds.sum(0), dbeta.sum(0)), dq, dk, dt, de, dlr, dparams
 
 
