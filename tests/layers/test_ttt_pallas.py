@@ -182,6 +182,49 @@ def test_mlp_unroll_sets_loops_or_straight_code_over_the_hidden_blocks():
   assert all(len(u) > 2 * len(r) for r, u in zip(rolled, unrolled, strict=True))
 
 
+def _same_window_read_and_written(jaxpr) -> list[str]:
+  """Each ref window read and written between two barriers of one (loop body) jaxpr: another
+  thread of the program may store before this one loads, so the kernels never do it (they move
+  a value between two buffers instead). Windows are told apart by their index operands (the same
+  variables and constants: the same window)."""
+  found, reads, writes = [], set(), set()
+
+  def window(eqn, first):  # get: (ref, *index); swap: (ref, value, *index)
+    index = tuple(repr(v.val) if hasattr(v, "val") else id(v) for v in eqn.invars[first:])
+    return id(eqn.invars[0]), str(eqn.params.get("tree")), index
+
+  for eqn in [*jaxpr.eqns, None]:
+    if eqn is None or eqn.primitive.name.startswith("debug_barrier"):
+      found += [f"ref window {w} read and written" for w in reads & writes]
+      reads, writes = set(), set()
+      continue
+    if eqn.primitive.name == "get":
+      reads.add(window(eqn, 1))
+    elif eqn.primitive.name == "swap":
+      writes.add(window(eqn, 2))
+    for param in eqn.params.values():  # loop bodies: their own windows and barriers
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        found += _same_window_read_and_written(inner)
+  return found
+
+
+@pytest.mark.parametrize("kind,tune", [("linear", {}), ("linear", {"linear_output": "xla"}),
+                                       ("mlp", {}), ("mlp", {"mlp_block": 16}),
+                                       ("mlp", {"mlp_block": 16, "mlp_unroll": True})])
+def test_no_kernel_reads_a_window_it_writes_between_barriers(kind, tune):
+  """The interpreter the other tests run has one thread, so a race between the threads of a
+  program cannot show there; the kernels as a GPU builds them (barriers in) keep this rule."""
+  args = inputs(kind, n=2)
+  kernels = {"linear": ttt_pallas_linear.linear_sequence, "mlp": ttt_pallas_mlp.mlp_sequence}
+  loss = lambda *a: jnp.sum(kernels[kind](*a, interpret=False)[1])  # noqa: E731
+  with ttt_pallas.tuning(**tune):
+    closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)
+  bodies = [e.params["jaxpr"] for e in closed.jaxpr.eqns if e.primitive.name == "pallas_call"]
+  assert len(bodies) == 2
+  assert [_same_window_read_and_written(body) for body in bodies] == [[], []]
+
+
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
 def test_mixer_with_pallas_impl_matches_dual(mixer):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 64)), jnp.float32)
