@@ -161,6 +161,17 @@ def test_mlp_block_sets_the_hidden_blocks():
       starts(256, mlp_block=bad)
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+def test_mlp_kernels_lower_for_cuda_with_loops_and_written_out(unroll):
+  """Both forms of the TTT-MLP kernels (Tuning.mlp_unroll) lower to Triton for a GPU."""
+  args = inputs("mlp", n=2)
+  loss = lambda *a: jnp.sum(ttt_pallas_mlp.mlp_sequence(*a)[1])  # noqa: E731
+  with ttt_pallas.tuning(mlp_block=16, mlp_unroll=unroll):
+    text = lowering.export_cuda(jax.grad(loss, argnums=(0, 2)), *args).mlir_module()
+  assert sorted(set(re.findall(r'name = "(_\w+_kernel)"', text))) == [
+      "_mlp_bwd_kernel", "_mlp_fwd_kernel"]
+
+
 def test_mlp_unroll_sets_loops_or_straight_code_over_the_hidden_blocks():
   """`Tuning.mlp_unroll`: False runs each kernel's passes over the hidden blocks as loops in the
   kernel (one copy of a block's code, whatever the number of blocks); True writes every block's
@@ -182,11 +193,22 @@ def test_mlp_unroll_sets_loops_or_straight_code_over_the_hidden_blocks():
   assert all(len(u) > 2 * len(r) for r, u in zip(rolled, unrolled, strict=True))
 
 
-def _same_window_read_and_written(jaxpr) -> list[str]:
-  """Each ref window read and written between two barriers of one (loop body) jaxpr: another
-  thread of the program may store before this one loads, so the kernels never do it (they move
-  a value between two buffers instead). Windows are told apart by their index operands (the same
-  variables and constants: the same window)."""
+def _is_barrier(eqn) -> bool:
+  return eqn.primitive.name.startswith("debug_barrier")
+
+
+def _bodies(eqn) -> list:
+  """The jaxprs an equation runs (a loop's body and condition)."""
+  return [inner for p in eqn.params.values()
+          if hasattr(inner := getattr(p, "jaxpr", p), "eqns")]
+
+
+def barrier_problems(jaxpr) -> list[str]:
+  """What breaks the kernels' rule for the threads of a program, in one jaxpr and the loop
+  bodies it runs: (1) between two barriers, a ref window read and written (another thread may
+  store before this one loads; windows are told apart by their index operands: the same
+  variables and constants, the same window), (2) a loop body with barriers whose last one does
+  not follow its last write (the next trip would read memory no barrier fenced)."""
   found, reads, writes = [], set(), set()
 
   def window(eqn, first):  # get: (ref, *index); swap: (ref, value, *index)
@@ -194,7 +216,7 @@ def _same_window_read_and_written(jaxpr) -> list[str]:
     return id(eqn.invars[0]), str(eqn.params.get("tree")), index
 
   for eqn in [*jaxpr.eqns, None]:
-    if eqn is None or eqn.primitive.name.startswith("debug_barrier"):
+    if eqn is None or _is_barrier(eqn):
       found += [f"ref window {w} read and written" for w in reads & writes]
       reads, writes = set(), set()
       continue
@@ -202,27 +224,70 @@ def _same_window_read_and_written(jaxpr) -> list[str]:
       reads.add(window(eqn, 1))
     elif eqn.primitive.name == "swap":
       writes.add(window(eqn, 2))
-    for param in eqn.params.values():  # loop bodies: their own windows and barriers
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns"):
-        found += _same_window_read_and_written(inner)
+    for body in _bodies(eqn):
+      found += barrier_problems(body)
+      kinds = [("barrier" if _is_barrier(e) else "write") for e in body.eqns
+               if _is_barrier(e) or e.primitive.name == "swap" or _bodies(e)]
+      if "barrier" in kinds and kinds[-1] != "barrier":
+        found.append(f"a loop body writes after its last barrier: {kinds}")
   return found
 
 
-@pytest.mark.parametrize("kind,tune", [("linear", {}), ("linear", {"linear_output": "xla"}),
-                                       ("mlp", {}), ("mlp", {"mlp_block": 16}),
-                                       ("mlp", {"mlp_block": 16, "mlp_unroll": True})])
-def test_no_kernel_reads_a_window_it_writes_between_barriers(kind, tune):
-  """The interpreter the other tests run has one thread, so a race between the threads of a
-  program cannot show there; the kernels as a GPU builds them (barriers in) keep this rule."""
+def barrier_counts(jaxpr, depth=0) -> list[tuple[int, int]]:
+  """(loop depth, barriers) of each jaxpr that has any, depth first."""
+  n = sum(map(_is_barrier, jaxpr.eqns))
+  inner = [c for e in jaxpr.eqns for b in _bodies(e) for c in barrier_counts(b, depth + 1)]
+  return ([(depth, n)] if n else []) + inner
+
+
+# the kernels' barriers: TTT-MLP's forward after W_0's copy and at the end of each mini-batch;
+# its backward after the cotangents' copy, between the two passes and at the end of each
+# mini-batch; TTT-Linear's kernels carry W in registers and need none
+BARRIERS = {"linear": [[], []], "mlp": [[(0, 1), (1, 1)], [(0, 1), (1, 2)]]}
+
+
+def kernel_jaxprs(kind: str, **tune) -> list:
+  """The forward and backward kernel bodies of `kind` as a GPU builds them (barriers in)."""
   args = inputs(kind, n=2)
   kernels = {"linear": ttt_pallas_linear.linear_sequence, "mlp": ttt_pallas_mlp.mlp_sequence}
   loss = lambda *a: jnp.sum(kernels[kind](*a, interpret=False)[1])  # noqa: E731
   with ttt_pallas.tuning(**tune):
     closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)
-  bodies = [e.params["jaxpr"] for e in closed.jaxpr.eqns if e.primitive.name == "pallas_call"]
-  assert len(bodies) == 2
-  assert [_same_window_read_and_written(body) for body in bodies] == [[], []]
+  return [e.params["jaxpr"] for e in closed.jaxpr.eqns if e.primitive.name == "pallas_call"]
+
+
+@pytest.mark.parametrize("kind,tune", [("linear", {}), ("linear", {"linear_output": "xla"}),
+                                       ("mlp", {}), ("mlp", {"mlp_block": 16}),
+                                       ("mlp", {"mlp_block": 16, "mlp_unroll": True})])
+def test_kernels_keep_the_barrier_rule(kind, tune):
+  """The interpreter the other tests run has one thread, so a race between the threads of a
+  program cannot show there. What it can be checked against is the rule the kernels keep."""
+  bodies = kernel_jaxprs(kind, **tune)
+  assert [barrier_problems(b) for b in bodies] == [[], []]
+  assert [barrier_counts(b) for b in bodies] == BARRIERS[kind]
+
+
+def test_the_barrier_checks_see_a_missing_barrier(monkeypatch):
+  """Without its barriers TTT-MLP's kernels fail the checks above (they would race on a GPU)."""
+  monkeypatch.setattr(ttt_pallas_mlp, "_barrier", lambda interpret: None)
+  bodies = kernel_jaxprs("mlp", mlp_block=16, mlp_unroll=True)
+  assert [barrier_counts(b) for b in bodies] == [[], []]
+  assert barrier_problems(bodies[1])  # the backward's passes read and write the same windows
+  # one barrier short: the backward's last barrier of a mini-batch (the fifth traced: forward
+  # copy, forward trip, backward copy, between the passes, end of the trip) dropped
+  calls = []
+
+  def all_but_the_fifth(interpret):
+    calls.append(interpret)
+    if len(calls) != 5:
+      ttt_pallas.pltriton.debug_barrier()
+
+  monkeypatch.setattr(ttt_pallas_mlp, "_barrier", all_but_the_fifth)
+  forward, backward = kernel_jaxprs("mlp")
+  assert len(calls) == 5
+  assert barrier_counts(forward) == BARRIERS["mlp"][0]
+  assert barrier_counts(backward) == [(0, 1), (1, 1)]
+  assert any("writes after its last barrier" in p for p in barrier_problems(backward))
 
 
 @pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])

@@ -163,7 +163,7 @@ def compile_cache_kernel(device, length: int, settings: dict,
 # whose PTX ptxas reads (the label names the XLA module, so ptxas's rows can be told apart)
 TTT_KERNEL_SETTINGS = {"linear": ("linear", {}), "linear_xla": ("linear", {"linear_output": "xla"}),
                        "mlp": ("mlp", {}),
-                       # the hidden blocks written out, as the kernels did before their loops
+                       # the hidden blocks written out (Tuning.mlp_unroll)
                        "mlp_unroll_b64": ("mlp", {"mlp_unroll": True, "mlp_block": 64}),
                        "mlp_w4": ("mlp", {"mlp_num_warps": 4}),
                        "mlp_w16": ("mlp", {"mlp_num_warps": 16}),

@@ -195,7 +195,8 @@ def _tune(results: dict, task: str = "tune", layer: str = "TTT-Linear") -> list[
     return [f"{layer} kernel tuning: {_status(rows)}", ""]
   out = [f"## {layer} layer fwd+bwd at [8, 2048, 512]: matmul precision and Triton launch "
          "parameters (wN: warps, sN: pipeline stages, bN: hidden units per block; -kernel / -xla: "
-         "TTT-Linear's output made in the kernels or by XLA, Tuning.linear_output)", "",
+         "TTT-Linear's output made in the kernels or by XLA, Tuning.linear_output; -unrolled: "
+         "TTT-MLP's hidden blocks written out instead of loops, Tuning.mlp_unroll)", "",
          "| impl / precision / launch | compile | fwd+bwd | rel. err vs IEEE dual |",
          "|---|---|---|---|"]
   for name, r in rows.items():

@@ -50,15 +50,16 @@ class Tuning:
   the whole hidden layer where it is smaller) and always run one pipeline stage: each
   mini-batch reads blocks the one before wrote, which a software-pipelined loop would prefetch
   before they are written. Not yet timed on a GPU: their defaults (8 warps, 32-unit blocks,
-  loops over the blocks) are the settings ptxas spills least at among those `make gpu-census`
-  builds with blocks of 32 units or more (docs/benchmarks.md)."""
+  loops over the blocks) are, of the loop settings `make gpu-census` builds with blocks of 32
+  units or more, the one ptxas spills least at in both kernels (docs/benchmarks.md)."""
   num_warps: int = 4
   num_stages: int = 3
   mlp_num_warps: int = 8
   mlp_block: int = 32
   # TTT-MLP's passes over the hidden blocks: loops in the kernels (False), or written out block
-  # by block (True, as before 2026-12-05: 3-4x the build time for an H200, and more spilling;
-  # docs/benchmarks.md). Not yet timed on a GPU (gpu-check's tune_mlp times both).
+  # by block (True: 3-4x the build time for an H200; ptxas spills less in the forward kernel and
+  # more in the backward, docs/benchmarks.md). Not yet timed on a GPU (gpu-check's tune_mlp
+  # times both).
   mlp_unroll: bool = False
   # where TTT-Linear's output z_i = XQ_i W_i + b_i - A_i G_i is made: 'kernel' (in the
   # sequential kernels, as measured on an H200) or 'xla' (batched XLA ops over the stored W_i

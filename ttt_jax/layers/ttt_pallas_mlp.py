@@ -25,9 +25,9 @@ kernels run one pipeline stage, so no load is hoisted above the writes it must s
 z1 and X2 are recomputed in each pass rather than kept (kept, they spilled more). Each pass
 over the blocks is a loop in the kernel (`over_blocks`), so a kernel holds one copy of a
 block's code whatever the number of blocks; the backward's first pass leaves its share of z1's
-cotangent in a small buffer (`known_ref` [b, 4d]) for the second. Written
-out block by block instead (`Tuning.mlp_unroll`, as before 2026-12-05), the two took 3-4x
-as long to build for an H200 and ptxas spilled more (docs/benchmarks.md). The backward
+cotangent in a small buffer (`dz1_part_ref` [b, 4d]) for the second. Written out block by
+block instead (`Tuning.mlp_unroll`), the two take 3-4x as long to build for an H200, and ptxas
+spills less in the forward kernel but more in the backward (docs/benchmarks.md). The backward
 is written by hand (the derivation is in the comments) and checked against autodiff of the
 primal form for every input, rolled and unrolled (tests/layers/test_ttt_pallas.py).
 """
@@ -158,13 +158,13 @@ def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
 def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
                     w1s_ref, b1s_ref, w2s_ref, b2s_ref, dz_ref, dw1n_ref, db1n_ref, dw2n_ref,
                     db2n_ref, dq_ref, dk_ref, dt_ref, de_ref, dlr_ref, ds_ref, dbeta_ref,
-                    dw1_ref, db1_ref, dw2_ref, db2_ref, known_ref):
+                    dw1_ref, db1_ref, dw2_ref, db2_ref, db1_part_ref, dz1_part_ref):
   """Cotangents ("d" + name) of every input. dw1_ref/dw2_ref [2, ...]: buffer 0 holds the
   cotangent of W_{i+1} when mini-batch i starts and of W_i when it ends; a first pass over the
   hidden blocks writes its share to buffer 1, the second (once G2's cotangent is complete) adds
-  the rest on the way back to buffer 0. db1_ref [2, 4d] does the same for b1's cotangent (each
-  pass adds its share: no pass reads a block it has written, which other threads could see
-  before they read it). known_ref [b, 4d]: the first pass's part of z1's cotangent, for the
+  the rest on the way back to buffer 0. b1's cotangent moves the same way between db1_ref and
+  db1_part_ref [1, 4d] (no pass reads a window it writes: another thread could store before
+  this one loads). dz1_part_ref [b, 4d]: the first pass's share of z1's cotangent, for the
   second. db2 and the LayerNorm's cotangents are carried in registers."""
   b = e_ref.shape[-1]
   n = q_ref.shape[0] // b
@@ -174,7 +174,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   def initial(h, carry):
     dw1_ref[0, :, h] = dw1n_ref[:, h]
     dw2_ref[0, h, :] = dw2n_ref[h, :]
-    db1_ref[pl.ds(0, 1), h] = db1n_ref[:, h]
+    db1_ref[:, h] = db1n_ref[:, h]
     return carry
 
   over_blocks(hidden, initial)
@@ -196,7 +196,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
       dq, dlk, da, s, dg2, dlr = acc
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
       w1h, w2h, b1h = w1s_ref[i, :, h], w2s_ref[i, h, :], row(b1s_ref, i, h)
-      dw1h, dw2h, db1h = dw1_ref[0, :, h], dw2_ref[0, h, :], row(db1_ref, 0, h)
+      dw1h, dw2h, db1h = dw1_ref[0, :, h], dw2_ref[0, h, :], db1_ref[:, h]
       gp, gpp = jax.jvp(ttt_inner.gelu_grad, (z1h,), (jnp.ones_like(z1h),))  # gelu', gelu''
       u = dot_t(g2, w2h)
       g1h = u * gp
@@ -217,15 +217,15 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
       dg1 = dg1 - t_dot(a, dzq)
       du = dg1 * gp  # G1 = U * gelu'(z1), U = G2 W2^T
       dg2 = dg2 + dot(du, w2h)
-      known_ref[:, h] = dg1 * u * gpp + dx2 * gp  # X2 = gelu(z1)
+      dz1_part_ref[:, h] = dg1 * u * gpp + dx2 * gp  # X2 = gelu(z1)
       dw1_ref[1, :, h] = dw1h + t_dot(q, dzq)
       dw2_ref[1, h, :] = dw2h + t_dot(xq2h, dz) + t_dot(du, g2)
-      db1_ref[pl.ds(1, 1), h] = db1h + jnp.sum(dzq, axis=0, keepdims=True)
+      db1_part_ref[:, h] = db1h + jnp.sum(dzq, axis=0, keepdims=True)
       return dq, dlk, da, s, dg2, dlr
 
-    zeros = lambda x: jnp.zeros_like(x)  # noqa: E731
     dq, dlk, da, s, dg2, dlr = over_blocks(hidden, first, (
-        zeros(q), zeros(k), zeros(a), zeros(a), lr * db2,  # b2' = b2 + lr^T G2
+        jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(a), jnp.zeros_like(a),
+        lr * db2,  # b2' = b2 + lr^T G2
         jnp.sum(g2 * db2, axis=-1, keepdims=True)))
     _barrier(interpret)
     dg2 = dg2 - t_dot(e * (s + 1.0), dz)
@@ -235,10 +235,10 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     def second(h, dk):  # G2's share, now complete
       z1h, x2h = _hidden(k, w1s_ref, b1s_ref, i, h)
       w1h, w2h = w1s_ref[i, :, h], w2s_ref[i, h, :]
-      dz1 = known_ref[:, h] + dot_t(dp2, w2h) * ttt_inner.gelu_grad(z1h)  # P2 = X2 W2 + b2
+      dz1 = dz1_part_ref[:, h] + dot_t(dp2, w2h) * ttt_inner.gelu_grad(z1h)  # P2 = X2 W2 + b2
       dw1_ref[0, :, h] = dw1_ref[1, :, h] + t_dot(k, dz1)
       dw2_ref[0, h, :] = dw2_ref[1, h, :] + t_dot(x2h, dp2)
-      db1_ref[pl.ds(0, 1), h] = row(db1_ref, 1, h) + jnp.sum(dz1, axis=0, keepdims=True)
+      db1_ref[:, h] = db1_part_ref[:, h] + jnp.sum(dz1, axis=0, keepdims=True)
       return dk + dot_t(dz1, w1h)  # z1 = XK W1 + b1
 
     dk = over_blocks(hidden, second, lr * dlk)
@@ -300,14 +300,14 @@ def _core_bwd(interpret, res, cot):
   specs = [ln_spec(x.shape) for x in ln] + [seq_spec(x.shape) for x in ins[2:]]
   out_shape = ([f32(*x.shape) for x in (xq, xk, target, eta_c, lr)]
                + [f32(bsz, heads, 1, d)] * 2
-               + [f32(bsz, heads, 2, d, hidden), f32(bsz, heads, 2, hidden),
-                  f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d),
-                  f32(bsz, heads, eta_c.shape[-1], hidden)])  # known_ref: working memory
+               + [f32(bsz, heads, 2, d, hidden), f32(bsz, heads, 1, hidden),
+                  f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d)]
+               # working memory: db1_part_ref, dz1_part_ref
+               + [f32(bsz, heads, 1, hidden), f32(bsz, heads, eta_c.shape[-1], hidden)])
   kernel = functools.partial(_mlp_bwd_kernel, interpret)
-  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2, _ = launch_per_head(
+  dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2, _, _ = launch_per_head(
       kernel, ins, specs, out_shape, interpret, mlp=True)
-  dparams = {"w1": dw1[:, :, 0], "b1": db1[:, :, :1], "w2": dw2[:, :, 0],  # buffer 0: W_0's
-             "b2": db2}
+  dparams = {"w1": dw1[:, :, 0], "b1": db1, "w2": dw2[:, :, 0], "b2": db2}  # buffer 0: W_0's
   return (ds.sum(0), dbeta.sum(0)), dq, dk, dt, de, dlr, dparams
 
 
