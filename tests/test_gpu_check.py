@@ -65,6 +65,12 @@ def test_tuning_variant_reaches_the_traced_step():
   assert gpu_variants.train_kind("ttt_linear+xlaout") == ("ttt_linear", {})
   assert gpu_variants.variant_tuning("ttt_linear+xlaout") == {"linear_output": "xla"}
   assert gpu_variants.variant_tuning("ttt_linear+rematkernels") == {}
+  # +unrolled: TTT-MLP's hidden blocks written out, at the block width they had then
+  assert gpu_variants.train_kind("ttt_mlp-pallas+unrolled") == ("ttt_mlp", {"ttt.impl": "pallas"})
+  with ttt_pallas.tuning(**gpu_variants.variant_tuning("ttt_mlp-pallas+unrolled")):
+    tune = ttt_pallas.current_tuning()
+    assert (tune.mlp_unroll, tune.mlp_block) == (True, 64) != (
+        ttt_pallas.Tuning().mlp_unroll, ttt_pallas.Tuning().mlp_block)
   with ttt_pallas.tuning(**gpu_variants.variant_tuning("ttt_linear+xlaout")):
     text = lowering.lower_train_step("ttt_linear").mlir_module()
   assert 'name = "_chain_fwd_kernel"' in text and "_linear_fwd_kernel" not in text
@@ -161,7 +167,8 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
       ("train:e2e-meta+before", "train_e2e-meta_before"),
       ("train:e2e-meta+suffixremat", "train_e2e-meta_suffixremat"),
       ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"),
-      ("train:e2e-meta+innerblockwise", "train_e2e-meta_innerblockwise"))]
+      ("train:e2e-meta+innerblockwise", "train_e2e-meta_innerblockwise"),
+      ("train:e2e-meta+scan", "train_e2e-meta_scan"))]
 
 
 def test_pallas_task_runs_on_cpu():

@@ -373,14 +373,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"use {KIND_MIXER[m.kind]!r}")
   if m.kind == "e2e":
     e = m.e2e
-    if not 1 <= e.suffix_len <= m.num_layers:
-      raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, "
-                        f"model.num_layers={m.num_layers}]")
+    top, why = ((m.num_layers - 1, ": scan_layers stacks >= 1 prefix block") if m.scan_layers
+                else (m.num_layers, ""))
+    if not 1 <= e.suffix_len <= top:
+      raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, {top}] "
+                        f"(model.num_layers={m.num_layers}{why})")
     if d.seq_len % e.mini_batch_size:
       raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
                         f"model.e2e.mini_batch_size={e.mini_batch_size}")
-    if m.scan_layers:
-      raise ConfigError("model.scan_layers=True not supported with model.kind='e2e'; set False")
   if d.batch_size % tr.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of "
                       f"train.grad_accum={tr.grad_accum}")

@@ -146,8 +146,11 @@ def _widened(params: dict, params8: dict) -> dict:
 
 
 def _int8_case(kind: str):
+  kind, _, scan = kind.partition("-")  # e2e-scan: E2E with its prefix blocks stacked
   m = build_config(f"model={kind},ctx=64").model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size, m.init_std = 2, 64, 4, 96, 0.3
+  if scan:
+    m.num_layers, m.scan_layers = 3, True
   if kind == "transformer":
     m.num_kv_heads, m.attention_block, m.tie_embeddings = 2, 16, True
   if kind == "e2e":
@@ -158,7 +161,7 @@ def _int8_case(kind: str):
   return m, graphdef, state.to_pure_dict()
 
 
-@pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e"])
+@pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e", "e2e-scan"])
 def test_int8_decode_model_computes_its_widened_float_model(kind):
   """Every matrix stored 8-bit (layers/int8.py) but TTT-E2E's prime MLPs, which keep training
   while it decodes (their inner steps differentiate through the 8-bit layers); the greedy tokens
@@ -172,7 +175,7 @@ def test_int8_decode_model_computes_its_widened_float_model(kind):
   assert any("mixer" in p for p in coded)
   assert not any("prime" in p for p in coded)  # e2e: float, trained at test time
   floats = {jax.tree_util.keystr(p) for p, x in leaves if x.dtype == jnp.float32}
-  assert (kind == "e2e") == any("prime" in p for p in floats)
+  assert kind.startswith("e2e") == any("prime" in p for p in floats)
   reference = _widened(params, params8)
   prompt = np.random.default_rng(7).integers(0, 256, (1, 21)).astype(np.int32)
   want = G.Generator(graphdef, reference, m, chunk=16, max_len=64)(prompt, 30)

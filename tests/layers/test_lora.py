@@ -95,7 +95,7 @@ def test_lora_swiglu_matches_reference():
 
 
 @pytest.mark.parametrize("kind,scan", [("transformer", False), ("swa", True), ("ttt_linear", False),
-                                       ("e2e", False)])
+                                       ("e2e", False), ("e2e", True)])
 def test_zero_b_is_noop_and_merged_equals_unmerged(kind, scan):
   cfg = tiny_config(kind, scan)
   model = build_model(cfg.model)

@@ -15,10 +15,11 @@ from ttt_jax.layers import mixers
 from ttt_jax.models import abstract_model
 from ttt_jax.train.optim import decay_mask, make_optimizer
 
-# The rule, written out by full path ("blocks/<i>/" without scan_layers, "blocks/" with it).
+# The rule, written out by full path ("blocks/<i>/" without scan_layers, "blocks/" with it;
+# E2E's suffix blocks "suffix/<i>/" when its prefix is stacked).
 # Every parameter must match exactly one pattern: a new parameter fails this test until it is
 # classified here.
-_BLOCK = r"blocks/(\d+/)?"
+_BLOCK = r"(blocks|suffix)/(\d+/)?"
 DECAYED = [  # weight matrices
     _BLOCK + r"mixer/(wq|wk|wv|wo|wg)/kernel",  # attention / TTT projections
     _BLOCK + r"(mlp|prime_mlp)/(w1|w2|w3)",  # SwiGLU and E2E prime MLPs
@@ -42,7 +43,7 @@ CASES = [(kind, backbone, scan)
          for kind, backbone in [("transformer", None), ("swa", None), ("ttt_linear", "mamba"),
                                 ("ttt_linear", "base"), ("ttt_mlp", "mamba"),
                                 ("ttt_mlp", "base"), ("e2e", None)]
-         for scan in (False, True) if not (kind == "e2e" and scan)]  # e2e forbids scan_layers
+         for scan in (False, True)]
 
 
 def model_config(kind, backbone, scan, tie=False):

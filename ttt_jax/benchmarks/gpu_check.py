@@ -19,7 +19,8 @@ Tasks, in order:
   tune       the TTT-Linear kernels' fwd+bwd time over Triton warps / pipeline stages, where the
              output is made (in the kernels or by XLA) and matmul precision (TF32 vs IEEE
              fp32), with the dual form's at each precision beside them;
-  tune_mlp   the same for the TTT-MLP kernels, also over hidden units per block;
+  tune_mlp   the same for the TTT-MLP kernels, also over hidden units per block and loops
+             over the blocks against the blocks written out (Tuning.mlp_unroll);
   train:K    compile time and median step time of kind K at the `gpu` bench preset, and where
              the device time of three more steps goes (benchmarks/kernel_profile.py: kernel
              time by kind, model scope and phase; with --traces the raw trace in
@@ -87,7 +88,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             ("train:transformer+scan", 60), ("train:ttt_linear+scan", 80),
             ("train:ttt_mlp-pallas+scan", 100), ("train:e2e-meta+innerblockwise", 150),
             ("train:ttt_mlp+rematkernels", 150), ("train:ttt_mlp-pallas+unrolled", 100),
-            ("train:ttt_mlp+nogroups", 150)]
+            ("train:ttt_mlp+nogroups", 150), ("train:e2e-meta+scan", 150),
+            ("train:e2e-pretrain+scan", 100), ("train125m:e2e+scan", 150)]
   picked = lambda n: any(n == o[:-1] if o.endswith("$") else n.startswith(o)  # noqa: E731
                          for o in only)
   return [t for t in tasks if not only or picked(t[0])]

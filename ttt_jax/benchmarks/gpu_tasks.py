@@ -4,10 +4,11 @@ task needs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
-from ttt_jax.benchmarks.gpu_variants import setup_train_kind
+from ttt_jax.benchmarks.gpu_variants import CONFIG_VARIANTS, setup_train_kind
 
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
@@ -196,7 +197,7 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
 TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
                "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"),
                            ("mlp_unroll", "-unrolled"))}
-# TTT-MLP: (8, 64, True) writes the hidden blocks out, as the kernels did before their loops
+# TTT-MLP: (8, 64, True) writes the hidden blocks out (Tuning.mlp_unroll) at 64-unit blocks
 TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
                              (8, 3, "kernel"), (4, 3, "xla"), (8, 3, "xla")),
               "ttt_mlp": ((8, 32, False), (8, 64, False), (8, 64, True), (4, 32, False),
@@ -299,12 +300,17 @@ def task_train(kind: str) -> dict:
 
 
 def config_125m(kind: str):
-  """The validated `125m` pretraining preset of kind K at 8K context, bf16, batch 8."""
+  """The validated `125m` pretraining preset of kind K[+V] at 8K context, bf16, batch 8 (V a
+  `gpu_variants.CONFIG_VARIANTS` variant: its model overrides)."""
   from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
   from ttt_jax.config import validate  # noqa: PLC0415
 
+  kind, _, variant = kind.partition("+")
   cfg = load_preset(preset_spec(kind, "125m", "8k"))
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
+  for key, value in CONFIG_VARIANTS[variant].items() if variant else ():
+    *parents, name = key.split(".")
+    functools.reduce(lambda node, k: node[k], parents, cfg.model)[name] = value
   return validate(cfg)
 
 

@@ -18,7 +18,8 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # E2E meta as it was before both that and the first suffix attention's hoist (runs 1-4);
 # E2E's inner-loop attention by the package's blockwise code (skips key blocks no query sees,
 # e.g. the carried window's empty slots, with a conditional per block) instead of dense XLA;
-# TTT without remat through time; the layers as one scanned block (compiled once; not E2E)
+# TTT without remat through time; the layers as one scanned block (compiled once; E2E: its
+# prefix blocks)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "suffixremat": {"e2e.suffix_remat": "full"},
@@ -26,14 +27,15 @@ CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kern
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
-# unrolled: the TTT-MLP kernels' hidden blocks written out, as before their loops)
+# unrolled: the TTT-MLP kernels' hidden blocks written out, at 64-unit blocks)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"},
                    "unrolled": {"mlp_unroll": True, "mlp_block": 64}}
 # config-variant train kinds that gpu_census also counts
 RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chunkdots",
                 "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
                 "ttt_mlp+nogroups", "ttt_mlp+rematkernels", "transformer+scan", "ttt_linear+scan",
-                "ttt_mlp-pallas+scan", "ttt_linear+xlaout", "ttt_mlp-pallas+unrolled")
+                "ttt_mlp-pallas+scan", "ttt_linear+xlaout", "ttt_mlp-pallas+unrolled",
+                "e2e-meta+scan", "e2e-pretrain+scan")
 
 
 def train_kind(kind: str) -> tuple[str, dict]:

@@ -40,6 +40,7 @@ TRAIN_CASES = (
     ("ttt_mlp-pallas", "ttt_mlp", {"ttt.impl": "pallas"}),
     ("ttt_linear-scan", "ttt_linear", {"scan_layers": True}),
     ("ttt_mlp-pallas-scan", "ttt_mlp", {"ttt.impl": "pallas", "scan_layers": True}),
+    ("e2e-meta-scan", "e2e-meta", {"scan_layers": True}),
 )
 STREAM_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 # custom calls of GPU kernels (cuDNN attention, Triton) carry no export compatibility

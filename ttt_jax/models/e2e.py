@@ -41,6 +41,7 @@ from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
 from ttt_jax.models.lm import (
   ACT_AXES,
   LanguageModel,
+  apply_block,
   attention_algorithm,
   masked_mean,
   remat_call,
@@ -74,8 +75,8 @@ class E2EModel(LanguageModel):
   """`LanguageModel` with the TTT-E2E inner loop in its loss, forward and streaming cache."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if cfg.kind != "e2e" or cfg.scan_layers:
-      raise ValueError("E2EModel needs model.kind='e2e' and model.scan_layers=False")
+    if cfg.kind != "e2e":
+      raise ValueError("E2EModel needs model.kind='e2e'")
     super().__init__(cfg, rngs=rngs)
     self.n_prefix = cfg.num_layers - cfg.e2e.suffix_len
     # the inner loop's attention (vmapped per sequence, differentiated twice in meta-training);
@@ -88,8 +89,7 @@ class E2EModel(LanguageModel):
     """(runner over graphdef, inner state, outer state): the functional view of this model.
     `mixed_first`: the caller ran the first suffix block's mixer already (`SuffixRunner`)."""
     graphdef, inner, outer = nnx.split(self, InnerParam, ...)
-    runner = SuffixRunner(graphdef, self.n_prefix, suffix_remat(self.cfg), self.inner_attention,
-                          mixed_first)
+    runner = SuffixRunner(graphdef, suffix_remat(self.cfg), self.inner_attention, mixed_first)
     return runner, inner, outer
 
   @staticmethod
@@ -99,12 +99,34 @@ class E2EModel(LanguageModel):
     return [tuple(p) for p in jax.tree.leaves(specs, is_leaf=is_spec)]
 
   def run_prefix(self, tokens: jax.Array, positions: jax.Array, caches=None):
-    """Embeddings through the prefix blocks: the suffix inputs [B, T, D] (+ new prefix caches)."""
+    """Embeddings through the prefix blocks: the suffix inputs [B, T, D] (+ new prefix caches:
+    a list, or one stacked cache under `model.scan_layers`)."""
     h = self.embed_tokens(tokens)
-    return self.run_blocks(h, positions, caches, blocks=list(self.blocks)[:self.n_prefix])
+    if self.cfg.scan_layers:  # self.blocks is the prefix stack
+      return LanguageModel.run_blocks(self, h, positions, caches)
+    return LanguageModel.run_blocks(self, h, positions, caches,
+                                    blocks=list(self.blocks)[:self.n_prefix])
 
-  def suffix_blocks(self):
+  def suffix_blocks(self) -> list:
+    """The blocks with prime MLPs: the last `suffix_len` of `blocks`, or `suffix` when the
+    prefix blocks are stacked (`model.scan_layers`)."""
+    if self.cfg.scan_layers:
+      return list(self.suffix)
     return list(self.blocks)[self.n_prefix:]
+
+  def run_blocks(self, h, positions, cache=None, blocks=None, step=None):
+    """The plain forward's blocks (`train_mode=pretrain`): prefix and suffix blocks in order.
+    Streaming goes through `stream` and its `E2ECache` instead."""
+    if not self.cfg.scan_layers:
+      return super().run_blocks(h, positions, cache, blocks, step)
+    if cache is not None or blocks is not None:
+      raise ValueError("E2EModel.run_blocks runs whole sequences (cache=None, blocks=None); "
+                       "E2EModel.stream streams")
+    h, _ = super().run_blocks(h, positions, step=step)
+    for blk in self.suffix_blocks():
+      h, _ = apply_block(blk, h, positions, None, self.cfg.remat, step)
+      h = constrain(h, ACT_AXES)
+    return h, None
 
   # -- training ----------------------------------------------------------------------------------
   def meta_forward(self, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None, lr,
@@ -167,7 +189,10 @@ class E2EModel(LanguageModel):
     b = self.cfg.e2e.mini_batch_size
     _, inner, _ = nnx.split(self, InnerParam, ...)
     inner = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch_size, *w.shape)), inner)
-    prefix = [blk.init_state(batch_size) for blk in list(self.blocks)[:self.n_prefix]]
+    if self.cfg.scan_layers:  # one stacked cache for the prefix stack
+      prefix = LanguageModel.init_cache(self, batch_size)
+    else:
+      prefix = [blk.init_state(batch_size) for blk in list(self.blocks)[:self.n_prefix]]
     suffix = []
     for blk in self.suffix_blocks():
       att = blk.mixer

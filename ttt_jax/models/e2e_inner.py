@@ -78,10 +78,9 @@ class SuffixRunner:
   is vmapped over sequences and, in meta-training, differentiated twice.
   """
 
-  def __init__(self, graphdef, n_prefix: int, remat: str, attention: AttentionAlgorithm,
+  def __init__(self, graphdef, remat: str, attention: AttentionAlgorithm,
                mixed_first: bool = False):
     self.graphdef = graphdef
-    self.n_prefix = n_prefix
     self.remat = remat
     self.attention = attention
     # the first suffix block's mixer already ran over the whole sequence (its input, the prefix
@@ -91,7 +90,7 @@ class SuffixRunner:
 
   def model(self, inner, outer):
     model = nnx.merge(self.graphdef, inner, outer)
-    for blk in model.blocks[self.n_prefix:]:  # a fresh object per merge: nothing else sees it
+    for blk in model.suffix_blocks():  # a fresh object per merge: nothing else sees it
       blk.mixer.algorithm = self.attention
     return model
 
@@ -105,7 +104,7 @@ class SuffixRunner:
     model = self.model(inner, outer)
     x = h[None]
     new = []
-    blocks = list(model.blocks[self.n_prefix:])
+    blocks = model.suffix_blocks()
     if self.mixed_first:
       if valid is not None:
         raise ValueError("SuffixRunner(mixed_first=True) runs whole chunks only (valid=None)")

@@ -155,6 +155,17 @@ def remat_call(module: nnx.Module, fn, remat: str, *args):
   return jax.checkpoint(run, policy=_REMAT_POLICIES[remat])(params, *args)
 
 
+def stacked_blocks(cfg: ModelConfig, n: int, rngs: nnx.Rngs) -> Block:
+  """`n` blocks as one module whose parameters have a leading `layers` axis (`run_blocks`
+  scans over it)."""
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make_stack(rngs):
+    return Block(cfg, rngs=rngs)
+
+  return make_stack(rngs)
+
+
 class LanguageModel(nnx.Module):
   """The decoder-only LM shared by every model kind."""
 
@@ -170,13 +181,10 @@ class LanguageModel(nnx.Module):
     self.embed = nnx.Embed(vocab, cfg.d_model, dtype=cdt, param_dtype=pdt, rngs=rngs,
                            embedding_init=normal_init(cfg.init_std, ("vocab", "embed")))
     n_suffix = cfg.e2e.suffix_len if cfg.kind == "e2e" else 0
-    if cfg.scan_layers:
-      @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def make_stack(rngs):
-        return Block(cfg, rngs=rngs)
-
-      self.blocks = make_stack(rngs)
+    if cfg.scan_layers:  # E2E: the prefix blocks stacked, its suffix blocks (prime) apart
+      self.blocks = stacked_blocks(cfg, cfg.num_layers - n_suffix, rngs)
+      if n_suffix:
+        self.suffix = nnx.List([Block(cfg, rngs=rngs, prime=True) for _ in range(n_suffix)])
     else:
       self.blocks = nnx.List([
           Block(cfg, rngs=rngs, prime=i >= cfg.num_layers - n_suffix)
