@@ -57,7 +57,7 @@ class Tuning:
   mlp_num_warps: int = 8
   mlp_block: int = 32
   # TTT-MLP's passes over the hidden blocks: loops in the kernels (False), or written out block
-  # by block (True: 3-4x the build time for an H200; ptxas spills less in the forward kernel and
+  # by block (True: about 4x the build time for an H200; ptxas spills less in the forward kernel and
   # more in the backward, docs/benchmarks.md). Not yet timed on a GPU (gpu-check's tune_mlp
   # times both).
   mlp_unroll: bool = False

@@ -17,16 +17,18 @@ work on `Tuning.mlp_block` hidden units at a time (a block of W1's columns, b1 a
 which is `ttt_inner.mlp_dual`. The forward writes W_{i+1} beside W_i (it keeps every W_i for
 the backward), so no block is read after it is overwritten. The backward makes two passes over
 the blocks per mini-batch (the second once G2's cotangent is complete) and moves the cotangents
-of W1, W2 and b1 from one buffer to another and back, for the same reason: the interpreter the
-tests run has one thread and cannot show such a race, so the rule is kept by construction
-(no pass reads a window of a buffer it writes). A barrier separates a
-pass's writes from the next pass's reads (other threads of the program read them), and the
-kernels run one pipeline stage, so no load is hoisted above the writes it must see. Blocks of
+of W1, W2 and b1 from one buffer to another and back, for the same reason. A barrier separates
+a pass's writes from the next pass's reads (other threads of the program read them), and the
+kernels run one pipeline stage, so no load is hoisted above the writes it must see. The
+interpreter the tests run has one thread and cannot show a race; tests/layers/test_ttt_pallas.py
+checks the rule on the kernels' jaxprs instead (the barriers each kernel has, that a loop with
+barriers ends on one, and that no window is read and written between two barriers, windows told
+apart by their index operands only). Blocks of
 z1 and X2 are recomputed in each pass rather than kept (kept, they spilled more). Each pass
 over the blocks is a loop in the kernel (`over_blocks`), so a kernel holds one copy of a
 block's code whatever the number of blocks; the backward's first pass leaves its share of z1's
 cotangent in a small buffer (`dz1_part_ref` [b, 4d]) for the second. Written out block by
-block instead (`Tuning.mlp_unroll`), the two take 3-4x as long to build for an H200, and ptxas
+block instead (`Tuning.mlp_unroll`), the two take about 4x as long to build for an H200, and ptxas
 spills less in the forward kernel but more in the backward (docs/benchmarks.md). The backward
 is written by hand (the derivation is in the comments) and checked against autodiff of the
 primal form for every input, rolled and unrolled (tests/layers/test_ttt_pallas.py).
