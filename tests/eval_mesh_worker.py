@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import traceback
 
@@ -24,7 +23,7 @@ from sharding_worker import _inside_manual, tiny_config
 from ttt_jax import sharding as shd
 from ttt_jax.eval import perplexity as P
 
-KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e")
+KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e", "e2e+scan")
 B, L, CHUNK = 8, 64, 16  # rows (one per device), streamed positions, chunk
 
 
@@ -115,10 +114,12 @@ def kind_checks(kind: str) -> dict:
   got = P.stream_nll(graphdef, params, tokens, CHUNK, step_fn=step_fn, init_fn=init_fn)
   ref = P.stream_nll(graphdef, single, tokens, CHUNK)
   cache = init_fn(params, B, L)
-  text = step_fn.lower(params, cache, tokens[:, :CHUNK], tokens[:, 1:CHUNK + 1],
-                       np.int32(0)).compile().as_text()
-  entry = re.search(r"ENTRY[^\n]*", text).group(0)
-  out = {"nll_rel": _rel(got, ref), "token_args": re.findall(rf"s32\[(\d+),{CHUNK}\]", entry),
+  compiled = step_fn.lower(params, cache, tokens[:, :CHUNK], tokens[:, 1:CHUNK + 1],
+                           np.int32(0)).compile()
+  # the rows of the tokens and targets (arguments 2 and 3) in each device's program (the int32
+  # [rows, CHUNK] parameters of its text would also take in a stacked cache's positions)
+  rows = [str(s.shard_shape((B, CHUNK))[0]) for s in compiled.input_shardings[0][2:4]]
+  out = {"nll_rel": _rel(got, ref), "token_args": rows,
          "step_compiles": step_fn._cache_size(), "init_compiles": init_fn._cache_size()}
   if kind == "transformer":  # weights as a trainer's FSDP mesh holds them (reproduce.py)
     _, _, fsdp, _ = _on_mesh(kind, (1, 8, 1))

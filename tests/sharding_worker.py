@@ -38,11 +38,15 @@ RULES, RULES_KINDS = "batch=data+fsdp+tensor,vocab=fsdp", ("e2e", "ttt_linear-pa
 
 
 def tiny_config(kind: str, mesh=(1, 1, 1)):
-  """`kind`: a model kind, or K-pallas: TTT kind K with its Pallas kernels (interpreted)."""
+  """`kind`: a model kind, K-pallas: TTT kind K with its Pallas kernels (interpreted), or
+  e2e+scan: E2E with its two prefix blocks stacked (`model.scan_layers`)."""
+  kind, _, variant = kind.partition("+")
   base, _, impl = kind.partition("-")
   c = build_config(f"model={base},ctx={SEQ}")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size = LAYERS.get(kind, 1), 64, 4, 128
+  if variant == "scan":
+    m.num_layers, m.scan_layers = m.num_layers + 1, True
   if impl:
     m.ttt.impl = impl
   m.window = 16

@@ -16,7 +16,7 @@ import pytest
 from .test_sharding import _env, _rel, _result
 
 WORKER = os.path.join(os.path.dirname(__file__), "eval_mesh_worker.py")
-KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e")
+KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e", "e2e+scan")
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,14 @@ def test_train_kinds_and_their_variants():
       assert functools.reduce(lambda node, k: node[k], key.split("."), m) == value, (kind, key)
 
 
+def test_the_125m_preset_takes_config_variants():
+  """train125m:K+V: the `125m` preset of model kind K with variant V's model overrides."""
+  assert gpu_tasks.config_125m("e2e+scan").model.scan_layers
+  plain = gpu_tasks.config_125m("e2e")
+  assert not plain.model.scan_layers and plain.data.seq_len == 8192
+  assert plain.model.compute_dtype == "bfloat16" and plain.data.batch_size == 8
+
+
 def test_tuning_variant_reaches_the_traced_step():
   """`+xlaout`: no model override, a launch setting the train step is traced under (the
   CUDA-lowered TTT-Linear step then holds the W-chain kernels)."""

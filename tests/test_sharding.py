@@ -26,8 +26,9 @@ from ttt_jax.train import distributed
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # ttt_linear-pallas: the Pallas TTT-Linear kernels (interpreted on CPU), run per device on a
-# mesh (`sharding.per_shard`), as a GPU takes them by default
-KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas")
+# mesh (`sharding.per_shard`), as a GPU takes them by default; e2e+scan: E2E with its prefix
+# blocks stacked (`model.scan_layers`)
+KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas", "e2e+scan")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
 # unoptimized CPU code generation, fusions by XLA:CPU's older emitters (E2E's 8-device steps
 # compile in half the time): the tiny steps run in milliseconds, compiling dominates
@@ -83,7 +84,7 @@ def meshes(two_processes, tmp_path_factory):
   ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
   groups = [["--kinds", "transformer,swa,e2e",
              "--proc-ckpt", os.path.join(two_processes["workdir"], "ckpt")],
-            ["--kinds", "ttt_linear,ttt_mlp,ttt_linear-pallas"]]
+            ["--kinds", "ttt_linear,ttt_mlp,ttt_linear-pallas,e2e+scan"]]
   procs = [subprocess.Popen([sys.executable, WORKER, "meshes", "--dir", ckpt_dir, *args],
                             env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for args in groups]
@@ -216,18 +217,20 @@ def test_params_really_sharded(meshes, kind):
   assert dp["bytes_per_device"] == dp["bytes_total"]
   for mesh in MESHES:
     assert res[mesh]["batch_spec"] == [["data", "fsdp"]]
-  # (1,8,1): FSDP over the model width; each device holds ~1/8 of the parameters
+  # (1,8,1): FSDP over the model width; each device holds ~1/8 of the parameters (a stacked
+  # block's weights, the first found with scan_layers, lead with their unsplit `layers` axis)
+  layers = [None] if kind.endswith("+scan") else []
   fs = res["1,8,1"]
   assert _find(fs["specs"], "['embed']['embedding']") == [None, "fsdp"]
-  assert _find(fs["specs"], "['mlp']['w1']") == ["fsdp"]
-  assert _find(fs["specs"], "['mlp']['w2']") == [None, "fsdp"]
+  assert _find(fs["specs"], "['mlp']['w1']") == [*layers, "fsdp"]
+  assert _find(fs["specs"], "['mlp']['w2']") == [*layers, None, "fsdp"]
   # (TTT's per-head inner weights W0 [H, d, d] split over heads = 'tensor' only)
   assert fs["bytes_per_device"] <= 0.3 * fs["bytes_total"]
   # (2,2,2): FSDP x tensor parallel (heads / MLP hidden / vocab over 'tensor')
   tp = res["2,2,2"]
   assert _find(tp["specs"], "['embed']['embedding']") == ["tensor", "fsdp"]
-  assert _find(tp["specs"], "['mlp']['w1']") == ["fsdp", "tensor"]
-  assert _find(tp["specs"], "['mlp']['w2']") == ["tensor", "fsdp"]
+  assert _find(tp["specs"], "['mlp']['w1']") == [*layers, "fsdp", "tensor"]
+  assert _find(tp["specs"], "['mlp']['w2']") == [*layers, "tensor", "fsdp"]
   mixer = [s for k, s in tp["specs"].items() if "['mixer']" in k and s]
   assert any("tensor" in s for s in mixer) and any("fsdp" in s for s in mixer), mixer
   assert tp["bytes_per_device"] <= 0.35 * tp["bytes_total"]

@@ -133,10 +133,15 @@ def model_config(kind: str, size: Size, seq_len: int | None = None,
     m.intermediate_size = e.prime_intermediate_size = width
   c.data.batch_size = size.batch if batch is None else batch
   c.train.warmup_steps = 1
+  apply_overrides(m, overrides)
+  return validate(c)
+
+
+def apply_overrides(model_cfg, overrides: dict | None) -> None:
+  """Sets `model` keys ('remat', 'e2e.suffix_remat', ...) of a config's model section."""
   for key, value in (overrides or {}).items():
     section, _, name = key.rpartition(".")
-    (m[section] if section else m)[name] = value
-  return validate(c)
+    (model_cfg[section] if section else model_cfg)[name] = value
 
 
 def block(x):

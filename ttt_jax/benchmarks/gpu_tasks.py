@@ -4,11 +4,10 @@ task needs."""
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 
-from ttt_jax.benchmarks.gpu_variants import CONFIG_VARIANTS, setup_train_kind
+from ttt_jax.benchmarks.gpu_variants import setup_train_kind, train_kind
 
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
@@ -300,17 +299,16 @@ def task_train(kind: str) -> dict:
 
 
 def config_125m(kind: str):
-  """The validated `125m` pretraining preset of kind K[+V] at 8K context, bf16, batch 8 (V a
-  `gpu_variants.CONFIG_VARIANTS` variant: its model overrides)."""
+  """The validated `125m` pretraining preset of model kind K[+V] at 8K context, bf16, batch 8
+  (V a `gpu_variants` variant: its model overrides, `train_kind`'s)."""
+  from ttt_jax.benchmarks.common import apply_overrides  # noqa: PLC0415
   from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
   from ttt_jax.config import validate  # noqa: PLC0415
 
-  kind, _, variant = kind.partition("+")
+  kind, overrides = train_kind(kind)
   cfg = load_preset(preset_spec(kind, "125m", "8k"))
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
-  for key, value in CONFIG_VARIANTS[variant].items() if variant else ():
-    *parents, name = key.split(".")
-    functools.reduce(lambda node, k: node[k], parents, cfg.model)[name] = value
+  apply_overrides(cfg.model, overrides)
   return validate(cfg)
 
 

@@ -31,7 +31,7 @@ SIZE = Size(d_model=128, num_layers=8, num_heads=2, intermediate=256, seq_len=25
             warmup=0, decode_steps=1, dtype="bfloat16", remat="full")
 # (name, benchmark kind, config overrides): every program family a GPU user meets by default
 # (TTT-Linear: the Pallas kernels), plus the other TTT impls and the TTT kernels inside scanned
-# layers (`model.scan_layers`)
+# layers (`model.scan_layers`), and E2E meta-learning with its prefix blocks scanned
 TRAIN_CASES = (
     ("transformer", "transformer", {}), ("swa", "swa", {}), ("ttt_linear", "ttt_linear", {}),
     ("ttt_mlp", "ttt_mlp", {}), ("e2e-meta", "e2e-meta", {}),

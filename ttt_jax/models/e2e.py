@@ -77,6 +77,9 @@ class E2EModel(LanguageModel):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.kind != "e2e":
       raise ValueError("E2EModel needs model.kind='e2e'")
+    if cfg.scan_layers and cfg.e2e.suffix_len >= cfg.num_layers:
+      raise ValueError("E2EModel with model.scan_layers=True stacks its prefix blocks: needs "
+                       f"model.e2e.suffix_len={cfg.e2e.suffix_len} < model.num_layers")
     super().__init__(cfg, rngs=rngs)
     self.n_prefix = cfg.num_layers - cfg.e2e.suffix_len
     # the inner loop's attention (vmapped per sequence, differentiated twice in meta-training);
@@ -116,7 +119,8 @@ class E2EModel(LanguageModel):
 
   def run_blocks(self, h, positions, cache=None, blocks=None, step=None):
     """The plain forward's blocks (`train_mode=pretrain`): prefix and suffix blocks in order.
-    Streaming goes through `stream` and its `E2ECache` instead."""
+    Streaming goes through `stream` and its `E2ECache` instead (with stacked prefix blocks there
+    is no plain-LM streaming view: `LanguageModel.init_cache` would hold the prefix only)."""
     if not self.cfg.scan_layers:
       return super().run_blocks(h, positions, cache, blocks, step)
     if cache is not None or blocks is not None:

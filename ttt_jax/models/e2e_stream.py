@@ -29,7 +29,7 @@ class E2ECache(NamedTuple):
   """Streaming state of an E2E model (batch B, pending chunk of up to b positions)."""
 
   inner: Any  # nnx.State of per-sequence inner weights, leaves [B, ...]
-  prefix: list  # KVCache per prefix block (capacity = window)
+  prefix: Any  # KVCache per prefix block (capacity = window); one stacked under scan_layers
   suffix: list  # KVCache per suffix block (capacity = window + b)
   buf_h: jax.Array  # [B, b, D] suffix inputs of the pending chunk
   buf_tok: jax.Array  # [B, b] int32 input tokens of the pending chunk
@@ -154,7 +154,7 @@ class ChunkReader:
         count=c.count + take, done=c.done + take,
         out=update(c.out, h_out.astype(c.out.dtype), c.done, axis=1)), None
 
-  def run(self, cache: E2ECache, prefix: list) -> tuple[jax.Array, E2ECache]:
+  def run(self, cache: E2ECache, prefix) -> tuple[jax.Array, E2ECache]:
     """(suffix outputs [B, T, D], the cache after this call)."""
     s, b = self.s, self.b
     n_seg = -(-self.t // s) + (0 if self.t == 1 else 1)

@@ -1,7 +1,8 @@
 """Decoder-only language model: embed -> N blocks (mixer + SwiGLU) -> RMSNorm -> head.
 
 The sequence mixer of every block is chosen by `model.mixer` (see `make_mixer`). Blocks are a
-Python list (`model.scan_layers=False`) or one stacked block applied with `jax.lax.scan`.
+Python list (`model.scan_layers=False`) or one stacked block applied with `jax.lax.scan` (TTT-E2E:
+its prefix blocks stacked, its suffix blocks a list, models/e2e.py).
 The model and its blocks take the frozen `ModelConfig` (models/config.py; `build_model` makes it
 from the `config.model` ConfigDict).
 All blocks follow the mixer contract of layers/attention.py, so the whole model streams:
