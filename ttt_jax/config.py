@@ -373,10 +373,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f"use {KIND_MIXER[m.kind]!r}")
   if m.kind == "e2e":
     e = m.e2e
-    top, why = ((m.num_layers - 1, " with model.scan_layers=True, whose stacked prefix needs a "
-                 "block (or set model.scan_layers=False)") if m.scan_layers else (m.num_layers, ""))
-    if not 1 <= e.suffix_len <= top:  # model.num_layers=N blocks
-      raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, {top}]{why}")
+    top, why = ((m.num_layers - 1, "; model.scan_layers=True stacks a prefix of >= 1 block, or "
+                 "set it False") if m.scan_layers else (m.num_layers, ""))
+    if not 1 <= e.suffix_len <= top:
+      raise ConfigError(f"model.e2e.suffix_len={e.suffix_len} must be in [1, {top}] "
+                        f"(model.num_layers={m.num_layers}{why})")
     if d.seq_len % e.mini_batch_size:
       raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
                         f"model.e2e.mini_batch_size={e.mini_batch_size}")

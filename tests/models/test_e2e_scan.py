@@ -114,11 +114,15 @@ def test_config_needs_a_prefix_to_stack():
   validate(c)
   c.model.e2e.suffix_len = c.model.num_layers
   top = c.model.num_layers - 1
-  with pytest.raises(ConfigError, match=rf"suffix_len={top + 1} must be in \[1, {top}\] with "
-                     r"model.scan_layers=True, whose stacked prefix needs a block"):
+  with pytest.raises(ConfigError, match=rf"suffix_len={top + 1} must be in \[1, {top}\] "
+                     rf"\(model.num_layers={top + 1}; model.scan_layers=True stacks a prefix"):
     validate(c)
   with pytest.raises(ValueError, match="stacks its prefix blocks: needs model.e2e.suffix_len"):
     build_model(c.model)  # a model built without validation says so too
+  c.model.scan_layers, c.model.e2e.suffix_len = False, top + 2  # unstacked: up to every block
+  with pytest.raises(ConfigError, match=rf"suffix_len={top + 2} must be in \[1, {top + 1}\] "
+                     rf"\(model.num_layers={top + 1}\)$"):
+    validate(c)
 
 
 def test_streaming_runs_through_stream_not_run_blocks():

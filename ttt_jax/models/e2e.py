@@ -41,7 +41,6 @@ from ttt_jax.models.e2e_stream import ChunkReader, E2ECache, check_continuation
 from ttt_jax.models.lm import (
   ACT_AXES,
   LanguageModel,
-  apply_block,
   attention_algorithm,
   masked_mean,
   remat_call,
@@ -105,10 +104,9 @@ class E2EModel(LanguageModel):
     """Embeddings through the prefix blocks: the suffix inputs [B, T, D] (+ new prefix caches:
     a list, or one stacked cache under `model.scan_layers`)."""
     h = self.embed_tokens(tokens)
-    if self.cfg.scan_layers:  # self.blocks is the prefix stack
-      return LanguageModel.run_blocks(self, h, positions, caches)
-    return LanguageModel.run_blocks(self, h, positions, caches,
-                                    blocks=list(self.blocks)[:self.n_prefix])
+    # scan_layers: self.blocks is the prefix stack, scanned; else the list's first blocks
+    blocks = None if self.cfg.scan_layers else list(self.blocks)[:self.n_prefix]
+    return LanguageModel.run_blocks(self, h, positions, caches, blocks=blocks)
 
   def suffix_blocks(self) -> list:
     """The blocks with prime MLPs: the last `suffix_len` of `blocks`, or `suffix` when the
@@ -121,16 +119,13 @@ class E2EModel(LanguageModel):
     """The plain forward's blocks (`train_mode=pretrain`): prefix and suffix blocks in order.
     Streaming goes through `stream` and its `E2ECache` instead (with stacked prefix blocks there
     is no plain-LM streaming view: `LanguageModel.init_cache` would hold the prefix only)."""
-    if not self.cfg.scan_layers:
+    if not self.cfg.scan_layers or blocks is not None:
       return super().run_blocks(h, positions, cache, blocks, step)
-    if cache is not None or blocks is not None:
-      raise ValueError("E2EModel.run_blocks runs whole sequences (cache=None, blocks=None); "
+    if cache is not None:
+      raise ValueError("E2EModel.run_blocks runs whole sequences (cache=None); "
                        "E2EModel.stream streams")
-    h, _ = super().run_blocks(h, positions, step=step)
-    for blk in self.suffix_blocks():
-      h, _ = apply_block(blk, h, positions, None, self.cfg.remat, step)
-      h = constrain(h, ACT_AXES)
-    return h, None
+    h, _ = super().run_blocks(h, positions, step=step)  # the prefix stack
+    return super().run_blocks(h, positions, blocks=self.suffix_blocks(), step=step)
 
   # -- training ----------------------------------------------------------------------------------
   def meta_forward(self, inputs: jax.Array, targets: jax.Array, mask: jax.Array | None, lr,

@@ -237,8 +237,10 @@ class LanguageModel(nnx.Module):
     return [blk.init_state(batch_size, capacity) for blk in self.blocks]
 
   def run_blocks(self, h, positions, cache=None, blocks=None, step=None):
+    """The model's blocks in order (`model.scan_layers`: its stack, scanned), or the list
+    `blocks` instead; `cache` holds one state per block (stacked for the stack) or is None."""
     remat = self.cfg.remat
-    if self.cfg.scan_layers:
+    if self.cfg.scan_layers and blocks is None:
       graphdef, params = nnx.split(self.blocks)
 
       def body(h, xs):
