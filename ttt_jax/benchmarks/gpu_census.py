@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from ttt_jax.benchmarks.gpu_variants import TUNING_VARIANTS
 from ttt_jax.benchmarks.hlo_text import census
 
 # Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
@@ -163,8 +164,8 @@ def compile_cache_kernel(device, length: int, settings: dict,
 # whose PTX ptxas reads (the label names the XLA module, so ptxas's rows can be told apart)
 TTT_KERNEL_SETTINGS = {"linear": ("linear", {}), "linear_xla": ("linear", {"linear_output": "xla"}),
                        "mlp": ("mlp", {}),
-                       # the hidden blocks written out (Tuning.mlp_unroll)
-                       "mlp_unroll_b64": ("mlp", {"mlp_unroll": True, "mlp_block": 64}),
+                       # the hidden blocks written out (Tuning.mlp_unroll): train kind K+unrolled's
+                       "mlp_unroll_b64": ("mlp", TUNING_VARIANTS["unrolled"]),
                        "mlp_w4": ("mlp", {"mlp_num_warps": 4}),
                        "mlp_w16": ("mlp", {"mlp_num_warps": 16}),
                        "mlp_b16": ("mlp", {"mlp_block": 16}),
