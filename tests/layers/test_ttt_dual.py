@@ -1,7 +1,7 @@
 """The mixer's fast paths against the plain references they replace: the sequence-level dual
 form (layers/ttt_dual.py) against `ttt_inner.scan_minibatches` of the per-mini-batch dual step
 (values, final weights, gradients w.r.t. every input; remat groups, unrolling, streaming's
-`complete` mask), and the causal conv against the sum of shifted products."""
+`complete` mask), and the causal convs against the sum of shifted products."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flax import nnx
 from ttt_jax.benchmarks import revisions
 from ttt_jax.config import build_config
 from ttt_jax.layers import mixers, ttt, ttt_dual, ttt_inner, ttt_variants
-from ttt_jax.layers.ttt import CausalConv, causal_conv
+from ttt_jax.layers.ttt import CausalConv, causal_conv, causal_convs
 from ttt_jax.models import lm
 
 from .test_ttt import BASE_LR, random_inputs, rel_err, tree_rel_err
@@ -100,6 +100,68 @@ def test_causal_conv_gradients_equal_autodiff_of_the_sum():
   grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a)) * probe), argnums=(0, 1, 2))(
       xp, w, bias) for f in (plain, causal_conv)]
   assert tree_rel_err(grads[1], grads[0]) <= 1e-6
+
+
+def shifted_sum(xp, w, bias):
+  t = xp.shape[1] - w.shape[0] + 1
+  return sum(xp[:, j:j + t] * w[j] for j in range(w.shape[0])) + bias
+
+
+@pytest.mark.parametrize("convs", [1, 2, 3])
+def test_causal_convs_of_one_input_equal_separate_sums_values_and_gradients(convs):
+  """Convs sharing an input (TTT's Q and K convs; the Mamba backbone's pre-conv alone): values
+  and the gradients w.r.t. the input and every kernel and bias equal autodiff of the separate
+  sums of shifted products."""
+  rng = np.random.default_rng(10 + convs)
+  xp = jnp.asarray(rng.standard_normal((3, 17, 6)), jnp.float32)
+  kernels = tuple((jnp.asarray(rng.standard_normal((4, 6)), jnp.float32),
+                   jnp.asarray(rng.standard_normal(6), jnp.float32)) for _ in range(convs))
+  probes = [jnp.asarray(rng.standard_normal((3, 14, 6)), jnp.float32) for _ in range(convs)]
+
+  def loss(fn, xp, kernels):
+    return sum(jnp.sum(jnp.sin(y) * p) for y, p in zip(fn(xp, kernels), probes, strict=True))
+
+  plain = lambda xp, kernels: tuple(shifted_sum(xp, w, b) for w, b in kernels)  # noqa: E731
+  ys, ref = causal_convs(xp, kernels), plain(xp, kernels)
+  assert len(ys) == convs and tree_rel_err(ys, ref) <= 1e-6
+  grads, want = (jax.grad(lambda *a, f=f: loss(f, *a), argnums=(0, 1))(xp, kernels)
+                 for f in (causal_convs, plain))
+  assert jax.tree.structure(grads) == jax.tree.structure(want)
+  assert tree_rel_err(grads, want) <= 1e-6
+
+
+def test_causal_convs_gradients_in_bf16_keep_dtypes_and_sum_in_fp32():
+  """bf16 convs (the compute dtype): cotangents come back in each input's dtype, and the weight
+  and bias cotangents (sums over every token) are summed in fp32 before the cast: within bf16's
+  rounding of the fp32 result at 4K tokens."""
+  rng = np.random.default_rng(21)
+  xp32 = jnp.asarray(rng.standard_normal((2, 2051, 8)), jnp.float32)
+  k32 = tuple((jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
+               jnp.asarray(rng.standard_normal(8), jnp.float32)) for _ in range(2))
+  g32 = tuple(jnp.asarray(rng.standard_normal((2, 2048, 8)), jnp.float32) for _ in range(2))
+  bf = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)  # noqa: E731
+  _, vjp = jax.vjp(causal_convs, bf(xp32), bf(k32))
+  dxp, dk = vjp(bf(g32))
+  assert dxp.dtype == jnp.bfloat16 and all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(dk))
+  # reference: the same bf16 inputs, differentiated in fp32
+  _, vjp32 = jax.vjp(causal_convs, *jax.tree.map(lambda a: a.astype(jnp.float32),
+                                                  (bf(xp32), bf(k32))))
+  _, dk_ref = vjp32(jax.tree.map(lambda a: a.astype(jnp.float32), bf(g32)))
+  for got, want in zip(jax.tree.leaves(dk), jax.tree.leaves(dk_ref), strict=True):
+    assert rel_err(got.astype(jnp.float32), want) <= 8e-3
+
+
+def test_causal_convs_backward_takes_one_reduction_for_every_weight_and_bias():
+  """The weight and bias cotangents of all the convs are one reduction over (batch, time) of
+  the per-token products laid side by side along the channels (XLA:GPU otherwise launches a
+  two-stage reduction per tap and conv, `make gpu-census`)."""
+  xp = jnp.ones((2, 11, 4))
+  kernels = tuple((jnp.ones((4, 4)), jnp.ones(4)) for _ in range(2))
+  _, vjp = jax.vjp(causal_convs, xp, kernels)
+  jaxpr = jax.make_jaxpr(vjp)(tuple(jnp.ones((2, 8, 4)) for _ in range(2)))
+  reductions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("reduce")]
+  assert [(e.primitive.name, e.params["axes"]) for e in reductions] == [("reduce_sum", (0, 1))]
+  assert reductions[0].invars[0].aval.shape == (2, 8, (2 * 4 + 2) * 4)
 
 
 def test_revision_swap_restores_every_binding():

@@ -41,32 +41,54 @@ POST_NORM_EPS = 1e-6
 
 
 @jax.custom_vjp
-def causal_conv(xp: jax.Array, w: jax.Array, bias: jax.Array) -> jax.Array:
-  """y_t = sum_j w_j * xp_{t+j} + bias: xp [B, T+W-1, D] (history first), w [W, D] -> [B, T, D].
+def causal_convs(xp: jax.Array, kernels: tuple) -> tuple:
+  """Depthwise causal convs of one input: for each (w [W, D], bias [D]) of `kernels`,
+  y_t = sum_j w_j * xp_{t+j} + bias, xp [B, T+W-1, D] (history first) -> a tuple of [B, T, D].
 
-  The backward pass is written out (`_conv_bwd`): XLA:CPU differentiates the sum of shifted
-  products into padded copies of the cotangent and layout changes that cost 2.4x the
-  forward + backward time of this form (measured at [1, 2048, 256] after a projection).
+  Convs that read the same input (TTT's Q and K convs) share one pass over it each way. The
+  backward pass is written out (`_convs_bwd`): every weight and bias cotangent of all the convs
+  is one reduction over (batch, time) (XLA:GPU otherwise launches a two-stage reduction per tap
+  and conv), and XLA:CPU differentiates the sum of shifted products into padded copies of the
+  cotangent and layout changes that cost 2.4x the forward + backward time of this form
+  (measured at [1, 2048, 256] after a projection).
   """
-  t = xp.shape[1] - w.shape[0] + 1
-  return sum(xp[:, j:j + t] * w[j] for j in range(w.shape[0])) + bias
+  width = kernels[0][0].shape[0]
+  t = xp.shape[1] - width + 1
+  taps = [xp[:, j:j + t] for j in range(width)]
+  return tuple(sum(x * w[j] for j, x in enumerate(taps)) + bias for w, bias in kernels)
 
 
-def _conv_fwd(xp, w, bias):
-  return causal_conv(xp, w, bias), (xp, w)
+def _convs_fwd(xp, kernels):
+  return causal_convs(xp, kernels), (xp, tuple(w for w, _ in kernels))
 
 
-def _conv_bwd(res, g):
-  xp, w = res
-  width, t = w.shape[0], g.shape[1]
-  zeros = jnp.zeros((g.shape[0], width - 1, g.shape[2]), g.dtype)
-  gp = jnp.concatenate([zeros, g, zeros], axis=1)  # dxp_s = sum_j w_j * g_{s-j}
-  dxp = sum(gp[:, width - 1 - j:width - 1 - j + xp.shape[1]] * w[j] for j in range(width))
-  dw = jnp.stack([jnp.einsum("btd,btd->d", xp[:, j:j + t], g) for j in range(width)])
-  return dxp, dw.astype(w.dtype), jnp.sum(g, axis=(0, 1)).astype(g.dtype)
+def _convs_bwd(res, gs):
+  xp, ws = res
+  width, t, n = ws[0].shape[0], gs[0].shape[1], xp.shape[1]
+  pads = [jnp.pad(g, ((0, 0), (width - 1, width - 1), (0, 0))) for g in gs]
+  # dxp_s = sum over convs c and taps j of w_cj * g_c,s-j
+  dxp = sum(p[:, width - 1 - j:width - 1 - j + n] * w[j]
+            for p, w in zip(pads, ws, strict=True) for j in range(width))
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  taps = [f32(xp[:, j:j + t]) for j in range(width)]
+  g32 = [f32(g) for g in gs]
+  # rows: conv c's taps at c*W .. c*W+W-1, then one bias row per conv
+  rows = [x * g for g in g32 for x in taps] + g32
+  # side by side along the channels: one column reduction of [B*T, (C*W + C) * D]
+  sums = jnp.sum(jnp.concatenate(rows, axis=-1), axis=(0, 1)).reshape(len(rows), -1)
+  bias_row = len(gs) * width
+  grads = tuple((sums[i * width:(i + 1) * width].astype(w.dtype),
+                 sums[bias_row + i].astype(g.dtype))
+                for i, (w, g) in enumerate(zip(ws, gs, strict=True)))
+  return dxp, grads
 
 
-causal_conv.defvjp(_conv_fwd, _conv_bwd)
+causal_convs.defvjp(_convs_fwd, _convs_bwd)
+
+
+def causal_conv(xp: jax.Array, w: jax.Array, bias: jax.Array) -> jax.Array:
+  """One depthwise causal conv (`causal_convs`): xp [B, T+W-1, D], w [W, D] -> [B, T, D]."""
+  return causal_convs(xp, ((w, bias),))[0]
 
 
 class CausalConv(nnx.Module):
@@ -87,13 +109,22 @@ class CausalConv(nnx.Module):
   def init_state(self, batch_size: int) -> jax.Array:
     return jnp.zeros((batch_size, self.width - 1, self.dim), self.compute_dtype)
 
-  def __call__(self, x: jax.Array, state: jax.Array | None = None):
+  def history(self, x: jax.Array, state: jax.Array | None = None):
+    """(xp [B, width-1+T, D]: `x` in the compute dtype after its history (zeros without a
+    `state`), the new state (None without one))."""
     x = x.astype(self.compute_dtype)
     prev = self.init_state(x.shape[0]) if state is None else state.astype(x.dtype)
     xp = jnp.concatenate([prev, x], axis=1)
-    y = causal_conv(xp, self.kernel[...].astype(x.dtype), self.bias[...].astype(x.dtype))
-    new_state = None if state is None else xp[:, xp.shape[1] - (self.width - 1):]
-    return y, new_state
+    return xp, None if state is None else xp[:, xp.shape[1] - (self.width - 1):]
+
+  def weights(self) -> tuple[jax.Array, jax.Array]:
+    """(kernel, bias) in the compute dtype: an entry of `causal_convs`' kernels."""
+    return (self.kernel[...].astype(self.compute_dtype),
+            self.bias[...].astype(self.compute_dtype))
+
+  def __call__(self, x: jax.Array, state: jax.Array | None = None):
+    xp, new_state = self.history(x, state)
+    return causal_convs(xp, (self.weights(),))[0], new_state
 
 
 # logical axes of the inner loop's arrays: per-sequence inner weights [B, H, ...], per-head
@@ -229,9 +260,9 @@ class TTTMixer(nnx.Module):
     bsz, t, _ = x.shape
     new_conv = None
     if self.mamba:
-      xqk = self.wq(x)
-      xq, new_conv = self.conv_q(xqk, conv_state)
-      xk, _ = self.conv_k(xqk, conv_state)
+      # Q and K convs of one projection: one pass over it each way (`causal_convs`)
+      xp, new_conv = self.conv_q.history(self.wq(x), conv_state)
+      xq, xk = causal_convs(xp, (self.conv_q.weights(), self.conv_k.weights()))
     else:
       xq, xk = self.wq(x), self.wk(x)
     xv = self.wv(x)
