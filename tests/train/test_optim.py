@@ -1,4 +1,5 @@
-"""Optimizer: weight decay reaches exactly the weight matrices, for every model kind and layout."""
+"""Optimizer: weight decay reaches exactly the weight matrices, for every model kind and layout;
+the global norm and the clipping by it equal optax's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from ttt_jax.config import build_config
 from ttt_jax.layers import mixers
 from ttt_jax.models import abstract_model
-from ttt_jax.train.optim import decay_mask, make_optimizer
+from ttt_jax.train.optim import clip_by_global_norm, decay_mask, global_norm, make_optimizer
 
 # The rule, written out by full path ("blocks/<i>/" without scan_layers, "blocks/" with it;
 # E2E's suffix blocks "suffix/<i>/" when its prefix is stacked).
@@ -145,3 +146,49 @@ def test_only_the_models_own_mixer_decides_its_names():
   finally:
     mixers.MIXERS.clear()
     mixers.MIXERS.update(saved)
+
+
+def random_tree(seed: int) -> dict:
+  """Leaves of every rank the models have (scalar, vector, matrix, per-head [H, 1, d], stacked
+  [L, ...]) and both dtypes, fresh random values."""
+  rng = np.random.default_rng(seed)
+  shapes = {"s": (), "v": (7,), "m": (5, 9), "h": (3, 1, 4), "l": (2, 3, 5, 6)}
+  tree = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+  tree["bf"] = jnp.asarray(rng.standard_normal((4, 6)), jnp.bfloat16)
+  return tree
+
+
+def test_global_norm_equals_optax_norm_and_takes_one_reduction_per_leaf():
+  tree = random_tree(0)
+  want = float(optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree)))
+  got = global_norm(tree)
+  assert got.dtype == jnp.float32 and abs(float(got) - want) <= 1e-6 * want
+  assert float(global_norm({})) == 0.0
+  # one reduction per leaf of rank >= 2 (to one value per first-axis index), one for all,
+  # the total behind the barrier that keeps XLA from splitting it per leaf again
+  eqns = jax.make_jaxpr(global_norm)(tree).jaxpr.eqns
+  names = [e.primitive.name for e in eqns]
+  assert names.count("reduce_sum") == 1 + sum(x.ndim > 1 for x in tree.values())
+  assert names.count("optimization_barrier") == 1
+  assert names.index("optimization_barrier") < len(names) - 1 - names[::-1].index("reduce_sum")
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_by_global_norm_equals_optax(max_norm):
+  """Clipped (norm above max_norm) and left alone (below): optax's updates (of the leaves in
+  fp32: optax squares a bf16 leaf in bf16), each in its leaf's dtype, and optax's empty state,
+  so checkpoints keep their optimizer-state tree."""
+  tree = random_tree(1)
+  ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+  state = ours.init(tree)
+  assert jax.tree.structure(state) == jax.tree.structure(theirs.init(tree))
+  got, _ = ours.update(tree, state)
+  want, _ = theirs.update(jax.tree.map(lambda x: x.astype(jnp.float32), tree), state)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == (jnp.bfloat16 if a.size == 24 else jnp.float32)
+    a = np.asarray(a, np.float32)
+    rounding = 8e-3 if a.size == 24 else 1e-6  # bf16 leaf: its own rounding of the result
+    assert np.abs(a - np.asarray(b)).max() <= rounding * np.abs(b).max()
+  changed = any(not np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(tree), strict=True))
+  assert changed == (max_norm == 0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -74,12 +75,44 @@ def decay_mask(params, mixer: str):
   return jax.tree_util.tree_map_with_path(lambda path, _: _leaf_name(path) in names, params)
 
 
+def global_norm(tree) -> jax.Array:
+  """sqrt of the sum of the squares of every element of `tree`, in fp32 (optax.tree.norm).
+
+  Each leaf is summed to one value per index of its first axis, and the values of all leaves
+  are summed at once behind an optimization barrier, which keeps XLA from splitting the total
+  back into a scalar reduction per leaf. On a GPU that is one reduction launch per leaf and one
+  for all of them, where a scalar sum per leaf takes two launches for most leaves (a partial
+  and a final reduction): 124 of the transformer train step's 967 launches (`make gpu-census`).
+  """
+  rows = [jnp.square(x.astype(jnp.float32)) for x in jax.tree.leaves(tree)]
+  rows = [jnp.sum(x, axis=tuple(range(1, x.ndim))) if x.ndim > 1 else x.reshape(-1)
+          for x in rows]
+  if not rows:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(jnp.sum(jax.lax.optimization_barrier(jnp.concatenate(rows))))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (updates scaled by max_norm / norm when their norm exceeds
+  max_norm; the same empty state) with the norm of `global_norm`."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    within = norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(within, t, (t / norm.astype(t.dtype)) * max_norm),
+        updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(tr: ml_collections.ConfigDict, mixer: str) -> optax.GradientTransformation:
   """AdamW (after global-norm clipping) from the `train` section, for a model whose sequence
   mixer is `mixer` (`model.mixer`: weight decay reaches its weight matrices)."""
   chain = []
   if tr.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(tr.grad_clip))
+    chain.append(clip_by_global_norm(tr.grad_clip))
   chain.append(optax.adamw(lr_schedule(tr), b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay,
                            mask=functools.partial(decay_mask, mixer=mixer)))
   return optax.chain(*chain)

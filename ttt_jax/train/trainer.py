@@ -32,7 +32,7 @@ from ttt_jax.sharding import (
   rules_from_config,
 )
 from ttt_jax.train.metrics import validation_metrics
-from ttt_jax.train.optim import lr_schedule, make_optimizer
+from ttt_jax.train.optim import global_norm, lr_schedule, make_optimizer
 
 
 class TrainState(struct.PyTreeNode):
@@ -128,12 +128,12 @@ class Trainer:
     with jax.named_scope("optimizer"):  # the update, its checks and the new state
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = global_norm(grads)
       # A non-finite loss, gradient or update never reaches the state: the update is dropped (the
       # batch still counts as a step) and `finite`=0 tells the loop, which stops or skips it
       # (train.skip_nonfinite). The state is donated, so this is the only place to keep it clean.
       finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                & jnp.isfinite(optax.global_norm(updates)))
+                & jnp.isfinite(global_norm(updates)))
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
       metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                      lr=lr_schedule(self.config.train)(state.step),
