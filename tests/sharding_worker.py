@@ -125,7 +125,7 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
       ref_state, ref_losses, ref_grads = _run(single, batches,
                                               jax.device_put(ref_init, single.state_shardings))
       ref_params = _flat(jax.device_get(ref_state.params))
-      res["single"] = {"losses": ref_losses}
+      res["single"] = {"losses": ref_losses, "norm_rows": single.norm_rows}
       if kind == "transformer":
         reference = single
       trainers = {}
@@ -146,6 +146,7 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
             "specs": {k: _spec(x) for k, x in params.items()},
             "opt_specs": {k: _spec(x) for k, x in mu.items() if ".mu" in k},
             "batch_spec": _spec(tr.device_batch(batches[0])["tokens"]),
+            "norm_rows": tr.norm_rows,
         }
         if name == "2,2,2":
           ck_state = state

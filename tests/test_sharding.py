@@ -145,6 +145,17 @@ def test_losses_and_gradients_match_single_device(meshes, kind):
     assert res[mesh]["param_max_rel_diff"] < 2e-3, mesh
 
 
+def test_global_norms_sum_per_leaf_rows_unless_parameters_are_split(meshes):
+  """`optim.global_norm`'s per-leaf rows (one launch per leaf on a GPU) where every parameter is
+  whole on each device (one device; data parallel), per-leaf scalars where FSDP or tensor
+  parallelism splits them (the rows of split leaves would each be gathered); the losses and
+  gradients above agree either way."""
+  for kind in KINDS:
+    res = _kind(meshes, kind)
+    got = {m: res[m]["norm_rows"] for m in ("single", *MESHES)}
+    assert got == {"single": True, "8,1,1": True, "1,8,1": False, "2,2,2": False}, (kind, got)
+
+
 def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   """E2E's inner loop is vmapped over sequences; its constraints inside then keep the
   sequences split over the batch's mesh axes (`sharding.vmap_batch`). Without that, each chunk

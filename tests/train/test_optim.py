@@ -171,6 +171,15 @@ def test_global_norm_equals_optax_norm_and_takes_one_reduction_per_leaf():
   assert names.count("reduce_sum") == 1 + sum(x.ndim > 1 for x in tree.values())
   assert names.count("optimization_barrier") == 1
   assert names.index("optimization_barrier") < len(names) - 1 - names[::-1].index("reduce_sum")
+  # for leaves split over devices: a scalar sum per leaf, added up (XLA combines their
+  # all-reduces), no barrier; the same norm
+  scalars = global_norm(tree, rows=False)
+  assert abs(float(scalars) - want) <= 1e-6 * want and float(global_norm({}, rows=False)) == 0
+  eqns = jax.make_jaxpr(lambda t: global_norm(t, rows=False))(tree).jaxpr.eqns
+  sums = [e for e in eqns if e.primitive.name == "reduce_sum"]
+  assert len(sums) == len(tree)
+  assert all(len(e.params["axes"]) == e.invars[0].aval.ndim for e in sums)
+  assert "optimization_barrier" not in [e.primitive.name for e in eqns]
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])

@@ -54,6 +54,9 @@ class Trainer:
   batch_sharding: jax.sharding.NamedSharding
   rules: Rules = LOGICAL_RULES  # logical axis -> mesh axes (mesh.rules)
   data: Dataset | None = None  # config.data resolved once (source, tokenizer, splits)
+  # how the step's global norms sum (`optim.global_norm`): per-leaf rows unless a parameter
+  # is split over devices
+  norm_rows: bool = True
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
@@ -67,9 +70,10 @@ class Trainer:
     validate(config)
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     graphdef, abstract = abstract_model(config.model, config.seed)
-    optimizer = make_optimizer(config.train, config.model.mixer)
     rules = rules_from_config(config)
     p_shard = param_shardings(abstract, mesh, rules)
+    norm_rows = all(s.is_fully_replicated for s in jax.tree.leaves(p_shard))
+    optimizer = make_optimizer(config.train, config.model.mixer, norm_rows)
     abstract_params = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     repl = replicated(mesh)
@@ -77,7 +81,7 @@ class Trainer:
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
-               batch_sharding(mesh, rules), rules, data)
+               batch_sharding(mesh, rules), rules, data, norm_rows)
 
   # -- pure functions --------------------------------------------------------------------------
   def model(self, params) -> nnx.Module:
@@ -128,12 +132,12 @@ class Trainer:
     with jax.named_scope("optimizer"):  # the update, its checks and the new state
       updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      grad_norm = global_norm(grads)
+      grad_norm = global_norm(grads, self.norm_rows)
       # A non-finite loss, gradient or update never reaches the state: the update is dropped (the
       # batch still counts as a step) and `finite`=0 tells the loop, which stops or skips it
       # (train.skip_nonfinite). The state is donated, so this is the only place to keep it clean.
       finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                & jnp.isfinite(global_norm(updates)))
+                & jnp.isfinite(global_norm(updates, self.norm_rows)))
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
       metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                      lr=lr_schedule(self.config.train)(state.step),
