@@ -88,23 +88,20 @@ def test_causal_conv_equals_sum_of_shifted_products():
   assert rel_err(new_state, x[:, -3:]) == 0.0
 
 
+def shifted_sum(xp, w, bias):
+  t = xp.shape[1] - w.shape[0] + 1
+  return sum(xp[:, j:j + t] * w[j] for j in range(w.shape[0])) + bias
+
+
 def test_causal_conv_gradients_equal_autodiff_of_the_sum():
   rng = np.random.default_rng(6)
   xp, w, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                  for s in ((2, 13, 5), (4, 5), (5,)))
   probe = jnp.asarray(rng.standard_normal((2, 10, 5)), jnp.float32)
 
-  def plain(xp, w, bias):
-    return sum(xp[:, j:j + 10] * w[j] for j in range(4)) + bias
-
   grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a)) * probe), argnums=(0, 1, 2))(
-      xp, w, bias) for f in (plain, causal_conv)]
+      xp, w, bias) for f in (shifted_sum, causal_conv)]
   assert tree_rel_err(grads[1], grads[0]) <= 1e-6
-
-
-def shifted_sum(xp, w, bias):
-  t = xp.shape[1] - w.shape[0] + 1
-  return sum(xp[:, j:j + t] * w[j] for j in range(w.shape[0])) + bias
 
 
 @pytest.mark.parametrize("convs", [1, 2, 3])
@@ -133,7 +130,7 @@ def test_causal_convs_of_one_input_equal_separate_sums_values_and_gradients(conv
 def test_causal_convs_gradients_in_bf16_keep_dtypes_and_sum_in_fp32():
   """bf16 convs (the compute dtype): cotangents come back in each input's dtype, and the weight
   and bias cotangents (sums over every token) are summed in fp32 before the cast: within bf16's
-  rounding of the fp32 result at 4K tokens."""
+  rounding of the fp32 result at 4K tokens, the reduction's input fp32."""
   rng = np.random.default_rng(21)
   xp32 = jnp.asarray(rng.standard_normal((2, 2051, 8)), jnp.float32)
   k32 = tuple((jnp.asarray(rng.standard_normal((4, 8)), jnp.float32),
@@ -149,6 +146,22 @@ def test_causal_convs_gradients_in_bf16_keep_dtypes_and_sum_in_fp32():
   _, dk_ref = vjp32(jax.tree.map(lambda a: a.astype(jnp.float32), bf(g32)))
   for got, want in zip(jax.tree.leaves(dk), jax.tree.leaves(dk_ref), strict=True):
     assert rel_err(got.astype(jnp.float32), want) <= 8e-3
+  # the products are summed in fp32 (a bf16 sum of 4K tokens would pass the bound above too)
+  jaxpr = jax.make_jaxpr(vjp)(bf(g32))
+  sums = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce_sum"]
+  assert [e.invars[0].aval.dtype for e in sums] == [jnp.float32]
+  # mixed dtypes: every cotangent in its own input's dtype
+  _, vjp = jax.vjp(causal_convs, bf(xp32), ((k32[0][0], bf(k32[0][1])),))
+  dxp, ((dw, db),) = vjp((g32[0],))
+  assert (dxp.dtype, dw.dtype, db.dtype) == (jnp.bfloat16, jnp.float32, jnp.bfloat16)
+
+
+def test_causal_convs_refuse_kernels_of_different_widths():
+  xp = jnp.ones((1, 9, 3))
+  with pytest.raises(ValueError, match=r"one width expected, got widths \[2, 4\]"):
+    causal_convs(xp, ((jnp.ones((4, 3)), jnp.ones(3)), (jnp.ones((2, 3)), jnp.ones(3))))
+  with pytest.raises(ValueError, match="got widths none"):
+    causal_convs(xp, ())
 
 
 def test_causal_convs_backward_takes_one_reduction_for_every_weight_and_bias():

@@ -82,10 +82,9 @@ def global_norm(tree, rows: bool = True) -> jax.Array:
   leaves are summed at once behind an optimization barrier, which keeps XLA from splitting the
   total back into a scalar reduction per leaf. On a GPU that is one reduction launch per leaf
   and one for all, where a scalar sum per leaf takes two launches for most leaves (a partial
-  and a final reduction): 124 of the transformer train step's 967 launches (`make gpu-census`).
-  For leaves split over devices, whose row sums would each be gathered before the total
-  (57 more collectives in TTT-Linear's step on a node of 8 GPUs under FSDP), `rows=False` adds
-  up a scalar sum per leaf, as optax does: XLA then combines the leaves' all-reduces into a few.
+  and a final reduction; counts in docs/benchmarks.md). The rows of a leaf split over devices
+  would each be gathered before the total, so for those `rows=False` adds up a scalar sum per
+  leaf, as optax does, and XLA combines the leaves' all-reduces into a few.
   """
   leaves = [jnp.square(x.astype(jnp.float32)) for x in jax.tree.leaves(tree)]
   if not leaves:
