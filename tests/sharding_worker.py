@@ -64,15 +64,18 @@ def _flat(tree) -> dict[str, object]:
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _run(trainer, batches, state=None):
+def _run(trainer, batches, state=None, grad_norms: list | None = None):
   """(final state, losses, first moments after the first step). Adam's first moment after one
   step is (1 - b1) x the (norm-clipped) gradient at the initial parameters: the gradient of the
-  first batch, read before the next step donates the state."""
+  first batch, read before the next step donates the state. `grad_norms`: gets each step's
+  `grad_norm` metric."""
   state = trainer.init_state() if state is None else state
   losses, first = [], None
   for b in batches:
     state, metrics = trainer.train_step(state, trainer.device_batch(b))
     losses.append(float(jax.device_get(metrics["loss"])))
+    if grad_norms is not None:
+      grad_norms.append(float(jax.device_get(metrics["grad_norm"])))
     if first is None:
       first = {k: np.asarray(jax.device_get(x)) for k, x in _flat(state.opt_state).items()
                if ".mu" in k}
@@ -122,10 +125,13 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
       single = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices[:1]))
       # eager init, kept on the host (steps donate their input); every mesh starts from it
       ref_init = jax.device_get(single._init(cfg.seed))
+      ref_norms: list = []
       ref_state, ref_losses, ref_grads = _run(single, batches,
-                                              jax.device_put(ref_init, single.state_shardings))
+                                              jax.device_put(ref_init, single.state_shardings),
+                                              ref_norms)
       ref_params = _flat(jax.device_get(ref_state.params))
-      res["single"] = {"losses": ref_losses, "norm_rows": single.norm_rows}
+      res["single"] = {"losses": ref_losses, "norm_rows": single.norm_rows,
+                       "grad_norms": ref_norms}
       if kind == "transformer":
         reference = single
       trainers = {}
@@ -137,9 +143,10 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         local, total = _bytes_per_device(init.params)
         params = _flat(init.params)
         mu = _flat(init.opt_state)
-        state, losses, grads = _run(tr, batches, init)
+        norms: list = []
+        state, losses, grads = _run(tr, batches, init, norms)
         res[name] = {
-            "losses": losses,
+            "losses": losses, "grad_norms": norms,
             "grad_rel_diff": _norm_rel(grads, ref_grads),
             "param_max_rel_diff": _max_rel(_flat(jax.device_get(state.params)), ref_params),
             "bytes_per_device": local, "bytes_total": total,

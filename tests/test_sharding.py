@@ -149,11 +149,16 @@ def test_global_norms_sum_per_leaf_rows_unless_parameters_are_split(meshes):
   """`optim.global_norm`'s per-leaf rows (one launch per leaf on a GPU) where every parameter is
   whole on each device (one device; data parallel), per-leaf scalars where FSDP or tensor
   parallelism splits them (the rows of split leaves would each be gathered); the losses and
-  gradients above agree either way."""
+  gradients above agree either way, and so does the `grad_norm` metric."""
   for kind in KINDS:
     res = _kind(meshes, kind)
     got = {m: res[m]["norm_rows"] for m in ("single", *MESHES)}
     assert got == {"single": True, "8,1,1": True, "1,8,1": False, "2,2,2": False}, (kind, got)
+    # the grad_norm metric, per-leaf rows on one device against scalars on the split meshes
+    ref = res["single"]["grad_norms"]
+    assert len(ref) == 3 and all(n > 0 for n in ref), ref
+    for mesh in MESHES:
+      assert _rel(res[mesh]["grad_norms"], ref) <= 1e-5, (kind, mesh, res[mesh]["grad_norms"])
 
 
 def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
