@@ -46,7 +46,7 @@ def clip_by_global_norm(grads, max_norm: float):
   """g * max_norm / max(|g|, max_norm) with one norm over every leaf; max_norm <= 0 = no clip."""
   if max_norm <= 0:
     return grads
-  norm = optax.global_norm(grads)
+  norm = optax.tree.norm(grads)
   scale = max_norm / jnp.maximum(norm, max_norm)
   return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
