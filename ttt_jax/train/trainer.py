@@ -41,6 +41,11 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
 
 
+def whole_on_each_device(shardings) -> bool:
+  """True if no sharding in the tree `shardings` splits its array over devices."""
+  return all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
 @dataclasses.dataclass
 class Trainer:
   """Everything compiled for one config on one mesh."""
@@ -54,9 +59,6 @@ class Trainer:
   batch_sharding: jax.sharding.NamedSharding
   rules: Rules = LOGICAL_RULES  # logical axis -> mesh axes (mesh.rules)
   data: Dataset | None = None  # config.data resolved once (source, tokenizer, splits)
-  # how the step's global norms sum (`optim.global_norm`): per-leaf rows unless a parameter
-  # is split over devices
-  norm_rows: bool = True
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
@@ -72,8 +74,7 @@ class Trainer:
     graphdef, abstract = abstract_model(config.model, config.seed)
     rules = rules_from_config(config)
     p_shard = param_shardings(abstract, mesh, rules)
-    norm_rows = all(s.is_fully_replicated for s in jax.tree.leaves(p_shard))
-    optimizer = make_optimizer(config.train, config.model.mixer, norm_rows)
+    optimizer = make_optimizer(config.train, config.model.mixer, whole_on_each_device(p_shard))
     abstract_params = abstract.to_pure_dict()
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     repl = replicated(mesh)
@@ -81,7 +82,13 @@ class Trainer:
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
-               batch_sharding(mesh, rules), rules, data, norm_rows)
+               batch_sharding(mesh, rules), rules, data)
+
+  @property
+  def norm_rows(self) -> bool:
+    """How the step's global norms sum (`optim.global_norm`): per-leaf rows unless a parameter
+    is split over devices (as the optimizer's clipping, built by `create`)."""
+    return whole_on_each_device(self.state_shardings.params)
 
   # -- pure functions --------------------------------------------------------------------------
   def model(self, params) -> nnx.Module:
