@@ -176,16 +176,11 @@ def test_mlp_unroll_sets_loops_or_straight_code_over_the_hidden_blocks():
   """`Tuning.mlp_unroll`: False runs each kernel's passes over the hidden blocks as loops in the
   kernel (one copy of a block's code, whatever the number of blocks); True writes every block's
   code out, so the kernels grow with the blocks and have only the mini-batch loop."""
-  args = inputs("mlp", n=2)  # hidden 64: 4 blocks of 16
-  loss = lambda *a: jnp.sum(sequence_fn("mlp", "pallas")(*a)[1])  # noqa: E731
-
-  def kernel_jaxprs(**tune):
-    with ttt_pallas.tuning(mlp_block=16, **tune):
-      closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)
-    return [str(e.params["jaxpr"]) for e in closed.jaxpr.eqns if e.primitive.name == "pallas_call"]
+  def kernels(**tune):  # hidden 64: 4 blocks of 16
+    return [str(k) for k in kernel_jaxprs("mlp", mlp_block=16, **tune)]
 
   loops = lambda text: text.count("scan[") + text.count("while[")  # noqa: E731
-  rolled, unrolled = kernel_jaxprs(), kernel_jaxprs(mlp_unroll=True)
+  rolled, unrolled = kernels(), kernels(mlp_unroll=True)
   # forward: W_0's copy, P2's blocks and the update's blocks in the mini-batch loop; backward:
   # the cotangents' copy, P2's blocks and the two passes
   assert [loops(k) for k in rolled] == [4, 5]
