@@ -255,6 +255,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def whole_on_each_device(shardings) -> bool:
+  """True if no sharding in the tree `shardings` splits its array over devices."""
+  return all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
 # ----------------------------------------------------------------------------------------------
 # Programs outside training (evaluation, generation, TLM): on the mesh their parameters lie on
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from ttt_jax.sharding import (
   param_shardings,
   replicated,
   rules_from_config,
+  whole_on_each_device,
 )
 from ttt_jax.train.metrics import validation_metrics
 from ttt_jax.train.optim import global_norm, lr_schedule, make_optimizer
@@ -39,11 +40,6 @@ class TrainState(struct.PyTreeNode):
   step: jax.Array  # int32 scalar: number of completed optimizer updates
   params: Any  # pure dict of arrays
   opt_state: Any
-
-
-def whole_on_each_device(shardings) -> bool:
-  """True if no sharding in the tree `shardings` splits its array over devices."""
-  return all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
 
 
 @dataclasses.dataclass
