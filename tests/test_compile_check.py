@@ -20,6 +20,8 @@ from ttt_jax.benchmarks import compile_check as cc
 from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.config import MODEL_KINDS, ConfigError, build_config
 
+from .fast_compile import OLDER_EMITTERS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "compile_check.py")
 
@@ -68,7 +70,7 @@ def test_script_compiles_tiny_kinds(tmp_path):
   kinds = ("transformer", "e2e")
   report, stdout = _run_script(tmp_path, "--scales", "tiny", "--ctx", "256", "--fast_compile",
                                "--kinds", ",".join(kinds), "--set", "model.num_layers=1",
-                               timeout=600, xla_flags="--xla_cpu_use_fusion_emitters=false")
+                               timeout=600, xla_flags=OLDER_EMITTERS)
   _check_compiled(report, stdout, "tiny", kinds)
   assert "per-device memory (MiB)" in stdout
 

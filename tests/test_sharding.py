@@ -24,6 +24,8 @@ from ttt_jax.config import MESH_AXES, ConfigError, base_config, parse_rules, val
 from ttt_jax.sharding import activation_sharding, constrain, logical_to_mesh
 from ttt_jax.train import distributed
 
+from .fast_compile import FAST_COMPILE
+
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # ttt_linear-pallas: the Pallas TTT-Linear kernels (interpreted on CPU), run per device on a
 # mesh (`sharding.per_shard`), as a GPU takes them by default; e2e+scan: E2E with its prefix
@@ -32,13 +34,11 @@ KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-palla
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
 # unoptimized CPU code generation, fusions by XLA:CPU's older emitters (E2E's 8-device steps
 # compile in half the time): the tiny steps run in milliseconds, compiling dominates
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
 
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {' '.join(FAST_COMPILE)}")
   env.pop("JAX_COORDINATOR_ADDRESS", None)
   return env
 

@@ -33,8 +33,6 @@ MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1)}
 BATCH, SEQ, ACCUM = 16, 48, 2  # 8 rows per microbatch: one row per device
 # unoptimized CPU code generation, fusions by XLA:CPU's older emitters (the steps compile in half
 # the time); the collectives searched for are placed before code generation
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
 # an HLO instruction `%name = type[dims]{layout} op(` of a collective that moves data
 MOVES_DATA = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute|"
                         r"reduce-scatter)(?:-start)?\(")
@@ -133,8 +131,10 @@ def worker(kinds: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def accum_results():
+  from ..fast_compile import FAST_COMPILE  # noqa: PLC0415 (this file also runs as a script)
+
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {' '.join(FAST_COMPILE)}")
   p = subprocess.run([sys.executable, __file__, "--kinds", ",".join(KINDS)], env=env,
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
