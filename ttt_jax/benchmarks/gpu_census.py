@@ -84,8 +84,11 @@ def _compile(fn, device, *args) -> tuple[str, dict]:
     sharding = jax.sharding.SingleDeviceSharding(device)
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         args)
+  from ttt_jax.benchmarks.lowering import gpu_target  # noqa: PLC0415
+
   fn = fn if hasattr(fn, "trace") else jax.jit(fn)
-  lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
+  with gpu_target():
+    lowered = fn.trace(*args).lower(lowering_platforms=("cuda",))
   t0 = time.perf_counter()
   compiled = lowered.compile()  # Triton kernels included: shared memory and registers checked
   info = {"compile_s": time.perf_counter() - t0}

@@ -49,13 +49,34 @@ _TARGET = re.compile(r"custom_call @([^\s(]+)\(")
 
 
 @contextlib.contextmanager
+def gpu_target() -> Iterator[None]:
+  """Pallas kernels lowered inside target an H200 where no GPU is attached. JAX 0.11's Triton
+  lowering asks the attached GPU for its compute capability, else the abstract device of the
+  abstract mesh in context, which inside a mesh of CPU devices (the tests' forced host devices)
+  is a CPU: it refuses ("No supported GPU devices found"). JAX 0.10's asks nothing."""
+  try:
+    from jax._src.pallas.triton import gpu_info  # noqa: PLC0415
+
+    h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  except (ImportError, AttributeError):  # JAX 0.10
+    h200 = None
+  if h200 is None or jax.default_backend() == "gpu":
+    yield
+    return
+  with mock.patch.object(gpu_info, "get_gpu_info", lambda: h200):
+    yield
+
+
+@contextlib.contextmanager
 def for_gpu() -> Iterator[None]:
   """Models built and traced inside choose their GPU kernels. On a machine without a GPU the
   cuDNN availability checks answer as an H100/H200 with cuDNN 9.10 would, and the run-time
   input checks (host callbacks: the KV-cache overflow and stream-continuation errors, which JAX
-  lowers only for the backend it runs on) are left out of the program."""
+  lowers only for the backend it runs on) are left out of the program; Pallas kernels are lowered
+  for an H200 (`gpu_target`)."""
   with contextlib.ExitStack() as stack:
     stack.enter_context(building_for("gpu"))
+    stack.enter_context(gpu_target())
     if jax.default_backend() != "gpu":
       from jax._src.cudnn import fused_attention_stablehlo as fa  # noqa: PLC0415
       stack.enter_context(mock.patch.object(fa, "check_cudnn_version", lambda: 91000))
@@ -70,7 +91,8 @@ def export_cuda(fn: Callable, *args, platform: str = "cuda") -> jax.export.Expor
   checks: list = []
   for _ in range(4):
     try:
-      return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
+      with gpu_target() if platform == "cuda" else contextlib.nullcontext():
+        return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
     except ValueError as e:
       targets = sorted(set(_TARGET.findall(str(e))))
       if not targets or "compatibility" not in str(e):
