@@ -78,12 +78,24 @@ def current_tuning() -> Tuning:
 @contextlib.contextmanager
 def tuning(**changes):
   """Overrides `Tuning` fields for the kernels traced inside the block (a new jit traces); the
-  setting is local to this context (thread, task) and undone on exit."""
-  token = _TUNING.set(dataclasses.replace(_TUNING.get(), **changes))
+  setting is local to this context (thread, task) and undone on exit.
+
+  JAX keeps the traces of `jax.checkpoint`-ed functions (the rematerialised blocks the kernels
+  run in) by function and argument shapes, not by this setting, so a step traced inside could
+  reuse kernels traced outside, and the other way round (seen with JAX 0.11: `linear_output=
+  'xla'` traced the default kernels). Entering and leaving a block that changes the setting
+  therefore clears JAX's caches (`jax.clear_caches`: later calls trace and compile again)."""
+  before = _TUNING.get()
+  after = dataclasses.replace(before, **changes)
+  token = _TUNING.set(after)
+  if after != before:
+    jax.clear_caches()
   try:
-    yield _TUNING.get()
+    yield after
   finally:
     _TUNING.reset(token)
+    if after != before:
+      jax.clear_caches()
 
 
 def _compiler_params(mlp: bool = False):
