@@ -81,6 +81,9 @@ def streams_like_one_shot(cfg):
 
 
 def learns(config, train_steps):
+  # 20 steps: after the tiny config's 12 the drop is within 0.02 of the bar (the corpus, the
+  # running Python's standard library, differs between Python versions); after 20, 0.4 past it
+  config.train.steps = 20
   history, _ = train_steps(config, config.train.steps)
   losses = [h["loss"] for h in history]
   assert all(np.isfinite(losses)), losses
