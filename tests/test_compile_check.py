@@ -70,7 +70,7 @@ def test_script_compiles_tiny_kinds(tmp_path):
   kinds = ("transformer", "e2e")
   report, stdout = _run_script(tmp_path, "--scales", "tiny", "--ctx", "256", "--fast_compile",
                                "--kinds", ",".join(kinds), "--set", "model.num_layers=1",
-                               timeout=600, xla_flags=OLDER_EMITTERS)
+                               timeout=600, xla_flags=" ".join(OLDER_EMITTERS))
   _check_compiled(report, stdout, "tiny", kinds)
   assert "per-device memory (MiB)" in stdout
 

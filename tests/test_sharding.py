@@ -32,11 +32,10 @@ WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # blocks stacked (`model.scan_layers`)
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas", "e2e+scan")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
-# unoptimized CPU code generation, fusions by XLA:CPU's older emitters (E2E's 8-device steps
-# compile in half the time): the tiny steps run in milliseconds, compiling dominates
 
 
 def _env(devices: int) -> dict:
+  # fast_compile.py's flags: the tiny steps run in milliseconds, compiling dominates
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {' '.join(FAST_COMPILE)}")
   env.pop("JAX_COORDINATOR_ADDRESS", None)

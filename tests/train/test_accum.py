@@ -31,8 +31,6 @@ from ttt_jax.train.trainer import Trainer
 KINDS = ("transformer", "e2e")
 MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1)}
 BATCH, SEQ, ACCUM = 16, 48, 2  # 8 rows per microbatch: one row per device
-# unoptimized CPU code generation, fusions by XLA:CPU's older emitters (the steps compile in half
-# the time); the collectives searched for are placed before code generation
 # an HLO instruction `%name = type[dims]{layout} op(` of a collective that moves data
 MOVES_DATA = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-to-all|collective-permute|"
                         r"reduce-scatter)(?:-start)?\(")
@@ -131,6 +129,7 @@ def worker(kinds: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def accum_results():
+  # fast_compile.py's flags (the collectives searched for are placed before code generation)
   from ..fast_compile import FAST_COMPILE  # noqa: PLC0415 (this file also runs as a script)
 
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",

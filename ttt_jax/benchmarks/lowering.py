@@ -50,20 +50,28 @@ _TARGET = re.compile(r"custom_call @([^\s(]+)\(")
 
 @contextlib.contextmanager
 def gpu_target() -> Iterator[None]:
-  """Pallas kernels lowered inside target an H200 where no GPU is attached. JAX 0.11's Triton
-  lowering asks the attached GPU for its compute capability, else the abstract device of the
-  abstract mesh in context, which inside a mesh of CPU devices (the tests' forced host devices)
-  is a CPU: it refuses ("No supported GPU devices found"). JAX 0.10's asks nothing."""
+  """Pallas kernels lowered inside target an H200 when JAX finds no GPU to target. JAX 0.11's
+  Triton lowering asks the attached GPU for its compute capability, else the abstract device of
+  the abstract mesh in context (a CPU inside a mesh of CPU devices), and without an answer
+  refuses ("No supported GPU devices found"); inside, the question falls back to an H200. JAX
+  0.10's lowering asks nothing. The answer is patched into JAX for the whole process while the
+  block runs: enter it from one thread at a time."""
   try:
     from jax._src.pallas.triton import gpu_info  # noqa: PLC0415
 
     h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+    asked = gpu_info.get_gpu_info
   except (ImportError, AttributeError):  # JAX 0.10
-    h200 = None
-  if h200 is None or jax.default_backend() == "gpu":
     yield
     return
-  with mock.patch.object(gpu_info, "get_gpu_info", lambda: h200):
+
+  def answer():
+    try:
+      return asked()
+    except ValueError:  # no GPU (and no GPU abstract device) to ask
+      return h200
+
+  with mock.patch.object(gpu_info, "get_gpu_info", answer):
     yield
 
 

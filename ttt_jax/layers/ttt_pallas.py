@@ -77,20 +77,20 @@ def current_tuning() -> Tuning:
 
 @contextlib.contextmanager
 def tuning(**changes):
-  """Overrides `Tuning` fields for the kernels traced inside the block (a new jit traces); the
-  setting is local to this context (thread, task) and undone on exit.
+  """Overrides `Tuning` fields for the kernels traced inside the block; the setting is local to
+  this context (thread, task) and undone on exit.
 
-  JAX keeps the traces of `jax.checkpoint`-ed functions (the rematerialised blocks the kernels
-  run in) by function and argument shapes, not by this setting, so a step traced inside could
-  reuse kernels traced outside, and the other way round (seen with JAX 0.11: `linear_output=
-  'xla'` traced the default kernels). Entering and leaving a block that changes the setting
-  therefore clears JAX's caches (`jax.clear_caches`: later calls trace and compile again)."""
+  JAX caches traces by function and argument types (`jax.checkpoint`'s, among others), not by
+  this setting, so a step traced inside the block could reuse kernels traced outside it, or
+  the other way round. A block that changes the setting therefore clears JAX's caches, which
+  are the whole process's, on entry and on exit (`jax.clear_caches`: functions jitted before
+  trace and compile again; compiled executables are kept)."""
   before = _TUNING.get()
   after = dataclasses.replace(before, **changes)
   token = _TUNING.set(after)
-  if after != before:
-    jax.clear_caches()
   try:
+    if after != before:
+      jax.clear_caches()
     yield after
   finally:
     _TUNING.reset(token)
