@@ -34,6 +34,9 @@ NEWEST       := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
 NEWEST_STAMP := $(NEWEST_VENV)/.installed
 
 $(NEWEST_STAMP): pyproject.toml constraints.txt
+	@test -x $(NEWEST_VENV)/bin/python || command -v $(NEWEST_PY) >/dev/null || { echo \
+	  "test-newest: no $(NEWEST_PY) here; JAX 0.11 needs Python 3.12+: make test-newest NEWEST_PY=<python>"; \
+	  exit 1; }
 	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(NEWEST_VENV)
 	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
 	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(NEWEST_VENV)/constraints.txt
