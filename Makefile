@@ -34,8 +34,9 @@ NEWEST       := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
 NEWEST_STAMP := $(NEWEST_VENV)/.installed
 
 $(NEWEST_STAMP): pyproject.toml constraints.txt
-	@test -x $(NEWEST_VENV)/bin/python || command -v $(NEWEST_PY) >/dev/null || { echo \
-	  "test-newest: no $(NEWEST_PY) here; JAX 0.11 needs Python 3.12+: make test-newest NEWEST_PY=<python>"; \
+	@test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -c \
+	  'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo \
+	  "test-newest: $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11 needs 3.12+): make test-newest NEWEST_PY=<python>"; \
 	  exit 1; }
 	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(NEWEST_VENV)
 	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
