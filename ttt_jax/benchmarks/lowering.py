@@ -48,6 +48,16 @@ STREAM_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e")
 _TARGET = re.compile(r"custom_call @([^\s(]+)\(")
 
 
+def triton_gpu_info():
+  """JAX's module that Pallas' Triton lowering asks for the target GPU (JAX 0.11 and later), or
+  None where the lowering asks nothing (JAX 0.10)."""
+  try:
+    from jax._src.pallas.triton import gpu_info  # noqa: PLC0415
+  except ImportError:
+    return None
+  return gpu_info if hasattr(gpu_info, "get_gpu_info_from_version") else None
+
+
 @contextlib.contextmanager
 def gpu_target() -> Iterator[None]:
   """Pallas kernels lowered inside target an H200 when JAX finds no GPU to target. JAX 0.11's
@@ -56,14 +66,12 @@ def gpu_target() -> Iterator[None]:
   refuses ("No supported GPU devices found"); inside, the question falls back to an H200. JAX
   0.10's lowering asks nothing. The answer is patched into JAX for the whole process while the
   block runs: enter it from one thread at a time."""
-  try:
-    from jax._src.pallas.triton import gpu_info  # noqa: PLC0415
-
-    h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
-    asked = gpu_info.get_gpu_info
-  except (ImportError, AttributeError):  # JAX 0.10
+  gpu_info = triton_gpu_info()
+  if gpu_info is None:
     yield
     return
+  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  asked = gpu_info.get_gpu_info
 
   def answer():
     try:

@@ -87,14 +87,15 @@ def tuning(**changes):
   trace and compile again; compiled executables are kept)."""
   before = _TUNING.get()
   after = dataclasses.replace(before, **changes)
+  changed = after != before
   token = _TUNING.set(after)
   try:
-    if after != before:
+    if changed:
       jax.clear_caches()
     yield after
   finally:
     _TUNING.reset(token)
-    if after != before:
+    if changed:
       jax.clear_caches()
 
 
