@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow test-newest bench gpu-check gpu-census lint venv clean pretrained
+.PHONY: demo test test-slow test-newest bench gpu-check gpu-census gpu-wheels lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -61,6 +61,23 @@ bench: $(STAMP)
 gpu-check:
 	@if [ -x $(PYBIN) ]; then P=$(PYBIN); else P=$(PY); fi; \
 	JAX_PLATFORMS= $$P scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The packages a CUDA image with JAX but without this package's data stack needs (GPU_WHEELS, at
+# constraints.txt's versions), as CPython 3.12 x86-64 wheels in .whl/ for a machine that cannot
+# reach a package index. There: pip install --no-index --no-deps --target /tmp/site .whl/*.whl,
+# then PYTHONPATH=/tmp/site:$PWD make gpu-check (README).
+GPU_WHEELS ?= grain array_record ml_collections tensorboardX gguf portpicker
+WHEEL_PY   ?= 3.12
+WHEEL_DIR  ?= .whl
+gpu-wheels:
+	@mkdir -p $(WHEEL_DIR); for p in $(GPU_WHEELS); do \
+	  v=$$(sed -n "s/^$$p==//p" constraints.txt); \
+	  if [ -z "$$v" ]; then echo "gpu-wheels: $$p has no exact pin in constraints.txt"; exit 2; fi; \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEEL_PY) \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d $(WHEEL_DIR) "$$p==$$v" || exit 1; \
+	done; ls $(WHEEL_DIR)
 
 # On any machine: kernel launches per train step of every kind, compiled for an H200 without a
 # GPU (runs/gpu_census/gpu_census.md). Sets up .venv-cuda: the package plus JAX's CUDA plugin
