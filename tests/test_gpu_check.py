@@ -285,3 +285,66 @@ def test_a_train_task_that_times_out_while_profiling_keeps_its_timing(tmp_path, 
   assert rows[1]["task"] == "train:swa" and rows[1]["median_s"] == 0.02
   assert rows[1]["profile"]["error"].startswith("timed out after")
   assert "| swa | 1.0 s | 20.00 ms |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_tasks_share_one_autotuning_cache_unless_cold(tmp_path, monkeypatch):
+  """Every task process of a run gets the same autotuning-cache directory (alive while the
+  tasks run, removed after), on top of its variant's XLA flags and the caller's; with
+  --cold_compile none gets one. The summary says which."""
+  import jax  # noqa: PLC0415
+
+  seen = []
+
+  def fake_run(cmd, env=None, **kw):
+    flags = env.get("XLA_FLAGS", "").split()
+    dirs = [f.split("=", 1)[1] for f in flags if f.startswith(gpu_check.AUTOTUNE_FLAG + "=")]
+    seen.append((cmd[-1], flags, dirs, [os.path.isdir(d) for d in dirs]))
+    return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(
+        {"median_s": 0.01, "compile_s": 1.0, "tokens_per_step": 8, "model_flops_per_token": 1}),
+                                       stderr="")
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
+  only = "train:transformer$,train:ttt_linear+cmdbuf"
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", only]) == 0
+  (t1, f1, d1, alive1), (t2, f2, d2, alive2) = seen
+  assert (t1, t2) == ("train:transformer", "train:ttt_linear+cmdbuf")
+  assert len(d1) == 1 and d1 == d2 and alive1 == alive2 == [True]
+  assert not os.path.exists(d1[0])  # removed after the run
+  assert f1[0] == f2[0] == "--xla_dump_to=/nowhere"
+  assert gpu_variants.VARIANTS["cmdbuf"] in f2 and gpu_variants.VARIANTS["cmdbuf"] not in f1
+  text = (tmp_path / "gpu_check.md").read_text()
+  assert "the tasks shared one XLA autotuning cache" in text
+  seen.clear()
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", only, "--cold_compile"]) == 0
+  assert [d for _, _, d, _ in seen] == [[], []]
+  assert [f for _, f, _, _ in seen][1][-1] == gpu_variants.VARIANTS["cmdbuf"]
+  assert "each task autotuned its own fusions" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_this_jaxlib_knows_every_flag_the_tasks_are_given(tmp_path):
+  """XLA aborts a process at backend start on a flag it does not know (jaxlib 0.11 did so for a
+  flag 0.10 had): the autotuning cache's and every variant's flags start a backend here."""
+  flags = [f"{gpu_check.AUTOTUNE_FLAG}={tmp_path}", *gpu_variants.VARIANTS.values()]
+  proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.numpy.arange(3).sum())"],
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags)))
+  assert proc.returncode == 0, proc.stderr[-800:]
+  assert proc.stdout.strip() == "3"
+
+
+def test_named_selections_expand_and_a_bad_one_is_refused(capsys):
+  lease = gpu_check.selection("@lease")
+  names = [n for n, _ in gpu_check.plan(lease)]
+  assert names == ["env", "pallas", "train:transformer", "train:ttt_linear",
+                   "train:ttt_mlp-pallas", "train:e2e-pretrain", "train:e2e-meta",
+                   "train:ttt_linear+xlaout"]
+  assert all(gpu_check.plan([item]) for item in lease)  # every item names a task
+  assert gpu_check.selection("learn,@lease") == ["learn", *lease]
+  try:
+    gpu_check.main(["--only", "@leas"])  # refused before looking for a GPU
+  except SystemExit as e:
+    assert "--only @leas: no such selection (known: @lease)" in str(e)
+  else:
+    raise AssertionError("an unknown selection must be refused")

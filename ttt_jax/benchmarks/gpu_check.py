@@ -36,6 +36,9 @@ Tasks, in order:
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
              before, innerblockwise, nogroups, scan), or
              launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
+The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
+fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
+task that compiles it; `--cold_compile` makes every task autotune everything itself.
 On a machine without a GPU it says so in one line and exits 0.
 """
 
@@ -47,6 +50,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 from ttt_jax.benchmarks.gpu_tasks import run_task
@@ -95,13 +99,53 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   return [t for t in tasks if not only or picked(t[0])]
 
 
+# `--only @NAME`: named selections. `lease`: what one 15-minute device lease measures first, in
+# one call of the default budget that leaves time to run part of it again: the ceiling, the TTT
+# kernels against the dual form on the GPU, the train steps every issue-26 ratio needs, and
+# TTT-Linear with its output made by XLA (the plan runs that variant last). The task times of
+# the earlier GPU runs (docs/results/gpu_check_h200/) add up to about 460 s for it.
+SELECTIONS = {
+    "lease": ("env,pallas,train:transformer$,train:ttt_linear$,train:ttt_mlp-pallas$,"
+              "train:e2e-pretrain$,train:e2e-meta$,train:ttt_linear+xlaout"),
+}
+AUTOTUNE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
+
+
+def selection(only: str) -> list[str]:
+  """`--only`'s comma list, each `@NAME` replaced by `SELECTIONS[NAME]`'s."""
+  out = []
+  for item in (s for s in only.split(",") if s):
+    if item.startswith("@"):
+      if item[1:] not in SELECTIONS:
+        raise SystemExit(f"gpu-check: --only {item}: no such selection (known: "
+                         f"{', '.join('@' + k for k in SELECTIONS)})")
+      out += selection(SELECTIONS[item[1:]])
+    else:
+      out.append(item)
+  return out
+
+
+def task_env(base: dict, name: str, autotune_dir: str | None) -> dict:
+  """A task process's environment: its variant's XLA flags (`VARIANTS`) and the run's shared
+  autotuning cache (None: none)."""
+  env = dict(base)
+  flags = VARIANTS.get(name.partition("+")[2], "")  # config variants: none
+  if autotune_dir:
+    flags = f"{flags} {AUTOTUNE_FLAG}={autotune_dir}"
+  if flags.strip():
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+  return env
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out_dir", default="runs/gpu_check")
   p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check; "
                  "tasks that do not fit are skipped (listed in the summary)")
   p.add_argument("--only", default="", help="comma list of task name prefixes (a trailing $: "
-                 "that task only)")
+                 "that task only; @NAME: the named selection, e.g. @lease)")
+  p.add_argument("--cold_compile", action="store_true", help="every task autotunes XLA's GPU "
+                 "fusions itself (by default the run's tasks share one autotuning cache)")
   p.add_argument("--traces", action="store_true", help="also keep each train task's raw "
                  "jax.profiler trace (<out_dir>/profiles/<task>.xplane.pb, for TensorBoard/XProf;"
                  " the summary's profile tables need no trace)")
@@ -110,6 +154,7 @@ def main(argv=None) -> int:
   if args.task:
     print("RESULT " + json.dumps(run_task(args.task)), flush=True)
     return 0
+  tasks = plan(selection(args.only))  # a bad selection fails here, GPU or not
   child_env = dict(os.environ)  # the tasks allocate GPU memory as JAX does by default ...
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # ... this process does not
   import jax  # noqa: PLC0415
@@ -124,9 +169,23 @@ def main(argv=None) -> int:
     return 0
   os.makedirs(args.out_dir, exist_ok=True)
   jsonl = os.path.join(args.out_dir, "gpu_check.jsonl")
+  with tempfile.TemporaryDirectory(prefix="gpu_check_autotune_") as tmp:
+    results, wall = run_plan(args, tasks, child_env, None if args.cold_compile else tmp, jsonl)
+  from ttt_jax.benchmarks.gpu_report import write_markdown  # noqa: PLC0415
+
+  md = write_markdown(results, os.path.join(args.out_dir, "gpu_check.md"),
+                      shared_autotuning=not args.cold_compile)
+  print(f"gpu-check: {wall:.0f} s; wrote {jsonl} and {md}")
+  return 0
+
+
+def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
+             jsonl: str) -> tuple[dict, float]:
+  """Runs `tasks` [(name, limit)] within `args.budget`, each in its own process; appends each
+  result to `jsonl` as it arrives; returns ({name: result}, seconds)."""
   start = time.perf_counter()
   results = {}
-  for name, limit in plan([s for s in args.only.split(",") if s]):
+  for name, limit in tasks:
     left = args.budget - (time.perf_counter() - start)
     if left < 20:
       results[name] = {"skipped": "out of the time budget"}
@@ -134,14 +193,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
-      env = dict(child_env)
+      env = task_env(child_env, name, autotune_dir)
       env.pop(PROFILE_ENV, None)  # one path per task, or none
       if args.traces:
         env[PROFILE_ENV] = os.path.join(args.out_dir, "profiles",
                                         re.sub(r"[^\w.\-]+", "_", name) + ".xplane.pb")
-      flags = VARIANTS.get(name.partition("+")[2], "")  # config variants: none
-      if flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
       proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
                             capture_output=True, text=True, timeout=min(limit, left), env=env)
       res = _last_result(proc.stdout)
@@ -158,11 +214,7 @@ def main(argv=None) -> int:
     print(f"  {json.dumps(res)[:400]}", flush=True)
     with open(jsonl, "a") as f:
       f.write(json.dumps({"task": name, **res}) + "\n")
-  from ttt_jax.benchmarks.gpu_report import write_markdown  # noqa: PLC0415
-
-  md = write_markdown(results, os.path.join(args.out_dir, "gpu_check.md"))
-  print(f"gpu-check: {time.perf_counter() - start:.0f} s; wrote {jsonl} and {md}")
-  return 0
+  return results, time.perf_counter() - start
 
 
 if __name__ == "__main__":

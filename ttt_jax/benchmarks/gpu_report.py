@@ -231,7 +231,9 @@ def _cache_attention(results: dict) -> list[str]:
   return out + [""]
 
 
-def write_markdown(results: dict, path: str) -> str:
+def write_markdown(results: dict, path: str, shared_autotuning: bool = False) -> str:
+  """`shared_autotuning`: the run's tasks shared XLA's autotuning cache (gpu_check's default),
+  which the summary says where it gives compile times."""
   env = results.get("env", {})
   lines = ["# gpu-check", ""]
   if env and not _status(env):
@@ -243,6 +245,11 @@ def write_markdown(results: dict, path: str) -> str:
             + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
+  lines += ["Compile times: " + (
+      "the tasks shared one XLA autotuning cache, in the order above, so a task's compile leaves "
+      "out the autotuning of fusions an earlier task had tuned (`--cold_compile`: each task "
+      "tunes its own)." if shared_autotuning else
+      "each task autotuned its own fusions (`--cold_compile`)."), ""]
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
