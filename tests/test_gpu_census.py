@@ -296,7 +296,9 @@ def test_triton_resources_reads_the_kernel_modules_ptx(tmp_path):
 
 
 def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
-  pytest.importorskip("jax_plugins.xla_cuda12", reason="JAX's CUDA plugin (make gpu-census)")
+  if gpu_census.cuda_plugin() is None:
+    pytest.skip("JAX's CUDA plugin (make gpu-census)")
+  assert gpu_census._ptxas() is not None  # the plugin's own: the kernels' registers and spills
   device = gpu_census.gpu_device()
   text, info = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
   r = gpu_census.census(text)
@@ -325,11 +327,8 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
 
 
 def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):
-  try:
-    import jax_plugins.xla_cuda12  # noqa: F401, PLC0415
-    pytest.skip("JAX's CUDA plugin is installed here")
-  except ImportError:
-    pass
+  if gpu_census.cuda_plugin() is not None:
+    pytest.skip(f"JAX's CUDA plugin is installed here ({gpu_census.cuda_plugin()})")
   flags = os.environ.get("XLA_FLAGS")
   assert gpu_census.main(["--out_dir", str(tmp_path), "--kinds", "transformer"]) == 1
   out = capsys.readouterr().out.strip().splitlines()
@@ -349,3 +348,16 @@ def test_counted_flops_of_a_program_it_cannot_read_is_none_with_a_warning():
   x = jax.random.normal(jax.random.key(3), (8, 16))
   compiled = jax.jit(lambda a: a @ a.T).lower(x).compile()
   assert counted_flops(compiled) == 2 * 8 * 8 * 16
+
+
+def test_either_cuda_plugin_serves_the_newest_first(monkeypatch):
+  """A CUDA 13 image's plugin and CUDA 12's both compile; with both, CUDA 13's is named."""
+  def with_plugins(*present):
+    monkeypatch.setattr(gpu_census.importlib.util, "find_spec",
+                        lambda name: object() if name in present else None)
+    return gpu_census.cuda_plugin()
+
+  assert with_plugins("jax_plugins.xla_cuda12") == "jax-cuda12-plugin"
+  assert with_plugins("jax_plugins.xla_cuda13") == "jax-cuda13-plugin"
+  assert with_plugins("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13") == "jax-cuda13-plugin"
+  assert with_plugins() is None

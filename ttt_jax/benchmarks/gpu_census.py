@@ -11,8 +11,9 @@ alongside: the FLOPs of their matmuls and of cuDNN's fused attention (`hlo_text.
 the Pallas kernels' are not counted), per phase and scope. Streaming programs (a prefill chunk
 and a decode step) are counted too, and so are train steps on a node of 8 H200s (`node8:K`,
 FSDP over them): one GPU's program, its NCCL collectives among the launches. Compiling needs
-the CUDA plugin of the installed jax (`pip install 'jax-cuda12-plugin[with-cuda]==<jax
-version>'`; `make gpu-census` sets up .venv-cuda with it); counting (`census`) needs nothing.
+the CUDA plugin of the installed jax, for CUDA 12 or 13 (`pip install
+'jax-cuda12-plugin[with-cuda]==<jax version>'`, or jax-cuda13-plugin, a CUDA 13 image's; `make
+gpu-census` sets up .venv-cuda with the first); counting (`census`) needs nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ dnn_version_info { major: 9 minor: 10 }
 runtime_version { major: 12 minor: 8 }
 device_description_str: "NVIDIA H200"
 """
+# JAX's CUDA plugins, newest CUDA first: (module of the plugin, its pip package)
+CUDA_PLUGINS = (("jax_plugins.xla_cuda13", "jax-cuda13-plugin"),
+                ("jax_plugins.xla_cuda12", "jax-cuda12-plugin"))
+
+
+def cuda_plugin() -> str | None:
+  """The pip name of the CUDA plugin installed beside this JAX (None: none)."""
+  for module, package in CUDA_PLUGINS:
+    try:
+      if importlib.util.find_spec(module) is not None:
+        return package
+    except ModuleNotFoundError:  # no jax_plugins package at all
+      return None
+  return None
+
+
 def gpu_device():
   """The H200 of a deviceless topology (ImportError naming the plugin if it is missing)."""
   return gpu_devices(1)[0]
@@ -70,7 +87,8 @@ def gpu_devices(count: int) -> list:
     import jax  # noqa: PLC0415
     raise ImportError(f"gpu-census: no deviceless CUDA compilation here ({type(e).__name__}: "
                       f"{str(e)[:120]}); install jax-cuda12-plugin[with-cuda]=="
-                      f"{jax.__version__} (make gpu-census does)") from None
+                      f"{jax.__version__} (make gpu-census does) or jax-cuda13-plugin[with-cuda]=="
+                      f"{jax.__version__}") from None
   return list(topology.devices)
 
 
@@ -213,11 +231,16 @@ def ptxas_resources(text: str) -> dict[str, dict]:
 
 
 def _ptxas() -> str | None:
-  """The ptxas of the CUDA plugin's nvcc package, else one on PATH."""
-  spec = importlib.util.find_spec("nvidia.cuda_nvcc")
-  for root in (spec.submodule_search_locations or []) if spec else []:
-    if os.path.exists(path := os.path.join(root, "bin", "ptxas")):
-      return path
+  """The ptxas of the CUDA plugin's compiler package (CUDA 13's `nvidia.cu13`, CUDA 12's
+  `nvidia.cuda_nvcc`), else one on PATH."""
+  for package in ("nvidia.cu13", "nvidia.cuda_nvcc"):
+    try:
+      spec = importlib.util.find_spec(package)
+    except ModuleNotFoundError:  # no nvidia namespace at all
+      break
+    for root in (spec.submodule_search_locations or []) if spec else []:
+      if os.path.exists(path := os.path.join(root, "bin", "ptxas")):
+        return path
   return shutil.which("ptxas")
 
 
