@@ -81,12 +81,15 @@ gpu-wheels:
 
 # On any machine: kernel launches per train step of every kind, compiled for an H200 without a
 # GPU (runs/gpu_census/gpu_census.md). Sets up .venv-cuda: the package plus JAX's CUDA plugin
-# (its compiler, ptxas and cuDNN: about 6 GB).
-CUDA_VENV := .venv-cuda
+# (its compiler, ptxas and cuDNN: about 6 GB). CUDA_MAJOR=13: CUDA 13's plugin (a CUDA 13
+# image's compiler), in .venv-cuda13.
+CUDA_MAJOR ?= 12
+CUDA_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))
 gpu-census:
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
 	JAX=$$(sed -n 's/^jax==//p' constraints.txt); \
-	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . "jax-cuda12-plugin[with-cuda]==$$JAX"
+	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . \
+	  "jax-cuda$(CUDA_MAJOR)-plugin[with-cuda]==$$JAX"
 	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
 
 lint: $(STAMP)
