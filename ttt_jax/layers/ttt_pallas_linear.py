@@ -7,11 +7,13 @@ reverse, recomputing G_i from the stored W_i, and carries dW, db back through th
 Around the kernels, in batched XLA ops: A_i = tril(eta_i) * (XQ_i XK_i^T + 1), the update
 weights -eta_i[b, :], the labels XV - XK, and the output XQ + LN_h(z).
 
-`Tuning.linear_output='xla'` takes z out of the kernels: they carry the W chain alone (two
-matmuls per mini-batch forward instead of four, five instead of nine backward) and write every
-W_i, b_i and G_i; z is then batched XLA matmuls over all mini-batches, which XLA differentiates,
-handing the backward kernel the cotangents of W_i, b_i and G_i. Neither kernel reads a ref it
-writes, so Triton may pipeline their loops (`Tuning.num_stages`).
+`Tuning.linear_output='xla'` takes all but the W chain out of the kernels: they carry the chain
+alone (two matmuls per mini-batch forward instead of four, two instead of nine backward). The
+forward writes every W_i, b_i and G_i; z is then batched XLA matmuls over all mini-batches,
+which XLA differentiates, handing the backward kernel the cotangents of W_i, b_i and G_i. That
+kernel writes, per mini-batch, the cotangents of p_i = XK_i W_i + b_i and of W_{i+1}, b_{i+1},
+and batched XLA matmuls make the cotangents of XK and the LRs from them. Neither kernel reads a
+ref it writes, so Triton may pipeline their loops (`Tuning.num_stages`).
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ linear_sequence_core.defvjp(_core_fwd, _core_bwd)
 # -- TTT-Linear's W chain alone (`Tuning.linear_output='xla'`) ------------------------------------
 # The kernels carry W_{i+1} = W_i + (lr XK_i)^T G_i, G_i = the LN-L2 gradient at XK_i W_i + b_i,
 # and write every W_i, b_i and G_i; z_i = XQ_i W_i + b_i - A_i G_i is then batched XLA work
-# (XLA also differentiates it, so the backward kernel receives the cotangents of W_i, b_i, G_i).
+# (XLA also differentiates it, so the backward kernel receives the cotangents of W_i, b_i, G_i),
+# and so is what the backward's outputs feed off the chain.
 
 
 def _chain_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, k_ref, t_ref, lr_ref,
@@ -189,25 +192,27 @@ def _chain_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, k_ref, t_ref, lr_ref,
   bn_ref[...] = bias
 
 
-def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, ws_ref, bs_ref, dg_ref, dws_ref,
-                      dbs_ref, dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_ref, dk_ref,
-                      dt_ref, dlr_ref):
-  n = ws_ref.shape[0]
+def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, p_ref, dg_ref, dws_ref, dbs_ref,
+                      dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_ref, dp_ref, dt_ref,
+                      dwnext_ref, dbnext_ref):
+  """The reverse walk of the W chain alone: two matmuls per mini-batch. It writes, per mini-
+  batch, the cotangents of p_i = XK_i W_i + b_i and of W_{i+1}, b_{i+1}; what reads them and
+  is not on the chain (the cotangents of XK and the LRs) is batched XLA work (`_chain_bwd`)."""
+  n = dwnext_ref.shape[0]
   b = k_ref.shape[0] // n
   scale, beta = s_ref[...], beta_ref[...]
 
   def step(i, dw, dbias):  # dw, dbias: cotangents of W_{i+1}, b_{i+1}
     rows = block_rows(i, b)
-    w, bias = ws_ref[i], row(bs_ref, i)
     k, lr = k_ref[rows, :], lr_ref[rows, :]
-    g, parts = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
-    lk = lr * k  # W_{i+1} = W_i + lk^T G_i,  b_{i+1} = b_i + lr^T G_i; G_i is also an output
-    dg = dot(lk, dw) + lr * dbias + dg_ref[rows, :]
-    d_lk = dot_t(g, dw)
-    dlr_ref[rows, :] = _lr_cotangent(k, d_lk, g, dbias)
-    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts)  # G_i = LN-L2 gradient at XK_i W_i + b_i
+    g, parts = ttt_inner.ln_l2_grad_parts(p_ref[rows, :], t_ref[rows, :], scale, beta)
+    dwnext_ref[i] = dw
+    dbnext_ref[pl.ds(i, 1), :] = dbias
+    # W_{i+1} = W_i + (lr k)^T G_i,  b_{i+1} = b_i + lr^T G_i; G_i is also an output
+    dg = dot(lr * k, dw) + lr * dbias + dg_ref[rows, :]
+    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts)  # G_i = LN-L2 gradient at p_i
+    dp_ref[rows, :] = dp
     dt_ref[rows, :] = dt
-    dk_ref[rows, :] = dot_t(dp, w) + lr * d_lk
     dw = dw + dws_ref[i] + t_dot(k, dp)
     dbias = dbias + row(dbs_ref, i) + jnp.sum(dp, axis=0, keepdims=True)
     return dw, dbias, dsc, dbe
@@ -236,20 +241,31 @@ def _chain_launch(interpret, n, w, bias, scale, beta, xk, target, lr):
 def _chain_fwd(interpret, n, w, bias, scale, beta, xk, target, lr):
   outs = tuple(checkpoint_name(x, KERNEL_OUTPUTS)  # as `_core_fwd`'s
                for x in _chain_launch(interpret, n, w, bias, scale, beta, xk, target, lr))
-  return outs, (scale, beta, xk, target, lr, outs[2], outs[3])
+  return outs, (scale, beta, xk, target, lr, *outs[2:])
 
 
 def _chain_bwd(interpret, n, res, cot):
-  scale, beta, xk, target, lr, ws, bs = res
+  scale, beta, xk, target, lr, ws, bs, g = res
   dwn, dbn, dws, dbs, dg = cot
   bsz, heads, t, d = xk.shape
+  per_mb = lambda x: x.reshape(bsz, heads, n, t // n, x.shape[-1])  # noqa: E731  [B, H, n, b, k]
+  k_mb = per_mb(xk)
+  # p_i = XK_i W_i + b_i, batched over [B, H, n] (the batch axes in one order on both sides)
+  p = ttt_inner.mm(k_mb, ws) + bs[..., None, :]
   out_shape = [f32(bsz, heads, d, d), f32(bsz, heads, 1, d), f32(bsz, heads, 1, d),
-               f32(bsz, heads, 1, d), f32(*xk.shape), f32(*target.shape), f32(*lr.shape)]
-  ins = [scale, beta, xk, target, lr, ws, bs, dg, dws, dbs, dwn, dbn]
+               f32(bsz, heads, 1, d), f32(*xk.shape), f32(*target.shape), f32(*ws.shape),
+               f32(*bs.shape)]
+  ins = [scale, beta, xk, target, lr, p.reshape(xk.shape), dg, dws, dbs, dwn, dbn]
   specs = [ln_spec(scale.shape), ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[2:]]
-  dw, db, ds, dbeta, dk, dt, dlr = launch_per_head(_chain_bwd_kernel, ins, specs, out_shape,
-                                                   interpret)
-  return dw, db, ds.sum(0), dbeta.sum(0), dk, dt, dlr
+  dw, db, ds, dbeta, dp, dt, dwnext, dbnext = launch_per_head(_chain_bwd_kernel, ins, specs,
+                                                              out_shape, interpret)
+  # off the chain, batched: with lk = lr XK_i, d(lk) = G_i dW_{i+1}^T; XK_i enters p_i and lk
+  g_mb, lr_mb = per_mb(g), per_mb(lr)
+  d_lk = ttt_inner.mm_t(g_mb, dwnext)
+  dk = ttt_inner.mm_t(per_mb(dp), ws) + lr_mb * d_lk
+  dlr = (jnp.sum(k_mb * d_lk, axis=-1, keepdims=True)
+         + jnp.sum(g_mb * dbnext[..., None, :], axis=-1, keepdims=True))
+  return dw, db, ds.sum(0), dbeta.sum(0), dk.reshape(xk.shape), dt, dlr.reshape(lr.shape)
 
 
 linear_chain.defvjp(_chain_fwd, _chain_bwd)
