@@ -65,7 +65,8 @@ gpu-check:
 # The packages a CUDA image with JAX but without this package's data stack needs (GPU_WHEELS, at
 # constraints.txt's versions), as CPython 3.12 x86-64 wheels in .whl/ for a machine that cannot
 # reach a package index. There: pip install --no-index --no-deps --target /tmp/site .whl/*.whl,
-# then PYTHONPATH=/tmp/site:$PWD make gpu-check (README).
+# then PYTHONPATH=/tmp/site:$PWD make gpu-check (README). Their own needs (absl-py, etils,
+# cloudpickle, protobuf, pyyaml, requests, psutil) are taken as the image's.
 GPU_WHEELS ?= grain array_record ml_collections tensorboardX gguf portpicker
 WHEEL_PY   ?= 3.12
 WHEEL_DIR  ?= .whl
@@ -86,6 +87,7 @@ gpu-wheels:
 CUDA_MAJOR ?= 12
 CUDA_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))
 gpu-census:
+	@case "$(CUDA_MAJOR)" in 12|13) ;; *) echo "gpu-census: CUDA_MAJOR=$(CUDA_MAJOR): 12 or 13"; exit 2;; esac
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
 	JAX=$$(sed -n 's/^jax==//p' constraints.txt); \
 	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . \

@@ -333,6 +333,7 @@ def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):
   assert gpu_census.main(["--out_dir", str(tmp_path), "--kinds", "transformer"]) == 1
   out = capsys.readouterr().out.strip().splitlines()
   assert len(out) == 1 and "install jax-cuda12-plugin[with-cuda]==" in out[0]
+  assert "or jax-cuda13-plugin[with-cuda]==" in out[0]
   assert not list(tmp_path.iterdir())
   assert os.environ.get("XLA_FLAGS") == flags  # its PTX dump flag is not left behind
 
@@ -361,3 +362,27 @@ def test_either_cuda_plugin_serves_the_newest_first(monkeypatch):
   assert with_plugins("jax_plugins.xla_cuda13") == "jax-cuda13-plugin"
   assert with_plugins("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13") == "jax-cuda13-plugin"
   assert with_plugins() is None
+
+
+def test_ptxas_is_the_plugins_own_for_cuda_13_and_12(tmp_path, monkeypatch):
+  """CUDA 13's plugin keeps ptxas in nvidia.cu13, CUDA 12's in nvidia.cuda_nvcc; either is
+  found before one on PATH (without one the kernels' registers and spills go unreported)."""
+  import importlib.machinery  # noqa: PLC0415
+
+  roots = {}
+  for package in ("nvidia.cu13", "nvidia.cuda_nvcc"):
+    root = tmp_path / package
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "ptxas").write_text("")
+    roots[package] = importlib.machinery.ModuleSpec(package, None, is_package=True)
+    roots[package].submodule_search_locations = [str(root)]
+
+  def with_packages(*present):
+    monkeypatch.setattr(gpu_census.importlib.util, "find_spec",
+                        lambda name: roots[name] if name in present else None)
+    return gpu_census._ptxas()
+
+  assert with_packages("nvidia.cu13") == str(tmp_path / "nvidia.cu13" / "bin" / "ptxas")
+  assert with_packages("nvidia.cuda_nvcc") == str(tmp_path / "nvidia.cuda_nvcc" / "bin" / "ptxas")
+  monkeypatch.setattr(gpu_census.shutil, "which", lambda name: f"/on/path/{name}")
+  assert with_packages() == "/on/path/ptxas"

@@ -6,8 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks, gpu_variants
 from ttt_jax.benchmarks.common import PRESETS, model_config
@@ -334,17 +337,15 @@ def test_this_jaxlib_knows_every_flag_the_tasks_are_given(tmp_path):
   assert proc.stdout.strip() == "3"
 
 
-def test_named_selections_expand_and_a_bad_one_is_refused(capsys):
-  lease = gpu_check.selection("@lease")
-  names = [n for n, _ in gpu_check.plan(lease)]
+def test_named_selections_expand_and_bad_items_are_refused():
+  first = gpu_check.selection("@first")
+  names = [n for n, _ in gpu_check.plan(first)]
   assert names == ["env", "pallas", "train:transformer", "train:ttt_linear",
                    "train:ttt_mlp-pallas", "train:e2e-pretrain", "train:e2e-meta",
                    "train:ttt_linear+xlaout"]
-  assert all(gpu_check.plan([item]) for item in lease)  # every item names a task
-  assert gpu_check.selection("learn,@lease") == ["learn", *lease]
-  try:
-    gpu_check.main(["--only", "@leas"])  # refused before looking for a GPU
-  except SystemExit as e:
-    assert "--only @leas: no such selection (known: @lease)" in str(e)
-  else:
-    raise AssertionError("an unknown selection must be refused")
+  assert all(gpu_check.plan([item]) for item in first)  # every item names a task
+  assert gpu_check.selection("learn,@first") == ["learn", *first]
+  for only, message in (("@frist", "--only @frist: no such selection (known: @first)"),
+                        ("learn,train:transfomer", "--only train:transfomer: names no task")):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+      gpu_check.main(["--only", only])  # refused before looking for a GPU

@@ -42,14 +42,37 @@ def test_every_listed_package_is_fetched_at_its_pin_for_python_312(tmp_path):
     assert "--no-deps" in call and f"-d {tmp_path / 'whl'}" in call
 
 
-def test_the_default_list_is_pinned_and_covers_the_data_stack(tmp_path):
+# what a CUDA image with JAX holds of the package's dependencies (its package list)
+IMAGE_HAS = {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "absl-py", "numpy", "tqdm",
+             "matplotlib", "tokenizers", "sentencepiece", "safetensors", "psutil"}
+
+
+def runtime_dependencies() -> set[str]:
+  text = (ROOT / "pyproject.toml").read_text()
+  block = text[text.index("dependencies = [") : text.index("]", text.index("dependencies = ["))]
+  return {re.match(r"[\w.-]+", d).group(0) for d in re.findall(r'"([^"]+)"', block)}
+
+
+def test_the_default_list_is_every_dependency_such_an_image_lacks_at_its_pin(tmp_path):
   out, calls = make_wheels(tmp_path)
   assert out.returncode == 0, out.stderr
   fetched = {c.split()[-1].split("==")[0] for c in calls}
-  # what the package imports beyond a CUDA image's JAX stack, and grain's own need
-  assert fetched == {"grain", "array_record", "ml_collections", "tensorboardX", "gguf",
-                     "portpicker"}
+  lacking = runtime_dependencies() - IMAGE_HAS
+  assert lacking and lacking <= fetched, lacking - fetched
+  assert fetched - lacking == {"portpicker"}  # grain's own need, not in such an image
   assert fetched <= set(pins())
+
+
+def test_cuda_major_picks_the_plugin_and_its_venv():
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+  run = lambda *a: subprocess.run(["make", "-n", "-C", str(ROOT), "gpu-census", *a],  # noqa: E731
+                                  capture_output=True, text=True, env=env, check=False)
+  default, thirteen = run().stdout, run("CUDA_MAJOR=13").stdout
+  assert ".venv-cuda/bin/pip" in default and '"jax-cuda12-plugin[with-cuda]' in default
+  assert ".venv-cuda13/bin/pip" in thirteen and '"jax-cuda13-plugin[with-cuda]' in thirteen
+  bad = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-census", "CUDA_MAJOR=11"],
+                       capture_output=True, text=True, env=env, check=False)
+  assert bad.returncode != 0 and "CUDA_MAJOR=11: 12 or 13" in bad.stdout
 
 
 def test_an_unpinned_package_is_refused_naming_constraints_txt(tmp_path):

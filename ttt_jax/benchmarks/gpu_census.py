@@ -13,7 +13,8 @@ and a decode step) are counted too, and so are train steps on a node of 8 H200s 
 FSDP over them): one GPU's program, its NCCL collectives among the launches. Compiling needs
 the CUDA plugin of the installed jax, for CUDA 12 or 13 (`pip install
 'jax-cuda12-plugin[with-cuda]==<jax version>'`, or jax-cuda13-plugin, a CUDA 13 image's; `make
-gpu-census` sets up .venv-cuda with the first); counting (`census`) needs nothing.
+gpu-census` sets up .venv-cuda with the first, `make gpu-census CUDA_MAJOR=13` .venv-cuda13
+with the second); counting (`census`) needs nothing.
 """
 
 from __future__ import annotations

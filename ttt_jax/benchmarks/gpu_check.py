@@ -99,20 +99,22 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   return [t for t in tasks if not only or picked(t[0])]
 
 
-# `--only @NAME`: named selections. `lease`: what one 15-minute device lease measures first, in
-# one call of the default budget that leaves time to run part of it again: the ceiling, the TTT
-# kernels against the dual form on the GPU, the train steps every issue-26 ratio needs, and
-# TTT-Linear with its output made by XLA (the plan runs that variant last). The task times of
-# the earlier GPU runs (docs/results/gpu_check_h200/) add up to about 460 s for it.
+# `--only @NAME`: named selections. `first`: a first pass meant for the default budget: the
+# ceiling, the TTT kernels against the dual form on the GPU, the train steps the speed targets'
+# ratios need (docs/benchmarks.md), and TTT-Linear with its output made by XLA (the plan runs
+# that variant last). The six of its tasks that earlier H200 runs timed took about 350 s
+# together (docs/results/gpu_check_h200/); the other two are estimated at about 70 s each, so
+# the last fits only if the shared autotuning cache shortens the later compiles enough.
 SELECTIONS = {
-    "lease": ("env,pallas,train:transformer$,train:ttt_linear$,train:ttt_mlp-pallas$,"
+    "first": ("env,pallas,train:transformer$,train:ttt_linear$,train:ttt_mlp-pallas$,"
               "train:e2e-pretrain$,train:e2e-meta$,train:ttt_linear+xlaout"),
 }
 AUTOTUNE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
 
 
 def selection(only: str) -> list[str]:
-  """`--only`'s comma list, each `@NAME` replaced by `SELECTIONS[NAME]`'s."""
+  """`--only`'s comma list, each `@NAME` replaced by `SELECTIONS[NAME]`'s; an item that names no
+  task is refused."""
   out = []
   for item in (s for s in only.split(",") if s):
     if item.startswith("@"):
@@ -120,6 +122,9 @@ def selection(only: str) -> list[str]:
         raise SystemExit(f"gpu-check: --only {item}: no such selection (known: "
                          f"{', '.join('@' + k for k in SELECTIONS)})")
       out += selection(SELECTIONS[item[1:]])
+    elif not plan([item]):
+      raise SystemExit(f"gpu-check: --only {item}: names no task (the tasks: "
+                       f"{', '.join(n for n, _ in plan([]))})")
     else:
       out.append(item)
   return out
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
   p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check; "
                  "tasks that do not fit are skipped (listed in the summary)")
   p.add_argument("--only", default="", help="comma list of task name prefixes (a trailing $: "
-                 "that task only; @NAME: the named selection, e.g. @lease)")
+                 "that task only; @NAME: the named selection, e.g. @first)")
   p.add_argument("--cold_compile", action="store_true", help="every task autotunes XLA's GPU "
                  "fusions itself (by default the run's tasks share one autotuning cache)")
   p.add_argument("--traces", action="store_true", help="also keep each train task's raw "
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
   if args.task:
     print("RESULT " + json.dumps(run_task(args.task)), flush=True)
     return 0
-  tasks = plan(selection(args.only))  # a bad selection fails here, GPU or not
+  tasks = plan(selection(args.only))  # an --only item that names no task fails here, GPU or not
   child_env = dict(os.environ)  # the tasks allocate GPU memory as JAX does by default ...
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # ... this process does not
   import jax  # noqa: PLC0415

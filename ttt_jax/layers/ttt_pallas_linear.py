@@ -65,7 +65,8 @@ def _walk_back(n, step, scale, dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_r
 
 
 def _lr_cotangent(k, d_lk, g, dbias):
-  """Cotangent of lr [b, 1] in W' = W + (lr * k)^T g, b' = b + lr^T g."""
+  """Cotangent of lr [..., b, 1] in W' = W + (lr * k)^T g, b' = b + lr^T g (in a kernel, or
+  batched over mini-batches)."""
   return jnp.sum(k * d_lk, axis=-1, keepdims=True) + jnp.sum(g * dbias, axis=-1, keepdims=True)
 
 
@@ -263,8 +264,7 @@ def _chain_bwd(interpret, n, res, cot):
   g_mb, lr_mb = per_mb(g), per_mb(lr)
   d_lk = ttt_inner.mm_t(g_mb, dwnext)
   dk = ttt_inner.mm_t(per_mb(dp), ws) + lr_mb * d_lk
-  dlr = (jnp.sum(k_mb * d_lk, axis=-1, keepdims=True)
-         + jnp.sum(g_mb * dbnext[..., None, :], axis=-1, keepdims=True))
+  dlr = _lr_cotangent(k_mb, d_lk, g_mb, dbnext[..., None, :])
   return dw, db, ds.sum(0), dbeta.sum(0), dk.reshape(xk.shape), dt, dlr.reshape(lr.shape)
 
 
