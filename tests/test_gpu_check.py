@@ -187,9 +187,9 @@ def test_pallas_task_runs_on_cpu():
   out = gpu_tasks.task_pallas(preset="quick")
   for kind in ("linear", "mlp", "linear-xla"):
     assert 0 <= out[kind]["value_rel_err"] < 1e-5 and 0 < out[kind]["grad_rel_err"] < 1e-5
-  for layer in ("ttt_linear", "ttt_mlp"):
-    for impl in ("dual", "pallas"):
-      assert out[f"{layer}/{impl}"]["fwd_bwd_s"] > 0, (layer, impl)
+  for name in ("ttt_linear/dual", "ttt_linear/pallas", "ttt_linear/pallas-xla", "ttt_mlp/dual",
+               "ttt_mlp/pallas"):
+    assert out[name]["fwd_bwd_s"] > 0, name
 
 
 def test_pallas_rows_report_each_kernel_on_its_own(tmp_path):
@@ -349,3 +349,35 @@ def test_named_selections_expand_and_bad_items_are_refused():
                         ("learn,train:transfomer", "--only train:transfomer: names no task")):
     with pytest.raises(SystemExit, match=re.escape(message)):
       gpu_check.main(["--only", only])  # refused before looking for a GPU
+
+
+def test_pallas_layer_timings_trace_each_row_under_its_tuning(monkeypatch):
+  """The `pallas-xla` row's layer is traced and compiled with TTT-Linear's output made by XLA,
+  every other row with the kernels' defaults."""
+  from ttt_jax.benchmarks import training  # noqa: PLC0415
+  from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
+
+  seen = []
+
+  class Fake:  # stands in for jit(...): .lower(...).compile() -> a callable
+    def lower(self, *a):
+      seen[-1] += (ttt_pallas.current_tuning().linear_output,)
+      return self
+
+    def compile(self):
+      return lambda *a: None
+
+  def fake_fwd_bwd(layer, size, impl, x):
+    seen.append((layer, impl, ttt_pallas.current_tuning().linear_output))
+    return Fake(), None
+
+  monkeypatch.setattr(training, "_ttt_fwd_bwd", fake_fwd_bwd)
+  monkeypatch.setattr(gpu_tasks, "_median_time", lambda fn: 1.0)
+  out = gpu_tasks.task_pallas(preset="quick")
+  assert seen == [("ttt_linear", "dual", "kernel", "kernel"),
+                  ("ttt_linear", "pallas", "kernel", "kernel"),
+                  ("ttt_linear", "pallas", "xla", "xla"),
+                  ("ttt_mlp", "dual", "kernel", "kernel"),
+                  ("ttt_mlp", "pallas", "kernel", "kernel")]
+  assert out["ttt_linear/pallas-xla"]["fwd_bwd_s"] == 1.0
+  assert ttt_pallas.current_tuning().linear_output == "kernel"

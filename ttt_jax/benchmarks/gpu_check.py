@@ -10,7 +10,8 @@ Tasks, in order:
   attention  cuDNN and XLA attention vs the package's own, values and gradients, vs an fp32
              reference, and their fwd+bwd time at [1, 8192, 512];
   pallas     the Triton TTT kernels vs the XLA dual form (fp32, values and gradients), and one
-             TTT layer's fwd+bwd time, dual vs pallas, at the gpu preset's shape;
+             TTT layer's fwd+bwd time, dual vs pallas (TTT-Linear's also with its output by
+             XLA), at the gpu preset's shape;
   e2e        TTT-E2E meta loss and gradients on the GPU vs the CPU (fp32), and a bf16 meta step
              with the GPU defaults (cuDNN prefix, XLA inner loop);
   learn      does the transformer learn in the gpu preset's train step with each attention

@@ -98,7 +98,8 @@ def task_attention() -> dict:
 
 def task_pallas(preset: str = "gpu") -> dict:
   """Both TTT kernels vs the XLA dual form (fp32, small; TTT-Linear also with its output made by
-  XLA, `row` linear-xla), then one layer's fwd+bwd time, dual vs pallas, at `preset`'s shape."""
+  XLA, `row` linear-xla), then one layer's fwd+bwd time, dual vs pallas (`LAYER_TIMINGS`), at
+  `preset`'s shape."""
   import functools  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -144,17 +145,25 @@ def task_pallas(preset: str = "gpu") -> dict:
       out[row] = _error(e)
   size = PRESETS[preset]
   x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
-  for layer in ("ttt_linear", "ttt_mlp"):
-    for impl in ("dual", "pallas"):
-      try:
-        t0 = time.perf_counter()
+  for layer, impl, tune in LAYER_TIMINGS:
+    name = f"{layer}/{impl}" + ("-xla" if tune else "")
+    try:
+      t0 = time.perf_counter()
+      with ttt_pallas.tuning(**tune):  # traced and compiled under the setting
         fn, params = _ttt_fwd_bwd(layer, size, impl, x)
         compiled = fn.lower(params, x).compile()
-        out[f"{layer}/{impl}"] = {"compile_s": time.perf_counter() - t0,
-                                  "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
-      except Exception as e:  # noqa: BLE001
-        out[f"{layer}/{impl}"] = _error(e)
+      out[name] = {"compile_s": time.perf_counter() - t0,
+                   "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
+    except Exception as e:  # noqa: BLE001
+      out[name] = _error(e)
   return out
+
+
+# `pallas`'s layer timings: (layer, impl, ttt_pallas tuning); TTT-Linear's kernels also with
+# their output made by XLA and the kernels on the W chain alone (row 'pallas-xla')
+LAYER_TIMINGS = (("ttt_linear", "dual", {}), ("ttt_linear", "pallas", {}),
+                 ("ttt_linear", "pallas", {"linear_output": "xla"}),
+                 ("ttt_mlp", "dual", {}), ("ttt_mlp", "pallas", {}))
 
 
 LEARN_CASES = (("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
