@@ -5,7 +5,10 @@ deviceless H200 compilation where JAX's CUDA plugin is installed (not in CI)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -295,10 +298,19 @@ def test_triton_resources_reads_the_kernel_modules_ptx(tmp_path):
   assert len(calls) == 1 and "module_0007" in calls[0] and "sm_90a" in calls[0]
 
 
-def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed():
+def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed(tmp_path):
   if gpu_census.cuda_plugin() is None:
     pytest.skip("JAX's CUDA plugin (make gpu-census)")
   assert gpu_census._ptxas() is not None  # the plugin's own: the kernels' registers and spills
+  # ... which reads the kernels' PTX that XLA dumps in a fresh process (JAX 0.11 dumps none
+  # without naming the emitters)
+  out = subprocess.run([sys.executable, "scripts/gpu_census.py", "--kinds", "", "--stream", "",
+                        "--ttt_kernels", "linear", "--out_dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-800:]
+  table = json.loads((tmp_path / "gpu_census.json").read_text())["triton resources"]
+  assert set(table) == {"linear: _linear_fwd_kernel", "linear: _linear_bwd_kernel"}
+  assert all(r["registers"] > 0 for r in table.values())
   device = gpu_census.gpu_device()
   text, info = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
   r = gpu_census.census(text)

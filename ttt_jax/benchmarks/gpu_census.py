@@ -337,9 +337,11 @@ def main(argv=None) -> int:
   saved = os.environ.get("XLA_FLAGS")
   with tempfile.TemporaryDirectory(prefix="gpu_census_ptx_") as dump:
     # the kernel-only modules' PTX, for ptxas (read when JAX starts its backends: a process
-    # that already has them gets no dumps and no ptxas table)
+    # that already has them gets no dumps and no ptxas table); since JAX 0.11 XLA writes a
+    # kernel's PTX only for emitters that --xla_dump_emitter_re names
     os.environ["XLA_FLAGS"] = (f"{saved or ''} --xla_dump_to={dump} --xla_dump_hlo_pass_re=^$ "
-                               "--xla_dump_hlo_module_re=.*ttt_kernels.*").strip()
+                               "--xla_dump_hlo_module_re=.*ttt_kernels.* "
+                               "--xla_dump_emitter_re=.*").strip()
     try:
       return _census(args, dump)
     finally:
