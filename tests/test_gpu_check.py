@@ -381,3 +381,21 @@ def test_pallas_layer_timings_trace_each_row_under_its_tuning(monkeypatch):
                   ("ttt_mlp", "pallas", "kernel", "kernel")]
   assert out["ttt_linear/pallas-xla"]["fwd_bwd_s"] == 1.0
   assert ttt_pallas.current_tuning().linear_output == "kernel"
+
+
+def test_env_task_records_versions_and_the_cuda_plugin():
+  """The versions row names JAX's CUDA plugin where one is installed (None where not), so runs
+  on CUDA 12 and CUDA 13 images can be told apart; the ceiling is a positive rate."""
+  import importlib.metadata as md  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  out = gpu_tasks.task_env(n=64)
+  assert out["versions"]["jax"] == jax.__version__
+  for plugin in ("jax-cuda12-plugin", "jax-cuda13-plugin"):
+    try:
+      want = md.version(plugin)
+    except md.PackageNotFoundError:
+      want = None
+    assert out["versions"][plugin] == want
+  assert out["bf16_matmul_flops_per_s"] > 0 and out["platform"] == jax.default_backend()

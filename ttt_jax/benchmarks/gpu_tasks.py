@@ -36,7 +36,13 @@ def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
 
 
 # -- tasks (each runs in a child process) ---------------------------------------------------------
-def task_env() -> dict:
+# the packages whose versions `env` records (None: not installed), JAX's CUDA plugins among them
+ENV_PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "optax",
+                "orbax-checkpoint", "grain", "numpy")
+
+
+def task_env(n: int = 8192) -> dict:
+  """The device, package versions and the bf16 matmul ceiling (n^3)."""
   import importlib.metadata as md  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -44,12 +50,11 @@ def task_env() -> dict:
 
   dev = jax.devices()[0]
   versions = {}
-  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
+  for name in ENV_PACKAGES:
     try:
       versions[name] = md.version(name)
     except md.PackageNotFoundError:
       versions[name] = None
-  n = 8192
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
   mm = jax.jit(jnp.dot).lower(a, b).compile()
