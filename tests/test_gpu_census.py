@@ -16,6 +16,8 @@ import pytest
 
 from ttt_jax.benchmarks import gpu_census, hlo_text
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 HLO = """HloModule m
 
 %gemm (p0: f32[4,4]) -> f32[4,4] {
@@ -305,7 +307,7 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed(tmp_path):
   # ... which reads the kernels' PTX that XLA dumps in a fresh process (JAX 0.11 dumps none
   # without naming the emitters)
   out = subprocess.run([sys.executable, "scripts/gpu_census.py", "--kinds", "", "--stream", "",
-                        "--ttt_kernels", "linear", "--out_dir", str(tmp_path)],
+                        "--ttt_kernels", "linear", "--out_dir", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-800:]
   table = json.loads((tmp_path / "gpu_census.json").read_text())["triton resources"]
@@ -398,3 +400,21 @@ def test_ptxas_is_the_plugins_own_for_cuda_13_and_12(tmp_path, monkeypatch):
   assert with_packages("nvidia.cuda_nvcc") == str(tmp_path / "nvidia.cuda_nvcc" / "bin" / "ptxas")
   monkeypatch.setattr(gpu_census.shutil, "which", lambda name: f"/on/path/{name}")
   assert with_packages() == "/on/path/ptxas"
+
+
+def test_the_census_asks_xla_for_the_kernels_ptx_while_it_runs(monkeypatch, tmp_path):
+  """XLA_FLAGS during a census: the kernel modules dumped, their PTX by emitter (JAX 0.11 dumps
+  none without --xla_dump_emitter_re); the caller's flags first and restored after."""
+  seen = {}
+
+  def fake_census(args, dump):
+    seen["flags"], seen["dump"] = os.environ["XLA_FLAGS"].split(), dump
+    return 0
+
+  monkeypatch.setattr(gpu_census, "_census", fake_census)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+  assert gpu_census.main(["--kinds", "", "--out_dir", str(tmp_path)]) == 0
+  assert seen["flags"][0] == "--xla_gpu_autotune_level=0"
+  assert {f"--xla_dump_to={seen['dump']}", "--xla_dump_hlo_module_re=.*ttt_kernels.*",
+          "--xla_dump_emitter_re=.*"} <= set(seen["flags"])
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=0"

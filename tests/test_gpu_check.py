@@ -198,8 +198,14 @@ def test_pallas_rows_report_each_kernel_on_its_own(tmp_path):
       "linear": {"value_rel_err": 1e-7, "grad_rel_err": 4e-7},
       "mlp": {"error": "XlaRuntimeError: launch failed"},
       "ttt_linear/pallas": {"compile_s": 2.0, "fwd_bwd_s": 3.2e-3},
-      "ttt_mlp/pallas": {"error": "XlaRuntimeError: launch failed"}}}
+      "ttt_linear/pallas-xla": {"compile_s": 2.5, "fwd_bwd_s": 2.1e-3},
+      "ttt_mlp/pallas": {"error": "XlaRuntimeError: launch failed"}},
+      "env": {"device": "NVIDIA H200", "bf16_matmul_flops_per_s": 7e14,
+              "versions": {"jax": "0.11.2", "jax-cuda12-plugin": None,
+                           "jax-cuda13-plugin": "0.11.2"}}}
   text = open(gpu_report.write_markdown(results, str(tmp_path / "g.md"))).read()
+  assert "| ttt_linear | pallas-xla | 2.5 s | 2.10 ms |" in text
+  assert "jax 0.11.2, jax-cuda13-plugin 0.11.2;" in text and "cuda12" not in text
   assert "- TTT-Linear: value 1.0e-07, gradients 4.0e-07" in text
   assert "- TTT-MLP: error (XlaRuntimeError: launch failed)" in text
   assert "| ttt_linear | pallas | 2.0 s | 3.20 ms |" in text
