@@ -15,16 +15,20 @@ def pins() -> dict[str, str]:
   return dict(re.findall(r"^([\w.-]+)==(\S+)$", text, re.M))
 
 
+def make(*args) -> subprocess.CompletedProcess:
+  """`make -C <repository> ARGS`, free of the make (if any) running the tests."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+  return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True,
+                        env=env, check=False)
+
+
 def make_wheels(tmp_path, *args):
   """Runs the target with PY = a script that logs its arguments and writes no wheel."""
   log = tmp_path / "calls.txt"
   fake = tmp_path / "python"
   fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
   fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-  env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
-  out = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-wheels", f"PY={fake}",
-                        f"WHEEL_DIR={tmp_path / 'whl'}", *args],
-                       capture_output=True, text=True, env=env, check=False)
+  out = make("-s", "gpu-wheels", f"PY={fake}", f"WHEEL_DIR={tmp_path / 'whl'}", *args)
   calls = log.read_text().splitlines() if log.exists() else []
   return out, calls
 
@@ -64,14 +68,11 @@ def test_the_default_list_is_every_dependency_such_an_image_lacks_at_its_pin(tmp
 
 
 def test_cuda_major_picks_the_plugin_and_its_venv():
-  env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
-  run = lambda *a: subprocess.run(["make", "-n", "-C", str(ROOT), "gpu-census", *a],  # noqa: E731
-                                  capture_output=True, text=True, env=env, check=False)
-  default, thirteen = run().stdout, run("CUDA_MAJOR=13").stdout
+  default, thirteen = make("-n", "gpu-census").stdout, make("-n", "gpu-census",
+                                                            "CUDA_MAJOR=13").stdout
   assert ".venv-cuda/bin/pip" in default and '"jax-cuda12-plugin[with-cuda]' in default
   assert ".venv-cuda13/bin/pip" in thirteen and '"jax-cuda13-plugin[with-cuda]' in thirteen
-  bad = subprocess.run(["make", "-s", "-C", str(ROOT), "gpu-census", "CUDA_MAJOR=11"],
-                       capture_output=True, text=True, env=env, check=False)
+  bad = make("-s", "gpu-census", "CUDA_MAJOR=11")
   assert bad.returncode != 0 and "CUDA_MAJOR=11: 12 or 13" in bad.stdout
 
 

@@ -54,15 +54,17 @@ CUDA_PLUGINS = (("jax_plugins.xla_cuda13", "jax-cuda13-plugin"),
                 ("jax_plugins.xla_cuda12", "jax-cuda12-plugin"))
 
 
+def _find_spec(name: str):
+  """importlib's spec of module `name`; None also where a package above it is missing."""
+  try:
+    return importlib.util.find_spec(name)
+  except ModuleNotFoundError:
+    return None
+
+
 def cuda_plugin() -> str | None:
   """The pip name of the CUDA plugin installed beside this JAX (None: none)."""
-  for module, package in CUDA_PLUGINS:
-    try:
-      if importlib.util.find_spec(module) is not None:
-        return package
-    except ModuleNotFoundError:  # no jax_plugins package at all
-      return None
-  return None
+  return next((package for module, package in CUDA_PLUGINS if _find_spec(module)), None)
 
 
 def gpu_device():
@@ -235,10 +237,7 @@ def _ptxas() -> str | None:
   """The ptxas of the CUDA plugin's compiler package (CUDA 13's `nvidia.cu13`, CUDA 12's
   `nvidia.cuda_nvcc`), else one on PATH."""
   for package in ("nvidia.cu13", "nvidia.cuda_nvcc"):
-    try:
-      spec = importlib.util.find_spec(package)
-    except ModuleNotFoundError:  # no nvidia namespace at all
-      break
+    spec = _find_spec(package)
     for root in (spec.submodule_search_locations or []) if spec else []:
       if os.path.exists(path := os.path.join(root, "bin", "ptxas")):
         return path

@@ -131,7 +131,7 @@ def selection(only: str) -> list[str]:
   return out
 
 
-def task_env(base: dict, name: str, autotune_dir: str | None) -> dict:
+def task_process_env(base: dict, name: str, autotune_dir: str | None) -> dict:
   """A task process's environment: its variant's XLA flags (`VARIANTS`) and the run's shared
   autotuning cache (None: none)."""
   env = dict(base)
@@ -199,7 +199,7 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
     t0 = time.perf_counter()
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
-      env = task_env(child_env, name, autotune_dir)
+      env = task_process_env(child_env, name, autotune_dir)
       env.pop(PROFILE_ENV, None)  # one path per task, or none
       if args.traces:
         env[PROFILE_ENV] = os.path.join(args.out_dir, "profiles",
