@@ -124,6 +124,17 @@ def test_seq_len_must_divide_into_chunks():
     validate(c)
 
 
+@pytest.mark.parametrize("rows,ok", [(-2, False), (-1, True), (0, True), (32, True), (48, False)])
+def test_inner_attention_block_is_auto_off_or_a_divisor_of_the_chunk(rows, ok):
+  c = build_config("model=e2e,scale=tiny,ctx=1k")  # chunks of 128
+  c.model.e2e.inner_attention_block = rows
+  if ok:
+    validate(c)
+  else:
+    with pytest.raises(ConfigError, match=r"model\.e2e\.inner_attention_block"):
+      validate(c)
+
+
 def test_wrong_type_names_the_key():
   d = build_config("model=swa,scale=tiny,ctx=1k").to_dict()
   d["train"]["lr"] = "fast"  # e.g. from a hand-edited JSON config

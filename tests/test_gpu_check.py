@@ -14,6 +14,8 @@ import pytest
 
 from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks, gpu_variants
 from ttt_jax.benchmarks.common import PRESETS, model_config
+from ttt_jax.models import config as models_config
+from ttt_jax.models.e2e import inner_attention_block
 
 
 def test_without_a_gpu_one_line_and_exit_0(tmp_path):
@@ -65,6 +67,11 @@ def test_the_125m_preset_takes_config_variants():
   plain = gpu_tasks.config_125m("e2e")
   assert not plain.model.scan_layers and plain.data.seq_len == 8192
   assert plain.model.compute_dtype == "bfloat16" and plain.data.batch_size == 8
+  # the inner loop's attention: rematerialised query blocks (auto, on at 1024 x 9216 scores per
+  # head), or one dense call per chunk, the program before them
+  assert inner_attention_block(models_config.model_config(plain.model)) == 256
+  dense = gpu_tasks.config_125m("e2e+innerdense")
+  assert inner_attention_block(models_config.model_config(dense.model)) == 0
 
 
 def test_tuning_variant_reaches_the_traced_step():

@@ -177,6 +177,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.hoist_first_attention = True  # first suffix block's attention once, before the chunk loop
   # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla
   e.inner_attention_impl = "auto"
+  # ... in query blocks of this many rows, each recomputed at every derivative order (memory: one
+  # block's scores at a time, not the chunk's); 0 = off; -1 = auto: 256 rows where a chunk's
+  # scores per head exceed 4M (mini_batch_size x (window + mini_batch_size)), else off
+  e.inner_attention_block = -1
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"
@@ -297,7 +301,8 @@ RANGES = {key: bounds for bounds, keys in (
                  "model.e2e.inner_clip data.min_doc_len data.prefetch train.lr "
                  "train.warmup_steps train.weight_decay train.grad_clip train.skip_nonfinite "
                  "checkpoint.every_steps eval.stride model.trained_context"),
-    ("[-1, inf)", "checkpoint.step checkpoint.load_step mesh.num_processes mesh.process_id"),
+    ("[-1, inf)", "model.e2e.inner_attention_block checkpoint.step checkpoint.load_step "
+                  "mesh.num_processes mesh.process_id"),
     ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2 data.val_fraction"))
     for key in keys.split()}  # -1: the latest saved step; the environment's process layout
 
@@ -381,6 +386,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if d.seq_len % e.mini_batch_size:
       raise ConfigError(f"data.seq_len={d.seq_len} must be a multiple of "
                         f"model.e2e.mini_batch_size={e.mini_batch_size}")
+    if e.inner_attention_block > 0 and e.mini_batch_size % e.inner_attention_block:
+      raise ConfigError(f"model.e2e.inner_attention_block={e.inner_attention_block} must divide "
+                        f"model.e2e.mini_batch_size={e.mini_batch_size} (or be 0: off, -1: auto)")
   if d.batch_size % tr.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of "
                       f"train.grad_accum={tr.grad_accum}")

@@ -215,20 +215,24 @@ def test_token_by_token_decoding_matches_one_shot(setup, tokens):
   assert rel_err(_stream(setup.model, tokens[:, :-1], [1] * T), one_shot) < 1e-5
 
 
-@pytest.mark.parametrize("algorithm", ["blocked", "blockwise", "auto"])
+@pytest.mark.parametrize("algorithm", ["blocked", "blockwise", "auto", "remat_block"])
 def test_streaming_matches_one_shot_on_every_attention_algorithm(setup, tokens, algorithm):
   """Streamed (chunks, odd segments, token by token) == the one-shot inner loop with dense
   attention, when attention runs query-blocked / online-softmax with blocks smaller than the
   chunk (the path b=1024 > 256 takes at every preset; `auto` with a 4-row block picks the
-  blocked path for the chunk updates)."""
+  blocked path for the chunk updates), or in the inner loop's rematerialised query blocks
+  (`model.e2e.inner_attention_block`, on at the 125m+ presets)."""
   ref = setup.logits(tokens, LR)  # the setup model attends densely (blocks larger than inputs)
   cfg = tiny_model_cfg()
-  cfg.attention_algorithm, cfg.attention_block, cfg.attention_flash_block = algorithm, 4, 8
+  if algorithm == "remat_block":
+    cfg.e2e.inner_attention_block = 4
+  else:
+    cfg.attention_algorithm, cfg.attention_block, cfg.attention_flash_block = algorithm, 4, 8
   model = build_model(cfg, 0)
   x = tokens[:, :-1]
   # token by token, a 1-row query takes the dense path whatever the algorithm: once is enough
-  patterns = [[CHUNK] * (T // CHUNK), [5, 11, 16, 5, 11]] + ([[1] * T] if algorithm == "blockwise"
-                                                             else [])
+  patterns = [[CHUNK] * (T // CHUNK), [5, 11, 16, 5, 11]] + (
+      [[1] * T] if algorithm in ("blockwise", "remat_block") else [])
   for sizes in patterns:
     assert rel_err(_stream(model, x, sizes), ref[:, :sum(sizes)]) < 1e-5, sizes
   one_shot, _ = fast_jit(lambda t: model(t))(x)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ttt_jax.layers import attention as A
 from ttt_jax.layers.common import building_for
 from ttt_jax.models import build_model
 
@@ -48,6 +49,39 @@ def test_xla_inner_attention_gives_the_same_meta_loss_and_gradients():
 
     out[setting] = jax.jit(jax.value_and_grad(loss))(params)
   (v0, g0), (v1, g1) = out["blockwise"], out["xla"]
+  assert float(v1) == pytest.approx(float(v0), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def meta_loss_and_grads(batch, **e2e):
+  m = tiny_model_cfg(layers=3, suffix=2)
+  for key, value in e2e.items():
+    setattr(m.e2e, key, value)
+  model = build_model(m, 0)
+  graphdef, params = nnx.split(model)
+
+  def loss(p):
+    return nnx.merge(graphdef, p).compute_loss(batch, None)[0]
+
+  return model, jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+def test_inner_attention_blocks_change_the_program_not_the_numbers(impl, monkeypatch):
+  """`model.e2e.inner_attention_block`: the inner loop's attention in rematerialised query
+  blocks gives the meta loss and second-order gradients of one dense call per chunk."""
+  calls = []
+  real = A.remat_blocked_attention
+  monkeypatch.setattr(A, "remat_blocked_attention",
+                      lambda *a, **kw: calls.append(kw["q_block"]) or real(*a, **kw))
+  rng = np.random.default_rng(1)
+  batch = {"tokens": rng.integers(0, 256, (2, 49)).astype(np.int32)}
+  off, (v0, g0) = meta_loss_and_grads(batch, inner_attention_impl=impl, inner_attention_block=0)
+  assert not calls
+  on, (v1, g1) = meta_loss_and_grads(batch, inner_attention_impl=impl, inner_attention_block=4)
+  assert off.inner_attention.remat_block == 0 and on.inner_attention.remat_block == 4
+  assert calls and set(calls) == {4}  # traced: the suffix blocks after the hoisted first one
   assert float(v1) == pytest.approx(float(v0), rel=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)

@@ -319,7 +319,7 @@ def main(argv=None) -> int:
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS + NODE_KINDS + (
-                     "125m:transformer", "125m:e2e")),
+                     "125m:transformer", "125m:e2e", "125m:e2e+innerdense")),
                  help="comma list of gpu-check train kinds (K or K+variant; 125m:K the 125m "
                  "preset of model kind K at 8K; node8:K train kind K on a node of 8 H200s, "
                  "FSDP over them)")

@@ -18,6 +18,9 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # E2E meta as it was before both that and the first suffix attention's hoist (runs 1-4);
 # E2E's inner-loop attention by the package's blockwise code (skips key blocks no query sees,
 # e.g. the carried window's empty slots, with a conditional per block) instead of dense XLA;
+# E2E's inner-loop attention as one dense call per chunk (`e2e.inner_attention_block` auto turns
+# rematerialised query blocks on at the 125m preset: `train125m:e2e+innerdense` is the program
+# before them);
 # TTT without remat through time; the layers as one scanned block (compiled once; E2E: its
 # prefix blocks)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
@@ -25,6 +28,7 @@ CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kern
                    "suffixremat": {"e2e.suffix_remat": "full"},
                    "before": {"e2e.suffix_remat": "full", "e2e.hoist_first_attention": False},
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
+                   "innerdense": {"e2e.inner_attention_block": 0},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
 # unrolled: the TTT-MLP kernels' hidden blocks written out, at 64-unit blocks)

@@ -30,6 +30,7 @@ from ttt_jax.layers.attention_kernels import (
   splash_attention,
   splash_block,
 )
+from ttt_jax.layers.attention_remat import remat_blocked_attention
 from ttt_jax.layers.cache_attention import (
   NEG_INF,
   PALLAS_BLOCK_K,
@@ -87,6 +88,9 @@ class AttentionAlgorithm:
   # for a capacity of at least its key block) | 'inherit' (the path of `impl`)
   cache_impl: str = "inherit"
   interpret: bool = False  # run Pallas kernels in interpret mode (always off a GPU for Triton)
+  # > 0: ordered inputs (a window cache) run in query blocks of this many rows, each
+  # rematerialised at every derivative order (layers/attention_remat.py; impl xla or blockwise)
+  remat_block: int = 0
 
 
 ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
@@ -230,6 +234,10 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
                        [*per_head, (), (), ()], per_head[0])
     return kernel(q, k, v, q_pos, k_pos, filled)
   one_shot = ordered and tq == tk  # keys = queries (no cache)
+  rb = algorithm.remat_block
+  if ordered and rb and tq % min(rb, tq) == 0 and algorithm.impl in ("xla", "blockwise"):
+    return remat_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=min(rb, tq),
+                                   impl=algorithm.impl)
   if algorithm.impl in ("xla", "cudnn"):
     return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
                              one_shot=one_shot)

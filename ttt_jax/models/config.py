@@ -46,6 +46,7 @@ class E2ESection:
   suffix_remat: str = "auto"
   hoist_first_attention: bool = True
   inner_attention_impl: str = "auto"
+  inner_attention_block: int = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ chunks are counted from the start of the stream.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -70,6 +71,20 @@ def suffix_remat(cfg: ModelConfig) -> str:
   return "none" if e.remat_chunks else cfg.remat
 
 
+# `model.e2e.inner_attention_block=-1` (auto): blocks of AUTO_BLOCK rows where one chunk's scores
+# per head would exceed AUTO_SCORES (the `125m`+ presets: 1024 x (8192 + 1024)), else off
+AUTO_BLOCK, AUTO_SCORES = 256, 1 << 22
+
+
+def inner_attention_block(cfg: ModelConfig) -> int:
+  """Query rows per rematerialised block of the inner loop's attention (0: one dense call)."""
+  rows, chunk = cfg.e2e.inner_attention_block, cfg.e2e.mini_batch_size
+  if rows >= 0:
+    return rows
+  big = chunk * (cfg.window + chunk) > AUTO_SCORES
+  return AUTO_BLOCK if big and chunk % AUTO_BLOCK == 0 else 0
+
+
 class E2EModel(LanguageModel):
   """`LanguageModel` with the TTT-E2E inner loop in its loss, forward and streaming cache."""
 
@@ -83,8 +98,9 @@ class E2EModel(LanguageModel):
     self.n_prefix = cfg.num_layers - cfg.e2e.suffix_len
     # the inner loop's attention (vmapped per sequence, differentiated twice in meta-training);
     # the prefix blocks and the plain LM forward keep model.attention_impl
-    self.inner_attention = attention_algorithm(
-        cfg, resolve_inner_impl(cfg.e2e.inner_attention_impl))
+    self.inner_attention = dataclasses.replace(
+        attention_algorithm(cfg, resolve_inner_impl(cfg.e2e.inner_attention_impl)),
+        remat_block=inner_attention_block(cfg))
 
   # -- pieces ------------------------------------------------------------------------------------
   def split_inner(self, mixed_first: bool = False):

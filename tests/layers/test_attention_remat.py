@@ -1,0 +1,130 @@
+"""Rematerialised query-block attention (layers/attention_remat.py) == the dense masked softmax,
+in values, gradients and gradients of gradients (TTT-E2E's meta-learning differentiates the
+inner loop's attention twice), per sequence under `jax.vmap`, for every impl it serves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ttt_jax.layers import attention as A
+from ttt_jax.layers import attention_remat as R
+from ttt_jax.layers.attention_kernels import library_attention
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def window_inputs(window, chunk=64, empty=40, heads=4, kv_heads=4, seed=0):
+  """A chunk of queries against [carried window ++ chunk] keys, the window's first `empty`
+  slots never filled (position -1), as TTT-E2E's inner loop sees them early in a sequence."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  b, d, cap = 2, 8, window
+  q = jax.random.normal(keys[0], (b, chunk, heads, d))
+  k = jax.random.normal(keys[1], (b, cap + chunk, kv_heads, d))
+  v = jax.random.normal(keys[2], (b, cap + chunk, kv_heads, d))
+  start = 5 * chunk  # absolute position of the chunk's first token
+  slots = jnp.arange(start - cap, start)
+  k_pos = jnp.concatenate([jnp.where(jnp.arange(cap) < empty, -1, slots),
+                           jnp.arange(start, start + chunk)]).astype(jnp.int32)
+  q_pos = jnp.arange(start, start + chunk, dtype=jnp.int32)
+  probe = jax.random.normal(keys[3], q.shape)
+  return (q, k, v), q_pos, k_pos, probe
+
+
+def dense(q_pos, k_pos, window):
+  return lambda q, k, v: A.dense_attention(q, k, v, q_pos, k_pos, window)
+
+
+def blocked(q_pos, k_pos, window, q_block, impl):
+  return lambda q, k, v: R.remat_blocked_attention(q, k, v, q_pos, k_pos, window,
+                                                   q_block=q_block, impl=impl)
+
+
+def first_and_second_order(fn, probe):
+  """(the attention, a loss's gradient, the gradient of a function of that gradient): the
+  shape of meta-learning, where the outer loss depends on the inner gradient."""
+  loss = lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * probe)  # noqa: E731
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+
+  def outer(q, k, v):
+    gq, gk, gv = grad(q, k, v)
+    return jnp.sum(gq * gq) + jnp.sum(gk * gv) + jnp.sum(jnp.cos(fn(q, k, v)))
+
+  return jax.jit(fn), jax.jit(grad), jax.jit(jax.grad(outer, argnums=(0, 1, 2)))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+@pytest.mark.parametrize("window,q_block,kv_heads", [(96, 16, 4), (96, 64, 2), (None, 32, 4)])
+def test_values_gradients_and_second_order_equal_dense(impl, window, q_block, kv_heads):
+  cap = 96
+  args, q_pos, k_pos, probe = window_inputs(cap, kv_heads=kv_heads)
+  ref = first_and_second_order(dense(q_pos, k_pos, window), probe)
+  got = first_and_second_order(blocked(q_pos, k_pos, window, q_block, impl), probe)
+  assert rel_err(got[0](*args), ref[0](*args)) < 1e-5
+  for order in (1, 2):
+    for a, r in zip(got[order](*args), ref[order](*args), strict=True):
+      assert rel_err(a, r) < 2e-5, order
+
+
+def test_per_sequence_under_vmap():
+  """The inner loop runs attention per sequence under `jax.vmap` (positions shared)."""
+  args, q_pos, k_pos, probe = window_inputs(96)
+  per_seq = lambda fn: jax.vmap(  # noqa: E731
+      lambda q, k, v, p: first_and_second_order(fn, p)[2](q, k, v))
+  one = lambda a: a[:, None]  # noqa: E731
+  ref = per_seq(dense(q_pos, k_pos, 96))(*map(one, args), one(probe))
+  got = per_seq(blocked(q_pos, k_pos, 96, 16, "xla"))(*map(one, args), one(probe))
+  for a, r in zip(got, ref, strict=True):
+    assert rel_err(a, r) < 2e-5
+
+
+def test_bf16_inputs_match_the_library_kernel():
+  args, q_pos, k_pos, _ = window_inputs(96)
+  args = [a.astype(jnp.bfloat16) for a in args]
+  ref = library_attention(*args, q_pos, k_pos, 96, impl="xla", one_shot=False)
+  got = R.remat_blocked_attention(*args, q_pos, k_pos, 96, q_block=16, impl="xla")
+  assert got.dtype == jnp.bfloat16
+  assert rel_err(got, ref) < 1e-2
+
+
+def test_each_block_reads_only_the_keys_it_can_see():
+  """A block of 16 queries in a window of 96 needs 96 + 16 - 1 keys, not all 160."""
+  assert R.key_span(64, 160, 16, 96) == 111
+  assert R.key_span(64, 160, 64, 96) == 159
+  assert R.key_span(64, 160, 16, None) == 160
+
+
+def test_unordered_keys_give_nan_not_wrong_numbers():
+  args, q_pos, k_pos, _ = window_inputs(96)
+  shuffled = k_pos[::-1]
+  out = R.remat_blocked_attention(*args, q_pos, shuffled, 96, q_block=16, impl="blockwise")
+  assert np.isnan(np.asarray(out)).all()
+
+
+def test_no_pass_keeps_a_chunk_of_scores():
+  """XLA's buffer assignment for the second-order gradient: the blocked form needs less than
+  one [chunk, keys] score matrix per head, the dense form several."""
+  args, q_pos, k_pos, probe = window_inputs(512, chunk=512, empty=0, heads=4)
+  scores = 2 * 4 * 512 * (512 + 512) * 4  # one fp32 [B, H, chunk, keys] matrix
+
+  def temp(fn):
+    compiled = first_and_second_order(fn, probe)[2].lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp(dense(q_pos, k_pos, 512)) > 4 * scores  # 12.1x when written
+  assert temp(blocked(q_pos, k_pos, 512, 32, "xla")) < scores  # 0.63x
+
+
+@pytest.mark.parametrize("rows,chunk,window,want", [(-1, 1024, 8192, 256), (-1, 512, 1024, 0),
+                                                     (-1, 64, 1 << 16, 0), (0, 1024, 8192, 0),
+                                                     (32, 64, 256, 32)])
+def test_auto_turns_blocks_on_past_the_score_threshold(rows, chunk, window, want):
+  from ttt_jax.models.config import E2ESection, ModelConfig
+  from ttt_jax.models.e2e import inner_attention_block
+
+  cfg = ModelConfig(kind="e2e", mixer="swa", window=window,
+                    e2e=E2ESection(mini_batch_size=chunk, inner_attention_block=rows))
+  assert inner_attention_block(cfg) == want

@@ -1,0 +1,103 @@
+"""Attention that keeps no score matrix for any order of derivative (TTT-E2E's inner loop).
+
+TTT-E2E meta-learning differentiates its suffix blocks' attention twice: the inner gradient is
+a first derivative, the outer gradient differentiates that. Plain softmax attention keeps its
+[Tq, Tk] probabilities for the backward pass, and the backward of the backward keeps the
+backward's own [Tq, Tk] intermediates as well; at the `125m` preset (chunks of 1024 queries
+against an 8K window) these were most of the meta step's memory (docs/benchmarks.md).
+
+`remat_blocked_attention` splits the queries into blocks, each attending only the static key
+range it can see (ordered inputs: `causal_blocked_attention`), and runs each block through a
+`jax.custom_vjp` whose forward and backward are both `jax.checkpoint`ed: a derivative of any
+order keeps the block's inputs (q, k, v, output cotangent) and recomputes its scores when it
+needs them, so at most one block's scores exist at a time in any pass. The backward of a block
+is JAX's own derivative of the same dense softmax, so the values and derivatives of every order
+are those of `dense_attention` (tests/layers/test_attention_remat.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.layers.attention_kernels import library_attention
+
+
+def _dense(q, k, v, q_pos, k_pos, window, impl):
+  """One block's dense masked softmax: `library_attention` (xla) or the package's own."""
+  if impl == "xla":
+    return library_attention(q, k, v, q_pos, k_pos, window, impl="xla", one_shot=False)
+  from ttt_jax.layers.attention import dense_attention  # noqa: PLC0415 (attention imports this)
+
+  return dense_attention(q, k, v, q_pos, k_pos, window)
+
+
+def _sliced(q, k, v, q_pos, k_pos, start, span, window, impl):
+  """`_dense` of q against keys [start, start + span) of k, v."""
+  ks, vs = (jax.lax.dynamic_slice_in_dim(x, start, span, axis=1) for x in (k, v))
+  return _dense(q, ks, vs, q_pos, jax.lax.dynamic_slice_in_dim(k_pos, start, span), window, impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def remat_block(q, k, v, q_pos, k_pos, start, span, window, impl):
+  """`_dense` of the queries q against keys [start, start + span) of k, v, with forward and
+  backward recomputed wherever a derivative needs them. Taking the whole k, v (not the slice)
+  makes a loop of blocks keep no per-block copy of its keys for the backward."""
+  return _sliced(q, k, v, q_pos, k_pos, start, span, window, impl)
+
+
+def _block_fwd(q, k, v, q_pos, k_pos, start, span, window, impl):
+  out = jax.checkpoint(_sliced, static_argnums=(6, 7, 8))(q, k, v, q_pos, k_pos, start, span,
+                                                           window, impl)
+  return out, (q, k, v, q_pos, k_pos, start)
+
+
+def _block_bwd(span, window, impl, res, dout):
+  q, k, v, q_pos, k_pos, start = res
+
+  def grads(q, k, v, q_pos, k_pos, start, dout):
+    f = lambda q, k, v: _sliced(q, k, v, q_pos, k_pos, start, span, window, impl)  # noqa: E731
+    return jax.vjp(f, q, k, v)[1](dout)
+
+  dq, dk, dv = jax.checkpoint(grads)(q, k, v, q_pos, k_pos, start, dout)
+  return dq, dk, dv, None, None, None
+
+
+remat_block.defvjp(_block_fwd, _block_bwd)
+
+
+def key_span(tq: int, tk: int, q_block: int, window: int | None) -> int:
+  """Keys each query block of `remat_blocked_attention` reads: every key a block of `q_block`
+  queries can see (ordered inputs: the queries are the last `tq` of `tk` keys)."""
+  return tk if window is None else min(tk, window + q_block - 1)
+
+
+def remat_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: int,
+                            impl: str) -> jax.Array:
+  """Masked softmax attention of ordered inputs (`attention.ordered_layout`: the queries are the
+  last Tq keys) in query blocks of `q_block` rows, one after another (`lax.scan`), each over
+  the `key_span` keys ending at its last query, through `remat_block`. q [B,Tq,H,d],
+  k/v [B,Tk,Hkv,d]; Tq a multiple of `q_block`. If the layout does not hold the output is NaN.
+  """
+  from ttt_jax.layers.attention import ordered_layout  # noqa: PLC0415
+
+  b, tq, h, d = q.shape
+  tk = k.shape[1]
+  span = key_span(tq, tk, q_block, window)
+  n = tq // q_block
+  qs = q.reshape(b, n, q_block, h, d).swapaxes(0, 1)
+  q_pos = q_pos.astype(jnp.int32)
+  k_pos = k_pos.astype(jnp.int32)
+
+  def one(_, xs):
+    i, qi = xs
+    end = tk - tq + (i + 1) * q_block  # one past the block's last query, as a key index
+    start = jnp.clip(end - span, 0, tk - span)
+    qpi = jax.lax.dynamic_slice_in_dim(q_pos, i * q_block, q_block)
+    return None, remat_block(qi, k, v, qpi, k_pos, start, span, window, impl)
+
+  _, out = jax.lax.scan(one, None, (jnp.arange(n), qs))
+  out = out.swapaxes(0, 1).reshape(b, tq, h, v.shape[-1])
+  return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
