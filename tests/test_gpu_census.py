@@ -227,13 +227,16 @@ def test_markdown_row():
           "stream:e2e decode": {"launches": 50, "by_kind": {"fusion": 50}, "loops": [],
                                 "train_step": False},
           "125m:transformer": {"launches": 200, "by_kind": {}, "loops": []},
-          "125m:e2e": {"launches": 500, "by_kind": {}, "loops": []}}
+          "125m:e2e": {"launches": 500, "by_kind": {}, "loops": []},
+          "350m:transformer": {"launches": 400, "by_kind": {}, "loops": []},
+          "350m:e2e": {"launches": 1000, "by_kind": {}, "loops": []}}
   text = gpu_census.markdown(rows)
   assert "| transformer | 100 | 1.0x | 20 | 4 | 0 | 0 | 76 | 0.44 GB | - |" in text
   assert "| e2e-meta | 450 | 4.5x | 90 | 3 | 0 | 0 | 357 |  | 3 x 100 |" in text
   assert "| ttt_mlp | error (XlaRuntimeError: boom) |" in text
   assert "| stream:e2e decode | 50 |  | 0 | 0 | 0 | 0 | 50 |  | - |" in text  # no train ratio
   assert "| 125m:e2e | 500 | 2.5x |" in text  # against the same preset's transformer
+  assert "| 350m:e2e | 1000 | 2.5x |" in text
   # a node's programs: against the node's transformer, their collectives in a column
   rows.update({"node8:transformer": {"launches": 120, "by_kind": {"collective": 5}, "loops": []},
                "node8:ttt_linear": {"launches": 300, "by_kind": {"pallas": 24, "collective": 6},

@@ -121,20 +121,21 @@ def _compile(fn, device, *args) -> tuple[str, dict]:
 
 
 def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, dict]:
-  """`_compile` of gpu-check's train kind `kind` at a bench preset, of '125m:K', the `125m`
-  pretraining preset of model kind K at 8K context, or of 'node8:K', train kind K on a node of
-  8 H200s (`compile_node_train_step`)."""
+  """`_compile` of gpu-check's train kind `kind` at a bench preset, of 'S:K', the pretraining
+  preset of model kind K at scale S (125m, 350m, ...: `config.SCALES`) and 8K context, batch 8,
+  or of 'node8:K', train kind K on a node of 8 H200s (`compile_node_train_step`)."""
   if kind.startswith("node8:"):
     return compile_node_train_step(kind.split(":", 1)[1], size_name)
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_tasks import config_125m  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_tasks import pretrain_config  # noqa: PLC0415
   from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
   with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):
-    if kind.startswith("125m:"):  # the 125m pretraining preset at 8K (gpu-check's train125m)
-      fn, args = lowering.train_step_of_config(config_125m(kind.split(":", 1)[1]))
+    scale, _, model_kind = kind.rpartition(":")
+    if scale:  # a pretraining preset at 8K (125m: gpu-check's train125m)
+      fn, args = lowering.train_step_of_config(pretrain_config(model_kind, scale))
     else:
       fn, args = lowering.train_step_program(*train_kind(kind), PRESETS[size_name])
     return _compile(fn, device, *args)
@@ -263,8 +264,12 @@ def triton_resources(dump_dir: str, ptxas: str) -> dict[str, dict]:
 
 
 def _preset(kind: str) -> str:
-  """'125m:' or 'node8:' for the rows of such kinds, '' otherwise: ratios stay within one."""
-  return kind.split(":", 1)[0] + ":" if kind.startswith(("125m:", "node8:")) else ""
+  """'S:' (a scale of `config.SCALES`, or node8) for the rows of kinds 'S:K', '' otherwise:
+  ratios stay within one."""
+  from ttt_jax.config import SCALES  # noqa: PLC0415
+
+  head = kind.split(":", 1)[0]
+  return head + ":" if ":" in kind and (head in SCALES or head == "node8") else ""
 
 
 def markdown(rows: dict) -> str:
@@ -320,9 +325,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--kinds", default=",".join(TRAIN + RUN_VARIANTS + NODE_KINDS + (
                      "125m:transformer", "125m:e2e", "125m:e2e+innerdense")),
-                 help="comma list of gpu-check train kinds (K or K+variant; 125m:K the 125m "
-                 "preset of model kind K at 8K; node8:K train kind K on a node of 8 H200s, "
-                 "FSDP over them)")
+                 help="comma list of gpu-check train kinds (K or K+variant; S:K the "
+                 "pretraining preset of model kind K at scale S (125m, 350m, ...) and 8K; "
+                 "node8:K train kind K on a node of 8 H200s, FSDP over them)")
   p.add_argument("--stream", default="transformer,transformer-masked,e2e",
                  help="comma list of streaming kinds whose prefill-chunk and decode steps are "
                  "counted ('' = none)")

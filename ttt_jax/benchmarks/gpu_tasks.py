@@ -313,15 +313,16 @@ def task_train(kind: str) -> dict:
   return _time_steps(*setup_train_kind(kind))
 
 
-def config_125m(kind: str):
-  """The validated `125m` pretraining preset of model kind K[+V] at 8K context, bf16, batch 8
-  (V a `gpu_variants` variant: its model overrides, `train_kind`'s)."""
+def pretrain_config(kind: str, scale: str = "125m"):
+  """The validated pretraining preset of model kind K[+V] at `scale` (125m: gpu-check's
+  train125m) and 8K context, bf16, batch 8 (V a `gpu_variants` variant: its model overrides,
+  `train_kind`'s)."""
   from ttt_jax.benchmarks.common import apply_overrides  # noqa: PLC0415
   from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
   from ttt_jax.config import validate  # noqa: PLC0415
 
   kind, overrides = train_kind(kind)
-  cfg = load_preset(preset_spec(kind, "125m", "8k"))
+  cfg = load_preset(preset_spec(kind, scale, "8k"))
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
   apply_overrides(cfg.model, overrides)
   return validate(cfg)
@@ -331,7 +332,7 @@ def task_train_125m(kind: str) -> dict:
   """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
   from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
 
-  cfg = config_125m(kind)
+  cfg = pretrain_config(kind)
   _, compiled, state, batch, info = train_setup_from_config(cfg)
   info["seq_len"] = cfg.data.seq_len
   return _time_steps(compiled, state, batch, info)
