@@ -38,9 +38,12 @@ def dense(q_pos, k_pos, window):
   return lambda q, k, v: A.dense_attention(q, k, v, q_pos, k_pos, window)
 
 
+DENSE = {"blockwise": A.dense_attention, "xla": R.xla_dense}
+
+
 def blocked(q_pos, k_pos, window, q_block, impl):
   return lambda q, k, v: R.remat_blocked_attention(q, k, v, q_pos, k_pos, window,
-                                                   q_block=q_block, impl=impl)
+                                                   q_block=q_block, dense=DENSE[impl])
 
 
 def first_and_second_order(fn, probe):
@@ -85,7 +88,7 @@ def test_bf16_inputs_match_the_library_kernel():
   args, q_pos, k_pos, _ = window_inputs(96)
   args = [a.astype(jnp.bfloat16) for a in args]
   ref = library_attention(*args, q_pos, k_pos, 96, impl="xla", one_shot=False)
-  got = R.remat_blocked_attention(*args, q_pos, k_pos, 96, q_block=16, impl="xla")
+  got = blocked(q_pos, k_pos, 96, 16, "xla")(*args)
   assert got.dtype == jnp.bfloat16
   assert rel_err(got, ref) < 1e-2
 
@@ -97,10 +100,17 @@ def test_each_block_reads_only_the_keys_it_can_see():
   assert R.key_span(64, 160, 16, None) == 160
 
 
-def test_unordered_keys_give_nan_not_wrong_numbers():
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+def test_the_algorithm_takes_blocks_for_ordered_inputs_and_gives_nan_for_unordered(impl):
+  """`AttentionAlgorithm.remat_block` routes a window cache's queries through the blocks (the
+  same output as without); keys out of order give NaN, not wrong numbers."""
   args, q_pos, k_pos, _ = window_inputs(96)
-  shuffled = k_pos[::-1]
-  out = R.remat_blocked_attention(*args, q_pos, shuffled, 96, q_block=16, impl="blockwise")
+  plain = A.AttentionAlgorithm(impl=impl)
+  blocks = A.AttentionAlgorithm(impl=impl, remat_block=16)
+  ref = A.dot_product_attention(*args, q_pos, k_pos, 96, ordered=True, algorithm=plain)
+  got = A.dot_product_attention(*args, q_pos, k_pos, 96, ordered=True, algorithm=blocks)
+  assert rel_err(got, ref) < 1e-5
+  out = A.dot_product_attention(*args, q_pos, k_pos[::-1], 96, ordered=True, algorithm=blocks)
   assert np.isnan(np.asarray(out)).all()
 
 

@@ -30,10 +30,11 @@ from ttt_jax.layers.attention_kernels import (
   splash_attention,
   splash_block,
 )
-from ttt_jax.layers.attention_remat import remat_blocked_attention
+from ttt_jax.layers.attention_remat import remat_blocked_attention, xla_dense
 from ttt_jax.layers.cache_attention import (
   NEG_INF,
   PALLAS_BLOCK_K,
+  check_capacity,
   filled_attention,
   filled_attention_pallas,
   online_softmax_step,
@@ -234,10 +235,11 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
                        [*per_head, (), (), ()], per_head[0])
     return kernel(q, k, v, q_pos, k_pos, filled)
   one_shot = ordered and tq == tk  # keys = queries (no cache)
-  rb = algorithm.remat_block
-  if ordered and rb and tq % min(rb, tq) == 0 and algorithm.impl in ("xla", "blockwise"):
-    return remat_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=min(rb, tq),
-                                   impl=algorithm.impl)
+  rb = min(algorithm.remat_block, tq)
+  if ordered and rb and tq % rb == 0 and algorithm.impl in ("xla", "blockwise"):
+    dense = dense_attention if algorithm.impl == "blockwise" else xla_dense
+    out = remat_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=rb, dense=dense)
+    return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
   if algorithm.impl in ("xla", "cudnn"):
     return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
                              one_shot=one_shot)
@@ -264,24 +266,6 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
     return dense_attention(q, k, v, q_pos, k_pos, window)
   fb = algorithm.flash_block
   return blockwise_attention(q, k, v, q_pos, k_pos, window, q_block=fb, k_block=fb)
-
-
-class KVCacheOverflow(ValueError):
-  """More positions were streamed into a full-attention KV cache than it can hold."""
-
-
-def _raise_overflow(filled, new, capacity) -> None:
-  raise KVCacheOverflow(
-      f"full-attention KV cache overflow: capacity {int(capacity)} positions, {int(filled)} "
-      f"filled, {int(new)} more given; create the cache with a larger capacity "
-      "(model.init_cache(batch, capacity) >= the longest context to be streamed)")
-
-
-def check_capacity(filled: jax.Array, new: int, capacity: int) -> None:
-  """Raises `KVCacheOverflow` (at run time, also under jit) if `new` keys do not fit."""
-  jax.lax.cond(filled + new > capacity,
-               lambda: jax.debug.callback(_raise_overflow, filled, new, capacity),
-               lambda: None)
 
 
 class Attention(nnx.Module):

@@ -24,41 +24,36 @@ import jax.numpy as jnp
 
 from ttt_jax.layers.attention_kernels import library_attention
 
-
-def _dense(q, k, v, q_pos, k_pos, window, impl):
-  """One block's dense masked softmax: `library_attention` (xla) or the package's own."""
-  if impl == "xla":
-    return library_attention(q, k, v, q_pos, k_pos, window, impl="xla", one_shot=False)
-  from ttt_jax.layers.attention import dense_attention  # noqa: PLC0415 (attention imports this)
-
-  return dense_attention(q, k, v, q_pos, k_pos, window)
+# `dense` for the xla impl: `jax.nn.dot_product_attention(implementation='xla')` with the mask
+xla_dense = functools.partial(library_attention, impl="xla", one_shot=False)
 
 
-def _sliced(q, k, v, q_pos, k_pos, start, span, window, impl):
-  """`_dense` of q against keys [start, start + span) of k, v."""
+def _sliced(q, k, v, q_pos, k_pos, start, span, window, dense):
+  """`dense` attention of q against keys [start, start + span) of k, v."""
   ks, vs = (jax.lax.dynamic_slice_in_dim(x, start, span, axis=1) for x in (k, v))
-  return _dense(q, ks, vs, q_pos, jax.lax.dynamic_slice_in_dim(k_pos, start, span), window, impl)
+  return dense(q, ks, vs, q_pos, jax.lax.dynamic_slice_in_dim(k_pos, start, span), window)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def remat_block(q, k, v, q_pos, k_pos, start, span, window, impl):
-  """`_dense` of the queries q against keys [start, start + span) of k, v, with forward and
-  backward recomputed wherever a derivative needs them. Taking the whole k, v (not the slice)
-  makes a loop of blocks keep no per-block copy of its keys for the backward."""
-  return _sliced(q, k, v, q_pos, k_pos, start, span, window, impl)
+def remat_block(q, k, v, q_pos, k_pos, start, span, window, dense):
+  """`dense(q, k, v, q_pos, k_pos, window)` (a masked softmax over every key it is given) of
+  the queries q against keys [start, start + span) of k, v, with forward and backward
+  recomputed wherever a derivative needs them. Taking the whole k, v (not the slice) makes a
+  loop of blocks keep no per-block copy of its keys for the backward."""
+  return _sliced(q, k, v, q_pos, k_pos, start, span, window, dense)
 
 
-def _block_fwd(q, k, v, q_pos, k_pos, start, span, window, impl):
+def _block_fwd(q, k, v, q_pos, k_pos, start, span, window, dense):
   out = jax.checkpoint(_sliced, static_argnums=(6, 7, 8))(q, k, v, q_pos, k_pos, start, span,
-                                                           window, impl)
+                                                           window, dense)
   return out, (q, k, v, q_pos, k_pos, start)
 
 
-def _block_bwd(span, window, impl, res, dout):
+def _block_bwd(span, window, dense, res, dout):
   q, k, v, q_pos, k_pos, start = res
 
   def grads(q, k, v, q_pos, k_pos, start, dout):
-    f = lambda q, k, v: _sliced(q, k, v, q_pos, k_pos, start, span, window, impl)  # noqa: E731
+    f = lambda q, k, v: _sliced(q, k, v, q_pos, k_pos, start, span, window, dense)  # noqa: E731
     return jax.vjp(f, q, k, v)[1](dout)
 
   dq, dk, dv = jax.checkpoint(grads)(q, k, v, q_pos, k_pos, start, dout)
@@ -75,14 +70,12 @@ def key_span(tq: int, tk: int, q_block: int, window: int | None) -> int:
 
 
 def remat_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: int,
-                            impl: str) -> jax.Array:
-  """Masked softmax attention of ordered inputs (`attention.ordered_layout`: the queries are the
-  last Tq keys) in query blocks of `q_block` rows, one after another (`lax.scan`), each over
-  the `key_span` keys ending at its last query, through `remat_block`. q [B,Tq,H,d],
-  k/v [B,Tk,Hkv,d]; Tq a multiple of `q_block`. If the layout does not hold the output is NaN.
-  """
-  from ttt_jax.layers.attention import ordered_layout  # noqa: PLC0415
-
+                            dense) -> jax.Array:
+  """Masked softmax attention in query blocks of `q_block` rows, one after another
+  (`lax.scan`), each over the `key_span` keys ending at its last query, through `remat_block`
+  with `dense` (e.g. `attention.dense_attention`). q [B,Tq,H,d], k/v [B,Tk,Hkv,d]; Tq a multiple
+  of `q_block`. Exact for ordered inputs (`attention.ordered_layout`: the queries are the last
+  Tq keys, the real keys one run of positions), which the caller checks."""
   b, tq, h, d = q.shape
   tk = k.shape[1]
   span = key_span(tq, tk, q_block, window)
@@ -96,8 +89,7 @@ def remat_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_bloc
     end = tk - tq + (i + 1) * q_block  # one past the block's last query, as a key index
     start = jnp.clip(end - span, 0, tk - span)
     qpi = jax.lax.dynamic_slice_in_dim(q_pos, i * q_block, q_block)
-    return None, remat_block(qi, k, v, qpi, k_pos, start, span, window, impl)
+    return None, remat_block(qi, k, v, qpi, k_pos, start, span, window, dense)
 
   _, out = jax.lax.scan(one, None, (jnp.arange(n), qs))
-  out = out.swapaxes(0, 1).reshape(b, tq, h, v.shape[-1])
-  return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
+  return out.swapaxes(0, 1).reshape(b, tq, h, v.shape[-1])

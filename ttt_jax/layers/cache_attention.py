@@ -185,3 +185,21 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
   out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]  # [B*Hkv, padded, d]
   out = out[:, :rows].reshape(b, hk, tq, g, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, tq, h, d).astype(v.dtype)
+
+
+class KVCacheOverflow(ValueError):
+  """More positions were streamed into a full-attention KV cache than it can hold."""
+
+
+def _raise_overflow(filled, new, capacity) -> None:
+  raise KVCacheOverflow(
+      f"full-attention KV cache overflow: capacity {int(capacity)} positions, {int(filled)} "
+      f"filled, {int(new)} more given; create the cache with a larger capacity "
+      "(model.init_cache(batch, capacity) >= the longest context to be streamed)")
+
+
+def check_capacity(filled: jax.Array, new: int, capacity: int) -> None:
+  """Raises `KVCacheOverflow` (at run time, also under jit) if `new` keys do not fit."""
+  jax.lax.cond(filled + new > capacity,
+               lambda: jax.debug.callback(_raise_overflow, filled, new, capacity),
+               lambda: None)
