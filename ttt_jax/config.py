@@ -133,20 +133,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.window = 256  # sliding-window size (mixer=swa and e2e)
   m.rope_theta = 10000.0
   m.trained_context = 0  # context the weights were trained at (imports set it); 0 = unknown
-  m.qk_norm = False
-  m.post_norm = False
-  m.tie_embeddings = False
+  m.qk_norm = m.post_norm = m.tie_embeddings = False
   m.norm_eps = 1e-6
   m.init_std = 0.02
-  m.compute_dtype = "float32"
-  m.param_dtype = "float32"
+  m.compute_dtype = m.param_dtype = "float32"
   m.remat = "none"
   m.scan_layers = False
   # exact attention algorithm (layers/attention.py AttentionAlgorithm): auto | dense | blocked |
   # blockwise; query rows per block of the blocked path; tile of the online-softmax path
   m.attention_algorithm = "auto"
-  m.attention_block = 256
-  m.attention_flash_block = 512
+  m.attention_block, m.attention_flash_block = 256, 512
   # attention backend: auto (cudnn on GPU with bf16 compute, splash on TPU, else blockwise) |
   # blockwise (the algorithms above) | xla | cudnn | splash  (layers/attention_kernels.py)
   m.attention_impl = "auto"
@@ -169,18 +165,14 @@ def base_config() -> ml_collections.ConfigDict:
   e.mini_batch_size = 128
   e.prime_intermediate_size = 384
   e.inner_lr, e.ilr_init = 1.0, 0.0
-  e.ilr_warmup_steps = 100
-  e.inner_clip = 1.0
+  e.ilr_warmup_steps, e.inner_clip = 100, 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
   e.suffix_remat = "auto"  # suffix blocks' remat in the inner loop: auto | a model.remat value
   e.hoist_first_attention = True  # first suffix block's attention once, before the chunk loop
-  # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla
-  e.inner_attention_impl = "auto"
-  # ... in query blocks of this many rows, each recomputed at every derivative order (memory: one
-  # block's scores at a time, not the chunk's); 0 = off; -1 = auto: 256 rows where a chunk's
-  # scores per head exceed 4M (mini_batch_size x (window + mini_batch_size)), else off
-  e.inner_attention_block = -1
+  # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla,
+  # in rematerialised query blocks of n rows (docs/configs.md): n | 0 (one call per chunk) | -1 auto
+  e.inner_attention_impl, e.inner_attention_block = "auto", -1
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "embedded"

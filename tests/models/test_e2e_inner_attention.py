@@ -10,6 +10,8 @@ from flax import nnx
 from ttt_jax.layers import attention as A
 from ttt_jax.layers.common import building_for
 from ttt_jax.models import build_model
+from ttt_jax.models.config import E2ESection, ModelConfig
+from ttt_jax.models.e2e import inner_attention_block
 
 from .test_e2e import tiny_model_cfg
 
@@ -67,10 +69,11 @@ def meta_loss_and_grads(batch, **e2e):
   return model, jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "xla"])
-def test_inner_attention_blocks_change_the_program_not_the_numbers(impl, monkeypatch):
+def test_inner_attention_blocks_change_the_program_not_the_numbers(monkeypatch):
   """`model.e2e.inner_attention_block`: the inner loop's attention in rematerialised query
-  blocks gives the meta loss and second-order gradients of one dense call per chunk."""
+  blocks gives the meta loss and second-order gradients of one dense call per chunk (xla, the
+  GPU's impl; tests/layers/test_attention_remat.py has both impls)."""
+  impl = "xla"
   calls = []
   real = A.remat_blocked_attention
   monkeypatch.setattr(A, "remat_blocked_attention",
@@ -85,3 +88,13 @@ def test_inner_attention_blocks_change_the_program_not_the_numbers(impl, monkeyp
   assert float(v1) == pytest.approx(float(v0), rel=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows,chunk,window,want", [
+    (-1, 1024, 8192, 256), (-1, 1024, 4096, 256), (-1, 1024, 2048, 0), (-1, 512, 1024, 0),
+    (-1, 1000, 8192, 250), (-1, 1009, 8192, 0), (-1, 64, 1 << 16, 64), (0, 1024, 8192, 0),
+    (32, 64, 256, 32)])
+def test_auto_turns_blocks_on_past_the_score_threshold(rows, chunk, window, want):
+  cfg = ModelConfig(kind="e2e", mixer="swa", window=window,
+                    e2e=E2ESection(mini_batch_size=chunk, inner_attention_block=rows))
+  assert inner_attention_block(cfg) == want

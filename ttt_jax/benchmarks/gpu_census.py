@@ -32,6 +32,7 @@ import time
 
 from ttt_jax.benchmarks.gpu_variants import TUNING_VARIANTS
 from ttt_jax.benchmarks.hlo_text import census
+from ttt_jax.config import SCALES
 
 # Public figures of an H200 SXM (141 GB HBM3e, 4.8 TB/s, 132 SMs, 50 MB L2, Hopper sm_90).
 H200_TARGET = """
@@ -264,10 +265,7 @@ def triton_resources(dump_dir: str, ptxas: str) -> dict[str, dict]:
 
 
 def _preset(kind: str) -> str:
-  """'S:' (a scale of `config.SCALES`, or node8) for the rows of kinds 'S:K', '' otherwise:
-  ratios stay within one."""
-  from ttt_jax.config import SCALES  # noqa: PLC0415
-
+  """'S:' for rows of kinds 'S:K' (S a scale or node8), else '': ratios stay within one."""
   head = kind.split(":", 1)[0]
   return head + ":" if ":" in kind and (head in SCALES or head == "node8") else ""
 

@@ -4,7 +4,8 @@ TTT-E2E meta-learning differentiates its suffix blocks' attention twice: the inn
 a first derivative, the outer gradient differentiates that. Plain softmax attention keeps its
 [Tq, Tk] probabilities for the backward pass, and the backward of the backward keeps the
 backward's own [Tq, Tk] intermediates as well; at the `125m` preset (chunks of 1024 queries
-against an 8K window) these were most of the meta step's memory (docs/benchmarks.md).
+against an 8K window) they are most of a meta step's memory when each chunk's attention is one
+dense call (docs/benchmarks.md).
 
 `remat_blocked_attention` splits the queries into blocks, each attending only the static key
 range it can see (ordered inputs: `causal_blocked_attention`), and runs each block through a
@@ -28,57 +29,61 @@ from ttt_jax.layers.attention_kernels import library_attention
 xla_dense = functools.partial(library_attention, impl="xla", one_shot=False)
 
 
-def _sliced(q, k, v, q_pos, k_pos, start, span, window, dense):
-  """`dense` attention of q against keys [start, start + span) of k, v."""
-  ks, vs = (jax.lax.dynamic_slice_in_dim(x, start, span, axis=1) for x in (k, v))
+def _sliced(q, k, v, q_pos, k_pos, start, span, window, dense, dtype):
+  """`dense` attention of q against keys [start, start + span) of k, v, taken in `dtype`."""
+  ks, vs = (jax.lax.dynamic_slice_in_dim(x, start, span, axis=1).astype(dtype) for x in (k, v))
   return dense(q, ks, vs, q_pos, jax.lax.dynamic_slice_in_dim(k_pos, start, span), window)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def remat_block(q, k, v, q_pos, k_pos, start, span, window, dense):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def block_attention(q, k, v, q_pos, k_pos, start, span, window, dense, dtype):
   """`dense(q, k, v, q_pos, k_pos, window)` (a masked softmax over every key it is given) of
-  the queries q against keys [start, start + span) of k, v, with forward and backward
-  recomputed wherever a derivative needs them. Taking the whole k, v (not the slice) makes a
-  loop of blocks keep no per-block copy of its keys for the backward."""
-  return _sliced(q, k, v, q_pos, k_pos, start, span, window, dense)
+  the queries q against keys [start, start + span) of k, v (in `dtype`), with forward and
+  backward recomputed wherever a derivative needs them. Taking the whole k, v (not the slice)
+  makes a loop of blocks keep no per-block copy of its keys for the backward."""
+  return _sliced(q, k, v, q_pos, k_pos, start, span, window, dense, dtype)
 
 
-def _block_fwd(q, k, v, q_pos, k_pos, start, span, window, dense):
-  out = jax.checkpoint(_sliced, static_argnums=(6, 7, 8))(q, k, v, q_pos, k_pos, start, span,
-                                                           window, dense)
+def _block_fwd(q, k, v, q_pos, k_pos, start, span, window, dense, dtype):
+  out = jax.checkpoint(_sliced, static_argnums=(6, 7, 8, 9))(q, k, v, q_pos, k_pos, start, span,
+                                                              window, dense, dtype)
   return out, (q, k, v, q_pos, k_pos, start)
 
 
-def _block_bwd(span, window, dense, res, dout):
+def _block_bwd(span, window, dense, dtype, res, dout):
   q, k, v, q_pos, k_pos, start = res
 
   def grads(q, k, v, q_pos, k_pos, start, dout):
-    f = lambda q, k, v: _sliced(q, k, v, q_pos, k_pos, start, span, window, dense)  # noqa: E731
+    f = lambda q, k, v: _sliced(q, k, v, q_pos, k_pos, start, span, window, dense,  # noqa: E731
+                                dtype)
     return jax.vjp(f, q, k, v)[1](dout)
 
   dq, dk, dv = jax.checkpoint(grads)(q, k, v, q_pos, k_pos, start, dout)
   return dq, dk, dv, None, None, None
 
 
-remat_block.defvjp(_block_fwd, _block_bwd)
+block_attention.defvjp(_block_fwd, _block_bwd)
 
 
-def key_span(tq: int, tk: int, q_block: int, window: int | None) -> int:
-  """Keys each query block of `remat_blocked_attention` reads: every key a block of `q_block`
-  queries can see (ordered inputs: the queries are the last `tq` of `tk` keys)."""
+def key_span(tk: int, q_block: int, window: int | None) -> int:
+  """Keys each query block of `remat_blocked_attention` reads, of `tk`: every key a block of
+  `q_block` queries can see."""
   return tk if window is None else min(tk, window + q_block - 1)
 
 
 def remat_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_block: int,
                             dense) -> jax.Array:
   """Masked softmax attention in query blocks of `q_block` rows, one after another
-  (`lax.scan`), each over the `key_span` keys ending at its last query, through `remat_block`
-  with `dense` (e.g. `attention.dense_attention`). q [B,Tq,H,d], k/v [B,Tk,Hkv,d]; Tq a multiple
-  of `q_block`. Exact for ordered inputs (`attention.ordered_layout`: the queries are the last
-  Tq keys, the real keys one run of positions), which the caller checks."""
+  (`lax.scan`), each over the `key_span` keys ending at its last query, through
+  `block_attention` with `dense` (e.g. `attention.dense_attention`). q [B,Tq,H,d],
+  k/v [B,Tk,Hkv,d]; Tq a multiple of `q_block`. Exact for ordered inputs
+  (`attention.ordered_layout`: the queries are the last Tq keys, the real keys one run of
+  positions), which the caller checks. Keys and values enter the loop in float32, so the blocks'
+  shares of their cotangents add up in float32 and are rounded to their dtype once."""
   b, tq, h, d = q.shape
-  tk = k.shape[1]
-  span = key_span(tq, tk, q_block, window)
+  tk, dtype = k.shape[1], k.dtype
+  span = key_span(tk, q_block, window)
+  k, v = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (k, v))
   n = tq // q_block
   qs = q.reshape(b, n, q_block, h, d).swapaxes(0, 1)
   q_pos = q_pos.astype(jnp.int32)
@@ -89,7 +94,7 @@ def remat_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_bloc
     end = tk - tq + (i + 1) * q_block  # one past the block's last query, as a key index
     start = jnp.clip(end - span, 0, tk - span)
     qpi = jax.lax.dynamic_slice_in_dim(q_pos, i * q_block, q_block)
-    return None, remat_block(qi, k, v, qpi, k_pos, start, span, window, dense)
+    return None, block_attention(qi, k, v, qpi, k_pos, start, span, window, dense, dtype)
 
   _, out = jax.lax.scan(one, None, (jnp.arange(n), qs))
   return out.swapaxes(0, 1).reshape(b, tq, h, v.shape[-1])

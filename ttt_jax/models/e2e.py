@@ -71,9 +71,10 @@ def suffix_remat(cfg: ModelConfig) -> str:
   return "none" if e.remat_chunks else cfg.remat
 
 
-# `model.e2e.inner_attention_block=-1` (auto): blocks of AUTO_BLOCK rows where one chunk's scores
-# per head would exceed AUTO_SCORES (the `125m`+ presets: 1024 x (8192 + 1024)), else off
-AUTO_BLOCK, AUTO_SCORES = 256, 1 << 22
+# `model.e2e.inner_attention_block=-1` (auto): where one chunk's scores per head would exceed
+# AUTO_SCORES (the `125m`+ presets at 4K context and more: 1024 x (window + 1024)), blocks of the
+# largest divisor of the chunk up to AUTO_BLOCK rows (at least MIN_AUTO_BLOCK), else off
+AUTO_BLOCK, MIN_AUTO_BLOCK, AUTO_SCORES = 256, 16, 1 << 22
 
 
 def inner_attention_block(cfg: ModelConfig) -> int:
@@ -81,8 +82,10 @@ def inner_attention_block(cfg: ModelConfig) -> int:
   rows, chunk = cfg.e2e.inner_attention_block, cfg.e2e.mini_batch_size
   if rows >= 0:
     return rows
-  big = chunk * (cfg.window + chunk) > AUTO_SCORES
-  return AUTO_BLOCK if big and chunk % AUTO_BLOCK == 0 else 0
+  if chunk * (cfg.window + chunk) <= AUTO_SCORES:
+    return 0
+  rows = max(r for r in range(1, min(AUTO_BLOCK, chunk) + 1) if chunk % r == 0)
+  return rows if rows >= MIN_AUTO_BLOCK else 0
 
 
 class E2EModel(LanguageModel):
