@@ -89,7 +89,7 @@ class AttentionAlgorithm:
   # for a capacity of at least its key block) | 'inherit' (the path of `impl`)
   cache_impl: str = "inherit"
   interpret: bool = False  # run Pallas kernels in interpret mode (always off a GPU for Triton)
-  # > 0: ordered inputs (a window cache) run in query blocks of this many rows, each
+  # > 0: ordered inputs whose query count it divides run in query blocks of this many rows, each
   # rematerialised at every derivative order (layers/attention_remat.py; impl xla or blockwise)
   remat_block: int = 0
 
