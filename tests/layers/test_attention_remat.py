@@ -117,6 +117,9 @@ def test_the_algorithm_takes_blocks_for_ordered_inputs_and_gives_nan_for_unorder
   ref = A.dot_product_attention(*args, q_pos, k_pos, 96, ordered=True, algorithm=plain)
   got = A.dot_product_attention(*args, q_pos, k_pos, 96, ordered=True, algorithm=blocks)
   assert rel_err(got, ref) < 1e-5
+  last = A.dot_product_attention(args[0][:, -1:], *args[1:], q_pos[-1:], k_pos, 96,
+                                 ordered=True, algorithm=blocks)  # one query (decoding)
+  assert rel_err(last, ref[:, -1:]) < 1e-5
   q, k, v = args  # one-shot inputs (keys = queries), windowed and causal
   for window in (24, None):
     ref = A.dense_attention(q, q, v[:, :64], q_pos, q_pos, window)

@@ -231,10 +231,10 @@ def test_streaming_matches_one_shot_on_every_attention_algorithm(setup, tokens, 
   model = build_model(cfg, 0)
   x = tokens[:, :-1]
   # token by token, a 1-row query takes the dense path whatever the algorithm: once is enough
-  patterns = [[CHUNK] * (T // CHUNK), [5, 11, 16, 5, 11]] + (
-      [[1] * T] if algorithm in ("blockwise", "remat_block") else [])
-  if algorithm == "remat_block":  # segments of whole 4-row blocks, with padded (-1) rows
-    patterns.append([8, 12, 4, 8, 16])
+  patterns = [[CHUNK] * (T // CHUNK), [5, 11, 16, 5, 11]] + ([[1] * T] if algorithm == "blockwise"
+                                                             else [])
+  if algorithm == "remat_block":  # segments of whole 4-row blocks, with padded (-1) rows; one
+    patterns.append([8, 12, 4, 8, 16])  # query: tests/layers/test_attention_remat.py
   for sizes in patterns:
     assert rel_err(_stream(model, x, sizes), ref[:, :sum(sizes)]) < 1e-5, sizes
   one_shot, _ = fast_jit(lambda t: model(t))(x)
