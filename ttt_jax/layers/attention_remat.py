@@ -44,9 +44,14 @@ def block_attention(q, k, v, q_pos, k_pos, start, span, window, dense, dtype):
   return _sliced(q, k, v, q_pos, k_pos, start, span, window, dense, dtype)
 
 
+# `block_attention` runs inside `remat_blocked_attention`'s scan, whose loop already keeps XLA
+# from merging a recomputation with the computation it repeats: no CSE barriers needed
+_remat = functools.partial(jax.checkpoint, prevent_cse=False)
+
+
 def _block_fwd(q, k, v, q_pos, k_pos, start, span, window, dense, dtype):
-  out = jax.checkpoint(_sliced, static_argnums=(6, 7, 8, 9))(q, k, v, q_pos, k_pos, start, span,
-                                                              window, dense, dtype)
+  out = _remat(_sliced, static_argnums=(6, 7, 8, 9))(q, k, v, q_pos, k_pos, start, span, window,
+                                                     dense, dtype)
   return out, (q, k, v, q_pos, k_pos, start)
 
 
@@ -58,7 +63,7 @@ def _block_bwd(span, window, dense, dtype, res, dout):
                                 dtype)
     return jax.vjp(f, q, k, v)[1](dout)
 
-  dq, dk, dv = jax.checkpoint(grads)(q, k, v, q_pos, k_pos, start, dout)
+  dq, dk, dv = _remat(grads)(q, k, v, q_pos, k_pos, start, dout)
   return dq, dk, dv, None, None, None
 
 
