@@ -7,8 +7,9 @@ backward's own [Tq, Tk] intermediates as well; at the `125m` preset (chunks of 1
 against an 8K window) they are most of a meta step's memory when each chunk's attention is one
 dense call (docs/benchmarks.md).
 
-`remat_blocked_attention` splits the queries into blocks, each attending only the static key
-range it can see (ordered inputs: `causal_blocked_attention`), and runs each block through a
+`remat_blocked_attention` splits the queries into blocks, each attending only the
+`window + rows - 1` keys it can see (ordered inputs, as `attention.causal_blocked_attention`
+reads them), and runs each block through a
 `jax.custom_vjp` whose forward and backward are both `jax.checkpoint`ed: a derivative of any
 order keeps the block's inputs (q, k, v, output cotangent) and recomputes its scores when it
 needs them, so at most one block's scores exist at a time in any pass. The backward of a block
