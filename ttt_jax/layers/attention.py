@@ -189,6 +189,11 @@ def ordered_layout(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
   return steps_ok & (runs <= 1) & queries_ok
 
 
+def nan_unless_ordered(out: jax.Array, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+  """`out` where `ordered_layout` holds, NaN where it does not (never silently wrong numbers)."""
+  return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
+
+
 def causal_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *,
                              q_block: int) -> jax.Array:
   """The same attention as `dense_attention`, skipping keys a query block cannot see.
@@ -210,8 +215,7 @@ def causal_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *,
     hi = off + e
     outs.append(dense_attention(q[:, s:e], k[:, lo:hi], v[:, lo:hi], q_pos[s:e], k_pos[lo:hi],
                                 window))
-  out = jnp.concatenate(outs, axis=1)
-  return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
+  return nan_unless_ordered(jnp.concatenate(outs, axis=1), q_pos, k_pos)
 
 
 def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered: bool = False,
@@ -239,7 +243,7 @@ def dot_product_attention(q, k, v, q_pos, k_pos, window: int | None, *, ordered:
   if ordered and rb and tq % rb == 0 and algorithm.impl in ("xla", "blockwise"):
     dense = dense_attention if algorithm.impl == "blockwise" else xla_dense
     out = remat_blocked_attention(q, k, v, q_pos, k_pos, window, q_block=rb, dense=dense)
-    return jnp.where(ordered_layout(q_pos, k_pos), out, jnp.nan).astype(out.dtype)
+    return nan_unless_ordered(out, q_pos, k_pos)
   if algorithm.impl in ("xla", "cudnn"):
     return library_attention(q, k, v, q_pos, k_pos, window, impl=algorithm.impl,
                              one_shot=one_shot)

@@ -84,8 +84,9 @@ def remat_blocked_attention(q, k, v, q_pos, k_pos, window: int | None, *, q_bloc
   `block_attention` with `dense` (e.g. `attention.dense_attention`). q [B,Tq,H,d],
   k/v [B,Tk,Hkv,d]; Tq a multiple of `q_block`. Exact for ordered inputs
   (`attention.ordered_layout`: the queries are the last Tq keys, the real keys one run of
-  positions), which the caller checks. Keys and values enter the loop in float32, so the blocks'
-  shares of their cotangents add up in float32 and are rounded to their dtype once."""
+  positions), which the caller checks (`attention.nan_unless_ordered`). Keys and values enter
+  the loop in float32, so the blocks' shares of their cotangents add up in float32 and are
+  rounded to their dtype once."""
   b, tq, h, d = q.shape
   tk, dtype = k.shape[1], k.dtype
   span = key_span(tk, q_block, window)
