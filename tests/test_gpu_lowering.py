@@ -82,3 +82,15 @@ def test_gpu_target_names_an_h200_where_no_gpu_is_attached():
           lower()
       with lowering.gpu_target():
         assert TRITON in lower()
+
+
+def test_e2e_meta_step_with_inner_attention_blocks_lowers_for_cuda():
+  """`model.e2e.inner_attention_block` (auto: on at the 125m+ presets): the rematerialised query
+  blocks (a custom_vjp under the per-sequence vmap, differentiated twice) lower for CUDA, as a
+  loop over the blocks that the step without them does not have."""
+  plain = lowering.lower_train_step("e2e-meta", {"e2e.inner_attention_block": 0})
+  blocks = lowering.lower_train_step("e2e-meta", {"e2e.inner_attention_block": 16})
+  assert blocks.platforms == ("cuda",)
+  assert has_cudnn_attention(lowering.kernels_in(blocks))  # the prefix keeps cuDNN
+  loops = lambda exported: exported.mlir_module().count("stablehlo.while")  # noqa: E731
+  assert loops(blocks) > loops(plain)
