@@ -4,7 +4,9 @@
 
 Each preset (configs/pretrain.py:model=KIND,scale=SCALE,ctx=8k; configs/e2e.py:scale=SCALE for
 e2e) is AOT-compiled on 8 forced CPU devices (mesh data=1, fsdp=-1) without allocating weights;
-the table of XLA's per-device buffer sizes is printed and written to --json.
+the table of XLA's per-device buffer sizes is printed and written to --json. `--target h200`
+compiles for 8 H200s instead (XLA:GPU without a GPU; needs JAX's CUDA plugin, e.g.
+.venv-cuda/bin/python after `make gpu-census`).
 """
 
 from ttt_jax.benchmarks.compile_check import main

@@ -17,6 +17,7 @@ import ml_collections
 import pytest
 
 from ttt_jax.benchmarks import compile_check as cc
+from ttt_jax.benchmarks import gpu_census
 from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.config import MODEL_KINDS, ConfigError, build_config
 
@@ -84,6 +85,43 @@ def test_script_compiles_every_kind_125m(tmp_path):
     assert r["seq_len"] == 8192
     # params + Adam's two moments in fp32, split 8 ways (some small arrays stay replicated)
     assert 12 * r["params"] / 8 <= r["state_bytes"] <= 1.6 * 12 * r["params"] / 8, r
+
+
+def test_h200_target_compiles_for_gpus_where_the_cuda_plugin_is_installed(tmp_path):
+  # XLA:GPU's buffer assignment for 2 H200s of a deviceless topology: the same identities as
+  # XLA:CPU's (the state donated and aliased, the batch split over fsdp)
+  if gpu_census.cuda_plugin() is None:
+    pytest.skip("JAX's CUDA plugin is not installed here (make gpu-census installs it)")
+  report, stdout = _run_script(tmp_path, "--target", "h200", "--devices", "2", "--scales",
+                               "tiny", "--ctx", "256", "--kinds", "transformer", "--set",
+                               "model.num_layers=1", timeout=600)
+  (r,) = report["results"]
+  assert r["status"] == "ok", r
+  assert r["target"] == "h200" and r["devices"] == 2
+  assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
+  assert report["config"]["backend"] == cc.TARGETS["h200"]
+  m = r["memory"]
+  assert m["temp_bytes"] > 0
+  assert m["alias_bytes"] == r["state_bytes"]
+  assert m["argument_bytes"] == r["state_bytes"] + r["batch_bytes"]
+  assert "2 H200s in one host" in stdout
+
+
+def test_h200_target_without_the_cuda_plugin_is_one_error_row():
+  if gpu_census.cuda_plugin() is not None:
+    pytest.skip(f"JAX's CUDA plugin is installed here ({gpu_census.cuda_plugin()})")
+  r = cc.run_config("transformer", "tiny", "256", (1, -1, 1), devices=2, batch_size=0,
+                    overrides=["model.num_layers=1"], timeout=300, fast_compile=False,
+                    target="h200")
+  assert r["status"] == "error" and "jax-cuda12-plugin" in r["error"], r
+
+
+def test_only_the_cpu_target_forces_host_devices(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  cpu = cc.child_env(8, True, "cpu")["XLA_FLAGS"]
+  assert "--xla_force_host_platform_device_count=8" in cpu and cc.FAST_COMPILE in cpu
+  gpu = cc.child_env(8, True, "h200").get("XLA_FLAGS", "")
+  assert "device_count" not in gpu and cc.FAST_COMPILE not in gpu
 
 
 def test_memory_columns_of_a_program_with_known_buffers():

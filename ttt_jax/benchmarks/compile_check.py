@@ -11,9 +11,13 @@ under a wall-clock budget: a compile that runs over it is stopped and reported a
 one that fails is reported with its error, without stopping the others. Results are printed as a
 table and written as JSON.
 
-The numbers are XLA:CPU's buffer assignment for the partitioned per-device program; GPU and TPU
-compilers fuse and lay out differently, so treat them as the size of the program's working set,
-not as an exact accelerator figure.
+With `--target cpu` (the default) the devices are forced host CPU devices and the numbers are
+XLA:CPU's buffer assignment for the partitioned per-device program; XLA:CPU neither
+rematerializes nor schedules for memory as a GPU or TPU compiler does (docs/scaling.md), so treat
+them as the size of the program's working set. With `--target h200` XLA:GPU compiles the same
+step for `--devices` H200s in one host of a deviceless topology (JAX's CUDA plugin, as `make
+gpu-census` installs it; no GPU or driver needed): its buffer assignment is the one a node of
+H200s would run with, after XLA:GPU's own rematerialization and scheduling.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ import ml_collections
 from absl import flags
 
 from ttt_jax.argtypes import check_flags, non_negative_int, positive_float, positive_int
+from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.common import memory_stats
+from ttt_jax.benchmarks.gpu_census import gpu_devices
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
 from ttt_jax.models import count_params
+from ttt_jax.sharding import make_mesh
 from ttt_jax.train.trainer import Trainer, TrainState
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -49,7 +56,12 @@ flags.DEFINE_list("kinds", list(MODEL_KINDS), "Model kinds to compile.")
 flags.DEFINE_list("scales", ["125m"], f"Scales ({', '.join(SCALES)}).")
 flags.DEFINE_string("ctx", "8k", "Training context of the configs/pretrain.py presets (the e2e "
                     "preset, configs/e2e.py stage=pretrain, fixes its own: 8K, tiny 512).")
-flags.DEFINE_integer("devices", 8, "Forced host CPU devices.")
+# --target -> what the devices are (the table's and the JSON's description)
+TARGETS = {"cpu": "forced host CPU devices (XLA:CPU)",
+           "h200": "H200s in one host, deviceless (XLA:GPU)"}
+flags.DEFINE_enum("target", "cpu", list(TARGETS), "Compile for forced host CPU devices (cpu) or "
+                  "for H200s without a GPU (h200; needs JAX's CUDA plugin).")
+flags.DEFINE_integer("devices", 8, "Devices of the mesh (forced host CPUs or H200s).")
 flags.DEFINE_string("mesh", "1,-1,1", "Mesh sizes data,fsdp,tensor (-1 = the remaining devices).")
 flags.DEFINE_integer("batch_size", 0, "Global batch in sequences (0 = the preset's).")
 flags.DEFINE_list("set", [], "Config overrides key=value applied to every preset, e.g. "
@@ -58,7 +70,7 @@ flags.DEFINE_float("timeout", 300.0, "Wall-clock budget of one config, seconds."
 flags.DEFINE_float("total_budget", 1500.0, "Configs not started within this many seconds "
                    "are skipped.")
 flags.DEFINE_bool("fast_compile", False, "Unoptimized CPU code generation (" + FAST_COMPILE
-                  + ").")
+                  + "); --target cpu only.")
 flags.DEFINE_string("json", "runs/compile_check.json", "Where to write the results ('' = no).")
 
 
@@ -120,9 +132,23 @@ def apply_overrides(cfg: ml_collections.ConfigDict, items) -> None:
     node[path[-1]] = value
 
 
+def lower_for(target: str, cfg, devices: int):
+  """(trainer, lowered train step) of `cfg` on `devices` devices of `target` (`TARGETS`)."""
+  if target == "cpu":
+    trainer = Trainer.create(cfg)
+    state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
+    return trainer, trainer.train_step.lower(state, batch)
+  with lowering.for_gpu():
+    trainer = Trainer.create(cfg, make_mesh(cfg.mesh, gpu_devices(devices)))
+    state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
+    return trainer, trainer.train_step.trace(state, batch).lower(lowering_platforms=("cuda",))
+
+
 def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
-                batch_size: int = 0, overrides=()) -> dict:
-  """Lowers and compiles the train step of one preset on all visible devices."""
+                batch_size: int = 0, overrides=(), target: str = "cpu",
+                devices: int | None = None) -> dict:
+  """Lowers and compiles the train step of one preset on all visible devices (`target` cpu) or
+  on `devices` H200s (`target` h200)."""
   spec = preset_spec(kind, scale, ctx)
   cfg = load_preset(spec)
   apply_overrides(cfg, overrides)
@@ -130,9 +156,8 @@ def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
   if batch_size:
     cfg.data.batch_size = batch_size
   t0 = time.perf_counter()
-  trainer = Trainer.create(cfg)
+  trainer, lowered = lower_for(target, cfg, devices or jax.device_count())
   state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
-  lowered = trainer.train_step.lower(state, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -141,7 +166,7 @@ def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
       "kind": kind, "scale": scale, "config": spec, "seq_len": cfg.data.seq_len,
       "batch_size": cfg.data.batch_size,
       "per_device_batch": cfg.data.batch_size / batch_devices,
-      "mesh": dict(trainer.mesh.shape), "devices": jax.device_count(),
+      "mesh": dict(trainer.mesh.shape), "devices": trainer.mesh.size, "target": target,
       "params": count_params(trainer.abstract_params),
       "compute_dtype": cfg.model.compute_dtype, "remat": cfg.model.remat,
       "state_bytes": bytes_per_device(state), "state_arrays": len(jax.tree.leaves(state)),
@@ -155,7 +180,7 @@ def child_main(request: str) -> None:
   r = json.loads(request)
   try:
     out = compile_one(r["kind"], r["scale"], r["ctx"], tuple(r["mesh"]), r["batch_size"],
-                      r["overrides"])
+                      r["overrides"], r["target"], r["devices"])
     out["status"] = "ok"
   except ConfigError as e:
     out = {"status": "error", "error": f"config error: {e}"}
@@ -167,26 +192,29 @@ def child_main(request: str) -> None:
 
 
 # -- the parent: one subprocess per config, a table, a JSON file ---------------------------------
-def child_env(devices: int, fast_compile: bool) -> dict[str, str]:
+def child_env(devices: int, fast_compile: bool, target: str = "cpu") -> dict[str, str]:
   xla = [f for f in os.environ.get("XLA_FLAGS", "").split()
          if not f.startswith("--xla_force_host_platform_device_count")]
-  xla.append(f"--xla_force_host_platform_device_count={devices}")
-  if fast_compile:
+  if target == "cpu":
+    xla.append(f"--xla_force_host_platform_device_count={devices}")
+  if fast_compile and target == "cpu":
     xla.append(FAST_COMPILE)
   return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=" ".join(xla))
 
 
 def run_config(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int], *, devices: int,
-               batch_size: int, overrides, timeout: float, fast_compile: bool) -> dict:
+               batch_size: int, overrides, timeout: float, fast_compile: bool,
+               target: str = "cpu") -> dict:
   """Compiles one config in a subprocess under `timeout` seconds of wall clock."""
   request = json.dumps({"kind": kind, "scale": scale, "ctx": ctx, "mesh": list(mesh),
-                        "batch_size": batch_size, "overrides": list(overrides)})
+                        "batch_size": batch_size, "overrides": list(overrides),
+                        "target": target, "devices": devices})
   cmd = [sys.executable, "-c", "import sys; from ttt_jax.benchmarks.compile_check import "
          "child_main; child_main(sys.argv[1])", request]
   base = {"kind": kind, "scale": scale, "config": preset_spec(kind, scale, ctx)}
   t0 = time.perf_counter()
-  proc = subprocess.Popen(cmd, env=child_env(devices, fast_compile), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, env=child_env(devices, fast_compile, target),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     stdout, stderr = proc.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -215,7 +243,8 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def check(kinds, scales, ctx: str = "8k", mesh=(1, -1, 1), *, devices: int = 8,
           batch_size: int = 0, overrides=(), timeout: float = 300.0,
-          total_budget: float = 1500.0, fast_compile: bool = False, echo=print) -> dict:
+          total_budget: float = 1500.0, fast_compile: bool = False, target: str = "cpu",
+          echo=print) -> dict:
   """Compiles every (scale, kind), one at a time. Returns {"config": ..., "results": [...]}."""
   for kind in kinds:
     if kind not in MODEL_KINDS:
@@ -236,7 +265,8 @@ def check(kinds, scales, ctx: str = "8k", mesh=(1, -1, 1), *, devices: int = 8,
         continue
       echo(f"{scale} {kind}: compiling {preset_spec(kind, scale, ctx)} ...")
       r = run_config(kind, scale, ctx, mesh, devices=devices, batch_size=batch_size,
-                     overrides=overrides, timeout=timeout, fast_compile=fast_compile)
+                     overrides=overrides, timeout=timeout, fast_compile=fast_compile,
+                     target=target)
       results.append(r)
       if r["status"] == "ok":
         echo(f"  compiled in {r['compile_s']:.1f} s (lowering {r['lower_s']:.1f} s), peak "
@@ -247,7 +277,7 @@ def check(kinds, scales, ctx: str = "8k", mesh=(1, -1, 1), *, devices: int = 8,
                      "mesh": list(mesh), "devices": devices, "batch_size": batch_size,
                      "overrides": list(overrides),
                      "timeout_s": timeout, "fast_compile": fast_compile,
-                     "backend": "cpu (forced host devices)", "jax": jax.__version__},
+                     "target": target, "backend": TARGETS[target], "jax": jax.__version__},
           "total_s": time.perf_counter() - start, "results": results}
 
 
@@ -300,12 +330,13 @@ def main(argv) -> None:
     report = check(FLAGS.kinds, FLAGS.scales, FLAGS.ctx, parse_mesh(FLAGS.mesh),
                    devices=FLAGS.devices, batch_size=FLAGS.batch_size, overrides=FLAGS.set,
                    timeout=FLAGS.timeout,
-                   total_budget=FLAGS.total_budget, fast_compile=FLAGS.fast_compile)
+                   total_budget=FLAGS.total_budget, fast_compile=FLAGS.fast_compile,
+                   target=FLAGS.target)
   except ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
   print()
   print(f"per-device memory ({unit_of(report)[0]}) of the compiled train step, {FLAGS.devices} "
-        f"forced CPU devices, mesh data,fsdp,tensor = {FLAGS.mesh}; "
+        f"{TARGETS[FLAGS.target]}, mesh data,fsdp,tensor = {FLAGS.mesh}; "
         f"{report['total_s']:.0f} s in all")
   print(table(report))
   if FLAGS.json:
