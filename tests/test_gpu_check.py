@@ -63,9 +63,9 @@ def test_train_kinds_and_their_variants():
 
 def test_the_125m_preset_takes_config_variants():
   """train125m:K+V: the `125m` preset of model kind K with variant V's model overrides."""
-  assert gpu_tasks.pretrain_config("e2e+scan").model.scan_layers
-  plain = gpu_tasks.pretrain_config("e2e")
-  assert not plain.model.scan_layers and plain.data.seq_len == 8192
+  assert not gpu_tasks.pretrain_config("e2e+list").model.scan_layers
+  plain = gpu_tasks.pretrain_config("e2e")  # the paper-scale presets stack their blocks
+  assert plain.model.scan_layers and plain.data.seq_len == 8192
   assert plain.model.compute_dtype == "bfloat16" and plain.data.batch_size == 8
   # the inner loop's attention: rematerialised query blocks (auto, on at 1024 x 9216 scores per
   # head), or one dense call per chunk, the program before them

@@ -137,8 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.init_std = 0.02
   m.compute_dtype = m.param_dtype = "float32"
-  m.remat = "none"
-  m.scan_layers = False
+  m.remat, m.scan_layers = "none", False  # paper-scale presets: "full", True (build_config)
   # exact attention algorithm (layers/attention.py AttentionAlgorithm): auto | dense | blocked |
   # blockwise; query rows per block of the blocked path; tile of the online-softmax path
   m.attention_algorithm = "auto"
@@ -250,7 +249,8 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if scale != "tiny":
     c.train.lr, c.train.steps, c.train.warmup_steps = 3e-4, 10000, 500
     c.data.batch_size = 32
-    m.tie_embeddings, m.compute_dtype, m.remat = False, "bfloat16", "full"
+    # stacked blocks: a list's remat loses to XLA:GPU's buffer merging (docs/scaling.md)
+    m.tie_embeddings, m.compute_dtype, m.remat, m.scan_layers = False, "bfloat16", "full", True
 
   m.mixer = KIND_MIXER[kind]
   if kind in TTT_PRESETS:

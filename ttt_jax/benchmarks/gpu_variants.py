@@ -22,14 +22,16 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # rematerialised query blocks on at the 125m preset: `train125m:e2e+innerdense` is the program
 # before them);
 # TTT without remat through time; the layers as one scanned block (compiled once; E2E: its
-# prefix blocks)
+# prefix blocks), or as a list of blocks (the paper-scale presets stack them: `train125m:K+list`
+# is the program before that)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "suffixremat": {"e2e.suffix_remat": "full"},
                    "before": {"e2e.suffix_remat": "full", "e2e.hoist_first_attention": False},
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "innerdense": {"e2e.inner_attention_block": 0},
-                   "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True}}
+                   "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True},
+                   "list": {"scan_layers": False}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
 # unrolled: the TTT-MLP kernels' hidden blocks written out, at 64-unit blocks)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"},
