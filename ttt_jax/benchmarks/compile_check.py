@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -40,13 +39,12 @@ from ttt_jax.argtypes import check_flags, non_negative_int, positive_float, posi
 from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.benchmarks.gpu_census import gpu_devices
+from ttt_jax.benchmarks.presets import load_preset, preset_spec
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
 from ttt_jax.models import count_params
 from ttt_jax.sharding import make_mesh
 from ttt_jax.train.trainer import Trainer, TrainState
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
 # unoptimized CPU code generation: the program and its buffer assignment are the same, only the
 # machine code is slower (and smaller); for quick checks of tiny configs
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -75,20 +73,6 @@ flags.DEFINE_string("json", "runs/compile_check.json", "Where to write the resul
 
 
 # -- one config (runs in the child process) -----------------------------------------------------
-def preset_spec(kind: str, scale: str, ctx: str) -> str:
-  """The config file spec of a kind's pretraining preset."""
-  if kind == "e2e":
-    return f"configs/e2e.py:scale={scale},stage=pretrain"
-  return f"configs/pretrain.py:model={kind},scale={scale},ctx={ctx}"
-
-
-def load_preset(spec: str) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of `configs/<file>.py:<arg>` (paths relative to the repository)."""
-  path, _, arg = spec.partition(":")
-  path = os.path.join(CONFIG_DIR, os.path.basename(path))
-  return runpy.run_path(path)["get_config"](arg or None)
-
-
 def abstract_inputs(trainer: Trainer, batch_size: int, seq_len: int):
   """(TrainState, batch) of ShapeDtypeStructs with the Trainer's shardings: nothing allocated."""
   opt = jax.eval_shape(trainer.optimizer.init, trainer.abstract_params)

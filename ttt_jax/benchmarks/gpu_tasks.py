@@ -318,7 +318,7 @@ def pretrain_config(kind: str, scale: str = "125m"):
   train125m) and 8K context, bf16, batch 8 (V a `gpu_variants` variant: its model overrides,
   `train_kind`'s)."""
   from ttt_jax.benchmarks.common import apply_overrides  # noqa: PLC0415
-  from ttt_jax.benchmarks.compile_check import load_preset, preset_spec  # noqa: PLC0415
+  from ttt_jax.benchmarks.presets import load_preset, preset_spec  # noqa: PLC0415
   from ttt_jax.config import validate  # noqa: PLC0415
 
   kind, overrides = train_kind(kind)
