@@ -76,6 +76,16 @@ def test_the_125m_preset_takes_config_variants():
   assert (larger.model.d_model, larger.data.seq_len) == (1024, 8192)
 
 
+def test_a_125m_task_keeps_its_variant(monkeypatch):
+  # `train125m:K+V` runs the 125m preset of K with V (e.g. +list, +innerdense), not plain K
+  seen = []
+  monkeypatch.setattr(gpu_tasks, "task_train_125m", lambda kind: seen.append(kind) or {})
+  for name in ("train125m:e2e+list", "train125m:e2e+innerdense", "train125m:transformer"):
+    gpu_tasks.run_task(name)
+  assert seen == ["e2e+list", "e2e+innerdense", "transformer"]
+  assert not gpu_tasks.pretrain_config("ttt_mlp+list").model.scan_layers
+
+
 def test_tuning_variant_reaches_the_traced_step():
   """`+xlaout`: no model override, a launch setting the train step is traced under (the
   CUDA-lowered TTT-Linear step then holds the W-chain kernels)."""

@@ -125,9 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.kind = "transformer"
   m.mixer = "full"
   m.vocab_size = BYTE_VOCAB  # true tokenizer vocab; the embedding is padded to a multiple of 128
-  m.num_layers = 4
-  m.d_model = 128
-  m.num_heads = 4
+  m.num_layers, m.d_model, m.num_heads = 4, 128, 4
   m.num_kv_heads = 0  # key/value heads (grouped-query attention); 0 = num_heads
   m.intermediate_size = 384
   m.window = 256  # sliding-window size (mixer=swa and e2e)
@@ -137,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.init_std = 0.02
   m.compute_dtype = m.param_dtype = "float32"
-  m.remat, m.scan_layers = "none", False  # paper-scale presets: "full", True (build_config)
+  m.remat, m.scan_layers = "none", False  # paper-scale presets: see build_config
   # exact attention algorithm (layers/attention.py AttentionAlgorithm): auto | dense | blocked |
   # blockwise; query rows per block of the blocked path; tile of the online-softmax path
   m.attention_algorithm = "auto"
@@ -249,8 +247,9 @@ def build_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if scale != "tiny":
     c.train.lr, c.train.steps, c.train.warmup_steps = 3e-4, 10000, 500
     c.data.batch_size = 32
-    # stacked blocks: a list's remat loses to XLA:GPU's buffer merging (docs/scaling.md)
-    m.tie_embeddings, m.compute_dtype, m.remat, m.scan_layers = False, "bfloat16", "full", True
+    # TTT/E2E blocks stacked: a list's remat loses to XLA:GPU's buffer merging (docs/scaling.md)
+    m.tie_embeddings, m.compute_dtype, m.remat, m.scan_layers = (
+        False, "bfloat16", "full", kind in FIXED_MIXER_KINDS)
 
   m.mixer = KIND_MIXER[kind]
   if kind in TTT_PRESETS:

@@ -348,3 +348,17 @@ def test_resuming_as_another_model_kind_is_refused_unless_asked(tmp_path):
   run = start_run(full, str(tmp_path), trainer, echo=lambda s: None)
   run.checkpoints.close()
   assert run.step == 2
+
+
+def test_a_layout_mismatch_names_the_flag_that_loads_the_run():
+  # a run saved with its blocks as a list, loaded with a config that stacks them
+  saved = {"blocks/0/mlp/w1": (8, 16), "blocks/1/mlp/w1": (8, 16)}
+  expected = {"blocks/mlp/w1": (2, 8, 16)}
+  diff = ckpt.config_diff({"model": {"scan_layers": False}}, {"model": {"scan_layers": True}},
+                          "model.")
+  with pytest.raises(ckpt.CheckpointError,
+                     match=r"scan_layers: False -> True.*--config\.model\.scan_layers=False"):
+    ckpt.check_param_shapes(saved, expected, "step 5", diff)
+  with pytest.raises(ckpt.CheckpointError) as other:  # other differences get no such advice
+    ckpt.check_param_shapes(saved, expected, "step 5", ["model.d_model: 64 -> 128"])
+  assert "scan_layers" not in str(other.value)

@@ -38,7 +38,7 @@ from absl import flags
 from ttt_jax.argtypes import check_flags, non_negative_int, positive_float, positive_int
 from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.common import memory_stats
-from ttt_jax.benchmarks.gpu_census import gpu_devices
+from ttt_jax.benchmarks.gpu_census import cuda_plugin, gpu_devices
 from ttt_jax.benchmarks.presets import load_preset, preset_spec
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
 from ttt_jax.models import count_params
@@ -117,15 +117,17 @@ def apply_overrides(cfg: ml_collections.ConfigDict, items) -> None:
 
 
 def lower_for(target: str, cfg, devices: int):
-  """(trainer, lowered train step) of `cfg` on `devices` devices of `target` (`TARGETS`)."""
+  """(trainer, abstract state, abstract batch, lowered train step) of `cfg` on `devices` devices
+  of `target` (`TARGETS`)."""
   if target == "cpu":
     trainer = Trainer.create(cfg)
     state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
-    return trainer, trainer.train_step.lower(state, batch)
+    return trainer, state, batch, trainer.train_step.lower(state, batch)
   with lowering.for_gpu():
     trainer = Trainer.create(cfg, make_mesh(cfg.mesh, gpu_devices(devices)))
     state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
-    return trainer, trainer.train_step.trace(state, batch).lower(lowering_platforms=("cuda",))
+    lowered = trainer.train_step.trace(state, batch).lower(lowering_platforms=("cuda",))
+    return trainer, state, batch, lowered
 
 
 def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
@@ -140,8 +142,7 @@ def compile_one(kind: str, scale: str, ctx: str, mesh: tuple[int, int, int],
   if batch_size:
     cfg.data.batch_size = batch_size
   t0 = time.perf_counter()
-  trainer, lowered = lower_for(target, cfg, devices or jax.device_count())
-  state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
+  trainer, state, batch, lowered = lower_for(target, cfg, devices or jax.device_count())
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -237,6 +238,12 @@ def check(kinds, scales, ctx: str = "8k", mesh=(1, -1, 1), *, devices: int = 8,
     if scale not in SCALES:
       raise ConfigError(f"--scales: {scale!r} unknown; allowed: {', '.join(SCALES)}")
   parse_ctx(ctx)
+  if target == "h200" and fast_compile:
+    raise ConfigError("--fast_compile is for --target cpu (XLA:CPU's code generation)")
+  if target == "h200" and cuda_plugin() is None:
+    raise ConfigError(f"--target h200 needs JAX's CUDA plugin: pip install "
+                      f"'jax-cuda12-plugin[with-cuda]=={jax.__version__}' (make gpu-census "
+                      "installs it in .venv-cuda)")
   apply_overrides(load_preset(preset_spec(kinds[0], scales[0], ctx)), overrides)  # fail early
   results, start = [], time.perf_counter()
   for scale in scales:

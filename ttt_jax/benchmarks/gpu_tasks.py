@@ -392,9 +392,9 @@ TASKS = {"env": task_env, "attention": task_attention, "pallas": task_pallas, "e
 def run_task(name: str) -> dict:
   if name.startswith("train:"):  # a variant's XLA flags were set by the parent
     return task_train(name.split(":", 1)[1])
-  name = name.partition("+")[0]
-  if name.startswith("train125m:"):
+  if name.startswith("train125m:"):  # K+V: config variants through `pretrain_config`
     return task_train_125m(name.split(":", 1)[1])
+  name = name.partition("+")[0]
   if name.startswith("stream:"):
     return task_stream(name.split(":", 1)[1])
   return TASKS[name]()

@@ -22,8 +22,8 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # rematerialised query blocks on at the 125m preset: `train125m:e2e+innerdense` is the program
 # before them);
 # TTT without remat through time; the layers as one scanned block (compiled once; E2E: its
-# prefix blocks), or as a list of blocks (the paper-scale presets stack them: `train125m:K+list`
-# is the program before that)
+# prefix blocks), or as a list of blocks (the TTT and E2E presets from 125m up stack them;
+# `train125m:K+list` is the list layout)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "suffixremat": {"e2e.suffix_remat": "full"},

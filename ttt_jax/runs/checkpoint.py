@@ -144,6 +144,11 @@ def check_param_shapes(saved: dict[str, tuple], expected: dict[str, tuple], wher
                        model_diff: list[str]) -> None:
   """Raises CheckpointError naming the first parameter whose name or shape does not match."""
   hint = f"; model config differs: {', '.join(model_diff)}" if model_diff else ""
+  layout = [d for d in model_diff if d.startswith("model.scan_layers:")]
+  if layout:  # e.g. a run saved as a list of blocks, resumed with a preset that stacks them
+    saved_layout = layout[0].split(": ", 1)[1].split(" -> ")[0]
+    hint += (f" (the blocks' layout is fixed for a run: pass "
+             f"--config.model.scan_layers={saved_layout} to load it)")
   for name, shape in expected.items():
     if name not in saved:
       raise CheckpointError(f"{where} has no parameter {name!r} (the config expects shape "
