@@ -22,6 +22,7 @@ H200s would run with, after XLA:GPU's own rematerialization and scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from absl import flags
 from ttt_jax.argtypes import check_flags, non_negative_int, positive_float, positive_int
 from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.common import memory_stats
-from ttt_jax.benchmarks.gpu_census import cuda_plugin, gpu_devices
+from ttt_jax.benchmarks.gpu_census import gpu_devices
 from ttt_jax.benchmarks.presets import load_preset, preset_spec
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
 from ttt_jax.models import count_params
@@ -118,15 +119,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, items) -> None:
 
 def lower_for(target: str, cfg, devices: int):
   """(trainer, abstract state, abstract batch, lowered train step) of `cfg` on `devices` devices
-  of `target` (`TARGETS`)."""
-  if target == "cpu":
-    trainer = Trainer.create(cfg)
+  of `target` (`TARGETS`): the visible (forced CPU) devices, or H200s built for and lowered for
+  CUDA."""
+  gpu = target == "h200"
+  with lowering.for_gpu() if gpu else contextlib.nullcontext():
+    trainer = Trainer.create(cfg, make_mesh(cfg.mesh, gpu_devices(devices)) if gpu else None)
     state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
-    return trainer, state, batch, trainer.train_step.lower(state, batch)
-  with lowering.for_gpu():
-    trainer = Trainer.create(cfg, make_mesh(cfg.mesh, gpu_devices(devices)))
-    state, batch = abstract_inputs(trainer, cfg.data.batch_size, cfg.data.seq_len)
-    lowered = trainer.train_step.trace(state, batch).lower(lowering_platforms=("cuda",))
+    lowered = trainer.train_step.trace(state, batch).lower(
+        lowering_platforms=("cuda",) if gpu else None)
     return trainer, state, batch, lowered
 
 
@@ -182,8 +182,8 @@ def child_env(devices: int, fast_compile: bool, target: str = "cpu") -> dict[str
          if not f.startswith("--xla_force_host_platform_device_count")]
   if target == "cpu":
     xla.append(f"--xla_force_host_platform_device_count={devices}")
-  if fast_compile and target == "cpu":
-    xla.append(FAST_COMPILE)
+    if fast_compile:
+      xla.append(FAST_COMPILE)
   return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=" ".join(xla))
 
 
@@ -240,10 +240,11 @@ def check(kinds, scales, ctx: str = "8k", mesh=(1, -1, 1), *, devices: int = 8,
   parse_ctx(ctx)
   if target == "h200" and fast_compile:
     raise ConfigError("--fast_compile is for --target cpu (XLA:CPU's code generation)")
-  if target == "h200" and cuda_plugin() is None:
-    raise ConfigError(f"--target h200 needs JAX's CUDA plugin: pip install "
-                      f"'jax-cuda12-plugin[with-cuda]=={jax.__version__}' (make gpu-census "
-                      "installs it in .venv-cuda)")
+  if target == "h200":
+    try:
+      gpu_devices(1)  # the CUDA plugin's deviceless topology, as each child builds it
+    except ImportError as e:
+      raise ConfigError(f"--target h200: {e}") from None
   apply_overrides(load_preset(preset_spec(kinds[0], scales[0], ctx)), overrides)  # fail early
   results, start = [], time.perf_counter()
   for scale in scales:

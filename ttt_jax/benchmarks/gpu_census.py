@@ -89,7 +89,7 @@ def gpu_devices(count: int) -> list:
                                            topology=f"1x1x{count}")
   except Exception as e:  # noqa: BLE001
     import jax  # noqa: PLC0415
-    raise ImportError(f"gpu-census: no deviceless CUDA compilation here ({type(e).__name__}: "
+    raise ImportError(f"no deviceless CUDA compilation here ({type(e).__name__}: "
                       f"{str(e)[:120]}); install jax-cuda12-plugin[with-cuda]=="
                       f"{jax.__version__} (make gpu-census does) or jax-cuda13-plugin[with-cuda]=="
                       f"{jax.__version__}") from None
