@@ -29,6 +29,7 @@ ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
 CACHE_ATTENTION_IMPLS = ("auto", "pallas", "inherit")
 E2E_INNER_ATTENTION_IMPLS = ("auto", "blockwise", "xla")  # batched per sequence, 2nd order
+E2E_WINDOW_RESIDUALS = ("auto", "chunks", "windows")
 
 # name: (num_layers, d_model, num_heads, intermediate_size): the TTT-E2E paper's 125M-3B ladder
 SCALES = {
@@ -102,12 +103,7 @@ def round_up(x: float, multiple: int) -> int:
 
 def _parse_arg(arg: str | None) -> dict[str, str]:
   out = {"model": "transformer", "scale": "tiny", "ctx": "2k", "mode": "meta"}
-  if not arg:
-    return out
-  for item in arg.split(","):
-    item = item.strip()
-    if not item:
-      continue
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
     if "=" not in item:
       raise ConfigError(f"config arg {item!r}: expected key=value (keys: {', '.join(out)})")
     k, v = (s.strip() for s in item.split("=", 1))
@@ -165,6 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.ilr_warmup_steps, e.inner_clip = 100, 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
+  # KV windows the backward keeps: auto | chunks (each chunk's new keys; needs remat_chunks, full)
+  e.window_residuals = "auto"  # | windows (every chunk's whole window, the scan's own AD)
   e.suffix_remat = "auto"  # suffix blocks' remat in the inner loop: auto | a model.remat value
   e.hoist_first_attention = True  # first suffix block's attention once, before the chunk loop
   # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla,
@@ -344,7 +342,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
                        ("model.e2e.suffix_remat", ("auto", *REMAT_POLICIES)),
-                       ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS)):
+                       ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS),
+                       ("model.e2e.window_residuals", E2E_WINDOW_RESIDUALS)):
     _check_choice(key, c[key], allowed)
   for key, bounds in RANGES.items():
     _check_range(key, functools.reduce(lambda node, k: node[k], key.split("."), c), bounds)
@@ -380,6 +379,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if e.inner_attention_block > 0 and e.mini_batch_size % e.inner_attention_block:
       raise ConfigError(f"model.e2e.inner_attention_block={e.inner_attention_block} must divide "
                         f"model.e2e.mini_batch_size={e.mini_batch_size} (or be 0: off, -1: auto)")
+    if e.window_residuals == "chunks" and not (e.remat_chunks and e.remat_chunks_policy == "full"):
+      raise ConfigError("model.e2e.window_residuals='chunks' recomputes each chunk step whole: "
+                        "needs model.e2e.remat_chunks=True and remat_chunks_policy='full'")
   if d.batch_size % tr.grad_accum:
     raise ConfigError(f"data.batch_size={d.batch_size} must be a multiple of "
                       f"train.grad_accum={tr.grad_accum}")

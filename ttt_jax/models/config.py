@@ -43,6 +43,7 @@ class E2ESection:
   inner_clip: float = 1.0
   remat_chunks: bool = True
   remat_chunks_policy: str = "full"
+  window_residuals: str = "auto"
   suffix_remat: str = "auto"
   hoist_first_attention: bool = True
   inner_attention_impl: str = "auto"

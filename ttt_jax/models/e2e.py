@@ -71,6 +71,24 @@ def suffix_remat(cfg: ModelConfig) -> str:
   return "none" if e.remat_chunks else cfg.remat
 
 
+def window_residuals(cfg: ModelConfig) -> str:
+  """`model.e2e.window_residuals` here: auto keeps only each chunk's new keys ('chunks',
+  models/window_scan.py) where the chunk steps are recomputed whole (`remat_chunks` with policy
+  'full'), else every chunk's window ('windows')."""
+  e = cfg.e2e
+  if e.window_residuals != "auto":
+    return e.window_residuals
+  return "chunks" if e.remat_chunks and e.remat_chunks_policy == "full" else "windows"
+
+
+def fillable_window(window: KVCache, keys: int) -> KVCache:
+  """An empty KV window cut to the slots that `keys` keys can fill (at least one). The inner
+  loop over T positions carries at most T - b keys into a chunk: at the 8K presets (window 8K)
+  each chunk then scores 8K keys instead of 9K, the same values (the cut slots stay empty)."""
+  keep = max(1, min(window.pos.shape[0], keys))
+  return KVCache(window.k[:, -keep:], window.v[:, -keep:], window.pos[-keep:])
+
+
 # `model.e2e.inner_attention_block=-1` (auto): where one chunk's scores per head would exceed
 # AUTO_SCORES (the `125m`+ presets at 4K context and more: 1024 x (window + 1024)), blocks of the
 # largest divisor of the chunk up to AUTO_BLOCK rows (at least MIN_AUTO_BLOCK), else off
@@ -169,13 +187,13 @@ class E2EModel(LanguageModel):
       first, looped = looped[0], looped[1:]
       h = constrain(remat_call(first, lambda blk, h: blk.mix(h, positions), self.cfg.remat, h),
                     ACT_AXES)
-    kv0 = [blk.mixer.init_state(bsz) for blk in looped]
+    kv0 = [fillable_window(blk.mixer.init_state(bsz), t - e.mini_batch_size) for blk in looped]
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     losses, hidden, nll, inner = inner_loop(
         runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,
         clip=e.inner_clip, remat_chunks=e.remat_chunks, second_order=second_order,
         inner_axes=self.inner_axes(inner), final_update=final_update,
-        remat_policy=e.remat_chunks_policy)
+        remat_policy=e.remat_chunks_policy, window_residuals=window_residuals(self.cfg))
     return E2EOutput(losses, hidden, nll, inner if final_update else None)
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):

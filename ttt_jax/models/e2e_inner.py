@@ -23,6 +23,7 @@ from flax import nnx
 
 from ttt_jax.layers.attention import AttentionAlgorithm, KVCache
 from ttt_jax.models.lm import apply_block, masked_mean, remat_call
+from ttt_jax.models.window_scan import window_scan
 from ttt_jax.sharding import constrain, vmap_batch
 
 # `model.e2e.remat_chunks_policy` -> jax.checkpoint policy of one chunk step. The step is vmapped
@@ -148,7 +149,8 @@ class SuffixRunner:
 
 def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *,
                chunk: int, clip: float, remat_chunks: bool, second_order: bool = True,
-               inner_axes: Any = None, final_update: bool = False, remat_policy: str = "full"):
+               inner_axes: Any = None, final_update: bool = False, remat_policy: str = "full",
+               window_residuals: str = "windows"):
   """The inner loop over all chunks of a batch of sequences (training and one-shot inference).
 
   inner0: unbatched inner weights (broadcast to every sequence); kv0: batched empty KV windows
@@ -157,7 +159,10 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
 
   `remat_chunks`: each chunk step under `jax.checkpoint`; `remat_policy` 'full' recomputes the
   whole step in the backward pass, 'dots' keeps every matmul output of it (inner gradient
-  included) and recomputes only the elementwise work.
+  included) and recomputes only the elementwise work. `window_residuals` (with remat_chunks and
+  'full'): what the backward pass keeps of the KV windows, 'windows' every chunk's (the
+  rematerialised scan's carry) or 'chunks' only each chunk's new keys, from which
+  `window_scan` rebuilds the windows (same values and derivatives, less memory).
 
   The last chunk's update changes no loss and no output, so by default it is not made: the
   last chunk runs forward only and the returned weights are those its logits used (after n-1
@@ -172,7 +177,7 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
   xs = (per_chunk(h), positions, per_chunk(targets), per_chunk(mask))
   kv_axes = [KV_AXES] * len(kv0)
 
-  def one(inner, kvs, h, pos, tgt, m):
+  def one(outer, lr, inner, kvs, h, pos, tgt, m):
     return runner.inner_step(inner, outer, kvs, h, pos, tgt, m, lr, clip, second_order)
 
   def last(inner, kvs, h, pos, tgt, m):  # forward only: loss, outputs and nll, no update
@@ -180,22 +185,32 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
     return loss, h_out, nll
 
   # on a mesh, the sequences stay split over the batch's mesh axes inside the vmap as well
-  batched = vmap_batch(one, bsz, in_axes=(0, kv_axes, 0, None, 0, 0),
+  batched = vmap_batch(one, bsz, in_axes=(None, None, 0, kv_axes, 0, None, 0, 0),
                        out_axes=(0, kv_axes, 0, 0, 0))
 
-  def body(carry, x):
-    inner, kvs = carry
-    hc, pos, tgt, m = x
-    inner, kvs, loss, h_out, nll = batched(inner, kvs, hc, pos, tgt, m)
+  def step(consts, inner, kvs, x):  # one chunk of every sequence; closes over nothing traced
+    inner, kvs, loss, h_out, nll = batched(*consts, inner, kvs, *x)
     if inner_axes is not None:
       inner = constrain_inner(inner, inner_axes)
-    return (inner, kvs), (loss, h_out, nll)
+    return inner, kvs, (loss, h_out, nll)
 
-  if remat_chunks:
-    body = jax.checkpoint(body, policy=CHUNK_REMAT_POLICIES[remat_policy])
   n_scan = n if final_update else n - 1
-  (inner, kvs), (losses, h_out, nll) = jax.lax.scan(
-      body, (inner, kv0), jax.tree.map(lambda x: x[:n_scan], xs))
+  xs_scan = jax.tree.map(lambda x: x[:n_scan], xs)
+  if window_residuals == "chunks" and n_scan and kv0:
+    if not (remat_chunks and remat_policy == "full"):
+      raise ValueError("window_residuals='chunks' recomputes each chunk step whole: it needs "
+                       f"remat_chunks and remat_policy 'full' (got {remat_chunks}, "
+                       f"{remat_policy!r})")
+    inner, kvs, (losses, h_out, nll) = window_scan(step, (outer, lr), inner, kv0, xs_scan,
+                                                   chunk=chunk)
+  else:
+    def body(carry, x):
+      inner, kvs, ys = step((outer, lr), *carry, x)
+      return (inner, kvs), ys
+
+    if remat_chunks:
+      body = jax.checkpoint(body, policy=CHUNK_REMAT_POLICIES[remat_policy])
+    (inner, kvs), (losses, h_out, nll) = jax.lax.scan(body, (inner, kv0), xs_scan)
   if not final_update:
     loss_n, h_n, nll_n = vmap_batch(last, bsz, in_axes=(0, kv_axes, 0, None, 0, 0))(
         inner, kvs, *jax.tree.map(lambda x: x[n - 1], xs))
