@@ -196,6 +196,7 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
       ("train:e2e-meta+chunkdots", "train_e2e-meta_chunkdots"),
       ("train:e2e-meta+before", "train_e2e-meta_before"),
       ("train:e2e-meta+suffixremat", "train_e2e-meta_suffixremat"),
+      ("train:e2e-meta+windows", "train_e2e-meta_windows"),
       ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"),
       ("train:e2e-meta+innerblockwise", "train_e2e-meta_innerblockwise"),
       ("train:e2e-meta+scan", "train_e2e-meta_scan"))]

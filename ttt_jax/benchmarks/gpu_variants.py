@@ -16,6 +16,8 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # E2E chunk steps keep their matmuls; E2E's suffix blocks
 # rematerialised again inside the (rematerialised) chunk steps, as before `e2e.suffix_remat`;
 # E2E meta as it was before both that and the first suffix attention's hoist (runs 1-4);
+# E2E's backward keeping every chunk's KV windows (the scan's own AD) instead of rebuilding
+# them from each chunk's new keys (`e2e.window_residuals`; `before` keeps them too);
 # E2E's inner-loop attention by the package's blockwise code (skips key blocks no query sees,
 # e.g. the carried window's empty slots, with a conditional per block) instead of dense XLA;
 # E2E's inner-loop attention as one dense call per chunk (`e2e.inner_attention_block` auto turns
@@ -27,7 +29,9 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "suffixremat": {"e2e.suffix_remat": "full"},
-                   "before": {"e2e.suffix_remat": "full", "e2e.hoist_first_attention": False},
+                   "before": {"e2e.suffix_remat": "full", "e2e.hoist_first_attention": False,
+                              "e2e.window_residuals": "windows"},
+                   "windows": {"e2e.window_residuals": "windows"},
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "innerdense": {"e2e.inner_attention_block": 0},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True},
@@ -41,7 +45,7 @@ RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chun
                 "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
                 "ttt_mlp+nogroups", "ttt_mlp+rematkernels", "transformer+scan", "ttt_linear+scan",
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout", "ttt_mlp-pallas+unrolled",
-                "e2e-meta+scan", "e2e-pretrain+scan")
+                "e2e-meta+scan", "e2e-pretrain+scan", "e2e-meta+windows")
 
 
 def train_kind(kind: str) -> tuple[str, dict]:

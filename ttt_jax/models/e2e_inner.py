@@ -201,8 +201,8 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
       raise ValueError("window_residuals='chunks' recomputes each chunk step whole: it needs "
                        f"remat_chunks and remat_policy 'full' (got {remat_chunks}, "
                        f"{remat_policy!r})")
-    inner, kvs, (losses, h_out, nll) = window_scan(step, (outer, lr), inner, kv0, xs_scan,
-                                                   chunk=chunk)
+    inner, kvs, (losses, h_out, nll) = window_scan(
+        step, (outer, jnp.asarray(lr, jnp.float32)), inner, kv0, xs_scan, chunk=chunk)
   else:
     def body(carry, x):
       inner, kvs, ys = step((outer, lr), *carry, x)

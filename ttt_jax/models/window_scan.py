@@ -32,8 +32,9 @@ from ttt_jax.layers.attention import KVCache
 Step = Callable[[Any, Any, list[KVCache], Any], tuple[Any, list[KVCache], Any]]
 
 
-def _is_float(x) -> bool:
-  return jnp.issubdtype(x.dtype, jnp.inexact)
+def _is_float(x) -> bool:  # float0 cotangents (of integer outputs) are not
+  dtype = getattr(x, "dtype", None)
+  return jnp.issubdtype(jnp.result_type(x) if dtype is None else dtype, jnp.inexact)
 
 
 def _floats(tree) -> list:
