@@ -161,8 +161,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.ilr_warmup_steps, e.inner_clip = 100, 1.0
   e.remat_chunks = True
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
-  # KV windows the backward keeps: auto | chunks (each chunk's new keys; needs remat_chunks, full)
-  e.window_residuals = "auto"  # | windows (every chunk's whole window, the scan's own AD)
+  e.window_residuals = "auto"  # backward keeps auto|chunks (chunks' new keys)|windows (each's)
   e.suffix_remat = "auto"  # suffix blocks' remat in the inner loop: auto | a model.remat value
   e.hoist_first_attention = True  # first suffix block's attention once, before the chunk loop
   # suffix blocks' attention in the inner loop (prefix: model.attention_impl): auto|blockwise|xla,
