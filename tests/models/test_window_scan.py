@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -18,6 +19,7 @@ from ttt_jax.models import build_model
 from ttt_jax.models.config import model_config
 from ttt_jax.models.e2e import fillable_window, window_residuals
 from ttt_jax.models.window_scan import window_scan
+from ttt_jax.sharding import activation_sharding, current_sharding
 
 from .test_e2e import fast_jit, rel_err, tiny_model_cfg
 
@@ -119,11 +121,13 @@ T = 48
 
 
 def e2e_loss_and_grads(window: int, residuals: str, seqs):
+  """(loss, gradients, whether the loss ran window_scan) of a tiny E2E model's meta step."""
   cfg = tiny_model_cfg(layers=3, suffix=2)
   cfg.window, cfg.e2e.window_residuals = window, residuals
   graphdef, params = nnx.split(build_model(cfg, 0))
   fn = lambda p: nnx.merge(graphdef, p).compute_loss({"tokens": seqs}, jnp.int32(0))[0]  # noqa: E731
-  return fast_jit(jax.value_and_grad(fn))(params)
+  custom = "custom_vjp_call" in str(jax.make_jaxpr(fn)(params))
+  return (*fast_jit(jax.value_and_grad(fn))(params), custom)
 
 
 @pytest.mark.parametrize("window", [16, T])
@@ -132,8 +136,9 @@ def test_window_residuals_change_the_memory_not_the_numbers(window):
   sequence (keys evicted) and as long as it (the fresh window cut to T - b slots): the same meta
   loss and second-order gradients."""
   seqs = jax.random.randint(jax.random.key(window), (2, T + 1), 0, 259)
-  loss, grads = e2e_loss_and_grads(window, "chunks", seqs)
-  loss_ref, grads_ref = e2e_loss_and_grads(window, "windows", seqs)
+  loss, grads, custom = e2e_loss_and_grads(window, "chunks", seqs)
+  loss_ref, grads_ref, custom_ref = e2e_loss_and_grads(window, "windows", seqs)
+  assert custom and not custom_ref  # the flag picks window_scan or the scan's own AD
   assert rel_err(loss, loss_ref) < 1e-6
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
     assert rel_err(a, b) < 1e-5
@@ -175,6 +180,23 @@ def test_fillable_window_changes_the_work_not_the_numbers(residuals):
   assert flops < 0.99 * flops_ref  # (2% here, where the widths are 32 and the keys 64 or 48)
 
 
+def test_meta_forward_starts_from_fillable_windows(monkeypatch):
+  """meta_forward cuts its first windows with fillable_window to T - b slots."""
+  from ttt_jax.models import e2e  # noqa: PLC0415
+  calls = []
+
+  def spy(window, keys):
+    calls.append((window.pos.shape[0], keys))
+    return fillable_window(window, keys)
+
+  monkeypatch.setattr(e2e, "fillable_window", spy)
+  cfg = tiny_model_cfg(layers=3, suffix=2)
+  cfg.window = T
+  seqs = jax.random.randint(jax.random.key(2), (2, T + 1), 0, 259)
+  jax.eval_shape(lambda: build_model(cfg, 0).compute_loss({"tokens": seqs}, jnp.int32(0)))
+  assert calls == [(T, T - cfg.e2e.mini_batch_size)]  # the one looped suffix block's window
+
+
 @pytest.mark.parametrize("remat,policy,setting,want", [
     (True, "full", "auto", "chunks"), (True, "dots", "auto", "windows"),
     (False, "full", "auto", "windows"), (True, "dots", "windows", "windows"),
@@ -197,3 +219,24 @@ def test_chunks_needs_whole_chunk_recomputation(remat, policy):
   with pytest.raises(ConfigError, match="model.e2e.window_residuals='sometimes' not allowed"):
     validate(c)
 
+
+
+def test_backward_pass_traces_in_the_callers_sharding_context():
+  """The backward pass is traced when the gradient is taken, after the loss function's
+  `activation_sharding` context has closed; window_scan re-enters the context that was active
+  at its call, so the recomputed step's constraints apply on a mesh as the forward's did."""
+  consts, w, windows, xs = toy_inputs(jax.random.key(5), 3, 4, (8,))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  seen = []
+
+  def step(consts, w, windows, x):
+    seen.append(current_sharding()[0])
+    return toy_step(consts, w, windows, x)
+
+  def loss(consts, w):
+    with activation_sharding(mesh):
+      return jnp.sum(window_scan(step, consts, w, windows, xs, chunk=4)[2])
+
+  jax.grad(loss, (0, 1))(consts, w)
+  assert len(seen) >= 2 and all(m is mesh for m in seen), seen  # forward and backward traces
+  assert current_sharding()[0] is None  # and the context is left as it was

@@ -84,9 +84,9 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
   tasks += [(f"train:{k}", 150 if k in ("e2e-meta", "ttt_mlp") else 100) for k in TRAIN]
   tasks += [("train:ttt_linear+rematkernels", 100), ("train:ttt_linear+xlaout", 100),
             ("train:e2e-meta+chunkdots", 150), ("train:e2e-meta+before", 150),
-            ("train:e2e-meta+suffixremat", 150), ("train:e2e-meta+windows", 150),
+            ("train:e2e-meta+suffixremat", 150),
             ("cache_attention", 90),
-            (f"stream:{STREAM_HONEST}", 300)]
+            (f"stream:{STREAM_HONEST}", 300), ("train:e2e-meta+windows", 150)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100),

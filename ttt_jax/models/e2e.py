@@ -84,7 +84,8 @@ def window_residuals(cfg: ModelConfig) -> str:
 def fillable_window(window: KVCache, keys: int) -> KVCache:
   """An empty KV window cut to the slots that `keys` keys can fill (at least one). The inner
   loop over T positions carries at most T - b keys into a chunk: at the 8K presets (window 8K)
-  each chunk then scores 8K keys instead of 9K, the same values (the cut slots stay empty)."""
+  a chunk's attention then reads 8K keys instead of 9K (its default blocks of 256 queries 8,192
+  instead of 8,447 each), the same values (the cut slots would have stayed empty)."""
   keep = max(1, min(window.pos.shape[0], keys))
   return KVCache(window.k[:, -keep:], window.v[:, -keep:], window.pos[-keep:])
 

@@ -5,7 +5,8 @@ The E2E inner loop carries one KV window per suffix block from chunk to chunk: t
 keys and values of the stream (k, v [B, cap, ...], positions [cap]). Differentiated as a
 rematerialised `lax.scan`, JAX keeps the carry of every trip for the backward pass: n windows of
 `cap` slots per block, although window i+1 shares all but its newest slots with window i. At the
-8K presets (window 8K, chunks of 1K) those copies are 1.75 GiB per block per GPU at 1b.
+1b preset (8K, chunks of 1K, 8 sequences per GPU) those copies of keys and values take 3.5 GiB
+per suffix block per GPU (7 chunks x 8 x 8K slots x 2 x 2,048 x 2 bytes).
 
 `window_scan` gives the same values and derivatives of the same order. Its backward pass
 rebuilds window i from the first window and the new slots of the chunks before it, by the rule
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ttt_jax.layers.attention import KVCache
+from ttt_jax.sharding import current_sharding, sharding_context
 
 # step(consts, carry, windows, x) -> (carry, windows, y): one trip; windows a list of KVCache
 Step = Callable[[Any, Any, list[KVCache], Any], tuple[Any, list[KVCache], Any]]
@@ -74,9 +76,14 @@ def window_scan(step: Step, consts, carry, windows: list[KVCache], xs, *, chunk:
   values in `consts`); each trip appends `chunk` keys to every window by the rule above.
   Differentiable once, in reverse mode, in `consts`, `carry`, `windows` and `xs` (the step itself
   may take gradients inside: the E2E inner gradient makes the outer gradient second order).
+  `xs` has at least one trip.
   """
   caps = [w.pos.shape[0] for w in windows]
   keep = [min(chunk, cap) for cap in caps]
+  # the backward pass is traced when the gradient is taken, after the caller's activation
+  # sharding context has closed: it re-enters the one active here (so the step's constraints
+  # keep the sequences split on a mesh in the recomputation too)
+  context = current_sharding()
 
   @jax.custom_vjp
   def run(consts, carry, windows, xs):
@@ -95,6 +102,10 @@ def window_scan(step: Step, consts, carry, windows: list[KVCache], xs, *, chunk:
     return (carry_n, windows_n, ys), (consts, carries, windows, slots, xs)
 
   def bwd(res, cts):
+    with sharding_context(context):
+      return _bwd(res, cts)
+
+  def _bwd(res, cts):
     consts, carries, first, slots, xs = res
     histories = [_history(w, s) for w, s in zip(first, slots, strict=True)]
 
@@ -123,5 +134,9 @@ def window_scan(step: Step, consts, carry, windows: list[KVCache], xs, *, chunk:
     return (_fill(consts, d_consts, True), _fill(carry0, d_in[:n_carry], True),
             _fill(first, d_in[n_carry:], True), _fill(xs, dxs, True))
 
-  run.defvjp(fwd, bwd)
+  def fwd_in_context(*args):
+    with sharding_context(context):
+      return fwd(*args)
+
+  run.defvjp(fwd_in_context, bwd)
   return run(consts, carry, windows, xs)
