@@ -32,8 +32,9 @@ MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1), "2,2,2": (2, 2, 2)}
 STEPS = 3
 BATCH, SEQ = 8, 32
 # E2E: one prefix and two suffix blocks (the second carries a KV window through the chunk loop,
-# models/window_scan.py); one block for the other kinds
-LAYERS, E2E_SUFFIX = {"e2e": 3}, 2
+# models/window_scan.py), or with e2e+scan two stacked prefix blocks and one suffix block; one
+# block for the other kinds
+LAYERS = {"e2e": 3}
 # non-default rules on the (2,2,2) mesh for the kinds with a vmap or a kernel in their step: the
 # batch takes all three mesh axes (the heads none), the vocabulary 'fsdp' where it is free
 RULES, RULES_KINDS = "batch=data+fsdp+tensor,vocab=fsdp", ("e2e", "ttt_linear-pallas")
@@ -47,14 +48,14 @@ def tiny_config(kind: str, mesh=(1, 1, 1)):
   c = build_config(f"model={base},ctx={SEQ}")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size = LAYERS.get(kind, 1), 64, 4, 128
-  if variant == "scan":
-    m.num_layers, m.scan_layers = m.num_layers + 1, True
+  m.e2e.suffix_len = 1 if variant == "scan" else 2
+  m.scan_layers = variant == "scan"
   if impl:
     m.ttt.impl = impl
   m.window = 16
   m.num_kv_heads = 0 if kind.startswith("ttt") else 2  # attention: grouped-query, sharded too
   m.ttt.mini_batch_size = 8
-  m.e2e.suffix_len, m.e2e.mini_batch_size, m.e2e.prime_intermediate_size = E2E_SUFFIX, 16, 128
+  m.e2e.mini_batch_size, m.e2e.prime_intermediate_size = 16, 128
   m.e2e.ilr_warmup_steps = 1
   c.data.batch_size, c.data.seq_len, c.data.shuffle, c.data.prefetch = BATCH, SEQ, False, 0
   c.train.steps, c.train.warmup_steps, c.train.lr = STEPS, 1, 1e-2
