@@ -133,12 +133,9 @@ def vmap_batch(fn, size: int, **kwargs):
     return jax.vmap(fn, **kwargs)
 
   def inside(*args):
-    prev = _CONTEXT.taken
-    _CONTEXT.taken = prev + axes
-    try:
+    mesh, rules, taken = current_sharding()
+    with sharding_context((mesh, rules, taken + axes)):
       return fn(*args)
-    finally:
-      _CONTEXT.taken = prev
 
   return jax.vmap(inside, spmd_axis_name=axes, **kwargs)
 

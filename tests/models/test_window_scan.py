@@ -15,9 +15,10 @@ from flax import nnx
 
 from ttt_jax.config import ConfigError, build_config, validate
 from ttt_jax.layers.attention import KVCache
-from ttt_jax.models import build_model
+from ttt_jax.models import build_model, e2e
 from ttt_jax.models.config import model_config
 from ttt_jax.models.e2e import fillable_window, window_residuals
+from ttt_jax.models.e2e_inner import inner_loop
 from ttt_jax.models.window_scan import window_scan
 from ttt_jax.sharding import activation_sharding, current_sharding
 
@@ -149,7 +150,6 @@ def test_fillable_window_changes_the_work_not_the_numbers(residuals):
   """The inner loop from a window cut to the T - b slots the sequence can fill gives the losses
   and gradients of the full window (8K presets: 8K of 9K keys scored per chunk), with fewer
   FLOPs."""
-  from ttt_jax.models.e2e_inner import inner_loop  # noqa: PLC0415
   cfg = tiny_model_cfg(layers=2, suffix=1)
   cfg.window = T
   model = build_model(cfg, 0)
@@ -182,7 +182,6 @@ def test_fillable_window_changes_the_work_not_the_numbers(residuals):
 
 def test_meta_forward_starts_from_fillable_windows(monkeypatch):
   """meta_forward cuts its first windows with fillable_window to T - b slots."""
-  from ttt_jax.models import e2e  # noqa: PLC0415
   calls = []
 
   def spy(window, keys):

@@ -85,21 +85,25 @@ def window_scan(step: Step, consts, carry, windows: list[KVCache], xs, *, chunk:
   # keep the sequences split on a mesh in the recomputation too)
   context = current_sharding()
 
-  @jax.custom_vjp
-  def run(consts, carry, windows, xs):
-    def body(c, x):
-      carry, wins, y = step(consts, *c, x)
-      return (carry, wins), y
-    (carry, windows), ys = jax.lax.scan(body, (carry, windows), xs)
-    return carry, windows, ys
-
-  def fwd(consts, carry, windows, xs):
+  def scan(consts, carry, windows, xs, keep_residuals: bool):
+    """((carry_n, windows_n, ys), what the backward pass keeps: each trip's carry and the
+    windows' new slots, or None)."""
     def body(c, x):
       new_carry, wins, y = step(consts, *c, x)
+      if not keep_residuals:
+        return (new_carry, wins), (y, None)
       slots = [_new_slots(w, m) for w, m in zip(wins, keep, strict=True)]
-      return (new_carry, wins), (y, c[0], slots)
-    (carry_n, windows_n), (ys, carries, slots) = jax.lax.scan(body, (carry, windows), xs)
-    return (carry_n, windows_n, ys), (consts, carries, windows, slots, xs)
+      return (new_carry, wins), (y, (c[0], slots))
+    (carry_n, windows_n), (ys, kept) = jax.lax.scan(body, (carry, windows), xs)
+    return (carry_n, windows_n, ys), kept
+
+  @jax.custom_vjp
+  def run(consts, carry, windows, xs):
+    return scan(consts, carry, windows, xs, keep_residuals=False)[0]
+
+  def fwd(consts, carry, windows, xs):
+    out, (carries, slots) = scan(consts, carry, windows, xs, keep_residuals=True)
+    return out, (consts, carries, windows, slots, xs)
 
   def bwd(res, cts):
     with sharding_context(context):
