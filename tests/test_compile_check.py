@@ -178,6 +178,8 @@ def test_presets_and_overrides():
       "configs/pretrain.py:model=ttt_mlp,scale=350m,ctx=8k")
   e2e = cc.load_preset(cc.preset_spec("e2e", "125m", "2k"))  # the e2e preset fixes ctx: 8K
   assert e2e.model.kind == "e2e" and e2e.data.seq_len == 8192 and e2e.data.batch_size == 64
+  ext = cc.load_preset(cc.preset_spec("e2e", "125m", "128k"))  # its context-extension stage
+  assert ext.data.seq_len == 131072 and ext.data.batch_size == 16
   cfg = build_config("model=transformer,scale=tiny")
   cc.apply_overrides(cfg, ["model.num_layers=2", "model.remat=dots", "train.lr=0.5",
                            "model.qk_norm=true"])

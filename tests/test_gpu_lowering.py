@@ -94,3 +94,15 @@ def test_e2e_meta_step_with_inner_attention_blocks_lowers_for_cuda():
   assert has_cudnn_attention(lowering.kernels_in(blocks))  # the prefix keeps cuDNN
   loops = lambda exported: exported.mlir_module().count("stablehlo.while")  # noqa: E731
   assert loops(blocks) > loops(plain)
+
+
+def test_e2e_meta_step_in_checkpointed_groups_lowers_for_cuda():
+  """`model.e2e.remat_group` (remat through time for E2E): the loop over checkpointed groups of
+  chunk steps (window_scan in window_scan, differentiated twice) lowers for CUDA, with loops
+  over the chunks inside the loops over the groups."""
+  plain = lowering.lower_train_step("e2e-meta")
+  grouped = lowering.lower_train_step("e2e-meta", {"e2e.remat_group": 2})
+  assert grouped.platforms == ("cuda",)
+  assert has_cudnn_attention(lowering.kernels_in(grouped))  # the prefix keeps cuDNN
+  loops = lambda exported: exported.mlir_module().count("stablehlo.while")  # noqa: E731
+  assert loops(grouped) > loops(plain)

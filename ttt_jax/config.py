@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.prime_intermediate_size = 384
   e.inner_lr, e.ilr_init = 1.0, 0.0
   e.ilr_warmup_steps, e.inner_clip = 100, 1.0
-  e.remat_chunks = True
+  e.remat_chunks, e.remat_group = True, 0  # remat_group: chunks per checkpoint group; -1 auto
   e.remat_chunks_policy = "full"  # with remat_chunks: "full" recomputes a chunk | "dots" keeps dots
   e.window_residuals = "auto"  # backward keeps auto|chunks (chunks' new keys)|windows (each's)
   e.suffix_remat = "auto"  # suffix blocks' remat in the inner loop: auto | a model.remat value
@@ -290,7 +290,7 @@ RANGES = {key: bounds for bounds, keys in (
                  "train.warmup_steps train.weight_decay train.grad_clip train.skip_nonfinite "
                  "checkpoint.every_steps eval.stride model.trained_context"),
     ("[-1, inf)", "model.e2e.inner_attention_block checkpoint.step checkpoint.load_step "
-                  "mesh.num_processes mesh.process_id"),
+                  "mesh.num_processes mesh.process_id model.e2e.remat_group"),
     ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2 data.val_fraction"))
     for key in keys.split()}  # -1: the latest saved step; the environment's process layout
 

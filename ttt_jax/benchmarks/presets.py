@@ -11,10 +11,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 
 
+# configs/e2e.py fixes each stage's context: 32k and 128k pick its context-extension stages,
+# any other ctx its pretraining stage (8K; tiny 512)
+E2E_STAGES = {"32k": "ext32k", "128k": "ext128k"}
+
+
 def preset_spec(kind: str, scale: str, ctx: str) -> str:
-  """The config file spec of a kind's pretraining preset."""
+  """The config file spec of a kind's pretraining preset (E2E: the stage of `E2E_STAGES`)."""
   if kind == "e2e":
-    return f"configs/e2e.py:scale={scale},stage=pretrain"
+    return f"configs/e2e.py:scale={scale},stage={E2E_STAGES.get(ctx.lower(), 'pretrain')}"
   return f"configs/pretrain.py:model={kind},scale={scale},ctx={ctx}"
 
 

@@ -42,6 +42,7 @@ class E2ESection:
   ilr_warmup_steps: int = 100
   inner_clip: float = 1.0
   remat_chunks: bool = True
+  remat_group: int = 0
   remat_chunks_policy: str = "full"
   window_residuals: str = "auto"
   suffix_remat: str = "auto"

@@ -81,6 +81,19 @@ def window_residuals(cfg: ModelConfig) -> str:
   return "chunks" if e.remat_chunks and e.remat_chunks_policy == "full" else "windows"
 
 
+def chunk_group(setting: int, n: int) -> int:
+  """Chunk steps per checkpoint group of the inner loop over n chunks (`model.e2e.remat_group`;
+  1 = no groups). n: the largest divisor of n up to `setting`; -1 (auto): the divisor g that
+  keeps the fewest copies of the inner weights, n / g + g, if that is fewer than the n - 1 of
+  the loop without groups (n = 8 chunks: 2, 6 copies instead of 7; 32: 4, 12 instead of 31; 128:
+  8, 24 instead of 127); 0: 1."""
+  divisors = [g for g in range(1, n + 1) if n % g == 0]
+  if setting >= 0:
+    return max(g for g in divisors if g <= max(setting, 1))
+  best = min(divisors, key=lambda g: (n // g + g, g))
+  return best if n // best + best < n - 1 else 1
+
+
 def fillable_window(window: KVCache, keys: int) -> KVCache:
   """An empty KV window cut to the slots that `keys` keys can fill (at least one). The inner
   loop over T positions carries at most T - b keys into a chunk: at the 8K presets (window 8K)
@@ -194,7 +207,8 @@ class E2EModel(LanguageModel):
         runner, inner, outer, kv0, h, targets, mask, lr, chunk=e.mini_batch_size,
         clip=e.inner_clip, remat_chunks=e.remat_chunks, second_order=second_order,
         inner_axes=self.inner_axes(inner), final_update=final_update,
-        remat_policy=e.remat_chunks_policy, window_residuals=window_residuals(self.cfg))
+        remat_policy=e.remat_chunks_policy, window_residuals=window_residuals(self.cfg),
+        group=chunk_group(e.remat_group, t // e.mini_batch_size))
     return E2EOutput(losses, hidden, nll, inner if final_update else None)
 
   def compute_loss(self, batch: dict, step: jax.Array | None = None):

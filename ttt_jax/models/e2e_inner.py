@@ -14,6 +14,7 @@ The outer gradient of mean_i loss_i flows through every W_i, g_i and kv_i (secon
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -147,10 +148,29 @@ class SuffixRunner:
     return new_inner, new_kvs, loss, h_out, nll
 
 
+def scan_chunks(step, consts, carry, windows: list[KVCache], xs, *, chunk: int, remat: bool,
+                policy: str = "full", window_residuals: str = "windows"):
+  """(carry, windows, ys): `step(consts, carry, windows, x)` scanned over the leading axis of
+  `xs`, each trip appending `chunk` keys to every window; `remat`: each trip under
+  `jax.checkpoint` with `policy`, its KV windows kept per trip ('windows') or rebuilt from each
+  trip's new keys ('chunks': `window_scan`, which recomputes trips whole)."""
+  if window_residuals == "chunks" and remat and windows and jax.tree.leaves(xs)[0].shape[0]:
+    return window_scan(step, consts, carry, windows, xs, chunk=chunk)
+
+  def body(c, x):
+    carry, wins, ys = step(consts, *c, x)
+    return (carry, wins), ys
+
+  if remat:
+    body = jax.checkpoint(body, policy=CHUNK_REMAT_POLICIES[policy])
+  (carry, windows), ys = jax.lax.scan(body, (carry, windows), xs)
+  return carry, windows, ys
+
+
 def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *,
                chunk: int, clip: float, remat_chunks: bool, second_order: bool = True,
                inner_axes: Any = None, final_update: bool = False, remat_policy: str = "full",
-               window_residuals: str = "windows"):
+               window_residuals: str = "windows", group: int = 1):
   """The inner loop over all chunks of a batch of sequences (training and one-shot inference).
 
   inner0: unbatched inner weights (broadcast to every sequence); kv0: batched empty KV windows
@@ -168,11 +188,20 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
   last chunk runs forward only and the returned weights are those its logits used (after n-1
   updates). `final_update=True` makes it and returns the weights after all n updates (what a
   stream that goes on reading needs); the losses, outputs and gradients are the same either way.
+
+  `group` > 1 (a divisor of n; `model.e2e.remat_group`): remat through time. The loop runs as
+  n / group checkpointed groups of `group` chunk steps, so the backward pass keeps the inner
+  weights and windows at the start of each group only, and recomputes a group's chunk steps
+  (keeping theirs) when it reaches that group: n / group + group copies of the per-sequence
+  inner weights instead of n - 1, for one more forward pass of every chunk step. The loop is
+  then uniform: the last chunk's update is always made and the weights after all n updates are
+  returned (the losses, outputs and gradients are the same).
   """
   bsz, t, d = h.shape
   n = t // chunk
   inner = jax.tree.map(lambda w: jnp.broadcast_to(w, (bsz, *w.shape)), inner0)
   per_chunk = lambda x: x.reshape(bsz, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(bsz, t, *x.shape[3:])  # noqa: E731
   positions = jnp.arange(t, dtype=jnp.int32).reshape(n, chunk)
   xs = (per_chunk(h), positions, per_chunk(targets), per_chunk(mask))
   kv_axes = [KV_AXES] * len(kv0)
@@ -194,27 +223,27 @@ def inner_loop(runner: SuffixRunner, inner0, outer, kv0, h, targets, mask, lr, *
       inner = constrain_inner(inner, inner_axes)
     return inner, kvs, (loss, h_out, nll)
 
+  if window_residuals == "chunks" and kv0 and not (remat_chunks and remat_policy == "full"):
+    raise ValueError("window_residuals='chunks' recomputes each chunk step whole: it needs "
+                     f"remat_chunks and remat_policy 'full' (got {remat_chunks}, "
+                     f"{remat_policy!r})")
+  consts = (outer, jnp.asarray(lr, jnp.float32))
+  chunks = functools.partial(scan_chunks, chunk=chunk, remat=remat_chunks, policy=remat_policy,
+                             window_residuals=window_residuals)
+  if group > 1:
+    if n % group:
+      raise ValueError(f"group={group} must divide the {n} chunks")
+    grouped = jax.tree.map(lambda x: x.reshape(n // group, group, *x.shape[1:]), xs)
+    inner, _, ys = scan_chunks(functools.partial(chunks, step), consts, inner, kv0, grouped,
+                               chunk=group * chunk, remat=True, window_residuals=window_residuals)
+    losses, h_out, nll = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), ys)
+    return losses, unchunk(h_out), unchunk(nll), inner
   n_scan = n if final_update else n - 1
-  xs_scan = jax.tree.map(lambda x: x[:n_scan], xs)
-  if window_residuals == "chunks" and n_scan and kv0:
-    if not (remat_chunks and remat_policy == "full"):
-      raise ValueError("window_residuals='chunks' recomputes each chunk step whole: it needs "
-                       f"remat_chunks and remat_policy 'full' (got {remat_chunks}, "
-                       f"{remat_policy!r})")
-    inner, kvs, (losses, h_out, nll) = window_scan(
-        step, (outer, jnp.asarray(lr, jnp.float32)), inner, kv0, xs_scan, chunk=chunk)
-  else:
-    def body(carry, x):
-      inner, kvs, ys = step((outer, lr), *carry, x)
-      return (inner, kvs), ys
-
-    if remat_chunks:
-      body = jax.checkpoint(body, policy=CHUNK_REMAT_POLICIES[remat_policy])
-    (inner, kvs), (losses, h_out, nll) = jax.lax.scan(body, (inner, kv0), xs_scan)
+  inner, kvs, (losses, h_out, nll) = chunks(step, consts, inner, kv0,
+                                            jax.tree.map(lambda x: x[:n_scan], xs))
   if not final_update:
     loss_n, h_n, nll_n = vmap_batch(last, bsz, in_axes=(0, kv_axes, 0, None, 0, 0))(
         inner, kvs, *jax.tree.map(lambda x: x[n - 1], xs))
     losses, h_out, nll = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]),
                                       (losses, h_out, nll), (loss_n, h_n, nll_n))
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(bsz, t, *x.shape[3:])  # noqa: E731
   return losses, unchunk(h_out), unchunk(nll), inner
