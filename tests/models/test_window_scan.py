@@ -220,11 +220,14 @@ def test_chunks_needs_whole_chunk_recomputation(remat, policy):
 
 
 
-def test_backward_pass_traces_in_the_callers_sharding_context():
+@pytest.mark.parametrize("nested", [False, True])
+def test_backward_pass_traces_in_the_callers_sharding_context(nested):
   """The backward pass is traced when the gradient is taken, after the loss function's
   `activation_sharding` context has closed; window_scan re-enters the context that was active
-  at its call, so the recomputed step's constraints apply on a mesh as the forward's did."""
-  consts, w, windows, xs = toy_inputs(jax.random.key(5), 3, 4, (8,))
+  at its call, so the recomputed step's constraints apply on a mesh as the forward's did. Also
+  for a window_scan over groups of window_scans (`model.e2e.remat_group`), whose inner scans
+  are traced again inside the outer backward pass."""
+  consts, w, windows, xs = toy_inputs(jax.random.key(5), 4, 4, (8,))
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   seen = []
 
@@ -232,10 +235,22 @@ def test_backward_pass_traces_in_the_callers_sharding_context():
     seen.append(current_sharding()[0])
     return toy_step(consts, w, windows, x)
 
+  def run(consts, w):
+    if not nested:
+      return window_scan(step, consts, w, windows, xs, chunk=4)
+    groups = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[1:]), xs)
+    group = lambda c, w, wins, xg: window_scan(step, c, w, wins, xg, chunk=4)  # noqa: E731
+    return window_scan(group, consts, w, windows, groups, chunk=8)
+
   def loss(consts, w):
     with activation_sharding(mesh):
-      return jnp.sum(window_scan(step, consts, w, windows, xs, chunk=4)[2])
+      return jnp.sum(run(consts, w)[2])
 
-  jax.grad(loss, (0, 1))(consts, w)
-  assert len(seen) >= 2 and all(m is mesh for m in seen), seen  # forward and backward traces
+  grads = jax.grad(loss, (0, 1))(consts, w)
+  assert len(seen) >= (3 if nested else 2), seen  # forward and backward (inner: both) traces
+  assert all(m is mesh for m in seen), seen
+  ref = jax.grad(lambda c, w: jnp.sum(remat_scan(toy_step, c, w, windows, xs)[2]), (0, 1))(
+      consts, w)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+    assert rel_err(a, b) < 1e-5
   assert current_sharding()[0] is None  # and the context is left as it was

@@ -35,7 +35,7 @@ Tasks, in order:
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
              that take whole while loops (the TTT and E2E scans), or a config variant
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
-             before, windows, innerblockwise, innerdense, nogroups, scan, list), or
+             before, windows, innerblockwise, innerdense, groups, nogroups, scan, list), or
              launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
 The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
 fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
@@ -95,7 +95,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             ("train:ttt_mlp+rematkernels", 150), ("train:ttt_mlp-pallas+unrolled", 100),
             ("train:ttt_mlp+nogroups", 150), ("train:e2e-meta+scan", 150),
             ("train:e2e-pretrain+scan", 100), ("train125m:e2e+list", 150),
-            ("train125m:e2e+innerdense", 150), ("train125m:e2e+windows", 150)]
+            ("train125m:e2e+innerdense", 150), ("train125m:e2e+windows", 150),
+            ("train:e2e-meta+groups", 150)]
   picked = lambda n: any(n == o[:-1] if o.endswith("$") else n.startswith(o)  # noqa: E731
                          for o in only)
   return [t for t in tasks if not only or picked(t[0])]

@@ -23,6 +23,9 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # E2E's inner-loop attention as one dense call per chunk (`e2e.inner_attention_block` auto turns
 # rematerialised query blocks on at the 125m preset: `train125m:e2e+innerdense` is the program
 # before them);
+# E2E's chunk loop in checkpointed groups of 2 chunk steps (`e2e.remat_group`: remat through
+# time, what the context-extension stages want from 760m on; its price is one more forward pass
+# of every chunk step);
 # TTT without remat through time; the layers as one scanned block (compiled once; E2E: its
 # prefix blocks), or as a list of blocks (the TTT and E2E presets from 125m up stack them;
 # `train125m:K+list` is the list layout)
@@ -34,6 +37,7 @@ CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kern
                    "windows": {"e2e.window_residuals": "windows"},
                    "innerblockwise": {"e2e.inner_attention_impl": "blockwise"},
                    "innerdense": {"e2e.inner_attention_block": 0},
+                   "groups": {"e2e.remat_group": 2},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True},
                    "list": {"scan_layers": False}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
@@ -45,7 +49,7 @@ RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chun
                 "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
                 "ttt_mlp+nogroups", "ttt_mlp+rematkernels", "transformer+scan", "ttt_linear+scan",
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout", "ttt_mlp-pallas+unrolled",
-                "e2e-meta+scan", "e2e-pretrain+scan", "e2e-meta+windows")
+                "e2e-meta+scan", "e2e-pretrain+scan", "e2e-meta+windows", "e2e-meta+groups")
 
 
 def train_kind(kind: str) -> tuple[str, dict]:
