@@ -34,10 +34,12 @@ from ttt_jax.runs.diskspace import DiskFull
 from ttt_jax.runs.load import Run, load_run
 from ttt_jax.runs.workdir import WorkdirBusy
 from ttt_jax.train import distributed
+from ttt_jax.train.devicememory import DeviceMemoryFull
 from ttt_jax.train.loop import NonFiniteError, train_and_evaluate
 
 # What a user can cause and fix: reported in one line. Anything else keeps its traceback.
-USER_ERRORS = (ConfigError, CheckpointError, WorkdirBusy, NonFiniteError, DiskFull)
+USER_ERRORS = (ConfigError, CheckpointError, WorkdirBusy, NonFiniteError, DiskFull,
+               DeviceMemoryFull)
 
 _CONFIG_FLAGS: dict[str, str | None] = {}  # config flag name -> default config file
 

@@ -28,6 +28,7 @@ from ttt_jax.models import count_params
 from ttt_jax.runs.diskspace import check_space, close_all, tree_bytes
 from ttt_jax.runs.resume import start_run
 from ttt_jax.runs.workdir import TOKENIZER_DIR, exclusive_workdir
+from ttt_jax.train.devicememory import explained
 from ttt_jax.train.flops import peak_flops_per_device, train_flops_per_token
 from ttt_jax.train.metrics import MetricWriter, Throughput
 from ttt_jax.train.trainer import Trainer, tokens_per_step
@@ -265,13 +266,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     if evaluator.missed(start):
       evaluator.run(state.params, start, unless_logged=True)
     logger.pause_clock(start)
+    batch_devices = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     with PreemptionWatch() as watch:
       for step in range(start, steps):
         position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
-        state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
+        with explained(config, batch_devices, step + 1):
+          state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
+          if pending is not None:  # the step before: an error of it surfaces here
+            finish(pending)
         completed = step + 1
-        if pending is not None:
-          finish(pending)
         pending = Dispatched(completed, metrics, position)
         save, evaluate = checkpointer.due(completed), evaluator.due(completed)
         stop = watch.reached(completed)  # read once: a signal landing later waits a step
