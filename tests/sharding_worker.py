@@ -43,7 +43,8 @@ RULES, RULES_KINDS = "batch=data+fsdp+tensor,vocab=fsdp", ("e2e", "ttt_linear-pa
 def tiny_config(kind: str, mesh=(1, 1, 1)):
   """`kind`: a model kind, K-pallas: TTT kind K with its Pallas kernels (interpreted), or
   e2e+scan: E2E with its two prefix blocks stacked (`model.scan_layers`) and its chunk loop as
-  one checkpointed group of both chunks (`model.e2e.remat_group`: a loop in a loop)."""
+  one checkpointed group of both chunks (`model.e2e.remat_group`: a window_scan in a
+  window_scan, the suffix block's attention and KV window in the loop)."""
   kind, _, variant = kind.partition("+")
   base, _, impl = kind.partition("-")
   c = build_config(f"model={base},ctx={SEQ}")
@@ -58,6 +59,7 @@ def tiny_config(kind: str, mesh=(1, 1, 1)):
   m.ttt.mini_batch_size = 8
   m.e2e.mini_batch_size, m.e2e.prime_intermediate_size = 16, 128
   m.e2e.ilr_warmup_steps, m.e2e.remat_group = 1, 2 if variant == "scan" else 0
+  m.e2e.hoist_first_attention = variant != "scan"
   c.data.batch_size, c.data.seq_len, c.data.shuffle, c.data.prefetch = BATCH, SEQ, False, 0
   c.train.steps, c.train.warmup_steps, c.train.lr = STEPS, 1, 1e-2
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh

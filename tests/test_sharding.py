@@ -29,8 +29,8 @@ from .fast_compile import FAST_COMPILE
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # ttt_linear-pallas: the Pallas TTT-Linear kernels (interpreted on CPU), run per device on a
 # mesh (`sharding.per_shard`), as a GPU takes them by default; e2e+scan: E2E with its prefix
-# blocks stacked (`model.scan_layers`) and its chunk loop in a checkpointed group
-# (`model.e2e.remat_group`)
+# blocks stacked (`model.scan_layers`) and its chunk loop, KV window included, in a checkpointed
+# group (`model.e2e.remat_group`)
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas", "e2e+scan")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
 

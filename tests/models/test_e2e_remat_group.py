@@ -20,13 +20,15 @@ from .test_e2e import fast_jit, rel_err, tiny_model_cfg
 CHUNK = 8
 
 
-def meta_step(group: int, residuals: str, window: int, seqs, policy: str = "full"):
-  """(loss, per-chunk losses, gradients, compiled temp bytes) of a tiny E2E meta step with two
-  looped suffix blocks (KV windows carried) and wide prime MLPs (their weights dominate)."""
-  cfg = tiny_model_cfg(layers=3, suffix=2)
+def meta_step(group: int, residuals: str, window: int, seqs, policy: str = "full",
+              suffix: int = 2):
+  """(loss, per-chunk losses, gradients, compiled temp bytes) of a tiny E2E meta step with
+  `suffix` looped suffix blocks (KV windows carried) and wide prime MLPs (their weights
+  dominate); `suffix=1`: one suffix block whose attention runs before the loop, no windows."""
+  cfg = tiny_model_cfg(layers=3, suffix=suffix)
   cfg.window, cfg.e2e.mini_batch_size = window, CHUNK
   cfg.e2e.prime_intermediate_size = 256
-  cfg.e2e.hoist_first_attention = False
+  cfg.e2e.hoist_first_attention = suffix == 1
   cfg.e2e.remat_group, cfg.e2e.window_residuals = group, residuals
   cfg.e2e.remat_chunks_policy = policy
   graphdef, params = nnx.split(build_model(cfg, 0))
@@ -48,19 +50,21 @@ def inner_bytes(seqs) -> int:
   return seqs.shape[0] * sum(x.nbytes for x in jax.tree.leaves(state))
 
 
-@pytest.mark.parametrize("residuals,window,group,n", [
-    ("chunks", 12, 4, 16),  # window < a group's keys: every group evicts
-    ("chunks", 40, 2, 8),  # window > a group's keys (and than a chunk's)
-    ("windows", 12, 4, 16),
+@pytest.mark.parametrize("residuals,window,group,n,suffix", [
+    ("chunks", 12, 4, 16, 2),  # window < a group's keys: every group evicts
+    ("chunks", 40, 2, 8, 2),  # window > a group's keys (and than a chunk's)
+    ("windows", 12, 4, 16, 2),
+    ("chunks", 12, 2, 8, 1),  # no KV window in the loop: checkpointed scans of scans
 ])
-def test_groups_change_the_memory_not_the_numbers(residuals, window, group, n):
+def test_groups_change_the_memory_not_the_numbers(residuals, window, group, n, suffix):
   """Groups of g chunks against no groups, for KV windows rebuilt from each chunk's keys
-  (`window_scan` at both levels) and kept per chunk: the same meta loss, first and last chunk
-  losses and second-order gradients, and less memory for the backward pass (16 chunks in
-  groups of 4: 8 copies of the inner weights instead of 15)."""
+  (`window_scan` at both levels), kept per chunk, and none carried: the same meta loss, first
+  and last chunk losses and second-order gradients, and less memory for the backward pass (16
+  chunks in groups of 4: 8 copies of the inner weights instead of 15)."""
   seqs = jax.random.randint(jax.random.key(n + window), (2, n * CHUNK + 1), 0, 259)
-  loss, chunks, grads, temp = meta_step(group, residuals, window, seqs)
-  loss_ref, chunks_ref, grads_ref, temp_ref = meta_step(0, residuals, window, seqs)
+  loss, chunks, grads, temp = meta_step(group, residuals, window, seqs, suffix=suffix)
+  loss_ref, chunks_ref, grads_ref, temp_ref = meta_step(0, residuals, window, seqs,
+                                                        suffix=suffix)
   assert rel_err(loss, loss_ref) < 1e-6
   assert rel_err(jnp.stack(chunks), jnp.stack(chunks_ref)) < 1e-6
   for path, a in jax.tree_util.tree_leaves_with_path(grads):

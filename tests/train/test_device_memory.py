@@ -50,29 +50,36 @@ def test_an_out_of_memory_step_stops_the_run_in_one_line(tmp_path):
       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert lines[-1].startswith(f"train.py: error: train step 3 ran out of device memory ({OOM}); "
-                              "each device holds 2 sequences of 64 tokens at a time "
-                              "(data.batch_size=2 over 1 devices, train.grad_accum=1)"), lines[-1]
-  assert "set train.grad_accum=2 (microbatches of half as many sequences)" in lines[-1]
+  assert lines[-1] == (  # the line docs/scaling.md shows
+      f"train.py: error: train step 3 ran out of device memory ({OOM}); each device holds 2 "
+      "sequences of 64 tokens at a time (data.batch_size=2 over 1 devices, train.grad_accum=1); "
+      "to fit, set train.grad_accum=2 (microbatches of half as many sequences), or "
+      "model.remat=full, or more devices in mesh.fsdp; docs/scaling.md gives each preset's "
+      "memory per GPU"), lines[-1]
   assert complete_steps(str(tmp_path / "checkpoints")) == [2]  # the one before it is kept
 
 
 def test_the_line_names_the_settings_that_apply():
-  """E2E meta-learning without groups is also pointed at `model.e2e.remat_group`; a step
-  already under full remat is not pointed at it; the devices hold the microbatch."""
-  c = build_config("model=e2e,scale=tiny")
+  """E2E meta-learning without groups is also pointed at `model.e2e.remat_group` (where auto
+  makes groups); a step already under full remat is not pointed at it; the devices hold the
+  microbatch; more microbatches only where each device would still hold whole sequences."""
+  c = build_config("model=e2e,scale=tiny")  # 2048 tokens in chunks of 128: groups of 4
   c.data.batch_size, c.train.grad_accum = 16, 2
   err = jax.errors.JaxRuntimeError(OOM)
-  line = str(explain(err, c, batch_devices=4, step=7))
+  line = str(explain(err, c, rows_per_device=4, step=7))
   assert "train step 7 ran out of device memory" in line and "\n" not in line
-  assert "each device holds 2 sequences of" in line and "train.grad_accum=4" in line
+  assert "each device holds 2 sequences of 2048 tokens" in line
+  assert "over 4 devices" in line and "train.grad_accum=4" in line
   assert "model.e2e.remat_group=-1" in line
+  assert "train.grad_accum" not in str(explain(err, c, rows_per_device=2, step=7)).split("set")[1]
   c.model.e2e.remat_group, c.model.remat = -1, "full"
-  line = str(explain(err, c, batch_devices=4, step=7))
+  line = str(explain(err, c, rows_per_device=4, step=7))
   assert "remat_group" not in line and "model.remat=full" not in line
+  c.model.e2e.remat_group, c.data.seq_len = 0, 512  # 4 chunks: auto makes no groups
+  assert "remat_group" not in str(explain(err, c, rows_per_device=4, step=7))
   c = build_config("model=transformer,scale=tiny")
   c.model.remat = "none"
-  line = str(explain(err, c, batch_devices=1, step=1))
+  line = str(explain(err, c, rows_per_device=1, step=1))
   assert "model.remat=full" in line and "remat_group" not in line
 
 
@@ -80,6 +87,10 @@ def test_only_out_of_memory_errors_are_explained():
   c = build_config("model=transformer,scale=tiny")
   assert is_out_of_memory(jax.errors.JaxRuntimeError(OOM))
   assert not is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: a kernel failed"))
+  assert is_out_of_memory(jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm"))
+  assert not is_out_of_memory(jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: received message larger than max (5000000 vs. 4194304)"))
   assert not is_out_of_memory(MemoryError("host memory"))
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     with explained(c, 1, 1):

@@ -55,7 +55,8 @@ flags.DEFINE_list("kinds", list(MODEL_KINDS), "Model kinds to compile.")
 flags.DEFINE_list("scales", ["125m"], f"Scales ({', '.join(SCALES)}).")
 flags.DEFINE_string("ctx", "8k", "Training context of the configs/pretrain.py presets (the e2e "
                     "preset fixes its own: configs/e2e.py stage=pretrain, 8K (tiny 512); 32k "
-                    "and 128k pick its stages ext32k and ext128k).")
+                    "and 128k pick its stages ext32k and ext128k, 32K and 128K (tiny 2K and "
+                    "8K)).")
 # --target -> what the devices are (the table's and the JSON's description)
 TARGETS = {"cpu": "forced host CPU devices (XLA:CPU)",
            "h200": "H200s in one host, deviceless (XLA:GPU)"}

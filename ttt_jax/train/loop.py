@@ -238,9 +238,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
   evaluator: Evaluator | None = None
   preempted = False
 
+  # the sequences of a step's batch on each device (by the batch's sharding and mesh.rules)
+  rows_per_device = trainer.batch_sharding.shard_shape(
+      (config.data.batch_size, config.data.seq_len + 1))[0]
+
   def finish(d: Dispatched) -> None:
     """Waits for step d.step, reads its metrics when they are logged or not finite."""
-    finite = bool(jax.device_get(d.metrics["finite"]))
+    with explained(config, rows_per_device, d.step):  # a step's error may surface only here
+      finite = bool(jax.device_get(d.metrics["finite"]))
     metrics = None
     if not finite or logger.wants(d.step):
       metrics = {k: float(v) for k, v in jax.device_get(d.metrics).items()}
@@ -266,15 +271,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
     if evaluator.missed(start):
       evaluator.run(state.params, start, unless_logged=True)
     logger.pause_clock(start)
-    batch_devices = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     with PreemptionWatch() as watch:
       for step in range(start, steps):
         position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
-        with explained(config, batch_devices, step + 1):
+        with explained(config, rows_per_device, step + 1):
           state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
-          if pending is not None:  # the step before: an error of it surfaces here
-            finish(pending)
         completed = step + 1
+        if pending is not None:
+          finish(pending)
         pending = Dispatched(completed, metrics, position)
         save, evaluate = checkpointer.due(completed), evaluator.due(completed)
         stop = watch.reached(completed)  # read once: a signal landing later waits a step
