@@ -54,7 +54,8 @@ def main(argv=None) -> None:
                   help="also strided perplexity of whole documents, windows advancing by this "
                        "many tokens (default: the run's eval.stride, where 0 = off)")
   args = ap.parse_args(argv)
-  with user_errors():
+  with user_errors(memory_hint="fewer documents per streamed batch (--batch_size) or shorter "
+                   "chunks (--chunk) fit in less"):
     if args.ctx:  # a bad --ctx, --stride or --data fails before any checkpoint is read
       ctxs = perplexity.parse_ctx_list(args.ctx)
       if args.stride:

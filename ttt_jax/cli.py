@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -34,7 +35,7 @@ from ttt_jax.runs.diskspace import DiskFull
 from ttt_jax.runs.load import Run, load_run
 from ttt_jax.runs.workdir import WorkdirBusy
 from ttt_jax.train import distributed
-from ttt_jax.train.devicememory import DeviceMemoryFull
+from ttt_jax.train.devicememory import DeviceMemoryFull, is_out_of_memory, out_of_memory_message
 from ttt_jax.train.loop import NonFiniteError, train_and_evaluate
 
 # What a user can cause and fix: reported in one line. Anything else keeps its traceback.
@@ -59,12 +60,18 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 @contextlib.contextmanager
-def user_errors(*more: type[BaseException]) -> Iterator[None]:
-  """Turns USER_ERRORS (and `more`) raised in the block into `fail(message)`."""
+def user_errors(*more: type[BaseException], memory_hint: str = "") -> Iterator[None]:
+  """Turns USER_ERRORS (and `more`) raised in the block into `fail(message)`, and XLA's
+  out-of-memory error into one line ending in `memory_hint` (what makes the script's programs
+  hold less)."""
   try:
     yield
   except (*USER_ERRORS, *more) as e:
     fail(str(e) or type(e).__name__)
+  except jax.errors.JaxRuntimeError as e:
+    if not is_out_of_memory(e):
+      raise
+    fail(out_of_memory_message(e, memory_hint))
 
 
 # -- argparse ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import tempfile
 
+import jax
 import pytest
 
 from ttt_jax import cli, cli_output
@@ -118,6 +119,26 @@ def test_evaluate_out_writes_elsewhere_and_compare_per_run(read_only_run, traine
   with pytest.raises(SystemExit):  # an --out that cannot be written either: named as --out
     evaluate.main(["--workdir", trained_run, "--ctx", "32", "--out", f"{read_only_run}/x"])
   assert f"--out {read_only_run}/x: cannot write" in capsys.readouterr().err
+
+
+def test_evaluate_says_running_out_of_device_memory_in_one_line(trained_run, tmp_path, capsys,
+                                                                 monkeypatch):
+  """XLA's out-of-memory error inside an evaluation: one line naming evaluate.py's batch and
+  chunk options (tests/train/test_device_memory.py: the line of every script)."""
+  evaluate = load_script("evaluate")
+
+  def oom(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                     "2.00GiB.\n  buffer list ...")
+
+  monkeypatch.setattr(evaluate.strided, "evaluate_run", oom)
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--workdir", trained_run, "--ctx", "32", "--out", str(tmp_path)])
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 1 and len(err.splitlines()) == 1, err
+  assert err.endswith("error: ran out of device memory (RESOURCE_EXHAUSTED: Out of memory while "
+                      "trying to allocate 2.00GiB.); fewer documents per streamed batch "
+                      "(--batch_size) or shorter chunks (--chunk) fit in less"), err
 
 
 def test_compare_with_a_missing_workdir_fails_before_the_first_run(trained_run, tmp_path,

@@ -99,3 +99,25 @@ def test_only_out_of_memory_errors_are_explained():
     with explained(c, 1, 5):
       raise jax.errors.JaxRuntimeError(OOM)
   assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)  # XLA's full report kept
+
+
+def test_every_script_says_an_out_of_memory_error_in_one_line(capsys):
+  """`cli.user_errors`, around every script's work: XLA's out-of-memory error becomes one line
+  with the script's hint (evaluate.py: its batch and chunk options); other XLA errors keep
+  their tracebacks."""
+  from ttt_jax.cli import user_errors  # noqa: PLC0415
+
+  with pytest.raises(SystemExit) as info:
+    with user_errors(memory_hint="fewer documents per streamed batch (--batch_size) fit in less"):
+      raise jax.errors.JaxRuntimeError(OOM + "\n  buffer list ...")
+  assert info.value.code == 1
+  line = capsys.readouterr().err.strip()
+  assert line.endswith(f"error: ran out of device memory ({OOM}); fewer documents per streamed "
+                       "batch (--batch_size) fit in less"), line
+  with pytest.raises(SystemExit):
+    with user_errors():
+      raise jax.errors.JaxRuntimeError(OOM)
+  assert "smaller batches or chunks fit in less (see --help)" in capsys.readouterr().err
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    with user_errors():
+      raise jax.errors.JaxRuntimeError("INTERNAL: a kernel failed")

@@ -25,12 +25,23 @@ def is_out_of_memory(err: BaseException) -> bool:
       "out of memory" in text or ("resource_exhausted" in text and "memory" in text))
 
 
+def xla_line(err: BaseException) -> str:
+  """The first line of XLA's message (its allocation report follows)."""
+  return next((line.strip() for line in str(err).splitlines() if line.strip()), "")[:200]
+
+
+def out_of_memory_message(err: BaseException, hint: str = "") -> str:
+  """One line for an out-of-memory error outside a train step (evaluation, generation, ...):
+  XLA's first line and `hint`, the settings that make the program hold less."""
+  return (f"ran out of device memory ({xla_line(err)}); "
+          f"{hint or 'smaller batches or chunks fit in less (see --help)'}")
+
+
 def explain(err: BaseException, config: ml_collections.ConfigDict, rows_per_device: int,
             step: int) -> DeviceMemoryFull:
   """The one-line DeviceMemoryFull for XLA's out-of-memory error `err` at train step `step`;
   `rows_per_device`: the sequences of the whole batch (all microbatches) on one device."""
   d, tr, m = config.data, config.train, config.model
-  xla = next((line.strip() for line in str(err).splitlines() if line.strip()), "")[:200]
   ways = []
   if rows_per_device % (2 * tr.grad_accum) == 0:  # each device still gets whole sequences
     ways.append(f"train.grad_accum={2 * tr.grad_accum} (microbatches of half as many sequences)")
@@ -41,7 +52,7 @@ def explain(err: BaseException, config: ml_collections.ConfigDict, rows_per_devi
     ways.append("model.e2e.remat_group=-1 (the chunk loop in checkpointed groups)")
   ways.append("more devices in mesh.fsdp")
   return DeviceMemoryFull(
-      f"train step {step} ran out of device memory ({xla}); each device holds "
+      f"train step {step} ran out of device memory ({xla_line(err)}); each device holds "
       f"{rows_per_device / tr.grad_accum:g} sequences of {d.seq_len} tokens at a time "
       f"(data.batch_size={d.batch_size} over {d.batch_size // rows_per_device} devices, "
       f"train.grad_accum={tr.grad_accum}); to fit, set {', or '.join(ways)}; docs/scaling.md "
