@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ttt_jax import sharding as shd
-from ttt_jax.config import build_config
+from ttt_jax.config import ConfigError, build_config
 from ttt_jax.train import distributed
 from ttt_jax.train.metrics import MetricWriter
 from ttt_jax.train.trainer import Trainer
@@ -198,6 +198,7 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
       res["error"] = traceback.format_exc()
   if "transformer" in kinds:
     out["tlm"] = _tlm_on_fsdp(devices)
+    out["batch_split_errors"] = _batch_split_errors(devices)
   if "ttt_linear" in kinds:
     out["kernels"] = _kernels_on_mesh(devices)
   if not proc_ckpt:
@@ -216,6 +217,20 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
   diffs = _max_rel(restored, _flat(jax.device_get(state.params)))
   out["proc_ckpt_max_rel_diff"] = max(diffs.values())
   return out
+
+
+def _batch_split_errors(devices) -> dict:
+  """Trainer.create's message, per mesh, for a batch of 6 the batch's devices do not divide."""
+  errors = {}
+  for name in ("8,1,1", "2,2,2"):
+    cfg = tiny_config("transformer", MESHES[name])
+    cfg.data.batch_size = 6
+    try:
+      Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices))
+      errors[name] = None
+    except ConfigError as e:
+      errors[name] = str(e)
+  return errors
 
 
 def _tlm_on_fsdp(devices) -> dict:

@@ -194,6 +194,31 @@ def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
   assert _rel(res["1,8,1"]["log_ppl"], res["single"]["log_ppl"]) < 1e-4
 
 
+def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
+  """Trainer.create rejects data.batch_size=6 on 8 batch devices (and on data 2 x fsdp 2) in one
+  ConfigError naming the key and the mesh axes, not in JAX's IndivisibleError at the first step."""
+  errors = meshes["batch_split_errors"]
+  assert errors["8,1,1"] == ("data.batch_size=6 must be a multiple of the 8 devices the batch is "
+                             "split over (mesh.data=8, by mesh.rules)")
+  assert errors["2,2,2"] == ("data.batch_size=6 must be a multiple of the 4 devices the batch is "
+                             "split over (mesh.data=2 x mesh.fsdp=2, by mesh.rules)")
+
+
+def test_batch_split_counts_the_devices_of_the_batch_axes_only():
+  """The check multiplies the sizes of the batch's mesh axes (by the sharding's spec), so a
+  tensor axis does not count and a batch of 4 on data 2 x fsdp 2 passes."""
+  from types import SimpleNamespace
+
+  from ttt_jax.train.trainer import check_batch_split
+  mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 3})
+  check_batch_split(4, SimpleNamespace(spec=PartitionSpec(("data", "fsdp")), mesh=mesh))
+  check_batch_split(5, SimpleNamespace(spec=PartitionSpec(), mesh=mesh))  # replicated batch
+  with pytest.raises(ConfigError, match=r"batch_size=6 .* 4 devices .*mesh.data=2 x mesh.fsdp=2"):
+    check_batch_split(6, SimpleNamespace(spec=PartitionSpec(("data", "fsdp")), mesh=mesh))
+  with pytest.raises(ConfigError, match=r"batch_size=3 .* 2 devices .*\(mesh.fsdp=2,"):
+    check_batch_split(3, SimpleNamespace(spec=PartitionSpec("fsdp"), mesh=mesh))
+
+
 def test_kernels_run_per_device_on_a_mesh(meshes):
   """A Pallas kernel call carries no partitioning rule: on a mesh each device runs it on its own
   sequences and heads (`sharding.per_shard`), with the same result as without a mesh

@@ -196,7 +196,9 @@ def test_every_vector_path_equals_a_float64_product(flags, lanes):
   lib = ctypes.CDLL(cpu_kernel.library_path(flags))
   if lanes is not None and lib.TttInt8VectorLanes() != lanes:
     pytest.skip(f"this CPU builds {lib.TttInt8VectorLanes()} lanes with {flags}")
-  target = f"{cpu_kernel.TARGET}_test_{lib.TttInt8VectorLanes()}"
+  # one target per build: on a CPU without AVX-512 two of the builds have the same lanes
+  build = "_".join(f.lstrip("-").replace("-", "_") for f in flags) or "native"
+  target = f"{cpu_kernel.TARGET}_test_{build}_{lib.TttInt8VectorLanes()}"
   jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.TttInt8Matmul), platform="cpu")
   rng = np.random.default_rng(len(flags))
   cases = [(1, 576, 1536, 8), (3, 96, 10, 8), (2, 37, 13, 8), (1, 576, 64, 4), (3, 96, 10, 4)]

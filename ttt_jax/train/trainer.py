@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import optax
 from flax import nnx, struct
 from tqdm.auto import tqdm
 
-from ttt_jax.config import LOGICAL_RULES, Rules, validate
+from ttt_jax.config import LOGICAL_RULES, ConfigError, Rules, validate
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.models import abstract_model, build_model
 from ttt_jax.sharding import (
@@ -77,8 +78,10 @@ class Trainer:
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard)
-    return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings,
-               batch_sharding(mesh, rules), rules, data)
+    b_shard = batch_sharding(mesh, rules)
+    check_batch_split(config.data.batch_size, b_shard)
+    return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings, b_shard,
+               rules, data)
 
   @property
   def norm_rows(self) -> bool:
@@ -212,6 +215,19 @@ class Trainer:
         range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
         disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
     return validation_metrics(lambda b: self.eval_step(params, b), batches)
+
+
+def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding) -> None:
+  """A ConfigError naming data.batch_size unless the devices the batch is split over (the mesh
+  axes mesh.rules give `batch`) divide it."""
+  axes = sharding.spec[0] if sharding.spec else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  ways = math.prod(sharding.mesh.shape[a] for a in axes)
+  if batch_size % ways:
+    split = " x ".join(f"mesh.{a}={sharding.mesh.shape[a]}" for a in axes
+                       if sharding.mesh.shape[a] > 1)
+    raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the {ways} devices the "
+                      f"batch is split over ({split}, by mesh.rules)")
 
 
 def one_clock(opt_state, step: jax.Array):
