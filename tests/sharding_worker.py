@@ -220,11 +220,12 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
 
 
 def _batch_split_errors(devices) -> dict:
-  """Trainer.create's message, per mesh, for a batch of 6 the batch's devices do not divide."""
+  """Trainer.create's message, per mesh, for a batch of 6 the batch's devices do not divide,
+  and for microbatches of 2 sequences over 4 batch devices."""
   errors = {}
-  for name in ("8,1,1", "2,2,2"):
-    cfg = tiny_config("transformer", MESHES[name])
-    cfg.data.batch_size = 6
+  for name, batch, accum in (("8,1,1", 6, 1), ("2,2,2", 6, 1), ("2,2,2+accum", 8, 4)):
+    cfg = tiny_config("transformer", MESHES[name.split("+")[0]])
+    cfg.data.batch_size, cfg.train.grad_accum = batch, accum
     try:
       Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices))
       errors[name] = None

@@ -196,17 +196,24 @@ def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
 
 def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
   """Trainer.create rejects data.batch_size=6 on 8 batch devices (and on data 2 x fsdp 2) in one
-  ConfigError naming the key and the mesh axes, not in JAX's IndivisibleError at the first step."""
+  ConfigError naming the key and the mesh axes, not in JAX's IndivisibleError at the first step;
+  and train.grad_accum=4 with 2 sequences per device (each microbatch would run whole on every
+  device)."""
   errors = meshes["batch_split_errors"]
   assert errors["8,1,1"] == ("data.batch_size=6 must be a multiple of the 8 devices the batch is "
                              "split over (mesh.data=8, by mesh.rules)")
   assert errors["2,2,2"] == ("data.batch_size=6 must be a multiple of the 4 devices the batch is "
                              "split over (mesh.data=2 x mesh.fsdp=2, by mesh.rules)")
+  assert errors["2,2,2+accum"] == (
+      "train.grad_accum=4 must divide the 2 sequences each device holds (data.batch_size=8 over "
+      "4 devices, mesh.data=2 x mesh.fsdp=2): microbatches smaller than the devices would run "
+      "whole on every device")
 
 
 def test_batch_split_counts_the_devices_of_the_batch_axes_only():
   """The check multiplies the sizes of the batch's mesh axes (by the sharding's spec), so a
-  tensor axis does not count and a batch of 4 on data 2 x fsdp 2 passes."""
+  tensor axis does not count and a batch of 4 on data 2 x fsdp 2 passes; train.grad_accum must
+  divide each device's rows."""
   from types import SimpleNamespace
 
   from ttt_jax.train.trainer import check_batch_split
@@ -217,6 +224,11 @@ def test_batch_split_counts_the_devices_of_the_batch_axes_only():
     check_batch_split(6, SimpleNamespace(spec=PartitionSpec(("data", "fsdp")), mesh=mesh))
   with pytest.raises(ConfigError, match=r"batch_size=3 .* 2 devices .*\(mesh.fsdp=2,"):
     check_batch_split(3, SimpleNamespace(spec=PartitionSpec("fsdp"), mesh=mesh))
+  # grad_accum divides each device's rows, or the microbatches would not cover the devices
+  check_batch_split(8, SimpleNamespace(spec=PartitionSpec(("data", "fsdp")), mesh=mesh), 2)
+  check_batch_split(6, SimpleNamespace(spec=PartitionSpec(), mesh=mesh), 3)  # one batch device
+  with pytest.raises(ConfigError, match=r"train.grad_accum=4 must divide the 2 sequences"):
+    check_batch_split(8, SimpleNamespace(spec=PartitionSpec(("data", "fsdp")), mesh=mesh), 4)
 
 
 def test_kernels_run_per_device_on_a_mesh(meshes):

@@ -79,7 +79,7 @@ class Trainer:
                                       transform_non_params=lambda _: repl)
     state_shardings = TrainState(step=repl, params=p_shard, opt_state=opt_shard)
     b_shard = batch_sharding(mesh, rules)
-    check_batch_split(config.data.batch_size, b_shard)
+    check_batch_split(config.data.batch_size, b_shard, config.train.grad_accum)
     return cls(config, mesh, graphdef, abstract_params, optimizer, state_shardings, b_shard,
                rules, data)
 
@@ -217,17 +217,24 @@ class Trainer:
     return validation_metrics(lambda b: self.eval_step(params, b), batches)
 
 
-def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding) -> None:
-  """A ConfigError naming data.batch_size unless the devices the batch is split over (the mesh
-  axes mesh.rules give `batch`) divide it."""
+def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding,
+                      grad_accum: int = 1) -> None:
+  """A ConfigError naming the key unless the devices the batch is split over (the mesh axes
+  mesh.rules give `batch`) divide data.batch_size and train.grad_accum divides each device's
+  rows (a microbatch with fewer rows than devices would run whole on every device)."""
   axes = sharding.spec[0] if sharding.spec else None
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  ways = math.prod(sharding.mesh.shape[a] for a in axes)
+  shape = sharding.mesh.shape
+  ways = math.prod(shape[a] for a in axes)
+  split = " x ".join(f"mesh.{a}={shape[a]}" for a in axes if shape[a] > 1)
   if batch_size % ways:
-    split = " x ".join(f"mesh.{a}={sharding.mesh.shape[a]}" for a in axes
-                       if sharding.mesh.shape[a] > 1)
     raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the {ways} devices the "
                       f"batch is split over ({split}, by mesh.rules)")
+  rows = batch_size // ways
+  if ways > 1 and rows % grad_accum:
+    raise ConfigError(f"train.grad_accum={grad_accum} must divide the {rows} sequences each device "
+                      f"holds (data.batch_size={batch_size} over {ways} devices, {split}): "
+                      "microbatches smaller than the devices would run whole on every device")
 
 
 def one_clock(opt_state, step: jax.Array):
