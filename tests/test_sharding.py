@@ -197,8 +197,8 @@ def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
 def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
   """Trainer.create rejects data.batch_size=6 on 8 batch devices (and on data 2 x fsdp 2) in one
   ConfigError naming the key and the mesh axes, not in JAX's IndivisibleError at the first step;
-  and train.grad_accum=4 with 2 sequences per device (each microbatch would run whole on every
-  device)."""
+  and train.grad_accum=4 with 2 sequences per device (each microbatch would be computed on
+  several devices at once)."""
   errors = meshes["batch_split_errors"]
   assert errors["8,1,1"] == ("data.batch_size=6 must be a multiple of the 8 devices the batch is "
                              "split over (mesh.data=8, by mesh.rules)")
@@ -206,8 +206,8 @@ def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
                              "split over (mesh.data=2 x mesh.fsdp=2, by mesh.rules)")
   assert errors["2,2,2+accum"] == (
       "train.grad_accum=4 must divide the 2 sequences each device holds (data.batch_size=8 over "
-      "4 devices, mesh.data=2 x mesh.fsdp=2): microbatches smaller than the devices would run "
-      "whole on every device")
+      "4 devices, mesh.data=2 x mesh.fsdp=2): else a microbatch does not split evenly and is "
+      "computed on several devices at once")
 
 
 def test_batch_split_counts_the_devices_of_the_batch_axes_only():

@@ -221,7 +221,7 @@ def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding,
                       grad_accum: int = 1) -> None:
   """A ConfigError naming the key unless the devices the batch is split over (the mesh axes
   mesh.rules give `batch`) divide data.batch_size and train.grad_accum divides each device's
-  rows (a microbatch with fewer rows than devices would run whole on every device)."""
+  rows (else the devices cannot split a microbatch evenly: some of it is computed on several)."""
   axes = sharding.spec[0] if sharding.spec else None
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   shape = sharding.mesh.shape
@@ -232,9 +232,10 @@ def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding,
                       f"batch is split over ({split}, by mesh.rules)")
   rows = batch_size // ways
   if ways > 1 and rows % grad_accum:
-    raise ConfigError(f"train.grad_accum={grad_accum} must divide the {rows} sequences each device "
-                      f"holds (data.batch_size={batch_size} over {ways} devices, {split}): "
-                      "microbatches smaller than the devices would run whole on every device")
+    raise ConfigError(f"train.grad_accum={grad_accum} must divide the {rows} sequences each "
+                      f"device holds (data.batch_size={batch_size} over {ways} devices, {split}): "
+                      "else a microbatch does not split evenly and is computed on several "
+                      "devices at once")
 
 
 def one_clock(opt_state, step: jax.Array):
