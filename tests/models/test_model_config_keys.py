@@ -253,3 +253,27 @@ def test_e2e_prime_intermediate_size_sets_the_prime_mlp_width():
   assert suffix.prime_mlp.w2[...].shape == (96, 32)
   for blk in (prefix, suffix):
     assert blk.mlp.w1[...].shape == (32, 64) and blk.mlp.w2[...].shape == (64, 32)
+
+
+def test_e2e_remat_chunks_checkpoints_the_chunk_steps_with_the_same_numbers():
+  """e2e.remat_chunks: True puts the inner loop's chunk step under jax.checkpoint (a
+  checkpointed region in the meta loss's program that False does not have); the meta loss and
+  its second-order gradients are the same either way."""
+  batch = {"tokens": tokens(10, T + 1)}
+  out = {}
+  for remat in (True, False):
+    model = build_model(e2e_cfg(e2e__inner_lr=0.5, e2e__remat_chunks=remat), 0)
+    graphdef, state = nnx.split(model)
+
+    def loss(s, g=graphdef):
+      return nnx.merge(g, s).compute_loss(batch, step=0)[0]
+
+    grad_fn = jax.value_and_grad(loss)
+    jaxpr = jax.make_jaxpr(loss)(state).jaxpr  # jax.checkpoint's primitive is `remat2`
+    n_ckpt = len(count_eqns(jaxpr, "remat2")) + len(count_eqns(jaxpr, "checkpoint"))
+    out[remat] = (n_ckpt, *jax.jit(grad_fn)(state))
+  (n_on, l_on, g_on), (n_off, l_off, g_off) = out[True], out[False]
+  assert n_on > n_off, (n_on, n_off)
+  assert rel_err(l_on, l_off) < 1e-6
+  for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_off), strict=True):
+    assert rel_err(a, b) < 1e-5
