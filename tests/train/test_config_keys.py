@@ -336,3 +336,43 @@ def test_eval_batches_sets_how_many_validation_batches_each_evaluation_reads(cor
     for i, b in enumerate(got):
       np.testing.assert_array_equal(b, np.asarray(val[i]["tokens"]))
   assert math.isfinite(result["val"]["loss"])
+
+
+def test_val_fraction_holds_out_that_share_of_documents_nested(tmp_path):
+  """data.val_fraction: about that share of the documents (within 4 binomial standard errors of
+  400) form the validation split, the rest the training split, disjoint; a larger fraction
+  keeps every document a smaller one held out (the split is by a hash of the name)."""
+  rng = np.random.default_rng()
+  n = 400
+  path = tmp_path / "docs.jsonl"
+  path.write_text("".join(json.dumps({"body": random_text(rng, 40)}) + "\n" for _ in range(n)))
+  held = {}
+  for vf in (0.1, 0.5):
+    data = Dataset.from_config(tiny_config(str(path), val_fraction=vf).data)
+    val, train = set(data.stream("validation").names), set(data.stream("train").names)
+    assert not val & train and len(val) + len(train) == n
+    assert abs(len(val) - vf * n) < 4 * math.sqrt(n * vf * (1 - vf)), (vf, len(val))
+    held[vf] = val
+  assert held[0.1] < held[0.5]
+
+
+def test_grad_accum_runs_the_loss_on_microbatches(corpus, monkeypatch):
+  """train.grad_accum: one train step traces the loss on batch_size / grad_accum rows (a scan
+  over the microbatches), while grad_accum=1 traces it on the whole batch."""
+  path, _ = corpus()
+  shapes = []
+  real = Trainer.loss_fn
+
+  def recording(self, params, batch, step):
+    shapes.append(tuple(batch["tokens"].shape))
+    return real(self, params, batch, step)
+
+  monkeypatch.setattr(Trainer, "loss_fn", recording)
+  for accum in (1, 2, 4):
+    c = tiny_config(path, batch_size=4)
+    c.train.grad_accum = accum
+    trainer = Trainer.create(c)
+    shapes.clear()
+    batch = trainer.device_batch(trainer.dataset("train")[0])
+    trainer.train_step.lower(trainer.init_state(), batch)
+    assert shapes and set(shapes) == {(4 // accum, SEQ_LEN + 1)}, (accum, shapes)
