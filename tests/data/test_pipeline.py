@@ -139,3 +139,39 @@ def test_check_splits_names_the_knob(tmp_path, knob, value, needle):
   c[knob] = value
   with pytest.raises(ConfigError, match=re.escape(needle)):
     Dataset.from_config(c).check_splits(c.seq_len, batch_size=c.batch_size)
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_data_prefetch_reads_that_many_batches_ahead(prefetch):
+  """data.prefetch: with 0 the iterator reads a batch only when asked for it; with k > 0 a
+  background thread reads ahead (at least one more batch than taken, at most k + 1 in all
+  counting the one handed out, within grain's buffer); the batches are the same either way."""
+  import threading
+  import time
+
+  import grain
+
+  read: list[int] = []
+  lock = threading.Lock()
+
+  def record(i):
+    with lock:
+      read.append(int(i))
+    return {"tokens": np.full((4,), i, np.int32)}
+
+  ds = grain.MapDataset.range(40).map(record).batch(2, drop_remainder=True)
+  it = pipeline.make_iterator(ds, prefetch)
+  first = next(it)
+  np.testing.assert_array_equal(first["tokens"][:, 0], [0, 1])
+  deadline = time.monotonic() + 10
+  while prefetch and len(read) <= 2 and time.monotonic() < deadline:
+    time.sleep(0.01)
+  time.sleep(0.2)  # let a reader that would overshoot do so
+  with lock:
+    n = len(read)
+  if prefetch:
+    assert 2 < n <= 2 * (prefetch + 2), read
+  else:
+    assert sorted(read) == [0, 1], read
+  rest = [next(it)["tokens"][:, 0].tolist() for _ in range(5)]
+  assert rest == [[2 * b, 2 * b + 1] for b in range(1, 6)]

@@ -1,15 +1,22 @@
 """The `eval` section's keys are the defaults of a loaded run's evaluation: with no argument
 given, `strided.evaluate_run` (what scripts/evaluate.py calls) streams with eval.chunk and
 eval.batch_size, selects eval.max_docs documents, buckets positions from eval.first_bucket and
-adds the strided perplexity when eval.stride > 0; an argument given overrides the key."""
+adds the strided perplexity when eval.stride > 0; an argument given overrides the key. eval.ctx is
+scripts/evaluate.py's default list of context lengths."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
 
 import pytest
 
 from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import strided
 from ttt_jax.runs.load import load_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +59,18 @@ def test_the_eval_keys_are_the_defaults_and_arguments_override_them(calls):
                              echo=None)
   assert (res["chunk"], res["max_docs"]) == (32, 3)
   assert (seen[-1]["chunk"], seen[-1]["batch_size"]) == (32, 2)
+
+
+def test_eval_ctx_is_the_evaluate_scripts_default_lengths(trained_run, tmp_path):
+  """Without --ctx, evaluate.py measures the run's eval.ctx lengths (the tiny run's "32,64");
+  --ctx replaces them."""
+  spec = importlib.util.spec_from_file_location("evaluate_script_keys",
+                                                ROOT / "scripts" / "evaluate.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert load_run(trained_run).config.eval.ctx == "32,64"
+  for argv, want in (([], [32, 64]), (["--ctx", "64"], [64])):
+    out = tmp_path / "_".join(argv or ["default"])
+    module.main(["--workdir", trained_run, "--out", str(out), "--no_progress", *argv])
+    res = json.loads((out / "results.json").read_text())
+    assert [c["ctx"] for c in res["contexts"]] == want
