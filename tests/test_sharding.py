@@ -447,3 +447,34 @@ def test_distributed_init_kwargs():
   assert distributed.init_kwargs(m, environ=env)["coordinator_address"] == "host:99"
   assert distributed.init_kwargs(m, environ=env)["process_id"] == 1
   assert not distributed.initialize(base_config())  # mesh.distributed=False: nothing to do
+
+
+def test_a_host_name_that_does_not_resolve_fails_in_one_line(monkeypatch):
+  """A multi-process job's CPU backend starts gloo's collectives, which look the host name up;
+  one that does not resolve is a ConfigError naming it and mesh.distributed, before the
+  coordinator is contacted (jax.distributed.initialize is not reached). A name that resolves,
+  another collectives implementation, or JAX_PLATFORMS without cpu pass."""
+  def unresolvable(name, port):
+    raise socket.gaierror(-2, "Name or service not known")
+
+  reached = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: reached.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(socket, "gethostname", lambda: "node-17")
+  monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+  cfg = base_config()
+  cfg.mesh.distributed = True
+  with pytest.raises(ConfigError, match=r"mesh.distributed=True: .*'node-17' does not resolve "
+                                        r"\(Name or service not known\).*gloo.*/etc/hosts"):
+    distributed.initialize(cfg)
+  assert reached == []
+  # no lookup where gloo is not used, or where the CPU backend is not started
+  for collectives, platforms in (("mpi", ""), (None, ""), ("gloo", "cuda")):
+    distributed.check_host_name(collectives, platforms)
+  for platforms in ("", "cpu", "cuda,cpu"):
+    with pytest.raises(ConfigError, match="node-17"):
+      distributed.check_host_name("gloo", platforms)
+  # a name that resolves: the job is joined
+  distributed.check_host_name("gloo", "", resolve=lambda name, port: [("addr",)])
+  monkeypatch.setattr(socket, "getaddrinfo", lambda name, port: [("addr",)])
+  assert distributed.initialize(cfg) and len(reached) == 1

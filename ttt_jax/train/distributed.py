@@ -10,11 +10,14 @@ JAX_PROCESS_ID environment variables).
 from __future__ import annotations
 
 import os
+import socket
 
 import jax
 import ml_collections
 from absl import logging
 from jax.experimental import multihost_utils
+
+from ttt_jax.config import ConfigError
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
@@ -34,10 +37,31 @@ def init_kwargs(mesh_cfg: ml_collections.ConfigDict, environ=os.environ) -> dict
   return kwargs
 
 
+def check_host_name(collectives: str | None, platforms: str | None,
+                    resolve=None) -> None:
+  """In a multi-process job JAX gives its CPU backend collectives, and it starts that backend
+  in every job unless JAX_PLATFORMS leaves it out; gloo's collectives (the default) look this
+  machine's host name up as the backend starts, and a name that does not resolve stopped the
+  job there with gloo's "rv == 0. -2 vs 0". Says so in one ConfigError, before the coordinator
+  is contacted. `collectives`: jax_cpu_collectives_implementation; `platforms`: jax_platforms;
+  `resolve`: socket.getaddrinfo unless given."""
+  if collectives != "gloo" or (platforms and "cpu" not in platforms.split(",")):
+    return
+  name = socket.gethostname()
+  try:
+    (resolve or socket.getaddrinfo)(name, None)
+  except OSError as err:
+    raise ConfigError(
+        f"mesh.distributed=True: this machine's host name {name!r} does not resolve "
+        f"({err.strerror or err}), and JAX's CPU collectives (gloo) look it up when the job "
+        f"starts: add it to /etc/hosts (e.g. '127.0.1.1 {name}') or the cluster's DNS") from None
+
+
 def initialize(config: ml_collections.ConfigDict) -> bool:
   """Joins the multi-process job when `mesh.distributed` is set. Returns True if it did."""
   if not config.mesh.distributed or jax.distributed.is_initialized():
     return False
+  check_host_name(jax.config.jax_cpu_collectives_implementation, jax.config.jax_platforms)
   jax.distributed.initialize(**init_kwargs(config.mesh))
   return True
 
