@@ -2,6 +2,7 @@
 
 import ml_collections
 import pytest
+from flax import nnx
 
 from ttt_jax.config import (
   MODEL_KINDS,
@@ -46,7 +47,7 @@ def test_transformer_presets_have_the_published_shape_and_parameter_count(scale)
   vocab = -(-m.vocab_size // 128) * 128
   per_block = 4 * d * d + 3 * d * f + 2 * d  # q,k,v,o + SwiGLU + two RMSNorm scales
   expected = layers * per_block + d + vocab * d * (1 if m.tie_embeddings else 2)
-  assert count_params(abstract_model(m)[1].to_pure_dict()) == expected
+  assert count_params(nnx.to_pure_dict(abstract_model(m)[1])) == expected
   # the non-embedding size is the scale's name to within the papers' rounding
   nominal = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1b": 1.3e9, "3b": 2.7e9}[scale]
   assert 0.6 < layers * per_block / nominal < 1.1, layers * per_block
@@ -59,7 +60,7 @@ def test_e2e_preset_has_the_baseline_parameter_count(scale):
   MLPs, prime ones included, one 128-wide step of width each: 3 x d_model x 128 parameters)."""
   base = build_config(f"model=transformer,scale={scale},ctx=8k").model
   e2e = build_config(f"model=e2e,scale={scale},ctx=8k").model
-  count = lambda m: count_params(abstract_model(m)[1].to_pure_dict())  # noqa: E731
+  count = lambda m: count_params(nnx.to_pure_dict(abstract_model(m)[1]))  # noqa: E731
   mlps = e2e.num_layers + e2e.e2e.suffix_len
   assert abs(count(e2e) - count(base)) < mlps * 3 * e2e.d_model * 128
 

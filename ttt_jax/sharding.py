@@ -247,8 +247,8 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules = LOGICAL_RULES):
   """Pure-dict tree of NamedShardings for an (abstract) nnx.State of parameters."""
-  logical = nnx.get_partition_spec(abstract_state).to_pure_dict()
-  shapes = abstract_state.to_pure_dict()
+  logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+  shapes = nnx.to_pure_dict(abstract_state)
   return jax.tree.map(
       lambda spec, x: NamedSharding(mesh, logical_to_mesh(tuple(spec), x.shape, mesh, rules)),
       logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -31,7 +31,7 @@ def tiny_transformer(algorithm: str = "auto"):
   m.intermediate_size, m.init_std = 64, 0.3
   m.attention_block, m.attention_algorithm = 16, algorithm
   graphdef, state = nnx.split(build_model(m, seed=3))
-  return m, graphdef, state.to_pure_dict()
+  return m, graphdef, nnx.to_pure_dict(state)
 
 
 @pytest.mark.parametrize("tq", [1, 5])
@@ -158,7 +158,7 @@ def _int8_case(kind: str):
   if kind == "swa":
     m.scan_layers, m.tie_embeddings = True, False
   graphdef, state = nnx.split(build_model(m, seed=4))
-  return m, graphdef, state.to_pure_dict()
+  return m, graphdef, nnx.to_pure_dict(state)
 
 
 @pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e", "e2e-scan"])

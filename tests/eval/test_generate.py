@@ -34,7 +34,7 @@ def tiny_model(kind: str):
   m.e2e.mini_batch_size, m.e2e.suffix_len, m.e2e.prime_intermediate_size = 8, 1, 64
   m.e2e.ilr_init = m.e2e.inner_lr = 0.5
   graphdef, state = nnx.split(build_model(m, seed=2))
-  return m, graphdef, state.to_pure_dict()
+  return m, graphdef, nnx.to_pure_dict(state)
 
 
 def slow_greedy(graphdef, params, prompt: np.ndarray, n: int, length: int) -> np.ndarray:

@@ -40,7 +40,7 @@ def tiny_config(kind: str):
 
 def tiny_graph(c):
   graphdef, state = nnx.split(build_model(c.model, seed=1))
-  return graphdef, state.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(state)
 
 
 def tiny_model(kind: str):
@@ -207,7 +207,7 @@ m = c.model
 m.num_layers, m.d_model, m.num_heads, m.intermediate_size, m.window = 1, 32, 2, 64, 256
 m.ttt.mini_batch_size = 16
 graphdef, state = nnx.split(build_model(m, seed=0))
-params = state.to_pure_dict()
+params = nnx.to_pure_dict(state)
 tokens = np.random.default_rng(0).integers(0, 256, (1, length + 1)).astype(np.int32)
 # peak RSS of this process image: VmHWM (ru_maxrss would keep the parent's peak across exec)
 def rss():

@@ -50,7 +50,7 @@ def make_random_run(c, workdir: str) -> Run:
     m.e2e.mini_batch_size, m.e2e.suffix_len, m.e2e.prime_intermediate_size = 16, 1, 64
     m.e2e.ilr_init = m.e2e.inner_lr = 0.5  # a visible inner step while reading
   graphdef, state = nnx.split(build_model(m, seed=1))
-  return Run(workdir, 0, c, graphdef, state.to_pure_dict(), Dataset.from_config(c.data))
+  return Run(workdir, 0, c, graphdef, nnx.to_pure_dict(state), Dataset.from_config(c.data))
 
 
 def reference_buckets(graphdef, params, docs, first):

@@ -41,7 +41,7 @@ def tiny_model(run_config):
     m.window, m.init_std, m.ttt.mini_batch_size, m.e2e.mini_batch_size = 12, 0.2, 8, 8
     m.e2e.ilr_init = m.e2e.inner_lr = 0.5  # a visible inner step while reading a window
     graphdef, state = nnx.split(build_model(m, seed=1))
-    return c, graphdef, state.to_pure_dict()
+    return c, graphdef, nnx.to_pure_dict(state)
 
   return build
 

@@ -130,7 +130,7 @@ def test_unselected_samples_get_zero_gradient(trained_model_state):
 
 def test_offline_adaptation_lowers_shifted_domain_ppl_base_frozen(trained_model_state, tmp_path):
   model = fresh_model(trained_model_state)
-  base_before = jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
+  base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   cfg = tlm_config(lr=3e-3, log_p0=0.0, epochs=2, batch_size=4)
   adapt, held = domain("B", 32, seed=10), domain("B", 8, seed=11)
   original = domain("A", 8, seed=12)
@@ -140,10 +140,10 @@ def test_offline_adaptation_lowers_shifted_domain_ppl_base_frozen(trained_model_
   assert report["warnings"] == [] and report["log_p0"] == 0.0
   # Base weights are bit-identical; every LoRA B moved away from zero.
   _, base_after = nnx.split(tlm.model(lora), tlm_lib.LoRAParam, ...)[1:]
-  after = base_after.to_pure_dict()
+  after = nnx.to_pure_dict(base_after)
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(base_before), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
-  bs = [x for p, x in jax.tree_util.tree_leaves_with_path(lora.to_pure_dict())
+  bs = [x for p, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(lora))
         if str(p[-1]).endswith("'b']")]
   assert bs and all(np.abs(np.asarray(b)).max() > 0 for b in bs)
   # The adapter checkpoint restores into a fresh copy of the base model with the same results.
@@ -151,8 +151,8 @@ def test_offline_adaptation_lowers_shifted_domain_ppl_base_frozen(trained_model_
   fresh = fresh_model(trained_model_state)
   restored, scale = tlm_run.load_adapter(path, fresh)
   assert scale == cfg.alpha / cfg.rank
-  loaded = nnx.state(fresh, tlm_lib.LoRAParam).to_pure_dict()
-  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(lora.to_pure_dict()), strict=True):
+  loaded = nnx.to_pure_dict(nnx.state(fresh, tlm_lib.LoRAParam))
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(nnx.to_pure_dict(lora)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Folding the adapter into plain base weights gives the adapted model's perplexities.
   plain = fresh_model(trained_model_state)

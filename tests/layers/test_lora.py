@@ -101,7 +101,7 @@ def test_zero_b_is_noop_and_merged_equals_unmerged(kind, scan):
   model = build_model(cfg.model)
   x = tokens()
   base_graph, base_state = nnx.split(model)
-  base_params = base_state.to_pure_dict()
+  base_params = nnx.to_pure_dict(base_state)
   y_base = _logits(base_graph, base_state, x)
   adapted = apply_lora(model, ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), rank=4, alpha=8.0)
   assert adapted and any(p.endswith("mlp") for p in adapted)
@@ -113,7 +113,7 @@ def test_zero_b_is_noop_and_merged_equals_unmerged(kind, scan):
   randomize_lora(model)
   y_lora = logits(model, x)
   assert rel_err(y_lora, y_base) > 1e-3  # the adapters do act
-  merged = merge_lora(base_params, nnx.state(model, LoRAParam).to_pure_dict(), 8.0 / 4)
+  merged = merge_lora(base_params, nnx.to_pure_dict(nnx.state(model, LoRAParam)), 8.0 / 4)
   nnx.replace_by_pure_dict(base_state, merged)
   y_merged = _logits(base_graph, base_state, x)  # the plain model with merged weights
   assert rel_err(y_merged, y_lora) < 1e-5
@@ -121,12 +121,12 @@ def test_zero_b_is_noop_and_merged_equals_unmerged(kind, scan):
 
 def test_base_paths_unchanged_and_axis_names():
   model = build_model(tiny_config("transformer", scan_layers=True).model)
-  before = jax.tree.map(jnp.shape, nnx.state(model).to_pure_dict())
+  before = jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(model)))
   apply_lora(model, ("wq", "w2"), rank=4, alpha=4.0)
   _, lora, rest = nnx.split(model, LoRAParam, ...)
-  assert jax.tree.map(jnp.shape, rest.to_pure_dict()) == before
-  specs = nnx.get_partition_spec(lora).to_pure_dict()
-  shapes = jax.tree.map(jnp.shape, lora.to_pure_dict())
+  assert jax.tree.map(jnp.shape, nnx.to_pure_dict(rest)) == before
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(lora))
+  shapes = jax.tree.map(jnp.shape, nnx.to_pure_dict(lora))
   wq = specs["blocks"]["mixer"]["wq"]["lora"]
   assert tuple(wq["a"]) == ("layers", "embed", None) and tuple(wq["b"]) == ("layers", None, "heads")
   w2 = specs["blocks"]["mlp"]["lora_w2"]

@@ -417,7 +417,7 @@ def test_experiment_grid_configs_build():
   assert c.model.intermediate_size == 5632 and c.model.e2e.mini_batch_size == 1024
   e2e, full = (grid.get_config(f"scale=125m,model={k}").model for k in ("e2e", "transformer"))
   assert (e2e.intermediate_size, full.intermediate_size, e2e.e2e.suffix_len) == (1664, 2048, 3)
-  n_e2e, n_full = (count_params(abstract_model(m)[1].to_pure_dict()) for m in (e2e, full))
+  n_e2e, n_full = (count_params(nnx.to_pure_dict(abstract_model(m)[1])) for m in (e2e, full))
   assert abs(n_e2e / n_full - 1) < 0.02
 
 

@@ -31,7 +31,7 @@ def model_pair(**e2e):
     cfgs.append(cfg)
   plain, scanned = build_model(cfgs[0], 0), build_model(cfgs[1], 1)
   graphdef, state = nnx.split(scanned)
-  state.replace_by_pure_dict(stacked(nnx.state(plain).to_pure_dict()))
+  nnx.replace_by_pure_dict(state, stacked(nnx.to_pure_dict(nnx.state(plain))))
   return plain, nnx.merge(graphdef, state)
 
 
@@ -47,7 +47,7 @@ def loss_and_grads(model, batch):
   graphdef, params = nnx.split(model)
   fn = lambda p: nnx.merge(graphdef, p).compute_loss(batch, jnp.int32(0))[0]  # noqa: E731
   loss, grads = fast_jit(jax.value_and_grad(fn))(params)
-  return loss, grads.to_pure_dict()
+  return loss, nnx.to_pure_dict(grads)
 
 
 def assert_grads_close(got: dict, want: dict) -> None:
@@ -66,7 +66,7 @@ def tokens():
 
 def test_the_stacked_layout():
   plain, scanned = model_pair()
-  params = nnx.state(scanned).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(scanned))
   assert sorted(params["suffix"]) == list(range(SUFFIX))
   assert all(x.shape[0] == LAYERS - SUFFIX for x in jax.tree.leaves(params["blocks"]))
   assert "prime_mlp" in params["suffix"][0] and "prime_mlp" not in params["blocks"]

@@ -102,10 +102,10 @@ def test_model_flops_match_the_matmuls_of_the_step(kind, tie):
   window = m.window if kind == "swa" else t
   keys = sum(min(i + 1, window) for i in range(t)) / t  # mean keys per query, counted
   per_layer_unmasked = 3 * 2 * 2 * m.d_model * (t - keys)  # QK^T and PV, fwd + 2x bwd
-  norms = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params.to_pure_dict())
+  norms = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))
               if jax.tree_util.keystr(path).endswith("['scale']"))
   expected = step - m.num_layers * per_layer_unmasked + 6 * norms
-  n = count_params(params.to_pure_dict())
+  n = count_params(nnx.to_pure_dict(params))
   assert train_flops_per_token(c, n) == pytest.approx(expected, rel=1e-9)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from ttt_jax.config import build_config
 from ttt_jax.layers import mixers
@@ -68,7 +69,7 @@ def expected_decay(path: str) -> bool:
 
 def abstract_params(cfg):
   _, state = abstract_model(cfg)
-  return state.to_pure_dict()
+  return nnx.to_pure_dict(state)
 
 
 def leaves_by_path(tree) -> dict:

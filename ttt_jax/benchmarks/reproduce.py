@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from ttt_jax.argtypes import non_negative_int, positive_float, positive_int
 from ttt_jax.benchmarks.common import machine_info
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def count_params_of(config) -> int:
-  return count_params(abstract_model(config.model, config.seed)[1].to_pure_dict())
+  return count_params(nnx.to_pure_dict(abstract_model(config.model, config.seed)[1]))
 
 
 def _set_width(config, width: int):

@@ -42,7 +42,7 @@ def save_adapter(directory: str, lora, config: ml_collections.ConfigDict,
   """Writes the adapter factors (Orbax, `<dir>/params`) and their LoRA config (adapter.json)."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  params = lora.to_pure_dict() if isinstance(lora, nnx.State) else lora
+  params = nnx.to_pure_dict(lora) if isinstance(lora, nnx.State) else lora
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(directory, "params"), params, force=True)
   ckpt.wait_until_finished()
@@ -67,7 +67,7 @@ def load_adapter(directory: str, model: nnx.Module) -> tuple[dict, float]:
   targets = tuple(t for t in meta["targets"].split(",") if t)
   apply_lora(model, targets, rank=meta["rank"], alpha=meta["alpha"], seed=meta["seed"])
   lora = nnx.state(model, LoRAParam)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora.to_pure_dict())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(lora))
   params = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), "params"), abstract)
   nnx.replace_by_pure_dict(lora, params)

@@ -10,6 +10,7 @@ import os
 from typing import Any, NamedTuple
 
 import ml_collections
+from flax import nnx
 
 from ttt_jax.config import ConfigError, base_config, validate
 from ttt_jax.data.dataset import Dataset
@@ -68,7 +69,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     validate(config)
     graphdef, abstract = abstract_model(config.model, config.seed)
     shardings = param_shardings(abstract, make_mesh(config.mesh), rules_from_config(config))
-    params = checkpoints.restore_params(step, config, abstract.to_pure_dict(), shardings)
+    params = checkpoints.restore_params(step, config, nnx.to_pure_dict(abstract), shardings)
   finally:
     checkpoints.close()
   return Run(workdir, step, config, graphdef, params, data)

@@ -72,7 +72,7 @@ class Trainer:
     rules = rules_from_config(config)
     p_shard = param_shardings(abstract, mesh, rules)
     optimizer = make_optimizer(config.train, config.model.mixer, whole_on_each_device(p_shard))
-    abstract_params = abstract.to_pure_dict()
+    abstract_params = nnx.to_pure_dict(abstract)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     repl = replicated(mesh)
     opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_shard,
@@ -99,7 +99,7 @@ class Trainer:
 
   def _init(self, seed) -> TrainState:
     _, state = nnx.split(build_model(self.config.model, seed))
-    params = state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params))
 
