@@ -41,8 +41,8 @@ def check_host_name(collectives: str | None, platforms: str | None,
                     resolve=None) -> None:
   """In a multi-process job JAX gives its CPU backend collectives, and it starts that backend
   in every job unless JAX_PLATFORMS leaves it out; gloo's collectives (the default) look this
-  machine's host name up as the backend starts, and a name that does not resolve stopped the
-  job there with gloo's "rv == 0. -2 vs 0". Says so in one ConfigError, before the coordinator
+  machine's host name up as the backend starts, where a name that does not resolve stops the
+  job with gloo's "rv == 0. -2 vs 0". This says so in one ConfigError, before the coordinator
   is contacted. `collectives`: jax_cpu_collectives_implementation; `platforms`: jax_platforms;
   `resolve`: socket.getaddrinfo unless given."""
   if collectives != "gloo" or (platforms and "cpu" not in platforms.split(",")):
