@@ -6,9 +6,7 @@ scripts/evaluate.py's default list of context lengths."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
@@ -16,7 +14,7 @@ from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import strided
 from ttt_jax.runs.load import load_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from ..repo_files import load_file
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +62,7 @@ def test_the_eval_keys_are_the_defaults_and_arguments_override_them(calls):
 def test_eval_ctx_is_the_evaluate_scripts_default_lengths(trained_run, tmp_path):
   """Without --ctx, evaluate.py measures the run's eval.ctx lengths (the tiny run's "32,64");
   --ctx replaces them."""
-  spec = importlib.util.spec_from_file_location("evaluate_script_keys",
-                                                ROOT / "scripts" / "evaluate.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_file("scripts/evaluate.py")
   assert load_run(trained_run).config.eval.ctx == "32,64"
   for argv, want in (([], [32, 64]), (["--ctx", "64"], [64])):
     out = tmp_path / "_".join(argv or ["default"])

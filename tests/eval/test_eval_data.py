@@ -4,7 +4,6 @@ documents too short reported, and scripts/evaluate.py --data end to end on a tra
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -20,15 +19,7 @@ from ttt_jax.eval import perplexity as P
 from ttt_jax.eval import plots
 from ttt_jax.runs.load import load_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load_module(path: pathlib.Path, name: str):
-  """A file that is not in a package (scripts/, another test module) as a module."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ..repo_files import load_file
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +117,7 @@ def test_evaluate_script_with_data(trained_run, texts, text_docs, capsys):
   """scripts/evaluate.py --data on a trained run: the folder's documents (all of them by default,
   the run's validation ones with --split validation), source and split recorded and printed, and
   --compare over the same source."""
-  evaluate = load_module(ROOT / "scripts" / "evaluate.py", "evaluate_script")
+  evaluate = load_file("scripts/evaluate.py")
   own = pathlib.Path(trained_run) / "eval"
   own_before = (own / "results.json").read_text() if (own / "results.json").exists() else None
   evaluate.main(["--workdir", trained_run, "--data", str(texts), "--ctx", "32,64",

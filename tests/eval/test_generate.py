@@ -4,9 +4,7 @@ sampling (top-k, top-p, seeds, bad values), stop strings, context warning."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,8 @@ from ttt_jax.config import ConfigError, build_config
 from ttt_jax.eval import generate as G
 from ttt_jax.eval import sampling as S
 from ttt_jax.models import build_model
+
+from ..repo_files import load_file
 
 KINDS = ["transformer", "swa", "ttt_linear", "ttt_mlp", "e2e"]
 
@@ -183,10 +183,7 @@ def test_bad_sampling_values_fail_in_one_line(knobs, name):
 
 
 def test_generate_script_rejects_bad_values_before_loading(tmp_path, capsys):
-  path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
-  spec = importlib.util.spec_from_file_location("script_generate", path)
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = load_file("scripts/generate.py")
   with pytest.raises(SystemExit) as e:
     script.main(["--workdir", str(tmp_path / "none"), "--top_p", "1.5"])
   assert e.value.code == 2

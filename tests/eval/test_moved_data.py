@@ -5,7 +5,6 @@ naming the folder and --data."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,14 +16,11 @@ import ttt_jax
 from ttt_jax.data import prepare
 from ttt_jax.runs.load import load_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from ..repo_files import load_file
 
 
 def script(name: str):
-  spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.main
+  return load_file(f"scripts/{name}.py").main
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ work (ttt_jax/cli_output.py)."""
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 import os
-import pathlib
 import shutil
 import tempfile
 
@@ -18,15 +16,11 @@ import pytest
 
 from ttt_jax import cli, cli_output
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from ..repo_files import load_file
 
 
 def load_script(name: str):
-  spec = importlib.util.spec_from_file_location(f"{name}_outputs_script",
-                                                ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file(f"scripts/{name}.py")
 
 
 def make_read_only(monkeypatch, root: str) -> None:

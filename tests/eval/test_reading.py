@@ -4,7 +4,6 @@ below --min_len reported, the slope, and scripts/read.py end to end on a trained
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -22,16 +21,14 @@ from ttt_jax.eval import stream as S
 from ttt_jax.models import build_model
 from ttt_jax.runs.load import Run
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from ..repo_files import load_file
+
 FIRST = 8
 
 
 def script(name: str):
   """scripts/<name>.py as a module (scripts/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file(f"scripts/{name}.py")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ predicts token p + 1), so a strided evaluation scores sum(N - 1) tokens."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -25,7 +24,8 @@ from ttt_jax.eval import strided as S
 from ttt_jax.models import build_model
 from ttt_jax.runs.load import load_run
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from ..repo_files import load_file
+
 KINDS = ["transformer", "swa", "ttt_linear", "ttt_mlp", "e2e"]
 CTX, CHUNK = 16, 8  # windows of 16 positions streamed in 2 chunks (inner mini-batches of 8)
 
@@ -166,18 +166,11 @@ def test_bad_stride_is_one_line():
     validate(c)
 
 
-def load_script(path: pathlib.Path, name: str):
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_evaluate_script_with_stride(trained_run, capsys):
   """scripts/evaluate.py --stride: the strided perplexity of the same documents, whole, at each
   context length, beside the per-length table, in results.json, the printed table and the plot;
   a stride larger than a context length stops in one line before any compute."""
-  evaluate = load_script(ROOT / "scripts" / "evaluate.py", "evaluate_strided_script")
+  evaluate = load_file("scripts/evaluate.py")
   evaluate.main(["--workdir", trained_run, "--ctx", "16,32", "--stride", "8", "--max_docs", "2",
                  "--no_progress"])
   out = capsys.readouterr().out

@@ -1,9 +1,7 @@
 """TLM: selection weights, objectives' gradients, the log P0 threshold (fixed / auto) and its
 low-selection warning, zero gradient below P0, frozen base, adaptation to a shifted domain."""
 
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +18,14 @@ from ttt_jax.layers.lora import merge_lora
 from ttt_jax.models import build_model
 from ttt_jax.models.lm import split_batch, token_nll
 
+from ..repo_files import load_file
+
 SEQ = 32
 
 
 def tlm_configs():
   """configs/tlm.py as a module (the configs folder is not a package)."""
-  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "tlm.py"
-  spec = importlib.util.spec_from_file_location("tlm_configs", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_file("configs/tlm.py")
 
 
 def tiny_model_config():

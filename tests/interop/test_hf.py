@@ -3,10 +3,8 @@ one-line failures for what cannot be mapped."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +19,9 @@ from ttt_jax.interop.llama import ConvertError
 from ttt_jax.runs.load import load_run
 from ttt_jax.runs.workdir import WorkdirBusy, WorkdirLock
 
+from ..repo_files import load_file
 from .llama_reference import llama_logits, random_llama
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOKENS = np.array([256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 5])
 
 
@@ -66,9 +64,7 @@ def test_evaluate_past_the_trained_context_warns_in_one_line(tmp_path, capsys):
   cfg, tensors = random_llama(seed=4, max_position_embeddings=32)
   import_hf(write_hf(tmp_path / "hf", cfg, tensors), str(tmp_path / "run"), tokenizer="bytes",
             seq_len=64, echo=None)
-  spec = importlib.util.spec_from_file_location("evaluate_script_hf", ROOT / "scripts/evaluate.py")
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = load_file("scripts/evaluate.py")
   script.main(["--workdir", str(tmp_path / "run"), "--ctx", "32,64", "--max_docs", "1",
                "--no_progress"])
   lines = [x for x in capsys.readouterr().err.splitlines() if "trained at" in x]

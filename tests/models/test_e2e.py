@@ -1,8 +1,6 @@
 """TTT-E2E: inner loop vs an unrolled reference, second-order outer gradient, streaming."""
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,8 @@ from ttt_jax.config import build_config, validate
 from ttt_jax.layers.mlp import InnerParam
 from ttt_jax.models import abstract_model, build_model, count_params
 from ttt_jax.models.lm import LanguageModel, token_nll
+
+from ..repo_files import load_file
 
 B, T, CHUNK, WINDOW, LR, CLIP = 2, 48, 16, 16, 3.0, 0.5
 VOCAB = 259
@@ -404,10 +404,7 @@ def test_tiny_e2e_meta_trains_on_the_embedded_corpus(train_steps):
 
 
 def test_experiment_grid_configs_build():
-  path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "e2e.py"
-  spec = importlib.util.spec_from_file_location("e2e_configs", path)
-  grid = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(grid)
+  grid = load_file("configs/e2e.py")
   for scale in ("tiny", "125m", "350m", "760m", "1b", "3b"):
     for stage in grid.STAGES:
       c = validate(grid.get_config(f"scale={scale},stage={stage},from=/tmp/run"))
