@@ -37,19 +37,17 @@ def init_kwargs(mesh_cfg: ml_collections.ConfigDict, environ=os.environ) -> dict
   return kwargs
 
 
-def check_host_name(collectives: str | None, platforms: str | None,
-                    resolve=None) -> None:
+def check_host_name(collectives: str | None, platforms: str | None) -> None:
   """In a multi-process job JAX gives its CPU backend collectives, and it starts that backend
   in every job unless JAX_PLATFORMS leaves it out; gloo's collectives (the default) look this
   machine's host name up as the backend starts, where a name that does not resolve stops the
   job with gloo's "rv == 0. -2 vs 0". This says so in one ConfigError, before the coordinator
-  is contacted. `collectives`: jax_cpu_collectives_implementation; `platforms`: jax_platforms;
-  `resolve`: socket.getaddrinfo unless given."""
+  is contacted. `collectives`: jax_cpu_collectives_implementation; `platforms`: jax_platforms."""
   if collectives != "gloo" or (platforms and "cpu" not in platforms.split(",")):
     return
   name = socket.gethostname()
   try:
-    (resolve or socket.getaddrinfo)(name, None)
+    socket.getaddrinfo(name, None)
   except OSError as err:
     raise ConfigError(
         f"mesh.distributed=True: this machine's host name {name!r} does not resolve "
