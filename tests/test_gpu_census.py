@@ -343,6 +343,43 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed(tmp_path):
                                     queries=2048)
 
 
+# compiles a GEMM with a loop fusion after it and a row reduction for an H200, with XLA's dump of
+# the instructions its autotuner tuned in argv[1]
+TUNED_PROGRAM = """
+import sys
+import jax, jax.numpy as jnp
+from ttt_jax.benchmarks import gpu_census
+f = lambda a, b: (jnp.tanh(a @ b) * 2.0 + 1.0).sum(-1)
+x = jax.ShapeDtypeStruct((512, 512), jnp.float32)
+gpu_census._compile(f, gpu_census.gpu_device(), x, x)
+"""
+
+
+def test_nofusiontune_leaves_xla_tuning_gemms_only(tmp_path):
+  """gpu-check's `+nofusiontune` flag: XLA tunes the GEMM and no other fusion (compiled for an
+  H200 without a GPU; where this XLA tunes the others at all: JAX 0.11)."""
+  if gpu_census.cuda_plugin() is None:
+    pytest.skip("JAX's CUDA plugin (make gpu-census)")
+  from ttt_jax.benchmarks.gpu_variants import VARIANTS  # noqa: PLC0415
+
+  def tuned(flags: str, name: str) -> list[str]:
+    dump = tmp_path / name
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        f"--xla_dump_to={dump} --xla_gpu_dump_autotuned_instructions=true "
+        f"--xla_dump_hlo_module_re=NONE {flags}"))
+    out = subprocess.run([sys.executable, "-c", TUNED_PROGRAM], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-800:]
+    return [f.name for f in dump.glob("*.before.txt")] if dump.exists() else []
+
+  default = tuned("", "default")
+  if not any("gemm" not in f for f in default):
+    pytest.skip("this XLA autotunes no fusion but GEMMs")
+  off = tuned(VARIANTS["nofusiontune"], "off")
+  assert any("gemm" in f for f in off)
+  assert not [f for f in off if "gemm" not in f]
+
+
 def test_without_the_cuda_plugin_one_line_and_exit_1(tmp_path, capsys):
   if gpu_census.cuda_plugin() is not None:
     pytest.skip(f"JAX's CUDA plugin is installed here ({gpu_census.cuda_plugin()})")

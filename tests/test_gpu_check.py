@@ -200,7 +200,8 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
       ("train:e2e-meta+cmdbuf", "train_e2e-meta_cmdbuf"),
       ("train:e2e-meta+innerblockwise", "train_e2e-meta_innerblockwise"),
       ("train:e2e-meta+scan", "train_e2e-meta_scan"),
-      ("train:e2e-meta+groups", "train_e2e-meta_groups"))]
+      ("train:e2e-meta+groups", "train_e2e-meta_groups"),
+      ("train:e2e-meta+nofusiontune", "train_e2e-meta_nofusiontune"))]
 
 
 def test_pallas_task_runs_on_cpu():

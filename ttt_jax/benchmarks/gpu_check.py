@@ -33,7 +33,8 @@ Tasks, in order:
   stream:K1/K2/..  prefill (per token) and decode at 8K / 32K / 128K, the kinds interleaved
              in one process (transformer-masked: full attention through masked cuDNN);
   K+V        the same task under XLA flags V (`VARIANTS`), e.g. CUDA-graph command buffers
-             that take whole while loops (the TTT and E2E scans), or a config variant
+             that take whole while loops (the TTT and E2E scans) or no autotuning of the
+             fusions that are not GEMMs (nofusiontune), or a config variant
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
              before, windows, innerblockwise, innerdense, groups, nogroups, scan, list), or
              launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
@@ -96,7 +97,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             ("train:ttt_mlp+nogroups", 150), ("train:e2e-meta+scan", 150),
             ("train:e2e-pretrain+scan", 100), ("train125m:e2e+list", 150),
             ("train125m:e2e+innerdense", 150), ("train125m:e2e+windows", 150),
-            ("train:e2e-meta+groups", 150)]
+            ("train:e2e-meta+groups", 150), ("train:transformer+nofusiontune", 60),
+            ("train:e2e-meta+nofusiontune", 150), ("train:ttt_mlp-pallas+nofusiontune", 100)]
   picked = lambda n: any(n == o[:-1] if o.endswith("$") else n.startswith(o)  # noqa: E731
                          for o in only)
   return [t for t in tasks if not only or picked(t[0])]

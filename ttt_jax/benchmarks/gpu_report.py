@@ -71,7 +71,8 @@ def _train(results: dict) -> list[str]:
     return []
   peak = results.get("env", {}).get("bf16_matmul_flops_per_s")
   out = ["## Train step, `gpu` preset (bf16, d_model 512, 8 layers, 2048 x 8, remat full; "
-         "'+noremat' without layer remat, '+cmdbuf' with while loops in CUDA graphs) and the "
+         "'+noremat' without layer remat, '+cmdbuf' with while loops in CUDA graphs, "
+         "'+nofusiontune' with only GEMMs autotuned) and the "
          "`125m` presets at 8K x 8", "",
          "| kind | compile | step (median of 7) | vs transformer | counted FLOPs: vs transformer, "
          "TFLOP/s | tokens/s | MFU | loss first -> last (non-finite steps) |",

@@ -8,9 +8,13 @@ from __future__ import annotations
 # takes the Pallas kernels)
 TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_mlp-pallas",
          "e2e-pretrain", "e2e-meta")
-# K+V: XLA flags V (set by gpu_check for the task's process) ...
+# K+V: XLA flags V (set by gpu_check for the task's process): while loops in CUDA graphs; no
+# autotuning of the fusions that are not GEMMs (JAX 0.11's XLA tunes every loop and reduction
+# fusion's emitter too, GEMMs apart: more than half of a deviceless H200 compile of the E2E meta
+# step, docs/benchmarks.md) ...
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
-                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
+            "nofusiontune": "--xla_gpu_experimental_enable_fusion_autotuner=false"}
 # ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
 # kernels' outputs (dual/primal: the inner loop's group weights and outputs) kept under remat;
 # E2E chunk steps keep their matmuls; E2E's suffix blocks
