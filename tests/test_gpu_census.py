@@ -343,10 +343,9 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed(tmp_path):
                                     queries=2048)
 
 
-# compiles a GEMM with a loop fusion after it and a row reduction for an H200, with XLA's dump of
-# the instructions its autotuner tuned in argv[1]
+# compiles a GEMM with elementwise work and a row reduction after it for an H200 (the test's
+# XLA_FLAGS have XLA dump each instruction its autotuner tunes)
 TUNED_PROGRAM = """
-import sys
 import jax, jax.numpy as jnp
 from ttt_jax.benchmarks import gpu_census
 f = lambda a, b: (jnp.tanh(a @ b) * 2.0 + 1.0).sum(-1)
