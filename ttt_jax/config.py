@@ -189,8 +189,8 @@ def base_config() -> ml_collections.ConfigDict:
   tr.b1, tr.b2 = 0.9, 0.95
   tr.grad_clip = 1.0
   tr.grad_accum = 1
-  tr.log_every = 10
-  tr.eval_every = 100
+  tr.group_leaves = 0  # leaves of at most this many elements updated as flat groups; 0 = off
+  tr.log_every, tr.eval_every = 10, 100
   tr.eval_batches = 4
   tr.allow_bf16_params = False  # model.param_dtype=bfloat16 under AdamW needs this opt-in
   tr.skip_nonfinite = 0  # steps with a non-finite loss/gradient skipped before the run stops
@@ -288,7 +288,7 @@ RANGES = {key: bounds for bounds, keys in (
                  "model.e2e.inner_lr model.e2e.ilr_init model.e2e.ilr_warmup_steps "
                  "model.e2e.inner_clip data.min_doc_len data.prefetch train.lr "
                  "train.warmup_steps train.weight_decay train.grad_clip train.skip_nonfinite "
-                 "checkpoint.every_steps eval.stride model.trained_context"),
+                 "checkpoint.every_steps eval.stride model.trained_context train.group_leaves"),
     ("[-1, inf)", "model.e2e.inner_attention_block checkpoint.step checkpoint.load_step "
                   "mesh.num_processes mesh.process_id model.e2e.remat_group"),
     ("[0, 1]", "train.min_lr_ratio"), ("[0, 1)", "train.b1 train.b2 data.val_fraction"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -111,14 +112,70 @@ def clip_by_global_norm(max_norm: float, rows: bool = True) -> optax.GradientTra
   return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def make_optimizer(tr: ml_collections.ConfigDict, mixer: str,
-                   rows: bool = True) -> optax.GradientTransformation:
+def make_optimizer(tr: ml_collections.ConfigDict, mixer: str, rows: bool = True,
+                   mask=None) -> optax.GradientTransformation:
   """AdamW (after global-norm clipping) from the `train` section, for a model whose sequence
   mixer is `mixer` (`model.mixer`: weight decay reaches its weight matrices); `rows`: how the
-  clipping's `global_norm` sums (False where parameters are split over devices)."""
+  clipping's `global_norm` sums (False where parameters are split over devices); `mask`: weight
+  decay's leaves (`LeafGroups.mask`) instead of `decay_mask`'s."""
   chain = []
   if tr.grad_clip > 0:
     chain.append(clip_by_global_norm(tr.grad_clip, rows))
+  mask = functools.partial(decay_mask, mixer=mixer) if mask is None else mask
   chain.append(optax.adamw(lr_schedule(tr), b1=tr.b1, b2=tr.b2, weight_decay=tr.weight_decay,
-                           mask=functools.partial(decay_mask, mixer=mixer)))
+                           mask=mask))
   return optax.chain(*chain)
+
+
+class LeafGroups:
+  """A parameter tree's small leaves gathered into one flat vector per (dtype, weight decay):
+  the optimizer then updates them in a few kernels instead of a few per leaf (a model has many
+  small leaves: norm scales, biases, per-head TTT parameters). `group` turns a tree shaped like
+  the parameters into a list, [each large leaf, ..., each group's flat vector, ...]; `ungroup`
+  turns it back. Leaves of more than `max_size` elements stay whole."""
+
+  def __init__(self, params, decayed, max_size: int):
+    leaves, self.treedef = jax.tree.flatten(params)
+    self.shapes = [x.shape for x in leaves]
+    flags = self.treedef.flatten_up_to(decayed)
+    groups: dict = {}
+    self.large = []
+    for i, (x, flag) in enumerate(zip(leaves, flags, strict=True)):
+      if x.size <= max_size:
+        groups.setdefault((jnp.dtype(x.dtype).name, bool(flag)), []).append(i)
+      else:
+        self.large.append(i)
+    self.groups = [idx for idx in groups.values() if idx]
+    # weight decay of each entry of the grouped list
+    self.mask = [bool(flags[i]) for i in self.large] + [bool(flags[g[0]]) for g in self.groups]
+
+  def group(self, tree) -> list:
+    leaves = self.treedef.flatten_up_to(tree)
+    return [leaves[i] for i in self.large] + [
+        jnp.concatenate([leaves[i].reshape(-1) for i in idx]) for idx in self.groups]
+
+  def ungroup(self, grouped: list):
+    leaves = [None] * len(self.shapes)
+    for i, x in zip(self.large, grouped, strict=False):
+      leaves[i] = x
+    for idx, flat in zip(self.groups, grouped[len(self.large):], strict=True):
+      start = 0
+      for i in idx:
+        size = math.prod(self.shapes[i])
+        leaves[i] = flat[start:start + size].reshape(self.shapes[i])
+        start += size
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def group_state(self, opt_state):
+    """`group` applied to every part of an optimizer state shaped like the parameters."""
+    return self._map(opt_state, self.treedef, self.group)
+
+  def ungroup_state(self, opt_state):
+    """`ungroup` applied to every part of an optimizer state shaped like the grouped list."""
+    grouped = jax.tree.structure([0] * (len(self.large) + len(self.groups)))
+    return self._map(opt_state, grouped, self.ungroup)
+
+  @staticmethod
+  def _map(opt_state, treedef, fn):
+    shaped = lambda x: jax.tree.structure(x) == treedef  # noqa: E731
+    return jax.tree.map(lambda x: fn(x) if shaped(x) else x, opt_state, is_leaf=shaped)

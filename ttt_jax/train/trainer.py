@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -34,7 +35,13 @@ from ttt_jax.sharding import (
   whole_on_each_device,
 )
 from ttt_jax.train.metrics import validation_metrics
-from ttt_jax.train.optim import global_norm, lr_schedule, make_optimizer
+from ttt_jax.train.optim import (
+  LeafGroups,
+  decay_mask,
+  global_norm,
+  lr_schedule,
+  make_optimizer,
+)
 
 
 class TrainState(struct.PyTreeNode):
@@ -89,6 +96,17 @@ class Trainer:
     is split over devices (as the optimizer's clipping, built by `create`)."""
     return whole_on_each_device(self.state_shardings.params)
 
+  @functools.cached_property
+  def leaf_groups(self) -> tuple[LeafGroups, optax.GradientTransformation] | None:
+    """`train.group_leaves`: the parameters' small leaves as `LeafGroups` and the optimizer
+    over the grouped list, or None (off, or a parameter split over devices)."""
+    size = self.config.train.group_leaves
+    if size <= 0 or not self.norm_rows:
+      return None
+    mixer = self.config.model.mixer
+    groups = LeafGroups(self.abstract_params, decay_mask(self.abstract_params, mixer), size)
+    return groups, make_optimizer(self.config.train, mixer, True, mask=groups.mask)
+
   # -- pure functions --------------------------------------------------------------------------
   def model(self, params) -> nnx.Module:
     return nnx.merge(self.graphdef, params)
@@ -136,8 +154,13 @@ class Trainer:
       loss, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1.0), (loss, grads))
       metrics = jax.tree.map(lambda x: x / accum, metrics)
     with jax.named_scope("optimizer"):  # the update, its checks and the new state
-      updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      optimizer, old_params, old_opt = self.optimizer, state.params, state.opt_state
+      if self.leaf_groups is not None:  # the same update on the grouped leaves
+        groups, optimizer = self.leaf_groups
+        grads, old_params = groups.group(grads), groups.group(old_params)
+        old_opt = groups.group_state(old_opt)
+      updates, opt_state = optimizer.update(grads, old_opt, old_params)
+      params = optax.apply_updates(old_params, updates)
       grad_norm = global_norm(grads, self.norm_rows)
       # A non-finite loss, gradient or update never reaches the state: the update is dropped (the
       # batch still counts as a step) and `finite`=0 tells the loop, which stops or skips it
@@ -148,9 +171,11 @@ class Trainer:
       metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                      lr=lr_schedule(self.config.train)(state.step),
                      finite=finite.astype(jnp.float32))
-      new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                                opt_state=one_clock(keep(opt_state, state.opt_state),
-                                                    state.step + 1))
+      params, opt_state = keep(params, old_params), keep(opt_state, old_opt)
+      if self.leaf_groups is not None:
+        params, opt_state = groups.ungroup(params), groups.ungroup_state(opt_state)
+      new_state = state.replace(step=state.step + 1, params=params,
+                                opt_state=one_clock(opt_state, state.step + 1))
     return new_state, metrics
 
   def _eval_step(self, params, batch):
