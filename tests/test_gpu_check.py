@@ -36,7 +36,7 @@ def test_plan_order_and_filter():
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear"])] == [
       "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+rematkernels",
       "train:ttt_linear+xlaout", "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf",
-      "train:ttt_linear+scan"]
+      "train:ttt_linear+scan", "train:ttt_linear+grouped"]
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
   variants = ("", *gpu_check.VARIANTS, *gpu_variants.CONFIG_VARIANTS, *gpu_variants.TUNING_VARIANTS)
@@ -56,9 +56,10 @@ def test_train_kinds_and_their_variants():
   assert gpu_variants.train_kind("transformer+cmdbuf") == ("transformer", {})  # XLA flags only
   for kind in gpu_variants.RUN_VARIANTS:  # each override reaches the validated config
     base, overrides = gpu_variants.train_kind(kind)
-    m = model_config(base, PRESETS["gpu"], overrides=overrides).model
+    c = model_config(base, PRESETS["gpu"], overrides=overrides)
     for key, value in overrides.items():
-      assert functools.reduce(lambda node, k: node[k], key.split("."), m) == value, (kind, key)
+      node = c if key.startswith("train.") else c.model  # 'train.K': the train section's K
+      assert functools.reduce(lambda node, k: node[k], key.split("."), node) == value, (kind, key)
 
 
 def test_the_125m_preset_takes_config_variants():
@@ -201,7 +202,8 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
       ("train:e2e-meta+innerblockwise", "train_e2e-meta_innerblockwise"),
       ("train:e2e-meta+scan", "train_e2e-meta_scan"),
       ("train:e2e-meta+groups", "train_e2e-meta_groups"),
-      ("train:e2e-meta+nofusiontune", "train_e2e-meta_nofusiontune"))]
+      ("train:e2e-meta+nofusiontune", "train_e2e-meta_nofusiontune"),
+      ("train:e2e-meta+grouped", "train_e2e-meta_grouped"))]
 
 
 def test_pallas_task_runs_on_cpu():

@@ -110,7 +110,8 @@ def model_config(kind: str, size: Size, seq_len: int | None = None,
                  batch: int | None = None,
                  overrides: dict | None = None) -> ml_collections.ConfigDict:
   """The validated config of benchmark kind `kind` (TRAIN_KINDS or 'e2e') at preset `size`;
-  `overrides` {'ttt.impl': 'pallas', ...} set keys of the model section."""
+  `overrides` {'ttt.impl': 'pallas', ...} set keys of the model section ('train.K': of the
+  train section, `apply_overrides`)."""
   seq_len = size.seq_len if seq_len is None else seq_len
   base, mode = kind, "meta"
   if kind.startswith("e2e"):
@@ -133,15 +134,19 @@ def model_config(kind: str, size: Size, seq_len: int | None = None,
     m.intermediate_size = e.prime_intermediate_size = width
   c.data.batch_size = size.batch if batch is None else batch
   c.train.warmup_steps = 1
-  apply_overrides(m, overrides)
+  apply_overrides(c, overrides)
   return validate(c)
 
 
-def apply_overrides(model_cfg, overrides: dict | None) -> None:
-  """Sets `model` keys ('remat', 'e2e.suffix_remat', ...) of a config's model section."""
+def apply_overrides(cfg, overrides: dict | None) -> None:
+  """Sets keys of a run config's model section ('remat', 'e2e.suffix_remat', ...), or of its
+  train section where a key starts with 'train.' ('train.group_leaves')."""
   for key, value in (overrides or {}).items():
+    node = cfg.model
+    if key.startswith("train."):
+      node, key = cfg.train, key.removeprefix("train.")
     section, _, name = key.rpartition(".")
-    (model_cfg[section] if section else model_cfg)[name] = value
+    (node[section] if section else node)[name] = value
 
 
 def block(x):

@@ -36,7 +36,8 @@ Tasks, in order:
              that take whole while loops (the TTT and E2E scans) or no autotuning of the
              fusions that are not GEMMs (nofusiontune), or a config variant
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
-             before, windows, innerblockwise, innerdense, groups, nogroups, scan, list), or
+             before, windows, innerblockwise, innerdense, groups, nogroups, scan, list,
+             grouped), or
              launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
 The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
 fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
@@ -98,7 +99,9 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             ("train:e2e-pretrain+scan", 100), ("train125m:e2e+list", 150),
             ("train125m:e2e+innerdense", 150), ("train125m:e2e+windows", 150),
             ("train:e2e-meta+groups", 150), ("train:transformer+nofusiontune", 60),
-            ("train:e2e-meta+nofusiontune", 150), ("train:ttt_mlp-pallas+nofusiontune", 100)]
+            ("train:e2e-meta+nofusiontune", 150), ("train:ttt_mlp-pallas+nofusiontune", 100),
+            ("train:transformer+grouped", 60), ("train:ttt_linear+grouped", 100),
+            ("train:e2e-meta+grouped", 150)]
   picked = lambda n: any(n == o[:-1] if o.endswith("$") else n.startswith(o)  # noqa: E731
                          for o in only)
   return [t for t in tasks if not only or picked(t[0])]

@@ -315,7 +315,7 @@ def task_train(kind: str) -> dict:
 
 def pretrain_config(kind: str, scale: str = "125m"):
   """The validated pretraining preset of model kind K[+V] at `scale` (125m: gpu-check's
-  train125m) and 8K context, bf16, batch 8 (V a `gpu_variants` variant: its model overrides,
+  train125m) and 8K context, bf16, batch 8 (V a `gpu_variants` variant: its config overrides,
   `train_kind`'s)."""
   from ttt_jax.benchmarks.common import apply_overrides  # noqa: PLC0415
   from ttt_jax.benchmarks.presets import load_preset, preset_spec  # noqa: PLC0415
@@ -324,7 +324,7 @@ def pretrain_config(kind: str, scale: str = "125m"):
   kind, overrides = train_kind(kind)
   cfg = load_preset(preset_spec(kind, scale, "8k"))
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
-  apply_overrides(cfg.model, overrides)
+  apply_overrides(cfg, overrides)
   return validate(cfg)
 
 

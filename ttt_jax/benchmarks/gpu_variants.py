@@ -15,7 +15,8 @@ TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
             "nofusiontune": "--xla_gpu_experimental_enable_fusion_autotuner=false"}
-# ... or model overrides V on top of the kind's (`train_kind`): no layer remat; the TTT forward
+# ... or config overrides V on top of the kind's (`train_kind`; model keys, and train keys
+# as 'train.K'): no layer remat; the TTT forward
 # kernels' outputs (dual/primal: the inner loop's group weights and outputs) kept under remat;
 # E2E chunk steps keep their matmuls; E2E's suffix blocks
 # rematerialised again inside the (rematerialised) chunk steps, as before `e2e.suffix_remat`;
@@ -32,7 +33,8 @@ VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
 # of every chunk step);
 # TTT without remat through time; the layers as one scanned block (compiled once; E2E: its
 # prefix blocks), or as a list of blocks (the TTT and E2E presets from 125m up stack them;
-# `train125m:K+list` is the list layout)
+# `train125m:K+list` is the list layout); the optimizer over every parameter leaf in flat groups
+# (`train.group_leaves`: a few kernels instead of a few per leaf)
 CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kernels"},
                    "chunkdots": {"e2e.remat_chunks_policy": "dots"},
                    "suffixremat": {"e2e.suffix_remat": "full"},
@@ -43,7 +45,7 @@ CONFIG_VARIANTS = {"noremat": {"remat": "none"}, "rematkernels": {"remat": "kern
                    "innerdense": {"e2e.inner_attention_block": 0},
                    "groups": {"e2e.remat_group": 2},
                    "nogroups": {"ttt.remat_group": 0}, "scan": {"scan_layers": True},
-                   "list": {"scan_layers": False}}
+                   "list": {"scan_layers": False}, "grouped": {"train.group_leaves": 1 << 30}}
 # ... or `ttt_pallas.tuning` overrides V while the step is traced (xlaout: TTT-Linear's z by XLA;
 # unrolled: the TTT-MLP kernels' hidden blocks written out, at 64-unit blocks)
 TUNING_VARIANTS = {"xlaout": {"linear_output": "xla"},
@@ -53,7 +55,8 @@ RUN_VARIANTS = ("transformer+noremat", "ttt_linear+rematkernels", "e2e-meta+chun
                 "e2e-meta+suffixremat", "e2e-meta+before", "e2e-meta+innerblockwise",
                 "ttt_mlp+nogroups", "ttt_mlp+rematkernels", "transformer+scan", "ttt_linear+scan",
                 "ttt_mlp-pallas+scan", "ttt_linear+xlaout", "ttt_mlp-pallas+unrolled",
-                "e2e-meta+scan", "e2e-pretrain+scan", "e2e-meta+windows", "e2e-meta+groups")
+                "e2e-meta+scan", "e2e-pretrain+scan", "e2e-meta+windows", "e2e-meta+groups",
+                "transformer+grouped", "ttt_linear+grouped", "e2e-meta+grouped")
 
 
 def train_kind(kind: str) -> tuple[str, dict]:
