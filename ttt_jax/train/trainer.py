@@ -171,10 +171,11 @@ class Trainer:
       metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
                      lr=lr_schedule(self.config.train)(state.step),
                      finite=finite.astype(jnp.float32))
+      step = state.step + 1
       params, opt_state = keep(params, old_params), keep(opt_state, old_opt)
       if self.leaf_groups is not None:
         params, opt_state = groups.ungroup(params), groups.ungroup_state(opt_state)
-      new_state = state.replace(step=state.step + 1, params=params,
+      new_state = state.replace(step=step, params=params,
                                 opt_state=one_clock(opt_state, state.step + 1))
     return new_state, metrics
 
