@@ -30,17 +30,6 @@ def tiny_config(group_leaves: int):
   return validate(c)
 
 
-def run(group_leaves: int, steps: int = 3):
-  trainer = Trainer.create(tiny_config(group_leaves))
-  state = trainer.init_state()
-  it = pipeline.make_iterator(trainer.dataset("train"), prefetch=0)
-  history = []
-  for _ in range(steps):
-    state, metrics = trainer.train_step(state, trainer.device_batch(next(it)))
-    history.append({k: float(v) for k, v in metrics.items()})
-  return trainer, state, history
-
-
 def random_tree(seed: int) -> dict:
   rng = np.random.default_rng(seed)
   shapes = {"s": (), "v": (7,), "m": (5, 9), "h": (3, 1, 4), "big": (40, 30)}
@@ -75,19 +64,14 @@ def test_groups_round_trip_by_size_dtype_and_weight_decay():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.fixture(scope="module")
-def per_leaf():
-  return run(0)
-
-
 @pytest.mark.parametrize("size", [ALL, 64])
-def test_grouped_steps_equal_per_leaf_steps(per_leaf, size):
+def test_grouped_steps_equal_per_leaf_steps(train_steps, size):
   """Three AdamW steps (warm-up, clipping, weight decay on the matrices): the same parameters,
   moments and metrics as leaf by leaf, in the same state tree; only the global norms sum in
   another order."""
-  trainer0, state0, hist0 = per_leaf
-  trainer, state, hist = run(size)
-  groups, _ = trainer.leaf_groups
+  hist0, state0 = train_steps(tiny_config(0), 3)
+  hist, state = train_steps(tiny_config(size), 3)
+  groups, _ = Trainer.create(tiny_config(size)).leaf_groups
   assert groups.groups and (bool(groups.large) == (size == 64))
   assert jax.tree.structure(state) == jax.tree.structure(state0)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state0), strict=True):

@@ -128,11 +128,12 @@ def make_optimizer(tr: ml_collections.ConfigDict, mixer: str, rows: bool = True,
 
 
 class LeafGroups:
-  """A parameter tree's small leaves gathered into one flat vector per (dtype, weight decay):
-  the optimizer then updates them in a few kernels instead of a few per leaf (a model has many
-  small leaves: norm scales, biases, per-head TTT parameters). `group` turns a tree shaped like
-  the parameters into a list, [each large leaf, ..., each group's flat vector, ...]; `ungroup`
-  turns it back. Leaves of more than `max_size` elements stay whole."""
+  """A parameter tree's leaves of at most `max_size` elements gathered into one flat vector per
+  (dtype, weight decay), so that the optimizer's elementwise work on them runs in a few kernels
+  instead of a few per leaf (`train.group_leaves`). `group` turns a tree shaped like the
+  parameters into a list, [each larger leaf, ..., each group's flat vector, ...]; `ungroup`
+  turns it back: a leaf cut from the vector costs XLA no kernel where it is large, one where it
+  is small (counts in docs/benchmarks.md)."""
 
   def __init__(self, params, decayed, max_size: int):
     leaves, self.treedef = jax.tree.flatten(params)
