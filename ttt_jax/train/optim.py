@@ -146,7 +146,7 @@ class LeafGroups:
         groups.setdefault((jnp.dtype(x.dtype).name, bool(flag)), []).append(i)
       else:
         self.large.append(i)
-    self.groups = [idx for idx in groups.values() if idx]
+    self.groups = list(groups.values())
     # weight decay of each entry of the grouped list
     self.mask = [bool(flags[i]) for i in self.large] + [bool(flags[g[0]]) for g in self.groups]
 
@@ -157,7 +157,7 @@ class LeafGroups:
 
   def ungroup(self, grouped: list):
     leaves = [None] * len(self.shapes)
-    for i, x in zip(self.large, grouped, strict=False):
+    for i, x in zip(self.large, grouped[:len(self.large)], strict=True):
       leaves[i] = x
     for idx, flat in zip(self.groups, grouped[len(self.large):], strict=True):
       start = 0

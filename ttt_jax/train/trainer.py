@@ -98,8 +98,9 @@ class Trainer:
 
   @functools.cached_property
   def leaf_groups(self) -> tuple[LeafGroups, optax.GradientTransformation] | None:
-    """`train.group_leaves`: the parameters' small leaves as `LeafGroups` and the optimizer
-    over the grouped list, or None (off, or a parameter split over devices)."""
+    """`train.group_leaves`: the parameters' leaves of at most that many elements gathered
+    (`LeafGroups`) and the optimizer over the grouped list, or None (off, or a parameter split
+    over devices)."""
     size = self.config.train.group_leaves
     if size <= 0 or not self.norm_rows:
       return None
