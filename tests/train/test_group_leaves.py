@@ -1,7 +1,7 @@
-"""`train.group_leaves`: the optimizer updates the parameters' small leaves as flat groups (per
-dtype and weight decay), with the same numbers, the same state tree (checkpoints unchanged), the
-same non-finite guard, fewer per-leaf operations in the step, and only where every parameter is
-whole on each device."""
+"""`train.group_leaves`: the optimizer updates the parameter leaves of at most that many elements
+as flat groups (per dtype and weight decay), with the same numbers, the same state tree
+(checkpoints unchanged), the same non-finite guard, fewer per-leaf operations in the step, and
+only where every parameter is whole on each device."""
 
 from __future__ import annotations
 
@@ -105,6 +105,8 @@ def test_a_non_finite_step_leaves_the_grouped_state_as_it_was(monkeypatch):
   trainer = Trainer.create(tiny_config(ALL))
   state = trainer.init_state()
   batch = trainer.device_batch(next(pipeline.make_iterator(trainer.dataset("train"), prefetch=0)))
+  # NaN in the loss and so in every gradient (test_nonfinite.poison_steps makes the loss NaN
+  # only, with zero gradients): the grouped vectors carry NaN, and none may reach the state
   real = Trainer.loss_fn
   monkeypatch.setattr(Trainer, "loss_fn", lambda self, *a: jax.tree.map(
       lambda x: x * jnp.nan, real(self, *a)))

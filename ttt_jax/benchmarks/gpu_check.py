@@ -37,8 +37,8 @@ Tasks, in order:
              fusions that are not GEMMs (nofusiontune), or a config variant
              (`gpu_variants.CONFIG_VARIANTS`: noremat, rematkernels, chunkdots, suffixremat,
              before, windows, innerblockwise, innerdense, groups, nogroups, scan, list,
-             grouped), or
-             launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's output by XLA).
+             grouped), or launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's
+             output by XLA).
 The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
 fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
 task that compiles it; `--cold_compile` makes every task autotune everything itself.

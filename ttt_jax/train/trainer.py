@@ -177,7 +177,7 @@ class Trainer:
       if self.leaf_groups is not None:
         params, opt_state = groups.ungroup(params), groups.ungroup_state(opt_state)
       new_state = state.replace(step=step, params=params,
-                                opt_state=one_clock(opt_state, state.step + 1))
+                                opt_state=one_clock(opt_state, step))
     return new_state, metrics
 
   def _eval_step(self, params, batch):
