@@ -37,6 +37,8 @@ def test_plan_order_and_filter():
       "train:ttt_linear", "train:ttt_linear-dual", "train:ttt_linear+rematkernels",
       "train:ttt_linear+xlaout", "train:ttt_linear+noremat", "train:ttt_linear+cmdbuf",
       "train:ttt_linear+scan", "train:ttt_linear+grouped"]
+  # the dual TTT-MLP step (the GPU default) with its while loops as CUDA graphs
+  assert "train:ttt_mlp+cmdbuf" in names
   assert [n for n, _ in gpu_check.plan(["train:ttt_linear$", "learn"])] == [
       "learn", "train:ttt_linear"]
   variants = ("", *gpu_check.VARIANTS, *gpu_variants.CONFIG_VARIANTS, *gpu_variants.TUNING_VARIANTS)

@@ -91,6 +91,7 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             (f"stream:{STREAM_HONEST}", 300), ("train:e2e-meta+windows", 150)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
+            ("train:ttt_mlp+cmdbuf", 150),
             ("train:e2e-meta+cmdbuf", 120), ("train125m:e2e", 150), ("stream:swa", 100),
             ("train:transformer+scan", 60), ("train:ttt_linear+scan", 80),
             ("train:ttt_mlp-pallas+scan", 100), ("train:e2e-meta+innerblockwise", 150),
