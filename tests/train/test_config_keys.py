@@ -376,3 +376,31 @@ def test_grad_accum_runs_the_loss_on_microbatches(corpus, monkeypatch):
     batch = trainer.device_batch(trainer.dataset("train")[0])
     trainer.train_step.lower(trainer.init_state(), batch)
     assert shapes and set(shapes) == {(4 // accum, SEQ_LEN + 1)}, (accum, shapes)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_min_doc_len_leaves_the_shorter_documents_out_of_every_window(tmp_path, pack):
+  """data.min_doc_len=N: documents of fewer than N tokens are in no training or validation
+  window, packed or one document at a time; N=0 keeps them. The short documents are the only
+  ones written with 'Q', so a window holding a 'Q' token holds part of a short one."""
+  rng = np.random.default_rng()
+  long_texts = [random_text(rng, int(rng.integers(80, 200))) for _ in range(24)]
+  short_texts = ["Q" * int(rng.integers(5, 30)) for _ in range(16)]
+  texts = [t for pair in zip(long_texts[:16], short_texts, strict=True) for t in pair]
+  texts += long_texts[16:]
+  path = tmp_path / "mixed.jsonl"
+  path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+  seen = {}
+  for n in (0, 40):
+    data = Dataset.from_config(tiny_config(str(path), pack_docs=pack, min_doc_len=n).data)
+    q = data.tokenizer.encode("Q")[0]
+    windows = {s: np.stack([data.window_source(s, SEQ_LEN)[i]["tokens"]
+                            for i in range(len(data.window_source(s, SEQ_LEN)))])
+               for s in ("train", "validation")}
+    seen[n] = {s: int((w == q).sum()) for s, w in windows.items()}
+    kept = sum(len(t) + 2 for t in texts if len(t) >= n)  # [BOS] doc [EOS] of the kept ones
+    total = sum(len(w) for w in windows.values())
+    if pack:  # every kept token is in the packed stream, less one window's tail per split
+      assert kept - 2 * (SEQ_LEN + 1) <= total * SEQ_LEN <= kept
+  assert seen[0]["train"] > 0 and seen[0]["validation"] > 0
+  assert seen[40] == {"train": 0, "validation": 0}

@@ -77,6 +77,28 @@ def test_scan_layers_and_remat_give_the_same_loss_and_grads(remat):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
+def test_remat_policies_trade_recomputed_matmuls_for_memory():
+  """model.remat: 'full' recomputes every block in the backward pass (its matmuls counted
+  again), 'dots' keeps the outputs of the matmuls with a weight and recomputes the rest
+  (attention's products of activations included), so both its recomputed work and its
+  buffers lie between those of 'none' and 'full'."""
+  from ttt_jax.benchmarks.common import counted_flops  # noqa: PLC0415
+
+  flops, temp = {}, {}
+  for remat in ("none", "dots", "full"):
+    cfg = tiny_config("transformer")
+    cfg.model.remat = remat
+    trainer = Trainer.create(cfg)
+    params = trainer.init_state().params
+    batch = trainer.device_batch(trainer.dataset("train")[0])
+    grad = jax.grad(lambda p, b, t=trainer: t.loss_fn(p, b, 0)[0])
+    compiled = jax.jit(grad).lower(params, batch).compile()
+    flops[remat] = counted_flops(compiled)
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  assert flops["none"] < flops["dots"] < flops["full"], flops
+  assert temp["full"] < temp["dots"] < temp["none"], temp
+
+
 def test_create_leaves_the_callers_config_as_given(tmp_path, word_tokenizer):
   """model.vocab_size follows the data tokenizer in `trainer.config`, a copy: the config passed in
   keeps its value (a caller reusing it for another tokenizer or run is not surprised)."""
