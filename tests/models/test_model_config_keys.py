@@ -277,3 +277,33 @@ def test_e2e_remat_chunks_checkpoints_the_chunk_steps_with_the_same_numbers():
   assert rel_err(l_on, l_off) < 1e-6
   for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_off), strict=True):
     assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("window", [4, 8])
+def test_window_sets_how_far_back_swa_sees(window):
+  """model.window (model=swa, one layer): a token changes the logits at its own position and the
+  window - 1 after it, no others; the streaming cache holds `window` slots."""
+  model = build_model(tiny("swa", window=window), 0)
+  toks = tokens(1)
+  p = 5
+  moved = toks.at[:, p].set((toks[:, p] + 7) % 256)
+  change = np.abs(logits(model, moved) - logits(model, toks)).max(axis=(0, 2))
+  assert set(np.flatnonzero(change > 1e-6)) == set(range(p, p + window))
+  assert model.init_cache(B)[0].pos.shape == (window,)
+
+
+def test_ttt_mini_batch_size_sets_where_the_inner_weights_step():
+  """ttt.mini_batch_size b: the first b tokens read the initial W (with their own in-batch
+  gradients), so models that differ only in b agree on the first min(b) tokens' logits and
+  differ from the next one on, where the smaller b has stepped W."""
+  small = build_model(tiny("ttt_linear", ttt__mini_batch_size=4), 0)
+  large = build_model(tiny("ttt_linear", ttt__mini_batch_size=8), 0)
+  sized = {path: var for path, var in nnx.to_flat_state(nnx.state(small, nnx.Param))}
+  for path, var in nnx.to_flat_state(nnx.state(large, nnx.Param)):
+    if path in sized and var[...].shape == sized[path][...].shape:  # not tau: one per position
+      var[...] = sized[path][...]
+  assert small.blocks[0].mixer.mini_batch_size == 4 and large.blocks[0].mixer.mini_batch_size == 8
+  toks = tokens(2)
+  a, b = logits(small, toks), logits(large, toks)
+  assert rel_err(a[:, :4], b[:, :4]) < 1e-5
+  assert all(rel_err(a[:, t], b[:, t]) > 1e-4 for t in range(4, 8))

@@ -110,13 +110,17 @@ def test_model_flops_match_the_matmuls_of_the_step(kind, tie):
 
 
 def test_training_log_has_mfu(tmp_path):
+  """Every train record has the step's MFU; train.log_every=3 over 7 steps writes the records
+  of steps 3, 6 and the last one."""
   c = build_config("model=swa,scale=tiny,ctx=64")
   m = c.model
   m.num_layers, m.d_model, m.num_heads, m.intermediate_size, m.window = 1, 32, 2, 64, 32
   c.data.batch_size = 2
-  c.train.steps, c.train.log_every, c.train.eval_every, c.train.eval_batches = 6, 2, 100, 1
+  c.train.steps, c.train.log_every, c.train.eval_every, c.train.eval_batches = 7, 3, 100, 1
   train_and_evaluate(c, str(tmp_path), echo=lambda s: None)
-  recs = [r for r in read_metrics(str(tmp_path)) if "tokens_per_s" in r]
+  train = [r for r in read_metrics(str(tmp_path)) if r.get("split") == "train"]
+  assert [r["step"] for r in train] == [3, 6, 7]
+  recs = [r for r in train if "tokens_per_s" in r]
   assert len(recs) >= 2
   for r in recs:
     assert 0 < r["mfu"] < 1
