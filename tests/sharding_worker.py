@@ -172,8 +172,11 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         cfg = tiny_config(kind, MESHES["2,2,2"])
         cfg.mesh.rules = RULES
         tr = Trainer.create(cfg, shd.make_mesh(cfg.mesh, devices))
-        _, losses, grads = _run(tr, batches, jax.device_put(ref_init, tr.state_shardings))
-        res["2,2,2+rules"] = {"losses": losses, "grad_rel_diff": _norm_rel(grads, ref_grads)}
+        init = jax.device_put(ref_init, tr.state_shardings)
+        _, losses, grads = _run(tr, batches, init)
+        res["2,2,2+rules"] = {"losses": losses, "grad_rel_diff": _norm_rel(grads, ref_grads),
+                              "specs": {k: _spec(x) for k, x in _flat(init.params).items()},
+                              "batch_spec": _spec(tr.device_batch(batches[0])["tokens"])}
       # checkpoint: save on (2,2,2), restore on (1,8,1) and on one device
       path = os.path.join(ckpt_dir, kind)
       saved = _flat(jax.device_get(ck_state.params))

@@ -259,6 +259,13 @@ def test_custom_rules_train_as_on_one_device(meshes, kind):
   constraint inside the vmap, or the inner LayerNorm's heads, would otherwise take them again:
   an error, or a device given another head's LayerNorm)."""
   res = _kind(meshes, kind)
+  # the rules are the ones applied: the batch over all three axes, the vocabulary on 'fsdp'
+  # (by default the batch is on data and fsdp, the vocabulary on tensor and the width on fsdp)
+  ruled, default = res["2,2,2+rules"], res["2,2,2"]
+  assert ruled["batch_spec"] == [["data", "fsdp", "tensor"]]
+  assert default["batch_spec"] == [["data", "fsdp"]]
+  assert _find(ruled["specs"], "['embed']['embedding']") == ["fsdp"]
+  assert _find(default["specs"], "['embed']['embedding']") == ["tensor", "fsdp"]
   assert _rel(res["2,2,2+rules"]["losses"], res["single"]["losses"]) <= 1e-5
   grads = res["2,2,2+rules"]["grad_rel_diff"]
   assert max(grads.values()) <= 5e-5, max(grads.items(), key=lambda kv: kv[1])
