@@ -307,3 +307,26 @@ def test_ttt_mini_batch_size_sets_where_the_inner_weights_step():
   a, b = logits(small, toks), logits(large, toks)
   assert rel_err(a[:, :4], b[:, :4]) < 1e-5
   assert all(rel_err(a[:, t], b[:, t]) > 1e-4 for t in range(4, 8))
+
+
+@pytest.mark.parametrize("kind", ["swa", "ttt_linear"])
+def test_compute_dtype_sets_the_matmuls_dtype(kind):
+  """compute_dtype=bfloat16: every matmul of the forward pass but the TTT inner loop's (kept in
+  float32) takes bfloat16 operands, with float32 parameters; float32: none does. The logits
+  come out float32 either way."""
+  dots = {}
+  for name in ("float32", "bfloat16"):
+    model = build_model(tiny(kind, compute_dtype=name), 0)
+    assert {v.dtype for v in params(model).values()} == {jnp.dtype(jnp.float32)}
+    graphdef, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s, x, g=graphdef: nnx.merge(g, s)(x)[0])(state, tokens(7))
+    assert jaxpr.out_avals[0].dtype == jnp.float32
+    found = count_eqns(jaxpr.jaxpr, "dot_general")
+    dots[name] = [{v.aval.dtype for v in e.invars} for e in found]
+  assert all(d == {jnp.dtype(jnp.float32)} for d in dots["float32"])
+  bf16 = [d for d in dots["bfloat16"] if d == {jnp.dtype(jnp.bfloat16)}]
+  assert len(bf16) >= 4  # the projections, the MLP and the head at least
+  if kind == "swa":  # attention's products too
+    assert len(bf16) == len(dots["bfloat16"])
+  else:  # the rest are the inner loop's, in float32 only
+    assert all(d == {jnp.dtype(jnp.float32)} for d in dots["bfloat16"] if d not in bf16)
