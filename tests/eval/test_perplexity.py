@@ -101,7 +101,12 @@ def fake_stream(lengths, seed=0) -> TokenStream:
                      tuple(f"doc{i}" for i in range(len(docs))))
 
 
-def test_perplexity_per_context_matches_naive():
+def test_perplexity_per_context_matches_naive(monkeypatch):
+  """Per-length perplexity and position buckets as a naive full forward computes them; the
+  documents stream `batch_size` at a time (3 documents, batch_size 2: batches of 2 and 1)."""
+  rows, real = [], P.stream_nll
+  monkeypatch.setattr(P, "stream_nll", lambda g, p, tokens, *a, **k: (
+      rows.append(tokens.shape[0]), real(g, p, tokens, *a, **k))[1])
   c, graphdef, params = tiny_model("swa")
   stream = fake_stream([40, 80, 65, 200, 64, 70])  # docs with >= 65 tokens: 1, 2, 3, 5
   docs = P.select_documents(stream, max_ctx=64, max_docs=3)
@@ -110,6 +115,7 @@ def test_perplexity_per_context_matches_naive():
   np.testing.assert_array_equal(docs.tokens[1], stream.tokens[120:185])
   res = P.evaluate_model(graphdef, params, c.model, docs, [16, 32, 64], chunk=16, batch_size=2,
                          first_bucket=8, progress=False, echo=None)
+  assert rows == [2, 1] * 3
   for ctx_res, L in zip(res["contexts"], [16, 32, 64], strict=True):
     ppl, _ = naive_ppl(graphdef, params, docs.tokens[:, :L + 1])
     assert ctx_res["ctx"] == L and ctx_res["tokens"] == 3 * L

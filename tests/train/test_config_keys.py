@@ -404,3 +404,20 @@ def test_min_doc_len_leaves_the_shorter_documents_out_of_every_window(tmp_path, 
       assert kept - 2 * (SEQ_LEN + 1) <= total * SEQ_LEN <= kept
   assert seen[0]["train"] > 0 and seen[0]["validation"] > 0
   assert seen[40] == {"train": 0, "validation": 0}
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_prefetch_is_how_far_ahead_training_reads(monkeypatch, prefetch):
+  """data.prefetch: the training loop reads its batches through `pipeline.make_iterator` with
+  that many batches of read-ahead (tests/data/test_pipeline.py: what the read-ahead does)."""
+  from ttt_jax.data import pipeline  # noqa: PLC0415
+
+  asked, real = [], pipeline.make_iterator
+  monkeypatch.setattr(pipeline, "make_iterator",
+                      lambda ds, k, *a, **kw: (asked.append(k), real(ds, k, *a, **kw))[1])
+  c = build_config("model=transformer,scale=tiny,ctx=16")
+  c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.intermediate_size = 1, 32, 2, 64
+  c.data.batch_size, c.data.prefetch = BATCH, prefetch
+  c.train.steps, c.train.eval_every, c.train.eval_batches = 2, 100, 1
+  out = train_and_evaluate(c, None, echo=lambda s: None)
+  assert asked == [prefetch] and len(out["history"]) >= 1
