@@ -6,6 +6,7 @@ build the same small programs in many processes (a trainer per test module, the 
 tests launch), and a program read back from the cache is not compiled again: about 10% of the
 suite's time on 2 cores. JAX_COMPILATION_CACHE_DIR set beforehand is used instead ("" = none)."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -13,11 +14,12 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TTT_JAX_COMPILATION_CACHE", "")
 # the run's cache: made by the first process that loads this file (the xdist controller, before
-# it starts the workers, which inherit it), removed by that process when the run ends
-_OWN_CACHE = None
+# it starts the workers, which inherit it), removed when that process exits (after its workers,
+# however the run ends)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix="ttt_jax_tests_xla_")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+  _cache = tempfile.mkdtemp(prefix="ttt_jax_tests_xla_")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   # JAX stores programs that took at least 1 s to compile by default; the tests' take less
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 from .fast_compile import FAST_COMPILE  # noqa: E402
@@ -40,12 +42,6 @@ from ttt_jax.data import pipeline  # noqa: E402
 from ttt_jax.train.trainer import Trainer  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-
-def pytest_sessionfinish(session):
-  del session
-  if _OWN_CACHE is not None:
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def _train_steps(config, n: int):

@@ -307,6 +307,10 @@ def test_ttt_mini_batch_size_sets_where_the_inner_weights_step():
   a, b = logits(small, toks), logits(large, toks)
   assert rel_err(a[:, :4], b[:, :4]) < 1e-5
   assert all(rel_err(a[:, t], b[:, t]) > 1e-4 for t in range(4, 8))
+  # with b=4, token 0 reaches positions 4-7 only through the stepped W (the convs of width 4
+  # reach 3 positions back; one layer)
+  moved = logits(small, toks.at[:, 0].set((toks[:, 0] + 5) % 256))
+  assert all(rel_err(moved[:, t], a[:, t]) > 1e-6 for t in range(4, 8))
 
 
 @pytest.mark.parametrize("kind", ["swa", "ttt_linear"])
@@ -329,4 +333,5 @@ def test_compute_dtype_sets_the_matmuls_dtype(kind):
   if kind == "swa":  # attention's products too
     assert len(bf16) == len(dots["bfloat16"])
   else:  # the rest are the inner loop's, in float32 only
-    assert all(d == {jnp.dtype(jnp.float32)} for d in dots["bfloat16"] if d not in bf16)
+    inner = [d for d in dots["bfloat16"] if d not in bf16]
+    assert inner and all(d == {jnp.dtype(jnp.float32)} for d in inner)

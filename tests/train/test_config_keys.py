@@ -385,7 +385,8 @@ def test_min_doc_len_leaves_the_shorter_documents_out_of_every_window(tmp_path, 
   ones written with 'Q', so a window holding a 'Q' token holds part of a short one."""
   rng = np.random.default_rng()
   long_texts = [random_text(rng, int(rng.integers(80, 200))) for _ in range(24)]
-  short_texts = ["Q" * int(rng.integers(5, 30)) for _ in range(16)]
+  # at least SEQ_LEN - 1 tokens: one window each when documents are not packed
+  short_texts = ["Q" * int(rng.integers(SEQ_LEN, 30)) for _ in range(16)]
   texts = [t for pair in zip(long_texts[:16], short_texts, strict=True) for t in pair]
   texts += long_texts[16:]
   path = tmp_path / "mixed.jsonl"

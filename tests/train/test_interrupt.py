@@ -21,16 +21,14 @@ FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=1",
          "--config.train.eval_every=100000", "--config.checkpoint.every_steps=100000"]
 
 
-def train(workdir, steps, cache=None) -> subprocess.Popen:
-  """scripts/train.py; `cache`: its train.compilation_cache, storing every program (the test
+def train(workdir, steps, cache) -> subprocess.Popen:
+  """scripts/train.py with train.compilation_cache=`cache`, storing every program (the test
   suite's own cache and the environment's override are taken away)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  flags = [*FLAGS]
-  if cache is not None:
-    for name in ("JAX_COMPILATION_CACHE_DIR", "TTT_JAX_COMPILATION_CACHE"):
-      env.pop(name, None)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    flags.append(f"--config.train.compilation_cache={cache}")
+  for name in ("JAX_COMPILATION_CACHE_DIR", "TTT_JAX_COMPILATION_CACHE"):
+    env.pop(name, None)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  flags = [*FLAGS, f"--config.train.compilation_cache={cache}"]
   # SIGINT at its default: a shell's background job would start with it ignored
   return subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config",
@@ -64,7 +62,7 @@ def test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes(tmp_path):
                   "the run's last complete checkpoint")
   assert complete_steps(str(tmp_path / "checkpoints")) == [step]
   stored = train_steps_cached(cache)
-  assert stored, os.listdir(cache)
+  assert stored, os.listdir(cache) if os.path.isdir(cache) else f"no {cache}"
   again = train(tmp_path, step + 2, cache)
   out, _ = again.communicate(timeout=300)
   assert again.returncode == 0 and f"resumed from step {step} (" in out, out[-3000:]
