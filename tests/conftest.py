@@ -1,27 +1,11 @@
-"""Shared test setup: CPU only, fp32 matmuls at full precision, unoptimized machine code, and
-one persistent compilation cache for the whole run (this process, the xdist workers and the
-scripts they launch), in a temporary directory removed at the end, never ~/.cache/ttt_jax/xla
-(tests/train/test_compilation_cache.py tests the package's cache settings themselves). Tests
-build the same small programs in many processes (a trainer per test module, the scripts the
-tests launch), and a program read back from the cache is not compiled again: about 10% of the
-suite's time on 2 cores. JAX_COMPILATION_CACHE_DIR set beforehand is used instead ("" = none)."""
+"""Shared test setup: CPU only, fp32 matmuls at full precision, unoptimized machine code, no
+persistent compilation cache (the scripts the tests launch would otherwise fill
+~/.cache/ttt_jax/xla; tests/train/test_compilation_cache.py tests the cache itself)."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TTT_JAX_COMPILATION_CACHE", "")
-# the run's cache: made by the first process that loads this file (the xdist controller, before
-# it starts the workers, which inherit it), removed when that process exits (after its workers,
-# however the run ends)
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="ttt_jax_tests_xla_")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-  # JAX stores programs that took at least 1 s to compile by default; the tests' take less
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 from .fast_compile import FAST_COMPILE  # noqa: E402
 
 # XLA:CPU without LLVM's optimization passes and, where the jaxlib has them, with its older

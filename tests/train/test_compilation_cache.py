@@ -18,8 +18,8 @@ ENV = distributed.CACHE_ENV
 
 @pytest.fixture
 def fresh_process_cache(monkeypatch):
-  """No cache set in this process and no environment override (tests/conftest.py sets one for
-  the suite); the process-wide settings are put back afterwards."""
+  """No cache set in this process and no environment override (tests/conftest.py turns the
+  cache off for the suite); the process-wide settings are put back afterwards."""
   before = (jax.config.jax_compilation_cache_dir,
             jax.config.jax_persistent_cache_min_compile_time_secs)
   monkeypatch.delenv(ENV, raising=False)
@@ -121,7 +121,7 @@ def test_enabling_after_earlier_compilations_still_stores_programs(tmp_path, mon
   """What the evaluation scripts do: programs compiled before the call (loading the run) and
   the cache set afterwards, in a fresh process (no reset of JAX's cache state)."""
   monkeypatch.delenv(ENV, raising=False)
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the suite's (conftest.py)
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # one set around the suite
   script = textwrap.dedent(f"""
       import os, jax, jax.numpy as jnp
       from ttt_jax.train import distributed

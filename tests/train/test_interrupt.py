@@ -22,8 +22,8 @@ FLAGS = ["--config.model.d_model=32", "--config.model.num_layers=1",
 
 
 def train(workdir, steps, cache) -> subprocess.Popen:
-  """scripts/train.py with train.compilation_cache=`cache`, storing every program (the test
-  suite's own cache and the environment's override are taken away)."""
+  """scripts/train.py with train.compilation_cache=`cache`, storing every program (the
+  environment's overrides of the directory, JAX's and the package's, are taken away)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   for name in ("JAX_COMPILATION_CACHE_DIR", "TTT_JAX_COMPILATION_CACHE"):
     env.pop(name, None)
