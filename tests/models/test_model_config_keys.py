@@ -51,10 +51,10 @@ def rel_err(a, b) -> float:
 
 
 def copy_shared(src, dst) -> None:
-  """Gives `dst` the values of every parameter it shares (by path) with `src`."""
+  """Gives `dst` the values of every parameter it shares (by path and shape) with `src`."""
   src_p = dict(nnx.to_flat_state(nnx.state(src, nnx.Param)))
   for path, var in nnx.to_flat_state(nnx.state(dst, nnx.Param)):
-    if path in src_p:
+    if path in src_p and src_p[path][...].shape == var[...].shape:
       var[...] = src_p[path][...]
 
 
@@ -298,10 +298,7 @@ def test_ttt_mini_batch_size_sets_where_the_inner_weights_step():
   differ from the next one on, where the smaller b has stepped W."""
   small = build_model(tiny("ttt_linear", ttt__mini_batch_size=4), 0)
   large = build_model(tiny("ttt_linear", ttt__mini_batch_size=8), 0)
-  sized = {path: var for path, var in nnx.to_flat_state(nnx.state(small, nnx.Param))}
-  for path, var in nnx.to_flat_state(nnx.state(large, nnx.Param)):
-    if path in sized and var[...].shape == sized[path][...].shape:  # not tau: one per position
-      var[...] = sized[path][...]
+  copy_shared(small, large)  # all but tau, one per position of a mini-batch
   assert small.blocks[0].mixer.mini_batch_size == 4 and large.blocks[0].mixer.mini_batch_size == 8
   toks = tokens(2)
   a, b = logits(small, toks), logits(large, toks)

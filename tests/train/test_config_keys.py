@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from ttt_jax.config import ConfigError, build_config
+from ttt_jax.data import pipeline
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.train import trainer as trainer_lib
 from ttt_jax.train.loop import train_and_evaluate
@@ -395,8 +396,7 @@ def test_min_doc_len_leaves_the_shorter_documents_out_of_every_window(tmp_path, 
   for n in (0, 40):
     data = Dataset.from_config(tiny_config(str(path), pack_docs=pack, min_doc_len=n).data)
     q = data.tokenizer.encode("Q")[0]
-    windows = {s: np.stack([data.window_source(s, SEQ_LEN)[i]["tokens"]
-                            for i in range(len(data.window_source(s, SEQ_LEN)))])
+    windows = {s: pipeline.stack_windows(data.window_source(s, SEQ_LEN))
                for s in ("train", "validation")}
     seen[n] = {s: int((w == q).sum()) for s, w in windows.items()}
     kept = sum(len(t) + 2 for t in texts if len(t) >= n)  # [BOS] doc [EOS] of the kept ones
@@ -411,8 +411,6 @@ def test_min_doc_len_leaves_the_shorter_documents_out_of_every_window(tmp_path, 
 def test_prefetch_is_how_far_ahead_training_reads(monkeypatch, prefetch):
   """data.prefetch: the training loop reads its batches through `pipeline.make_iterator` with
   that many batches of read-ahead (tests/data/test_pipeline.py: what the read-ahead does)."""
-  from ttt_jax.data import pipeline  # noqa: PLC0415
-
   asked, real = [], pipeline.make_iterator
   monkeypatch.setattr(pipeline, "make_iterator",
                       lambda ds, k, *a, **kw: (asked.append(k), real(ds, k, *a, **kw))[1])
