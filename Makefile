@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow test-newest bench gpu-check gpu-census gpu-wheels lint venv clean pretrained
+.PHONY: demo test test-extended test-slow test-newest bench gpu-check gpu-census gpu-wheels lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -20,7 +20,11 @@ demo: $(STAMP)
 	$(PYBIN) scripts/demo.py --workdir runs/demo
 
 test: $(STAMP)
-	$(PYBIN) -m pytest -n 2 --dist loadfile -m "not slow" --durations=25 tests
+	$(PYBIN) -m pytest -n 2 --dist loadfile -m "not slow and not extended" --durations=25 tests
+
+# the rest of CI's tests (.ci/run runs them after `make test`)
+test-extended: $(STAMP)
+	$(PYBIN) -m pytest -n 2 --dist loadfile -m "extended and not slow" --durations=15 tests
 
 test-slow: $(STAMP)
 	$(PYBIN) -m pytest -m slow tests

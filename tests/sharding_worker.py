@@ -426,7 +426,7 @@ def main(argv=None) -> None:
   ap.add_argument("--proc-ckpt", default="")
   a = ap.parse_args(argv)
   if a.mode == "meshes":
-    out = meshes(a.kinds.split(","), a.dir, a.proc_ckpt)
+    out = meshes([k for k in a.kinds.split(",") if k], a.dir, a.proc_ckpt)
   else:
     out = process(a.pid, a.nproc, a.port, a.dir)
   sys.stdout.write("RESULT " + json.dumps(out) + "\n")

@@ -17,6 +17,8 @@ from ttt_jax.benchmarks.reproduce_report import write_reproduction
 from ttt_jax.config import ConfigError
 from ttt_jax.train.flops import attended_keys
 
+pytestmark = pytest.mark.extended  # the benchmark's own tests
+
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):

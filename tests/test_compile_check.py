@@ -23,6 +23,8 @@ from ttt_jax.config import MODEL_KINDS, ConfigError, build_config
 
 from .fast_compile import OLDER_EMITTERS
 
+pytestmark = pytest.mark.extended  # the compile check's own tests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "compile_check.py")
 

@@ -15,6 +15,9 @@ import pytest
 
 from .test_sharding import _env, _rel, _result
 
+# evaluation on a mesh (training on one is in make test: test_sharding.py)
+pytestmark = pytest.mark.extended
+
 WORKER = os.path.join(os.path.dirname(__file__), "eval_mesh_worker.py")
 KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e", "e2e+scan")
 

@@ -17,6 +17,8 @@ from ttt_jax.benchmarks.common import PRESETS, model_config
 from ttt_jax.models import config as models_config
 from ttt_jax.models.e2e import inner_attention_block
 
+pytestmark = pytest.mark.extended  # the GPU check's own tests
+
 
 def test_without_a_gpu_one_line_and_exit_0(tmp_path):
   proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out_dir", str(tmp_path)],

@@ -17,6 +17,8 @@ from ttt_jax.benchmarks.hlo_text import phase_of, scope_of
 from ttt_jax.benchmarks.kernel_profile import Event
 from ttt_jax.benchmarks.training import _train_setup
 
+pytestmark = pytest.mark.extended  # the kernel profiler's own tests
+
 
 def test_scope_and_phase_of_op_names():
   """Op names in the form XLA records them (taken from compiled train steps)."""

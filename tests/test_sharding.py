@@ -1,8 +1,8 @@
 """Sharding over the (data, fsdp, tensor) mesh: same numbers as one device, really sharded.
 
 The multi-device checks run in subprocesses (tests/sharding_worker.py) with 8 forced host
-CPU devices, or as two `jax.distributed` processes on localhost with 4 devices each. All model
-kinds and meshes are computed in one subprocess to pay the start-up cost once.
+CPU devices, or as two `jax.distributed` processes on localhost with 4 devices each. The model
+kinds the selected tests read are computed, on every mesh, in two subprocesses started once.
 """
 
 from __future__ import annotations
@@ -33,6 +33,36 @@ WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # group (`model.e2e.remat_group`)
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas", "e2e+scan")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
+# the kinds whose mesh runs are in make test-extended (one-device tests of theirs in make test)
+EXTENDED = ("swa", "ttt_mlp", "e2e+scan")
+KIND_PARAMS = [pytest.param(k, marks=pytest.mark.extended) if k in EXTENDED else k for k in KINDS]
+# the worker processes, run side by side, and the kinds each computes
+GROUPS = (("transformer", "swa", "e2e"), ("ttt_linear", "ttt_mlp", "ttt_linear-pallas", "e2e+scan"))
+
+
+def needs(*kinds: str):
+  """The model kinds a test reads from `meshes` other than its `kind` parameter."""
+  def mark(fn):
+    fn.kinds = kinds
+    return fn
+  return mark
+
+
+def _selected(request) -> list:
+  """The selected tests of this module that read `meshes`: the fixture computes only what they
+  read (a `-m` or `-k` selection does not pay for the rest)."""
+  return [item for item in request.session.items
+          if item.module is request.module and "meshes" in item.fixturenames]
+
+
+def _selected_kinds(request) -> set[str]:
+  kinds = set()
+  for item in _selected(request):
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "kind" in callspec.params:
+      kinds.add(callspec.params["kind"])
+    kinds.update(getattr(item.function, "kinds", ()))
+  return kinds
 
 
 def _env(devices: int) -> dict:
@@ -79,12 +109,16 @@ def two_processes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def meshes(two_processes, tmp_path_factory):
-  """Every kind x mesh, in two concurrent subprocesses (compiling dominates; CI has 2 cores)."""
+def meshes(tmp_path_factory, request):
+  """Every selected kind x mesh, in two concurrent subprocesses (compiling dominates; CI has 2
+  cores); the first also restores the two-process run's checkpoint when its test is selected."""
   ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
-  groups = [["--kinds", "transformer,swa,e2e",
-             "--proc-ckpt", os.path.join(two_processes["workdir"], "ckpt")],
-            ["--kinds", "ttt_linear,ttt_mlp,ttt_linear-pallas,e2e+scan"]]
+  selected = _selected_kinds(request)
+  groups = [["--kinds", ",".join(k for k in group if k in selected)] for group in GROUPS]
+  if any("two_processes" in item.fixturenames for item in _selected(request)):
+    workdir = request.getfixturevalue("two_processes")["workdir"]
+    groups[0] += ["--proc-ckpt", os.path.join(workdir, "ckpt")]
+  groups = [g for g in groups if g[1] or len(g) > 2]
   procs = [subprocess.Popen([sys.executable, WORKER, "meshes", "--dir", ckpt_dir, *args],
                             env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for args in groups]
@@ -101,7 +135,7 @@ def meshes(two_processes, tmp_path_factory):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert set(out["kinds"]) == set(KINDS)
+  assert set(out["kinds"]) == selected
   return out
 
 
@@ -122,7 +156,7 @@ def _find(specs: dict, suffix: str):
   return hits[0]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_losses_and_gradients_match_single_device(meshes, kind):
   res = _kind(meshes, kind)
   ref = res["single"]["losses"]
@@ -148,22 +182,23 @@ def test_losses_and_gradients_match_single_device(meshes, kind):
       assert diff < (2e-2 if leaf.endswith("['embedding']") else 2e-3), (mesh, leaf, diff)
 
 
-def test_global_norms_sum_per_leaf_rows_unless_parameters_are_split(meshes):
+@pytest.mark.parametrize("kind", KIND_PARAMS)
+def test_global_norms_sum_per_leaf_rows_unless_parameters_are_split(meshes, kind):
   """`optim.global_norm`'s per-leaf rows (one launch per leaf on a GPU) where every parameter is
   whole on each device (one device; data parallel), per-leaf scalars where FSDP or tensor
   parallelism splits them (the rows of split leaves would each be gathered); the losses and
   gradients above agree either way, and so does the `grad_norm` metric."""
-  for kind in KINDS:
-    res = _kind(meshes, kind)
-    got = {m: res[m]["norm_rows"] for m in ("single", *MESHES)}
-    assert got == {"single": True, "8,1,1": True, "1,8,1": False, "2,2,2": False}, (kind, got)
-    # the grad_norm metric, per-leaf rows on one device against scalars on the split meshes
-    ref = res["single"]["grad_norms"]
-    assert len(ref) == 3 and all(n > 0 for n in ref), ref
-    for mesh in MESHES:
-      assert _rel(res[mesh]["grad_norms"], ref) <= 1e-5, (kind, mesh, res[mesh]["grad_norms"])
+  res = _kind(meshes, kind)
+  got = {m: res[m]["norm_rows"] for m in ("single", *MESHES)}
+  assert got == {"single": True, "8,1,1": True, "1,8,1": False, "2,2,2": False}, got
+  # the grad_norm metric, per-leaf rows on one device against scalars on the split meshes
+  ref = res["single"]["grad_norms"]
+  assert len(ref) == 3 and all(n > 0 for n in ref), ref
+  for mesh in MESHES:
+    assert _rel(res[mesh]["grad_norms"], ref) <= 1e-5, (mesh, res[mesh]["grad_norms"])
 
 
+@needs("e2e")
 def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   """E2E's inner loop is vmapped over sequences; its constraints inside then keep the
   sequences split over the batch's mesh axes (`sharding.vmap_batch`). Without that, each chunk
@@ -174,6 +209,8 @@ def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   assert "all-to-all" not in got and got.get("all-gather", 0) > 0, got
 
 
+@pytest.mark.extended
+@needs("ttt_mlp")
 def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes):
   """TTT's scan over mini-batches (dual form) takes the inner LayerNorm per sequence, so its
   gradient sums over the batch once, after the loop; before, each trip of the backward scan
@@ -184,6 +221,7 @@ def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes):
   assert res["loop_collectives"] == {}, res["loop_collectives"]
 
 
+@needs("transformer")  # the worker runs it beside the transformer
 def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
   """TLM's adapters and Adam state are placed replicated on the base's mesh and the step keeps
   them there: on FSDP-sharded weights it compiles once and adapts as on one device."""
@@ -194,6 +232,7 @@ def test_tlm_adapts_an_fsdp_sharded_model_as_on_one_device(meshes):
   assert _rel(res["1,8,1"]["log_ppl"], res["single"]["log_ppl"]) < 1e-4
 
 
+@needs("transformer")
 def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
   """Trainer.create rejects data.batch_size=6 on 8 batch devices (and on data 2 x fsdp 2) in one
   ConfigError naming the key and the mesh axes, not in JAX's IndivisibleError at the first step;
@@ -231,6 +270,7 @@ def test_batch_split_counts_the_devices_of_the_batch_axes_only():
     check_batch_split(8, SimpleNamespace(spec=PartitionSpec(("data", "fsdp")), mesh=mesh), 4)
 
 
+@needs("ttt_linear")  # the worker runs it beside TTT-Linear
 def test_kernels_run_per_device_on_a_mesh(meshes):
   """A Pallas kernel call carries no partitioning rule: on a mesh each device runs it on its own
   sequences and heads (`sharding.per_shard`), with the same result as without a mesh
@@ -271,7 +311,7 @@ def test_custom_rules_train_as_on_one_device(meshes, kind):
   assert max(grads.values()) <= 5e-5, max(grads.items(), key=lambda kv: kv[1])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_params_really_sharded(meshes, kind):
   res = _kind(meshes, kind)
   # (8,1,1): pure data parallelism, every parameter replicated, batch split 8 ways
@@ -304,7 +344,7 @@ def test_params_really_sharded(meshes, kind):
       assert spec == res[mesh]["specs"][param], (mesh, path)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_checkpoint_restores_on_other_meshes(meshes, kind):
   res = _kind(meshes, kind)
   for target in ("1,8,1", "single"):
@@ -313,6 +353,7 @@ def test_checkpoint_restores_on_other_meshes(meshes, kind):
     assert r["specs_match"], target
 
 
+@needs("transformer")
 def test_two_processes_match_single_process(two_processes, meshes):
   p0, p1 = two_processes["procs"]
   ref = meshes["pipeline_single"]["losses"]

@@ -161,7 +161,8 @@ def _int8_case(kind: str):
   return m, graphdef, nnx.to_pure_dict(state)
 
 
-@pytest.mark.parametrize("kind", ["transformer", "swa", "ttt_linear", "e2e", "e2e-scan"])
+@pytest.mark.parametrize("kind", ["transformer", "e2e", *(
+    pytest.param(k, marks=pytest.mark.extended) for k in ("swa", "ttt_linear", "e2e-scan"))])
 def test_int8_decode_model_computes_its_widened_float_model(kind):
   """Every matrix stored 8-bit (layers/int8.py) but TTT-E2E's prime MLPs, which keep training
   while it decodes (their inner steps differentiate through the 8-bit layers); the greedy tokens

@@ -300,6 +300,7 @@ def test_cli_fine_tunes_evaluates_and_writes(trained_run, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "ft8")
 
 
+@pytest.mark.extended  # resume itself is in make test (tests/runs, tests/train)
 def test_an_interrupted_fine_tune_resumes_where_it_stopped(trained_run, tmp_path, monkeypatch):
   run = load_run(trained_run)
   kw = dict(seq_len=256, progress=False, echo=lambda s: None)

@@ -188,8 +188,9 @@ def flat(tree) -> np.ndarray:
   return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("objective,seed", [("perplexity", 0), ("log_perplexity", 1),
-                                            ("perplexity", 2)])
+@pytest.mark.parametrize("objective,seed", [
+    ("perplexity", 0), ("log_perplexity", 1),
+    pytest.param("perplexity", 2, marks=pytest.mark.extended)])
 def test_objective_gradient_matches_slow_reference(trained_model_state, objective, seed):
   """grad of mean_i S_i·P_i (or S_i·log P_i), S a constant, against the chain rule done by hand:
   (1/B) Σ_i S_i · P_i · ∇log P_i (or without P_i), one sample at a time."""
@@ -270,7 +271,7 @@ def test_auto_threshold_from_validation_perplexity_in_a_run(trained_model_state)
                            domain("B", 2, 34), None, progress=False)
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
+@pytest.mark.parametrize("mode", ["offline", pytest.param("online", marks=pytest.mark.extended)])
 def test_low_selection_warns_in_report_and_console(trained_model_state, mode, capsys):
   model = fresh_model(trained_model_state)
   adapt = domain("A", 8, seed=40)
@@ -341,8 +342,9 @@ def test_adapter_names_that_stay_inside_the_adapters_directory_pass():
     assert tlm_lib.validate_config(tlm_config(name=name)).name == name
 
 
-@pytest.mark.parametrize("mode,where", [("offline", "mesh"), ("online", "mesh"),
-                                        ("offline", "device"), ("offline", "fresh")])
+@pytest.mark.parametrize("mode,where", [
+    pytest.param("offline", "mesh", marks=pytest.mark.extended), ("online", "mesh"),
+    pytest.param("offline", "device", marks=pytest.mark.extended), ("offline", "fresh")])
 def test_the_adaptation_step_compiles_once_for_a_loaded_runs_placed_weights(
     trained_model_state, mode, where):
   """A loaded run's weights are placed on its mesh (or put on one device by the caller, or

@@ -52,7 +52,8 @@ def inputs(kind, n=3, seed=3):
 
 @pytest.mark.parametrize("kind,n,tune", [
     ("linear", 3, {}), ("linear", 3, {"linear_output": "xla"}), ("mlp", 3, {"mlp_block": 64}),
-    ("mlp", 2, {"mlp_block": 16}), ("mlp", 3, {"mlp_block": 16, "mlp_unroll": True})],
+    ("mlp", 2, {"mlp_block": 16}),
+    pytest.param("mlp", 3, {"mlp_block": 16, "mlp_unroll": True}, marks=pytest.mark.extended)],
     ids=["linear", "linear-output-xla", "mlp-1block-odd", "mlp-4blocks-even",
          "mlp-4blocks-unrolled"])
 def test_kernels_equal_primal_values_and_grads(kind, n, tune):
@@ -291,7 +292,9 @@ def test_the_barrier_checks_see_a_missing_barrier(monkeypatch):
   assert any("writes after its last barrier" in p for p in barrier_problems(backward))
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+# TTT-MLP's kernels are opt-in (pallas_auto=False in layers/ttt_variants.py): make test-extended
+@pytest.mark.parametrize("mixer", ["ttt_linear",
+                                   pytest.param("ttt_mlp", marks=pytest.mark.extended)])
 def test_mixer_with_pallas_impl_matches_dual(mixer):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 64)), jnp.float32)
   pos = jnp.arange(32, dtype=jnp.int32)
@@ -313,7 +316,8 @@ def test_mixer_with_pallas_impl_matches_dual(mixer):
   assert rel_err(y_p, y_d) <= 2e-5 and tree_rel_err(g_p, g_d) <= 2e-5
 
 
-@pytest.mark.parametrize("mixer", ["ttt_linear", "ttt_mlp"])
+@pytest.mark.parametrize("mixer", ["ttt_linear",
+                                   pytest.param("ttt_mlp", marks=pytest.mark.extended)])
 def test_streaming_with_pallas_impl_equals_its_one_shot(mixer):
   """Streaming calls (partial mini-batches) fall back to the dual form; the one-shot call runs
   the kernels: the two agree."""

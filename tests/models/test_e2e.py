@@ -215,7 +215,10 @@ def test_token_by_token_decoding_matches_one_shot(setup, tokens):
   assert rel_err(_stream(setup.model, tokens[:, :-1], [1] * T), one_shot) < 1e-5
 
 
-@pytest.mark.parametrize("algorithm", ["blocked", "blockwise", "auto", "remat_block"])
+# auto (the default) in make test, the others in make test-extended
+@pytest.mark.parametrize("algorithm", [
+    pytest.param(a, marks=() if a == "auto" else pytest.mark.extended)
+    for a in ("blocked", "blockwise", "auto", "remat_block")])
 def test_streaming_matches_one_shot_on_every_attention_algorithm(setup, tokens, algorithm):
   """Streamed (chunks, odd segments, token by token) == the one-shot inner loop with dense
   attention, when attention runs query-blocked / online-softmax with blocks smaller than the
@@ -285,6 +288,7 @@ def test_a_single_chunk_is_the_plain_lm_loss(remat):
     assert rel_err(a, b) < 1e-5
 
 
+@pytest.mark.extended  # the non-default model.e2e.remat_chunks settings
 def test_chunk_remat_policy_changes_the_program_not_the_numbers(tokens):
   """model.e2e.remat_chunks / remat_chunks_policy: the same loss and gradients whether a chunk
   step is recomputed in full, keeps its matmul outputs ('dots': fewer FLOPs in the backward
@@ -346,7 +350,8 @@ def test_suffix_remat_resolves_and_changes_the_work_not_the_numbers():
   assert flops_auto < 0.95 * flops_full  # the suffix block is not recomputed a second time
 
 
-@pytest.mark.parametrize("layers,suffix", [(3, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize("layers,suffix",
+                         [pytest.param(3, 2, marks=pytest.mark.extended), (2, 1), (2, 2)])
 def test_first_suffix_attention_runs_once_outside_the_loop(layers, suffix):
   """model.e2e.hoist_first_attention (default): meta_forward runs the first suffix block's
   attention over the whole sequence (its input, the prefix output, does not depend on the inner

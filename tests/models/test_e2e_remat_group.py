@@ -17,6 +17,8 @@ from ttt_jax.models.e2e_inner import inner_loop
 
 from .test_e2e import fast_jit, rel_err, tiny_model_cfg
 
+pytestmark = pytest.mark.extended  # `model.e2e.remat_group` is opt-in
+
 CHUNK = 8
 
 

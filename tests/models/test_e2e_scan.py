@@ -79,7 +79,8 @@ def test_the_stacked_layout():
   assert len(plain.init_cache(2).prefix) == LAYERS - SUFFIX
 
 
-@pytest.mark.parametrize("remat,hoist", [("none", True), ("full", False)])
+@pytest.mark.parametrize("remat,hoist",
+                         [("none", True), pytest.param("full", False, marks=pytest.mark.extended)])
 def test_meta_loss_and_second_order_grads_equal_the_list_of_blocks(tokens, remat, hoist):
   plain, scanned = model_pair(remat=remat, hoist_first_attention=hoist)
   (l1, g1), (l2, g2) = (loss_and_grads(m, {"tokens": tokens}) for m in (plain, scanned))
@@ -88,6 +89,7 @@ def test_meta_loss_and_second_order_grads_equal_the_list_of_blocks(tokens, remat
   assert float(jnp.abs(g2["blocks"]["mlp"]["w1"]).max()) > 0  # the stack is trained
 
 
+@pytest.mark.extended
 def test_pretrain_mode_equals_the_list_of_blocks(tokens):
   plain, scanned = model_pair(train_mode="pretrain")
   (l1, g1), (l2, g2) = (loss_and_grads(m, {"tokens": tokens}) for m in (plain, scanned))
@@ -95,6 +97,7 @@ def test_pretrain_mode_equals_the_list_of_blocks(tokens):
   assert_grads_close(g2, stacked(g1))
 
 
+@pytest.mark.extended
 def test_streaming_and_decoding_equal_the_list_of_blocks(tokens):
   plain, scanned = model_pair()
   x = tokens[:, :-1]

@@ -20,6 +20,8 @@ from ttt_jax.config import build_config, validate
 from ttt_jax.layers import ttt_pallas
 from ttt_jax.models import build_model
 
+pytestmark = pytest.mark.extended  # `model.remat=kernels` is opt-in
+
 
 def forward_and_backward_kernels(exported, kernel: str) -> tuple[int, int]:
   text = exported.mlir_module()

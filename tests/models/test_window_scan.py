@@ -131,7 +131,7 @@ def e2e_loss_and_grads(window: int, residuals: str, seqs):
   return (*fast_jit(jax.value_and_grad(fn))(params), custom)
 
 
-@pytest.mark.parametrize("window", [16, T])
+@pytest.mark.parametrize("window", [16, pytest.param(T, marks=pytest.mark.extended)])
 def test_window_residuals_change_the_memory_not_the_numbers(window):
   """model.e2e.window_residuals 'chunks' against 'windows', with windows smaller than the
   sequence (keys evicted) and as long as it (the fresh window cut to T - b slots): the same meta
@@ -145,7 +145,8 @@ def test_window_residuals_change_the_memory_not_the_numbers(window):
     assert rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("residuals", ["windows", "chunks"])
+@pytest.mark.parametrize("residuals",
+                         [pytest.param("windows", marks=pytest.mark.extended), "chunks"])
 def test_fillable_window_changes_the_work_not_the_numbers(residuals):
   """The inner loop from a window cut to the T - b slots the sequence can fill gives the losses
   and gradients of the full window (8K presets: 8K of 9K keys scored per chunk), with fewer

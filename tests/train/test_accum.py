@@ -28,6 +28,9 @@ from ttt_jax import sharding as shd
 from ttt_jax.config import build_config
 from ttt_jax.train.trainer import Trainer
 
+# accumulation on meshes (on one device: test_train.py, in make test)
+pytestmark = pytest.mark.extended
+
 KINDS = ("transformer", "e2e")
 MESHES = {"8,1,1": (8, 1, 1), "1,8,1": (1, 8, 1)}
 BATCH, SEQ, ACCUM = 16, 48, 2  # 8 rows per microbatch: one row per device

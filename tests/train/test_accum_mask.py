@@ -25,7 +25,7 @@ def config(kind: str, accum: int):
   return c
 
 
-@pytest.mark.parametrize("kind", ["transformer", "e2e"])
+@pytest.mark.parametrize("kind", ["transformer", pytest.param("e2e", marks=pytest.mark.extended)])
 def test_masked_accumulation_equals_full_batch(kind):
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (BATCH, SEQ + 1)).astype(np.int32)

@@ -16,6 +16,9 @@ from ttt_jax.train import trainer as trainer_lib
 from ttt_jax.train.optim import LeafGroups
 from ttt_jax.train.trainer import Trainer
 
+# `train.group_leaves` is opt-in
+pytestmark = pytest.mark.extended
+
 ALL = 1 << 30  # every leaf in a group
 
 

@@ -232,6 +232,7 @@ def test_schedule_applied_after_a_skip_is_the_logged_one(monkeypatch):
   assert set(optimizer_counts(state.opt_state)) == {3}
 
 
+@pytest.mark.extended
 def test_a_repeated_rollback_flag_continues_instead_of_discarding_again(tmp_path):
   """A requeued job that still carries checkpoint.step=N (after the rollback to N trained on)
   resumes from its latest step; a different N rolls back again."""
