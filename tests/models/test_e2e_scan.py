@@ -89,7 +89,6 @@ def test_meta_loss_and_second_order_grads_equal_the_list_of_blocks(tokens, remat
   assert float(jnp.abs(g2["blocks"]["mlp"]["w1"]).max()) > 0  # the stack is trained
 
 
-@pytest.mark.extended
 def test_pretrain_mode_equals_the_list_of_blocks(tokens):
   plain, scanned = model_pair(train_mode="pretrain")
   (l1, g1), (l2, g2) = (loss_and_grads(m, {"tokens": tokens}) for m in (plain, scanned))
@@ -97,7 +96,6 @@ def test_pretrain_mode_equals_the_list_of_blocks(tokens):
   assert_grads_close(g2, stacked(g1))
 
 
-@pytest.mark.extended
 def test_streaming_and_decoding_equal_the_list_of_blocks(tokens):
   plain, scanned = model_pair()
   x = tokens[:, :-1]
