@@ -164,7 +164,8 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         }
         if name == "2,2,2":
           ck_state = state
-        if kind in ("e2e", "ttt_mlp") and name == "1,8,1":  # the compiled step's collectives
+        # the compiled step's collectives
+        if kind in ("e2e", "ttt_linear", "ttt_mlp") and name == "1,8,1":
           text = tr.train_step.lower(init, tr.device_batch(batches[0])).compile().as_text()
           res[name]["collectives"] = _collectives(text)
           res[name]["loop_collectives"] = _collectives(text, in_loops=True)

@@ -66,10 +66,10 @@ def _check_compiled(report: dict, stdout: str, scale: str, kinds=MODEL_KINDS) ->
 
 def test_script_compiles_tiny_kinds(tmp_path):
   # Two kinds: the plain LM step and E2E's meta-learning step (every kind's train step is
-  # compiled on 8 forced devices by tests/test_sharding.py and lowered for CUDA by
-  # tests/test_gpu_lowering.py; the slow test below compiles every kind at 125M). Fusions by
-  # XLA:CPU's older emitters compile in half the time; the buffer sizes differ a little, the
-  # identities checked hold either way.
+  # compiled on 8 forced devices by tests/test_sharding.py, swa's and ttt_mlp's in make
+  # test-extended, and lowered for CUDA by tests/test_gpu_lowering.py; the slow test below
+  # compiles every kind at 125M). Fusions by XLA:CPU's older emitters compile in half the time;
+  # the buffer sizes differ a little, the identities checked hold either way.
   kinds = ("transformer", "e2e")
   report, stdout = _run_script(tmp_path, "--scales", "tiny", "--ctx", "256", "--fast_compile",
                                "--kinds", ",".join(kinds), "--set", "model.num_layers=1",

@@ -13,19 +13,22 @@ import sys
 
 import pytest
 
-from .test_sharding import _env, _rel, _result
-
-# evaluation on a mesh (training on one is in make test: test_sharding.py)
-pytestmark = pytest.mark.extended
+from .test_sharding import _env, _rel, _result, _selected_kinds
 
 WORKER = os.path.join(os.path.dirname(__file__), "eval_mesh_worker.py")
 KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e", "e2e+scan")
+# the kinds streamed on the mesh in make test-extended only
+KIND_PARAMS = [pytest.param(k, marks=pytest.mark.extended) if k in ("swa", "ttt_mlp") else k
+               for k in KINDS]
 
 
 @pytest.fixture(scope="module")
-def on_mesh(tmp_path_factory) -> dict:
+def on_mesh(tmp_path_factory, request) -> dict:
+  """The run, the lowered kernels, TLM, and the kinds the selected tests read."""
   workdir = str(tmp_path_factory.mktemp("eval_mesh") / "run")
-  p = subprocess.run([sys.executable, WORKER, "--dir", workdir], env=_env(8),
+  kinds = [k for k in KINDS if k in _selected_kinds(request, "on_mesh")]
+  p = subprocess.run([sys.executable, WORKER, "--dir", workdir, "--kinds", ",".join(kinds)],
+                     env=_env(8),
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   res = _result(p.stdout, p.stderr)
@@ -53,7 +56,7 @@ def test_a_run_trained_on_8_devices_evaluates_there_as_on_one(on_mesh):
   assert res["batches"] == [[8, ["data"]]], res["batches"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_streaming_splits_the_rows_and_compiles_once(on_mesh, kind):
   """Per kind: the streamed NLL equals one device's (the transformer's also with its weights
   FSDP-sharded over (1,8,1), as a trainer holds them); each device's compiled chunk step takes one

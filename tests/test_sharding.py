@@ -34,7 +34,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas", "e2e+scan")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
 # the kinds whose mesh runs are in make test-extended (one-device tests of theirs in make test)
-EXTENDED = ("swa", "ttt_mlp", "e2e+scan")
+EXTENDED = ("swa", "ttt_mlp")
 KIND_PARAMS = [pytest.param(k, marks=pytest.mark.extended) if k in EXTENDED else k for k in KINDS]
 # the worker processes, run side by side, and the kinds each computes
 GROUPS = (("transformer", "swa", "e2e"), ("ttt_linear", "ttt_mlp", "ttt_linear-pallas", "e2e+scan"))
@@ -48,16 +48,16 @@ def needs(*kinds: str):
   return mark
 
 
-def _selected(request) -> list:
-  """The selected tests of this module that read `meshes`: the fixture computes only what they
-  read (a `-m` or `-k` selection does not pay for the rest)."""
+def _selected(request, fixture: str = "meshes") -> list:
+  """The selected tests of the requesting module that read `fixture`: the fixture computes only
+  what they read (a `-m` or `-k` selection does not pay for the rest)."""
   return [item for item in request.session.items
-          if item.module is request.module and "meshes" in item.fixturenames]
+          if item.module is request.module and fixture in item.fixturenames]
 
 
-def _selected_kinds(request) -> set[str]:
+def _selected_kinds(request, fixture: str = "meshes") -> set[str]:
   kinds = set()
-  for item in _selected(request):
+  for item in _selected(request, fixture):
     callspec = getattr(item, "callspec", None)
     if callspec is not None and "kind" in callspec.params:
       kinds.add(callspec.params["kind"])
@@ -209,14 +209,14 @@ def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   assert "all-to-all" not in got and got.get("all-gather", 0) > 0, got
 
 
-@pytest.mark.extended
-@needs("ttt_mlp")
-def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes):
+@pytest.mark.parametrize("kind", ["ttt_linear",
+                                  pytest.param("ttt_mlp", marks=pytest.mark.extended)])
+def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes, kind):
   """TTT's scan over mini-batches (dual form) takes the inner LayerNorm per sequence, so its
   gradient sums over the batch once, after the loop; before, each trip of the backward scan
   all-reduced its share across the devices (256 all-reduces per step at the gpu preset on 8
   H200s, docs/benchmarks.md)."""
-  res = _kind(meshes, "ttt_mlp")["1,8,1"]
+  res = _kind(meshes, kind)["1,8,1"]
   assert res["collectives"].get("all-reduce", 0) > 0  # the gradients' reductions, after it
   assert res["loop_collectives"] == {}, res["loop_collectives"]
 

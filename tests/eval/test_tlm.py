@@ -343,7 +343,7 @@ def test_adapter_names_that_stay_inside_the_adapters_directory_pass():
 
 
 @pytest.mark.parametrize("mode,where", [
-    pytest.param("offline", "mesh", marks=pytest.mark.extended), ("online", "mesh"),
+    ("offline", "mesh"), pytest.param("online", "mesh", marks=pytest.mark.extended),
     pytest.param("offline", "device", marks=pytest.mark.extended), ("offline", "fresh")])
 def test_the_adaptation_step_compiles_once_for_a_loaded_runs_placed_weights(
     trained_model_state, mode, where):
