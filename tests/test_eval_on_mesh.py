@@ -14,12 +14,12 @@ import sys
 import pytest
 
 from .test_sharding import _env, _rel, _result, _selected_kinds
+from .tiers import core_and_extended
 
 WORKER = os.path.join(os.path.dirname(__file__), "eval_mesh_worker.py")
 KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e", "e2e+scan")
-# the kinds streamed on the mesh in make test-extended only
-KIND_PARAMS = [pytest.param(k, marks=pytest.mark.extended) if k in ("swa", "ttt_mlp") else k
-               for k in KINDS]
+# swa and ttt_mlp are streamed on the mesh in make test-extended only
+KIND_PARAMS = core_and_extended(KINDS, ("transformer", "ttt_linear-pallas", "e2e", "e2e+scan"))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from ttt_jax.sharding import activation_sharding, constrain, logical_to_mesh
 from ttt_jax.train import distributed
 
 from .fast_compile import FAST_COMPILE
+from .tiers import core_and_extended
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # ttt_linear-pallas: the Pallas TTT-Linear kernels (interpreted on CPU), run per device on a
@@ -33,9 +34,9 @@ WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 # group (`model.e2e.remat_group`)
 KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e", "ttt_linear-pallas", "e2e+scan")
 MESHES = ("8,1,1", "1,8,1", "2,2,2")
-# the kinds whose mesh runs are in make test-extended (one-device tests of theirs in make test)
-EXTENDED = ("swa", "ttt_mlp")
-KIND_PARAMS = [pytest.param(k, marks=pytest.mark.extended) if k in EXTENDED else k for k in KINDS]
+# swa's and ttt_mlp's mesh runs are in make test-extended (one-device tests of theirs in make test)
+KIND_PARAMS = core_and_extended(KINDS, ("transformer", "ttt_linear", "e2e", "ttt_linear-pallas",
+                                        "e2e+scan"))
 # the worker processes, run side by side, and the kinds each computes
 GROUPS = (("transformer", "swa", "e2e"), ("ttt_linear", "ttt_mlp", "ttt_linear-pallas", "e2e+scan"))
 
@@ -114,11 +115,12 @@ def meshes(tmp_path_factory, request):
   cores); the first also restores the two-process run's checkpoint when its test is selected."""
   ckpt_dir = str(tmp_path_factory.mktemp("ckpt"))
   selected = _selected_kinds(request)
-  groups = [["--kinds", ",".join(k for k in group if k in selected)] for group in GROUPS]
+  extra = [[] for _ in GROUPS]
   if any("two_processes" in item.fixturenames for item in _selected(request)):
     workdir = request.getfixturevalue("two_processes")["workdir"]
-    groups[0] += ["--proc-ckpt", os.path.join(workdir, "ckpt")]
-  groups = [g for g in groups if g[1] or len(g) > 2]
+    extra[0] = ["--proc-ckpt", os.path.join(workdir, "ckpt")]
+  kinds = [[k for k in group if k in selected] for group in GROUPS]
+  groups = [["--kinds", ",".join(k), *e] for k, e in zip(kinds, extra, strict=True) if k or e]
   procs = [subprocess.Popen([sys.executable, WORKER, "meshes", "--dir", ckpt_dir, *args],
                             env=_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for args in groups]
@@ -209,8 +211,7 @@ def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   assert "all-to-all" not in got and got.get("all-gather", 0) > 0, got
 
 
-@pytest.mark.parametrize("kind", ["ttt_linear",
-                                  pytest.param("ttt_mlp", marks=pytest.mark.extended)])
+@pytest.mark.parametrize("kind", core_and_extended(("ttt_linear", "ttt_mlp"), ("ttt_linear",)))
 def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes, kind):
   """TTT's scan over mini-batches (dual form) takes the inner LayerNorm per sequence, so its
   gradient sums over the batch once, after the loop; before, each trip of the backward scan

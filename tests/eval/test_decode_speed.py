@@ -23,6 +23,8 @@ from ttt_jax.layers.cache_attention import filled_attention
 from ttt_jax.layers.common import building_for
 from ttt_jax.models import build_model
 
+from ..tiers import core_and_extended
+
 
 def tiny_transformer(algorithm: str = "auto"):
   """(model config, graphdef, params): full attention, GQA 4:2, key blocks of 16 slots."""
@@ -161,8 +163,8 @@ def _int8_case(kind: str):
   return m, graphdef, nnx.to_pure_dict(state)
 
 
-@pytest.mark.parametrize("kind", ["transformer", "e2e", *(
-    pytest.param(k, marks=pytest.mark.extended) for k in ("swa", "ttt_linear", "e2e-scan"))])
+@pytest.mark.parametrize("kind", core_and_extended(
+    ("transformer", "swa", "ttt_linear", "e2e", "e2e-scan"), ("transformer", "e2e")))
 def test_int8_decode_model_computes_its_widened_float_model(kind):
   """Every matrix stored 8-bit (layers/int8.py) but TTT-E2E's prime MLPs, which keep training
   while it decodes (their inner steps differentiate through the 8-bit layers); the greedy tokens

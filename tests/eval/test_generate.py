@@ -18,6 +18,7 @@ from ttt_jax.eval import sampling as S
 from ttt_jax.models import build_model
 
 from ..repo_files import load_file
+from ..tiers import core_and_extended
 
 KINDS = ["transformer", "swa", "ttt_linear", "ttt_mlp", "e2e"]
 
@@ -50,8 +51,7 @@ def slow_greedy(graphdef, params, prompt: np.ndarray, n: int, length: int) -> np
   return seq[:, prompt.shape[1]:prompt.shape[1] + n]
 
 
-@pytest.mark.parametrize("kind", [k if k in ("transformer", "e2e")
-                                  else pytest.param(k, marks=pytest.mark.extended) for k in KINDS])
+@pytest.mark.parametrize("kind", core_and_extended(KINDS, ("transformer", "e2e")))
 def test_compiled_generation_equals_slow_reference(kind, monkeypatch):
   """Prompt of 30 tokens (prefill: a chunk of 16, one of 8, then 5 single steps in the decode
   loop; full attention: a chunk of 16, one of 8, one of 8 with 3 padding slots, 1 step), 18 new

@@ -14,6 +14,7 @@ from ttt_jax.models import abstract_model, build_model, count_params
 from ttt_jax.models.lm import LanguageModel, token_nll
 
 from ..repo_files import load_file
+from ..tiers import core_and_extended
 
 B, T, CHUNK, WINDOW, LR, CLIP = 2, 48, 16, 16, 3.0, 0.5
 VOCAB = 259
@@ -217,9 +218,8 @@ def test_token_by_token_decoding_matches_one_shot(setup, tokens):
 
 # auto (the default) and remat_block (auto's choice for the inner loop from 125m at 4K) in make
 # test, the others in make test-extended
-@pytest.mark.parametrize("algorithm", [
-    pytest.param(a, marks=() if a in ("auto", "remat_block") else pytest.mark.extended)
-    for a in ("blocked", "blockwise", "auto", "remat_block")])
+@pytest.mark.parametrize("algorithm", core_and_extended(
+    ("blocked", "blockwise", "auto", "remat_block"), ("auto", "remat_block")))
 def test_streaming_matches_one_shot_on_every_attention_algorithm(setup, tokens, algorithm):
   """Streamed (chunks, odd segments, token by token) == the one-shot inner loop with dense
   attention, when attention runs query-blocked / online-softmax with blocks smaller than the
