@@ -7,6 +7,7 @@ cannot be batched, differentiated twice or lowered by Triton fails here, not fir
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.benchmarks import lowering
+from ttt_jax.benchmarks.common import model_config
 from ttt_jax.models import e2e
 
 TRITON = "__gpu$xla.gpu.triton"
+
+
+@functools.cache
+def _e2e_meta_step() -> jax.export.Exported:
+  """E2E meta's train step with the defaults, lowered once for the tests that read it."""
+  return lowering.lower_train_step("e2e-meta")
 
 
 def has_cudnn_attention(kernels: set[str]) -> bool:
@@ -27,7 +35,7 @@ def has_cudnn_attention(kernels: set[str]) -> bool:
 @pytest.mark.parametrize("name,kind,overrides", lowering.TRAIN_CASES,
                          ids=[c[0] for c in lowering.TRAIN_CASES])
 def test_train_step_lowers_for_cuda(name, kind, overrides):
-  exported = lowering.lower_train_step(kind, overrides)
+  exported = _e2e_meta_step() if name == "e2e-meta" else lowering.lower_train_step(kind, overrides)
   kernels = lowering.kernels_in(exported)
   attention = name in ("transformer", "swa") or name.startswith("e2e")
   assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
@@ -88,7 +96,9 @@ def test_e2e_meta_step_with_inner_attention_blocks_lowers_for_cuda():
   """`model.e2e.inner_attention_block` (auto: on at the 125m+ presets): the rematerialised query
   blocks (a custom_vjp under the per-sequence vmap, differentiated twice) lower for CUDA, as a
   loop over the blocks that the step without them does not have."""
-  plain = lowering.lower_train_step("e2e-meta", {"e2e.inner_attention_block": 0})
+  # the default at SIZE (below auto's threshold): one attention call per chunk
+  assert e2e.inner_attention_block(model_config("e2e-meta", lowering.SIZE).model) == 0
+  plain = _e2e_meta_step()
   blocks = lowering.lower_train_step("e2e-meta", {"e2e.inner_attention_block": 16})
   assert blocks.platforms == ("cuda",)
   assert has_cudnn_attention(lowering.kernels_in(blocks))  # the prefix keeps cuDNN
@@ -100,7 +110,7 @@ def test_e2e_meta_step_in_checkpointed_groups_lowers_for_cuda():
   """`model.e2e.remat_group` (remat through time for E2E): the loop over checkpointed groups of
   chunk steps (window_scan in window_scan, differentiated twice) lowers for CUDA, with loops
   over the chunks inside the loops over the groups."""
-  plain = lowering.lower_train_step("e2e-meta")
+  plain = _e2e_meta_step()
   grouped = lowering.lower_train_step("e2e-meta", {"e2e.remat_group": 2})
   assert grouped.platforms == ("cuda",)
   assert has_cudnn_attention(lowering.kernels_in(grouped))  # the prefix keeps cuDNN

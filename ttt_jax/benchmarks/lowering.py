@@ -101,19 +101,24 @@ def for_gpu() -> Iterator[None]:
     yield
 
 
+# GPU kernels' custom-call targets whose export check is off: those of the default kernels, and
+# any other the check names (learned once per process, so each program is traced once)
+_UNCHECKED_TARGETS = {"__gpu$xla.gpu.triton", "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}
+
+
 def export_cuda(fn: Callable, *args, platform: str = "cuda") -> jax.export.Exported:
   """`jax.export` of `jax.jit(fn)` for CUDA (or `platform`; fn may already be jitted)."""
   fn = fn if hasattr(fn, "lower") else jax.jit(fn)
-  checks: list = []
   for _ in range(4):
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in sorted(_UNCHECKED_TARGETS)]
     try:
       with gpu_target() if platform == "cuda" else contextlib.nullcontext():
         return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(*args)
     except ValueError as e:
-      targets = sorted(set(_TARGET.findall(str(e))))
+      targets = set(_TARGET.findall(str(e))) - _UNCHECKED_TARGETS
       if not targets or "compatibility" not in str(e):
         raise
-      checks += [jax.export.DisabledSafetyCheck.custom_call(t) for t in targets]
+      _UNCHECKED_TARGETS.update(targets)
   raise RuntimeError("export_cuda: custom-call checks did not settle")
 
 
