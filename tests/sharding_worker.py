@@ -70,15 +70,17 @@ def _flat(tree) -> dict[str, object]:
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _run(trainer, batches, state=None, grad_norms: list | None = None):
+def _run(trainer, batches, state=None, grad_norms: list | None = None, step=None):
   """(final state, losses, first moments after the first step). Adam's first moment after one
   step is (1 - b1) x the (norm-clipped) gradient at the initial parameters: the gradient of the
   first batch, read before the next step donates the state. `grad_norms`: gets each step's
-  `grad_norm` metric."""
+  `grad_norm` metric. `step`: the trainer's train step compiled ahead of time (default: its
+  jitted step)."""
   state = trainer.init_state() if state is None else state
+  step = trainer.train_step if step is None else step
   losses, first = [], None
   for b in batches:
-    state, metrics = trainer.train_step(state, trainer.device_batch(b))
+    state, metrics = step(state, trainer.device_batch(b))
     losses.append(float(jax.device_get(metrics["loss"])))
     if grad_norms is not None:
       grad_norms.append(float(jax.device_get(metrics["grad_norm"])))
@@ -151,7 +153,11 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         params = _flat(init.params)
         mu = _flat(init.opt_state)
         norms: list = []
-        state, losses, grads = _run(tr, batches, init, norms)
+        # the compiled step's collectives: read from the program that runs (compiled once)
+        collectives = kind in ("e2e", "ttt_linear", "ttt_mlp") and name == "1,8,1"
+        step = (tr.train_step.lower(init, tr.device_batch(batches[0])).compile()
+                if collectives else None)
+        state, losses, grads = _run(tr, batches, init, norms, step)
         res[name] = {
             "losses": losses, "grad_norms": norms,
             "grad_rel_diff": _norm_rel(grads, ref_grads),
@@ -164,9 +170,8 @@ def meshes(kinds: list[str], ckpt_dir: str, proc_ckpt: str = "") -> dict:
         }
         if name == "2,2,2":
           ck_state = state
-        # the compiled step's collectives
-        if kind in ("e2e", "ttt_linear", "ttt_mlp") and name == "1,8,1":
-          text = tr.train_step.lower(init, tr.device_batch(batches[0])).compile().as_text()
+        if collectives:
+          text = step.as_text()
           res[name]["collectives"] = _collectives(text)
           res[name]["loop_collectives"] = _collectives(text, in_loops=True)
       if kind in RULES_KINDS:
