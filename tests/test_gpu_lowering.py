@@ -17,6 +17,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.common import model_config
+from ttt_jax.models import config as model_cfg
 from ttt_jax.models import e2e
 
 TRITON = "__gpu$xla.gpu.triton"
@@ -97,7 +98,8 @@ def test_e2e_meta_step_with_inner_attention_blocks_lowers_for_cuda():
   blocks (a custom_vjp under the per-sequence vmap, differentiated twice) lower for CUDA, as a
   loop over the blocks that the step without them does not have."""
   # the default at SIZE (below auto's threshold): one attention call per chunk
-  assert e2e.inner_attention_block(model_config("e2e-meta", lowering.SIZE).model) == 0
+  run_cfg = model_config("e2e-meta", lowering.SIZE)
+  assert e2e.inner_attention_block(model_cfg.model_config(run_cfg.model)) == 0
   plain = _e2e_meta_step()
   blocks = lowering.lower_train_step("e2e-meta", {"e2e.inner_attention_block": 16})
   assert blocks.platforms == ("cuda",)
