@@ -26,10 +26,10 @@ KIND_PARAMS = core_and_extended(KINDS, ("transformer", "ttt_linear-pallas", "e2e
 def on_mesh(tmp_path_factory, request) -> dict:
   """The run, the lowered kernels, TLM, and the kinds the selected tests read."""
   workdir = str(tmp_path_factory.mktemp("eval_mesh") / "run")
-  kinds = [k for k in KINDS if k in _selected_kinds(request, "on_mesh")]
+  selected = _selected_kinds(request, "on_mesh")
+  kinds = [k for k in KINDS if k in selected]
   p = subprocess.run([sys.executable, WORKER, "--dir", workdir, "--kinds", ",".join(kinds)],
-                     env=_env(8),
-                     capture_output=True, text=True, timeout=600)
+                     env=_env(8), capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   res = _result(p.stdout, p.stderr)
   assert res["num_devices"] == 8
