@@ -23,10 +23,14 @@ from ttt_jax.models import e2e
 TRITON = "__gpu$xla.gpu.triton"
 
 
+def lowered(kind: str, overrides: dict | None = None) -> jax.export.Exported:
+  """`lowering.lower_train_step(kind, overrides)`, lowered once for the tests that read it."""
+  return _lowered(kind, tuple(sorted((overrides or {}).items())))
+
+
 @functools.cache
-def _e2e_meta_step() -> jax.export.Exported:
-  """E2E meta's train step with the defaults, lowered once for the tests that read it."""
-  return lowering.lower_train_step("e2e-meta")
+def _lowered(kind: str, overrides: tuple) -> jax.export.Exported:
+  return lowering.lower_train_step(kind, dict(overrides))
 
 
 def has_cudnn_attention(kernels: set[str]) -> bool:
@@ -36,7 +40,7 @@ def has_cudnn_attention(kernels: set[str]) -> bool:
 @pytest.mark.parametrize("name,kind,overrides", lowering.TRAIN_CASES,
                          ids=[c[0] for c in lowering.TRAIN_CASES])
 def test_train_step_lowers_for_cuda(name, kind, overrides):
-  exported = _e2e_meta_step() if name == "e2e-meta" else lowering.lower_train_step(kind, overrides)
+  exported = lowered(kind, overrides)
   kernels = lowering.kernels_in(exported)
   attention = name in ("transformer", "swa") or name.startswith("e2e")
   assert has_cudnn_attention(kernels) == attention, kernels  # GPU default: cuDNN flash
@@ -100,8 +104,8 @@ def test_e2e_meta_step_with_inner_attention_blocks_lowers_for_cuda():
   # the default at SIZE (below auto's threshold): one attention call per chunk
   run_cfg = model_config("e2e-meta", lowering.SIZE)
   assert e2e.inner_attention_block(model_cfg.model_config(run_cfg.model)) == 0
-  plain = _e2e_meta_step()
-  blocks = lowering.lower_train_step("e2e-meta", {"e2e.inner_attention_block": 16})
+  plain = lowered("e2e-meta")
+  blocks = lowered("e2e-meta", {"e2e.inner_attention_block": 16})
   assert blocks.platforms == ("cuda",)
   assert has_cudnn_attention(lowering.kernels_in(blocks))  # the prefix keeps cuDNN
   loops = lambda exported: exported.mlir_module().count("stablehlo.while")  # noqa: E731
@@ -112,8 +116,8 @@ def test_e2e_meta_step_in_checkpointed_groups_lowers_for_cuda():
   """`model.e2e.remat_group` (remat through time for E2E): the loop over checkpointed groups of
   chunk steps (window_scan in window_scan, differentiated twice) lowers for CUDA, with loops
   over the chunks inside the loops over the groups."""
-  plain = _e2e_meta_step()
-  grouped = lowering.lower_train_step("e2e-meta", {"e2e.remat_group": 2})
+  plain = lowered("e2e-meta")
+  grouped = lowered("e2e-meta", {"e2e.remat_group": 2})
   assert grouped.platforms == ("cuda",)
   assert has_cudnn_attention(lowering.kernels_in(grouped))  # the prefix keeps cuDNN
   loops = lambda exported: exported.mlir_module().count("stablehlo.while")  # noqa: E731
