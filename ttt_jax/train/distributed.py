@@ -18,6 +18,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ttt_jax.config import ConfigError
+from ttt_jax.train import compile_cache
 
 _ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
@@ -77,10 +78,13 @@ def enable_compilation_cache(configured: str, environ=os.environ) -> str | None:
   JAX_COMPILATION_CACHE_DIR or an earlier call: the first one set stays for the process), the
   TTT_JAX_COMPILATION_CACHE environment variable, then `configured` (`train.compilation_cache`).
   The cache is only a speed-up: a directory that cannot be created or written is reported in
-  one warning and the program compiles as before.
+  one warning and the program compiles as before. Its entries are written whole or not at all,
+  and one that cannot be loaded is replaced (train/compile_cache.py): a run killed while it
+  stores a program does not make every relaunch compile that program again.
   """
   current = jax.config.jax_compilation_cache_dir
   if current:
+    compile_cache.harden(current)
     return current
   raw = environ.get(CACHE_ENV, configured)
   if not raw:
@@ -96,6 +100,7 @@ def enable_compilation_cache(configured: str, environ=os.environ) -> str | None:
                     source, raw, err.strerror or err)
     return None
   jax.config.update("jax_compilation_cache_dir", path)
+  compile_cache.harden(path)
   return path
 
 
