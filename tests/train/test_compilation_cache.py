@@ -244,3 +244,33 @@ def test_a_writer_killed_mid_write_leaves_no_entry_and_its_partial_file_goes(tmp
   read = run("plain")
   assert read.returncode == 0 and "HIT True" in read.stdout, read.stderr[-2000:]
   assert "Error reading persistent compilation cache" not in read.stderr
+
+
+def test_a_write_that_fails_leaves_neither_entry_nor_partial_file(tmp_path, fresh_process_cache,
+                                                                  monkeypatch):
+  """A full disk while an entry is written: JAX's one warning, the result, and nothing left in
+  the directory for a later process to read."""
+  path = distributed.enable_compilation_cache(str(tmp_path / "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+  def full_disk(name, mode="r", *args, **kwargs):
+    fh = open(name, mode, *args, **kwargs)  # noqa: SIM115
+    if "w" in mode and "jit_g-" in os.path.basename(name):
+      real_write = fh.write
+
+      def write(data):
+        real_write(data[: len(data) // 3])
+        raise OSError(28, "No space left on device")
+      fh.write = write
+    return fh
+
+  monkeypatch.setattr(compile_cache, "open", full_disk, raising=False)
+  x = np.random.default_rng().normal(size=(16, 16)).astype(np.float32)
+
+  def g(x):
+    return jnp.sin(x @ x) - x
+
+  with pytest.warns(UserWarning, match="Error writing persistent compilation cache"):
+    out = jax.jit(g)(x)
+  np.testing.assert_allclose(np.asarray(out), np.sin(x @ x) - x, rtol=1e-4, atol=1e-4)
+  assert not [n for n in os.listdir(path) if "jit_g-" in n], os.listdir(path)
