@@ -160,7 +160,7 @@ def _call_and_record(fn, x):
 
 @pytest.mark.parametrize("hardened", [True, False])
 def test_an_entry_cut_short_is_replaced_once_then_read(tmp_path, hardened, fresh_process_cache,
-                                                       monkeypatch):
+                                                       monkeypatch, caplog):
   """A truncated entry (a writer killed mid-write, as JAX writes in place): with the package's
   reader it costs one compile, after which the entry is whole again; with JAX's own it costs a
   compile on every launch (the control)."""
@@ -180,8 +180,11 @@ def test_an_entry_cut_short_is_replaced_once_then_read(tmp_path, hardened, fresh
   with open(entry, "wb") as fh:
     fh.write(whole[: len(whole) // 2])
 
-  second, hit, unreadable = _call_and_record(f, x)  # reads the cut entry, warns, compiles
+  with caplog.at_level("WARNING"):
+    second, hit, unreadable = _call_and_record(f, x)  # reads the cut entry, warns, compiles
   assert not hit and unreadable == 1
+  deleted = [r for r in caplog.records if "deleted the entry" in r.getMessage()]
+  assert len(deleted) == (1 if hardened else 0)
   wait_for_entry(path, "jit_f-")
   third, hit, unreadable = _call_and_record(f, x)  # the next launch
   if hardened:

@@ -78,16 +78,17 @@ def _get(cache_key: str, *args, **kwargs):
     raise
   except Exception:
     directory = _local_dir(jax.config.jax_compilation_cache_dir or "")
-    if directory:
-      for suffix in _SUFFIXES:
+    entry = os.path.join(directory, f"{cache_key}{_SUFFIXES[0]}") if directory else None
+    if entry and os.path.exists(entry):
+      for path in (entry, os.path.join(directory, f"{cache_key}{_SUFFIXES[1]}")):
         try:
-          os.remove(os.path.join(directory, f"{cache_key}{suffix}"))
+          os.remove(path)
         except OSError:
           pass
-      logging.warning("compilation cache: the entry %s could not be loaded; deleted, so the "
-                      "program compiled in its place is stored", cache_key)
+      if not os.path.exists(entry):
+        logging.warning("compilation cache: deleted the entry %s, which could not be loaded; "
+                        "the program compiled in its place is stored", entry)
     raise  # JAX warns and compiles
-
 
 
 def remove_stale_partials(directory: str, older_than_s: float = STALE_AFTER_S) -> int:
@@ -121,10 +122,3 @@ def harden(directory: str | None = None) -> bool:
     remove_stale_partials(_local_dir(directory))
   return True
 
-
-def restore_jax_defaults() -> None:
-  """JAX's own writer and reader again (the tests' control)."""
-  if _JAX_PUT is None:
-    return
-  _lru.LRUCache.put = _JAX_PUT
-  _jax_cache.get_executable_and_time = _JAX_GET
