@@ -4,14 +4,17 @@ JAX (0.10 and 0.11) writes a cache entry in place, under its final name. A proce
 while it writes one (a preempted job, a SIGKILL) leaves a truncated file there. Every later
 process then fails to read it (a warning, then a full compile) and never replaces it, since
 the cache's writer skips a key whose file exists: each relaunch pays that compile again.
-`harden()` changes two things for this process:
+`harden()` changes two things for this process, in a local cache directory whose size JAX does
+not bound (`jax_compilation_cache_max_size` unset: the default; elsewhere JAX's own code runs):
 
-- an entry is written to a hidden file beside its final name, then renamed onto it, so that a
-  reader sees either nothing or the whole entry (local directories whose size JAX does not
-  bound, i.e. `jax_compilation_cache_max_size` unset: the project's default; elsewhere JAX
-  writes as before);
-- an entry that cannot be loaded is deleted, so the program compiled in its place is stored
-  again and the next process reads it.
+- an entry is written to a hidden file beside its final name, flushed to disk, then renamed
+  onto that name, so that a reader sees either nothing or the whole entry;
+- when JAX fails to load an entry whose data cannot be decompressed (cut short by a writer
+  without this change, or damaged), the entry is deleted, so that the program compiled in its
+  place is stored and the next process reads it. An entry that is whole stays whatever else
+  failed (device memory, a driver). Under `jax_compilation_cache_check_contents` (a debugging
+  setting: JAX then compiles every program once and compares it with its entry) a damaged
+  entry is only reported, as before.
 
 Hidden files left by a writer that was killed are deleted once they are an hour old (a
 younger one may belong to a writer still at work in another process).
@@ -23,7 +26,6 @@ import os
 import threading
 import time
 
-import jax
 from absl import logging
 
 try:  # JAX's cache internals (0.10, 0.11); without them harden() leaves JAX's own behaviour
@@ -31,8 +33,8 @@ try:  # JAX's cache internals (0.10, 0.11); without them harden() leaves JAX's o
   from jax._src import lru_cache as _lru
   _JAX_PUT = _lru.LRUCache.put
   _JAX_GET = _jax_cache.get_executable_and_time
-  _SUFFIXES = (_lru._CACHE_SUFFIX, _lru._ATIME_SUFFIX)
-  _VERIFICATION_ERROR = _jax_cache.CacheVerificationError
+  _ENTRY_SUFFIX = _lru._CACHE_SUFFIX
+  _DECOMPRESS = _jax_cache.decompress_executable
 except (ImportError, AttributeError):  # pragma: no cover (a JAX outside pyproject's range)
   _JAX_PUT = _JAX_GET = None
 
@@ -54,6 +56,8 @@ def _write_whole(final: str, value: bytes) -> None:
   try:
     with open(partial, "wb") as f:
       f.write(value)
+      f.flush()
+      os.fsync(f.fileno())  # on disk before it has the name (a power loss, not only a kill)
     os.replace(partial, final)
   finally:
     if os.path.exists(partial):
@@ -66,28 +70,51 @@ def _put(self, key: str, value: bytes) -> None:
     return _JAX_PUT(self, key, value)  # JAX's own locking and size accounting
   if not key:
     raise ValueError("key cannot be empty")
-  final = os.path.join(directory, f"{key}{_SUFFIXES[0]}")
+  final = os.path.join(directory, f"{key}{_ENTRY_SUFFIX}")
   if not os.path.exists(final):
     _write_whole(final, value)
+
+
+def _entry_dir() -> str | None:
+  """The directory of the cache JAX opened, where this module handles its entries (local,
+  size not bounded); None elsewhere."""
+  cache = getattr(_jax_cache, "_cache", None)
+  cache = getattr(cache, "_base_cache", cache)  # under jax_compilation_cache_check_contents
+  if cache is None or getattr(cache, "eviction_enabled", True):
+    return None
+  return _local_dir(cache.path)
+
+
+def _drop_if_damaged(cache_key: str) -> None:
+  """Deletes the entry of `cache_key` if its data cannot be decompressed (cut short or
+  damaged); an entry that is whole stays, whatever else failed (e.g. device memory)."""
+  directory = _entry_dir()
+  if directory is None:
+    return
+  entry = os.path.join(directory, f"{cache_key}{_ENTRY_SUFFIX}")
+  try:
+    with open(entry, "rb") as f:
+      data = f.read()
+  except OSError:
+    return
+  try:
+    _DECOMPRESS(data)
+    return
+  except Exception:  # noqa: BLE001 (zlib.error, zstd's ZstdError, ...: the data is damaged)
+    pass
+  try:
+    os.remove(entry)
+  except OSError:
+    return
+  logging.warning("compilation cache: deleted %s, whose data is cut short or damaged; the "
+                  "program is compiled again and stored anew", entry)
 
 
 def _get(cache_key: str, *args, **kwargs):
   try:
     return _JAX_GET(cache_key, *args, **kwargs)
-  except _VERIFICATION_ERROR:
-    raise
   except Exception:
-    directory = _local_dir(jax.config.jax_compilation_cache_dir or "")
-    entry = os.path.join(directory, f"{cache_key}{_SUFFIXES[0]}") if directory else None
-    if entry and os.path.exists(entry):
-      for path in (entry, os.path.join(directory, f"{cache_key}{_SUFFIXES[1]}")):
-        try:
-          os.remove(path)
-        except OSError:
-          pass
-      if not os.path.exists(entry):
-        logging.warning("compilation cache: deleted the entry %s, which could not be loaded; "
-                        "the program compiled in its place is stored", entry)
+    _drop_if_damaged(cache_key)
     raise  # JAX warns and compiles
 
 
