@@ -64,10 +64,16 @@ def _write_whole(final: str, value: bytes) -> None:
       os.remove(partial)
 
 
+def _handled_dir(cache) -> str | None:
+  """The directory of a JAX `LRUCache` whose entries this module writes and deletes (local,
+  size not bounded); None for the others, which keep JAX's own locking and size accounting."""
+  return None if cache.eviction_enabled else _local_dir(cache.path)
+
+
 def _put(self, key: str, value: bytes) -> None:
-  directory = _local_dir(self.path)
-  if self.eviction_enabled or directory is None:
-    return _JAX_PUT(self, key, value)  # JAX's own locking and size accounting
+  directory = _handled_dir(self)
+  if directory is None:
+    return _JAX_PUT(self, key, value)
   if not key:
     raise ValueError("key cannot be empty")
   final = os.path.join(directory, f"{key}{_ENTRY_SUFFIX}")
@@ -75,20 +81,13 @@ def _put(self, key: str, value: bytes) -> None:
     _write_whole(final, value)
 
 
-def _entry_dir() -> str | None:
-  """The directory of the cache JAX opened, where this module handles its entries (local,
-  size not bounded); None elsewhere."""
+def _drop_if_damaged(cache_key: str) -> None:
+  """Deletes the entry of `cache_key` in the cache JAX opened if its data cannot be
+  decompressed (cut short or damaged); an entry that is whole stays, whatever else failed (e.g.
+  device memory)."""
   cache = getattr(_jax_cache, "_cache", None)
   cache = getattr(cache, "_base_cache", cache)  # under jax_compilation_cache_check_contents
-  if cache is None or getattr(cache, "eviction_enabled", True):
-    return None
-  return _local_dir(cache.path)
-
-
-def _drop_if_damaged(cache_key: str) -> None:
-  """Deletes the entry of `cache_key` if its data cannot be decompressed (cut short or
-  damaged); an entry that is whole stays, whatever else failed (e.g. device memory)."""
-  directory = _entry_dir()
+  directory = None if cache is None else _handled_dir(cache)
   if directory is None:
     return
   entry = os.path.join(directory, f"{cache_key}{_ENTRY_SUFFIX}")
@@ -145,7 +144,7 @@ def harden(directory: str | None = None) -> bool:
     return False
   _lru.LRUCache.put = _put
   _jax_cache.get_executable_and_time = _get
-  if directory and _local_dir(directory):
-    remove_stale_partials(_local_dir(directory))
+  local = _local_dir(directory) if directory else None
+  if local:
+    remove_stale_partials(local)
   return True
-
