@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,23 +16,8 @@ from jax._src import lru_cache as _lru
 
 from ttt_jax.train import compile_cache, distributed
 
-from .test_compilation_cache import ENV, fresh_process_cache, wait_for_entry  # noqa: F401
-
-
-def _call_and_record(fn, x):
-  """fn(x) after JAX forgets its in-memory executables; the cache events and warnings it made."""
-  jax.clear_caches()
-  events = []
-  listener = lambda event, **kw: events.append(event)  # noqa: E731
-  jax.monitoring.register_event_listener(listener)
-  try:
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      out = jax.jit(fn)(x)
-  finally:
-    jax.monitoring.unregister_event_listener(listener)
-  unreadable = [w for w in caught if "Error reading persistent compilation cache" in str(w.message)]
-  return out, "/jax/compilation_cache/cache_hits" in events, len(unreadable)
+# fresh_process_cache: a fixture, used by name
+from .test_compilation_cache import ENV, call_and_record, fresh_process_cache, wait_for_entry  # noqa: F401
 
 
 @pytest.mark.usefixtures("fresh_process_cache")
@@ -52,19 +36,19 @@ def test_an_entry_cut_short_is_replaced_once_then_read(tmp_path, hardened, monke
   def f(x):
     return jnp.tanh(x @ x.T) * 2.5
 
-  first, _, _ = _call_and_record(f, x)
+  first, _, _ = call_and_record(f, x)
   entry = os.path.join(path, wait_for_entry(path, "jit_f-"))
   whole = open(entry, "rb").read()
   with open(entry, "wb") as fh:
     fh.write(whole[: len(whole) // 2])
 
   with caplog.at_level("WARNING"):
-    second, hit, unreadable = _call_and_record(f, x)  # reads the cut entry, warns, compiles
+    second, hit, unreadable = call_and_record(f, x)  # reads the cut entry, warns, compiles
   assert not hit and unreadable == 1
   deleted = [r for r in caplog.records if "cut short or damaged" in r.getMessage()]
   assert len(deleted) == (1 if hardened else 0)
   wait_for_entry(path, "jit_f-")
-  third, hit, unreadable = _call_and_record(f, x)  # the next launch
+  third, hit, unreadable = call_and_record(f, x)  # the next launch
   if hardened:
     assert hit and unreadable == 0
     assert os.path.getsize(entry) > len(whole) // 2
@@ -168,7 +152,7 @@ def test_a_whole_entry_stays_when_loading_fails_for_another_reason(tmp_path, mon
   def h(x):
     return jnp.cos(x.T @ x) + x
 
-  first, _, _ = _call_and_record(h, x)
+  first, _, _ = call_and_record(h, x)
   entry = os.path.join(path, wait_for_entry(path, "jit_h-"))
   before = open(entry, "rb").read()
 
@@ -177,7 +161,7 @@ def test_a_whole_entry_stays_when_loading_fails_for_another_reason(tmp_path, mon
 
   monkeypatch.setattr(compile_cache, "_JAX_GET", out_of_memory)
   with caplog.at_level("WARNING"):
-    second, hit, unreadable = _call_and_record(h, x)
+    second, hit, unreadable = call_and_record(h, x)
   assert not hit and unreadable == 1
   assert not [r for r in caplog.records if "cut short or damaged" in r.getMessage()]
   assert open(entry, "rb").read() == before
