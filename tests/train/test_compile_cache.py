@@ -166,3 +166,33 @@ def test_a_whole_entry_stays_when_loading_fails_for_another_reason(tmp_path, mon
   assert not [r for r in caplog.records if "cut short or damaged" in r.getMessage()]
   assert open(entry, "rb").read() == before
   np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+@pytest.mark.usefixtures("fresh_process_cache")
+@pytest.mark.parametrize("bounded", [False, True])
+def test_a_size_bounded_cache_keeps_jax_own_writer(tmp_path, bounded, monkeypatch):
+  """With `jax_compilation_cache_max_size` set JAX's writer runs (its locking and its record of
+  each entry's last use, the `-atime` file); unset, the package's whole-or-absent writer."""
+  if bounded:
+    pytest.importorskip("filelock")  # JAX's size accounting needs it
+  written = []
+  write_whole = compile_cache._write_whole
+  monkeypatch.setattr(compile_cache, "_write_whole",
+                      lambda final, value: (written.append(final), write_whole(final, value)))
+  before = jax.config.jax_compilation_cache_max_size
+  jax.config.update("jax_compilation_cache_max_size", 1 << 30 if bounded else -1)
+  try:
+    path = distributed.enable_compilation_cache(str(tmp_path / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    x = np.random.default_rng().normal(size=(12, 12)).astype(np.float32)
+    jax.jit(lambda x: jnp.exp(x @ x) / 7.0)(x).block_until_ready()
+    wait_for_entry(path, "jit__lambda")
+  finally:
+    jax.config.update("jax_compilation_cache_max_size", before)
+  names = os.listdir(path)
+  entries = [n for n in names if n.startswith("jit__lambda") and n.endswith("-cache")]
+  assert len(entries) == 1, names
+  assert (entries[0].removesuffix("-cache") + "-atime" in names) == bounded, names
+  ours = [w for w in written if os.path.basename(w) == entries[0]]
+  assert len(ours) == (0 if bounded else 1), written
+  assert not [n for n in names if n.endswith(compile_cache._PARTIAL)]
