@@ -1,6 +1,7 @@
 """Every program a GPU run compiles by default, lowered for CUDA on this (CPU) machine: the train
 step of each model kind (E2E meta and pretrain; the Pallas TTT kernels), the streaming chunk
-step and the decode step (full attention: the Triton cache-attention kernel). A kernel that
+step and the decode step (full attention: the Triton cache-attention kernel), and the programs
+of evaluation, TLM and generation. A kernel that
 cannot be batched, differentiated twice or lowered by Triton fails here, not first on a GPU
 (ttt_jax/benchmarks/lowering.py)."""
 
@@ -19,6 +20,8 @@ from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.common import model_config
 from ttt_jax.models import config as model_cfg
 from ttt_jax.models import e2e
+
+from .tiers import core_and_extended
 
 TRITON = "__gpu$xla.gpu.triton"
 
@@ -65,6 +68,39 @@ def test_stream_and_decode_steps_lower_for_cuda(kind):
     # reading only its filled blocks (model.cache_attention_impl=auto)
     assert has_cudnn_attention(kernels) == (kind in ("swa", "e2e")), kernels
     assert (TRITON in kernels) == (kind == "transformer"), kernels
+
+
+@pytest.mark.parametrize("kind", core_and_extended(
+    ("transformer", "e2e-meta", "ttt_linear", "swa", "ttt_mlp"),
+    core=("transformer", "e2e-meta")))  # TTT-Linear's kernels: as in its train step
+def test_eval_tlm_and_generation_programs_lower_for_cuda(kind):
+  """The programs a GPU runs besides training and streaming: the evaluation step, the one-shot
+  per-position NLL, one TLM update of the LoRA adapters (a gradient through the model, and for
+  E2E through its inner loop: differentiated twice) and the generation loop."""
+  programs = lowering.lower_eval_programs(kind)
+  assert set(programs) == {"eval", "one_shot", "tlm", "generate"}
+  attention = kind in ("transformer", "swa", "e2e-meta")
+  for name, exported in programs.items():
+    assert exported.platforms == ("cuda",), name
+    kernels = lowering.kernels_in(exported)
+    if name == "generate":  # full attention reads its cache through the Triton kernel
+      assert has_cudnn_attention(kernels) == (kind in ("swa", "e2e-meta")), kernels
+      assert (TRITON in kernels) == (kind == "transformer"), kernels
+      continue
+    assert has_cudnn_attention(kernels) == attention, (name, kernels)
+    assert (TRITON in kernels) == (kind == "ttt_linear"), (name, kernels)  # the Pallas kernels
+    # TLM's adapters sit in the attention projections: their gradient runs cuDNN's backward
+    assert ("__cudnn$fmhaSoftmaxBackward" in kernels) == (attention and name == "tlm"), kernels
+
+
+def test_cudnn_in_the_e2e_tlm_inner_loop_is_caught(monkeypatch):
+  """TLM on an E2E model differentiates the inner loop (cuDNN there would not lower: no
+  batching rule under the per-sequence vmap, no second derivative)."""
+  monkeypatch.setattr(e2e, "resolve_inner_impl", lambda impl: "cudnn")
+  with lowering.for_gpu():
+    fn, args = lowering.eval_programs("e2e-meta")["tlm"]
+    with pytest.raises(Exception, match="reshape|Differentiation rule|not implemented"):
+      lowering.export_cuda(fn, *args)
 
 
 def test_cudnn_in_the_e2e_inner_loop_is_caught(monkeypatch):

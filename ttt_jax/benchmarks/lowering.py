@@ -1,5 +1,6 @@
 """Lower, on any machine, the programs a GPU run compiles: every model kind's train step, its
-streaming (prefill chunk) step and its decode step, built with the GPU's default kernel choices
+streaming (prefill chunk) step and its decode step, and its evaluation, TLM and generation
+programs (`eval_programs`), built with the GPU's default kernel choices
 (cuDNN attention, Triton TTT kernels) and exported for `platforms=['cuda']`.
 
 This catches on a CPU what only a GPU takes: a kernel without a batching rule under `jax.vmap`,
@@ -17,10 +18,16 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ttt_jax.benchmarks.common import Size, model_config
 from ttt_jax.benchmarks.streaming import Streamer
+from ttt_jax.eval.generate import Generator
+from ttt_jax.eval.stream import make_one_shot_step
+from ttt_jax.eval.tlm import TLM
+from ttt_jax.eval.tlm import default_config as tlm_config
 from ttt_jax.layers.common import building_for
+from ttt_jax.models import build_model
 from ttt_jax.sharding import make_mesh
 from ttt_jax.train.trainer import Trainer
 
@@ -177,6 +184,41 @@ def sharded_train_step(kind: str, overrides: dict | None, size: Size,
   state = jax.tree.map(placed, state, trainer.state_shardings)
   batch = jax.tree.map(lambda a: placed(a, trainer.batch_sharding), batch)
   return trainer.train_step, (state, batch)
+
+
+def eval_programs(kind: str, size: Size = SIZE) -> dict[str, tuple[Callable, tuple]]:
+  """(function, abstract arguments) of the programs besides training and streaming that a GPU
+  runs for benchmark kind `kind`: 'eval' (the trainer's evaluation step: validation and
+  scripts/evaluate.py), 'one_shot' (per-position NLL from one forward pass, eval/stream.py),
+  'tlm' (one update of TLM's LoRA adapters, eval/tlm.py) and 'generate' (eval/generate.py's
+  loop: prefill, then sampling until the limit). Build and trace them inside `for_gpu()`."""
+  cfg = model_config(kind, size)
+  trainer = Trainer.create(cfg)
+  state = jax.eval_shape(lambda: trainer._init(cfg.seed))
+  tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
+  graphdef, params = nnx.split(build_model(cfg.model, cfg.seed))
+  tlm, lora = TLM.create(build_model(cfg.model, cfg.seed), tlm_config(), log_p0=3.0)
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+  rows, slots = cfg.data.batch_size, cfg.data.seq_len
+  gen = Generator(graphdef, params, cfg.model, chunk=size.e2e_chunk, max_len=slots)
+  cache = jax.eval_shape(lambda: nnx.merge(graphdef, params).init_cache(rows, slots))
+  i32, f32 = scalar(jnp.int32), scalar(jnp.float32)
+  knobs = (jax.random.key(0), f32, i32, f32, jax.ShapeDtypeStruct((8,), jnp.int32))
+  programs = {
+      "eval": (trainer.pure_eval_step, (state.params, {"tokens": tokens})),
+      "one_shot": make_one_shot_step(graphdef).prepare(params, tokens),
+      "tlm": tlm._step_jit.prepare(tlm.base, lora, jax.eval_shape(tlm.optimizer.init, lora),
+                                   tokens, f32),
+      "generate": gen.loop.prepare(params, cache, jax.ShapeDtypeStruct((rows, slots), jnp.int32),
+                                   i32, i32, i32, *knobs,
+                                   jax.ShapeDtypeStruct((rows,), jnp.bool_))}
+  return programs
+
+
+def lower_eval_programs(kind: str, size: Size = SIZE) -> dict[str, jax.export.Exported]:
+  """`eval_programs`, lowered for CUDA."""
+  with for_gpu():
+    return {name: export_cuda(fn, *args) for name, (fn, args) in eval_programs(kind, size).items()}
 
 
 def lower_train_step(kind: str, overrides: dict | None = None, size: Size = SIZE,

@@ -200,6 +200,12 @@ class Trainer:
     return self._train_step
 
   @property
+  def pure_eval_step(self):
+    """The evaluation step as a plain function (params, batch) -> metrics (as
+    `pure_train_step`)."""
+    return self._eval_step
+
+  @property
   def train_step(self):
     if not hasattr(self, "_train_step_jit"):
       self._train_step_jit = jax.jit(
