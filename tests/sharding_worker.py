@@ -357,6 +357,7 @@ def _kernels_on_mesh(devices) -> dict:
         got = np.asarray(sharded(q, k, v), np.float64)
       res[name] = {"max_rel": float(np.max(np.abs(got - ref)) / np.max(np.abs(ref))),
                    "manual_regions": text.count("sdy.manual_computation(")}
+    res["ttt_stream"] = _ttt_stream_on_mesh(mesh, rng)
     # per_shard of plain code, against the same without a mesh: value and gradients where the
     # batch or the heads do not divide the mesh axes, a Python scalar among the arguments
     def fn(x, w, s):
@@ -390,6 +391,38 @@ def _kernels_on_mesh(devices) -> dict:
   except Exception:  # noqa: BLE001 (reported to the test, which fails on it)
     res["error"] = traceback.format_exc()
   return res
+
+
+def _ttt_stream_on_mesh(mesh, rng) -> float:
+  """A TTT-Linear layer (`ttt.impl=pallas`, interpreted) streaming 21 tokens, one mini-batch
+  of 16 and 5 buffered (the kernels with `complete`), on the mesh against the same without it:
+  the largest relative difference of the outputs and the state's inner weights."""
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from ttt_jax.layers import ttt_inner, ttt_variants  # noqa: PLC0415
+  from ttt_jax.layers.ttt import TTTMixer  # noqa: PLC0415
+  from ttt_jax.models.config import model_config  # noqa: PLC0415
+
+  c = build_config("model=ttt_linear").model
+  c.d_model, c.num_heads, c.ttt.mini_batch_size, c.ttt.impl = 64, 4, 16, "pallas"
+  cfg = ttt_variants.ttt_config(model_config(c), ttt_inner.inner_model_for_mixer("ttt_linear")
+                                .name)
+  mixer = TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(mixer)
+  x = jnp.asarray(rng.normal(size=(4, 21, 64)), jnp.float32)
+  pos = jnp.arange(21, dtype=jnp.int32)
+
+  def stream(params, x):
+    m = nnx.merge(graphdef, params)
+    y, state = m(x, pos, m.init_state(x.shape[0]))
+    return y, state.params
+
+  ref = jax.jit(stream)(params, x)
+  with shd.activation_sharding(mesh):
+    got = jax.jit(lambda p, x: stream(p, x))(params, x)
+  return max(float(np.max(np.abs(np.asarray(g) - np.asarray(r))) / np.max(np.abs(np.asarray(r))))
+             for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True))
 
 
 def process(pid: int, nproc: int, port: int, workdir: str) -> dict:

@@ -65,9 +65,10 @@ def test_stream_and_decode_steps_lower_for_cuda(kind):
     assert exported.platforms == ("cuda",)
     kernels = lowering.kernels_in(exported)
     # window caches: cuDNN with the position mask; a full-attention cache: the Triton kernel
-    # reading only its filled blocks (model.cache_attention_impl=auto)
+    # reading only its filled blocks (model.cache_attention_impl=auto); TTT-Linear: its
+    # sequence kernels, the update of a partial mini-batch left out
     assert has_cudnn_attention(kernels) == (kind in ("swa", "e2e")), kernels
-    assert (TRITON in kernels) == (kind == "transformer"), kernels
+    assert (TRITON in kernels) == (kind in ("transformer", "ttt_linear")), kernels
 
 
 @pytest.mark.parametrize("kind", core_and_extended(
@@ -83,9 +84,9 @@ def test_eval_tlm_and_generation_programs_lower_for_cuda(kind):
   for name, exported in programs.items():
     assert exported.platforms == ("cuda",), name
     kernels = lowering.kernels_in(exported)
-    if name == "generate":  # full attention reads its cache through the Triton kernel
+    if name == "generate":  # Triton: full attention's cache kernel, TTT-Linear's kernels
       assert has_cudnn_attention(kernels) == (kind in ("swa", "e2e-meta")), kernels
-      assert (TRITON in kernels) == (kind == "transformer"), kernels
+      assert (TRITON in kernels) == (kind in ("transformer", "ttt_linear")), kernels
       continue
     assert has_cudnn_attention(kernels) == attention, (name, kernels)
     assert (TRITON in kernels) == (kind == "ttt_linear"), (name, kernels)  # the Pallas kernels

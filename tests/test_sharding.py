@@ -275,13 +275,16 @@ def test_batch_split_counts_the_devices_of_the_batch_axes_only():
 def test_kernels_run_per_device_on_a_mesh(meshes):
   """A Pallas kernel call carries no partitioning rule: on a mesh each device runs it on its own
   sequences and heads (`sharding.per_shard`), with the same result as without a mesh
-  (interpreted here; the TTT-Linear kernels' training is compared in the tests above), and in
+  (interpreted here; the TTT-Linear kernels' training is compared in the tests above, their
+  streaming here), and in
   the lowered multi-device train steps every kernel call sits in a per-device region."""
   res = meshes["kernels"]
   assert "error" not in res, res["error"]
   for name in ("splash", "cache"):  # grouped-query heads, split over 'tensor' with the queries
     assert res[name]["max_rel"] <= 1e-5, (name, res[name])
     assert res[name]["manual_regions"] >= 1, name
+  # TTT-Linear's kernels streaming (a partial mini-batch buffered): outputs and state
+  assert res["ttt_stream"] <= 1e-5, res["ttt_stream"]
   # plain code through per_shard, batch or heads not dividing the mesh: value and gradients
   assert max(res["plain"]) <= 1e-6, res["plain"]
   for name, calls in (("ttt_linear-cuda", 6), ("transformer-tpu", 4)):

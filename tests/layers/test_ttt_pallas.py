@@ -319,19 +319,36 @@ def test_mixer_with_pallas_impl_matches_dual(mixer):
 @pytest.mark.parametrize("mixer", ["ttt_linear",
                                    pytest.param("ttt_mlp", marks=pytest.mark.extended)])
 def test_streaming_with_pallas_impl_equals_its_one_shot(mixer):
-  """Streaming calls (partial mini-batches) fall back to the dual form; the one-shot call runs
-  the kernels: the two agree."""
+  """Streaming calls run the kernels too, the update of a partial mini-batch left out (its rate
+  set to 0): the chunks' outputs equal the one-shot call's, and the state after them (inner
+  weights, buffered mini-batch) the dual form's after the same chunks."""
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 48, 64)), jnp.float32)
   pos = jnp.arange(48, dtype=jnp.int32)
-  cfg = dataclasses.replace(mixer_cfg(mixer, b=B, impl="pallas"), d_model=64, num_heads=4)
-  m = randomize(TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32,
-                         rngs=nnx.Rngs(0)), std=0.1)
+  mixers = {impl: randomize(TTTMixer(
+      dataclasses.replace(mixer_cfg(mixer, b=B, impl=impl), d_model=64, num_heads=4),
+      compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)), std=0.1)
+      for impl in ("pallas", "dual")}
+  m = mixers["pallas"]
   y, _ = m(x, pos, None)
-  state, ys = m.init_state(2), []
-  for start, stop in ((0, 5), (5, 21), (21, 48)):
-    yc, state = m(x[:, start:stop], pos[start:stop], state)
-    ys.append(yc)
-  assert rel_err(jnp.concatenate(ys, axis=1), y) <= 2e-5
+  chunks = ((0, 5), (5, 21), (21, 40))  # 40 = 2 mini-batches of 16 and 8 tokens buffered
+  states, ys = {}, []
+  for impl, mixer_ in mixers.items():
+    state = mixer_.init_state(2)
+    for start, stop in chunks:
+      if impl == "pallas":  # each streaming call runs the sequence kernels
+        jaxpr = jax.make_jaxpr(lambda s, xc, pc, m_=mixer_: m_(xc, pc, s))(
+            state, x[:, start:stop], pos[start:stop])
+        assert "pallas_call" in str(jaxpr)
+      yc, state = mixer_(x[:, start:stop], pos[start:stop], state)
+      ys += [yc] if impl == "pallas" else []
+    states[impl] = state
+  assert rel_err(jnp.concatenate(ys, axis=1), y[:, :40]) <= 2e-5
+  assert int(states["pallas"].count) == int(states["dual"].count) == 8
+  assert tree_rel_err(states["pallas"].params, states["dual"].params) <= 2e-5
+  assert rel_err(states["pallas"].xk, states["dual"].xk) == 0.0
+  # the buffered tokens' update is made once their mini-batch completes
+  yc, _ = m(x[:, 40:], pos[40:], states["pallas"])
+  assert rel_err(yc, y[:, 40:]) <= 2e-5
 
 
 @pytest.mark.parametrize("platform,b,heads,match", [

@@ -302,15 +302,17 @@ class TTTMixer(nnx.Module):
 
   def _inner(self, model, params, ln, xs, interpret: bool, complete):
     pallas = self.impl == "pallas"
-    if pallas and model.pallas_sequence and complete is None:
+    if pallas and model.pallas_sequence:
       # one kernel program per sequence and head: on a mesh, each device runs the kernels on
-      # its own sequences and heads (XLA cannot split a kernel call itself)
+      # its own sequences and heads (XLA cannot split a kernel call itself); streaming calls
+      # pass `complete` (whole on every device): a partial mini-batch makes no update
+      extra = () if complete is None else (complete,)
       kernel = per_shard(lambda *a: model.pallas_sequence(*a, interpret=interpret),
-                         [SEQ_AXES, HEAD_AXES] + [MB_AXES] * len(xs), [SEQ_AXES, MB_AXES])
-      return kernel(params, ln, *xs)
-    if model.dual_sequence and (self.impl == "dual" or (pallas and model.pallas_sequence)):
-      # dual: W-independent work hoisted out of the scan (layers/ttt_dual.py); also pallas's
-      # streaming calls, whose partial mini-batches the sequence kernel does not take
+                         [SEQ_AXES, HEAD_AXES] + [MB_AXES] * len(xs) + [(None,)] * len(extra),
+                         [SEQ_AXES, MB_AXES])
+      return kernel(params, ln, *xs, *extra)
+    if model.dual_sequence and self.impl == "dual":
+      # dual: W-independent work hoisted out of the scan (layers/ttt_dual.py)
       return model.dual_sequence(params, ln, *xs, self.remat_group, complete)
     step = model.step("primal" if pallas else self.impl)
     return ttt_inner.scan_minibatches(step, params, ln, xs, self.remat_group, complete)

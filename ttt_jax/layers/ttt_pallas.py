@@ -168,6 +168,16 @@ def row(ref, i, cols=slice(None)):
   return ref[pl.ds(i, 1), cols]
 
 
+def update_rates(eta, complete=None):
+  """lr = -eta[b, :] [n, B, H, b, 1]: each mini-batch's update weights (the last row of its
+  eta); `complete` [n] bool (streaming): 0 for an incomplete mini-batch, whose update is then
+  exactly W + 0 (its outputs, made with W_i, need no update)."""
+  lr = -eta[..., -1, :, None]
+  if complete is None:
+    return lr
+  return lr * complete.astype(lr.dtype)[:, None, None, None, None]
+
+
 def to_sequence(x):
   """Mini-batches [n, B, H, b, k] as one sequence per (sequence, head): [B, H, n * b, k]."""
   n, bsz, heads, b = x.shape[:4]

@@ -42,6 +42,7 @@ from ttt_jax.layers.ttt_pallas import (
   sequence_output,
   t_dot,
   to_sequence,
+  update_rates,
 )
 
 # -- TTT-Linear over a whole sequence ------------------------------------------------------------
@@ -271,12 +272,12 @@ def _chain_bwd(interpret, n, res, cot):
 linear_chain.defvjp(_chain_fwd, _chain_bwd)
 
 
-def linear_sequence(params, ln, xq, xk, xv, eta, *, interpret: bool = False):
+def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool = False):
   """TTT-Linear over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
-  kernels. Same contract as `ttt_dual.dual_sequence('linear', ...)` without remat or partial
-  mini-batches: returns (final params, outputs XQ + LN_h(z) [n, B, H, b, d])."""
+  kernels. Same contract as `ttt_dual.dual_sequence('linear', ...)` without remat: returns
+  (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there."""
   attn = jnp.tril(eta) * (ttt_inner.mm_t(xq, xk) + 1.0)  # the bias's share of the correction: +1
-  lr = -eta[..., -1, :, None]  # [n, B, H, b, 1]
+  lr = update_rates(eta, complete)  # [n, B, H, b, 1]
   where = current_tuning().linear_output
   if where == "xla":
     wn, bn, ws, bs, g = linear_chain(interpret, xq.shape[0], params["w"], params["b"], *ln,

@@ -316,10 +316,11 @@ def _core_bwd(interpret, res, cot):
 sequence_core.defvjp(_core_fwd, _core_bwd)
 
 
-def mlp_sequence(params, ln, xq, xk, xv, eta, *, interpret: bool = False):
+def mlp_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool = False):
   """TTT-MLP over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
-  kernels. Same contract as `ttt_dual.dual_sequence('mlp', ...)` without remat or partial
-  mini-batches: returns (final params, outputs XQ + LN_h(z) [n, B, H, b, d])."""
-  views = map(ttt_pallas.to_sequence, (xq, xk, xv - xk, jnp.tril(eta), -eta[..., -1, :, None]))
+  kernels. Same contract as `ttt_dual.dual_sequence('mlp', ...)` without remat: returns
+  (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there."""
+  views = map(ttt_pallas.to_sequence, (xq, xk, xv - xk, jnp.tril(eta),
+                                       ttt_pallas.update_rates(eta, complete)))
   final, z = sequence_core(interpret, ln, *views, {k: params[k] for k in NAMES})
   return final, ttt_pallas.sequence_output(z, ln, xq)
