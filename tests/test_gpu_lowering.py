@@ -104,6 +104,13 @@ def test_cudnn_in_the_e2e_tlm_inner_loop_is_caught(monkeypatch):
       lowering.export_cuda(fn, *args)
 
 
+def test_dual_stream_alias_streams_without_the_kernels():
+  """gpu-check's `stream:ttt_linear/ttt_linear-dual` compares TTT-Linear streaming through its
+  kernels (the GPU default) with the dual form: the alias's steps hold no Triton call."""
+  for exported in lowering.lower_stream_steps("ttt_linear-dual").values():
+    assert TRITON not in lowering.kernels_in(exported)
+
+
 def test_cudnn_in_the_e2e_inner_loop_is_caught(monkeypatch):
   """The class of bug this file exists for: cuDNN attention inside the per-sequence vmap and the
   second-order meta gradient does not lower (it did not run on a GPU either)."""

@@ -88,7 +88,8 @@ def plan(only: list[str]) -> list[tuple[str, float]]:
             ("train:e2e-meta+chunkdots", 150), ("train:e2e-meta+before", 150),
             ("train:e2e-meta+suffixremat", 150),
             ("cache_attention", 90),
-            (f"stream:{STREAM_HONEST}", 300), ("train:e2e-meta+windows", 150)]
+            (f"stream:{STREAM_HONEST}", 300), ("train:e2e-meta+windows", 150),
+            ("stream:ttt_linear/ttt_linear-dual", 200)]
   tasks += [("train125m:transformer", 120), ("train:transformer+noremat", 60),
             ("train:ttt_linear+noremat", 60), ("train:ttt_linear+cmdbuf", 80),
             ("train:ttt_mlp+cmdbuf", 150),

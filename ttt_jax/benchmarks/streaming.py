@@ -30,7 +30,9 @@ from ttt_jax.models import build_model
 # kinds that are another kind with model overrides: full attention against its cache through
 # model.attention_impl's path (on a GPU: cuDNN with a [chunk, capacity] mask over every slot)
 # instead of the Triton kernel that reads only the filled blocks
-STREAM_ALIASES = {"transformer-masked": ("transformer", {"cache_attention_impl": "inherit"})}
+STREAM_ALIASES = {"transformer-masked": ("transformer", {"cache_attention_impl": "inherit"}),
+                  # TTT-Linear streaming through the dual form (a GPU's default: its kernels)
+                  "ttt_linear-dual": ("ttt_linear", {"ttt.impl": "dual"})}
 
 
 class Streamer:
