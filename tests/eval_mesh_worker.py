@@ -27,12 +27,14 @@ KINDS = ("transformer", "swa", "ttt_linear-pallas", "ttt_mlp", "e2e", "e2e+scan"
 B, L, CHUNK = 8, 64, 16  # rows (one per device), streamed positions, chunk
 
 
-def _on_mesh(kind: str, mesh=(-1, 1, 1)):
+def _on_mesh(kind: str, mesh=(-1, 1, 1), ttt_mini_batch: int | None = None):
   """(model config, graphdef, params on the (8,1,1) mesh as load_run places them (or on
   `mesh`, e.g. a trainer's FSDP mesh), the same on one device)."""
   from ttt_jax.models import abstract_model, build_model  # noqa: PLC0415
 
   cfg = tiny_config(kind)
+  if ttt_mini_batch:
+    cfg.model.ttt.mini_batch_size = ttt_mini_batch
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh  # (-1, 1, 1): as runs/load.py evaluates
   graphdef, abstract = abstract_model(cfg.model, 0)
   mesh = shd.make_mesh(cfg.mesh)
@@ -135,17 +137,19 @@ def kind_checks(kind: str) -> dict:
 
 
 def lowered() -> dict:
-  """One-shot NLL and TLM's log-perplexity lowered for TPU (splash attention), full attention's
-  chunk step for CUDA (the Triton cache kernel), on the (8,1,1) mesh. (TTT's chunk steps take
-  the dual form: no kernel.)"""
+  """One-shot NLL and TLM's log-perplexity lowered for TPU (splash attention), the chunk steps
+  of full attention (the Triton cache kernel) and TTT-Linear (its Triton sequence kernels, a
+  partial mini-batch's update left out) for CUDA, on the (8,1,1) mesh."""
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.eval import tlm as tlm_lib  # noqa: PLC0415
 
   out = {}
   tokens = np.random.default_rng(4).integers(0, 259, (B, 257)).astype(np.int32)
-  for platform, kind in (("tpu", "transformer"), ("cuda", "transformer")):
+  for platform, kind in (("tpu", "transformer"), ("cuda", "transformer"),
+                         ("cuda", "ttt_linear-pallas")):
     with lowering.building(platform):
-      _, graphdef, params, _ = _on_mesh(kind)  # splash needs 128-token blocks
+      # splash needs 128-token blocks; the TTT kernels mini-batches of 16 on a GPU
+      _, graphdef, params, _ = _on_mesh(kind, ttt_mini_batch=16 if platform == "cuda" else None)
       if platform == "tpu":
         progs = {"one_shot": P.make_one_shot_step(graphdef).prepare(params, tokens)}
         tc = tlm_lib.default_config()

@@ -393,10 +393,11 @@ def _kernels_on_mesh(devices) -> dict:
   return res
 
 
-def _ttt_stream_on_mesh(mesh, rng) -> float:
+def _ttt_stream_on_mesh(mesh, rng) -> dict:
   """A TTT-Linear layer (`ttt.impl=pallas`, interpreted) streaming 21 tokens, one mini-batch
   of 16 and 5 buffered (the kernels with `complete`), on the mesh against the same without it:
-  the largest relative difference of the outputs and the state's inner weights."""
+  the largest relative difference of the outputs and the state's inner weights, and the
+  per-device regions of the program on the mesh."""
   import jax.numpy as jnp  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
@@ -420,9 +421,12 @@ def _ttt_stream_on_mesh(mesh, rng) -> float:
 
   ref = jax.jit(stream)(params, x)
   with shd.activation_sharding(mesh):
-    got = jax.jit(lambda p, x: stream(p, x))(params, x)
-  return max(float(np.max(np.abs(np.asarray(g) - np.asarray(r))) / np.max(np.abs(np.asarray(r))))
-             for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True))
+    sharded = jax.jit(lambda p, x: stream(p, x))
+    text = sharded.lower(params, x).as_text()
+    got = sharded(params, x)
+  rel = max(float(np.max(np.abs(np.asarray(g) - np.asarray(r))) / np.max(np.abs(np.asarray(r))))
+            for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True))
+  return {"max_rel": rel, "manual_regions": text.count("sdy.manual_computation(")}
 
 
 def process(pid: int, nproc: int, port: int, workdir: str) -> dict:

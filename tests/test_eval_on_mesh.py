@@ -89,10 +89,12 @@ def test_tlm_adapts_on_a_split_batch(on_mesh):
 
 
 @pytest.mark.parametrize("program", ("tpu:transformer:one_shot", "tpu:transformer:tlm",
-                                     "tpu:transformer:tlm_step", "cuda:transformer:chunk"))
+                                     "tpu:transformer:tlm_step", "cuda:transformer:chunk",
+                                     "cuda:ttt_linear-pallas:chunk"))
 def test_kernels_lower_per_device_on_the_mesh(on_mesh, program):
-  """Lowered for TPU (splash) and CUDA (the cache kernel) with the parameters on the (8,1,1)
-  mesh: every kernel call sits in a per-device region that takes the batch split. (The TPU ones
-  failed before: "Mosaic kernels cannot be automatically partitioned".)"""
+  """Lowered for TPU (splash) and CUDA (the cache kernel, TTT-Linear's streaming kernels) with
+  the parameters on the (8,1,1) mesh: every kernel call sits in a per-device region that takes
+  the batch split. (The TPU ones failed before: "Mosaic kernels cannot be automatically
+  partitioned".)"""
   res = _ok(on_mesh["lowered"])[program]
   assert res["inside"] and all(res["inside"]) and res["batch_split"], res

@@ -107,7 +107,9 @@ def test_cudnn_in_the_e2e_tlm_inner_loop_is_caught(monkeypatch):
 def test_dual_stream_alias_streams_without_the_kernels():
   """gpu-check's `stream:ttt_linear/ttt_linear-dual` compares TTT-Linear streaming through its
   kernels (the GPU default) with the dual form: the alias's steps hold no Triton call."""
-  for exported in lowering.lower_stream_steps("ttt_linear-dual").values():
+  steps = lowering.lower_stream_steps("ttt_linear-dual")
+  assert set(steps) == {"prefill", "decode"}
+  for exported in steps.values():
     assert TRITON not in lowering.kernels_in(exported)
 
 
