@@ -8,7 +8,6 @@ tests/test_gpu_lowering.py; their H200 build: tests/test_gpu_census.py."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
