@@ -211,9 +211,10 @@ def test_each_task_is_told_where_its_trace_goes(tmp_path, monkeypatch):
 
 
 def test_pallas_task_runs_on_cpu():
-  """Both kernels (interpreted) against the dual form, and the layer timings, at the toy preset."""
+  """Both kernels (interpreted) against the dual form (TTT-Linear's also as a streaming call),
+  and the layer timings, at the toy preset."""
   out = gpu_tasks.task_pallas(preset="quick")
-  for kind in ("linear", "mlp", "linear-xla"):
+  for kind in ("linear", "mlp", "linear-xla", "linear-stream"):
     assert 0 <= out[kind]["value_rel_err"] < 1e-5 and 0 < out[kind]["grad_rel_err"] < 1e-5
   for name in ("ttt_linear/dual", "ttt_linear/pallas", "ttt_linear/pallas-xla", "ttt_mlp/dual",
                "ttt_mlp/pallas"):

@@ -37,7 +37,8 @@ def _correctness(results: dict) -> list[str]:
     out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
             "head dim 64 (values and gradients w.r.t. every input):", ""]
     for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP"),
-                        ("linear-xla", "TTT-Linear, output by XLA (Tuning.linear_output)")):
+                        ("linear-xla", "TTT-Linear, output by XLA (Tuning.linear_output)"),
+                        ("linear-stream", "TTT-Linear streaming (the last 2 updates left out)")):
       r = pal.get(kind)
       if r and _status(r):
         out.append(f"- {label}: {_status(r)}")

@@ -25,7 +25,6 @@ def _tree_rel(a, b) -> float:
 
 def _error(e: Exception, limit: int = 300) -> dict:
   from ttt_jax.benchmarks.common import error_record  # noqa: PLC0415
-
   return error_record(e, limit)
 
 
@@ -103,8 +102,8 @@ def task_attention() -> dict:
 
 def task_pallas(preset: str = "gpu") -> dict:
   """Both TTT kernels vs the XLA dual form (fp32, small; TTT-Linear also with its output made by
-  XLA, `row` linear-xla), then one layer's fwd+bwd time, dual vs pallas (`LAYER_TIMINGS`), at
-  `preset`'s shape."""
+  XLA, `row` linear-xla, and as a streaming call leaves out the last two updates, linear-stream),
+  then one layer's fwd+bwd time, dual vs pallas (`LAYER_TIMINGS`), at `preset`'s shape."""
   import functools  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -124,14 +123,15 @@ def task_pallas(preset: str = "gpu") -> dict:
   ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
   out = {}
   base_lr = {"linear": 1.0, "mlp": 0.1}  # the presets' inner base LRs
-  for row, kind, tune in (("linear", "linear", {}), ("mlp", "mlp", {}),
-                          ("linear-xla", "linear", {"linear_output": "xla"})):
+  for row, kind, tune, done in (("linear", "linear", {}, None), ("mlp", "mlp", {}, None),
+                                ("linear-xla", "linear", {"linear_output": "xla"}, None),
+                                ("linear-stream", "linear", {}, jnp.arange(n) < n - 2)):
     model = ttt_inner.inner_model(kind)
     eta = ttt_inner.token_lr(gate, f(b, sc=0.1), base_lr[kind], d)
     params = {k: f(bsz, h, *s, sc=0.3 if k in model.weight_names else 0.1)
               for k, s in model.param_shapes(d).items()}
-    kern = functools.partial(model.pallas_sequence, interpret=interpret)  # the whole sequence
-    dual = lambda p, ln, *x, kind=kind: ttt_dual.dual_sequence(kind, p, ln, *x, 4)  # noqa: E731
+    kern = functools.partial(model.pallas_sequence, complete=done, interpret=interpret)
+    dual = lambda p, ln, *x, k=kind, c=done: ttt_dual.dual_sequence(k, p, ln, *x, 4, c)  # noqa: E731
     probe = f(n, bsz, h, b, d)
 
     def vg(fn, probe=probe):
