@@ -326,7 +326,7 @@ def main(argv=None) -> int:
                  help="comma list of gpu-check train kinds (K or K+variant; S:K the "
                  "pretraining preset of model kind K at scale S (125m, 350m, ...) and 8K; "
                  "node8:K train kind K on a node of 8 H200s, FSDP over them)")
-  p.add_argument("--stream", default="transformer,transformer-masked,e2e",
+  p.add_argument("--stream", default="transformer,transformer-masked,e2e,ttt_linear",
                  help="comma list of streaming kinds whose prefill-chunk and decode steps are "
                  "counted ('' = none)")
   p.add_argument("--stream_len", type=int, default=131072, help="their context length")
