@@ -27,7 +27,7 @@ from ttt_jax.eval.stream import make_one_shot_step
 from ttt_jax.eval.tlm import TLM
 from ttt_jax.eval.tlm import default_config as tlm_config
 from ttt_jax.layers.common import building_for
-from ttt_jax.models import build_model
+from ttt_jax.models import abstract_model, build_model
 from ttt_jax.sharding import make_mesh
 from ttt_jax.train.trainer import Trainer
 
@@ -194,18 +194,18 @@ def eval_programs(kind: str, size: Size = SIZE) -> dict[str, tuple[Callable, tup
   loop: prefill, then sampling until the limit). Build and trace them inside `for_gpu()`."""
   cfg = model_config(kind, size)
   trainer = Trainer.create(cfg)
-  state = jax.eval_shape(lambda: trainer._init(cfg.seed))
-  tokens = jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len + 1), jnp.int32)
-  graphdef, params = nnx.split(build_model(cfg.model, cfg.seed))
+  _, (state, batch) = train_step_of_config(cfg, trainer)
+  tokens = batch["tokens"]
+  graphdef, params = abstract_model(cfg.model, cfg.seed)
   tlm, lora = TLM.create(build_model(cfg.model, cfg.seed), tlm_config(), log_p0=3.0)
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
   rows, slots = cfg.data.batch_size, cfg.data.seq_len
   gen = Generator(graphdef, params, cfg.model, chunk=size.e2e_chunk, max_len=slots)
-  cache = jax.eval_shape(lambda: nnx.merge(graphdef, params).init_cache(rows, slots))
+  cache = jax.eval_shape(lambda p: nnx.merge(graphdef, p).init_cache(rows, slots), params)
   i32, f32 = scalar(jnp.int32), scalar(jnp.float32)
   knobs = (jax.random.key(0), f32, i32, f32, jax.ShapeDtypeStruct((8,), jnp.int32))
   programs = {
-      "eval": (trainer.pure_eval_step, (state.params, {"tokens": tokens})),
+      "eval": (trainer.pure_eval_step, (state.params, batch)),
       "one_shot": make_one_shot_step(graphdef).prepare(params, tokens),
       "tlm": tlm._step_jit.prepare(tlm.base, lora, jax.eval_shape(tlm.optimizer.init, lora),
                                    tokens, f32),
