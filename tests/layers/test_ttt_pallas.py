@@ -116,6 +116,31 @@ def test_one_launch_each_way(kind, where):
     assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)).count("pallas_call") == 2
 
 
+def _row_reduction_ranks(fn, *args) -> list[int]:
+  """The operand rank of every sum over the last axis (a normalization's statistics) among the
+  program's own equations (kernel bodies and custom rules' inner programs not included)."""
+  return [e.invars[0].aval.ndim for e in jax.make_jaxpr(fn)(*args).eqns
+          if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim - 1 in e.params["axes"]]
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_kernel_output_is_normalized_in_the_kernels_layout(kind):
+  """`sequence_output` normalizes z as the kernel wrote it, [B, H, T, d], forward and backward,
+  not in mini-batches [n, B, H, b, d]: XLA:GPU searches tilings over every axis of a
+  normalization's shape while fusing it (docs/benchmarks.md)."""
+  args = inputs(kind, n=2)
+  assert _row_reduction_ranks(sequence_fn(kind, "pallas"), *args) == [4, 4]
+  _, ln, xq, *_ = args
+  z = jax.random.normal(jax.random.key(5), ttt_pallas.to_sequence(xq).shape)
+  probe = jax.random.normal(jax.random.key(6), xq.shape)
+  loss = lambda z, ln, xq: jnp.vdot(ttt_pallas.sequence_output(z, ln, xq), probe)  # noqa: E731
+  ranks = _row_reduction_ranks(jax.grad(loss, argnums=(0, 1, 2)), z, ln, xq)
+  assert len(ranks) >= 4 and set(ranks) == {4}, ranks
+  want = xq + ttt_inner.layer_norm(ttt_pallas.from_sequence(z, xq.shape[0]), *ln)
+  assert _row_reduction_ranks(lambda z: ttt_inner.layer_norm(z, *ln), xq) == [5, 5]
+  assert rel_err(ttt_pallas.sequence_output(z, ln, xq), want) < 1e-6
+
+
 def _dot_precisions(fn, *args) -> set[str]:
   """The precisions of every dot in the program, the kernel bodies' included."""
   return set(re.findall(r"precision=(\w+|\(Precision\.\w+)", str(jax.make_jaxpr(fn)(*args))))

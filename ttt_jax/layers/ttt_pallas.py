@@ -191,5 +191,8 @@ def from_sequence(x, n: int):
 
 
 def sequence_output(z, ln, xq):
-  """XQ + LN_h(z) in mini-batches [n, B, H, b, d], from a kernel's z [B, H, n * b, d]."""
-  return xq + ttt_inner.layer_norm(from_sequence(z, xq.shape[0]), *ln)
+  """XQ + LN_h(z) in mini-batches [n, B, H, b, d], from a kernel's z [B, H, n * b, d]. The
+  LayerNorm runs on the kernel's layout, rank 4: XLA:GPU makes a normalization one tiled fusion
+  and, to fuse its neighbours, searches tilings over every axis of its shape, about 5 s more of
+  an H200 build for TTT-MLP's step at rank 5 (after `from_sequence`; docs/benchmarks.md)."""
+  return xq + from_sequence(ttt_inner.layer_norm(z, *ln), xq.shape[0])
