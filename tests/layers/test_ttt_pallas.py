@@ -8,6 +8,7 @@ tests/test_gpu_lowering.py; their H200 build: tests/test_gpu_census.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -123,22 +124,30 @@ def _row_reduction_ranks(fn, *args) -> list[int]:
           if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim - 1 in e.params["axes"]]
 
 
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_kernel_output_is_normalized_in_the_kernels_layout(kind):
-  """`sequence_output` normalizes z as the kernel wrote it, [B, H, T, d], forward and backward,
-  not in mini-batches [n, B, H, b, d]: XLA:GPU searches tilings over every axis of a
-  normalization's shape while fusing it (docs/benchmarks.md)."""
+@pytest.mark.parametrize("kind,rank", [("linear", 5), ("mlp", 4)])
+def test_kernel_output_normalized_in_the_layout_each_kernel_builds_fastest(kind, rank):
+  """TTT-MLP's z is normalized as its kernel wrote it, [B, H, T, d]; TTT-Linear's in
+  mini-batches [n, B, H, b, d] (`sequence_output(kernel_layout=...)`: XLA:GPU's tiling search
+  while fusing a normalization, docs/benchmarks.md)."""
   args = inputs(kind, n=2)
-  assert _row_reduction_ranks(sequence_fn(kind, "pallas"), *args) == [4, 4]
-  _, ln, xq, *_ = args
+  assert _row_reduction_ranks(sequence_fn(kind, "pallas"), *args) == [rank, rank]
+
+
+@pytest.mark.parametrize("kernel_layout", [False, True])
+def test_kernel_output_layouts_give_the_same_values_and_grads(kernel_layout):
+  _, ln, xq, *_ = inputs("mlp", n=2)
   z = jax.random.normal(jax.random.key(5), ttt_pallas.to_sequence(xq).shape)
   probe = jax.random.normal(jax.random.key(6), xq.shape)
-  loss = lambda z, ln, xq: jnp.vdot(ttt_pallas.sequence_output(z, ln, xq), probe)  # noqa: E731
-  ranks = _row_reduction_ranks(jax.grad(loss, argnums=(0, 1, 2)), z, ln, xq)
-  assert len(ranks) >= 4 and set(ranks) == {4}, ranks
+
+  def loss(z, ln, xq, kernel_layout):
+    return jnp.vdot(ttt_pallas.sequence_output(z, ln, xq, kernel_layout), probe)
+
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  ranks = _row_reduction_ranks(functools.partial(grad, kernel_layout=kernel_layout), z, ln, xq)
+  assert len(ranks) >= 4 and set(ranks) == {4 if kernel_layout else 5}, ranks  # backward too
   want = xq + ttt_inner.layer_norm(ttt_pallas.from_sequence(z, xq.shape[0]), *ln)
-  assert _row_reduction_ranks(lambda z: ttt_inner.layer_norm(z, *ln), xq) == [5, 5]
-  assert rel_err(ttt_pallas.sequence_output(z, ln, xq), want) < 1e-6
+  assert rel_err(ttt_pallas.sequence_output(z, ln, xq, kernel_layout), want) < 1e-6
+  assert tree_rel_err(grad(z, ln, xq, kernel_layout), grad(z, ln, xq, not kernel_layout)) < 1e-6
 
 
 def _dot_precisions(fn, *args) -> set[str]:

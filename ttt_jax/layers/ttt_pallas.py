@@ -190,9 +190,13 @@ def from_sequence(x, n: int):
   return jnp.moveaxis(x.reshape(bsz, heads, n, t // n, k), 2, 0)
 
 
-def sequence_output(z, ln, xq):
-  """XQ + LN_h(z) in mini-batches [n, B, H, b, d], from a kernel's z [B, H, n * b, d]. The
-  LayerNorm runs on the kernel's layout, rank 4: XLA:GPU makes a normalization one tiled fusion
-  and, to fuse its neighbours, searches tilings over every axis of its shape, about 5 s more of
-  an H200 build for TTT-MLP's step at rank 5 (after `from_sequence`; docs/benchmarks.md)."""
-  return xq + from_sequence(ttt_inner.layer_norm(z, *ln), xq.shape[0])
+def sequence_output(z, ln, xq, kernel_layout: bool = False):
+  """XQ + LN_h(z) in mini-batches [n, B, H, b, d], from a kernel's z [B, H, n * b, d], the
+  LayerNorm on the mini-batches or (`kernel_layout`) on z as the kernel wrote it. XLA:GPU makes
+  each normalization a tiled fusion and, to fuse its neighbours, searches tilings over every
+  axis of its shape, and which layout costs it less depends on the program: at the gpu preset
+  TTT-MLP's step builds about 4 s faster on the kernel layout, TTT-Linear's slower
+  (docs/benchmarks.md)."""
+  if kernel_layout:
+    return xq + from_sequence(ttt_inner.layer_norm(z, *ln), xq.shape[0])
+  return xq + ttt_inner.layer_norm(from_sequence(z, xq.shape[0]), *ln)

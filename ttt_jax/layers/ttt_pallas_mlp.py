@@ -323,4 +323,4 @@ def mlp_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool 
   views = map(ttt_pallas.to_sequence, (xq, xk, xv - xk, jnp.tril(eta),
                                        ttt_pallas.update_rates(eta, complete)))
   final, z = sequence_core(interpret, ln, *views, {k: params[k] for k in NAMES})
-  return final, ttt_pallas.sequence_output(z, ln, xq)
+  return final, ttt_pallas.sequence_output(z, ln, xq, kernel_layout=True)
