@@ -8,7 +8,6 @@ tests/test_gpu_lowering.py; their H200 build: tests/test_gpu_census.py."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 import jax
@@ -115,39 +114,6 @@ def test_one_launch_each_way(kind, where):
   with ttt_pallas.tuning(linear_output=where):
     assert str(jax.make_jaxpr(fwd)(*args)).count("pallas_call") == 1
     assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 2)))(*args)).count("pallas_call") == 2
-
-
-def _row_reduction_ranks(fn, *args) -> list[int]:
-  """The operand rank of every sum over the last axis (a normalization's statistics) among the
-  program's own equations (kernel bodies and custom rules' inner programs not included)."""
-  return [e.invars[0].aval.ndim for e in jax.make_jaxpr(fn)(*args).eqns
-          if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim - 1 in e.params["axes"]]
-
-
-@pytest.mark.parametrize("kind,rank", [("linear", 5), ("mlp", 4)])
-def test_kernel_output_normalized_in_the_layout_each_kernel_builds_fastest(kind, rank):
-  """TTT-MLP's z is normalized as its kernel wrote it, [B, H, T, d]; TTT-Linear's in
-  mini-batches [n, B, H, b, d] (`sequence_output(kernel_layout=...)`: XLA:GPU's tiling search
-  while fusing a normalization, docs/benchmarks.md)."""
-  args = inputs(kind, n=2)
-  assert _row_reduction_ranks(sequence_fn(kind, "pallas"), *args) == [rank, rank]
-
-
-@pytest.mark.parametrize("kernel_layout", [False, True])
-def test_kernel_output_layouts_give_the_same_values_and_grads(kernel_layout):
-  _, ln, xq, *_ = inputs("mlp", n=2)
-  z = jax.random.normal(jax.random.key(5), ttt_pallas.to_sequence(xq).shape)
-  probe = jax.random.normal(jax.random.key(6), xq.shape)
-
-  def loss(z, ln, xq, kernel_layout):
-    return jnp.vdot(ttt_pallas.sequence_output(z, ln, xq, kernel_layout), probe)
-
-  grad = jax.grad(loss, argnums=(0, 1, 2))
-  ranks = _row_reduction_ranks(functools.partial(grad, kernel_layout=kernel_layout), z, ln, xq)
-  assert len(ranks) >= 4 and set(ranks) == {4 if kernel_layout else 5}, ranks  # backward too
-  want = xq + ttt_inner.layer_norm(ttt_pallas.from_sequence(z, xq.shape[0]), *ln)
-  assert rel_err(ttt_pallas.sequence_output(z, ln, xq, kernel_layout), want) < 1e-6
-  assert tree_rel_err(grad(z, ln, xq, kernel_layout), grad(z, ln, xq, not kernel_layout)) < 1e-6
 
 
 def _dot_precisions(fn, *args) -> set[str]:
