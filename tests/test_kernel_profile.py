@@ -207,7 +207,9 @@ def test_train_task_records_a_profile_and_the_cli_prints_one(capsys, tmp_path, m
   other = jax.jit(lambda x: x * 2.0)
   err = kernel_profile.profile_or_error(lambda: other(np.ones(4, np.float32)), compiled.as_text())
   assert "holds no kernel event of jit__train_step" in err["error"], err
-  assert capsys.readouterr().out.startswith("RESULT {")  # the timing, before the profile
+  # the timing, before the profile (gpu-check's phase marks around it)
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("PHASE timed ") and lines[1].startswith("RESULT {")
   argv = ["--kind", "ttt_linear-dual", "--preset", "quick", "--calls", "1"]
   assert kernel_profile.main(argv) == 0
   text = capsys.readouterr().out

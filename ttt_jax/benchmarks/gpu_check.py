@@ -39,6 +39,9 @@ Tasks, in order:
              before, windows, innerblockwise, innerdense, groups, nogroups, scan, list,
              grouped), or launch settings (`gpu_variants.TUNING_VARIANTS`: xlaout, TTT-Linear's
              output by XLA).
+Each task marks the end of each of its phases (`gpu_tasks.mark`: a train task's start-up, GPU
+set-up, state initialisation, lowering, compiling, timing and profiling); the summary splits its
+wall time by phase, and a task that runs out of time says which phase it was in.
 The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
 fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
 task that compiles it; `--cold_compile` makes every task autotune everything itself.
@@ -56,7 +59,7 @@ import sys
 import tempfile
 import time
 
-from ttt_jax.benchmarks.gpu_tasks import run_task
+from ttt_jax.benchmarks.gpu_tasks import mark, run_task
 from ttt_jax.benchmarks.gpu_variants import TRAIN, VARIANTS
 from ttt_jax.benchmarks.kernel_profile import PROFILE_ENV
 
@@ -76,6 +79,25 @@ def _last_result(stdout: str) -> dict | None:
   """The last `RESULT {json}` line a task printed, or None."""
   lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
   return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
+def phases(stdout: str, spawned: float) -> dict[str, float]:
+  """{phase: seconds from the task's spawn to that phase's end} from the `PHASE` lines a task
+  printed (`gpu_tasks.mark`), in order."""
+  out = {}
+  for ln in stdout.splitlines():
+    if ln.startswith("PHASE "):
+      name, _, stamp = ln[len("PHASE "):].rpartition(" ")
+      out[name] = round(float(stamp) - spawned, 1)
+  return out
+
+
+def _timeout_message(limit: float, reached: dict[str, float]) -> str:
+  """'timed out after L s', and the phase it was in: the one after the last that ended."""
+  if not reached:
+    return f"timed out after {limit:.0f} s"
+  last, at = list(reached.items())[-1]
+  return f"timed out after {limit:.0f} s, {limit - at:.0f} s after '{last}' ended (at {at:.0f} s)"
 
 
 def plan(only: list[str]) -> list[tuple[str, float]]:
@@ -167,6 +189,7 @@ def main(argv=None) -> int:
   p.add_argument("--task", default="", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
   if args.task:
+    mark("started")
     print("RESULT " + json.dumps(run_task(args.task)), flush=True)
     return 0
   tasks = plan(selection(args.only))  # an --only item that names no task fails here, GPU or not
@@ -205,7 +228,7 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
     if left < 20:
       results[name] = {"skipped": "out of the time budget"}
       continue
-    t0 = time.perf_counter()
+    t0, spawned = time.perf_counter(), time.time()
     print(f"[{t0 - start:5.0f} s] {name} (limit {min(limit, left):.0f} s)", flush=True)
     try:
       env = task_process_env(child_env, name, autotune_dir)
@@ -215,16 +238,19 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
                                         re.sub(r"[^\w.\-]+", "_", name) + ".xplane.pb")
       proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
                             capture_output=True, text=True, timeout=min(limit, left), env=env)
-      res = _last_result(proc.stdout)
+      res, reached = _last_result(proc.stdout), phases(proc.stdout, spawned)
       if res is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         res = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
     except subprocess.TimeoutExpired as e:
-      timeout = f"timed out after {min(limit, left):.0f} s"
       out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-      res = _last_result(out)  # a train task's timing, printed before its profile
+      res, reached = _last_result(out), phases(out, spawned)
+      timeout = _timeout_message(min(limit, left), reached)
+      # a train task's timing, printed before its profile, is kept
       res = {"error": timeout} if res is None else {**res, "profile": {"error": timeout}}
     res["task_s"] = time.perf_counter() - t0
+    if reached:
+      res["phases"] = reached
     results[name] = res
     print(f"  {json.dumps(res)[:400]}", flush=True)
     with open(jsonl, "a") as f:

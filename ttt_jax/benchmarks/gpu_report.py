@@ -233,6 +233,30 @@ def _cache_attention(results: dict) -> list[str]:
   return out + [""]
 
 
+def _phases(results: dict) -> list[str]:
+  """Where each task's wall time went, phase by phase (`gpu_tasks.mark`): each phase's seconds,
+  from the end of the one before (the first from the task's spawn); 'exit' is the rest."""
+  timed = {k: r for k, r in results.items() if r.get("phases")}
+  if not timed:
+    return []
+  names = list(dict.fromkeys(p for r in timed.values() for p in r["phases"]))
+  out = ["## Where each task's time went (seconds per phase, each from the end of the one before;"
+         " 'started': process start and imports)", "",
+         "| task | wall | " + " | ".join(names) + " | exit |",
+         "|---|---|" + "---|" * (len(names) + 1)]
+  for task, r in timed.items():
+    cells, prev = [], 0.0
+    for name in names:
+      at = r["phases"].get(name)
+      cells.append("" if at is None else f"{at - prev:.1f}")
+      prev = prev if at is None else at
+    rest = r.get("task_s", prev) - prev
+    note = " (timed out)" if "timed out" in str(r.get("error", "")) else ""
+    out.append(f"| {task}{note} | {r.get('task_s', 0):.0f} s | " + " | ".join(cells)
+               + f" | {rest:.1f} |")
+  return out + [""]
+
+
 def write_markdown(results: dict, path: str, shared_autotuning: bool = False) -> str:
   """`shared_autotuning`: the run's tasks shared XLA's autotuning cache (gpu_check's default),
   which the summary says where it gives compile times."""
@@ -247,6 +271,7 @@ def write_markdown(results: dict, path: str, shared_autotuning: bool = False) ->
             + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
+  lines += _phases(results)
   lines += ["Compile times: " + (
       "the tasks shared one XLA autotuning cache, in the order above, so a task's compile leaves "
       "out the autotuning of fusions an earlier task had tuned (`--cold_compile`: each task "

@@ -28,6 +28,13 @@ def _error(e: Exception, limit: int = 300) -> dict:
   return error_record(e, limit)
 
 
+def mark(phase: str) -> None:
+  """Tells gpu-check that `phase` of this task has ended (a `PHASE <name> <epoch s>` line): its
+  summary splits each task's wall time by phase, and says which phase a task that ran out of
+  time was in."""
+  print(f"PHASE {phase} {time.time():.3f}", flush=True)
+
+
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
   from ttt_jax.benchmarks.common import interleaved  # noqa: PLC0415
 
@@ -310,7 +317,11 @@ def task_e2e() -> dict:
 
 def task_train(kind: str) -> dict:
   """Kind K[+variant] at the gpu preset (`gpu_variants.setup_train_kind`)."""
-  return _time_steps(*setup_train_kind(kind))
+  import jax  # noqa: PLC0415
+
+  jax.devices()
+  mark("backend up")
+  return _time_steps(*setup_train_kind(kind, mark=mark))
 
 
 def pretrain_config(kind: str, scale: str = "125m"):
@@ -333,7 +344,7 @@ def task_train_125m(kind: str) -> dict:
   from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
 
   cfg = pretrain_config(kind)
-  _, compiled, state, batch, info = train_setup_from_config(cfg)
+  _, compiled, state, batch, info = train_setup_from_config(cfg, mark=mark)
   info["seq_len"] = cfg.data.seq_len
   return _time_steps(compiled, state, batch, info)
 
@@ -355,8 +366,10 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
   info["loss"] = float(step())
   info["losses"] = [float(loss) for loss, _ in history]
   info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
+  mark("timed")
   print("RESULT " + json.dumps(info), flush=True)  # gpu-check keeps this if the profile hangs
   info["profile"] = profile_or_error(lambda: (step(), holder["state"])[1], compiled.as_text())
+  mark("profiled")
   return info
 
 

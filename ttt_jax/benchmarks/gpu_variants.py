@@ -72,14 +72,16 @@ def variant_tuning(kind: str) -> dict:
   return TUNING_VARIANTS.get(kind.partition("+")[2], {})
 
 
-def setup_train_kind(kind: str, preset: str = "gpu"):
+def setup_train_kind(kind: str, preset: str = "gpu", mark=None):
   """(compiled train step, state, batch of random tokens, info) of train kind K at bench preset
-  `preset`: `train_kind`'s model, traced and compiled under `variant_tuning`'s launch settings."""
+  `preset`: `train_kind`'s model, traced and compiled under `variant_tuning`'s launch settings
+  (`mark`: `training.train_setup_from_config`'s)."""
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _train_setup  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
   base, overrides = train_kind(kind)
   with ttt_pallas.tuning(**variant_tuning(kind)):
-    _, compiled, state, batch, info = _train_setup(base, PRESETS[preset], overrides=overrides)
+    _, compiled, state, batch, info = _train_setup(base, PRESETS[preset], overrides=overrides,
+                                                   mark=mark)
   return compiled, state, batch, info

@@ -55,13 +55,17 @@ def bench_matmul(size: Size, echo=print) -> dict:
 
 
 def _train_setup(kind: str, size: Size, compile_only: bool = False,
-                 overrides: dict | None = None):
-  return train_setup_from_config(model_config(kind, size, overrides=overrides), compile_only)
+                 overrides: dict | None = None, mark=None):
+  return train_setup_from_config(model_config(kind, size, overrides=overrides), compile_only,
+                                 mark)
 
 
-def train_setup_from_config(cfg, compile_only: bool = False):
+def train_setup_from_config(cfg, compile_only: bool = False, mark=None):
   """(cfg, compiled train step, state, batch of random tokens, info: params, tokens per step,
-  model / XLA / counted FLOPs, compile seconds, memory) of a validated config."""
+  model / XLA / counted FLOPs, compile seconds (tracing and lowering included), memory) of a
+  validated config. `mark(phase)`, if given, is called as each phase ends: 'set up' (the state
+  initialised), 'lowered' (the step traced and lowered), 'compiled'."""
+  mark = mark or (lambda phase: None)
   trainer = Trainer.create(cfg)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, 256, (cfg.data.batch_size, cfg.data.seq_len + 1), dtype=np.int32)
@@ -72,9 +76,13 @@ def train_setup_from_config(cfg, compile_only: bool = False):
                          state, trainer.state_shardings)
   else:
     state = trainer.init_state()
+  mark("set up")
   t0 = time.perf_counter()
-  compiled = trainer.train_step.lower(state, batch).compile()
+  lowered = trainer.train_step.lower(state, batch)
+  mark("lowered")
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  mark("compiled")
   n_params = count_params(trainer.abstract_params)
   info = {
       "params": n_params,

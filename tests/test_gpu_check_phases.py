@@ -1,0 +1,106 @@
+"""gpu-check splits each task's wall time by phase: the task marks each phase's end
+(`gpu_tasks.mark`), the parent reads the marks (also from a task that ran out of time, whose
+error then names the phase it was in) and the summary tabulates them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from ttt_jax.benchmarks import gpu_check, gpu_report, gpu_tasks
+from ttt_jax.benchmarks.gpu_variants import setup_train_kind
+
+pytestmark = pytest.mark.extended  # the GPU check's own tests
+
+
+def _marks(text: str) -> list[str]:
+  return list(gpu_check.phases(text, 0.0))
+
+
+def test_a_train_task_marks_its_phases_in_order(monkeypatch, capsys):
+  """Set-up, lowering and compiling are marked by the real set-up, timing and profiling by the
+  real step loop, each once and in that order; compile_s still spans lowering and compiling."""
+  seen = []
+  compiled, state, batch, info = setup_train_kind(
+      "transformer", preset="quick", mark=lambda p: seen.append((p, time.perf_counter())))
+  assert [p for p, _ in seen] == ["set up", "lowered", "compiled"]
+  assert 0 < info["compile_s"] <= seen[2][1] - seen[0][1] + 1e-3
+  monkeypatch.setattr("ttt_jax.benchmarks.kernel_profile.profile_or_error",
+                      lambda run, hlo: {"busy_ms": 1.0})
+  capsys.readouterr()
+  out = gpu_tasks._time_steps(compiled, state, batch, info)  # noqa: SLF001
+  assert out["profile"] == {"busy_ms": 1.0}
+  assert _marks(capsys.readouterr().out) == ["timed", "profiled"]
+
+
+def test_the_child_marks_its_start_before_its_task(monkeypatch, capsys):
+  monkeypatch.setattr(gpu_check, "run_task", lambda name: {"task": name})
+  assert gpu_check.main(["--task", "env"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("PHASE started ") and lines[1] == 'RESULT {"task": "env"}'
+
+
+def test_phases_are_seconds_from_the_spawn():
+  text = "noise\nPHASE started 103.25\nPHASE set up 110.0\nRESULT {}\nPHASE compiled 131.04\n"
+  assert gpu_check.phases(text, 100.0) == {"started": 3.2, "set up": 10.0, "compiled": 31.0}
+  assert gpu_check.phases("RESULT {}", 100.0) == {}
+
+
+def _fake_child(timeout_after: str | None):
+  """A fake `subprocess.run` whose train task reaches each phase a few seconds apart (in the
+  stamps it prints) and, with `timeout_after`, runs out of time after that phase."""
+  names = ["started", "backend up", "set up", "lowered", "compiled", "timed", "profiled"]
+
+  def run(cmd, **kw):
+    now, lines = time.time(), []
+    for i, name in enumerate(names):
+      lines.append(f"PHASE {name} {now + 2.0 * (i + 1):.3f}")
+      if name == "timed":
+        lines.append("RESULT " + json.dumps({"median_s": 0.02, "compile_s": 2.0,
+                                             "tokens_per_step": 8, "model_flops_per_token": 1}))
+      if name == timeout_after:
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output="\n".join(lines))
+    return subprocess.CompletedProcess(cmd, 0, "\n".join(lines), "")
+
+  return run
+
+
+def _run(tmp_path, monkeypatch, timeout_after):
+  import jax  # noqa: PLC0415
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_check.subprocess, "run", _fake_child(timeout_after))
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:swa$"]) == 0
+  row = json.loads((tmp_path / "gpu_check.jsonl").read_text())
+  return row, (tmp_path / "gpu_check.md").read_text()
+
+
+def test_each_phase_is_recorded_and_tabulated(tmp_path, monkeypatch):
+  row, md = _run(tmp_path, monkeypatch, None)
+  assert list(row["phases"]) == ["started", "backend up", "set up", "lowered", "compiled",
+                                 "timed", "profiled"]
+  assert [round(b - a, 1) for a, b in zip([0, *row["phases"].values()],
+                                          row["phases"].values(), strict=False)][1:] == [2.0] * 6
+  assert ("| task | wall | started | backend up | set up | lowered | compiled | timed | profiled "
+          "| exit |") in md
+  assert "| 2.0 | 2.0 | 2.0 | 2.0 | 2.0 | 2.0 |" in md.split("| train:swa | ")[1]
+
+
+def test_a_task_that_runs_out_of_time_says_in_which_phase(tmp_path, monkeypatch):
+  """Run out of time after lowering: the error says the compile was under way (what ran past
+  the limit was whatever follows 'lowered'), and the phases reached are kept."""
+  row, md = _run(tmp_path, monkeypatch, "lowered")
+  assert list(row["phases"]) == ["started", "backend up", "set up", "lowered"]
+  at = row["phases"]["lowered"]
+  assert row["error"] == (f"timed out after 100 s, {100 - at:.0f} s after 'lowered' ended "
+                          f"(at {at:.0f} s)")
+  assert "| train:swa (timed out) |" in md
+  # a task with no marks (it never started) reads as before
+  assert gpu_check._timeout_message(100, {}) == "timed out after 100 s"  # noqa: SLF001
+
+
+def test_the_summary_has_no_phase_table_without_phases():
+  assert gpu_report._phases({"env": {"task_s": 3.0}}) == []  # noqa: SLF001
