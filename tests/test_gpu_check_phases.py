@@ -85,7 +85,7 @@ def test_each_phase_is_recorded_and_tabulated(tmp_path, monkeypatch):
   assert [round(b - a, 1) for a, b in zip([0, *row["phases"].values()],
                                           row["phases"].values(), strict=False)][1:] == [2.0] * 6
   assert ("| task | wall | started | backend up | set up | lowered | compiled | timed | profiled "
-          "| exit |") in md
+          "| rest |") in md
   assert "| 2.0 | 2.0 | 2.0 | 2.0 | 2.0 | 2.0 |" in md.split("| train:swa | ")[1]
 
 

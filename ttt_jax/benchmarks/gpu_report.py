@@ -235,14 +235,17 @@ def _cache_attention(results: dict) -> list[str]:
 
 def _phases(results: dict) -> list[str]:
   """Where each task's wall time went, phase by phase (`gpu_tasks.mark`): each phase's seconds,
-  from the end of the one before (the first from the task's spawn); 'exit' is the rest."""
+  from the end of the one before (the first from the task's spawn); 'rest' is what followed the
+  last mark: the exit, or for a task that ran out of time, the phase it was in."""
   timed = {k: r for k, r in results.items() if r.get("phases")}
   if not timed:
     return []
   names = list(dict.fromkeys(p for r in timed.values() for p in r["phases"]))
-  out = ["## Where each task's time went (seconds per phase, each from the end of the one before;"
-         " 'started': process start and imports)", "",
-         "| task | wall | " + " | ".join(names) + " | exit |",
+  out = ["## Where each task's time went", "",
+         "Seconds per phase, each from the end of the one before: 'started' is process start and "
+         "imports, 'rest' what followed the last mark (the exit, or for a task that ran out of "
+         "time, the phase it was in).", "",
+         "| task | wall | " + " | ".join(names) + " | rest |",
          "|---|---|" + "---|" * (len(names) + 1)]
   for task, r in timed.items():
     cells, prev = [], 0.0
