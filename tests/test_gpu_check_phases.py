@@ -44,9 +44,13 @@ def test_the_child_marks_its_start_before_its_task(monkeypatch, capsys):
 
 
 def test_phases_are_seconds_from_the_spawn():
-  text = "noise\nPHASE started 103.25\nPHASE set up 110.0\nRESULT {}\nPHASE compiled 131.04\n"
+  text = ("noise\nPHASE started 103.250\nPHASE set up 110.000\nRESULT {}\n"
+          "PHASE compiled 131.040\n")
   assert gpu_check.phases(text, 100.0) == {"started": 3.2, "set up": 10.0, "compiled": 31.0}
   assert gpu_check.phases("RESULT {}", 100.0) == {}
+  # the last line cut short as the task was killed
+  assert gpu_check.phases("PHASE set up 110.000\nPHASE compiled 13", 100.0) == {"set up": 10.0}
+  assert gpu_check.phases("PHASE set up 110.000\nPHASE compi", 100.0) == {"set up": 10.0}
 
 
 def _fake_child(timeout_after: str | None):

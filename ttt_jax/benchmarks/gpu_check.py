@@ -83,11 +83,12 @@ def _last_result(stdout: str) -> dict | None:
 
 def phases(stdout: str, spawned: float) -> dict[str, float]:
   """{phase: seconds from the task's spawn to that phase's end} from the `PHASE` lines a task
-  printed (`gpu_tasks.mark`), in order."""
+  printed (`gpu_tasks.mark`), in order; a line cut short (the task killed as it wrote) is
+  left out."""
   out = {}
   for ln in stdout.splitlines():
-    if ln.startswith("PHASE "):
-      name, _, stamp = ln[len("PHASE "):].rpartition(" ")
+    name, _, stamp = ln.removeprefix("PHASE ").rpartition(" ")
+    if ln.startswith("PHASE ") and name and re.fullmatch(r"\d+\.\d{3}", stamp):
       out[name] = round(float(stamp) - spawned, 1)
   return out
 
