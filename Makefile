@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-extended test-slow test-newest bench gpu-check gpu-census gpu-wheels lint venv clean pretrained
+.PHONY: demo test test-extended test-slow test-newest bench gpu-check gpu-census gpu-census-newest gpu-wheels lint venv clean pretrained
 
 venv: $(STAMP)
 
@@ -97,6 +97,22 @@ gpu-census:
 	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . \
 	  "jax-cuda$(CUDA_MAJOR)-plugin[with-cuda]==$$JAX"
 	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
+
+# The same census with the newest JAX of pyproject.toml's ranges, a CUDA image's (NEWEST, as
+# test-newest: jax 0.11.2, flax 0.12.10), in .venv-cuda-newest (NEWEST_PY: Python 3.12 or later).
+NEWEST_JAX        := $(patsubst jax==%,%,$(filter jax==%,$(NEWEST)))
+CUDA_NEWEST_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))-newest
+gpu-census-newest:
+	@case "$(CUDA_MAJOR)" in 12|13) ;; *) echo "gpu-census-newest: CUDA_MAJOR=$(CUDA_MAJOR): 12 or 13"; exit 2;; esac
+	@test -x $(CUDA_NEWEST_VENV)/bin/python || $(NEWEST_PY) -c \
+	  'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo \
+	  "gpu-census-newest: $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11 needs 3.12+): make gpu-census-newest NEWEST_PY=<python>"; \
+	  exit 1; }
+	test -x $(CUDA_NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(CUDA_NEWEST_VENV)
+	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(CUDA_NEWEST_VENV)/constraints.txt
+	$(CUDA_NEWEST_VENV)/bin/pip install -q -c $(CUDA_NEWEST_VENV)/constraints.txt $(NEWEST) -e . \
+	  "jax-cuda$(CUDA_MAJOR)-plugin[with-cuda]==$(NEWEST_JAX)"
+	JAX_PLATFORMS=cpu $(CUDA_NEWEST_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ttt_jax scripts tests configs

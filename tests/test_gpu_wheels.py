@@ -76,6 +76,20 @@ def test_cuda_major_picks_the_plugin_and_its_venv():
   assert bad.returncode != 0 and "CUDA_MAJOR=11: 12 or 13" in bad.stdout
 
 
+def test_the_newest_census_installs_the_newest_jax_with_its_plugin():
+  """`make gpu-census-newest`: test-newest's JAX and Flax, the CUDA plugin at that JAX, in a venv
+  of its own per CUDA major; a Python older than 3.12 is refused by name."""
+  default = make("-n", "gpu-census-newest").stdout
+  thirteen = make("-n", "gpu-census-newest", "CUDA_MAJOR=13").stdout
+  assert ".venv-cuda-newest/bin/pip install" in default
+  assert "jax==0.11.2 jaxlib==0.11.2 flax==0.12.10" in default
+  assert '"jax-cuda12-plugin[with-cuda]==0.11.2"' in default
+  assert ".venv-cuda13-newest/bin/pip" in thirteen and '"jax-cuda13-plugin[with-cuda]==0.11.2"' in (
+      thirteen)
+  missing = make("-s", "gpu-census-newest", "NEWEST_PY=/no/such/python3.12")
+  assert missing.returncode != 0 and "missing or older than 3.12" in missing.stdout
+
+
 def test_an_unpinned_package_is_refused_naming_constraints_txt(tmp_path):
   out, calls = make_wheels(tmp_path, "GPU_WHEELS=no_such_package", "WHEEL_PY=3.13")
   assert out.returncode != 0
