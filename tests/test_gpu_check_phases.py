@@ -106,5 +106,16 @@ def test_a_task_that_runs_out_of_time_says_in_which_phase(tmp_path, monkeypatch)
   assert gpu_check._timeout_message(100, {}) == "timed out after 100 s"  # noqa: SLF001
 
 
+def test_a_timed_out_task_names_the_last_progress_it_printed():
+  """A task that prints its progress (the stream task: each kind and length) says where it was
+  beyond its phase marks; marks and results are not progress."""
+  out = "PHASE started 5.000\nprefill e2e at 8192: 6.2 us/token\nprefill e2e at 32768\n\n"
+  msg = gpu_check._timeout_message(300, {"started": 5.0}, out)  # noqa: SLF001
+  assert msg == ("timed out after 300 s, 295 s after 'started' ended (at 5 s); its last output: "
+                 "'prefill e2e at 32768'")
+  assert gpu_check._timeout_message(60, {}, "PHASE started 1.000\nRESULT {}") == (  # noqa: SLF001
+      "timed out after 60 s")
+
+
 def test_the_summary_has_no_phase_table_without_phases():
   assert gpu_report._phases({"env": {"task_s": 3.0}}) == []  # noqa: SLF001

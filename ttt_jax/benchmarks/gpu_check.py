@@ -41,7 +41,8 @@ Tasks, in order:
              output by XLA).
 Each task marks the end of each of its phases (`gpu_tasks.mark`: a train task's start-up, GPU
 set-up, state initialisation, lowering, compiling, timing and profiling); the summary splits its
-wall time by phase, and a task that runs out of time says which phase it was in.
+wall time by phase, and a task that runs out of time says which phase it was in and the last
+line of progress it printed.
 The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
 fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
 task that compiles it; `--cold_compile` makes every task autotune everything itself.
@@ -93,12 +94,16 @@ def phases(stdout: str, spawned: float) -> dict[str, float]:
   return out
 
 
-def _timeout_message(limit: float, reached: dict[str, float]) -> str:
-  """'timed out after L s', and the phase it was in: the one after the last that ended."""
-  if not reached:
-    return f"timed out after {limit:.0f} s"
-  last, at = list(reached.items())[-1]
-  return f"timed out after {limit:.0f} s, {limit - at:.0f} s after '{last}' ended (at {at:.0f} s)"
+def _timeout_message(limit: float, reached: dict[str, float], stdout: str = "") -> str:
+  """'timed out after L s', the phase it was in (the one after the last that ended) and the
+  last line of progress it printed (a stream task's kind and length, say)."""
+  msg = f"timed out after {limit:.0f} s"
+  if reached:
+    last, at = list(reached.items())[-1]
+    msg += f", {limit - at:.0f} s after '{last}' ended (at {at:.0f} s)"
+  said = [ln.strip() for ln in stdout.splitlines()
+          if ln.strip() and not ln.startswith(("PHASE ", "RESULT "))]
+  return msg + (f"; its last output: {said[-1][:160]!r}" if said else "")
 
 
 def plan(only: list[str]) -> list[tuple[str, float]]:
@@ -246,7 +251,7 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
     except subprocess.TimeoutExpired as e:
       out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
       res, reached = _last_result(out), phases(out, spawned)
-      timeout = _timeout_message(min(limit, left), reached)
+      timeout = _timeout_message(min(limit, left), reached, out)
       # a train task's timing, printed before its profile, is kept
       res = {"error": timeout} if res is None else {**res, "profile": {"error": timeout}}
     res["task_s"] = time.perf_counter() - t0
