@@ -119,3 +119,33 @@ def test_a_timed_out_task_names_the_last_progress_it_printed():
 
 def test_the_summary_has_no_phase_table_without_phases():
   assert gpu_report._phases({"env": {"task_s": 3.0}}) == []  # noqa: SLF001
+
+
+def test_phase_marks_leave_every_section_of_the_summary_as_it_was(tmp_path):
+  """gpu_check records each task's wall time and phases beside its result; the sections that
+  read a task's result row by row (attention, Pallas, learn, tune, cache attention, streaming,
+  train) show the same text with them as without, and the phase table follows."""
+  step = {"compile_s": 3.0, "tokens_per_step": 16384, "model_flops_per_token": 1e8}
+  rows = {"value_rel_err": 1e-3, "grad_rel_err": 2e-3, "fwd_bwd_s": 1e-3}
+  results = {
+      "attention": {"window=None": {"cudnn": rows}},
+      "pallas": {"linear": rows, "ttt_linear/pallas": {"compile_s": 2.0, "fwd_bwd_s": 3e-3}},
+      "learn": {"transformer/xla": {"compile_s": 1.0, "loss": [5.6, 5.5], "grad_norm": [2.0, 1.0],
+                                    "finite": [1.0, 1.0]}},
+      "tune": {"pallas/default": {"compile_s": 1.0, "fwd_bwd_s": 3e-3,
+                                  "rel_err_vs_ieee_dual": 9e-3}},
+      "cache_attention": {"prefill at 131072": {"kernel": {"rel_err": 4e-3, "median_s": 2e-3,
+                                                           "tflops_per_s": 140.0}}},
+      "stream:e2e": {"8192": {"compile_s": 2.0, "prefill": {"per_token_s": 6e-5}}},
+      "train:transformer": dict(step, median_s=0.016),
+  }
+  bare = gpu_report.write_markdown(results, str(tmp_path / "bare.md"))
+  marked = {k: dict(r, task_s=40.0, phases={"started": 2.0, "set up": 9.0})
+            for k, r in results.items()}
+  full = gpu_report.write_markdown(marked, str(tmp_path / "full.md"))
+  bare, full = open(bare).read(), open(full).read()
+  sections = bare.split("Task wall times")[0]
+  assert "| transformer/xla | 1.0 s | 5.600 5.500 |" in sections  # every section rendered
+  assert full.split("Task wall times")[0] == sections
+  assert "## Where each task's time went" in full and "## Where each task's time went" not in bare
+  assert "| learn | 40 s | 2.0 | 7.0 | 31.0 |" in full

@@ -179,7 +179,7 @@ def _learn(results: dict) -> list[str]:
          "|---|---|---|---|---|"]
   for name, r in rows.items():
     if not isinstance(r, dict):
-      continue  # task_s
+      continue  # not a row
     if _status(r):
       out.append(f"| {name} | {_status(r)} | | | |")
       continue
@@ -203,7 +203,7 @@ def _tune(results: dict, task: str = "tune", layer: str = "TTT-Linear") -> list[
          "|---|---|---|---|"]
   for name, r in rows.items():
     if not isinstance(r, dict):
-      continue  # task_s
+      continue  # not a row
     if _status(r):
       out.append(f"| {name} | {_status(r)} | | |")
     else:
@@ -223,7 +223,7 @@ def _cache_attention(results: dict) -> list[str]:
          "|---|---|---|---|---|"]
   for call, row in rows.items():
     if not isinstance(row, dict):
-      continue  # task_s
+      continue  # not a row
     for impl, r in row.items():
       if _status(r) or "median_s" not in r:
         out.append(f"| {call} | {impl} | {_status(r) or 'not timed'} | | |")
@@ -260,9 +260,15 @@ def _phases(results: dict) -> list[str]:
   return out + [""]
 
 
+# gpu_check's own records of a task beside the task's result: its wall time and phase marks
+RUN_KEYS = ("task_s", "phases")
+
+
 def write_markdown(results: dict, path: str, shared_autotuning: bool = False) -> str:
   """`shared_autotuning`: the run's tasks shared XLA's autotuning cache (gpu_check's default),
   which the summary says where it gives compile times."""
+  timings = results
+  results = {k: {f: v for f, v in r.items() if f not in RUN_KEYS} for k, r in results.items()}
   env = results.get("env", {})
   lines = ["# gpu-check", ""]
   if env and not _status(env):
@@ -272,9 +278,9 @@ def write_markdown(results: dict, path: str, shared_autotuning: bool = False) ->
   lines += (_correctness(results) + _learn(results) + _tune(results)
             + _tune(results, "tune_mlp", "TTT-MLP") + _train(results) + _profiles(results)
             + _cache_attention(results) + _stream(results))
-  timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in results.items())
+  timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in timings.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
-  lines += _phases(results)
+  lines += _phases(timings)
   lines += ["Compile times: " + (
       "the tasks shared one XLA autotuning cache, in the order above, so a task's compile leaves "
       "out the autotuning of fusions an earlier task had tuned (`--cold_compile`: each task "
