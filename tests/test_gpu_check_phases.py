@@ -149,3 +149,41 @@ def test_phase_marks_leave_every_section_of_the_summary_as_it_was(tmp_path):
   assert full.split("Task wall times")[0] == sections
   assert "## Where each task's time went" in full and "## Where each task's time went" not in bare
   assert "| learn | 40 s | 2.0 | 7.0 | 31.0 |" in full
+
+
+def test_a_several_part_task_prints_its_rows_as_it_finishes_them(monkeypatch, capsys):
+  """`learn` (as `attention`, `pallas` and `tune`) prints its result after each case, so the
+  cases it finished survive a time limit that stops it in a later one."""
+  monkeypatch.setattr(gpu_tasks, "LEARN_CASES", (
+      ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
+      ("transformer/xla", {"attention_impl": "xla"}, "none")))
+  learn = gpu_tasks.task_learn(steps=2, preset="quick")
+  printed = [json.loads(ln[len("RESULT "):]) for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("RESULT ")]
+  assert [list(r) for r in printed] == [["transformer/cudnn"],
+                                        ["transformer/cudnn", "transformer/xla"]]
+  assert printed[-1] == json.loads(json.dumps(learn))
+
+
+def test_the_rows_a_timed_out_task_finished_are_kept_and_reported(tmp_path, monkeypatch):
+  import jax  # noqa: PLC0415
+
+  done = {"transformer/xla": {"compile_s": 1.0, "loss": [5.6, 5.5], "grad_norm": [2.0, 1.0],
+                              "finite": [1.0, 1.0]}}
+
+  def run(cmd, **kw):
+    out = f"PHASE started {time.time() + 1:.3f}\nRESULT {json.dumps(done)}\ncase 2 of 3"
+    raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=out)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_check.subprocess, "run", run)
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "learn"]) == 0
+  row = json.loads((tmp_path / "gpu_check.jsonl").read_text())
+  assert row["transformer/xla"] == done["transformer/xla"] and "error" not in row
+  assert row["timed_out"].startswith("timed out after 200 s, ")
+  assert row["timed_out"].endswith("its last output: 'case 2 of 3'")
+  md = (tmp_path / "gpu_check.md").read_text()
+  assert "| transformer/xla | 1.0 s | 5.600 5.500 |" in md
+  assert f"Cut short by their time limit (the rows above are those they finished): learn " \
+         f"({row['timed_out']})." in md
+  assert "| learn (timed out) |" in md

@@ -42,7 +42,7 @@ Tasks, in order:
 Each task marks the end of each of its phases (`gpu_tasks.mark`: a train task's start-up, GPU
 set-up, state initialisation, lowering, compiling, timing and profiling); the summary splits its
 wall time by phase, and a task that runs out of time says which phase it was in and the last
-line of progress it printed.
+line of progress it printed; a task of several parts keeps the parts it finished.
 The tasks of one run share XLA's per-fusion GPU autotuning cache (a temporary directory), so a
 fusion several kinds compile (the projections, the MLPs) is autotuned once per run, by the first
 task that compiles it; `--cold_compile` makes every task autotune everything itself.
@@ -252,8 +252,14 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
       out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
       res, reached = _last_result(out), phases(out, spawned)
       timeout = _timeout_message(min(limit, left), reached, out)
-      # a train task's timing, printed before its profile, is kept
-      res = {"error": timeout} if res is None else {**res, "profile": {"error": timeout}}
+      # what the task printed as its result so far is kept: a train task's timing (printed
+      # before its profile), the rows a several-part task finished (`gpu_tasks._so_far`)
+      if res is None:
+        res = {"error": timeout}
+      elif name.startswith(("train:", "train125m:")):
+        res = {**res, "profile": {"error": timeout}}
+      else:
+        res = {**res, "timed_out": timeout}
     res["task_s"] = time.perf_counter() - t0
     if reached:
       res["phases"] = reached

@@ -254,14 +254,16 @@ def _phases(results: dict) -> list[str]:
       cells.append("" if at is None else f"{at - prev:.1f}")
       prev = prev if at is None else at
     rest = r.get("task_s", prev) - prev
-    note = " (timed out)" if "timed out" in str(r.get("error", "")) else ""
+    said = f"{r.get('timed_out', '')} {r.get('error', '')} {r.get('profile', '')}"
+    note = " (timed out)" if "timed out" in said else ""
     out.append(f"| {task}{note} | {r.get('task_s', 0):.0f} s | " + " | ".join(cells)
                + f" | {rest:.1f} |")
   return out + [""]
 
 
-# gpu_check's own records of a task beside the task's result: its wall time and phase marks
-RUN_KEYS = ("task_s", "phases")
+# gpu_check's own records of a task beside the task's result: its wall time, phase marks, and
+# the time limit that cut short a task whose finished rows were kept
+RUN_KEYS = ("task_s", "phases", "timed_out")
 
 
 def write_markdown(results: dict, path: str, shared_autotuning: bool = False) -> str:
@@ -280,6 +282,10 @@ def write_markdown(results: dict, path: str, shared_autotuning: bool = False) ->
             + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in timings.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
+  cut = [f"{k} ({r['timed_out']})" for k, r in timings.items() if r.get("timed_out")]
+  if cut:
+    lines += ["Cut short by their time limit (the rows above are those they finished): "
+              + "; ".join(cut) + ".", ""]
   lines += _phases(timings)
   lines += ["Compile times: " + (
       "the tasks shared one XLA autotuning cache, in the order above, so a task's compile leaves "

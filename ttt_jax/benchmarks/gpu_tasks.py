@@ -35,6 +35,12 @@ def mark(phase: str) -> None:
   print(f"PHASE {phase} {time.time():.3f}", flush=True)
 
 
+def _so_far(out: dict) -> None:
+  """Prints a task's rows so far as its result: if the task then runs out of time, gpu-check
+  keeps them (the last `RESULT` line wins)."""
+  print("RESULT " + json.dumps(out), flush=True)
+
+
 def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
   from ttt_jax.benchmarks.common import interleaved  # noqa: PLC0415
 
@@ -104,6 +110,7 @@ def task_attention() -> dict:
       except Exception as e:  # noqa: BLE001
         row[impl] = _error(e, 200)
     out[f"window={window}"] = row
+    _so_far(out)
   return out
 
 
@@ -155,6 +162,7 @@ def task_pallas(preset: str = "gpu") -> dict:
                   "grad_rel_err": _tree_rel(g_k, g_d)}
     except Exception as e:  # noqa: BLE001
       out[row] = _error(e)
+    _so_far(out)
   size = PRESETS[preset]
   x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
   for layer, impl, row, tune in LAYER_TIMINGS:
@@ -169,6 +177,7 @@ def task_pallas(preset: str = "gpu") -> dict:
                    "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
     except Exception as e:  # noqa: BLE001
       out[name] = _error(e)
+    _so_far(out)
   return out
 
 
@@ -209,6 +218,7 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
                    **{k: [r[k] for r in rows] for k in rows[0]}}
     except Exception as e:  # noqa: BLE001
       out[name] = _error(e)
+    _so_far(out)
   return out
 
 
@@ -269,6 +279,7 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
         except Exception as e:  # noqa: BLE001
           row = _error(e)
         out[name] = row
+        _so_far(out)
   return out
 
 
