@@ -68,16 +68,16 @@ def test_train_kinds_and_their_variants():
 
 def test_the_125m_preset_takes_config_variants():
   """train125m:K+V: the `125m` preset of model kind K with variant V's model overrides."""
-  assert not gpu_tasks.pretrain_config("e2e+list").model.scan_layers
-  plain = gpu_tasks.pretrain_config("e2e")  # the paper-scale presets stack their blocks
+  assert not gpu_variants.pretrain_config("e2e+list").model.scan_layers
+  plain = gpu_variants.pretrain_config("e2e")  # the paper-scale presets stack their blocks
   assert plain.model.scan_layers and plain.data.seq_len == 8192
   assert plain.model.compute_dtype == "bfloat16" and plain.data.batch_size == 8
   # the inner loop's attention: rematerialised query blocks (auto, on at 1024 x 9216 scores per
   # head), or one dense call per chunk, the program before them
   assert inner_attention_block(models_config.model_config(plain.model)) == 256
-  dense = gpu_tasks.pretrain_config("e2e+innerdense")
+  dense = gpu_variants.pretrain_config("e2e+innerdense")
   assert inner_attention_block(models_config.model_config(dense.model)) == 0
-  larger = gpu_tasks.pretrain_config("e2e", "350m")  # gpu_census's 350m:e2e
+  larger = gpu_variants.pretrain_config("e2e", "350m")  # gpu_census's 350m:e2e
   assert (larger.model.d_model, larger.data.seq_len) == (1024, 8192)
 
 
@@ -88,7 +88,7 @@ def test_a_125m_task_keeps_its_variant(monkeypatch):
   for name in ("train125m:e2e+list", "train125m:e2e+innerdense", "train125m:transformer"):
     gpu_tasks.run_task(name)
   assert seen == ["e2e+list", "e2e+innerdense", "transformer"]
-  assert not gpu_tasks.pretrain_config("ttt_mlp+list").model.scan_layers
+  assert not gpu_variants.pretrain_config("ttt_mlp+list").model.scan_layers
 
 
 def test_tuning_variant_reaches_the_traced_step():

@@ -129,8 +129,11 @@ def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, 
     return compile_node_train_step(kind.split(":", 1)[1], size_name)
   from ttt_jax.benchmarks import lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_tasks import pretrain_config  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_variants import train_kind, variant_tuning  # noqa: PLC0415
+  from ttt_jax.benchmarks.gpu_variants import (  # noqa: PLC0415
+    pretrain_config,
+    train_kind,
+    variant_tuning,
+  )
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
   with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 
-from ttt_jax.benchmarks.gpu_variants import setup_train_kind, train_kind
+from ttt_jax.benchmarks.gpu_variants import pretrain_config, setup_train_kind
 
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
@@ -333,21 +333,6 @@ def task_train(kind: str) -> dict:
   jax.devices()
   mark("backend up")
   return _time_steps(*setup_train_kind(kind, mark=mark))
-
-
-def pretrain_config(kind: str, scale: str = "125m"):
-  """The validated pretraining preset of model kind K[+V] at `scale` (125m: gpu-check's
-  train125m) and 8K context, bf16, batch 8 (V a `gpu_variants` variant: its config overrides,
-  `train_kind`'s)."""
-  from ttt_jax.benchmarks.common import apply_overrides  # noqa: PLC0415
-  from ttt_jax.benchmarks.presets import load_preset, preset_spec  # noqa: PLC0415
-  from ttt_jax.config import validate  # noqa: PLC0415
-
-  kind, overrides = train_kind(kind)
-  cfg = load_preset(preset_spec(kind, scale, "8k"))
-  cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
-  apply_overrides(cfg, overrides)
-  return validate(cfg)
 
 
 def task_train_125m(kind: str) -> dict:

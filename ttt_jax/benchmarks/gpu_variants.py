@@ -85,3 +85,18 @@ def setup_train_kind(kind: str, preset: str = "gpu", mark=None):
     _, compiled, state, batch, info = _train_setup(base, PRESETS[preset], overrides=overrides,
                                                    mark=mark)
   return compiled, state, batch, info
+
+
+def pretrain_config(kind: str, scale: str = "125m"):
+  """The validated pretraining preset of model kind K[+V] at `scale` (125m: gpu-check's
+  train125m) and 8K context, bf16, batch 8 (V a `gpu_variants` variant: its config overrides,
+  `train_kind`'s)."""
+  from ttt_jax.benchmarks.common import apply_overrides  # noqa: PLC0415
+  from ttt_jax.benchmarks.presets import load_preset, preset_spec  # noqa: PLC0415
+  from ttt_jax.config import validate  # noqa: PLC0415
+
+  kind, overrides = train_kind(kind)
+  cfg = load_preset(preset_spec(kind, scale, "8k"))
+  cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
+  apply_overrides(cfg, overrides)
+  return validate(cfg)
