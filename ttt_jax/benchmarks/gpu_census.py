@@ -127,21 +127,16 @@ def compile_train_step(kind: str, device, size_name: str = "gpu") -> tuple[str, 
   or of 'node8:K', train kind K on a node of 8 H200s (`compile_node_train_step`)."""
   if kind.startswith("node8:"):
     return compile_node_train_step(kind.split(":", 1)[1], size_name)
-  from ttt_jax.benchmarks import lowering  # noqa: PLC0415
+  from ttt_jax.benchmarks import gpu_variants, lowering  # noqa: PLC0415
   from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
-  from ttt_jax.benchmarks.gpu_variants import (  # noqa: PLC0415
-    pretrain_config,
-    train_kind,
-    variant_tuning,
-  )
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
-  with lowering.for_gpu(), ttt_pallas.tuning(**variant_tuning(kind)):
+  with lowering.for_gpu(), ttt_pallas.tuning(**gpu_variants.variant_tuning(kind)):
     scale, _, model_kind = kind.rpartition(":")
     if scale:  # a pretraining preset at 8K (125m: gpu-check's train125m)
-      fn, args = lowering.train_step_of_config(pretrain_config(model_kind, scale))
+      fn, args = lowering.train_step_of_config(gpu_variants.pretrain_config(model_kind, scale))
     else:
-      fn, args = lowering.train_step_program(*train_kind(kind), PRESETS[size_name])
+      fn, args = lowering.train_step_program(*gpu_variants.train_kind(kind), PRESETS[size_name])
     return _compile(fn, device, *args)
 
 

@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 import time
 
-from ttt_jax.benchmarks.gpu_variants import pretrain_config, setup_train_kind
+from ttt_jax.benchmarks.gpu_variants import (
+  TUNE_CASES,
+  TUNE_FIELDS,
+  launch_tag,
+  pretrain_config,
+  setup_train_kind,
+)
 
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
@@ -222,26 +228,6 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
   return out
 
 
-# {layer: launch settings}, the first the default (ttt_pallas.Tuning), a value per field of
-# TUNE_FIELDS[layer] (the Tuning field, its tag in the row name). H200, 2026-12-04: 2 warps took
-# 9x longer (29 ms) for TTT-Linear and are no longer tried.
-TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
-               "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"),
-                           ("mlp_unroll", "-unrolled"))}
-# TTT-MLP: (8, 64, True) writes the hidden blocks out (Tuning.mlp_unroll) at 64-unit blocks
-TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
-                             (8, 3, "kernel"), (4, 3, "xla"), (8, 3, "xla")),
-              "ttt_mlp": ((8, 32, False), (8, 64, False), (8, 64, True), (4, 32, False),
-                          (16, 32, False), (8, 16, False), (8, 128, False))}
-
-
-def _launch_tag(tag: str, value) -> str:
-  """A launch setting in a row name: a flag by its tag when set, any other value after it."""
-  if isinstance(value, bool):
-    return tag if value else ""
-  return f"{tag}{value}"
-
-
 def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
   """One TTT layer's fwd+bwd at the gpu preset: the dual form and the kernels at each
   precision, the kernels over `TUNE_CASES[layer]`; each precision's error against the IEEE
@@ -262,7 +248,7 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
       for case in cases:
         fields = TUNE_FIELDS[layer] if case else ()
         tune = {field: v for (field, _), v in zip(fields, case or (), strict=True)}
-        launch = "".join(_launch_tag(tag, v)
+        launch = "".join(launch_tag(tag, v)
                          for (_, tag), v in zip(fields, case or (), strict=True))
         name = f"{impl}/{precision}" + (f"/{launch}" if launch else "")
         try:
@@ -363,7 +349,7 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
   info["losses"] = [float(loss) for loss, _ in history]
   info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
   mark("timed")
-  print("RESULT " + json.dumps(info), flush=True)  # gpu-check keeps this if the profile hangs
+  _so_far(info)  # gpu-check keeps this if the profile hangs
   info["profile"] = profile_or_error(lambda: (step(), holder["state"])[1], compiled.as_text())
   mark("profiled")
   return info

@@ -100,3 +100,23 @@ def pretrain_config(kind: str, scale: str = "125m"):
   cfg.data.batch_size, cfg.model.compute_dtype = 8, "bfloat16"
   apply_overrides(cfg, overrides)
   return validate(cfg)
+
+
+# {layer: launch settings}, the first the default (ttt_pallas.Tuning), a value per field of
+# TUNE_FIELDS[layer] (the Tuning field, its tag in the row name). H200, 2026-12-04: 2 warps took
+# 9x longer (29 ms) for TTT-Linear and are no longer tried.
+TUNE_FIELDS = {"ttt_linear": (("num_warps", "w"), ("num_stages", "s"), ("linear_output", "-")),
+               "ttt_mlp": (("mlp_num_warps", "w"), ("mlp_block", "b"),
+                           ("mlp_unroll", "-unrolled"))}
+# TTT-MLP: (8, 64, True) writes the hidden blocks out (Tuning.mlp_unroll) at 64-unit blocks
+TUNE_CASES = {"ttt_linear": ((4, 3, "kernel"), (4, 1, "kernel"), (4, 4, "kernel"),
+                             (8, 3, "kernel"), (4, 3, "xla"), (8, 3, "xla")),
+              "ttt_mlp": ((8, 32, False), (8, 64, False), (8, 64, True), (4, 32, False),
+                          (16, 32, False), (8, 16, False), (8, 128, False))}
+
+
+def launch_tag(tag: str, value) -> str:
+  """A launch setting in a row name: a flag by its tag when set, any other value after it."""
+  if isinstance(value, bool):
+    return tag if value else ""
+  return f"{tag}{value}"
