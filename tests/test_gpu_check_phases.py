@@ -187,3 +187,24 @@ def test_the_rows_a_timed_out_task_finished_are_kept_and_reported(tmp_path, monk
   assert f"Cut short by their time limit (the rows above are those they finished): learn " \
          f"({row['timed_out']})." in md
   assert "| learn (timed out) |" in md
+
+
+def test_both_train_tasks_mark_the_backend_then_pass_the_marks_on(monkeypatch, capsys):
+  """`train:` and `train125m:` tasks mark the GPU's set-up before anything else and hand `mark`
+  to the set-up, which marks the rest (test_a_train_task_marks_its_phases_in_order)."""
+  from ttt_jax.benchmarks import training  # noqa: PLC0415
+
+  handed = []
+  monkeypatch.setattr(gpu_tasks, "setup_train_kind",
+                      lambda kind, mark: handed.append(mark) or (None, None, None, {}))
+  monkeypatch.setattr(gpu_tasks, "pretrain_config",
+                      lambda kind: type("Cfg", (), {"data": type("D", (), {"seq_len": 8})}))
+  monkeypatch.setattr(training, "train_setup_from_config",
+                      lambda cfg, mark: handed.append(mark) or (cfg, None, None, None, {}))
+  monkeypatch.setattr(gpu_tasks, "_time_steps", lambda *a: {})
+  capsys.readouterr()
+  gpu_tasks.run_task("train:swa")
+  gpu_tasks.run_task("train125m:e2e")
+  lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PHASE ")]
+  assert [ln.rpartition(" ")[0] for ln in lines] == ["PHASE backend up"] * 2
+  assert handed == [gpu_tasks.mark, gpu_tasks.mark]

@@ -312,12 +312,16 @@ def task_e2e() -> dict:
   return out
 
 
-def task_train(kind: str) -> dict:
-  """Kind K[+variant] at the gpu preset (`gpu_variants.setup_train_kind`)."""
+def _backend_up() -> None:
   import jax  # noqa: PLC0415
 
   jax.devices()
   mark("backend up")
+
+
+def task_train(kind: str) -> dict:
+  """Kind K[+variant] at the gpu preset (`gpu_variants.setup_train_kind`)."""
+  _backend_up()
   return _time_steps(*setup_train_kind(kind, mark=mark))
 
 
@@ -325,6 +329,7 @@ def task_train_125m(kind: str) -> dict:
   """The `125m` pretraining preset of kind K at 8K context (bf16), batch 8 sequences."""
   from ttt_jax.benchmarks.training import train_setup_from_config  # noqa: PLC0415
 
+  _backend_up()
   cfg = pretrain_config(kind)
   _, compiled, state, batch, info = train_setup_from_config(cfg, mark=mark)
   info["seq_len"] = cfg.data.seq_len
