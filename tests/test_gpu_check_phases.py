@@ -180,13 +180,59 @@ def test_the_rows_a_timed_out_task_finished_are_kept_and_reported(tmp_path, monk
   assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "learn"]) == 0
   row = json.loads((tmp_path / "gpu_check.jsonl").read_text())
   assert row["transformer/xla"] == done["transformer/xla"] and "error" not in row
-  assert row["timed_out"].startswith("timed out after 200 s, ")
-  assert row["timed_out"].endswith("its last output: 'case 2 of 3'")
+  assert row["cut_short"].startswith("timed out after 200 s, ")
+  assert row["cut_short"].endswith("its last output: 'case 2 of 3'")
   md = (tmp_path / "gpu_check.md").read_text()
   assert "| transformer/xla | 1.0 s | 5.600 5.500 |" in md
-  assert f"Cut short by their time limit (the rows above are those they finished): learn " \
-         f"({row['timed_out']})." in md
+  assert ("Cut short by their time limit or a crash (the rows above are those they finished): "
+          f"learn ({row['cut_short']}).") in md
   assert "| learn (timed out) |" in md
+
+
+def _run_with(tmp_path, monkeypatch, only, run):
+  import jax  # noqa: PLC0415
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(gpu_check.subprocess, "run", run)
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", only]) == 0
+  return (json.loads((tmp_path / "gpu_check.jsonl").read_text()),
+          (tmp_path / "gpu_check.md").read_text())
+
+
+def test_a_task_that_crashes_after_some_rows_is_not_reported_as_finished(tmp_path, monkeypatch):
+  """A non-zero exit after a partial result keeps the rows and says the task was cut short,
+  with its exit code and last words; the last `RESULT` line, cut off, is passed over."""
+  first = {"window=None": {"cudnn": {"value_rel_err": 1e-3, "grad_rel_err": 2e-3,
+                                     "fwd_bwd_s": 1e-3}}}
+  out = f'RESULT {json.dumps(first)}\nRESULT {{"window=None": {{"cud'
+
+  def run(cmd, **kw):
+    return subprocess.CompletedProcess(cmd, 134, out, "F0000 cuda_executor.cc] out of memory\n")
+
+  row, md = _run_with(tmp_path, monkeypatch, "attention", run)
+  assert row["window=None"] == first["window=None"] and "error" not in row
+  assert row["cut_short"] == "exit 134: F0000 cuda_executor.cc] out of memory"
+  assert "| window=None | cudnn | 1.0e-03 | 2.0e-03 | 1.00 ms |" in md
+  assert "attention (exit 134: F0000 cuda_executor.cc] out of memory)." in md
+
+
+def test_a_train_task_stopped_while_profiling_keeps_its_timing(tmp_path, monkeypatch):
+  """Stopped after 'timed' (the output as bytes, as a real child's): the timing stays, the
+  profile and the run's records say why it stopped."""
+  timing = {"median_s": 0.02, "compile_s": 2.0, "tokens_per_step": 8, "model_flops_per_token": 1}
+
+  def run(cmd, **kw):
+    out = f"PHASE timed {time.time() + 30:.3f}\nRESULT {json.dumps(timing)}\n".encode()
+    raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=out)
+
+  row, md = _run_with(tmp_path, monkeypatch, "train:swa$", run)
+  assert row["median_s"] == 0.02 and list(row["phases"]) == ["timed"]
+  assert row["profile"]["error"] == row["cut_short"]
+  assert row["cut_short"].startswith("timed out after 100 s, 70 s after 'timed' ended")
+  assert "| swa | 2.0 s | 20.00 ms |" in md and "| train:swa (timed out) |" in md
+  # a train task that printed its profile keeps it, whatever stopped it after
+  assert gpu_check._cut_short("train:swa", {"profile": {"busy_ms": 1.0}}, "exit 1: x") == (  # noqa: SLF001
+      {"profile": {"busy_ms": 1.0}, "cut_short": "exit 1: x"})
 
 
 def test_both_train_tasks_mark_the_backend_then_pass_the_marks_on(monkeypatch, capsys):

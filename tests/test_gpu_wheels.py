@@ -76,7 +76,7 @@ def test_cuda_major_picks_the_plugin_and_its_venv():
   assert bad.returncode != 0 and "CUDA_MAJOR=11: 12 or 13" in bad.stdout
 
 
-def test_the_newest_census_installs_the_newest_jax_with_its_plugin():
+def test_the_newest_census_installs_the_newest_jax_with_its_plugin(tmp_path):
   """`make gpu-census-newest`: test-newest's JAX and Flax, the CUDA plugin at that JAX, in a venv
   of its own per CUDA major; a Python older than 3.12 is refused by name."""
   default = make("-n", "gpu-census-newest").stdout
@@ -86,7 +86,8 @@ def test_the_newest_census_installs_the_newest_jax_with_its_plugin():
   assert '"jax-cuda12-plugin[with-cuda]==0.11.2"' in default
   assert ".venv-cuda13-newest/bin/pip" in thirteen and '"jax-cuda13-plugin[with-cuda]==0.11.2"' in (
       thirteen)
-  missing = make("-s", "gpu-census-newest", "NEWEST_PY=/no/such/python3.12")
+  missing = make("-s", "gpu-census-newest", "NEWEST_PY=/no/such/python3.12",
+                 f"CUDA_NEWEST_VENV={tmp_path / 'venv'}")  # never this machine's venv
   assert missing.returncode != 0 and "missing or older than 3.12" in missing.stdout
 
 

@@ -77,9 +77,25 @@ def _nvidia_gpu_present() -> bool:
 
 
 def _last_result(stdout: str) -> dict | None:
-  """The last `RESULT {json}` line a task printed, or None."""
-  lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-  return json.loads(lines[-1][len("RESULT "):]) if lines else None
+  """The last whole `RESULT {json}` line a task printed (one cut short as the task was killed
+  is passed over), or None."""
+  for ln in reversed(stdout.splitlines()):
+    if ln.startswith("RESULT "):
+      try:
+        return json.loads(ln[len("RESULT "):])
+      except json.JSONDecodeError:
+        continue
+  return None
+
+
+def _cut_short(name: str, res: dict, why: str) -> dict:
+  """The result a task printed before it was stopped (`why`: its time limit, or its exit code
+  and last words): the rows it finished, with `why` beside them; a train task's profile, if it
+  had not printed one, reads as `why`."""
+  out = {**res, "cut_short": why}
+  if name.startswith(("train:", "train125m:")) and "profile" not in res:
+    out["profile"] = {"error": why}
+  return out
 
 
 def phases(stdout: str, spawned: float) -> dict[str, float]:
@@ -245,21 +261,19 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
       proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
                             capture_output=True, text=True, timeout=min(limit, left), env=env)
       res, reached = _last_result(proc.stdout), phases(proc.stdout, spawned)
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+      crash = f"exit {proc.returncode}: " + " | ".join(tail)[-600:]
       if res is None:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        res = {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+        res = {"error": crash}
+      elif proc.returncode != 0:  # it crashed after printing some of its result
+        res = _cut_short(name, res, crash)
     except subprocess.TimeoutExpired as e:
-      out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+      out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
       res, reached = _last_result(out), phases(out, spawned)
       timeout = _timeout_message(min(limit, left), reached, out)
       # what the task printed as its result so far is kept: a train task's timing (printed
       # before its profile), the rows a several-part task finished (`gpu_tasks._so_far`)
-      if res is None:
-        res = {"error": timeout}
-      elif name.startswith(("train:", "train125m:")):
-        res = {**res, "profile": {"error": timeout}}
-      else:
-        res = {**res, "timed_out": timeout}
+      res = {"error": timeout} if res is None else _cut_short(name, res, timeout)
     res["task_s"] = time.perf_counter() - t0
     if reached:
       res["phases"] = reached

@@ -254,7 +254,7 @@ def _phases(results: dict) -> list[str]:
       cells.append("" if at is None else f"{at - prev:.1f}")
       prev = prev if at is None else at
     rest = r.get("task_s", prev) - prev
-    said = f"{r.get('timed_out', '')} {r.get('error', '')} {r.get('profile', '')}"
+    said = f"{r.get('cut_short', '')} {r.get('error', '')}"
     note = " (timed out)" if "timed out" in said else ""
     out.append(f"| {task}{note} | {r.get('task_s', 0):.0f} s | " + " | ".join(cells)
                + f" | {rest:.1f} |")
@@ -262,8 +262,8 @@ def _phases(results: dict) -> list[str]:
 
 
 # gpu_check's own records of a task beside the task's result: its wall time, phase marks, and
-# the time limit that cut short a task whose finished rows were kept
-RUN_KEYS = ("task_s", "phases", "timed_out")
+# what cut short a task whose finished rows were kept (its time limit, or a crash)
+RUN_KEYS = ("task_s", "phases", "cut_short")
 
 
 def write_markdown(results: dict, path: str, shared_autotuning: bool = False) -> str:
@@ -282,9 +282,9 @@ def write_markdown(results: dict, path: str, shared_autotuning: bool = False) ->
             + _cache_attention(results) + _stream(results))
   timing = ", ".join(f"{k} {r.get('task_s', 0):.0f} s" for k, r in timings.items())
   lines += [f"Task wall times (each in its own process, compilation included): {timing}.", ""]
-  cut = [f"{k} ({r['timed_out']})" for k, r in timings.items() if r.get("timed_out")]
+  cut = [f"{k} ({r['cut_short']})" for k, r in timings.items() if r.get("cut_short")]
   if cut:
-    lines += ["Cut short by their time limit (the rows above are those they finished): "
+    lines += ["Cut short by their time limit or a crash (the rows above are those they finished): "
               + "; ".join(cut) + ".", ""]
   lines += _phases(timings)
   lines += ["Compile times: " + (
