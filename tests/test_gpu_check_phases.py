@@ -254,3 +254,14 @@ def test_both_train_tasks_mark_the_backend_then_pass_the_marks_on(monkeypatch, c
   lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PHASE ")]
   assert [ln.rpartition(" ")[0] for ln in lines] == ["PHASE backend up"] * 2
   assert handed == [gpu_tasks.mark, gpu_tasks.mark]
+
+
+def test_pallas_cut_short_before_its_timings_shows_no_empty_timing_table(tmp_path):
+  rows = {"linear": {"value_rel_err": 1e-7, "grad_rel_err": 4e-7}}
+  md = open(gpu_report.write_markdown({"pallas": dict(rows, cut_short="timed out after 150 s")},
+                                      str(tmp_path / "g.md"))).read()
+  assert "- TTT-Linear: value 1.0e-07, gradients 4.0e-07" in md
+  assert "One TTT layer fwd+bwd" not in md
+  rows["ttt_linear/pallas"] = {"compile_s": 2.0, "fwd_bwd_s": 3e-3}
+  md = open(gpu_report.write_markdown({"pallas": rows}, str(tmp_path / "g.md"))).read()
+  assert "One TTT layer fwd+bwd" in md and "| ttt_linear | pallas | 2.0 s | 3.00 ms |" in md
