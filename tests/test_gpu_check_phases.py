@@ -72,18 +72,18 @@ def _fake_child(timeout_after: str | None):
   return run
 
 
-def _run(tmp_path, monkeypatch, timeout_after):
+def _run_with(tmp_path, monkeypatch, only, run):
   import jax  # noqa: PLC0415
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(gpu_check.subprocess, "run", _fake_child(timeout_after))
-  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "train:swa$"]) == 0
-  row = json.loads((tmp_path / "gpu_check.jsonl").read_text())
-  return row, (tmp_path / "gpu_check.md").read_text()
+  monkeypatch.setattr(gpu_check.subprocess, "run", run)
+  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", only]) == 0
+  return (json.loads((tmp_path / "gpu_check.jsonl").read_text()),
+          (tmp_path / "gpu_check.md").read_text())
 
 
 def test_each_phase_is_recorded_and_tabulated(tmp_path, monkeypatch):
-  row, md = _run(tmp_path, monkeypatch, None)
+  row, md = _run_with(tmp_path, monkeypatch, "train:swa$", _fake_child(None))
   assert list(row["phases"]) == ["started", "backend up", "set up", "lowered", "compiled",
                                  "timed", "profiled"]
   assert [round(b - a, 1) for a, b in zip([0, *row["phases"].values()],
@@ -96,7 +96,7 @@ def test_each_phase_is_recorded_and_tabulated(tmp_path, monkeypatch):
 def test_a_task_that_runs_out_of_time_says_in_which_phase(tmp_path, monkeypatch):
   """Run out of time after lowering: the error says the compile was under way (what ran past
   the limit was whatever follows 'lowered'), and the phases reached are kept."""
-  row, md = _run(tmp_path, monkeypatch, "lowered")
+  row, md = _run_with(tmp_path, monkeypatch, "train:swa$", _fake_child("lowered"))
   assert list(row["phases"]) == ["started", "backend up", "set up", "lowered"]
   at = row["phases"]["lowered"]
   assert row["error"] == (f"timed out after 100 s, {100 - at:.0f} s after 'lowered' ended "
@@ -166,8 +166,6 @@ def test_a_several_part_task_prints_its_rows_as_it_finishes_them(monkeypatch, ca
 
 
 def test_the_rows_a_timed_out_task_finished_are_kept_and_reported(tmp_path, monkeypatch):
-  import jax  # noqa: PLC0415
-
   done = {"transformer/xla": {"compile_s": 1.0, "loss": [5.6, 5.5], "grad_norm": [2.0, 1.0],
                               "finite": [1.0, 1.0]}}
 
@@ -175,28 +173,14 @@ def test_the_rows_a_timed_out_task_finished_are_kept_and_reported(tmp_path, monk
     out = f"PHASE started {time.time() + 1:.3f}\nRESULT {json.dumps(done)}\ncase 2 of 3"
     raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=out)
 
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(gpu_check.subprocess, "run", run)
-  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", "learn"]) == 0
-  row = json.loads((tmp_path / "gpu_check.jsonl").read_text())
+  row, md = _run_with(tmp_path, monkeypatch, "learn", run)
   assert row["transformer/xla"] == done["transformer/xla"] and "error" not in row
   assert row["cut_short"].startswith("timed out after 200 s, ")
   assert row["cut_short"].endswith("its last output: 'case 2 of 3'")
-  md = (tmp_path / "gpu_check.md").read_text()
   assert "| transformer/xla | 1.0 s | 5.600 5.500 |" in md
   assert ("Cut short by their time limit or a crash (the rows above are those they finished): "
           f"learn ({row['cut_short']}).") in md
   assert "| learn (timed out) |" in md
-
-
-def _run_with(tmp_path, monkeypatch, only, run):
-  import jax  # noqa: PLC0415
-
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(gpu_check.subprocess, "run", run)
-  assert gpu_check.main(["--out_dir", str(tmp_path), "--only", only]) == 0
-  return (json.loads((tmp_path / "gpu_check.jsonl").read_text()),
-          (tmp_path / "gpu_check.md").read_text())
 
 
 def test_a_task_that_crashes_after_some_rows_is_not_reported_as_finished(tmp_path, monkeypatch):
