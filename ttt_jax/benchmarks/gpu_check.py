@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 
-from ttt_jax.benchmarks.gpu_tasks import mark, run_task
+from ttt_jax.benchmarks.gpu_tasks import mark, print_result, run_task
 from ttt_jax.benchmarks.gpu_variants import TRAIN, VARIANTS
 from ttt_jax.benchmarks.kernel_profile import PROFILE_ENV
 
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.task:
     mark("started")
-    print("RESULT " + json.dumps(run_task(args.task)), flush=True)
+    print_result(run_task(args.task))
     return 0
   tasks = plan(selection(args.only))  # an --only item that names no task fails here, GPU or not
   child_env = dict(os.environ)  # the tasks allocate GPU memory as JAX does by default ...
@@ -261,18 +261,16 @@ def run_plan(args, tasks, child_env: dict, autotune_dir: str | None,
       proc = subprocess.run([sys.executable, "-m", "ttt_jax.benchmarks.gpu_check", "--task", name],
                             capture_output=True, text=True, timeout=min(limit, left), env=env)
       res, reached = _last_result(proc.stdout), phases(proc.stdout, spawned)
-      tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-      crash = f"exit {proc.returncode}: " + " | ".join(tail)[-600:]
-      if res is None:
-        res = {"error": crash}
-      elif proc.returncode != 0:  # it crashed after printing some of its result
-        res = _cut_short(name, res, crash)
+      if res is None or proc.returncode != 0:  # no result, or a crash after part of one
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        crash = f"exit {proc.returncode}: " + " | ".join(tail)[-600:]
+        res = {"error": crash} if res is None else _cut_short(name, res, crash)
     except subprocess.TimeoutExpired as e:
       out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
       res, reached = _last_result(out), phases(out, spawned)
       timeout = _timeout_message(min(limit, left), reached, out)
       # what the task printed as its result so far is kept: a train task's timing (printed
-      # before its profile), the rows a several-part task finished (`gpu_tasks._so_far`)
+      # before its profile), the rows a several-part task finished (`gpu_tasks.print_result`)
       res = {"error": timeout} if res is None else _cut_short(name, res, timeout)
     res["task_s"] = time.perf_counter() - t0
     if reached:

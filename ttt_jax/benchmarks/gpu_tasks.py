@@ -41,8 +41,8 @@ def mark(phase: str) -> None:
   print(f"PHASE {phase} {time.time():.3f}", flush=True)
 
 
-def _so_far(out: dict) -> None:
-  """Prints a task's rows so far as its result: if the task then runs out of time, gpu-check
+def print_result(out: dict) -> None:
+  """Prints a task's result, or its rows so far: if the task then runs out of time, gpu-check
   keeps them (the last `RESULT` line wins)."""
   print("RESULT " + json.dumps(out), flush=True)
 
@@ -116,7 +116,7 @@ def task_attention() -> dict:
       except Exception as e:  # noqa: BLE001
         row[impl] = _error(e, 200)
     out[f"window={window}"] = row
-    _so_far(out)
+    print_result(out)
   return out
 
 
@@ -168,7 +168,7 @@ def task_pallas(preset: str = "gpu") -> dict:
                   "grad_rel_err": _tree_rel(g_k, g_d)}
     except Exception as e:  # noqa: BLE001
       out[row] = _error(e)
-    _so_far(out)
+    print_result(out)
   size = PRESETS[preset]
   x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
   for layer, impl, row, tune in LAYER_TIMINGS:
@@ -183,7 +183,7 @@ def task_pallas(preset: str = "gpu") -> dict:
                    "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
     except Exception as e:  # noqa: BLE001
       out[name] = _error(e)
-    _so_far(out)
+    print_result(out)
   return out
 
 
@@ -224,7 +224,7 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
                    **{k: [r[k] for r in rows] for k in rows[0]}}
     except Exception as e:  # noqa: BLE001
       out[name] = _error(e)
-    _so_far(out)
+    print_result(out)
   return out
 
 
@@ -265,7 +265,7 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
         except Exception as e:  # noqa: BLE001
           row = _error(e)
         out[name] = row
-        _so_far(out)
+        print_result(out)
   return out
 
 
@@ -354,7 +354,7 @@ def _time_steps(compiled, state, batch, info: dict) -> dict:
   info["losses"] = [float(loss) for loss, _ in history]
   info["nonfinite_steps"] = sum(float(f) == 0 for _, f in history)
   mark("timed")
-  _so_far(info)  # gpu-check keeps this if the profile hangs
+  print_result(info)  # gpu-check keeps this if the profile hangs
   info["profile"] = profile_or_error(lambda: (step(), holder["state"])[1], compiled.as_text())
   mark("profiled")
   return info
