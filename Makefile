@@ -36,15 +36,17 @@ NEWEST_PY    ?= python3.12
 NEWEST_VENV  := .venv-newest
 NEWEST       := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
 NEWEST_STAMP := $(NEWEST_VENV)/.installed
+# $(call newest_venv,TARGET,VENV): VENV made with NEWEST_PY (refused by name, for TARGET, where it
+# is missing or older than 3.12), and its constraints.txt: ours without NEWEST's pins
+newest_venv = { test -x $(2)/bin/python || $(NEWEST_PY) -c \
+	  'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo \
+	  "$(1): $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11 needs 3.12+): make $(1) NEWEST_PY=<python>"; \
+	  exit 1; }; } && { test -x $(2)/bin/python || $(NEWEST_PY) -m venv $(2); } && \
+	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(2)/constraints.txt
 
 $(NEWEST_STAMP): pyproject.toml constraints.txt
-	@test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -c \
-	  'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo \
-	  "test-newest: $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11 needs 3.12+): make test-newest NEWEST_PY=<python>"; \
-	  exit 1; }
-	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(NEWEST_VENV)
+	@$(call newest_venv,test-newest,$(NEWEST_VENV))
 	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
-	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(NEWEST_VENV)/constraints.txt
 	$(NEWEST_VENV)/bin/python -m pip install -q -c $(NEWEST_VENV)/constraints.txt $(NEWEST) -e '.[dev]'
 	touch $(NEWEST_STAMP)
 
@@ -90,8 +92,10 @@ gpu-wheels:
 # image's compiler), in .venv-cuda13.
 CUDA_MAJOR ?= 12
 CUDA_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))
+# $(call cuda_major_check,TARGET): CUDA_MAJOR is 12 or 13, or TARGET stops naming it
+cuda_major_check = case "$(CUDA_MAJOR)" in 12|13) ;; *) echo "$(1): CUDA_MAJOR=$(CUDA_MAJOR): 12 or 13"; exit 2;; esac
 gpu-census:
-	@case "$(CUDA_MAJOR)" in 12|13) ;; *) echo "gpu-census: CUDA_MAJOR=$(CUDA_MAJOR): 12 or 13"; exit 2;; esac
+	@$(call cuda_major_check,gpu-census)
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
 	JAX=$$(sed -n 's/^jax==//p' constraints.txt); \
 	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . \
@@ -103,13 +107,8 @@ gpu-census:
 NEWEST_JAX        := $(patsubst jax==%,%,$(filter jax==%,$(NEWEST)))
 CUDA_NEWEST_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))-newest
 gpu-census-newest:
-	@case "$(CUDA_MAJOR)" in 12|13) ;; *) echo "gpu-census-newest: CUDA_MAJOR=$(CUDA_MAJOR): 12 or 13"; exit 2;; esac
-	@test -x $(CUDA_NEWEST_VENV)/bin/python || $(NEWEST_PY) -c \
-	  'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo \
-	  "gpu-census-newest: $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11 needs 3.12+): make gpu-census-newest NEWEST_PY=<python>"; \
-	  exit 1; }
-	test -x $(CUDA_NEWEST_VENV)/bin/python || $(NEWEST_PY) -m venv $(CUDA_NEWEST_VENV)
-	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(CUDA_NEWEST_VENV)/constraints.txt
+	@$(call cuda_major_check,gpu-census-newest)
+	@$(call newest_venv,gpu-census-newest,$(CUDA_NEWEST_VENV))
 	$(CUDA_NEWEST_VENV)/bin/pip install -q -c $(CUDA_NEWEST_VENV)/constraints.txt $(NEWEST) -e . \
 	  "jax-cuda$(CUDA_MAJOR)-plugin[with-cuda]==$(NEWEST_JAX)"
 	JAX_PLATFORMS=cpu $(CUDA_NEWEST_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
