@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from ttt_jax.benchmarks.hlo_text import census
 from ttt_jax.config import build_config, parse_ctx, round_up, validate
@@ -21,6 +22,15 @@ from ttt_jax.config import build_config, parse_ctx, round_up, validate
 TRAIN_KINDS = ("transformer", "swa", "ttt_linear", "ttt_mlp", "e2e-pretrain", "e2e-meta")
 STREAM_KINDS = ("transformer", "swa", "ttt_linear", "e2e")
 SECTIONS = ("matmul", "train", "ttt_impl", "ttt_memory", "prefill", "decode", "memory")
+
+
+def tree_rel_err(a, b) -> float:
+  """The worst leaf's largest |a - b| over its largest |b| (in float64; the leaves of `a` and
+  `b` paired in order, so two revisions' trees may name them differently)."""
+  def rel(x, y) -> float:
+    return float(np.max(np.abs(np.subtract(x, y, dtype=np.float64)))
+                 / max(np.max(np.abs(np.asarray(y, np.float64))), 1e-30))
+  return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @dataclasses.dataclass(frozen=True)

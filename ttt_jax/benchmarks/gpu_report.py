@@ -261,6 +261,15 @@ def _phases(results: dict) -> list[str]:
   return out + [""]
 
 
+def _rng_kernel(same: bool | None) -> str:
+  """What the `env` task found of JAX's threefry kernel, which initialises the tasks' models."""
+  if same is None:
+    return ""
+  return (" JAX's threefry kernel (`models.gpu_rng_kernels`) draws the same bits as the inlined "
+          "hash." if same else " **JAX's threefry kernel (`models.gpu_rng_kernels`) draws other "
+          "bits than the inlined hash: initial parameters differ from CPU's.**")
+
+
 # gpu_check's own records of a task beside the task's result: its wall time, phase marks, and
 # what cut short a task whose finished rows were kept (its time limit, or a crash)
 RUN_KEYS = ("task_s", "phases", "cut_short")
@@ -276,7 +285,8 @@ def write_markdown(results: dict, path: str, shared_autotuning: bool = False) ->
   if env and not _status(env):
     v = env["versions"]
     lines += [f"Device {env['device']}; " + ", ".join(f"{k} {x}" for k, x in v.items() if x)
-              + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.", ""]
+              + f"; bf16 matmul {env['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s."
+              + _rng_kernel(env.get("rng_kernel_same_bits")), ""]
   lines += (_correctness(results) + _learn(results) + _tune(results)
             + _tune(results, "tune_mlp", "TTT-MLP") + _train(results) + _profiles(results)
             + _cache_attention(results) + _stream(results))

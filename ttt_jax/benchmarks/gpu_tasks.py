@@ -19,16 +19,6 @@ STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
 
 
-def _tree_rel(a, b) -> float:
-  """The worst leaf's largest |a - b| over its largest |b|."""
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-
-  rel = lambda x, y: float(np.max(np.abs(np.subtract(x, y, dtype=np.float64)))  # noqa: E731
-                           / max(np.max(np.abs(np.asarray(y, np.float64))), 1e-30))
-  return max(jax.tree.leaves(jax.tree.map(rel, a, b)))
-
-
 def _error(e: Exception, limit: int = 300) -> dict:
   from ttt_jax.benchmarks.common import error_record  # noqa: PLC0415
   return error_record(e, limit)
@@ -66,6 +56,8 @@ def task_env(n: int = 8192) -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from ttt_jax.models import rng_kernel_same_bits  # noqa: PLC0415
+
   dev = jax.devices()[0]
   versions = {}
   for name in ENV_PACKAGES:
@@ -78,13 +70,14 @@ def task_env(n: int = 8192) -> dict:
   mm = jax.jit(jnp.dot).lower(a, b).compile()
   t = _median_time(lambda: mm(a, b), repeats=10, warmup=3)
   return {"device": dev.device_kind, "platform": dev.platform, "versions": versions,
-          "bf16_matmul_flops_per_s": 2 * n**3 / t}
+          "bf16_matmul_flops_per_s": 2 * n**3 / t, "rng_kernel_same_bits": rng_kernel_same_bits()}
 
 
 def task_attention() -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
+  from ttt_jax.benchmarks.common import tree_rel_err  # noqa: PLC0415
   from ttt_jax.layers.attention import AttentionAlgorithm, dot_product_attention  # noqa: PLC0415
 
   out = {}
@@ -110,7 +103,7 @@ def task_attention() -> dict:
       try:
         val, grads = fn(*args)
         row[impl] = {"value_rel_err": abs(float(val) - float(ref[0])) / abs(float(ref[0])),
-                     "grad_rel_err": _tree_rel(tuple(g.astype(jnp.float32) for g in grads),
+                     "grad_rel_err": tree_rel_err(tuple(g.astype(jnp.float32) for g in grads),
                                                   tuple(ref[1])),
                      "fwd_bwd_s": _median_time(lambda fn=fn, args=args: fn(*args))}
       except Exception as e:  # noqa: BLE001
@@ -130,7 +123,7 @@ def task_pallas(preset: str = "gpu") -> dict:
   import jax.numpy as jnp  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
-  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS, tree_rel_err  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
   from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas  # noqa: PLC0415
 
@@ -165,7 +158,7 @@ def task_pallas(preset: str = "gpu") -> dict:
         v_d, g_d = vg(dual)(params, ln, *xs, eta)
         v_k, g_k = vg(kern)(params, ln, *xs, eta)
       out[row] = {"value_rel_err": abs(float(v_k) - float(v_d)) / abs(float(v_d)),
-                  "grad_rel_err": _tree_rel(g_k, g_d)}
+                  "grad_rel_err": tree_rel_err(g_k, g_d)}
     except Exception as e:  # noqa: BLE001
       out[row] = _error(e)
     print_result(out)
@@ -234,7 +227,7 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
   dual form."""
   import jax  # noqa: PLC0415
 
-  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS, tree_rel_err  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
@@ -261,7 +254,7 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
           result = compiled(params, x)
           if ref is None:
             ref = result
-          row["rel_err_vs_ieee_dual"] = _tree_rel(result, ref)
+          row["rel_err_vs_ieee_dual"] = tree_rel_err(result, ref)
         except Exception as e:  # noqa: BLE001
           row = _error(e)
         out[name] = row
@@ -276,7 +269,7 @@ def task_e2e() -> dict:
   import numpy as np  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
-  from ttt_jax.benchmarks.common import PRESETS, model_config  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS, model_config, tree_rel_err  # noqa: PLC0415
   from ttt_jax.layers.common import building_for  # noqa: PLC0415
   from ttt_jax.models import build_model  # noqa: PLC0415
   from ttt_jax.train.trainer import Trainer  # noqa: PLC0415
@@ -300,7 +293,7 @@ def task_e2e() -> dict:
       with jax.default_matmul_precision("highest"):
         res[platform] = jax.jit(jax.value_and_grad(loss))(jax.device_put(params, device))
   out = {"fp32_loss_gpu": float(res[here][0]), "fp32_loss_cpu": float(res["cpu"][0]),
-         "fp32_grad_rel_err": _tree_rel(jax.device_get(res[here][1]),
+         "fp32_grad_rel_err": tree_rel_err(jax.device_get(res[here][1]),
                                         jax.device_get(res["cpu"][1]))}
   cfg16 = model_config("e2e-meta", dataclasses.replace(size, dtype="bfloat16"))
   trainer = Trainer.create(cfg16)

@@ -23,7 +23,7 @@ from flax import nnx
 
 from ttt_jax.argtypes import non_negative_int, positive_int
 from ttt_jax.benchmarks import common, revisions, training
-from ttt_jax.benchmarks.common import Size, interleaved, model_config, xla_flops
+from ttt_jax.benchmarks.common import Size, interleaved, model_config, tree_rel_err, xla_flops
 from ttt_jax.models.lm import make_mixer
 
 SWAPPED_MODULES = ["ttt_jax.layers.common", "ttt_jax.layers.ttt_inner", "ttt_jax.layers.ttt",
@@ -70,12 +70,6 @@ def build(target: str, size: Size, layer_len: int, layer_batch: int = 1):
   raise ValueError(f"unknown target {target!r}: layer:<kind> or train:<kind>")
 
 
-def _rel_diff(a, b) -> float:
-  """max |a - b| / max |b|."""
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
-
-
 def compare(baseline: str, targets: list[str], size: Size, layer_len: int = 2048,
             repeats: int = 5, warmup: int = 1, echo=print, layer_batch: int = 1) -> dict:
   """Per target: old and new medians, new/old speedup, XLA FLOPs / ceiling, compile times, and
@@ -96,10 +90,9 @@ def compare(baseline: str, targets: list[str], size: Size, layer_len: int = 2048
       y_new = _layer_outputs(kind, size, layer_len, layer_batch)()
       with revisions.swapped(baseline, SWAPPED_MODULES):
         y_old = _layer_outputs(kind, size, layer_len, layer_batch)()
-      info[f"{target}/new"]["max_rel_diff_y"] = _rel_diff(y_new, y_old)
-      info[f"{target}/new"]["max_rel_diff_grads"] = max(
-          _rel_diff(a, b) for a, b in zip(jax.tree.leaves(fns[f"{target}/new"]()),
-                                          jax.tree.leaves(fns[f"{target}/old"]()), strict=True))
+      info[f"{target}/new"]["max_rel_diff_y"] = tree_rel_err(y_new, y_old)
+      info[f"{target}/new"]["max_rel_diff_grads"] = tree_rel_err(fns[f"{target}/new"](),
+                                                                 fns[f"{target}/old"]())
   n = size.matmul_n
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   mm = jax.jit(jnp.dot).lower(a, a).compile()

@@ -25,7 +25,7 @@ from ttt_jax.benchmarks.common import (
   model_config,
 )
 from ttt_jax.benchmarks.training import _failure
-from ttt_jax.models import build_model
+from ttt_jax.models import build_model, gpu_rng_kernels
 
 # kinds that are another kind with model overrides: full attention against its cache through
 # model.attention_impl's path (on a GPU: cuDNN with a [chunk, capacity] mask over every slot)
@@ -44,7 +44,8 @@ class Streamer:
     base, overrides = STREAM_ALIASES.get(kind, (kind, None))
     cfg = model_config(base, size, overrides=overrides)
     self.model_cfg = cfg.model
-    self.graphdef, self.params = nnx.split(build_model(cfg.model, seed))
+    with gpu_rng_kernels():  # the random draws lowered as in Trainer.init_state
+      self.graphdef, self.params = nnx.split(build_model(cfg.model, seed))
     self.chunk = size.e2e_chunk
     self._compiled: dict = {}
 

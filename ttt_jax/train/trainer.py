@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ttt_jax.config import LOGICAL_RULES, ConfigError, Rules, validate
 from ttt_jax.data.dataset import Dataset
-from ttt_jax.models import abstract_model, build_model
+from ttt_jax.models import abstract_model, build_model, gpu_rng_kernels
 from ttt_jax.sharding import (
   activation_sharding,
   batch_sharding,
@@ -190,8 +190,14 @@ class Trainer:
   def init_state(self, seed: int | None = None) -> TrainState:
     """Step 0: parameters initialised from `seed` (default `config.seed`), fresh optimizer."""
     seed = self.config.seed if seed is None else seed
-    with jax.set_mesh(self.mesh):
-      return jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings)(seed)
+    return self.lower_init(seed).compile()()
+
+  def lower_init(self, seed: int, platforms: tuple[str, ...] | None = None) -> jax.stages.Lowered:
+    """The program `init_state(seed)` runs, lowered for `platforms` (default: this backend), its
+    random draws through `gpu_rng_kernels` (a GPU compiles it in a fraction of the time)."""
+    with jax.set_mesh(self.mesh), gpu_rng_kernels():
+      traced = jax.jit(self._init, static_argnums=0, out_shardings=self.state_shardings).trace(seed)
+      return traced.lower(lowering_platforms=platforms)
 
   @property
   def pure_train_step(self):
