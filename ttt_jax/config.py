@@ -25,6 +25,8 @@ E2E_TRAIN_MODES, E2E_REMAT_POLICIES = ("meta", "pretrain"), ("full", "dots")
 TTT_IMPLS, TTT_BACKBONES = ("auto", "dual", "primal", "pallas"), ("mamba", "base")
 REMAT_POLICIES, DTYPES = ("none", "full", "dots", "kernels"), ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
+# train.init_rng_kernel: the initial parameters' random draws through JAX's threefry GPU kernel
+INIT_RNG_KERNEL = ("auto", "on", "off")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
 CACHE_ATTENTION_IMPLS = ("auto", "pallas", "inherit")
@@ -190,6 +192,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.grad_clip = 1.0
   tr.grad_accum = 1
   tr.group_leaves = 0  # leaves of at most this many elements updated as flat groups; 0 = off
+  tr.init_rng_kernel = "auto"  # initial draws by JAX's GPU kernel: auto = on one device only
   tr.log_every, tr.eval_every = 10, 100
   tr.eval_batches = 4
   tr.allow_bf16_params = False  # model.param_dtype=bfloat16 under AdamW needs this opt-in
@@ -339,6 +342,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        ("model.cache_attention_impl", CACHE_ATTENTION_IMPLS),
                        ("model.ttt.impl", TTT_IMPLS), ("model.ttt.backbone", TTT_BACKBONES),
                        ("model.e2e.train_mode", E2E_TRAIN_MODES), ("train.schedule", SCHEDULES),
+                       ("train.init_rng_kernel", INIT_RNG_KERNEL),
                        ("model.e2e.remat_chunks_policy", E2E_REMAT_POLICIES),
                        ("model.e2e.suffix_remat", ("auto", *REMAT_POLICIES)),
                        ("model.e2e.inner_attention_impl", E2E_INNER_ATTENTION_IMPLS),

@@ -1,12 +1,15 @@
 """Random initialisation through JAX's threefry GPU kernel (`models.gpu_rng_kernels`): the
 program a GPU compiles changes, the parameters do not."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from ttt_jax.benchmarks import gpu_check, gpu_report, streaming
 from ttt_jax.benchmarks.common import PRESETS, model_config, tree_rel_err
+from ttt_jax.config import ConfigError, validate
 from ttt_jax.models import gpu_rng_kernels, rng_kernel_same_bits
 from ttt_jax.train.trainer import Trainer
 
@@ -32,6 +35,28 @@ def test_init_state_lowers_its_draws_to_the_kernel_for_cuda_only(trainer):
   assert kernel.count("stablehlo.shift_left") < inlined.count("stablehlo.shift_left") / 4
   assert KERNEL not in trainer.lower_init(3).as_text()  # this backend (CPU) lowers as before
   assert not _flag()  # the setting is put back
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_train_init_rng_kernel_turns_the_kernel_on_and_off(setting):
+  cfg = model_config("transformer", PRESETS["quick"])
+  cfg.train.init_rng_kernel = setting
+  text = Trainer.create(cfg).lower_init(0, ("cuda",)).as_text()
+  assert (KERNEL in text) == (setting == "on")
+
+
+def test_auto_draws_through_the_kernel_on_one_device_only():
+  def resolved(setting, devices):
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(
+        train=types.SimpleNamespace(init_rng_kernel=setting)),
+        mesh=types.SimpleNamespace(devices=np.empty(devices)))
+    return Trainer.init_rng_kernel.fget(fake)
+  assert resolved("auto", (1, 1, 1)) and not resolved("auto", (1, 8, 1))
+  assert resolved("on", (2, 2, 2)) and not resolved("off", (1, 1, 1))
+  cfg = model_config("transformer", PRESETS["quick"])
+  cfg.train.init_rng_kernel = "yes"
+  with pytest.raises(ConfigError, match="train.init_rng_kernel"):
+    validate(cfg)
 
 
 def test_init_state_gives_the_parameters_of_the_plain_program(trainer):
