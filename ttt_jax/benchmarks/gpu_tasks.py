@@ -294,7 +294,7 @@ def task_e2e() -> dict:
         res[platform] = jax.jit(jax.value_and_grad(loss))(jax.device_put(params, device))
   out = {"fp32_loss_gpu": float(res[here][0]), "fp32_loss_cpu": float(res["cpu"][0]),
          "fp32_grad_rel_err": tree_rel_err(jax.device_get(res[here][1]),
-                                        jax.device_get(res["cpu"][1]))}
+                                           jax.device_get(res["cpu"][1]))}
   cfg16 = model_config("e2e-meta", dataclasses.replace(size, dtype="bfloat16"))
   trainer = Trainer.create(cfg16)
   state = trainer.init_state()
