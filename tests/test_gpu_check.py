@@ -434,3 +434,4 @@ def test_env_task_records_versions_and_the_cuda_plugin():
       want = None
     assert out["versions"][plugin] == want
   assert out["bf16_matmul_flops_per_s"] > 0 and out["platform"] == jax.default_backend()
+  assert out["rng_kernel_same_bits"] is True  # CPU: the setting changes nothing

@@ -2,8 +2,7 @@
 
 A config is an `ml_collections.ConfigDict` with sections `model`, `data`, `train`, `mesh`,
 `checkpoint`, `eval`. `build_config(arg)` builds a preset from a comma list of `key=value`;
-`validate(config)` rejects bad knobs with one line that names the key and what is allowed.
-"""
+`validate(config)` rejects bad knobs with one line that names the key and what is allowed."""
 
 from __future__ import annotations
 
@@ -24,9 +23,7 @@ TTT_PRESETS = {"ttt_linear": (1.0, False), "ttt_mlp": (0.1, True)}
 E2E_TRAIN_MODES, E2E_REMAT_POLICIES = ("meta", "pretrain"), ("full", "dots")
 TTT_IMPLS, TTT_BACKBONES = ("auto", "dual", "primal", "pallas"), ("mamba", "base")
 REMAT_POLICIES, DTYPES = ("none", "full", "dots", "kernels"), ("float32", "bfloat16")
-SCHEDULES = ("cosine", "linear", "constant")
-# train.init_rng_kernel: the initial parameters' random draws through JAX's threefry GPU kernel
-INIT_RNG_KERNEL = ("auto", "on", "off")
+SCHEDULES, INIT_RNG_KERNEL = ("cosine", "linear", "constant"), ("auto", "on", "off")
 ATTENTION_ALGORITHMS = ("auto", "dense", "blocked", "blockwise")
 ATTENTION_IMPLS = ("auto", "blockwise", "xla", "cudnn", "splash")
 CACHE_ATTENTION_IMPLS = ("auto", "pallas", "inherit")
@@ -45,7 +42,6 @@ SCALES = {
 # Sliding window and E2E inner mini-batch (chunk) per scale: 8K and 1K as in the paper, tiny: small
 SWA_WINDOW = {"tiny": 256, **dict.fromkeys(("125m", "350m", "760m", "1b", "3b"), 8192)}
 E2E_CHUNK = {"tiny": 128, **dict.fromkeys(("125m", "350m", "760m", "1b", "3b"), 1024)}
-
 BYTE_VOCAB = 259  # 256 bytes + BOS, EOS, PAD
 
 MESH_AXES = ("data", "fsdp", "tensor")

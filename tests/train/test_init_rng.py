@@ -86,12 +86,14 @@ def test_same_bits_check_runs_here_and_the_summary_reports_it(tmp_path):
   env = {"device": "NVIDIA H200", "versions": {"jax": "0.11.2"},
          "bf16_matmul_flops_per_s": 7e14}
   texts = {}
-  for same in (True, False, None):
+  for same in (True, False, None, "XlaRuntimeError: no such target"):
     e = env if same is None else dict(env, rng_kernel_same_bits=same)
     texts[same] = open(gpu_report.write_markdown({"env": e}, str(tmp_path / f"{same}.md"))).read()
   assert "draws the same bits as the inlined hash" in texts[True]
   assert "**JAX's threefry kernel" in texts[False] and "differ from CPU's" in texts[False]
   assert "threefry" not in texts[None]
+  failed = texts["XlaRuntimeError: no such target"]
+  assert "failed** (XlaRuntimeError: no such target)" in failed and "init_rng_kernel=off" in failed
 
 
 def test_gpu_check_tasks_and_the_streamer_draw_through_the_kernel(monkeypatch, capsys):
@@ -114,3 +116,7 @@ def test_tree_rel_err_is_the_worst_leafs_error_over_its_own_scale():
   assert tree_rel_err(a, b) == pytest.approx(want, rel=1e-9)
   assert tree_rel_err([a["x"], a["y"]], b) == pytest.approx(want, rel=1e-9)  # paired in order
   assert tree_rel_err(b, b) == 0.0
+  a["x"][0, 0] = np.nan  # a NaN in any leaf shows
+  assert np.isnan(tree_rel_err(a, b)) and np.isnan(tree_rel_err([b["y"], a["x"]], [b["y"], b["x"]]))
+  with pytest.raises(ValueError, match="shapes"):
+    tree_rel_err(b["x"][:1], b["x"])

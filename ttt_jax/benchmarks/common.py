@@ -25,12 +25,16 @@ SECTIONS = ("matmul", "train", "ttt_impl", "ttt_memory", "prefill", "decode", "m
 
 
 def tree_rel_err(a, b) -> float:
-  """The worst leaf's largest |a - b| over its largest |b| (in float64; the leaves of `a` and
-  `b` paired in order, so two revisions' trees may name them differently)."""
+  """The worst leaf's largest |a - b| over its largest |b| (in float64; NaN if any leaf has one;
+  the leaves of `a` and `b` paired in order, so two revisions' trees may name them differently,
+  but each pair must have one shape)."""
   def rel(x, y) -> float:
+    if np.shape(x) != np.shape(y):
+      raise ValueError(f"leaves of shapes {np.shape(x)} and {np.shape(y)} compared")
     return float(np.max(np.abs(np.subtract(x, y, dtype=np.float64)))
                  / max(np.max(np.abs(np.asarray(y, np.float64))), 1e-30))
-  return max(rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+  return float(np.max([rel(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                    strict=True)]))
 
 
 @dataclasses.dataclass(frozen=True)

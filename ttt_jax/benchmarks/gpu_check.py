@@ -211,9 +211,9 @@ def main(argv=None) -> int:
   p.add_argument("--task", default="", help=argparse.SUPPRESS)  # child mode
   args = p.parse_args(argv)
   if args.task:
-    mark("started")
     from ttt_jax.models import gpu_rng_kernels  # noqa: PLC0415
 
+    mark("started")
     with gpu_rng_kernels():  # every task's random initialisation: quick to compile on a GPU
       print_result(run_task(args.task))
     return 0

@@ -261,10 +261,14 @@ def _phases(results: dict) -> list[str]:
   return out + [""]
 
 
-def _rng_kernel(same: bool | None) -> str:
-  """What the `env` task found of JAX's threefry kernel, which initialises the tasks' models."""
+def _rng_kernel(same: bool | str | None) -> str:
+  """What the `env` task found of JAX's threefry kernel, which initialises the tasks' models
+  (a string: the error drawing through it; None: not asked)."""
   if same is None:
     return ""
+  if isinstance(same, str):
+    return (f" **Drawing through JAX's threefry kernel failed** ({same}); "
+            "`train.init_rng_kernel=off` initialises without it.")
   return (" JAX's threefry kernel (`models.gpu_rng_kernels`) draws the same bits as the inlined "
           "hash." if same else " **JAX's threefry kernel (`models.gpu_rng_kernels`) draws other "
           "bits than the inlined hash: initial parameters differ from CPU's.**")

@@ -34,8 +34,9 @@ def gpu_rng_kernels(enabled: bool = True) -> Iterator[None]:
   fusions: the same hash function (gpu-check's `env` task compares the bits on a GPU), and an
   initialisation program that XLA compiles several times faster (docs/benchmarks.md: 22-26 s
   -> 4-5 s for the gpu preset's transformer on an H200, 727 s -> 18 s for the 1b transformer
-  over 8 H200s, both compiled without a GPU). Only the lowering of what is traced or run inside
-  changes; other platforms lower as before. `enabled=False`: the inlined hash within the
+  over 8 H200s, both compiled without a GPU). The setting is read when a program is lowered, so
+  only what is lowered (jitted calls, eager draws) inside the block changes; other platforms
+  lower as before. `enabled=False`: the inlined hash within the
   block."""
   before = jax.config.jax_threefry_gpu_kernel_lowering
   jax.config.update("jax_threefry_gpu_kernel_lowering", enabled)
