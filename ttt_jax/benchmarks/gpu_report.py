@@ -269,9 +269,10 @@ def _rng_kernel(same: bool | str | None) -> str:
   if isinstance(same, str):
     return (f" **Drawing through JAX's threefry kernel failed** ({same}); "
             "`train.init_rng_kernel=off` initialises without it.")
-  return (" JAX's threefry kernel (`models.gpu_rng_kernels`) draws the same bits as the inlined "
-          "hash." if same else " **JAX's threefry kernel (`models.gpu_rng_kernels`) draws other "
-          "bits than the inlined hash: initial parameters differ from CPU's.**")
+  kernel = "JAX's threefry kernel (`models.gpu_rng_kernels`)"
+  return (f" {kernel} draws the same bits as the inlined hash." if same else
+          f" **{kernel} draws other bits than the inlined hash: initial parameters differ from "
+          "CPU's.**")
 
 
 # gpu_check's own records of a task beside the task's result: its wall time, phase marks, and

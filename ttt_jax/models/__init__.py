@@ -36,8 +36,7 @@ def gpu_rng_kernels(enabled: bool = True) -> Iterator[None]:
   -> 4-5 s for the gpu preset's transformer on an H200, 727 s -> 18 s for the 1b transformer
   over 8 H200s, both compiled without a GPU). The setting is read when a program is lowered, so
   only what is lowered (jitted calls, eager draws) inside the block changes; other platforms
-  lower as before. `enabled=False`: the inlined hash within the
-  block."""
+  lower as before. `enabled=False`: the inlined hash within the block."""
   before = jax.config.jax_threefry_gpu_kernel_lowering
   jax.config.update("jax_threefry_gpu_kernel_lowering", enabled)
   try:
