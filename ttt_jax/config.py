@@ -188,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   tr.grad_clip = 1.0
   tr.grad_accum = 1
   tr.group_leaves = 0  # leaves of at most this many elements updated as flat groups; 0 = off
-  tr.init_rng_kernel = "auto"  # initial draws by JAX's GPU kernel: auto = on one device only
+  tr.init_rng_kernel = "auto"  # initial draws by JAX's GPU kernel; auto: unless stacked on a mesh
   tr.log_every, tr.eval_every = 10, 100
   tr.eval_batches = 4
   tr.allow_bf16_params = False  # model.param_dtype=bfloat16 under AdamW needs this opt-in

@@ -45,14 +45,16 @@ def test_train_init_rng_kernel_turns_the_kernel_on_and_off(setting):
   assert (KERNEL in text) == (setting == "on")
 
 
-def test_auto_draws_through_the_kernel_on_one_device_only():
-  def resolved(setting, devices):
+def test_auto_draws_through_the_kernel_unless_stacked_blocks_are_split_over_devices():
+  def resolved(setting, devices, scan_layers=False):
     fake = types.SimpleNamespace(config=types.SimpleNamespace(
-        train=types.SimpleNamespace(init_rng_kernel=setting)),
+        train=types.SimpleNamespace(init_rng_kernel=setting),
+        model=types.SimpleNamespace(scan_layers=scan_layers)),
         mesh=types.SimpleNamespace(devices=np.empty(devices)))
     return Trainer.init_rng_kernel.fget(fake)
-  assert resolved("auto", (1, 1, 1)) and not resolved("auto", (1, 8, 1))
-  assert resolved("on", (2, 2, 2)) and not resolved("off", (1, 1, 1))
+  assert resolved("auto", (1, 1, 1)) and resolved("auto", (1, 1, 1), scan_layers=True)
+  assert resolved("auto", (1, 8, 1)) and not resolved("auto", (1, 8, 1), scan_layers=True)
+  assert resolved("on", (2, 2, 2), scan_layers=True) and not resolved("off", (1, 1, 1))
   cfg = model_config("transformer", PRESETS["quick"])
   cfg.train.init_rng_kernel = "yes"
   with pytest.raises(ConfigError, match="train.init_rng_kernel"):

@@ -189,12 +189,16 @@ class Trainer:
   # -- compiled entry points ----------------------------------------------------------------------
   @property
   def init_rng_kernel(self) -> bool:
-    """`train.init_rng_kernel` resolved: auto = on for a one-device mesh. Over several devices
-    XLA cannot split the kernel's call, so each device would draw every parameter whole and keep
-    its slice (0.28 GB of temporaries per GPU at 125m over 8; docs/benchmarks.md), while the
-    inlined hash draws only each device's shard."""
+    """`train.init_rng_kernel` resolved: auto = on for a one-device mesh, or where the blocks are
+    a list (`model.scan_layers=False`). Over several devices XLA cannot split the kernel's call,
+    so each device draws every parameter whole and keeps its slice: with the blocks a list that
+    costs 0.27-0.43 GB per GPU at 1b-3b over 8 H200s, while the inlined hash took the 1b
+    transformer's initialisation 727 s to compile. Stacked blocks' leaves are large (6.5 GB per
+    GPU for TTT-Linear at 1b, twice its train step's temporaries) and few, and their inlined
+    draws compile in 11-45 s at 1b (docs/benchmarks.md)."""
     setting = self.config.train.init_rng_kernel
-    return setting == "on" or (setting == "auto" and self.mesh.devices.size == 1)
+    return setting == "on" or (setting == "auto" and (
+        self.mesh.devices.size == 1 or not self.config.model.scan_layers))
 
   def init_state(self, seed: int | None = None) -> TrainState:
     """Step 0: parameters initialised from `seed` (default `config.seed`), fresh optimizer."""
