@@ -214,7 +214,7 @@ def test_pallas_task_runs_on_cpu():
   """Both kernels (interpreted) against the dual form (TTT-Linear's also as a streaming call),
   and the layer timings, at the toy preset."""
   out = gpu_tasks.task_pallas(preset="quick")
-  for kind in ("linear", "mlp", "linear-xla", "linear-stream"):
+  for kind in ("linear", "mlp", "linear-xla", "linear-stream", "linear-hd80", "mlp-hd80"):
     assert 0 <= out[kind]["value_rel_err"] < 1e-5 and 0 < out[kind]["grad_rel_err"] < 1e-5
   for name in ("ttt_linear/dual", "ttt_linear/pallas", "ttt_linear/pallas-xla", "ttt_mlp/dual",
                "ttt_mlp/pallas"):
@@ -226,6 +226,7 @@ def test_pallas_rows_report_each_kernel_on_its_own(tmp_path):
   results = {"pallas": {
       "linear": {"value_rel_err": 1e-7, "grad_rel_err": 4e-7},
       "mlp": {"error": "XlaRuntimeError: launch failed"},
+      "linear-hd80": {"value_rel_err": 2e-7, "grad_rel_err": 5e-7},
       "ttt_linear/pallas": {"compile_s": 2.0, "fwd_bwd_s": 3.2e-3},
       "ttt_linear/pallas-xla": {"compile_s": 2.5, "fwd_bwd_s": 2.1e-3},
       "ttt_mlp/pallas": {"error": "XlaRuntimeError: launch failed"}},
@@ -237,6 +238,7 @@ def test_pallas_rows_report_each_kernel_on_its_own(tmp_path):
   assert "jax 0.11.2, jax-cuda13-plugin 0.11.2;" in text and "cuda12" not in text
   assert "- TTT-Linear: value 1.0e-07, gradients 4.0e-07" in text
   assert "- TTT-MLP: error (XlaRuntimeError: launch failed)" in text
+  assert "- TTT-Linear, head dim 80 (run padded): value 2.0e-07, gradients 5.0e-07" in text
   assert "| ttt_linear | pallas | 2.0 s | 3.20 ms |" in text
   assert "| ttt_mlp | pallas | error (XlaRuntimeError: launch failed) | |" in text
 
@@ -267,8 +269,8 @@ def test_each_tune_sweep_starts_at_the_kernels_defaults():
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
   default = ttt_pallas.Tuning()
-  for layer, fields in gpu_tasks.TUNE_FIELDS.items():
-    cases = gpu_tasks.TUNE_CASES[layer]
+  for layer, fields in gpu_variants.TUNE_FIELDS.items():
+    cases = gpu_variants.TUNE_CASES[layer]
     assert cases[0] == tuple(getattr(default, field) for field, _ in fields), layer
     assert len(set(cases)) == len(cases), layer
 
@@ -279,7 +281,8 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   monkeypatch.setattr(gpu_tasks, "LEARN_CASES", (
       ("transformer/cudnn", {"attention_impl": "cudnn"}, "full"),
       ("transformer/xla", {"attention_impl": "xla"}, "none")))
-  monkeypatch.setattr(gpu_tasks, "TUNE_CASES", {"ttt_linear": ((4, 1, "kernel"), (2, 2, "xla")),
+  monkeypatch.setattr(gpu_tasks, "PADDED_HEAD_DIM", 24)  # run as 32: small on CPU
+  monkeypatch.setattr(gpu_variants, "TUNE_CASES", {"ttt_linear": ((4, 1, "kernel"), (2, 2, "xla")),
                                                 "ttt_mlp": ((4, 16, True),)})
   learn = gpu_tasks.task_learn(steps=3, preset="quick")
   assert "needs a GPU" in learn["transformer/cudnn"]["error"]
@@ -287,12 +290,15 @@ def test_learn_and_tune_tasks_run_and_are_reported(monkeypatch, tmp_path):
   assert xla["finite"] == [1.0, 1.0, 1.0] and xla["loss"][-1] < xla["loss"][0]
   tune = gpu_tasks.task_tune(preset="quick")
   assert list(tune) == ["dual/highest", "pallas/highest/w4s1-kernel", "dual/default",
-                        "pallas/default/w4s1-kernel", "pallas/default/w2s2-xla"]
+                        "pallas/default/w4s1-kernel", "pallas/default/w2s2-xla",
+                        "dual/highest/hd24", "dual/default/hd24", "pallas/default/hd24"]
   assert tune["dual/highest"]["rel_err_vs_ieee_dual"] == 0.0
+  assert tune["dual/highest/hd24"]["rel_err_vs_ieee_dual"] == 0.0  # its own width's reference
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune.items() if "pallas" in k)
   tune_mlp = gpu_tasks.task_tune("quick", "ttt_mlp")
   assert list(tune_mlp) == ["dual/highest", "pallas/highest/w4b16-unrolled", "dual/default",
-                            "pallas/default/w4b16-unrolled"]
+                            "pallas/default/w4b16-unrolled", "dual/highest/hd24",
+                            "dual/default/hd24", "pallas/default/hd24"]
   assert all(0 < r["rel_err_vs_ieee_dual"] < 1e-4 for k, r in tune_mlp.items() if "pallas" in k)
   learn["task_s"], tune["task_s"], tune_mlp["task_s"] = 30.0, 40.0, 50.0  # as the orchestrator
   text = open(gpu_report.write_markdown({"learn": learn, "tune": tune, "tune_mlp": tune_mlp},

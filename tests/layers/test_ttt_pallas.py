@@ -17,10 +17,12 @@ import pytest
 from flax import nnx
 
 from ttt_jax.benchmarks import lowering
-from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_linear, ttt_pallas_mlp
+from ttt_jax.benchmarks.presets import load_preset, preset_spec
+from ttt_jax.config import SCALES, ConfigError
+from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_linear, ttt_pallas_mlp, ttt_variants
 from ttt_jax.layers.common import building_for
 from ttt_jax.layers.ttt import TTTMixer
+from ttt_jax.models.config import model_config
 
 from .test_ttt import mixer_cfg, random_inputs, randomize, rel_err, tree_rel_err
 
@@ -39,8 +41,8 @@ def sequence_fn(kind: str, impl: str, complete=None):
   return lambda *a: kernels(*a, complete, interpret=True)
 
 
-def inputs(kind, n=3, seed=3):
-  params, ln, (xq, xk, xv), gate, tau = random_inputs(kind, 2, 2, n * B, 16, B, seed=seed)
+def inputs(kind, n=3, seed=3, d=16):
+  params, ln, (xq, xk, xv), gate, tau = random_inputs(kind, 2, 2, n * B, d, B, seed=seed)
   bsz, h, length, d = xq.shape
   to_mb = lambda a: jnp.moveaxis(a.reshape(bsz, h, n, B, *a.shape[3:]), 2, 0)  # noqa: E731
   eta = ttt_inner.token_lr(to_mb(gate), tau, BASE_LR[kind], d)
@@ -51,19 +53,26 @@ def inputs(kind, n=3, seed=3):
 
 
 # `complete` (a streaming call): the last mini-batches' updates left out, as for a partial one
-@pytest.mark.parametrize("kind,n,tune,complete", [
-    ("linear", 3, {}, None), ("linear", 3, {"linear_output": "xla"}, None),
-    ("mlp", 3, {"mlp_block": 64}, None), ("mlp", 2, {"mlp_block": 16}, None),
-    ("linear", 3, {}, (True, True, False)),
-    pytest.param("linear", 3, {"linear_output": "xla"}, (True, False, False),
+# head dim 16 (TTT-MLP's hidden layer 64 wide), or 24 and 80, which the kernels run padded to 32
+# and 128
+@pytest.mark.parametrize("kind,n,tune,complete,d", [
+    ("linear", 3, {}, None, 16), ("linear", 3, {"linear_output": "xla"}, None, 16),
+    ("mlp", 3, {"mlp_block": 64}, None, 16), ("mlp", 2, {"mlp_block": 16}, None, 16),
+    ("linear", 3, {}, (True, True, False), 16),
+    ("linear", 3, {}, None, 24), ("mlp", 2, {"mlp_block": 32}, None, 24),
+    pytest.param("linear", 3, {"linear_output": "xla"}, None, 24, marks=pytest.mark.extended),
+    pytest.param("linear", 2, {}, None, 80, marks=pytest.mark.extended),  # 3b's, run as 128
+    pytest.param("linear", 3, {"linear_output": "xla"}, (True, False, False), 16,
                  marks=pytest.mark.extended),
-    pytest.param("mlp", 3, {"mlp_block": 64}, (True, False, False), marks=pytest.mark.extended),
-    pytest.param("mlp", 3, {"mlp_block": 16, "mlp_unroll": True}, None,
+    pytest.param("mlp", 3, {"mlp_block": 64}, (True, False, False), 16,
+                 marks=pytest.mark.extended),
+    pytest.param("mlp", 3, {"mlp_block": 16, "mlp_unroll": True}, None, 16,
                  marks=pytest.mark.extended)],
     ids=["linear", "linear-output-xla", "mlp-1block-odd", "mlp-4blocks-even", "linear-streaming",
+         "linear-padded", "mlp-padded", "linear-output-xla-padded", "linear-hd80",
          "linear-output-xla-streaming", "mlp-streaming", "mlp-4blocks-unrolled"])
-def test_kernels_equal_primal_values_and_grads(kind, n, tune, complete):
-  args = inputs(kind, n=n)  # head dim 16: TTT-MLP's hidden layer is 64 wide
+def test_kernels_equal_primal_values_and_grads(kind, n, tune, complete, d):
+  args = inputs(kind, n=n, d=d)
   probe = jnp.asarray(np.random.default_rng(5).standard_normal(args[2].shape), jnp.float32)
   complete = None if complete is None else jnp.asarray(complete)
   res = {}
@@ -299,16 +308,21 @@ def test_the_barrier_checks_see_a_missing_barrier(monkeypatch):
   assert any("writes after its last barrier" in p for p in barrier_problems(backward))
 
 
-# TTT-MLP's kernels are opt-in (pallas_auto=False in layers/ttt_variants.py): make test-extended
-@pytest.mark.parametrize("mixer", ["ttt_linear",
-                                   pytest.param("ttt_mlp", marks=pytest.mark.extended)])
-def test_mixer_with_pallas_impl_matches_dual(mixer):
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 64)), jnp.float32)
+# TTT-MLP's kernels are opt-in (pallas_auto=False in layers/ttt_variants.py): make test-extended.
+# 2 heads of 24 run padded to 32 (`ttt_pallas.padded_dim`), as the 760m and 3b presets' 96 and 80
+@pytest.mark.parametrize("mixer,heads", [
+    ("ttt_linear", 4), ("ttt_linear", 2),
+    pytest.param("ttt_mlp", 4, marks=pytest.mark.extended),
+    pytest.param("ttt_mlp", 2, marks=pytest.mark.extended)],
+    ids=["ttt_linear", "ttt_linear-padded", "ttt_mlp", "ttt_mlp-padded"])
+def test_mixer_with_pallas_impl_matches_dual(mixer, heads):
+  width = 16 * heads if heads == 4 else 24 * heads
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, width)), jnp.float32)
   pos = jnp.arange(32, dtype=jnp.int32)
   outs = {}
   for impl in ("dual", "pallas"):
-    cfg = dataclasses.replace(mixer_cfg(mixer, b=B, impl=impl, remat_group=2), d_model=64,
-                              num_heads=4)  # 4 heads of 16
+    cfg = dataclasses.replace(mixer_cfg(mixer, b=B, impl=impl, remat_group=2), d_model=width,
+                              num_heads=heads)
     m = randomize(TTTMixer(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32,
                            rngs=nnx.Rngs(0)), std=0.1)
     graphdef, params = nnx.split(m)
@@ -360,7 +374,6 @@ def test_streaming_with_pallas_impl_equals_its_one_shot(mixer):
 @pytest.mark.parametrize("platform,b,heads,match", [
     ("tpu", 16, 2, "GPU \\(Triton\\) kernels only"),
     ("gpu", 8, 2, "model.ttt.mini_batch_size=8 must be a power of two >= 16"),
-    ("gpu", 16, 4, "model.num_heads=8 must be a power of two >= 16"),
 ])
 def test_pallas_refused_where_it_cannot_run(platform, b, heads, match):
   with building_for(platform), pytest.raises(ConfigError, match=match) as e:
@@ -377,6 +390,7 @@ def test_pallas_accepted_on_gpu_geometry():
 
 @pytest.mark.parametrize("platform,mixer,b,heads,want", [
     ("gpu", "ttt_linear", 16, 2, "pallas"), ("gpu", "ttt_linear", 8, 2, "dual"),
+    ("gpu", "ttt_linear", 16, 4, "pallas"),  # head dim 8, run padded to 16
     ("gpu", "ttt_mlp", 16, 2, "dual"), ("cpu", "ttt_linear", 16, 2, "dual"),
     ("tpu", "ttt_linear", 16, 2, "dual"),
 ])
@@ -398,3 +412,33 @@ def test_a_tuning_reaches_functions_whose_traces_jax_keeps():
     inside = float(jax.jit(lambda x: read(x))(1.0))
   after = float(jax.jit(lambda x: read(x))(1.0))
   assert (outside, inside, after) == (default, 2 * default, default)
+
+
+@pytest.mark.parametrize("kind,where", [("linear", "kernel"), ("linear", "xla"), ("mlp", "kernel")])
+def test_padded_head_dim_lowers_to_triton_kernels_of_the_padded_width(kind, where):
+  """A head dim Triton cannot take as a block dimension (24) reaches the kernels padded to the
+  next power of two (32), in the GPU's program too."""
+  args = inputs(kind, n=2, d=24)
+  fwd = {"linear": ttt_pallas_linear.linear_sequence, "mlp": ttt_pallas_mlp.mlp_sequence}[kind]
+  loss = lambda *a: jnp.sum(fwd(*a)[1])  # noqa: E731
+  with ttt_pallas.tuning(linear_output=where):
+    text = lowering.export_cuda(jax.grad(loss, argnums=(0, 2)), *args).mlir_module()
+  calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+  assert len(calls) == 2  # forward and backward
+  for call in calls:  # every sequence operand and result [B, H, T, .] has the padded width
+    shapes = re.findall(r"tensor<2x2x32x(\d+)xf32>", call)
+    assert shapes and "32" in shapes and "24" not in shapes, call[:300]
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_every_preset_runs_ttt_linear_in_the_kernels_on_a_gpu(scale):
+  """The presets' head dims (64 at most scales, 96 at 760m, 80 at 3b) all take the kernels,
+  the last two padded to 128; TTT-MLP's stay opt-in."""
+  model = load_preset(preset_spec("ttt_linear", scale, "8k")).model
+  cfg = ttt_variants.ttt_config(model_config(model), "linear")
+  with building_for("gpu"):
+    mixer = nnx.eval_shape(lambda: TTTMixer(cfg, compute_dtype=jnp.bfloat16,
+                                            param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+  assert mixer.impl == "pallas"
+  padded = ttt_pallas.padded_dim(mixer.head_dim)
+  assert padded == {96: 128, 80: 128}.get(mixer.head_dim, mixer.head_dim)

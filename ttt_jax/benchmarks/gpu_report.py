@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ttt_jax.benchmarks import gpu_tasks
 from ttt_jax.benchmarks.common import fmt_len
 from ttt_jax.benchmarks.common import result_status as _status
 from ttt_jax.benchmarks.kernel_profile import markdown as profile_markdown
@@ -35,10 +36,13 @@ def _correctness(results: dict) -> list[str]:
     out += [f"Pallas TTT kernels: {_status(pal)}", ""]
   elif pal:
     out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
-            "head dim 64 (values and gradients w.r.t. every input):", ""]
+            "head dim 64 unless said (values and gradients w.r.t. every input):", ""]
+    hd = gpu_tasks.PADDED_HEAD_DIM
     for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP"),
                         ("linear-xla", "TTT-Linear, output by XLA (Tuning.linear_output)"),
-                        ("linear-stream", "TTT-Linear streaming (the last 2 updates left out)")):
+                        ("linear-stream", "TTT-Linear streaming (the last 2 updates left out)"),
+                        (f"linear-hd{hd}", f"TTT-Linear, head dim {hd} (run padded)"),
+                        (f"mlp-hd{hd}", f"TTT-MLP, head dim {hd} (run padded)")):
       r = pal.get(kind)
       if r and _status(r):
         out.append(f"- {label}: {_status(r)}")
@@ -198,7 +202,9 @@ def _tune(results: dict, task: str = "tune", layer: str = "TTT-Linear") -> list[
   out = [f"## {layer} layer fwd+bwd at [8, 2048, 512]: matmul precision and Triton launch "
          "parameters (wN: warps, sN: pipeline stages, bN: hidden units per block; -kernel / -xla: "
          "TTT-Linear's output made in the kernels or by XLA, Tuning.linear_output; -unrolled: "
-         "TTT-MLP's hidden blocks written out instead of loops, Tuning.mlp_unroll)", "",
+         "TTT-MLP's hidden blocks written out instead of loops, Tuning.mlp_unroll; /hdN: the "
+         "same heads N wide, which the kernels run padded to a power of two, errors against "
+         "that width's IEEE dual)", "",
          "| impl / precision / launch | compile | fwd+bwd | rel. err vs IEEE dual |",
          "|---|---|---|---|"]
   for name, r in rows.items():

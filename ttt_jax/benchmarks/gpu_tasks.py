@@ -7,16 +7,11 @@ from __future__ import annotations
 import json
 import time
 
-from ttt_jax.benchmarks.gpu_variants import (
-  TUNE_CASES,
-  TUNE_FIELDS,
-  launch_tag,
-  pretrain_config,
-  setup_train_kind,
-)
+from ttt_jax.benchmarks.gpu_variants import pretrain_config, setup_train_kind, tune_sweep
 
 STREAM_LENGTHS = (8192, 32768, 131072)
 ATTENTION_SHAPE = (8192, 8, 64)  # tokens, heads, head dim
+PADDED_HEAD_DIM = 80  # the 3b presets': the TTT kernels run it padded to 128 (`pallas`, `tune`)
 
 
 def _error(e: Exception, limit: int = 300) -> dict:
@@ -119,8 +114,9 @@ def task_attention() -> dict:
 
 def task_pallas(preset: str = "gpu") -> dict:
   """Both TTT kernels vs the XLA dual form (fp32, small; TTT-Linear also with its output made by
-  XLA, `row` linear-xla, and as a streaming call leaves out the last two updates, linear-stream),
-  then one layer's fwd+bwd time, dual vs pallas (`LAYER_TIMINGS`), at `preset`'s shape."""
+  XLA, `row` linear-xla, and as a streaming call leaves out the last two updates, linear-stream;
+  both at `PADDED_HEAD_DIM`, which they run padded), then one layer's fwd+bwd time, dual vs
+  pallas (`LAYER_TIMINGS`), at `preset`'s shape."""
   import functools  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -128,21 +124,23 @@ def task_pallas(preset: str = "gpu") -> dict:
   import numpy as np  # noqa: PLC0415
 
   from ttt_jax.benchmarks.common import PRESETS, tree_rel_err  # noqa: PLC0415
-  from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
   from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas  # noqa: PLC0415
 
   rng = np.random.default_rng(0)
   interpret = jax.default_backend() != "gpu"  # CPU smoke runs
-  n, bsz, h, b, d = 8, 2, 4, 16, 64
+  n, bsz, h, b = 8, 2, 4, 16
   f = lambda *s, sc=1.0: jnp.asarray(sc * rng.standard_normal(s), jnp.float32)  # noqa: E731
-  xs = (f(n, bsz, h, b, d), f(n, bsz, h, b, d), f(n, bsz, h, b, d))
   gate = jnp.asarray(rng.uniform(0.1, 0.9, (n, bsz, h, b)), jnp.float32)
-  ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
   out = {}
   base_lr = {"linear": 1.0, "mlp": 0.1}  # the presets' inner base LRs
-  for row, kind, tune, done in (("linear", "linear", {}, None), ("mlp", "mlp", {}, None),
-                                ("linear-xla", "linear", {"linear_output": "xla"}, None),
-                                ("linear-stream", "linear", {}, jnp.arange(n) < n - 2)):
+  pad = PADDED_HEAD_DIM
+  for row, kind, tune, done, d in (
+      ("linear", "linear", {}, None, 64), ("mlp", "mlp", {}, None, 64),
+      ("linear-xla", "linear", {"linear_output": "xla"}, None, 64),
+      ("linear-stream", "linear", {}, jnp.arange(n) < n - 2, 64),
+      (f"linear-hd{pad}", "linear", {}, None, pad), (f"mlp-hd{pad}", "mlp", {}, None, pad)):
+    xs = (f(n, bsz, h, b, d), f(n, bsz, h, b, d), f(n, bsz, h, b, d))
+    ln = (1 + f(h, 1, d, sc=0.1), f(h, 1, d, sc=0.1))
     model = ttt_inner.inner_model(kind)
     eta = ttt_inner.token_lr(gate, f(b, sc=0.1), base_lr[kind], d)
     params = {k: f(bsz, h, *s, sc=0.3 if k in model.weight_names else 0.1)
@@ -169,17 +167,7 @@ def task_pallas(preset: str = "gpu") -> dict:
   size = PRESETS[preset]
   x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
   for layer, impl, row, tune in LAYER_TIMINGS:
-    name = f"{layer}/{row}"
-    try:
-      with ttt_pallas.tuning(**tune):  # traced and compiled under the setting
-        t0 = time.perf_counter()
-        fn, params = _ttt_fwd_bwd(layer, size, impl, x)
-        compiled = fn.lower(params, x).compile()
-        compile_s = time.perf_counter() - t0
-      out[name] = {"compile_s": compile_s,
-                   "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
-    except Exception as e:  # noqa: BLE001
-      out[name] = _error(e)
+    out[f"{layer}/{row}"] = _timed_layer(layer, size, impl, x, tune)
     print_result(out)
   return out
 
@@ -226,44 +214,54 @@ def task_learn(steps: int = 10, preset: str = "gpu") -> dict:
 
 
 def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
-  """One TTT layer's fwd+bwd at the gpu preset: the dual form and the kernels at each
-  precision, the kernels over `TUNE_CASES[layer]`; each precision's error against the IEEE
-  dual form."""
+  """One TTT layer's fwd+bwd at the gpu preset: `tune_sweep(layer)`'s rows, each precision's
+  error against the IEEE dual form; then the same heads at `PADDED_HEAD_DIM` (rows `/hd80`: the
+  3b presets' head dim, which the kernels run padded to 128), against that width's IEEE dual."""
+  import dataclasses  # noqa: PLC0415
+
   import jax  # noqa: PLC0415
 
-  from ttt_jax.benchmarks.common import PRESETS, tree_rel_err  # noqa: PLC0415
+  from ttt_jax.benchmarks.common import PRESETS  # noqa: PLC0415
+
+  size = PRESETS[preset]
+  padded = dataclasses.replace(size, d_model=size.num_heads * PADDED_HEAD_DIM)
+  runs = [(name, size, impl, precision, tune) for name, impl, precision, tune in tune_sweep(layer)]
+  runs += [(f"{impl}/{precision}/hd{PADDED_HEAD_DIM}", padded, impl, precision, {})
+           for impl, precision in (("dual", "highest"), ("dual", "default"),
+                                   ("pallas", "default"))]
+  out, refs = {}, {}
+  for name, at, impl, precision, tune in runs:
+    x = jax.random.normal(jax.random.key(0), (at.batch, at.seq_len, at.d_model))
+    out[name] = _timed_layer(layer, at, impl, x, tune, precision, refs)
+    print_result(out)
+  return out
+
+
+def _timed_layer(layer, size, impl, x, tune, precision=None, refs=None) -> dict:
+  """Compile and median fwd+bwd time of one TTT layer under `tune` (and matmul `precision`);
+  with `refs`, its error against the first result at the same width (`refs`, by d_model)."""
+  import contextlib  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+
+  from ttt_jax.benchmarks.common import tree_rel_err  # noqa: PLC0415
   from ttt_jax.benchmarks.training import _ttt_fwd_bwd  # noqa: PLC0415
   from ttt_jax.layers import ttt_pallas  # noqa: PLC0415
 
-  size = PRESETS[preset]
-  x = jax.random.normal(jax.random.key(0), (size.batch, size.seq_len, size.d_model))
-  out, ref = {}, None
-  for precision in ("highest", "default"):
-    # IEEE: the current launch parameters only; the sweep is at the default (TF32 on a GPU)
-    sweep = TUNE_CASES[layer] if precision == "default" else TUNE_CASES[layer][:1]
-    for impl, cases in (("dual", [None]), ("pallas", sweep)):
-      for case in cases:
-        fields = TUNE_FIELDS[layer] if case else ()
-        tune = {field: v for (field, _), v in zip(fields, case or (), strict=True)}
-        launch = "".join(launch_tag(tag, v)
-                         for (_, tag), v in zip(fields, case or (), strict=True))
-        name = f"{impl}/{precision}" + (f"/{launch}" if launch else "")
-        try:
-          with jax.default_matmul_precision(precision), ttt_pallas.tuning(**tune):
-            t0 = time.perf_counter()
-            fn, params = _ttt_fwd_bwd(layer, size, impl, x)
-            compiled = fn.lower(params, x).compile()
-          row = {"compile_s": time.perf_counter() - t0,
-                 "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
-          result = compiled(params, x)
-          if ref is None:
-            ref = result
-          row["rel_err_vs_ieee_dual"] = tree_rel_err(result, ref)
-        except Exception as e:  # noqa: BLE001
-          row = _error(e)
-        out[name] = row
-        print_result(out)
-  return out
+  matmuls = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+  try:
+    with matmuls, ttt_pallas.tuning(**tune):  # traced and compiled under the setting
+      t0 = time.perf_counter()
+      fn, params = _ttt_fwd_bwd(layer, size, impl, x)
+      compiled = fn.lower(params, x).compile()
+    row = {"compile_s": time.perf_counter() - t0,
+           "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
+    if refs is not None:
+      result = compiled(params, x)
+      row["rel_err_vs_ieee_dual"] = tree_rel_err(result, refs.setdefault(size.d_model, result))
+    return row
+  except Exception as e:  # noqa: BLE001
+    return _error(e)
 
 
 def task_e2e() -> dict:

@@ -120,3 +120,21 @@ def launch_tag(tag: str, value) -> str:
   if isinstance(value, bool):
     return tag if value else ""
   return f"{tag}{value}"
+
+
+def tune_sweep(layer: str) -> list[tuple[str, str, str, dict]]:
+  """gpu-check's `tune` rows of TTT layer `layer` at the preset's width: (row name, impl,
+  matmul precision, `ttt_pallas.tuning` overrides): the dual form and the kernels at IEEE fp32
+  (the kernels at their default launch settings) and at the default precision (TF32 on a GPU;
+  the kernels over `TUNE_CASES[layer]`)."""
+  rows = []
+  for precision in ("highest", "default"):
+    sweep = TUNE_CASES[layer] if precision == "default" else TUNE_CASES[layer][:1]
+    for impl, cases in (("dual", [None]), ("pallas", sweep)):
+      for case in cases:
+        fields = TUNE_FIELDS[layer] if case else ()
+        pairs = list(zip(fields, case or (), strict=True))
+        launch = "".join(launch_tag(tag, v) for (_, tag), v in pairs)
+        rows.append((f"{impl}/{precision}" + (f"/{launch}" if launch else ""), impl, precision,
+                     {field: v for (field, _), v in pairs}))
+  return rows

@@ -44,16 +44,30 @@ def _mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=-1, keepdims=True)
 
 
-def ln_l2_grad_parts(z, target, scale, bias, eps=LN_EPS):
+def _features(d: int, width: int | None):
+  """(mean over the last axis, its column mask or None) for arrays of `d` columns of which the
+  first `width` are features and the rest zero padding (None: no padding; the Pallas kernels
+  pad a head dim to a power of two, layers/ttt_pallas.py)."""
+  if width is None or width == d:
+    return _mean, None
+  mask = (jax.lax.broadcasted_iota(jnp.int32, (1, d), 1) < width).astype(jnp.float32)
+  return (lambda x: jnp.sum(x, axis=-1, keepdims=True) / width), mask
+
+
+def ln_l2_grad_parts(z, target, scale, bias, eps=LN_EPS, width: int | None = None):
   """(G, (x̂, 1/std, err, c)): the value of `ln_l2_grad` and what its backward needs (plain jnp;
-  also the body of the Pallas kernels)."""
-  mu = _mean(z)
-  inv_std = jax.lax.rsqrt(_mean(jnp.square(z - mu)) + eps)
-  xhat = (z - mu) * inv_std
+  also the body of the Pallas kernels). `width`: the LayerNorm's features are the first `width`
+  columns, the rest zero padding (z's, target's, scale's and bias's), and G is 0 there."""
+  mean, mask = _features(z.shape[-1], width)
+  mu = mean(z)
+  zc = z - mu if mask is None else (z - mu) * mask
+  inv_std = jax.lax.rsqrt(mean(jnp.square(zc)) + eps)
+  xhat = zc * inv_std
   err = scale * xhat + bias - target
   g_xhat = err * scale
-  c = _mean(g_xhat * xhat)
-  return inv_std * (g_xhat - _mean(g_xhat) - xhat * c), (xhat, inv_std, err, c)
+  c = mean(g_xhat * xhat)
+  g = inv_std * (g_xhat - mean(g_xhat) - xhat * c)
+  return (g if mask is None else g * mask), (xhat, inv_std, err, c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -93,17 +107,23 @@ def _ln_l2_grad_bwd(eps, res, u):
   return dz, _sum_to(dt, t_shape), _sum_to(ds, jnp.shape(scale)), _sum_to(db, b_shape)
 
 
-def ln_l2_grad_cotangents(u, g, scale, parts):
+def ln_l2_grad_cotangents(u, g, scale, parts, width: int | None = None):
   """Per-row cotangents (z, target, scale, bias) of G = `ln_l2_grad(z, ...)` for the cotangent
-  u, from G and `ln_l2_grad_parts`'s parts; scale's and bias's are not yet summed over rows."""
+  u, from G and `ln_l2_grad_parts`'s parts; scale's and bias's are not yet summed over rows.
+  `width` as there: the cotangents are 0 in the padding columns."""
+  mean, mask = _features(u.shape[-1], width)
   xhat, inv_std, err, c = parts
-  xu = _mean(xhat * u)
-  w = inv_std * (u - _mean(u) - xhat * xu)
+  if mask is not None:
+    u = u * mask
+  xu = mean(xhat * u)
+  w = inv_std * (u - mean(u) - xhat * xu)
+  if mask is not None:
+    w = w * mask
   sw = scale * w
   v = scale * sw
-  jv = inv_std * (v - _mean(v) - xhat * _mean(v * xhat))
-  dz = jv - inv_std * (xhat * _mean(g * u) + g * xu + c * w)
-  return dz, -sw, w * (err + scale * xhat), sw
+  jv = inv_std * (v - mean(v) - xhat * mean(v * xhat))
+  dz = jv - inv_std * (xhat * mean(g * u) + g * xu + c * w)
+  return (dz if mask is None else dz * mask), -sw, w * (err + scale * xhat), sw
 
 
 ln_l2_grad.defvjp(_ln_l2_grad_fwd, _ln_l2_grad_bwd)

@@ -37,11 +37,14 @@ from ttt_jax.layers.ttt_pallas import (
   launch_per_head,
   ln_l2_bwd,
   ln_spec,
+  pad_axes,
+  padded_dim,
   row,
   seq_spec,
   sequence_output,
   t_dot,
   to_sequence,
+  unpad,
   update_rates,
 )
 
@@ -72,7 +75,7 @@ def _lr_cotangent(k, d_lk, g, dbias):
 
 
 def _linear_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref,
-                       wn_ref, bn_ref, z_ref, ws_ref, bs_ref):
+                       wn_ref, bn_ref, z_ref, ws_ref, bs_ref, *, width=None):
   b = a_ref.shape[-1]
   n = q_ref.shape[0] // b
   scale, beta = s_ref[...], beta_ref[...]
@@ -81,7 +84,8 @@ def _linear_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref
     w, bias = carry
     rows = block_rows(i, b)
     q, k = q_ref[rows, :], k_ref[rows, :]
-    g, _ = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    g, _ = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta,
+                                      width=width)
     z_ref[rows, :] = dot(q, w) + bias - dot(a_ref[rows, :], g)
     ws_ref[i] = w
     bs_ref[pl.ds(i, 1), :] = bias
@@ -95,7 +99,8 @@ def _linear_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref
 
 def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_ref, bs_ref,
                        dz_ref, dwn_ref, dbn_ref,
-                       dw_ref, db_ref, ds_ref, dbeta_ref, dq_ref, dk_ref, dt_ref, da_ref, dlr_ref):
+                       dw_ref, db_ref, ds_ref, dbeta_ref, dq_ref, dk_ref, dt_ref, da_ref, dlr_ref,
+                       *, width=None):
   b = a_ref.shape[-1]
   n = q_ref.shape[0] // b
   scale, beta = s_ref[...], beta_ref[...]
@@ -105,14 +110,15 @@ def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_r
     w, bias = ws_ref[i], row(bs_ref, i)
     q, k, a, lr, dz = q_ref[rows, :], k_ref[rows, :], a_ref[rows, :], lr_ref[rows, :], dz_ref[
         rows, :]
-    g, parts = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    g, parts = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta,
+                                          width=width)
     # W_{i+1} = W_i + (lr * k)^T g,  b_{i+1} = b_i + sum_s lr_s g_s
     lk = lr * k
     dg = dot(lk, dw) + lr * dbias - t_dot(a, dz)  # ... and z_i = q W_i + b_i - A_i g
     d_lk = dot_t(g, dw)
     dlr_ref[rows, :] = _lr_cotangent(k, d_lk, g, dbias)
     da_ref[rows, :] = -dot_t(dz, g)
-    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts)  # g = LN-L2 gradient at p = k W_i + b_i
+    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts, width)  # g: LN-L2 grad at k W_i + b_i
     dt_ref[rows, :] = dt
     dq_ref[rows, :] = dot_t(dz, w)
     dk_ref[rows, :] = dot_t(dp, w) + lr * d_lk
@@ -123,7 +129,7 @@ def _linear_bwd_kernel(s_ref, beta_ref, q_ref, k_ref, t_ref, a_ref, lr_ref, ws_r
   _walk_back(n, step, scale, dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_ref)
 
 
-def _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
+def _linear_forward(interpret, width, w, bias, scale, beta, xq, xk, target, attn, lr):
   bsz, heads, t, d = xq.shape
   n = t // attn.shape[-1]
   out_shape = [f32(bsz, heads, d, d), f32(bsz, heads, 1, d), f32(bsz, heads, t, d),
@@ -131,25 +137,28 @@ def _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
   ins = [w, bias, scale, beta, xq, xk, target, attn, lr]
   specs = ([seq_spec(w.shape), seq_spec(bias.shape), ln_spec(scale.shape),
             ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[4:]])
-  return launch_per_head(_linear_fwd_kernel, ins, specs, out_shape, interpret)
+  return launch_per_head(functools.partial(_linear_fwd_kernel, width=width), ins, specs,
+                         out_shape, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def linear_sequence_core(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
-  """(W_n, b_n, z [B, H, T, d] before the output LayerNorm) of TTT-Linear over a sequence."""
-  wn, bn, z, _, _ = _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def linear_sequence_core(interpret, width, w, bias, scale, beta, xq, xk, target, attn, lr):
+  """(W_n, b_n, z [B, H, T, d] before the output LayerNorm) of TTT-Linear over a sequence
+  (`width`: the head dim's features, the columns past them zero padding; None: no padding)."""
+  wn, bn, z, _, _ = _linear_forward(interpret, width, w, bias, scale, beta, xq, xk, target, attn,
+                                    lr)
   return wn, bn, z
 
 
-def _core_fwd(interpret, w, bias, scale, beta, xq, xk, target, attn, lr):
-  outs = _linear_forward(interpret, w, bias, scale, beta, xq, xk, target, attn, lr)
+def _core_fwd(interpret, width, w, bias, scale, beta, xq, xk, target, attn, lr):
+  outs = _linear_forward(interpret, width, w, bias, scale, beta, xq, xk, target, attn, lr)
   # named, so a remat policy can keep them (`model.remat=kernels`): every output of the forward
   # kernel the backward pass reads is then saved, and the kernel is not run again there
   wn, bn, z, ws, bs = (checkpoint_name(x, KERNEL_OUTPUTS) for x in outs)
   return (wn, bn, z), (scale, beta, xq, xk, target, attn, lr, ws, bs)
 
 
-def _core_bwd(interpret, res, cot):
+def _core_bwd(interpret, width, res, cot):
   scale, beta, xq, xk, target, attn, lr, ws, bs = res
   dwn, dbn, dz = cot
   bsz, heads, t, d = xq.shape
@@ -158,8 +167,8 @@ def _core_bwd(interpret, res, cot):
   out_shape = [f32(*s) for s in shapes]
   ins = [scale, beta, xq, xk, target, attn, lr, ws, bs, dz, dwn, dbn]
   specs = [ln_spec(scale.shape), ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[2:]]
-  dw, db, ds, dbeta, dq, dk, dt, da, dlr = launch_per_head(_linear_bwd_kernel, ins, specs,
-                                                            out_shape, interpret)
+  dw, db, ds, dbeta, dq, dk, dt, da, dlr = launch_per_head(
+      functools.partial(_linear_bwd_kernel, width=width), ins, specs, out_shape, interpret)
   return dw, db, ds.sum(0), dbeta.sum(0), dq, dk, dt, da, dlr
 
 
@@ -174,7 +183,7 @@ linear_sequence_core.defvjp(_core_fwd, _core_bwd)
 
 
 def _chain_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, k_ref, t_ref, lr_ref,
-                      wn_ref, bn_ref, g_ref, ws_ref, bs_ref):
+                      wn_ref, bn_ref, g_ref, ws_ref, bs_ref, *, width=None):
   n = ws_ref.shape[0]
   b = k_ref.shape[0] // n
   scale, beta = s_ref[...], beta_ref[...]
@@ -183,7 +192,8 @@ def _chain_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, k_ref, t_ref, lr_ref,
     w, bias = carry
     rows = block_rows(i, b)
     k, lr = k_ref[rows, :], lr_ref[rows, :]
-    g, _ = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta)
+    g, _ = ttt_inner.ln_l2_grad_parts(dot(k, w) + bias, t_ref[rows, :], scale, beta,
+                                      width=width)
     g_ref[rows, :] = g
     ws_ref[i] = w
     bs_ref[pl.ds(i, 1), :] = bias
@@ -196,7 +206,7 @@ def _chain_fwd_kernel(w_ref, b_ref, s_ref, beta_ref, k_ref, t_ref, lr_ref,
 
 def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, p_ref, dg_ref, dws_ref, dbs_ref,
                       dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_ref, dp_ref, dt_ref,
-                      dwnext_ref, dbnext_ref):
+                      dwnext_ref, dbnext_ref, *, width=None):
   """The reverse walk of the W chain alone: two matmuls per mini-batch. It writes, per mini-
   batch, the cotangents of p_i = XK_i W_i + b_i and of W_{i+1}, b_{i+1}; what reads them and
   is not on the chain (the cotangents of XK and the LRs) is batched XLA work (`_chain_bwd`)."""
@@ -207,12 +217,13 @@ def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, p_ref, dg_ref, dws_
   def step(i, dw, dbias):  # dw, dbias: cotangents of W_{i+1}, b_{i+1}
     rows = block_rows(i, b)
     k, lr = k_ref[rows, :], lr_ref[rows, :]
-    g, parts = ttt_inner.ln_l2_grad_parts(p_ref[rows, :], t_ref[rows, :], scale, beta)
+    g, parts = ttt_inner.ln_l2_grad_parts(p_ref[rows, :], t_ref[rows, :], scale, beta,
+                                          width=width)
     dwnext_ref[i] = dw
     dbnext_ref[pl.ds(i, 1), :] = dbias
     # W_{i+1} = W_i + (lr k)^T G_i,  b_{i+1} = b_i + lr^T G_i; G_i is also an output
     dg = dot(lr * k, dw) + lr * dbias + dg_ref[rows, :]
-    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts)  # G_i = LN-L2 gradient at p_i
+    dp, dt, dsc, dbe = ln_l2_bwd(dg, g, scale, parts, width)  # G_i = LN-L2 gradient at p_i
     dp_ref[rows, :] = dp
     dt_ref[rows, :] = dt
     dw = dw + dws_ref[i] + t_dot(k, dp)
@@ -222,31 +233,32 @@ def _chain_bwd_kernel(s_ref, beta_ref, k_ref, t_ref, lr_ref, p_ref, dg_ref, dws_
   _walk_back(n, step, scale, dwn_ref, dbn_ref, dw_ref, db_ref, ds_ref, dbeta_ref)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def linear_chain(interpret, n, w, bias, scale, beta, xk, target, lr):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def linear_chain(interpret, n, width, w, bias, scale, beta, xk, target, lr):
   """(W_n, b_n, W_i [B, H, n, d, d], b_i [B, H, n, d], G [B, H, T, d]) of TTT-Linear's W chain
-  over a sequence of n mini-batches."""
-  return _chain_launch(interpret, n, w, bias, scale, beta, xk, target, lr)
+  over a sequence of n mini-batches (`width` as `linear_sequence_core`'s)."""
+  return _chain_launch(interpret, n, width, w, bias, scale, beta, xk, target, lr)
 
 
-def _chain_launch(interpret, n, w, bias, scale, beta, xk, target, lr):
+def _chain_launch(interpret, n, width, w, bias, scale, beta, xk, target, lr):
   bsz, heads, t, d = xk.shape
   out_shape = [f32(bsz, heads, d, d), f32(bsz, heads, 1, d), f32(bsz, heads, t, d),
                f32(bsz, heads, n, d, d), f32(bsz, heads, n, d)]
   ins = [w, bias, scale, beta, xk, target, lr]
   specs = ([seq_spec(w.shape), seq_spec(bias.shape), ln_spec(scale.shape),
             ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[4:]])
-  wn, bn, g, ws, bs = launch_per_head(_chain_fwd_kernel, ins, specs, out_shape, interpret)
+  wn, bn, g, ws, bs = launch_per_head(functools.partial(_chain_fwd_kernel, width=width), ins,
+                                      specs, out_shape, interpret)
   return wn, bn, ws, bs, g
 
 
-def _chain_fwd(interpret, n, w, bias, scale, beta, xk, target, lr):
+def _chain_fwd(interpret, n, width, w, bias, scale, beta, xk, target, lr):
   outs = tuple(checkpoint_name(x, KERNEL_OUTPUTS)  # as `_core_fwd`'s
-               for x in _chain_launch(interpret, n, w, bias, scale, beta, xk, target, lr))
+               for x in _chain_launch(interpret, n, width, w, bias, scale, beta, xk, target, lr))
   return outs, (scale, beta, xk, target, lr, *outs[2:])
 
 
-def _chain_bwd(interpret, n, res, cot):
+def _chain_bwd(interpret, n, width, res, cot):
   scale, beta, xk, target, lr, ws, bs, g = res
   dwn, dbn, dws, dbs, dg = cot
   bsz, heads, t, d = xk.shape
@@ -259,8 +271,8 @@ def _chain_bwd(interpret, n, res, cot):
                f32(*bs.shape)]
   ins = [scale, beta, xk, target, lr, p.reshape(xk.shape), dg, dws, dbs, dwn, dbn]
   specs = [ln_spec(scale.shape), ln_spec(beta.shape)] + [seq_spec(x.shape) for x in ins[2:]]
-  dw, db, ds, dbeta, dp, dt, dwnext, dbnext = launch_per_head(_chain_bwd_kernel, ins, specs,
-                                                              out_shape, interpret)
+  dw, db, ds, dbeta, dp, dt, dwnext, dbnext = launch_per_head(
+      functools.partial(_chain_bwd_kernel, width=width), ins, specs, out_shape, interpret)
   # off the chain, batched: with lk = lr XK_i, d(lk) = G_i dW_{i+1}^T; XK_i enters p_i and lk
   g_mb, lr_mb = per_mb(g), per_mb(lr)
   d_lk = ttt_inner.mm_t(g_mb, dwnext)
@@ -275,20 +287,30 @@ linear_chain.defvjp(_chain_fwd, _chain_bwd)
 def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool = False):
   """TTT-Linear over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
   kernels. Same contract as `ttt_dual.dual_sequence('linear', ...)` without remat: returns
-  (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there."""
+  (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there.
+  A head dim that is not a Triton block dimension runs zero-padded (`padded_dim`)."""
   attn = jnp.tril(eta) * (ttt_inner.mm_t(xq, xk) + 1.0)  # the bias's share of the correction: +1
   lr = update_rates(eta, complete)  # [n, B, H, b, 1]
+  d = xq.shape[-1]
+  size = padded_dim(d)
+  width = None if size == d else d
+  pad = lambda x, *axes: pad_axes(x, axes or (-1,), size)  # noqa: E731
+  w, bias, kq, kk, target = (pad(params["w"], -2, -1), pad(params["b"]), pad(xq), pad(xk),
+                             pad(xv - xk))
+  ln_in = tuple(map(pad, ln))
   where = current_tuning().linear_output
   if where == "xla":
-    wn, bn, ws, bs, g = linear_chain(interpret, xq.shape[0], params["w"], params["b"], *ln,
-                                     *map(to_sequence, (xk, xv - xk, lr)))
+    wn, bn, ws, bs, g = linear_chain(interpret, xq.shape[0], width, w, bias, *ln_in,
+                                     *map(to_sequence, (kk, target, lr)))
     # XQ_i W_i + b_i with the batch axes leading and in one order on both sides ([B, H, n]):
     # XLA:GPU's compiler rejects the program it makes of the same product with them mixed
-    qw = ttt_inner.mm(jnp.moveaxis(xq, 0, 2), ws) + bs[..., None, :]
+    qw = ttt_inner.mm(jnp.moveaxis(kq, 0, 2), ws) + bs[..., None, :]
     z = jnp.moveaxis(qw, 2, 0) - ttt_inner.mm(attn, from_sequence(g, xq.shape[0]))
-    return {"w": wn, "b": bn}, xq + ttt_inner.layer_norm(z, *ln)
+    return ({"w": unpad(wn, (-2, -1), d), "b": unpad(bn, (-1,), d)},
+            xq + ttt_inner.layer_norm(unpad(z, (-1,), d), *ln))
   if where != "kernel":
     raise ValueError(f"ttt_pallas.Tuning.linear_output={where!r}: 'kernel' or 'xla'")
-  wn, bn, z = linear_sequence_core(interpret, params["w"], params["b"], *ln,
-                                   *map(to_sequence, (xq, xk, xv - xk, attn, lr)))
-  return {"w": wn, "b": bn}, sequence_output(z, ln, xq)
+  wn, bn, z = linear_sequence_core(interpret, width, w, bias, *ln_in,
+                                   *map(to_sequence, (kq, kk, target, attn, lr)))
+  return ({"w": unpad(wn, (-2, -1), d), "b": unpad(bn, (-1,), d)},
+          sequence_output(unpad(z, (-1,), d), ln, xq))

@@ -111,7 +111,7 @@ def _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i):
   return over_blocks(w1s_ref.shape[-1], add, jnp.broadcast_to(b2, (k.shape[0], b2.shape[-1])))
 
 
-def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
+def _mlp_fwd_kernel(interpret, width, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
                     w1_ref, b1_ref, w2_ref, b2_ref, z_ref, w1s_ref, b1s_ref, w2s_ref, b2s_ref):
   b = e_ref.shape[-1]
   n = q_ref.shape[0] // b
@@ -132,7 +132,7 @@ def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     rows = block_rows(i, b)
     q, k, e, lr = q_ref[rows, :], k_ref[rows, :], e_ref[rows, :], lr_ref[rows, :]
     p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i)
-    g2, _ = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
+    g2, _ = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta, width=width)
     a = e * (dot_t(q, k) + 1.0)
     lk = lr * k
     b2 = row(b2s_ref, i)
@@ -157,7 +157,7 @@ def _mlp_fwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   jax.lax.fori_loop(0, n, body, 0)
 
 
-def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
+def _mlp_bwd_kernel(interpret, width, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_ref,
                     w1s_ref, b1s_ref, w2s_ref, b2s_ref, dz_ref, dw1n_ref, db1n_ref, dw2n_ref,
                     db2n_ref, dq_ref, dk_ref, dt_ref, de_ref, dlr_ref, ds_ref, dbeta_ref,
                     dw1_ref, db1_ref, dw2_ref, db2_ref, db1_part_ref, dz1_part_ref):
@@ -188,7 +188,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
     rows = block_rows(i, b)
     q, k, e, lr, dz = (r[rows, :] for r in (q_ref, k_ref, e_ref, lr_ref, dz_ref))
     p2 = _prediction(k, w1s_ref, b1s_ref, w2s_ref, b2s_ref, i)
-    g2, parts = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta)
+    g2, parts = ttt_inner.ln_l2_grad_parts(p2, t_ref[rows, :], scale, beta, width=width)
     qk1 = dot_t(q, k) + 1.0
     a, lk = e * qk1, lr * k
     dm = -dot_t(dz, g2)  # z -= M G2 with M = e * (S + 1), S = XQ2 X2^T
@@ -231,7 +231,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
         jnp.sum(g2 * db2, axis=-1, keepdims=True)))
     _barrier(interpret)
     dg2 = dg2 - t_dot(e * (s + 1.0), dz)
-    dp2, dt, dsc, dbe = ln_l2_bwd(dg2, g2, scale, parts)  # G2 = LN-L2 gradient at P2
+    dp2, dt, dsc, dbe = ln_l2_bwd(dg2, g2, scale, parts, width)  # G2: LN-L2 gradient at P2
     dt_ref[rows, :] = dt
 
     def second(h, dk):  # G2's share, now complete
@@ -260,7 +260,7 @@ def _mlp_bwd_kernel(interpret, s_ref, beta_ref, q_ref, k_ref, t_ref, e_ref, lr_r
   dbeta_ref[...] = dbeta
 
 
-def _forward(interpret, ln, xq, xk, target, eta_c, lr, params):
+def _forward(interpret, width, ln, xq, xk, target, eta_c, lr, params):
   bsz, heads, t, d = xq.shape
   n, hidden = t // eta_c.shape[-1], params["w1"].shape[-1]
   ins = [*ln, xq, xk, target, eta_c, lr, *(params[k] for k in NAMES)]
@@ -268,7 +268,7 @@ def _forward(interpret, ln, xq, xk, target, eta_c, lr, params):
   out_shape = [f32(bsz, heads, t, d), f32(bsz, heads, n + 1, d, hidden),
                f32(bsz, heads, n + 1, hidden), f32(bsz, heads, n + 1, hidden, d),
                f32(bsz, heads, n + 1, d)]
-  kernel = functools.partial(_mlp_fwd_kernel, interpret)
+  kernel = functools.partial(_mlp_fwd_kernel, interpret, width)
   # z, w1s, b1s, w2s, b2s
   return launch_per_head(kernel, ins, specs, out_shape, interpret, mlp=True)
 
@@ -279,21 +279,22 @@ def _final(stored):
   return {"w1": w1s[:, :, -1], "b1": b1s[:, :, -1:], "w2": w2s[:, :, -1], "b2": b2s[:, :, -1:]}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def sequence_core(interpret, ln, xq, xk, target, eta_c, lr, params):
-  """(final params, z [B, H, T, d] before the output LayerNorm) of TTT-MLP over a sequence."""
-  z, *stored = _forward(interpret, ln, xq, xk, target, eta_c, lr, params)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def sequence_core(interpret, width, ln, xq, xk, target, eta_c, lr, params):
+  """(final params, z [B, H, T, d] before the output LayerNorm) of TTT-MLP over a sequence
+  (`width`: the head dim's features, the columns past them zero padding; None: no padding)."""
+  z, *stored = _forward(interpret, width, ln, xq, xk, target, eta_c, lr, params)
   return _final(stored), z
 
 
-def _core_fwd(interpret, ln, xq, xk, target, eta_c, lr, params):
+def _core_fwd(interpret, width, ln, xq, xk, target, eta_c, lr, params):
   # named, so `model.remat=kernels` keeps them and the backward does not run the kernel again
   z, *stored = (checkpoint_name(x, KERNEL_OUTPUTS)
-                for x in _forward(interpret, ln, xq, xk, target, eta_c, lr, params))
+                for x in _forward(interpret, width, ln, xq, xk, target, eta_c, lr, params))
   return (_final(stored), z), (ln, xq, xk, target, eta_c, lr, stored)
 
 
-def _core_bwd(interpret, res, cot):
+def _core_bwd(interpret, width, res, cot):
   ln, xq, xk, target, eta_c, lr, stored = res
   dfinal, dz = cot
   bsz, heads, t, d = xq.shape
@@ -306,7 +307,7 @@ def _core_bwd(interpret, res, cot):
                   f32(bsz, heads, 2, hidden, d), f32(bsz, heads, 1, d)]
                # working memory: db1_part_ref, dz1_part_ref
                + [f32(bsz, heads, 1, hidden), f32(bsz, heads, eta_c.shape[-1], hidden)])
-  kernel = functools.partial(_mlp_bwd_kernel, interpret)
+  kernel = functools.partial(_mlp_bwd_kernel, interpret, width)
   dq, dk, dt, de, dlr, ds, dbeta, dw1, db1, dw2, db2, _, _ = launch_per_head(
       kernel, ins, specs, out_shape, interpret, mlp=True)
   dparams = {"w1": dw1[:, :, 0], "b1": db1, "w2": dw2[:, :, 0], "b2": db2}  # buffer 0: W_0's
@@ -319,8 +320,20 @@ sequence_core.defvjp(_core_fwd, _core_bwd)
 def mlp_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool = False):
   """TTT-MLP over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
   kernels. Same contract as `ttt_dual.dual_sequence('mlp', ...)` without remat: returns
-  (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there."""
-  views = map(ttt_pallas.to_sequence, (xq, xk, xv - xk, jnp.tril(eta),
+  (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there.
+  A head dim that is not a Triton block dimension runs zero-padded (`ttt_pallas.padded_dim`;
+  the hidden width stays 4d)."""
+  d = xq.shape[-1]
+  size = ttt_pallas.padded_dim(d)
+  pad = lambda x, axis=-1: ttt_pallas.pad_axes(x, (axis,), size)  # noqa: E731
+  views = map(ttt_pallas.to_sequence, (pad(xq), pad(xk), pad(xv - xk), jnp.tril(eta),
                                        ttt_pallas.update_rates(eta, complete)))
-  final, z = sequence_core(interpret, ln, *views, {k: params[k] for k in NAMES})
-  return final, ttt_pallas.sequence_output(z, ln, xq, kernel_layout=True)
+  padded = {"w1": pad(params["w1"], -2), "b1": params["b1"], "w2": pad(params["w2"]),
+            "b2": pad(params["b2"])}
+  final, z = sequence_core(interpret, None if size == d else d, tuple(map(pad, ln)), *views,
+                           padded)
+  final = {"w1": ttt_pallas.unpad(final["w1"], (-2,), d), "b1": final["b1"],
+           "w2": ttt_pallas.unpad(final["w2"], (-1,), d),
+           "b2": ttt_pallas.unpad(final["b2"], (-1,), d)}
+  return final, ttt_pallas.sequence_output(ttt_pallas.unpad(z, (-1,), d), ln, xq,
+                                           kernel_layout=True)
