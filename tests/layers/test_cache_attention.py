@@ -15,6 +15,7 @@ from ttt_jax.benchmarks import lowering
 from ttt_jax.config import ConfigError, build_config, validate
 from ttt_jax.layers import attention as A
 from ttt_jax.layers import cache_attention as CA
+from ttt_jax.layers import common
 from ttt_jax.layers.attention_kernels import resolve_cache_impl
 from ttt_jax.layers.common import building_for
 from ttt_jax.models import build_model
@@ -57,6 +58,8 @@ GEOMETRIES = {
     "gqa-4": (1, 6, 8, 2, 16, 128, 0),  # an empty cache: the chunk sees only itself
     "ragged-capacity": (1, 7, 4, 2, 16, 200, 190),  # 4th block read from 136, overlap masked
     "ragged-full": (1, 50, 2, 2, 16, 130, 80),  # every slot filled, 3 blocks of 64 over 130
+    "head-dim-24": (1, 20, 4, 2, 24, 192, 100),  # read as 32 wide, the rest masked
+    "head-dim-80": (1, 9, 4, 2, 80, 128, 60),  # the 3b presets': read as 128 wide
 }
 
 
@@ -107,25 +110,28 @@ def test_bfloat16_within_rounding_of_float64():
 
 def test_geometry_it_cannot_take_is_refused():
   rng = np.random.default_rng(0)
-  with pytest.raises(ValueError, match="power of two"):
-    CA.filled_attention_pallas(*cache_inputs(rng, 1, 2, 2, 2, 24, 128, 0))
   with pytest.raises(ValueError, match="the capacity 32 must be >= 64"):
     CA.filled_attention_pallas(*cache_inputs(rng, 1, 2, 2, 2, 16, 32, 0))
 
 
-def test_lowers_for_cuda_at_the_128k_streaming_shape():
-  """A 512-token prefill chunk of the gpu preset (8 heads of 64, bf16) against a 128K cache:
-  one Triton kernel, no cuDNN call, no [Tq, C] mask."""
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_lowers_for_cuda_at_the_128k_streaming_shape(head_dim):
+  """A 512-token prefill chunk of the gpu preset (8 heads of 64, bf16; of 80, the 3b presets'
+  head dim, the kernel's blocks 128 wide) against a 128K cache: one Triton kernel, no cuDNN
+  call, no [Tq, C] mask, and the cache read where it lies, not copied padded."""
   c, tq = 131072, 512
   spec = jax.ShapeDtypeStruct
-  args = (spec((1, tq, 8, 64), jnp.bfloat16), spec((1, c, 8, 64), jnp.bfloat16),
-          spec((1, c, 8, 64), jnp.bfloat16), spec((tq,), jnp.int32), spec((c,), jnp.int32),
-          spec((), jnp.int32))
+  args = (spec((1, tq, 8, head_dim), jnp.bfloat16), spec((1, c, 8, head_dim), jnp.bfloat16),
+          spec((1, c, 8, head_dim), jnp.bfloat16), spec((tq,), jnp.int32),
+          spec((c,), jnp.int32), spec((), jnp.int32))
   exported = lowering.export_cuda(CA.filled_attention_pallas, *args)
   assert lowering.kernels_in(exported) == {"__gpu$xla.gpu.triton"}
   text = exported.mlir_module()
   assert "grid_x = 8" in text and "grid_y = 8" in text and "grid_z = 4" in text
   assert f"tensor<{tq}x{c}xi1>" not in text
+  padded = common.padded_dim(head_dim)
+  assert f"tensor<1x{c}x8x{padded}xbf16>" not in text or padded == head_dim
+  assert f"tensor<8x4x{tq}x{padded}xf32>" in text  # the splits' sums, at the kernel's width
 
 
 # -- the knob ------------------------------------------------------------------------------------
@@ -162,15 +168,12 @@ def test_knob_routes_cache_calls_through_the_kernel(monkeypatch):
 
 
 def test_auto_resolves_per_platform_and_bad_values_name_the_key():
-  assert resolve_cache_impl("auto", 64, platform="cpu") == "inherit"
-  assert resolve_cache_impl("auto", 64, platform="gpu") == "pallas"
-  assert resolve_cache_impl("auto", 24, platform="gpu") == "inherit"  # head dim not a power of 2
-  assert resolve_cache_impl("inherit", 64, platform="gpu") == "inherit"
-  assert resolve_cache_impl("pallas", 64, platform="cpu") == "pallas"  # interpreted
+  assert resolve_cache_impl("auto", platform="cpu") == "inherit"
+  assert resolve_cache_impl("auto", platform="gpu") == "pallas"
+  assert resolve_cache_impl("inherit", platform="gpu") == "inherit"
+  assert resolve_cache_impl("pallas", platform="cpu") == "pallas"  # interpreted
   with pytest.raises(ConfigError, match="model.cache_attention_impl='pallas'.*TPU"):
-    resolve_cache_impl("pallas", 64, platform="tpu")
-  with pytest.raises(ConfigError, match="model.cache_attention_impl='pallas': the head dim 24"):
-    resolve_cache_impl("pallas", 24, platform="gpu")
+    resolve_cache_impl("pallas", platform="tpu")
   with building_for("gpu"):  # a model built for a GPU takes the kernel by default
     assert tiny_transformer("auto").blocks[0].mixer.algorithm.cache_impl == "pallas"
     # ... unless its layers keep window caches, where the knob is not used (nor checked)

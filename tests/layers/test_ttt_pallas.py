@@ -19,7 +19,14 @@ from flax import nnx
 from ttt_jax.benchmarks import lowering
 from ttt_jax.benchmarks.presets import load_preset, preset_spec
 from ttt_jax.config import SCALES, ConfigError
-from ttt_jax.layers import ttt_inner, ttt_pallas, ttt_pallas_linear, ttt_pallas_mlp, ttt_variants
+from ttt_jax.layers import (
+  common,
+  ttt_inner,
+  ttt_pallas,
+  ttt_pallas_linear,
+  ttt_pallas_mlp,
+  ttt_variants,
+)
 from ttt_jax.layers.common import building_for
 from ttt_jax.layers.ttt import TTTMixer
 from ttt_jax.models.config import model_config
@@ -309,7 +316,7 @@ def test_the_barrier_checks_see_a_missing_barrier(monkeypatch):
 
 
 # TTT-MLP's kernels are opt-in (pallas_auto=False in layers/ttt_variants.py): make test-extended.
-# 2 heads of 24 run padded to 32 (`ttt_pallas.padded_dim`), as the 760m and 3b presets' 96 and 80
+# 2 heads of 24 run padded to 32 (`common.padded_dim`), as the 760m and 3b presets' 96 and 80
 @pytest.mark.parametrize("mixer,heads", [
     ("ttt_linear", 4), ("ttt_linear", 2),
     pytest.param("ttt_mlp", 4, marks=pytest.mark.extended),
@@ -440,5 +447,5 @@ def test_every_preset_runs_ttt_linear_in_the_kernels_on_a_gpu(scale):
     mixer = nnx.eval_shape(lambda: TTTMixer(cfg, compute_dtype=jnp.bfloat16,
                                             param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
   assert mixer.impl == "pallas"
-  padded = ttt_pallas.padded_dim(mixer.head_dim)
+  padded = common.padded_dim(mixer.head_dim)
   assert padded == {96: 128, 80: 128}.get(mixer.head_dim, mixer.head_dim)

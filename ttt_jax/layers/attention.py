@@ -367,8 +367,7 @@ def attention_algorithm(cfg: ModelCfg, impl: str | None = None,
   backend; `full_cache`: its layers keep a full-attention cache (`model.cache_attention_impl`
   applies, and is checked, only then)."""
   impl = impl or resolve_impl(cfg.attention_impl, dtype(cfg.compute_dtype))
-  cache_impl = (resolve_cache_impl(cfg.cache_attention_impl, cfg.d_model // cfg.num_heads)
-                if full_cache else "inherit")
+  cache_impl = resolve_cache_impl(cfg.cache_attention_impl) if full_cache else "inherit"
   return AttentionAlgorithm(name=cfg.attention_algorithm, block=cfg.attention_block,
                             flash_block=cfg.attention_flash_block, impl=impl,
                             cache_impl=cache_impl)

@@ -30,7 +30,6 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers.cache_attention import pallas_geometry
 from ttt_jax.layers.common import target_platform
 
 _HALF = (jnp.bfloat16, jnp.float16)
@@ -64,21 +63,17 @@ def resolve_inner_impl(impl: str, platform: str | None = None) -> str:
   return impl
 
 
-def resolve_cache_impl(impl: str, head_dim: int, platform: str | None = None) -> str:
+def resolve_cache_impl(impl: str, platform: str | None = None) -> str:
   """`model.cache_attention_impl` here: 'pallas' (layers/cache_attention.py's Triton kernel) or
-  'inherit' (whatever `model.attention_impl` does against a cache). auto = pallas where the
-  head dim allows, on a GPU (on a mesh, each device runs it on its shard of sequences and heads:
-  `sharding.per_shard`)."""
+  'inherit' (whatever `model.attention_impl` does against a cache). auto = pallas on a GPU, at
+  any head dim (one that is not a Triton block dimension runs padded: `common.padded_dim`; on
+  a mesh, each device runs it on its shard of sequences and heads: `sharding.per_shard`)."""
   platform = target_platform() if platform is None else platform
-  why = pallas_geometry(head_dim)
   if impl == "auto":
-    return "pallas" if platform == "gpu" and not why else "inherit"
+    return "pallas" if platform == "gpu" else "inherit"
   if impl == "pallas" and platform == "tpu":
     raise ConfigError("model.cache_attention_impl='pallas' is a GPU (Triton) kernel; use auto or "
                       "inherit on a TPU")
-  if impl == "pallas" and why:
-    raise ConfigError(f"model.cache_attention_impl='pallas': {why} "
-                      "(model.d_model / model.num_heads); use auto or inherit")
   return impl
 
 

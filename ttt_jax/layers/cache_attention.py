@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ttt_jax.layers.common import triton_dim
+from ttt_jax.layers.common import padded_dim
 
 NEG_INF = -1e30
 
@@ -77,19 +77,14 @@ PALLAS_BLOCK_K = 64  # cache slots per key block (the kernel needs a capacity of
 _TARGET_PROGRAMS = 256  # ~2 programs per SM of an H100/H200 (132 SMs)
 
 
-def pallas_geometry(head_dim: int) -> str | None:
-  """Why the kernel cannot take this head dim (Triton: a power of two >= 16), or None."""
-  if not triton_dim(head_dim):
-    return f"the head dim {head_dim} must be a power of two >= 16"
-  return None
-
-
 def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_ref, l_ref, *,
-                   splits: int, block_k: int, scale: float):
+                   splits: int, block_k: int, scale: float, width: int):
   """One (sequence x KV head, query block, split) program: the split's share of the key blocks
   that hold keys, as an online softmax. Writes the unnormalised sum, running max and normaliser.
   Where the capacity C is not a multiple of the block, the last block is read from C - block_k
-  (in bounds) and its slots already read before are masked out."""
+  (in bounds) and its slots already read before are masked out. The cache's head dim `width`
+  is read into blocks of the queries' padded width (`common.padded_dim`), the columns past it
+  masked to zero, which adds nothing to the scores and makes zero output columns."""
   c = kpos_ref.shape[0]
   ragged = c % block_k != 0
   used = (end_ref[0] + block_k - 1) // block_k
@@ -97,6 +92,13 @@ def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_
   lo = pl.program_id(2) * per
   hi = jnp.minimum(lo + per, used)
   q, qp = q_ref[...], qpos_ref[...]
+  padded = q.shape[-1]
+
+  def read(ref, cols):
+    if width == padded:
+      return ref[cols, :]
+    inside = jax.lax.broadcasted_iota(jnp.int32, (1, padded), 1) < width
+    return pltriton.load(ref.at[cols, :], mask=inside, other=0.0)
 
   def body(j, carry):
     acc, m, norm = carry
@@ -104,7 +106,7 @@ def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_
     start = jnp.minimum(first, c - block_k) if ragged else pl.multiple_of(first, block_k)
     cols = pl.ds(start, block_k)
     kp = kpos_ref[cols]
-    s = jax.lax.dot_general(q, k_ref[cols, :], (((1,), (1,)), ((), ())),
+    s = jax.lax.dot_general(q, read(k_ref, cols), (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * scale
     if ragged:  # slots before `first` belong to the previous block
       kp = jnp.where(start + jnp.arange(block_k) >= first, kp, -1)
@@ -112,7 +114,7 @@ def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_
     m_new = jnp.maximum(m, jnp.max(jnp.where(visible, s, NEG_INF), axis=1))
     p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
     corr = jnp.exp(m - m_new)
-    v = v_ref[cols, :]
+    v = read(v_ref, cols)
     pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     return acc * corr[:, None] + pv, m_new, norm * corr + jnp.sum(p, axis=1)
@@ -133,17 +135,18 @@ def _pow2_at_least(n: int) -> int:
 def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = False,
                             block_q: int = 64, block_k: int = PALLAS_BLOCK_K, num_warps: int = 4,
                             num_stages: int = 2) -> jax.Array:
-  """`filled_attention` as one Triton kernel. Same arguments and result; C >= `block_k`, the
-  head dim a power of two >= 16 (`pallas_geometry`). The G = H / Hkv query heads that share a
+  """`filled_attention` as one Triton kernel. Same arguments and result; C >= `block_k`; a head
+  dim that is not a Triton block dimension runs padded (`common.padded_dim`: the queries in XLA,
+  the cache in the kernel's masked reads). The G = H / Hkv query heads that share a
   KV head and the Tq queries form the rows of one KV head's query blocks, of at most `block_q`
   rows (fewer rows: the next power of two >= 16). Tiles and launch parameters are untuned
   defaults (`make gpu-check`'s cache_attention task times alternatives)."""
   b, tq, h, d = q.shape
   c, hk = k.shape[1], k.shape[2]
   g = h // hk
-  why = pallas_geometry(d) or (f"the capacity {c} must be >= {block_k}" if c < block_k else None)
-  if why:
-    raise ValueError(f"filled_attention_pallas: {why}")
+  if c < block_k:
+    raise ValueError(f"filled_attention_pallas: the capacity {c} must be >= {block_k}")
+  dp = padded_dim(d)
   rows = tq * g
   block_q = min(block_q, max(16, _pow2_at_least(rows)))
   n_q = -(-rows // block_q)
@@ -152,26 +155,27 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
   splits = max(1, min(-(-c // block_k), -(-_TARGET_PROGRAMS // base)))
   # rows of KV head j: (query t, head j*G + i) -> t*G + i; padding rows see no key (position -1)
   qr = q.reshape(b, tq, hk, g, d).transpose(0, 2, 1, 3, 4).reshape(b * hk, rows, d)
-  qr = jnp.pad(qr, ((0, 0), (0, padded - rows), (0, 0)))
+  qr = jnp.pad(qr, ((0, 0), (0, padded - rows), (0, dp - d)))
   row_pos = jnp.pad(jnp.repeat(q_pos.astype(jnp.int32), g), (0, padded - rows),
                     constant_values=-1)
   # an overflowing stream (end > C: KVCacheOverflow is raised beside this call) reads no block
   # past the cache
   end = jnp.reshape(jnp.minimum(jnp.asarray(end, jnp.int32), c), (1,))
-  kv_spec = pl.BlockSpec((None, c, None, d), lambda i, qi, s: (i // hk, 0, i % hk, 0))
-  kernel = functools.partial(_filled_kernel, splits=splits, block_k=block_k, scale=d ** -0.5)
+  kv_spec = pl.BlockSpec((None, c, None, dp), lambda i, qi, s: (i // hk, 0, i % hk, 0))
+  kernel = functools.partial(_filled_kernel, splits=splits, block_k=block_k, scale=d ** -0.5,
+                             width=d)
   acc, m, norm = pl.pallas_call(
       kernel,
       grid=(b * hk, n_q, splits),
       in_specs=[pl.BlockSpec((1,), lambda i, qi, s: (0,)),
                 pl.BlockSpec((block_q,), lambda i, qi, s: (qi,)),
-                pl.BlockSpec((None, block_q, d), lambda i, qi, s: (i, qi, 0)),
+                pl.BlockSpec((None, block_q, dp), lambda i, qi, s: (i, qi, 0)),
                 kv_spec, kv_spec,
                 pl.BlockSpec((c,), lambda i, qi, s: (0,))],
-      out_specs=[pl.BlockSpec((None, None, block_q, d), lambda i, qi, s: (i, s, qi, 0)),
+      out_specs=[pl.BlockSpec((None, None, block_q, dp), lambda i, qi, s: (i, s, qi, 0)),
                  pl.BlockSpec((None, None, block_q), lambda i, qi, s: (i, s, qi)),
                  pl.BlockSpec((None, None, block_q), lambda i, qi, s: (i, s, qi))],
-      out_shape=[jax.ShapeDtypeStruct((b * hk, splits, padded, d), jnp.float32),
+      out_shape=[jax.ShapeDtypeStruct((b * hk, splits, padded, dp), jnp.float32),
                  jax.ShapeDtypeStruct((b * hk, splits, padded), jnp.float32),
                  jax.ShapeDtypeStruct((b * hk, splits, padded), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -183,7 +187,7 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
   norm = jnp.sum(norm * w, axis=1)
   acc = jnp.sum(acc * w[..., None], axis=1)
   out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]  # [B*Hkv, padded, d]
-  out = out[:, :rows].reshape(b, hk, tq, g, d).transpose(0, 2, 1, 3, 4)
+  out = out[:, :rows, :d].reshape(b, hk, tq, g, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, tq, h, d).astype(v.dtype)
 
 

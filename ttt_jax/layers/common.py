@@ -35,6 +35,13 @@ def triton_dim(n: int) -> bool:
   return n >= 16 and not n & (n - 1)
 
 
+def padded_dim(d: int) -> int:
+  """The width a head dim `d` runs at in this package's Triton kernels: `d` where Triton takes it
+  as a block dimension (`triton_dim`), else the next such. The kernels treat the columns past
+  `d` as zero padding (layers/ttt_pallas.py, layers/cache_attention.py)."""
+  return d if triton_dim(d) else max(16, 1 << (d - 1).bit_length())
+
+
 @contextlib.contextmanager
 def building_for(platform: str) -> Iterator[None]:
   """Models built (and traced) inside choose their kernels for `platform` ('gpu', 'tpu', 'cpu')

@@ -17,7 +17,12 @@ remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
 
 Triton's constraints shape the code: block dimensions are powers of two (mini-batch size and
 head dim), matmuls have every dimension >= 16, and kernel bodies index refs but never slice
-values, so inputs are laid out so each mini-batch is one ref window. Dots take the caller's
+values, so inputs are laid out so each mini-batch is one ref window. Another head dim (96 at
+760m, 80 at 3b) runs zero-padded to `common.padded_dim`: the kernels' LayerNorms normalise over the
+true width (`ttt_inner.ln_l2_grad_parts`' `width`), so the padding stays zero in the inner
+weights' updates and outputs, and the results equal the unpadded ones
+(tests/layers/test_ttt_pallas.py), for (padded / d)^2 of the work and of the stored W_i (1.78x
+at 96, 2.56x at 80). Dots take the caller's
 matmul precision, as XLA's dual form does: on a GPU the default is TF32 tensor cores,
 `jax.default_matmul_precision('highest')` gives IEEE fp32. Warps and pipeline stages are
 `Tuning()` (`tuning(...)` overrides them while a step is traced; `make gpu-check` sweeps them).
@@ -108,22 +113,12 @@ def _compiler_params(mlp: bool = False):
 
 def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
   """Why the kernels cannot run this geometry on a GPU (None: they can). Any head dim runs,
-  padded to `padded_dim`."""
+  padded to `common.padded_dim`."""
   del head_dim
   if not triton_dim(mini_batch_size):
     return (f"model.ttt.mini_batch_size={mini_batch_size} must be a power of two >= 16 for "
             "model.ttt.impl=pallas")
   return None
-
-
-def padded_dim(d: int) -> int:
-  """The width a head dim `d` runs at in the kernels: `d` where Triton takes it as a block
-  dimension (a power of two >= 16), else the next such. The columns past `d` are zero padding:
-  the kernels' LayerNorms normalise over the first `d` (`ttt_inner.ln_l2_grad_parts`'s
-  `width`), so the padding stays zero in the inner weights' updates and outputs, and the
-  results equal the unpadded ones (tests/layers/test_ttt_pallas.py); the work and the stored
-  W_i grow by (padded / d)^2, e.g. 1.78x at d = 96 (the 760m presets), 2.56x at d = 80 (3b)."""
-  return d if triton_dim(d) else max(16, 1 << (d - 1).bit_length())
 
 
 def pad_axes(x, axes: tuple[int, ...], size: int):

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 from ttt_jax.layers import ttt_inner
-from ttt_jax.layers.common import KERNEL_OUTPUTS
+from ttt_jax.layers.common import KERNEL_OUTPUTS, padded_dim
 from ttt_jax.layers.ttt_pallas import (
   block_rows,
   current_tuning,
@@ -38,7 +38,6 @@ from ttt_jax.layers.ttt_pallas import (
   ln_l2_bwd,
   ln_spec,
   pad_axes,
-  padded_dim,
   row,
   seq_spec,
   sequence_output,
@@ -288,7 +287,7 @@ def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bo
   """TTT-Linear over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
   kernels. Same contract as `ttt_dual.dual_sequence('linear', ...)` without remat: returns
   (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there.
-  A head dim that is not a Triton block dimension runs zero-padded (`padded_dim`)."""
+  A head dim that is not a Triton block dimension runs zero-padded (`common.padded_dim`)."""
   attn = jnp.tril(eta) * (ttt_inner.mm_t(xq, xk) + 1.0)  # the bias's share of the correction: +1
   lr = update_rates(eta, complete)  # [n, B, H, b, 1]
   d = xq.shape[-1]

@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
-from ttt_jax.layers.common import KERNEL_OUTPUTS, triton_dim
+from ttt_jax.layers.common import KERNEL_OUTPUTS, padded_dim, triton_dim
 from ttt_jax.layers.ttt_pallas import (
   block_rows,
   current_tuning,
@@ -321,10 +321,10 @@ def mlp_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool 
   """TTT-MLP over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
   kernels. Same contract as `ttt_dual.dual_sequence('mlp', ...)` without remat: returns
   (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there.
-  A head dim that is not a Triton block dimension runs zero-padded (`ttt_pallas.padded_dim`;
+  A head dim that is not a Triton block dimension runs zero-padded (`common.padded_dim`;
   the hidden width stays 4d)."""
   d = xq.shape[-1]
-  size = ttt_pallas.padded_dim(d)
+  size = padded_dim(d)
   pad = lambda x, axis=-1: ttt_pallas.pad_axes(x, (axis,), size)  # noqa: E731
   views = map(ttt_pallas.to_sequence, (pad(xq), pad(xk), pad(xv - xk), jnp.tril(eta),
                                        ttt_pallas.update_rates(eta, complete)))
