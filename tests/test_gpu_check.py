@@ -441,3 +441,36 @@ def test_env_task_records_versions_and_the_cuda_plugin():
     assert out["versions"][plugin] == want
   assert out["bf16_matmul_flops_per_s"] > 0 and out["platform"] == jax.default_backend()
   assert out["rng_kernel_same_bits"] is True  # CPU: the setting changes nothing
+
+
+def test_a_tune_row_without_its_ieee_reference_has_no_error_figure(monkeypatch):
+  """Where the IEEE dual row fails, the other rows at its width report NaN, not their error
+  against whichever row came first."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from ttt_jax.benchmarks import training  # noqa: PLC0415
+
+  class Fake:  # stands in for jit(...); the IEEE dual's compile fails
+    def __init__(self, fails):
+      self.fails = fails
+
+    def lower(self, *a):
+      return self
+
+    def compile(self):
+      if self.fails:
+        raise RuntimeError("no IEEE dual here")
+      return lambda *a: {"y": np.full(3, 2.0)}
+
+  def fake_fwd_bwd(layer, size, impl, x):
+    return Fake(impl == "dual" and jax.config.jax_default_matmul_precision == "highest"), None
+
+  monkeypatch.setattr(training, "_ttt_fwd_bwd", fake_fwd_bwd)
+  monkeypatch.setattr(gpu_tasks, "_median_time", lambda fn: 1.0)
+  monkeypatch.setattr(gpu_variants, "TUNE_CASES", {"ttt_linear": ((4, 3, "kernel"),)})
+  out = gpu_tasks.task_tune(preset="quick")
+  assert "no IEEE dual here" in out["dual/highest"]["error"]
+  assert "no IEEE dual here" in out["dual/highest/hd80"]["error"]
+  for name in ("pallas/highest/w4s3-kernel", "dual/default", "pallas/default/hd80"):
+    assert np.isnan(out[name]["rel_err_vs_ieee_dual"]) and out[name]["fwd_bwd_s"] == 1.0, name

@@ -60,13 +60,16 @@ def inputs(kind, n=3, seed=3, d=16):
 
 
 # `complete` (a streaming call): the last mini-batches' updates left out, as for a partial one
-# head dim 16 (TTT-MLP's hidden layer 64 wide), or 24 and 80, which the kernels run padded to 32
-# and 128
+# head dim 16 (TTT-MLP's hidden layer 64 wide), or 24, 20 and 80, which the kernels run padded
+# to 32, 32 and 128 (at 20, TTT-MLP's hidden width 80 runs as 96: three 32-unit blocks, or as one
+# block of 128 at mlp_block 128)
 @pytest.mark.parametrize("kind,n,tune,complete,d", [
     ("linear", 3, {}, None, 16), ("linear", 3, {"linear_output": "xla"}, None, 16),
     ("mlp", 3, {"mlp_block": 64}, None, 16), ("mlp", 2, {"mlp_block": 16}, None, 16),
     ("linear", 3, {}, (True, True, False), 16),
     ("linear", 3, {}, None, 24), ("mlp", 2, {"mlp_block": 32}, None, 24),
+    ("mlp", 2, {"mlp_block": 32}, None, 20), ("linear", 3, {}, (True, False, False), 24),
+    pytest.param("mlp", 2, {"mlp_block": 128}, None, 20, marks=pytest.mark.extended),
     pytest.param("linear", 3, {"linear_output": "xla"}, None, 24, marks=pytest.mark.extended),
     pytest.param("linear", 2, {}, None, 80, marks=pytest.mark.extended),  # 3b's, run as 128
     pytest.param("linear", 3, {"linear_output": "xla"}, (True, False, False), 16,
@@ -76,7 +79,8 @@ def inputs(kind, n=3, seed=3, d=16):
     pytest.param("mlp", 3, {"mlp_block": 16, "mlp_unroll": True}, None, 16,
                  marks=pytest.mark.extended)],
     ids=["linear", "linear-output-xla", "mlp-1block-odd", "mlp-4blocks-even", "linear-streaming",
-         "linear-padded", "mlp-padded", "linear-output-xla-padded", "linear-hd80",
+         "linear-padded", "mlp-padded", "mlp-padded-hidden", "linear-padded-streaming",
+         "mlp-padded-one-block", "linear-output-xla-padded", "linear-hd80",
          "linear-output-xla-streaming", "mlp-streaming", "mlp-4blocks-unrolled"])
 def test_kernels_equal_primal_values_and_grads(kind, n, tune, complete, d):
   args = inputs(kind, n=n, d=d)
@@ -425,7 +429,7 @@ def test_a_tuning_reaches_functions_whose_traces_jax_keeps():
 def test_padded_head_dim_lowers_to_triton_kernels_of_the_padded_width(kind, where):
   """A head dim Triton cannot take as a block dimension (24) reaches the kernels padded to the
   next power of two (32), in the GPU's program too."""
-  args = inputs(kind, n=2, d=24)
+  args = inputs(kind, n=3, d=24)  # 48 tokens
   fwd = {"linear": ttt_pallas_linear.linear_sequence, "mlp": ttt_pallas_mlp.mlp_sequence}[kind]
   loss = lambda *a: jnp.sum(fwd(*a)[1])  # noqa: E731
   with ttt_pallas.tuning(linear_output=where):
@@ -433,8 +437,8 @@ def test_padded_head_dim_lowers_to_triton_kernels_of_the_padded_width(kind, wher
   calls = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
   assert len(calls) == 2  # forward and backward
   for call in calls:  # every sequence operand and result [B, H, T, .] has the padded width
-    shapes = re.findall(r"tensor<2x2x32x(\d+)xf32>", call)
-    assert shapes and "32" in shapes and "24" not in shapes, call[:300]
+    widths = set(re.findall(r"tensor<2x2x48x(\d+)xf32>", call))  # T = 48
+    assert "32" in widths and "24" not in widths, (widths, call[:300])
 
 
 @pytest.mark.parametrize("scale", list(SCALES))
@@ -449,3 +453,9 @@ def test_every_preset_runs_ttt_linear_in_the_kernels_on_a_gpu(scale):
   assert mixer.impl == "pallas"
   padded = common.padded_dim(mixer.head_dim)
   assert padded == {96: 128, 80: 128}.get(mixer.head_dim, mixer.head_dim)
+  model = load_preset(preset_spec("ttt_mlp", scale, "8k")).model
+  with building_for("gpu"):
+    mlp = nnx.eval_shape(lambda: TTTMixer(ttt_variants.ttt_config(model_config(model), "mlp"),
+                                          compute_dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                                          rngs=nnx.Rngs(0)))
+  assert mlp.impl == "dual"

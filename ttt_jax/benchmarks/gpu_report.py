@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ttt_jax.benchmarks import gpu_tasks
 from ttt_jax.benchmarks.common import fmt_len
 from ttt_jax.benchmarks.common import result_status as _status
 from ttt_jax.benchmarks.kernel_profile import markdown as profile_markdown
@@ -37,12 +36,12 @@ def _correctness(results: dict) -> list[str]:
   elif pal:
     out += ["Pallas (Triton) TTT kernels vs the XLA dual form, fp32, 8 mini-batches of 16, "
             "head dim 64 unless said (values and gradients w.r.t. every input):", ""]
-    hd = gpu_tasks.PADDED_HEAD_DIM
+    padded = [(k, f"TTT-{'Linear' if k.startswith('linear') else 'MLP'}, head dim "
+                  f"{k.split('-hd')[1]} (run padded)") for k in pal if "-hd" in k]
     for kind, label in (("linear", "TTT-Linear"), ("mlp", "TTT-MLP"),
                         ("linear-xla", "TTT-Linear, output by XLA (Tuning.linear_output)"),
                         ("linear-stream", "TTT-Linear streaming (the last 2 updates left out)"),
-                        (f"linear-hd{hd}", f"TTT-Linear, head dim {hd} (run padded)"),
-                        (f"mlp-hd{hd}", f"TTT-MLP, head dim {hd} (run padded)")):
+                        *padded):
       r = pal.get(kind)
       if r and _status(r):
         out.append(f"- {label}: {_status(r)}")

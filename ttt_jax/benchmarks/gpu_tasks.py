@@ -232,14 +232,16 @@ def task_tune(preset: str = "gpu", layer: str = "ttt_linear") -> dict:
   out, refs = {}, {}
   for name, at, impl, precision, tune in runs:
     x = jax.random.normal(jax.random.key(0), (at.batch, at.seq_len, at.d_model))
-    out[name] = _timed_layer(layer, at, impl, x, tune, precision, refs)
+    reference = impl == "dual" and precision == "highest"
+    out[name] = _timed_layer(layer, at, impl, x, tune, precision, refs, reference)
     print_result(out)
   return out
 
 
-def _timed_layer(layer, size, impl, x, tune, precision=None, refs=None) -> dict:
+def _timed_layer(layer, size, impl, x, tune, precision=None, refs=None, reference=False) -> dict:
   """Compile and median fwd+bwd time of one TTT layer under `tune` (and matmul `precision`);
-  with `refs`, its error against the first result at the same width (`refs`, by d_model)."""
+  with `refs` ({d_model: result}), its error against the reference at its width, which a
+  `reference` row sets (NaN where that row failed)."""
   import contextlib  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
@@ -258,7 +260,10 @@ def _timed_layer(layer, size, impl, x, tune, precision=None, refs=None) -> dict:
            "fwd_bwd_s": _median_time(lambda c=compiled, p=params: c(p, x))}
     if refs is not None:
       result = compiled(params, x)
-      row["rel_err_vs_ieee_dual"] = tree_rel_err(result, refs.setdefault(size.d_model, result))
+      if reference:
+        refs[size.d_model] = result
+      ref = refs.get(size.d_model)
+      row["rel_err_vs_ieee_dual"] = float("nan") if ref is None else tree_rel_err(result, ref)
     return row
   except Exception as e:  # noqa: BLE001
     return _error(e)

@@ -153,7 +153,7 @@ class TTTState(NamedTuple):
   conv: jax.Array | None  # [B, width-1, D] Q/K conv input history (mamba backbone)
 
 
-def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> str:
+def resolve_impl(impl: str, kind: str, mini_batch_size: int) -> str:
   """`model.ttt.impl` on this platform: auto = the Pallas sequence kernels of the inner model
   `kind` (TTT-Linear: one launch per sequence each way; a layer's fwd+bwd 4.6x faster than the
   dual form's scan on an H200, docs/benchmarks.md) on a GPU where their geometry allows, on one
@@ -165,7 +165,7 @@ def resolve_impl(impl: str, kind: str, mini_batch_size: int, head_dim: int) -> s
   model = ttt_inner.inner_model(kind)
   gpu_kernel = (model.pallas_sequence is not None and model.pallas_auto
                 and target_platform() == "gpu"
-                and ttt_pallas.check_geometry(mini_batch_size, head_dim) is None)
+                and ttt_pallas.check_geometry(mini_batch_size) is None)
   return "pallas" if gpu_kernel else "dual"
 
 
@@ -201,10 +201,10 @@ class TTTMixer(nnx.Module):
     self.mini_batch_size = cfg.mini_batch_size
     self.base_lr = float(cfg.base_lr)
     self.lr_warmup_steps = int(cfg.lr_warmup_steps)
-    self.impl = resolve_impl(cfg.impl, self.kind, cfg.mini_batch_size, d)
+    self.impl = resolve_impl(cfg.impl, self.kind, cfg.mini_batch_size)
     if self.impl == "pallas":
       platform = target_platform()
-      why = ttt_pallas.check_geometry(cfg.mini_batch_size, d) if platform == "gpu" else None
+      why = ttt_pallas.check_geometry(cfg.mini_batch_size) if platform == "gpu" else None
       if platform == "tpu":
         why = "model.ttt.impl=pallas has GPU (Triton) kernels only; use dual on a TPU"
       if not model.pallas_sequence:

@@ -18,11 +18,12 @@ remat's O(n / k |W|) (`model.ttt.remat_group` does not apply to this path).
 Triton's constraints shape the code: block dimensions are powers of two (mini-batch size and
 head dim), matmuls have every dimension >= 16, and kernel bodies index refs but never slice
 values, so inputs are laid out so each mini-batch is one ref window. Another head dim (96 at
-760m, 80 at 3b) runs zero-padded to `common.padded_dim`: the kernels' LayerNorms normalise over the
-true width (`ttt_inner.ln_l2_grad_parts`' `width`), so the padding stays zero in the inner
+760m, 80 at 3b) runs zero-padded to `common.padded_dim`: the kernels' LayerNorms normalise over
+the true width (`ttt_inner.ln_l2_grad_parts`' `width`), so the padding stays zero in the inner
 weights' updates and outputs, and the results equal the unpadded ones
-(tests/layers/test_ttt_pallas.py), for (padded / d)^2 of the work and of the stored W_i (1.78x
-at 96, 2.56x at 80). Dots take the caller's
+(tests/layers/test_ttt_pallas.py). TTT-Linear's W (d x d) and its products grow by up to
+(padded / d)^2 (1.78x at 96, 2.56x at 80), TTT-MLP's (d x 4d, the hidden width unpadded) by
+padded / d. Dots take the caller's
 matmul precision, as XLA's dual form does: on a GPU the default is TF32 tensor cores,
 `jax.default_matmul_precision('highest')` gives IEEE fp32. Warps and pipeline stages are
 `Tuning()` (`tuning(...)` overrides them while a step is traced; `make gpu-check` sweeps them).
@@ -111,34 +112,26 @@ def _compiler_params(mlp: bool = False):
   return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
 
 
-def check_geometry(mini_batch_size: int, head_dim: int) -> str | None:
+def check_geometry(mini_batch_size: int) -> str | None:
   """Why the kernels cannot run this geometry on a GPU (None: they can). Any head dim runs,
-  padded to `common.padded_dim`."""
-  del head_dim
+  padded to `common.padded_dim` (and TTT-MLP's hidden width to whole `Tuning.mlp_block`s)."""
   if not triton_dim(mini_batch_size):
     return (f"model.ttt.mini_batch_size={mini_batch_size} must be a power of two >= 16 for "
             "model.ttt.impl=pallas")
   return None
 
 
-def pad_axes(x, axes: tuple[int, ...], size: int):
-  """`x` zero-padded to `size` along `axes` (negative indices); `x` itself if it has that size."""
-  if all(x.shape[a] == size for a in axes):
+def fit(x, sizes: dict[int, int]):
+  """`x` zero-padded or cut to `sizes[axis]` along each axis (negative indices); `x` itself where
+  it has those sizes. The kernels' inputs are padded to Triton block widths with it, and their
+  outputs cut back."""
+  if all(x.shape[a] == n for a, n in sizes.items()):
     return x
-  widths = [(0, 0)] * x.ndim
-  for a in axes:
-    widths[a] = (0, size - x.shape[a])
-  return jnp.pad(x, widths)
-
-
-def unpad(x, axes: tuple[int, ...], d: int):
-  """`pad_axes`' inverse: the first `d` along `axes`; `x` itself if nothing was padded."""
-  if all(x.shape[a] == d for a in axes):
-    return x
-  index = [slice(None)] * x.ndim
-  for a in axes:
-    index[a] = slice(0, d)
-  return x[tuple(index)]
+  cut, widths = [slice(None)] * x.ndim, [(0, 0)] * x.ndim
+  for a, n in sizes.items():
+    cut[a], widths[a] = slice(0, min(n, x.shape[a])), (0, max(0, n - x.shape[a]))
+  x = x[tuple(cut)]
+  return jnp.pad(x, widths) if any(w for _, w in widths) else x
 
 
 def dot(a, b):  # a @ b

@@ -33,17 +33,16 @@ from ttt_jax.layers.ttt_pallas import (
   dot,
   dot_t,
   f32,
+  fit,
   from_sequence,
   launch_per_head,
   ln_l2_bwd,
   ln_spec,
-  pad_axes,
   row,
   seq_spec,
   sequence_output,
   t_dot,
   to_sequence,
-  unpad,
   update_rates,
 )
 
@@ -293,23 +292,22 @@ def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bo
   d = xq.shape[-1]
   size = padded_dim(d)
   width = None if size == d else d
-  pad = lambda x, *axes: pad_axes(x, axes or (-1,), size)  # noqa: E731
-  w, bias, kq, kk, target = (pad(params["w"], -2, -1), pad(params["b"]), pad(xq), pad(xk),
-                             pad(xv - xk))
-  ln_in = tuple(map(pad, ln))
+  to = lambda x, n, *axes: fit(x, dict.fromkeys(axes or (-1,), n))  # noqa: E731
+  w, bias = to(params["w"], size, -2, -1), to(params["b"], size)
+  xq_p, xk_p, target = to(xq, size), to(xk, size), to(xv - xk, size)
+  ln_in = tuple(to(p, size) for p in ln)
   where = current_tuning().linear_output
   if where == "xla":
     wn, bn, ws, bs, g = linear_chain(interpret, xq.shape[0], width, w, bias, *ln_in,
-                                     *map(to_sequence, (kk, target, lr)))
+                                     *map(to_sequence, (xk_p, target, lr)))
     # XQ_i W_i + b_i with the batch axes leading and in one order on both sides ([B, H, n]):
     # XLA:GPU's compiler rejects the program it makes of the same product with them mixed
-    qw = ttt_inner.mm(jnp.moveaxis(kq, 0, 2), ws) + bs[..., None, :]
+    qw = ttt_inner.mm(jnp.moveaxis(xq_p, 0, 2), ws) + bs[..., None, :]
     z = jnp.moveaxis(qw, 2, 0) - ttt_inner.mm(attn, from_sequence(g, xq.shape[0]))
-    return ({"w": unpad(wn, (-2, -1), d), "b": unpad(bn, (-1,), d)},
-            xq + ttt_inner.layer_norm(unpad(z, (-1,), d), *ln))
+    return ({"w": to(wn, d, -2, -1), "b": to(bn, d)},
+            xq + ttt_inner.layer_norm(to(z, d), *ln))
   if where != "kernel":
     raise ValueError(f"ttt_pallas.Tuning.linear_output={where!r}: 'kernel' or 'xla'")
   wn, bn, z = linear_sequence_core(interpret, width, w, bias, *ln_in,
-                                   *map(to_sequence, (kq, kk, target, attn, lr)))
-  return ({"w": unpad(wn, (-2, -1), d), "b": unpad(bn, (-1,), d)},
-          sequence_output(unpad(z, (-1,), d), ln, xq))
+                                   *map(to_sequence, (xq_p, xk_p, target, attn, lr)))
+  return {"w": to(wn, d, -2, -1), "b": to(bn, d)}, sequence_output(to(z, d), ln, xq)

@@ -321,19 +321,20 @@ def mlp_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool 
   """TTT-MLP over mini-batches xq, xk, xv [n, B, H, b, d], eta [n, B, H, b, b] with the two
   kernels. Same contract as `ttt_dual.dual_sequence('mlp', ...)` without remat: returns
   (final params, outputs XQ + LN_h(z) [n, B, H, b, d]); `complete` [n] (streaming) as there.
-  A head dim that is not a Triton block dimension runs zero-padded (`common.padded_dim`;
-  the hidden width stays 4d)."""
-  d = xq.shape[-1]
-  size = padded_dim(d)
-  pad = lambda x, axis=-1: ttt_pallas.pad_axes(x, (axis,), size)  # noqa: E731
-  views = map(ttt_pallas.to_sequence, (pad(xq), pad(xk), pad(xv - xk), jnp.tril(eta),
+  A head dim that is not a Triton block dimension runs zero-padded (`common.padded_dim`), and
+  a hidden width that is not whole `Tuning.mlp_block`s runs zero-padded to them: a padded
+  hidden unit's pre-activation is 0, gelu(0) = 0, and its weights stay 0."""
+  d, hidden = xq.shape[-1], params["w1"].shape[-1]
+  size, block = padded_dim(d), min(current_tuning().mlp_block, hidden)
+  wide = padded_dim(hidden) if hidden <= block else -(-hidden // block) * block
+  fit = ttt_pallas.fit
+  views = map(ttt_pallas.to_sequence, (fit(xq, {-1: size}), fit(xk, {-1: size}),
+                                       fit(xv - xk, {-1: size}), jnp.tril(eta),
                                        ttt_pallas.update_rates(eta, complete)))
-  padded = {"w1": pad(params["w1"], -2), "b1": params["b1"], "w2": pad(params["w2"]),
-            "b2": pad(params["b2"])}
-  final, z = sequence_core(interpret, None if size == d else d, tuple(map(pad, ln)), *views,
-                           padded)
-  final = {"w1": ttt_pallas.unpad(final["w1"], (-2,), d), "b1": final["b1"],
-           "w2": ttt_pallas.unpad(final["w2"], (-1,), d),
-           "b2": ttt_pallas.unpad(final["b2"], (-1,), d)}
-  return final, ttt_pallas.sequence_output(ttt_pallas.unpad(z, (-1,), d), ln, xq,
-                                           kernel_layout=True)
+  shapes = lambda dim, units: {"w1": {-2: dim, -1: units}, "b1": {-1: units},  # noqa: E731
+                               "w2": {-2: units, -1: dim}, "b2": {-1: dim}}
+  padded = {k: fit(params[k], s) for k, s in shapes(size, wide).items()}
+  final, z = sequence_core(interpret, None if size == d else d,
+                           tuple(fit(p, {-1: size}) for p in ln), *views, padded)
+  final = {k: fit(final[k], s) for k, s in shapes(d, hidden).items()}
+  return final, ttt_pallas.sequence_output(fit(z, {-1: d}), ln, xq, kernel_layout=True)

@@ -191,11 +191,12 @@ class Trainer:
   def init_rng_kernel(self) -> bool:
     """`train.init_rng_kernel` resolved: auto = on for a one-device mesh, or where the blocks are
     a list (`model.scan_layers=False`). Over several devices XLA cannot split the kernel's call,
-    so each device draws every parameter whole and keeps its slice: with the blocks a list that
-    costs 0.27-0.43 GB per GPU at 1b-3b over 8 H200s, while the inlined hash took the 1b
-    transformer's initialisation 727 s to compile. Stacked blocks' leaves are large (6.5 GB per
-    GPU for TTT-Linear at 1b, twice its train step's temporaries) and few, and their inlined
-    draws compile in 11-45 s at 1b (docs/benchmarks.md)."""
+    so each device draws every parameter whole and keeps its slice, however many devices share
+    it. With the blocks a list the leaves are one layer's: 0.27-0.43 GB of such temporaries per
+    GPU at 1b-3b over 8 H200s (byte vocabulary), while the inlined hash took the 1b transformer's
+    initialisation 727 s to compile. Stacked blocks' leaves are whole stacks: 4.0-13.6 GB per
+    GPU at 1b-3b (E2E, TTT-Linear), more than TTT-Linear's train step needs at one sequence per
+    GPU, and their few inlined draws compile in 11-88 s (docs/benchmarks.md)."""
     setting = self.config.train.init_rng_kernel
     return setting == "on" or (setting == "auto" and (
         self.mesh.devices.size == 1 or not self.config.model.scan_layers))
