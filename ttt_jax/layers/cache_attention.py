@@ -128,10 +128,6 @@ def _filled_kernel(end_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, acc_ref, m_
   l_ref[...] = norm
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = False,
                             block_q: int = 64, block_k: int = PALLAS_BLOCK_K, num_warps: int = 4,
                             num_stages: int = 2) -> jax.Array:
@@ -148,7 +144,7 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
     raise ValueError(f"filled_attention_pallas: the capacity {c} must be >= {block_k}")
   dp = padded_dim(d)
   rows = tq * g
-  block_q = min(block_q, max(16, _pow2_at_least(rows)))
+  block_q = min(block_q, padded_dim(rows))
   n_q = -(-rows // block_q)
   padded = n_q * block_q
   base = b * hk * n_q
@@ -186,7 +182,7 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
   w = jnp.exp(m - top)
   norm = jnp.sum(norm * w, axis=1)
   acc = jnp.sum(acc * w[..., None], axis=1)
-  out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]  # [B*Hkv, padded, d]
+  out = acc / jnp.where(norm > 0, norm, 1.0)[..., None]  # [B*Hkv, padded, dp]
   out = out[:, :rows, :d].reshape(b, hk, tq, g, d).transpose(0, 2, 1, 3, 4)
   return out.reshape(b, tq, h, d).astype(v.dtype)
 

@@ -23,10 +23,12 @@ the true width (`ttt_inner.ln_l2_grad_parts`' `width`), so the padding stays zer
 weights' updates and outputs, and the results equal the unpadded ones
 (tests/layers/test_ttt_pallas.py). TTT-Linear's W (d x d) and its products grow by up to
 (padded / d)^2 (1.78x at 96, 2.56x at 80), TTT-MLP's (d x 4d, the hidden width unpadded) by
-padded / d. Dots take the caller's
-matmul precision, as XLA's dual form does: on a GPU the default is TF32 tensor cores,
-`jax.default_matmul_precision('highest')` gives IEEE fp32. Warps and pipeline stages are
-`Tuning()` (`tuning(...)` overrides them while a step is traced; `make gpu-check` sweeps them).
+padded / d.
+
+Dots take the caller's matmul precision, as XLA's dual form does: on a GPU the default is TF32
+tensor cores, `jax.default_matmul_precision('highest')` gives IEEE fp32. Warps and pipeline
+stages are `Tuning()` (`tuning(...)` overrides them while a step is traced; `make gpu-check`
+sweeps them).
 `interpret=True` runs the same kernels with the Pallas interpreter (CPU tests);
 the CUDA lowering of both is tested on CPU (tests/test_gpu_lowering.py).
 """

@@ -292,10 +292,10 @@ def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bo
   d = xq.shape[-1]
   size = padded_dim(d)
   width = None if size == d else d
-  to = lambda x, n, *axes: fit(x, dict.fromkeys(axes or (-1,), n))  # noqa: E731
-  w, bias = to(params["w"], size, -2, -1), to(params["b"], size)
-  xq_p, xk_p, target = to(xq, size), to(xk, size), to(xv - xk, size)
-  ln_in = tuple(to(p, size) for p in ln)
+  shapes = lambda dim: {"w": {-2: dim, -1: dim}, "b": {-1: dim}}  # noqa: E731
+  w, bias = (fit(params[k], s) for k, s in shapes(size).items())
+  xq_p, xk_p, target = (fit(x, {-1: size}) for x in (xq, xk, xv - xk))
+  ln_in = tuple(fit(p, {-1: size}) for p in ln)
   where = current_tuning().linear_output
   if where == "xla":
     wn, bn, ws, bs, g = linear_chain(interpret, xq.shape[0], width, w, bias, *ln_in,
@@ -304,10 +304,13 @@ def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bo
     # XLA:GPU's compiler rejects the program it makes of the same product with them mixed
     qw = ttt_inner.mm(jnp.moveaxis(xq_p, 0, 2), ws) + bs[..., None, :]
     z = jnp.moveaxis(qw, 2, 0) - ttt_inner.mm(attn, from_sequence(g, xq.shape[0]))
-    return ({"w": to(wn, d, -2, -1), "b": to(bn, d)},
-            xq + ttt_inner.layer_norm(to(z, d), *ln))
+    final = {"w": wn, "b": bn}
+    return ({k: fit(final[k], s) for k, s in shapes(d).items()},
+            xq + ttt_inner.layer_norm(fit(z, {-1: d}), *ln))
   if where != "kernel":
     raise ValueError(f"ttt_pallas.Tuning.linear_output={where!r}: 'kernel' or 'xla'")
   wn, bn, z = linear_sequence_core(interpret, width, w, bias, *ln_in,
                                    *map(to_sequence, (xq_p, xk_p, target, attn, lr)))
-  return {"w": to(wn, d, -2, -1), "b": to(bn, d)}, sequence_output(to(z, d), ln, xq)
+  final = {"w": wn, "b": bn}
+  return ({k: fit(final[k], s) for k, s in shapes(d).items()},
+          sequence_output(fit(z, {-1: d}), ln, xq))

@@ -44,6 +44,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ttt_jax.config import round_up
 from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
 from ttt_jax.layers.common import KERNEL_OUTPUTS, padded_dim, triton_dim
 from ttt_jax.layers.ttt_pallas import (
@@ -326,7 +327,7 @@ def mlp_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bool 
   hidden unit's pre-activation is 0, gelu(0) = 0, and its weights stay 0."""
   d, hidden = xq.shape[-1], params["w1"].shape[-1]
   size, block = padded_dim(d), min(current_tuning().mlp_block, hidden)
-  wide = padded_dim(hidden) if hidden <= block else -(-hidden // block) * block
+  wide = padded_dim(hidden) if hidden <= block else round_up(hidden, block)
   fit = ttt_pallas.fit
   views = map(ttt_pallas.to_sequence, (fit(xq, {-1: size}), fit(xk, {-1: size}),
                                        fit(xv - xk, {-1: size}), jnp.tril(eta),
