@@ -29,18 +29,19 @@ test-extended: $(STAMP)
 test-slow: $(STAMP)
 	$(PYBIN) -m pytest -m slow tests
 
-# The tests at the top of pyproject.toml's ranges, a CUDA image's set (jax 0.11.2, flax 0.12.10;
-# the other packages as constraints.txt pins them), in .venv-newest. JAX 0.11 needs Python 3.12
-# or later (NEWEST_PY, e.g. `make test-newest NEWEST_PY=python3.13`).
+# The tests at the top of pyproject.toml's ranges (jax 0.12.1, flax 0.12.12; the other packages
+# as constraints.txt pins them), in .venv-newest. JAX 0.11 and later need Python 3.12 or later
+# (NEWEST_PY, e.g. `make test-newest NEWEST_PY=python3.13`). Another set, e.g. a CUDA image's:
+# `make test-newest NEWEST='jax==0.11.2 jaxlib==0.11.2 flax==0.12.10' NEWEST_VENV=.venv-0112`.
 NEWEST_PY    ?= python3.12
-NEWEST_VENV  := .venv-newest
-NEWEST       := jax==0.11.2 jaxlib==0.11.2 flax==0.12.10
+NEWEST_VENV  ?= .venv-newest
+NEWEST       ?= jax==0.12.1 jaxlib==0.12.1 flax==0.12.12
 NEWEST_STAMP := $(NEWEST_VENV)/.installed
 # $(call newest_venv,TARGET,VENV): VENV made with NEWEST_PY (refused by name, for TARGET, where it
 # is missing or older than 3.12), and its constraints.txt: ours without NEWEST's pins
 newest_venv = { test -x $(2)/bin/python || $(NEWEST_PY) -c \
 	  'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { echo \
-	  "$(1): $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11 needs 3.12+): make $(1) NEWEST_PY=<python>"; \
+	  "$(1): $(NEWEST_PY) is missing or older than 3.12 (JAX 0.11+ needs 3.12+): make $(1) NEWEST_PY=<python>"; \
 	  exit 1; }; } && { test -x $(2)/bin/python || $(NEWEST_PY) -m venv $(2); } && \
 	grep -Ev '^(jax|jaxlib|flax)==' constraints.txt > $(2)/constraints.txt
 
@@ -92,25 +93,28 @@ gpu-wheels:
 # image's compiler), in .venv-cuda13.
 CUDA_MAJOR ?= 12
 CUDA_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))
-# $(call cuda_major_check,TARGET): CUDA_MAJOR is 12 or 13, or TARGET stops naming it
-cuda_major_check = case "$(CUDA_MAJOR)" in 12|13) ;; *) echo "$(1): CUDA_MAJOR=$(CUDA_MAJOR): 12 or 13"; exit 2;; esac
+# $(call cuda_major_check,TARGET,VALUE,NAME): VALUE (the variable NAME) is 12 or 13, or TARGET
+# stops naming it
+cuda_major_check = case "$(2)" in 12|13) ;; *) echo "$(1): $(3)=$(2): 12 or 13"; exit 2;; esac
 gpu-census:
-	@$(call cuda_major_check,gpu-census)
+	@$(call cuda_major_check,gpu-census,$(CUDA_MAJOR),CUDA_MAJOR)
 	test -x $(CUDA_VENV)/bin/python || $(PY) -m venv $(CUDA_VENV)
 	JAX=$$(sed -n 's/^jax==//p' constraints.txt); \
 	$(CUDA_VENV)/bin/pip install -q -c constraints.txt -e . \
 	  "jax-cuda$(CUDA_MAJOR)-plugin[with-cuda]==$$JAX"
 	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
 
-# The same census with the newest JAX of pyproject.toml's ranges, a CUDA image's (NEWEST, as
-# test-newest: jax 0.11.2, flax 0.12.10), in .venv-cuda-newest (NEWEST_PY: Python 3.12 or later).
+# The same census with the newest JAX of pyproject.toml's ranges (NEWEST, as test-newest: jax
+# 0.12.1, flax 0.12.12) and CUDA 13's plugin at that JAX (NEWEST_CUDA_MAJOR: the CUDA 12 plugin
+# has no 0.12.1, its newest is 0.12.0.1), in .venv-cuda13-newest (NEWEST_PY: 3.12 or later).
 NEWEST_JAX        := $(patsubst jax==%,%,$(filter jax==%,$(NEWEST)))
-CUDA_NEWEST_VENV  := .venv-cuda$(filter-out 12,$(CUDA_MAJOR))-newest
+NEWEST_CUDA_MAJOR ?= 13
+CUDA_NEWEST_VENV  ?= .venv-cuda$(filter-out 12,$(NEWEST_CUDA_MAJOR))-newest
 gpu-census-newest:
-	@$(call cuda_major_check,gpu-census-newest)
+	@$(call cuda_major_check,gpu-census-newest,$(NEWEST_CUDA_MAJOR),NEWEST_CUDA_MAJOR)
 	@$(call newest_venv,gpu-census-newest,$(CUDA_NEWEST_VENV))
 	$(CUDA_NEWEST_VENV)/bin/pip install -q -c $(CUDA_NEWEST_VENV)/constraints.txt $(NEWEST) -e . \
-	  "jax-cuda$(CUDA_MAJOR)-plugin[with-cuda]==$(NEWEST_JAX)"
+	  "jax-cuda$(NEWEST_CUDA_MAJOR)-plugin[with-cuda]==$(NEWEST_JAX)"
 	JAX_PLATFORMS=cpu $(CUDA_NEWEST_VENV)/bin/python scripts/gpu_census.py $(GPU_CENSUS_ARGS)
 
 lint: $(STAMP)

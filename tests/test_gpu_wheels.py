@@ -77,18 +77,34 @@ def test_cuda_major_picks_the_plugin_and_its_venv():
 
 
 def test_the_newest_census_installs_the_newest_jax_with_its_plugin(tmp_path):
-  """`make gpu-census-newest`: test-newest's JAX and Flax, the CUDA plugin at that JAX, in a venv
-  of its own per CUDA major; a Python older than 3.12 is refused by name."""
+  """`make gpu-census-newest`: test-newest's JAX and Flax, the CUDA plugin at that JAX (CUDA 13's
+  by default: the CUDA 12 plugin has no 0.12.1), in a venv of its own per CUDA major; a Python
+  older than 3.12 is refused by name, and so is a CUDA major other than 12 or 13."""
   default = make("-n", "gpu-census-newest").stdout
-  thirteen = make("-n", "gpu-census-newest", "CUDA_MAJOR=13").stdout
-  assert ".venv-cuda-newest/bin/pip install" in default
-  assert "jax==0.11.2 jaxlib==0.11.2 flax==0.12.10" in default
-  assert '"jax-cuda12-plugin[with-cuda]==0.11.2"' in default
-  assert ".venv-cuda13-newest/bin/pip" in thirteen and '"jax-cuda13-plugin[with-cuda]==0.11.2"' in (
-      thirteen)
+  twelve = make("-n", "gpu-census-newest", "NEWEST_CUDA_MAJOR=12",
+                "NEWEST=jax==0.12.0.1 jaxlib==0.12.0.1 flax==0.12.12").stdout
+  assert ".venv-cuda13-newest/bin/pip install" in default
+  assert "jax==0.12.1 jaxlib==0.12.1 flax==0.12.12" in default
+  assert '"jax-cuda13-plugin[with-cuda]==0.12.1"' in default
+  assert ".venv-cuda-newest/bin/pip" in twelve and '"jax-cuda12-plugin[with-cuda]==0.12.0.1"' in (
+      twelve)
   missing = make("-s", "gpu-census-newest", "NEWEST_PY=/no/such/python3.12",
                  f"CUDA_NEWEST_VENV={tmp_path / 'venv'}")  # never this machine's venv
   assert missing.returncode != 0 and "missing or older than 3.12" in missing.stdout
+  bad = make("-s", "gpu-census-newest", "NEWEST_CUDA_MAJOR=11")
+  assert bad.returncode != 0 and "NEWEST_CUDA_MAJOR=11: 12 or 13" in bad.stdout
+
+
+def test_test_newest_takes_another_set_in_its_own_venv():
+  """`make test-newest` installs jax 0.12.1 and flax 0.12.12 by default; NEWEST and NEWEST_VENV
+  name another set (a CUDA image's) and where it goes."""
+  default = make("-n", "-B", "test-newest").stdout
+  image = make("-n", "-B", "test-newest", "NEWEST=jax==0.11.2 jaxlib==0.11.2 flax==0.12.10",
+               "NEWEST_VENV=.venv-0112").stdout
+  assert "jax==0.12.1 jaxlib==0.12.1 flax==0.12.12 -e" in default
+  assert ".venv-newest/bin/python -m pytest" in default
+  assert "jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 -e" in image
+  assert ".venv-0112/bin/python -m pytest" in image and ".venv-newest" not in image
 
 
 def test_an_unpinned_package_is_refused_naming_constraints_txt(tmp_path):

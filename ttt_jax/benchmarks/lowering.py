@@ -56,13 +56,18 @@ _TARGET = re.compile(r"custom_call @([^\s(]+)\(")
 
 
 def triton_gpu_info():
-  """JAX's module that Pallas' Triton lowering asks for the target GPU (JAX 0.11 and later), or
-  None where the lowering asks nothing (JAX 0.10)."""
+  """JAX's module that Pallas' Triton lowering asks for the target GPU (JAX 0.11:
+  jax._src.pallas.triton.gpu_info, 0.12: jax._src.gpu_info), or None where the lowering asks
+  nothing (JAX 0.10)."""
   try:
-    from jax._src.pallas.triton import gpu_info  # noqa: PLC0415
+    from jax._src.pallas.triton import pallas_call_registration as lowering_rule  # noqa: PLC0415
   except ImportError:
     return None
-  return gpu_info if hasattr(gpu_info, "get_gpu_info_from_version") else None
+  for name in ("gpu_info_lib", "gpu_info"):
+    module = getattr(lowering_rule, name, None)
+    if hasattr(module, "get_gpu_info_from_version"):
+      return module
+  return None
 
 
 @contextlib.contextmanager
