@@ -36,7 +36,9 @@ test-slow: $(STAMP)
 NEWEST_PY    ?= python3.12
 NEWEST_VENV  ?= .venv-newest
 NEWEST       ?= jax==0.12.1 jaxlib==0.12.1 flax==0.12.12
-NEWEST_STAMP := $(NEWEST_VENV)/.installed
+# the stamp names the set, so that another NEWEST is installed, not the last one reused
+empty        :=
+NEWEST_STAMP := $(NEWEST_VENV)/.installed-$(subst $(empty) $(empty),-,$(strip $(NEWEST)))
 # $(call newest_venv,TARGET,VENV): VENV made with NEWEST_PY (refused by name, for TARGET, where it
 # is missing or older than 3.12), and its constraints.txt: ours without NEWEST's pins
 newest_venv = { test -x $(2)/bin/python || $(NEWEST_PY) -c \
@@ -106,7 +108,8 @@ gpu-census:
 
 # The same census with the newest JAX of pyproject.toml's ranges (NEWEST, as test-newest: jax
 # 0.12.1, flax 0.12.12) and CUDA 13's plugin at that JAX (NEWEST_CUDA_MAJOR: the CUDA 12 plugin
-# has no 0.12.1, its newest is 0.12.0.1), in .venv-cuda13-newest (NEWEST_PY: 3.12 or later).
+# has no 0.12.1, its newest is 0.12.0.1; CUDA_MAJOR is gpu-census's), in .venv-cuda13-newest
+# (CUDA_NEWEST_VENV; NEWEST_PY: 3.12 or later).
 NEWEST_JAX        := $(patsubst jax==%,%,$(filter jax==%,$(NEWEST)))
 NEWEST_CUDA_MAJOR ?= 13
 CUDA_NEWEST_VENV  ?= .venv-cuda$(filter-out 12,$(NEWEST_CUDA_MAJOR))-newest

@@ -123,8 +123,8 @@ def test_cudnn_in_the_e2e_inner_loop_is_caught(monkeypatch):
 
 def test_gpu_target_names_an_h200_where_no_gpu_is_attached():
   """A Triton kernel lowers for CUDA inside `gpu_target`, also inside a mesh of CPU devices.
-  JAX 0.11's Triton lowering asks for the target's compute capability and, without a GPU,
-  refuses outside it; JAX 0.10's asks nothing."""
+  The Triton lowering of JAX 0.11 and later asks for the target's compute capability and,
+  without a GPU, refuses outside it; JAX 0.10's asks nothing."""
   def double(x_ref, o_ref):
     o_ref[...] = x_ref[...] * 2.0
 

@@ -15,9 +15,16 @@ def pins() -> dict[str, str]:
   return dict(re.findall(r"^([\w.-]+)==(\S+)$", text, re.M))
 
 
+# the Makefile's variables that a user may set (`make test-newest NEWEST=...` runs these tests)
+MAKE_VARIABLES = {"PY", "NEWEST", "NEWEST_PY", "NEWEST_VENV", "NEWEST_CUDA_MAJOR", "CUDA_MAJOR",
+                  "CUDA_NEWEST_VENV", "GPU_WHEELS", "WHEEL_PY", "WHEEL_DIR", "GPU_CHECK_ARGS",
+                  "GPU_CENSUS_ARGS"}
+
+
 def make(*args) -> subprocess.CompletedProcess:
   """`make -C <repository> ARGS`, free of the make (if any) running the tests."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+  env = {k: v for k, v in os.environ.items()  # nor its variables (make exports those set on its
+         if not k.startswith("MAKE") and k not in MAKE_VARIABLES}  # command line to recipes)
   return subprocess.run(["make", "-C", str(ROOT), *args], capture_output=True, text=True,
                         env=env, check=False)
 
@@ -97,7 +104,8 @@ def test_the_newest_census_installs_the_newest_jax_with_its_plugin(tmp_path):
 
 def test_test_newest_takes_another_set_in_its_own_venv():
   """`make test-newest` installs jax 0.12.1 and flax 0.12.12 by default; NEWEST and NEWEST_VENV
-  name another set (a CUDA image's) and where it goes."""
+  name another set (a CUDA image's) and where it goes; the install's stamp names its set, so
+  another NEWEST in the same venv is installed, not the last set reused."""
   default = make("-n", "-B", "test-newest").stdout
   image = make("-n", "-B", "test-newest", "NEWEST=jax==0.11.2 jaxlib==0.11.2 flax==0.12.10",
                "NEWEST_VENV=.venv-0112").stdout
@@ -105,6 +113,8 @@ def test_test_newest_takes_another_set_in_its_own_venv():
   assert ".venv-newest/bin/python -m pytest" in default
   assert "jax==0.11.2 jaxlib==0.11.2 flax==0.12.10 -e" in image
   assert ".venv-0112/bin/python -m pytest" in image and ".venv-newest" not in image
+  assert "touch .venv-newest/.installed-jax==0.12.1-jaxlib==0.12.1-flax==0.12.12" in default
+  assert "touch .venv-0112/.installed-jax==0.11.2-jaxlib==0.11.2-flax==0.12.10" in image
 
 
 def test_an_unpinned_package_is_refused_naming_constraints_txt(tmp_path):

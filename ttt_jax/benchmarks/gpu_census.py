@@ -103,8 +103,7 @@ def _compile(fn, device, *args) -> tuple[str, dict]:
   import jax  # noqa: PLC0415
 
   if device is not None:
-    sharding = getattr(jax.sharding, "make_single_device_sharding",  # JAX 0.12: the class's
-                       jax.sharding.SingleDeviceSharding)(device)    # constructor deprecated
+    sharding = jax.sharding.make_single_device_sharding(device)
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         args)
   from ttt_jax.benchmarks.lowering import gpu_target  # noqa: PLC0415

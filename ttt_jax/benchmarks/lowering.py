@@ -72,12 +72,12 @@ def triton_gpu_info():
 
 @contextlib.contextmanager
 def gpu_target() -> Iterator[None]:
-  """Pallas kernels lowered inside target an H200 when JAX finds no GPU to target. JAX 0.11's
-  Triton lowering asks the attached GPU for its compute capability, else the abstract device of
-  the abstract mesh in context (a CPU inside a mesh of CPU devices), and without an answer
-  refuses ("No supported GPU devices found"); inside, the question falls back to an H200. JAX
-  0.10's lowering asks nothing. The answer is patched into JAX for the whole process while the
-  block runs: enter it from one thread at a time."""
+  """Pallas kernels lowered inside target an H200 when JAX finds no GPU to target. The Triton
+  lowering of JAX 0.11 and later asks the attached GPU for its compute capability, else the
+  abstract device of the abstract mesh in context (a CPU inside a mesh of CPU devices), and
+  without an answer refuses ("No supported GPU devices found"); inside, the question falls back
+  to an H200. JAX 0.10's lowering asks nothing. The answer is patched into JAX for the whole
+  process while the block runs: enter it from one thread at a time."""
   gpu_info = triton_gpu_info()
   if gpu_info is None:
     yield
