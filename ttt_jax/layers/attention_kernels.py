@@ -30,6 +30,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
 from ttt_jax.config import ConfigError
+from ttt_jax.layers import common
 from ttt_jax.layers.common import target_platform
 
 _HALF = (jnp.bfloat16, jnp.float16)
@@ -67,13 +68,16 @@ def resolve_cache_impl(impl: str, platform: str | None = None) -> str:
   """`model.cache_attention_impl` here: 'pallas' (layers/cache_attention.py's Triton kernel) or
   'inherit' (whatever `model.attention_impl` does against a cache). auto = pallas on a GPU, at
   any head dim (one that is not a Triton block dimension runs padded: `common.padded_dim`; on
-  a mesh, each device runs it on its shard of sequences and heads: `sharding.per_shard`)."""
+  a mesh, each device runs it on its shard of sequences and heads: `sharding.per_shard`), where
+  this JAX has Pallas' Triton backend (`common.triton_missing`)."""
   platform = target_platform() if platform is None else platform
   if impl == "auto":
-    return "pallas" if platform == "gpu" else "inherit"
+    return "pallas" if platform == "gpu" and common.pltriton is not None else "inherit"
   if impl == "pallas" and platform == "tpu":
     raise ConfigError("model.cache_attention_impl='pallas' is a GPU (Triton) kernel; use auto or "
                       "inherit on a TPU")
+  if impl == "pallas" and common.triton_missing("model.cache_attention_impl"):
+    raise ConfigError(common.triton_missing("model.cache_attention_impl"))
   return impl
 
 

@@ -15,9 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from ttt_jax.layers.common import padded_dim
+from ttt_jax.layers.common import padded_dim, pltriton
 
 NEG_INF = -1e30
 

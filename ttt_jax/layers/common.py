@@ -10,6 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+try:  # Pallas' Triton backend, which JAX deprecates since 0.11 and means to remove
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # a JAX without it: `auto` takes XLA's paths, `pallas` is refused
+  pltriton = None
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `jax.checkpoint` name of the outputs of sequential kernels that a remat policy may keep instead
 # of running the kernel again in the backward pass (`model.remat=kernels`; the TTT kernels of
@@ -28,6 +33,15 @@ def target_platform() -> str:
   """The backend ('cpu', 'gpu', 'tpu') whose kernels the layers choose: JAX's default backend,
   unless code runs inside `building_for` (lowering for another platform, e.g. CUDA on a CPU)."""
   return _BUILD_PLATFORM[-1] if _BUILD_PLATFORM else jax.default_backend()
+
+
+def triton_missing(knob: str) -> str | None:
+  """None where this JAX has Pallas' Triton backend (the package's GPU kernels), else why
+  `knob`=pallas cannot run, in one line."""
+  if pltriton is not None:
+    return None
+  return (f"{knob}=pallas: this JAX ({jax.__version__}) has no Pallas Triton backend "
+          "(jax.experimental.pallas.triton), which the kernels are written for; use auto")
 
 
 def triton_dim(n: int) -> bool:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import ttt_inner, ttt_pallas
+from ttt_jax.layers import common, ttt_inner, ttt_pallas
 from ttt_jax.layers.common import const_init, linear, normal_init, target_platform
 from ttt_jax.layers.rope import apply_rope
 from ttt_jax.sharding import per_shard
@@ -159,12 +159,13 @@ def resolve_impl(impl: str, kind: str, mini_batch_size: int) -> str:
   dual form's scan on an H200, docs/benchmarks.md) on a GPU where their geometry allows, on one
   device or a mesh of them (each device runs the kernels on its shard of sequences and heads:
   `sharding.per_shard`), else the dual form: for inner models without kernels or that opt out
-  (`pallas_auto=False`: TTT-MLP, whose kernels have not yet been timed on a GPU)."""
+  (`pallas_auto=False`: TTT-MLP, whose kernels have not yet been timed on a GPU), or where
+  this JAX has no Pallas Triton backend (`common.triton_missing`)."""
   if impl != "auto":
     return impl
   model = ttt_inner.inner_model(kind)
   gpu_kernel = (model.pallas_sequence is not None and model.pallas_auto
-                and target_platform() == "gpu"
+                and target_platform() == "gpu" and common.pltriton is not None
                 and ttt_pallas.check_geometry(mini_batch_size) is None)
   return "pallas" if gpu_kernel else "dual"
 
@@ -209,6 +210,7 @@ class TTTMixer(nnx.Module):
         why = "model.ttt.impl=pallas has GPU (Triton) kernels only; use dual on a TPU"
       if not model.pallas_sequence:
         why = f"model.ttt.impl=pallas: the TTT inner model {self.kind!r} has no Pallas kernel"
+      why = common.triton_missing("model.ttt.impl") or why
       if why:
         raise ConfigError(why)
     self.remat_group = int(cfg.remat_group)

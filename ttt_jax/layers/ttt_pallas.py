@@ -42,10 +42,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.layers import ttt_inner
-from ttt_jax.layers.common import triton_dim
+from ttt_jax.layers.common import pltriton, triton_dim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,11 +42,10 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from ttt_jax.config import round_up
 from ttt_jax.layers import ttt_dual, ttt_inner, ttt_pallas
-from ttt_jax.layers.common import KERNEL_OUTPUTS, padded_dim, triton_dim
+from ttt_jax.layers.common import KERNEL_OUTPUTS, padded_dim, pltriton, triton_dim
 from ttt_jax.layers.ttt_pallas import (
   block_rows,
   current_tuning,
