@@ -8,25 +8,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from ttt_jax.config import ConfigError
-from ttt_jax.layers import common
+from ttt_jax.layers import cache_attention, common, ttt_pallas_linear
 from ttt_jax.layers.attention_kernels import resolve_cache_impl
 from ttt_jax.layers.common import building_for
 from ttt_jax.layers.ttt import TTTMixer, resolve_impl
 
 from .test_ttt import mixer_cfg
+from .test_ttt_pallas import inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_auto_takes_xla_and_pallas_is_refused_without_the_triton_backend(monkeypatch):
-  assert common.triton_missing("model.ttt.impl") is None  # this JAX has the backend ...
-  with building_for("gpu"):
-    assert resolve_impl("auto", "linear", 16) == "pallas"
-    assert resolve_cache_impl("auto") == "pallas"
+  if common.pltriton is not None:  # this JAX has the backend ...
+    assert common.triton_missing("model.ttt.impl") is None
+    with building_for("gpu"):
+      assert resolve_impl("auto", "linear", 16) == "pallas"
+      assert resolve_cache_impl("auto") == "pallas"
   monkeypatch.setattr(common, "pltriton", None)  # ... a later one may not
   with building_for("gpu"):
     assert resolve_impl("auto", "linear", 16) == "dual"
@@ -40,6 +43,13 @@ def test_auto_takes_xla_and_pallas_is_refused_without_the_triton_backend(monkeyp
         nnx.eval_shape(lambda: TTTMixer(mixer_cfg(impl="pallas"), rngs=nnx.Rngs(0)))
     mixer = nnx.eval_shape(lambda: TTTMixer(mixer_cfg(impl="auto"), rngs=nnx.Rngs(0)))
     assert mixer.impl == "dual"
+  # code that calls a kernel directly gets the same one line
+  with pytest.raises(ConfigError, match=r"^model.ttt.impl=pallas: this JAX"):
+    ttt_pallas_linear.linear_sequence(*inputs("linear", n=2), interpret=True)
+  q, kv = jnp.ones((1, 4, 2, 16), jnp.float32), jnp.ones((1, 256, 2, 16), jnp.float32)
+  with pytest.raises(ConfigError, match=r"^model.cache_attention_impl=pallas: this JAX"):
+    cache_attention.filled_attention_pallas(q, kv, kv, jnp.arange(4), jnp.arange(256), 256,
+                                            interpret=True)
 
 
 # a process whose JAX cannot import the Triton backend: the package imports, a model built for

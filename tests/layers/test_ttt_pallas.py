@@ -309,7 +309,7 @@ def test_the_barrier_checks_see_a_missing_barrier(monkeypatch):
   def all_but_the_fifth(interpret):
     calls.append(interpret)
     if len(calls) != 5:
-      ttt_pallas.pltriton.debug_barrier()
+      common.pltriton.debug_barrier()
 
   monkeypatch.setattr(ttt_pallas_mlp, "_barrier", all_but_the_fifth)
   forward, backward = kernel_jaxprs("mlp")

@@ -76,8 +76,8 @@ def resolve_cache_impl(impl: str, platform: str | None = None) -> str:
   if impl == "pallas" and platform == "tpu":
     raise ConfigError("model.cache_attention_impl='pallas' is a GPU (Triton) kernel; use auto or "
                       "inherit on a TPU")
-  if impl == "pallas" and common.triton_missing("model.cache_attention_impl"):
-    raise ConfigError(common.triton_missing("model.cache_attention_impl"))
+  if impl == "pallas" and (why := common.triton_missing("model.cache_attention_impl")):
+    raise ConfigError(why)
   return impl
 
 

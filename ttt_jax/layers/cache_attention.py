@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ttt_jax.layers.common import padded_dim, pltriton
+from ttt_jax.layers.common import padded_dim, pltriton, triton
 
 NEG_INF = -1e30
 
@@ -173,7 +173,8 @@ def filled_attention_pallas(q, k, v, q_pos, k_pos, end, *, interpret: bool = Fal
       out_shape=[jax.ShapeDtypeStruct((b * hk, splits, padded, dp), jnp.float32),
                  jax.ShapeDtypeStruct((b * hk, splits, padded), jnp.float32),
                  jax.ShapeDtypeStruct((b * hk, splits, padded), jnp.float32)],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      compiler_params=triton("model.cache_attention_impl").CompilerParams(
+          num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="filled_attention")(end, row_pos, qr, k, v,
                                                     k_pos.astype(jnp.int32))
   # merge the splits' partial softmaxes (a split with no visible key has norm 0)

@@ -14,6 +14,8 @@ try:  # Pallas' Triton backend, which JAX deprecates since 0.11 and means to rem
   from jax.experimental.pallas import triton as pltriton
 except ImportError:  # a JAX without it: `auto` takes XLA's paths, `pallas` is refused
   pltriton = None
+if not hasattr(pltriton, "CompilerParams"):  # nor a module left behind without its API
+  pltriton = None
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # `jax.checkpoint` name of the outputs of sequential kernels that a remat policy may keep instead
@@ -42,6 +44,16 @@ def triton_missing(knob: str) -> str | None:
     return None
   return (f"{knob}=pallas: this JAX ({jax.__version__}) has no Pallas Triton backend "
           "(jax.experimental.pallas.triton), which the kernels are written for; use auto")
+
+
+def triton(knob: str):
+  """Pallas' Triton backend for a kernel that `knob`=pallas runs (ConfigError, in one line, where
+  this JAX lacks it: also for code that calls a kernel directly)."""
+  if pltriton is None:
+    from ttt_jax.config import ConfigError  # noqa: PLC0415
+
+    raise ConfigError(triton_missing(knob))
+  return pltriton
 
 
 def triton_dim(n: int) -> bool:

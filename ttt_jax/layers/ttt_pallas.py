@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ttt_jax.layers import ttt_inner
-from ttt_jax.layers.common import pltriton, triton_dim
+from ttt_jax.layers.common import triton, triton_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +107,10 @@ def tuning(**changes):
 
 
 def _compiler_params(mlp: bool = False):
-  t = _TUNING.get()
+  t, backend = _TUNING.get(), triton("model.ttt.impl")
   if mlp:  # one stage: see `Tuning`
-    return pltriton.CompilerParams(num_warps=t.mlp_num_warps, num_stages=1)
-  return pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
+    return backend.CompilerParams(num_warps=t.mlp_num_warps, num_stages=1)
+  return backend.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def check_geometry(mini_batch_size: int) -> str | None:
