@@ -69,15 +69,15 @@ def resolve_cache_impl(impl: str, platform: str | None = None) -> str:
   'inherit' (whatever `model.attention_impl` does against a cache). auto = pallas on a GPU, at
   any head dim (one that is not a Triton block dimension runs padded: `common.padded_dim`; on
   a mesh, each device runs it on its shard of sequences and heads: `sharding.per_shard`), where
-  this JAX has Pallas' Triton backend (`common.triton_missing`)."""
+  this JAX has Pallas' Triton backend (`common.triton`)."""
   platform = target_platform() if platform is None else platform
   if impl == "auto":
     return "pallas" if platform == "gpu" and common.pltriton is not None else "inherit"
   if impl == "pallas" and platform == "tpu":
     raise ConfigError("model.cache_attention_impl='pallas' is a GPU (Triton) kernel; use auto or "
                       "inherit on a TPU")
-  if impl == "pallas" and (why := common.triton_missing("model.cache_attention_impl")):
-    raise ConfigError(why)
+  if impl == "pallas":
+    common.triton("model.cache_attention_impl")
   return impl
 
 

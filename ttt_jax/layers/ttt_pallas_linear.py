@@ -304,13 +304,12 @@ def linear_sequence(params, ln, xq, xk, xv, eta, complete=None, *, interpret: bo
     # XLA:GPU's compiler rejects the program it makes of the same product with them mixed
     qw = ttt_inner.mm(jnp.moveaxis(xq_p, 0, 2), ws) + bs[..., None, :]
     z = jnp.moveaxis(qw, 2, 0) - ttt_inner.mm(attn, from_sequence(g, xq.shape[0]))
-    final = {"w": wn, "b": bn}
-    return ({k: fit(final[k], s) for k, s in shapes(d).items()},
-            xq + ttt_inner.layer_norm(fit(z, {-1: d}), *ln))
-  if where != "kernel":
+    out = xq + ttt_inner.layer_norm(fit(z, {-1: d}), *ln)
+  elif where == "kernel":
+    wn, bn, z = linear_sequence_core(interpret, width, w, bias, *ln_in,
+                                     *map(to_sequence, (xq_p, xk_p, target, attn, lr)))
+    out = sequence_output(fit(z, {-1: d}), ln, xq)
+  else:
     raise ValueError(f"ttt_pallas.Tuning.linear_output={where!r}: 'kernel' or 'xla'")
-  wn, bn, z = linear_sequence_core(interpret, width, w, bias, *ln_in,
-                                   *map(to_sequence, (xq_p, xk_p, target, attn, lr)))
   final = {"w": wn, "b": bn}
-  return ({k: fit(final[k], s) for k, s in shapes(d).items()},
-          sequence_output(fit(z, {-1: d}), ln, xq))
+  return {k: fit(final[k], s) for k, s in shapes(d).items()}, out
