@@ -321,7 +321,7 @@ def test_deviceless_h200_compile_where_the_cuda_plugin_is_installed(tmp_path):
     text, info = gpu_census.compile_train_step("transformer", device)  # bf16: cuDNN attention
   except Exception as e:  # noqa: BLE001
     # JAX 0.12's XLA builds cuDNN graphs while it compiles, which needs a GPU
-    # (docs/benchmarks.md); the rest below compiles without one
+    # (docs/gpu_census.md); the rest below compiles without one
     assert jax.__version_info__ >= (0, 12) and "deviceless cuDNN compilation" in str(e), e
   else:
     r = gpu_census.census(text)

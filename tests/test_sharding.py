@@ -205,7 +205,7 @@ def test_e2e_inner_loop_keeps_the_sequences_split(meshes):
   """E2E's inner loop is vmapped over sequences; its constraints inside then keep the
   sequences split over the batch's mesh axes (`sharding.vmap_batch`). Without that, each chunk
   step resharded its activations with all-to-alls (138 in this tiny model's FSDP step; 686 in
-  the gpu preset's on 8 H200s, docs/benchmarks.md); parameters still move by all-gathers and
+  the gpu preset's on 8 H200s, docs/gpu_census.md); parameters still move by all-gathers and
   all-reduces."""
   got = _kind(meshes, "e2e")["1,8,1"]["collectives"]
   assert "all-to-all" not in got and got.get("all-gather", 0) > 0, got
@@ -216,7 +216,7 @@ def test_ttt_inner_loop_reduces_nothing_across_devices_per_trip(meshes, kind):
   """TTT's scan over mini-batches (dual form) takes the inner LayerNorm per sequence, so its
   gradient sums over the batch once, after the loop; before, each trip of the backward scan
   all-reduced its share across the devices (256 all-reduces per step at the gpu preset on 8
-  H200s, docs/benchmarks.md)."""
+  H200s, docs/gpu_census.md)."""
   res = _kind(meshes, kind)["1,8,1"]
   assert res["collectives"].get("all-reduce", 0) > 0  # the gradients' reductions, after it
   assert res["loop_collectives"] == {}, res["loop_collectives"]

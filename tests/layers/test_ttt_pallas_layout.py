@@ -1,6 +1,6 @@
 """Where the TTT kernels' output LayerNorm runs (`ttt_pallas.sequence_output(kernel_layout=)`):
 XLA:GPU searches tilings over every axis of a normalization's shape while fusing it, so the
-layout changes how long a step takes to build for a GPU (docs/benchmarks.md), not its values."""
+layout changes how long a step takes to build for a GPU (docs/gpu_census.md), not its values."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _row_reduction_ranks(fn, *args) -> list[int]:
 def test_kernel_output_normalized_in_the_layout_each_kernel_builds_fastest(kind, rank):
   """TTT-MLP's z is normalized as its kernel wrote it, [B, H, T, d]; TTT-Linear's in
   mini-batches [n, B, H, b, d] (`sequence_output(kernel_layout=...)`: XLA:GPU's tiling search
-  while fusing a normalization, docs/benchmarks.md)."""
+  while fusing a normalization, docs/gpu_census.md)."""
   args = inputs(kind, n=2)
   assert _row_reduction_ranks(sequence_fn(kind, "pallas"), *args) == [rank, rank]
 

@@ -11,7 +11,7 @@ TRAIN = ("transformer", "swa", "ttt_linear", "ttt_linear-dual", "ttt_mlp", "ttt_
 # K+V: XLA flags V (set by gpu_check for the task's process): while loops in CUDA graphs; no
 # autotuning of the fusions that are not GEMMs (JAX 0.11's XLA tunes every loop and reduction
 # fusion's emitter too, GEMMs apart: more than half of a deviceless H200 compile of the E2E meta
-# step, docs/benchmarks.md) ...
+# step, docs/gpu_census.md) ...
 VARIANTS = {"cmdbuf": "--xla_gpu_enable_command_buffer="
                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE",
             "nofusiontune": "--xla_gpu_experimental_enable_fusion_autotuner=false"}

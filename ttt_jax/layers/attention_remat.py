@@ -5,7 +5,7 @@ a first derivative, the outer gradient differentiates that. Plain softmax attent
 [Tq, Tk] probabilities for the backward pass, and the backward of the backward keeps the
 backward's own [Tq, Tk] intermediates as well; at the `125m` preset (chunks of 1024 queries
 against an 8K window) they are most of a meta step's memory when each chunk's attention is one
-dense call (docs/benchmarks.md).
+dense call (docs/gpu_census.md).
 
 `remat_blocked_attention` splits the queries into blocks, each attending only the
 `window + rows - 1` keys it can see (ordered inputs, as `attention.causal_blocked_attention`

@@ -58,14 +58,14 @@ class Tuning:
   mini-batch reads blocks the one before wrote, which a software-pipelined loop would prefetch
   before they are written. Not yet timed on a GPU: their defaults (8 warps, 32-unit blocks,
   loops over the blocks) are, of the loop settings `make gpu-census` builds with blocks of 32
-  units or more, the one ptxas spills least at in both kernels (docs/benchmarks.md)."""
+  units or more, the one ptxas spills least at in both kernels (docs/gpu_census.md)."""
   num_warps: int = 4
   num_stages: int = 3
   mlp_num_warps: int = 8
   mlp_block: int = 32
   # TTT-MLP's passes over the hidden blocks: loops in the kernels (False), or written out block
   # by block (True: about 4x the build time for an H200; ptxas spills less in the forward kernel and
-  # more in the backward, docs/benchmarks.md). Not yet timed on a GPU (gpu-check's tune_mlp
+  # more in the backward, docs/gpu_census.md). Not yet timed on a GPU (gpu-check's tune_mlp
   # times both).
   mlp_unroll: bool = False
   # where TTT-Linear's output z_i = XQ_i W_i + b_i - A_i G_i is made: 'kernel' (in the
@@ -216,7 +216,7 @@ def sequence_output(z, ln, xq, kernel_layout: bool = False):
   each normalization a tiled fusion and, to fuse its neighbours, searches tilings over every
   axis of its shape, and which layout costs it less depends on the program: at the gpu preset
   TTT-MLP's step builds about 4 s faster on the kernel layout, TTT-Linear's slower
-  (docs/benchmarks.md)."""
+  (docs/gpu_census.md)."""
   if kernel_layout:
     return xq + from_sequence(ttt_inner.layer_norm(z, *ln), xq.shape[0])
   return xq + ttt_inner.layer_norm(from_sequence(z, xq.shape[0]), *ln)

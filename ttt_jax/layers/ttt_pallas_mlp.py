@@ -29,7 +29,7 @@ over the blocks is a loop in the kernel (`over_blocks`), so a kernel holds one c
 block's code whatever the number of blocks; the backward's first pass leaves its share of z1's
 cotangent in a small buffer (`dz1_part_ref` [b, 4d]) for the second. Written out block by
 block instead (`Tuning.mlp_unroll`), the two take about 4x as long to build for an H200, and ptxas
-spills less in the forward kernel but more in the backward (docs/benchmarks.md). The backward
+spills less in the forward kernel but more in the backward (docs/gpu_census.md). The backward
 is written by hand (the derivation is in the comments) and checked against autodiff of the
 primal form for every input, rolled and unrolled (tests/layers/test_ttt_pallas.py).
 """
@@ -79,7 +79,7 @@ def hidden_blocks(hidden: int) -> list:
 def over_blocks(hidden: int, body, carry=()):
   """carry = body(h, carry) for each hidden block's window h, in order: a loop in the kernel,
   or unrolled in its code under `Tuning.mlp_unroll` (each block's code then compiled apart:
-  Triton's build time grows with it, docs/benchmarks.md)."""
+  Triton's build time grows with it, docs/gpu_census.md)."""
   blocks = hidden_blocks(hidden)
   if current_tuning().mlp_unroll:
     for h in blocks:

@@ -32,7 +32,7 @@ def gpu_rng_kernels(enabled: bool = True) -> Iterator[None]:
   """Within the block, random draws lowered for a GPU call JAX's threefry kernel
   (`jax_threefry_gpu_kernel_lowering`) instead of inlining the hash's 20 rounds into XLA
   fusions: the same hash function (gpu-check's `env` task compares the bits on a GPU), and an
-  initialisation program that XLA compiles several times faster (docs/benchmarks.md: 22-26 s
+  initialisation program that XLA compiles several times faster (docs/gpu_census.md: 22-26 s
   -> 4-5 s for the gpu preset's transformer on an H200, 727 s -> 18 s for the 1b transformer
   over 8 H200s, both compiled without a GPU). The setting is read when a program is lowered, so
   only what is lowered (jitted calls, eager draws) inside the block changes; other platforms

@@ -62,7 +62,7 @@ def suffix_remat(cfg: ModelConfig) -> str:
   training, streaming and one-shot evaluation alike: 'auto' is 'none' when the chunk steps are
   rematerialised (`remat_chunks`: the backward pass recomputes a chunk step whole, so a block
   remat nested in it only recomputes the blocks once more: 27% more FLOPs for the meta step at
-  the gpu preset, docs/benchmarks.md), else `model.remat`. The prefix blocks, the first suffix
+  the gpu preset, docs/gpu_census.md), else `model.remat`. The prefix blocks, the first suffix
   block's attention when it runs before the loop (`hoist_first_attention`) and
   `train_mode=pretrain` always take `model.remat`."""
   e = cfg.e2e

@@ -83,7 +83,7 @@ def global_norm(tree, rows: bool = True) -> jax.Array:
   leaves are summed at once behind an optimization barrier, which keeps XLA from splitting the
   total back into a scalar reduction per leaf. On a GPU that is one reduction launch per leaf
   and one for all, where a scalar sum per leaf takes two launches for most leaves (a partial
-  and a final reduction; counts in docs/benchmarks.md). The rows of a leaf split over devices
+  and a final reduction; counts in docs/gpu_census.md). The rows of a leaf split over devices
   would each be gathered before the total, so for those `rows=False` adds up a scalar sum per
   leaf, as optax does, and XLA combines the leaves' all-reduces into a few.
   """
@@ -133,7 +133,7 @@ class LeafGroups:
   instead of a few per leaf (`train.group_leaves`). `group` turns a tree shaped like the
   parameters into a list, [each larger leaf, ..., each group's flat vector, ...]; `ungroup`
   turns it back: a leaf cut from the vector costs XLA no kernel where it is large, one where it
-  is small (counts in docs/benchmarks.md)."""
+  is small (counts in docs/gpu_census.md)."""
 
   def __init__(self, params, decayed, max_size: int):
     leaves, self.treedef = jax.tree.flatten(params)

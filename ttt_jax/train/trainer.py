@@ -196,7 +196,7 @@ class Trainer:
     GPU at 1b-3b over 8 H200s (byte vocabulary), while the inlined hash took the 1b transformer's
     initialisation 727 s to compile. Stacked blocks' leaves are whole stacks: 4.0-13.6 GB per
     GPU at 1b-3b (E2E, TTT-Linear), more than TTT-Linear's train step needs at one sequence per
-    GPU, and their few inlined draws compile in 11-88 s (docs/benchmarks.md)."""
+    GPU, and their few inlined draws compile in 11-88 s (docs/gpu_census.md)."""
     setting = self.config.train.init_rng_kernel
     return setting == "on" or (setting == "auto" and (
         self.mesh.devices.size == 1 or not self.config.model.scan_layers))
