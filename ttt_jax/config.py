@@ -137,8 +137,8 @@ def base_config() -> ml_collections.ConfigDict:
   # attention backend: auto (cudnn on GPU with bf16 compute, splash on TPU, else blockwise) |
   # blockwise (the algorithms above) | xla | cudnn | splash  (layers/attention_kernels.py)
   m.attention_impl = "auto"
-  # queries against a full-attention KV cache (prefill chunks, decode): auto (pallas on a GPU
-  # if the head dim allows) | pallas (Triton, layers/cache_attention.py) | inherit (as above)
+  # queries against a full-attention KV cache (prefill chunks, decode): auto (pallas on a GPU,
+  # at any head dim, else inherit) | pallas (Triton, layers/cache_attention.py) | inherit (as above)
   m.cache_attention_impl = "auto"
 
   t = m.ttt = ml_collections.ConfigDict()
