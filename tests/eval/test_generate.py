@@ -204,3 +204,16 @@ def test_stop_strings_and_context_warning():
   assert "65" in line and "64" in line and "\n" not in line and "untested" in line
   m.mixer = "full"
   assert "KV cache" in G.context_warning(m, 100, 64)
+
+
+@pytest.mark.parametrize("kind", core_and_extended(("e2e", "ttt_linear", "transformer"), ("e2e",)))
+def test_a_buffer_shorter_than_the_inner_mini_batch_is_rounded_up_to_one(kind):
+  """max_len 4 under an inner mini-batch of 8 (E2E's 1024 at 125m under a short --seq_len):
+  the buffer holds one whole mini-batch, and the tokens are the slow reference's."""
+  m, graphdef, params = tiny_model(kind)
+  gen = G.Generator(graphdef, params, m, chunk=16, max_len=4)
+  align = G.stream_alignment(m)
+  assert gen.length(4) == (8 if kind != "transformer" else 4) and gen.length(4) % align == 0
+  prompt = np.random.default_rng(3).integers(0, 259, (2, 2)).astype(np.int32)
+  new = gen(prompt, 2)
+  np.testing.assert_array_equal(new, slow_greedy(graphdef, params, prompt, 2, 8))

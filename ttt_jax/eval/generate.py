@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ttt_jax.config import round_up
 from ttt_jax.data.chat import apply_chat_template
 from ttt_jax.data.tokenizers import Tokenizer
 from ttt_jax.eval.perplexity import make_init_cache, stream_alignment
@@ -169,10 +170,11 @@ class Generator:
 
   def length(self, need: int) -> int:
     """Buffer (and full-attention KV) slots for a generation of `need` tokens: `max_len` when it
-    fits, else the next power of two (at least 64) above it."""
+    fits, else the next power of two (at least 64) above it; either rounded up to a whole number
+    of the model's streaming mini-batches (E2E's 1024 at 125m: a shorter buffer holds no chunk)."""
     if self.max_len is not None and need <= self.max_len:
-      return self.max_len
-    return max(64, self.max_len or 0, 1 << (need - 1).bit_length())
+      return round_up(self.max_len, self.align)
+    return round_up(max(64, self.max_len or 0, 1 << (need - 1).bit_length()), self.align)
 
   def __call__(self, prompt: np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0,
