@@ -151,3 +151,33 @@ def test_damaged_hf_files_fail_in_one_line_naming_the_file(tmp_path, damage):
   named = config if damage.startswith("config") else weights
   assert str(e.value).startswith(f"{named}: ") and "\n" not in str(e.value), str(e.value)
   assert not os.path.exists(tmp_path / "r")
+
+
+def test_sharded_folder_reads_the_indexed_shards_only(tmp_path):
+  """A sharded checkpoint is read through model.safetensors.index.json: the consolidated copy
+  of the weights under their original names that some repositories ship beside the shards is
+  not read (it would fail as unknown tensors); a missing shard or a damaged index is one line
+  naming the index."""
+  cfg, tensors = random_llama(seed=4)
+  ref_dir = write_hf(tmp_path / "one", cfg, tensors)
+  import_hf(ref_dir, str(tmp_path / "r1"), tokenizer="bytes", seq_len=64, echo=None)
+  src = tmp_path / "sharded"
+  write_hf(src, cfg, {})
+  os.remove(src / "model.safetensors")
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2],
+            "model-00002-of-00002.safetensors": names[1::2]}
+  for file, keys in shards.items():
+    safetensors.numpy.save_file({k: tensors[k] for k in keys}, str(src / file))
+  index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+  (src / "model.safetensors.index.json").write_text(json.dumps(index))
+  safetensors.numpy.save_file({"layers.0.attention.wq.weight": np.ones((2, 2), np.float32)},
+                              str(src / "consolidated.safetensors"))
+  import_hf(str(src), str(tmp_path / "r2"), tokenizer="bytes", seq_len=64, echo=None)
+  np.testing.assert_array_equal(run_logits(tmp_path / "r2")[1], run_logits(tmp_path / "r1")[1])
+  os.remove(src / "model-00002-of-00002.safetensors")
+  with pytest.raises(ConvertError, match=r"index.json names 1 missing file\(s\), e.g. model-00002"):
+    import_hf(str(src), str(tmp_path / "r3"), tokenizer="bytes", echo=None)
+  (src / "model.safetensors.index.json").write_text("{not json")
+  with pytest.raises(ConvertError, match=r"index.json: not a safetensors index"):
+    import_hf(str(src), str(tmp_path / "r4"), tokenizer="bytes", echo=None)

@@ -30,9 +30,32 @@ from ttt_jax.interop.llama import (
 from ttt_jax.runs.load import load_run
 
 
-def read_safetensors(folder: str) -> dict[str, np.ndarray]:
-  """Every tensor of the folder's *.safetensors files (sharded checkpoints too), as numpy."""
+def weight_files(folder: str) -> list[str]:
+  """The checkpoint's safetensors files: the shards that model.safetensors.index.json maps
+  weights to, else model.safetensors, else every *.safetensors but `consolidated*` (the copy of
+  the weights under their original names that some repositories ship beside the shards)."""
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        names = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise ConvertError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); the "
+                         "model folder is damaged, download it again") from None
+    files = [os.path.join(folder, n) for n in names]
+    if missing := [n for n, path in zip(names, files, strict=True) if not os.path.isfile(path)]:
+      raise ConvertError(f"{index} names {len(missing)} missing file(s), e.g. {missing[0]}; "
+                         "download the whole model folder")
+    return files
+  if os.path.isfile(single := os.path.join(folder, "model.safetensors")):
+    return [single]
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  return [f for f in files if not os.path.basename(f).startswith("consolidated")] or files
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+  """Every tensor of the checkpoint's safetensors files (`weight_files`), as numpy."""
+  files = weight_files(folder)
   if not files:
     raise ConvertError(f"hf:{folder}: no *.safetensors file")
   out: dict[str, np.ndarray] = {}
