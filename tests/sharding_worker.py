@@ -447,7 +447,17 @@ def process(pid: int, nproc: int, port: int, workdir: str) -> dict:
   ckptr.wait_until_finished()
   distributed.barrier("saved")
   embed = state.params["embed"]["embedding"]
+  # the batch split over `fsdp` alone, whose devices each process holds whole: both processes
+  # hold every row, so both read the same windows, the whole batch
+  cfg.mesh.rules = "batch=fsdp"
+  whole = Trainer.create(cfg)
+  ds_whole = whole.dataset("train")
+  rows = [ds_whole[i] for i in range(STEPS)]
+  _, losses_whole, _ = _run(whole, rows)
   return {
+      "whole_batch": {"losses": losses_whole, "shard": list(whole.data_shard()),
+                      "local_rows": int(rows[0]["tokens"].shape[0]),
+                      "first_window_head": rows[0]["tokens"][:, :4].tolist()},
       "pid": pid, "process_index": jax.process_index(), "process_count": jax.process_count(),
       "global_devices": jax.device_count(), "local_devices": jax.local_device_count(),
       "mesh": dict(trainer.mesh.shape), "losses": losses,

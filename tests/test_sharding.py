@@ -250,6 +250,26 @@ def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
       "computed on several devices at once")
 
 
+def test_a_process_feeds_the_block_of_rows_its_devices_hold():
+  """`batch_block`: the rows a process's devices hold give its block of the batch and the
+  number of blocks; rows that are not one such block are refused in one line naming mesh.rules
+  (the two-process test runs the blocks themselves)."""
+  from types import SimpleNamespace
+
+  from ttt_jax.train.trainer import batch_block
+
+  def holding(*ranges):
+    return SimpleNamespace(addressable_devices_indices_map=lambda shape: {
+        i: (slice(*r), slice(None)) for i, r in enumerate(ranges)})
+
+  assert batch_block(holding((4, 6), (6, 8)), 8) == (1, 2)
+  assert batch_block(holding((0, 8), (0, 8)), 8) == (0, 1)
+  assert batch_block(holding((3, 6)), 9) == (1, 3)
+  for bad in (holding((0, 2), (4, 6)), holding((1, 3)), holding((0, 3))):
+    with pytest.raises(ConfigError, match=r"^mesh.rules: process 0's devices hold batch rows"):
+      batch_block(bad, 8)
+
+
 def test_batch_split_counts_the_devices_of_the_batch_axes_only():
   """The check multiplies the sizes of the batch's mesh axes (by the sharding's spec), so a
   tensor axis does not count and a batch of 4 on data 2 x fsdp 2 passes; train.grad_accum must
@@ -370,6 +390,11 @@ def test_two_processes_match_single_process(two_processes, meshes):
     assert p["local_rows"] == 4  # each process loads only its half of the global batch of 8
     assert _rel(p["losses"], ref) <= 1e-5, (p["losses"], ref)
   assert p0["first_window_head"] != p1["first_window_head"]
+  # a batch that no mesh axis splits across the processes: each feeds all of it, alike
+  for p in (p0, p1):
+    assert p["whole_batch"]["shard"] == [0, 1] and p["whole_batch"]["local_rows"] == 8
+    assert _rel(p["whole_batch"]["losses"], ref) <= 1e-5, (p["whole_batch"]["losses"], ref)
+  assert p0["whole_batch"]["first_window_head"] == p1["whole_batch"]["first_window_head"]
   # only process 0 writes metrics
   assert p0["writer_enabled"] and not p1["writer_enabled"]
   with open(os.path.join(two_processes["workdir"], "run", "metrics.jsonl")) as f:

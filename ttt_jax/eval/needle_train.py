@@ -98,7 +98,8 @@ def fine_tune(run: Run, steps: int, workdir: str, *, seq_len: int | None = None,
     rows = trainer.local_batch_size()  # this process's rows of data.batch_size
   except (ConfigError, ValueError) as e:
     raise ConfigError(f"{task_flags(steps, seq_len, batch_size, lr)}: {e}") from None
-  tok, length, pid = run.data.tokenizer, config.data.seq_len, jax.process_index()
+  # the draws of this process's block of rows (processes holding the same rows draw alike)
+  tok, length, pid = run.data.tokenizer, config.data.seq_len, trainer.data_shard()[0]
   record = {"from_workdir": os.path.realpath(run.workdir), "from_step": run.step, "steps": steps,
             "seq_len": length, "batch_size": config.data.batch_size, "lr": config.train.lr,
             "seed": seed}
@@ -151,7 +152,7 @@ def train_steps(trainer: Trainer, state, checkpoints: ckpt.RunCheckpoints,
   loss before, the logged losses) as the checkpoint's data state; `tuned` with the probe loss
   after."""
   tok, length, rows = trainer.data.tokenizer, config.data.seq_len, trainer.local_batch_size()
-  steps, seed, pid = config.train.steps, tuned["record"]["seed"], jax.process_index()
+  steps, seed, pid = config.train.steps, tuned["record"]["seed"], trainer.data_shard()[0]
   workdir = os.path.dirname(checkpoints.directory)
   writer = MetricWriter(workdir, echo=lambda s: None)
   every, save = max(1, steps // 20), save_every(steps)

@@ -243,23 +243,30 @@ class Trainer:
     return self._eval_step_jit
 
   def device_batch(self, local_batch: dict) -> dict:
-    """Host batch (this process's rows) -> global jax.Arrays sharded over data x fsdp."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+    """Host batch (this process's rows, `data_shard`) -> global jax.Arrays split as the batch
+    axes of the mesh say."""
+    count = self.data_shard()[1]
+    return {k: jax.make_array_from_process_local_data(
+                self.batch_sharding, np.asarray(v), (len(v) * count, *np.shape(v)[1:]))
             for k, v in local_batch.items()}
 
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count): this process feeds block `index` of the batch's `count` blocks of rows,
+    the rows its devices hold. Processes whose devices hold the same rows (the mesh axes that
+    split the batch do not run across them) read the same windows."""
+    return batch_block(self.batch_sharding, self.config.data.batch_size)
+
   def local_batch_size(self) -> int:
-    bs = self.config.data.batch_size
-    if bs % jax.process_count():
-      raise ValueError(f"data.batch_size={bs} must be divisible by the process count "
-                       f"{jax.process_count()}")
-    return bs // jax.process_count()
+    index, count = self.data_shard()
+    return self.config.data.batch_size // count
 
   def dataset(self, split: str, shuffle: bool | None = None):
     dc = self.config.data
+    index, count = self.data_shard()
     return self.data.windows(
         split, dc.seq_len, seed=self.config.seed,
-        shuffle=dc.shuffle if shuffle is None else shuffle, batch_size=self.local_batch_size(),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        shuffle=dc.shuffle if shuffle is None else shuffle, batch_size=dc.batch_size // count,
+        process_index=index, process_count=count)
 
   def evaluate(self, params, step: int, num_batches: int) -> dict[str, float]:
     """Mean validation metrics (+ perplexity) over the first `num_batches` (unshuffled)
@@ -269,6 +276,21 @@ class Trainer:
         range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
         disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
     return validation_metrics(lambda b: self.eval_step(params, b), batches)
+
+
+def batch_block(sharding: jax.sharding.NamedSharding, batch_size: int) -> tuple[int, int]:
+  """(index, count) of the block of `batch_size` rows that this process's devices hold under
+  `sharding`, the batch cut into `count` equal blocks (`Trainer.data_shard`); a ConfigError
+  where they hold rows that are not one such block."""
+  held = sharding.addressable_devices_indices_map((batch_size, 1))
+  rows = sorted({r for index in held.values() for r in range(*index[0].indices(batch_size))})
+  if not rows or rows != list(range(rows[0], rows[0] + len(rows))) or batch_size % len(rows) \
+      or rows[0] % len(rows):
+    raise ConfigError(f"mesh.rules: process {jax.process_index()}'s devices hold batch rows "
+                      f"{rows[:4]}... of data.batch_size={batch_size}, not one block of a "
+                      "whole number of equal blocks; map `batch` to mesh axes whose devices "
+                      "each process holds whole")
+  return rows[0] // len(rows), batch_size // len(rows)
 
 
 def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding,
