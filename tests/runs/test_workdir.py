@@ -119,3 +119,28 @@ def test_a_damaged_holder_record_is_taken_over_with_notice(tmp_path, pid):
     assert logs == []
   else:
     assert len(logs) == 1 and f"whose record of its process id ({pid!r}) is damaged" in logs[0]
+
+
+@pytest.mark.parametrize("pid", [0, 1])
+def test_every_process_hears_when_process_0_cannot_claim_the_workdir(tmp_path, monkeypatch, pid):
+  """In a job of two processes, process 0 failing to lock the workdir for any reason (here: it
+  is a file) still reaches the broadcast, so process 1 stops in one line instead of waiting in
+  it forever; process 0 raises its own reason."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  sent = []
+
+  def broadcast(x):
+    sent.append(int(x))
+    return sent[0] if pid == 0 else 0  # process 0 failed: the others receive its 0
+
+  monkeypatch.setattr(wd.jax, "process_index", lambda: pid)
+  monkeypatch.setattr(wd.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+  path = tmp_path / "a_file"
+  path.write_text("not a directory")
+  match = "is a file, not a directory" if pid == 0 else "process 0 could not claim the workdir"
+  with pytest.raises(ConfigError, match=match), wd.claim(build_config("model=transformer"),
+                                                         str(path)):
+    pass
+  assert sent == [0 if pid == 0 else 1]

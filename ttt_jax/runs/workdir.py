@@ -233,14 +233,14 @@ def claim(config: ml_collections.ConfigDict, workdir: str | None, *, echo=print,
   if jax.process_index() == 0:
     try:
       lock.acquire()
-    except WorkdirBusy as e:
+    except Exception as e:  # noqa: BLE001  (busy, not writable, disk full: the others must hear)
       error = e
   if jax.process_count() > 1:
     ok = multihost_utils.broadcast_one_to_all(np.int32(error is None if jax.process_index() == 0
                                                         else 1))
     if not int(ok) and error is None:
-      error = WorkdirBusy(f"workdir {os.path.abspath(workdir)} is in use by another run "
-                          "(see process 0's message)")
+      error = ConfigError(f"process 0 could not claim the workdir {os.path.abspath(workdir)} "
+                          "(its message says why)")
   if error is not None:
     raise error
   try:
