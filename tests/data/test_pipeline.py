@@ -175,3 +175,30 @@ def test_data_prefetch_reads_that_many_batches_ahead(prefetch):
     assert sorted(read) == [0, 1], read
   rest = [next(it)["tokens"][:, 0].tolist() for _ in range(5)]
   assert rest == [[2 * b, 2 * b + 1] for b in range(1, 6)]
+
+
+@pytest.mark.parametrize("old,new,skipped", [(4, 2, 0), (2, 4, 2), (4, 6, 0)])
+def test_a_changed_batch_size_continues_after_the_windows_read(data, data_cfg, old, new, skipped):
+  """Resuming with another data.batch_size (`resume.rebatched`): the saved position counts
+  batches of the old size; re-counted in the new size, the next batch starts at the first
+  window not yet read (rounded up to a whole batch, which skips fewer than one batch of
+  windows, said in one line), shuffled across epochs alike."""
+  from ttt_jax.runs.resume import rebatched  # noqa: PLC0415
+
+  get = lambda bs: data.windows("train", data_cfg.seq_len, seed=1, shuffle=True,  # noqa: E731
+                                batch_size=bs)
+  flat = get(1)  # the same shuffled stream, one window per batch
+  it = pipeline.make_iterator(get(old), prefetch=0)
+  for _ in range(3):
+    next(it)
+  lines = []
+  state = rebatched(it.get_state(), old, new, echo=lines.append)
+  it2 = pipeline.make_iterator(get(new), prefetch=0)
+  it2.set_state(state)
+  start = 3 * old + skipped
+  np.testing.assert_array_equal(next(it2)["tokens"],
+                                np.concatenate([flat[start + i]["tokens"] for i in range(new)]))
+  assert lines == [f"data.batch_size changed from {old} to {new}: the data continues after the "
+                   f"{3 * old} windows read so far"
+                   + (f" ({skipped} skipped, to start a whole batch)" if skipped else "")]
+  assert rebatched(it.get_state(), old, old, echo=lines.append) == it.get_state()

@@ -213,7 +213,25 @@ def _resume(ck: RunCheckpoints, config: ml_collections.ConfigDict, workdir: str,
   changed = [d for d in config_diff(saved, config.to_dict()) if not d.startswith("checkpoint.")]
   if changed:
     log_main(echo, f"note: config changed since the checkpoint: {'; '.join(changed)}")
-  return RunStart(ck, state, data_state, step)
+  old = saved.get("data", {}).get("batch_size")
+  return RunStart(ck, state, rebatched(data_state, old, config.data.batch_size, echo), step)
+
+
+def rebatched(data_state: dict | None, old: int | None, new: int, echo=print) -> dict | None:
+  """The data position after `data.batch_size` changed from `old` to `new`: the iterator counts
+  batches, so the windows read so far are counted again in batches of the new size (rounded up
+  to a whole batch: fewer than one batch of windows skipped, and said). The same processes read
+  the same slices of the windows (`Trainer.data_shard`), so each continues where it stopped."""
+  index = (data_state or {}).get("next_index")
+  if old in (None, new) or not isinstance(index, int):
+    return data_state
+  read = index * old
+  start = -(-read // new)
+  skipped = start * new - read
+  log_main(echo, f"data.batch_size changed from {old} to {new}: the data continues after the "
+                 f"{read} windows read so far" + (f" ({skipped} skipped, to start a whole batch)"
+                                                  if skipped else ""))
+  return dict(data_state, next_index=start)
 
 
 def _fresh_or_loaded(config: ml_collections.ConfigDict, trainer, echo):
