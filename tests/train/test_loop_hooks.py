@@ -14,6 +14,7 @@ from ttt_jax.train.loop import (
   Evaluator,
   NonFiniteError,
   NonFiniteGuard,
+  StepLogger,
   train_and_evaluate,
 )
 
@@ -66,3 +67,31 @@ def test_a_fresh_start_failing_in_the_trainer_leaves_no_workdir(tmp_path):
   with pytest.raises(ConfigError, match="attention_impl"):
     train_and_evaluate(config, str(workdir), echo=lambda s: None)
   assert not workdir.exists(), list(workdir.iterdir())
+
+
+
+def test_throughput_is_timed_from_the_end_of_the_first_step_not_over_its_compile(monkeypatch):
+  """The first step of a start (or resume, here at step 4) compiles: the first logged rate
+  covers the steps after it, not its compile; time before a pause (evaluation) is not counted."""
+  from ttt_jax.train import metrics as M  # noqa: PLC0415
+  from ttt_jax.train.trainer import tokens_per_step  # noqa: PLC0415
+
+  config = _config(steps=20)
+  config.train.log_every = 2
+  logger = StepLogger(config, n_params=1000, start=4, log=lambda s: None)
+  logger.open(None, 4, lambda s: None)
+  now = [0.0]
+  monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+  logger.pause_clock(4)
+  now[0] = 30.0  # step 5 ends after 30 s of compiling
+  logger.record(5, None, True)
+  for step in (6, 7, 8):  # 0.5 s each; 6 and 8 logged
+    now[0] += 0.5
+    logger.record(step, {"loss": 1.0} if step % 2 == 0 else None, True)
+  now[0] += 100.0  # evaluation, then the clock restarts
+  logger.pause_clock(8)
+  for step in (9, 10):
+    now[0] += 0.5
+    logger.record(step, {"loss": 1.0} if step % 2 == 0 else None, True)
+  rates = [h["tokens_per_s"] for h in logger.history]
+  assert rates == pytest.approx([tokens_per_step(config) / 0.5] * 3)

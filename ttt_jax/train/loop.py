@@ -95,6 +95,7 @@ class StepLogger:
           f"{peak_source}), {self.flops_per_token / 1e6:.3g} MFLOP per token")
     self.history: list[dict[str, float]] = []
     self.writer: MetricWriter | None = None  # opened by `open`, once the run's start is checked
+    self.timing = False  # the clock starts when the first step ends (that step compiles)
     self.bar = tqdm(total=self.steps, initial=start, desc="train", unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True)
 
@@ -107,18 +108,25 @@ class StepLogger:
 
   def record(self, step: int, metrics: dict[str, float] | None, finite: bool) -> None:
     """Step `step` finished; `metrics` (host floats) when it is logged, else None."""
+    if not self.timing:
+      self.timing = True
+      self.speed.update(step)
+    elif metrics is not None and finite:
+      self._add_rate(step, metrics)
     if metrics is not None:
       if finite:
-        rate = self.speed.update(step)
-        if rate is not None:
-          metrics["tokens_per_s"] = rate
-          if self.peak:
-            metrics["mfu"] = self.flops_per_token * rate / self.peak
         self.bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                              **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
       self.history.append({"step": step, **metrics})
       self.writer.write(step, metrics, "train")
     self.bar.update(1)
+
+  def _add_rate(self, step: int, metrics: dict[str, float]) -> None:
+    rate = self.speed.update(step)
+    if rate is not None:
+      metrics["tokens_per_s"] = rate
+      if self.peak:
+        metrics["mfu"] = self.flops_per_token * rate / self.peak
 
   def pause_clock(self, step: int) -> None:
     """Time from here on (evaluation) does not count as training time."""
