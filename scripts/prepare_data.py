@@ -26,7 +26,7 @@ if __name__ == "__main__":
   p.add_argument("--force", action="store_true", help="redo even if already prepared")
   args = p.parse_args()
 
-  with user_errors():
+  with user_errors(OSError):  # e.g. an --out_dir that cannot be created: one line naming it
     prepare(args.source, args.out_dir, args.tokenizer, val_fraction=args.val_fraction,
             num_shards=args.num_shards, workers=args.workers, force=args.force,
             text_field=args.text_field, tfds_data_dir=args.tfds_data_dir,

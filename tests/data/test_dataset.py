@@ -2,6 +2,7 @@
 generate, adapt); its windows and samples are the pipeline's windows."""
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -159,3 +160,15 @@ def test_binary_files_in_a_text_folder_are_counted_in_one_warning(tmp_path, caps
   c.data.source = "embedded"
   Dataset.from_config(c.data).stream("train")
   assert capsys.readouterr().err == ""
+
+
+def test_no_validation_documents_suggests_a_larger_fraction(tmp_path):
+  """The hint raises data.val_fraction from the value set (doubled, at least 0.05, at most
+  0.5), never repeating it."""
+  (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " * 50})
+                                              for i in range(2)) + "\n")
+  c = build_config("model=swa,scale=tiny,ctx=64")
+  c.data.source, c.data.val_fraction = str(tmp_path / "d.jsonl"), 0.001
+  with pytest.raises(ConfigError, match=r"at data.val_fraction=0.001 .* e.g. "
+                                        r"--config.data.val_fraction=0.05$"):
+    Dataset.from_config(c.data).check_splits(c.data.seq_len, c.data.batch_size)

@@ -200,6 +200,9 @@ def test_out_dir_that_is_a_file_fails_in_one_line(corpus, tmp_path):
   with pytest.raises(ConfigError, match=r"--out_dir=.*/f' is a file, not a folder"):
     prepare.prepare(str(corpus), str(tmp_path / "f"), echo=lambda s: 0)
   assert (tmp_path / "f").read_text() == "a file"
+  with pytest.raises(ConfigError, match=r"--out_dir=.*/f/data': cannot create a folder there "
+                                        r"\(Not a directory: .*/f/data.tmp-\d+\)$"):
+    prepare.prepare(str(corpus), str(tmp_path / "f" / "data"), echo=lambda s: 0)
 
 
 def test_folders_left_by_killed_runs_are_removed(corpus, tmp_path):

@@ -256,7 +256,11 @@ def prepare(source: str, out_dir: str, tokenizer: str = "bytes", *, val_fraction
   _remove_leftovers(out_dir, echo)
   tmp = f"{out_dir}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  try:
+    os.makedirs(tmp)
+  except OSError as e:
+    raise ConfigError(f"--out_dir={out_dir!r}: cannot create a folder there ({e.strerror}: "
+                      f"{e.filename})") from None
   t0 = time.perf_counter()
   try:
     if train_tokenizer:
