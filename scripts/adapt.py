@@ -9,7 +9,6 @@ written fails in one line before the run is read.
 Prints a WARNING line when the selection threshold (config.log_p0) let almost no sample through.
 """
 
-import json
 import os
 
 from absl import flags, logging
@@ -17,6 +16,7 @@ from absl import flags, logging
 from ttt_jax.cli import define_config_file, run_absl, user_errors
 from ttt_jax.cli_output import check_writable, results_dirs
 from ttt_jax.eval import tlm_run
+from ttt_jax.eval.perplexity import write_json
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "tlm.py")
@@ -42,8 +42,7 @@ def main(_):
     report = tlm_run.adapt_workdir(FLAGS.workdir, FLAGS.data, c, step=FLAGS.step,
                                    adapters_dir=adapters)
   out = report["adapter_dir"]
-  with open(os.path.join(out, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  write_json(report, os.path.join(out, "report.json"))
   for line in tlm_run.report_lines(report):
     print(line, flush=True)
   print(f"adapter + report.json: {out}")

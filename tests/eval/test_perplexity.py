@@ -245,3 +245,18 @@ def test_128k_streaming_memory_is_constant(kind, tmp_path):
   assert out["tokens"] == length and out["finite"]
   assert out["rss_peak"] < 2 * 2**30  # vs 64 GiB for one L x L fp32 matrix
   assert out["rss_peak"] - out["rss_warm"] < 200 * 2**20
+
+
+def test_results_are_written_whole_or_not_at_all(tmp_path):
+  """`write_json` writes through a temporary file renamed over the target: a write that fails
+  part way (here an object JSON cannot hold, after some of the file was written) leaves the
+  previous results whole and no temporary file behind."""
+  from ttt_jax.eval.perplexity import write_json  # noqa: PLC0415
+
+  path = str(tmp_path / "eval" / "results.json")
+  assert write_json({"ppl": [1.5, 2.5]}, path) == path
+  with pytest.raises(TypeError):
+    write_json({"ppl": [3.5], "bad": object()}, path)
+  with open(path) as f:
+    assert json.load(f) == {"ppl": [1.5, 2.5]}
+  assert os.listdir(tmp_path / "eval") == ["results.json"]

@@ -42,6 +42,7 @@ from ttt_jax.benchmarks.common import memory_stats
 from ttt_jax.benchmarks.gpu_census import gpu_devices
 from ttt_jax.benchmarks.presets import load_preset, preset_spec
 from ttt_jax.config import MODEL_KINDS, SCALES, ConfigError, parse_ctx
+from ttt_jax.eval.perplexity import write_json
 from ttt_jax.models import count_params
 from ttt_jax.sharding import make_mesh
 from ttt_jax.train.trainer import Trainer, TrainState
@@ -305,11 +306,6 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def write_json(report: dict, path: str) -> None:
-  if os.path.dirname(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(report, f, indent=2)
 
 
 def main(argv) -> None:

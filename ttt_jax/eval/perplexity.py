@@ -262,10 +262,17 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
 
 
 def write_json(obj: dict | list, path: str) -> str:
-  """Writes `obj` as indented JSON at `path`, making its folder. Returns the path."""
+  """Writes `obj` as indented JSON at `path`, making its folder, through a temporary file
+  renamed over it: a kill while writing leaves the previous file whole. Returns the path."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
   return path
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from ttt_jax.data.pipeline import WindowSource, build_stream, stack_windows
 from ttt_jax.data.tokenizers import ByteTokenizer
+from ttt_jax.eval.perplexity import write_json
 from ttt_jax.eval.tlm import (
   TLM,
   low_selection_warning,
@@ -48,8 +49,7 @@ def save_adapter(directory: str, lora, config: ml_collections.ConfigDict,
   ckpt.wait_until_finished()
   meta = {"rank": int(config.rank), "alpha": float(config.alpha), "targets": str(config.targets),
           "seed": int(config.seed), **(extra or {})}
-  with open(os.path.join(directory, ADAPTER_META), "w") as f:
-    json.dump(meta, f, indent=2)
+  write_json(meta, os.path.join(directory, ADAPTER_META))
   return directory
 
 
