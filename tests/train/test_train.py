@@ -58,6 +58,24 @@ def test_grad_accumulation_matches_one_big_batch(train_steps):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.parametrize("kind", ["swa", "e2e"])
+def test_validation_runs_in_the_train_steps_microbatches(kind):
+  """With train.grad_accum=4 the eval step runs the batch in the same 4 microbatches (a run
+  that fits only because of them validates too): the same metrics as one call over the whole
+  batch, in less memory."""
+  one, four = tiny_config(kind), tiny_config(kind)
+  four.train.grad_accum = 4
+  t1, t4 = Trainer.create(one), Trainer.create(four)
+  params = t1.init_state().params
+  batch = t1.device_batch(t1.dataset("validation", shuffle=False)[0])
+  m1, m4 = t1.eval_step(params, batch), t4.eval_step(params, batch)
+  assert set(m1) == set(m4) and "loss" in m1
+  for k in m1:
+    np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=2e-6, err_msg=k)
+  temp = lambda t: t.eval_step.lower(params, batch).compile().memory_analysis()  # noqa: E731
+  assert temp(t4).temp_size_in_bytes < temp(t1).temp_size_in_bytes
+
+
 @pytest.mark.parametrize("remat", ["none", "full", "dots"])
 def test_scan_layers_and_remat_give_the_same_loss_and_grads(remat):
   """A Python loop over blocks == a lax.scan over the same weights stacked, under any remat."""

@@ -122,38 +122,46 @@ class Trainer:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params))
 
-  def _train_step(self, state: TrainState, batch):
+  def _over_microbatches(self, fn, batch):
+    """`fn(microbatch) -> (weighted, metrics)` over the train.grad_accum microbatches of `batch`
+    (one call where it is 1): `weighted` (a tree: the loss, its gradient) weighted by each
+    microbatch's scored tokens over their total, `metrics` plain means. Strided split:
+    microbatch j = rows j, j+accum, j+2*accum, ... Each device holds whole groups of `accum`
+    consecutive rows, so every microbatch stays sharded over the batch axes. (A contiguous split
+    would put microbatch j on 1/accum of the devices: an all-gather of the batch per step and
+    accum-fold redundant compute on every device.)"""
     accum = self.config.train.grad_accum
-    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
     if accum == 1:
-      (loss, metrics), grads = grad_fn(state.params, batch, state.step)
-    else:
-      # Strided split: microbatch j = rows j, j+accum, j+2*accum, ... Each device holds whole
-      # groups of `accum` consecutive rows, so every microbatch stays sharded over the batch
-      # axes. (A contiguous split would put microbatch j on 1/accum of the devices: an
-      # all-gather of the batch per step and accum-fold redundant compute on every device.)
+      return fn(batch)
+    with activation_sharding(self.mesh, self.rules):
+      micro = jax.tree.map(
+          lambda x: constrain(x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1),
+                              (None, "batch")), batch)
+
+    def body(carry, mb):
       with activation_sharding(self.mesh, self.rules):
-        micro = jax.tree.map(
-            lambda x: constrain(x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1),
-                                (None, "batch")), batch)
+        mb = jax.tree.map(lambda x: constrain(x, ("batch",)), mb)
+      weighted, metrics = fn(mb)
+      w = microbatch_weight(mb)
+      t_weighted, t_metrics, t_w = carry
+      return (jax.tree.map(lambda c, x: c + w * x, t_weighted, weighted),
+              jax.tree.map(jnp.add, t_metrics, metrics), t_w + w), None
 
-      def body(carry, mb):
-        with activation_sharding(self.mesh, self.rules):
-          mb = jax.tree.map(lambda x: constrain(x, ("batch",)), mb)
-        (loss, metrics), grads = grad_fn(state.params, mb, state.step)
-        w = microbatch_weight(mb)
-        (t_loss, t_grads), t_metrics, t_w = carry
-        weighted = jax.tree.map(lambda c, x: c + w * x, (t_loss, t_grads), (loss, grads))
-        return (weighted, jax.tree.map(jnp.add, t_metrics, metrics), t_w + w), None
+    weighted, metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: fn(jax.tree.map(lambda x: x[0], micro))))
+    (weighted, metrics, weight), _ = jax.lax.scan(
+        body, (weighted, metrics, jnp.zeros((), jnp.float32)), micro)
+    return (jax.tree.map(lambda x: x / jnp.maximum(weight, 1.0), weighted),
+            jax.tree.map(lambda x: x / accum, metrics))
 
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), state.step)))
-      (loss, metrics), grads = zeros
-      ((loss, grads), metrics, weight), _ = jax.lax.scan(
-          body, ((loss, grads), metrics, jnp.zeros((), jnp.float32)), micro)
-      # the loss and its gradient: weighted by scored tokens; other metrics: plain means
-      loss, grads = jax.tree.map(lambda x: x / jnp.maximum(weight, 1.0), (loss, grads))
-      metrics = jax.tree.map(lambda x: x / accum, metrics)
+  def _train_step(self, state: TrainState, batch):
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+
+    def loss_and_grads(mb):
+      (loss, metrics), grads = grad_fn(state.params, mb, state.step)
+      return (loss, grads), metrics
+
+    (loss, grads), metrics = self._over_microbatches(loss_and_grads, batch)
     with jax.named_scope("optimizer"):  # the update, its checks and the new state
       optimizer, old_params, old_opt = self.optimizer, state.params, state.opt_state
       if self.leaf_groups is not None:  # the same update on the grouped leaves
@@ -182,8 +190,9 @@ class Trainer:
 
   def _eval_step(self, params, batch):
     """The model as evaluate.py runs it: no outer step, so inner LRs at their full value (no
-    warm-up multiplier; the train step's own metrics carry the warmed-up ones)."""
-    loss, metrics = self.loss_fn(params, batch, None)
+    warm-up multiplier; the train step's own metrics carry the warmed-up ones). In the train
+    step's microbatches (train.grad_accum), so that validation fits where training does."""
+    loss, metrics = self._over_microbatches(lambda mb: self.loss_fn(params, mb, None), batch)
     return dict(metrics, loss=loss)
 
   # -- compiled entry points ----------------------------------------------------------------------
