@@ -72,12 +72,16 @@ def main(argv=None) -> None:
       warning = trained_context_warning(run.config.model, max(ctxs), "--ctx")
       if warning:
         print(warning, file=sys.stderr)
+      partial = os.path.join(out, perplexity.PARTIAL_RESULTS)  # the lengths done, if one fails
       res = strided.evaluate_run(run, ctxs, stride=args.stride,
                                  option="--stride" if args.stride else "eval.stride",
                                  data=args.data, split=args.split, max_docs=args.max_docs,
                                  chunk=args.chunk, batch_size=args.batch_size,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress,
+                                 partial=lambda r, p=partial: perplexity.write_json(r, p))
       path = perplexity.write_json(res, os.path.join(out, "results.json"))
+      if os.path.exists(partial):
+        os.remove(partial)
       pngs = plots.write_plots([res], out)
       print(plots.ppl_table(res))
       print(f"wrote {path}, {', '.join(pngs)}\n")

@@ -151,3 +151,35 @@ def test_adapt_out(read_only_run, texts, tmp_path, capsys):
   assert e.value.code == 1
   err = capsys.readouterr().err
   assert f"cannot write the results to {read_only_run}/adapters/tlm" in err, err
+
+
+def test_evaluate_keeps_the_lengths_done_when_a_longer_one_fails(trained_run, tmp_path, capsys,
+                                                                 monkeypatch):
+  """Running out of memory at the longest context: the lengths finished before it are in
+  results.partial.json ("complete": false); a run that finishes writes results.json and
+  removes that file."""
+  evaluate = load_script("evaluate")
+  real = evaluate.perplexity.stream_nll
+
+  def oom_at_64(graphdef, params, tokens, *args, **kwargs):
+    if tokens.shape[1] > 33:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                       "allocate 2.00GiB.")
+    return real(graphdef, params, tokens, *args, **kwargs)
+
+  monkeypatch.setattr(evaluate.perplexity, "stream_nll", oom_at_64)
+  argv = ["--workdir", trained_run, "--ctx", "32,64", "--max_docs", "2", "--no_progress",
+          "--out", str(tmp_path)]
+  with pytest.raises(SystemExit):
+    evaluate.main(argv)
+  partial = json.loads((tmp_path / "results.partial.json").read_text())
+  assert partial["complete"] is False and [c["ctx"] for c in partial["contexts"]] == [32]
+  assert not (tmp_path / "results.json").exists()
+  monkeypatch.setattr(evaluate.perplexity, "stream_nll", real)
+  evaluate.main(argv)
+  done = json.loads((tmp_path / "results.json").read_text())
+  assert [c["ctx"] for c in done["contexts"]] == [32, 64] and "complete" not in done
+  drop = lambda c: {k: v for k, v in c.items() if k != "seconds"}  # noqa: E731
+  assert drop(done["contexts"][0]) == drop(partial["contexts"][0])
+  assert not (tmp_path / "results.partial.json").exists()
+  capsys.readouterr()

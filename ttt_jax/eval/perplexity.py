@@ -189,8 +189,11 @@ def context_summary(ctx: int, nll: np.ndarray) -> dict[str, float]:
 # -- whole evaluation ---------------------------------------------------------------------------
 def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs: EvalDocs,
                    ctxs: Sequence[int], *, chunk: int, batch_size: int, first_bucket: int,
-                   progress: bool = True, echo: Callable[[str], None] | None = print) -> dict:
-  """Perplexity at every context length in `ctxs` + loss per position bucket at the longest."""
+                   progress: bool = True, echo: Callable[[str], None] | None = print,
+                   done: Callable[[list[dict]], None] | None = None) -> dict:
+  """Perplexity at every context length in `ctxs` + loss per position bucket at the longest.
+  `done(contexts)` gets the lengths finished so far after each one (kept if a longer one
+  fails)."""
   ctxs = sorted(ctxs)
   if docs.tokens.shape[1] < ctxs[-1] + 1:
     raise ConfigError(f"ctx={ctxs[-1]} needs documents of {ctxs[-1] + 1} tokens; "
@@ -215,6 +218,8 @@ def evaluate_model(graphdef, params, model_cfg: ml_collections.ConfigDict, docs:
     summary = dict(context_summary(L, nll), chunk=chunks[L],
                    seconds=round(time.perf_counter() - t0, 3))
     per_ctx.append(summary)
+    if done is not None:
+      done(list(per_ctx))
     if echo is not None:
       echo(f"ctx {L:>7}: ppl {summary['ppl']:9.3f}  nll {summary['mean_nll']:.4f}  "
            f"({summary['tokens']:,} tokens, {summary['seconds']:.1f}s)")
@@ -229,10 +234,12 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
                  split: str | None = None, max_docs: int | None = None,
                  chunk: int | None = None, batch_size: int | None = None,
                  progress: bool = True, echo: Callable[[str], None] | None = print,
-                 extra: Callable[[EvalDocs], dict] | None = None) -> dict:
+                 extra: Callable[[EvalDocs], dict] | None = None,
+                 partial: Callable[[dict], None] | None = None) -> dict:
   """Selects the documents for max(ctxs) from `split` (default: validation) of the run's data, or
   of the source `data` (default split: all), and evaluates. `extra(docs)` adds more results over
-  the same documents (eval/strided.py)."""
+  the same documents (eval/strided.py); `partial(results)` gets the results of the context
+  lengths finished so far after each one ("complete": False)."""
   ev = run.config.eval
   ctxs = sorted(ctxs)
   max_docs = ev.max_docs if max_docs is None else max_docs
@@ -251,14 +258,20 @@ def evaluate_run(run: Run, ctxs: Sequence[int], *, data: str | None = None,
          f"{count_of(len(docs.names), 'document')} {what} with >= {need} tokens, chunk {chunk}")
     if docs.skipped_short:
       echo(skipped_note(docs.skipped_short, docs.longest_skipped, need))
+  header = {**run_header(run, src), "chunk": chunk, "max_docs": max_docs,
+            "selection": f"first {max_docs} documents {what} with >= max(ctx)+1 tokens",
+            "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped}
+  done = None if partial is None else \
+      lambda contexts: partial({**header, "complete": False, "contexts": contexts})
   out = evaluate_model(run.graphdef, run.params, run.config.model, docs, ctxs, chunk=chunk,
                        batch_size=batch_size, first_bucket=ev.first_bucket, progress=progress,
-                       echo=echo)
+                       echo=echo, done=done)
   if extra is not None:
     out.update(extra(docs))
-  return {**run_header(run, src), "chunk": chunk, "max_docs": max_docs,
-          "selection": f"first {max_docs} documents {what} with >= max(ctx)+1 tokens",
-          "skipped_short": docs.skipped_short, "longest_skipped": docs.longest_skipped, **out}
+  return {**header, **out}
+
+
+PARTIAL_RESULTS = "results.partial.json"  # scripts/evaluate.py: the context lengths done so far
 
 
 def write_json(obj: dict | list, path: str) -> str:
