@@ -202,3 +202,12 @@ def test_a_changed_batch_size_continues_after_the_windows_read(data, data_cfg, o
                    f"{3 * old} windows read so far"
                    + (f" ({skipped} skipped, to start a whole batch)" if skipped else "")]
   assert rebatched(it.get_state(), old, old, echo=lines.append) == it.get_state()
+
+
+def test_data_without_a_window_is_one_line_naming_the_key():
+  """Documents that leave no window (here: none is long enough) raise the ConfigError the
+  scripts print in one line, not a ValueError with a traceback."""
+  with pytest.raises(ConfigError, match=r"^no window of data.seq_len=64 fits the data \(0 "
+                                        r"documents with >= 1000 tokens\)$"):
+    pipeline.DocumentWindows([10, 20], lambda i: np.zeros(5, np.int32), seq_len=64, bos_id=1,
+                             eos_id=2, min_len=1000)

@@ -110,8 +110,8 @@ class DocumentWindows:
       self.first_window = np.concatenate([[0], np.cumsum(per_doc)])
       self._len = int(self.first_window[-1])
     if self._len == 0:
-      raise ValueError(f"no window of data.seq_len={seq_len} fits the data "
-                       f"({len(self.docs)} documents with >= {min_len} tokens)")
+      raise ConfigError(f"no window of data.seq_len={seq_len} fits the data "
+                        f"({len(self.docs)} documents with >= {min_len} tokens)")
     self._cache: dict[int, np.ndarray] = {}
     self._cache_size = cache_docs
 
