@@ -73,6 +73,8 @@ def main(argv=None) -> None:
       if warning:
         print(warning, file=sys.stderr)
       partial = os.path.join(out, perplexity.PARTIAL_RESULTS)  # the lengths done, if one fails
+      if os.path.exists(partial):  # an earlier evaluation's
+        os.remove(partial)
       res = strided.evaluate_run(run, ctxs, stride=args.stride,
                                  option="--stride" if args.stride else "eval.stride",
                                  data=args.data, split=args.split, max_docs=args.max_docs,

@@ -250,24 +250,33 @@ def test_a_batch_the_devices_do_not_divide_fails_naming_the_key(meshes):
       "computed on several devices at once")
 
 
-def test_a_process_feeds_the_block_of_rows_its_devices_hold():
-  """`batch_block`: the rows a process's devices hold give its block of the batch and the
-  number of blocks; rows that are not one such block are refused in one line naming mesh.rules
-  (the two-process test runs the blocks themselves)."""
+def test_processes_holding_the_same_rows_read_the_same_windows():
+  """`batch_block`: processes group by the rows their devices hold (in blocks or strided, as a
+  batch over `fsdp, data` with `data` across hosts puts them); this process's group and the
+  number of groups; rows that overlap without being the same are refused in one line naming
+  mesh.rules (the two-process test runs the groups themselves)."""
   from types import SimpleNamespace
 
-  from ttt_jax.train.trainer import batch_block
+  from ttt_jax.batch_blocks import batch_block
 
-  def holding(*ranges):
-    return SimpleNamespace(addressable_devices_indices_map=lambda shape: {
-        i: (slice(*r), slice(None)) for i, r in enumerate(ranges)})
+  class Device(SimpleNamespace):
+    __hash__ = object.__hash__
 
-  assert batch_block(holding((4, 6), (6, 8)), 8) == (1, 2)
-  assert batch_block(holding((0, 8), (0, 8)), 8) == (0, 1)
-  assert batch_block(holding((3, 6)), 9) == (1, 3)
-  for bad in (holding((0, 2), (4, 6)), holding((1, 3)), holding((0, 3))):
-    with pytest.raises(ConfigError, match=r"^mesh.rules: process 0's devices hold batch rows"):
-      batch_block(bad, 8)
+  def holding(*per_device):  # (process, rows) of each device
+    devices = {Device(process_index=p): (rows, slice(None)) for p, rows in per_device}
+    return SimpleNamespace(devices_indices_map=lambda shape: devices)
+
+  # this test's process is process 0
+  assert batch_block(holding((0, slice(0, 4)), (1, slice(4, 8))), 8) == (0, 2)
+  assert batch_block(holding((1, slice(0, 4)), (0, slice(4, 8))), 8) == (1, 2)
+  assert batch_block(holding((0, slice(0, 8)), (1, slice(0, 8))), 8) == (0, 1)
+  strided = holding((0, slice(0, 2)), (1, slice(2, 4)), (0, slice(4, 6)), (1, slice(6, 8)))
+  assert batch_block(strided, 8) == (0, 2)
+  four = holding(*[(p, slice(2 * p, 2 * p + 2)) for p in range(4)])
+  assert batch_block(four, 8) == (0, 4)
+  overlapping = holding((0, slice(0, 4)), (1, slice(2, 6)), (1, slice(6, 8)))
+  with pytest.raises(ConfigError, match=r"^mesh.rules: the processes hold overlapping but "):
+    batch_block(overlapping, 8)
 
 
 def test_batch_split_counts_the_devices_of_the_batch_axes_only():

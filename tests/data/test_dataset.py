@@ -163,12 +163,18 @@ def test_binary_files_in_a_text_folder_are_counted_in_one_warning(tmp_path, caps
 
 
 def test_no_validation_documents_suggests_a_larger_fraction(tmp_path):
-  """The hint raises data.val_fraction from the value set (doubled, at least 0.05, at most
-  0.5), never repeating it."""
+  """The hint raises data.val_fraction from the value set (doubled, at least 0.05), never
+  repeating it; from 0.25 up it asks for more documents instead."""
   (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " * 50})
                                               for i in range(2)) + "\n")
   c = build_config("model=swa,scale=tiny,ctx=64")
-  c.data.source, c.data.val_fraction = str(tmp_path / "d.jsonl"), 0.001
-  with pytest.raises(ConfigError, match=r"at data.val_fraction=0.001 .* e.g. "
-                                        r"--config.data.val_fraction=0.05$"):
+  c.data.source = str(tmp_path / "d.jsonl")
+  for given, hint in ((0.001, "e.g. --config.data.val_fraction=0.05"),
+                      (0.1, "e.g. --config.data.val_fraction=0.2"),
+                      (0.25, "add documents to data.source")):
+    c.data.val_fraction = given
+    message = Dataset.from_config(c.data).empty_split_message("validation")
+    assert f"at data.val_fraction={given} " in message and message.endswith(hint), message
+  c.data.val_fraction = 0.001  # how the check reports it
+  with pytest.raises(ConfigError, match=r"e.g. --config.data.val_fraction=0.05$"):
     Dataset.from_config(c.data).check_splits(c.data.seq_len, c.data.batch_size)

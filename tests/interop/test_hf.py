@@ -178,6 +178,7 @@ def test_sharded_folder_reads_the_indexed_shards_only(tmp_path):
   os.remove(src / "model-00002-of-00002.safetensors")
   with pytest.raises(ConvertError, match=r"index.json names 1 missing file\(s\), e.g. model-00002"):
     import_hf(str(src), str(tmp_path / "r3"), tokenizer="bytes", echo=None)
-  (src / "model.safetensors.index.json").write_text("{not json")
-  with pytest.raises(ConvertError, match=r"index.json: not a safetensors index"):
-    import_hf(str(src), str(tmp_path / "r4"), tokenizer="bytes", echo=None)
+  for damaged in ("{not json", json.dumps({"weight_map": {"a": 1}}), json.dumps([1])):
+    (src / "model.safetensors.index.json").write_text(damaged)
+    with pytest.raises(ConvertError, match=r"index.json: not a safetensors index"):
+      import_hf(str(src), str(tmp_path / "r4"), tokenizer="bytes", echo=None)

@@ -134,6 +134,7 @@ def test_every_process_hears_when_process_0_cannot_claim_the_workdir(tmp_path, m
     sent.append(int(x))
     return sent[0] if pid == 0 else 0  # process 0 failed: the others receive its 0
 
+  monkeypatch.setattr(wd, "run_batch_blocks", lambda config: (pid, 2))  # rows per process
   monkeypatch.setattr(wd.jax, "process_index", lambda: pid)
   monkeypatch.setattr(wd.jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)

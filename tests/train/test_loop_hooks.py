@@ -69,7 +69,6 @@ def test_a_fresh_start_failing_in_the_trainer_leaves_no_workdir(tmp_path):
   assert not workdir.exists(), list(workdir.iterdir())
 
 
-
 def test_throughput_is_timed_from_the_end_of_the_first_step_not_over_its_compile(monkeypatch):
   """The first step of a start (or resume, here at step 4) compiles: the first logged rate
   covers the steps after it, not its compile; time before a pause (evaluation) is not counted."""

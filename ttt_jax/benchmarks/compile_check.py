@@ -306,8 +306,6 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
-
-
 def main(argv) -> None:
   """scripts/compile_check.py (absl flags above)."""
   if len(argv) > 1:

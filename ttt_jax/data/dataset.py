@@ -166,10 +166,11 @@ class Dataset:
     if self.kind == "tfds" and sources.parse_tfds(source)[1] is None:
       return f"data.source={source!r}: the dataset's {split} split has no non-empty documents"
     if split == "validation":
-      more = min(0.5, max(2 * val_fraction, 0.05))
+      hint = (f"raise data.val_fraction, e.g. --config.data.val_fraction="
+              f"{max(2 * val_fraction, 0.05):g}" if val_fraction < 0.25
+              else "add documents to data.source")
       return (f"data.source={source!r} has no validation documents at data.val_fraction="
-              f"{val_fraction} (documents are assigned by a hash of their name); raise "
-              f"data.val_fraction, e.g. --config.data.val_fraction={more:g}")
+              f"{val_fraction} (documents are assigned by a hash of their name); {hint}")
     if val_fraction >= 1:
       return (f"data.val_fraction={val_fraction} puts every document of data.source={source!r} "
               "in the validation split; use a fraction below 1, e.g. 0.05")

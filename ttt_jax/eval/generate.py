@@ -13,7 +13,8 @@ of `length` slots on the device, and one jitted function (`decode_loop`) runs th
     produced one of the EOS ids.
 Prompt length, `max_new_tokens`, seed and sampling knobs are run-time values, so another prompt
 or another setting compiles nothing; the cache and buffer are donated. `length` is the model's
-context (`max_len`, the run's data.seq_len) unless a generation needs more (a bucket above it).
+context (`max_len`, the run's data.seq_len) unless a generation needs more (a bucket above it),
+rounded up to whole streaming mini-batches.
 Callers that check stop strings (or show progress) run the loop in segments of `segment` tokens,
 continuing the same cache.
 

@@ -39,6 +39,8 @@ def weight_files(folder: str) -> list[str]:
     try:
       with open(index) as f:
         names = sorted(set(json.load(f)["weight_map"].values()))
+      if not all(isinstance(n, str) for n in names):
+        raise TypeError("weight_map values must be file names")
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
       raise ConvertError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); the "
                          "model folder is damaged, download it again") from None

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from ttt_jax.batch_blocks import run_batch_blocks
 from ttt_jax.config import ConfigError, validate
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.runs.checkpoint import CKPT_DIR, check_load_from, kept_after_disk_full
@@ -54,7 +55,8 @@ def check_run(config: ml_collections.ConfigDict, data: Dataset | None = None) ->
   data = Dataset.from_config(config.data) if data is None else data
   data.sync_vocab(config)  # model.vocab_size follows the data tokenizer
   validate(config)
-  data.check_splits(config.data.seq_len, config.data.batch_size, jax.process_count())
+  # the processes that read distinct windows (`batch_blocks`: those holding distinct rows)
+  data.check_splits(config.data.seq_len, config.data.batch_size, run_batch_blocks(config)[1])
   check_load_from(config)
   return data
 

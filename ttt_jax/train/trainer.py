@@ -21,6 +21,7 @@ import optax
 from flax import nnx, struct
 from tqdm.auto import tqdm
 
+from ttt_jax.batch_blocks import batch_block
 from ttt_jax.config import LOGICAL_RULES, ConfigError, Rules, validate
 from ttt_jax.data.dataset import Dataset
 from ttt_jax.models import abstract_model, build_model, gpu_rng_kernels
@@ -266,15 +267,14 @@ class Trainer:
     return batch_block(self.batch_sharding, self.config.data.batch_size)
 
   def local_batch_size(self) -> int:
-    index, count = self.data_shard()
-    return self.config.data.batch_size // count
+    return self.config.data.batch_size // self.data_shard()[1]
 
   def dataset(self, split: str, shuffle: bool | None = None):
     dc = self.config.data
     index, count = self.data_shard()
     return self.data.windows(
         split, dc.seq_len, seed=self.config.seed,
-        shuffle=dc.shuffle if shuffle is None else shuffle, batch_size=dc.batch_size // count,
+        shuffle=dc.shuffle if shuffle is None else shuffle, batch_size=self.local_batch_size(),
         process_index=index, process_count=count)
 
   def evaluate(self, params, step: int, num_batches: int) -> dict[str, float]:
@@ -285,21 +285,6 @@ class Trainer:
         range(num_batches), desc=f"eval @ step {step}", unit="batch", leave=False,
         disable=jax.process_index() != 0 or num_batches < 2, dynamic_ncols=True))
     return validation_metrics(lambda b: self.eval_step(params, b), batches)
-
-
-def batch_block(sharding: jax.sharding.NamedSharding, batch_size: int) -> tuple[int, int]:
-  """(index, count) of the block of `batch_size` rows that this process's devices hold under
-  `sharding`, the batch cut into `count` equal blocks (`Trainer.data_shard`); a ConfigError
-  where they hold rows that are not one such block."""
-  held = sharding.addressable_devices_indices_map((batch_size, 1))
-  rows = sorted({r for index in held.values() for r in range(*index[0].indices(batch_size))})
-  if not rows or rows != list(range(rows[0], rows[0] + len(rows))) or batch_size % len(rows) \
-      or rows[0] % len(rows):
-    raise ConfigError(f"mesh.rules: process {jax.process_index()}'s devices hold batch rows "
-                      f"{rows[:4]}... of data.batch_size={batch_size}, not one block of a "
-                      "whole number of equal blocks; map `batch` to mesh axes whose devices "
-                      "each process holds whole")
-  return rows[0] // len(rows), batch_size // len(rows)
 
 
 def check_batch_split(batch_size: int, sharding: jax.sharding.NamedSharding,
