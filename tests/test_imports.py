@@ -1,4 +1,5 @@
-"""The package imports one way only: config (argtypes.py and cache.py beside it) -> sharding ->
+"""The package imports one way only: config (argtypes.py and cache.py beside it) -> sharding
+(batch_blocks.py beside it) ->
 layers -> models -> data -> train -> eval -> benchmarks -> entry points (cli.py, cli_output.py,
 demo.py). No module imports a higher layer and no modules import each other in a circle. Every
 import counts, at module level or inside a function.
@@ -14,8 +15,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 
 # Layer of a module: its first path component under the package (a subpackage or a top-level
 # module), lowest first. A module of the same layer may be imported; a higher one may not.
-LAYERS = ("__init__", ("config", "argtypes", "cache"), "sharding", "layers", "models", "data",
-          "runs", "train", "interop", "eval", "benchmarks", ("cli", "cli_output", "demo"))
+LAYERS = ("__init__", ("config", "argtypes", "cache"), ("sharding", "batch_blocks"), "layers",
+          "models", "data", "runs", "train", "interop", "eval", "benchmarks",
+          ("cli", "cli_output", "demo"))
 RANK = {name: rank for rank, names in enumerate(LAYERS)
         for name in (names if isinstance(names, tuple) else (names,))}
 
