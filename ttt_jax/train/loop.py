@@ -278,8 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None,
       log(f"run already complete at step {start} (train.steps={steps})")
     if evaluator.missed(start):
       evaluator.run(state.params, start, unless_logged=True)
-    logger.pause_clock(start)
-    with PreemptionWatch() as watch:
+    with PreemptionWatch() as watch:  # the logger's clock starts when the first step ends
       for step in range(start, steps):
         position = json.dumps(it.get_state(), default=str, separators=(",", ":"))
         with explained(config, rows_per_device, step + 1):

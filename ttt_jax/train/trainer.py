@@ -264,6 +264,10 @@ class Trainer:
     """(index, count): this process feeds block `index` of the batch's `count` blocks of rows,
     the rows its devices hold. Processes whose devices hold the same rows (the mesh axes that
     split the batch do not run across them) read the same windows."""
+    return self._data_block
+
+  @functools.cached_property
+  def _data_block(self) -> tuple[int, int]:  # once per trainer, not per batch (`device_batch`)
     return batch_block(self.batch_sharding, self.config.data.batch_size)
 
   def local_batch_size(self) -> int:
